@@ -1,0 +1,1 @@
+//! OpenAPI documents for the served resources.

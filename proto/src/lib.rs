@@ -1,0 +1,8 @@
+//! Tapestry's wire protocols and API resource types.
+
+/// Tap → aggregator packet streaming (`tapestry.tap.v1`).
+pub mod tap {
+    pub mod v1 {
+        tonic::include_proto!("tapestry.tap.v1");
+    }
+}
