@@ -30,7 +30,10 @@ pub enum FieldKind {
     /// A map with arbitrary keys; values described by `value`.
     Map { value: Box<FieldKind> },
     /// A list whose items are described by `item`.
-    List { item: Box<FieldKind>, list_type: ListType },
+    List {
+        item: Box<FieldKind>,
+        list_type: ListType,
+    },
 }
 
 /// One field of an object type.
@@ -49,4 +52,19 @@ pub struct FieldSchema {
 pub trait PatchSchema: Send + Sync {
     /// The schema of `field` in object type `type_name`, if known.
     fn field(&self, type_name: &str, field: &str) -> Option<FieldSchema>;
+
+    /// The schema default of `field` in `type_name` (OpenAPI `default`).
+    /// Server-side apply uses it for key fields of map lists that an item
+    /// omits, e.g. `io.k8s.api.core.v1.ContainerPort` `protocol` = `"TCP"`,
+    /// so `{containerPort: 80}` and a defaulted live item share one key.
+    fn field_default(&self, _type_name: &str, _field: &str) -> Option<serde_json::Value> {
+        None
+    }
+
+    /// Whether objects of `type_name` are atomic for server-side apply
+    /// (`x-kubernetes-map-type: atomic`, e.g. `LabelSelector`): owned and
+    /// replaced as a whole instead of field by field.
+    fn atomic_type(&self, _type_name: &str) -> bool {
+        false
+    }
 }

@@ -1,1 +1,25 @@
-//! The API server.
+//! Tapestry's Kubernetes-compatible API server.
+//!
+//! One generic REST implementation ([`rest`]) serves every resource of the
+//! [`registry`]; resources differ only by their definitions in
+//! [`resources`]. Objects live in a [`tapestry_store::Store`] as JSON, their
+//! resourceVersion being the store revision.
+
+mod bootstrap;
+pub mod discovery;
+pub mod error;
+pub mod metrics;
+pub mod objects;
+mod openapi;
+pub mod patch;
+pub mod pki;
+pub mod registry;
+pub mod resources;
+pub mod rest;
+pub mod selectors;
+pub mod server;
+pub mod tables;
+pub mod validation;
+mod watch;
+
+pub use server::{start, Running, ServerConfig};

@@ -1,1 +1,120 @@
-fn main() {}
+//! `tapestry`: the orchestrator's single binary.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+use tapestry_apiserver::ServerConfig;
+use tapestry_store::{RedbStore, Store};
+use tokio::signal::unix::{signal, SignalKind};
+use tokio_util::sync::CancellationToken;
+
+#[derive(Parser)]
+#[command(
+    name = "tapestry",
+    version,
+    about = "A compact container orchestrator with traffic visibility built in"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the control plane: API server on an embedded store.
+    Server(ServerArgs),
+}
+
+#[derive(clap::Args)]
+struct ServerArgs {
+    /// Where the store, certificates, tokens and the admin kubeconfig live.
+    #[arg(long, default_value = "/var/lib/tapestry")]
+    data_dir: PathBuf,
+    /// Address to serve the Kubernetes API on (HTTPS).
+    #[arg(long, default_value = "127.0.0.1:6443")]
+    listen: SocketAddr,
+    /// Store backend; only the embedded store (the default) is built in.
+    #[arg(long)]
+    store: Option<String>,
+    /// IPv4 range ClusterIPs are allocated from.
+    #[arg(long, default_value = "10.96.0.0/12")]
+    service_cidr: String,
+    /// How long store history is kept for watches and exact-version lists.
+    #[arg(long, default_value = "5m", value_parser = humantime::parse_duration)]
+    compaction_interval: Duration,
+    /// Extra DNS names or IPs for the serving certificate.
+    #[arg(long = "tls-san")]
+    tls_sans: Vec<String>,
+}
+
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+/// A token cancelled on SIGTERM or SIGINT.
+fn shutdown_on_signals() -> Result<CancellationToken> {
+    let token = CancellationToken::new();
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let t = token.clone();
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
+            _ = int.recv() => tracing::info!("SIGINT: shutting down"),
+        }
+        t.cancel();
+    });
+    Ok(token)
+}
+
+async fn server(args: ServerArgs) -> Result<()> {
+    if let Some(store) = &args.store {
+        bail!("--store {store:?}: only the embedded store is available in this build");
+    }
+    std::fs::create_dir_all(&args.data_dir)
+        .with_context(|| format!("creating data directory {}", args.data_dir.display()))?;
+    let path = args.data_dir.join("store.redb");
+    let store: Arc<dyn Store> = Arc::new(
+        RedbStore::open(&path).with_context(|| format!("opening store {}", path.display()))?,
+    );
+    let shutdown = shutdown_on_signals()?;
+    let running = tapestry_apiserver::start(
+        ServerConfig {
+            data_dir: args.data_dir.clone(),
+            listen: args.listen,
+            service_cidr: args.service_cidr,
+            compaction_interval: args.compaction_interval,
+            extra_sans: args.tls_sans,
+        },
+        store,
+        shutdown,
+    )
+    .await?;
+    tracing::info!(addr = %running.addr, kubeconfig = %running.kubeconfig.display(), "API server ready");
+    println!("kubeconfig: {}", running.kubeconfig.display());
+    running.wait().await;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+#[tokio::main]
+async fn main() {
+    init_tracing();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Server(args) => server(args).await,
+    };
+    if let Err(e) = result {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}

@@ -6,12 +6,20 @@
 //! pagination, and watches that replay every change after a revision in order
 //! and without gaps. Revisions older than the compaction point are gone, and
 //! asking for them yields [`StoreError::Compacted`] (HTTP 410 Gone upstream).
+//!
+//! [`RedbStore`] is the embedded backend. Every backend must pass the suite in
+//! [`conformance`] (see [`store_conformance_suite!`]).
 
 use std::pin::Pin;
 
 use async_trait::async_trait;
 use bytes::Bytes;
 use futures::Stream;
+
+pub mod conformance;
+mod redb_store;
+
+pub use redb_store::{RedbOptions, RedbStore, StoreStats};
 
 /// A store revision. Revision 0 means "nothing written yet"; the first write
 /// gets revision 1.
@@ -32,7 +40,7 @@ pub struct KeyValue {
 #[derive(Clone, Debug, Default)]
 pub struct ListOptions {
     /// Read at this revision instead of the latest. Must not be compacted and
-    /// must not be in the future.
+    /// must not be in the future. `Some(0)` means the latest, as in etcd.
     pub revision: Option<Revision>,
     /// Return at most this many keys (0 or None = no limit).
     pub limit: Option<usize>,
@@ -141,8 +149,12 @@ pub trait Store: Send + Sync + 'static {
     async fn create(&self, key: &str, value: Bytes) -> Result<KeyValue>;
 
     /// Replace `key` if its `mod_revision` equals `expected_revision`.
-    async fn update(&self, key: &str, value: Bytes, expected_revision: Revision)
-        -> Result<KeyValue>;
+    async fn update(
+        &self,
+        key: &str,
+        value: Bytes,
+        expected_revision: Revision,
+    ) -> Result<KeyValue>;
 
     /// Delete `key` (if `expected_revision` is given, only at that revision).
     /// Returns the deleted value with `mod_revision` set to the deletion's
@@ -151,9 +163,14 @@ pub trait Store: Send + Sync + 'static {
 
     /// Every change to keys under `prefix` with revision > `after_revision`,
     /// in revision order, without gaps, then live changes as they commit.
+    /// An `after_revision` below the compaction point fails with `Compacted`
+    /// (returned here by [`RedbStore`]; a backend may instead yield it as the
+    /// stream's first item).
     async fn watch(&self, prefix: &str, after_revision: Revision) -> Result<WatchStream>;
 
     /// Discard history at and before `revision` (reads and watches older than
-    /// `revision` then fail with `Compacted`).
+    /// `revision` then fail with `Compacted`). Compacting at the current
+    /// compaction point again is a no-op; an older revision fails with
+    /// `Compacted`, a future one with `FutureRevision`.
     async fn compact(&self, revision: Revision) -> Result<()>;
 }

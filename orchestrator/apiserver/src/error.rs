@@ -1,0 +1,288 @@
+//! API errors rendered as Kubernetes `Status` objects.
+
+use axum::response::{IntoResponse, Response};
+use http::StatusCode;
+use serde_json::{json, Value};
+use tapestry_store::StoreError;
+
+/// One invalid field, as in `Status.details.causes`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Cause {
+    /// `FieldValueInvalid`, `FieldValueRequired`, `FieldValueNotSupported`…
+    pub reason: &'static str,
+    pub message: String,
+    /// Field path such as `spec.template.spec.containers[0].image`.
+    pub field: String,
+}
+
+impl Cause {
+    pub fn invalid(field: impl Into<String>, value: &Value, detail: impl AsRef<str>) -> Self {
+        let field = field.into();
+        let shown = match value {
+            Value::String(s) => format!("{s:?}"),
+            other => other.to_string(),
+        };
+        Cause {
+            reason: "FieldValueInvalid",
+            message: format!("Invalid value: {shown}: {}", detail.as_ref()),
+            field,
+        }
+    }
+
+    pub fn required(field: impl Into<String>) -> Self {
+        Cause {
+            reason: "FieldValueRequired",
+            message: "Required value".into(),
+            field: field.into(),
+        }
+    }
+
+    pub fn required_because(field: impl Into<String>, detail: impl AsRef<str>) -> Self {
+        Cause {
+            reason: "FieldValueRequired",
+            message: format!("Required value: {}", detail.as_ref()),
+            field: field.into(),
+        }
+    }
+
+    pub fn unsupported(field: impl Into<String>, value: &Value, allowed: &[&str]) -> Self {
+        let quoted: Vec<String> = allowed.iter().map(|a| format!("\"{a}\"")).collect();
+        Cause {
+            reason: "FieldValueNotSupported",
+            message: format!(
+                "Unsupported value: {value}: supported values: {}",
+                quoted.join(", ")
+            ),
+            field: field.into(),
+        }
+    }
+
+    pub fn forbidden(field: impl Into<String>, detail: impl Into<String>) -> Self {
+        Cause {
+            reason: "FieldValueForbidden",
+            message: format!("Forbidden: {}", detail.into()),
+            field: field.into(),
+        }
+    }
+
+    pub fn duplicate(field: impl Into<String>, value: &Value) -> Self {
+        Cause {
+            reason: "FieldValueDuplicate",
+            message: format!("Duplicate value: {value}"),
+            field: field.into(),
+        }
+    }
+
+    /// `field: message`, as kube-apiserver joins causes into the top message.
+    fn render(&self) -> String {
+        if self.field.is_empty() {
+            self.message.clone()
+        } else {
+            format!("{}: {}", self.field, self.message)
+        }
+    }
+}
+
+/// What identifies the object an error is about.
+#[derive(Clone, Debug, Default)]
+pub struct Target {
+    pub group: String,
+    /// Plural resource name (`deployments`).
+    pub resource: String,
+    pub kind: String,
+    pub name: String,
+}
+
+#[derive(Debug)]
+pub enum ApiError {
+    NotFound(Target),
+    AlreadyExists(Target),
+    Conflict { target: Target, message: String },
+    Invalid { target: Target, causes: Vec<Cause> },
+    BadRequest(String),
+    Gone(String),
+    Unauthorized,
+    Forbidden(String),
+    MethodNotSupported { target: Target, verb: String },
+    NotAcceptable(String),
+    UnsupportedMediaType(String),
+    RequestEntityTooLarge(String),
+    Timeout(String),
+    Internal(String),
+}
+
+impl ApiError {
+    pub fn internal(e: impl std::fmt::Display) -> Self {
+        ApiError::Internal(e.to_string())
+    }
+
+    /// Map a store error for an operation on `target`.
+    pub fn from_store(e: StoreError, target: &Target) -> Self {
+        match e {
+            StoreError::NotFound(_) => ApiError::NotFound(target.clone()),
+            StoreError::AlreadyExists(_) => ApiError::AlreadyExists(target.clone()),
+            StoreError::Conflict { .. } => ApiError::Conflict {
+                target: target.clone(),
+                message: OBJECT_MODIFIED.into(),
+            },
+            StoreError::Compacted {
+                requested,
+                compacted,
+            } => ApiError::Gone(format!(
+                "too old resource version: {requested} ({compacted})"
+            )),
+            StoreError::FutureRevision { requested, current } => ApiError::Timeout(format!(
+                "Too large resource version: {requested}, current: {current}"
+            )),
+            other => ApiError::Internal(other.to_string()),
+        }
+    }
+
+    fn code(&self) -> StatusCode {
+        match self {
+            ApiError::NotFound(_) => StatusCode::NOT_FOUND,
+            ApiError::AlreadyExists(_) | ApiError::Conflict { .. } => StatusCode::CONFLICT,
+            ApiError::Invalid { .. } => StatusCode::UNPROCESSABLE_ENTITY,
+            ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ApiError::Gone(_) => StatusCode::GONE,
+            ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
+            ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
+            ApiError::MethodNotSupported { .. } => StatusCode::METHOD_NOT_ALLOWED,
+            ApiError::NotAcceptable(_) => StatusCode::NOT_ACCEPTABLE,
+            ApiError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            ApiError::RequestEntityTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
+            ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    fn reason(&self) -> &'static str {
+        match self {
+            ApiError::NotFound(_) => "NotFound",
+            ApiError::AlreadyExists(_) => "AlreadyExists",
+            ApiError::Conflict { .. } => "Conflict",
+            ApiError::Invalid { .. } => "Invalid",
+            ApiError::BadRequest(_) => "BadRequest",
+            ApiError::Gone(_) => "Expired",
+            ApiError::Unauthorized => "Unauthorized",
+            ApiError::Forbidden(_) => "Forbidden",
+            ApiError::MethodNotSupported { .. } => "MethodNotAllowed",
+            ApiError::NotAcceptable(_) => "NotAcceptable",
+            ApiError::UnsupportedMediaType(_) => "UnsupportedMediaType",
+            ApiError::RequestEntityTooLarge(_) => "RequestEntityTooLarge",
+            ApiError::Timeout(_) => "Timeout",
+            ApiError::Internal(_) => "InternalError",
+        }
+    }
+
+    fn message(&self) -> String {
+        let qualified = |t: &Target| {
+            if t.group.is_empty() {
+                t.resource.clone()
+            } else {
+                format!("{}.{}", t.resource, t.group)
+            }
+        };
+        match self {
+            ApiError::NotFound(t) => format!("{} \"{}\" not found", qualified(t), t.name),
+            ApiError::AlreadyExists(t) => {
+                format!("{} \"{}\" already exists", qualified(t), t.name)
+            }
+            ApiError::Conflict { target, message } => format!(
+                "Operation cannot be fulfilled on {} \"{}\": {message}",
+                qualified(target),
+                target.name
+            ),
+            ApiError::Invalid { target, causes } => {
+                let rendered: Vec<String> = causes.iter().map(Cause::render).collect();
+                let body = if rendered.len() == 1 {
+                    rendered[0].clone()
+                } else {
+                    format!("[{}]", rendered.join(", "))
+                };
+                format!("{} \"{}\" is invalid: {body}", target.kind, target.name)
+            }
+            ApiError::MethodNotSupported { target, verb } => {
+                format!(
+                    "{verb} is not supported on resources of kind \"{}\"",
+                    qualified(target)
+                )
+            }
+            ApiError::Unauthorized => "Unauthorized".into(),
+            ApiError::BadRequest(m)
+            | ApiError::Gone(m)
+            | ApiError::Forbidden(m)
+            | ApiError::NotAcceptable(m)
+            | ApiError::UnsupportedMediaType(m)
+            | ApiError::RequestEntityTooLarge(m)
+            | ApiError::Timeout(m)
+            | ApiError::Internal(m) => m.clone(),
+        }
+    }
+
+    /// The `Status` object kube-apiserver would return.
+    pub fn to_status(&self) -> Value {
+        let mut status = json!({
+            "kind": "Status",
+            "apiVersion": "v1",
+            "metadata": {},
+            "status": "Failure",
+            "message": self.message(),
+            "reason": self.reason(),
+            "code": self.code().as_u16(),
+        });
+        let target = match self {
+            ApiError::NotFound(t)
+            | ApiError::AlreadyExists(t)
+            | ApiError::Conflict { target: t, .. }
+            | ApiError::Invalid { target: t, .. }
+            | ApiError::MethodNotSupported { target: t, .. } => Some(t),
+            _ => None,
+        };
+        if let Some(t) = target {
+            let mut details = json!({ "name": t.name, "group": t.group, "kind": t.resource });
+            if let ApiError::Invalid { causes, .. } = self {
+                details["kind"] = json!(t.kind);
+                details["causes"] = causes
+                    .iter()
+                    .map(|c| json!({"reason": c.reason, "message": c.message, "field": c.field}))
+                    .collect();
+            }
+            status["details"] = details;
+        }
+        if let ApiError::Timeout(_) = self {
+            status["details"] = json!({ "retryAfterSeconds": 1 });
+        }
+        status
+    }
+
+    pub fn status_code(&self) -> StatusCode {
+        self.code()
+    }
+}
+
+pub const OBJECT_MODIFIED: &str =
+    "the object has been modified; please apply your changes to the latest version and try again";
+
+impl std::fmt::Display for ApiError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message())
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        if let ApiError::Internal(m) = &self {
+            tracing::error!(error = %m, "internal error");
+        }
+        let body = serde_json::to_vec(&self.to_status()).unwrap_or_default();
+        (
+            self.code(),
+            [(http::header::CONTENT_TYPE, "application/json")],
+            body,
+        )
+            .into_response()
+    }
+}
+
+pub type ApiResult<T> = Result<T, ApiError>;

@@ -1,0 +1,311 @@
+//! The cluster's certificate authority, the API server's serving
+//! certificate, bearer tokens and the admin kubeconfig, all created on first
+//! start under the data directory and reused afterwards.
+
+use std::collections::HashMap;
+use std::fs;
+use std::io::Write;
+use std::net::IpAddr;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use base64::Engine;
+use rcgen::{
+    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+    KeyUsagePurpose, SanType,
+};
+
+pub struct Pki {
+    pub dir: PathBuf,
+    pub ca_cert_pem: String,
+    pub serving_cert_pem: String,
+    pub serving_key_pem: String,
+}
+
+fn write_private(path: &Path, contents: &str) -> Result<()> {
+    let mut f = fs::OpenOptions::new()
+        .create(true)
+        .write(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("writing {}", path.display()))?;
+    f.write_all(contents.as_bytes())?;
+    f.sync_all()?;
+    Ok(())
+}
+
+/// The names and addresses the serving certificate is valid for.
+pub fn serving_names(listen_ip: IpAddr, service_ip: IpAddr, extra: &[String]) -> Vec<String> {
+    let mut names = vec![
+        "localhost".to_string(),
+        "127.0.0.1".to_string(),
+        "kubernetes".to_string(),
+        "kubernetes.default".to_string(),
+        "kubernetes.default.svc".to_string(),
+        "kubernetes.default.svc.cluster.local".to_string(),
+        service_ip.to_string(),
+    ];
+    if !listen_ip.is_unspecified() {
+        names.push(listen_ip.to_string());
+    }
+    if let Ok(host) = fs::read_to_string("/proc/sys/kernel/hostname") {
+        let host = host.trim();
+        if !host.is_empty() {
+            names.push(host.to_string());
+        }
+    }
+    names.extend(extra.iter().cloned());
+    names.sort();
+    names.dedup();
+    names
+}
+
+impl Pki {
+    /// Load the PKI under `dir`, creating what is missing. The serving
+    /// certificate is re-issued (by the same CA) when `names` changed.
+    pub fn load_or_create(dir: &Path, names: &[String]) -> Result<Pki> {
+        fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        let ca_crt = dir.join("ca.crt");
+        let ca_key = dir.join("ca.key");
+        if !ca_crt.exists() || !ca_key.exists() {
+            let key = KeyPair::generate()?;
+            let mut params = CertificateParams::new(Vec::<String>::new())?;
+            params
+                .distinguished_name
+                .push(DnType::CommonName, "tapestry-ca");
+            params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+            params.key_usages = vec![
+                KeyUsagePurpose::KeyCertSign,
+                KeyUsagePurpose::CrlSign,
+                KeyUsagePurpose::DigitalSignature,
+            ];
+            params.not_before = rcgen::date_time_ymd(2020, 1, 1);
+            params.not_after = rcgen::date_time_ymd(2099, 12, 31);
+            let cert = params.self_signed(&key)?;
+            write_private(&ca_key, &key.serialize_pem())?;
+            write_private(&ca_crt, &cert.pem())?;
+            // A new CA invalidates any serving certificate signed by an old one.
+            let _ = fs::remove_file(dir.join("apiserver.crt"));
+        }
+        let ca_cert_pem = fs::read_to_string(&ca_crt)?;
+        let ca_key_pem = fs::read_to_string(&ca_key)?;
+        let names_file = dir.join("apiserver.names");
+        let wanted = names.join("\n");
+        let crt = dir.join("apiserver.crt");
+        let key = dir.join("apiserver.key");
+        let current = fs::read_to_string(&names_file).unwrap_or_default();
+        if !crt.exists() || !key.exists() || current != wanted {
+            let ca_key = KeyPair::from_pem(&ca_key_pem).context("parsing ca.key")?;
+            let issuer =
+                Issuer::from_ca_cert_pem(&ca_cert_pem, ca_key).context("parsing ca.crt")?;
+            let (cert, key_pem) = issue(&issuer, "kube-apiserver", &[], names, true)?;
+            write_private(&key, &key_pem)?;
+            write_private(&crt, &cert)?;
+            write_private(&names_file, &wanted)?;
+        }
+        Ok(Pki {
+            dir: dir.to_path_buf(),
+            ca_cert_pem,
+            serving_cert_pem: fs::read_to_string(&crt)?,
+            serving_key_pem: fs::read_to_string(&key)?,
+        })
+    }
+
+    /// Issue a certificate signed by the cluster CA (for node agents and
+    /// other components). Returns (certificate PEM, key PEM).
+    pub fn issue(
+        &self,
+        common_name: &str,
+        orgs: &[&str],
+        names: &[String],
+        server: bool,
+    ) -> Result<(String, String)> {
+        let ca_key = KeyPair::from_pem(&fs::read_to_string(self.dir.join("ca.key"))?)?;
+        let issuer = Issuer::from_ca_cert_pem(&self.ca_cert_pem, ca_key)?;
+        issue(&issuer, common_name, orgs, names, server)
+    }
+}
+
+fn issue(
+    issuer: &Issuer<'_, KeyPair>,
+    common_name: &str,
+    orgs: &[&str],
+    names: &[String],
+    server: bool,
+) -> Result<(String, String)> {
+    let key = KeyPair::generate()?;
+    let mut params = CertificateParams::new(Vec::<String>::new())?;
+    params
+        .distinguished_name
+        .push(DnType::CommonName, common_name);
+    for o in orgs {
+        params.distinguished_name.push(DnType::OrganizationName, *o);
+    }
+    params.subject_alt_names = names
+        .iter()
+        .map(|n| match n.parse::<IpAddr>() {
+            Ok(ip) => Ok(SanType::IpAddress(ip)),
+            Err(_) => Ok(SanType::DnsName(n.as_str().try_into()?)),
+        })
+        .collect::<Result<Vec<_>, rcgen::Error>>()?;
+    params.key_usages = vec![
+        KeyUsagePurpose::DigitalSignature,
+        KeyUsagePurpose::KeyEncipherment,
+    ];
+    params.extended_key_usages = if server {
+        vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ]
+    } else {
+        vec![ExtendedKeyUsagePurpose::ClientAuth]
+    };
+    params.not_before = rcgen::date_time_ymd(2020, 1, 1);
+    params.not_after = rcgen::date_time_ymd(2099, 12, 31);
+    let cert = params.signed_by(&key, issuer)?;
+    Ok((cert.pem(), key.serialize_pem()))
+}
+
+/// Who a bearer token belongs to.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct User {
+    pub name: String,
+    pub uid: String,
+    pub groups: Vec<String>,
+}
+
+/// Bearer tokens in kube-apiserver's `--token-auth-file` CSV format:
+/// `token,user,uid,"group1,group2"`.
+#[derive(Clone, Debug, Default)]
+pub struct Tokens {
+    by_token: HashMap<String, User>,
+}
+
+impl Tokens {
+    pub fn load(path: &Path) -> Result<Tokens> {
+        let text =
+            fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        let mut by_token = HashMap::new();
+        for (n, line) in text.lines().enumerate() {
+            let line = line.trim();
+            if line.is_empty() || line.starts_with('#') {
+                continue;
+            }
+            let fields = split_csv(line);
+            if fields.len() < 3 || fields[0].is_empty() || fields[1].is_empty() {
+                bail!(
+                    "{}:{}: expected token,user,uid[,\"groups\"]",
+                    path.display(),
+                    n + 1
+                );
+            }
+            let groups = fields
+                .get(3)
+                .map(|g| {
+                    g.split(',')
+                        .map(str::trim)
+                        .filter(|g| !g.is_empty())
+                        .map(str::to_string)
+                        .collect()
+                })
+                .unwrap_or_default();
+            by_token.insert(
+                fields[0].clone(),
+                User {
+                    name: fields[1].clone(),
+                    uid: fields[2].clone(),
+                    groups,
+                },
+            );
+        }
+        Ok(Tokens { by_token })
+    }
+
+    pub fn authenticate(&self, token: &str) -> Option<&User> {
+        self.by_token.get(token)
+    }
+
+    /// Load the token file, creating it with an admin token if absent.
+    /// Returns the tokens and the admin token.
+    pub fn load_or_create(path: &Path) -> Result<(Tokens, String)> {
+        if !path.exists() {
+            let token = random_token();
+            write_private(path, &format!("{token},admin,admin,\"system:masters\"\n"))?;
+        }
+        let tokens = Tokens::load(path)?;
+        let admin = tokens
+            .by_token
+            .iter()
+            .find(|(_, u)| u.name == "admin")
+            .map(|(t, _)| t.clone())
+            .with_context(|| format!("{} has no admin token", path.display()))?;
+        Ok((tokens, admin))
+    }
+}
+
+fn split_csv(line: &str) -> Vec<String> {
+    let mut fields = Vec::new();
+    let mut current = String::new();
+    let mut quoted = false;
+    for c in line.chars() {
+        match c {
+            '"' => quoted = !quoted,
+            ',' if !quoted => fields.push(std::mem::take(&mut current)),
+            c => current.push(c),
+        }
+    }
+    fields.push(current);
+    fields.into_iter().map(|f| f.trim().to_string()).collect()
+}
+
+pub fn random_token() -> String {
+    let a = uuid::Uuid::new_v4().simple().to_string();
+    let b = uuid::Uuid::new_v4().simple().to_string();
+    format!("{a}{b}")
+}
+
+/// A kubeconfig for `user` with a bearer token, trusting the cluster CA.
+pub fn kubeconfig(server_url: &str, ca_pem: &str, user: &str, token: &str) -> String {
+    let ca = base64::engine::general_purpose::STANDARD.encode(ca_pem);
+    format!(
+        "apiVersion: v1\nkind: Config\nclusters:\n- name: tapestry\n  cluster:\n    server: {server_url}\n    certificate-authority-data: {ca}\ncontexts:\n- name: tapestry\n  context:\n    cluster: tapestry\n    user: {user}\ncurrent-context: tapestry\nusers:\n- name: {user}\n  user:\n    token: {token}\n"
+    )
+}
+
+pub fn write_kubeconfig(path: &Path, contents: &str) -> Result<()> {
+    write_private(path, contents)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pki_is_created_then_reused() {
+        let dir = tempfile::tempdir().unwrap();
+        let names = vec!["localhost".to_string(), "127.0.0.1".to_string()];
+        let first = Pki::load_or_create(dir.path(), &names).unwrap();
+        let second = Pki::load_or_create(dir.path(), &names).unwrap();
+        assert_eq!(first.ca_cert_pem, second.ca_cert_pem);
+        assert_eq!(first.serving_cert_pem, second.serving_cert_pem);
+        let more = vec!["localhost".to_string(), "10.0.0.1".to_string()];
+        let third = Pki::load_or_create(dir.path(), &more).unwrap();
+        assert_eq!(first.ca_cert_pem, third.ca_cert_pem);
+        assert_ne!(first.serving_cert_pem, third.serving_cert_pem);
+    }
+
+    #[test]
+    fn tokens_csv() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tokens.csv");
+        fs::write(&path, "t1,alice,u1,\"a,b\"\n# comment\nt2,bob,u2\n").unwrap();
+        let tokens = Tokens::load(&path).unwrap();
+        assert_eq!(tokens.authenticate("t1").unwrap().groups, vec!["a", "b"]);
+        assert_eq!(tokens.authenticate("t2").unwrap().name, "bob");
+        assert!(tokens.authenticate("nope").is_none());
+        fs::write(&path, "justonefield\n").unwrap();
+        assert!(Tokens::load(&path).is_err());
+    }
+}

@@ -1,0 +1,570 @@
+//! The HTTPS server: routing, authentication, metrics and lifecycle.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use axum::body::Body;
+use axum::extract::State;
+use axum::response::{IntoResponse, Response};
+use axum::Router;
+use bytes::Bytes;
+use http::{HeaderMap, Method, StatusCode, Uri};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use serde_json::{json, Value};
+use tapestry_store::Store;
+use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
+use tower::ServiceExt;
+
+use crate::discovery;
+use crate::error::ApiError;
+use crate::metrics::{LatencyLabels, Metrics, RequestLabels};
+use crate::openapi::OpenApiDocs;
+use crate::patch::FieldManagement;
+use crate::pki::{self, Pki, Tokens};
+use crate::registry::Registry;
+use crate::resources::{self, core::Ipv4Range, ServiceAllocator};
+use crate::rest::{json_response, Api, Request};
+
+/// Largest request body accepted (kube-apiserver's limit is 3 MiB objects).
+const MAX_BODY: usize = 3 * 1024 * 1024;
+
+pub struct ServerConfig {
+    pub data_dir: PathBuf,
+    pub listen: SocketAddr,
+    pub service_cidr: String,
+    /// Keep at least this much history for watches and exact-revision lists.
+    pub compaction_interval: Duration,
+    pub extra_sans: Vec<String>,
+}
+
+/// A started server: where it listens and how to reach it.
+pub struct Running {
+    pub addr: SocketAddr,
+    pub kubeconfig: PathBuf,
+    pub api: Arc<Api>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Running {
+    /// Wait until the server stopped (after its shutdown token fired).
+    pub async fn wait(self) {
+        let _ = self.task.await;
+    }
+}
+
+struct AppState {
+    api: Arc<Api>,
+    tokens: Tokens,
+    openapi: OpenApiDocs,
+    server_address: String,
+    shutdown: CancellationToken,
+}
+
+/// Start serving; returns once the listener is bound, bootstrap objects
+/// exist and the admin kubeconfig is written.
+pub async fn start(
+    config: ServerConfig,
+    store: Arc<dyn Store>,
+    shutdown: CancellationToken,
+) -> Result<Running> {
+    let data_dir = &config.data_dir;
+    std::fs::create_dir_all(data_dir)
+        .with_context(|| format!("creating {}", data_dir.display()))?;
+    let range = Ipv4Range::parse(&config.service_cidr).map_err(anyhow::Error::msg)?;
+    let allocator = Arc::new(ServiceAllocator::new(store.clone(), range));
+    let registry = Registry::new(resources::all(allocator.clone()));
+    let openapi = OpenApiDocs::build(&registry);
+    let fields = FieldManagement::new(openapi.schema());
+    let metrics = Arc::new(Metrics::new());
+    let api = Arc::new(Api::new(store.clone(), registry, fields, metrics));
+
+    let listener = TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("binding {}", config.listen))?;
+    let addr = listener.local_addr()?;
+    let names = pki::serving_names(addr.ip(), IpAddr::V4(range.first()), &config.extra_sans);
+    let pki = Pki::load_or_create(&data_dir.join("pki"), &names)?;
+    let (tokens, admin_token) = Tokens::load_or_create(&data_dir.join("tokens.csv"))?;
+    let host = if addr.ip().is_unspecified() {
+        "127.0.0.1".to_string()
+    } else {
+        addr.ip().to_string()
+    };
+    let server_url = format!("https://{}", SocketAddr::new(host.parse()?, addr.port()));
+    let kubeconfig = data_dir.join("kubeconfig");
+    pki::write_kubeconfig(
+        &kubeconfig,
+        &pki::kubeconfig(&server_url, &pki.ca_cert_pem, "admin", &admin_token),
+    )?;
+
+    crate::bootstrap::ensure(&api, range.first(), addr).await?;
+
+    let tls = tls_config(&pki)?;
+    let state = Arc::new(AppState {
+        api: api.clone(),
+        tokens,
+        openapi,
+        server_address: format!("{host}:{}", addr.port()),
+        shutdown: shutdown.clone(),
+    });
+    let router = Router::new().fallback(dispatch).with_state(state);
+    tokio::spawn(compaction_loop(
+        store,
+        config.compaction_interval,
+        shutdown.clone(),
+    ));
+    let task = tokio::spawn(serve(listener, tls, router, shutdown));
+    Ok(Running {
+        addr,
+        kubeconfig,
+        api,
+        task,
+    })
+}
+
+fn tls_config(pki: &Pki) -> Result<TlsAcceptor> {
+    let certs = rustls_pemfile::certs(&mut pki.serving_cert_pem.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .context("parsing serving certificate")?;
+    let key = rustls_pemfile::private_key(&mut pki.serving_key_pem.as_bytes())
+        .context("parsing serving key")?
+        .context("no private key in apiserver.key")?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)?;
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(TlsAcceptor::from(Arc::new(config)))
+}
+
+async fn serve(
+    listener: TcpListener,
+    tls: TlsAcceptor,
+    router: Router,
+    shutdown: CancellationToken,
+) {
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    loop {
+        let (tcp, _peer) = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            accepted = listener.accept() => match accepted {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let _ = tcp.set_nodelay(true);
+        let tls = tls.clone();
+        let router = router.clone();
+        let watcher = graceful.watcher();
+        tokio::spawn(async move {
+            let stream = match tokio::time::timeout(Duration::from_secs(10), tls.accept(tcp)).await
+            {
+                Ok(Ok(s)) => s,
+                Ok(Err(e)) => {
+                    tracing::debug!(error = %e, "TLS handshake failed");
+                    return;
+                }
+                Err(_) => return,
+            };
+            let service =
+                hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                    let router = router.clone();
+                    async move { router.oneshot(req.map(Body::new)).await }
+                });
+            let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+            let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
+            if let Err(e) = watcher.watch(conn.into_owned()).await {
+                tracing::debug!(error = %e, "connection ended with an error");
+            }
+        });
+    }
+    drop(listener);
+    // In-flight requests finish; watches end with the shutdown token.
+    if tokio::time::timeout(Duration::from_secs(10), graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!("connections still open after 10s; closing");
+    }
+}
+
+async fn compaction_loop(store: Arc<dyn Store>, interval: Duration, shutdown: CancellationToken) {
+    let mut previous: Option<i64> = None;
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(interval) => {}
+        }
+        let Ok(current) = store.current_revision().await else {
+            continue;
+        };
+        if let Some(rev) = previous.filter(|r| *r > 0) {
+            match store.compact(rev).await {
+                Ok(()) => tracing::debug!(revision = rev, "compacted"),
+                Err(e) => tracing::warn!(error = %e, "compaction failed"),
+            }
+        }
+        previous = Some(current);
+    }
+}
+
+fn text(code: StatusCode, body: &str) -> Response {
+    (
+        code,
+        [(http::header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+        body.to_string(),
+    )
+        .into_response()
+}
+
+fn query_map(uri: &Uri) -> HashMap<String, String> {
+    uri.query().map(url_decode_pairs).unwrap_or_default()
+}
+
+fn url_decode_pairs(q: &str) -> HashMap<String, String> {
+    let mut out = HashMap::new();
+    for pair in q.split('&').filter(|p| !p.is_empty()) {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        out.insert(percent_decode(k), percent_decode(v));
+    }
+    out
+}
+
+fn percent_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let decoded = (bytes[i] == b'%')
+            .then(|| bytes.get(i + 1..i + 3))
+            .flatten()
+            .and_then(|h| std::str::from_utf8(h).ok())
+            .and_then(|h| u8::from_str_radix(h, 16).ok());
+        match (bytes[i], decoded) {
+            (_, Some(b)) => {
+                out.push(b);
+                i += 3;
+            }
+            (b'+', None) => {
+                out.push(b' ');
+                i += 1;
+            }
+            (b, None) => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Where a resource path points.
+struct Route {
+    group: String,
+    version: String,
+    segments: Vec<String>,
+}
+
+fn split_resource_path(path: &str) -> Option<Route> {
+    let parts: Vec<&str> = path.trim_matches('/').split('/').collect();
+    match parts.as_slice() {
+        ["api", "v1", rest @ ..] if !rest.is_empty() => Some(Route {
+            group: String::new(),
+            version: "v1".into(),
+            segments: rest.iter().map(|s| s.to_string()).collect(),
+        }),
+        ["apis", group, version, rest @ ..] if !rest.is_empty() => Some(Route {
+            group: group.to_string(),
+            version: version.to_string(),
+            segments: rest.iter().map(|s| s.to_string()).collect(),
+        }),
+        _ => None,
+    }
+}
+
+/// The single entry point: health, discovery, OpenAPI, metrics, then the
+/// resource REST handlers.
+async fn dispatch(
+    State(state): State<Arc<AppState>>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let path = uri.path().to_string();
+    match path.as_str() {
+        "/healthz" | "/livez" | "/readyz" => return text(StatusCode::OK, "ok"),
+        p if p.starts_with("/healthz/")
+            || p.starts_with("/livez/")
+            || p.starts_with("/readyz/") =>
+        {
+            return text(StatusCode::OK, "ok")
+        }
+        _ => {}
+    }
+    if let Err(e) = authenticate(&state.tokens, &headers) {
+        return e.into_response();
+    }
+    let started = Instant::now();
+    let query = query_map(&uri);
+    let body = match axum::body::to_bytes(body, MAX_BODY).await {
+        Ok(b) => b,
+        Err(_) => {
+            return ApiError::RequestEntityTooLarge(format!(
+                "request body larger than {MAX_BODY} bytes"
+            ))
+            .into_response()
+        }
+    };
+    if let Some(resp) = serve_static(&state, &method, &path, &query) {
+        return resp;
+    }
+    let Some(route) = split_resource_path(&path) else {
+        return not_found_path(&path);
+    };
+    let (req, watch) = match build_request(&state.api.registry, route, query, headers, body) {
+        Ok(r) => r,
+        Err(e) => return e.into_response(),
+    };
+    let verb = verb_of(&method, &req, watch);
+    let labels = (
+        req.def.group.to_string(),
+        req.def.plural.to_string(),
+        req.sub.clone().unwrap_or_default(),
+    );
+    let result = if watch {
+        state.api.clone().watch(req, state.shutdown.clone()).await
+    } else {
+        handle(&state.api, &method, &req).await
+    };
+    let resp = result.unwrap_or_else(IntoResponse::into_response);
+    let metrics = &state.api.metrics;
+    metrics
+        .requests
+        .get_or_create(&RequestLabels {
+            verb: verb.to_string(),
+            group: labels.0,
+            resource: labels.1.clone(),
+            subresource: labels.2,
+            code: resp.status().as_u16(),
+        })
+        .inc();
+    if !watch {
+        metrics
+            .latency
+            .get_or_create(&LatencyLabels {
+                verb: verb.to_string(),
+                resource: labels.1,
+            })
+            .observe(started.elapsed().as_secs_f64());
+    }
+    resp
+}
+
+fn authenticate(tokens: &Tokens, headers: &HeaderMap) -> Result<(), ApiError> {
+    let token = headers
+        .get(http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim);
+    match token.and_then(|t| tokens.authenticate(t)) {
+        Some(_) => Ok(()),
+        None => Err(ApiError::Unauthorized),
+    }
+}
+
+fn not_found_path(path: &str) -> Response {
+    json_response(
+        StatusCode::NOT_FOUND,
+        &json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+                "message": format!("the server could not find the requested resource ({path})"),
+                "reason": "NotFound", "details": {}, "code": 404}),
+        &[],
+    )
+}
+
+fn ok_json(v: &Value) -> Response {
+    json_response(StatusCode::OK, v, &[])
+}
+
+fn serve_static(
+    state: &AppState,
+    method: &Method,
+    path: &str,
+    query: &HashMap<String, String>,
+) -> Option<Response> {
+    if method != Method::GET {
+        return None;
+    }
+    let registry = &state.api.registry;
+    let parts: Vec<&str> = path.trim_matches('/').split('/').collect();
+    let resp = match parts.as_slice() {
+        ["version"] => ok_json(&discovery::version()),
+        ["metrics"] => text(StatusCode::OK, &state.api.metrics.encode()),
+        ["api"] => ok_json(&discovery::core_versions(&state.server_address)),
+        ["api", "v1"] => ok_json(&discovery::resource_list(registry, "", "v1")?),
+        ["apis"] => ok_json(&discovery::group_list(registry)),
+        ["apis", group] => match discovery::group(registry, group) {
+            Some(doc) => ok_json(&doc),
+            None => not_found_path(path),
+        },
+        ["apis", group, version] => match discovery::resource_list(registry, group, version) {
+            Some(doc) => ok_json(&doc),
+            None => not_found_path(path),
+        },
+        ["openapi", "v2"] => state.openapi.v2(),
+        ["openapi", "v3"] => state.openapi.v3_index(),
+        ["openapi", "v3", rest @ ..] => state.openapi.v3(&rest.join("/"), query),
+        _ => return None,
+    };
+    Some(resp)
+}
+
+/// Resolve `segments` to a resource, namespace, name and subresource.
+fn build_request(
+    registry: &Registry,
+    route: Route,
+    mut query: HashMap<String, String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<(Request, bool), ApiError> {
+    let mut segs = route.segments;
+    let mut watch = false;
+    if segs.first().map(String::as_str) == Some("watch") {
+        // Legacy /watch/ paths.
+        segs.remove(0);
+        watch = true;
+    }
+    let lookup = |plural: &str| {
+        registry
+            .get(&route.group, &route.version, plural)
+            .ok_or_else(|| {
+                ApiError::NotFound(crate::error::Target {
+                    group: route.group.clone(),
+                    resource: plural.to_string(),
+                    kind: String::new(),
+                    name: String::new(),
+                })
+            })
+    };
+    let is_namespaced_collection = |segs: &[String]| {
+        segs.len() >= 3
+            && segs[0] == "namespaces"
+            && registry
+                .get(&route.group, &route.version, &segs[2])
+                .is_some_and(|d| d.namespaced)
+    };
+    let (def, namespace, name, sub) = if is_namespaced_collection(&segs) {
+        let def = lookup(&segs[2])?;
+        (
+            def,
+            Some(segs[1].clone()),
+            segs.get(3).cloned(),
+            segs.get(4).cloned(),
+        )
+    } else {
+        let def = lookup(&segs[0])?;
+        (def, None, segs.get(1).cloned(), segs.get(2).cloned())
+    };
+    if segs.len() > if namespace.is_some() { 5 } else { 3 } {
+        return Err(ApiError::NotFound(crate::error::Target {
+            group: route.group,
+            resource: segs.join("/"),
+            kind: String::new(),
+            name: String::new(),
+        }));
+    }
+    if let Some(s) = &sub {
+        let known = match s.as_str() {
+            "status" => def.has(crate::registry::Subresource::Status),
+            "scale" => def.has(crate::registry::Subresource::Scale),
+            "binding" => def.has(crate::registry::Subresource::Binding),
+            _ => false,
+        };
+        if !known {
+            return Err(ApiError::NotFound(crate::error::Target {
+                group: def.group.to_string(),
+                resource: format!("{}/{s}", def.plural),
+                kind: def.kind.to_string(),
+                name: name.clone().unwrap_or_default(),
+            }));
+        }
+    }
+    if def.namespaced && namespace.is_none() && name.is_some() {
+        return Err(ApiError::NotFound(crate::error::Target {
+            group: def.group.to_string(),
+            resource: def.plural.to_string(),
+            kind: def.kind.to_string(),
+            name: name.clone().unwrap_or_default(),
+        }));
+    }
+    let watch = watch || matches!(query.get("watch").map(String::as_str), Some("true" | "1"));
+    let name = match name {
+        // Watching one object is a watch of the collection narrowed by name.
+        Some(n) if watch => {
+            let mut selector = format!("metadata.name={n}");
+            if let Some(existing) = query.get("fieldSelector").filter(|f| !f.is_empty()) {
+                selector = format!("{existing},{selector}");
+            }
+            query.insert("fieldSelector".into(), selector);
+            None
+        }
+        other => other,
+    };
+    Ok((
+        Request {
+            def,
+            namespace,
+            name,
+            sub,
+            query,
+            headers,
+            body,
+        },
+        watch,
+    ))
+}
+
+fn verb_of(method: &Method, req: &Request, watch: bool) -> &'static str {
+    match (method.clone(), req.name.is_some()) {
+        _ if watch => "watch",
+        (Method::GET, true) => "get",
+        (Method::GET, false) => "list",
+        (Method::POST, _) => "create",
+        (Method::PUT, _) => "update",
+        (Method::PATCH, _) => "patch",
+        (Method::DELETE, true) => "delete",
+        (Method::DELETE, false) => "deletecollection",
+        _ => "other",
+    }
+}
+
+async fn handle(api: &Api, method: &Method, req: &Request) -> Result<Response, ApiError> {
+    let has_name = req.name.is_some();
+    let not_allowed = |verb: &str| ApiError::MethodNotSupported {
+        target: req.target(),
+        verb: verb.to_string(),
+    };
+    match (method.clone(), has_name) {
+        (Method::GET, true) => api.get(req).await,
+        (Method::GET, false) => api.list(req).await,
+        (Method::POST, false) => api.create(req).await,
+        (Method::POST, true) if req.sub.is_some() => api.create(req).await,
+        (Method::PUT, true) => api.update(req).await,
+        (Method::PATCH, true) => api.patch(req).await,
+        (Method::DELETE, true) if req.sub.is_none() => api.delete(req).await,
+        (Method::DELETE, false) => api.delete_collection(req).await,
+        (m, _) => Err(not_allowed(m.as_str())),
+    }
+}

@@ -1,0 +1,1125 @@
+//! Embedded backend on a single redb file.
+//!
+//! Layout (all in one redb database):
+//!
+//! * `kv`: key -> latest value with its create/mod revisions. Serves `get` and
+//!   lists at the latest revision with one range scan.
+//! * `versions`: (key, revision) -> value or tombstone. The MVCC history used
+//!   for lists at past revisions and for the values in replayed watch events.
+//! * `revlog`: revision -> key. One entry per revision, so watch replay walks
+//!   revisions in order and can prove there is no gap.
+//! * `meta`: current, compacted and purged revisions.
+//!
+//! A single writer thread owns every write transaction. It drains whatever
+//! requests are queued into one durable commit (group commit): nothing waits
+//! for a batch to fill, but concurrent writers share one fsync.
+
+use std::collections::VecDeque;
+use std::fmt::Display;
+use std::ops::Bound;
+use std::path::Path;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use redb::{
+    Database, Durability, ReadableDatabase, ReadableTable, Table, TableDefinition, WriteTransaction,
+};
+use tokio::sync::mpsc::error::TryRecvError;
+use tokio::sync::{broadcast, mpsc, oneshot};
+
+use crate::{
+    EventKind, KeyValue, ListOptions, ListResult, Result, Revision, Store, StoreError, WatchEvent,
+    WatchStream,
+};
+
+const KV: TableDefinition<&str, &[u8]> = TableDefinition::new("kv");
+const VERSIONS: TableDefinition<(&str, i64), &[u8]> = TableDefinition::new("versions");
+const REVLOG: TableDefinition<i64, &str> = TableDefinition::new("revlog");
+const META: TableDefinition<&str, i64> = TableDefinition::new("meta");
+
+const META_CURRENT: &str = "current";
+const META_COMPACTED: &str = "compacted";
+const META_PURGED: &str = "purged";
+
+const LIVE: u8 = 0;
+const TOMBSTONE: u8 = 1;
+
+/// Revisions removed per purge step when the writer has nothing else to do.
+const PURGE_IDLE_STEP: i64 = 4096;
+/// Revisions removed alongside a write batch, so purging still progresses under
+/// constant load without adding much to a write's latency.
+const PURGE_BUSY_STEP: i64 = 128;
+/// Revisions read per history read of a watch; bounds a catching-up watcher's memory.
+const WATCH_HISTORY_CHUNK: i64 = 512;
+
+/// Tuning knobs for [`RedbStore::open_with`].
+#[derive(Clone, Debug)]
+pub struct RedbOptions {
+    /// Committed events kept in memory for live watchers. A watcher that falls
+    /// further behind re-reads the missed events from the on-disk history.
+    pub watch_buffer: usize,
+    /// Most write requests committed together in one transaction.
+    pub max_batch: usize,
+    /// Request queue length in front of the writer thread.
+    pub queue: usize,
+    /// Make reopening after a crash near-instant instead of a full scan of
+    /// the file, at the cost of slower commits (redb's quick-repair mode).
+    pub quick_repair: bool,
+}
+
+impl Default for RedbOptions {
+    fn default() -> Self {
+        Self {
+            watch_buffer: 4096,
+            max_batch: 1024,
+            queue: 4096,
+            quick_repair: false,
+        }
+    }
+}
+
+/// Counters of a [`RedbStore`], see [`RedbStore::stats`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct StoreStats {
+    pub revision: Revision,
+    pub compacted_revision: Revision,
+    /// History at and before this revision has been physically removed (it
+    /// trails `compacted_revision` while compaction runs in the background).
+    pub purged_revision: Revision,
+    /// Successful writes (each one a revision).
+    pub writes: u64,
+    /// Durable commits; `writes / commits` is the average group-commit size.
+    pub commits: u64,
+    /// Open watch streams.
+    pub watchers: u64,
+    /// Times a watcher fell out of the in-memory event buffer and had to
+    /// catch up from disk.
+    pub watch_lagged: u64,
+    /// Events that lagging watchers missed in memory and re-read from disk.
+    pub watch_lagged_events: u64,
+}
+
+#[derive(Default)]
+struct Shared {
+    current: AtomicI64,
+    compacted: AtomicI64,
+    purged: AtomicI64,
+    writes: AtomicU64,
+    commits: AtomicU64,
+    watchers: AtomicU64,
+    watch_lagged: AtomicU64,
+    watch_lagged_events: AtomicU64,
+}
+
+/// A [`Store`] in one redb file.
+///
+/// * Writes return after a durable (fsync'd) commit. They go through one
+///   writer thread that commits whatever is queued together, so throughput
+///   grows with the number of concurrent writers while a lone writer still
+///   gets one commit per write.
+/// * Reads use redb read transactions on the blocking pool and never wait
+///   for writes.
+/// * [`watch`](Store::watch) below the compaction point fails immediately
+///   with [`StoreError::Compacted`]. Live events come from one in-memory
+///   broadcast ([`RedbOptions::watch_buffer`] events); a watcher that falls
+///   behind it re-reads the missed events from disk and continues without a
+///   gap, and ends with `Compacted` only if a compaction removed history it
+///   still needed. It never ends with [`StoreError::WatchOverflow`].
+/// * [`compact`](Store::compact) moves the compaction point at once; the old
+///   history is then removed in the background in small steps.
+///
+/// The file stays locked until the store and every watch stream it returned
+/// are dropped.
+pub struct RedbStore {
+    db: Arc<Database>,
+    shared: Arc<Shared>,
+    requests: Option<mpsc::Sender<Request>>,
+    events: broadcast::Sender<Arc<WatchEvent>>,
+    writer: Option<JoinHandle<()>>,
+}
+
+enum Op {
+    Create {
+        key: String,
+        value: Bytes,
+    },
+    Update {
+        key: String,
+        value: Bytes,
+        expected: Revision,
+    },
+    Delete {
+        key: String,
+        expected: Option<Revision>,
+    },
+    Compact {
+        revision: Revision,
+    },
+}
+
+struct Request {
+    op: Op,
+    reply: oneshot::Sender<Result<Option<KeyValue>>>,
+}
+
+trait OrBackend<T> {
+    fn backend(self) -> Result<T>;
+}
+
+impl<T, E: Display> OrBackend<T> for std::result::Result<T, E> {
+    fn backend(self) -> Result<T> {
+        self.map_err(|e| StoreError::Backend(e.to_string()))
+    }
+}
+
+fn closed() -> StoreError {
+    StoreError::Backend("store is closed".into())
+}
+
+fn check_key(key: &str) -> Result<()> {
+    if key.is_empty() {
+        return Err(StoreError::Backend("invalid key: empty".into()));
+    }
+    Ok(())
+}
+
+fn check_revision(revision: Revision) -> Result<()> {
+    if revision < 0 {
+        return Err(StoreError::Backend(format!(
+            "invalid revision {revision}: must not be negative"
+        )));
+    }
+    Ok(())
+}
+
+async fn blocking<T, F>(f: F) -> Result<T>
+where
+    T: Send + 'static,
+    F: FnOnce() -> Result<T> + Send + 'static,
+{
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| StoreError::Backend(format!("store task failed: {e}")))?
+}
+
+// Record encodings. `kv`: create(8) mod(8) value. `versions`: tag(1)
+// create(8) value. Fixed little-endian headers keep decoding allocation-free.
+
+fn encode_latest(create: Revision, modified: Revision, value: &[u8]) -> Vec<u8> {
+    let mut buf = Vec::with_capacity(16 + value.len());
+    buf.extend_from_slice(&create.to_le_bytes());
+    buf.extend_from_slice(&modified.to_le_bytes());
+    buf.extend_from_slice(value);
+    buf
+}
+
+fn read_i64(bytes: &[u8], at: usize) -> Result<i64> {
+    bytes
+        .get(at..at + 8)
+        .and_then(|b| <[u8; 8]>::try_from(b).ok())
+        .map(i64::from_le_bytes)
+        .ok_or_else(|| StoreError::Backend("corrupt record: too short".into()))
+}
+
+fn decode_latest(key: &str, bytes: &[u8]) -> Result<KeyValue> {
+    Ok(KeyValue {
+        key: key.to_owned(),
+        create_revision: read_i64(bytes, 0)?,
+        mod_revision: read_i64(bytes, 8)?,
+        value: Bytes::copy_from_slice(bytes.get(16..).unwrap_or_default()),
+    })
+}
+
+fn encode_version(tag: u8, create: Revision, value: &[u8]) -> Vec<u8> {
+    let mut buf = Vec::with_capacity(9 + value.len());
+    buf.push(tag);
+    buf.extend_from_slice(&create.to_le_bytes());
+    buf.extend_from_slice(value);
+    buf
+}
+
+struct Version<'a> {
+    tombstone: bool,
+    create_revision: Revision,
+    value: &'a [u8],
+}
+
+fn decode_version(bytes: &[u8]) -> Result<Version<'_>> {
+    let tombstone = match bytes.first() {
+        Some(&LIVE) => false,
+        Some(&TOMBSTONE) => true,
+        _ => return Err(StoreError::Backend("corrupt version record".into())),
+    };
+    Ok(Version {
+        tombstone,
+        create_revision: read_i64(bytes, 1)?,
+        value: bytes.get(9..).unwrap_or_default(),
+    })
+}
+
+fn meta_get(meta: &impl ReadableTable<&'static str, i64>, name: &str) -> Result<i64> {
+    Ok(meta.get(name).backend()?.map(|g| g.value()).unwrap_or(0))
+}
+
+impl RedbStore {
+    /// Open (or create) the store file at `path` with default options.
+    ///
+    /// Blocks while redb opens the file, which after a crash includes its
+    /// recovery; call it before serving, or from `spawn_blocking`.
+    pub fn open(path: impl AsRef<Path>) -> Result<Self> {
+        Self::open_with(path, RedbOptions::default())
+    }
+
+    /// [`open`](Self::open) with explicit options.
+    pub fn open_with(path: impl AsRef<Path>, opts: RedbOptions) -> Result<Self> {
+        let db = Database::create(path.as_ref()).backend()?;
+        let (current, compacted, purged) = {
+            let txn = db.begin_write().backend()?;
+            let state = {
+                // Opening creates missing tables, so readers never see a missing one.
+                txn.open_table(KV).backend()?;
+                txn.open_table(VERSIONS).backend()?;
+                txn.open_table(REVLOG).backend()?;
+                let meta = txn.open_table(META).backend()?;
+                (
+                    meta_get(&meta, META_CURRENT)?,
+                    meta_get(&meta, META_COMPACTED)?,
+                    meta_get(&meta, META_PURGED)?,
+                )
+            };
+            txn.commit().backend()?;
+            state
+        };
+
+        let db = Arc::new(db);
+        let shared = Arc::new(Shared::default());
+        shared.current.store(current, Ordering::SeqCst);
+        shared.compacted.store(compacted, Ordering::SeqCst);
+        shared.purged.store(purged, Ordering::SeqCst);
+
+        // broadcast::channel panics on 0 and above usize::MAX / 2.
+        let (events, _) = broadcast::channel(opts.watch_buffer.clamp(1, 1 << 24));
+        let (requests, rx) = mpsc::channel(opts.queue.max(1));
+        let writer = Writer {
+            db: db.clone(),
+            shared: shared.clone(),
+            events: events.clone(),
+            rx,
+            max_batch: opts.max_batch.max(1),
+            quick_repair: opts.quick_repair,
+            state: WriterState {
+                current,
+                compacted,
+                purged,
+            },
+            purge_failed: false,
+        };
+        let writer = std::thread::Builder::new()
+            .name("tapestry-store-writer".into())
+            .spawn(move || writer.run())
+            .backend()?;
+
+        Ok(Self {
+            db,
+            shared,
+            requests: Some(requests),
+            events,
+            writer: Some(writer),
+        })
+    }
+
+    /// Counters for monitoring.
+    pub fn stats(&self) -> StoreStats {
+        let s = &self.shared;
+        StoreStats {
+            revision: s.current.load(Ordering::SeqCst),
+            compacted_revision: s.compacted.load(Ordering::SeqCst),
+            purged_revision: s.purged.load(Ordering::SeqCst),
+            writes: s.writes.load(Ordering::Relaxed),
+            commits: s.commits.load(Ordering::Relaxed),
+            watchers: s.watchers.load(Ordering::Relaxed),
+            watch_lagged: s.watch_lagged.load(Ordering::Relaxed),
+            watch_lagged_events: s.watch_lagged_events.load(Ordering::Relaxed),
+        }
+    }
+
+    async fn submit(&self, op: Op) -> Result<Option<KeyValue>> {
+        let requests = self.requests.as_ref().ok_or_else(closed)?;
+        let (reply, rx) = oneshot::channel();
+        requests
+            .send(Request { op, reply })
+            .await
+            .map_err(|_| closed())?;
+        rx.await.map_err(|_| closed())?
+    }
+
+    async fn submit_kv(&self, op: Op) -> Result<KeyValue> {
+        self.submit(op)
+            .await?
+            .ok_or_else(|| StoreError::Backend("writer returned no value".into()))
+    }
+}
+
+impl Drop for RedbStore {
+    fn drop(&mut self) {
+        // Closing the queue stops the writer once it has answered everything
+        // queued; joining it releases its handle on the file, so the path can be
+        // reopened right away.
+        self.requests.take();
+        if let Some(writer) = self.writer.take() {
+            if writer.join().is_err() {
+                tracing::error!("store writer thread panicked");
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl Store for RedbStore {
+    async fn current_revision(&self) -> Result<Revision> {
+        Ok(self.shared.current.load(Ordering::SeqCst))
+    }
+
+    async fn compacted_revision(&self) -> Result<Revision> {
+        Ok(self.shared.compacted.load(Ordering::SeqCst))
+    }
+
+    async fn get(&self, key: &str) -> Result<Option<KeyValue>> {
+        check_key(key)?;
+        let db = self.db.clone();
+        let key = key.to_owned();
+        blocking(move || {
+            let txn = db.begin_read().backend()?;
+            let kv = txn.open_table(KV).backend()?;
+            let found = kv.get(key.as_str()).backend()?;
+            found.map(|g| decode_latest(&key, g.value())).transpose()
+        })
+        .await
+    }
+
+    async fn list(&self, prefix: &str, opts: ListOptions) -> Result<ListResult> {
+        if let Some(r) = opts.revision {
+            check_revision(r)?;
+        }
+        let db = self.db.clone();
+        let prefix = prefix.to_owned();
+        blocking(move || list_blocking(&db, &prefix, &opts)).await
+    }
+
+    async fn create(&self, key: &str, value: Bytes) -> Result<KeyValue> {
+        check_key(key)?;
+        self.submit_kv(Op::Create {
+            key: key.to_owned(),
+            value,
+        })
+        .await
+    }
+
+    async fn update(
+        &self,
+        key: &str,
+        value: Bytes,
+        expected_revision: Revision,
+    ) -> Result<KeyValue> {
+        check_key(key)?;
+        self.submit_kv(Op::Update {
+            key: key.to_owned(),
+            value,
+            expected: expected_revision,
+        })
+        .await
+    }
+
+    async fn delete(&self, key: &str, expected_revision: Option<Revision>) -> Result<KeyValue> {
+        check_key(key)?;
+        self.submit_kv(Op::Delete {
+            key: key.to_owned(),
+            expected: expected_revision,
+        })
+        .await
+    }
+
+    /// A revision below the compaction point fails here rather than in the
+    /// stream; the stream ends with `Compacted` only if it later falls behind
+    /// a compaction while catching up.
+    async fn watch(&self, prefix: &str, after_revision: Revision) -> Result<WatchStream> {
+        check_revision(after_revision)?;
+        // Subscribe before reading the current revision: every event after it
+        // is then guaranteed to reach `rx` (or show up as lag), and everything
+        // up to it is on disk.
+        let rx = self.events.subscribe();
+        let current = self.shared.current.load(Ordering::SeqCst);
+        let compacted = self.shared.compacted.load(Ordering::SeqCst);
+        if after_revision < compacted {
+            return Err(StoreError::Compacted {
+                requested: after_revision,
+                compacted,
+            });
+        }
+        self.shared.watchers.fetch_add(1, Ordering::Relaxed);
+        let state = Watcher {
+            db: self.db.clone(),
+            shared: self.shared.clone(),
+            prefix: prefix.to_owned(),
+            rx,
+            last: after_revision,
+            target: current,
+            pending: None,
+            buf: VecDeque::new(),
+            done: false,
+        };
+        Ok(Box::pin(futures::stream::unfold(
+            state,
+            |mut w| async move {
+                let item = w.next().await?;
+                Some((item, w))
+            },
+        )))
+    }
+
+    async fn compact(&self, revision: Revision) -> Result<()> {
+        check_revision(revision)?;
+        self.submit(Op::Compact { revision }).await.map(|_| ())
+    }
+}
+
+fn list_blocking(db: &Database, prefix: &str, opts: &ListOptions) -> Result<ListResult> {
+    let txn = db.begin_read().backend()?;
+    let meta = txn.open_table(META).backend()?;
+    let current = meta_get(&meta, META_CURRENT)?;
+    let compacted = meta_get(&meta, META_COMPACTED)?;
+    let revision = match opts.revision {
+        None | Some(0) => current,
+        Some(r) => r,
+    };
+    if revision > current {
+        return Err(StoreError::FutureRevision {
+            requested: revision,
+            current,
+        });
+    }
+    if revision < compacted {
+        return Err(StoreError::Compacted {
+            requested: revision,
+            compacted,
+        });
+    }
+    let limit = opts.limit.filter(|&l| l > 0).unwrap_or(usize::MAX);
+    // Keys under a prefix are contiguous and sort after it, so the scan starts
+    // at whichever of prefix / cursor is later and stops at the first key
+    // outside the prefix.
+    let start = match opts.start_after.as_deref() {
+        Some(after) if after >= prefix => Bound::Excluded(after),
+        _ => Bound::Included(prefix),
+    };
+    let mut out = ListResult {
+        items: Vec::new(),
+        revision,
+        remaining: 0,
+    };
+
+    if revision == current {
+        let kv = txn.open_table(KV).backend()?;
+        for entry in kv.range::<&str>((start, Bound::Unbounded)).backend()? {
+            let (k, v) = entry.backend()?;
+            let key = k.value();
+            if !key.starts_with(prefix) {
+                break;
+            }
+            if out.items.len() < limit {
+                out.items.push(decode_latest(key, v.value())?);
+            } else {
+                out.remaining += 1;
+            }
+        }
+        return Ok(out);
+    }
+
+    // Past revision: the newest version at or before `revision` of each key.
+    let versions = txn.open_table(VERSIONS).backend()?;
+    let lower = match start {
+        Bound::Excluded(after) => Bound::Excluded((after, i64::MAX)),
+        _ => Bound::Included((prefix, i64::MIN)),
+    };
+    let mut group: Option<String> = None;
+    let mut candidate: Option<(Revision, redb::AccessGuard<'static, &'static [u8]>)> = None;
+    let mut emit = |key: &str, candidate: Option<(Revision, redb::AccessGuard<&[u8]>)>| {
+        let Some((rev, guard)) = candidate else {
+            return Ok(());
+        };
+        let version = decode_version(guard.value())?;
+        if version.tombstone {
+            return Ok(());
+        }
+        if out.items.len() < limit {
+            out.items.push(KeyValue {
+                key: key.to_owned(),
+                value: Bytes::copy_from_slice(version.value),
+                create_revision: version.create_revision,
+                mod_revision: rev,
+            });
+        } else {
+            out.remaining += 1;
+        }
+        Ok::<(), StoreError>(())
+    };
+    for entry in versions
+        .range::<(&str, i64)>((lower, Bound::Unbounded))
+        .backend()?
+    {
+        let (k, v) = entry.backend()?;
+        let (key, rev) = k.value();
+        if !key.starts_with(prefix) {
+            break;
+        }
+        if group.as_deref() != Some(key) {
+            if let Some(done) = group.take() {
+                emit(&done, candidate.take())?;
+            }
+            group = Some(key.to_owned());
+        }
+        if rev <= revision {
+            candidate = Some((rev, v));
+        }
+    }
+    if let Some(done) = group.take() {
+        emit(&done, candidate.take())?;
+    }
+    Ok(out)
+}
+
+/// The event that revision `rev` (a write of `key`) produced, rebuilt from
+/// the version history.
+fn event_at(
+    versions: &impl ReadableTable<(&'static str, i64), &'static [u8]>,
+    key: &str,
+    rev: Revision,
+) -> Result<WatchEvent> {
+    let missing = || StoreError::Backend(format!("history of {key} at revision {rev} missing"));
+    let guard = versions.get((key, rev)).backend()?.ok_or_else(missing)?;
+    let version = decode_version(guard.value())?;
+    let prev = if version.create_revision == rev {
+        None
+    } else {
+        // The previous version is live (it is what this write replaced), and
+        // purging keeps the newest live version at or before the compaction
+        // point, so it is present for every revision after that point.
+        let mut before = versions
+            .range::<(&str, i64)>((key, i64::MIN)..(key, rev))
+            .backend()?;
+        match before.next_back() {
+            Some(entry) => {
+                let (k, v) = entry.backend()?;
+                let p = decode_version(v.value())?;
+                Some(KeyValue {
+                    key: key.to_owned(),
+                    value: Bytes::copy_from_slice(p.value),
+                    create_revision: p.create_revision,
+                    mod_revision: k.value().1,
+                })
+            }
+            None => None,
+        }
+    };
+    if version.tombstone {
+        let prev = prev.ok_or_else(missing)?;
+        let kv = KeyValue {
+            mod_revision: rev,
+            ..prev.clone()
+        };
+        return Ok(WatchEvent {
+            kind: EventKind::Deleted,
+            kv,
+            prev: Some(prev),
+        });
+    }
+    Ok(WatchEvent {
+        kind: if prev.is_none() {
+            EventKind::Created
+        } else {
+            EventKind::Modified
+        },
+        kv: KeyValue {
+            key: key.to_owned(),
+            value: Bytes::copy_from_slice(version.value),
+            create_revision: version.create_revision,
+            mod_revision: rev,
+        },
+        prev,
+    })
+}
+
+/// Events under `prefix` for revisions in `(last, min(target, last + chunk)]`,
+/// and the revision read up to.
+fn read_history(
+    db: &Database,
+    prefix: &str,
+    last: Revision,
+    target: Revision,
+) -> Result<(Vec<WatchEvent>, Revision)> {
+    let txn = db.begin_read().backend()?;
+    let meta = txn.open_table(META).backend()?;
+    let compacted = meta_get(&meta, META_COMPACTED)?;
+    if last < compacted {
+        return Err(StoreError::Compacted {
+            requested: last,
+            compacted,
+        });
+    }
+    let upto = target.min(last.saturating_add(WATCH_HISTORY_CHUNK));
+    let revlog = txn.open_table(REVLOG).backend()?;
+    let versions = txn.open_table(VERSIONS).backend()?;
+    let mut events = Vec::new();
+    let mut expect = last + 1;
+    for entry in revlog.range(expect..=upto).backend()? {
+        let (r, k) = entry.backend()?;
+        let rev = r.value();
+        if rev != expect {
+            break;
+        }
+        expect += 1;
+        let key = k.value();
+        if key.starts_with(prefix) {
+            events.push(event_at(&versions, key, rev)?);
+        }
+    }
+    if expect != upto + 1 {
+        return Err(StoreError::Backend(format!(
+            "history is missing revision {expect}"
+        )));
+    }
+    Ok((events, upto))
+}
+
+/// State of one watch stream.
+///
+/// Invariant: every revision up to `last` has been delivered or filtered out,
+/// and revisions in `(last, target]` are committed and must be read from disk
+/// before anything from the live channel is delivered.
+struct Watcher {
+    db: Arc<Database>,
+    shared: Arc<Shared>,
+    prefix: String,
+    rx: broadcast::Receiver<Arc<WatchEvent>>,
+    last: Revision,
+    target: Revision,
+    /// A live event that arrived ahead of a gap, delivered after the gap is
+    /// filled from disk.
+    pending: Option<Arc<WatchEvent>>,
+    buf: VecDeque<WatchEvent>,
+    done: bool,
+}
+
+impl Watcher {
+    async fn next(&mut self) -> Option<Result<WatchEvent>> {
+        loop {
+            if let Some(ev) = self.buf.pop_front() {
+                return Some(Ok(ev));
+            }
+            if self.done {
+                return None;
+            }
+            if self.last < self.target {
+                let db = self.db.clone();
+                let prefix = self.prefix.clone();
+                let (last, target) = (self.last, self.target);
+                match blocking(move || read_history(&db, &prefix, last, target)).await {
+                    Ok((events, upto)) => {
+                        self.buf.extend(events);
+                        self.last = upto;
+                    }
+                    Err(e) => {
+                        self.done = true;
+                        return Some(Err(e));
+                    }
+                }
+                continue;
+            }
+            if let Some(ev) = self.pending.take() {
+                self.accept(&ev);
+                continue;
+            }
+            match self.rx.recv().await {
+                Ok(ev) => {
+                    let rev = ev.revision();
+                    if rev <= self.last {
+                        // Already replayed from disk.
+                    } else if rev == self.last + 1 {
+                        self.accept(&ev);
+                    } else {
+                        // Missed events (lag): fill the gap from disk first.
+                        self.target = rev - 1;
+                        self.pending = Some(ev);
+                    }
+                }
+                Err(broadcast::error::RecvError::Lagged(n)) => {
+                    // The next received event reveals the gap; just count it.
+                    self.shared.watch_lagged.fetch_add(1, Ordering::Relaxed);
+                    self.shared
+                        .watch_lagged_events
+                        .fetch_add(n, Ordering::Relaxed);
+                }
+                Err(broadcast::error::RecvError::Closed) => {
+                    self.done = true;
+                    return Some(Err(closed()));
+                }
+            }
+        }
+    }
+
+    fn accept(&mut self, ev: &WatchEvent) {
+        self.last = ev.revision();
+        if ev.kv.key.starts_with(&self.prefix) {
+            self.buf.push_back(ev.clone());
+        }
+    }
+}
+
+impl Drop for Watcher {
+    fn drop(&mut self) {
+        self.shared.watchers.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+struct WriterState {
+    current: Revision,
+    compacted: Revision,
+    purged: Revision,
+}
+
+struct Writer {
+    db: Arc<Database>,
+    shared: Arc<Shared>,
+    events: broadcast::Sender<Arc<WatchEvent>>,
+    rx: mpsc::Receiver<Request>,
+    max_batch: usize,
+    quick_repair: bool,
+    state: WriterState,
+    /// Stops idle purging from spinning on a persistent storage error; the
+    /// next successful write batch clears it.
+    purge_failed: bool,
+}
+
+struct Tables<'t> {
+    kv: Table<'t, &'static str, &'static [u8]>,
+    versions: Table<'t, (&'static str, i64), &'static [u8]>,
+    revlog: Table<'t, i64, &'static str>,
+    meta: Table<'t, &'static str, i64>,
+}
+
+impl<'t> Tables<'t> {
+    fn open(txn: &'t WriteTransaction) -> Result<Self> {
+        Ok(Self {
+            kv: txn.open_table(KV).backend()?,
+            versions: txn.open_table(VERSIONS).backend()?,
+            revlog: txn.open_table(REVLOG).backend()?,
+            meta: txn.open_table(META).backend()?,
+        })
+    }
+
+    fn latest(&self, key: &str) -> Result<Option<KeyValue>> {
+        let found = self.kv.get(key).backend()?;
+        found.map(|g| decode_latest(key, g.value())).transpose()
+    }
+
+    fn put(&mut self, key: &str, value: &[u8], create: Revision, rev: Revision) -> Result<()> {
+        self.kv
+            .insert(key, encode_latest(create, rev, value).as_slice())
+            .backend()?;
+        self.versions
+            .insert((key, rev), encode_version(LIVE, create, value).as_slice())
+            .backend()?;
+        self.revlog.insert(rev, key).backend()?;
+        Ok(())
+    }
+
+    fn remove(&mut self, key: &str, create: Revision, rev: Revision) -> Result<()> {
+        self.kv.remove(key).backend()?;
+        self.versions
+            .insert(
+                (key, rev),
+                encode_version(TOMBSTONE, create, &[]).as_slice(),
+            )
+            .backend()?;
+        self.revlog.insert(rev, key).backend()?;
+        Ok(())
+    }
+
+    /// Physically drop history no longer reachable after compaction, for at
+    /// most `step` revisions past `state.purged`. For each purged revision the
+    /// older versions of its key go (this version supersedes them), and the
+    /// version itself goes if it is a tombstone. What remains at or before the
+    /// compaction point is exactly the newest live version of each key.
+    fn purge(&mut self, state: &mut WriterState, step: i64) -> Result<()> {
+        let upto = state.compacted.min(state.purged.saturating_add(step));
+        if upto <= state.purged {
+            return Ok(());
+        }
+        let mut entries = Vec::new();
+        for entry in self.revlog.range(state.purged + 1..=upto).backend()? {
+            let (r, k) = entry.backend()?;
+            entries.push((r.value(), k.value().to_owned()));
+        }
+        let mut stale = Vec::new();
+        for (rev, key) in &entries {
+            let key = key.as_str();
+            stale.clear();
+            for entry in self
+                .versions
+                .range::<(&str, i64)>((key, i64::MIN)..(key, *rev))
+                .backend()?
+            {
+                stale.push(entry.backend()?.0.value().1);
+            }
+            for r in &stale {
+                self.versions.remove((key, *r)).backend()?;
+            }
+            let tombstone = match self.versions.get((key, *rev)).backend()? {
+                Some(g) => decode_version(g.value())?.tombstone,
+                None => false,
+            };
+            if tombstone {
+                self.versions.remove((key, *rev)).backend()?;
+            }
+            self.revlog.remove(*rev).backend()?;
+        }
+        state.purged = upto;
+        self.meta.insert(META_PURGED, upto).backend()?;
+        Ok(())
+    }
+}
+
+type Outcome = (Result<Option<KeyValue>>, Option<WatchEvent>);
+
+fn apply_op(t: &mut Tables<'_>, state: &mut WriterState, op: &Op) -> Result<Outcome> {
+    let next = state.current + 1;
+    Ok(match op {
+        Op::Create { key, value } => {
+            if t.latest(key)?.is_some() {
+                return Ok((Err(StoreError::AlreadyExists(key.clone())), None));
+            }
+            t.put(key, value, next, next)?;
+            state.current = next;
+            let kv = KeyValue {
+                key: key.clone(),
+                value: value.clone(),
+                create_revision: next,
+                mod_revision: next,
+            };
+            let ev = WatchEvent {
+                kind: EventKind::Created,
+                kv: kv.clone(),
+                prev: None,
+            };
+            (Ok(Some(kv)), Some(ev))
+        }
+        Op::Update {
+            key,
+            value,
+            expected,
+        } => {
+            let Some(prev) = t.latest(key)? else {
+                return Ok((Err(StoreError::NotFound(key.clone())), None));
+            };
+            if prev.mod_revision != *expected {
+                let err = StoreError::Conflict {
+                    key: key.clone(),
+                    expected: *expected,
+                    current: prev.mod_revision,
+                };
+                return Ok((Err(err), None));
+            }
+            t.put(key, value, prev.create_revision, next)?;
+            state.current = next;
+            let kv = KeyValue {
+                key: key.clone(),
+                value: value.clone(),
+                create_revision: prev.create_revision,
+                mod_revision: next,
+            };
+            let ev = WatchEvent {
+                kind: EventKind::Modified,
+                kv: kv.clone(),
+                prev: Some(prev),
+            };
+            (Ok(Some(kv)), Some(ev))
+        }
+        Op::Delete { key, expected } => {
+            let Some(prev) = t.latest(key)? else {
+                return Ok((Err(StoreError::NotFound(key.clone())), None));
+            };
+            if let Some(expected) = *expected {
+                if prev.mod_revision != expected {
+                    let err = StoreError::Conflict {
+                        key: key.clone(),
+                        expected,
+                        current: prev.mod_revision,
+                    };
+                    return Ok((Err(err), None));
+                }
+            }
+            t.remove(key, prev.create_revision, next)?;
+            state.current = next;
+            let kv = KeyValue {
+                mod_revision: next,
+                ..prev.clone()
+            };
+            let ev = WatchEvent {
+                kind: EventKind::Deleted,
+                kv: kv.clone(),
+                prev: Some(prev),
+            };
+            (Ok(Some(kv)), Some(ev))
+        }
+        Op::Compact { revision } => {
+            let revision = *revision;
+            let result = if revision > state.current {
+                Err(StoreError::FutureRevision {
+                    requested: revision,
+                    current: state.current,
+                })
+            } else if revision < state.compacted {
+                Err(StoreError::Compacted {
+                    requested: revision,
+                    compacted: state.compacted,
+                })
+            } else {
+                // Only the logical point moves here; the history behind it is
+                // purged in small steps so a large compaction never stalls writes.
+                state.compacted = revision;
+                Ok(None)
+            };
+            (result, None)
+        }
+    })
+}
+
+impl Writer {
+    fn run(mut self) {
+        let mut batch = Vec::with_capacity(self.max_batch);
+        loop {
+            let purge_pending = self.state.purged < self.state.compacted && !self.purge_failed;
+            let first = if purge_pending {
+                match self.rx.try_recv() {
+                    Ok(req) => req,
+                    Err(TryRecvError::Empty) => {
+                        self.purge_idle();
+                        continue;
+                    }
+                    Err(TryRecvError::Disconnected) => break,
+                }
+            } else {
+                match self.rx.blocking_recv() {
+                    Some(req) => req,
+                    None => break,
+                }
+            };
+            batch.push(first);
+            while batch.len() < self.max_batch {
+                match self.rx.try_recv() {
+                    Ok(req) => batch.push(req),
+                    Err(_) => break,
+                }
+            }
+            self.commit_batch(&mut batch);
+        }
+    }
+
+    fn commit_batch(&mut self, batch: &mut Vec<Request>) {
+        let mut state = self.state;
+        let result = (|| {
+            let mut txn = self.db.begin_write().backend()?;
+            txn.set_quick_repair(self.quick_repair);
+            let mut outcomes = Vec::with_capacity(batch.len());
+            {
+                let mut t = Tables::open(&txn)?;
+                for req in batch.iter() {
+                    outcomes.push(apply_op(&mut t, &mut state, &req.op)?);
+                }
+                if state.purged < state.compacted {
+                    t.purge(&mut state, PURGE_BUSY_STEP)?;
+                }
+                if state == self.state {
+                    // Every request failed its precondition: nothing to persist.
+                    drop(t);
+                    txn.abort().backend()?;
+                    return Ok(outcomes);
+                }
+                t.meta.insert(META_CURRENT, state.current).backend()?;
+                t.meta.insert(META_COMPACTED, state.compacted).backend()?;
+            }
+            txn.commit().backend()?;
+            Ok::<_, StoreError>(outcomes)
+        })();
+
+        match result {
+            Ok(outcomes) => {
+                let writes = state.current - self.state.current;
+                self.state = state;
+                self.purge_failed = false;
+                self.publish_state(writes);
+                // Publish after the commit and in revision order; watchers rely
+                // on both.
+                let mut replies = Vec::with_capacity(batch.len());
+                for (req, (result, event)) in batch.drain(..).zip(outcomes) {
+                    if let Some(event) = event {
+                        // An error only means nobody is watching right now.
+                        let _ = self.events.send(Arc::new(event));
+                    }
+                    replies.push((req.reply, result));
+                }
+                for (reply, result) in replies {
+                    // The caller may have given up; the write stands regardless.
+                    let _ = reply.send(result);
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "store write batch failed");
+                for req in batch.drain(..) {
+                    let _ = req.reply.send(Err(e.clone()));
+                }
+            }
+        }
+    }
+
+    fn purge_idle(&mut self) {
+        let mut state = self.state;
+        let result = (|| {
+            let mut txn = self.db.begin_write().backend()?;
+            // Losing a purge step in a crash only means redoing it, so it does
+            // not need its own fsync; the next durable commit persists it.
+            txn.set_durability(Durability::None).backend()?;
+            {
+                let mut t = Tables::open(&txn)?;
+                t.purge(&mut state, PURGE_IDLE_STEP)?;
+            }
+            txn.commit().backend()
+        })();
+        match result {
+            Ok(()) => {
+                self.state = state;
+                self.publish_state(0);
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "store history purge failed");
+                self.purge_failed = true;
+            }
+        }
+    }
+
+    fn publish_state(&self, writes: i64) {
+        let s = &self.shared;
+        s.current.store(self.state.current, Ordering::SeqCst);
+        s.compacted.store(self.state.compacted, Ordering::SeqCst);
+        s.purged.store(self.state.purged, Ordering::SeqCst);
+        if writes > 0 {
+            s.writes
+                .fetch_add(u64::try_from(writes).unwrap_or(0), Ordering::Relaxed);
+            s.commits.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}

@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# Runs every check CI runs: formatting, lints, then all tests.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/deps.sh
+cargo fmt --all -- --check
+cargo clippy --workspace --all-targets --locked -- -D warnings
+cargo test --workspace --locked
