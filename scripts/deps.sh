@@ -2,8 +2,9 @@
 # Installs the Debian packages Tapestry's build and tests use (idempotent).
 set -euo pipefail
 packages=(
-  build-essential pkg-config ca-certificates curl
-  protobuf-compiler
+  build-essential pkg-config ca-certificates curl iproute2 util-linux
+  protobuf-compiler libpcap-dev clang libbpf-dev linux-libc-dev
+  tcpdump tshark wireshark-common bpftool iperf3
 )
 missing=()
 for p in "${packages[@]}"; do

@@ -1056,6 +1056,47 @@ mod tests {
     }
 
     #[test]
+    fn atomic_map_fields_are_owned_and_replaced_whole() {
+        let mut cfg = config(1, "nginx:1");
+        cfg["spec"]["template"]["spec"]["nodeSelector"] = json!({"disk": "ssd"});
+        let live = created_by("creator", cfg.clone());
+        cfg["spec"]["template"]["spec"]["nodeSelector"] = json!({"zone": "a"});
+        // A granular map would just gain a key; an atomic one changes whole.
+        let err = apply(Some(&live), &cfg, "kubectl", false, &TestSchema, DEPLOY, T1).unwrap_err();
+        let ApplyError::Conflicts(cs) = err else {
+            panic!()
+        };
+        let paths: Vec<&str> = cs.iter().map(|c| c.path.as_str()).collect();
+        assert_eq!(paths, [".spec.template.spec.nodeSelector"]);
+
+        let obj = apply(Some(&live), &cfg, "kubectl", true, &TestSchema, DEPLOY, T1).unwrap();
+        assert_eq!(
+            obj["spec"]["template"]["spec"]["nodeSelector"],
+            json!({"zone": "a"})
+        );
+        assert_eq!(
+            entry(&obj, "kubectl")["fieldsV1"]["f:spec"]["f:template"]["f:spec"]["f:nodeSelector"],
+            json!({})
+        );
+        assert!(!owned_paths(&obj, "creator")
+            .iter()
+            .any(|p| p.starts_with(".spec.template.spec.nodeSelector")));
+
+        // Strategic merge patch still merges it key by key.
+        let patched = crate::strategic_merge_patch(
+            &obj,
+            &json!({"spec": {"template": {"spec": {"nodeSelector": {"disk": "ssd"}}}}}),
+            &TestSchema,
+            DEPLOY,
+        )
+        .unwrap();
+        assert_eq!(
+            patched["spec"]["template"]["spec"]["nodeSelector"],
+            json!({"zone": "a", "disk": "ssd"})
+        );
+    }
+
+    #[test]
     fn status_is_not_tracked_on_the_main_resource() {
         let mut cfg = config(1, "nginx:1");
         cfg["status"] = json!({"replicas": 9});

@@ -44,6 +44,11 @@ pub struct FieldSchema {
     pub patch_strategies: Vec<PatchStrategy>,
     /// `x-kubernetes-patch-merge-key` for lists of objects merged by key.
     pub patch_merge_key: Option<String>,
+    /// `x-kubernetes-map-type: atomic` on the field itself (e.g. a Service's
+    /// `spec.selector` map): server-side apply owns and replaces the value as
+    /// a whole, like an [`PatchSchema::atomic_type`] object. Strategic merge
+    /// patch ignores it, as Kubernetes does.
+    pub atomic: bool,
 }
 
 /// Type information for the patch algorithms. Unknown types and fields are

@@ -86,6 +86,7 @@ impl Ctx<'_> {
                 kind: (**value).clone(),
                 patch_strategies: Vec::new(),
                 patch_merge_key: None,
+                atomic: false,
             }),
             _ => None,
         }

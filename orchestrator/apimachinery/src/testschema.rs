@@ -17,6 +17,7 @@ fn plain(kind: FieldKind) -> Option<FieldSchema> {
         kind,
         patch_strategies: vec![],
         patch_merge_key: None,
+        atomic: false,
     })
 }
 
@@ -45,6 +46,7 @@ fn keyed(item: &str, merge_key: &str, keys: &[&str], retain: bool) -> Option<Fie
         },
         patch_strategies,
         patch_merge_key: Some(merge_key.to_string()),
+        atomic: false,
     })
 }
 
@@ -82,6 +84,7 @@ impl PatchSchema for TestSchema {
                 kind: obj(&format!("{APPS}DeploymentStrategy")),
                 patch_strategies: vec![PatchStrategy::RetainKeys],
                 patch_merge_key: None,
+                atomic: false,
             }),
             ("DeploymentStrategy", "type") => scalar(),
             ("DeploymentStrategy", "rollingUpdate") => {
@@ -105,6 +108,7 @@ impl PatchSchema for TestSchema {
                 },
                 patch_strategies: vec![PatchStrategy::Merge],
                 patch_merge_key: None,
+                atomic: false,
             }),
             ("ObjectMeta", "ownerReferences") => {
                 keyed(&format!("{META}OwnerReference"), "uid", &["uid"], false)
@@ -114,7 +118,11 @@ impl PatchSchema for TestSchema {
             }
             ("PodSpec", "volumes") => keyed(&format!("{CORE}Volume"), "name", &["name"], true),
             ("PodSpec", "tolerations") => atomic_list(c("Toleration")),
-            ("PodSpec", "nodeSelector") => string_map(),
+            // `x-kubernetes-map-type: atomic` on the field.
+            ("PodSpec", "nodeSelector") => Some(FieldSchema {
+                atomic: true,
+                ..string_map()?
+            }),
             ("Container", "name" | "image" | "imagePullPolicy") => scalar(),
             ("Container", "args" | "command") => atomic_list(FieldKind::Scalar),
             ("Container", "ports") => keyed(

@@ -42,7 +42,13 @@ pub(crate) struct Typed<'a> {
 impl Typed<'_> {
     pub fn child_kind(&self, kind: Option<&FieldKind>, key: &str) -> Option<FieldKind> {
         match kind? {
-            FieldKind::Object { type_name } => self.schema.field(type_name, key).map(|f| f.kind),
+            FieldKind::Object { type_name } => {
+                let f = self.schema.field(type_name, key)?;
+                // Every walk here treats a scalar as one leaf (owned,
+                // compared and replaced whole), which is exactly what an
+                // atomic field is; its inner structure does not matter to SSA.
+                Some(if f.atomic { FieldKind::Scalar } else { f.kind })
+            }
             FieldKind::Map { value } => Some((**value).clone()),
             _ => None,
         }

@@ -125,6 +125,8 @@ impl PatchSchema for Schema {
             kind,
             patch_strategies: strategies,
             patch_merge_key: key,
+            // One atomic map field, so the walks meet that case too.
+            atomic: field == "labels",
         })
     }
 

@@ -3,7 +3,7 @@
 
 use serde_json::{json, Value};
 
-use crate::registry::{Registry, ResourceDef, Subresource};
+use crate::registry::{Registry, Subresource};
 
 /// The Kubernetes API version this server implements.
 pub const KUBE_MAJOR: &str = "1";
@@ -71,21 +71,17 @@ pub fn group(registry: &Registry, name: &str) -> Option<Value> {
         })
 }
 
-fn verbs(def: &ResourceDef) -> Vec<&'static str> {
-    vec![
-        "create",
-        "delete",
-        "deletecollection",
-        "get",
-        "list",
-        "patch",
-        "update",
-        "watch",
-    ]
-    .into_iter()
-    .filter(|_| !def.plural.is_empty())
-    .collect()
-}
+/// Verbs every served resource supports.
+pub const VERBS: &[&str] = &[
+    "create",
+    "delete",
+    "deletecollection",
+    "get",
+    "list",
+    "patch",
+    "update",
+    "watch",
+];
 
 pub fn resource_list(registry: &Registry, group: &str, version: &str) -> Option<Value> {
     let defs = registry.in_group_version(group, version);
@@ -99,7 +95,7 @@ pub fn resource_list(registry: &Registry, group: &str, version: &str) -> Option<
             "singularName": def.singular,
             "namespaced": def.namespaced,
             "kind": def.kind,
-            "verbs": verbs(def),
+            "verbs": VERBS,
         });
         if !def.short_names.is_empty() {
             r["shortNames"] = json!(def.short_names);

@@ -32,6 +32,8 @@ pub struct Api {
     pub registry: Registry,
     pub fields: FieldManagement,
     pub metrics: Arc<crate::metrics::Metrics>,
+    /// JSON property names for decoding protobuf bodies.
+    pub proto_names: Arc<dyn tapestry_kubeproto::JsonNames + Send + Sync>,
 }
 
 /// One parsed request against a resource.
@@ -226,21 +228,6 @@ pub fn table(
     t
 }
 
-/// Parse a request body (JSON, or YAML for clients that send it).
-fn parse_body(req: &Request) -> ApiResult<Value> {
-    if req.body.is_empty() {
-        return Err(ApiError::BadRequest("request body is empty".into()));
-    }
-    let ct = req.content_type();
-    if ct.contains("yaml") {
-        serde_yaml::from_slice::<Value>(&req.body)
-            .map_err(|e| ApiError::BadRequest(format!("error decoding YAML: {e}")))
-    } else {
-        serde_json::from_slice::<Value>(&req.body)
-            .map_err(|e| ApiError::BadRequest(format!("error decoding JSON: {e}")))
-    }
-}
-
 /// Paths present in `input` but dropped by decoding: unknown fields.
 fn unknown_fields(input: &Value, decoded: &Value, path: &str, out: &mut Vec<String>) {
     match (input, decoded) {
@@ -279,12 +266,14 @@ impl Api {
         registry: Registry,
         fields: FieldManagement,
         metrics: Arc<crate::metrics::Metrics>,
+        proto_names: Arc<dyn tapestry_kubeproto::JsonNames + Send + Sync>,
     ) -> Self {
         Api {
             store,
             registry,
             fields,
             metrics,
+            proto_names,
         }
     }
 
@@ -313,6 +302,27 @@ impl Api {
         self.create_object(&req, obj, Some("tapestry-apiserver"))
             .await
             .map(|_| ())
+    }
+
+    /// Parse a request body: JSON, YAML, or Kubernetes' protobuf encoding
+    /// (which client-go's typed clients send).
+    fn parse_body(&self, req: &Request) -> ApiResult<Value> {
+        if req.body.is_empty() {
+            return Err(ApiError::BadRequest("request body is empty".into()));
+        }
+        match req.content_type() {
+            "application/yaml" => serde_yaml::from_slice::<Value>(&req.body)
+                .map_err(|e| ApiError::BadRequest(format!("error decoding YAML: {e}"))),
+            "application/json" | "" => serde_json::from_slice::<Value>(&req.body)
+                .map_err(|e| ApiError::BadRequest(format!("error decoding JSON: {e}"))),
+            "application/vnd.kubernetes.protobuf" => {
+                tapestry_kubeproto::decode(&req.body, self.proto_names.as_ref())
+                    .map_err(|e| ApiError::BadRequest(format!("error decoding protobuf: {e}")))
+            }
+            other => Err(ApiError::UnsupportedMediaType(format!(
+                "the body of the request was in an unknown format - accepted media types include: application/json, application/yaml, application/vnd.kubernetes.protobuf; got {other:?}"
+            ))),
+        }
     }
 
     fn key(&self, req: &Request, name: &str) -> String {
@@ -474,9 +484,7 @@ impl Api {
         def.behaviour.default(obj);
         def.behaviour.prepare_for_create(obj);
         let mut causes = validate_object_meta(obj, def.namespaced, def.name_rule);
-        if causes.is_empty() {
-            causes.extend(def.behaviour.validate(obj));
-        }
+        causes.extend(def.behaviour.validate(obj));
         if !causes.is_empty() {
             return Err(Self::invalid(req, obj, causes));
         }
@@ -548,7 +556,7 @@ impl Api {
         }
         let mut causes = validate_object_meta(new, def.namespaced, def.name_rule);
         causes.extend(validate_object_meta_update(new, old));
-        if causes.is_empty() && sub.is_none() {
+        if sub.is_none() {
             causes.extend(def.behaviour.validate_update(new, old));
         }
         if !causes.is_empty() {
@@ -728,7 +736,7 @@ impl Api {
             return self.bind(req).await;
         }
         let mut warnings = Vec::new();
-        let body = parse_body(req)?;
+        let body = self.parse_body(req)?;
         let obj = self.admit_body(req, body, &mut warnings)?;
         let manager = req.field_manager("unknown")?;
         let written = self.create_object(req, obj, Some(&manager)).await?;
@@ -766,23 +774,22 @@ impl Api {
             if let Some(m) = manager {
                 self.fields.record_update(&req.def, None, &mut obj, m, None);
             }
-            if let Some(hook) = &req.def.hook {
-                hook.on_create(&mut obj, dry_run).await?;
-            }
             let name = meta_str(&obj, "name").to_string();
             let key = req.def.key(req.namespace.as_deref(), &name);
             let mut target = req.target();
             target.name = name.clone();
-            if dry_run {
-                if self
-                    .store
-                    .get(&key)
-                    .await
-                    .map_err(ApiError::internal)?
-                    .is_some()
-                {
-                    return Err(ApiError::AlreadyExists(target));
+            // Report an existing object before allocating anything for it.
+            let exists = self.store.get(&key).await.map_err(ApiError::internal)?;
+            if exists.is_some() {
+                if attempt + 1 < attempts {
+                    continue;
                 }
+                return Err(ApiError::AlreadyExists(target));
+            }
+            if let Some(hook) = &req.def.hook {
+                hook.on_create(&mut obj, dry_run).await?;
+            }
+            if dry_run {
                 return Ok(Written { obj, created: true });
             }
             match self.store.create(&key, encode(&req.def, &obj)?).await {
@@ -892,7 +899,7 @@ impl Api {
 
     pub async fn update(&self, req: &Request) -> ApiResult<Response> {
         let mut warnings = Vec::new();
-        let body = parse_body(req)?;
+        let body = self.parse_body(req)?;
         if req.sub.as_deref() == Some("scale") {
             return self.update_scale(req, ScaleChange::Replace(body)).await;
         }
@@ -1087,7 +1094,7 @@ impl Api {
                 "create",
             ));
         }
-        let body = parse_body(req)?;
+        let body = self.parse_body(req)?;
         let node = body
             .pointer("/target/name")
             .and_then(Value::as_str)
@@ -1144,7 +1151,7 @@ impl Api {
         let options = if req.body.is_empty() {
             json!({})
         } else {
-            parse_body(req)?
+            self.parse_body(req)?
         };
         let obj = self
             .delete_one(req, req.name.clone().unwrap_or_default(), &options)
@@ -1296,7 +1303,7 @@ impl Api {
         let options = if req.body.is_empty() {
             json!({})
         } else {
-            parse_body(req)?
+            self.parse_body(req)?
         };
         let (labels, fields) = self.selectors(req)?;
         let prefix = self.scan_prefix(req, &fields);

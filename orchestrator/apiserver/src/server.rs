@@ -79,10 +79,16 @@ pub async fn start(
     let range = Ipv4Range::parse(&config.service_cidr).map_err(anyhow::Error::msg)?;
     let allocator = Arc::new(ServiceAllocator::new(store.clone(), range));
     let registry = Registry::new(resources::all(allocator.clone()));
-    let openapi = OpenApiDocs::build(&registry);
+    let openapi = OpenApiDocs::build(&registry)?;
     let fields = FieldManagement::new(openapi.schema());
     let metrics = Arc::new(Metrics::new());
-    let api = Arc::new(Api::new(store.clone(), registry, fields, metrics));
+    let api = Arc::new(Api::new(
+        store.clone(),
+        registry,
+        fields,
+        metrics,
+        openapi.names(),
+    ));
 
     let listener = TcpListener::bind(config.listen)
         .await
@@ -327,7 +333,7 @@ async fn dispatch(
             .into_response()
         }
     };
-    if let Some(resp) = serve_static(&state, &method, &path, &query) {
+    if let Some(resp) = serve_static(&state, &method, &path, &query, &headers) {
         return resp;
     }
     let Some(route) = split_resource_path(&path) else {
@@ -403,6 +409,7 @@ fn serve_static(
     method: &Method,
     path: &str,
     query: &HashMap<String, String>,
+    headers: &HeaderMap,
 ) -> Option<Response> {
     if method != Method::GET {
         return None;
@@ -423,7 +430,7 @@ fn serve_static(
             Some(doc) => ok_json(&doc),
             None => not_found_path(path),
         },
-        ["openapi", "v2"] => state.openapi.v2(),
+        ["openapi", "v2"] => state.openapi.v2(headers),
         ["openapi", "v3"] => state.openapi.v3_index(),
         ["openapi", "v3", rest @ ..] => state.openapi.v3(&rest.join("/"), query),
         _ => return None,

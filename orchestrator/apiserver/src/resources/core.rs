@@ -633,6 +633,20 @@ impl Behaviour for SecretBehaviour {
         if obj.get("type").is_none_or(Value::is_null) {
             obj["type"] = json!("Opaque");
         }
+        // stringData is write-only: it lands base64-encoded in data.
+        if let Some(Value::Object(strings)) =
+            obj.as_object_mut().and_then(|m| m.remove("stringData"))
+        {
+            use base64::Engine;
+            if !obj.get("data").is_some_and(Value::is_object) {
+                obj["data"] = json!({});
+            }
+            for (k, v) in strings {
+                let encoded =
+                    base64::engine::general_purpose::STANDARD.encode(v.as_str().unwrap_or(""));
+                obj["data"][k] = json!(encoded);
+            }
+        }
     }
 
     fn validate(&self, obj: &Value) -> Vec<Cause> {
