@@ -1,0 +1,13 @@
+//! Tapestry's aggregator: receives the packet streams of all taps and
+//! delivers, per policy, exactly the traffic each security tool wants.
+//!
+//! Layout follows a source → transforms → sinks topology: `sources` (gRPC
+//! ingest), `transforms` (filter, dedup, slice, mask), `sinks/<name>` (one
+//! module per tool protocol), wired in `topology` by bounded channels.
+
+pub mod bpf;
+pub mod capture;
+pub mod parse;
+pub mod replay;
+pub mod synth;
+pub mod transforms;
