@@ -2,6 +2,10 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
+use tapestry_aggregator::config::{Config, PolicyConfig};
+use tapestry_aggregator::serve::{self, ServeOptions};
+use tapestry_aggregator::sinks::pcap_over_ip::config::PcapOverIpConfig;
+use tapestry_aggregator::sinks::{self, SinkConfig};
 use tapestry_aggregator::replay;
 use tapestry_aggregator::transforms::dedup::DedupConfig;
 use tapestry_aggregator::transforms::mask::MaskConfig;
@@ -19,8 +23,29 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Receive packets from taps and deliver them to tools.
+    Serve(ServeArgs),
     /// Run a policy pipeline over a capture file.
     Replay(ReplayArgs),
+}
+
+#[derive(Args)]
+struct ServeArgs {
+    /// Address for gRPC ingest from taps (and tool subscriptions).
+    #[arg(long, default_value = "0.0.0.0:50051")]
+    grpc: String,
+    /// Address for /metrics, /healthz and HTTP pcap streams.
+    #[arg(long, default_value = "127.0.0.1:9090")]
+    http: String,
+    /// Pipeline configuration (YAML: sinks and policies).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Quick path: serve the filtered traffic over PCAP-over-IP on ADDR
+    /// (`tshark -i TCP@HOST:PORT`).
+    #[arg(long, value_name = "ADDR")]
+    pcap_over_ip: Option<String>,
+    #[command(flatten)]
+    pipeline: PipelineArgs,
 }
 
 /// The transform flags shared by `replay` and `serve`'s quick path.
@@ -88,6 +113,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Replay(a) => run_replay(a),
+        Command::Serve(a) => run_serve(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -113,4 +139,60 @@ fn run_replay(a: ReplayArgs) -> anyhow::Result<()> {
         anyhow::bail!("{}: {t}", a.input.display());
     }
     Ok(())
+}
+
+fn run_serve(a: ServeArgs) -> anyhow::Result<()> {
+    let mut config = match &a.config {
+        Some(p) => Config::load(p)?,
+        None => Config::default(),
+    };
+    let p = a.pipeline.config();
+    match &a.pcap_over_ip {
+        Some(addr) => {
+            config.sinks.push(SinkConfig::PcapOverIp(PcapOverIpConfig {
+                name: "pcap-over-ip".into(),
+                listen: addr.clone(),
+                queue: sinks::default_queue(),
+                client_queue: sinks::default_client_queue(),
+                snaplen: sinks::default_snaplen(),
+            }));
+            config.policies.push(PolicyConfig {
+                name: "command-line".into(),
+                tap_policies: Vec::new(),
+                filter: p.filter,
+                dedup: p.dedup,
+                slice: p.slice,
+                mask: p.mask,
+                sinks: vec!["pcap-over-ip".into()],
+                groups: Vec::new(),
+                queue: 1024,
+            });
+            config.validate().map_err(|e| anyhow::anyhow!("command line: {e}"))?;
+        }
+        None if a.pipeline.filter.is_empty() && p.slice.is_none() && p.dedup.is_none() && p.mask.is_none() => {}
+        None => anyhow::bail!("--filter/--slice/--dedup/--mask-payload need --pcap-over-ip (or use --config)"),
+    }
+    if a.config.is_none() && a.pcap_over_ip.is_none() {
+        anyhow::bail!("nothing to serve: give --config FILE and/or --pcap-over-ip ADDR");
+    }
+    let rt = tokio::runtime::Runtime::new()?;
+    rt.block_on(async move {
+        let running = serve::start(ServeOptions {
+            grpc: a.grpc,
+            http: a.http,
+            config,
+        })
+        .await?;
+        // Machine-readable lines so scripts (and tests) can find the ports.
+        println!("grpc {}", running.grpc);
+        println!("http {}", running.http);
+        for (name, addr) in &running.sinks {
+            println!("sink {name} {addr}");
+        }
+        use std::io::Write;
+        std::io::stdout().flush()?;
+        tracing::info!(grpc = %running.grpc, http = %running.http, "aggregator serving");
+        tokio::signal::ctrl_c().await?;
+        Ok(())
+    })
 }
