@@ -87,7 +87,8 @@ pub struct GroupConfig {
 
 impl Config {
     pub fn load(path: &Path) -> anyhow::Result<Config> {
-        let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
         Config::parse(&text).with_context(|| format!("in {}", path.display()))
     }
 
@@ -97,7 +98,13 @@ impl Config {
         let de = serde_yaml::Deserializer::from_str(text);
         let cfg: Config = serde_path_to_error::deserialize(de).map_err(|e| {
             let path = e.path().to_string();
-            anyhow::anyhow!("{path}: {}", e.into_inner())
+            let msg = e.into_inner().to_string();
+            // The YAML error may already lead with the path.
+            if msg.starts_with(&path) || path == "." {
+                anyhow::anyhow!("{msg}")
+            } else {
+                anyhow::anyhow!("{path}: {msg}")
+            }
         })?;
         cfg.validate()?;
         Ok(cfg)
@@ -116,7 +123,8 @@ impl Config {
             if c.queue == 0 {
                 bail!("sinks[{i}].queue: must be at least 1");
             }
-            s.validate().map_err(|e| anyhow::anyhow!("sinks[{i}].{e}"))?;
+            s.validate()
+                .map_err(|e| anyhow::anyhow!("sinks[{i}].{e}"))?;
         }
         let mut policies = HashSet::new();
         for (i, p) in self.policies.iter().enumerate() {
@@ -170,15 +178,24 @@ mod tests {
 
     #[test]
     fn errors_name_the_field() {
-        let e = Config::parse("policies:\n  - name: a\n    slice: { bytes: -3 }\n    sinks: [x]\n").unwrap_err();
+        let e = Config::parse("policies:\n  - name: a\n    slice: { bytes: -3 }\n    sinks: [x]\n")
+            .unwrap_err();
         assert!(format!("{e:#}").starts_with("policies[0]"), "{e:#}");
-        let e = Config::parse("sinks:\n  - { name: a, type: http }\npolicies:\n  - { name: p, sinks: [b] }\n").unwrap_err();
+        let e = Config::parse(
+            "sinks:\n  - { name: a, type: http }\npolicies:\n  - { name: p, sinks: [b] }\n",
+        )
+        .unwrap_err();
         assert_eq!(format!("{e:#}"), "policies[0].sinks[0]: unknown sink \"b\"");
         let e = Config::parse("sinks:\n  - { name: a, type: http }\npolicies:\n  - { name: p, filter: 'tcp portt 1', sinks: [a] }\n").unwrap_err();
-        assert!(format!("{e:#}").starts_with("policies[0].filter: syntax error"), "{e:#}");
+        assert!(
+            format!("{e:#}")
+                .starts_with("policies[0].filter: can't parse filter expression: syntax error"),
+            "{e:#}"
+        );
         let e = Config::parse("sinks:\n  - { name: a, type: http, bogus: 1 }\n").unwrap_err();
         assert!(format!("{e:#}").contains("bogus"), "{e:#}");
-        let e = Config::parse("sinks:\n  - { name: a, type: pcap_over_ip, listen: 'nope' }\n").unwrap_err();
+        let e = Config::parse("sinks:\n  - { name: a, type: pcap_over_ip, listen: 'nope' }\n")
+            .unwrap_err();
         assert!(format!("{e:#}").starts_with("sinks[0].listen"), "{e:#}");
     }
 

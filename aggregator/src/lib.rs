@@ -7,15 +7,15 @@
 
 pub mod bpf;
 pub mod capture;
-pub mod parse;
-pub mod replay;
-pub mod synth;
-pub mod transforms;
 pub mod config;
 pub mod event;
 pub mod metrics;
+pub mod parse;
+pub mod replay;
 pub mod serve;
 pub mod sinks;
 pub mod sources;
+pub mod synth;
 pub mod synthtap;
 pub mod topology;
+pub mod transforms;

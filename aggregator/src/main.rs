@@ -3,10 +3,10 @@ use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
 use tapestry_aggregator::config::{Config, PolicyConfig};
+use tapestry_aggregator::replay;
 use tapestry_aggregator::serve::{self, ServeOptions};
 use tapestry_aggregator::sinks::pcap_over_ip::config::PcapOverIpConfig;
 use tapestry_aggregator::sinks::{self, SinkConfig};
-use tapestry_aggregator::replay;
 use tapestry_aggregator::transforms::dedup::DedupConfig;
 use tapestry_aggregator::transforms::mask::MaskConfig;
 use tapestry_aggregator::transforms::slice::SliceConfig;
@@ -147,6 +147,13 @@ fn run_serve(a: ServeArgs) -> anyhow::Result<()> {
         None => Config::default(),
     };
     let p = a.pipeline.config();
+    // Reject a bad expression with libpcap's words before anything starts.
+    tapestry_aggregator::bpf::Program::compile(
+        &p.filter,
+        tapestry_aggregator::bpf::LINKTYPE_ETHERNET,
+        262_144,
+    )
+    .map_err(|e| anyhow::anyhow!("--filter: {}", e.message))?;
     match &a.pcap_over_ip {
         Some(addr) => {
             config.sinks.push(SinkConfig::PcapOverIp(PcapOverIpConfig {
@@ -167,10 +174,17 @@ fn run_serve(a: ServeArgs) -> anyhow::Result<()> {
                 groups: Vec::new(),
                 queue: 1024,
             });
-            config.validate().map_err(|e| anyhow::anyhow!("command line: {e}"))?;
+            config
+                .validate()
+                .map_err(|e| anyhow::anyhow!("command line: {e}"))?;
         }
-        None if a.pipeline.filter.is_empty() && p.slice.is_none() && p.dedup.is_none() && p.mask.is_none() => {}
-        None => anyhow::bail!("--filter/--slice/--dedup/--mask-payload need --pcap-over-ip (or use --config)"),
+        None if a.pipeline.filter.is_empty()
+            && p.slice.is_none()
+            && p.dedup.is_none()
+            && p.mask.is_none() => {}
+        None => anyhow::bail!(
+            "--filter/--slice/--dedup/--mask-payload need --pcap-over-ip (or use --config)"
+        ),
     }
     if a.config.is_none() && a.pcap_over_ip.is_none() {
         anyhow::bail!("nothing to serve: give --config FILE and/or --pcap-over-ip ADDR");

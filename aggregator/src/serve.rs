@@ -62,7 +62,12 @@ pub async fn start(opts: ServeOptions) -> anyhow::Result<Running> {
     let running = Running {
         grpc: grpc_l.local_addr()?,
         http: http_l.local_addr()?,
-        sinks: topo.cx.listening.lock().unwrap_or_else(|e| e.into_inner()).clone(),
+        sinks: topo
+            .cx
+            .listening
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone(),
     };
 
     let ingest = TapIngestServer::new(IngestService {
@@ -105,12 +110,19 @@ pub async fn start(opts: ServeOptions) -> anyhow::Result<Running> {
 }
 
 async fn metrics(State(s): State<HttpState>) -> impl IntoResponse {
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], s.registry.render())
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        s.registry.render(),
+    )
 }
 
 async fn stream_pcap(State(s): State<HttpState>, Path(name): Path<String>) -> Response {
     let Some(stream) = s.streams.get(&name).map(|e| e.clone()) else {
-        return (StatusCode::NOT_FOUND, format!("no http sink named {name:?}\n")).into_response();
+        return (
+            StatusCode::NOT_FOUND,
+            format!("no http sink named {name:?}\n"),
+        )
+            .into_response();
     };
     let sub = stream.hub.subscribe();
     let head = bytes::Bytes::copy_from_slice(&crate::capture::pcap_stream_header(stream.snaplen));

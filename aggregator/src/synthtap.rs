@@ -48,8 +48,14 @@ pub fn hello(spec: &TapSpec) -> Hello {
 }
 
 /// Sends `frames` (each with its policy mask) and waits for the summary.
-pub async fn run(endpoint: String, spec: TapSpec, frames: Vec<(Frame, u64)>) -> anyhow::Result<IngestSummary> {
-    let mut client = TapIngestClient::connect(endpoint).await?.max_encoding_message_size(64 << 20);
+pub async fn run(
+    endpoint: String,
+    spec: TapSpec,
+    frames: Vec<(Frame, u64)>,
+) -> anyhow::Result<IngestSummary> {
+    let mut client = TapIngestClient::connect(endpoint)
+        .await?
+        .max_encoding_message_size(64 << 20);
     let (tx, rx) = tokio::sync::mpsc::channel::<PacketBatch>(4);
     let hello = hello(&spec);
     let sources = spec.pods.len().max(1) as u32;
@@ -86,7 +92,9 @@ pub async fn run(endpoint: String, spec: TapSpec, frames: Vec<(Frame, u64)>) -> 
             }
         }
     });
-    let resp = client.stream(tokio_stream::wrappers::ReceiverStream::new(rx)).await?;
+    let resp = client
+        .stream(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await?;
     producer.await?;
     Ok(resp.into_inner())
 }

@@ -98,8 +98,18 @@ struct PolicyWorker {
 }
 
 impl PolicyWorker {
-    fn new(p: &PolicyConfig, bit: u64, sinks: &HashMap<String, SinkHandle>, stats: Arc<PolicyStats>) -> anyhow::Result<Self> {
-        let get = |n: &String| sinks.get(n).cloned().ok_or_else(|| anyhow::anyhow!("unknown sink {n:?}"));
+    fn new(
+        p: &PolicyConfig,
+        bit: u64,
+        sinks: &HashMap<String, SinkHandle>,
+        stats: Arc<PolicyStats>,
+    ) -> anyhow::Result<Self> {
+        let get = |n: &String| {
+            sinks
+                .get(n)
+                .cloned()
+                .ok_or_else(|| anyhow::anyhow!("unknown sink {n:?}"))
+        };
         Ok(PolicyWorker {
             name: p.name.as_str().into(),
             bit,
@@ -121,7 +131,11 @@ impl PolicyWorker {
         let mut dups_seen = 0;
         while let Some(batch) = rx.blocking_recv() {
             let mut all = Vec::with_capacity(batch.len());
-            let mut members: Vec<Vec<Vec<Packet>>> = self.groups.iter().map(|g| vec![Vec::new(); g.len()]).collect();
+            let mut members: Vec<Vec<Vec<Packet>>> = self
+                .groups
+                .iter()
+                .map(|g| vec![Vec::new(); g.len()])
+                .collect();
             let mut received = 0;
             let mut matched = 0;
             let mut bytes = 0;

@@ -50,7 +50,12 @@ const EXPRESSIONS: &[&str] = &[
 fn mix(dir: &Path, snaplen: u32) -> std::path::PathBuf {
     let path = dir.join(format!("mix-{snaplen}.pcap"));
     let f = std::fs::File::create(&path).unwrap();
-    tapestry_aggregator::synth::write_pcap(std::io::BufWriter::new(f), tapestry_aggregator::synth::frames(7, 20_000), snaplen).unwrap();
+    tapestry_aggregator::synth::write_pcap(
+        std::io::BufWriter::new(f),
+        tapestry_aggregator::synth::frames(7, 20_000),
+        snaplen,
+    )
+    .unwrap();
     path
 }
 
@@ -65,7 +70,11 @@ fn check(input: &Path, dir: &Path, expr: &str) {
         .arg(expr)
         .output()
         .unwrap();
-    assert!(st.status.success(), "tcpdump {expr:?}: {}", String::from_utf8_lossy(&st.stderr));
+    assert!(
+        st.status.success(),
+        "tcpdump {expr:?}: {}",
+        String::from_utf8_lossy(&st.stderr)
+    );
     let st = Command::new(env!("CARGO_BIN_EXE_aggregator"))
         .args(["replay", "--filter", expr, "--input"])
         .arg(input)
@@ -73,10 +82,17 @@ fn check(input: &Path, dir: &Path, expr: &str) {
         .arg(&ours)
         .output()
         .unwrap();
-    assert!(st.status.success(), "aggregator {expr:?}: {}", String::from_utf8_lossy(&st.stderr));
+    assert!(
+        st.status.success(),
+        "aggregator {expr:?}: {}",
+        String::from_utf8_lossy(&st.stderr)
+    );
     let want = read_packets(&expected);
     let got = read_packets(&ours);
-    assert!(!want.is_empty() || expr == "icmp", "expression {expr:?} selects nothing; the mix should exercise it");
+    assert!(
+        !want.is_empty() || expr == "icmp",
+        "expression {expr:?} selects nothing; the mix should exercise it"
+    );
     assert_eq!(got.len(), want.len(), "packet count for {expr:?}");
     for (i, (g, w)) in got.iter().zip(&want).enumerate() {
         assert_eq!(g, w, "packet {i} for {expr:?}");
@@ -112,7 +128,12 @@ fn pcapng_input_is_accepted() {
     let dir = tempfile::tempdir().unwrap();
     let input = mix(dir.path(), 65535);
     let ng = dir.path().join("mix.pcapng");
-    let st = Command::new("editcap").args(["-F", "pcapng"]).arg(&input).arg(&ng).status().unwrap();
+    let st = Command::new("editcap")
+        .args(["-F", "pcapng"])
+        .arg(&input)
+        .arg(&ng)
+        .status()
+        .unwrap();
     assert!(st.success());
     let out = dir.path().join("out.pcapng");
     let st = Command::new(env!("CARGO_BIN_EXE_aggregator"))
@@ -124,7 +145,14 @@ fn pcapng_input_is_accepted() {
         .unwrap();
     assert!(st.success());
     let expected = dir.path().join("expected.pcap");
-    let st = Command::new("tcpdump").arg("-r").arg(&input).arg("-w").arg(&expected).arg("tcp port 80").output().unwrap();
+    let st = Command::new("tcpdump")
+        .arg("-r")
+        .arg(&input)
+        .arg("-w")
+        .arg(&expected)
+        .arg("tcp port 80")
+        .output()
+        .unwrap();
     assert!(st.status.success());
     assert_eq!(read_packets(&out), read_packets(&expected));
 }
@@ -144,7 +172,10 @@ fn invalid_filter_reports_libpcap_message_and_fails() {
     assert!(!o.status.success());
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(err.contains("syntax error"), "{err}");
-    assert!(!out.exists(), "nothing may be written for an invalid filter");
+    assert!(
+        !out.exists(),
+        "nothing may be written for an invalid filter"
+    );
 }
 
 #[test]
@@ -153,7 +184,12 @@ fn slicing_matches_editcap() {
     let dir = tempfile::tempdir().unwrap();
     let input = mix(dir.path(), 65535);
     let expected = dir.path().join("expected.pcap");
-    let st = Command::new("editcap").args(["-s", "96"]).arg(&input).arg(&expected).status().unwrap();
+    let st = Command::new("editcap")
+        .args(["-s", "96"])
+        .arg(&input)
+        .arg(&expected)
+        .status()
+        .unwrap();
     assert!(st.success());
     let out = dir.path().join("out.pcapng");
     let st = Command::new(env!("CARGO_BIN_EXE_aggregator"))
@@ -181,10 +217,24 @@ fn output_opens_in_tshark() {
         .status()
         .unwrap();
     assert!(st.success());
-    let o = Command::new("tshark").arg("-r").arg(&out).args(["-T", "fields", "-e", "udp.port"]).output().unwrap();
+    let o = Command::new("tshark")
+        .arg("-r")
+        .arg(&out)
+        .args(["-T", "fields", "-e", "udp.port"])
+        .output()
+        .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let lines: Vec<_> = String::from_utf8_lossy(&o.stdout).lines().map(str::to_string).collect();
+    let lines: Vec<_> = String::from_utf8_lossy(&o.stdout)
+        .lines()
+        .map(str::to_string)
+        .collect();
     assert_eq!(lines.len(), read_packets(&out).len());
     // Non-first fragments carry no UDP header; every other line names 53.
-    assert!(lines.iter().filter(|l| !l.is_empty()).all(|l| l.split(',').any(|p| p == "53")), "{lines:?}");
+    assert!(
+        lines
+            .iter()
+            .filter(|l| !l.is_empty())
+            .all(|l| l.split(',').any(|p| p == "53")),
+        "{lines:?}"
+    );
 }

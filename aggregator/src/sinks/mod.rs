@@ -55,11 +55,26 @@ pub struct Common<'a> {
 impl SinkConfig {
     pub fn common(&self) -> Common<'_> {
         match self {
-            SinkConfig::PcapOverIp(c) => Common { name: &c.name, queue: c.queue },
-            SinkConfig::Http(c) => Common { name: &c.name, queue: c.queue },
-            SinkConfig::PcapngFile(c) => Common { name: &c.name, queue: c.queue },
-            SinkConfig::Grpc(c) => Common { name: &c.name, queue: c.queue },
-            SinkConfig::Vxlan(c) => Common { name: &c.name, queue: c.queue },
+            SinkConfig::PcapOverIp(c) => Common {
+                name: &c.name,
+                queue: c.queue,
+            },
+            SinkConfig::Http(c) => Common {
+                name: &c.name,
+                queue: c.queue,
+            },
+            SinkConfig::PcapngFile(c) => Common {
+                name: &c.name,
+                queue: c.queue,
+            },
+            SinkConfig::Grpc(c) => Common {
+                name: &c.name,
+                queue: c.queue,
+            },
+            SinkConfig::Vxlan(c) => Common {
+                name: &c.name,
+                queue: c.queue,
+            },
         }
     }
 
@@ -92,7 +107,11 @@ impl SinkConfig {
             .sinks
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .push((c.name.to_string(), self.type_name().to_string(), stats.clone()));
+            .push((
+                c.name.to_string(),
+                self.type_name().to_string(),
+                stats.clone(),
+            ));
         let (tx, rx) = mpsc::channel(c.queue);
         match self {
             SinkConfig::PcapOverIp(cfg) => cfg.build(cx, rx, stats.clone()).await?,

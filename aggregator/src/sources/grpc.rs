@@ -30,7 +30,11 @@ struct StreamState {
 
 impl StreamState {
     fn from_hello(h: &Hello, policies: &[PolicyInput]) -> Self {
-        let tap_id = if h.tap_id.is_empty() { h.node.clone() } else { h.tap_id.clone() };
+        let tap_id = if h.tap_id.is_empty() {
+            h.node.clone()
+        } else {
+            h.tap_id.clone()
+        };
         let sources = h
             .sources
             .iter()
@@ -61,7 +65,10 @@ impl StreamState {
                     .fold(0, |m, p| m | p.bit)
             })
             .collect();
-        let catch_all = policies.iter().filter(|p| p.tap_policies.is_empty()).fold(0, |m, p| m | p.bit);
+        let catch_all = policies
+            .iter()
+            .filter(|p| p.tap_policies.is_empty())
+            .fold(0, |m, p| m | p.bit);
         StreamState {
             tap_id,
             sources,
@@ -100,7 +107,10 @@ impl StreamState {
 
 #[tonic::async_trait]
 impl TapIngest for IngestService {
-    async fn stream(&self, req: Request<Streaming<PacketBatch>>) -> Result<Response<IngestSummary>, Status> {
+    async fn stream(
+        &self,
+        req: Request<Streaming<PacketBatch>>,
+    ) -> Result<Response<IngestSummary>, Status> {
         let mut stream = req.into_inner();
         let mut state: Option<StreamState> = None;
         let mut summary = IngestSummary::default();
@@ -117,7 +127,9 @@ impl TapIngest for IngestService {
                 state = Some(st);
             }
             let (Some(st), Some(t)) = (state.as_mut(), tap.as_ref()) else {
-                return Err(Status::failed_precondition("hello: the first batch of a stream must carry a Hello"));
+                return Err(Status::failed_precondition(
+                    "hello: the first batch of a stream must carry a Hello",
+                ));
             };
             t.batches.add(1);
             t.tap_dropped.add(msg.dropped_since_last);

@@ -4,13 +4,50 @@ use serde::{Deserialize, Serialize};
 
 use crate::parse::Layers;
 
+/// Written as `{ bytes: N }` or `{ payload: N }`.
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
-#[serde(rename_all = "snake_case", deny_unknown_fields)]
+#[serde(try_from = "SliceSpec", into = "SliceSpec")]
 pub enum SliceConfig {
     /// Keep the first N bytes of the frame (like a snap length).
     Bytes(usize),
     /// Keep all recognised headers (L2–L4) plus N bytes of payload.
     Payload(usize),
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SliceSpec {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    bytes: Option<usize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    payload: Option<usize>,
+}
+
+impl TryFrom<SliceSpec> for SliceConfig {
+    type Error = String;
+    fn try_from(s: SliceSpec) -> Result<Self, String> {
+        match (s.bytes, s.payload) {
+            (Some(0), None) => Err("bytes: must be at least 1".into()),
+            (Some(n), None) => Ok(SliceConfig::Bytes(n)),
+            (None, Some(n)) => Ok(SliceConfig::Payload(n)),
+            _ => Err("exactly one of `bytes` or `payload` is required".into()),
+        }
+    }
+}
+
+impl From<SliceConfig> for SliceSpec {
+    fn from(c: SliceConfig) -> Self {
+        match c {
+            SliceConfig::Bytes(n) => SliceSpec {
+                bytes: Some(n),
+                payload: None,
+            },
+            SliceConfig::Payload(n) => SliceSpec {
+                bytes: None,
+                payload: Some(n),
+            },
+        }
+    }
 }
 
 impl SliceConfig {

@@ -24,7 +24,12 @@ impl GrpcConfig {
         Ok(())
     }
 
-    pub fn build(&self, cx: &SinkContext, mut rx: mpsc::Receiver<Batch>, stats: Arc<SinkStats>) -> anyhow::Result<()> {
+    pub fn build(
+        &self,
+        cx: &SinkContext,
+        mut rx: mpsc::Receiver<Batch>,
+        stats: Arc<SinkStats>,
+    ) -> anyhow::Result<()> {
         let hub = Arc::new(Hub::new(stats.clone(), self.client_queue));
         cx.grpc_hubs.insert(self.name.clone(), hub.clone());
         tokio::spawn(async move {
@@ -46,7 +51,9 @@ impl GrpcConfig {
                 });
                 if hub.broadcast(&msg, batch.len() as u64) > 0 {
                     stats.packets.add(batch.len() as u64);
-                    stats.bytes.add(batch.iter().map(|p| p.data.len() as u64).sum());
+                    stats
+                        .bytes
+                        .add(batch.iter().map(|p| p.data.len() as u64).sum());
                     stats.record_latency(now_ns(), batch.iter().map(|p| p.ts_ns));
                 }
             }

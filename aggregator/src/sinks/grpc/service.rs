@@ -20,7 +20,10 @@ pub struct SubscribeService {
 impl ToolSubscribe for SubscribeService {
     type SubscribeStream = Pin<Box<dyn Stream<Item = Result<ToolBatch, Status>> + Send + 'static>>;
 
-    async fn subscribe(&self, req: Request<SubscribeRequest>) -> Result<Response<Self::SubscribeStream>, Status> {
+    async fn subscribe(
+        &self,
+        req: Request<SubscribeRequest>,
+    ) -> Result<Response<Self::SubscribeStream>, Status> {
         let name = req.into_inner().sink;
         let hub = self
             .hubs

@@ -28,7 +28,12 @@ impl HttpConfig {
         Ok(())
     }
 
-    pub fn build(&self, cx: &SinkContext, rx: mpsc::Receiver<Batch>, stats: Arc<SinkStats>) -> anyhow::Result<()> {
+    pub fn build(
+        &self,
+        cx: &SinkContext,
+        rx: mpsc::Receiver<Batch>,
+        stats: Arc<SinkStats>,
+    ) -> anyhow::Result<()> {
         let hub = Arc::new(Hub::new(stats.clone(), self.client_queue));
         cx.http_hubs.insert(
             self.name.clone(),

@@ -5,7 +5,9 @@ use tokio::sync::mpsc;
 
 use crate::event::Batch;
 use crate::metrics::SinkStats;
-use crate::sinks::{check_addr, default_client_queue, default_queue, default_snaplen, Hub, SinkContext};
+use crate::sinks::{
+    check_addr, default_client_queue, default_queue, default_snaplen, Hub, SinkContext,
+};
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
@@ -27,14 +29,29 @@ impl PcapOverIpConfig {
         check_addr("listen", &self.listen)
     }
 
-    pub async fn build(&self, cx: &SinkContext, rx: mpsc::Receiver<Batch>, stats: Arc<SinkStats>) -> anyhow::Result<()> {
+    pub async fn build(
+        &self,
+        cx: &SinkContext,
+        rx: mpsc::Receiver<Batch>,
+        stats: Arc<SinkStats>,
+    ) -> anyhow::Result<()> {
         let listener = tokio::net::TcpListener::bind(&self.listen)
             .await
-            .map_err(|e| anyhow::anyhow!("sink {:?}: listening on {}: {e}", self.name, self.listen))?;
+            .map_err(|e| {
+                anyhow::anyhow!("sink {:?}: listening on {}: {e}", self.name, self.listen)
+            })?;
         let addr = listener.local_addr()?;
-        cx.listening.lock().unwrap_or_else(|e| e.into_inner()).push((self.name.clone(), addr));
+        cx.listening
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push((self.name.clone(), addr));
         let hub = Arc::new(Hub::new(stats.clone(), self.client_queue));
-        tokio::spawn(super::sink::accept(listener, hub.clone(), self.snaplen, self.name.clone()));
+        tokio::spawn(super::sink::accept(
+            listener,
+            hub.clone(),
+            self.snaplen,
+            self.name.clone(),
+        ));
         tokio::spawn(super::sink::run(rx, hub, stats));
         Ok(())
     }

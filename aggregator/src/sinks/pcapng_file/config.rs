@@ -47,8 +47,13 @@ impl PcapngFileConfig {
     }
 
     pub fn build(&self, rx: mpsc::Receiver<Batch>, stats: Arc<SinkStats>) -> anyhow::Result<()> {
-        std::fs::create_dir_all(&self.directory)
-            .map_err(|e| anyhow::anyhow!("sink {:?}: directory {}: {e}", self.name, self.directory.display()))?;
+        std::fs::create_dir_all(&self.directory).map_err(|e| {
+            anyhow::anyhow!(
+                "sink {:?}: directory {}: {e}",
+                self.name,
+                self.directory.display()
+            )
+        })?;
         let cfg = self.clone();
         let rt = tokio::runtime::Handle::current();
         // Disk writes block; they get a thread of their own so they never

@@ -32,7 +32,10 @@ impl Writer {
     fn open(&mut self) -> std::io::Result<&mut Current> {
         if self.current.is_none() {
             let secs = now_ns() / 1_000_000_000;
-            let path = self.cfg.directory.join(format!("{}-{secs}-{:06}.pcapng", self.cfg.prefix, self.seq));
+            let path = self
+                .cfg
+                .directory
+                .join(format!("{}-{secs}-{:06}.pcapng", self.cfg.prefix, self.seq));
             self.seq += 1;
             let out = PcapNgOut::new(BufWriter::with_capacity(256 << 10, File::create(&path)?))?;
             tracing::debug!(path = %path.display(), "opened capture file");
@@ -55,9 +58,15 @@ impl Writer {
             self.done.push_back(c.path);
             if self.cfg.max_files > 0 {
                 // While running, the next file counts towards the limit.
-                let keep = if last { self.cfg.max_files } else { self.cfg.max_files - 1 };
+                let keep = if last {
+                    self.cfg.max_files
+                } else {
+                    self.cfg.max_files - 1
+                };
                 while self.done.len() > keep {
-                    let Some(old) = self.done.pop_front() else { break };
+                    let Some(old) = self.done.pop_front() else {
+                        break;
+                    };
                     if let Err(e) = std::fs::remove_file(&old) {
                         tracing::warn!(path = %old.display(), "retention: {e}");
                     }
@@ -69,7 +78,8 @@ impl Writer {
     fn due(&self) -> bool {
         let Some(c) = &self.current else { return false };
         (self.cfg.rotate_bytes > 0 && c.out.bytes_written() >= self.cfg.rotate_bytes)
-            || (self.cfg.rotate_seconds > 0 && c.opened.elapsed() >= Duration::from_secs(self.cfg.rotate_seconds))
+            || (self.cfg.rotate_seconds > 0
+                && c.opened.elapsed() >= Duration::from_secs(self.cfg.rotate_seconds))
     }
 
     fn write(&mut self, p: &Packet) -> std::io::Result<usize> {
@@ -82,17 +92,33 @@ impl Writer {
             Some(&id) => id,
             None => {
                 let descr = format!("tap {} interface {}", p.iface.tap_id, p.iface.interface);
-                let id = c.out.add_interface(crate::bpf::LINKTYPE_ETHERNET, snaplen, Some(&p.iface.name), Some(&descr))?;
+                let id = c.out.add_interface(
+                    crate::bpf::LINKTYPE_ETHERNET,
+                    snaplen,
+                    Some(&p.iface.name),
+                    Some(&descr),
+                )?;
                 c.ifaces.insert(p.iface.clone(), id);
                 id
             }
         };
-        c.out.write_packet(id, p.ts_ns, p.wire_len, &p.data, p.iface.epb_flags(p.direction))?;
+        c.out.write_packet(
+            id,
+            p.ts_ns,
+            p.wire_len,
+            &p.data,
+            p.iface.epb_flags(p.direction),
+        )?;
         Ok(p.data.len())
     }
 }
 
-pub fn run(cfg: PcapngFileConfig, mut rx: mpsc::Receiver<Batch>, stats: Arc<SinkStats>, rt: tokio::runtime::Handle) {
+pub fn run(
+    cfg: PcapngFileConfig,
+    mut rx: mpsc::Receiver<Batch>,
+    stats: Arc<SinkStats>,
+    rt: tokio::runtime::Handle,
+) {
     let mut w = Writer {
         cfg,
         current: None,
@@ -102,7 +128,8 @@ pub fn run(cfg: PcapngFileConfig, mut rx: mpsc::Receiver<Batch>, stats: Arc<Sink
     };
     loop {
         // Wake at least once a second to flush and to rotate idle files.
-        let next = rt.block_on(async { tokio::time::timeout(Duration::from_secs(1), rx.recv()).await });
+        let next =
+            rt.block_on(async { tokio::time::timeout(Duration::from_secs(1), rx.recv()).await });
         match next {
             Ok(Some(batch)) => {
                 let mut bytes = 0;

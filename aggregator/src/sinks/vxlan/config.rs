@@ -33,9 +33,17 @@ impl VxlanConfig {
         Ok(())
     }
 
-    pub async fn build(&self, rx: mpsc::Receiver<Batch>, stats: Arc<SinkStats>) -> anyhow::Result<()> {
+    pub async fn build(
+        &self,
+        rx: mpsc::Receiver<Batch>,
+        stats: Arc<SinkStats>,
+    ) -> anyhow::Result<()> {
         let remote: std::net::SocketAddr = self.remote.parse()?;
-        let bind = if remote.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" };
+        let bind = if remote.is_ipv4() {
+            "0.0.0.0:0"
+        } else {
+            "[::]:0"
+        };
         let sock = tokio::net::UdpSocket::bind(bind).await?;
         sock.connect(remote).await?;
         tokio::spawn(super::sink::run(rx, sock, self.vni, stats));
