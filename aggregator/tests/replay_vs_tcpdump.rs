@@ -238,3 +238,119 @@ fn output_opens_in_tshark() {
         "{lines:?}"
     );
 }
+
+/// A copy of `f` as seen one routed hop later: other MACs, TTL - 1 (so a
+/// new IPv4 checksum), and a TCP checksum filled in by offload.
+fn hop_copy(f: &tapestry_aggregator::synth::Frame) -> tapestry_aggregator::synth::Frame {
+    let mut d = f.data.clone();
+    d[..12].copy_from_slice(&[0x02, 9, 9, 9, 9, 9, 0x02, 8, 8, 8, 8, 8]);
+    d[22] -= 1;
+    d[24] = 0;
+    d[25] = 0;
+    let c = tapestry_aggregator::synth::ipv4_checksum(&d[14..34]);
+    d[24..26].copy_from_slice(&c.to_be_bytes());
+    d[50] ^= 0x5a;
+    tapestry_aggregator::synth::Frame {
+        ts_ns: f.ts_ns + 400_000,
+        data: d,
+    }
+}
+
+/// Untagged IPv4 TCP frames of the mix (random sequence numbers make each
+/// one unique).
+fn tcp4_frames(n: usize) -> Vec<tapestry_aggregator::synth::Frame> {
+    let prog =
+        tapestry_aggregator::bpf::Program::compile("ip and tcp and ip[6:2] & 0x1fff = 0", 1, 65535)
+            .unwrap();
+    tapestry_aggregator::synth::frames(21, n)
+        .into_iter()
+        .filter(|f| prog.matches(&f.data, f.data.len() as u32))
+        .collect()
+}
+
+fn write_frames(path: &Path, frames: &[tapestry_aggregator::synth::Frame]) {
+    let f = std::fs::File::create(path).unwrap();
+    tapestry_aggregator::synth::write_pcap(
+        std::io::BufWriter::new(f),
+        frames.iter().cloned(),
+        65535,
+    )
+    .unwrap();
+}
+
+#[test]
+fn dedup_removes_exactly_the_second_copies() {
+    let dir = tempfile::tempdir().unwrap();
+    let originals = tcp4_frames(6_000);
+    let mut input = Vec::new();
+    for (i, f) in originals.iter().enumerate() {
+        input.push(f.clone());
+        // Every third packet was seen at both ends of its path.
+        if i % 3 == 0 {
+            input.push(hop_copy(f));
+        }
+    }
+    let inp = dir.path().join("dups.pcap");
+    write_frames(&inp, &input);
+    let out = dir.path().join("out.pcapng");
+    let o = Command::new(env!("CARGO_BIN_EXE_aggregator"))
+        .args(["replay", "--dedup", "-i"])
+        .arg(&inp)
+        .arg("-o")
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let got = read_packets(&out);
+    let want: Vec<_> = originals
+        .iter()
+        .map(|f| (f.ts_ns, f.data.len() as u32, f.data.clone()))
+        .collect();
+    assert_eq!(got.len(), want.len());
+    assert_eq!(got, want);
+    // Outside the window the copy is a new packet.
+    let o = Command::new(env!("CARGO_BIN_EXE_aggregator"))
+        .args(["replay", "--dedup", "--dedup-window-us", "100", "-i"])
+        .arg(&inp)
+        .arg("-o")
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(o.status.success());
+    assert_eq!(read_packets(&out).len(), input.len());
+}
+
+#[test]
+fn slice_and_mask_produce_expected_bytes() {
+    let dir = tempfile::tempdir().unwrap();
+    let frames = tcp4_frames(3_000);
+    let inp = dir.path().join("tcp.pcap");
+    write_frames(&inp, &frames);
+    let out = dir.path().join("out.pcapng");
+    let o = Command::new(env!("CARGO_BIN_EXE_aggregator"))
+        .args([
+            "replay",
+            "--slice-payload",
+            "10",
+            "--mask-payload",
+            "4",
+            "-i",
+        ])
+        .arg(&inp)
+        .arg("-o")
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let got = read_packets(&out);
+    assert_eq!(got.len(), frames.len());
+    for (f, (ts, wire, data)) in frames.iter().zip(got) {
+        // Ethernet 14 + IPv4 20 + TCP 20 = 54 bytes of headers.
+        let keep = f.data.len().min(54 + 10);
+        let mut want = f.data[..keep].to_vec();
+        if keep > 58 {
+            want[58..].fill(0);
+        }
+        assert_eq!((ts, wire, data), (f.ts_ns, f.data.len() as u32, want));
+    }
+}
