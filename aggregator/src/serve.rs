@@ -32,8 +32,9 @@ pub struct ServeOptions {
 }
 
 /// Where a running aggregator listens.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Running {
+    pub registry: Arc<Registry>,
     pub grpc: SocketAddr,
     pub http: SocketAddr,
     pub sinks: Vec<(String, SocketAddr)>,
@@ -60,6 +61,7 @@ pub async fn start(opts: ServeOptions) -> anyhow::Result<Running> {
         .await
         .map_err(|e| anyhow::anyhow!("--http {}: {e}", opts.http))?;
     let running = Running {
+        registry: registry.clone(),
         grpc: grpc_l.local_addr()?,
         http: http_l.local_addr()?,
         sinks: topo
