@@ -56,6 +56,21 @@ enum Insn {
     RetX,
     Tax,
     Txa,
+    /// A load immediately followed by a conditional jump against a
+    /// constant, fused so the pair costs one dispatch. (The jump also stays
+    /// in place on its own for anything that jumps to it directly.)
+    LdJmp(Load, u32, JmpOp, u32, u32, u32),
+}
+
+/// The packet load of a fused load-and-jump.
+#[derive(Debug, Clone, Copy)]
+enum Load {
+    AbsB,
+    AbsH,
+    AbsW,
+    IndB,
+    IndH,
+    IndW,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -245,6 +260,21 @@ impl Program {
         if !matches!(insns[n - 1], Insn::RetK(_) | Insn::RetA | Insn::RetX) {
             return Err(ProgramError::NoReturn);
         }
+        // Peephole: fuse `ld [k]; jxx #v` pairs.
+        for i in 0..n.saturating_sub(1) {
+            let load = match insns[i] {
+                Insn::LdAbsB(k) => (Load::AbsB, k),
+                Insn::LdAbsH(k) => (Load::AbsH, k),
+                Insn::LdAbsW(k) => (Load::AbsW, k),
+                Insn::LdIndB(k) => (Load::IndB, k),
+                Insn::LdIndH(k) => (Load::IndH, k),
+                Insn::LdIndW(k) => (Load::IndW, k),
+                _ => continue,
+            };
+            if let Insn::Jmp(op, Operand::K(v), jt, jf) = insns[i + 1] {
+                insns[i] = Insn::LdJmp(load.0, load.1, op, v, jt as u32, jf as u32);
+            }
+        }
         let accept_all = matches!(insns[0], Insn::RetK(k) if k != 0);
         Ok(Program {
             insns: insns.into_boxed_slice(),
@@ -278,6 +308,27 @@ impl Program {
             let insn = insns[pc];
             pc += 1;
             match insn {
+                Insn::LdJmp(load, k, op, v, jt, jf) => {
+                    let loaded = match load {
+                        Load::AbsB => pkt.get(k as usize).map(|&b| b as u32),
+                        Load::AbsH => load_h(pkt, k as usize),
+                        Load::AbsW => load_w(pkt, k as usize),
+                        Load::IndB => pkt.get(ind(x, k)).map(|&b| b as u32),
+                        Load::IndH => load_h(pkt, ind(x, k)),
+                        Load::IndW => load_w(pkt, ind(x, k)),
+                    };
+                    let Some(val) = loaded else {
+                        return 0;
+                    };
+                    a = val;
+                    let taken = match op {
+                        JmpOp::Eq => a == v,
+                        JmpOp::Gt => a > v,
+                        JmpOp::Ge => a >= v,
+                        JmpOp::Set => a & v != 0,
+                    };
+                    pc = if taken { jt as usize } else { jf as usize };
+                }
                 Insn::LdAbsB(k) => match pkt.get(k as usize) {
                     Some(&b) => a = b as u32,
                     None => return 0,

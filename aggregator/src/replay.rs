@@ -47,22 +47,42 @@ pub fn replay(cfg: &PipelineConfig, input: &Path, output: &Path) -> anyhow::Resu
     let mut stats = ReplayStats::default();
     let mut error: Option<anyhow::Error> = None;
     let mut scratch = Vec::new();
+    // Per-packet lookups go through interface index, not a hash map.
+    let mut slots: Vec<u32> = Vec::new();
+    let mut by_slot: Vec<Pipeline> = Vec::new();
+    let mut slot_of_linktype: HashMap<u32, u32> = HashMap::new();
     let summary = file.for_each(|ifaces, p| {
         stats.read += 1;
         let i = p.iface as usize;
         let Some(iface) = ifaces.get(i) else {
             return true;
         };
-        let pipeline = match pipelines.get_mut(&iface.linktype) {
-            Some(pl) => pl,
-            None => match cfg.build(iface.linktype, false) {
-                Ok(pl) => pipelines.entry(iface.linktype).or_insert(pl),
-                Err(e) => {
-                    error = Some(e.into());
-                    return false;
+        if slots.len() <= i {
+            slots.resize(i + 1, u32::MAX);
+        }
+        if slots[i] == u32::MAX {
+            let slot = match slot_of_linktype.get(&iface.linktype) {
+                Some(&s) => s,
+                None => {
+                    let pl = match pipelines.remove(&iface.linktype) {
+                        Some(pl) => pl,
+                        None => match cfg.build(iface.linktype, false) {
+                            Ok(pl) => pl,
+                            Err(e) => {
+                                error = Some(e.into());
+                                return false;
+                            }
+                        },
+                    };
+                    by_slot.push(pl);
+                    let s = by_slot.len() as u32 - 1;
+                    slot_of_linktype.insert(iface.linktype, s);
+                    s
                 }
-            },
-        };
+            };
+            slots[i] = slot;
+        }
+        let pipeline = &mut by_slot[slots[i] as usize];
         let Some(v) = pipeline.process(p.data, p.wire_len, p.ts_ns) else {
             return true;
         };

@@ -116,7 +116,7 @@ impl SinkConfig {
         match self {
             SinkConfig::PcapOverIp(cfg) => cfg.build(cx, rx, stats.clone()).await?,
             SinkConfig::Http(cfg) => cfg.build(cx, rx, stats.clone())?,
-            SinkConfig::PcapngFile(cfg) => cfg.build(rx, stats.clone())?,
+            SinkConfig::PcapngFile(cfg) => cfg.build(rx, tx.clone(), stats.clone())?,
             SinkConfig::Grpc(cfg) => cfg.build(cx, rx, stats.clone())?,
             SinkConfig::Vxlan(cfg) => cfg.build(rx, stats.clone()).await?,
         }

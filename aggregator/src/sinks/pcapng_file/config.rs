@@ -46,7 +46,12 @@ impl PcapngFileConfig {
         Ok(())
     }
 
-    pub fn build(&self, rx: mpsc::Receiver<Batch>, stats: Arc<SinkStats>) -> anyhow::Result<()> {
+    pub fn build(
+        &self,
+        rx: mpsc::Receiver<Batch>,
+        tx: mpsc::Sender<Batch>,
+        stats: Arc<SinkStats>,
+    ) -> anyhow::Result<()> {
         std::fs::create_dir_all(&self.directory).map_err(|e| {
             anyhow::anyhow!(
                 "sink {:?}: directory {}: {e}",
@@ -55,12 +60,24 @@ impl PcapngFileConfig {
             )
         })?;
         let cfg = self.clone();
-        let rt = tokio::runtime::Handle::current();
+        // An empty batch once a second is the writer's clock (flush, age
+        // rotation) without a timer inside its thread. It holds only a weak
+        // sender so the sink still ends when the topology goes away.
+        let tick = tx.downgrade();
+        drop(tx);
+        tokio::spawn(async move {
+            let mut every = tokio::time::interval(std::time::Duration::from_secs(1));
+            loop {
+                every.tick().await;
+                let Some(tx) = tick.upgrade() else { break };
+                let _ = tx.try_send(Arc::new(Vec::new()));
+            }
+        });
         // Disk writes block; they get a thread of their own so they never
         // hold up the async workers that serve ingest and other sinks.
         std::thread::Builder::new()
             .name(format!("sink-{}", self.name))
-            .spawn(move || super::sink::run(cfg, rx, stats, rt))?;
+            .spawn(move || super::sink::run(cfg, rx, stats))?;
         Ok(())
     }
 }

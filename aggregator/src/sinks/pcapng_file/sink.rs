@@ -113,12 +113,7 @@ impl Writer {
     }
 }
 
-pub fn run(
-    cfg: PcapngFileConfig,
-    mut rx: mpsc::Receiver<Batch>,
-    stats: Arc<SinkStats>,
-    rt: tokio::runtime::Handle,
-) {
+pub fn run(cfg: PcapngFileConfig, mut rx: mpsc::Receiver<Batch>, stats: Arc<SinkStats>) {
     let mut w = Writer {
         cfg,
         current: None,
@@ -126,36 +121,30 @@ pub fn run(
         seq: 0,
         stats: stats.clone(),
     };
-    loop {
-        // Wake at least once a second to flush and to rotate idle files.
-        let next =
-            rt.block_on(async { tokio::time::timeout(Duration::from_secs(1), rx.recv()).await });
-        match next {
-            Ok(Some(batch)) => {
-                let mut bytes = 0;
-                for p in batch.iter() {
-                    match w.write(p) {
-                        Ok(n) => bytes += n as u64,
-                        Err(e) => {
-                            tracing::warn!("pcapng sink: {e}");
-                            stats.errors.add(1);
-                            w.current = None;
-                        }
-                    }
-                }
-                stats.packets.add(batch.len() as u64);
-                stats.bytes.add(bytes);
-                stats.record_latency(now_ns(), batch.iter().map(|p| p.ts_ns));
+    while let Some(batch) = rx.blocking_recv() {
+        if batch.is_empty() {
+            // The once-a-second tick.
+            if w.due() {
+                w.close(false);
+            } else if let Some(c) = w.current.as_mut() {
+                let _ = c.out.get_mut().flush();
             }
-            Ok(None) => break,
-            Err(_) => {
-                if w.due() {
-                    w.close(false);
-                } else if let Some(c) = w.current.as_mut() {
-                    let _ = c.out.get_mut().flush();
+            continue;
+        }
+        let mut bytes = 0;
+        for p in batch.iter() {
+            match w.write(p) {
+                Ok(n) => bytes += n as u64,
+                Err(e) => {
+                    tracing::warn!("pcapng sink: {e}");
+                    stats.errors.add(1);
+                    w.current = None;
                 }
             }
         }
+        stats.packets.add(batch.len() as u64);
+        stats.bytes.add(bytes);
+        stats.record_latency(now_ns(), batch.iter().map(|p| p.ts_ns));
     }
     w.close(true);
 }
