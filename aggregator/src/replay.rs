@@ -32,8 +32,8 @@ pub fn replay(cfg: &PipelineConfig, input: &Path, output: &Path) -> anyhow::Resu
     // for, say, Ethernet and raw IP.
     let mut pipelines: HashMap<u32, Pipeline> = HashMap::new();
     for i in &ifaces {
-        if !pipelines.contains_key(&i.linktype) {
-            pipelines.insert(i.linktype, cfg.build(i.linktype, false)?);
+        if let std::collections::hash_map::Entry::Vacant(e) = pipelines.entry(i.linktype) {
+            e.insert(cfg.build(i.linktype, false)?);
         }
     }
     if ifaces.is_empty() {
