@@ -432,3 +432,47 @@ fn bad_config_and_bad_filter_fail_with_field_names() {
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(err.contains("--filter: ") && err.contains("99999"), "{err}");
 }
+
+#[test]
+fn files_rotate_by_size_and_keep_at_most_max_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let files = dir.path().join("files");
+    let agg = Aggregator::start(
+        &format!(
+            "sinks:\n  - {{ name: f, type: pcapng_file, directory: \"{}\", prefix: web, rotate_bytes: 50000, max_files: 2 }}\npolicies:\n  - {{ name: all, sinks: [f] }}\n",
+            files.display()
+        ),
+        dir.path(),
+    );
+    assert_eq!(http_get(&agg.http, "/healthz"), "ok\n");
+    let frames = synth::frames(17, 5_000);
+    send(&agg.grpc, "node-a", frames, None);
+    agg.wait_metric(
+        "tapestry_aggregator_sink_packets_total{sink=\"f\",type=\"pcapng_file\"}",
+        5_000.0,
+        30,
+    );
+    // The once-a-second tick flushes the open file.
+    std::thread::sleep(Duration::from_millis(1_500));
+    let mut paths: Vec<_> = std::fs::read_dir(&files)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    paths.sort();
+    assert!(paths.len() <= 2, "retention: {paths:?}");
+    for p in &paths {
+        let name = p.file_name().unwrap().to_string_lossy().to_string();
+        assert!(
+            name.starts_with("web-") && name.ends_with(".pcapng"),
+            "{name}"
+        );
+    }
+    // The newest file holds the last packet sent.
+    let last = read_packets(paths.last().unwrap());
+    let sent_last = synth::frames(17, 5_000).pop().unwrap();
+    assert_eq!(last.last().map(|p| p.2.clone()), Some(sent_last.data));
+    assert_eq!(
+        agg.metric("tapestry_aggregator_sink_dropped_total{sink=\"f\",type=\"pcapng_file\"}"),
+        0.0
+    );
+}

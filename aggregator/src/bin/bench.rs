@@ -49,6 +49,17 @@ enum What {
     },
     /// Both.
     All,
+    /// Act as one synthetic tap: stream the generated mix to an aggregator.
+    Tap {
+        /// The aggregator's gRPC address (host:port).
+        #[arg(long)]
+        grpc: String,
+        #[arg(long, default_value_t = 10_000)]
+        packets: usize,
+        /// Packets per second (default: as fast as possible).
+        #[arg(long)]
+        rate: Option<f64>,
+    },
 }
 
 const EXPRESSIONS: &[&str] = &[
@@ -63,6 +74,29 @@ fn main() -> anyhow::Result<()> {
     match cli.what {
         What::Replay { packets, runs } => replay(&cli.dir, packets, runs),
         What::Ingest { taps } => ingest(&cli.dir, taps),
+        What::Tap {
+            grpc,
+            packets,
+            rate,
+        } => {
+            let mut m = synth::Mix::new(7);
+            let frames = (0..packets).map(|_| (m.next_frame(), 0u64)).collect();
+            let spec = TapSpec {
+                tap_id: "synthetic".into(),
+                pods: vec![
+                    ("default".into(), "client".into()),
+                    ("default".into(), "server".into()),
+                ],
+                policy_names: vec![],
+                batch: 256,
+                rate,
+                stamp_now: true,
+            };
+            let rt = tokio::runtime::Runtime::new()?;
+            let s = rt.block_on(synthtap::run(format!("http://{grpc}"), spec, frames))?;
+            println!("sent {} packets in {} batches", s.packets, s.batches);
+            Ok(())
+        }
         What::All => {
             replay(&cli.dir, 2_000_000, 3)?;
             ingest(&cli.dir, 8)
