@@ -6,3 +6,6 @@ pub mod tap {
         tonic::include_proto!("tapestry.tap.v1");
     }
 }
+
+/// Tapestry's own API resource types for tapping.
+pub mod policy;

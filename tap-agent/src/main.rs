@@ -1,0 +1,143 @@
+//! `tap-agent`: see `tap-agent --help` and tap-agent/README.md.
+
+use std::{net::SocketAddr, process::ExitCode, time::Duration};
+
+use clap::{Args, Parser, Subcommand};
+use tapestry_proto::policy::{FilterRule, MAX_SNAPLEN};
+use tapestry_tap_agent::{
+    agent::{self, RunConfig},
+    bpf::{self, AttachMode},
+    filter::PolicySpec,
+    ring::BatchLimits,
+};
+
+#[derive(Parser)]
+#[command(
+    name = "tap-agent",
+    version,
+    about = "Mirror packets of chosen interfaces out of the kernel (TC eBPF) and stream them to a Tapestry aggregator"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Tap interfaces of this network namespace and stream their packets.
+    Run(RunArgs),
+    /// Remove tapestry programs left on any interface by an earlier run, then exit.
+    Cleanup,
+}
+
+#[derive(Args)]
+struct RunArgs {
+    /// Interface to tap, ingress and egress (repeatable).
+    #[arg(long = "iface", required = true, value_name = "IFACE")]
+    ifaces: Vec<String>,
+    /// Aggregator gRPC endpoint.
+    #[arg(long, value_name = "http://HOST:PORT")]
+    aggregator: String,
+    /// Bytes kept of each packet (default: whole packets, up to 64 KiB GSO super-packets).
+    #[arg(long, value_name = "N", value_parser = parse_snaplen)]
+    snaplen: Option<u32>,
+    /// Pre-filter rule, e.g. proto=tcp,port=80,cidr=10.0.0.0/8,dir=both. Repeatable;
+    /// a packet is kept if it matches any rule; no rule keeps everything.
+    #[arg(long = "rule", value_name = "RULE", value_parser = parse_rule)]
+    rules: Vec<FilterRule>,
+    /// Where /metrics and /healthz are served.
+    #[arg(long, default_value = "127.0.0.1:9464")]
+    metrics_addr: SocketAddr,
+    /// Ring buffer size in bytes (rounded up to a power of two).
+    #[arg(long, default_value_t = 64 << 20, value_parser = clap::value_parser!(u32).range(4096..=(1 << 30)))]
+    ring_size: u32,
+    /// Bytes waiting in the ring before the kernel wakes the reader (it also polls every 5 ms).
+    #[arg(long, default_value_t = 256 << 10)]
+    wakeup_bytes: u32,
+    /// Batches the send queue holds before dropping (each ≤ --batch-packets and ≤ 1 MiB).
+    #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u64).range(1..=65536))]
+    queue_batches: u64,
+    /// Packets per batch.
+    #[arg(long, default_value_t = 512, value_parser = clap::value_parser!(u64).range(1..=65536))]
+    batch_packets: u64,
+    /// How programs are attached.
+    #[arg(long, value_enum, default_value_t = AttachMode::Auto)]
+    attach_mode: AttachMode,
+    /// This tap's id in the stream's Hello (default: the host name).
+    #[arg(long)]
+    tap_id: Option<String>,
+    /// Node name in the stream's Hello (default: the host name).
+    #[arg(long, env = "NODE_NAME")]
+    node: Option<String>,
+}
+
+fn parse_snaplen(s: &str) -> Result<u32, String> {
+    match s.parse::<u32>() {
+        Ok(n) if (1..=MAX_SNAPLEN).contains(&n) => Ok(n),
+        _ => Err(format!("must be a number between 1 and {MAX_SNAPLEN}")),
+    }
+}
+
+fn parse_rule(s: &str) -> Result<FilterRule, String> {
+    s.parse::<FilterRule>().map_err(|e| format!("`{s}`: {e}"))
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|_| "unknown".into())
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let result = match cli.cmd {
+        Cmd::Cleanup => bpf::sweep_stale().map(|s| {
+            println!(
+                "removed {} TCX link(s) and {} clsact filter(s)",
+                s.tcx_links, s.clsact_filters
+            );
+        }),
+        Cmd::Run(a) => {
+            let cfg = RunConfig {
+                interfaces: a.ifaces,
+                aggregator: a.aggregator,
+                policies: vec![PolicySpec {
+                    name: "cli".into(),
+                    rules: a.rules,
+                    snaplen: a.snaplen,
+                }],
+                metrics_addr: a.metrics_addr,
+                ring_bytes: a.ring_size,
+                wakeup_bytes: a.wakeup_bytes,
+                queue_batches: a.queue_batches as usize,
+                batch: BatchLimits {
+                    max_packets: a.batch_packets as usize,
+                    max_bytes: 1 << 20,
+                    max_age: Duration::from_millis(20),
+                },
+                mode: a.attach_mode,
+                tap_id: a.tap_id.unwrap_or_else(hostname),
+                node: a.node.unwrap_or_else(hostname),
+            };
+            tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .map_err(anyhow::Error::from)
+                .and_then(|rt| rt.block_on(agent::run(cfg)))
+        }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("tap-agent: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
