@@ -58,6 +58,9 @@ pub fn endpoint(url: &str) -> Result<Endpoint> {
 pub async fn run(cfg: RunConfig) -> Result<()> {
     let endpoint = endpoint(&cfg.aggregator)?;
     let compiled = filter::compile(&cfg.policies)?;
+    for iface in &cfg.interfaces {
+        bpf::ifindex(iface).with_context(|| format!("--iface {iface}"))?;
+    }
 
     let swept = bpf::sweep_stale().context("removing stale tapestry programs")?;
     if swept.tcx_links + swept.clsact_filters > 0 {

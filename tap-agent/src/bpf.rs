@@ -320,6 +320,15 @@ pub struct Swept {
 /// this process attaches its own.
 pub fn sweep_stale() -> Result<Swept> {
     let mut swept = Swept::default();
+    let ifnames: Vec<String> = std::fs::read_dir("/sys/class/net")
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    // TCX: programs named tapestry_* attached to an interface of *this*
+    // namespace (other namespaces may run their own agents).
     let ours: Vec<u32> = loaded_programs()
         .filter_map(|p| p.ok())
         .filter(|p| {
@@ -328,16 +337,22 @@ pub fn sweep_stale() -> Result<Swept> {
         })
         .map(|p| p.id())
         .collect();
+    let mut here: Vec<u32> = Vec::new();
     if !ours.is_empty() {
+        for ifname in &ifnames {
+            for kind in [TcAttachType::Ingress, TcAttachType::Egress] {
+                if let Ok((_, progs)) = SchedClassifier::query_tcx(ifname, kind) {
+                    here.extend(progs.iter().map(|p| p.id()).filter(|id| ours.contains(id)));
+                }
+            }
+        }
+    }
+    if !here.is_empty() {
         for link in loaded_links().filter_map(|l| l.ok()) {
-            if link.link_type().ok() == Some(LinkType::Tcx) && ours.contains(&link.program_id()) {
+            if link.link_type().ok() == Some(LinkType::Tcx) && here.contains(&link.program_id()) {
                 match detach_link_by_id(link.id()) {
                     Ok(()) => {
-                        warn!(
-                            link = link.id(),
-                            program = link.program_id(),
-                            "detached a stale tapestry TCX link"
-                        );
+                        warn!(link = link.id(), program = link.program_id(), "detached a stale tapestry TCX link");
                         swept.tcx_links += 1;
                     }
                     Err(e) => warn!(link = link.id(), "could not detach stale TCX link: {e}"),
@@ -345,16 +360,13 @@ pub fn sweep_stale() -> Result<Swept> {
             }
         }
     }
-    let Ok(dir) = std::fs::read_dir("/sys/class/net") else {
-        return Ok(swept);
-    };
-    for entry in dir.flatten() {
-        let ifname = entry.file_name().to_string_lossy().into_owned();
+    // clsact filters (what a killed agent leaves behind).
+    for ifname in &ifnames {
         for (kind, name) in [
             (TcAttachType::Ingress, abi::PROG_INGRESS),
             (TcAttachType::Egress, abi::PROG_EGRESS),
         ] {
-            match tc::qdisc_detach_program(&ifname, kind, name) {
+            match tc::qdisc_detach_program(ifname, kind, name) {
                 Ok(()) => {
                     warn!(
                         interface = ifname,
