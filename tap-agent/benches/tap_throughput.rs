@@ -23,19 +23,35 @@ use std::{
 use common::*;
 
 fn env_or(name: &str, default: u64) -> u64 {
-    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
 }
 
 fn iperf3(pair: &Pair, secs: u64, udp: bool) -> serde_json::Value {
     let mut cmd = Command::new("ip");
-    cmd.args(["netns", "exec", &pair.b, "iperf3", "-c", &pair.ip_a.to_string(), "-p", "5201", "-J"])
-        .args(["-t", &secs.to_string()]);
+    cmd.args([
+        "netns",
+        "exec",
+        &pair.b,
+        "iperf3",
+        "-c",
+        &pair.ip_a.to_string(),
+        "-p",
+        "5201",
+        "-J",
+    ])
+    .args(["-t", &secs.to_string()]);
     if udp {
         cmd.args(["-u", "-b", "0", "-l", "64"]);
     }
     let out = cmd.output().unwrap();
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
-        panic!("iperf3 output: {e}: {}", String::from_utf8_lossy(&out.stdout))
+        panic!(
+            "iperf3 output: {e}: {}",
+            String::from_utf8_lossy(&out.stdout)
+        )
     });
     if let Some(err) = v.get("error") {
         panic!("iperf3: {err}");
@@ -66,14 +82,28 @@ impl TcpdumpNull {
     fn start(pair: &Pair, dir: &std::path::Path, filter: &[&str]) -> TcpdumpNull {
         let stderr_file = dir.join(format!("tcpdump-{}.err", std::process::id()));
         let child = Command::new("ip")
-            .args(["netns", "exec", &pair.a, "tcpdump", "-i", &pair.tap_if, "-n", "-s", "0", "-w", "/dev/null"])
+            .args([
+                "netns",
+                "exec",
+                &pair.a,
+                "tcpdump",
+                "-i",
+                &pair.tap_if,
+                "-n",
+                "-s",
+                "0",
+                "-w",
+                "/dev/null",
+            ])
             .args(filter)
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&stderr_file).unwrap())
             .spawn()
             .unwrap();
         wait_until("tcpdump to listen", Duration::from_secs(10), || {
-            std::fs::read_to_string(&stderr_file).unwrap_or_default().contains("listening on")
+            std::fs::read_to_string(&stderr_file)
+                .unwrap_or_default()
+                .contains("listening on")
         });
         TcpdumpNull { child, stderr_file }
     }
@@ -92,7 +122,11 @@ impl TcpdumpNull {
                 .and_then(|n| n.parse().ok())
                 .unwrap_or(0)
         };
-        (num("packets captured"), num("dropped by kernel"), cpu as f64 / ticks_per_sec() as f64)
+        (
+            num("packets captured"),
+            num("dropped by kernel"),
+            cpu as f64 / ticks_per_sec() as f64,
+        )
     }
 }
 
@@ -126,7 +160,11 @@ fn main() {
     }
     for tool in ["iperf3"] {
         assert!(
-            Command::new(tool).arg("--version").stdout(Stdio::null()).status().is_ok(),
+            Command::new(tool)
+                .arg("--version")
+                .stdout(Stdio::null())
+                .status()
+                .is_ok(),
             "{tool} is needed (apt-get install iperf3)"
         );
     }
@@ -149,7 +187,12 @@ fn main() {
     std::thread::sleep(Duration::from_millis(500));
     let aggregator = format!("http://127.0.0.1:{GRPC_PORT}");
     let agent_args = |snaplen: Option<&str>, extra: &[&str]| {
-        let mut a = vec!["--iface".to_string(), pair.tap_if.clone(), "--aggregator".into(), aggregator.clone()];
+        let mut a = vec![
+            "--iface".to_string(),
+            pair.tap_if.clone(),
+            "--aggregator".into(),
+            aggregator.clone(),
+        ];
         if let Some(s) = snaplen {
             a.push("--snaplen".into());
             a.push(s.into());
@@ -166,16 +209,23 @@ fn main() {
         for (i, mode) in modes.iter().enumerate() {
             let agent = match mode {
                 Mode::Tap128 | Mode::TapFull => {
-                    let snap = if *mode == Mode::Tap128 { Some("128") } else { None };
+                    let snap = if *mode == Mode::Tap128 {
+                        Some("128")
+                    } else {
+                        None
+                    };
                     let a = agent_args(snap, &[]);
                     let a: Vec<&str> = a.iter().map(String::as_str).collect();
                     Some(Agent::start(&pair.a, dir.path(), &a))
                 }
                 _ => None,
             };
-            let tcpdump = (*mode == Mode::Tcpdump).then(|| TcpdumpNull::start(&pair, dir.path(), &[]));
+            let tcpdump =
+                (*mode == Mode::Tcpdump).then(|| TcpdumpNull::start(&pair, dir.path(), &[]));
             let v = iperf3(&pair, secs, false);
-            let bps = v["end"]["sum_received"]["bits_per_second"].as_f64().unwrap();
+            let bps = v["end"]["sum_received"]["bits_per_second"]
+                .as_f64()
+                .unwrap();
             gbps[i].push(bps / 1e9);
             if let Some(agent) = agent {
                 let (cap, full) = (agent.kernel("captured"), agent.kernel("ringbuf_full"));
@@ -185,9 +235,14 @@ fn main() {
             }
             if let Some(t) = tcpdump {
                 let (cap, dropped, _) = t.stop(0);
-                notes[i] = format!("tcpdump captured {cap}, dropped by kernel {dropped} (last round)");
+                notes[i] =
+                    format!("tcpdump captured {cap}, dropped by kernel {dropped} (last round)");
             }
-            eprintln!("round {round} {:<26} {:6.2} Gbit/s", mode.label(), bps / 1e9);
+            eprintln!(
+                "round {round} {:<26} {:6.2} Gbit/s",
+                mode.label(),
+                bps / 1e9
+            );
         }
     }
     let anchor = median(gbps[0].clone());
@@ -222,7 +277,9 @@ fn main() {
     let kernel = String::from_utf8_lossy(&Command::new("uname").arg("-r").output().unwrap().stdout)
         .trim()
         .to_string();
-    let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0);
+    let cpus = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(0);
     let mut md = String::new();
     md.push_str(&format!(
         "Measured {} on kernel {kernel}, {cpus} CPUs, {rounds} interleaved rounds of {secs} s, medians.\n\n",
@@ -231,7 +288,13 @@ fn main() {
     md.push_str("| iperf3 TCP, veth between two namespaces | Gbit/s | ratio to untapped | notes |\n|---|---:|---:|---|\n");
     for (i, m) in modes.iter().enumerate() {
         let g = median(gbps[i].clone());
-        md.push_str(&format!("| {} | {:.2} | {:.3} | {} |\n", m.label(), g, g / anchor, notes[i]));
+        md.push_str(&format!(
+            "| {} | {:.2} | {:.3} | {} |\n",
+            m.label(),
+            g,
+            g / anchor,
+            notes[i]
+        ));
     }
     md.push_str(&format!(
         "\n| 64-byte UDP, iperf3 `-u -b 0 -l 64` | sent | captured | captured/sent | kernel/ring drops | user CPU s per M packets |\n|---|---:|---:|---:|---:|---:|\n\
@@ -251,9 +314,15 @@ fn main() {
 }
 
 fn chrono_free_date() -> String {
-    String::from_utf8_lossy(&Command::new("date").args(["-u", "+%Y-%m-%d %H:%M UTC"]).output().unwrap().stdout)
-        .trim()
-        .to_string()
+    String::from_utf8_lossy(
+        &Command::new("date")
+            .args(["-u", "+%Y-%m-%d %H:%M UTC"])
+            .output()
+            .unwrap()
+            .stdout,
+    )
+    .trim()
+    .to_string()
 }
 
 const START: &str = "<!-- tap-bench:start -->";

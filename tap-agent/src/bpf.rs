@@ -352,7 +352,11 @@ pub fn sweep_stale() -> Result<Swept> {
             if link.link_type().ok() == Some(LinkType::Tcx) && here.contains(&link.program_id()) {
                 match detach_link_by_id(link.id()) {
                     Ok(()) => {
-                        warn!(link = link.id(), program = link.program_id(), "detached a stale tapestry TCX link");
+                        warn!(
+                            link = link.id(),
+                            program = link.program_id(),
+                            "detached a stale tapestry TCX link"
+                        );
                         swept.tcx_links += 1;
                     }
                     Err(e) => warn!(link = link.id(), "could not detach stale TCX link: {e}"),

@@ -24,15 +24,34 @@ fn bad_rules_name_the_field() {
         ("colour=red", "colour"),
         ("proto=icmp,port=80", "no ports"),
     ] {
-        let (code, err) = run(&["run", "--iface", "lo", "--aggregator", "http://127.0.0.1:1", "--rule", rule]);
+        let (code, err) = run(&[
+            "run",
+            "--iface",
+            "lo",
+            "--aggregator",
+            "http://127.0.0.1:1",
+            "--rule",
+            rule,
+        ]);
         assert_ne!(code, 0, "{rule}");
-        assert!(err.contains("--rule") && err.contains(needle), "{rule}: {err}");
+        assert!(
+            err.contains("--rule") && err.contains(needle),
+            "{rule}: {err}"
+        );
     }
 }
 
 #[test]
 fn bad_values_are_refused() {
-    let (code, err) = run(&["run", "--iface", "lo", "--aggregator", "http://127.0.0.1:1", "--snaplen", "0"]);
+    let (code, err) = run(&[
+        "run",
+        "--iface",
+        "lo",
+        "--aggregator",
+        "http://127.0.0.1:1",
+        "--snaplen",
+        "0",
+    ]);
     assert_ne!(code, 0);
     assert!(err.contains("--snaplen"), "{err}");
     let (code, err) = run(&["run", "--aggregator", "http://127.0.0.1:1"]);
@@ -63,5 +82,8 @@ fn missing_interface_is_an_error() {
         "127.0.0.1:0",
     ]);
     assert_ne!(code, 0);
-    assert!(err.contains("no-such-if0") && err.contains("not found"), "{err}");
+    assert!(
+        err.contains("no-such-if0") && err.contains("not found"),
+        "{err}"
+    );
 }

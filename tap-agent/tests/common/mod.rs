@@ -58,7 +58,10 @@ pub fn require_root(test: &str) -> bool {
     if missing.is_empty() {
         return true;
     }
-    let msg = format!("{test}: needs {} (run as root with iproute2, tcpdump, bpftool)", missing.join(", "));
+    let msg = format!(
+        "{test}: needs {} (run as root with iproute2, tcpdump, bpftool)",
+        missing.join(", ")
+    );
     if std::env::var_os("CI").is_some() {
         panic!("{msg}; CI is set, so this is a failure, not a skip");
     }
@@ -110,7 +113,10 @@ impl Pair {
             ip_b,
         };
         for ns in [&p.a, &p.b] {
-            let _ = Command::new("ip").args(["netns", "del", ns]).status();
+            let _ = Command::new("ip")
+                .args(["netns", "del", ns])
+                .stderr(Stdio::null())
+                .status();
             sh(&format!("ip netns add {ns}"));
             sh(&format!(
                 "ip netns exec {ns} sysctl -qw net.ipv6.conf.all.disable_ipv6=1 net.ipv6.conf.default.disable_ipv6=1 && ip -n {ns} link set lo up"
@@ -338,12 +344,32 @@ impl Agent {
         ))
     }
 
+    /// Like [`wait_until`], but a timeout shows the agent's log and metrics.
+    pub fn wait_for(&self, what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
+        let deadline = Instant::now() + timeout;
+        while !f() {
+            if Instant::now() > deadline {
+                panic!(
+                    "timed out waiting for {what}\n--- agent log ---\n{}\n--- metrics ---\n{}",
+                    self.log_text(),
+                    http_get(&self.ns, self.metrics_port, "/metrics").unwrap_or_default()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
     /// SIGTERM and wait; returns whether it exited 0.
-    pub fn terminate(mut self) -> bool {
+    pub fn terminate(self) -> bool {
+        let mut this = self;
+        this.terminate_inner()
+    }
+
+    fn terminate_inner(&mut self) -> bool {
         // SAFETY: signalling our own child.
         unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
         let deadline = Instant::now() + Duration::from_secs(15);
@@ -351,14 +377,33 @@ impl Agent {
             if let Some(s) = self.child.try_wait().unwrap() {
                 return s.success();
             }
-            assert!(Instant::now() < deadline, "agent ignored SIGTERM:\n{}", self.log_text());
+            assert!(
+                Instant::now() < deadline,
+                "agent ignored SIGTERM:\n{}",
+                self.log_text()
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }
 
-    pub fn kill(mut self) {
+    pub fn kill(self) {
+        let mut this = self;
+        this.kill_inner();
+    }
+
+    fn kill_inner(&mut self) {
         self.child.kill().unwrap();
         self.child.wait().unwrap();
+    }
+}
+
+impl Drop for Agent {
+    /// A failed test must not leave an agent (and its attachments) behind.
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
     }
 }
 
@@ -371,7 +416,22 @@ pub struct Tcpdump {
 impl Tcpdump {
     pub fn start(ns: &str, iface: &str, file: &Path, filter: &[&str]) -> Tcpdump {
         let mut child = Command::new("ip")
-            .args(["netns", "exec", ns, "tcpdump", "-i", iface, "-n", "-U", "-B", "131072", "-s", "0", "-w"])
+            .args([
+                "netns",
+                "exec",
+                ns,
+                "tcpdump",
+                "-i",
+                iface,
+                "-n",
+                "-U",
+                "--immediate-mode",
+                "-B",
+                "131072",
+                "-s",
+                "0",
+                "-w",
+            ])
             .arg(file)
             .args(filter)
             .stdout(Stdio::null())
@@ -387,9 +447,7 @@ impl Tcpdump {
         std::thread::spawn(move || {
             let mut rest = String::new();
             let _ = r.read_to_string(&mut rest);
-            if rest.contains("dropped by kernel") && !rest.contains(" 0 packets dropped by kernel") {
-                eprintln!("tcpdump: {rest}");
-            }
+            eprintln!("tcpdump: {rest}");
         });
         Tcpdump {
             child,
@@ -397,7 +455,22 @@ impl Tcpdump {
         }
     }
 
+    /// Waits until tcpdump has written everything it was handed (the file
+    /// stops growing), then stops it and reads the capture.
     pub fn stop(mut self) -> Vec<PcapPacket> {
+        let mut last = (0u64, Instant::now());
+        let start = Instant::now();
+        loop {
+            let len = std::fs::metadata(&self.file).map(|m| m.len()).unwrap_or(0);
+            if len != last.0 {
+                last = (len, Instant::now());
+            } else if last.1.elapsed() > Duration::from_millis(700)
+                || start.elapsed() > Duration::from_secs(30)
+            {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
         // SAFETY: signalling our own child.
         unsafe { libc::kill(self.child.id() as i32, libc::SIGINT) };
         self.child.wait().unwrap();
@@ -416,7 +489,10 @@ pub fn read_pcap(path: &Path) -> Vec<PcapPacket> {
     let b = std::fs::read(path).unwrap();
     assert!(b.len() >= 24, "pcap too short");
     let magic = u32::from_le_bytes(b[0..4].try_into().unwrap());
-    assert!(magic == 0xa1b2c3d4 || magic == 0xa1b23c4d, "not a little-endian pcap");
+    assert!(
+        magic == 0xa1b2c3d4 || magic == 0xa1b23c4d,
+        "not a little-endian pcap"
+    );
     let mut off = 24;
     let mut out = Vec::new();
     while off + 16 <= b.len() {
@@ -487,7 +563,9 @@ pub fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
 /// bytes carrying a sequence number, at most `window` unanswered.
 pub fn udp_echo(pair: &Pair, port: u16, count: u32, size: usize, window: u32) -> u32 {
     let ip_a = pair.ip_a;
-    let server = in_netns(&pair.a, move || std::net::UdpSocket::bind((ip_a, port)).unwrap());
+    let server = in_netns(&pair.a, move || {
+        std::net::UdpSocket::bind((ip_a, port)).unwrap()
+    });
     server
         .set_read_timeout(Some(Duration::from_millis(500)))
         .unwrap();
@@ -501,7 +579,9 @@ pub fn udp_echo(pair: &Pair, port: u16, count: u32, size: usize, window: u32) ->
         n
     });
     let ip_b = pair.ip_b;
-    let client = in_netns(&pair.b, move || std::net::UdpSocket::bind((ip_b, 0)).unwrap());
+    let client = in_netns(&pair.b, move || {
+        std::net::UdpSocket::bind((ip_b, 0)).unwrap()
+    });
     client
         .set_read_timeout(Some(Duration::from_millis(200)))
         .unwrap();
@@ -531,7 +611,9 @@ pub fn udp_echo(pair: &Pair, port: u16, count: u32, size: usize, window: u32) ->
 /// Sends `bytes` over TCP from b to a:`port` and waits for all to arrive.
 pub fn tcp_transfer(pair: &Pair, port: u16, bytes: usize) {
     let ip_a = pair.ip_a;
-    let listener = in_netns(&pair.a, move || std::net::TcpListener::bind((ip_a, port)).unwrap());
+    let listener = in_netns(&pair.a, move || {
+        std::net::TcpListener::bind((ip_a, port)).unwrap()
+    });
     let recv = std::thread::spawn(move || {
         let (mut s, _) = listener.accept().unwrap();
         let mut buf = vec![0u8; 1 << 16];
