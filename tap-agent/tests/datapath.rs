@@ -33,7 +33,9 @@ fn packets(server: &Server) -> Vec<Packet> {
 }
 
 /// IPv4 fields of an Ethernet frame: (src, dst, proto, sport, dport, payload offset).
-fn ipv4(d: &[u8]) -> Option<([u8; 4], [u8; 4], u8, u16, u16, usize)> {
+type Ipv4Fields = ([u8; 4], [u8; 4], u8, u16, u16, usize);
+
+fn ipv4(d: &[u8]) -> Option<Ipv4Fields> {
     if d.len() < 34 || d[12..14] != [0x08, 0x00] {
         return None;
     }
