@@ -26,8 +26,16 @@ use crate::{
     DropCounter,
 };
 
+/// Where the set of interfaces to tap comes from.
+pub enum TargetSource {
+    /// `--iface` names, fixed for the run (a missing one is an error at start).
+    Static(Vec<String>),
+    /// A watcher (e.g. pods of this node) publishing the whole desired set.
+    Dynamic(watch::Receiver<TargetSet>),
+}
+
 pub struct RunConfig {
-    pub interfaces: Vec<String>,
+    pub targets: TargetSource,
     pub aggregator: String,
     pub policies: Vec<PolicySpec>,
     pub metrics_addr: SocketAddr,
@@ -60,8 +68,10 @@ pub fn endpoint(url: &str) -> Result<Endpoint> {
 pub async fn run(cfg: RunConfig) -> Result<()> {
     let endpoint = endpoint(&cfg.aggregator)?;
     let compiled = filter::compile(&cfg.policies)?;
-    for iface in &cfg.interfaces {
-        bpf::ifindex(iface).with_context(|| format!("--iface {iface}"))?;
+    if let TargetSource::Static(ifaces) = &cfg.targets {
+        for iface in ifaces {
+            bpf::ifindex(iface).with_context(|| format!("--iface {iface}"))?;
+        }
     }
 
     let swept = bpf::sweep_stale().context("removing stale tapestry programs")?;
@@ -100,26 +110,56 @@ pub async fn run(cfg: RunConfig) -> Result<()> {
     } else {
         (1u64 << cfg.policies.len()) - 1
     };
-    let desired: TargetSet = cfg
-        .interfaces
-        .iter()
-        .map(|i| {
-            (
-                i.clone(),
-                Target {
-                    interface: i.clone(),
-                    pod: None,
-                    policy_mask: all_policies,
-                },
-            )
-        })
-        .collect();
-    let errors = reconciler.reconcile(&desired);
-    if let Some((iface, e)) = errors.into_iter().next() {
+    let mut desired_rx = match cfg.targets {
+        TargetSource::Static(ifaces) => {
+            let desired: TargetSet = ifaces
+                .iter()
+                .map(|i| {
+                    (
+                        i.clone(),
+                        Target {
+                            interface: i.clone(),
+                            pod: None,
+                            policy_mask: all_policies,
+                        },
+                    )
+                })
+                .collect();
+            // Interfaces named on the command line must attach at start.
+            let errors = reconciler.reconcile(&desired);
+            if let Some((iface, e)) = errors.into_iter().next() {
+                reconciler.detach_all();
+                return Err(e.context(format!("--iface {iface}")));
+            }
+            info!(interfaces = ?ifaces, aggregator = cfg.aggregator, "tapping");
+            watch::channel(desired).1
+        }
+        TargetSource::Dynamic(rx) => rx,
+    };
+    // A static source's sender is gone at once; its last value still holds.
+    let mut source_open = desired_rx.has_changed().is_ok();
+    // Level-triggered: reconcile on every change and every few seconds (an
+    // interface may come back, a pod's veth may be recreated).
+    let (attach_stop_tx, mut attach_stop_rx) = watch::channel(false);
+    let attach_task = tokio::spawn(async move {
+        let mut resync = tokio::time::interval(Duration::from_secs(2));
+        loop {
+            tokio::select! {
+                r = desired_rx.changed(), if source_open => source_open = r.is_ok(),
+                _ = resync.tick() => {}
+                _ = attach_stop_rx.changed() => {}
+            }
+            if *attach_stop_rx.borrow() {
+                break;
+            }
+            let desired = desired_rx.borrow_and_update().clone();
+            for (iface, e) in reconciler.reconcile(&desired) {
+                warn!(interface = iface, "not tapped (will retry): {e:#}");
+            }
+        }
         reconciler.detach_all();
-        return Err(e.context(format!("--iface {iface}")));
-    }
-    info!(interfaces = ?cfg.interfaces, aggregator = cfg.aggregator, "tapping");
+        reconciler
+    });
 
     let drops = Arc::new(DropCounter::default());
     let (queue_tx, queue_rx) = mpsc::channel(cfg.queue_batches.max(1));
@@ -168,7 +208,8 @@ pub async fn run(cfg: RunConfig) -> Result<()> {
         r = metrics_task => { failed = Some(format!("metrics server ended: {r:?}")); }
     }
     // Stop capturing first, then drain what the ring still holds and flush.
-    reconciler.detach_all();
+    let _ = attach_stop_tx.send(true);
+    let reconciler = attach_task.await.context("attach task failed")?;
     let _ = stop_tx.send(true);
     if failed.is_none() {
         let _ = tokio::time::timeout(Duration::from_secs(2), &mut reader_task).await;

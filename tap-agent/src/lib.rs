@@ -11,6 +11,7 @@ pub mod agent;
 pub mod bpf;
 pub mod filter;
 pub mod metrics;
+pub mod pods;
 pub mod ring;
 pub mod ship;
 pub mod targets;

@@ -5,7 +5,7 @@ use std::{net::SocketAddr, process::ExitCode, time::Duration};
 use clap::{Args, Parser, Subcommand};
 use tapestry_proto::policy::{FilterRule, MAX_SNAPLEN};
 use tapestry_tap_agent::{
-    agent::{self, RunConfig},
+    agent::{self, RunConfig, TargetSource},
     bpf::{self, AttachMode},
     filter::PolicySpec,
     ring::BatchLimits,
@@ -105,7 +105,7 @@ fn main() -> ExitCode {
         }),
         Cmd::Run(a) => {
             let cfg = RunConfig {
-                interfaces: a.ifaces,
+                targets: TargetSource::Static(a.ifaces),
                 aggregator: a.aggregator,
                 policies: vec![PolicySpec {
                     name: "cli".into(),
