@@ -3,7 +3,7 @@
 use std::{net::SocketAddr, process::ExitCode, time::Duration};
 
 use clap::{Args, Parser, Subcommand};
-use tapestry_proto::policy::{FilterRule, MAX_SNAPLEN};
+use tapestry_proto::policy::{FilterRule, TapPolicy, MAX_SNAPLEN};
 use tapestry_tap_agent::{
     agent::{self, RunConfig, TargetSource},
     bpf::{self, AttachMode},
@@ -38,6 +38,11 @@ struct RunArgs {
     /// Aggregator gRPC endpoint.
     #[arg(long, value_name = "http://HOST:PORT")]
     aggregator: String,
+    /// Policies from a JSON file (an array of TapPolicy: name, rules, snaplen;
+    /// selectors apply to pods in cluster mode and are ignored for --iface).
+    /// Instead of --rule/--snaplen.
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["rules", "snaplen"])]
+    policy_file: Option<std::path::PathBuf>,
     /// Bytes kept of each packet (default: whole packets, up to 64 KiB GSO super-packets).
     #[arg(long, value_name = "N", value_parser = parse_snaplen)]
     snaplen: Option<u32>,
@@ -82,6 +87,37 @@ fn parse_rule(s: &str) -> Result<FilterRule, String> {
     s.parse::<FilterRule>().map_err(|e| format!("`{s}`: {e}"))
 }
 
+/// Reads and validates a JSON array of TapPolicy; errors name the file,
+/// the policy and the field.
+fn read_policies(path: &std::path::Path) -> anyhow::Result<Vec<PolicySpec>> {
+    use anyhow::Context as _;
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("--policy-file {}", path.display()))?;
+    let policies: Vec<TapPolicy> = serde_json::from_str(&text).with_context(|| {
+        format!(
+            "--policy-file {}: not a valid JSON array of TapPolicy",
+            path.display()
+        )
+    })?;
+    let mut names = std::collections::BTreeSet::new();
+    for (i, p) in policies.iter().enumerate() {
+        p.validate().map_err(|e| {
+            anyhow::anyhow!("--policy-file {}: [{i}] ({}): {e}", path.display(), p.name)
+        })?;
+        if !names.insert(p.name.clone()) {
+            anyhow::bail!(
+                "--policy-file {}: [{i}].name: `{}` is used twice",
+                path.display(),
+                p.name
+            );
+        }
+    }
+    if policies.is_empty() {
+        anyhow::bail!("--policy-file {}: no policies", path.display());
+    }
+    Ok(tapestry_tap_agent::pods::policy_specs(&policies))
+}
+
 fn hostname() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|s| s.trim().to_string())
@@ -104,14 +140,25 @@ fn main() -> ExitCode {
             );
         }),
         Cmd::Run(a) => {
+            let policies = match &a.policy_file {
+                None => Ok(vec![PolicySpec {
+                    name: "cli".into(),
+                    rules: a.rules.clone(),
+                    snaplen: a.snaplen,
+                }]),
+                Some(path) => read_policies(path),
+            };
+            let policies = match policies {
+                Ok(p) => p,
+                Err(e) => {
+                    eprintln!("tap-agent: error: {e:#}");
+                    return ExitCode::from(2);
+                }
+            };
             let cfg = RunConfig {
                 targets: TargetSource::Static(a.ifaces),
                 aggregator: a.aggregator,
-                policies: vec![PolicySpec {
-                    name: "cli".into(),
-                    rules: a.rules,
-                    snaplen: a.snaplen,
-                }],
+                policies,
                 metrics_addr: a.metrics_addr,
                 ring_bytes: a.ring_size,
                 wakeup_bytes: a.wakeup_bytes,

@@ -87,3 +87,40 @@ fn missing_interface_is_an_error() {
         "{err}"
     );
 }
+
+#[test]
+fn bad_policy_files_name_the_policy_and_field() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("p.json");
+    for (json, needle) in [
+        (
+            r#"[{"name": "web", "rules": [{"ports": ["90-80"]}]}]"#,
+            "range `90-80`: start is above end at line 1",
+        ),
+        (
+            r#"[{"name": "web", "rules": [{"protocol": "udp", "ports": ["80"], "direction": "up"}]}]"#,
+            "unknown variant `up`",
+        ),
+        (r#"[{"name": "web", "snaplen": 0}]"#, "snaplen"),
+        (r#"[{"name": "Bad Name"}]"#, "[0] (Bad Name): name"),
+        (r#"[{"name": "a"}, {"name": "a"}]"#, "used twice"),
+        (r#"{"name": "a"}"#, "not a valid JSON array"),
+        (r#"[]"#, "no policies"),
+    ] {
+        std::fs::write(&file, json).unwrap();
+        let (code, err) = run(&[
+            "run",
+            "--iface",
+            "lo",
+            "--aggregator",
+            "http://127.0.0.1:1",
+            "--policy-file",
+            file.to_str().unwrap(),
+        ]);
+        assert_ne!(code, 0, "{json}");
+        assert!(
+            err.contains("--policy-file") && err.contains(needle),
+            "{json}: {err}"
+        );
+    }
+}

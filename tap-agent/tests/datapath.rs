@@ -680,3 +680,60 @@ fn malformed_frames_are_counted_not_fatal() {
     assert_eq!(server.sink.packet_count(), 400);
     assert!(agent.terminate());
 }
+
+#[test]
+fn several_policies_mark_packets_with_their_bits() {
+    if !require_root("several_policies_mark_packets_with_their_bits") {
+        return;
+    }
+    let _g = serial();
+    let rt = runtime();
+    let dir = tempfile::tempdir().unwrap();
+    let pair = Pair::new();
+    let server = Server::start(&rt, &pair.a, GRPC_PORT);
+    let file = dir.path().join("policies.json");
+    std::fs::write(
+        &file,
+        r#"[{"name": "udp-in", "rules": [{"protocol": "udp", "direction": "ingress"}], "snaplen": 64},
+            {"name": "web", "rules": [{"protocol": "tcp", "ports": ["80"]}]},
+            {"name": "from-b", "rules": [{"cidrs": ["10.77.0.0/16"], "direction": "ingress"}], "snaplen": 128}]"#,
+    )
+    .unwrap();
+    let agent = Agent::start(
+        &pair.a,
+        dir.path(),
+        &[
+            "--iface",
+            &pair.tap_if,
+            "--aggregator",
+            &format!("http://127.0.0.1:{GRPC_PORT}"),
+            "--policy-file",
+            file.to_str().unwrap(),
+        ],
+    );
+    udp_echo(&pair, 7000, 300, 100, 16);
+    tcp_transfer(&pair, 80, 1 << 20);
+    wait_delivered(&agent, &server);
+    assert!(agent.terminate());
+    let rec = server.sink.0.lock().unwrap();
+    let hello = rec.batches[0].hello.as_ref().unwrap();
+    assert_eq!(hello.policy_names, ["udp-in", "web", "from-b"]);
+    let mut by_mask = BTreeMap::new();
+    for p in rec.batches.iter().flat_map(|b| b.packets.iter()) {
+        let (_, _, proto, ..) = ipv4(&p.data).unwrap();
+        let ingress = p.direction == Direction::Ingress as i32;
+        let expected = match (proto, ingress) {
+            (17, true) => 0b101,
+            (17, false) => unreachable!("UDP egress matches no policy"),
+            (6, true) => 0b110,
+            (6, false) => 0b010,
+            _ => panic!("unexpected protocol {proto}"),
+        };
+        assert_eq!(p.policy_mask, expected, "proto {proto} ingress {ingress}");
+        *by_mask.entry(p.policy_mask).or_insert(0) += 1;
+        // One snaplen per interface: the largest its policies ask for (web: whole packets).
+        assert_eq!(p.data.len() as u32, p.wire_length);
+    }
+    assert_eq!(by_mask[&0b101], 300);
+    assert!(by_mask[&0b110] > 0 && by_mask[&0b010] > 0);
+}
