@@ -25,7 +25,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Cmd {
     /// Tap interfaces of this network namespace and stream their packets.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Remove tapestry programs left on any interface by an earlier run, then exit.
     Cleanup,
 }
@@ -140,6 +140,7 @@ fn main() -> ExitCode {
             );
         }),
         Cmd::Run(a) => {
+            let a = *a;
             let policies = match &a.policy_file {
                 None => Ok(vec![PolicySpec {
                     name: "cli".into(),
