@@ -336,7 +336,6 @@ fn write_section(md: &str) {
         _ => format!(
             "{text}\n## Tap (eBPF data path)\n\nReproduce (root): `cargo bench -p tapestry-tap-agent --bench tap_throughput`\n\n{block}\n"
         ),
-        // (The prose around the block is kept as written.)
     };
     std::fs::write(&path, new).unwrap();
     eprintln!("updated {}", path.display());

@@ -10,6 +10,7 @@ pub mod abi;
 pub mod agent;
 pub mod bpf;
 pub mod filter;
+pub mod kube_source;
 pub mod metrics;
 pub mod pods;
 pub mod ring;

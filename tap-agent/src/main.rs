@@ -8,7 +8,9 @@ use tapestry_tap_agent::{
     agent::{self, RunConfig, TargetSource},
     bpf::{self, AttachMode},
     filter::PolicySpec,
+    kube_source,
     ring::BatchLimits,
+    targets::TargetSet,
 };
 
 #[derive(Parser)]
@@ -33,15 +35,25 @@ enum Cmd {
 #[derive(Args)]
 struct RunArgs {
     /// Interface to tap, ingress and egress (repeatable).
-    #[arg(long = "iface", required = true, value_name = "IFACE")]
+    #[arg(
+        long = "iface",
+        value_name = "IFACE",
+        required_unless_present = "kubeconfig",
+        conflicts_with = "kubeconfig"
+    )]
     ifaces: Vec<String>,
+    /// Cluster mode: watch the pods of --node through this kubeconfig and tap
+    /// the host-side veths (annotation tapestry.io/host-veth) of the pods the
+    /// --policy-file policies select, following pods as they come and go.
+    #[arg(long, value_name = "FILE", requires = "policy_file")]
+    kubeconfig: Option<std::path::PathBuf>,
     /// Aggregator gRPC endpoint.
     #[arg(long, value_name = "http://HOST:PORT")]
     aggregator: String,
     /// Policies from a JSON file (an array of TapPolicy: name, rules, snaplen;
     /// selectors apply to pods in cluster mode and are ignored for --iface).
     /// Instead of --rule/--snaplen.
-    #[arg(long, value_name = "FILE", conflicts_with_all = ["rules", "snaplen"])]
+    #[arg(long, alias = "policies", value_name = "FILE", conflicts_with_all = ["rules", "snaplen"])]
     policy_file: Option<std::path::PathBuf>,
     /// Bytes kept of each packet (default: whole packets, up to 64 KiB GSO super-packets).
     #[arg(long, value_name = "N", value_parser = parse_snaplen)]
@@ -89,7 +101,7 @@ fn parse_rule(s: &str) -> Result<FilterRule, String> {
 
 /// Reads and validates a JSON array of TapPolicy; errors name the file,
 /// the policy and the field.
-fn read_policies(path: &std::path::Path) -> anyhow::Result<Vec<PolicySpec>> {
+fn read_policies(path: &std::path::Path) -> anyhow::Result<Vec<TapPolicy>> {
     use anyhow::Context as _;
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("--policy-file {}", path.display()))?;
@@ -115,7 +127,7 @@ fn read_policies(path: &std::path::Path) -> anyhow::Result<Vec<PolicySpec>> {
     if policies.is_empty() {
         anyhow::bail!("--policy-file {}: no policies", path.display());
     }
-    Ok(tapestry_tap_agent::pods::policy_specs(&policies))
+    Ok(policies)
 }
 
 fn hostname() -> String {
@@ -141,21 +153,25 @@ fn main() -> ExitCode {
         }),
         Cmd::Run(a) => {
             let a = *a;
-            let policies = match &a.policy_file {
-                None => Ok(vec![PolicySpec {
-                    name: "cli".into(),
-                    rules: a.rules.clone(),
-                    snaplen: a.snaplen,
-                }]),
-                Some(path) => read_policies(path),
+            let (policies, tap_policies) = match &a.policy_file {
+                None => (
+                    vec![PolicySpec {
+                        name: "cli".into(),
+                        rules: a.rules.clone(),
+                        snaplen: a.snaplen,
+                    }],
+                    vec![],
+                ),
+                Some(path) => match read_policies(path) {
+                    Ok(p) => (tapestry_tap_agent::pods::policy_specs(&p), p),
+                    Err(e) => {
+                        eprintln!("tap-agent: error: {e:#}");
+                        return ExitCode::from(2);
+                    }
+                },
             };
-            let policies = match policies {
-                Ok(p) => p,
-                Err(e) => {
-                    eprintln!("tap-agent: error: {e:#}");
-                    return ExitCode::from(2);
-                }
-            };
+            let node = a.node.clone().unwrap_or_else(hostname);
+            let kubeconfig = a.kubeconfig.clone();
             let cfg = RunConfig {
                 targets: TargetSource::Static(a.ifaces),
                 aggregator: a.aggregator,
@@ -171,14 +187,33 @@ fn main() -> ExitCode {
                 },
                 mode: a.attach_mode,
                 tap_id: a.tap_id.unwrap_or_else(hostname),
-                node: a.node.unwrap_or_else(hostname),
+                node: node.clone(),
             };
             tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
                 .enable_all()
                 .build()
                 .map_err(anyhow::Error::from)
-                .and_then(|rt| rt.block_on(agent::run(cfg)))
+                .and_then(|rt| {
+                    rt.block_on(async move {
+                        let mut cfg = cfg;
+                        if let Some(kc) = kubeconfig {
+                            let _ = rustls::crypto::ring::default_provider().install_default();
+                            let client = kube_source::client(&kc).await?;
+                            let (tx, rx) = tokio::sync::watch::channel(TargetSet::new());
+                            let policies = std::sync::Arc::new(tap_policies);
+                            tokio::spawn(async move {
+                                if let Err(e) =
+                                    kube_source::watch_pods(client, node, policies, tx).await
+                                {
+                                    tracing::error!("{e:#}");
+                                }
+                            });
+                            cfg.targets = TargetSource::Dynamic(rx);
+                        }
+                        agent::run(cfg).await
+                    })
+                })
         }
     };
     match result {

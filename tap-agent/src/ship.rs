@@ -103,9 +103,29 @@ impl Shipper {
         if tx.send(first).await.is_err() {
             return StreamEnd::Failed;
         }
+        let mut hello_open = true;
         loop {
             let batch = tokio::select! {
                 b = self.queue.recv() => b,
+                // Sources changed: tell the aggregator now, not with the next packet.
+                r = self.hello.changed(), if hello_open => {
+                    if r.is_err() {
+                        hello_open = false;
+                        continue;
+                    }
+                    sequence += 1;
+                    let msg = PacketBatch {
+                        hello: Some(self.hello.borrow_and_update().clone()),
+                        sequence,
+                        packets: vec![],
+                        dropped_since_last: self.drops.take(),
+                    };
+                    tokio::select! {
+                        r = tx.send(msg) => if r.is_err() { return StreamEnd::Failed; },
+                        _ = &mut call => return StreamEnd::Failed,
+                    }
+                    continue;
+                }
                 res = &mut call => {
                     match res {
                         Ok(Ok(summary)) => warn!(?summary, "aggregator ended the stream"),

@@ -95,6 +95,13 @@ fn every_packet_once_per_direction_and_identical_to_tcpdump() {
         return;
     }
     let _g = serial();
+    with_reference_retries(
+        "every_packet_once_per_direction_and_identical_to_tcpdump",
+        every_packet_once_per_direction_and_identical_to_tcpdump_attempt,
+    );
+}
+
+fn every_packet_once_per_direction_and_identical_to_tcpdump_attempt() -> bool {
     let rt = runtime();
     let dir = tempfile::tempdir().unwrap();
     let pair = Pair::new();
@@ -122,7 +129,9 @@ fn every_packet_once_per_direction_and_identical_to_tcpdump() {
     let mb = tcp_mb();
     tcp_transfer(&pair, 5001, mb << 20);
     std::thread::sleep(Duration::from_millis(300));
-    let reference = tcpdump.stop();
+    let Some(reference) = tcpdump.stop() else {
+        return false;
+    };
     wait_delivered(&agent, &server);
 
     assert_eq!(agent.kernel("ringbuf_full"), 0, "ring overflowed");
@@ -200,6 +209,7 @@ fn every_packet_once_per_direction_and_identical_to_tcpdump() {
         "TCP payload {tcp_payload} < {} MiB",
         mb
     );
+    true
 }
 
 #[test]
@@ -257,6 +267,13 @@ fn tcp_port_80_prefilter_keeps_only_matching_traffic() {
         return;
     }
     let _g = serial();
+    with_reference_retries(
+        "tcp_port_80_prefilter_keeps_only_matching_traffic",
+        tcp_port_80_prefilter_keeps_only_matching_traffic_attempt,
+    );
+}
+
+fn tcp_port_80_prefilter_keeps_only_matching_traffic_attempt() -> bool {
     let rt = runtime();
     let dir = tempfile::tempdir().unwrap();
     let pair = Pair::new();
@@ -279,7 +296,9 @@ fn tcp_port_80_prefilter_keeps_only_matching_traffic() {
     udp_echo(&pair, 7000, 2000, 300, 32);
     tcp_transfer(&pair, 81, 4 << 20);
     std::thread::sleep(Duration::from_millis(300));
-    let all = tcpdump.stop();
+    let Some(all) = tcpdump.stop() else {
+        return false;
+    };
     wait_delivered(&agent, &server);
     let (seen, matched, captured) = (
         agent.kernel("seen"),
@@ -310,6 +329,7 @@ fn tcp_port_80_prefilter_keeps_only_matching_traffic() {
     let ours = multiset(got.iter().map(|p| (p.data.clone(), p.wire_length)));
     let theirs = multiset(expected.iter().map(|p| (p.data.clone(), p.orig_len)));
     assert!(ours == theirs, "port-80 capture differs from tcpdump's");
+    true
 }
 
 #[test]
@@ -318,6 +338,13 @@ fn snaplen_96_truncates_but_keeps_wire_length() {
         return;
     }
     let _g = serial();
+    with_reference_retries(
+        "snaplen_96_truncates_but_keeps_wire_length",
+        snaplen_96_truncates_but_keeps_wire_length_attempt,
+    );
+}
+
+fn snaplen_96_truncates_but_keeps_wire_length_attempt() -> bool {
     let rt = runtime();
     let dir = tempfile::tempdir().unwrap();
     let pair = Pair::new();
@@ -339,7 +366,9 @@ fn snaplen_96_truncates_but_keeps_wire_length() {
     udp_echo(&pair, 7000, 1000, 1000, 32);
     tcp_transfer(&pair, 5001, 4 << 20);
     std::thread::sleep(Duration::from_millis(300));
-    let full = tcpdump.stop();
+    let Some(full) = tcpdump.stop() else {
+        return false;
+    };
     wait_delivered(&agent, &server);
     assert!(agent.terminate());
     let got = packets(&server);
@@ -357,6 +386,7 @@ fn snaplen_96_truncates_but_keeps_wire_length() {
         assert_eq!(p.data.len() as u32, p.wire_length.min(96));
     }
     assert!(got.iter().filter(|p| p.wire_length > 1000).count() >= 2000);
+    true
 }
 
 fn rss_kib(pid: u32) -> u64 {
@@ -502,6 +532,13 @@ fn cidr_and_direction_rules_run_in_the_kernel() {
         return;
     }
     let _g = serial();
+    with_reference_retries(
+        "cidr_and_direction_rules_run_in_the_kernel",
+        cidr_and_direction_rules_run_in_the_kernel_attempt,
+    );
+}
+
+fn cidr_and_direction_rules_run_in_the_kernel_attempt() -> bool {
     let rt = runtime();
     let dir = tempfile::tempdir().unwrap();
     let pair = Pair::new();
@@ -528,7 +565,9 @@ fn cidr_and_direction_rules_run_in_the_kernel() {
     udp_echo(&pair, 7000, 1000, 200, 32);
     tcp_transfer(&pair, 5001, 4 << 20);
     std::thread::sleep(Duration::from_millis(300));
-    let all = tcpdump.stop();
+    let Some(all) = tcpdump.stop() else {
+        return false;
+    };
     wait_delivered(&agent, &server);
     assert!(agent.terminate());
     let got = packets(&server);
@@ -563,6 +602,7 @@ fn cidr_and_direction_rules_run_in_the_kernel() {
     let theirs = multiset(expected.iter().map(|p| (p.data.clone(), p.orig_len)));
     assert!(!theirs.is_empty());
     assert!(ours == theirs, "egress TCP differs from tcpdump's");
+    true
 }
 
 /// Sends raw Ethernet frames from `b` onto the link (AF_PACKET).

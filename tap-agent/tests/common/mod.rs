@@ -411,6 +411,7 @@ impl Drop for Agent {
 pub struct Tcpdump {
     child: Child,
     pub file: PathBuf,
+    stderr: Option<std::thread::JoinHandle<String>>,
 }
 
 impl Tcpdump {
@@ -427,7 +428,7 @@ impl Tcpdump {
                 "-U",
                 "--immediate-mode",
                 "-B",
-                "131072",
+                "524288",
                 "-s",
                 "0",
                 "-w",
@@ -444,20 +445,23 @@ impl Tcpdump {
         let mut line = String::new();
         r.read_line(&mut line).unwrap();
         assert!(line.contains("listening on"), "tcpdump: {line}");
-        std::thread::spawn(move || {
+        let stderr = std::thread::spawn(move || {
             let mut rest = String::new();
             let _ = r.read_to_string(&mut rest);
-            eprintln!("tcpdump: {rest}");
+            rest
         });
         Tcpdump {
             child,
             file: file.to_path_buf(),
+            stderr: Some(stderr),
         }
     }
 
     /// Waits until tcpdump has written everything it was handed (the file
-    /// stops growing), then stops it and reads the capture.
-    pub fn stop(mut self) -> Vec<PcapPacket> {
+    /// stops growing), then stops it and reads the capture. `None` when
+    /// tcpdump itself lost packets ("dropped by kernel"): then it is no
+    /// reference, and the caller retries.
+    pub fn stop(mut self) -> Option<Vec<PcapPacket>> {
         let mut last = (0u64, Instant::now());
         let start = Instant::now();
         loop {
@@ -474,7 +478,19 @@ impl Tcpdump {
         // SAFETY: signalling our own child.
         unsafe { libc::kill(self.child.id() as i32, libc::SIGINT) };
         self.child.wait().unwrap();
-        read_pcap(&self.file)
+        let stderr = self.stderr.take().unwrap().join().unwrap_or_default();
+        eprintln!("tcpdump: {}", stderr.trim());
+        let dropped: u64 = stderr
+            .lines()
+            .find(|l| l.contains("dropped by kernel"))
+            .and_then(|l| l.split_whitespace().next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0);
+        if dropped > 0 {
+            eprintln!("tcpdump dropped {dropped} packets: its capture is no reference, retrying");
+            return None;
+        }
+        Some(read_pcap(&self.file))
     }
 }
 
@@ -549,6 +565,19 @@ pub fn tapestry_programs() -> Vec<String> {
         .filter(|l| l.contains("tapestry_"))
         .map(str::to_string)
         .collect()
+}
+
+/// Runs a test body that compares against tcpdump up to 3 times: the body
+/// returns false when tcpdump could not keep up (a loaded machine), never
+/// when the tap is wrong (that panics).
+pub fn with_reference_retries(name: &str, mut body: impl FnMut() -> bool) {
+    for attempt in 1..=3 {
+        if body() {
+            return;
+        }
+        eprintln!("{name}: attempt {attempt}: tcpdump dropped packets");
+    }
+    panic!("{name}: tcpdump dropped packets in 3 attempts, nothing to compare against");
 }
 
 pub fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
