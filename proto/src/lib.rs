@@ -13,3 +13,6 @@ pub mod tool {
         tonic::include_proto!("tapestry.tool.v1");
     }
 }
+
+/// Tapestry's own API resource types for tapping.
+pub mod policy;
