@@ -1,5 +1,8 @@
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let protos = ["proto/tapestry/tap/v1/tap.proto"];
+    let protos = [
+        "proto/tapestry/tap/v1/tap.proto",
+        "proto/tapestry/tool/v1/tool.proto",
+    ];
     for proto in protos {
         println!("cargo:rerun-if-changed={proto}");
     }

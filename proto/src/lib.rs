@@ -6,3 +6,13 @@ pub mod tap {
         tonic::include_proto!("tapestry.tap.v1");
     }
 }
+
+/// Aggregator → security tool packet subscription (`tapestry.tool.v1`).
+pub mod tool {
+    pub mod v1 {
+        tonic::include_proto!("tapestry.tool.v1");
+    }
+}
+
+/// Tapestry's own API resource types for tapping.
+pub mod policy;

@@ -1,0 +1,270 @@
+//! Counters and latency histograms, rendered as Prometheus text.
+//!
+//! Hot paths bump plain atomics held by the component that owns them; the
+//! registry only keeps `Arc`s to them for rendering, so counting costs no
+//! lock and no lookup.
+
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+
+use dashmap::DashMap;
+use hdrhistogram::Histogram;
+
+#[derive(Debug, Default)]
+pub struct Counter(AtomicU64);
+
+impl Counter {
+    #[inline]
+    pub fn add(&self, n: u64) {
+        self.0.fetch_add(n, Relaxed);
+    }
+    #[inline]
+    pub fn get(&self) -> u64 {
+        self.0.load(Relaxed)
+    }
+}
+
+/// Per-tap ingest counters.
+#[derive(Debug, Default)]
+pub struct TapStats {
+    pub batches: Counter,
+    pub packets: Counter,
+    pub bytes: Counter,
+    /// Packets the tap itself reported dropping.
+    pub tap_dropped: Counter,
+    pub streams: Counter,
+}
+
+/// Per-policy counters.
+#[derive(Debug, Default)]
+pub struct PolicyStats {
+    pub received: Counter,
+    pub matched: Counter,
+    pub duplicates: Counter,
+    pub delivered: Counter,
+    pub bytes: Counter,
+    /// Packets dropped because the policy worker's queue was full.
+    pub dropped: Counter,
+}
+
+/// Per-sink counters and capture-to-sink latency.
+#[derive(Debug)]
+pub struct SinkStats {
+    pub packets: Counter,
+    pub bytes: Counter,
+    /// Packets dropped because the sink's queue was full.
+    pub dropped: Counter,
+    /// Packets dropped for individual clients that did not keep up.
+    pub client_dropped: Counter,
+    pub clients: AtomicU64,
+    pub errors: Counter,
+    /// Nanoseconds from capture to hand-off at the sink.
+    pub latency: Mutex<Histogram<u64>>,
+}
+
+impl Default for SinkStats {
+    fn default() -> Self {
+        SinkStats {
+            packets: Counter::default(),
+            bytes: Counter::default(),
+            dropped: Counter::default(),
+            client_dropped: Counter::default(),
+            clients: AtomicU64::new(0),
+            errors: Counter::default(),
+            // 1 µs .. 60 s at 3 significant digits.
+            latency: Mutex::new(
+                Histogram::new_with_bounds(1_000, 60_000_000_000, 3).expect("valid bounds"),
+            ),
+        }
+    }
+}
+
+impl SinkStats {
+    /// Records hand-off of packets captured at `ts_ns` (one lock per batch).
+    pub fn record_latency(&self, now_ns: u64, ts: impl Iterator<Item = u64>) {
+        let mut h = self.latency.lock().unwrap_or_else(|e| e.into_inner());
+        for t in ts {
+            let _ = h.record(now_ns.saturating_sub(t).clamp(1_000, 60_000_000_000));
+        }
+    }
+}
+
+#[derive(Default)]
+pub struct Registry {
+    pub taps: DashMap<String, Arc<TapStats>>,
+    pub policies: Mutex<Vec<(String, Arc<PolicyStats>)>>,
+    pub sinks: Mutex<Vec<(String, String, Arc<SinkStats>)>>,
+}
+
+impl Registry {
+    pub fn tap(&self, id: &str) -> Arc<TapStats> {
+        self.taps.entry(id.to_string()).or_default().clone()
+    }
+
+    pub fn render(&self) -> String {
+        let mut o = String::new();
+        macro_rules! fam {
+            ($name:expr, $help:expr, $kind:expr, $rows:expr) => {{
+                let _ = writeln!(o, "# HELP {} {}\n# TYPE {} {}", $name, $help, $name, $kind);
+                for (labels, v) in $rows {
+                    let _ = writeln!(o, "{}{{{}}} {}", $name, labels, v);
+                }
+            }};
+        }
+        let mut taps: Vec<_> = self
+            .taps
+            .iter()
+            .map(|e| (e.key().clone(), e.value().clone()))
+            .collect();
+        taps.sort_by(|a, b| a.0.cmp(&b.0));
+        let tl = |t: &str| format!("tap=\"{}\"", esc(t));
+        fam!(
+            "tapestry_aggregator_tap_packets_total",
+            "Packets received from a tap.",
+            "counter",
+            taps.iter().map(|(k, s)| (tl(k), s.packets.get()))
+        );
+        fam!(
+            "tapestry_aggregator_tap_bytes_total",
+            "Captured bytes received from a tap.",
+            "counter",
+            taps.iter().map(|(k, s)| (tl(k), s.bytes.get()))
+        );
+        fam!(
+            "tapestry_aggregator_tap_batches_total",
+            "Batches received from a tap.",
+            "counter",
+            taps.iter().map(|(k, s)| (tl(k), s.batches.get()))
+        );
+        fam!(
+            "tapestry_aggregator_tap_reported_drops_total",
+            "Packets a tap reported dropping before sending.",
+            "counter",
+            taps.iter().map(|(k, s)| (tl(k), s.tap_dropped.get()))
+        );
+        fam!(
+            "tapestry_aggregator_tap_streams_total",
+            "Ingest streams opened by a tap.",
+            "counter",
+            taps.iter().map(|(k, s)| (tl(k), s.streams.get()))
+        );
+
+        let policies = self
+            .policies
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let pl = |p: &str| format!("policy=\"{}\"", esc(p));
+        fam!(
+            "tapestry_aggregator_policy_received_total",
+            "Packets offered to a policy.",
+            "counter",
+            policies.iter().map(|(k, s)| (pl(k), s.received.get()))
+        );
+        fam!(
+            "tapestry_aggregator_policy_matched_total",
+            "Packets that passed a policy's filter.",
+            "counter",
+            policies.iter().map(|(k, s)| (pl(k), s.matched.get()))
+        );
+        fam!(
+            "tapestry_aggregator_policy_duplicates_total",
+            "Packets a policy's dedup removed.",
+            "counter",
+            policies.iter().map(|(k, s)| (pl(k), s.duplicates.get()))
+        );
+        fam!(
+            "tapestry_aggregator_policy_packets_total",
+            "Packets a policy delivered to its sinks and groups.",
+            "counter",
+            policies.iter().map(|(k, s)| (pl(k), s.delivered.get()))
+        );
+        fam!(
+            "tapestry_aggregator_policy_bytes_total",
+            "Bytes a policy delivered (after slicing).",
+            "counter",
+            policies.iter().map(|(k, s)| (pl(k), s.bytes.get()))
+        );
+        fam!(
+            "tapestry_aggregator_policy_dropped_total",
+            "Packets dropped because a policy's queue was full.",
+            "counter",
+            policies.iter().map(|(k, s)| (pl(k), s.dropped.get()))
+        );
+
+        let sinks = self.sinks.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let sl = |n: &str, t: &str| format!("sink=\"{}\",type=\"{}\"", esc(n), t);
+        fam!(
+            "tapestry_aggregator_sink_packets_total",
+            "Packets a sink handed to its tool.",
+            "counter",
+            sinks.iter().map(|(n, t, s)| (sl(n, t), s.packets.get()))
+        );
+        fam!(
+            "tapestry_aggregator_sink_bytes_total",
+            "Bytes a sink handed to its tool.",
+            "counter",
+            sinks.iter().map(|(n, t, s)| (sl(n, t), s.bytes.get()))
+        );
+        fam!(
+            "tapestry_aggregator_sink_dropped_total",
+            "Packets dropped because a sink's queue was full.",
+            "counter",
+            sinks.iter().map(|(n, t, s)| (sl(n, t), s.dropped.get()))
+        );
+        fam!(
+            "tapestry_aggregator_sink_client_dropped_total",
+            "Packets dropped for clients of a sink that did not keep up.",
+            "counter",
+            sinks
+                .iter()
+                .map(|(n, t, s)| (sl(n, t), s.client_dropped.get()))
+        );
+        fam!(
+            "tapestry_aggregator_sink_errors_total",
+            "Write errors at a sink.",
+            "counter",
+            sinks.iter().map(|(n, t, s)| (sl(n, t), s.errors.get()))
+        );
+        fam!(
+            "tapestry_aggregator_sink_clients",
+            "Connected clients of a sink.",
+            "gauge",
+            sinks.iter().map(|(n, t, s)| (
+                sl(n, t),
+                s.clients.load(std::sync::atomic::Ordering::Relaxed)
+            ))
+        );
+        let name = "tapestry_aggregator_sink_latency_seconds";
+        let _ = writeln!(
+            o,
+            "# HELP {name} Capture-to-sink latency.\n# TYPE {name} summary"
+        );
+        for (n, t, s) in &sinks {
+            let h = s.latency.lock().unwrap_or_else(|e| e.into_inner()).clone();
+            for q in [0.5, 0.9, 0.99, 0.999] {
+                let _ = writeln!(
+                    o,
+                    "{name}{{{},quantile=\"{q}\"}} {}",
+                    sl(n, t),
+                    h.value_at_quantile(q) as f64 / 1e9
+                );
+            }
+            let _ = writeln!(
+                o,
+                "{name}_sum{{{}}} {}",
+                sl(n, t),
+                h.mean() * h.len() as f64 / 1e9
+            );
+            let _ = writeln!(o, "{name}_count{{{}}} {}", sl(n, t), h.len());
+        }
+        o
+    }
+}
+
+fn esc(s: &str) -> String {
+    s.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}

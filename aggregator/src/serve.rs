@@ -1,0 +1,156 @@
+//! `aggregator serve`: gRPC ingest and subscribe, the HTTP endpoints, and
+//! the topology between them.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::extract::{Path, State};
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::Router;
+use tapestry_proto::tap::v1::tap_ingest_server::TapIngestServer;
+use tapestry_proto::tool::v1::tool_subscribe_server::ToolSubscribeServer;
+use tokio::net::TcpListener;
+
+use crate::config::Config;
+use crate::metrics::Registry;
+use crate::sinks::grpc::service::SubscribeService;
+use crate::sinks::http::config::HttpStream;
+use crate::sinks::SinkContext;
+use crate::sources::grpc::IngestService;
+use crate::topology::Topology;
+
+/// gRPC messages from taps carry whole batches; allow large ones.
+const MAX_MESSAGE: usize = 64 << 20;
+
+pub struct ServeOptions {
+    pub grpc: String,
+    pub http: String,
+    pub config: Config,
+}
+
+/// Where a running aggregator listens.
+#[derive(Clone)]
+pub struct Running {
+    pub registry: Arc<Registry>,
+    pub grpc: SocketAddr,
+    pub http: SocketAddr,
+    pub sinks: Vec<(String, SocketAddr)>,
+}
+
+#[derive(Clone)]
+struct HttpState {
+    registry: Arc<Registry>,
+    streams: Arc<dashmap::DashMap<String, HttpStream>>,
+}
+
+/// Binds everything and spawns the servers; returns once listening.
+pub async fn start(opts: ServeOptions) -> anyhow::Result<Running> {
+    let registry = Arc::new(Registry::default());
+    let cx = SinkContext {
+        registry: registry.clone(),
+        ..SinkContext::default()
+    };
+    let topo = Topology::build(&opts.config, cx).await?;
+    let grpc_l = TcpListener::bind(&opts.grpc)
+        .await
+        .map_err(|e| anyhow::anyhow!("--grpc {}: {e}", opts.grpc))?;
+    let http_l = TcpListener::bind(&opts.http)
+        .await
+        .map_err(|e| anyhow::anyhow!("--http {}: {e}", opts.http))?;
+    let running = Running {
+        registry: registry.clone(),
+        grpc: grpc_l.local_addr()?,
+        http: http_l.local_addr()?,
+        sinks: topo
+            .cx
+            .listening
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone(),
+    };
+
+    let ingest = TapIngestServer::new(IngestService {
+        policies: topo.policies.clone(),
+        registry: registry.clone(),
+    })
+    .max_decoding_message_size(MAX_MESSAGE);
+    let subscribe = ToolSubscribeServer::new(SubscribeService {
+        hubs: topo.cx.grpc_hubs.clone(),
+    })
+    .max_encoding_message_size(MAX_MESSAGE);
+    tokio::spawn(async move {
+        let r = tonic::transport::Server::builder()
+            .add_service(ingest)
+            .add_service(subscribe)
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(grpc_l))
+            .await;
+        if let Err(e) = r {
+            tracing::error!("gRPC server: {e}");
+        }
+    });
+
+    let state = HttpState {
+        registry,
+        streams: topo.cx.http_hubs.clone(),
+    };
+    let app = Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/metrics", get(metrics))
+        .route("/v1/tools/{name}/pcap", get(stream_pcap))
+        .with_state(state);
+    tokio::spawn(async move {
+        if let Err(e) = axum::serve(http_l, app).await {
+            tracing::error!("HTTP server: {e}");
+        }
+    });
+    // The topology lives as long as the process: its tasks own the rest.
+    std::mem::forget(topo.sinks);
+    Ok(running)
+}
+
+async fn metrics(State(s): State<HttpState>) -> impl IntoResponse {
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        s.registry.render(),
+    )
+}
+
+async fn stream_pcap(State(s): State<HttpState>, Path(name): Path<String>) -> Response {
+    let Some(stream) = s.streams.get(&name).map(|e| e.clone()) else {
+        return (
+            StatusCode::NOT_FOUND,
+            format!("no http sink named {name:?}\n"),
+        )
+            .into_response();
+    };
+    let sub = stream.hub.subscribe();
+    let head = bytes::Bytes::copy_from_slice(&crate::capture::pcap_stream_header(stream.snaplen));
+    let body = futures::stream::once(async move { Ok::<_, std::io::Error>(head) }).chain_rx(sub.rx);
+    Response::builder()
+        .header(header::CONTENT_TYPE, "application/vnd.tcpdump.pcap")
+        .body(Body::from_stream(body))
+        .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
+}
+
+trait ChainRx {
+    fn chain_rx(
+        self,
+        rx: tokio::sync::mpsc::Receiver<bytes::Bytes>,
+    ) -> impl futures::Stream<Item = Result<bytes::Bytes, std::io::Error>> + Send + 'static;
+}
+
+impl<S> ChainRx for S
+where
+    S: futures::Stream<Item = Result<bytes::Bytes, std::io::Error>> + Send + 'static,
+{
+    fn chain_rx(
+        self,
+        rx: tokio::sync::mpsc::Receiver<bytes::Bytes>,
+    ) -> impl futures::Stream<Item = Result<bytes::Bytes, std::io::Error>> + Send + 'static {
+        use futures::StreamExt;
+        self.chain(tokio_stream::wrappers::ReceiverStream::new(rx).map(Ok))
+    }
+}

@@ -1,0 +1,46 @@
+use std::pin::Pin;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+
+use dashmap::DashMap;
+use futures::Stream;
+use tapestry_proto::tool::v1::tool_subscribe_server::ToolSubscribe;
+use tapestry_proto::tool::v1::{SubscribeRequest, ToolBatch};
+use tonic::{Request, Response, Status};
+
+use crate::sinks::Hub;
+
+pub type Hubs = Arc<DashMap<String, Arc<Hub<Arc<ToolBatch>>>>>;
+
+pub struct SubscribeService {
+    pub hubs: Hubs,
+}
+
+#[tonic::async_trait]
+impl ToolSubscribe for SubscribeService {
+    type SubscribeStream = Pin<Box<dyn Stream<Item = Result<ToolBatch, Status>> + Send + 'static>>;
+
+    async fn subscribe(
+        &self,
+        req: Request<SubscribeRequest>,
+    ) -> Result<Response<Self::SubscribeStream>, Status> {
+        let name = req.into_inner().sink;
+        let hub = self
+            .hubs
+            .get(&name)
+            .map(|h| h.clone())
+            .ok_or_else(|| Status::not_found(format!("sink: no grpc sink named {name:?}")))?;
+        let sub = hub.subscribe();
+        let dropped = sub.dropped.clone();
+        let stream = futures::stream::unfold(sub.rx, move |mut rx| {
+            let dropped = dropped.clone();
+            async move {
+                let b = rx.recv().await?;
+                let mut out = (*b).clone();
+                out.dropped_since_last = dropped.swap(0, Relaxed);
+                Some((Ok(out), rx))
+            }
+        });
+        Ok(Response::new(Box::pin(stream)))
+    }
+}

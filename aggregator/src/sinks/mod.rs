@@ -1,0 +1,235 @@
+//! Sinks: where a policy's packets leave for security tools.
+//!
+//! Each sink is a config struct (one variant of [`SinkConfig`]) that builds
+//! a running task fed by its own bounded queue. Policies hand batches over
+//! with `try_send`; a full queue drops the batch and counts it, so a slow
+//! tool never slows ingest or the other sinks. Sinks with several clients
+//! (PCAP-over-IP, HTTP, gRPC) give every client its own bounded queue
+//! through a [`Hub`], so one stalled client only loses its own packets.
+
+pub mod grpc;
+pub mod http;
+pub mod pcap_over_ip;
+pub mod pcapng_file;
+pub mod vxlan;
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+
+use dashmap::DashMap;
+use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc;
+
+use crate::event::Batch;
+use crate::metrics::{Registry, SinkStats};
+
+pub fn default_queue() -> usize {
+    1024
+}
+
+pub fn default_client_queue() -> usize {
+    256
+}
+
+pub fn default_snaplen() -> u32 {
+    262_144
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum SinkConfig {
+    PcapOverIp(pcap_over_ip::config::PcapOverIpConfig),
+    Http(http::config::HttpConfig),
+    PcapngFile(pcapng_file::config::PcapngFileConfig),
+    Grpc(grpc::config::GrpcConfig),
+    Vxlan(vxlan::config::VxlanConfig),
+}
+
+/// Fields every sink has.
+pub struct Common<'a> {
+    pub name: &'a str,
+    pub queue: usize,
+}
+
+impl SinkConfig {
+    pub fn common(&self) -> Common<'_> {
+        match self {
+            SinkConfig::PcapOverIp(c) => Common {
+                name: &c.name,
+                queue: c.queue,
+            },
+            SinkConfig::Http(c) => Common {
+                name: &c.name,
+                queue: c.queue,
+            },
+            SinkConfig::PcapngFile(c) => Common {
+                name: &c.name,
+                queue: c.queue,
+            },
+            SinkConfig::Grpc(c) => Common {
+                name: &c.name,
+                queue: c.queue,
+            },
+            SinkConfig::Vxlan(c) => Common {
+                name: &c.name,
+                queue: c.queue,
+            },
+        }
+    }
+
+    pub fn type_name(&self) -> &'static str {
+        match self {
+            SinkConfig::PcapOverIp(_) => "pcap_over_ip",
+            SinkConfig::Http(_) => "http",
+            SinkConfig::PcapngFile(_) => "pcapng_file",
+            SinkConfig::Grpc(_) => "grpc",
+            SinkConfig::Vxlan(_) => "vxlan",
+        }
+    }
+
+    /// Checks values serde cannot; the error starts with the field name.
+    pub fn validate(&self) -> Result<(), String> {
+        match self {
+            SinkConfig::PcapOverIp(c) => c.validate(),
+            SinkConfig::Http(c) => c.validate(),
+            SinkConfig::PcapngFile(c) => c.validate(),
+            SinkConfig::Grpc(c) => c.validate(),
+            SinkConfig::Vxlan(c) => c.validate(),
+        }
+    }
+
+    /// Starts the sink and returns the handle policies send to.
+    pub async fn build(&self, cx: &SinkContext) -> anyhow::Result<SinkHandle> {
+        let c = self.common();
+        let stats = Arc::new(SinkStats::default());
+        cx.registry
+            .sinks
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push((
+                c.name.to_string(),
+                self.type_name().to_string(),
+                stats.clone(),
+            ));
+        let (tx, rx) = mpsc::channel(c.queue);
+        match self {
+            SinkConfig::PcapOverIp(cfg) => cfg.build(cx, rx, stats.clone()).await?,
+            SinkConfig::Http(cfg) => cfg.build(cx, rx, stats.clone())?,
+            SinkConfig::PcapngFile(cfg) => cfg.build(rx, tx.clone(), stats.clone())?,
+            SinkConfig::Grpc(cfg) => cfg.build(cx, rx, stats.clone())?,
+            SinkConfig::Vxlan(cfg) => cfg.build(rx, stats.clone()).await?,
+        }
+        Ok(SinkHandle {
+            name: c.name.into(),
+            tx,
+            stats,
+        })
+    }
+}
+
+pub fn check_addr(field: &str, v: &str) -> Result<(), String> {
+    v.parse::<SocketAddr>()
+        .map(|_| ())
+        .map_err(|e| format!("{field}: {v:?} is not an address:port ({e})"))
+}
+
+/// Shared state sinks register into while they are built.
+#[derive(Default)]
+pub struct SinkContext {
+    pub registry: Arc<Registry>,
+    /// HTTP stream sinks by name, served under `/v1/tools/NAME/pcap`.
+    pub http_hubs: Arc<DashMap<String, http::config::HttpStream>>,
+    /// gRPC subscribe sinks by name.
+    pub grpc_hubs: Arc<DashMap<String, Arc<Hub<Arc<tapestry_proto::tool::v1::ToolBatch>>>>>,
+    /// Addresses sinks listen on, for the startup announcement.
+    pub listening: Mutex<Vec<(String, SocketAddr)>>,
+}
+
+/// What policies hold to feed a sink.
+#[derive(Clone)]
+pub struct SinkHandle {
+    pub name: Arc<str>,
+    tx: mpsc::Sender<Batch>,
+    pub stats: Arc<SinkStats>,
+}
+
+impl SinkHandle {
+    /// Hands a batch over without waiting; a full (or closed) queue drops
+    /// it and counts its packets.
+    #[inline]
+    pub fn offer(&self, b: Batch) {
+        if let Err(e) = self.tx.try_send(b) {
+            let b = match e {
+                mpsc::error::TrySendError::Full(b) | mpsc::error::TrySendError::Closed(b) => b,
+            };
+            self.stats.dropped.add(b.len() as u64);
+        }
+    }
+}
+
+/// Fan-out to any number of clients, each with its own bounded queue.
+pub struct Hub<T> {
+    clients: Mutex<Vec<HubClient<T>>>,
+    stats: Arc<SinkStats>,
+    client_queue: usize,
+}
+
+struct HubClient<T> {
+    tx: mpsc::Sender<T>,
+    dropped: Arc<AtomicU64>,
+}
+
+/// A client's end of a hub.
+pub struct Subscription<T> {
+    pub rx: mpsc::Receiver<T>,
+    /// Packets this client lost because its queue was full.
+    pub dropped: Arc<AtomicU64>,
+}
+
+impl<T: Clone> Hub<T> {
+    pub fn new(stats: Arc<SinkStats>, client_queue: usize) -> Self {
+        Hub {
+            clients: Mutex::new(Vec::new()),
+            stats,
+            client_queue: client_queue.max(1),
+        }
+    }
+
+    pub fn subscribe(&self) -> Subscription<T> {
+        let (tx, rx) = mpsc::channel(self.client_queue);
+        let dropped = Arc::new(AtomicU64::new(0));
+        let mut c = self.clients.lock().unwrap_or_else(|e| e.into_inner());
+        c.push(HubClient {
+            tx,
+            dropped: dropped.clone(),
+        });
+        self.stats.clients.store(c.len() as u64, Relaxed);
+        Subscription { rx, dropped }
+    }
+
+    /// Offers `item` (carrying `packets` packets) to every client; returns
+    /// how many clients took it. Clients that went away are forgotten.
+    pub fn broadcast(&self, item: &T, packets: u64) -> usize {
+        let mut c = self.clients.lock().unwrap_or_else(|e| e.into_inner());
+        let mut taken = 0;
+        c.retain(|cl| match cl.tx.try_send(item.clone()) {
+            Ok(()) => {
+                taken += 1;
+                true
+            }
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                cl.dropped.fetch_add(packets, Relaxed);
+                self.stats.client_dropped.add(packets);
+                true
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => false,
+        });
+        self.stats.clients.store(c.len() as u64, Relaxed);
+        taken
+    }
+
+    pub fn clients(&self) -> usize {
+        self.clients.lock().unwrap_or_else(|e| e.into_inner()).len()
+    }
+}

@@ -1,0 +1,150 @@
+use std::collections::{HashMap, VecDeque};
+use std::fs::File;
+use std::io::{BufWriter, Write};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::mpsc;
+
+use super::config::PcapngFileConfig;
+use crate::capture::PcapNgOut;
+use crate::event::{now_ns, Batch, Iface, Packet};
+use crate::metrics::SinkStats;
+
+struct Current {
+    out: PcapNgOut<BufWriter<File>>,
+    path: PathBuf,
+    opened: Instant,
+    /// Interface → interface id in this file (ids restart per file).
+    ifaces: HashMap<Arc<Iface>, u32>,
+}
+
+struct Writer {
+    cfg: PcapngFileConfig,
+    current: Option<Current>,
+    done: VecDeque<PathBuf>,
+    seq: u64,
+    stats: Arc<SinkStats>,
+}
+
+impl Writer {
+    fn open(&mut self) -> std::io::Result<&mut Current> {
+        if self.current.is_none() {
+            let secs = now_ns() / 1_000_000_000;
+            let path = self
+                .cfg
+                .directory
+                .join(format!("{}-{secs}-{:06}.pcapng", self.cfg.prefix, self.seq));
+            self.seq += 1;
+            let out = PcapNgOut::new(BufWriter::with_capacity(256 << 10, File::create(&path)?))?;
+            tracing::debug!(path = %path.display(), "opened capture file");
+            self.current = Some(Current {
+                out,
+                path,
+                opened: Instant::now(),
+                ifaces: HashMap::new(),
+            });
+        }
+        Ok(self.current.as_mut().expect("just opened"))
+    }
+
+    fn close(&mut self, last: bool) {
+        if let Some(mut c) = self.current.take() {
+            if let Err(e) = c.out.get_mut().flush() {
+                tracing::warn!(path = %c.path.display(), "flush: {e}");
+                self.stats.errors.add(1);
+            }
+            self.done.push_back(c.path);
+            if self.cfg.max_files > 0 {
+                // While running, the next file counts towards the limit.
+                let keep = if last {
+                    self.cfg.max_files
+                } else {
+                    self.cfg.max_files - 1
+                };
+                while self.done.len() > keep {
+                    let Some(old) = self.done.pop_front() else {
+                        break;
+                    };
+                    if let Err(e) = std::fs::remove_file(&old) {
+                        tracing::warn!(path = %old.display(), "retention: {e}");
+                    }
+                }
+            }
+        }
+    }
+
+    fn due(&self) -> bool {
+        let Some(c) = &self.current else { return false };
+        (self.cfg.rotate_bytes > 0 && c.out.bytes_written() >= self.cfg.rotate_bytes)
+            || (self.cfg.rotate_seconds > 0
+                && c.opened.elapsed() >= Duration::from_secs(self.cfg.rotate_seconds))
+    }
+
+    fn write(&mut self, p: &Packet) -> std::io::Result<usize> {
+        if self.due() {
+            self.close(false);
+        }
+        let snaplen = self.cfg.snaplen;
+        let c = self.open()?;
+        let id = match c.ifaces.get(&p.iface) {
+            Some(&id) => id,
+            None => {
+                let descr = format!("tap {} interface {}", p.iface.tap_id, p.iface.interface);
+                let id = c.out.add_interface(
+                    crate::bpf::LINKTYPE_ETHERNET,
+                    snaplen,
+                    Some(&p.iface.name),
+                    Some(&descr),
+                )?;
+                c.ifaces.insert(p.iface.clone(), id);
+                id
+            }
+        };
+        c.out.write_packet(
+            id,
+            p.ts_ns,
+            p.wire_len,
+            &p.data,
+            p.iface.epb_flags(p.direction),
+        )?;
+        Ok(p.data.len())
+    }
+}
+
+pub fn run(cfg: PcapngFileConfig, mut rx: mpsc::Receiver<Batch>, stats: Arc<SinkStats>) {
+    let mut w = Writer {
+        cfg,
+        current: None,
+        done: VecDeque::new(),
+        seq: 0,
+        stats: stats.clone(),
+    };
+    while let Some(batch) = rx.blocking_recv() {
+        if batch.is_empty() {
+            // The once-a-second tick.
+            if w.due() {
+                w.close(false);
+            } else if let Some(c) = w.current.as_mut() {
+                let _ = c.out.get_mut().flush();
+            }
+            continue;
+        }
+        let mut bytes = 0;
+        for p in batch.iter() {
+            match w.write(p) {
+                Ok(n) => bytes += n as u64,
+                Err(e) => {
+                    tracing::warn!("pcapng sink: {e}");
+                    stats.errors.add(1);
+                    w.current = None;
+                }
+            }
+        }
+        stats.packets.add(batch.len() as u64);
+        stats.bytes.add(bytes);
+        stats.record_latency(now_ns(), batch.iter().map(|p| p.ts_ns));
+    }
+    w.close(true);
+}

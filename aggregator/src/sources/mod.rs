@@ -1,0 +1,2 @@
+//! Sources: where packets enter the aggregator.
+pub mod grpc;

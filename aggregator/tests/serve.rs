@@ -1,0 +1,478 @@
+//! `aggregator serve` end to end, with a synthetic tap on the real ingest
+//! protocol and real tools (tshark, curl) on the sinks.
+
+mod common;
+
+use std::collections::{HashMap, HashSet};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use common::*;
+use tapestry_aggregator::parse::Layers;
+use tapestry_aggregator::synth;
+
+const FILTER: &str = "tcp port 80 or udp port 53 or (vlan and icmp)";
+
+#[test]
+fn tshark_http_and_files_get_exactly_the_filtered_packets() {
+    require_tool("tshark");
+    require_tool("tcpdump");
+    require_tool("curl");
+    let dir = tempfile::tempdir().unwrap();
+    let files = dir.path().join("files");
+    let agg = Aggregator::start(
+        &format!(
+            r#"
+sinks:
+  - {{ name: wireshark, type: pcap_over_ip, listen: "127.0.0.1:0" }}
+  - {{ name: stream, type: http }}
+  - {{ name: archive, type: pcapng_file, directory: "{}", rotate_bytes: 100000, max_files: 0 }}
+policies:
+  - name: web
+    filter: "{FILTER}"
+    sinks: [wireshark, stream, archive]
+"#,
+            files.display()
+        ),
+        dir.path(),
+    );
+    let frames = synth::frames(11, 10_000);
+    let expected = tcpdump_expected(dir.path(), &frames, FILTER);
+    assert!(expected.len() > 300, "the mix should exercise the filter");
+
+    let ts_out = dir.path().join("tshark.pcapng");
+    let mut tshark = Command::new("tshark")
+        .arg("-i")
+        .arg(format!("TCP@{}", agg.sinks["wireshark"]))
+        .arg("-c")
+        .arg(expected.len().to_string())
+        .arg("-w")
+        .arg(&ts_out)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let http_out = dir.path().join("http.pcap");
+    let mut curl = Command::new("curl")
+        .args(["-sN", "--max-time", "60", "-o"])
+        .arg(&http_out)
+        .arg(format!("http://{}/v1/tools/stream/pcap", agg.http))
+        .spawn()
+        .unwrap();
+    agg.wait_metric(
+        "tapestry_aggregator_sink_clients{sink=\"wireshark\",type=\"pcap_over_ip\"}",
+        1.0,
+        30,
+    );
+    agg.wait_metric(
+        "tapestry_aggregator_sink_clients{sink=\"stream\",type=\"http\"}",
+        1.0,
+        30,
+    );
+
+    send(&agg.grpc, "node-a", frames, None);
+
+    let st = wait_timeout(&mut tshark, 60);
+    assert!(st, "tshark did not receive {} packets", expected.len());
+    agg.wait_metric(
+        "tapestry_aggregator_sink_packets_total{sink=\"stream\",type=\"http\"}",
+        expected.len() as f64,
+        30,
+    );
+    agg.wait_metric(
+        "tapestry_aggregator_sink_packets_total{sink=\"archive\",type=\"pcapng_file\"}",
+        expected.len() as f64,
+        30,
+    );
+    // Let curl and the file sink flush, then stop curl.
+    std::thread::sleep(Duration::from_millis(1_500));
+    let _ = curl.kill();
+    let _ = curl.wait();
+
+    assert_eq!(read_packets(&ts_out), expected, "tshark (PCAP-over-IP)");
+    assert_eq!(read_packets(&http_out), expected, "HTTP stream");
+
+    // Files: rotated, each a valid pcapng tshark opens, pods as interfaces,
+    // and together exactly the expected packets.
+    let mut paths: Vec<_> = std::fs::read_dir(&files)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    paths.sort();
+    assert!(paths.len() >= 3, "expected rotation by size, got {paths:?}");
+    let mut all = Vec::new();
+    let mut names = HashSet::new();
+    for p in &paths {
+        all.extend(read_packets(p));
+        let o = Command::new("tshark")
+            .arg("-r")
+            .arg(p)
+            .args([
+                "-T",
+                "fields",
+                "-e",
+                "frame.interface_name",
+                "-e",
+                "frame.packet_flags_direction",
+            ])
+            .output()
+            .unwrap();
+        assert!(
+            o.status.success(),
+            "{}: {}",
+            p.display(),
+            String::from_utf8_lossy(&o.stderr)
+        );
+        for l in String::from_utf8_lossy(&o.stdout).lines() {
+            let mut f = l.split('\t');
+            names.insert(f.next().unwrap_or("").to_string());
+            let dir = f.next().unwrap_or("");
+            assert!(
+                dir == "1" || dir == "2" || dir == "0x00000001" || dir == "0x00000002",
+                "direction flag {dir:?}"
+            );
+        }
+    }
+    assert_eq!(all, expected, "pcapng files");
+    let want: HashSet<String> = ["web/frontend-0", "db/postgres-0"].map(String::from).into();
+    assert_eq!(names, want);
+}
+
+fn wait_timeout(c: &mut std::process::Child, secs: u64) -> bool {
+    let deadline = std::time::Instant::now() + Duration::from_secs(secs);
+    while std::time::Instant::now() < deadline {
+        if let Some(st) = c.try_wait().unwrap() {
+            return st.success();
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = c.kill();
+    false
+}
+
+/// Symmetric flow key of a frame, or None for non-IP.
+fn flow(data: &[u8]) -> Option<u64> {
+    let l = Layers::parse(data);
+    l.l3.map(|_| l.symmetric_flow_hash())
+}
+
+#[test]
+fn tool_group_keeps_flows_whole_and_splits_evenly() {
+    let socks: Vec<_> = (0..3)
+        .map(|_| {
+            let s = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+            s.set_read_timeout(Some(Duration::from_millis(1_500)))
+                .unwrap();
+            s
+        })
+        .collect();
+    let sinks: String = socks
+        .iter()
+        .enumerate()
+        .map(|(i, s)| {
+            format!(
+                "  - {{ name: ids-{i}, type: vxlan, remote: \"{}\", vni: {} }}\n",
+                s.local_addr().unwrap(),
+                100 + i
+            )
+        })
+        .collect();
+    let dir = tempfile::tempdir().unwrap();
+    let agg = Aggregator::start(
+        &format!("sinks:\n{sinks}policies:\n  - name: all\n    filter: ip or ip6\n    groups: [{{ name: ids, members: [ids-0, ids-1, ids-2] }}]\n"),
+        dir.path(),
+    );
+    let frames = synth::frames(5, 3_000);
+    // What the policy's filter keeps, by libpcap's semantics (untagged IP).
+    let prog = tapestry_aggregator::bpf::Program::compile("ip or ip6", 1, 65535).unwrap();
+    let ip_count = frames
+        .iter()
+        .filter(|f| prog.matches(&f.data, f.data.len() as u32))
+        .count();
+    // Readers run while the tap sends, and the tap is paced, so loopback
+    // socket buffers never overflow.
+    let readers: Vec<_> = socks
+        .into_iter()
+        .map(|s| {
+            std::thread::spawn(move || {
+                let mut got = Vec::new();
+                let mut buf = vec![0u8; 65_536];
+                while let Ok(n) = s.recv(&mut buf) {
+                    got.push(buf[..n].to_vec());
+                }
+                got
+            })
+        })
+        .collect();
+    send(&agg.grpc, "node-a", frames.clone(), Some(5_000.0));
+
+    let mut owner: HashMap<u64, usize> = HashMap::new();
+    let mut per_member = [0usize; 3];
+    // Identical frames can occur (e.g. empty UDP over IPv6): count copies.
+    let mut sent: HashMap<Vec<u8>, usize> = HashMap::new();
+    for f in &frames {
+        *sent.entry(f.data.clone()).or_default() += 1;
+    }
+    for (i, r) in readers.into_iter().enumerate() {
+        for pkt in r.join().unwrap() {
+            assert_eq!(
+                &pkt[..8],
+                &[0x08, 0, 0, 0, 0, 0, 100 + i as u8, 0],
+                "VXLAN header"
+            );
+            let inner = &pkt[8..];
+            let left = sent
+                .get_mut(inner)
+                .expect("member got a frame that was not sent");
+            assert!(
+                *left > 0,
+                "member {i} got a frame more often than it was sent"
+            );
+            *left -= 1;
+            let f = flow(inner).expect("only IP was selected");
+            let prev = *owner.entry(f).or_insert(i);
+            assert_eq!(prev, i, "a flow was split across members");
+            per_member[i] += 1;
+        }
+    }
+    let m = agg.metrics();
+    assert_eq!(
+        per_member.iter().sum::<usize>(),
+        ip_count,
+        "{per_member:?}\n{m}"
+    );
+    for n in per_member {
+        assert!(
+            n as f64 > ip_count as f64 * 0.2,
+            "uneven split {per_member:?}"
+        );
+    }
+}
+
+#[test]
+fn stalled_client_loses_only_its_own_packets() {
+    require_tool("tshark");
+    let dir = tempfile::tempdir().unwrap();
+    let agg = Aggregator::start(
+        r#"
+sinks:
+  - { name: stalled, type: pcap_over_ip, listen: "127.0.0.1:0", client_queue: 8 }
+  - { name: healthy, type: pcap_over_ip, listen: "127.0.0.1:0", client_queue: 100000 }
+policies:
+  - name: all
+    sinks: [stalled, healthy]
+"#,
+        dir.path(),
+    );
+    // A client that connects and never reads.
+    let _stalled = std::net::TcpStream::connect(&agg.sinks["stalled"]).unwrap();
+    // A reader that keeps up: count bytes as they come.
+    let healthy = std::net::TcpStream::connect(&agg.sinks["healthy"]).unwrap();
+    let reader = std::thread::spawn(move || {
+        use std::io::Read;
+        let mut healthy = healthy;
+        healthy
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        let mut buf = vec![0u8; 1 << 20];
+        let mut data = Vec::new();
+        while let Ok(n) = healthy.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            data.extend_from_slice(&buf[..n]);
+        }
+        data
+    });
+    agg.wait_metric(
+        "tapestry_aggregator_sink_clients{sink=\"stalled\",type=\"pcap_over_ip\"}",
+        1.0,
+        30,
+    );
+    agg.wait_metric(
+        "tapestry_aggregator_sink_clients{sink=\"healthy\",type=\"pcap_over_ip\"}",
+        1.0,
+        30,
+    );
+    let frames = synth::frames(3, 100_000);
+    let total = frames.len();
+    let rss_before = agg.rss_kb();
+    send(&agg.grpc, "node-a", frames[..total / 2].to_vec(), None);
+    let rss_mid = agg.rss_kb();
+    send(&agg.grpc, "node-b", frames[total / 2..].to_vec(), None);
+    agg.wait_metric(
+        "tapestry_aggregator_sink_packets_total{sink=\"healthy\",type=\"pcap_over_ip\"}",
+        total as f64,
+        60,
+    );
+    let rss_after = agg.rss_kb();
+    let data = reader.join().unwrap();
+    let path = dir.path().join("healthy.pcap");
+    std::fs::write(&path, &data).unwrap();
+    assert_eq!(
+        read_packets(&path).len(),
+        total,
+        "the healthy client lost packets"
+    );
+    assert_eq!(
+        agg.metric(
+            "tapestry_aggregator_sink_client_dropped_total{sink=\"healthy\",type=\"pcap_over_ip\"}"
+        ),
+        0.0
+    );
+    assert_eq!(
+        agg.metric(
+            "tapestry_aggregator_sink_dropped_total{sink=\"healthy\",type=\"pcap_over_ip\"}"
+        ),
+        0.0
+    );
+    assert!(
+        agg.metric(
+            "tapestry_aggregator_sink_client_dropped_total{sink=\"stalled\",type=\"pcap_over_ip\"}"
+        ) > 0.0
+    );
+    assert_eq!(
+        agg.metric("tapestry_aggregator_policy_dropped_total{policy=\"all\"}"),
+        0.0
+    );
+    // Memory: the second half must not grow RSS like the first could
+    // (allocator warm-up); the stalled client's backlog is bounded.
+    eprintln!("RSS kB: before {rss_before}, middle {rss_mid}, after {rss_after}");
+    assert!(
+        rss_after < rss_mid + 64 * 1024,
+        "RSS grew from {rss_mid} kB to {rss_after} kB"
+    );
+}
+
+#[test]
+fn grpc_subscriber_receives_policy_packets() {
+    require_tool("tcpdump");
+    let dir = tempfile::tempdir().unwrap();
+    let agg = Aggregator::start(
+        "sinks:\n  - { name: sub, type: grpc }\npolicies:\n  - { name: dns, filter: 'udp port 53', slice: { bytes: 60 }, sinks: [sub] }\n",
+        dir.path(),
+    );
+    let frames = synth::frames(9, 4_000);
+    let expected = tcpdump_expected(dir.path(), &frames, "udp port 53");
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let got = rt.block_on(async {
+        use tapestry_proto::tool::v1::tool_subscribe_client::ToolSubscribeClient;
+        use tapestry_proto::tool::v1::SubscribeRequest;
+        let mut c = ToolSubscribeClient::connect(format!("http://{}", agg.grpc))
+            .await
+            .unwrap();
+        let err = c
+            .subscribe(SubscribeRequest {
+                sink: "nope".into(),
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), tonic::Code::NotFound);
+        let mut stream = c
+            .subscribe(SubscribeRequest { sink: "sub".into() })
+            .await
+            .unwrap()
+            .into_inner();
+        let grpc = agg.grpc.clone();
+        let sender = tokio::task::spawn_blocking(move || send(&grpc, "node-a", frames, None));
+        let mut got = Vec::new();
+        while got.len() < expected.len() {
+            let b = tokio::time::timeout(Duration::from_secs(30), stream.message())
+                .await
+                .unwrap()
+                .unwrap()
+                .unwrap();
+            for p in b.packets {
+                assert_eq!(p.policy, "dns");
+                assert!(p.interface == "web/frontend-0" || p.interface == "db/postgres-0");
+                got.push((p.timestamp_ns, p.wire_length, p.data));
+            }
+        }
+        sender.await.unwrap();
+        got
+    });
+    let want: Vec<_> = expected
+        .into_iter()
+        .map(|(t, w, d)| (t, w, d[..d.len().min(60)].to_vec()))
+        .collect();
+    assert_eq!(got, want);
+}
+
+#[test]
+fn bad_config_and_bad_filter_fail_with_field_names() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("bad.yaml");
+    std::fs::write(&cfg, "sinks:\n  - { name: a, type: http }\npolicies:\n  - { name: p, filter: 'tcp portt 80', sinks: [a] }\n").unwrap();
+    let o = Command::new(env!("CARGO_BIN_EXE_aggregator"))
+        .args(["serve", "--config"])
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("policies[0].filter: ") && err.contains("syntax error"),
+        "{err}"
+    );
+    let o = Command::new(env!("CARGO_BIN_EXE_aggregator"))
+        .args([
+            "serve",
+            "--grpc",
+            "127.0.0.1:0",
+            "--http",
+            "127.0.0.1:0",
+            "--pcap-over-ip",
+            "127.0.0.1:0",
+            "--filter",
+            "port 99999",
+        ])
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("--filter: ") && err.contains("99999"), "{err}");
+}
+
+#[test]
+fn files_rotate_by_size_and_keep_at_most_max_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let files = dir.path().join("files");
+    let agg = Aggregator::start(
+        &format!(
+            "sinks:\n  - {{ name: f, type: pcapng_file, directory: \"{}\", prefix: web, rotate_bytes: 50000, max_files: 2 }}\npolicies:\n  - {{ name: all, sinks: [f] }}\n",
+            files.display()
+        ),
+        dir.path(),
+    );
+    assert_eq!(http_get(&agg.http, "/healthz"), "ok\n");
+    let frames = synth::frames(17, 5_000);
+    send(&agg.grpc, "node-a", frames, None);
+    agg.wait_metric(
+        "tapestry_aggregator_sink_packets_total{sink=\"f\",type=\"pcapng_file\"}",
+        5_000.0,
+        30,
+    );
+    // The once-a-second tick flushes the open file.
+    std::thread::sleep(Duration::from_millis(1_500));
+    let mut paths: Vec<_> = std::fs::read_dir(&files)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    paths.sort();
+    assert!(paths.len() <= 2, "retention: {paths:?}");
+    for p in &paths {
+        let name = p.file_name().unwrap().to_string_lossy().to_string();
+        assert!(
+            name.starts_with("web-") && name.ends_with(".pcapng"),
+            "{name}"
+        );
+    }
+    // The newest file holds the last packet sent.
+    let last = read_packets(paths.last().unwrap());
+    let sent_last = synth::frames(17, 5_000).pop().unwrap();
+    assert_eq!(last.last().map(|p| p.2.clone()), Some(sent_last.data));
+    assert_eq!(
+        agg.metric("tapestry_aggregator_sink_dropped_total{sink=\"f\",type=\"pcapng_file\"}"),
+        0.0
+    );
+}

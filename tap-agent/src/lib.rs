@@ -1,0 +1,34 @@
+//! tap-agent: loads Tapestry's TC eBPF tap, attaches it to the interfaces
+//! it is told to (directly, or pods' host-side veths), reads the ring buffer
+//! and streams packets to the aggregator.
+//!
+//! Pipeline: [`targets`] (what to tap) → [`bpf`] (attach, kernel pre-filter
+//! compiled by [`filter`]) → [`ring`] (AsyncFd reader, batches) → bounded
+//! queue → [`ship`] (gRPC stream). [`metrics`] serves the counters.
+
+pub mod abi;
+pub mod agent;
+pub mod bpf;
+pub mod filter;
+pub mod kube_source;
+pub mod metrics;
+pub mod pods;
+pub mod ring;
+pub mod ship;
+pub mod targets;
+
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+
+/// Packets dropped since the last batch sent (reported to the aggregator
+/// in `PacketBatch.dropped_since_last`).
+#[derive(Default)]
+pub struct DropCounter(AtomicU64);
+
+impl DropCounter {
+    pub fn add(&self, n: u64) {
+        self.0.fetch_add(n, Relaxed);
+    }
+    pub fn take(&self) -> u64 {
+        self.0.swap(0, Relaxed)
+    }
+}

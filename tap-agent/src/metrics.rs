@@ -1,0 +1,169 @@
+//! The agent's counters and its HTTP endpoints (`/metrics`, `/healthz`).
+
+use std::{
+    fmt::Write as _,
+    net::SocketAddr,
+    sync::{
+        atomic::{AtomicBool, AtomicU64, Ordering::Relaxed},
+        Arc, Mutex,
+    },
+};
+
+use axum::{extract::State, http::StatusCode, routing::get, Router};
+use aya::maps::{MapData, PerCpuArray};
+
+use crate::{abi, bpf};
+
+/// Userspace counters; kernel counters are read from the map at scrape time.
+#[derive(Default)]
+pub struct Metrics {
+    pub ring_records: AtomicU64,
+    pub ring_malformed: AtomicU64,
+    pub queue_dropped_packets: AtomicU64,
+    pub queue_batches: AtomicU64,
+    pub sent_packets: AtomicU64,
+    pub sent_bytes: AtomicU64,
+    pub sent_batches: AtomicU64,
+    pub connect_attempts: AtomicU64,
+    pub connect_failures: AtomicU64,
+    pub stream_errors: AtomicU64,
+    pub connected: AtomicBool,
+    pub attached_interfaces: AtomicU64,
+    pub reader_alive: AtomicBool,
+}
+
+pub struct MetricsState {
+    pub metrics: Arc<Metrics>,
+    pub counters: Mutex<PerCpuArray<MapData, u64>>,
+}
+
+impl MetricsState {
+    pub fn kernel_counters(&self) -> Vec<u64> {
+        bpf::read_counters(&self.counters.lock().unwrap())
+    }
+
+    pub fn render(&self) -> String {
+        let m = &self.metrics;
+        let mut s = String::new();
+        let _ = writeln!(
+            s,
+            "# HELP tapestry_tap_kernel_packets_total Packets counted by the TC programs, by outcome.\n# TYPE tapestry_tap_kernel_packets_total counter"
+        );
+        for ((_, name, _), v) in abi::COUNTERS.iter().zip(self.kernel_counters()) {
+            let _ = writeln!(
+                s,
+                "tapestry_tap_kernel_packets_total{{counter=\"{name}\"}} {v}"
+            );
+        }
+        let counters: [(&str, &str, u64); 10] = [
+            (
+                "ring_records_total",
+                "Records read from the ring buffer",
+                m.ring_records.load(Relaxed),
+            ),
+            (
+                "ring_malformed_total",
+                "Ring records that failed to parse (skipped)",
+                m.ring_malformed.load(Relaxed),
+            ),
+            (
+                "queue_dropped_packets_total",
+                "Packets dropped because the send queue was full (aggregator slow or away)",
+                m.queue_dropped_packets.load(Relaxed),
+            ),
+            (
+                "sent_packets_total",
+                "Packets handed to the aggregator stream",
+                m.sent_packets.load(Relaxed),
+            ),
+            (
+                "sent_bytes_total",
+                "Captured bytes handed to the aggregator stream",
+                m.sent_bytes.load(Relaxed),
+            ),
+            (
+                "sent_batches_total",
+                "Batches handed to the aggregator stream",
+                m.sent_batches.load(Relaxed),
+            ),
+            (
+                "connect_attempts_total",
+                "Connections attempted to the aggregator",
+                m.connect_attempts.load(Relaxed),
+            ),
+            (
+                "connect_failures_total",
+                "Failed connection attempts",
+                m.connect_failures.load(Relaxed),
+            ),
+            (
+                "stream_errors_total",
+                "Streams that ended in an error",
+                m.stream_errors.load(Relaxed),
+            ),
+            (
+                "queue_batches",
+                "Batches waiting in the send queue",
+                m.queue_batches.load(Relaxed),
+            ),
+        ];
+        for (name, help, v) in counters {
+            let kind = if name.ends_with("_total") {
+                "counter"
+            } else {
+                "gauge"
+            };
+            let _ = writeln!(s, "# HELP tapestry_tap_{name} {help}.\n# TYPE tapestry_tap_{name} {kind}\ntapestry_tap_{name} {v}");
+        }
+        let gauges = [
+            (
+                "connected",
+                "1 while a stream to the aggregator is open",
+                m.connected.load(Relaxed) as u64,
+            ),
+            (
+                "attached_interfaces",
+                "Interfaces with the tap attached",
+                m.attached_interfaces.load(Relaxed),
+            ),
+        ];
+        for (name, help, v) in gauges {
+            let _ = writeln!(s, "# HELP tapestry_tap_{name} {help}.\n# TYPE tapestry_tap_{name} gauge\ntapestry_tap_{name} {v}");
+        }
+        s
+    }
+}
+
+/// Serves `/metrics` and `/healthz` until the listener fails.
+pub async fn serve(addr: SocketAddr, state: Arc<MetricsState>) -> anyhow::Result<()> {
+    let app = Router::new()
+        .route(
+            "/metrics",
+            get(|State(s): State<Arc<MetricsState>>| async move { s.render() }),
+        )
+        .route(
+            "/healthz",
+            get(|State(s): State<Arc<MetricsState>>| async move {
+                let m = &s.metrics;
+                if m.reader_alive.load(Relaxed) {
+                    (
+                        StatusCode::OK,
+                        format!(
+                            "ok\nattached_interfaces {}\nconnected {}\n",
+                            m.attached_interfaces.load(Relaxed),
+                            m.connected.load(Relaxed)
+                        ),
+                    )
+                } else {
+                    (
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "ring reader stopped\n".to_string(),
+                    )
+                }
+            }),
+        )
+        .with_state(state);
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    axum::serve(listener, app).await?;
+    Ok(())
+}
