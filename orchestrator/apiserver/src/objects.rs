@@ -68,7 +68,7 @@ pub fn spec_part(obj: &Value) -> Value {
 pub fn decode(def: &ResourceDef, kv: &KeyValue) -> ApiResult<Value> {
     let obj: Value = serde_json::from_slice(&kv.value)
         .map_err(|e| ApiError::Internal(format!("corrupt object at {}: {e}", kv.key)))?;
-    let mut obj = def.behaviour.from_storage(obj);
+    let mut obj = def.behaviour.to_served(obj);
     meta_mut(&mut obj).insert(
         "resourceVersion".into(),
         Value::String(kv.mod_revision.to_string()),

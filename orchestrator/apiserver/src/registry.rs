@@ -64,7 +64,7 @@ pub trait Behaviour: Send + Sync {
         obj
     }
 
-    fn from_storage(&self, obj: Value) -> Value {
+    fn to_served(&self, obj: Value) -> Value {
         obj
     }
 }

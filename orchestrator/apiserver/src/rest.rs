@@ -1375,7 +1375,7 @@ fn scale_of(obj: &Value) -> Value {
 /// Pods bound to a node terminate gracefully: the kubelet stops them and
 /// then deletes them for good. Returns the grace period when that applies.
 fn pod_grace_period(def: &ResourceDef, obj: &Value, requested: Option<i64>) -> Option<i64> {
-    if def.plural != "pods" || def.group != "" {
+    if def.plural != "pods" || !def.group.is_empty() {
         return None;
     }
     let scheduled = obj

@@ -68,6 +68,13 @@ fn is_name_char(c: char) -> bool {
     c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.'
 }
 
+/// Alphanumerics, '-', '_' and '.', starting and ending alphanumeric.
+fn is_label_shaped(s: &str) -> bool {
+    s.chars().all(is_name_char)
+        && s.starts_with(|c: char| c.is_ascii_alphanumeric())
+        && s.ends_with(|c: char| c.is_ascii_alphanumeric())
+}
+
 /// Label keys and annotation keys: `[prefix/]name`.
 pub fn qualified_name_errors(s: &str) -> Vec<String> {
     let (prefix, name) = match s.split_once('/') {
@@ -91,11 +98,7 @@ pub fn qualified_name_errors(s: &str) -> Vec<String> {
     } else if name.len() > 63 {
         errs.push("name part must be no more than 63 characters".into());
     }
-    if !name.is_empty()
-        && !(name.chars().all(is_name_char)
-            && name.starts_with(|c: char| c.is_ascii_alphanumeric())
-            && name.ends_with(|c: char| c.is_ascii_alphanumeric()))
-    {
+    if !name.is_empty() && !is_label_shaped(name) {
         errs.push(
             "name part must consist of alphanumeric characters, '-', '_' or '.', and must start \
              and end with an alphanumeric character (e.g. 'MyName',  or 'my.name',  or \
@@ -112,11 +115,7 @@ pub fn label_value_errors(s: &str) -> Vec<String> {
     if s.len() > LABEL_VALUE_MAX {
         errs.push(format!("must be no more than {LABEL_VALUE_MAX} characters"));
     }
-    if !s.is_empty()
-        && !(s.chars().all(is_name_char)
-            && s.starts_with(|c: char| c.is_ascii_alphanumeric())
-            && s.ends_with(|c: char| c.is_ascii_alphanumeric()))
-    {
+    if !s.is_empty() && !is_label_shaped(s) {
         errs.push(
             "a valid label must be an empty string or consist of alphanumeric characters, '-', \
              '_' or '.', and must start and end with an alphanumeric character (e.g. 'MyValue',  \

@@ -95,11 +95,11 @@ impl Api {
         });
         let stream =
             tokio_stream::wrappers::ReceiverStream::new(rx).map(Ok::<_, std::convert::Infallible>);
-        Ok(Response::builder()
+        Response::builder()
             .header(http::header::CONTENT_TYPE, "application/json")
             .header(http::header::CACHE_CONTROL, "no-cache, private")
             .body(Body::from_stream(stream))
-            .map_err(ApiError::internal)?)
+            .map_err(ApiError::internal)
     }
 
     async fn run_watch(

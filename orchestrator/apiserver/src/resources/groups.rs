@@ -238,7 +238,7 @@ impl Behaviour for EventsV1 {
         rename(obj, true, "v1")
     }
 
-    fn from_storage(&self, obj: Value) -> Value {
+    fn to_served(&self, obj: Value) -> Value {
         rename(obj, false, "events.k8s.io/v1")
     }
 }

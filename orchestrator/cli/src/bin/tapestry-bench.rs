@@ -1,0 +1,312 @@
+//! Control-plane benchmark: cold start, idle memory, request latency and
+//! watch fan-out of `tapestry server`, measured through a real Kubernetes
+//! client (kube-rs) over HTTPS.
+//!
+//! `cargo build --release -p tapestry && target/release/tapestry-bench`
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use futures::StreamExt;
+use hdrhistogram::Histogram;
+use k8s_openapi::api::core::v1::{ConfigMap, Namespace};
+use kube::api::{Api, ListParams, ObjectMeta, PostParams, WatchEvent, WatchParams};
+use kube::config::{KubeConfigOptions, Kubeconfig};
+use kube::{Client, Config};
+
+const COLD_START_RUNS: usize = 5;
+const REQUESTS_PER_LEVEL: usize = 3000;
+const WATCHERS: usize = 1000;
+const FANOUT_WRITES: usize = 20;
+
+struct Server {
+    child: Child,
+    dir: tempfile::TempDir,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn tapestry_binary() -> Result<PathBuf> {
+    let exe = std::env::current_exe()?;
+    let path = exe.with_file_name("tapestry");
+    if !path.exists() {
+        bail!(
+            "{} not found: build it with `cargo build --release -p tapestry`",
+            path.display()
+        );
+    }
+    Ok(path)
+}
+
+fn free_port() -> Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+async fn client(kubeconfig: &Path) -> Result<Client> {
+    let kc = Kubeconfig::read_from(kubeconfig)?;
+    let config = Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default()).await?;
+    Ok(Client::try_from(config)?)
+}
+
+/// Start a server on a fresh data directory; returns it with the time from
+/// spawn to the first successful /readyz.
+async fn start() -> Result<(Server, Duration, Client)> {
+    let dir = tempfile::tempdir()?;
+    let port = free_port()?;
+    let started = Instant::now();
+    let child = Command::new(tapestry_binary()?)
+        .args([
+            "server",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--data-dir",
+        ])
+        .arg(dir.path())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("spawning tapestry server")?;
+    let server = Server { child, dir };
+    let kubeconfig = server.dir.path().join("kubeconfig");
+    let deadline = started + Duration::from_secs(30);
+    loop {
+        if kubeconfig.exists() {
+            if let Ok(c) = client(&kubeconfig).await {
+                let req = http::Request::get("/readyz").body(Vec::new())?;
+                if c.request_text(req).await.is_ok_and(|t| t == "ok") {
+                    return Ok((server, started.elapsed(), c));
+                }
+            }
+        }
+        if Instant::now() > deadline {
+            bail!("server not ready within 30s");
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
+fn rss_kib(pid: u32) -> Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .context("no VmRSS")
+}
+
+fn configmap(name: &str) -> ConfigMap {
+    ConfigMap {
+        metadata: ObjectMeta {
+            name: Some(name.into()),
+            ..Default::default()
+        },
+        data: Some(BTreeMap::from([("key".to_string(), "x".repeat(256))])),
+        ..Default::default()
+    }
+}
+
+fn ms(h: &Histogram<u64>, q: f64) -> f64 {
+    h.value_at_quantile(q) as f64 / 1000.0
+}
+
+#[derive(Clone, Copy)]
+enum Op {
+    Create,
+    Get,
+    List,
+}
+
+/// Run `REQUESTS_PER_LEVEL` operations from `clients` concurrent tasks;
+/// returns (latency histogram in µs, requests per second).
+async fn load(
+    api: &Api<ConfigMap>,
+    op: Op,
+    clients: usize,
+    tag: &str,
+) -> Result<(Histogram<u64>, f64)> {
+    let per_client = REQUESTS_PER_LEVEL / clients;
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for c in 0..clients {
+        let api = api.clone();
+        let tag = tag.to_string();
+        tasks.push(tokio::spawn(async move {
+            let mut h = Histogram::<u64>::new(3).expect("histogram");
+            for i in 0..per_client {
+                let t = Instant::now();
+                match op {
+                    Op::Create => {
+                        api.create(
+                            &PostParams::default(),
+                            &configmap(&format!("{tag}-{c}-{i}")),
+                        )
+                        .await?;
+                    }
+                    Op::Get => {
+                        api.get(&format!("seed-{}", i % 100)).await?;
+                    }
+                    Op::List => {
+                        api.list(&ListParams::default().labels("set=seed")).await?;
+                    }
+                }
+                h.record(t.elapsed().as_micros() as u64).ok();
+            }
+            Ok::<_, kube::Error>(h)
+        }));
+    }
+    let mut total = Histogram::<u64>::new(3)?;
+    for t in tasks {
+        total.add(t.await??)?;
+    }
+    let rate = (per_client * clients) as f64 / started.elapsed().as_secs_f64();
+    Ok((total, rate))
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    // 1,000 watch connections need more than the default 1,024 descriptors.
+    let limit = libc::rlimit {
+        rlim_cur: 65536,
+        rlim_max: 65536,
+    };
+    // SAFETY: setrlimit only reads the struct passed by reference.
+    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &limit) } != 0 {
+        eprintln!("warning: could not raise the open-file limit");
+    }
+
+    println!("## Control plane (tapestry server)\n");
+    let mut starts = Vec::new();
+    for _ in 0..COLD_START_RUNS {
+        let (_server, took, _) = start().await?;
+        starts.push(took);
+    }
+    starts.sort();
+    let cold = starts[starts.len() / 2];
+    let (server, _, client) = start().await?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let rss = rss_kib(server.child.id())?;
+    println!("| measure | tapestry | target | target / tapestry |");
+    println!("|---|---:|---:|---:|");
+    println!(
+        "| cold start to /readyz (median of {COLD_START_RUNS}) | {:.0} ms | 300 ms | {:.1}× |",
+        cold.as_secs_f64() * 1000.0,
+        0.3 / cold.as_secs_f64()
+    );
+    println!(
+        "| idle RSS | {:.1} MiB | 40 MiB | {:.1}× |",
+        rss as f64 / 1024.0,
+        40.0 * 1024.0 / rss as f64
+    );
+
+    let api: Api<ConfigMap> = Api::namespaced(client.clone(), "default");
+    for i in 0..100 {
+        let mut cm = configmap(&format!("seed-{i}"));
+        cm.metadata.labels = Some(BTreeMap::from([("set".to_string(), "seed".to_string())]));
+        api.create(&PostParams::default(), &cm).await?;
+    }
+    println!("\n| operation | clients | req/s | p50 | p99 | p99 target | target / p99 |");
+    println!("|---|---:|---:|---:|---:|---:|---:|");
+    for (name, op) in [
+        ("create", Op::Create),
+        ("get", Op::Get),
+        ("list (100 objects)", Op::List),
+    ] {
+        for clients in [1, 16, 64] {
+            let (h, rate) = load(&api, op, clients, &format!("{}{clients}", name.len())).await?;
+            println!(
+                "| {name} | {clients} | {rate:.0} | {:.2} ms | {:.2} ms | 10 ms | {:.1}× |",
+                ms(&h, 0.5),
+                ms(&h, 0.99),
+                10.0 / ms(&h, 0.99)
+            );
+        }
+    }
+
+    // Watch fan-out: every watcher must see each write; we time the last one.
+    let ns_api: Api<Namespace> = Api::all(client.clone());
+    ns_api
+        .create(
+            &PostParams::default(),
+            &Namespace {
+                metadata: ObjectMeta {
+                    name: Some("fanout".into()),
+                    ..Default::default()
+                },
+                ..Default::default()
+            },
+        )
+        .await?;
+    let fan: Api<ConfigMap> = Api::namespaced(client.clone(), "fanout");
+    let rv = fan
+        .list(&ListParams::default())
+        .await?
+        .metadata
+        .resource_version
+        .unwrap_or_default();
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<(usize, String, Instant)>(WATCHERS * 4);
+    let ready = Arc::new(tokio::sync::Barrier::new(WATCHERS + 1));
+    for w in 0..WATCHERS {
+        let fan = fan.clone();
+        let tx = tx.clone();
+        let rv = rv.clone();
+        let ready = ready.clone();
+        tokio::spawn(async move {
+            let stream = fan.watch(&WatchParams::default().timeout(290), &rv).await;
+            ready.wait().await;
+            let Ok(stream) = stream else { return };
+            let mut stream = stream.boxed();
+            while let Some(Ok(ev)) = stream.next().await {
+                if let WatchEvent::Added(cm) = ev {
+                    let _ = tx
+                        .send((w, cm.metadata.name.unwrap_or_default(), Instant::now()))
+                        .await;
+                }
+            }
+        });
+    }
+    ready.wait().await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mut fanout = Histogram::<u64>::new(3)?;
+    for i in 0..FANOUT_WRITES {
+        let name = format!("fan-{i}");
+        let written = Instant::now();
+        fan.create(&PostParams::default(), &configmap(&name))
+            .await?;
+        let mut seen = 0;
+        let mut last = written;
+        let deadline = written + Duration::from_secs(30);
+        while seen < WATCHERS {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match tokio::time::timeout(left, rx.recv()).await {
+                Ok(Some((_, n, at))) if n == name => {
+                    seen += 1;
+                    last = last.max(at);
+                }
+                Ok(Some(_)) => {}
+                _ => bail!("only {seen} of {WATCHERS} watchers saw {name} within 30s"),
+            }
+        }
+        fanout.record(last.duration_since(written).as_micros() as u64)?;
+    }
+    println!("\n| watch fan-out ({WATCHERS} watchers, {FANOUT_WRITES} writes) | p50 | p99 | p99 target | target / p99 |");
+    println!("|---|---:|---:|---:|---:|");
+    println!(
+        "| write → last watcher | {:.1} ms | {:.1} ms | 50 ms | {:.1}× |",
+        ms(&fanout, 0.5),
+        ms(&fanout, 0.99),
+        50.0 / ms(&fanout, 0.99)
+    );
+    drop(server);
+    Ok(())
+}
