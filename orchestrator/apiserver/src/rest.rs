@@ -260,6 +260,19 @@ struct Written {
     created: bool,
 }
 
+impl Written {
+    /// 201 for a creation, 200 otherwise, rendered as the client asked.
+    fn respond(&self, req: &Request, warnings: &[String]) -> Response {
+        let code = if self.created {
+            StatusCode::CREATED
+        } else {
+            StatusCode::OK
+        };
+        let body = render_one(&req.def, &self.obj, Rendering::negotiate(req));
+        json_response(code, &body, warnings)
+    }
+}
+
 impl Api {
     pub fn new(
         store: Arc<dyn Store>,
@@ -740,16 +753,7 @@ impl Api {
         let obj = self.admit_body(req, body, &mut warnings)?;
         let manager = req.field_manager("unknown")?;
         let written = self.create_object(req, obj, Some(&manager)).await?;
-        let code = if written.created {
-            StatusCode::CREATED
-        } else {
-            StatusCode::OK
-        };
-        Ok(json_response(
-            code,
-            &render_one(&req.def, &written.obj, Rendering::negotiate(req)),
-            &warnings,
-        ))
+        Ok(written.respond(req, &warnings))
     }
 
     /// Store a new object. `manager` records field ownership for ordinary
@@ -936,16 +940,7 @@ impl Api {
             }
             other => other?,
         };
-        let code = if written.created {
-            StatusCode::CREATED
-        } else {
-            StatusCode::OK
-        };
-        Ok(json_response(
-            code,
-            &render_one(&req.def, &written.obj, Rendering::negotiate(req)),
-            &warnings,
-        ))
+        Ok(written.respond(req, &warnings))
     }
 
     pub async fn patch(&self, req: &Request) -> ApiResult<Response> {
@@ -1034,16 +1029,7 @@ impl Api {
             }
             other => other?,
         };
-        let code = if written.created {
-            StatusCode::CREATED
-        } else {
-            StatusCode::OK
-        };
-        Ok(json_response(
-            code,
-            &render_one(&req.def, &written.obj, Rendering::negotiate(req)),
-            &warnings,
-        ))
+        Ok(written.respond(req, &warnings))
     }
 
     async fn update_scale(&self, req: &Request, change: ScaleChange) -> ApiResult<Response> {

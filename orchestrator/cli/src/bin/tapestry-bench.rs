@@ -157,7 +157,7 @@ async fn load(
                         api.get(&format!("seed-{}", i % 100)).await?;
                     }
                     Op::List => {
-                        api.list(&ListParams::default().labels("set=seed")).await?;
+                        api.list(&ListParams::default()).await?;
                     }
                 }
                 h.record(t.elapsed().as_micros() as u64).ok();
@@ -209,12 +209,29 @@ async fn main() -> Result<()> {
         40.0 * 1024.0 / rss as f64
     );
 
-    let api: Api<ConfigMap> = Api::namespaced(client.clone(), "default");
-    for i in 0..100 {
-        let mut cm = configmap(&format!("seed-{i}"));
-        cm.metadata.labels = Some(BTreeMap::from([("set".to_string(), "seed".to_string())]));
-        api.create(&PostParams::default(), &cm).await?;
+    let ns_api: Api<Namespace> = Api::all(client.clone());
+    for ns in ["bench", "fanout"] {
+        ns_api
+            .create(
+                &PostParams::default(),
+                &Namespace {
+                    metadata: ObjectMeta {
+                        name: Some(ns.into()),
+                        ..Default::default()
+                    },
+                    ..Default::default()
+                },
+            )
+            .await?;
     }
+    // Reads go to a namespace holding exactly the 100 seed objects; creates
+    // go elsewhere so lists stay 100 objects long.
+    let api: Api<ConfigMap> = Api::namespaced(client.clone(), "bench");
+    for i in 0..100 {
+        api.create(&PostParams::default(), &configmap(&format!("seed-{i}")))
+            .await?;
+    }
+    let writes: Api<ConfigMap> = Api::namespaced(client.clone(), "default");
     println!("\n| operation | clients | req/s | p50 | p99 | p99 target | target / p99 |");
     println!("|---|---:|---:|---:|---:|---:|---:|");
     for (name, op) in [
@@ -223,7 +240,12 @@ async fn main() -> Result<()> {
         ("list (100 objects)", Op::List),
     ] {
         for clients in [1, 16, 64] {
-            let (h, rate) = load(&api, op, clients, &format!("{}{clients}", name.len())).await?;
+            let target = if matches!(op, Op::Create) {
+                &writes
+            } else {
+                &api
+            };
+            let (h, rate) = load(target, op, clients, &format!("{}{clients}", name.len())).await?;
             println!(
                 "| {name} | {clients} | {rate:.0} | {:.2} ms | {:.2} ms | 10 ms | {:.1}× |",
                 ms(&h, 0.5),
@@ -234,19 +256,6 @@ async fn main() -> Result<()> {
     }
 
     // Watch fan-out: every watcher must see each write; we time the last one.
-    let ns_api: Api<Namespace> = Api::all(client.clone());
-    ns_api
-        .create(
-            &PostParams::default(),
-            &Namespace {
-                metadata: ObjectMeta {
-                    name: Some("fanout".into()),
-                    ..Default::default()
-                },
-                ..Default::default()
-            },
-        )
-        .await?;
     let fan: Api<ConfigMap> = Api::namespaced(client.clone(), "fanout");
     let rv = fan
         .list(&ListParams::default())
