@@ -702,8 +702,6 @@ impl Api {
             remaining = page.remaining;
             last_key = page.items.last().map(|kv| kv.key.clone());
             for kv in &page.items {
-                // Cluster-wide prefixes of namespaced resources must not pick up
-                // keys of other resources sharing the segment.
                 let obj = decode(&req.def, kv)?;
                 if !filtered || Self::matches(&req.def, &labels, &fields, &obj) {
                     items.push(obj);
@@ -813,7 +811,8 @@ impl Api {
                 }
             }
         }
-        unreachable!("the loop returns on its last attempt")
+        // Every generated name collided (the last attempt returns above).
+        Err(ApiError::AlreadyExists(req.target()))
     }
 
     /// Read-modify-write of one object: `mutate` receives the current object
