@@ -76,6 +76,53 @@ pub fn decode(def: &ResourceDef, kv: &KeyValue) -> ApiResult<Value> {
     Ok(obj)
 }
 
+/// Append the served JSON of a stored object to `out` without decoding it:
+/// the stored bytes with `metadata.resourceVersion` spliced in. Returns
+/// false (and appends nothing) when the resource converts on read or the
+/// stored value has no metadata object; callers then use [`decode`].
+pub fn append_served(def: &ResourceDef, kv: &KeyValue, out: &mut Vec<u8>) -> bool {
+    #[derive(serde::Deserialize)]
+    struct TopLevel<'a> {
+        #[serde(borrow)]
+        metadata: Option<&'a serde_json::value::RawValue>,
+    }
+    if !def.behaviour.serves_stored_form() {
+        return false;
+    }
+    let Ok(TopLevel {
+        metadata: Some(metadata),
+    }) = serde_json::from_slice::<TopLevel>(&kv.value)
+    else {
+        return false;
+    };
+    let raw = metadata.get();
+    if !raw.starts_with('{') {
+        return false;
+    }
+    // `raw` borrows from `kv.value`, so its offset there is where the
+    // metadata object opens.
+    let open = raw.as_ptr() as usize - kv.value.as_ptr() as usize;
+    let empty = raw[1..].trim_start().starts_with('}');
+    out.extend_from_slice(&kv.value[..=open]);
+    out.extend_from_slice(b"\"resourceVersion\":\"");
+    out.extend_from_slice(kv.mod_revision.to_string().as_bytes());
+    out.extend_from_slice(if empty { b"\"" } else { b"\"," });
+    out.extend_from_slice(&kv.value[open + 1..]);
+    true
+}
+
+/// Append the served JSON of a stored object, by splicing when possible.
+pub fn append_served_or_decode(
+    def: &ResourceDef,
+    kv: &KeyValue,
+    out: &mut Vec<u8>,
+) -> ApiResult<()> {
+    if !append_served(def, kv, out) {
+        serde_json::to_writer(&mut *out, &decode(def, kv)?).map_err(ApiError::internal)?;
+    }
+    Ok(())
+}
+
 /// Encode an object for storage; its resourceVersion is the store revision,
 /// so it is not stored.
 pub fn encode(def: &ResourceDef, obj: &Value) -> ApiResult<Bytes> {
@@ -111,4 +158,60 @@ pub fn random_suffix() -> String {
         .iter()
         .map(|b| ALPHABET[*b as usize % ALPHABET.len()] as char)
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn stored(value: &str) -> KeyValue {
+        KeyValue {
+            key: "/registry/leases/ns/a".into(),
+            value: Bytes::from(value.to_string()),
+            create_revision: 3,
+            mod_revision: 7,
+        }
+    }
+
+    fn def(group: &str, plural: &str) -> ResourceDef {
+        crate::resources::groups::resources()
+            .into_iter()
+            .find(|d| d.group == group && d.plural == plural)
+            .expect("resource exists")
+    }
+
+    /// Splicing must give exactly what decoding and re-encoding gives.
+    #[test]
+    fn served_bytes_equal_decoded_object() {
+        let leases = def("coordination.k8s.io", "leases");
+        for value in [
+            r#"{"apiVersion":"coordination.k8s.io/v1","kind":"Lease","metadata":{"name":"a","namespace":"ns"},"spec":{}}"#,
+            r#"{"spec":{"metadata":{"x":1}},"metadata":{},"kind":"Lease"}"#,
+            r#"{"kind":"Lease","metadata": { "name":"a" } }"#,
+        ] {
+            let kv = stored(value);
+            let mut out = Vec::new();
+            assert!(append_served(&leases, &kv, &mut out), "{value}");
+            let spliced: Value = serde_json::from_slice(&out).expect("valid JSON");
+            assert_eq!(spliced, decode(&leases, &kv).unwrap(), "{value}");
+            assert_eq!(spliced["metadata"]["resourceVersion"], "7");
+        }
+    }
+
+    #[test]
+    fn odd_or_converted_values_fall_back_to_decoding() {
+        let leases = def("coordination.k8s.io", "leases");
+        for value in [r#"{"kind":"Lease"}"#, r#"{"metadata":null}"#, r#"[1]"#, "{"] {
+            let mut out = Vec::new();
+            assert!(!append_served(&leases, &stored(value), &mut out), "{value}");
+            assert!(out.is_empty());
+        }
+        let events = def("events.k8s.io", "events");
+        let kv = stored(r#"{"apiVersion":"v1","kind":"Event","metadata":{"name":"e"}}"#);
+        let mut out = Vec::new();
+        assert!(!append_served(&events, &kv, &mut out));
+        append_served_or_decode(&events, &kv, &mut out).unwrap();
+        let served: Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(served["apiVersion"], "events.k8s.io/v1");
+    }
 }

@@ -67,6 +67,12 @@ pub trait Behaviour: Send + Sync {
     fn to_served(&self, obj: Value) -> Value {
         obj
     }
+
+    /// Whether `to_served` leaves stored objects as they are, so reads may
+    /// serve the stored bytes without decoding them.
+    fn serves_stored_form(&self) -> bool {
+        true
+    }
 }
 
 /// Work a write does outside the object itself (e.g. allocating a Service's

@@ -15,8 +15,8 @@ use tapestry_store::{KeyValue, ListOptions, Store, StoreError};
 
 use crate::error::{ApiError, ApiResult, Cause, Target, OBJECT_MODIFIED};
 use crate::objects::{
-    decode, encode, finalizers, is_terminating, meta, meta_mut, meta_str, now_rfc3339,
-    parse_resource_version, partial_metadata, random_suffix, spec_part,
+    append_served_or_decode, decode, encode, finalizers, is_terminating, meta, meta_mut, meta_str,
+    now_rfc3339, parse_resource_version, partial_metadata, random_suffix, spec_part,
 };
 use crate::patch::{self, FieldManagement};
 use crate::registry::{Registry, ResourceDef, Subresource};
@@ -170,7 +170,11 @@ impl Rendering {
 }
 
 pub fn json_response(code: StatusCode, body: &Value, warnings: &[String]) -> Response {
-    let bytes = serde_json::to_vec(body).unwrap_or_default();
+    json_bytes_response(code, serde_json::to_vec(body).unwrap_or_default(), warnings)
+}
+
+/// A response whose JSON body is already encoded.
+pub fn json_bytes_response(code: StatusCode, bytes: Vec<u8>, warnings: &[String]) -> Response {
     let mut resp = (
         code,
         [(http::header::CONTENT_TYPE, "application/json")],
@@ -583,10 +587,16 @@ impl Api {
     pub async fn get(&self, req: &Request) -> ApiResult<Response> {
         let name = req.name.clone().unwrap_or_default();
         let kv = self.get_kv(req, &name).await?;
+        let rendering = Rendering::negotiate(req);
+        if matches!(req.sub.as_deref(), Some("status") | None) && rendering == Rendering::Object {
+            let mut body = Vec::with_capacity(kv.value.len() + 32);
+            append_served_or_decode(&req.def, &kv, &mut body)?;
+            return Ok(json_bytes_response(StatusCode::OK, body, &[]));
+        }
         let obj = decode(&req.def, &kv)?;
         let body = match req.sub.as_deref() {
             Some("scale") => scale_of(&obj),
-            Some("status") | None => render_one(&req.def, &obj, Rendering::negotiate(req)),
+            Some("status") | None => render_one(&req.def, &obj, rendering),
             Some(other) => return Err(unsupported_sub(req, other, "get")),
         };
         Ok(json_response(StatusCode::OK, &body, &[]))
@@ -675,7 +685,13 @@ impl Api {
             }
         };
         let filtered = !labels.is_empty() || !fields.is_empty();
+        let rendering = Rendering::negotiate(req);
+        // Plain object lists are assembled from the stored bytes; tables
+        // and metadata-only lists need the decoded objects.
+        let raw = rendering == Rendering::Object;
         let mut items = Vec::new();
+        let mut raw_items: Vec<u8> = Vec::new();
+        let mut count = 0usize;
         let mut cursor = start_after;
         let mut read_at = revision;
         let mut remaining;
@@ -687,7 +703,7 @@ impl Api {
                     &prefix,
                     ListOptions {
                         revision: read_at,
-                        limit: if limit == 0 { None } else { Some(limit - items.len()) },
+                        limit: if limit == 0 { None } else { Some(limit - count) },
                         start_after: cursor.clone(),
                     },
                 )
@@ -702,12 +718,24 @@ impl Api {
             remaining = page.remaining;
             last_key = page.items.last().map(|kv| kv.key.clone());
             for kv in &page.items {
-                let obj = decode(&req.def, kv)?;
-                if !filtered || Self::matches(&req.def, &labels, &fields, &obj) {
-                    items.push(obj);
+                if filtered || !raw {
+                    let obj = decode(&req.def, kv)?;
+                    if filtered && !Self::matches(&req.def, &labels, &fields, &obj) {
+                        continue;
+                    }
+                    if !raw {
+                        items.push(obj);
+                        count += 1;
+                        continue;
+                    }
                 }
+                if count > 0 {
+                    raw_items.push(b',');
+                }
+                append_served_or_decode(&req.def, kv, &mut raw_items)?;
+                count += 1;
             }
-            if limit == 0 || items.len() >= limit || remaining == 0 {
+            if limit == 0 || count >= limit || remaining == 0 {
                 break;
             }
             cursor = last_key.clone();
@@ -722,19 +750,27 @@ impl Api {
                 }
             }
         }
-        let body = match Rendering::negotiate(req) {
+        let body = match rendering {
+            Rendering::Object => {
+                let head = json!({
+                    "kind": format!("{}List", req.def.kind),
+                    "apiVersion": req.def.api_version(),
+                    "metadata": list_meta,
+                });
+                let mut body = serde_json::to_vec(&head).map_err(ApiError::internal)?;
+                body.pop(); // the closing brace; items follow
+                body.reserve(raw_items.len() + 12);
+                body.extend_from_slice(b",\"items\":[");
+                body.extend_from_slice(&raw_items);
+                body.extend_from_slice(b"]}");
+                return Ok(json_bytes_response(StatusCode::OK, body, &[]));
+            }
             Rendering::Table { include } => table(&req.def, &items, include, list_meta, true),
             Rendering::PartialMetadata => json!({
                 "kind": "PartialObjectMetadataList",
                 "apiVersion": "meta.k8s.io/v1",
                 "metadata": list_meta,
                 "items": items.iter().map(partial_metadata).collect::<Vec<_>>(),
-            }),
-            Rendering::Object => json!({
-                "kind": format!("{}List", req.def.kind),
-                "apiVersion": req.def.api_version(),
-                "metadata": list_meta,
-                "items": items,
             }),
         };
         Ok(json_response(StatusCode::OK, &body, &[]))

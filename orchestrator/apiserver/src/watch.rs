@@ -9,12 +9,13 @@ use axum::response::Response;
 use bytes::Bytes;
 use futures::StreamExt;
 use serde_json::{json, Value};
-use tapestry_store::{EventKind, ListOptions, StoreError};
+use tapestry_store::{EventKind, KeyValue, ListOptions, StoreError};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::error::{ApiError, ApiResult};
-use crate::objects::{decode, parse_resource_version};
+use crate::objects::{append_served_or_decode, decode, parse_resource_version};
+use crate::registry::ResourceDef;
 use crate::rest::{render_one, table, Api, Rendering, Request};
 use crate::selectors::{FieldSelector, LabelSelector};
 
@@ -129,12 +130,11 @@ impl Api {
                     .await
                     .map_err(|e| ApiError::from_store(e, &Default::default()))?;
                 for kv in &list.items {
-                    let obj = decode(def, kv)?;
-                    if Api::matches(def, &spec.labels, &spec.fields, &obj) {
-                        let rendered = render(def, &obj, spec.rendering);
-                        if tx.send(event_line("ADDED", &rendered)).await.is_err() {
-                            return Ok(());
-                        }
+                    let Some(line) = spec.event_line(def, "ADDED", kv, None)? else {
+                        continue;
+                    };
+                    if tx.send(line).await.is_err() {
+                        return Ok(());
                     }
                 }
                 if send_initial && spec.bookmarks {
@@ -178,10 +178,10 @@ impl Api {
                         other => ApiError::Internal(other.to_string()),
                     })?;
                     last_rv = event.revision();
-                    let new = decode(def, &event.kv)?;
-                    let matches_new = Api::matches(def, &spec.labels, &spec.fields, &new);
+                    let new = spec.decode_if_needed(def, &event.kv)?;
+                    let matches_new = spec.matches(def, new.as_ref());
                     let matches_old = match &event.prev {
-                        Some(prev) => Api::matches(def, &spec.labels, &spec.fields, &decode(def, prev)?),
+                        Some(prev) => spec.matches(def, spec.decode_if_needed(def, prev)?.as_ref()),
                         None => false,
                     };
                     // Objects entering or leaving the selection appear as
@@ -194,13 +194,75 @@ impl Api {
                         EventKind::Deleted if matches_new => "DELETED",
                         _ => continue,
                     };
-                    let rendered = render(def, &new, spec.rendering);
-                    if tx.send(event_line(kind, &rendered)).await.is_err() {
+                    let line = match spec.event_line(def, kind, &event.kv, Some(new))? {
+                        Some(line) => line,
+                        None => continue,
+                    };
+                    if tx.send(line).await.is_err() {
                         return Ok(());
                     }
                 }
             }
         }
+    }
+}
+
+impl WatchSpec {
+    fn filtered(&self) -> bool {
+        !self.labels.is_empty() || !self.fields.is_empty()
+    }
+
+    /// The decoded object, when selectors or the rendering need it; plain
+    /// unfiltered watches stream the stored bytes as they are.
+    fn decode_if_needed(&self, def: &ResourceDef, kv: &KeyValue) -> ApiResult<Option<Value>> {
+        if self.filtered() || self.rendering != Rendering::Object {
+            decode(def, kv).map(Some)
+        } else {
+            Ok(None)
+        }
+    }
+
+    fn matches(&self, def: &ResourceDef, obj: Option<&Value>) -> bool {
+        match obj {
+            Some(obj) if self.filtered() => Api::matches(def, &self.labels, &self.fields, obj),
+            _ => true,
+        }
+    }
+
+    /// The event's line for this watcher, or None when the object is not
+    /// selected. `decoded` is the object if the caller already decoded it
+    /// (`Some(None)`: it decided decoding was not needed).
+    fn event_line(
+        &self,
+        def: &ResourceDef,
+        kind: &str,
+        kv: &KeyValue,
+        decoded: Option<Option<Value>>,
+    ) -> ApiResult<Option<Bytes>> {
+        let obj = match decoded {
+            Some(obj) => obj,
+            None => {
+                let obj = self.decode_if_needed(def, kv)?;
+                if !self.matches(def, obj.as_ref()) {
+                    return Ok(None);
+                }
+                obj
+            }
+        };
+        if self.rendering == Rendering::Object {
+            let mut line = Vec::with_capacity(kv.value.len() + 48);
+            line.extend_from_slice(b"{\"type\":\"");
+            line.extend_from_slice(kind.as_bytes());
+            line.extend_from_slice(b"\",\"object\":");
+            append_served_or_decode(def, kv, &mut line)?;
+            line.extend_from_slice(b"}\n");
+            return Ok(Some(Bytes::from(line)));
+        }
+        let obj = match obj {
+            Some(obj) => obj,
+            None => decode(def, kv)?,
+        };
+        Ok(Some(event_line(kind, &render(def, &obj, self.rendering))))
     }
 }
 

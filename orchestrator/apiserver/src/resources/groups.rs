@@ -241,4 +241,8 @@ impl Behaviour for EventsV1 {
     fn to_served(&self, obj: Value) -> Value {
         rename(obj, false, "events.k8s.io/v1")
     }
+
+    fn serves_stored_form(&self) -> bool {
+        false
+    }
 }

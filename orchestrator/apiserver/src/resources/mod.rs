@@ -3,7 +3,7 @@
 
 mod apps;
 pub mod core;
-mod groups;
+pub(crate) mod groups;
 pub mod podspec;
 
 use std::sync::Arc;
