@@ -125,6 +125,7 @@ pub async fn start(
         config.compaction_interval,
         shutdown.clone(),
     ));
+    tokio::spawn(allocation_repair_loop(allocator, shutdown.clone()));
     let task = tokio::spawn(serve(listener, tls, router, shutdown));
     Ok(Running {
         addr,
@@ -222,6 +223,23 @@ async fn compaction_loop(store: Arc<dyn Store>, interval: Duration, shutdown: Ca
             }
         }
         previous = Some(current);
+    }
+}
+
+/// How often leaked ClusterIP/NodePort allocations are looked for; a leak is
+/// released on the second pass that sees it.
+const ALLOCATION_REPAIR_INTERVAL: Duration = Duration::from_secs(60);
+
+async fn allocation_repair_loop(allocator: Arc<ServiceAllocator>, shutdown: CancellationToken) {
+    let mut suspects = HashMap::new();
+    loop {
+        if let Err(e) = allocator.repair(&mut suspects).await {
+            tracing::warn!(error = %e, "service allocation repair failed");
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(ALLOCATION_REPAIR_INTERVAL) => {}
+        }
     }
 }
 

@@ -1,6 +1,6 @@
 //! core/v1 resources.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::net::Ipv4Addr;
 use std::sync::Arc;
 
@@ -8,7 +8,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use k8s_openapi::api::core::v1 as corev1;
 use serde_json::{json, Value};
-use tapestry_store::{Store, StoreError};
+use tapestry_store::{KeyValue, Store, StoreError};
 use tokio::sync::Mutex;
 
 use super::podspec::{default_pod_spec, qos_class, validate_pod_spec};
@@ -1021,11 +1021,6 @@ impl ServiceAllocator {
         }
     }
 
-    /// Claim `ip` for the API server's own `kubernetes` Service.
-    pub async fn reserve(&self, ip: Ipv4Addr, owner: &str) -> ApiResult<()> {
-        self.claim(Self::ip_key(ip), owner, false).await.map(|_| ())
-    }
-
     async fn allocate_ip(&self, owner: &str, dry_run: bool) -> ApiResult<Ipv4Addr> {
         let mut next = self.next_ip.lock().await;
         let usable = self.range.size - 2;
@@ -1062,6 +1057,74 @@ impl ServiceAllocator {
         Err(ApiError::Internal(
             "no NodePorts left in 30000-32767".into(),
         ))
+    }
+
+    /// Release allocations no Service holds: left behind when the server
+    /// stopped between claiming and storing a Service, or between deleting
+    /// one and releasing what it held. A leak found by one pass (`suspects`)
+    /// is released by the next pass only if it is unchanged, so a claim whose
+    /// Service write is still in flight is never taken away. Returns how
+    /// many allocations were released.
+    pub async fn repair(&self, suspects: &mut HashMap<String, i64>) -> ApiResult<usize> {
+        let mut leaked = HashMap::new();
+        let mut released = 0;
+        for prefix in ["/registry/ipallocations/", "/registry/nodeportallocations/"] {
+            let allocations = self
+                .store
+                .list(prefix, Default::default())
+                .await
+                .map_err(ApiError::internal)?;
+            for kv in allocations.items {
+                if self.allocation_is_held(prefix, &kv).await? {
+                    continue;
+                }
+                if suspects.get(&kv.key) == Some(&kv.mod_revision) {
+                    match self.store.delete(&kv.key, Some(kv.mod_revision)).await {
+                        Ok(_) => {
+                            tracing::info!(key = %kv.key, "released leaked service allocation");
+                            released += 1;
+                        }
+                        // Changed or gone since: the next pass looks again.
+                        Err(StoreError::Conflict { .. } | StoreError::NotFound(_)) => {}
+                        Err(e) => return Err(ApiError::internal(e)),
+                    }
+                } else {
+                    leaked.insert(kv.key, kv.mod_revision);
+                }
+            }
+        }
+        *suspects = leaked;
+        Ok(released)
+    }
+
+    /// Whether the Service named in an allocation still holds it.
+    async fn allocation_is_held(&self, prefix: &str, kv: &KeyValue) -> ApiResult<bool> {
+        let owner = String::from_utf8_lossy(&kv.value);
+        let Some((namespace, name)) = owner.split_once('/') else {
+            return Ok(false);
+        };
+        let Some(service) = self
+            .store
+            .get(&format!("/registry/services/{namespace}/{name}"))
+            .await
+            .map_err(ApiError::internal)?
+        else {
+            return Ok(false);
+        };
+        let service: Value = serde_json::from_slice(&service.value).unwrap_or(Value::Null);
+        let allocated = &kv.key[prefix.len()..];
+        Ok(if prefix.contains("nodeport") {
+            service
+                .pointer("/spec/ports")
+                .and_then(Value::as_array)
+                .is_some_and(|ports| {
+                    ports
+                        .iter()
+                        .any(|p| i(p, "/nodePort").to_string() == allocated)
+                })
+        } else {
+            s(&service, "/spec/clusterIP") == allocated
+        })
     }
 
     fn invalid(obj: &Value, causes: Vec<Cause>) -> ApiError {
@@ -1211,5 +1274,62 @@ impl WriteHook for ServiceAllocator {
                 self.release_key(Self::port_key(port)).await;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tapestry_store::RedbStore;
+
+    /// An allocation whose Service never got stored is released on the
+    /// second repair pass; allocations Services hold are kept.
+    #[tokio::test]
+    async fn repair_releases_only_leaked_allocations() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> = Arc::new(RedbStore::open(dir.path().join("s.redb")).unwrap());
+        let allocator =
+            ServiceAllocator::new(store.clone(), Ipv4Range::parse("10.96.0.0/12").unwrap());
+        let mut held = json!({
+            "metadata": {"namespace": "ns", "name": "web"},
+            "spec": {"type": "NodePort", "ports": [{"port": 80}]},
+        });
+        allocator.allocate(&mut held, None, false).await.unwrap();
+        store
+            .create("/registry/services/ns/web", Bytes::from(held.to_string()))
+            .await
+            .unwrap();
+        // A claim whose Service write never happened.
+        let mut lost = json!({
+            "metadata": {"namespace": "ns", "name": "lost"},
+            "spec": {"type": "NodePort", "ports": [{"port": 80}]},
+        });
+        allocator.allocate(&mut lost, None, false).await.unwrap();
+
+        let count = |prefix: &'static str| {
+            let store = store.clone();
+            async move {
+                store
+                    .list(prefix, Default::default())
+                    .await
+                    .unwrap()
+                    .items
+                    .len()
+            }
+        };
+        let mut suspects = HashMap::new();
+        assert_eq!(allocator.repair(&mut suspects).await.unwrap(), 0);
+        assert_eq!(suspects.len(), 2, "the lost IP and NodePort are suspected");
+        assert_eq!(allocator.repair(&mut suspects).await.unwrap(), 2);
+        assert_eq!(count("/registry/ipallocations/").await, 1);
+        assert_eq!(count("/registry/nodeportallocations/").await, 1);
+        let ip = s(&held, "/spec/clusterIP").to_string();
+        assert!(store
+            .get(&ServiceAllocator::ip_key(ip.parse().unwrap()))
+            .await
+            .unwrap()
+            .is_some());
+        assert_eq!(allocator.repair(&mut suspects).await.unwrap(), 0);
+        assert!(suspects.is_empty());
     }
 }
