@@ -476,3 +476,61 @@ fn files_rotate_by_size_and_keep_at_most_max_files() {
         0.0
     );
 }
+
+#[test]
+fn files_rotate_by_age_even_when_traffic_stops() {
+    let dir = tempfile::tempdir().unwrap();
+    let files = dir.path().join("files");
+    let agg = Aggregator::start(
+        &format!(
+            "sinks:\n  - {{ name: f, type: pcapng_file, directory: \"{}\", prefix: age, rotate_seconds: 1 }}\npolicies:\n  - {{ name: all, sinks: [f] }}\n",
+            files.display()
+        ),
+        dir.path(),
+    );
+    let list = || {
+        let mut paths: Vec<_> = std::fs::read_dir(&files)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect();
+        paths.sort();
+        paths
+    };
+    let first = synth::frames(5, 300);
+    send(&agg.grpc, "node-a", first.clone(), None);
+    agg.wait_metric(
+        "tapestry_aggregator_sink_packets_total{sink=\"f\",type=\"pcapng_file\"}",
+        300.0,
+        30,
+    );
+    // No traffic for longer than the rotation age: the file is closed by
+    // the sink's clock, not by the next packet.
+    std::thread::sleep(Duration::from_millis(2_500));
+    assert_eq!(list().len(), 1);
+    let second = synth::frames(6, 200);
+    send(&agg.grpc, "node-a", second.clone(), None);
+    agg.wait_metric(
+        "tapestry_aggregator_sink_packets_total{sink=\"f\",type=\"pcapng_file\"}",
+        500.0,
+        30,
+    );
+    std::thread::sleep(Duration::from_millis(1_500));
+    let paths = list();
+    assert_eq!(paths.len(), 2, "{paths:?}");
+    let data = |path: &std::path::Path| -> Vec<Vec<u8>> {
+        read_packets(path).into_iter().map(|p| p.2).collect()
+    };
+    let sent = |frames: &[synth::Frame]| -> Vec<Vec<u8>> {
+        frames.iter().map(|f| f.data.clone()).collect()
+    };
+    assert_eq!(data(&paths[0]), sent(&first));
+    assert_eq!(data(&paths[1]), sent(&second));
+    for p in &paths {
+        let o = std::process::Command::new("capinfos")
+            .args(["-c", "-M"])
+            .arg(p)
+            .output()
+            .expect("capinfos (wireshark-common) is installed");
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    }
+}
