@@ -1,0 +1,145 @@
+//! Tapestry's controller manager. Each controller is a small module with a
+//! `setup` (which changes wake which keys) and an idempotent `reconcile`
+//! (make the world match the spec for one key); they share one informer per
+//! resource and talk to the API server through kube-rs like any client.
+
+pub mod events;
+pub mod leader;
+pub mod runtime;
+pub mod util;
+
+mod deployment;
+mod ipam;
+mod replicaset;
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use k8s_openapi::api::apps::v1::{Deployment, ReplicaSet};
+use k8s_openapi::api::core::v1::{Node, Pod};
+use kube::runtime::watcher;
+use kube::{Api, Client};
+use tokio_util::sync::CancellationToken;
+
+pub use ipam::ClusterCidr;
+
+use crate::runtime::{key_of, Informer, Queue, Requeue};
+
+/// Distinct keys a controller's queue holds at most.
+const QUEUE_CAPACITY: usize = 100_000;
+/// How often every object is reconciled again regardless of events.
+const RESYNC: Duration = Duration::from_secs(60);
+
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub cluster_cidr: ClusterCidr,
+}
+
+/// Shared state of all controllers.
+pub struct Ctx {
+    pub client: Client,
+    pub config: Config,
+    pub recorder: events::Recorder,
+    pub pods: Arc<Informer<Pod>>,
+    pub nodes: Arc<Informer<Node>>,
+    pub replicasets: Arc<Informer<ReplicaSet>>,
+    pub deployments: Arc<Informer<Deployment>>,
+    rs_expectations: replicaset::Expectations,
+    ipam: ipam::Allocations,
+}
+
+/// Run every controller until `shutdown`.
+pub async fn run(client: Client, config: Config, shutdown: CancellationToken) {
+    let all = watcher::Config::default();
+    let ctx = Arc::new(Ctx {
+        recorder: events::Recorder::new(client.clone(), "controller-manager"),
+        pods: Informer::new(Api::all(client.clone()), all.clone()),
+        nodes: Informer::new(Api::all(client.clone()), all.clone()),
+        replicasets: Informer::new(Api::all(client.clone()), all.clone()),
+        deployments: Informer::new(Api::all(client.clone()), all.clone()),
+        rs_expectations: Default::default(),
+        ipam: Default::default(),
+        client,
+        config,
+    });
+    let mut tasks = tokio::task::JoinSet::new();
+    {
+        let mut spawn = |name: &'static str,
+                         setup: fn(&Arc<Ctx>, &Arc<Queue>),
+                         keys: fn(&Ctx) -> Vec<String>,
+                         reconcile: fn(Arc<Ctx>, String) -> Reconcile| {
+            let queue = Queue::new(QUEUE_CAPACITY);
+            setup(&ctx, &queue);
+            let c = ctx.clone();
+            let c2 = ctx.clone();
+            let stop = shutdown.clone();
+            tasks.spawn(async move {
+                c.pods.ready().await;
+                runtime::run_worker(
+                    name,
+                    queue,
+                    stop,
+                    RESYNC,
+                    move || keys(&c2),
+                    move |k| reconcile(c.clone(), k),
+                )
+                .await
+            });
+        };
+        spawn(
+            "replicaset",
+            replicaset::setup,
+            |c| {
+                c.replicasets
+                    .store
+                    .state()
+                    .iter()
+                    .map(|o| key_of(o.as_ref()))
+                    .collect()
+            },
+            |c, k| Box::pin(replicaset::reconcile(c, k)),
+        );
+        spawn(
+            "deployment",
+            deployment::setup,
+            |c| {
+                c.deployments
+                    .store
+                    .state()
+                    .iter()
+                    .map(|o| key_of(o.as_ref()))
+                    .collect()
+            },
+            |c, k| Box::pin(deployment::reconcile(c, k)),
+        );
+        spawn(
+            "nodeipam",
+            ipam::setup,
+            |c| {
+                c.nodes
+                    .store
+                    .state()
+                    .iter()
+                    .map(|o| key_of(o.as_ref()))
+                    .collect()
+            },
+            |c, k| Box::pin(ipam::reconcile(c, k)),
+        );
+    }
+    ctx.pods.start(shutdown.clone());
+    ctx.nodes.start(shutdown.clone());
+    ctx.replicasets.start(shutdown.clone());
+    ctx.deployments.start(shutdown.clone());
+    // Controllers act only on a complete view of the cluster.
+    tokio::join!(
+        ctx.pods.ready(),
+        ctx.nodes.ready(),
+        ctx.replicasets.ready(),
+        ctx.deployments.ready()
+    );
+    tracing::info!("controllers running");
+    while tasks.join_next().await.is_some() {}
+}
+
+type Reconcile = std::pin::Pin<Box<dyn Future<Output = anyhow::Result<Requeue>> + Send>>;
