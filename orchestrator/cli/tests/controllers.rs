@@ -1,0 +1,279 @@
+//! The scheduler and controller manager of `tapestry server`, driven by the
+//! machine's kubectl against real `tapestry server` and `tapestry hollow`
+//! processes.
+
+mod common;
+
+use std::collections::{BTreeMap, HashMap};
+use std::io::{BufRead, BufReader};
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+
+use common::{require_kubectl, wait_for, Hollow, Server};
+
+#[derive(Debug, Clone)]
+struct PodRow {
+    name: String,
+    phase: String,
+    node: String,
+    deleting: bool,
+}
+
+fn pods(s: &Server, ns: &str, selector: &str) -> Vec<PodRow> {
+    let out = s.ok(&[
+        "get",
+        "pods",
+        "-n",
+        ns,
+        "-l",
+        selector,
+        "-o",
+        "jsonpath={range .items[*]}{.metadata.name} {.status.phase} {.spec.nodeName} {.metadata.deletionTimestamp}{\"\\n\"}{end}",
+    ]);
+    out.lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| {
+            let f: Vec<&str> = l.split(' ').collect();
+            PodRow {
+                name: f[0].to_string(),
+                phase: f.get(1).unwrap_or(&"").to_string(),
+                node: f.get(2).unwrap_or(&"").to_string(),
+                deleting: f.get(3).is_some_and(|d| !d.is_empty()),
+            }
+        })
+        .collect()
+}
+
+/// Wait until exactly `n` live pods match and all are Running.
+fn wait_running(s: &Server, ns: &str, selector: &str, n: usize) -> Vec<PodRow> {
+    wait_for(60, &format!("{n} running pods {selector}"), || {
+        let live: Vec<PodRow> = pods(s, ns, selector)
+            .into_iter()
+            .filter(|p| !p.deleting)
+            .collect();
+        (live.len() == n && live.iter().all(|p| p.phase == "Running")).then_some(live)
+    })
+}
+
+fn per_node(rows: &[PodRow]) -> BTreeMap<String, usize> {
+    let mut m = BTreeMap::new();
+    for r in rows {
+        *m.entry(r.node.clone()).or_default() += 1;
+    }
+    m
+}
+
+fn cluster() -> Option<(Server, Hollow)> {
+    if !require_kubectl() {
+        return None;
+    }
+    let s = Server::start_with(&["--leader-elect=false"]);
+    let h = Hollow::start(&s, "hollow", 3);
+    wait_for(30, "3 Ready nodes", || {
+        let out = s.ok(&["get", "nodes", "--no-headers"]);
+        (out.lines().filter(|l| l.contains(" Ready ")).count() == 3).then_some(())
+    });
+    Some((s, h))
+}
+
+/// Watch pods of `selector` with kubectl and track the fewest available
+/// (ready, not being deleted) once `floor_after` were seen available.
+fn watch_availability(
+    s: &Server,
+    selector: &str,
+    floor_after: usize,
+) -> (std::process::Child, Arc<Mutex<Option<usize>>>) {
+    let mut child = s
+        .kubectl_cmd(&[
+            "get",
+            "pods",
+            "-l",
+            selector,
+            "-w",
+            "--no-headers",
+            "-o",
+            "custom-columns=NAME:.metadata.name,READY:.status.conditions[?(@.type==\"Ready\")].status,DEL:.metadata.deletionTimestamp",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("kubectl get -w");
+    let stdout = child.stdout.take().expect("stdout");
+    let min = Arc::new(Mutex::new(None::<usize>));
+    let m = min.clone();
+    std::thread::spawn(move || {
+        let mut state: HashMap<String, bool> = HashMap::new();
+        let mut armed = false;
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            if f.len() < 3 {
+                continue;
+            }
+            state.insert(f[0].to_string(), f[1] == "True" && f[2] == "<none>");
+            let available = state.values().filter(|a| **a).count();
+            if available >= floor_after {
+                armed = true;
+            }
+            if armed {
+                let mut g = m.lock().unwrap();
+                *g = Some(g.map_or(available, |x| x.min(available)));
+            }
+        }
+    });
+    (child, min)
+}
+
+#[test]
+fn deployment_scale_roll_out_undo_and_self_heal() {
+    let Some((s, _h)) = cluster() else { return };
+    s.ok(&[
+        "create",
+        "deployment",
+        "web",
+        "--image=busybox",
+        "--replicas=6",
+    ]);
+    let rows = wait_running(&s, "default", "app=web", 6);
+    let spread = per_node(&rows);
+    assert_eq!(spread.len(), 3, "pods on every node: {spread:?}");
+    assert!(
+        spread.values().all(|c| *c == 2),
+        "2 pods per node: {spread:?}"
+    );
+
+    s.ok(&["scale", "deployment", "web", "--replicas=9"]);
+    wait_running(&s, "default", "app=web", 9);
+    s.ok(&["scale", "deployment", "web", "--replicas=6"]);
+    wait_running(&s, "default", "app=web", 6);
+    s.ok(&["rollout", "status", "deployment/web", "--timeout=60s"]);
+
+    // maxUnavailable defaults to 25%: 6 - 1 = 5 must stay available.
+    let (mut watch, min) = watch_availability(&s, "app=web", 6);
+    std::thread::sleep(std::time::Duration::from_secs(1));
+    s.ok(&["set", "image", "deployment/web", "busybox=busybox:1.36"]);
+    let out = s.ok(&["rollout", "status", "deployment/web", "--timeout=90s"]);
+    assert!(out.contains("successfully rolled out"), "{out}");
+    std::thread::sleep(std::time::Duration::from_secs(1));
+    let _ = watch.kill();
+    let _ = watch.wait();
+    let floor = min.lock().unwrap().expect("watch saw the pods");
+    assert!(
+        floor >= 5,
+        "available pods dropped to {floor} during the rollout"
+    );
+    let image = s.ok(&[
+        "get",
+        "deployment",
+        "web",
+        "-o",
+        "jsonpath={.spec.template.spec.containers[0].image}",
+    ]);
+    assert_eq!(image, "busybox:1.36");
+    let rs = s.ok(&["get", "rs", "-l", "app=web", "--no-headers"]);
+    assert_eq!(rs.lines().count(), 2, "old and new ReplicaSet: {rs}");
+
+    s.ok(&["rollout", "undo", "deployment/web"]);
+    s.ok(&["rollout", "status", "deployment/web", "--timeout=90s"]);
+    let image = s.ok(&[
+        "get",
+        "deployment",
+        "web",
+        "-o",
+        "jsonpath={.spec.template.spec.containers[0].image}",
+    ]);
+    assert_eq!(image, "busybox");
+    let rows = wait_running(&s, "default", "app=web", 6);
+
+    // A deleted pod is replaced.
+    let victim = rows[0].name.clone();
+    s.ok(&["delete", "pod", &victim, "--wait=false"]);
+    let rows = wait_running(&s, "default", "app=web", 6);
+    assert!(rows.iter().all(|r| r.name != victim));
+
+    let events = s.ok(&[
+        "get",
+        "events",
+        "-o",
+        "jsonpath={range .items[*]}{.reason}{\"\\n\"}{end}",
+    ]);
+    for reason in ["Scheduled", "SuccessfulCreate", "ScalingReplicaSet"] {
+        assert!(
+            events.lines().any(|l| l == reason),
+            "no {reason} event in {events}"
+        );
+    }
+}
+
+#[test]
+fn scheduler_filters_and_failed_scheduling() {
+    let Some((s, _h)) = cluster() else { return };
+    // More cpu than any node (4 cores) has.
+    let big = r#"{"apiVersion":"v1","kind":"Pod","metadata":{"name":"big"},
+        "spec":{"containers":[{"name":"c","image":"busybox","resources":{"requests":{"cpu":"64"}}}]}}"#;
+    s.ok_stdin(&["create", "-f", "-"], big);
+    let msg = wait_for(30, "FailedScheduling event", || {
+        let out = s.ok(&[
+            "get",
+            "events",
+            "--field-selector",
+            "reason=FailedScheduling,involvedObject.name=big",
+            "-o",
+            "jsonpath={.items[*].message}",
+        ]);
+        (!out.is_empty()).then_some(out)
+    });
+    assert!(
+        msg.contains("0/3 nodes are available") && msg.contains("Insufficient cpu"),
+        "{msg}"
+    );
+    let cond = s.ok(&[
+        "get",
+        "pod",
+        "big",
+        "-o",
+        "jsonpath={.status.phase} {.status.conditions[?(@.type==\"PodScheduled\")].reason}",
+    ]);
+    assert_eq!(cond, "Pending Unschedulable");
+
+    // nodeSelector.
+    s.ok(&["label", "node", "hollow-1", "disk=ssd"]);
+    let sel = r#"{"apiVersion":"v1","kind":"Pod","metadata":{"name":"picky"},
+        "spec":{"nodeSelector":{"disk":"ssd"},"containers":[{"name":"c","image":"busybox"}]}}"#;
+    s.ok_stdin(&["create", "-f", "-"], sel);
+    let node = wait_for(30, "picky scheduled", || {
+        let n = s.ok(&["get", "pod", "picky", "-o", "jsonpath={.spec.nodeName}"]);
+        (!n.is_empty()).then_some(n)
+    });
+    assert_eq!(node, "hollow-1");
+
+    // Taints keep pods off unless tolerated; cordon keeps new pods off.
+    s.ok(&["taint", "node", "hollow-0", "dedicated=infra:NoSchedule"]);
+    s.ok(&["cordon", "hollow-2"]);
+    s.ok(&[
+        "create",
+        "deployment",
+        "spread",
+        "--image=busybox",
+        "--replicas=4",
+    ]);
+    let rows = wait_running(&s, "default", "app=spread", 4);
+    assert!(rows.iter().all(|r| r.node == "hollow-1"), "{rows:?}");
+    let tolerant = r#"{"apiVersion":"v1","kind":"Pod","metadata":{"name":"tolerant"},
+        "spec":{"nodeSelector":{"kubernetes.io/hostname":"hollow-0"},
+                "tolerations":[{"key":"dedicated","operator":"Equal","value":"infra","effect":"NoSchedule"}],
+                "containers":[{"name":"c","image":"busybox"}]}}"#;
+    s.ok_stdin(&["create", "-f", "-"], tolerant);
+    let node = wait_for(30, "tolerant scheduled", || {
+        let n = s.ok(&["get", "pod", "tolerant", "-o", "jsonpath={.spec.nodeName}"]);
+        (!n.is_empty()).then_some(n)
+    });
+    assert_eq!(node, "hollow-0");
+
+    // Uncordoning is a cluster change: the big pod is retried, still fails,
+    // and pods go to hollow-2 again.
+    s.ok(&["uncordon", "hollow-2"]);
+    s.ok(&["scale", "deployment", "spread", "--replicas=8"]);
+    let rows = wait_running(&s, "default", "app=spread", 8);
+    assert!(rows.iter().any(|r| r.node == "hollow-2"), "{rows:?}");
+    assert!(rows.iter().all(|r| r.node != "hollow-0"), "{rows:?}");
+}
