@@ -9,15 +9,18 @@ pub mod runtime;
 pub mod util;
 
 mod deployment;
+mod gc;
 mod ipam;
+mod namespace;
 mod replicaset;
+mod serviceaccount;
 
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
 use k8s_openapi::api::apps::v1::{Deployment, ReplicaSet};
-use k8s_openapi::api::core::v1::{Node, Pod};
+use k8s_openapi::api::core::v1::{Namespace, Node, Pod, ServiceAccount};
 use kube::runtime::watcher;
 use kube::{Api, Client};
 use tokio_util::sync::CancellationToken;
@@ -45,21 +48,45 @@ pub struct Ctx {
     pub nodes: Arc<Informer<Node>>,
     pub replicasets: Arc<Informer<ReplicaSet>>,
     pub deployments: Arc<Informer<Deployment>>,
+    pub namespaces: Arc<Informer<Namespace>>,
+    pub serviceaccounts: Arc<Informer<ServiceAccount>>,
     rs_expectations: replicaset::Expectations,
     ipam: ipam::Allocations,
+    gc_kinds: Vec<gc::Tracked>,
+    discovery: std::sync::Mutex<Option<(std::time::Instant, Vec<kube::api::ApiResource>)>>,
+}
+
+fn keys<K: kube::Resource<DynamicType = ()> + Clone + 'static>(i: &Informer<K>) -> Vec<String> {
+    i.store.state().iter().map(|o| key_of(o.as_ref())).collect()
 }
 
 /// Run every controller until `shutdown`.
 pub async fn run(client: Client, config: Config, shutdown: CancellationToken) {
     let all = watcher::Config::default();
+    let pods = Informer::new(Api::all(client.clone()), all.clone());
+    let nodes = Informer::new(Api::all(client.clone()), all.clone());
+    let replicasets = Informer::new(Api::all(client.clone()), all.clone());
+    let deployments = Informer::new(Api::all(client.clone()), all.clone());
+    let namespaces = Informer::new(Api::all(client.clone()), all.clone());
+    let serviceaccounts = Informer::new(Api::all(client.clone()), all.clone());
+    let gc_kinds = vec![
+        gc::Tracked::new(&pods, true),
+        gc::Tracked::new(&replicasets, true),
+        gc::Tracked::new(&deployments, true),
+        gc::Tracked::new(&nodes, false),
+    ];
     let ctx = Arc::new(Ctx {
         recorder: events::Recorder::new(client.clone(), "controller-manager"),
-        pods: Informer::new(Api::all(client.clone()), all.clone()),
-        nodes: Informer::new(Api::all(client.clone()), all.clone()),
-        replicasets: Informer::new(Api::all(client.clone()), all.clone()),
-        deployments: Informer::new(Api::all(client.clone()), all.clone()),
+        pods,
+        nodes,
+        replicasets,
+        deployments,
+        namespaces,
+        serviceaccounts,
         rs_expectations: Default::default(),
         ipam: Default::default(),
+        gc_kinds,
+        discovery: Default::default(),
         client,
         config,
     });
@@ -87,59 +114,49 @@ pub async fn run(client: Client, config: Config, shutdown: CancellationToken) {
                 .await
             });
         };
-        spawn(
-            "replicaset",
-            replicaset::setup,
-            |c| {
-                c.replicasets
-                    .store
-                    .state()
-                    .iter()
-                    .map(|o| key_of(o.as_ref()))
-                    .collect()
-            },
-            |c, k| Box::pin(replicaset::reconcile(c, k)),
-        );
-        spawn(
-            "deployment",
-            deployment::setup,
-            |c| {
-                c.deployments
-                    .store
-                    .state()
-                    .iter()
-                    .map(|o| key_of(o.as_ref()))
-                    .collect()
-            },
-            |c, k| Box::pin(deployment::reconcile(c, k)),
-        );
-        spawn(
-            "nodeipam",
-            ipam::setup,
-            |c| {
-                c.nodes
-                    .store
-                    .state()
-                    .iter()
-                    .map(|o| key_of(o.as_ref()))
-                    .collect()
-            },
-            |c, k| Box::pin(ipam::reconcile(c, k)),
-        );
+        spawn("replicaset", replicaset::setup, |c| keys(&c.replicasets), |c, k| {
+            Box::pin(replicaset::reconcile(c, k))
+        });
+        spawn("deployment", deployment::setup, |c| keys(&c.deployments), |c, k| {
+            Box::pin(deployment::reconcile(c, k))
+        });
+        spawn("nodeipam", ipam::setup, |c| keys(&c.nodes), |c, k| {
+            Box::pin(ipam::reconcile(c, k))
+        });
+        spawn("garbagecollector", gc_setup, gc::all_keys, |c, k| {
+            Box::pin(gc::reconcile(c, k))
+        });
+        spawn("namespace", namespace::setup, |c| keys(&c.namespaces), |c, k| {
+            Box::pin(namespace::reconcile(c, k))
+        });
+        spawn("serviceaccount", serviceaccount::setup, |c| keys(&c.namespaces), |c, k| {
+            Box::pin(serviceaccount::reconcile(c, k))
+        });
     }
     ctx.pods.start(shutdown.clone());
     ctx.nodes.start(shutdown.clone());
     ctx.replicasets.start(shutdown.clone());
     ctx.deployments.start(shutdown.clone());
+    ctx.namespaces.start(shutdown.clone());
+    ctx.serviceaccounts.start(shutdown.clone());
     // Controllers act only on a complete view of the cluster.
     tokio::join!(
         ctx.pods.ready(),
         ctx.nodes.ready(),
         ctx.replicasets.ready(),
-        ctx.deployments.ready()
+        ctx.deployments.ready(),
+        ctx.namespaces.ready(),
+        ctx.serviceaccounts.ready(),
     );
     tracing::info!("controllers running");
     while tasks.join_next().await.is_some() {}
+}
+
+fn gc_setup(ctx: &Arc<Ctx>, queue: &Arc<Queue>) {
+    gc::watch(&ctx.pods, queue);
+    gc::watch(&ctx.replicasets, queue);
+    gc::watch(&ctx.deployments, queue);
+    gc::watch(&ctx.nodes, queue);
 }
 
 type Reconcile = std::pin::Pin<Box<dyn Future<Output = anyhow::Result<Requeue>> + Send>>;
