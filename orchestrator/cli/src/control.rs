@@ -28,6 +28,13 @@ pub struct ControlArgs {
     pub leader_elect_renew_deadline: Duration,
     #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
     pub leader_elect_retry_period: Duration,
+    /// A node whose kubelet stayed silent this long turns NotReady
+    /// (Ready=Unknown) and gets the unreachable taints.
+    #[arg(long, default_value = "40s", value_parser = humantime::parse_duration)]
+    pub node_monitor_grace_period: Duration,
+    /// How often node health is checked.
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    pub node_monitor_period: Duration,
     /// Do not run the scheduler in this process.
     #[arg(long)]
     pub no_scheduler: bool,
@@ -76,7 +83,14 @@ pub async fn start(
         );
     }
     if !args.no_controllers {
-        let config = tapestry_controllers::Config { cluster_cidr };
+        if args.node_monitor_period.is_zero() {
+            anyhow::bail!("--node-monitor-period must be positive");
+        }
+        let config = tapestry_controllers::Config {
+            cluster_cidr,
+            node_monitor_grace_period: args.node_monitor_grace_period,
+            node_monitor_period: args.node_monitor_period,
+        };
         let c = client.clone();
         let run = move |token: CancellationToken| {
             tapestry_controllers::run(c.clone(), config.clone(), token)

@@ -63,16 +63,27 @@ fn per_node(rows: &[PodRow]) -> BTreeMap<String, usize> {
     m
 }
 
+/// Fast node health checks, so a silent node is noticed in seconds.
+const SERVER_ARGS: &[&str] = &[
+    "--leader-elect=false",
+    "--node-monitor-grace-period=3s",
+    "--node-monitor-period=500ms",
+];
+
+fn ready_nodes(s: &Server, n: usize) {
+    wait_for(30, &format!("{n} Ready nodes"), || {
+        let out = s.ok(&["get", "nodes", "--no-headers"]);
+        (out.lines().filter(|l| l.contains(" Ready")).count() == n).then_some(())
+    });
+}
+
 fn cluster() -> Option<(Server, Hollow)> {
     if !require_kubectl() {
         return None;
     }
-    let s = Server::start_with(&["--leader-elect=false"]);
+    let s = Server::start_with(SERVER_ARGS);
     let h = Hollow::start(&s, "hollow", 3);
-    wait_for(30, "3 Ready nodes", || {
-        let out = s.ok(&["get", "nodes", "--no-headers"]);
-        (out.lines().filter(|l| l.contains(" Ready ")).count() == 3).then_some(())
-    });
+    ready_nodes(&s, 3);
     Some((s, h))
 }
 
@@ -276,4 +287,187 @@ fn scheduler_filters_and_failed_scheduling() {
     let rows = wait_running(&s, "default", "app=spread", 8);
     assert!(rows.iter().any(|r| r.node == "hollow-2"), "{rows:?}");
     assert!(rows.iter().all(|r| r.node != "hollow-0"), "{rows:?}");
+}
+
+#[test]
+fn garbage_collection_and_namespace_deletion() {
+    let Some((s, _h)) = cluster() else { return };
+    s.ok(&["create", "namespace", "team"]);
+    // Every namespace gets a default ServiceAccount.
+    wait_for(30, "default ServiceAccount", || {
+        s.kubectl(&["get", "serviceaccount", "default", "-n", "team"])
+            .status
+            .success()
+            .then_some(())
+    });
+    s.ok(&[
+        "create",
+        "deployment",
+        "a",
+        "-n",
+        "team",
+        "--image=busybox",
+        "--replicas=3",
+    ]);
+    s.ok(&[
+        "create",
+        "deployment",
+        "keep",
+        "--image=busybox",
+        "--replicas=2",
+    ]);
+    s.ok(&[
+        "create",
+        "deployment",
+        "gone",
+        "--image=busybox",
+        "--replicas=2",
+    ]);
+    wait_running(&s, "team", "app=a", 3);
+    wait_running(&s, "default", "app=keep", 2);
+    wait_running(&s, "default", "app=gone", 2);
+
+    // Background (kubectl's default): ReplicaSets and pods follow.
+    s.ok(&["delete", "deployment", "gone"]);
+    wait_for(
+        30,
+        "ReplicaSets and pods of a deleted Deployment gone",
+        || {
+            let rs = s.ok(&["get", "rs", "-l", "app=gone", "--no-headers"]);
+            (rs.trim().is_empty() && pods(&s, "default", "app=gone").is_empty()).then_some(())
+        },
+    );
+
+    // Orphan: the ReplicaSet stays, without its owner reference.
+    s.ok(&["delete", "deployment", "keep", "--cascade=orphan"]);
+    wait_for(30, "orphaned ReplicaSet released", || {
+        let refs = s.ok(&[
+            "get",
+            "rs",
+            "-l",
+            "app=keep",
+            "-o",
+            "jsonpath={.items[*].metadata.ownerReferences}",
+        ]);
+        let count = s
+            .ok(&["get", "rs", "-l", "app=keep", "--no-headers"])
+            .lines()
+            .count();
+        (count == 1 && refs.trim().is_empty()).then_some(())
+    });
+    assert_eq!(pods(&s, "default", "app=keep").len(), 2);
+
+    // Foreground: kubectl waits until dependents are gone, then the owner.
+    s.ok(&[
+        "delete",
+        "rs",
+        "-l",
+        "app=keep",
+        "--cascade=foreground",
+        "--timeout=60s",
+    ]);
+    assert!(pods(&s, "default", "app=keep").iter().all(|p| p.deleting));
+
+    // Namespace deletion empties the namespace, then removes it.
+    s.ok(&["delete", "namespace", "team", "--timeout=60s"]);
+    let out = s.fails(&["get", "namespace", "team"]);
+    assert!(
+        out.contains("NotFound") || out.contains("not found"),
+        "{out}"
+    );
+}
+
+#[test]
+fn silent_node_goes_not_ready_and_its_pods_move() {
+    if !require_kubectl() {
+        return;
+    }
+    let s = Server::start_with(SERVER_ARGS);
+    let _stable = Hollow::start(&s, "stable", 2);
+    let mut doomed = Hollow::start(&s, "doomed", 1);
+    ready_nodes(&s, 3);
+    // Tolerate unreachable nodes for 2s instead of the default 300s.
+    let deploy = r#"{"apiVersion":"apps/v1","kind":"Deployment","metadata":{"name":"mover"},
+      "spec":{"replicas":6,"selector":{"matchLabels":{"app":"mover"}},
+        "template":{"metadata":{"labels":{"app":"mover"}},
+          "spec":{"tolerations":[
+              {"key":"node.kubernetes.io/unreachable","operator":"Exists","effect":"NoExecute","tolerationSeconds":2},
+              {"key":"node.kubernetes.io/not-ready","operator":"Exists","effect":"NoExecute","tolerationSeconds":2}],
+            "containers":[{"name":"c","image":"busybox"}]}}}}"#;
+    s.ok_stdin(&["create", "-f", "-"], deploy);
+    let rows = wait_running(&s, "default", "app=mover", 6);
+    assert!(rows.iter().any(|r| r.node == "doomed-0"), "{rows:?}");
+
+    doomed.kill();
+    wait_for(30, "doomed-0 NotReady", || {
+        let st = s.ok(&[
+            "get",
+            "node",
+            "doomed-0",
+            "-o",
+            "jsonpath={.status.conditions[?(@.type==\"Ready\")].status}",
+        ]);
+        (st == "Unknown").then_some(())
+    });
+    let taints = s.ok(&[
+        "get",
+        "node",
+        "doomed-0",
+        "-o",
+        "jsonpath={.spec.taints[*].key}",
+    ]);
+    assert!(
+        taints.contains("node.kubernetes.io/unreachable"),
+        "{taints}"
+    );
+    let rows = wait_for(60, "replacements on the healthy nodes", || {
+        let live: Vec<PodRow> = pods(&s, "default", "app=mover")
+            .into_iter()
+            .filter(|p| !p.deleting)
+            .collect();
+        (live.len() == 6
+            && live
+                .iter()
+                .all(|p| p.phase == "Running" && p.node != "doomed-0"))
+        .then_some(live)
+    });
+    assert!(rows.iter().all(|r| r.node.starts_with("stable-")));
+    let events = s.ok(&[
+        "get",
+        "events",
+        "-A",
+        "-o",
+        "jsonpath={range .items[*]}{.reason}{\"\\n\"}{end}",
+    ]);
+    for reason in ["NodeNotReady", "Evicted"] {
+        assert!(
+            events.lines().any(|l| l == reason),
+            "no {reason} event in {events}"
+        );
+    }
+}
+
+#[test]
+fn drain_evicts_through_the_eviction_api() {
+    let Some((s, _h)) = cluster() else { return };
+    s.ok(&[
+        "create",
+        "deployment",
+        "d",
+        "--image=busybox",
+        "--replicas=6",
+    ]);
+    wait_running(&s, "default", "app=d", 6);
+    let out = s.ok(&["drain", "hollow-1", "--ignore-daemonsets", "--timeout=60s"]);
+    assert!(out.contains("evicted"), "{out}");
+    let unsched = s.ok(&[
+        "get",
+        "node",
+        "hollow-1",
+        "-o",
+        "jsonpath={.spec.unschedulable}",
+    ]);
+    assert_eq!(unsched, "true");
+    let rows = wait_running(&s, "default", "app=d", 6);
+    assert!(rows.iter().all(|r| r.node != "hollow-1"), "{rows:?}");
 }

@@ -28,7 +28,8 @@ pub struct Tracked {
     /// (uid, being deleted, finalizers) of one object.
     find: Box<dyn Fn(Option<&str>, &str) -> Option<(String, bool, Vec<String>)> + Send + Sync>,
     /// Dependents (namespace, name, ownerReferences) of an owner uid.
-    dependents: Box<dyn Fn(&str) -> Vec<(Option<String>, String, Vec<OwnerReference>)> + Send + Sync>,
+    dependents:
+        Box<dyn Fn(&str) -> Vec<(Option<String>, String, Vec<OwnerReference>)> + Send + Sync>,
     owner_refs: Box<dyn Fn(Option<&str>, &str) -> Option<Vec<OwnerReference>> + Send + Sync>,
     all_keys: Box<dyn Fn() -> Vec<String> + Send + Sync>,
 }
@@ -36,10 +37,21 @@ pub struct Tracked {
 impl Tracked {
     pub fn new<K>(informer: &Arc<Informer<K>>, namespaced: bool) -> Tracked
     where
-        K: Resource<DynamicType = ()> + Clone + DeserializeOwned + std::fmt::Debug + Send + Sync + 'static,
+        K: Resource<DynamicType = ()>
+            + Clone
+            + DeserializeOwned
+            + std::fmt::Debug
+            + Send
+            + Sync
+            + 'static,
     {
         let kind = K::kind(&()).into_owned().leak();
-        let (i1, i2, i3, i4) = (informer.clone(), informer.clone(), informer.clone(), informer.clone());
+        let (i1, i2, i3, i4) = (
+            informer.clone(),
+            informer.clone(),
+            informer.clone(),
+            informer.clone(),
+        );
         Tracked {
             kind,
             resource: ApiResource::erase::<K>(&()),
@@ -79,7 +91,10 @@ impl Tracked {
                     .state()
                     .iter()
                     .filter(|o| {
-                        o.meta().owner_references.as_ref().is_some_and(|r| !r.is_empty())
+                        o.meta()
+                            .owner_references
+                            .as_ref()
+                            .is_some_and(|r| !r.is_empty())
                             || o.meta().deletion_timestamp.is_some()
                     })
                     .map(|o| key_of(o.as_ref()))
@@ -90,7 +105,9 @@ impl Tracked {
 
     fn api(&self, ctx: &Ctx, ns: Option<&str>) -> Api<DynamicObject> {
         match ns {
-            Some(ns) if self.namespaced => Api::namespaced_with(ctx.client.clone(), ns, &self.resource),
+            Some(ns) if self.namespaced => {
+                Api::namespaced_with(ctx.client.clone(), ns, &self.resource)
+            }
             _ => Api::all_with(ctx.client.clone(), &self.resource),
         }
     }
@@ -99,7 +116,13 @@ impl Tracked {
 /// Register the change handlers of one tracked kind.
 pub fn watch<K>(informer: &Arc<Informer<K>>, queue: &Arc<Queue>)
 where
-    K: Resource<DynamicType = ()> + Clone + DeserializeOwned + std::fmt::Debug + Send + Sync + 'static,
+    K: Resource<DynamicType = ()>
+        + Clone
+        + DeserializeOwned
+        + std::fmt::Debug
+        + Send
+        + Sync
+        + 'static,
 {
     let q = queue.clone();
     let kind = K::kind(&()).into_owned();
@@ -108,11 +131,18 @@ where
         let fins = o.finalizers();
         if !deleted
             && o.meta().deletion_timestamp.is_some()
-            && fins.iter().any(|f| f == "orphan" || f == "foregroundDeletion")
+            && fins
+                .iter()
+                .any(|f| f == "orphan" || f == "foregroundDeletion")
         {
             q.add(format!("own|{kind}|{key}"));
         }
-        if o.meta().owner_references.as_ref().is_some_and(|r| !r.is_empty()) && !deleted {
+        if o.meta()
+            .owner_references
+            .as_ref()
+            .is_some_and(|r| !r.is_empty())
+            && !deleted
+        {
             q.add(format!("dep|{kind}|{key}"));
         }
         if deleted || o.meta().deletion_timestamp.is_some() {
@@ -130,7 +160,11 @@ where
 pub fn all_keys(ctx: &Ctx) -> Vec<String> {
     ctx.gc_kinds
         .iter()
-        .flat_map(|t| (t.all_keys)().into_iter().map(move |k| format!("dep|{}|{k}", t.kind)))
+        .flat_map(|t| {
+            (t.all_keys)()
+                .into_iter()
+                .map(move |k| format!("dep|{}|{k}", t.kind))
+        })
         .collect()
 }
 
@@ -166,7 +200,11 @@ pub async fn reconcile(ctx: Arc<Ctx>, key: String) -> anyhow::Result<Requeue> {
 /// Whether the owner `r` (of an object in `ns`) still exists: the cache
 /// first, then a live read, so an owner the cache has not seen yet is never
 /// taken for gone.
-async fn owner_state(ctx: &Ctx, ns: Option<&str>, r: &OwnerReference) -> anyhow::Result<Option<(bool, Vec<String>)>> {
+async fn owner_state(
+    ctx: &Ctx,
+    ns: Option<&str>,
+    r: &OwnerReference,
+) -> anyhow::Result<Option<(bool, Vec<String>)>> {
     let Some(t) = tracked(ctx, &r.kind) else {
         // Owners of kinds we do not track are assumed alive.
         return Ok(Some((false, Vec::new())));
@@ -227,7 +265,10 @@ async fn check_dependent(ctx: &Ctx, kind: &str, key: &str) -> anyhow::Result<Req
         }
     } else if alive.len() < refs.len() && !foreground {
         let patch = json!({"metadata": {"ownerReferences": alive}});
-        ignore_not_found(api.patch(name, &PatchParams::default(), &Patch::Merge(patch)).await)?;
+        ignore_not_found(
+            api.patch(name, &PatchParams::default(), &Patch::Merge(patch))
+                .await,
+        )?;
     }
     Ok(Requeue::Done)
 }
@@ -247,14 +288,28 @@ async fn finish_owner(ctx: &Ctx, kind: &str, key: &str) -> anyhow::Result<Requeu
     let dependents: Vec<(&Tracked, Option<String>, String, Vec<OwnerReference>)> = ctx
         .gc_kinds
         .iter()
-        .flat_map(|d| (d.dependents)(&uid).into_iter().map(move |(n, m, r)| (d, n, m, r)))
+        .flat_map(|d| {
+            (d.dependents)(&uid)
+                .into_iter()
+                .map(move |(n, m, r)| (d, n, m, r))
+        })
         .collect();
     let mut done = None;
     if fins.iter().any(|f| f == "orphan") {
         for (d, dns, dname, refs) in &dependents {
             let kept: Vec<&OwnerReference> = refs.iter().filter(|r| r.uid != uid).collect();
+            // null removes the field rather than leaving an empty list.
+            let kept = if kept.is_empty() {
+                json!(null)
+            } else {
+                json!(kept)
+            };
             let patch = json!({"metadata": {"ownerReferences": kept}});
-            ignore_not_found(d.api(ctx, dns.as_deref()).patch(dname, &PatchParams::default(), &Patch::Merge(patch)).await)?;
+            ignore_not_found(
+                d.api(ctx, dns.as_deref())
+                    .patch(dname, &PatchParams::default(), &Patch::Merge(patch))
+                    .await,
+            )?;
         }
         done = Some("orphan");
     } else if fins.iter().any(|f| f == "foregroundDeletion") {
@@ -264,7 +319,11 @@ async fn finish_owner(ctx: &Ctx, kind: &str, key: &str) -> anyhow::Result<Requeu
             for (d, dns, dname, _) in &dependents {
                 let deleting = (d.find)(dns.as_deref(), dname).is_some_and(|(_, x, _)| x);
                 if !deleting {
-                    ignore_not_found(d.api(ctx, dns.as_deref()).delete(dname, &DeleteParams::foreground()).await)?;
+                    ignore_not_found(
+                        d.api(ctx, dns.as_deref())
+                            .delete(dname, &DeleteParams::foreground())
+                            .await,
+                    )?;
                 }
             }
             return Ok(Requeue::After(std::time::Duration::from_secs(1)));
@@ -273,7 +332,11 @@ async fn finish_owner(ctx: &Ctx, kind: &str, key: &str) -> anyhow::Result<Requeu
     if let Some(f) = done {
         let remaining: Vec<&String> = fins.iter().filter(|x| x.as_str() != f).collect();
         let patch = json!({"metadata": {"finalizers": remaining}});
-        ignore_not_found(t.api(ctx, ns).patch(name, &PatchParams::default(), &Patch::Merge(patch)).await)?;
+        ignore_not_found(
+            t.api(ctx, ns)
+                .patch(name, &PatchParams::default(), &Patch::Merge(patch))
+                .await,
+        )?;
     }
     Ok(Requeue::Done)
 }

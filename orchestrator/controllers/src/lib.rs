@@ -12,6 +12,7 @@ mod deployment;
 mod gc;
 mod ipam;
 mod namespace;
+mod nodelifecycle;
 mod replicaset;
 mod serviceaccount;
 
@@ -20,6 +21,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use k8s_openapi::api::apps::v1::{Deployment, ReplicaSet};
+use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{Namespace, Node, Pod, ServiceAccount};
 use kube::runtime::watcher;
 use kube::{Api, Client};
@@ -37,6 +39,10 @@ const RESYNC: Duration = Duration::from_secs(60);
 #[derive(Clone, Debug)]
 pub struct Config {
     pub cluster_cidr: ClusterCidr,
+    /// A node silent for this long turns Ready=Unknown.
+    pub node_monitor_grace_period: Duration,
+    /// How often node health is checked.
+    pub node_monitor_period: Duration,
 }
 
 /// Shared state of all controllers.
@@ -50,6 +56,7 @@ pub struct Ctx {
     pub deployments: Arc<Informer<Deployment>>,
     pub namespaces: Arc<Informer<Namespace>>,
     pub serviceaccounts: Arc<Informer<ServiceAccount>>,
+    pub leases: Arc<Informer<Lease>>,
     rs_expectations: replicaset::Expectations,
     ipam: ipam::Allocations,
     gc_kinds: Vec<gc::Tracked>,
@@ -69,6 +76,10 @@ pub async fn run(client: Client, config: Config, shutdown: CancellationToken) {
     let deployments = Informer::new(Api::all(client.clone()), all.clone());
     let namespaces = Informer::new(Api::all(client.clone()), all.clone());
     let serviceaccounts = Informer::new(Api::all(client.clone()), all.clone());
+    let leases = Informer::new(
+        Api::namespaced(client.clone(), "kube-node-lease"),
+        all.clone(),
+    );
     let gc_kinds = vec![
         gc::Tracked::new(&pods, true),
         gc::Tracked::new(&replicasets, true),
@@ -83,6 +94,7 @@ pub async fn run(client: Client, config: Config, shutdown: CancellationToken) {
         deployments,
         namespaces,
         serviceaccounts,
+        leases,
         rs_expectations: Default::default(),
         ipam: Default::default(),
         gc_kinds,
@@ -114,24 +126,39 @@ pub async fn run(client: Client, config: Config, shutdown: CancellationToken) {
                 .await
             });
         };
-        spawn("replicaset", replicaset::setup, |c| keys(&c.replicasets), |c, k| {
-            Box::pin(replicaset::reconcile(c, k))
-        });
-        spawn("deployment", deployment::setup, |c| keys(&c.deployments), |c, k| {
-            Box::pin(deployment::reconcile(c, k))
-        });
-        spawn("nodeipam", ipam::setup, |c| keys(&c.nodes), |c, k| {
-            Box::pin(ipam::reconcile(c, k))
-        });
+        spawn(
+            "replicaset",
+            replicaset::setup,
+            |c| keys(&c.replicasets),
+            |c, k| Box::pin(replicaset::reconcile(c, k)),
+        );
+        spawn(
+            "deployment",
+            deployment::setup,
+            |c| keys(&c.deployments),
+            |c, k| Box::pin(deployment::reconcile(c, k)),
+        );
+        spawn(
+            "nodeipam",
+            ipam::setup,
+            |c| keys(&c.nodes),
+            |c, k| Box::pin(ipam::reconcile(c, k)),
+        );
         spawn("garbagecollector", gc_setup, gc::all_keys, |c, k| {
             Box::pin(gc::reconcile(c, k))
         });
-        spawn("namespace", namespace::setup, |c| keys(&c.namespaces), |c, k| {
-            Box::pin(namespace::reconcile(c, k))
-        });
-        spawn("serviceaccount", serviceaccount::setup, |c| keys(&c.namespaces), |c, k| {
-            Box::pin(serviceaccount::reconcile(c, k))
-        });
+        spawn(
+            "namespace",
+            namespace::setup,
+            |c| keys(&c.namespaces),
+            |c, k| Box::pin(namespace::reconcile(c, k)),
+        );
+        spawn(
+            "serviceaccount",
+            serviceaccount::setup,
+            |c| keys(&c.namespaces),
+            |c, k| Box::pin(serviceaccount::reconcile(c, k)),
+        );
     }
     ctx.pods.start(shutdown.clone());
     ctx.nodes.start(shutdown.clone());
@@ -139,6 +166,7 @@ pub async fn run(client: Client, config: Config, shutdown: CancellationToken) {
     ctx.deployments.start(shutdown.clone());
     ctx.namespaces.start(shutdown.clone());
     ctx.serviceaccounts.start(shutdown.clone());
+    ctx.leases.start(shutdown.clone());
     // Controllers act only on a complete view of the cluster.
     tokio::join!(
         ctx.pods.ready(),
@@ -147,7 +175,9 @@ pub async fn run(client: Client, config: Config, shutdown: CancellationToken) {
         ctx.deployments.ready(),
         ctx.namespaces.ready(),
         ctx.serviceaccounts.ready(),
+        ctx.leases.ready(),
     );
+    tasks.spawn(nodelifecycle::run(ctx.clone(), shutdown.clone()));
     tracing::info!("controllers running");
     while tasks.join_next().await.is_some() {}
 }

@@ -55,7 +55,11 @@ pub async fn reconcile(ctx: Arc<Ctx>, key: String) -> anyhow::Result<Requeue> {
     if ns.metadata.deletion_timestamp.is_none() {
         return Ok(Requeue::Done);
     }
-    let finalizers = ns.spec.as_ref().and_then(|s| s.finalizers.clone()).unwrap_or_default();
+    let finalizers = ns
+        .spec
+        .as_ref()
+        .and_then(|s| s.finalizers.clone())
+        .unwrap_or_default();
     if !finalizers.iter().any(|f| f == FINALIZER) {
         return Ok(Requeue::Done);
     }
@@ -86,7 +90,10 @@ pub async fn reconcile(ctx: Arc<Ctx>, key: String) -> anyhow::Result<Requeue> {
     let kept: Vec<String> = finalizers.into_iter().filter(|f| f != FINALIZER).collect();
     done.spec.get_or_insert_with(Default::default).finalizers = Some(kept);
     let api: Api<Namespace> = Api::all(ctx.client.clone());
-    match api.replace_subresource("finalize", &key, &PostParams::default(), &done).await {
+    match api
+        .replace_subresource("finalize", &key, &PostParams::default(), &done)
+        .await
+    {
         Ok(_) => Ok(Requeue::Done),
         Err(e) if is_status(&e, 404) => Ok(Requeue::Done),
         Err(e) => Err(e.into()),

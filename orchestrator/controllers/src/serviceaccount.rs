@@ -19,18 +19,21 @@ pub fn setup(ctx: &Arc<Ctx>, queue: &Arc<Queue>) {
     });
     // A deleted default account comes back.
     let q = queue.clone();
-    ctx.serviceaccounts.on_change(move |sa: &ServiceAccount, deleted| {
-        if deleted && sa.name_any() == "default" {
-            q.add(sa.namespace().unwrap_or_default());
-        }
-    });
+    ctx.serviceaccounts
+        .on_change(move |sa: &ServiceAccount, deleted| {
+            if deleted && sa.name_any() == "default" {
+                q.add(sa.namespace().unwrap_or_default());
+            }
+        });
 }
 
 pub async fn reconcile(ctx: Arc<Ctx>, key: String) -> anyhow::Result<Requeue> {
     let Some(ns) = ctx.namespaces.get(None, &key) else {
         return Ok(Requeue::Done);
     };
-    if ns.metadata.deletion_timestamp.is_some() || ctx.serviceaccounts.get(Some(&key), "default").is_some() {
+    if ns.metadata.deletion_timestamp.is_some()
+        || ctx.serviceaccounts.get(Some(&key), "default").is_some()
+    {
         return Ok(Requeue::Done);
     }
     let api: Api<ServiceAccount> = Api::namespaced(ctx.client.clone(), &key);

@@ -157,6 +157,27 @@ pub fn same_template(a: &PodTemplateSpec, b: &PodTemplateSpec) -> bool {
     strip(a) == strip(b)
 }
 
+/// Whether any of `tolerations` tolerates `taint`.
+pub fn tolerates(
+    tolerations: &[k8s_openapi::api::core::v1::Toleration],
+    taint: &k8s_openapi::api::core::v1::Taint,
+) -> bool {
+    tolerations.iter().any(|t| {
+        let effect_ok = t
+            .effect
+            .as_deref()
+            .is_none_or(|e| e.is_empty() || e == taint.effect);
+        let key_ok =
+            t.key.as_deref().is_none_or(|k| k.is_empty()) || t.key.as_deref() == Some(&taint.key);
+        let value_ok = match t.operator.as_deref() {
+            Some("Exists") => true,
+            _ => t.value.as_deref().unwrap_or("") == taint.value.as_deref().unwrap_or(""),
+        };
+        // An empty key with Exists tolerates everything.
+        effect_ok && key_ok && value_ok
+    })
+}
+
 pub fn now() -> Timestamp {
     Timestamp::now()
 }

@@ -4,9 +4,7 @@
 
 use std::collections::{BTreeMap, HashSet};
 
-use k8s_openapi::api::core::v1::{
-    Node, NodeSelectorRequirement, NodeSelectorTerm, Pod, Taint, Toleration,
-};
+use k8s_openapi::api::core::v1::{Node, NodeSelectorRequirement, NodeSelectorTerm, Pod, Taint};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 
 /// Parse a resource quantity ("250m", "1.5", "64Mi", "2Gi", "1e3") into
@@ -116,22 +114,7 @@ pub fn node_ready(node: &Node) -> bool {
         .is_some_and(|c| c.status == "True")
 }
 
-pub fn tolerates(tolerations: &[Toleration], taint: &Taint) -> bool {
-    tolerations.iter().any(|t| {
-        let effect_ok = t
-            .effect
-            .as_deref()
-            .is_none_or(|e| e.is_empty() || e == taint.effect);
-        let key_ok =
-            t.key.as_deref().is_none_or(|k| k.is_empty()) || t.key.as_deref() == Some(&taint.key);
-        let value_ok = match t.operator.as_deref() {
-            Some("Exists") => true,
-            _ => t.value.as_deref().unwrap_or("") == taint.value.as_deref().unwrap_or(""),
-        };
-        // An empty key with Exists tolerates everything.
-        effect_ok && key_ok && value_ok
-    })
-}
+pub use tapestry_controllers::util::tolerates;
 
 /// The first taint with a scheduling effect the pod does not tolerate.
 pub fn untolerated_taint<'a>(pod: &Pod, node: &'a Node) -> Option<&'a Taint> {
@@ -250,6 +233,7 @@ pub fn hostname_anti_affinity(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use k8s_openapi::api::core::v1::Toleration;
 
     #[test]
     fn quantities() {
