@@ -12,7 +12,10 @@ use crate::rest::{json_response, Api, Request};
 impl Api {
     pub(crate) async fn evict(&self, req: &Request) -> ApiResult<Response> {
         let body = self.parse_body(req)?;
-        let kind = body.get("kind").and_then(Value::as_str).unwrap_or("Eviction");
+        let kind = body
+            .get("kind")
+            .and_then(Value::as_str)
+            .unwrap_or("Eviction");
         if kind != "Eviction" {
             return Err(ApiError::BadRequest(format!(
                 "kind: expected Eviction, got {kind:?}"
@@ -44,7 +47,11 @@ impl Api {
                 )],
             });
         }
-        let options = if options.is_null() { json!({}) } else { options };
+        let options = if options.is_null() {
+            json!({})
+        } else {
+            options
+        };
         self.delete_one(req, url_name, &options).await?;
         Ok(json_response(
             StatusCode::CREATED,
