@@ -471,3 +471,122 @@ fn drain_evicts_through_the_eviction_api() {
     let rows = wait_running(&s, "default", "app=d", 6);
     assert!(rows.iter().all(|r| r.node != "hollow-1"), "{rows:?}");
 }
+
+#[test]
+fn daemonset_job_and_endpoint_slices() {
+    let Some((s, _h)) = cluster() else { return };
+    // DaemonSet: one pod per node, and a node that joins later gets one.
+    let ds = r#"{"apiVersion":"apps/v1","kind":"DaemonSet","metadata":{"name":"agent"},
+      "spec":{"selector":{"matchLabels":{"app":"agent"}},
+        "template":{"metadata":{"labels":{"app":"agent"}},"spec":{"containers":[{"name":"a","image":"busybox"}]}}}}"#;
+    s.ok_stdin(&["create", "-f", "-"], ds);
+    let rows = wait_running(&s, "default", "app=agent", 3);
+    assert_eq!(per_node(&rows).len(), 3, "{rows:?}");
+    let _late = Hollow::start(&s, "late", 1);
+    let rows = wait_running(&s, "default", "app=agent", 4);
+    assert!(rows.iter().any(|r| r.node == "late-0"), "{rows:?}");
+    s.ok(&["rollout", "status", "daemonset/agent", "--timeout=60s"]);
+    // A template change rolls every daemon.
+    let before: Vec<String> = rows.iter().map(|r| r.name.clone()).collect();
+    s.ok(&["set", "image", "daemonset/agent", "a=busybox:1.36"]);
+    s.ok(&["rollout", "status", "daemonset/agent", "--timeout=90s"]);
+    let rows = wait_running(&s, "default", "app=agent", 4);
+    assert!(rows.iter().all(|r| !before.contains(&r.name)), "{rows:?}");
+
+    // Job: complete once its pods succeed (phase set through the status API,
+    // as a kubelet would).
+    s.ok(&["create", "job", "once", "--image=busybox", "--", "true"]);
+    let pod = wait_for(30, "job pod", || {
+        let p = s.ok(&[
+            "get",
+            "pods",
+            "-l",
+            "job-name=once",
+            "-o",
+            "jsonpath={.items[0].metadata.name}",
+        ]);
+        (!p.is_empty()).then_some(p)
+    });
+    s.ok(&[
+        "patch",
+        "pod",
+        &pod,
+        "--subresource=status",
+        "--type=merge",
+        "-p",
+        r#"{"status":{"phase":"Succeeded"}}"#,
+    ]);
+    s.ok(&[
+        "wait",
+        "--for=condition=complete",
+        "job/once",
+        "--timeout=30s",
+    ]);
+    let done = s.ok(&["get", "job", "once", "-o", "jsonpath={.status.succeeded}"]);
+    assert_eq!(done, "1");
+
+    // EndpointSlices and Endpoints follow ready pods.
+    s.ok(&[
+        "create",
+        "deployment",
+        "web",
+        "--image=busybox",
+        "--replicas=3",
+    ]);
+    s.ok(&[
+        "expose",
+        "deployment",
+        "web",
+        "--port=80",
+        "--target-port=8080",
+    ]);
+    let rows = wait_running(&s, "default", "app=web", 3);
+    let slice_ips = |s: &Server| {
+        let out = s.ok(&["get", "endpointslices", "-l", "kubernetes.io/service-name=web", "-o",
+            "jsonpath={range .items[*].endpoints[?(@.conditions.ready==true)]}{.targetRef.name}{\"\\n\"}{end}"]);
+        let mut v: Vec<String> = out.lines().map(str::to_string).collect();
+        v.sort();
+        v
+    };
+    let mut names: Vec<String> = rows.iter().map(|r| r.name.clone()).collect();
+    names.sort();
+    wait_for(30, "slice with the 3 ready pods", || {
+        (slice_ips(&s) == names).then_some(())
+    });
+    let ports = s.ok(&[
+        "get",
+        "endpoints",
+        "web",
+        "-o",
+        "jsonpath={.subsets[0].ports[0].port}",
+    ]);
+    assert_eq!(ports, "8080");
+    // A pod that is no longer ready leaves the ready set.
+    let victim = &names[0];
+    s.ok(&[
+        "patch",
+        "pod",
+        victim,
+        "--subresource=status",
+        "--type=merge",
+        "-p",
+        r#"{"status":{"conditions":[{"type":"Ready","status":"False"}]}}"#,
+    ]);
+    let rest: Vec<String> = names[1..].to_vec();
+    wait_for(30, "not-ready pod out of the slice", || {
+        (slice_ips(&s) == rest).then_some(())
+    });
+    s.ok(&["delete", "service", "web"]);
+    wait_for(30, "slice removed with its Service", || {
+        s.ok(&[
+            "get",
+            "endpointslices",
+            "-l",
+            "kubernetes.io/service-name=web",
+            "--no-headers",
+        ])
+        .trim()
+        .is_empty()
+        .then_some(())
+    });
+}

@@ -8,9 +8,12 @@ pub mod leader;
 pub mod runtime;
 pub mod util;
 
+mod daemonset;
 mod deployment;
+mod endpoints;
 mod gc;
 mod ipam;
+mod job;
 mod namespace;
 mod nodelifecycle;
 mod replicaset;
@@ -20,9 +23,11 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use k8s_openapi::api::apps::v1::{Deployment, ReplicaSet};
+use k8s_openapi::api::apps::v1::{DaemonSet, Deployment, ReplicaSet};
+use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::coordination::v1::Lease;
-use k8s_openapi::api::core::v1::{Namespace, Node, Pod, ServiceAccount};
+use k8s_openapi::api::core::v1::{Endpoints, Namespace, Node, Pod, Service, ServiceAccount};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::runtime::watcher;
 use kube::{Api, Client};
 use tokio_util::sync::CancellationToken;
@@ -57,6 +62,11 @@ pub struct Ctx {
     pub namespaces: Arc<Informer<Namespace>>,
     pub serviceaccounts: Arc<Informer<ServiceAccount>>,
     pub leases: Arc<Informer<Lease>>,
+    pub daemonsets: Arc<Informer<DaemonSet>>,
+    pub jobs: Arc<Informer<Job>>,
+    pub services: Arc<Informer<Service>>,
+    pub endpoints: Arc<Informer<Endpoints>>,
+    pub endpointslices: Arc<Informer<EndpointSlice>>,
     rs_expectations: replicaset::Expectations,
     ipam: ipam::Allocations,
     gc_kinds: Vec<gc::Tracked>,
@@ -80,7 +90,16 @@ pub async fn run(client: Client, config: Config, shutdown: CancellationToken) {
         Api::namespaced(client.clone(), "kube-node-lease"),
         all.clone(),
     );
+    let daemonsets = Informer::new(Api::all(client.clone()), all.clone());
+    let jobs = Informer::new(Api::all(client.clone()), all.clone());
+    let services = Informer::new(Api::all(client.clone()), all.clone());
+    let endpoints = Informer::new(Api::all(client.clone()), all.clone());
+    let endpointslices = Informer::new(Api::all(client.clone()), all.clone());
     let gc_kinds = vec![
+        gc::Tracked::new(&daemonsets, true),
+        gc::Tracked::new(&jobs, true),
+        gc::Tracked::new(&services, true),
+        gc::Tracked::new(&endpointslices, true),
         gc::Tracked::new(&pods, true),
         gc::Tracked::new(&replicasets, true),
         gc::Tracked::new(&deployments, true),
@@ -95,6 +114,11 @@ pub async fn run(client: Client, config: Config, shutdown: CancellationToken) {
         namespaces,
         serviceaccounts,
         leases,
+        daemonsets,
+        jobs,
+        services,
+        endpoints,
+        endpointslices,
         rs_expectations: Default::default(),
         ipam: Default::default(),
         gc_kinds,
@@ -154,6 +178,24 @@ pub async fn run(client: Client, config: Config, shutdown: CancellationToken) {
             |c, k| Box::pin(namespace::reconcile(c, k)),
         );
         spawn(
+            "daemonset",
+            daemonset::setup,
+            |c| keys(&c.daemonsets),
+            |c, k| Box::pin(daemonset::reconcile(c, k)),
+        );
+        spawn(
+            "job",
+            job::setup,
+            |c| keys(&c.jobs),
+            |c, k| Box::pin(job::reconcile(c, k)),
+        );
+        spawn(
+            "endpoints",
+            endpoints::setup,
+            |c| keys(&c.services),
+            |c, k| Box::pin(endpoints::reconcile(c, k)),
+        );
+        spawn(
             "serviceaccount",
             serviceaccount::setup,
             |c| keys(&c.namespaces),
@@ -167,6 +209,11 @@ pub async fn run(client: Client, config: Config, shutdown: CancellationToken) {
     ctx.namespaces.start(shutdown.clone());
     ctx.serviceaccounts.start(shutdown.clone());
     ctx.leases.start(shutdown.clone());
+    ctx.daemonsets.start(shutdown.clone());
+    ctx.jobs.start(shutdown.clone());
+    ctx.services.start(shutdown.clone());
+    ctx.endpoints.start(shutdown.clone());
+    ctx.endpointslices.start(shutdown.clone());
     // Controllers act only on a complete view of the cluster.
     tokio::join!(
         ctx.pods.ready(),
@@ -176,6 +223,11 @@ pub async fn run(client: Client, config: Config, shutdown: CancellationToken) {
         ctx.namespaces.ready(),
         ctx.serviceaccounts.ready(),
         ctx.leases.ready(),
+        ctx.daemonsets.ready(),
+        ctx.jobs.ready(),
+        ctx.services.ready(),
+        ctx.endpoints.ready(),
+        ctx.endpointslices.ready(),
     );
     tasks.spawn(nodelifecycle::run(ctx.clone(), shutdown.clone()));
     tracing::info!("controllers running");
@@ -187,6 +239,10 @@ fn gc_setup(ctx: &Arc<Ctx>, queue: &Arc<Queue>) {
     gc::watch(&ctx.replicasets, queue);
     gc::watch(&ctx.deployments, queue);
     gc::watch(&ctx.nodes, queue);
+    gc::watch(&ctx.daemonsets, queue);
+    gc::watch(&ctx.jobs, queue);
+    gc::watch(&ctx.services, queue);
+    gc::watch(&ctx.endpointslices, queue);
 }
 
 type Reconcile = std::pin::Pin<Box<dyn Future<Output = anyhow::Result<Requeue>> + Send>>;

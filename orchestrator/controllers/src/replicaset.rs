@@ -33,12 +33,17 @@ pub struct Expectations {
 }
 
 impl Expectations {
-    fn set(&self, key: &str, adds: HashSet<String>, dels: HashSet<String>) {
+    pub(crate) fn set(&self, key: &str, adds: HashSet<String>, dels: HashSet<String>) {
         lock(&self.inner).insert(key.to_string(), (adds, dels, Instant::now()));
     }
 
     /// Whether everything expected has been observed in `pods`.
-    fn satisfied(&self, key: &str, ns: &str, pods: &crate::runtime::Informer<Pod>) -> bool {
+    pub(crate) fn satisfied(
+        &self,
+        key: &str,
+        ns: &str,
+        pods: &crate::runtime::Informer<Pod>,
+    ) -> bool {
         let mut m = lock(&self.inner);
         let Some((adds, dels, at)) = m.get_mut(key) else {
             return true;

@@ -72,6 +72,9 @@ struct Unschedulable {
     retry_at: Instant,
     since: Instant,
     message: String,
+    /// The cluster changed since the last attempt: retry once the backoff
+    /// is over.
+    changed: bool,
 }
 
 struct Scheduler {
@@ -129,12 +132,14 @@ fn node_fingerprint(n: &Node) -> String {
 impl Scheduler {
     fn cluster_changed(&mut self) {
         let now = Instant::now();
-        let keys: Vec<String> = self
-            .unschedulable
-            .iter()
-            .filter(|(_, u)| u.retry_at <= now)
-            .map(|(k, _)| k.clone())
-            .collect();
+        let mut keys = Vec::new();
+        for (k, u) in self.unschedulable.iter_mut() {
+            if u.retry_at <= now {
+                keys.push(k.clone());
+            } else {
+                u.changed = true;
+            }
+        }
         for k in keys {
             self.enqueue(k);
         }
@@ -496,8 +501,10 @@ impl Scheduler {
                 retry_at: now,
                 since: now,
                 message: String::new(),
+                changed: false,
             });
         entry.attempts += 1;
+        entry.changed = false;
         let backoff = BACKOFF_INITIAL
             .saturating_mul(1 << entry.attempts.min(5).saturating_sub(1))
             .min(BACKOFF_MAX);
@@ -561,6 +568,7 @@ impl Scheduler {
                                 retry_at: Instant::now() + BACKOFF_INITIAL,
                                 since: Instant::now(),
                                 message: String::new(),
+                                changed: true,
                             },
                         );
                     }
@@ -576,7 +584,8 @@ impl Scheduler {
             .unschedulable
             .iter()
             .filter(|(_, u)| {
-                u.retry_at <= now && (u.message.is_empty() || now - u.since >= UNSCHEDULABLE_FLUSH)
+                u.retry_at <= now
+                    && (u.changed || u.message.is_empty() || now - u.since >= UNSCHEDULABLE_FLUSH)
             })
             .map(|(k, _)| k.clone())
             .collect();
