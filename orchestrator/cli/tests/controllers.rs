@@ -590,3 +590,115 @@ fn daemonset_job_and_endpoint_slices() {
         .then_some(())
     });
 }
+
+/// Two schedulers elected through the same Lease: only the holder binds;
+/// when it dies without giving the lease up, the other takes over once the
+/// lease expires.
+#[test]
+fn leader_election_hands_over_when_the_leader_dies() {
+    use std::sync::atomic::Ordering;
+    use std::time::Duration;
+    use tapestry_controllers::leader::{run_elected, LeaderConfig};
+
+    if !require_kubectl() {
+        return;
+    }
+    let s = Server::start_with(&["--no-scheduler", "--leader-elect=false"]);
+    let _h = Hollow::start(&s, "hollow", 2);
+    ready_nodes(&s, 2);
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let kubeconfig = s.kubeconfig();
+    let client = |rt: &tokio::runtime::Runtime| {
+        rt.block_on(async {
+            let kc = kube::config::Kubeconfig::read_from(&kubeconfig).expect("kubeconfig");
+            let cfg = kube::Config::from_custom_kubeconfig(kc, &Default::default())
+                .await
+                .expect("config");
+            kube::Client::try_from(cfg).expect("client")
+        })
+    };
+    let start = |id: &str| {
+        let stats = std::sync::Arc::new(tapestry_scheduler::Stats::default());
+        let mut cfg = LeaderConfig::new("kube-scheduler", id);
+        cfg.lease_duration = Duration::from_secs(3);
+        cfg.renew_deadline = Duration::from_secs(2);
+        cfg.retry_period = Duration::from_millis(500);
+        let c = client(&rt);
+        let st = stats.clone();
+        let task = rt.spawn(run_elected(
+            c.clone(),
+            cfg,
+            tokio_util::sync::CancellationToken::new(),
+            move |t| tapestry_scheduler::run(c.clone(), st.clone(), t),
+        ));
+        (task, stats)
+    };
+    let (a, a_stats) = start("scheduler-a");
+    wait_for(20, "a holds the lease", || {
+        let h = s.ok(&[
+            "get",
+            "lease",
+            "kube-scheduler",
+            "-n",
+            "kube-system",
+            "-o",
+            "jsonpath={.spec.holderIdentity}",
+        ]);
+        (h == "scheduler-a").then_some(())
+    });
+    let (b, b_stats) = start("scheduler-b");
+    s.ok(&[
+        "create",
+        "deployment",
+        "first",
+        "--image=busybox",
+        "--replicas=4",
+    ]);
+    wait_running(&s, "default", "app=first", 4);
+    wait_for(10, "a counted 4 binds", || {
+        (a_stats.bound.load(Ordering::Relaxed) == 4).then_some(())
+    });
+    assert_eq!(
+        b_stats.bound.load(Ordering::Relaxed),
+        0,
+        "the standby bound pods"
+    );
+
+    // "Kill" a: its task stops without releasing the lease.
+    a.abort();
+    wait_for(30, "b takes the lease over", || {
+        let h = s.ok(&[
+            "get",
+            "lease",
+            "kube-scheduler",
+            "-n",
+            "kube-system",
+            "-o",
+            "jsonpath={.spec.holderIdentity}",
+        ]);
+        (h == "scheduler-b").then_some(())
+    });
+    s.ok(&[
+        "create",
+        "deployment",
+        "second",
+        "--image=busybox",
+        "--replicas=3",
+    ]);
+    wait_running(&s, "default", "app=second", 3);
+    wait_for(10, "b counted 3 binds", || {
+        (b_stats.bound.load(Ordering::Relaxed) == 3).then_some(())
+    });
+    assert_eq!(a_stats.bound.load(Ordering::Relaxed), 4);
+    let transitions = s.ok(&[
+        "get",
+        "lease",
+        "kube-scheduler",
+        "-n",
+        "kube-system",
+        "-o",
+        "jsonpath={.spec.leaseTransitions}",
+    ]);
+    assert_eq!(transitions, "1");
+    b.abort();
+}

@@ -203,7 +203,9 @@ pub async fn run_elected<F, Fut>(
         }
         tracing::info!(lease = %cfg.name, identity = %cfg.identity, "became leader");
         let token = shutdown.child_token();
-        let task = tokio::spawn(lead(token.clone()));
+        // Aborted with this future too: a dropped elector never leaves a
+        // leader running behind it.
+        let mut task = AbortOnDrop(tokio::spawn(lead(token.clone())));
         let mut last_renew = Instant::now();
         let lost = loop {
             tokio::select! {
@@ -222,11 +224,19 @@ pub async fn run_elected<F, Fut>(
             }
         };
         token.cancel();
-        let _ = task.await;
+        let _ = (&mut task.0).await;
         if !lost {
             el.release().await;
             return;
         }
         tracing::warn!(lease = %cfg.name, "lost leadership");
+    }
+}
+
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
