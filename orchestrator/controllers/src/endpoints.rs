@@ -17,6 +17,9 @@ use crate::runtime::{ignore_not_found, key_of, split_key, Queue, Requeue};
 use crate::util::{is_ready, is_terminating, owner_ref};
 use crate::Ctx;
 
+/// Ready addresses, not-ready addresses and ports of one Endpoints subset.
+type Subset = (Vec<Value>, Vec<Value>, Vec<Value>);
+
 const MANAGER: &str = "endpointslice-controller.k8s.io";
 const SERVICE_NAME: &str = "kubernetes.io/service-name";
 
@@ -93,7 +96,7 @@ pub async fn reconcile(ctx: Arc<Ctx>, key: String) -> anyhow::Result<Requeue> {
             )
     });
     // Endpoints: pods grouped by their resolved port set.
-    let mut subsets: BTreeMap<String, (Vec<Value>, Vec<Value>, Vec<Value>)> = BTreeMap::new();
+    let mut subsets: BTreeMap<String, Subset> = BTreeMap::new();
     let mut slice_endpoints = Vec::new();
     let mut slice_ports: Option<Vec<Value>> = None;
     let mut sorted = pods.clone();

@@ -20,17 +20,25 @@ use serde_json::json;
 use crate::runtime::{ignore_not_found, key_of, not_found, split_key, Informer, Queue, Requeue};
 use crate::Ctx;
 
+/// uid, whether it is being deleted, finalizers.
+type ObjState = (String, bool, Vec<String>);
+/// namespace, name and ownerReferences of a dependent.
+type Dependent = (Option<String>, String, Vec<OwnerReference>);
+type Refs = Vec<OwnerReference>;
+type FindFn = Box<dyn Fn(Option<&str>, &str) -> Option<ObjState> + Send + Sync>;
+type DependentsFn = Box<dyn Fn(&str) -> Vec<Dependent> + Send + Sync>;
+type RefsFn = Box<dyn Fn(Option<&str>, &str) -> Option<Refs> + Send + Sync>;
+
 /// What the collector needs to know about one kind it tracks.
 pub struct Tracked {
     pub kind: &'static str,
     pub resource: ApiResource,
     pub namespaced: bool,
     /// (uid, being deleted, finalizers) of one object.
-    find: Box<dyn Fn(Option<&str>, &str) -> Option<(String, bool, Vec<String>)> + Send + Sync>,
+    find: FindFn,
     /// Dependents (namespace, name, ownerReferences) of an owner uid.
-    dependents:
-        Box<dyn Fn(&str) -> Vec<(Option<String>, String, Vec<OwnerReference>)> + Send + Sync>,
-    owner_refs: Box<dyn Fn(Option<&str>, &str) -> Option<Vec<OwnerReference>> + Send + Sync>,
+    dependents: DependentsFn,
+    owner_refs: RefsFn,
     all_keys: Box<dyn Fn() -> Vec<String> + Send + Sync>,
 }
 
@@ -240,15 +248,12 @@ async fn check_dependent(ctx: &Ctx, kind: &str, key: &str) -> anyhow::Result<Req
     let mut alive = Vec::new();
     let mut foreground = false;
     for r in &refs {
-        match owner_state(ctx, ns, r).await? {
-            Some((deleting, fins)) => {
-                if deleting && fins.iter().any(|f| f == "foregroundDeletion") {
-                    foreground = true;
-                } else {
-                    alive.push(r.clone());
-                }
+        if let Some((deleting, fins)) = owner_state(ctx, ns, r).await? {
+            if deleting && fins.iter().any(|f| f == "foregroundDeletion") {
+                foreground = true;
+            } else {
+                alive.push(r.clone());
             }
-            None => {}
         }
     }
     let api = t.api(ctx, ns);

@@ -24,12 +24,15 @@ const PARALLEL: usize = 16;
 /// Writes not seen back in the watch after this long are forgotten.
 const EXPECTATION_TTL: Duration = Duration::from_secs(30);
 
+/// Pods created and pods deleted, not yet seen, and since when.
+type Pending = (HashSet<String>, HashSet<String>, Instant);
+
 /// What a ReplicaSet's last reconcile created and deleted but the pod
 /// informer may not have shown yet. Acting again before they show would
 /// create or delete twice.
 #[derive(Default)]
 pub struct Expectations {
-    inner: Mutex<HashMap<String, (HashSet<String>, HashSet<String>, Instant)>>,
+    inner: Mutex<HashMap<String, Pending>>,
 }
 
 impl Expectations {

@@ -451,7 +451,9 @@ async fn sync_pod(h: Arc<Hollow>, key: String) -> anyhow::Result<Requeue> {
     {
         Ok(_) => Ok(Requeue::Done),
         Err(e) if runtime::not_found(&e) => {
-            lock(&h.states).get_mut(&node).map(|st| st.release(&key));
+            if let Some(st) = lock(&h.states).get_mut(&node) {
+                st.release(&key);
+            }
             Ok(Requeue::Done)
         }
         Err(e) => Err(e.into()),
