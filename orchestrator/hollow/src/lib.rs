@@ -477,7 +477,8 @@ mod tests {
         assert_eq!(st.ip_for("ns/a", None), Some(a));
         st.release("ns/a");
         assert!(!st.used.contains(&u32::from(a)));
-        for i in 0..251 {
+        // .2 to .254 are usable: 253 addresses, one (b) still taken.
+        for i in 0..252 {
             st.ip_for(&format!("ns/p{i}"), None);
         }
         assert_eq!(st.ip_for("ns/full", None), None);

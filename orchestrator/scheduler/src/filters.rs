@@ -156,7 +156,7 @@ fn requirement_matches(r: &NodeSelectorRequirement, value: Option<&String>) -> b
 }
 
 fn term_matches(term: &NodeSelectorTerm, node: &Node) -> bool {
-    let labels = node.metadata.labels.clone().unwrap_or_default();
+    let labels = node.metadata.labels.as_ref();
     let name = node.metadata.name.clone().unwrap_or_default();
     let exprs = term.match_expressions.as_deref().unwrap_or(&[]);
     let fields = term.match_fields.as_deref().unwrap_or(&[]);
@@ -165,7 +165,7 @@ fn term_matches(term: &NodeSelectorTerm, node: &Node) -> bool {
     }
     exprs
         .iter()
-        .all(|r| requirement_matches(r, labels.get(&r.key)))
+        .all(|r| requirement_matches(r, labels.and_then(|l| l.get(&r.key))))
         && fields.iter().all(|r| {
             let v = (r.key == "metadata.name").then_some(&name);
             requirement_matches(r, v)

@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::{Node, Pod};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 use kube::api::{Patch, PatchParams, PostParams};
 use kube::runtime::watcher::{self, Event};
 use kube::runtime::WatchStreamExt;
@@ -65,6 +66,13 @@ struct NodeInfo {
     /// Pods per owning controller uid, for spreading.
     owners: HashMap<String, u32>,
     pods: HashSet<String>,
+}
+
+/// What a pod asks of a node, computed once per scheduling attempt.
+struct Needs {
+    req: Resources,
+    ports: Vec<(String, String, i32)>,
+    anti: Vec<(LabelSelector, HashSet<String>)>,
 }
 
 struct Unschedulable {
@@ -272,13 +280,8 @@ impl Scheduler {
     }
 
     /// Why `node` cannot take `pod`, or None if it can.
-    fn filter(
-        &self,
-        pod: &Pod,
-        req: &Resources,
-        ports: &[(String, String, i32)],
-        info: &NodeInfo,
-    ) -> Option<String> {
+    fn filter(&self, pod: &Pod, need: &Needs, info: &NodeInfo) -> Option<String> {
+        let (req, ports, anti) = (&need.req, &need.ports, &need.anti);
         let node = &info.node;
         if !node_ready(node) {
             return Some("node(s) were not ready".into());
@@ -327,7 +330,6 @@ impl Scheduler {
         {
             return Some("node(s) didn't have free ports for the requested pod ports".into());
         }
-        let anti = hostname_anti_affinity(pod);
         if !anti.is_empty() {
             for k in &info.pods {
                 let Some(p) = self.placed.get(k) else {
@@ -385,8 +387,11 @@ impl Scheduler {
         if n == 0 {
             return Err("0/0 nodes are available: no nodes available to schedule pods.".into());
         }
-        let req = pod_requests(pod);
-        let ports = host_ports(pod);
+        let need = Needs {
+            req: pod_requests(pod),
+            ports: host_ports(pod),
+            anti: hostname_anti_affinity(pod),
+        };
         let owner = controller_ref(pod).map(|r| r.uid.clone());
         let want = self.nodes_to_find();
         let mut reasons: BTreeMap<String, usize> = BTreeMap::new();
@@ -400,11 +405,11 @@ impl Scheduler {
             let Some(info) = self.nodes.get(name) else {
                 continue;
             };
-            match self.filter(pod, &req, &ports, info) {
+            match self.filter(pod, &need, info) {
                 Some(reason) => *reasons.entry(reason).or_default() += 1,
                 None => {
                     found += 1;
-                    let s = self.score(&req, owner.as_deref(), info);
+                    let s = self.score(&need.req, owner.as_deref(), info);
                     if best.is_none_or(|(b, _)| s > b) {
                         best = Some((s, name));
                     }
