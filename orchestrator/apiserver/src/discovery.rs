@@ -119,6 +119,8 @@ pub fn resource_list(registry: &Registry, group: &str, version: &str) -> Option<
                     &["get", "patch", "update"],
                 ),
                 Subresource::Binding => ("Binding", None, None, &["create"]),
+                Subresource::Eviction => ("Eviction", Some("policy"), Some("v1"), &["create"]),
+                Subresource::Finalize => (def.kind, None, None, &["update"]),
             };
             let mut r = json!({
                 "name": format!("{}/{}", def.plural, sub.name()),

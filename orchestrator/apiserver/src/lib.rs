@@ -8,6 +8,7 @@
 mod bootstrap;
 pub mod discovery;
 pub mod error;
+mod eviction;
 pub mod metrics;
 pub mod objects;
 mod openapi;

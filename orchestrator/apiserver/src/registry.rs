@@ -21,6 +21,10 @@ pub enum Subresource {
     Status,
     Scale,
     Binding,
+    /// pods/eviction: a policy/v1 Eviction deletes the pod (`kubectl drain`).
+    Eviction,
+    /// namespaces/finalize: the namespace controller removes spec.finalizers.
+    Finalize,
 }
 
 impl Subresource {
@@ -29,6 +33,8 @@ impl Subresource {
             Subresource::Status => "status",
             Subresource::Scale => "scale",
             Subresource::Binding => "binding",
+            Subresource::Eviction => "eviction",
+            Subresource::Finalize => "finalize",
         }
     }
 }

@@ -323,7 +323,7 @@ impl Api {
 
     /// Parse a request body: JSON, YAML, or Kubernetes' protobuf encoding
     /// (which client-go's typed clients send).
-    fn parse_body(&self, req: &Request) -> ApiResult<Value> {
+    pub(crate) fn parse_body(&self, req: &Request) -> ApiResult<Value> {
         if req.body.is_empty() {
             return Err(ApiError::BadRequest("request body is empty".into()));
         }
@@ -529,6 +529,12 @@ impl Api {
             if let Some(mf) = meta(new).get("managedFields").cloned() {
                 meta_mut(&mut merged).insert("managedFields".into(), mf);
             }
+            *new = merged;
+        } else if sub == Some("finalize") {
+            // Only spec.finalizers changes through namespaces/finalize.
+            let finalizers = new.pointer("/spec/finalizers").cloned();
+            let mut merged = old.clone();
+            merged["spec"]["finalizers"] = finalizers.unwrap_or(json!([]));
             *new = merged;
         } else if def.has(Subresource::Status) {
             match old.get("status") {
@@ -779,7 +785,10 @@ impl Api {
     // ---- writes ---------------------------------------------------------
 
     pub async fn create(&self, req: &Request) -> ApiResult<Response> {
-        if req.sub.as_deref() == Some("binding") || req.sub.as_deref() == Some("eviction") {
+        if req.sub.as_deref() == Some("eviction") {
+            return self.evict(req).await;
+        }
+        if req.sub.as_deref() == Some("binding") {
             return self.bind(req).await;
         }
         let mut warnings = Vec::new();
@@ -1182,7 +1191,12 @@ impl Api {
 
     /// Delete one object honouring preconditions, finalizers, propagation
     /// policy and graceful pod termination.
-    async fn delete_one(&self, req: &Request, name: String, options: &Value) -> ApiResult<Value> {
+    pub(crate) async fn delete_one(
+        &self,
+        req: &Request,
+        name: String,
+        options: &Value,
+    ) -> ApiResult<Value> {
         let dry_run = req.dry_run()?
             || options
                 .get("dryRun")

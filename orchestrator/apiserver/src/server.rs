@@ -515,6 +515,8 @@ fn build_request(
             "status" => def.has(crate::registry::Subresource::Status),
             "scale" => def.has(crate::registry::Subresource::Scale),
             "binding" => def.has(crate::registry::Subresource::Binding),
+            "eviction" => def.has(crate::registry::Subresource::Eviction),
+            "finalize" => def.has(crate::registry::Subresource::Finalize),
             _ => false,
         };
         if !known {

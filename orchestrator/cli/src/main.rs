@@ -12,6 +12,9 @@ use tapestry_store::{RedbStore, Store};
 use tokio::signal::unix::{signal, SignalKind};
 use tokio_util::sync::CancellationToken;
 
+mod control;
+mod hollow;
+
 // The API server allocates and frees many small JSON values per request;
 // mimalloc spends a fraction of glibc malloc's time on that pattern.
 #[global_allocator]
@@ -32,6 +35,8 @@ struct Cli {
 enum Command {
     /// Run the control plane: API server on an embedded store.
     Server(ServerArgs),
+    /// Run kubemark-style fake nodes (no containers) for scale tests.
+    Hollow(hollow::HollowArgs),
 }
 
 #[derive(clap::Args)]
@@ -54,6 +59,8 @@ struct ServerArgs {
     /// Extra DNS names or IPs for the serving certificate.
     #[arg(long = "tls-san")]
     tls_sans: Vec<String>,
+    #[command(flatten)]
+    control: control::ControlArgs,
 }
 
 fn init_tracing() {
@@ -101,9 +108,10 @@ async fn server(args: ServerArgs) -> Result<()> {
             extra_sans: args.tls_sans,
         },
         store,
-        shutdown,
+        shutdown.clone(),
     )
     .await?;
+    control::start(&running.kubeconfig, args.control, shutdown).await?;
     tracing::info!(addr = %running.addr, kubeconfig = %running.kubeconfig.display(), "API server ready");
     println!("kubeconfig: {}", running.kubeconfig.display());
     running.wait().await;
@@ -117,6 +125,10 @@ async fn main() {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Server(args) => server(args).await,
+        Command::Hollow(args) => match shutdown_on_signals() {
+            Ok(token) => hollow::run(args, token).await,
+            Err(e) => Err(e),
+        },
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

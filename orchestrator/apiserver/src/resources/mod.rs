@@ -1,7 +1,8 @@
-//! The served resources: core/v1, apps/v1, coordination.k8s.io/v1,
+//! The served resources: core/v1, apps/v1, batch/v1, coordination.k8s.io/v1,
 //! discovery.k8s.io/v1 and events.k8s.io/v1.
 
 mod apps;
+mod batch;
 pub mod core;
 pub(crate) mod groups;
 pub mod podspec;
@@ -49,6 +50,7 @@ impl Behaviour for Basic {
 pub fn all(service_hook: Arc<dyn WriteHook>) -> Vec<ResourceDef> {
     let mut defs = core::resources(service_hook);
     defs.extend(apps::resources());
+    defs.extend(batch::resources());
     defs.extend(groups::resources());
     defs
 }

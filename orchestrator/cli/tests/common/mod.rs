@@ -223,3 +223,55 @@ impl Drop for Server {
         self.kill();
     }
 }
+
+/// A `tapestry hollow` process: fake nodes joined to a server.
+pub struct Hollow {
+    child: Option<Child>,
+}
+
+impl Hollow {
+    /// Start `count` hollow nodes named `prefix-0..` with fast heartbeats.
+    pub fn start(server: &Server, prefix: &str, count: usize) -> Hollow {
+        let child = Command::new(env!("CARGO_BIN_EXE_tapestry"))
+            .arg("hollow")
+            .arg("--kubeconfig")
+            .arg(server.kubeconfig())
+            .args(["--count", &count.to_string(), "--name-prefix", prefix])
+            .args(["--heartbeat-interval", "1s", "--status-interval", "5s"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawning tapestry hollow");
+        Hollow { child: Some(child) }
+    }
+
+    /// Stop the process at once (no goodbye: heartbeats just stop).
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Hollow {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Poll `f` until it returns Some, failing the test with `what` after
+/// `secs` seconds.
+pub fn wait_for<T>(secs: u64, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {secs}s waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}

@@ -1,0 +1,318 @@
+//! Scheduler benchmark: `tapestry server` (API server, scheduler and
+//! controllers in one process) with `tapestry hollow` nodes; creates bare
+//! pods and measures, from a pod watch, the throughput from the first
+//! create to the last binding and each pod's create→bound latency. Also
+//! reports the resident memory of the control plane and of the hollow
+//! nodes' process.
+//!
+//! `cargo build --release -p tapestry && target/release/tapestry-sched-bench [--nodes 1000,5000] [--pods 10000]`
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use futures::StreamExt;
+use hdrhistogram::Histogram;
+use k8s_openapi::api::core::v1::{Container, Namespace, Node, Pod, PodSpec, ResourceRequirements};
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use kube::api::{Api, ListParams, ObjectMeta, PostParams, WatchEvent, WatchParams};
+use kube::config::{KubeConfigOptions, Kubeconfig};
+use kube::{Client, Config};
+
+/// Creates in flight at once.
+const CREATORS: usize = 32;
+
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn tapestry_binary() -> Result<PathBuf> {
+    let path = std::env::current_exe()?.with_file_name("tapestry");
+    if !path.exists() {
+        bail!(
+            "{} not found: build it with `cargo build --release -p tapestry`",
+            path.display()
+        );
+    }
+    Ok(path)
+}
+
+fn rss_mib(pid: u32) -> f64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
+        })
+        .map(|kib| kib / 1024.0)
+        .unwrap_or(0.0)
+}
+
+async fn client(kubeconfig: &Path) -> Result<Client> {
+    let kc = Kubeconfig::read_from(kubeconfig)?;
+    let config = Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default()).await?;
+    Ok(Client::try_from(config)?)
+}
+
+struct Run {
+    nodes: usize,
+    pods: usize,
+    pods_per_sec: f64,
+    p50_ms: f64,
+    p99_ms: f64,
+    server_rss: f64,
+    hollow_rss: f64,
+    register_secs: f64,
+}
+
+async fn run(nodes: usize, pods: usize) -> Result<Run> {
+    let dir = tempfile::tempdir()?;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let bin = tapestry_binary()?;
+    let server = Proc(
+        Command::new(&bin)
+            .args([
+                "server",
+                "--listen",
+                &format!("127.0.0.1:{port}"),
+                "--cluster-cidr",
+                "10.0.0.0/8",
+                "--data-dir",
+            ])
+            .arg(dir.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("spawning tapestry server")?,
+    );
+    let kubeconfig = dir.path().join("kubeconfig");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !kubeconfig.exists() {
+        if Instant::now() > deadline {
+            bail!("server did not write its kubeconfig");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let client = client(&kubeconfig).await?;
+
+    let registering = Instant::now();
+    let hollow = Proc(
+        Command::new(&bin)
+            .arg("hollow")
+            .arg("--kubeconfig")
+            .arg(&kubeconfig)
+            .args(["--count", &nodes.to_string(), "--name-prefix", "bench"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("spawning tapestry hollow")?,
+    );
+    let node_api: Api<Node> = Api::all(client.clone());
+    loop {
+        let list = node_api.list(&ListParams::default()).await?;
+        let ready = list
+            .items
+            .iter()
+            .filter(|n| {
+                n.spec.as_ref().and_then(|s| s.pod_cidr.as_ref()).is_some()
+                    && n.status
+                        .as_ref()
+                        .and_then(|s| s.conditions.as_ref())
+                        .is_some_and(|cs| {
+                            cs.iter().any(|c| c.type_ == "Ready" && c.status == "True")
+                        })
+            })
+            .count();
+        if ready == nodes {
+            break;
+        }
+        if registering.elapsed() > Duration::from_secs(600) {
+            bail!("only {ready}/{nodes} nodes Ready after 10 minutes");
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let register_secs = registering.elapsed().as_secs_f64();
+    // Let the informers settle on the full node set.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    let ns_api: Api<Namespace> = Api::all(client.clone());
+    ns_api
+        .create(
+            &PostParams::default(),
+            &Namespace {
+                metadata: ObjectMeta {
+                    name: Some("bench".into()),
+                    ..Default::default()
+                },
+                ..Default::default()
+            },
+        )
+        .await?;
+    let pod_api: Api<Pod> = Api::namespaced(client.clone(), "bench");
+
+    // The watch records when each pod is first seen bound.
+    let created: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
+    let bound: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
+    let rv = pod_api
+        .list(&ListParams::default())
+        .await?
+        .metadata
+        .resource_version
+        .unwrap_or_default();
+    let watch_api = pod_api.clone();
+    let b = bound.clone();
+    let watcher = tokio::spawn(async move {
+        let mut rv = rv;
+        loop {
+            let Ok(stream) = watch_api
+                .watch(&WatchParams::default().timeout(290), &rv)
+                .await
+            else {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            };
+            futures::pin_mut!(stream);
+            while let Some(ev) = stream.next().await {
+                let p = match ev {
+                    Ok(WatchEvent::Added(p) | WatchEvent::Modified(p)) => p,
+                    _ => continue,
+                };
+                if let Some(v) = p.metadata.resource_version.clone() {
+                    rv = v;
+                }
+                if p.spec.as_ref().and_then(|s| s.node_name.as_ref()).is_some() {
+                    let name = p.metadata.name.clone().unwrap_or_default();
+                    let mut b = b.lock().unwrap_or_else(|e| e.into_inner());
+                    b.entry(name).or_insert_with(Instant::now);
+                    if b.len() >= pods {
+                        return;
+                    }
+                }
+            }
+        }
+    });
+
+    let first = Instant::now();
+    let c = created.clone();
+    let results: Vec<Result<()>> = futures::stream::iter(0..pods)
+        .map(|i| {
+            let api = pod_api.clone();
+            let c = c.clone();
+            async move {
+                let name = format!("p-{i}");
+                let requests = [
+                    ("cpu".to_string(), Quantity("10m".into())),
+                    ("memory".to_string(), Quantity("16Mi".into())),
+                ];
+                let pod = Pod {
+                    metadata: ObjectMeta {
+                        name: Some(name.clone()),
+                        ..Default::default()
+                    },
+                    spec: Some(PodSpec {
+                        containers: vec![Container {
+                            name: "c".into(),
+                            image: Some("busybox".into()),
+                            resources: Some(ResourceRequirements {
+                                requests: Some(requests.into()),
+                                ..Default::default()
+                            }),
+                            ..Default::default()
+                        }],
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                };
+                c.lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .insert(name, Instant::now());
+                api.create(&PostParams::default(), &pod).await?;
+                Ok(())
+            }
+        })
+        .buffer_unordered(CREATORS)
+        .collect()
+        .await;
+    if let Some(Err(e)) = results.into_iter().find(Result::is_err) {
+        return Err(e);
+    }
+    match tokio::time::timeout(Duration::from_secs(600), watcher).await {
+        Ok(r) => r?,
+        Err(_) => bail!("not every pod was bound within 10 minutes"),
+    }
+    let bound = bound.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    let created = created.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    let last = bound.values().max().copied().unwrap_or(first);
+    let mut hist = Histogram::<u64>::new(3)?;
+    for (name, at) in &bound {
+        if let Some(c) = created.get(name) {
+            hist.record(at.saturating_duration_since(*c).as_micros() as u64)?;
+        }
+    }
+    Ok(Run {
+        nodes,
+        pods,
+        pods_per_sec: pods as f64 / last.duration_since(first).as_secs_f64(),
+        p50_ms: hist.value_at_quantile(0.5) as f64 / 1000.0,
+        p99_ms: hist.value_at_quantile(0.99) as f64 / 1000.0,
+        server_rss: rss_mib(server.0.id()),
+        hollow_rss: rss_mib(hollow.0.id()),
+        register_secs,
+    })
+}
+
+fn arg(name: &str) -> Option<String> {
+    let args: Vec<String> = std::env::args().collect();
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1).cloned())
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let nodes: Vec<usize> = arg("--nodes")
+        .unwrap_or_else(|| "1000,5000".into())
+        .split(',')
+        .map(|n| {
+            n.trim()
+                .parse()
+                .context("--nodes: a comma-separated list of counts")
+        })
+        .collect::<Result<_>>()?;
+    let pods: usize = arg("--pods")
+        .map(|p| p.parse())
+        .transpose()
+        .context("--pods")?
+        .unwrap_or(10_000);
+    println!("| hollow nodes | pods | pods/s (first create → last bound) | ÷ 1,500 target | ÷ 680 kube-scheduler anchor | p50 create→bound | p99 create→bound | control-plane RSS | hollow process RSS | nodes Ready after |");
+    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    for n in nodes {
+        let r = run(n, pods).await?;
+        println!(
+            "| {} | {} | {:.0} | {:.2}× | {:.2}× | {:.0} ms | {:.0} ms | {:.0} MiB | {:.0} MiB | {:.1} s |",
+            r.nodes,
+            r.pods,
+            r.pods_per_sec,
+            r.pods_per_sec / 1500.0,
+            r.pods_per_sec / 680.0,
+            r.p50_ms,
+            r.p99_ms,
+            r.server_rss,
+            r.hollow_rss,
+            r.register_secs
+        );
+    }
+    Ok(())
+}

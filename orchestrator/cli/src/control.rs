@@ -1,0 +1,124 @@
+//! The scheduler and controller manager inside `tapestry server`: started
+//! once the API server answers, talking to it over HTTPS with the admin
+//! kubeconfig like any client, each under its own leader-election Lease.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use kube::config::{KubeConfigOptions, Kubeconfig};
+use kube::Client;
+use tapestry_controllers::leader::{self, LeaderConfig};
+use tapestry_controllers::ClusterCidr;
+use tokio_util::sync::CancellationToken;
+
+#[derive(clap::Args, Clone)]
+pub struct ControlArgs {
+    /// Pod address range; each node gets a /24 of it as spec.podCIDR.
+    #[arg(long, default_value = "10.244.0.0/16")]
+    pub cluster_cidr: String,
+    /// Elect a leader among servers sharing a store before scheduling or
+    /// running controllers.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub leader_elect: bool,
+    #[arg(long, default_value = "15s", value_parser = humantime::parse_duration)]
+    pub leader_elect_lease_duration: Duration,
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    pub leader_elect_renew_deadline: Duration,
+    #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+    pub leader_elect_retry_period: Duration,
+    /// A node whose kubelet stayed silent this long turns NotReady
+    /// (Ready=Unknown) and gets the unreachable taints.
+    #[arg(long, default_value = "40s", value_parser = humantime::parse_duration)]
+    pub node_monitor_grace_period: Duration,
+    /// How often node health is checked.
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    pub node_monitor_period: Duration,
+    /// Do not run the scheduler in this process.
+    #[arg(long)]
+    pub no_scheduler: bool,
+    /// Do not run the controller manager in this process.
+    #[arg(long)]
+    pub no_controllers: bool,
+}
+
+/// A kube-rs client from a kubeconfig file.
+pub async fn client_from(path: &Path) -> Result<Client> {
+    let kc = Kubeconfig::read_from(path).with_context(|| format!("reading {}", path.display()))?;
+    let config = kube::Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
+        .await
+        .with_context(|| format!("loading {}", path.display()))?;
+    Client::try_from(config).context("building the API client")
+}
+
+/// Start the scheduler and the controller manager as background tasks.
+pub async fn start(
+    kubeconfig: &Path,
+    args: ControlArgs,
+    shutdown: CancellationToken,
+) -> Result<()> {
+    let cluster_cidr = ClusterCidr::parse(&args.cluster_cidr).map_err(anyhow::Error::msg)?;
+    let client = client_from(kubeconfig).await?;
+    let identity = leader::identity();
+    let lease = |name: &str| {
+        let mut cfg = LeaderConfig::new(name, &identity);
+        cfg.lease_duration = args.leader_elect_lease_duration;
+        cfg.renew_deadline = args.leader_elect_renew_deadline;
+        cfg.retry_period = args.leader_elect_retry_period;
+        cfg
+    };
+    if !args.no_scheduler {
+        let stats = Arc::new(tapestry_scheduler::Stats::default());
+        let c = client.clone();
+        let run = move |token: CancellationToken| {
+            tapestry_scheduler::run(c.clone(), stats.clone(), token)
+        };
+        spawn_elected(
+            args.leader_elect,
+            client.clone(),
+            lease("kube-scheduler"),
+            shutdown.clone(),
+            run,
+        );
+    }
+    if !args.no_controllers {
+        if args.node_monitor_period.is_zero() {
+            anyhow::bail!("--node-monitor-period must be positive");
+        }
+        let config = tapestry_controllers::Config {
+            cluster_cidr,
+            node_monitor_grace_period: args.node_monitor_grace_period,
+            node_monitor_period: args.node_monitor_period,
+        };
+        let c = client.clone();
+        let run = move |token: CancellationToken| {
+            tapestry_controllers::run(c.clone(), config.clone(), token)
+        };
+        spawn_elected(
+            args.leader_elect,
+            client,
+            lease("kube-controller-manager"),
+            shutdown,
+            run,
+        );
+    }
+    Ok(())
+}
+
+fn spawn_elected<F, Fut>(
+    elect: bool,
+    client: Client,
+    cfg: LeaderConfig,
+    shutdown: CancellationToken,
+    run: F,
+) where
+    F: Fn(CancellationToken) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    if elect {
+        tokio::spawn(leader::run_elected(client, cfg, shutdown, run));
+    } else {
+        tokio::spawn(run(shutdown));
+    }
+}

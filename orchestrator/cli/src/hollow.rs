@@ -1,0 +1,53 @@
+//! `tapestry hollow`: kubemark-style fake nodes against any API server.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{bail, Result};
+use tokio_util::sync::CancellationToken;
+
+#[derive(clap::Args)]
+pub struct HollowArgs {
+    /// Kubeconfig of the cluster to join.
+    #[arg(long)]
+    pub kubeconfig: PathBuf,
+    /// How many nodes to run in this process.
+    #[arg(long)]
+    pub count: usize,
+    /// Node names are PREFIX-0 .. PREFIX-(COUNT-1).
+    #[arg(long, default_value = "hollow")]
+    pub name_prefix: String,
+    /// Lease renewal interval.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    pub heartbeat_interval: Duration,
+    /// Node status (Ready condition heartbeat) interval.
+    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+    pub status_interval: Duration,
+    /// Capacity each node reports.
+    #[arg(long, default_value = "4")]
+    pub cpu: String,
+    #[arg(long, default_value = "16Gi")]
+    pub memory: String,
+    #[arg(long, default_value_t = 110)]
+    pub max_pods: u32,
+}
+
+pub async fn run(args: HollowArgs, shutdown: CancellationToken) -> Result<()> {
+    if args.count == 0 {
+        bail!("--count must be at least 1");
+    }
+    if args.heartbeat_interval.is_zero() || args.status_interval.is_zero() {
+        bail!("--heartbeat-interval and --status-interval must be positive");
+    }
+    let client = crate::control::client_from(&args.kubeconfig).await?;
+    let config = tapestry_hollow::Config {
+        count: args.count,
+        prefix: args.name_prefix,
+        heartbeat: args.heartbeat_interval,
+        status_interval: args.status_interval,
+        cpu: args.cpu,
+        memory: args.memory,
+        pods: args.max_pods,
+    };
+    tapestry_hollow::run(client, config, shutdown).await
+}

@@ -1,0 +1,704 @@
+//! The scheduler and controller manager of `tapestry server`, driven by the
+//! machine's kubectl against real `tapestry server` and `tapestry hollow`
+//! processes.
+
+mod common;
+
+use std::collections::{BTreeMap, HashMap};
+use std::io::{BufRead, BufReader};
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+
+use common::{require_kubectl, wait_for, Hollow, Server};
+
+#[derive(Debug, Clone)]
+struct PodRow {
+    name: String,
+    phase: String,
+    node: String,
+    deleting: bool,
+}
+
+fn pods(s: &Server, ns: &str, selector: &str) -> Vec<PodRow> {
+    let out = s.ok(&[
+        "get",
+        "pods",
+        "-n",
+        ns,
+        "-l",
+        selector,
+        "-o",
+        "jsonpath={range .items[*]}{.metadata.name} {.status.phase} {.spec.nodeName} {.metadata.deletionTimestamp}{\"\\n\"}{end}",
+    ]);
+    out.lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| {
+            let f: Vec<&str> = l.split(' ').collect();
+            PodRow {
+                name: f[0].to_string(),
+                phase: f.get(1).unwrap_or(&"").to_string(),
+                node: f.get(2).unwrap_or(&"").to_string(),
+                deleting: f.get(3).is_some_and(|d| !d.is_empty()),
+            }
+        })
+        .collect()
+}
+
+/// Wait until exactly `n` live pods match and all are Running.
+fn wait_running(s: &Server, ns: &str, selector: &str, n: usize) -> Vec<PodRow> {
+    wait_for(60, &format!("{n} running pods {selector}"), || {
+        let live: Vec<PodRow> = pods(s, ns, selector)
+            .into_iter()
+            .filter(|p| !p.deleting)
+            .collect();
+        (live.len() == n && live.iter().all(|p| p.phase == "Running")).then_some(live)
+    })
+}
+
+fn per_node(rows: &[PodRow]) -> BTreeMap<String, usize> {
+    let mut m = BTreeMap::new();
+    for r in rows {
+        *m.entry(r.node.clone()).or_default() += 1;
+    }
+    m
+}
+
+/// Fast node health checks, so a silent node is noticed in seconds.
+const SERVER_ARGS: &[&str] = &[
+    "--leader-elect=false",
+    "--node-monitor-grace-period=3s",
+    "--node-monitor-period=500ms",
+];
+
+fn ready_nodes(s: &Server, n: usize) {
+    wait_for(30, &format!("{n} Ready nodes"), || {
+        let out = s.ok(&["get", "nodes", "--no-headers"]);
+        (out.lines().filter(|l| l.contains(" Ready")).count() == n).then_some(())
+    });
+}
+
+fn cluster() -> Option<(Server, Hollow)> {
+    if !require_kubectl() {
+        return None;
+    }
+    let s = Server::start_with(SERVER_ARGS);
+    let h = Hollow::start(&s, "hollow", 3);
+    ready_nodes(&s, 3);
+    Some((s, h))
+}
+
+/// Watch pods of `selector` with kubectl and track the fewest available
+/// (ready, not being deleted) once `floor_after` were seen available.
+fn watch_availability(
+    s: &Server,
+    selector: &str,
+    floor_after: usize,
+) -> (std::process::Child, Arc<Mutex<Option<usize>>>) {
+    let mut child = s
+        .kubectl_cmd(&[
+            "get",
+            "pods",
+            "-l",
+            selector,
+            "-w",
+            "--no-headers",
+            "-o",
+            "custom-columns=NAME:.metadata.name,READY:.status.conditions[?(@.type==\"Ready\")].status,DEL:.metadata.deletionTimestamp",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("kubectl get -w");
+    let stdout = child.stdout.take().expect("stdout");
+    let min = Arc::new(Mutex::new(None::<usize>));
+    let m = min.clone();
+    std::thread::spawn(move || {
+        let mut state: HashMap<String, bool> = HashMap::new();
+        let mut armed = false;
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            if f.len() < 3 {
+                continue;
+            }
+            state.insert(f[0].to_string(), f[1] == "True" && f[2] == "<none>");
+            let available = state.values().filter(|a| **a).count();
+            if available >= floor_after {
+                armed = true;
+            }
+            if armed {
+                let mut g = m.lock().unwrap();
+                *g = Some(g.map_or(available, |x| x.min(available)));
+            }
+        }
+    });
+    (child, min)
+}
+
+#[test]
+fn deployment_scale_roll_out_undo_and_self_heal() {
+    let Some((s, _h)) = cluster() else { return };
+    s.ok(&[
+        "create",
+        "deployment",
+        "web",
+        "--image=busybox",
+        "--replicas=6",
+    ]);
+    let rows = wait_running(&s, "default", "app=web", 6);
+    let spread = per_node(&rows);
+    assert_eq!(spread.len(), 3, "pods on every node: {spread:?}");
+    assert!(
+        spread.values().all(|c| *c == 2),
+        "2 pods per node: {spread:?}"
+    );
+
+    s.ok(&["scale", "deployment", "web", "--replicas=9"]);
+    wait_running(&s, "default", "app=web", 9);
+    s.ok(&["scale", "deployment", "web", "--replicas=6"]);
+    wait_running(&s, "default", "app=web", 6);
+    s.ok(&["rollout", "status", "deployment/web", "--timeout=60s"]);
+
+    // maxUnavailable defaults to 25%: 6 - 1 = 5 must stay available.
+    let (mut watch, min) = watch_availability(&s, "app=web", 6);
+    std::thread::sleep(std::time::Duration::from_secs(1));
+    s.ok(&["set", "image", "deployment/web", "busybox=busybox:1.36"]);
+    let out = s.ok(&["rollout", "status", "deployment/web", "--timeout=90s"]);
+    assert!(out.contains("successfully rolled out"), "{out}");
+    std::thread::sleep(std::time::Duration::from_secs(1));
+    let _ = watch.kill();
+    let _ = watch.wait();
+    let floor = min.lock().unwrap().expect("watch saw the pods");
+    assert!(
+        floor >= 5,
+        "available pods dropped to {floor} during the rollout"
+    );
+    let image = s.ok(&[
+        "get",
+        "deployment",
+        "web",
+        "-o",
+        "jsonpath={.spec.template.spec.containers[0].image}",
+    ]);
+    assert_eq!(image, "busybox:1.36");
+    let rs = s.ok(&["get", "rs", "-l", "app=web", "--no-headers"]);
+    assert_eq!(rs.lines().count(), 2, "old and new ReplicaSet: {rs}");
+
+    s.ok(&["rollout", "undo", "deployment/web"]);
+    s.ok(&["rollout", "status", "deployment/web", "--timeout=90s"]);
+    let image = s.ok(&[
+        "get",
+        "deployment",
+        "web",
+        "-o",
+        "jsonpath={.spec.template.spec.containers[0].image}",
+    ]);
+    assert_eq!(image, "busybox");
+    let rows = wait_running(&s, "default", "app=web", 6);
+
+    // A deleted pod is replaced.
+    let victim = rows[0].name.clone();
+    s.ok(&["delete", "pod", &victim, "--wait=false"]);
+    let rows = wait_running(&s, "default", "app=web", 6);
+    assert!(rows.iter().all(|r| r.name != victim));
+
+    let events = s.ok(&[
+        "get",
+        "events",
+        "-o",
+        "jsonpath={range .items[*]}{.reason}{\"\\n\"}{end}",
+    ]);
+    for reason in ["Scheduled", "SuccessfulCreate", "ScalingReplicaSet"] {
+        assert!(
+            events.lines().any(|l| l == reason),
+            "no {reason} event in {events}"
+        );
+    }
+}
+
+#[test]
+fn scheduler_filters_and_failed_scheduling() {
+    let Some((s, _h)) = cluster() else { return };
+    // More cpu than any node (4 cores) has.
+    let big = r#"{"apiVersion":"v1","kind":"Pod","metadata":{"name":"big"},
+        "spec":{"containers":[{"name":"c","image":"busybox","resources":{"requests":{"cpu":"64"}}}]}}"#;
+    s.ok_stdin(&["create", "-f", "-"], big);
+    let msg = wait_for(30, "FailedScheduling event", || {
+        let out = s.ok(&[
+            "get",
+            "events",
+            "--field-selector",
+            "reason=FailedScheduling,involvedObject.name=big",
+            "-o",
+            "jsonpath={.items[*].message}",
+        ]);
+        (!out.is_empty()).then_some(out)
+    });
+    assert!(
+        msg.contains("0/3 nodes are available") && msg.contains("Insufficient cpu"),
+        "{msg}"
+    );
+    let cond = s.ok(&[
+        "get",
+        "pod",
+        "big",
+        "-o",
+        "jsonpath={.status.phase} {.status.conditions[?(@.type==\"PodScheduled\")].reason}",
+    ]);
+    assert_eq!(cond, "Pending Unschedulable");
+
+    // nodeSelector.
+    s.ok(&["label", "node", "hollow-1", "disk=ssd"]);
+    let sel = r#"{"apiVersion":"v1","kind":"Pod","metadata":{"name":"picky"},
+        "spec":{"nodeSelector":{"disk":"ssd"},"containers":[{"name":"c","image":"busybox"}]}}"#;
+    s.ok_stdin(&["create", "-f", "-"], sel);
+    let node = wait_for(30, "picky scheduled", || {
+        let n = s.ok(&["get", "pod", "picky", "-o", "jsonpath={.spec.nodeName}"]);
+        (!n.is_empty()).then_some(n)
+    });
+    assert_eq!(node, "hollow-1");
+
+    // Taints keep pods off unless tolerated; cordon keeps new pods off.
+    s.ok(&["taint", "node", "hollow-0", "dedicated=infra:NoSchedule"]);
+    s.ok(&["cordon", "hollow-2"]);
+    s.ok(&[
+        "create",
+        "deployment",
+        "spread",
+        "--image=busybox",
+        "--replicas=4",
+    ]);
+    let rows = wait_running(&s, "default", "app=spread", 4);
+    assert!(rows.iter().all(|r| r.node == "hollow-1"), "{rows:?}");
+    let tolerant = r#"{"apiVersion":"v1","kind":"Pod","metadata":{"name":"tolerant"},
+        "spec":{"nodeSelector":{"kubernetes.io/hostname":"hollow-0"},
+                "tolerations":[{"key":"dedicated","operator":"Equal","value":"infra","effect":"NoSchedule"}],
+                "containers":[{"name":"c","image":"busybox"}]}}"#;
+    s.ok_stdin(&["create", "-f", "-"], tolerant);
+    let node = wait_for(30, "tolerant scheduled", || {
+        let n = s.ok(&["get", "pod", "tolerant", "-o", "jsonpath={.spec.nodeName}"]);
+        (!n.is_empty()).then_some(n)
+    });
+    assert_eq!(node, "hollow-0");
+
+    // Uncordoning is a cluster change: the big pod is retried, still fails,
+    // and pods go to hollow-2 again.
+    s.ok(&["uncordon", "hollow-2"]);
+    s.ok(&["scale", "deployment", "spread", "--replicas=8"]);
+    let rows = wait_running(&s, "default", "app=spread", 8);
+    assert!(rows.iter().any(|r| r.node == "hollow-2"), "{rows:?}");
+    assert!(rows.iter().all(|r| r.node != "hollow-0"), "{rows:?}");
+}
+
+#[test]
+fn garbage_collection_and_namespace_deletion() {
+    let Some((s, _h)) = cluster() else { return };
+    s.ok(&["create", "namespace", "team"]);
+    // Every namespace gets a default ServiceAccount.
+    wait_for(30, "default ServiceAccount", || {
+        s.kubectl(&["get", "serviceaccount", "default", "-n", "team"])
+            .status
+            .success()
+            .then_some(())
+    });
+    s.ok(&[
+        "create",
+        "deployment",
+        "a",
+        "-n",
+        "team",
+        "--image=busybox",
+        "--replicas=3",
+    ]);
+    s.ok(&[
+        "create",
+        "deployment",
+        "keep",
+        "--image=busybox",
+        "--replicas=2",
+    ]);
+    s.ok(&[
+        "create",
+        "deployment",
+        "gone",
+        "--image=busybox",
+        "--replicas=2",
+    ]);
+    wait_running(&s, "team", "app=a", 3);
+    wait_running(&s, "default", "app=keep", 2);
+    wait_running(&s, "default", "app=gone", 2);
+
+    // Background (kubectl's default): ReplicaSets and pods follow.
+    s.ok(&["delete", "deployment", "gone"]);
+    wait_for(
+        30,
+        "ReplicaSets and pods of a deleted Deployment gone",
+        || {
+            let rs = s.ok(&["get", "rs", "-l", "app=gone", "--no-headers"]);
+            (rs.trim().is_empty() && pods(&s, "default", "app=gone").is_empty()).then_some(())
+        },
+    );
+
+    // Orphan: the ReplicaSet stays, without its owner reference.
+    s.ok(&["delete", "deployment", "keep", "--cascade=orphan"]);
+    wait_for(30, "orphaned ReplicaSet released", || {
+        let refs = s.ok(&[
+            "get",
+            "rs",
+            "-l",
+            "app=keep",
+            "-o",
+            "jsonpath={.items[*].metadata.ownerReferences}",
+        ]);
+        let count = s
+            .ok(&["get", "rs", "-l", "app=keep", "--no-headers"])
+            .lines()
+            .count();
+        (count == 1 && refs.trim().is_empty()).then_some(())
+    });
+    assert_eq!(pods(&s, "default", "app=keep").len(), 2);
+
+    // Foreground: kubectl waits until dependents are gone, then the owner.
+    s.ok(&[
+        "delete",
+        "rs",
+        "-l",
+        "app=keep",
+        "--cascade=foreground",
+        "--timeout=60s",
+    ]);
+    assert!(pods(&s, "default", "app=keep").iter().all(|p| p.deleting));
+
+    // Namespace deletion empties the namespace, then removes it.
+    s.ok(&["delete", "namespace", "team", "--timeout=60s"]);
+    let out = s.fails(&["get", "namespace", "team"]);
+    assert!(
+        out.contains("NotFound") || out.contains("not found"),
+        "{out}"
+    );
+}
+
+#[test]
+fn silent_node_goes_not_ready_and_its_pods_move() {
+    if !require_kubectl() {
+        return;
+    }
+    let s = Server::start_with(SERVER_ARGS);
+    let _stable = Hollow::start(&s, "stable", 2);
+    let mut doomed = Hollow::start(&s, "doomed", 1);
+    ready_nodes(&s, 3);
+    // Tolerate unreachable nodes for 2s instead of the default 300s.
+    let deploy = r#"{"apiVersion":"apps/v1","kind":"Deployment","metadata":{"name":"mover"},
+      "spec":{"replicas":6,"selector":{"matchLabels":{"app":"mover"}},
+        "template":{"metadata":{"labels":{"app":"mover"}},
+          "spec":{"tolerations":[
+              {"key":"node.kubernetes.io/unreachable","operator":"Exists","effect":"NoExecute","tolerationSeconds":2},
+              {"key":"node.kubernetes.io/not-ready","operator":"Exists","effect":"NoExecute","tolerationSeconds":2}],
+            "containers":[{"name":"c","image":"busybox"}]}}}}"#;
+    s.ok_stdin(&["create", "-f", "-"], deploy);
+    let rows = wait_running(&s, "default", "app=mover", 6);
+    assert!(rows.iter().any(|r| r.node == "doomed-0"), "{rows:?}");
+
+    doomed.kill();
+    wait_for(30, "doomed-0 NotReady", || {
+        let st = s.ok(&[
+            "get",
+            "node",
+            "doomed-0",
+            "-o",
+            "jsonpath={.status.conditions[?(@.type==\"Ready\")].status}",
+        ]);
+        (st == "Unknown").then_some(())
+    });
+    let taints = s.ok(&[
+        "get",
+        "node",
+        "doomed-0",
+        "-o",
+        "jsonpath={.spec.taints[*].key}",
+    ]);
+    assert!(
+        taints.contains("node.kubernetes.io/unreachable"),
+        "{taints}"
+    );
+    let rows = wait_for(60, "replacements on the healthy nodes", || {
+        let live: Vec<PodRow> = pods(&s, "default", "app=mover")
+            .into_iter()
+            .filter(|p| !p.deleting)
+            .collect();
+        (live.len() == 6
+            && live
+                .iter()
+                .all(|p| p.phase == "Running" && p.node != "doomed-0"))
+        .then_some(live)
+    });
+    assert!(rows.iter().all(|r| r.node.starts_with("stable-")));
+    let events = s.ok(&[
+        "get",
+        "events",
+        "-A",
+        "-o",
+        "jsonpath={range .items[*]}{.reason}{\"\\n\"}{end}",
+    ]);
+    for reason in ["NodeNotReady", "Evicted"] {
+        assert!(
+            events.lines().any(|l| l == reason),
+            "no {reason} event in {events}"
+        );
+    }
+}
+
+#[test]
+fn drain_evicts_through_the_eviction_api() {
+    let Some((s, _h)) = cluster() else { return };
+    s.ok(&[
+        "create",
+        "deployment",
+        "d",
+        "--image=busybox",
+        "--replicas=6",
+    ]);
+    wait_running(&s, "default", "app=d", 6);
+    let out = s.ok(&["drain", "hollow-1", "--ignore-daemonsets", "--timeout=60s"]);
+    assert!(out.contains("evicted"), "{out}");
+    let unsched = s.ok(&[
+        "get",
+        "node",
+        "hollow-1",
+        "-o",
+        "jsonpath={.spec.unschedulable}",
+    ]);
+    assert_eq!(unsched, "true");
+    let rows = wait_running(&s, "default", "app=d", 6);
+    assert!(rows.iter().all(|r| r.node != "hollow-1"), "{rows:?}");
+}
+
+#[test]
+fn daemonset_job_and_endpoint_slices() {
+    let Some((s, _h)) = cluster() else { return };
+    // DaemonSet: one pod per node, and a node that joins later gets one.
+    let ds = r#"{"apiVersion":"apps/v1","kind":"DaemonSet","metadata":{"name":"agent"},
+      "spec":{"selector":{"matchLabels":{"app":"agent"}},
+        "template":{"metadata":{"labels":{"app":"agent"}},"spec":{"containers":[{"name":"a","image":"busybox"}]}}}}"#;
+    s.ok_stdin(&["create", "-f", "-"], ds);
+    let rows = wait_running(&s, "default", "app=agent", 3);
+    assert_eq!(per_node(&rows).len(), 3, "{rows:?}");
+    let _late = Hollow::start(&s, "late", 1);
+    let rows = wait_running(&s, "default", "app=agent", 4);
+    assert!(rows.iter().any(|r| r.node == "late-0"), "{rows:?}");
+    s.ok(&["rollout", "status", "daemonset/agent", "--timeout=60s"]);
+    // A template change rolls every daemon.
+    let before: Vec<String> = rows.iter().map(|r| r.name.clone()).collect();
+    s.ok(&["set", "image", "daemonset/agent", "a=busybox:1.36"]);
+    s.ok(&["rollout", "status", "daemonset/agent", "--timeout=90s"]);
+    let rows = wait_running(&s, "default", "app=agent", 4);
+    assert!(rows.iter().all(|r| !before.contains(&r.name)), "{rows:?}");
+
+    // Job: complete once its pods succeed (phase set through the status API,
+    // as a kubelet would).
+    s.ok(&["create", "job", "once", "--image=busybox", "--", "true"]);
+    let pod = wait_for(30, "job pod", || {
+        let p = s.ok(&[
+            "get",
+            "pods",
+            "-l",
+            "job-name=once",
+            "-o",
+            "jsonpath={.items[0].metadata.name}",
+        ]);
+        (!p.is_empty()).then_some(p)
+    });
+    s.ok(&[
+        "patch",
+        "pod",
+        &pod,
+        "--subresource=status",
+        "--type=merge",
+        "-p",
+        r#"{"status":{"phase":"Succeeded"}}"#,
+    ]);
+    s.ok(&[
+        "wait",
+        "--for=condition=complete",
+        "job/once",
+        "--timeout=30s",
+    ]);
+    let done = s.ok(&["get", "job", "once", "-o", "jsonpath={.status.succeeded}"]);
+    assert_eq!(done, "1");
+
+    // EndpointSlices and Endpoints follow ready pods.
+    s.ok(&[
+        "create",
+        "deployment",
+        "web",
+        "--image=busybox",
+        "--replicas=3",
+    ]);
+    s.ok(&[
+        "expose",
+        "deployment",
+        "web",
+        "--port=80",
+        "--target-port=8080",
+    ]);
+    let rows = wait_running(&s, "default", "app=web", 3);
+    let slice_ips = |s: &Server| {
+        let out = s.ok(&["get", "endpointslices", "-l", "kubernetes.io/service-name=web", "-o",
+            "jsonpath={range .items[*].endpoints[?(@.conditions.ready==true)]}{.targetRef.name}{\"\\n\"}{end}"]);
+        let mut v: Vec<String> = out.lines().map(str::to_string).collect();
+        v.sort();
+        v
+    };
+    let mut names: Vec<String> = rows.iter().map(|r| r.name.clone()).collect();
+    names.sort();
+    wait_for(30, "slice with the 3 ready pods", || {
+        (slice_ips(&s) == names).then_some(())
+    });
+    let ports = s.ok(&[
+        "get",
+        "endpoints",
+        "web",
+        "-o",
+        "jsonpath={.subsets[0].ports[0].port}",
+    ]);
+    assert_eq!(ports, "8080");
+    // A pod that is no longer ready leaves the ready set.
+    let victim = &names[0];
+    s.ok(&[
+        "patch",
+        "pod",
+        victim,
+        "--subresource=status",
+        "--type=merge",
+        "-p",
+        r#"{"status":{"conditions":[{"type":"Ready","status":"False"}]}}"#,
+    ]);
+    let rest: Vec<String> = names[1..].to_vec();
+    wait_for(30, "not-ready pod out of the slice", || {
+        (slice_ips(&s) == rest).then_some(())
+    });
+    s.ok(&["delete", "service", "web"]);
+    wait_for(30, "slice removed with its Service", || {
+        s.ok(&[
+            "get",
+            "endpointslices",
+            "-l",
+            "kubernetes.io/service-name=web",
+            "--no-headers",
+        ])
+        .trim()
+        .is_empty()
+        .then_some(())
+    });
+}
+
+/// Two schedulers elected through the same Lease: only the holder binds;
+/// when it dies without giving the lease up, the other takes over once the
+/// lease expires.
+#[test]
+fn leader_election_hands_over_when_the_leader_dies() {
+    use std::sync::atomic::Ordering;
+    use std::time::Duration;
+    use tapestry_controllers::leader::{run_elected, LeaderConfig};
+
+    if !require_kubectl() {
+        return;
+    }
+    let s = Server::start_with(&["--no-scheduler", "--leader-elect=false"]);
+    let _h = Hollow::start(&s, "hollow", 2);
+    ready_nodes(&s, 2);
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let kubeconfig = s.kubeconfig();
+    let client = |rt: &tokio::runtime::Runtime| {
+        rt.block_on(async {
+            let kc = kube::config::Kubeconfig::read_from(&kubeconfig).expect("kubeconfig");
+            let cfg = kube::Config::from_custom_kubeconfig(kc, &Default::default())
+                .await
+                .expect("config");
+            kube::Client::try_from(cfg).expect("client")
+        })
+    };
+    let start = |id: &str| {
+        let stats = std::sync::Arc::new(tapestry_scheduler::Stats::default());
+        let mut cfg = LeaderConfig::new("kube-scheduler", id);
+        cfg.lease_duration = Duration::from_secs(3);
+        cfg.renew_deadline = Duration::from_secs(2);
+        cfg.retry_period = Duration::from_millis(500);
+        let c = client(&rt);
+        let st = stats.clone();
+        let task = rt.spawn(run_elected(
+            c.clone(),
+            cfg,
+            tokio_util::sync::CancellationToken::new(),
+            move |t| tapestry_scheduler::run(c.clone(), st.clone(), t),
+        ));
+        (task, stats)
+    };
+    let (a, a_stats) = start("scheduler-a");
+    wait_for(20, "a holds the lease", || {
+        let h = s.ok(&[
+            "get",
+            "lease",
+            "kube-scheduler",
+            "-n",
+            "kube-system",
+            "-o",
+            "jsonpath={.spec.holderIdentity}",
+        ]);
+        (h == "scheduler-a").then_some(())
+    });
+    let (b, b_stats) = start("scheduler-b");
+    s.ok(&[
+        "create",
+        "deployment",
+        "first",
+        "--image=busybox",
+        "--replicas=4",
+    ]);
+    wait_running(&s, "default", "app=first", 4);
+    wait_for(10, "a counted 4 binds", || {
+        (a_stats.bound.load(Ordering::Relaxed) == 4).then_some(())
+    });
+    assert_eq!(
+        b_stats.bound.load(Ordering::Relaxed),
+        0,
+        "the standby bound pods"
+    );
+
+    // "Kill" a: its task stops without releasing the lease.
+    a.abort();
+    wait_for(30, "b takes the lease over", || {
+        let h = s.ok(&[
+            "get",
+            "lease",
+            "kube-scheduler",
+            "-n",
+            "kube-system",
+            "-o",
+            "jsonpath={.spec.holderIdentity}",
+        ]);
+        (h == "scheduler-b").then_some(())
+    });
+    s.ok(&[
+        "create",
+        "deployment",
+        "second",
+        "--image=busybox",
+        "--replicas=3",
+    ]);
+    wait_running(&s, "default", "app=second", 3);
+    wait_for(10, "b counted 3 binds", || {
+        (b_stats.bound.load(Ordering::Relaxed) == 3).then_some(())
+    });
+    assert_eq!(a_stats.bound.load(Ordering::Relaxed), 4);
+    let transitions = s.ok(&[
+        "get",
+        "lease",
+        "kube-scheduler",
+        "-n",
+        "kube-system",
+        "-o",
+        "jsonpath={.spec.leaseTransitions}",
+    ]);
+    assert_eq!(transitions, "1");
+    b.abort();
+}

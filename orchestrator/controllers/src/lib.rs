@@ -1,0 +1,248 @@
+//! Tapestry's controller manager. Each controller is a small module with a
+//! `setup` (which changes wake which keys) and an idempotent `reconcile`
+//! (make the world match the spec for one key); they share one informer per
+//! resource and talk to the API server through kube-rs like any client.
+
+pub mod events;
+pub mod leader;
+pub mod runtime;
+pub mod util;
+
+mod daemonset;
+mod deployment;
+mod endpoints;
+mod gc;
+mod ipam;
+mod job;
+mod namespace;
+mod nodelifecycle;
+mod replicaset;
+mod serviceaccount;
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use k8s_openapi::api::apps::v1::{DaemonSet, Deployment, ReplicaSet};
+use k8s_openapi::api::batch::v1::Job;
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::{Endpoints, Namespace, Node, Pod, Service, ServiceAccount};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use kube::runtime::watcher;
+use kube::{Api, Client};
+use tokio_util::sync::CancellationToken;
+
+pub use ipam::ClusterCidr;
+
+use crate::runtime::{key_of, Informer, Queue, Requeue};
+
+/// Distinct keys a controller's queue holds at most.
+const QUEUE_CAPACITY: usize = 100_000;
+/// How often every object is reconciled again regardless of events.
+const RESYNC: Duration = Duration::from_secs(60);
+
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub cluster_cidr: ClusterCidr,
+    /// A node silent for this long turns Ready=Unknown.
+    pub node_monitor_grace_period: Duration,
+    /// How often node health is checked.
+    pub node_monitor_period: Duration,
+}
+
+/// Shared state of all controllers.
+pub struct Ctx {
+    pub client: Client,
+    pub config: Config,
+    pub recorder: events::Recorder,
+    pub pods: Arc<Informer<Pod>>,
+    pub nodes: Arc<Informer<Node>>,
+    pub replicasets: Arc<Informer<ReplicaSet>>,
+    pub deployments: Arc<Informer<Deployment>>,
+    pub namespaces: Arc<Informer<Namespace>>,
+    pub serviceaccounts: Arc<Informer<ServiceAccount>>,
+    pub leases: Arc<Informer<Lease>>,
+    pub daemonsets: Arc<Informer<DaemonSet>>,
+    pub jobs: Arc<Informer<Job>>,
+    pub services: Arc<Informer<Service>>,
+    pub endpoints: Arc<Informer<Endpoints>>,
+    pub endpointslices: Arc<Informer<EndpointSlice>>,
+    rs_expectations: replicaset::Expectations,
+    ipam: ipam::Allocations,
+    gc_kinds: Vec<gc::Tracked>,
+    discovery: std::sync::Mutex<Option<(std::time::Instant, Vec<kube::api::ApiResource>)>>,
+}
+
+fn keys<K: kube::Resource<DynamicType = ()> + Clone + 'static>(i: &Informer<K>) -> Vec<String> {
+    i.store.state().iter().map(|o| key_of(o.as_ref())).collect()
+}
+
+/// Run every controller until `shutdown`.
+pub async fn run(client: Client, config: Config, shutdown: CancellationToken) {
+    let all = watcher::Config::default();
+    let pods = Informer::new(Api::all(client.clone()), all.clone());
+    let nodes = Informer::new(Api::all(client.clone()), all.clone());
+    let replicasets = Informer::new(Api::all(client.clone()), all.clone());
+    let deployments = Informer::new(Api::all(client.clone()), all.clone());
+    let namespaces = Informer::new(Api::all(client.clone()), all.clone());
+    let serviceaccounts = Informer::new(Api::all(client.clone()), all.clone());
+    let leases = Informer::new(
+        Api::namespaced(client.clone(), "kube-node-lease"),
+        all.clone(),
+    );
+    let daemonsets = Informer::new(Api::all(client.clone()), all.clone());
+    let jobs = Informer::new(Api::all(client.clone()), all.clone());
+    let services = Informer::new(Api::all(client.clone()), all.clone());
+    let endpoints = Informer::new(Api::all(client.clone()), all.clone());
+    let endpointslices = Informer::new(Api::all(client.clone()), all.clone());
+    let gc_kinds = vec![
+        gc::Tracked::new(&daemonsets, true),
+        gc::Tracked::new(&jobs, true),
+        gc::Tracked::new(&services, true),
+        gc::Tracked::new(&endpointslices, true),
+        gc::Tracked::new(&pods, true),
+        gc::Tracked::new(&replicasets, true),
+        gc::Tracked::new(&deployments, true),
+        gc::Tracked::new(&nodes, false),
+    ];
+    let ctx = Arc::new(Ctx {
+        recorder: events::Recorder::new(client.clone(), "controller-manager"),
+        pods,
+        nodes,
+        replicasets,
+        deployments,
+        namespaces,
+        serviceaccounts,
+        leases,
+        daemonsets,
+        jobs,
+        services,
+        endpoints,
+        endpointslices,
+        rs_expectations: Default::default(),
+        ipam: Default::default(),
+        gc_kinds,
+        discovery: Default::default(),
+        client,
+        config,
+    });
+    let mut tasks = tokio::task::JoinSet::new();
+    {
+        let mut spawn = |name: &'static str,
+                         setup: fn(&Arc<Ctx>, &Arc<Queue>),
+                         keys: fn(&Ctx) -> Vec<String>,
+                         reconcile: fn(Arc<Ctx>, String) -> Reconcile| {
+            let queue = Queue::new(QUEUE_CAPACITY);
+            setup(&ctx, &queue);
+            let c = ctx.clone();
+            let c2 = ctx.clone();
+            let stop = shutdown.clone();
+            tasks.spawn(async move {
+                c.pods.ready().await;
+                runtime::run_worker(
+                    name,
+                    queue,
+                    stop,
+                    RESYNC,
+                    move || keys(&c2),
+                    move |k| reconcile(c.clone(), k),
+                )
+                .await
+            });
+        };
+        spawn(
+            "replicaset",
+            replicaset::setup,
+            |c| keys(&c.replicasets),
+            |c, k| Box::pin(replicaset::reconcile(c, k)),
+        );
+        spawn(
+            "deployment",
+            deployment::setup,
+            |c| keys(&c.deployments),
+            |c, k| Box::pin(deployment::reconcile(c, k)),
+        );
+        spawn(
+            "nodeipam",
+            ipam::setup,
+            |c| keys(&c.nodes),
+            |c, k| Box::pin(ipam::reconcile(c, k)),
+        );
+        spawn("garbagecollector", gc_setup, gc::all_keys, |c, k| {
+            Box::pin(gc::reconcile(c, k))
+        });
+        spawn(
+            "namespace",
+            namespace::setup,
+            |c| keys(&c.namespaces),
+            |c, k| Box::pin(namespace::reconcile(c, k)),
+        );
+        spawn(
+            "daemonset",
+            daemonset::setup,
+            |c| keys(&c.daemonsets),
+            |c, k| Box::pin(daemonset::reconcile(c, k)),
+        );
+        spawn(
+            "job",
+            job::setup,
+            |c| keys(&c.jobs),
+            |c, k| Box::pin(job::reconcile(c, k)),
+        );
+        spawn(
+            "endpoints",
+            endpoints::setup,
+            |c| keys(&c.services),
+            |c, k| Box::pin(endpoints::reconcile(c, k)),
+        );
+        spawn(
+            "serviceaccount",
+            serviceaccount::setup,
+            |c| keys(&c.namespaces),
+            |c, k| Box::pin(serviceaccount::reconcile(c, k)),
+        );
+    }
+    ctx.pods.start(shutdown.clone());
+    ctx.nodes.start(shutdown.clone());
+    ctx.replicasets.start(shutdown.clone());
+    ctx.deployments.start(shutdown.clone());
+    ctx.namespaces.start(shutdown.clone());
+    ctx.serviceaccounts.start(shutdown.clone());
+    ctx.leases.start(shutdown.clone());
+    ctx.daemonsets.start(shutdown.clone());
+    ctx.jobs.start(shutdown.clone());
+    ctx.services.start(shutdown.clone());
+    ctx.endpoints.start(shutdown.clone());
+    ctx.endpointslices.start(shutdown.clone());
+    // Controllers act only on a complete view of the cluster.
+    tokio::join!(
+        ctx.pods.ready(),
+        ctx.nodes.ready(),
+        ctx.replicasets.ready(),
+        ctx.deployments.ready(),
+        ctx.namespaces.ready(),
+        ctx.serviceaccounts.ready(),
+        ctx.leases.ready(),
+        ctx.daemonsets.ready(),
+        ctx.jobs.ready(),
+        ctx.services.ready(),
+        ctx.endpoints.ready(),
+        ctx.endpointslices.ready(),
+    );
+    tasks.spawn(nodelifecycle::run(ctx.clone(), shutdown.clone()));
+    tracing::info!("controllers running");
+    while tasks.join_next().await.is_some() {}
+}
+
+fn gc_setup(ctx: &Arc<Ctx>, queue: &Arc<Queue>) {
+    gc::watch(&ctx.pods, queue);
+    gc::watch(&ctx.replicasets, queue);
+    gc::watch(&ctx.deployments, queue);
+    gc::watch(&ctx.nodes, queue);
+    gc::watch(&ctx.daemonsets, queue);
+    gc::watch(&ctx.jobs, queue);
+    gc::watch(&ctx.services, queue);
+    gc::watch(&ctx.endpointslices, queue);
+}
+
+type Reconcile = std::pin::Pin<Box<dyn Future<Output = anyhow::Result<Requeue>> + Send>>;

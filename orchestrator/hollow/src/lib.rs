@@ -1,0 +1,486 @@
+//! Hollow nodes, kubemark-style: many fake nodes in one process. Each
+//! registers a Node, renews its Lease, reports capacity and a Ready
+//! condition, marks the pods bound to it Running with an IP from its
+//! podCIDR, and finishes deletions the way a kubelet does after stopping a
+//! pod. There are no containers. One pod watch and one node watch serve
+//! every node of the process.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::net::Ipv4Addr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::StreamExt;
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::{Node, Pod};
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{DeleteParams, Patch, PatchParams, PostParams, Preconditions};
+use kube::runtime::watcher;
+use kube::{Api, Client, ResourceExt};
+use serde_json::json;
+use tapestry_controllers::runtime::{self, key_of, split_key, Informer, Queue, Requeue};
+use tokio_util::sync::CancellationToken;
+
+/// The label every hollow node carries.
+pub const HOLLOW_LABEL: &str = "tapestry.io/hollow";
+
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub count: usize,
+    /// Node names are `{prefix}-{index}`.
+    pub prefix: String,
+    /// Lease renewal interval (the kubelet's is 10s).
+    pub heartbeat: Duration,
+    /// How often the Ready condition's heartbeat is reported.
+    pub status_interval: Duration,
+    pub cpu: String,
+    pub memory: String,
+    pub pods: u32,
+}
+
+/// Writes to the API server in flight at once.
+const PARALLEL: usize = 32;
+/// Pods a process tracks waiting to start, at most.
+const QUEUE_CAPACITY: usize = 200_000;
+
+#[derive(Default)]
+struct NodeState {
+    cidr: Option<(u32, u32)>,
+    /// Pod key → address, and the addresses in use.
+    ips: HashMap<String, Ipv4Addr>,
+    used: HashSet<u32>,
+    next: u32,
+}
+
+impl NodeState {
+    /// The pod's address on this node, allocating one if needed.
+    fn ip_for(&mut self, key: &str, existing: Option<&str>) -> Option<Ipv4Addr> {
+        if let Some(ip) = self.ips.get(key) {
+            return Some(*ip);
+        }
+        let (base, size) = self.cidr?;
+        if let Some(ip) = existing.and_then(|e| e.parse::<Ipv4Addr>().ok()) {
+            self.used.insert(u32::from(ip));
+            self.ips.insert(key.to_string(), ip);
+            return Some(ip);
+        }
+        // .0 is the network, .1 the node's gateway, the last the broadcast.
+        for k in 0..size.saturating_sub(3) {
+            let off = 2 + (self.next + k) % (size - 3);
+            let ip = base + off;
+            if self.used.insert(ip) {
+                self.next = off - 1;
+                let ip = Ipv4Addr::from(ip);
+                self.ips.insert(key.to_string(), ip);
+                return Some(ip);
+            }
+        }
+        None
+    }
+
+    fn release(&mut self, key: &str) {
+        if let Some(ip) = self.ips.remove(key) {
+            self.used.remove(&u32::from(ip));
+        }
+    }
+}
+
+struct Hollow {
+    client: Client,
+    config: Config,
+    states: Mutex<HashMap<String, NodeState>>,
+    pods: Arc<Informer<Pod>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn parse_cidr(s: &str) -> Option<(u32, u32)> {
+    let (ip, len) = s.split_once('/')?;
+    let ip: Ipv4Addr = ip.parse().ok()?;
+    let len: u32 = len.parse().ok()?;
+    if !(8..=30).contains(&len) {
+        return None;
+    }
+    Some((u32::from(ip), 1 << (32 - len)))
+}
+
+pub fn node_names(config: &Config) -> Vec<String> {
+    (0..config.count)
+        .map(|i| format!("{}-{i}", config.prefix))
+        .collect()
+}
+
+/// Run the hollow nodes until `shutdown`.
+pub async fn run(
+    client: Client,
+    config: Config,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let names = node_names(&config);
+    let pods = Informer::new(
+        Api::<Pod>::all(client.clone()),
+        watcher::Config::default().fields("spec.nodeName!="),
+    );
+    let hollow = Arc::new(Hollow {
+        client: client.clone(),
+        states: Mutex::new(
+            names
+                .iter()
+                .map(|n| (n.clone(), NodeState::default()))
+                .collect(),
+        ),
+        pods,
+        config: config.clone(),
+    });
+
+    // Register every node (in parallel), then start heartbeats.
+    let results: Vec<anyhow::Result<()>> = futures::stream::iter(names.iter().enumerate())
+        .map(|(i, n)| register(&hollow, n, i))
+        .buffer_unordered(PARALLEL)
+        .collect()
+        .await;
+    if let Some(Err(e)) = results.into_iter().find(Result::is_err) {
+        return Err(e);
+    }
+    tracing::info!(count = names.len(), prefix = %config.prefix, "hollow nodes registered");
+
+    let queue = Queue::new(QUEUE_CAPACITY);
+    let q = queue.clone();
+    let h = hollow.clone();
+    hollow.pods.on_change(move |p, deleted| {
+        let node = p
+            .spec
+            .as_ref()
+            .and_then(|s| s.node_name.clone())
+            .unwrap_or_default();
+        let key = key_of(p);
+        let mut states = lock(&h.states);
+        let Some(st) = states.get_mut(&node) else {
+            return;
+        };
+        if deleted {
+            st.release(&key);
+        } else {
+            q.add(key);
+        }
+    });
+    // Nodes: learn the podCIDR the IPAM controller assigns.
+    let nodes = Informer::new(
+        Api::<Node>::all(client.clone()),
+        watcher::Config::default().labels(&format!("{HOLLOW_LABEL}={}", config.prefix)),
+    );
+    let h = hollow.clone();
+    let q = queue.clone();
+    nodes.on_change(move |n, deleted| {
+        if deleted {
+            return;
+        }
+        let cidr = n
+            .spec
+            .as_ref()
+            .and_then(|s| s.pod_cidr.as_deref())
+            .and_then(parse_cidr);
+        let name = n.name_any();
+        let newly = {
+            let mut states = lock(&h.states);
+            match states.get_mut(&name) {
+                Some(st) if st.cidr.is_none() && cidr.is_some() => {
+                    st.cidr = cidr;
+                    true
+                }
+                _ => false,
+            }
+        };
+        if newly {
+            // Pods that waited for an address can start now.
+            for p in h.pods.store.state() {
+                if p.spec.as_ref().and_then(|s| s.node_name.as_deref()) == Some(name.as_str()) {
+                    q.add(key_of(p.as_ref()));
+                }
+            }
+        }
+    });
+    nodes.start(shutdown.clone());
+    hollow.pods.start(shutdown.clone());
+
+    for (i, name) in names.iter().enumerate() {
+        tokio::spawn(heartbeat(hollow.clone(), name.clone(), i, shutdown.clone()));
+    }
+
+    let h = hollow.clone();
+    let h2 = hollow.clone();
+    runtime::run_workers(
+        "hollow-pods",
+        PARALLEL,
+        queue,
+        shutdown.clone(),
+        Duration::from_secs(60),
+        move || {
+            h2.pods
+                .store
+                .state()
+                .iter()
+                .map(|p| key_of(p.as_ref()))
+                .collect()
+        },
+        move |key| sync_pod(h.clone(), key),
+    )
+    .await;
+    Ok(())
+}
+
+fn capacity(c: &Config) -> BTreeMap<String, String> {
+    [
+        ("cpu".to_string(), c.cpu.clone()),
+        ("memory".to_string(), c.memory.clone()),
+        ("pods".to_string(), c.pods.to_string()),
+        ("ephemeral-storage".to_string(), "100Gi".to_string()),
+    ]
+    .into()
+}
+
+fn node_status(c: &Config, index: usize) -> serde_json::Value {
+    let now = Timestamp::now().to_string();
+    let ip = Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 128, 0, 0)) + index as u32 + 1);
+    let cond = |t: &str, status: &str, reason: &str, message: &str| {
+        json!({"type": t, "status": status, "reason": reason, "message": message,
+               "lastHeartbeatTime": now, "lastTransitionTime": now})
+    };
+    json!({
+        "capacity": capacity(c),
+        "allocatable": capacity(c),
+        "conditions": [
+            cond("MemoryPressure", "False", "KubeletHasSufficientMemory", "kubelet has sufficient memory available"),
+            cond("DiskPressure", "False", "KubeletHasNoDiskPressure", "kubelet has no disk pressure"),
+            cond("PIDPressure", "False", "KubeletHasSufficientPID", "kubelet has sufficient PID available"),
+            cond("Ready", "True", "KubeletReady", "kubelet is posting ready status"),
+        ],
+        "addresses": [
+            {"type": "InternalIP", "address": ip.to_string()},
+            {"type": "Hostname", "address": format!("{}-{index}", c.prefix)},
+        ],
+        "nodeInfo": {
+            "machineID": "", "systemUUID": "", "bootID": "", "kernelVersion": "hollow",
+            "osImage": "Tapestry hollow node", "containerRuntimeVersion": "hollow://0.1",
+            "kubeletVersion": "v1.33.0", "kubeProxyVersion": "v1.33.0",
+            "operatingSystem": "linux", "architecture": "amd64",
+        },
+        "daemonEndpoints": {"kubeletEndpoint": {"Port": 10250}},
+    })
+}
+
+async fn register(h: &Hollow, name: &str, index: usize) -> anyhow::Result<()> {
+    let api: Api<Node> = Api::all(h.client.clone());
+    let node: Node = serde_json::from_value(json!({
+        "apiVersion": "v1", "kind": "Node",
+        "metadata": {"name": name, "labels": {
+            "kubernetes.io/hostname": name, "kubernetes.io/os": "linux",
+            "kubernetes.io/arch": "amd64", "beta.kubernetes.io/os": "linux",
+            "beta.kubernetes.io/arch": "amd64", HOLLOW_LABEL: h.config.prefix,
+        }},
+        "spec": {},
+    }))?;
+    match api.create(&PostParams::default(), &node).await {
+        Ok(_) => {}
+        Err(e) if runtime::is_status(&e, 409) => {}
+        Err(e) => return Err(anyhow::anyhow!("registering node {name}: {e}")),
+    }
+    api.patch_status(
+        name,
+        &PatchParams::default(),
+        &Patch::Merge(json!({"status": node_status(&h.config, index)})),
+    )
+    .await
+    .map_err(|e| anyhow::anyhow!("reporting status of node {name}: {e}"))?;
+    renew_lease(h, name).await?;
+    Ok(())
+}
+
+async fn renew_lease(h: &Hollow, name: &str) -> anyhow::Result<()> {
+    let api: Api<Lease> = Api::namespaced(h.client.clone(), "kube-node-lease");
+    let now = Timestamp::now().to_string();
+    let patch = json!({"spec": {"holderIdentity": name, "renewTime": now,
+        "leaseDurationSeconds": (h.config.heartbeat.as_secs() * 4).max(1)}});
+    match api
+        .patch(name, &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+    {
+        Ok(_) => Ok(()),
+        Err(e) if runtime::not_found(&e) => {
+            let nodes: Api<Node> = Api::all(h.client.clone());
+            let uid = nodes.get(name).await?.uid().unwrap_or_default();
+            let lease: Lease = serde_json::from_value(json!({
+                "metadata": {"name": name, "namespace": "kube-node-lease",
+                    "ownerReferences": [{"apiVersion": "v1", "kind": "Node", "name": name, "uid": uid}]},
+                "spec": patch["spec"],
+            }))?;
+            match api.create(&PostParams::default(), &lease).await {
+                Ok(_) => Ok(()),
+                Err(e) if runtime::is_status(&e, 409) => Ok(()),
+                Err(e) => Err(e.into()),
+            }
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Renew the node's Lease every heartbeat and report its Ready condition
+/// every status interval; staggered so a thousand nodes do not write at the
+/// same instant.
+async fn heartbeat(h: Arc<Hollow>, name: String, index: usize, shutdown: CancellationToken) {
+    let count = h.config.count.max(1) as u32;
+    let offset = h.config.heartbeat * (index as u32 % count) / count;
+    tokio::select! {
+        _ = shutdown.cancelled() => return,
+        _ = tokio::time::sleep(offset) => {}
+    }
+    let mut lease_tick = tokio::time::interval(h.config.heartbeat);
+    let mut status_tick = tokio::time::interval(h.config.status_interval);
+    status_tick.tick().await;
+    let nodes: Api<Node> = Api::all(h.client.clone());
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = lease_tick.tick() => {
+                if let Err(e) = renew_lease(&h, &name).await {
+                    tracing::debug!(node = %name, "renewing lease: {e}");
+                }
+            }
+            _ = status_tick.tick() => {
+                let status = node_status(&h.config, index);
+                if let Err(e) = nodes.patch_status(&name, &PatchParams::default(), &Patch::Merge(json!({"status": status}))).await {
+                    tracing::debug!(node = %name, "reporting status: {e}");
+                    if runtime::not_found(&e) {
+                        // Deleted by someone: register again, as a kubelet does.
+                        let _ = register(&h, &name, index).await;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Bring one pod to where a kubelet would: running with an address, or
+/// gone once it is being deleted.
+async fn sync_pod(h: Arc<Hollow>, key: String) -> anyhow::Result<Requeue> {
+    let (ns, name) = split_key(&key);
+    let ns = ns.unwrap_or_default();
+    let Some(pod) = h.pods.get(Some(ns), name) else {
+        return Ok(Requeue::Done);
+    };
+    let node = pod
+        .spec
+        .as_ref()
+        .and_then(|s| s.node_name.clone())
+        .unwrap_or_default();
+    if !lock(&h.states).contains_key(&node) {
+        return Ok(Requeue::Done);
+    }
+    let api: Api<Pod> = Api::namespaced(h.client.clone(), ns);
+    if pod.metadata.deletion_timestamp.is_some() {
+        // "Containers stopped": finish the deletion.
+        let dp = DeleteParams {
+            grace_period_seconds: Some(0),
+            preconditions: Some(Preconditions {
+                uid: pod.uid(),
+                resource_version: None,
+            }),
+            ..Default::default()
+        };
+        runtime::ignore_not_found(api.delete(name, &dp).await)?;
+        return Ok(Requeue::Done);
+    }
+    let status = pod.status.clone().unwrap_or_default();
+    let phase = status.phase.as_deref().unwrap_or("Pending");
+    if phase != "Pending" {
+        // Running (or finished) already: remember its address.
+        let mut states = lock(&h.states);
+        if let Some(st) = states.get_mut(&node) {
+            if st.cidr.is_some() {
+                st.ip_for(&key, status.pod_ip.as_deref());
+            }
+        }
+        return Ok(Requeue::Done);
+    }
+    let (ip, host_ip) = {
+        let mut states = lock(&h.states);
+        let Some(st) = states.get_mut(&node) else {
+            return Ok(Requeue::Done);
+        };
+        if st.cidr.is_none() {
+            // Waiting for the IPAM controller; the node watch requeues.
+            return Ok(Requeue::Done);
+        }
+        let index: usize = node
+            .rsplit('-')
+            .next()
+            .and_then(|i| i.parse().ok())
+            .unwrap_or(0);
+        let host = Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 128, 0, 0)) + index as u32 + 1);
+        match st.ip_for(&key, None) {
+            Some(ip) => (ip, host),
+            None => anyhow::bail!("node {node}: pod CIDR exhausted"),
+        }
+    };
+    let now = Timestamp::now().to_string();
+    let containers: Vec<serde_json::Value> = pod
+        .spec
+        .as_ref()
+        .map(|s| s.containers.clone())
+        .unwrap_or_default()
+        .iter()
+        .map(|c| {
+            json!({"name": c.name, "image": c.image, "imageID": format!("hollow://{}", c.image.clone().unwrap_or_default()),
+                   "containerID": format!("hollow://{}/{}", pod.uid().unwrap_or_default(), c.name),
+                   "ready": true, "started": true, "restartCount": 0,
+                   "state": {"running": {"startedAt": now}}})
+        })
+        .collect();
+    let cond = |t: &str| json!({"type": t, "status": "True", "lastProbeTime": null, "lastTransitionTime": now});
+    let patch = json!({"status": {
+        "phase": "Running", "hostIP": host_ip.to_string(), "hostIPs": [{"ip": host_ip.to_string()}],
+        "podIP": ip.to_string(), "podIPs": [{"ip": ip.to_string()}], "startTime": now,
+        "conditions": [cond("PodReadyToStartContainers"), cond("Initialized"), cond("Ready"), cond("ContainersReady"), cond("PodScheduled")],
+        "containerStatuses": containers,
+    }});
+    match api
+        .patch_status(name, &PatchParams::default(), &Patch::Merge(patch))
+        .await
+    {
+        Ok(_) => Ok(Requeue::Done),
+        Err(e) if runtime::not_found(&e) => {
+            if let Some(st) = lock(&h.states).get_mut(&node) {
+                st.release(&key);
+            }
+            Ok(Requeue::Done)
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn addresses_come_from_the_pod_cidr() {
+        let mut st = NodeState {
+            cidr: parse_cidr("10.244.3.0/24"),
+            ..Default::default()
+        };
+        let a = st.ip_for("ns/a", None).unwrap();
+        let b = st.ip_for("ns/b", None).unwrap();
+        assert_eq!(a, Ipv4Addr::new(10, 244, 3, 2));
+        assert_eq!(b, Ipv4Addr::new(10, 244, 3, 3));
+        assert_eq!(st.ip_for("ns/a", None), Some(a));
+        st.release("ns/a");
+        assert!(!st.used.contains(&u32::from(a)));
+        // .2 to .254 are usable: 253 addresses, one (b) still taken.
+        for i in 0..252 {
+            st.ip_for(&format!("ns/p{i}"), None);
+        }
+        assert_eq!(st.ip_for("ns/full", None), None);
+    }
+}

@@ -1,0 +1,700 @@
+//! Tapestry's scheduler. It watches nodes and pods, keeps a cache of what
+//! every node has left, and binds each pending pod of the default scheduler
+//! through `pods/NAME/binding`, several binds in flight. A pod that fits
+//! nowhere gets `PodScheduled=False` and a FailedScheduling event and waits
+//! (with per-pod backoff) until the cluster changes.
+
+pub mod filters;
+
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::{Node, Pod};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
+use kube::api::{Patch, PatchParams, PostParams};
+use kube::runtime::watcher::{self, Event};
+use kube::runtime::WatchStreamExt;
+use kube::{Api, Client, ResourceExt};
+use serde_json::json;
+use tapestry_controllers::events::Recorder;
+use tapestry_controllers::util::{controller_ref, selects};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::filters::{
+    allocatable, host_ports, hostname_anti_affinity, node_affinity_ok, node_ready, pod_requests,
+    ports_conflict, untolerated_taint, Resources,
+};
+
+pub const DEFAULT_SCHEDULER: &str = "default-scheduler";
+/// Binds in flight at once.
+const BINDS_IN_FLIGHT: usize = 64;
+/// Pods scheduled per turn of the loop before events are looked at again.
+const BATCH: usize = 256;
+const BACKOFF_INITIAL: Duration = Duration::from_secs(1);
+const BACKOFF_MAX: Duration = Duration::from_secs(10);
+/// Unschedulable pods are retried at least this often even without a
+/// cluster change.
+const UNSCHEDULABLE_FLUSH: Duration = Duration::from_secs(60);
+
+/// Counters exported for tests and benchmarks.
+#[derive(Default)]
+pub struct Stats {
+    pub bound: AtomicU64,
+    pub unschedulable: AtomicU64,
+    pub bind_errors: AtomicU64,
+}
+
+/// What a bound (or assumed) pod takes from its node.
+struct Placed {
+    node: String,
+    req: Resources,
+    ports: Vec<(String, String, i32)>,
+    owner: Option<String>,
+    namespace: String,
+    labels: BTreeMap<String, String>,
+}
+
+struct NodeInfo {
+    node: Arc<Node>,
+    alloc: Resources,
+    used: Resources,
+    ports: Vec<(String, String, i32)>,
+    /// Pods per owning controller uid, for spreading.
+    owners: HashMap<String, u32>,
+    pods: HashSet<String>,
+}
+
+/// What a pod asks of a node, computed once per scheduling attempt.
+struct Needs {
+    req: Resources,
+    ports: Vec<(String, String, i32)>,
+    anti: Vec<(LabelSelector, HashSet<String>)>,
+}
+
+struct Unschedulable {
+    attempts: u32,
+    retry_at: Instant,
+    since: Instant,
+    message: String,
+    /// The cluster changed since the last attempt: retry once the backoff
+    /// is over.
+    changed: bool,
+}
+
+struct Scheduler {
+    client: Client,
+    recorder: Recorder,
+    stats: Arc<Stats>,
+    nodes: HashMap<String, NodeInfo>,
+    order: Vec<String>,
+    order_dirty: bool,
+    next_start: usize,
+    placed: HashMap<String, Placed>,
+    pending: HashMap<String, Arc<Pod>>,
+    active: VecDeque<String>,
+    queued: HashSet<String>,
+    unschedulable: HashMap<String, Unschedulable>,
+    in_flight: HashSet<String>,
+    bind_tx: mpsc::Sender<(String, Result<(), kube::Error>)>,
+    seen_pods: Option<HashSet<String>>,
+    seen_nodes: Option<HashSet<String>>,
+}
+
+fn pod_key(p: &Pod) -> String {
+    format!("{}/{}", p.namespace().unwrap_or_default(), p.name_any())
+}
+
+fn wants_us(p: &Pod) -> bool {
+    let spec = p.spec.as_ref();
+    spec.and_then(|s| s.scheduler_name.as_deref())
+        .is_none_or(|n| n == DEFAULT_SCHEDULER)
+        && spec
+            .and_then(|s| s.node_name.as_deref())
+            .is_none_or(str::is_empty)
+}
+
+fn finished(p: &Pod) -> bool {
+    matches!(
+        p.status.as_ref().and_then(|s| s.phase.as_deref()),
+        Some("Succeeded" | "Failed")
+    )
+}
+
+/// What about a node matters for placement (heartbeats do not).
+fn node_fingerprint(n: &Node) -> String {
+    let spec = n.spec.as_ref();
+    format!(
+        "{:?}|{:?}|{:?}|{:?}|{}",
+        n.metadata.labels,
+        spec.and_then(|s| s.taints.as_ref()),
+        spec.and_then(|s| s.unschedulable),
+        allocatable(n),
+        node_ready(n)
+    )
+}
+
+impl Scheduler {
+    fn cluster_changed(&mut self) {
+        let now = Instant::now();
+        let mut keys = Vec::new();
+        for (k, u) in self.unschedulable.iter_mut() {
+            if u.retry_at <= now {
+                keys.push(k.clone());
+            } else {
+                u.changed = true;
+            }
+        }
+        for k in keys {
+            self.enqueue(k);
+        }
+    }
+
+    fn enqueue(&mut self, key: String) {
+        if self.queued.insert(key.clone()) {
+            self.active.push_back(key);
+        }
+    }
+
+    fn place(&mut self, key: &str, pod: &Pod, node: &str) {
+        if self.placed.get(key).is_some_and(|p| p.node == node) {
+            return;
+        }
+        self.unplace(key);
+        let placed = Placed {
+            node: node.to_string(),
+            req: pod_requests(pod),
+            ports: host_ports(pod),
+            owner: controller_ref(pod).map(|r| r.uid.clone()),
+            namespace: pod.namespace().unwrap_or_default(),
+            labels: pod.labels().clone(),
+        };
+        if let Some(info) = self.nodes.get_mut(node) {
+            add_to(info, key, &placed);
+        }
+        self.placed.insert(key.to_string(), placed);
+    }
+
+    fn unplace(&mut self, key: &str) {
+        if let Some(p) = self.placed.remove(key) {
+            if let Some(info) = self.nodes.get_mut(&p.node) {
+                info.used.cpu_milli -= p.req.cpu_milli;
+                info.used.memory -= p.req.memory;
+                info.used.pods -= p.req.pods;
+                for port in &p.ports {
+                    if let Some(i) = info.ports.iter().position(|x| x == port) {
+                        info.ports.remove(i);
+                    }
+                }
+                if let Some(o) = &p.owner {
+                    if let Some(c) = info.owners.get_mut(o) {
+                        *c = c.saturating_sub(1);
+                    }
+                }
+                info.pods.remove(key);
+            }
+        }
+    }
+
+    fn on_pod(&mut self, pod: Pod, deleted: bool) {
+        let key = pod_key(&pod);
+        if let Some(seen) = self.seen_pods.as_mut() {
+            seen.insert(key.clone());
+        }
+        if deleted || finished(&pod) {
+            self.forget_pod(&key);
+            self.cluster_changed();
+            return;
+        }
+        let node = pod
+            .spec
+            .as_ref()
+            .and_then(|s| s.node_name.clone())
+            .filter(|n| !n.is_empty());
+        if let Some(node) = node {
+            self.pending.remove(&key);
+            self.unschedulable.remove(&key);
+            self.place(&key, &pod, &node);
+            return;
+        }
+        if !wants_us(&pod) || pod.metadata.deletion_timestamp.is_some() {
+            self.pending.remove(&key);
+            return;
+        }
+        if self.in_flight.contains(&key) {
+            return;
+        }
+        let known = self.pending.contains_key(&key);
+        self.pending.insert(key.clone(), Arc::new(pod));
+        if !known {
+            self.enqueue(key);
+        }
+    }
+
+    fn forget_pod(&mut self, key: &str) {
+        self.unplace(key);
+        self.pending.remove(key);
+        self.unschedulable.remove(key);
+    }
+
+    fn on_node(&mut self, node: Node, deleted: bool) {
+        let name = node.name_any();
+        if let Some(seen) = self.seen_nodes.as_mut() {
+            seen.insert(name.clone());
+        }
+        if deleted {
+            self.nodes.remove(&name);
+            self.order_dirty = true;
+            return;
+        }
+        let changed = match self.nodes.get_mut(&name) {
+            Some(info) => {
+                let changed = node_fingerprint(&info.node) != node_fingerprint(&node);
+                info.alloc = allocatable(&node);
+                info.node = Arc::new(node);
+                changed
+            }
+            None => {
+                let mut info = NodeInfo {
+                    alloc: allocatable(&node),
+                    node: Arc::new(node),
+                    used: Resources::default(),
+                    ports: Vec::new(),
+                    owners: HashMap::new(),
+                    pods: HashSet::new(),
+                };
+                for (k, p) in self.placed.iter().filter(|(_, p)| p.node == name) {
+                    add_to(&mut info, k, p);
+                }
+                self.nodes.insert(name.clone(), info);
+                self.order_dirty = true;
+                true
+            }
+        };
+        if changed {
+            self.cluster_changed();
+        }
+    }
+
+    /// Why `node` cannot take `pod`, or None if it can.
+    fn filter(&self, pod: &Pod, need: &Needs, info: &NodeInfo) -> Option<String> {
+        let (req, ports, anti) = (&need.req, &need.ports, &need.anti);
+        let node = &info.node;
+        if !node_ready(node) {
+            return Some("node(s) were not ready".into());
+        }
+        if node.spec.as_ref().and_then(|s| s.unschedulable) == Some(true) {
+            let tolerations = pod
+                .spec
+                .as_ref()
+                .and_then(|s| s.tolerations.as_deref())
+                .unwrap_or(&[]);
+            let cordon = k8s_openapi::api::core::v1::Taint {
+                key: "node.kubernetes.io/unschedulable".into(),
+                effect: "NoSchedule".into(),
+                ..Default::default()
+            };
+            if !filters::tolerates(tolerations, &cordon) {
+                return Some("node(s) were unschedulable".into());
+            }
+        }
+        if let Some(t) = untolerated_taint(pod, node) {
+            let v = t
+                .value
+                .as_deref()
+                .map(|v| format!("={v}"))
+                .unwrap_or_default();
+            return Some(format!(
+                "node(s) had untolerated taint {{{}{v}: {}}}",
+                t.key, t.effect
+            ));
+        }
+        if !node_affinity_ok(pod, node) {
+            return Some("node(s) didn't match Pod's node affinity/selector".into());
+        }
+        if info.alloc.pods > 0 && info.used.pods + 1 > info.alloc.pods {
+            return Some("Too many pods".into());
+        }
+        if req.cpu_milli > 0 && info.used.cpu_milli + req.cpu_milli > info.alloc.cpu_milli {
+            return Some("Insufficient cpu".into());
+        }
+        if req.memory > 0 && info.used.memory + req.memory > info.alloc.memory {
+            return Some("Insufficient memory".into());
+        }
+        if ports
+            .iter()
+            .any(|p| info.ports.iter().any(|q| ports_conflict(p, q)))
+        {
+            return Some("node(s) didn't have free ports for the requested pod ports".into());
+        }
+        if !anti.is_empty() {
+            for k in &info.pods {
+                let Some(p) = self.placed.get(k) else {
+                    continue;
+                };
+                if anti
+                    .iter()
+                    .any(|(sel, nss)| nss.contains(&p.namespace) && selects(sel, &p.labels))
+                {
+                    return Some("node(s) didn't match pod anti-affinity rules".into());
+                }
+            }
+        }
+        None
+    }
+
+    fn score(&self, req: &Resources, owner: Option<&str>, info: &NodeInfo) -> i64 {
+        // Least allocated: the share of cpu and memory left after placing.
+        let left = |used: i64, want: i64, alloc: i64| -> i64 {
+            if alloc <= 0 {
+                return 0;
+            }
+            ((alloc - used - want).max(0) * 100) / alloc
+        };
+        let least = (left(info.used.cpu_milli, req.cpu_milli, info.alloc.cpu_milli)
+            + left(info.used.memory, req.memory, info.alloc.memory))
+            / 2;
+        // Spreading: fewer pods of the same owner scores higher.
+        let spread = match owner {
+            Some(o) => 100 - (info.owners.get(o).copied().unwrap_or(0) as i64 * 20).min(100),
+            None => 100,
+        };
+        least + spread * 2
+    }
+
+    /// How many feasible nodes to find before choosing (kube-scheduler's
+    /// adaptive percentageOfNodesToScore).
+    fn nodes_to_find(&self) -> usize {
+        let n = self.order.len();
+        if n <= 100 {
+            return n;
+        }
+        let pct = (50 - n as i64 / 125).max(5) as usize;
+        (n * pct / 100).max(100)
+    }
+
+    /// Try to place one pod: Ok(node) or Err(message).
+    fn choose(&mut self, pod: &Pod) -> Result<String, String> {
+        if self.order_dirty {
+            self.order = self.nodes.keys().cloned().collect();
+            self.order.sort();
+            self.order_dirty = false;
+        }
+        let n = self.order.len();
+        if n == 0 {
+            return Err("0/0 nodes are available: no nodes available to schedule pods.".into());
+        }
+        let need = Needs {
+            req: pod_requests(pod),
+            ports: host_ports(pod),
+            anti: hostname_anti_affinity(pod),
+        };
+        let owner = controller_ref(pod).map(|r| r.uid.clone());
+        let want = self.nodes_to_find();
+        let mut reasons: BTreeMap<String, usize> = BTreeMap::new();
+        let mut best: Option<(i64, &str)> = None;
+        let mut found = 0;
+        let start = self.next_start % n;
+        let mut examined = 0;
+        for i in 0..n {
+            let name = &self.order[(start + i) % n];
+            examined += 1;
+            let Some(info) = self.nodes.get(name) else {
+                continue;
+            };
+            match self.filter(pod, &need, info) {
+                Some(reason) => *reasons.entry(reason).or_default() += 1,
+                None => {
+                    found += 1;
+                    let s = self.score(&need.req, owner.as_deref(), info);
+                    if best.is_none_or(|(b, _)| s > b) {
+                        best = Some((s, name));
+                    }
+                    if found >= want {
+                        break;
+                    }
+                }
+            }
+        }
+        self.next_start = (start + examined) % n;
+        match best {
+            Some((_, name)) => Ok(name.to_string()),
+            None => {
+                let mut parts: Vec<String> =
+                    reasons.iter().map(|(r, c)| format!("{c} {r}")).collect();
+                parts.sort();
+                Err(format!("0/{n} nodes are available: {}.", parts.join(", ")))
+            }
+        }
+    }
+
+    fn schedule_batch(&mut self, slots: &Arc<tokio::sync::Semaphore>) {
+        let mut done = 0;
+        while done < BATCH {
+            if slots.available_permits() == 0 {
+                return;
+            }
+            let Some(key) = self.active.pop_front() else {
+                return;
+            };
+            self.queued.remove(&key);
+            let Some(pod) = self.pending.get(&key).cloned() else {
+                continue;
+            };
+            if self.in_flight.contains(&key) {
+                continue;
+            }
+            done += 1;
+            match self.choose(&pod) {
+                Ok(node) => {
+                    self.unschedulable.remove(&key);
+                    self.place(&key, &pod, &node);
+                    self.in_flight.insert(key.clone());
+                    self.bind(key, pod, node, slots.clone());
+                }
+                Err(message) => self.mark_unschedulable(key, &pod, message),
+            }
+        }
+    }
+
+    fn bind(&self, key: String, pod: Arc<Pod>, node: String, slots: Arc<tokio::sync::Semaphore>) {
+        let Ok(permit) = slots.try_acquire_owned() else {
+            return;
+        };
+        let api: Api<Pod> =
+            Api::namespaced(self.client.clone(), &pod.namespace().unwrap_or_default());
+        let tx = self.bind_tx.clone();
+        let recorder = self.recorder.clone();
+        tokio::spawn(async move {
+            let body = json!({
+                "apiVersion": "v1", "kind": "Binding",
+                "metadata": {"name": pod.name_any(), "namespace": pod.namespace()},
+                "target": {"apiVersion": "v1", "kind": "Node", "name": node},
+            });
+            let result = api
+                .create_subresource::<_, serde_json::Value>(
+                    "binding",
+                    &pod.name_any(),
+                    &PostParams::default(),
+                    &body,
+                )
+                .await
+                .map(|_| ());
+            if result.is_ok() {
+                recorder.record(
+                    pod.as_ref(),
+                    false,
+                    "Scheduled",
+                    format!("Successfully assigned {key} to {node}"),
+                );
+            }
+            drop(permit);
+            let _ = tx.send((key, result)).await;
+        });
+    }
+
+    fn mark_unschedulable(&mut self, key: String, pod: &Pod, message: String) {
+        let now = Instant::now();
+        let entry = self
+            .unschedulable
+            .entry(key.clone())
+            .or_insert(Unschedulable {
+                attempts: 0,
+                retry_at: now,
+                since: now,
+                message: String::new(),
+                changed: false,
+            });
+        entry.attempts += 1;
+        entry.changed = false;
+        let backoff = BACKOFF_INITIAL
+            .saturating_mul(1 << entry.attempts.min(5).saturating_sub(1))
+            .min(BACKOFF_MAX);
+        entry.retry_at = now + backoff;
+        if entry.message == message {
+            return;
+        }
+        entry.message = message.clone();
+        self.stats.unschedulable.fetch_add(1, Ordering::Relaxed);
+        self.recorder
+            .record(pod, true, "FailedScheduling", message.clone());
+        let api: Api<Pod> =
+            Api::namespaced(self.client.clone(), &pod.namespace().unwrap_or_default());
+        let name = pod.name_any();
+        let mut conditions: Vec<serde_json::Value> = pod
+            .status
+            .as_ref()
+            .and_then(|s| s.conditions.as_ref())
+            .into_iter()
+            .flatten()
+            .filter(|c| c.type_ != "PodScheduled")
+            .filter_map(|c| serde_json::to_value(c).ok())
+            .collect();
+        conditions.push(json!({
+            "type": "PodScheduled", "status": "False", "reason": "Unschedulable",
+            "message": message, "lastProbeTime": null,
+            "lastTransitionTime": k8s_openapi::jiff::Timestamp::now().to_string(),
+        }));
+        tokio::spawn(async move {
+            let patch = json!({"status": {"conditions": conditions}});
+            if let Err(e) = api
+                .patch_status(&name, &PatchParams::default(), &Patch::Merge(patch))
+                .await
+            {
+                tracing::debug!(pod = %name, "recording unschedulable condition: {e}");
+            }
+        });
+    }
+
+    fn on_bound(&mut self, key: String, result: Result<(), kube::Error>) {
+        self.in_flight.remove(&key);
+        match result {
+            Ok(()) => {
+                self.pending.remove(&key);
+                self.stats.bound.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(e) => {
+                self.stats.bind_errors.fetch_add(1, Ordering::Relaxed);
+                self.unplace(&key);
+                // 404: the pod is gone; 409: someone else bound it. The
+                // watch tells the rest; other failures are retried.
+                if !tapestry_controllers::runtime::is_status(&e, 404)
+                    && !tapestry_controllers::runtime::is_status(&e, 409)
+                {
+                    tracing::warn!(pod = %key, "binding failed: {e}");
+                    if self.pending.contains_key(&key) {
+                        self.unschedulable.insert(
+                            key,
+                            Unschedulable {
+                                attempts: 1,
+                                retry_at: Instant::now() + BACKOFF_INITIAL,
+                                since: Instant::now(),
+                                message: String::new(),
+                                changed: true,
+                            },
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    /// Retry pods whose backoff ran out, and long-waiting ones.
+    fn tick(&mut self) {
+        let now = Instant::now();
+        let due: Vec<String> = self
+            .unschedulable
+            .iter()
+            .filter(|(_, u)| {
+                u.retry_at <= now
+                    && (u.changed || u.message.is_empty() || now - u.since >= UNSCHEDULABLE_FLUSH)
+            })
+            .map(|(k, _)| k.clone())
+            .collect();
+        for k in due {
+            if let Some(u) = self.unschedulable.get_mut(&k) {
+                u.since = now;
+            }
+            self.enqueue(k);
+        }
+    }
+}
+
+fn add_to(info: &mut NodeInfo, key: &str, p: &Placed) {
+    info.used.cpu_milli += p.req.cpu_milli;
+    info.used.memory += p.req.memory;
+    info.used.pods += p.req.pods;
+    info.ports.extend(p.ports.iter().cloned());
+    if let Some(o) = &p.owner {
+        *info.owners.entry(o.clone()).or_default() += 1;
+    }
+    info.pods.insert(key.to_string());
+}
+
+/// Run the scheduler until `shutdown`.
+pub async fn run(client: Client, stats: Arc<Stats>, shutdown: CancellationToken) {
+    let (bind_tx, mut bind_rx) = mpsc::channel(BINDS_IN_FLIGHT * 2);
+    let mut s = Scheduler {
+        recorder: Recorder::new(client.clone(), DEFAULT_SCHEDULER),
+        client: client.clone(),
+        stats,
+        nodes: HashMap::new(),
+        order: Vec::new(),
+        order_dirty: false,
+        next_start: 0,
+        placed: HashMap::new(),
+        pending: HashMap::new(),
+        active: VecDeque::new(),
+        queued: HashSet::new(),
+        unschedulable: HashMap::new(),
+        in_flight: HashSet::new(),
+        bind_tx,
+        seen_pods: None,
+        seen_nodes: None,
+    };
+    let slots = Arc::new(tokio::sync::Semaphore::new(BINDS_IN_FLIGHT));
+    let pods = watcher::watcher(Api::<Pod>::all(client.clone()), watcher::Config::default())
+        .default_backoff();
+    let nodes = watcher::watcher(Api::<Node>::all(client.clone()), watcher::Config::default())
+        .default_backoff();
+    futures::pin_mut!(pods);
+    futures::pin_mut!(nodes);
+    let mut tick = tokio::time::interval(Duration::from_millis(500));
+    let mut nodes_synced = false;
+    tracing::info!("scheduler running");
+    loop {
+        // Pods wait until the node list is complete, so the first pods are
+        // not declared unschedulable against an empty cache.
+        if nodes_synced && !s.active.is_empty() && slots.available_permits() > 0 {
+            s.schedule_batch(&slots);
+        }
+        let work_left = nodes_synced && !s.active.is_empty() && slots.available_permits() > 0;
+        tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => return,
+            Some(ev) = nodes.next() => match ev {
+                Ok(Event::Apply(n) | Event::InitApply(n)) => s.on_node(n, false),
+                Ok(Event::Delete(n)) => s.on_node(n, true),
+                Ok(Event::Init) => s.seen_nodes = Some(HashSet::new()),
+                Ok(Event::InitDone) => {
+                    if let Some(seen) = s.seen_nodes.take() {
+                        let gone: Vec<String> = s.nodes.keys().filter(|k| !seen.contains(*k)).cloned().collect();
+                        for g in gone {
+                            s.nodes.remove(&g);
+                        }
+                        s.order_dirty = true;
+                    }
+                    nodes_synced = true;
+                    s.cluster_changed();
+                }
+                Err(e) => tracing::warn!("node watch: {e}"),
+            },
+            Some(ev) = pods.next() => match ev {
+                Ok(Event::Apply(p) | Event::InitApply(p)) => s.on_pod(p, false),
+                Ok(Event::Delete(p)) => s.on_pod(p, true),
+                Ok(Event::Init) => s.seen_pods = Some(HashSet::new()),
+                Ok(Event::InitDone) => {
+                    if let Some(seen) = s.seen_pods.take() {
+                        let gone: Vec<String> = s
+                            .placed
+                            .keys()
+                            .chain(s.pending.keys())
+                            .filter(|k| !seen.contains(*k))
+                            .cloned()
+                            .collect();
+                        for g in gone {
+                            s.forget_pod(&g);
+                        }
+                    }
+                }
+                Err(e) => tracing::warn!("pod watch: {e}"),
+            },
+            Some((key, result)) = bind_rx.recv() => s.on_bound(key, result),
+            _ = tick.tick() => s.tick(),
+            _ = std::future::ready(()), if work_left => {}
+        }
+    }
+}
