@@ -9,6 +9,7 @@ mod bootstrap;
 pub mod discovery;
 pub mod error;
 pub mod metrics;
+pub mod nodeproxy;
 pub mod objects;
 mod openapi;
 pub mod patch;

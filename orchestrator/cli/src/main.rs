@@ -12,6 +12,10 @@ use tapestry_store::{RedbStore, Store};
 use tokio::signal::unix::{signal, SignalKind};
 use tokio_util::sync::CancellationToken;
 
+mod image;
+mod node;
+mod up;
+
 #[derive(Parser)]
 #[command(
     name = "tapestry",
@@ -27,6 +31,15 @@ struct Cli {
 enum Command {
     /// Run the control plane: API server on an embedded store.
     Server(ServerArgs),
+    /// Run a one-node cluster on this machine (control plane + node agent).
+    Up(up::UpArgs),
+    /// Run a node agent that joins an existing control plane.
+    Node(node::NodeArgs),
+    /// Manage the node's image store.
+    Image(image::ImageArgs),
+    /// Per-container monitor started by the node agent.
+    #[command(hide = true)]
+    ContainerShim(tapestry_kubelet::shim::ShimArgs),
 }
 
 #[derive(clap::Args)]
@@ -112,6 +125,10 @@ async fn main() {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Server(args) => server(args).await,
+        Command::Up(args) => up::run(args).await,
+        Command::Node(args) => node::run(args).await,
+        Command::Image(args) => image::run(args),
+        Command::ContainerShim(args) => std::process::exit(tapestry_kubelet::shim::main(args)),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");
