@@ -183,7 +183,6 @@ pub fn oci_spec(spec: &ContainerSpec, rootfs: &Path) -> Value {
             "env": spec.env,
             "cwd": if spec.cwd.is_empty() { "/" } else { spec.cwd.as_str() },
             "capabilities": {"bounding": caps, "effective": caps, "permitted": caps},
-            "rlimits": [{"type": "RLIMIT_NOFILE", "hard": 1048576u64, "soft": 1048576u64}],
             "noNewPrivileges": false,
         },
         "root": {"path": rootfs, "readonly": false},
@@ -425,7 +424,9 @@ impl Runtime {
         let mut cmd = tokio::process::Command::new(&self.binary);
         cmd.arg("--root").arg(&self.root).arg("exec");
         if tty {
-            cmd.arg("--env").arg("TERM=xterm");
+            // runc makes the container's own pty and relays it to the
+            // caller's terminal (our pty), resizing on SIGWINCH.
+            cmd.arg("--tty").arg("--env").arg("TERM=xterm");
         }
         cmd.arg(id).args(args);
         cmd

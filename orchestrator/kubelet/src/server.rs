@@ -420,8 +420,9 @@ async fn session<IO: AsyncRead + AsyncWrite + Send + 'static>(
             .stderr(Stdio::piped());
     }
     let mut child = cmd.kill_on_drop(true).spawn().context("runc exec")?;
-    // Tell the client the streams are open.
-    send(&w, 1, b"").await?;
+    // Our copies of the pty's slave side must close for the master to see
+    // the end of output.
+    drop(cmd);
     let mut outputs = Vec::new();
     let mut input: Option<Box<dyn AsyncWrite + Send + Unpin>> = None;
     let master_raw = master.as_ref().map(|m| m.as_raw_fd());
