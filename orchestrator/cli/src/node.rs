@@ -24,6 +24,9 @@ pub struct AgentArgs {
     /// Where the CNI plugins are.
     #[arg(long, default_value = "/usr/lib/cni")]
     pub cni_bin_dir: PathBuf,
+    /// The Linux bridge the pods of this node attach to.
+    #[arg(long, default_value = "tapestry0")]
+    pub bridge: String,
     /// Most pods this node accepts.
     #[arg(long, default_value_t = 110)]
     pub max_pods: u32,
@@ -93,6 +96,7 @@ pub fn agent_config(
         port: agent.kubelet_port,
         runtime: agent.runtime.clone(),
         cni_bin_dir: agent.cni_bin_dir.clone(),
+        bridge: agent.bridge.clone(),
         client_ca_pem: ca_pem,
         serving,
         shim_exe: std::env::current_exe().context("locating the tapestry binary")?,

@@ -10,7 +10,6 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use tokio::io::AsyncWriteExt;
 
-pub const BRIDGE: &str = "tapestry0";
 const NETWORK: &str = "tapestry";
 const VERSION: &str = "1.0.0";
 
@@ -19,6 +18,8 @@ pub struct Cni {
     pub bin_dir: PathBuf,
     pub state_dir: PathBuf,
     pub pod_cidr: String,
+    /// The node's pod bridge (one bridge per pod CIDR).
+    pub bridge: String,
 }
 
 /// What a pod's sandbox got from CNI; kept on disk to tear it down later.
@@ -59,7 +60,7 @@ impl Cni {
     fn bridge_conf(&self) -> Value {
         json!({
             "type": "bridge",
-            "bridge": BRIDGE,
+            "bridge": self.bridge,
             "isGateway": true,
             "ipMasq": false,
             "hairpinMode": true,
@@ -136,14 +137,18 @@ impl Cni {
         if !path.exists() {
             ip(&["netns", "add", &name]).await?;
         }
-        let lo = json!({"cniVersion": VERSION, "name": "lo", "type": "loopback"});
-        self.exec("ADD", uid, &path, "lo", &lo).await?;
-        let mut prev: Option<Value> = None;
-        for conf in self.chain(&port_mappings) {
-            let conf = Self::with_common(&conf, prev.as_ref());
-            prev = Some(self.exec("ADD", uid, &path, "eth0", &conf).await?);
-        }
-        let result = prev.unwrap_or(Value::Null);
+        let result = match self.add(uid, &path, &port_mappings).await {
+            Ok(r) => r,
+            Err(e) => {
+                // Undo what part of the chain did, so a retry starts clean.
+                let partial = Attachment {
+                    port_mappings: port_mappings.clone(),
+                    ..Attachment::default()
+                };
+                self.teardown(uid, Some(&partial)).await;
+                return Err(e);
+            }
+        };
         let ip = result["ips"]
             .as_array()
             .and_then(|ips| ips.first())
@@ -157,7 +162,7 @@ impl Cni {
             .into_iter()
             .flatten()
             .find(|i| {
-                i["sandbox"].as_str().unwrap_or("").is_empty() && i["name"].as_str() != Some(BRIDGE)
+                i["sandbox"].as_str().unwrap_or("").is_empty() && i["name"].as_str() != Some(self.bridge.as_str())
             })
             .and_then(|i| i["name"].as_str())
             .unwrap_or("")
@@ -169,6 +174,17 @@ impl Cni {
             port_mappings,
             result,
         })
+    }
+
+    async fn add(&self, uid: &str, path: &Path, port_mappings: &[Value]) -> Result<Value> {
+        let lo = json!({"cniVersion": VERSION, "name": "lo", "type": "loopback"});
+        self.exec("ADD", uid, path, "lo", &lo).await?;
+        let mut prev: Option<Value> = None;
+        for conf in self.chain(port_mappings) {
+            let conf = Self::with_common(&conf, prev.as_ref());
+            prev = Some(self.exec("ADD", uid, path, "eth0", &conf).await?);
+        }
+        Ok(prev.unwrap_or(Value::Null))
     }
 
     /// Detach and remove the namespace; errors from plugins are logged, the

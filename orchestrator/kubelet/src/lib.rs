@@ -51,6 +51,8 @@ pub struct Config {
     pub port: u16,
     pub runtime: PathBuf,
     pub cni_bin_dir: PathBuf,
+    /// Name of the Linux bridge pods attach to.
+    pub bridge: String,
     /// CA that signs the API server's client certificate.
     pub client_ca_pem: String,
     /// Serving certificate and key (PEM); a self-signed pair when absent.
@@ -108,6 +110,7 @@ pub async fn start(config: Config, client: kube::Client, shutdown: CancellationT
         bin_dir: config.cni_bin_dir.clone(),
         state_dir: root.join("cni"),
         pod_cidr,
+        bridge: config.bridge.clone(),
     };
     let config = Arc::new(config);
     let kubelet = Arc::new(Kubelet {

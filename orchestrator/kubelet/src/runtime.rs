@@ -85,7 +85,26 @@ fn all_caps() -> Vec<String> {
         "AUDIT_CONTROL", "SETFCAP", "MAC_OVERRIDE", "MAC_ADMIN", "SYSLOG", "WAKE_ALARM",
         "BLOCK_SUSPEND", "AUDIT_READ", "PERFMON", "BPF", "CHECKPOINT_RESTORE",
     ];
-    NAMES.iter().map(|n| format!("CAP_{n}")).collect()
+    // Index = capability number; only what our own bounding set holds can
+    // be granted (the agent may itself run with a reduced set).
+    let bounding = bounding_set();
+    NAMES
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| bounding & (1u64 << i) != 0)
+        .map(|(_, n)| format!("CAP_{n}"))
+        .collect()
+}
+
+fn bounding_set() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("CapBnd:"))
+                .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+        })
+        .unwrap_or(u64::MAX)
 }
 
 fn cap_name(c: &str) -> String {
@@ -112,6 +131,8 @@ pub fn oci_spec(spec: &ContainerSpec, rootfs: &Path) -> Value {
             caps.push(c);
         }
     }
+    let grantable = all_caps();
+    caps.retain(|c| grantable.contains(c));
     for c in &spec.drop_caps {
         let c = cap_name(c);
         if c == "CAP_ALL" {
