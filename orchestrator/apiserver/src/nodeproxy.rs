@@ -39,7 +39,8 @@ pub const KUBELET_CLIENT_CN: &str = "kube-apiserver-kubelet-client";
 /// `DIR/node-token`) and a kubelet client certificate for the API server.
 pub fn ensure_node_credentials(data_dir: &Path, pki: &Pki) -> Result<()> {
     let tokens = data_dir.join("tokens.csv");
-    let text = fs::read_to_string(&tokens).with_context(|| format!("reading {}", tokens.display()))?;
+    let text =
+        fs::read_to_string(&tokens).with_context(|| format!("reading {}", tokens.display()))?;
     let existing = text
         .lines()
         .find(|l| l.contains(NODES_GROUP) && !l.trim_start().starts_with('#'))
@@ -59,7 +60,12 @@ pub fn ensure_node_credentials(data_dir: &Path, pki: &Pki) -> Result<()> {
         }
     };
     let node_token = data_dir.join("node-token");
-    if fs::read_to_string(&node_token).ok().as_deref().map(str::trim) != Some(token.as_str()) {
+    if fs::read_to_string(&node_token)
+        .ok()
+        .as_deref()
+        .map(str::trim)
+        != Some(token.as_str())
+    {
         let mut f = fs::OpenOptions::new()
             .create(true)
             .write(true)
@@ -105,7 +111,12 @@ impl ServerCertVerifier for AnyServerCert {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
     }
     fn verify_tls13_signature(
         &self,
@@ -113,7 +124,12 @@ impl ServerCertVerifier for AnyServerCert {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
     }
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
         self.0.signature_verification_algorithms.supported_schemes()
@@ -130,7 +146,8 @@ impl KubeletClient {
         let crt = fs::read_to_string(pki.dir.join("apiserver-kubelet-client.crt"))?;
         let key = fs::read_to_string(pki.dir.join("apiserver-kubelet-client.key"))?;
         let certs = rustls_pemfile::certs(&mut crt.as_bytes()).collect::<Result<Vec<_>, _>>()?;
-        let key = rustls_pemfile::private_key(&mut key.as_bytes())?.context("no kubelet client key")?;
+        let key =
+            rustls_pemfile::private_key(&mut key.as_bytes())?.context("no kubelet client key")?;
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let mut config = rustls::ClientConfig::builder_with_provider(provider.clone())
             .with_safe_default_protocol_versions()?
@@ -164,7 +181,13 @@ fn pod_target(name: &str, sub: &str) -> Target {
     }
 }
 
-async fn get_json(api: &Api, plural: &str, ns: Option<&str>, name: &str, target: &Target) -> Result<Value, ApiError> {
+async fn get_json(
+    api: &Api,
+    plural: &str,
+    ns: Option<&str>,
+    name: &str,
+    target: &Target,
+) -> Result<Value, ApiError> {
     let def = api
         .registry
         .get("", "v1", plural)
@@ -186,17 +209,43 @@ pub async fn proxy(api: &Api, client: &KubeletClient, mut req: http::Request<Bod
     }
 }
 
-async fn proxy_inner(api: &Api, client: &KubeletClient, req: &mut http::Request<Body>) -> Result<Response, ApiError> {
-    let (ns, name, sub) = streaming_target(req.uri().path()).ok_or_else(|| ApiError::BadRequest("not a streaming path".into()))?;
+async fn proxy_inner(
+    api: &Api,
+    client: &KubeletClient,
+    req: &mut http::Request<Body>,
+) -> Result<Response, ApiError> {
+    let (ns, name, sub) = streaming_target(req.uri().path())
+        .ok_or_else(|| ApiError::BadRequest("not a streaming path".into()))?;
     let target = pod_target(&name, &sub);
-    let pod = get_json(api, "pods", Some(&ns), &name, &Target { resource: "pods".into(), ..target.clone() }).await?;
-    let node = pod.pointer("/spec/nodeName").and_then(Value::as_str).unwrap_or("");
+    let pod = get_json(
+        api,
+        "pods",
+        Some(&ns),
+        &name,
+        &Target {
+            resource: "pods".into(),
+            ..target.clone()
+        },
+    )
+    .await?;
+    let node = pod
+        .pointer("/spec/nodeName")
+        .and_then(Value::as_str)
+        .unwrap_or("");
     if node.is_empty() {
-        return Err(ApiError::BadRequest(format!("pod {name} does not have a host assigned")));
+        return Err(ApiError::BadRequest(format!(
+            "pod {name} does not have a host assigned"
+        )));
     }
     let mut query: Vec<(String, String)> = Vec::new();
     let mut container = String::new();
-    for pair in req.uri().query().unwrap_or("").split('&').filter(|p| !p.is_empty()) {
+    for pair in req
+        .uri()
+        .query()
+        .unwrap_or("")
+        .split('&')
+        .filter(|p| !p.is_empty())
+    {
         let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
         if k == "container" {
             container = v.to_string();
@@ -226,8 +275,24 @@ async fn proxy_inner(api: &Api, client: &KubeletClient, req: &mut http::Request<
             }
         };
     }
-    let node_obj = get_json(api, "nodes", None, node, &Target { group: String::new(), resource: "nodes".into(), kind: "Node".into(), name: node.into() }).await?;
-    let addresses = node_obj.pointer("/status/addresses").and_then(Value::as_array).cloned().unwrap_or_default();
+    let node_obj = get_json(
+        api,
+        "nodes",
+        None,
+        node,
+        &Target {
+            group: String::new(),
+            resource: "nodes".into(),
+            kind: "Node".into(),
+            name: node.into(),
+        },
+    )
+    .await?;
+    let addresses = node_obj
+        .pointer("/status/addresses")
+        .and_then(Value::as_array)
+        .cloned()
+        .unwrap_or_default();
     let ip = addresses
         .iter()
         .find(|a| a["type"] == "InternalIP")
@@ -245,20 +310,36 @@ async fn proxy_inner(api: &Api, client: &KubeletClient, req: &mut http::Request<
     };
     let qs: Vec<String> = query.iter().map(|(k, v)| format!("{k}={v}")).collect();
     let uri = format!("/{kpath}/{ns}/{name}/{container}?{}", qs.join("&"));
-    let host = if ip.contains(':') { format!("[{ip}]:{port}") } else { format!("{ip}:{port}") };
-    let dial_err = |e: &dyn std::fmt::Display| ApiError::Internal(format!("error dialing backend: {e}"));
-    let tcp = tokio::time::timeout(Duration::from_secs(10), tokio::net::TcpStream::connect(&host))
-        .await
-        .map_err(|_| dial_err(&"timeout"))?
-        .map_err(|e| dial_err(&e))?;
+    let host = if ip.contains(':') {
+        format!("[{ip}]:{port}")
+    } else {
+        format!("{ip}:{port}")
+    };
+    let dial_err =
+        |e: &dyn std::fmt::Display| ApiError::Internal(format!("error dialing backend: {e}"));
+    let tcp = tokio::time::timeout(
+        Duration::from_secs(10),
+        tokio::net::TcpStream::connect(&host),
+    )
+    .await
+    .map_err(|_| dial_err(&"timeout"))?
+    .map_err(|e| dial_err(&e))?;
     let _ = tcp.set_nodelay(true);
     let server_name = ServerName::try_from(ip.clone()).map_err(|e| dial_err(&e))?;
-    let tls = client.connector.connect(server_name, tcp).await.map_err(|e| dial_err(&e))?;
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls)).await.map_err(|e| dial_err(&e))?;
+    let tls = client
+        .connector
+        .connect(server_name, tcp)
+        .await
+        .map_err(|e| dial_err(&e))?;
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+        .await
+        .map_err(|e| dial_err(&e))?;
     tokio::spawn(async move {
         let _ = conn.with_upgrades().await;
     });
-    let mut out = http::Request::builder().method(req.method().clone()).uri(&uri);
+    let mut out = http::Request::builder()
+        .method(req.method().clone())
+        .uri(&uri);
     for h in [
         http::header::CONNECTION,
         http::header::UPGRADE,
@@ -270,8 +351,13 @@ async fn proxy_inner(api: &Api, client: &KubeletClient, req: &mut http::Request<
             out = out.header(&h, v);
         }
     }
-    out = out.header(http::header::HOST, HeaderValue::from_str(&host).map_err(ApiError::internal)?);
-    let out = out.body(http_body_util::Empty::<bytes::Bytes>::new()).map_err(ApiError::internal)?;
+    out = out.header(
+        http::header::HOST,
+        HeaderValue::from_str(&host).map_err(ApiError::internal)?,
+    );
+    let out = out
+        .body(http_body_util::Empty::<bytes::Bytes>::new())
+        .map_err(ApiError::internal)?;
     let mut resp = sender.send_request(out).await.map_err(|e| dial_err(&e))?;
     if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
         let client_upgrade = hyper::upgrade::on(&mut *req);

@@ -111,7 +111,12 @@ fn local_ip_towards(server: &str) -> Option<IpAddr> {
     let addr: SocketAddr = std::net::ToSocketAddrs::to_socket_addrs(authority)
         .ok()?
         .next()?;
-    let sock = UdpSocket::bind(if addr.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" }).ok()?;
+    let sock = UdpSocket::bind(if addr.is_ipv4() {
+        "0.0.0.0:0"
+    } else {
+        "[::]:0"
+    })
+    .ok()?;
     sock.connect(addr).ok()?;
     sock.local_addr().ok().map(|a| a.ip())
 }
@@ -129,8 +134,12 @@ pub async fn run(args: NodeArgs) -> Result<()> {
         .with_context(|| format!("--ca-file {}", args.ca_file.display()))?;
     let node_ip = match args.node_ip {
         Some(ip) => ip,
-        None => local_ip_towards(&args.server)
-            .with_context(|| format!("--server {}: cannot tell the local address; pass --node-ip", args.server))?,
+        None => local_ip_towards(&args.server).with_context(|| {
+            format!(
+                "--server {}: cannot tell the local address; pass --node-ip",
+                args.server
+            )
+        })?,
     };
     let client = node_client(&args.server, &ca, &token).await?;
     let config = agent_config(&args.agent, args.data_dir, node_ip, ca, None, false)?;

@@ -31,10 +31,14 @@ pub struct UpArgs {
 
 /// The control plane of a local cluster. Further in-process components
 /// (scheduler, controllers) start here, next to the API server.
-async fn start_control_plane(args: &UpArgs, shutdown: CancellationToken) -> Result<tapestry_apiserver::Running> {
+async fn start_control_plane(
+    args: &UpArgs,
+    shutdown: CancellationToken,
+) -> Result<tapestry_apiserver::Running> {
     let path = args.data_dir.join("store.redb");
-    let store: Arc<dyn Store> =
-        Arc::new(RedbStore::open(&path).with_context(|| format!("opening store {}", path.display()))?);
+    let store: Arc<dyn Store> = Arc::new(
+        RedbStore::open(&path).with_context(|| format!("opening store {}", path.display()))?,
+    );
     tapestry_apiserver::start(
         ServerConfig {
             data_dir: args.data_dir.clone(),
@@ -58,7 +62,9 @@ pub async fn run(args: UpArgs) -> Result<()> {
     let node_shutdown = CancellationToken::new();
     let cp = start_control_plane(&args, cp_shutdown.clone()).await?;
     let ca = std::fs::read_to_string(args.data_dir.join("pki/ca.crt"))?;
-    let token = std::fs::read_to_string(args.data_dir.join("node-token"))?.trim().to_string();
+    let token = std::fs::read_to_string(args.data_dir.join("node-token"))?
+        .trim()
+        .to_string();
     let server = format!("https://127.0.0.1:{}", cp.addr.port());
     let client = node_client(&server, &ca, &token).await?;
     let node_ip = IpAddr::V4(Ipv4Addr::LOCALHOST);
@@ -70,10 +76,22 @@ pub async fn run(args: UpArgs) -> Result<()> {
         serving_cert_pem: String::new(),
         serving_key_pem: String::new(),
     };
-    let serving = pki.issue(&node_name, &[], &[node_name.clone(), node_ip.to_string(), "localhost".into()], true)?;
+    let serving = pki.issue(
+        &node_name,
+        &[],
+        &[node_name.clone(), node_ip.to_string(), "localhost".into()],
+        true,
+    )?;
     let mut agent = args.agent.clone();
     agent.node_name = Some(node_name);
-    let config = agent_config(&agent, args.data_dir.clone(), node_ip, ca, Some(serving), true)?;
+    let config = agent_config(
+        &agent,
+        args.data_dir.clone(),
+        node_ip,
+        ca,
+        Some(serving),
+        true,
+    )?;
     let node = match tapestry_kubelet::start(config, client, node_shutdown.clone()).await {
         Ok(n) => n,
         Err(e) => {

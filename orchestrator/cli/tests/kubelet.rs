@@ -29,12 +29,22 @@ fn prerequisites() -> bool {
     if unsafe { libc::geteuid() } != 0 {
         missing.push("root".to_string());
     }
-    for p in ["/usr/sbin/runc", "/usr/lib/cni/bridge", "/usr/lib/cni/host-local", "/usr/lib/cni/loopback", "/bin/busybox"] {
+    for p in [
+        "/usr/sbin/runc",
+        "/usr/lib/cni/bridge",
+        "/usr/lib/cni/host-local",
+        "/usr/lib/cni/loopback",
+        "/bin/busybox",
+    ] {
         if !Path::new(p).exists() {
             missing.push(p.to_string());
         }
     }
-    if !Command::new("kubectl").args(["version", "--client"]).output().is_ok_and(|o| o.status.success()) {
+    if !Command::new("kubectl")
+        .args(["version", "--client"])
+        .output()
+        .is_ok_and(|o| o.status.success())
+    {
         missing.push("kubectl".into());
     }
     if missing.is_empty() {
@@ -105,7 +115,10 @@ impl Cluster {
         let stdout = child.stdout.take().unwrap();
         let mut line = String::new();
         std::io::BufRead::read_line(&mut std::io::BufReader::new(stdout), &mut line).unwrap();
-        assert!(line.starts_with("kubeconfig: "), "unexpected first line {line:?}");
+        assert!(
+            line.starts_with("kubeconfig: "),
+            "unexpected first line {line:?}"
+        );
         eprintln!("tapestry up ready in {:?}", started.elapsed());
         self.child = Some(child);
     }
@@ -141,7 +154,11 @@ impl Cluster {
             .unwrap();
         std::io::Write::write_all(&mut child.stdin.take().unwrap(), yaml.as_bytes()).unwrap();
         let out = child.wait_with_output().unwrap();
-        assert!(out.status.success(), "apply failed: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "apply failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
 
     fn jsonpath(&self, pod: &str, path: &str) -> String {
@@ -158,13 +175,19 @@ impl Cluster {
             std::thread::sleep(Duration::from_millis(200));
         }
         let pods = self.kubectl(&["get", "pods", "-o", "yaml"]);
-        panic!("timed out waiting for {what}\n{}", String::from_utf8_lossy(&pods.stdout));
+        panic!(
+            "timed out waiting for {what}\n{}",
+            String::from_utf8_lossy(&pods.stdout)
+        );
     }
 
     fn wait_running(&self, pod: &str) {
         self.wait_for(&format!("{pod} Running and ready"), 30, || {
             self.jsonpath(pod, ".status.phase") == "Running"
-                && self.jsonpath(pod, ".status.containerStatuses[*].ready").split(' ').all(|r| r == "true")
+                && self
+                    .jsonpath(pod, ".status.containerStatuses[*].ready")
+                    .split(' ')
+                    .all(|r| r == "true")
         });
     }
 
@@ -175,7 +198,9 @@ impl Cluster {
     }
 
     fn terminate(&mut self) {
-        let Some(mut c) = self.child.take() else { return };
+        let Some(mut c) = self.child.take() else {
+            return;
+        };
         unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
         let deadline = Instant::now() + Duration::from_secs(30);
         while Instant::now() < deadline {
@@ -196,14 +221,21 @@ impl Drop for Cluster {
 }
 
 fn pod_yaml(name: &str, body: &str) -> String {
-    format!("apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\nspec:\n  nodeName: {NODE}\n{body}")
+    format!(
+        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\nspec:\n  nodeName: {NODE}\n{body}"
+    )
 }
 
 fn http_get(ip: &str, port: u16) -> Option<String> {
     use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect_timeout(&format!("{ip}:{port}").parse().ok()?, Duration::from_secs(2)).ok()?;
+    let mut s = std::net::TcpStream::connect_timeout(
+        &format!("{ip}:{port}").parse().ok()?,
+        Duration::from_secs(2),
+    )
+    .ok()?;
     s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
-    s.write_all(format!("GET / HTTP/1.0\r\nHost: {ip}\r\n\r\n").as_bytes()).ok()?;
+    s.write_all(format!("GET / HTTP/1.0\r\nHost: {ip}\r\n\r\n").as_bytes())
+        .ok()?;
     let mut out = String::new();
     s.read_to_string(&mut out).ok()?;
     Some(out)
@@ -239,23 +271,54 @@ fn image_store_cli() {
     busybox_rootfs(&rootfs);
     let data = dir.path().join("data");
     let run = |args: &[&str]| {
-        let out = tapestry().arg("image").arg("--data-dir").arg(&data).args(args).output().unwrap();
-        (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr))
+        let out = tapestry()
+            .arg("image")
+            .arg("--data-dir")
+            .arg(&data)
+            .args(args)
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned()
+                + &String::from_utf8_lossy(&out.stderr),
+        )
     };
-    let (ok, out) = run(&["build", "bb:1", "--rootfs", rootfs.to_str().unwrap(), "--cmd", "sh"]);
+    let (ok, out) = run(&[
+        "build",
+        "bb:1",
+        "--rootfs",
+        rootfs.to_str().unwrap(),
+        "--cmd",
+        "sh",
+    ]);
     assert!(ok, "{out}");
     // An OCI image layout archive made by hand: one layer, one config.
     let oci = dir.path().join("oci");
     std::fs::create_dir_all(oci.join("blobs/sha256")).unwrap();
     let layer = dir.path().join("layer.tar");
-    assert!(Command::new("tar").arg("-C").arg(&rootfs).arg("-cf").arg(&layer).arg(".").status().unwrap().success());
+    assert!(Command::new("tar")
+        .arg("-C")
+        .arg(&rootfs)
+        .arg("-cf")
+        .arg(&layer)
+        .arg(".")
+        .status()
+        .unwrap()
+        .success());
     let sha = |p: &Path| {
         let out = Command::new("sha256sum").arg(p).output().unwrap();
-        String::from_utf8_lossy(&out.stdout).split_whitespace().next().unwrap().to_string()
+        String::from_utf8_lossy(&out.stdout)
+            .split_whitespace()
+            .next()
+            .unwrap()
+            .to_string()
     };
     let layer_sha = sha(&layer);
     std::fs::copy(&layer, oci.join("blobs/sha256").join(&layer_sha)).unwrap();
-    let config = format!(r#"{{"architecture":"amd64","os":"linux","config":{{"Cmd":["httpd","-f"]}},"rootfs":{{"type":"layers","diff_ids":["sha256:{layer_sha}"]}}}}"#);
+    let config = format!(
+        r#"{{"architecture":"amd64","os":"linux","config":{{"Cmd":["httpd","-f"]}},"rootfs":{{"type":"layers","diff_ids":["sha256:{layer_sha}"]}}}}"#
+    );
     let config_path = dir.path().join("config.json");
     std::fs::write(&config_path, &config).unwrap();
     let config_sha = sha(&config_path);
@@ -276,7 +339,15 @@ fn image_store_cli() {
     )
     .unwrap();
     let archive = dir.path().join("web.tar");
-    assert!(Command::new("tar").arg("-C").arg(&oci).arg("-cf").arg(&archive).arg(".").status().unwrap().success());
+    assert!(Command::new("tar")
+        .arg("-C")
+        .arg(&oci)
+        .arg("-cf")
+        .arg(&archive)
+        .arg(".")
+        .status()
+        .unwrap()
+        .success());
     let (ok, out) = run(&["import", archive.to_str().unwrap()]);
     assert!(ok && out.contains("imported web:2"), "{out}");
     let (ok, out) = run(&["ls"]);
@@ -299,19 +370,38 @@ fn single_node_cluster_runs_real_containers() {
     let mut c = Cluster::start();
     // The node registers Ready with its capacity and a lease.
     c.wait_for("node Ready", 20, || {
-        let out = c.kubectl(&["get", "node", NODE, "-o", "jsonpath={.status.conditions[?(@.type==\"Ready\")].status}"]);
+        let out = c.kubectl(&[
+            "get",
+            "node",
+            NODE,
+            "-o",
+            "jsonpath={.status.conditions[?(@.type==\"Ready\")].status}",
+        ]);
         String::from_utf8_lossy(&out.stdout) == "True"
     });
-    assert!(!c.ok(&["get", "node", NODE, "-o", "jsonpath={.status.capacity.cpu}"]).is_empty());
+    assert!(!c
+        .ok(&["get", "node", NODE, "-o", "jsonpath={.status.capacity.cpu}"])
+        .is_empty());
     c.ok(&["get", "lease", "-n", "kube-node-lease", NODE]);
 
     // A missing image is reported, not retried silently.
-    c.apply(&pod_yaml("missing", "  containers:\n  - name: c\n    image: nothere:1\n"));
+    c.apply(&pod_yaml(
+        "missing",
+        "  containers:\n  - name: c\n    image: nothere:1\n",
+    ));
     c.wait_for("ErrImagePull", 20, || {
-        let r = c.jsonpath("missing", ".status.containerStatuses[0].state.waiting.reason");
+        let r = c.jsonpath(
+            "missing",
+            ".status.containerStatuses[0].state.waiting.reason",
+        );
         r == "ErrImagePull" || r == "ImagePullBackOff"
     });
-    assert!(c.jsonpath("missing", ".status.containerStatuses[0].state.waiting.message").contains("nothere:1"));
+    assert!(c
+        .jsonpath(
+            "missing",
+            ".status.containerStatuses[0].state.waiting.message"
+        )
+        .contains("nothere:1"));
 
     let rootfs = c.dir.path().join("rootfs");
     busybox_rootfs(&rootfs);
@@ -322,10 +412,26 @@ fn single_node_cluster_runs_real_containers() {
         .arg(c.dir.path())
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 
     // A web server pod, reachable on its pod IP from the host.
-    c.ok(&["run", "web", "--image=busybox:local", &format!("--overrides={{\"spec\":{{\"nodeName\":\"{NODE}\"}}}}"), "--", "httpd", "-f", "-p", "8080", "-h", "/var/www"]);
+    c.ok(&[
+        "run",
+        "web",
+        "--image=busybox:local",
+        &format!("--overrides={{\"spec\":{{\"nodeName\":\"{NODE}\"}}}}"),
+        "--",
+        "httpd",
+        "-f",
+        "-p",
+        "8080",
+        "-h",
+        "/var/www",
+    ]);
     c.wait_running("web");
     let ip = c.jsonpath("web", ".status.podIP");
     assert!(ip.starts_with("10.245.7."), "pod IP {ip:?}");
@@ -345,27 +451,61 @@ fn single_node_cluster_runs_real_containers() {
     // exec: plain, exit codes, stdin, and a terminal.
     assert!(c.ok(&["exec", "web", "--", "ls", "/"]).contains("var"));
     let out = c.kubectl(&["exec", "web", "--", "sh", "-c", "exit 3"]);
-    assert_eq!(out.status.code(), Some(3), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(
+        out.status.code(),
+        Some(3),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let out = Command::new("script")
-        .args(["-qec", "kubectl exec -it web -- sh -c 'tty && echo in-a-tty'", "/dev/null"])
+        .args([
+            "-qec",
+            "kubectl exec -it web -- sh -c 'tty && echo in-a-tty'",
+            "/dev/null",
+        ])
         .env("KUBECONFIG", c.kubeconfig())
         .output()
         .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(text.contains("/dev/pts/") && text.contains("in-a-tty"), "{text}");
+    assert!(
+        text.contains("/dev/pts/") && text.contains("in-a-tty"),
+        "{text}"
+    );
 
     // Logs: tail, follow, previous; restarts with back-off.
     c.apply(&pod_yaml(
         "counter",
         "  containers:\n  - name: c\n    image: busybox:local\n    command: [sh, -c, 'for i in 1 2 3; do echo line $i; done; sleep 1; exit 1']\n",
     ));
-    c.wait_for("a restart", 30, || c.jsonpath("counter", ".status.containerStatuses[0].restartCount").parse::<u32>().unwrap_or(0) >= 1);
-    assert_eq!(c.ok(&["logs", "counter", "--tail=1"]).trim_end().lines().last(), Some("line 3"));
-    c.wait_for("CrashLoopBackOff", 20, || {
-        c.jsonpath("counter", ".status.containerStatuses[0].state.waiting.reason") == "CrashLoopBackOff"
+    c.wait_for("a restart", 30, || {
+        c.jsonpath("counter", ".status.containerStatuses[0].restartCount")
+            .parse::<u32>()
+            .unwrap_or(0)
+            >= 1
     });
-    assert_eq!(c.jsonpath("counter", ".status.containerStatuses[0].lastState.terminated.exitCode"), "1");
-    assert!(c.ok(&["logs", "counter", "--previous"]).contains("line 1\nline 2\nline 3\n"));
+    assert_eq!(
+        c.ok(&["logs", "counter", "--tail=1"])
+            .trim_end()
+            .lines()
+            .last(),
+        Some("line 3")
+    );
+    c.wait_for("CrashLoopBackOff", 20, || {
+        c.jsonpath(
+            "counter",
+            ".status.containerStatuses[0].state.waiting.reason",
+        ) == "CrashLoopBackOff"
+    });
+    assert_eq!(
+        c.jsonpath(
+            "counter",
+            ".status.containerStatuses[0].lastState.terminated.exitCode"
+        ),
+        "1"
+    );
+    assert!(c
+        .ok(&["logs", "counter", "--previous"])
+        .contains("line 1\nline 2\nline 3\n"));
     c.apply(&pod_yaml(
         "ticker",
         "  containers:\n  - name: c\n    image: busybox:local\n    command: [sh, -c, 'i=0; while true; do echo tick $i; i=$((i+1)); sleep 0.2; done']\n",
@@ -376,12 +516,27 @@ fn single_node_cluster_runs_real_containers() {
         .env("KUBECONFIG", c.kubeconfig())
         .output()
         .unwrap();
-    let ticks = String::from_utf8_lossy(&out.stdout).lines().filter(|l| l.starts_with("tick")).count();
+    let ticks = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| l.starts_with("tick"))
+        .count();
     assert!(ticks >= 8, "follow delivered {ticks} lines");
 
     // ConfigMap and Secret as env and files; emptyDir shared by two containers.
-    c.ok(&["create", "configmap", "cfg", "--from-literal=greeting=hello", "--from-literal=file.txt=from-a-configmap"]);
-    c.ok(&["create", "secret", "generic", "sec", "--from-literal=password=s3cret"]);
+    c.ok(&[
+        "create",
+        "configmap",
+        "cfg",
+        "--from-literal=greeting=hello",
+        "--from-literal=file.txt=from-a-configmap",
+    ]);
+    c.ok(&[
+        "create",
+        "secret",
+        "generic",
+        "sec",
+        "--from-literal=password=s3cret",
+    ]);
     c.apply(&pod_yaml(
         "vols",
         r#"  volumes:
@@ -418,25 +573,69 @@ fn single_node_cluster_runs_real_containers() {
     ));
     c.wait_running("vols");
     c.wait_for("shared file", 10, || {
-        let out = c.kubectl(&["exec", "vols", "-c", "reader", "--", "cat", "/data/env", "/data/init"]);
+        let out = c.kubectl(&[
+            "exec",
+            "vols",
+            "-c",
+            "reader",
+            "--",
+            "cat",
+            "/data/env",
+            "/data/init",
+        ]);
         String::from_utf8_lossy(&out.stdout) == "hello s3cret\nfrom-init\n"
     });
-    assert_eq!(c.ok(&["exec", "vols", "-c", "reader", "--", "cat", "/etc/cfg/file.txt", "/etc/sec/password"]), "from-a-configmaps3cret");
-    assert!(c.ok(&["exec", "vols", "-c", "reader", "--", "env"]).contains("CFG_greeting=hello"));
-    assert_eq!(c.jsonpath("vols", ".status.initContainerStatuses[0].state.terminated.reason"), "Completed");
+    assert_eq!(
+        c.ok(&[
+            "exec",
+            "vols",
+            "-c",
+            "reader",
+            "--",
+            "cat",
+            "/etc/cfg/file.txt",
+            "/etc/sec/password"
+        ]),
+        "from-a-configmaps3cret"
+    );
+    assert!(c
+        .ok(&["exec", "vols", "-c", "reader", "--", "env"])
+        .contains("CFG_greeting=hello"));
+    assert_eq!(
+        c.jsonpath(
+            "vols",
+            ".status.initContainerStatuses[0].state.terminated.reason"
+        ),
+        "Completed"
+    );
 
     // SIGKILL the whole process: containers keep running, and the new
     // agent adopts them instead of starting duplicates.
-    let started = c.jsonpath("web", ".status.containerStatuses[0].state.running.startedAt");
+    let started = c.jsonpath(
+        "web",
+        ".status.containerStatuses[0].state.running.startedAt",
+    );
     let web_uid = c.jsonpath("web", ".metadata.uid");
     assert_eq!(count_shims(&web_uid), 1);
     c.sigkill();
-    assert!(http_get(&ip, 8080).is_some(), "the pod must survive its agent");
+    assert!(
+        http_get(&ip, 8080).is_some(),
+        "the pod must survive its agent"
+    );
     c.spawn();
     std::thread::sleep(Duration::from_secs(3));
     c.wait_running("web");
-    assert_eq!(c.jsonpath("web", ".status.containerStatuses[0].state.running.startedAt"), started);
-    assert_eq!(c.jsonpath("web", ".status.containerStatuses[0].restartCount"), "0");
+    assert_eq!(
+        c.jsonpath(
+            "web",
+            ".status.containerStatuses[0].state.running.startedAt"
+        ),
+        started
+    );
+    assert_eq!(
+        c.jsonpath("web", ".status.containerStatuses[0].restartCount"),
+        "0"
+    );
     assert_eq!(count_shims(&web_uid), 1, "containers were duplicated");
 
     // hostNetwork + privileged sees the node's interfaces.
@@ -446,29 +645,52 @@ fn single_node_cluster_runs_real_containers() {
     ));
     c.wait_running("hostnet");
     let links = c.ok(&["exec", "hostnet", "--", "ip", "link"]);
-    assert!(links.contains(&veth), "host veth {veth} not visible from a hostNetwork pod: {links}");
+    assert!(
+        links.contains(&veth),
+        "host veth {veth} not visible from a hostNetwork pod: {links}"
+    );
 
     // Deletion: SIGTERM, grace, then gone with everything it had.
     let uid = c.jsonpath("web", ".metadata.uid");
     let t = Instant::now();
     c.ok(&["delete", "pod", "web", "--grace-period=2"]);
     assert!(t.elapsed() < Duration::from_secs(15));
-    c.wait_for("web gone", 15, || !c.kubectl(&["get", "pod", "web"]).status.success());
-    assert!(leftovers(&uid).is_empty(), "left behind: {:?}", leftovers(&uid));
-    let links = Command::new("ip").args(["link", "show", &veth]).output().unwrap();
+    c.wait_for("web gone", 15, || {
+        !c.kubectl(&["get", "pod", "web"]).status.success()
+    });
+    assert!(
+        leftovers(&uid).is_empty(),
+        "left behind: {:?}",
+        leftovers(&uid)
+    );
+    let links = Command::new("ip")
+        .args(["link", "show", &veth])
+        .output()
+        .unwrap();
     assert!(!links.status.success(), "veth {veth} still exists");
 
     // Stopping the cluster stops every pod and cleans up.
-    let uids: Vec<String> = c.ok(&["get", "pods", "-o", "jsonpath={.items[*].metadata.uid}"]).split_whitespace().map(String::from).collect();
+    let uids: Vec<String> = c
+        .ok(&["get", "pods", "-o", "jsonpath={.items[*].metadata.uid}"])
+        .split_whitespace()
+        .map(String::from)
+        .collect();
     c.terminate();
     for uid in uids {
-        assert!(leftovers(&uid).is_empty(), "pod {uid} left behind {:?}", leftovers(&uid));
+        assert!(
+            leftovers(&uid).is_empty(),
+            "pod {uid} left behind {:?}",
+            leftovers(&uid)
+        );
     }
 }
 
 /// Container monitors of one pod (their command line names the pod's UID).
 fn count_shims(uid: &str) -> usize {
     let pattern = format!("container-shim .*--id {uid}-");
-    let out = Command::new("pgrep").args(["-f", &pattern]).output().unwrap();
+    let out = Command::new("pgrep")
+        .args(["-f", &pattern])
+        .output()
+        .unwrap();
     String::from_utf8_lossy(&out.stdout).lines().count()
 }

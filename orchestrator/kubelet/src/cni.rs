@@ -76,8 +76,10 @@ impl Cni {
     fn chain(&self, port_mappings: &[Value]) -> Vec<Value> {
         let mut plugins = vec![self.bridge_conf()];
         if !port_mappings.is_empty() {
-            plugins.push(json!({"type": "portmap", "capabilities": {"portMappings": true},
-                                "runtimeConfig": {"portMappings": port_mappings}}));
+            plugins.push(
+                json!({"type": "portmap", "capabilities": {"portMappings": true},
+                                "runtimeConfig": {"portMappings": port_mappings}}),
+            );
         }
         plugins
     }
@@ -162,7 +164,8 @@ impl Cni {
             .into_iter()
             .flatten()
             .find(|i| {
-                i["sandbox"].as_str().unwrap_or("").is_empty() && i["name"].as_str() != Some(self.bridge.as_str())
+                i["sandbox"].as_str().unwrap_or("").is_empty()
+                    && i["name"].as_str() != Some(self.bridge.as_str())
             })
             .and_then(|i| i["name"].as_str())
             .unwrap_or("")
@@ -191,7 +194,9 @@ impl Cni {
     /// namespace is removed regardless.
     pub async fn teardown(&self, uid: &str, attachment: Option<&Attachment>) {
         let path = netns_path(uid);
-        let pm = attachment.map(|a| a.port_mappings.clone()).unwrap_or_default();
+        let pm = attachment
+            .map(|a| a.port_mappings.clone())
+            .unwrap_or_default();
         let prev = attachment.map(|a| a.result.clone());
         for conf in self.chain(&pm).iter().rev() {
             let conf = Self::with_common(conf, prev.as_ref());

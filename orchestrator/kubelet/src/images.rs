@@ -43,7 +43,11 @@ pub struct ImageStore {
 /// `docker.io/library/busybox:1.36` and `busybox:1.36` are one image.
 pub fn normalize(reference: &str) -> String {
     let mut r = reference.trim().to_string();
-    for prefix in ["docker.io/library/", "docker.io/", "index.docker.io/library/"] {
+    for prefix in [
+        "docker.io/library/",
+        "docker.io/",
+        "index.docker.io/library/",
+    ] {
         if let Some(rest) = r.strip_prefix(prefix) {
             r = rest.to_string();
         }
@@ -146,7 +150,10 @@ impl ImageStore {
         let digest = format!("sha256:{h}");
         if let Some(e) = expected {
             if e != digest {
-                bail!("{}: content digest {digest} does not match {e}", file.display());
+                bail!(
+                    "{}: content digest {digest} does not match {e}",
+                    file.display()
+                );
             }
         }
         let dest = self.blob_path(&digest)?;
@@ -206,7 +213,8 @@ impl ImageStore {
             .arg(&layer)
             .arg("."))?;
         let (diff_id, _) = self.add_blob(&layer, None)?;
-        let mut envs = vec!["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".to_string()];
+        let mut envs =
+            vec!["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".to_string()];
         envs.extend(env.iter().cloned());
         let config = json!({
             "architecture": "amd64",
@@ -247,7 +255,10 @@ impl ImageStore {
                 let config_path = entry["Config"].as_str().context("manifest.json: Config")?;
                 let (config, _) = self.add_blob(&safe_join(tmp, config_path)?, None)?;
                 let mut layers = Vec::new();
-                for l in entry["Layers"].as_array().context("manifest.json: Layers")? {
+                for l in entry["Layers"]
+                    .as_array()
+                    .context("manifest.json: Layers")?
+                {
                     let l = l.as_str().context("manifest.json: Layers[] not a string")?;
                     layers.push(self.add_blob(&safe_join(tmp, l)?, None)?.0);
                 }
@@ -265,13 +276,19 @@ impl ImageStore {
         } else if tmp.join("index.json").exists() {
             let index: Value = serde_json::from_slice(&fs::read(tmp.join("index.json"))?)
                 .context("parsing index.json")?;
-            for m in index["manifests"].as_array().context("index.json: manifests")? {
-                let tags: Vec<String> = ["io.containerd.image.name", "org.opencontainers.image.ref.name"]
-                    .iter()
-                    .filter_map(|k| m["annotations"][k].as_str())
-                    .take(1)
-                    .map(str::to_string)
-                    .collect();
+            for m in index["manifests"]
+                .as_array()
+                .context("index.json: manifests")?
+            {
+                let tags: Vec<String> = [
+                    "io.containerd.image.name",
+                    "org.opencontainers.image.ref.name",
+                ]
+                .iter()
+                .filter_map(|k| m["annotations"][k].as_str())
+                .take(1)
+                .map(str::to_string)
+                .collect();
                 let (config, layers) = self.oci_manifest(tmp, m)?;
                 images.push((tags, config, layers));
             }
@@ -302,11 +319,13 @@ impl ImageStore {
 
     /// Resolve an OCI descriptor (manifest or index) to config + layers.
     fn oci_manifest(&self, tmp: &Path, desc: &Value) -> Result<(String, Vec<String>)> {
-        let digest = desc["digest"].as_str().context("descriptor without digest")?;
+        let digest = desc["digest"]
+            .as_str()
+            .context("descriptor without digest")?;
         let path = tmp.join("blobs/sha256").join(digest_hex(digest)?);
-        let doc: Value = serde_json::from_slice(&fs::read(&path).with_context(|| {
-            format!("reading blob {digest}")
-        })?)?;
+        let doc: Value = serde_json::from_slice(
+            &fs::read(&path).with_context(|| format!("reading blob {digest}"))?,
+        )?;
         if let Some(list) = doc["manifests"].as_array() {
             let pick = list
                 .iter()
@@ -358,7 +377,12 @@ impl ImageStore {
         let c = &doc["config"];
         let strings = |v: &Value| -> Vec<String> {
             v.as_array()
-                .map(|a| a.iter().filter_map(Value::as_str).map(str::to_string).collect())
+                .map(|a| {
+                    a.iter()
+                        .filter_map(Value::as_str)
+                        .map(str::to_string)
+                        .collect()
+                })
                 .unwrap_or_default()
         };
         Ok(ImageConfig {

@@ -98,14 +98,23 @@ impl Running {
 
 /// Register the node and start serving pods; returns once the kubelet
 /// API listens. Everything stops when `shutdown` fires.
-pub async fn start(config: Config, client: kube::Client, shutdown: CancellationToken) -> Result<Running> {
+pub async fn start(
+    config: Config,
+    client: kube::Client,
+    shutdown: CancellationToken,
+) -> Result<Running> {
     let root = config.data_dir.join("kubelet");
     let pods_dir = root.join("pods");
-    std::fs::create_dir_all(&pods_dir).with_context(|| format!("creating {}", pods_dir.display()))?;
+    std::fs::create_dir_all(&pods_dir)
+        .with_context(|| format!("creating {}", pods_dir.display()))?;
     let pod_cidr = node::register(&client, &config).await?;
     tracing::info!(node = %config.node_name, %pod_cidr, "node registered");
     let images = ImageStore::open(&config.data_dir.join("images"))?;
-    let runtime = Runtime::new(config.runtime.clone(), root.join("runc"), config.shim_exe.clone())?;
+    let runtime = Runtime::new(
+        config.runtime.clone(),
+        root.join("runc"),
+        config.shim_exe.clone(),
+    )?;
     let cni = Cni {
         bin_dir: config.cni_bin_dir.clone(),
         state_dir: root.join("cni"),
@@ -123,8 +132,18 @@ pub async fn start(config: Config, client: kube::Client, shutdown: CancellationT
         index: Mutex::new(HashMap::new()),
     });
     let (addr, server_task) = server::start(kubelet.clone(), shutdown.clone()).await?;
-    node::patch_status(&client, &config, true, &chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true)).await?;
-    let heartbeat = tokio::spawn(node::heartbeat(client.clone(), config.clone(), shutdown.clone()));
+    node::patch_status(
+        &client,
+        &config,
+        true,
+        &chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+    )
+    .await?;
+    let heartbeat = tokio::spawn(node::heartbeat(
+        client.clone(),
+        config.clone(),
+        shutdown.clone(),
+    ));
     let task = tokio::spawn(async move {
         sync_pods(kubelet.clone(), shutdown.clone()).await;
         let _ = heartbeat.await;
@@ -138,7 +157,8 @@ pub async fn start(config: Config, client: kube::Client, shutdown: CancellationT
 /// Watch the pods bound to this node and keep one worker per pod.
 async fn sync_pods(kubelet: Arc<Kubelet>, shutdown: CancellationToken) {
     let pods: Api<Pod> = Api::all(kubelet.client.clone());
-    let cfg = watcher::Config::default().fields(&format!("spec.nodeName={}", kubelet.config.node_name));
+    let cfg =
+        watcher::Config::default().fields(&format!("spec.nodeName={}", kubelet.config.node_name));
     let mut stream = watcher(pods, cfg).boxed();
     let mut workers: HashMap<String, Worker> = HashMap::new();
     let mut seen_in_init: Option<std::collections::HashSet<String>> = None;
@@ -160,7 +180,9 @@ async fn sync_pods(kubelet: Arc<Kubelet>, shutdown: CancellationToken) {
         match event {
             watcher::Event::Init => seen_in_init = Some(Default::default()),
             watcher::Event::InitApply(pod) | watcher::Event::Apply(pod) => {
-                let Some(uid) = pod.metadata.uid.clone() else { continue };
+                let Some(uid) = pod.metadata.uid.clone() else {
+                    continue;
+                };
                 if let Some(seen) = seen_in_init.as_mut() {
                     seen.insert(uid.clone());
                 }

@@ -106,31 +106,34 @@ pub fn follow(
     done: impl Fn() -> bool + Send + 'static,
 ) -> impl futures::Stream<Item = Bytes> + Send {
     let state = (path, offset, opts, done, Vec::<u8>::new(), false);
-    futures::stream::unfold(state, |(path, mut offset, opts, done, mut pending, finished)| async move {
-        if finished {
-            return None;
-        }
-        loop {
-            let finishing = done();
-            let mut chunk = Vec::new();
-            if let Ok(mut f) = tokio::fs::File::open(&path).await {
-                if f.seek(SeekFrom::Start(offset)).await.is_ok() {
-                    let _ = f.read_to_end(&mut chunk).await;
-                }
-            }
-            offset += chunk.len() as u64;
-            pending.extend_from_slice(&chunk);
-            let (out, consumed) = render_chunk(&pending, &opts);
-            pending.drain(..consumed);
-            if !out.is_empty() {
-                return Some((Bytes::from(out), (path, offset, opts, done, pending, false)));
-            }
-            if finishing {
+    futures::stream::unfold(
+        state,
+        |(path, mut offset, opts, done, mut pending, finished)| async move {
+            if finished {
                 return None;
             }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    })
+            loop {
+                let finishing = done();
+                let mut chunk = Vec::new();
+                if let Ok(mut f) = tokio::fs::File::open(&path).await {
+                    if f.seek(SeekFrom::Start(offset)).await.is_ok() {
+                        let _ = f.read_to_end(&mut chunk).await;
+                    }
+                }
+                offset += chunk.len() as u64;
+                pending.extend_from_slice(&chunk);
+                let (out, consumed) = render_chunk(&pending, &opts);
+                pending.drain(..consumed);
+                if !out.is_empty() {
+                    return Some((Bytes::from(out), (path, offset, opts, done, pending, false)));
+                }
+                if finishing {
+                    return None;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        },
+    )
 }
 
 #[cfg(test)]
@@ -148,11 +151,25 @@ mod tests {
         .unwrap();
         let (all, off) = initial(&p, &LogOptions::default()).await.unwrap();
         assert_eq!(all, b"one\ntwo\nthree\n");
-        assert_eq!(off, std::fs::metadata(&p).unwrap().len() - "unfinished".len() as u64);
-        let tail = LogOptions { tail_lines: Some(1), timestamps: true, ..Default::default() };
-        assert_eq!(initial(&p, &tail).await.unwrap().0, b"2026-01-01T00:00:02Z three\n");
+        assert_eq!(
+            off,
+            std::fs::metadata(&p).unwrap().len() - "unfinished".len() as u64
+        );
+        let tail = LogOptions {
+            tail_lines: Some(1),
+            timestamps: true,
+            ..Default::default()
+        };
+        assert_eq!(
+            initial(&p, &tail).await.unwrap().0,
+            b"2026-01-01T00:00:02Z three\n"
+        );
         let since = LogOptions {
-            since: Some(chrono::DateTime::parse_from_rfc3339("2026-01-01T00:00:01Z").unwrap().with_timezone(&chrono::Utc)),
+            since: Some(
+                chrono::DateTime::parse_from_rfc3339("2026-01-01T00:00:01Z")
+                    .unwrap()
+                    .with_timezone(&chrono::Utc),
+            ),
             ..Default::default()
         };
         assert_eq!(initial(&p, &since).await.unwrap().0, b"two\nthree\n");

@@ -117,7 +117,12 @@ pub async fn register(client: &kube::Client, config: &Config) -> Result<String> 
     Ok(cidr)
 }
 
-pub async fn patch_status(client: &kube::Client, config: &Config, ready: bool, since: &str) -> Result<()> {
+pub async fn patch_status(
+    client: &kube::Client,
+    config: &Config,
+    ready: bool,
+    since: &str,
+) -> Result<()> {
     let nodes: Api<Node> = Api::all(client.clone());
     nodes
         .patch_status(
@@ -136,7 +141,11 @@ async fn renew_lease(client: &kube::Client, config: &Config) -> Result<()> {
     match leases.get_opt(&config.node_name).await? {
         Some(_) => {
             leases
-                .patch(&config.node_name, &PatchParams::default(), &Patch::Merge(json!({"spec": spec})))
+                .patch(
+                    &config.node_name,
+                    &PatchParams::default(),
+                    &Patch::Merge(json!({"spec": spec})),
+                )
                 .await?;
         }
         None => {
@@ -152,7 +161,11 @@ async fn renew_lease(client: &kube::Client, config: &Config) -> Result<()> {
 }
 
 /// Heartbeat until shutdown: the Lease and the node status every 10 s.
-pub async fn heartbeat(client: kube::Client, config: std::sync::Arc<Config>, shutdown: CancellationToken) {
+pub async fn heartbeat(
+    client: kube::Client,
+    config: std::sync::Arc<Config>,
+    shutdown: CancellationToken,
+) {
     let since = now();
     loop {
         if let Err(e) = renew_lease(&client, &config).await {

@@ -84,10 +84,16 @@ impl PodDirs {
         }
     }
     pub fn attempt(&self, name: &str, attempt: u32) -> PathBuf {
-        self.root.join("containers").join(name).join(attempt.to_string())
+        self.root
+            .join("containers")
+            .join(name)
+            .join(attempt.to_string())
     }
     pub fn log(&self, name: &str, attempt: u32) -> PathBuf {
-        self.root.join("logs").join(name).join(format!("{attempt}.log"))
+        self.root
+            .join("logs")
+            .join(name)
+            .join(format!("{attempt}.log"))
     }
     /// Attempts made so far for a container, oldest first.
     pub fn attempts(&self, name: &str) -> Vec<u32> {
@@ -152,7 +158,11 @@ async fn run(kubelet: Arc<Kubelet>, mut rx: watch::Receiver<Desired>, shutdown: 
         sandbox,
         containers: HashMap::new(),
         last_status: Value::Null,
-        start_time: first.status.as_ref().and_then(|s| s.start_time.as_ref()).map(|t| t.0.to_string()),
+        start_time: first
+            .status
+            .as_ref()
+            .and_then(|s| s.start_time.as_ref())
+            .map(|t| t.0.to_string()),
         annotated: false,
     };
     if let Some(spec) = &first.spec {
@@ -260,13 +270,19 @@ fn terminated_json(e: &Exited, id: &str) -> Value {
 impl PodWorker {
     fn state_of(&self, name: &str) -> Option<(u32, State)> {
         let attempt = *self.dirs.attempts(name).last()?;
-        Some((attempt, self.kubelet.runtime.state(&self.dirs.attempt(name, attempt))))
+        Some((
+            attempt,
+            self.kubelet
+                .runtime
+                .state(&self.dirs.attempt(name, attempt)),
+        ))
     }
 
     async fn sync(&mut self, pod: &Pod) -> Result<()> {
         let spec = pod.spec.as_ref().context("pod without spec")?;
         if self.start_time.is_none() {
-            self.start_time = Some(chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true));
+            self.start_time =
+                Some(chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true));
         }
         let host_network = spec.host_network.unwrap_or(false);
         if !host_network && self.sandbox.is_none() {
@@ -288,7 +304,10 @@ impl PodWorker {
         if !self.annotated {
             self.annotate(pod).await;
         }
-        let policy = spec.restart_policy.clone().unwrap_or_else(|| "Always".into());
+        let policy = spec
+            .restart_policy
+            .clone()
+            .unwrap_or_else(|| "Always".into());
         // Init containers run to completion one after another.
         let mut initialized = true;
         for c in spec.init_containers.iter().flatten() {
@@ -330,7 +349,11 @@ impl PodWorker {
     }
 
     async fn annotate(&mut self, pod: &Pod) {
-        let veth = self.sandbox.as_ref().map(|s| s.host_veth.clone()).unwrap_or_default();
+        let veth = self
+            .sandbox
+            .as_ref()
+            .map(|s| s.host_veth.clone())
+            .unwrap_or_default();
         if veth.is_empty() {
             self.annotated = true;
             return;
@@ -350,7 +373,11 @@ impl PodWorker {
         );
         let patch = json!({"metadata": {"annotations": {HOST_VETH_ANNOTATION: veth}}});
         match api
-            .patch(pod.metadata.name.as_deref().unwrap_or_default(), &PatchParams::default(), &Patch::Merge(patch))
+            .patch(
+                pod.metadata.name.as_deref().unwrap_or_default(),
+                &PatchParams::default(),
+                &Patch::Merge(patch),
+            )
             .await
         {
             Ok(_) => self.annotated = true,
@@ -403,7 +430,8 @@ impl PodWorker {
                 } else {
                     reason
                 };
-                mem.next_image_try = Some(Instant::now() + backoff(mem.image_failures).min(Duration::from_secs(60)));
+                mem.next_image_try =
+                    Some(Instant::now() + backoff(mem.image_failures).min(Duration::from_secs(60)));
                 mem.waiting = Some((reason, msg));
             }
             Err(StartError::Config(msg)) => {
@@ -418,7 +446,12 @@ impl PodWorker {
         }
     }
 
-    async fn try_start(&mut self, pod: &Pod, c: &Container, attempt: u32) -> Result<(), StartError> {
+    async fn try_start(
+        &mut self,
+        pod: &Pod,
+        c: &Container,
+        attempt: u32,
+    ) -> Result<(), StartError> {
         let kubelet = self.kubelet.clone();
         let image_ref = c.image.clone().unwrap_or_default();
         let policy = c.image_pull_policy.clone().unwrap_or_default();
@@ -454,7 +487,10 @@ impl PodWorker {
                 .map_err(|e| StartError::Runtime(e.to_string()))?
                 .map_err(|e| StartError::Runtime(format!("{e:#}")))?
         };
-        let spec = pod.spec.as_ref().ok_or_else(|| StartError::Config("pod without spec".into()))?;
+        let spec = pod
+            .spec
+            .as_ref()
+            .ok_or_else(|| StartError::Config("pod without spec".into()))?;
         let pod_ip = self.pod_ip();
         let vols = crate::volumes::prepare(&kubelet, pod, &self.dirs.root)
             .await
@@ -478,7 +514,12 @@ impl PodWorker {
                     }
                     p
                 }
-                Some(sp) => return Err(StartError::Config(format!("volumeMounts[{}].subPath {sp:?} must not contain '..'", vm.name))),
+                Some(sp) => {
+                    return Err(StartError::Config(format!(
+                        "volumeMounts[{}].subPath {sp:?} must not contain '..'",
+                        vm.name
+                    )))
+                }
                 None => src.clone(),
             };
             mounts.push(BindMount {
@@ -490,25 +531,53 @@ impl PodWorker {
         let host_network = spec.host_network.unwrap_or(false);
         if host_network {
             for f in ["/etc/hosts", "/etc/resolv.conf"] {
-                mounts.push(BindMount { source: f.into(), destination: f.into(), read_only: true });
+                mounts.push(BindMount {
+                    source: f.into(),
+                    destination: f.into(),
+                    read_only: true,
+                });
             }
         } else {
             let etc = crate::volumes::etc_files(pod, &self.dirs.root, &pod_ip)
                 .map_err(|e| StartError::Runtime(format!("{e:#}")))?;
             for (name, path) in etc {
-                mounts.push(BindMount { source: path, destination: format!("/etc/{name}"), read_only: false });
+                mounts.push(BindMount {
+                    source: path,
+                    destination: format!("/etc/{name}"),
+                    read_only: false,
+                });
             }
         }
         let mut args: Vec<String> = match (&c.command, &c.args) {
-            (Some(cmd), args) => cmd.iter().cloned().chain(args.iter().flatten().cloned()).collect(),
-            (None, Some(args)) => image_cfg.entrypoint.iter().cloned().chain(args.iter().cloned()).collect(),
-            (None, None) => image_cfg.entrypoint.iter().cloned().chain(image_cfg.cmd.iter().cloned()).collect(),
+            (Some(cmd), args) => cmd
+                .iter()
+                .cloned()
+                .chain(args.iter().flatten().cloned())
+                .collect(),
+            (None, Some(args)) => image_cfg
+                .entrypoint
+                .iter()
+                .cloned()
+                .chain(args.iter().cloned())
+                .collect(),
+            (None, None) => image_cfg
+                .entrypoint
+                .iter()
+                .cloned()
+                .chain(image_cfg.cmd.iter().cloned())
+                .collect(),
         };
         let env_map: HashMap<String, String> = env
             .iter()
-            .filter_map(|e| e.split_once('=').map(|(k, v)| (k.to_string(), v.to_string())))
+            .filter_map(|e| {
+                e.split_once('=')
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+            })
             .collect();
-        args = args.iter().map(|a| crate::volumes::expand(a, &env_map)).collect();
+        args = args
+            .iter()
+            .map(|a| crate::volumes::expand(a, &env_map))
+            .collect();
         if args.is_empty() {
             return Err(StartError::Config(format!(
                 "container {:?}: no command specified and the image has none",
@@ -518,28 +587,55 @@ impl PodWorker {
         let sc = c.security_context.as_ref();
         let psc = spec.security_context.as_ref();
         let (img_uid, img_gid) = parse_user(&image_cfg.user);
-        let uid = sc.and_then(|s| s.run_as_user).or(psc.and_then(|s| s.run_as_user)).map(|u| u as u32).unwrap_or(img_uid);
-        let gid = sc.and_then(|s| s.run_as_group).or(psc.and_then(|s| s.run_as_group)).map(|g| g as u32).unwrap_or(img_gid);
+        let uid = sc
+            .and_then(|s| s.run_as_user)
+            .or(psc.and_then(|s| s.run_as_user))
+            .map(|u| u as u32)
+            .unwrap_or(img_uid);
+        let gid = sc
+            .and_then(|s| s.run_as_group)
+            .or(psc.and_then(|s| s.run_as_group))
+            .map(|g| g as u32)
+            .unwrap_or(img_gid);
         let caps = sc.and_then(|s| s.capabilities.as_ref());
         let limits = c.resources.as_ref().and_then(|r| r.limits.as_ref());
         let requests = c.resources.as_ref().and_then(|r| r.requests.as_ref());
         let memory_limit = match limits.and_then(|l| l.get("memory")) {
             Some(q) => Some(parse_bytes(&q.0).ok_or_else(|| {
-                StartError::Config(format!("spec.containers[{}].resources.limits.memory: invalid quantity {:?}", c.name, q.0))
+                StartError::Config(format!(
+                    "spec.containers[{}].resources.limits.memory: invalid quantity {:?}",
+                    c.name, q.0
+                ))
             })?),
             None => None,
         };
-        let cpu_limit = limits.and_then(|l| l.get("cpu")).and_then(|q| parse_millis(&q.0));
-        let cpu_request = requests.and_then(|l| l.get("cpu")).and_then(|q| parse_millis(&q.0));
+        let cpu_limit = limits
+            .and_then(|l| l.get("cpu"))
+            .and_then(|q| parse_millis(&q.0));
+        let cpu_request = requests
+            .and_then(|l| l.get("cpu"))
+            .and_then(|q| parse_millis(&q.0));
         let id = container_id(&self.uid, &c.name, attempt);
         let cspec = ContainerSpec {
             args,
             env,
-            cwd: c.working_dir.clone().filter(|w| !w.is_empty()).unwrap_or(image_cfg.working_dir.clone()),
+            cwd: c
+                .working_dir
+                .clone()
+                .filter(|w| !w.is_empty())
+                .unwrap_or(image_cfg.working_dir.clone()),
             uid,
             gid,
-            hostname: spec.hostname.clone().or(pod.metadata.name.clone()).unwrap_or_default(),
-            netns: if host_network { None } else { self.sandbox.as_ref().map(|s| s.netns.clone()) },
+            hostname: spec
+                .hostname
+                .clone()
+                .or(pod.metadata.name.clone())
+                .unwrap_or_default(),
+            netns: if host_network {
+                None
+            } else {
+                self.sandbox.as_ref().map(|s| s.netns.clone())
+            },
             cgroup: format!("/tapestry/pod{}/{}", self.uid, id),
             mounts,
             memory_limit,
@@ -565,10 +661,17 @@ impl PodWorker {
             }
         }
         fs::create_dir_all(&attempt_dir).map_err(|e| StartError::Runtime(e.to_string()))?;
-        let rootfs = runtime::mount_rootfs(&layers, &attempt_dir).map_err(|e| StartError::Runtime(format!("{e:#}")))?;
+        let rootfs = runtime::mount_rootfs(&layers, &attempt_dir)
+            .map_err(|e| StartError::Runtime(format!("{e:#}")))?;
         kubelet
             .runtime
-            .start(&id, &attempt_dir, &rootfs, &cspec, &self.dirs.log(&c.name, attempt))
+            .start(
+                &id,
+                &attempt_dir,
+                &rootfs,
+                &cspec,
+                &self.dirs.log(&c.name, attempt),
+            )
             .await
             .map_err(|e| StartError::Runtime(format!("{e:#}")))?;
         Ok(())
@@ -618,7 +721,12 @@ impl PodWorker {
     }
 
     async fn kill_for_restart(&mut self, pod: &Pod, id: &str) {
-        let grace = pod.spec.as_ref().and_then(|s| s.termination_grace_period_seconds).unwrap_or(30).max(0) as u64;
+        let grace = pod
+            .spec
+            .as_ref()
+            .and_then(|s| s.termination_grace_period_seconds)
+            .unwrap_or(30)
+            .max(0) as u64;
         let rt = self.kubelet.runtime.clone();
         let id = id.to_string();
         rt.kill(&id, "TERM").await;
@@ -642,11 +750,16 @@ impl PodWorker {
         if let Some(attempt) = latest {
             let id = container_id(&self.uid, &c.name, attempt);
             st["containerID"] = json!(format!("runc://{id}"));
-            match self.kubelet.runtime.state(&self.dirs.attempt(&c.name, attempt)) {
+            match self
+                .kubelet
+                .runtime
+                .state(&self.dirs.attempt(&c.name, attempt))
+            {
                 State::Running(s) => {
                     running = true;
                     st["state"] = json!({"running": {"startedAt": secs(&s.started_at)}});
-                    let started_ok = c.startup_probe.is_none() || mem.is_some_and(|m| m.startup.succeeded_once);
+                    let started_ok =
+                        c.startup_probe.is_none() || mem.is_some_and(|m| m.startup.succeeded_once);
                     st["started"] = json!(started_ok);
                     ready = started_ok
                         && (c.readiness_probe.is_none() || mem.is_some_and(|m| m.readiness.ok));
@@ -655,23 +768,38 @@ impl PodWorker {
                     let restarting = !init && restart_allowed(policy, e.exit_code);
                     match mem.and_then(|m| m.waiting.clone()).filter(|_| restarting) {
                         Some((reason, message)) => {
-                            st["state"] = json!({"waiting": {"reason": reason, "message": message}});
+                            st["state"] =
+                                json!({"waiting": {"reason": reason, "message": message}});
                             st["lastState"] = json!({"terminated": terminated_json(&e, &id)});
                         }
                         None => st["state"] = json!({"terminated": terminated_json(&e, &id)}),
                     }
                 }
-                State::Starting => st["state"] = json!({"waiting": {"reason": "ContainerCreating"}}),
+                State::Starting => {
+                    st["state"] = json!({"waiting": {"reason": "ContainerCreating"}})
+                }
             }
             if attempt > 0 && st.get("lastState").is_none() {
-                if let State::Exited(e) = self.kubelet.runtime.state(&self.dirs.attempt(&c.name, attempt - 1)) {
+                if let State::Exited(e) = self
+                    .kubelet
+                    .runtime
+                    .state(&self.dirs.attempt(&c.name, attempt - 1))
+                {
                     st["lastState"] = json!({"terminated": terminated_json(&e, &container_id(&self.uid, &c.name, attempt - 1))});
                 }
             }
         } else {
-            let (reason, message) = mem
-                .and_then(|m| m.waiting.clone())
-                .unwrap_or_else(|| (if init { "PodInitializing" } else { "ContainerCreating" }.into(), String::new()));
+            let (reason, message) = mem.and_then(|m| m.waiting.clone()).unwrap_or_else(|| {
+                (
+                    if init {
+                        "PodInitializing"
+                    } else {
+                        "ContainerCreating"
+                    }
+                    .into(),
+                    String::new(),
+                )
+            });
             let mut w = json!({"reason": reason});
             if !message.is_empty() {
                 w["message"] = json!(message);
@@ -684,7 +812,10 @@ impl PodWorker {
 
     async fn report(&mut self, pod: &Pod, initialized: bool) -> Result<()> {
         let spec = pod.spec.as_ref().context("pod without spec")?;
-        let policy = spec.restart_policy.clone().unwrap_or_else(|| "Always".into());
+        let policy = spec
+            .restart_policy
+            .clone()
+            .unwrap_or_else(|| "Always".into());
         let mut statuses = Vec::new();
         let mut all_ready = true;
         let mut any_running = false;
@@ -694,7 +825,10 @@ impl PodWorker {
             let (st, running, ready) = self.container_status(c, false, &policy);
             all_ready &= ready;
             any_running |= running;
-            match st.pointer("/state/terminated/exitCode").and_then(Value::as_i64) {
+            match st
+                .pointer("/state/terminated/exitCode")
+                .and_then(Value::as_i64)
+            {
                 Some(code) => any_failed |= code != 0,
                 None => all_terminated = false,
             }
@@ -704,7 +838,12 @@ impl PodWorker {
         let mut init_failed = false;
         for c in spec.init_containers.iter().flatten() {
             let (st, _, _) = self.container_status(c, true, &policy);
-            if policy == "Never" && st.pointer("/state/terminated/exitCode").and_then(Value::as_i64).is_some_and(|c| c != 0) {
+            if policy == "Never"
+                && st
+                    .pointer("/state/terminated/exitCode")
+                    .and_then(Value::as_i64)
+                    .is_some_and(|c| c != 0)
+            {
                 init_failed = true;
             }
             init_statuses.push(st);
@@ -715,7 +854,10 @@ impl PodWorker {
             "Pending"
         } else if all_terminated && !spec.containers.is_empty() {
             let will_restart = statuses.iter().any(|s| {
-                let code = s.pointer("/state/terminated/exitCode").and_then(Value::as_i64).unwrap_or(0) as i32;
+                let code = s
+                    .pointer("/state/terminated/exitCode")
+                    .and_then(Value::as_i64)
+                    .unwrap_or(0) as i32;
                 restart_allowed(&policy, code)
             });
             match (will_restart, any_failed) {
@@ -733,7 +875,15 @@ impl PodWorker {
             .as_array()
             .into_iter()
             .flatten()
-            .filter_map(|c| Some((c["type"].as_str()?.to_string(), (c["status"].as_str()?.to_string(), c["lastTransitionTime"].as_str()?.to_string()))))
+            .filter_map(|c| {
+                Some((
+                    c["type"].as_str()?.to_string(),
+                    (
+                        c["status"].as_str()?.to_string(),
+                        c["lastTransitionTime"].as_str()?.to_string(),
+                    ),
+                ))
+            })
             .collect();
         let cond = |t: &str, ok: bool| {
             let status = if ok { "True" } else { "False" };
@@ -761,7 +911,10 @@ impl PodWorker {
         if status == self.last_status {
             return Ok(());
         }
-        let api: Api<Pod> = Api::namespaced(self.kubelet.client.clone(), pod.metadata.namespace.as_deref().unwrap_or("default"));
+        let api: Api<Pod> = Api::namespaced(
+            self.kubelet.client.clone(),
+            pod.metadata.namespace.as_deref().unwrap_or("default"),
+        );
         api.patch_status(
             pod.metadata.name.as_deref().unwrap_or_default(),
             &PatchParams::default(),
@@ -777,7 +930,10 @@ impl PodWorker {
     async fn terminate(&mut self, pod: Option<&Pod>, grace: Duration) {
         let mut running = Vec::new();
         let names: Vec<String> = fs::read_dir(self.dirs.root.join("containers"))
-            .map(|rd| rd.filter_map(|e| Some(e.ok()?.file_name().to_str()?.to_string())).collect())
+            .map(|rd| {
+                rd.filter_map(|e| Some(e.ok()?.file_name().to_str()?.to_string()))
+                    .collect()
+            })
             .unwrap_or_default();
         for name in names {
             if let Some((attempt, State::Running(_) | State::Starting)) = self.state_of(&name) {
@@ -791,7 +947,12 @@ impl PodWorker {
         }
         tracing::info!(pod_uid = %self.uid, containers = running.len(), grace_s = grace.as_secs(), pod = ?pod.and_then(|p| p.metadata.name.clone()), "stopping pod");
         let all_exited = |w: &PodWorker| {
-            running.iter().all(|(n, a, _)| matches!(w.kubelet.runtime.state(&w.dirs.attempt(n, *a)), State::Exited(_)))
+            running.iter().all(|(n, a, _)| {
+                matches!(
+                    w.kubelet.runtime.state(&w.dirs.attempt(n, *a)),
+                    State::Exited(_)
+                )
+            })
         };
         let deadline = Instant::now() + grace;
         while Instant::now() < deadline && !all_exited(self) {
@@ -815,13 +976,22 @@ impl PodWorker {
     }
 
     async fn delete_from_api(&self, pod: &Pod) {
-        let api: Api<Pod> = Api::namespaced(self.kubelet.client.clone(), pod.metadata.namespace.as_deref().unwrap_or("default"));
+        let api: Api<Pod> = Api::namespaced(
+            self.kubelet.client.clone(),
+            pod.metadata.namespace.as_deref().unwrap_or("default"),
+        );
         let dp = DeleteParams {
             grace_period_seconds: Some(0),
-            preconditions: Some(Preconditions { uid: Some(self.uid.clone()), resource_version: None }),
+            preconditions: Some(Preconditions {
+                uid: Some(self.uid.clone()),
+                resource_version: None,
+            }),
             ..DeleteParams::default()
         };
-        match api.delete(pod.metadata.name.as_deref().unwrap_or_default(), &dp).await {
+        match api
+            .delete(pod.metadata.name.as_deref().unwrap_or_default(), &dp)
+            .await
+        {
             Ok(_) => {}
             Err(kube::Error::Api(e)) if e.code == 404 || e.code == 409 => {}
             Err(e) => tracing::warn!(error = %e, "deleting terminated pod failed"),
@@ -868,9 +1038,19 @@ fn parse_user(user: &str) -> (u32, u32) {
 pub fn parse_bytes(q: &str) -> Option<i64> {
     let q = q.trim();
     let suffixes: [(&str, f64); 13] = [
-        ("Ki", 1024.0), ("Mi", 1048576.0), ("Gi", 1073741824.0), ("Ti", 1099511627776.0),
-        ("Pi", 1125899906842624.0), ("Ei", 1152921504606846976.0),
-        ("k", 1e3), ("M", 1e6), ("G", 1e9), ("T", 1e12), ("P", 1e15), ("E", 1e18), ("m", 1e-3),
+        ("Ki", 1024.0),
+        ("Mi", 1048576.0),
+        ("Gi", 1073741824.0),
+        ("Ti", 1099511627776.0),
+        ("Pi", 1125899906842624.0),
+        ("Ei", 1152921504606846976.0),
+        ("k", 1e3),
+        ("M", 1e6),
+        ("G", 1e9),
+        ("T", 1e12),
+        ("P", 1e15),
+        ("E", 1e18),
+        ("m", 1e-3),
     ];
     for (s, mul) in suffixes {
         if let Some(n) = q.strip_suffix(s) {
@@ -890,7 +1070,9 @@ pub fn parse_millis(q: &str) -> Option<i64> {
 }
 
 fn remove_cgroups(uid: &str) {
-    let Ok(rd) = fs::read_dir("/sys/fs/cgroup") else { return };
+    let Ok(rd) = fs::read_dir("/sys/fs/cgroup") else {
+        return;
+    };
     let mut roots: Vec<PathBuf> = rd.filter_map(|e| e.ok().map(|e| e.path())).collect();
     roots.push(PathBuf::from("/sys/fs/cgroup"));
     for root in roots {
@@ -934,8 +1116,12 @@ pub async fn teardown_pod(kubelet: &Kubelet, uid: &str, sandbox: Option<&Attachm
 
 /// Pods on disk that the API server no longer binds here are removed.
 pub async fn clean_orphans(kubelet: &Kubelet, known: &HashSet<String>) {
-    let Ok(rd) = fs::read_dir(&kubelet.pods_dir) else { return };
-    let on_disk: Vec<String> = rd.filter_map(|e| Some(e.ok()?.file_name().to_str()?.to_string())).collect();
+    let Ok(rd) = fs::read_dir(&kubelet.pods_dir) else {
+        return;
+    };
+    let on_disk: Vec<String> = rd
+        .filter_map(|e| Some(e.ok()?.file_name().to_str()?.to_string()))
+        .collect();
     for uid in on_disk {
         if known.contains(&uid) {
             continue;
@@ -943,11 +1129,18 @@ pub async fn clean_orphans(kubelet: &Kubelet, known: &HashSet<String>) {
         tracing::info!(pod_uid = %uid, "removing orphaned pod");
         let root = kubelet.pods_dir.join(&uid);
         // Stop its containers before tearing the sandbox down.
-        for name in fs::read_dir(root.join("containers")).into_iter().flatten().flatten() {
+        for name in fs::read_dir(root.join("containers"))
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
             let name = name.file_name().to_string_lossy().to_string();
             let dirs = PodDirs { root: root.clone() };
             if let Some(a) = dirs.attempts(&name).last() {
-                kubelet.runtime.kill(&container_id(&uid, &name, *a), "KILL").await;
+                kubelet
+                    .runtime
+                    .kill(&container_id(&uid, &name, *a), "KILL")
+                    .await;
             }
         }
         tokio::time::sleep(Duration::from_millis(200)).await;

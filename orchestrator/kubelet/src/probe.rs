@@ -86,22 +86,30 @@ async fn run(kubelet: &Kubelet, p: &Probe, id: &str, ip: &str) -> bool {
     }
     if let Some(t) = &p.tcp_socket {
         let host = t.host.clone().unwrap_or_else(|| ip.to_string());
-        let Some(port) = port(&t.port) else { return false };
+        let Some(port) = port(&t.port) else {
+            return false;
+        };
         return TcpStream::connect((host.as_str(), port)).await.is_ok();
     }
     if let Some(h) = &p.http_get {
         let host = h.host.clone().unwrap_or_else(|| ip.to_string());
-        let Some(port) = port(&h.port) else { return false };
+        let Some(port) = port(&h.port) else {
+            return false;
+        };
         let path = h.path.clone().unwrap_or_else(|| "/".into());
         let Ok(mut s) = TcpStream::connect((host.as_str(), port)).await else {
             return false;
         };
-        let req = format!("GET {path} HTTP/1.0\r\nHost: {host}:{port}\r\nUser-Agent: kube-probe/1.33\r\n\r\n");
+        let req = format!(
+            "GET {path} HTTP/1.0\r\nHost: {host}:{port}\r\nUser-Agent: kube-probe/1.33\r\n\r\n"
+        );
         if s.write_all(req.as_bytes()).await.is_err() {
             return false;
         }
         let mut buf = [0u8; 64];
-        let Ok(n) = s.read(&mut buf).await else { return false };
+        let Ok(n) = s.read(&mut buf).await else {
+            return false;
+        };
         let head = String::from_utf8_lossy(&buf[..n]);
         return head
             .split_whitespace()

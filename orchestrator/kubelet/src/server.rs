@@ -33,7 +33,9 @@ use crate::Kubelet;
 type Body = BoxBody<Bytes, std::io::Error>;
 
 fn full(b: impl Into<Bytes>) -> Body {
-    Full::new(b.into()).map_err(|e: Infallible| match e {}).boxed()
+    Full::new(b.into())
+        .map_err(|e: Infallible| match e {})
+        .boxed()
 }
 
 fn status(code: StatusCode, message: &str) -> Response<Body> {
@@ -71,9 +73,12 @@ fn tls(kubelet: &Kubelet) -> Result<TlsAcceptor> {
         roots.add(c.context("parsing the client CA")?)?;
     }
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
-        .build()
-        .context("client certificate verifier")?;
+    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+        Arc::new(roots),
+        provider.clone(),
+    )
+    .build()
+    .context("client certificate verifier")?;
     let mut config = rustls::ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()?
         .with_client_cert_verifier(verifier)
@@ -82,9 +87,14 @@ fn tls(kubelet: &Kubelet) -> Result<TlsAcceptor> {
     Ok(TlsAcceptor::from(Arc::new(config)))
 }
 
-pub async fn start(kubelet: Arc<Kubelet>, shutdown: CancellationToken) -> Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
+pub async fn start(
+    kubelet: Arc<Kubelet>,
+    shutdown: CancellationToken,
+) -> Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
     let bind = SocketAddr::new(kubelet.config.node_ip, kubelet.config.port);
-    let listener = TcpListener::bind(bind).await.with_context(|| format!("binding the kubelet API on {bind}"))?;
+    let listener = TcpListener::bind(bind)
+        .await
+        .with_context(|| format!("binding the kubelet API on {bind}"))?;
     let addr = listener.local_addr()?;
     let acceptor = tls(&kubelet)?;
     let task = tokio::spawn(async move {
@@ -99,7 +109,9 @@ pub async fn start(kubelet: Arc<Kubelet>, shutdown: CancellationToken) -> Result
             let acceptor = acceptor.clone();
             let kubelet = kubelet.clone();
             tokio::spawn(async move {
-                let Ok(Ok(stream)) = tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await else {
+                let Ok(Ok(stream)) =
+                    tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await
+                else {
                     return;
                 };
                 let svc = hyper::service::service_fn(move |req| {
@@ -132,7 +144,9 @@ fn decode(s: &str) -> String {
     let mut i = 0;
     while i < b.len() {
         if b[i] == b'%' && i + 2 < b.len() {
-            if let Ok(v) = u8::from_str_radix(std::str::from_utf8(&b[i + 1..i + 3]).unwrap_or("zz"), 16) {
+            if let Ok(v) =
+                u8::from_str_radix(std::str::from_utf8(&b[i + 1..i + 3]).unwrap_or("zz"), 16)
+            {
                 out.push(v);
                 i += 3;
                 continue;
@@ -166,14 +180,29 @@ async fn route(kubelet: Arc<Kubelet>, req: Request<Incoming>) -> Response<Body> 
 }
 
 /// The pod's directory and the container's attempts (oldest first).
-fn locate(kubelet: &Kubelet, ns: &str, pod: &str, container: &str) -> Result<(String, PodDirs, Vec<u32>), Response<Body>> {
+fn locate(
+    kubelet: &Kubelet,
+    ns: &str,
+    pod: &str,
+    container: &str,
+) -> Result<(String, PodDirs, Vec<u32>), Response<Body>> {
     let entry = kubelet
         .index
         .lock()
         .ok()
         .and_then(|idx| idx.get(&format!("{ns}/{pod}")).cloned())
-        .ok_or_else(|| status(StatusCode::NOT_FOUND, &format!("pod {ns}/{pod} is not running on this node")))?;
-    if !entry.containers.iter().chain(entry.init_containers.iter()).any(|c| c == container) {
+        .ok_or_else(|| {
+            status(
+                StatusCode::NOT_FOUND,
+                &format!("pod {ns}/{pod} is not running on this node"),
+            )
+        })?;
+    if !entry
+        .containers
+        .iter()
+        .chain(entry.init_containers.iter())
+        .any(|c| c == container)
+    {
         return Err(status(
             StatusCode::BAD_REQUEST,
             &format!("container {container} is not valid for pod {pod}"),
@@ -184,7 +213,13 @@ fn locate(kubelet: &Kubelet, ns: &str, pod: &str, container: &str) -> Result<(St
     Ok((entry.uid, dirs, attempts))
 }
 
-async fn container_logs(kubelet: &Kubelet, ns: &str, pod: &str, container: &str, q: &HashMap<String, String>) -> Response<Body> {
+async fn container_logs(
+    kubelet: &Kubelet,
+    ns: &str,
+    pod: &str,
+    container: &str,
+    q: &HashMap<String, String>,
+) -> Response<Body> {
     let (_, dirs, attempts) = match locate(kubelet, ns, pod, container) {
         Ok(x) => x,
         Err(r) => return r,
@@ -196,7 +231,9 @@ async fn container_logs(kubelet: &Kubelet, ns: &str, pod: &str, container: &str,
             None => {
                 return status(
                     StatusCode::BAD_REQUEST,
-                    &format!("previous terminated container \"{container}\" in pod \"{pod}\" not found"),
+                    &format!(
+                        "previous terminated container \"{container}\" in pod \"{pod}\" not found"
+                    ),
                 )
             }
         }
@@ -219,39 +256,66 @@ async fn container_logs(kubelet: &Kubelet, ns: &str, pod: &str, container: &str,
     if let Some(t) = q.get("tailLines") {
         match t.parse::<i64>() {
             Ok(n) if n >= 0 => opts.tail_lines = Some(n as usize),
-            _ => return status(StatusCode::BAD_REQUEST, &format!("tailLines: invalid value {t:?}")),
+            _ => {
+                return status(
+                    StatusCode::BAD_REQUEST,
+                    &format!("tailLines: invalid value {t:?}"),
+                )
+            }
         }
     }
     if let Some(s) = q.get("sinceSeconds") {
         match s.parse::<i64>() {
             Ok(n) if n > 0 => opts.since = Some(chrono::Utc::now() - chrono::Duration::seconds(n)),
-            _ => return status(StatusCode::BAD_REQUEST, &format!("sinceSeconds: invalid value {s:?}")),
+            _ => {
+                return status(
+                    StatusCode::BAD_REQUEST,
+                    &format!("sinceSeconds: invalid value {s:?}"),
+                )
+            }
         }
     }
     if let Some(s) = q.get("sinceTime") {
         match chrono::DateTime::parse_from_rfc3339(s) {
             Ok(t) => opts.since = Some(t.with_timezone(&chrono::Utc)),
-            Err(_) => return status(StatusCode::BAD_REQUEST, &format!("sinceTime: invalid RFC 3339 time {s:?}")),
+            Err(_) => {
+                return status(
+                    StatusCode::BAD_REQUEST,
+                    &format!("sinceTime: invalid RFC 3339 time {s:?}"),
+                )
+            }
         }
     }
     if let Some(l) = q.get("limitBytes") {
         match l.parse::<usize>() {
             Ok(n) if n > 0 => opts.limit_bytes = Some(n),
-            _ => return status(StatusCode::BAD_REQUEST, &format!("limitBytes: invalid value {l:?}")),
+            _ => {
+                return status(
+                    StatusCode::BAD_REQUEST,
+                    &format!("limitBytes: invalid value {l:?}"),
+                )
+            }
         }
     }
     let path = dirs.log(container, attempt);
     let (mut first, offset) = match logs::initial(&path, &opts).await {
         Ok(x) => x,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => (Vec::new(), 0),
-        Err(e) => return status(StatusCode::INTERNAL_SERVER_ERROR, &format!("reading log: {e}")),
+        Err(e) => {
+            return status(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                &format!("reading log: {e}"),
+            )
+        }
     };
     let builder = Response::builder().header(http::header::CONTENT_TYPE, "text/plain");
     if let Some(limit) = opts.limit_bytes {
         first.truncate(limit);
     }
     if !opts.follow {
-        return builder.body(full(first)).unwrap_or_else(|_| Response::new(full("")));
+        return builder
+            .body(full(first))
+            .unwrap_or_else(|_| Response::new(full("")));
     }
     let attempt_dir = dirs.attempt(container, attempt);
     let rt = kubelet.runtime.clone();
@@ -273,7 +337,13 @@ async fn container_logs(kubelet: &Kubelet, ns: &str, pod: &str, container: &str,
 
 const PROTOCOLS: &[&str] = &["v5.channel.k8s.io", "v4.channel.k8s.io"];
 
-async fn exec(kubelet: Arc<Kubelet>, req: Request<Incoming>, ns: &str, pod: &str, container: &str) -> Response<Body> {
+async fn exec(
+    kubelet: Arc<Kubelet>,
+    req: Request<Incoming>,
+    ns: &str,
+    pod: &str,
+    container: &str,
+) -> Response<Body> {
     let (uid, dirs, attempts) = match locate(&kubelet, ns, pod, container) {
         Ok(x) => x,
         Err(r) => return r,
@@ -289,9 +359,16 @@ async fn exec(kubelet: Arc<Kubelet>, req: Request<Incoming>, ns: &str, pod: &str
     };
     let q = query_pairs(req.uri().query());
     let get = |k: &str| q.iter().find(|(x, _)| x == k).map(|(_, v)| v.clone());
-    let command: Vec<String> = q.iter().filter(|(k, _)| k == "command").map(|(_, v)| v.clone()).collect();
+    let command: Vec<String> = q
+        .iter()
+        .filter(|(k, _)| k == "command")
+        .map(|(_, v)| v.clone())
+        .collect();
     if command.is_empty() {
-        return status(StatusCode::BAD_REQUEST, "command: at least one command argument is required");
+        return status(
+            StatusCode::BAD_REQUEST,
+            "command: at least one command argument is required",
+        );
     }
     let stdin = truthy(get("stdin").as_ref());
     let tty = truthy(get("tty").as_ref());
@@ -300,8 +377,15 @@ async fn exec(kubelet: Arc<Kubelet>, req: Request<Incoming>, ns: &str, pod: &str
         .get(http::header::UPGRADE)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.eq_ignore_ascii_case("websocket"));
-    let Some(key) = headers.get("sec-websocket-key").and_then(|v| v.to_str().ok()).map(str::to_string) else {
-        return status(StatusCode::BAD_REQUEST, "exec needs a WebSocket upgrade (v5.channel.k8s.io or v4.channel.k8s.io)");
+    let Some(key) = headers
+        .get("sec-websocket-key")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string)
+    else {
+        return status(
+            StatusCode::BAD_REQUEST,
+            "exec needs a WebSocket upgrade (v5.channel.k8s.io or v4.channel.k8s.io)",
+        );
     };
     let offered: Vec<String> = headers
         .get_all("sec-websocket-protocol")
@@ -311,7 +395,10 @@ async fn exec(kubelet: Arc<Kubelet>, req: Request<Incoming>, ns: &str, pod: &str
         .map(|s| s.trim().to_string())
         .collect();
     let Some(proto) = PROTOCOLS.iter().find(|p| offered.iter().any(|o| o == *p)) else {
-        return status(StatusCode::BAD_REQUEST, &format!("no supported streaming protocol offered (want one of {PROTOCOLS:?})"));
+        return status(
+            StatusCode::BAD_REQUEST,
+            &format!("no supported streaming protocol offered (want one of {PROTOCOLS:?})"),
+        );
     };
     if !is_ws {
         return status(StatusCode::BAD_REQUEST, "exec needs a WebSocket upgrade");
@@ -322,7 +409,9 @@ async fn exec(kubelet: Arc<Kubelet>, req: Request<Incoming>, ns: &str, pod: &str
     tokio::spawn(async move {
         match upgrade.await {
             Ok(io) => {
-                if let Err(e) = session(&kubelet, TokioIo::new(io), &id, command, stdin, tty, v5).await {
+                if let Err(e) =
+                    session(&kubelet, TokioIo::new(io), &id, command, stdin, tty, v5).await
+                {
                     tracing::debug!(error = %e, "exec session ended with an error");
                 }
             }
@@ -342,7 +431,15 @@ async fn exec(kubelet: Arc<Kubelet>, req: Request<Incoming>, ns: &str, pod: &str
 fn openpty() -> std::io::Result<(OwnedFd, OwnedFd)> {
     let (mut master, mut slave) = (0, 0);
     // SAFETY: out pointers are valid; name/termios/winsize may be null.
-    let rc = unsafe { libc::openpty(&mut master, &mut slave, std::ptr::null_mut(), std::ptr::null(), std::ptr::null()) };
+    let rc = unsafe {
+        libc::openpty(
+            &mut master,
+            &mut slave,
+            std::ptr::null_mut(),
+            std::ptr::null(),
+            std::ptr::null(),
+        )
+    };
     if rc != 0 {
         return Err(std::io::Error::last_os_error());
     }
@@ -351,7 +448,9 @@ fn openpty() -> std::io::Result<(OwnedFd, OwnedFd)> {
 }
 
 fn resize(master: i32, data: &[u8]) {
-    let Ok(v) = serde_json::from_slice::<serde_json::Value>(data) else { return };
+    let Ok(v) = serde_json::from_slice::<serde_json::Value>(data) else {
+        return;
+    };
     let ws = libc::winsize {
         ws_row: v["Height"].as_u64().unwrap_or(24) as u16,
         ws_col: v["Width"].as_u64().unwrap_or(80) as u16,
@@ -480,7 +579,9 @@ async fn session<IO: AsyncRead + AsyncWrite + Send + 'static>(
     for o in outputs {
         let _ = tokio::time::timeout(Duration::from_secs(2), o).await;
     }
-    let code = exit.code().unwrap_or(128 + std::os::unix::process::ExitStatusExt::signal(&exit).unwrap_or(0));
+    let code = exit
+        .code()
+        .unwrap_or(128 + std::os::unix::process::ExitStatusExt::signal(&exit).unwrap_or(0));
     let st = if code == 0 {
         json!({"metadata": {}, "status": "Success"})
     } else {

@@ -76,11 +76,7 @@ fn pump(reader: OwnedFd, stream: &'static str, log: Arc<Mutex<fs::File>>) {
     let mut buf = Vec::with_capacity(1024);
     loop {
         buf.clear();
-        let n = match r
-            .by_ref()
-            .take(MAX_LINE as u64)
-            .read_until(b'\n', &mut buf)
-        {
+        let n = match r.by_ref().take(MAX_LINE as u64).read_until(b'\n', &mut buf) {
             Ok(0) | Err(_) => return,
             Ok(n) => n,
         };

@@ -13,7 +13,11 @@ use kube::Api;
 use crate::images::ImageConfig;
 use crate::Kubelet;
 
-async fn config_map(kubelet: &Kubelet, ns: &str, name: &str) -> Result<Option<BTreeMap<String, Vec<u8>>>> {
+async fn config_map(
+    kubelet: &Kubelet,
+    ns: &str,
+    name: &str,
+) -> Result<Option<BTreeMap<String, Vec<u8>>>> {
     let api: Api<ConfigMap> = Api::namespaced(kubelet.client.clone(), ns);
     Ok(api.get_opt(name).await?.map(|cm| {
         let mut out: BTreeMap<String, Vec<u8>> = cm
@@ -22,17 +26,35 @@ async fn config_map(kubelet: &Kubelet, ns: &str, name: &str) -> Result<Option<BT
             .into_iter()
             .map(|(k, v)| (k, v.into_bytes()))
             .collect();
-        out.extend(cm.binary_data.unwrap_or_default().into_iter().map(|(k, v)| (k, v.0)));
+        out.extend(
+            cm.binary_data
+                .unwrap_or_default()
+                .into_iter()
+                .map(|(k, v)| (k, v.0)),
+        );
         out
     }))
 }
 
-async fn secret(kubelet: &Kubelet, ns: &str, name: &str) -> Result<Option<BTreeMap<String, Vec<u8>>>> {
+async fn secret(
+    kubelet: &Kubelet,
+    ns: &str,
+    name: &str,
+) -> Result<Option<BTreeMap<String, Vec<u8>>>> {
     let api: Api<Secret> = Api::namespaced(kubelet.client.clone(), ns);
     Ok(api.get_opt(name).await?.map(|s| {
-        let mut out: BTreeMap<String, Vec<u8>> =
-            s.data.unwrap_or_default().into_iter().map(|(k, v)| (k, v.0)).collect();
-        out.extend(s.string_data.unwrap_or_default().into_iter().map(|(k, v)| (k, v.into_bytes())));
+        let mut out: BTreeMap<String, Vec<u8>> = s
+            .data
+            .unwrap_or_default()
+            .into_iter()
+            .map(|(k, v)| (k, v.0))
+            .collect();
+        out.extend(
+            s.string_data
+                .unwrap_or_default()
+                .into_iter()
+                .map(|(k, v)| (k, v.into_bytes())),
+        );
         out
     }))
 }
@@ -76,7 +98,11 @@ fn write_keys(
 
 /// Make every volume of the pod available on the host; returns volume
 /// name → host path.
-pub async fn prepare(kubelet: &Kubelet, pod: &Pod, pod_dir: &Path) -> Result<HashMap<String, PathBuf>> {
+pub async fn prepare(
+    kubelet: &Kubelet,
+    pod: &Pod,
+    pod_dir: &Path,
+) -> Result<HashMap<String, PathBuf>> {
     let ns = pod.metadata.namespace.as_deref().unwrap_or("default");
     let mut out = HashMap::new();
     let spec = pod.spec.as_ref().context("pod without spec")?;
@@ -97,7 +123,9 @@ pub async fn prepare(kubelet: &Kubelet, pod: &Pod, pod_dir: &Path) -> Result<Has
                     }
                     fs::write(&p, b"")?;
                 }
-                "Directory" if !p.is_dir() => bail!("{field}.hostPath: {} is not a directory", hp.path),
+                "Directory" if !p.is_dir() => {
+                    bail!("{field}.hostPath: {} is not a directory", hp.path)
+                }
                 "File" if !p.is_file() => bail!("{field}.hostPath: {} is not a file", hp.path),
                 _ => {}
             }
@@ -108,7 +136,13 @@ pub async fn prepare(kubelet: &Kubelet, pod: &Pod, pod_dir: &Path) -> Result<Has
                 None if cm.optional == Some(true) => BTreeMap::new(),
                 None => bail!("configmap {:?} not found ({field}.configMap)", cm.name),
             };
-            write_keys(&dir, &data, cm.items.as_ref(), cm.default_mode.unwrap_or(0o644), &format!("{field}.configMap"))?;
+            write_keys(
+                &dir,
+                &data,
+                cm.items.as_ref(),
+                cm.default_mode.unwrap_or(0o644),
+                &format!("{field}.configMap"),
+            )?;
             dir
         } else if let Some(s) = &v.secret {
             let name = s.secret_name.clone().unwrap_or_default();
@@ -117,7 +151,13 @@ pub async fn prepare(kubelet: &Kubelet, pod: &Pod, pod_dir: &Path) -> Result<Has
                 None if s.optional == Some(true) => BTreeMap::new(),
                 None => bail!("secret {name:?} not found ({field}.secret)"),
             };
-            write_keys(&dir, &data, s.items.as_ref(), s.default_mode.unwrap_or(0o644), &format!("{field}.secret"))?;
+            write_keys(
+                &dir,
+                &data,
+                s.items.as_ref(),
+                s.default_mode.unwrap_or(0o644),
+                &format!("{field}.secret"),
+            )?;
             dir
         } else {
             bail!("{field} ({:?}): unsupported volume type (emptyDir, hostPath, configMap and secret are supported)", v.name);
@@ -143,7 +183,12 @@ fn field_value(pod: &Pod, path: &str, pod_ip: &str) -> Option<String> {
             let key = key.strip_suffix("']")?;
             match map {
                 "metadata.labels" => m.labels.as_ref()?.get(key).cloned().unwrap_or_default(),
-                "metadata.annotations" => m.annotations.as_ref()?.get(key).cloned().unwrap_or_default(),
+                "metadata.annotations" => m
+                    .annotations
+                    .as_ref()?
+                    .get(key)
+                    .cloned()
+                    .unwrap_or_default(),
                 _ => return None,
             }
         }
@@ -190,7 +235,13 @@ pub fn expand(s: &str, env: &HashMap<String, String>) -> String {
 
 /// The container's environment as `KEY=VALUE`, in Kubernetes' order:
 /// image env, envFrom, env (later entries win).
-pub async fn env(kubelet: &Kubelet, pod: &Pod, c: &Container, image: &ImageConfig, pod_ip: &str) -> Result<Vec<String>> {
+pub async fn env(
+    kubelet: &Kubelet,
+    pod: &Pod,
+    c: &Container,
+    image: &ImageConfig,
+    pod_ip: &str,
+) -> Result<Vec<String>> {
     let ns = pod.metadata.namespace.as_deref().unwrap_or("default");
     let mut vars: Vec<(String, String)> = Vec::new();
     let set = |vars: &mut Vec<(String, String)>, k: String, v: String| {
@@ -203,9 +254,18 @@ pub async fn env(kubelet: &Kubelet, pod: &Pod, c: &Container, image: &ImageConfi
         }
     }
     if !vars.iter().any(|(k, _)| k == "PATH") {
-        set(&mut vars, "PATH".into(), "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into());
+        set(
+            &mut vars,
+            "PATH".into(),
+            "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into(),
+        );
     }
-    let hostname = pod.spec.as_ref().and_then(|s| s.hostname.clone()).or(pod.metadata.name.clone()).unwrap_or_default();
+    let hostname = pod
+        .spec
+        .as_ref()
+        .and_then(|s| s.hostname.clone())
+        .or(pod.metadata.name.clone())
+        .unwrap_or_default();
     set(&mut vars, "HOSTNAME".into(), hostname);
     for (i, ef) in c.env_from.iter().flatten().enumerate() {
         let prefix = ef.prefix.clone().unwrap_or_default();
@@ -213,19 +273,31 @@ pub async fn env(kubelet: &Kubelet, pod: &Pod, c: &Container, image: &ImageConfi
             match config_map(kubelet, ns, &r.name).await? {
                 Some(d) => d,
                 None if r.optional == Some(true) => continue,
-                None => bail!("configmap {:?} not found (spec.containers[{}].envFrom[{i}].configMapRef)", r.name, c.name),
+                None => bail!(
+                    "configmap {:?} not found (spec.containers[{}].envFrom[{i}].configMapRef)",
+                    r.name,
+                    c.name
+                ),
             }
         } else if let Some(r) = &ef.secret_ref {
             match secret(kubelet, ns, &r.name).await? {
                 Some(d) => d,
                 None if r.optional == Some(true) => continue,
-                None => bail!("secret {:?} not found (spec.containers[{}].envFrom[{i}].secretRef)", r.name, c.name),
+                None => bail!(
+                    "secret {:?} not found (spec.containers[{}].envFrom[{i}].secretRef)",
+                    r.name,
+                    c.name
+                ),
             }
         } else {
             continue;
         };
         for (k, v) in data {
-            set(&mut vars, format!("{prefix}{k}"), String::from_utf8_lossy(&v).into_owned());
+            set(
+                &mut vars,
+                format!("{prefix}{k}"),
+                String::from_utf8_lossy(&v).into_owned(),
+            );
         }
     }
     for (i, e) in c.env.iter().flatten().enumerate() {
@@ -235,21 +307,33 @@ pub async fn env(kubelet: &Kubelet, pod: &Pod, c: &Container, image: &ImageConfi
             expand(v, &current)
         } else if let Some(from) = &e.value_from {
             if let Some(f) = &from.field_ref {
-                field_value(pod, &f.field_path, pod_ip)
-                    .with_context(|| format!("{field}.valueFrom.fieldRef: unsupported fieldPath {:?}", f.field_path))?
+                field_value(pod, &f.field_path, pod_ip).with_context(|| {
+                    format!(
+                        "{field}.valueFrom.fieldRef: unsupported fieldPath {:?}",
+                        f.field_path
+                    )
+                })?
             } else if let Some(r) = &from.config_map_key_ref {
                 let data = config_map(kubelet, ns, &r.name).await?;
                 match data.and_then(|d| d.get(&r.key).cloned()) {
                     Some(v) => String::from_utf8_lossy(&v).into_owned(),
                     None if r.optional == Some(true) => continue,
-                    None => bail!("couldn't find key {} in ConfigMap {ns}/{} ({field})", r.key, r.name),
+                    None => bail!(
+                        "couldn't find key {} in ConfigMap {ns}/{} ({field})",
+                        r.key,
+                        r.name
+                    ),
                 }
             } else if let Some(r) = &from.secret_key_ref {
                 let data = secret(kubelet, ns, &r.name).await?;
                 match data.and_then(|d| d.get(&r.key).cloned()) {
                     Some(v) => String::from_utf8_lossy(&v).into_owned(),
                     None if r.optional == Some(true) => continue,
-                    None => bail!("couldn't find key {} in Secret {ns}/{} ({field})", r.key, r.name),
+                    None => bail!(
+                        "couldn't find key {} in Secret {ns}/{} ({field})",
+                        r.key,
+                        r.name
+                    ),
                 }
             } else {
                 bail!("{field}.valueFrom: only fieldRef, configMapKeyRef and secretKeyRef are supported");
@@ -278,15 +362,26 @@ fn host_nameservers() -> Vec<String> {
 pub fn etc_files(pod: &Pod, pod_dir: &Path, pod_ip: &str) -> Result<Vec<(&'static str, PathBuf)>> {
     let dir = pod_dir.join("etc");
     fs::create_dir_all(&dir)?;
-    let name = pod.spec.as_ref().and_then(|s| s.hostname.clone()).or(pod.metadata.name.clone()).unwrap_or_default();
+    let name = pod
+        .spec
+        .as_ref()
+        .and_then(|s| s.hostname.clone())
+        .or(pod.metadata.name.clone())
+        .unwrap_or_default();
     let ns = pod.metadata.namespace.as_deref().unwrap_or("default");
-    let hosts = format!("127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n{pod_ip}\t{name}\n");
+    let hosts = format!(
+        "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n{pod_ip}\t{name}\n"
+    );
     let mut resolv = format!("search {ns}.svc.cluster.local svc.cluster.local cluster.local\n");
     for ns in host_nameservers() {
         resolv.push_str(&format!("nameserver {ns}\n"));
     }
     resolv.push_str("options ndots:5\n");
-    let files = [("hosts", hosts), ("hostname", format!("{name}\n")), ("resolv.conf", resolv)];
+    let files = [
+        ("hosts", hosts),
+        ("hostname", format!("{name}\n")),
+        ("resolv.conf", resolv),
+    ];
     let mut out = Vec::new();
     for (n, content) in files {
         let p = dir.join(n);

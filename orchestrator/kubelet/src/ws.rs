@@ -24,7 +24,9 @@ pub enum Message {
 }
 
 /// Read the next data message (answering pings through `pong`).
-pub async fn read_message<R: AsyncRead + Unpin>(r: &mut R) -> std::io::Result<(Message, Option<Vec<u8>>)> {
+pub async fn read_message<R: AsyncRead + Unpin>(
+    r: &mut R,
+) -> std::io::Result<(Message, Option<Vec<u8>>)> {
     let mut message = Vec::new();
     loop {
         let mut head = [0u8; 2];
@@ -43,7 +45,10 @@ pub async fn read_message<R: AsyncRead + Unpin>(r: &mut R) -> std::io::Result<(M
             len = u64::from_be_bytes(b);
         }
         if len as usize > MAX_MESSAGE || message.len() + len as usize > MAX_MESSAGE {
-            return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, "websocket message too large"));
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                "websocket message too large",
+            ));
         }
         let mut mask = [0u8; 4];
         if masked {
@@ -109,7 +114,10 @@ mod tests {
 
     #[test]
     fn accept_matches_rfc_example() {
-        assert_eq!(accept_key("dGhlIHNhbXBsZSBub25jZQ=="), "s3pPLMBiTxaQ9kYGzzhZRbK+xOo=");
+        assert_eq!(
+            accept_key("dGhlIHNhbXBsZSBub25jZQ=="),
+            "s3pPLMBiTxaQ9kYGzzhZRbK+xOo="
+        );
     }
 
     #[tokio::test]
