@@ -157,12 +157,10 @@ impl ImageStore {
             }
         }
         let dest = self.blob_path(&digest)?;
-        if !dest.exists() {
-            if fs::rename(file, &dest).is_err() {
-                let tmp = dest.with_extension("part");
-                fs::copy(file, &tmp)?;
-                fs::rename(&tmp, &dest)?;
-            }
+        if !dest.exists() && fs::rename(file, &dest).is_err() {
+            let tmp = dest.with_extension("part");
+            fs::copy(file, &tmp)?;
+            fs::rename(&tmp, &dest)?;
         }
         Ok((digest, size))
     }

@@ -1031,7 +1031,7 @@ fn qos_class(spec: &k8s_openapi::api::core::v1::PodSpec) -> &'static str {
 fn parse_user(user: &str) -> (u32, u32) {
     let (u, g) = user.split_once(':').unwrap_or((user, ""));
     let uid = u.parse().unwrap_or(0);
-    (uid, g.parse().unwrap_or(uid.min(0)))
+    (uid, g.parse().unwrap_or(0))
 }
 
 /// A Kubernetes quantity in bytes ("64Mi", "1G", "1e9", "512").

@@ -196,12 +196,9 @@ pub fn oci_spec(spec: &ContainerSpec, rootfs: &Path) -> Value {
         json!({"type": "ipc"}),
         json!({"type": "mount"}),
     ];
-    match &spec.netns {
-        Some(path) => {
-            namespaces.push(json!({"type": "network", "path": path}));
-            namespaces.push(json!({"type": "uts"}));
-        }
-        None => {}
+    if let Some(path) = &spec.netns {
+        namespaces.push(json!({"type": "network", "path": path}));
+        namespaces.push(json!({"type": "uts"}));
     }
     let mut resources = json!({"devices": [{"allow": spec.privileged, "access": "rwm"}]});
     if let Some(limit) = spec.memory_limit {

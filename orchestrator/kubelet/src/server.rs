@@ -185,17 +185,17 @@ fn locate(
     ns: &str,
     pod: &str,
     container: &str,
-) -> Result<(String, PodDirs, Vec<u32>), Response<Body>> {
+) -> Result<(String, PodDirs, Vec<u32>), Box<Response<Body>>> {
     let entry = kubelet
         .index
         .lock()
         .ok()
         .and_then(|idx| idx.get(&format!("{ns}/{pod}")).cloned())
         .ok_or_else(|| {
-            status(
+            Box::new(status(
                 StatusCode::NOT_FOUND,
                 &format!("pod {ns}/{pod} is not running on this node"),
-            )
+            ))
         })?;
     if !entry
         .containers
@@ -203,10 +203,10 @@ fn locate(
         .chain(entry.init_containers.iter())
         .any(|c| c == container)
     {
-        return Err(status(
+        return Err(Box::new(status(
             StatusCode::BAD_REQUEST,
             &format!("container {container} is not valid for pod {pod}"),
-        ));
+        )));
     }
     let dirs = PodDirs::new(kubelet, &entry.uid);
     let attempts = dirs.attempts(container);
@@ -222,7 +222,7 @@ async fn container_logs(
 ) -> Response<Body> {
     let (_, dirs, attempts) = match locate(kubelet, ns, pod, container) {
         Ok(x) => x,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     let previous = truthy(q.get("previous"));
     let attempt = if previous {
@@ -346,7 +346,7 @@ async fn exec(
 ) -> Response<Body> {
     let (uid, dirs, attempts) = match locate(&kubelet, ns, pod, container) {
         Ok(x) => x,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     let running = attempts
         .last()
