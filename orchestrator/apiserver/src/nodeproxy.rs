@@ -1,10 +1,10 @@
 //! Node credentials and the pods' streaming subresources.
 //!
-//! `pods/log`, `pods/exec` and `pods/attach` are served by the kubelet of
+//! `pods/log` and `pods/exec` are served by the kubelet of
 //! the pod's node: the API server looks the node's address up, connects to
 //! its HTTPS API with a client certificate from the cluster CA (as
-//! kube-apiserver does) and relays the response — for exec and attach,
-//! the upgraded (WebSocket) connection in both directions.
+//! kube-apiserver does) and relays the response — for exec, the upgraded
+//! (WebSocket) connection in both directions.
 //!
 //! Like kube-apiserver without `--kubelet-certificate-authority`, the
 //! kubelet's serving certificate is not verified; the kubelet in turn only
@@ -161,11 +161,11 @@ impl KubeletClient {
     }
 }
 
-/// `/api/v1/namespaces/NS/pods/NAME/{log,exec,attach}` → (ns, name, sub).
+/// `/api/v1/namespaces/NS/pods/NAME/{log,exec}` → (ns, name, sub).
 pub fn streaming_target(path: &str) -> Option<(String, String, String)> {
     let parts: Vec<&str> = path.trim_matches('/').split('/').collect();
     match parts.as_slice() {
-        ["api", "v1", "namespaces", ns, "pods", name, sub @ ("log" | "exec" | "attach")] => {
+        ["api", "v1", "namespaces", ns, "pods", name, sub @ ("log" | "exec")] => {
             Some((ns.to_string(), name.to_string(), sub.to_string()))
         }
         _ => None,
@@ -382,4 +382,41 @@ async fn proxy_inner(
         }
     }
     r.body(Body::new(body)).map_err(ApiError::internal)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn streaming_paths() {
+        assert_eq!(
+            streaming_target("/api/v1/namespaces/default/pods/web/log"),
+            Some(("default".into(), "web".into(), "log".into()))
+        );
+        assert!(streaming_target("/api/v1/namespaces/default/pods/web/exec").is_some());
+        assert!(streaming_target("/api/v1/namespaces/default/pods/web/status").is_none());
+        assert!(streaming_target("/api/v1/namespaces/default/pods/web").is_none());
+    }
+
+    #[test]
+    fn node_credentials_are_created_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let names = vec!["localhost".to_string()];
+        let pki = Pki::load_or_create(&dir.path().join("pki"), &names).unwrap();
+        let (_, _) = crate::pki::Tokens::load_or_create(&dir.path().join("tokens.csv")).unwrap();
+        ensure_node_credentials(dir.path(), &pki).unwrap();
+        let token = fs::read_to_string(dir.path().join("node-token")).unwrap();
+        ensure_node_credentials(dir.path(), &pki).unwrap();
+        assert_eq!(
+            fs::read_to_string(dir.path().join("node-token")).unwrap(),
+            token
+        );
+        let tokens = crate::pki::Tokens::load(&dir.path().join("tokens.csv")).unwrap();
+        let user = tokens
+            .authenticate(token.trim())
+            .expect("node token authenticates");
+        assert_eq!(user.groups, vec![NODES_GROUP.to_string()]);
+        assert!(KubeletClient::new(&pki).is_ok());
+    }
 }

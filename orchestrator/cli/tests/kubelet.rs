@@ -632,15 +632,29 @@ fn single_node_cluster_runs_real_containers() {
       periodSeconds: 1
 "#,
     ));
-    c.wait_for("probed running", 30, || c.jsonpath("probed", ".status.phase") == "Running");
+    c.wait_for("probed running", 30, || {
+        c.jsonpath("probed", ".status.phase") == "Running"
+    });
     std::thread::sleep(Duration::from_secs(2));
-    assert_eq!(c.jsonpath("probed", ".status.containerStatuses[?(@.name==\"c\")].ready"), "false");
-    assert_eq!(c.jsonpath("probed", ".status.conditions[?(@.type==\"Ready\")].status"), "False");
+    assert_eq!(
+        c.jsonpath(
+            "probed",
+            ".status.containerStatuses[?(@.name==\"c\")].ready"
+        ),
+        "false"
+    );
+    assert_eq!(
+        c.jsonpath("probed", ".status.conditions[?(@.type==\"Ready\")].status"),
+        "False"
+    );
     c.ok(&["exec", "probed", "-c", "c", "--", "touch", "/tmp/ready"]);
     c.wait_running("probed");
     c.ok(&["exec", "probed", "-c", "c", "--", "rm", "/tmp/healthy"]);
     c.wait_for("liveness restart", 30, || {
-        c.jsonpath("probed", ".status.containerStatuses[?(@.name==\"c\")].restartCount") == "1"
+        c.jsonpath(
+            "probed",
+            ".status.containerStatuses[?(@.name==\"c\")].restartCount",
+        ) == "1"
     });
 
     // A memory limit breach is reported as OOMKilled.
@@ -648,9 +662,23 @@ fn single_node_cluster_runs_real_containers() {
         "hog",
         "  restartPolicy: Never\n  containers:\n  - name: c\n    image: busybox:local\n    command: [dd, if=/dev/zero, of=/dev/null, bs=64M, count=1]\n    resources: {limits: {memory: 16Mi}}\n",
     ));
-    c.wait_for("OOMKilled", 30, || c.jsonpath("hog", ".status.phase") == "Failed");
-    assert_eq!(c.jsonpath("hog", ".status.containerStatuses[0].state.terminated.reason"), "OOMKilled");
-    assert_eq!(c.jsonpath("hog", ".status.containerStatuses[0].state.terminated.exitCode"), "137");
+    c.wait_for("OOMKilled", 30, || {
+        c.jsonpath("hog", ".status.phase") == "Failed"
+    });
+    assert_eq!(
+        c.jsonpath(
+            "hog",
+            ".status.containerStatuses[0].state.terminated.reason"
+        ),
+        "OOMKilled"
+    );
+    assert_eq!(
+        c.jsonpath(
+            "hog",
+            ".status.containerStatuses[0].state.terminated.exitCode"
+        ),
+        "137"
+    );
 
     // SIGKILL the whole process: containers keep running, and the new
     // agent adopts them instead of starting duplicates.
