@@ -86,12 +86,27 @@ async fn client(kubeconfig: &Path) -> Result<Client> {
 }
 
 fn pod(name: &str) -> Result<Pod> {
-    Ok(serde_json::from_value(serde_json::json!({
-        "apiVersion": "v1", "kind": "Pod",
-        "metadata": {"name": name, "labels": {"bench": "1"}},
-        "spec": {"nodeName": NODE, "terminationGracePeriodSeconds": 1,
-                 "containers": [{"name": "c", "image": "busybox:bench", "command": ["sleep", "3600"]}]},
-    }))?)
+    use k8s_openapi::api::core::v1::{Container, PodSpec};
+    use kube::api::ObjectMeta;
+    Ok(Pod {
+        metadata: ObjectMeta {
+            name: Some(name.to_string()),
+            labels: Some([("bench".to_string(), "1".to_string())].into()),
+            ..ObjectMeta::default()
+        },
+        spec: Some(PodSpec {
+            node_name: Some(NODE.to_string()),
+            termination_grace_period_seconds: Some(1),
+            containers: vec![Container {
+                name: "c".into(),
+                image: Some("busybox:bench".into()),
+                command: Some(vec!["sleep".into(), "3600".into()]),
+                ..Container::default()
+            }],
+            ..PodSpec::default()
+        }),
+        ..Pod::default()
+    })
 }
 
 fn running(p: &Pod) -> bool {
