@@ -754,6 +754,8 @@ fn single_node_cluster_runs_real_containers() {
             leftovers(&uid)
         );
     }
+    // The node's bridge outlives its pods by design; this test's goes.
+    let _ = Command::new("ip").args(["link", "del", "tpe2e0"]).status();
 }
 
 /// Container monitors of one pod (their command line names the pod's UID).
@@ -764,4 +766,99 @@ fn count_shims(uid: &str) -> usize {
         .output()
         .unwrap();
     String::from_utf8_lossy(&out.stdout).lines().count()
+}
+
+/// `tapestry node` joins a separately running `tapestry server` with the
+/// node token; logs and exec reach its kubelet (self-signed serving
+/// certificate, client certificate checked against the cluster CA).
+#[test]
+fn node_joins_a_server() {
+    if !prerequisites() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let mut server = tapestry()
+        .arg("server")
+        .arg("--data-dir")
+        .arg(dir.path())
+        .args(["--listen", &format!("127.0.0.1:{port}")])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(server.stdout.take().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    assert!(line.starts_with("kubeconfig: "));
+    let node_dir = dir.path().join("node");
+    let rootfs = dir.path().join("rootfs");
+    busybox_rootfs(&rootfs);
+    let out = tapestry()
+        .args(["image", "build", "busybox:local", "--rootfs"])
+        .arg(&rootfs)
+        .arg("--data-dir")
+        .arg(&node_dir)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let mut node = tapestry()
+        .arg("node")
+        .args(["--server", &format!("https://127.0.0.1:{port}")])
+        .arg("--token-file")
+        .arg(dir.path().join("node-token"))
+        .arg("--ca-file")
+        .arg(dir.path().join("pki/ca.crt"))
+        .arg("--data-dir")
+        .arg(&node_dir)
+        .args([
+            "--name",
+            "joined",
+            "--kubelet-port",
+            &free_port().to_string(),
+        ])
+        .args(["--pod-cidr", "10.245.8.0/24", "--bridge", "tpe2e1"])
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let c = Cluster {
+        dir,
+        port,
+        kubelet_port: 0,
+        child: None,
+    };
+    c.wait_for("joined node Ready", 20, || {
+        let out = c.kubectl(&[
+            "get",
+            "node",
+            "joined",
+            "-o",
+            "jsonpath={.status.conditions[?(@.type==\"Ready\")].status}",
+        ]);
+        String::from_utf8_lossy(&out.stdout) == "True"
+    });
+    c.apply("apiVersion: v1\nkind: Pod\nmetadata:\n  name: hello\nspec:\n  nodeName: joined\n  terminationGracePeriodSeconds: 1\n  containers:\n  - name: c\n    image: busybox:local\n    command: [sh, -c, 'echo hello from joined; sleep 3600']\n");
+    c.wait_running("hello");
+    c.wait_for("log line", 10, || {
+        c.ok(&["logs", "hello"]) == "hello from joined\n"
+    });
+    assert_eq!(c.ok(&["exec", "hello", "--", "hostname"]), "hello\n");
+    let uid = c.jsonpath("hello", ".metadata.uid");
+    c.ok(&["delete", "pod", "hello"]);
+    c.wait_for("hello gone", 15, || {
+        !c.kubectl(&["get", "pod", "hello"]).status.success()
+    });
+    assert!(
+        leftovers(&uid).is_empty(),
+        "left behind: {:?}",
+        leftovers(&uid)
+    );
+    unsafe { libc::kill(node.id() as i32, libc::SIGTERM) };
+    let _ = node.wait();
+    let _ = server.kill();
+    let _ = server.wait();
+    let _ = Command::new("ip").args(["link", "del", "tpe2e1"]).status();
 }
