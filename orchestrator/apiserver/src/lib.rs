@@ -10,6 +10,7 @@ pub mod discovery;
 pub mod error;
 mod eviction;
 pub mod metrics;
+pub mod nodeproxy;
 pub mod objects;
 mod openapi;
 pub mod patch;

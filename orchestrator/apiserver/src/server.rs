@@ -64,6 +64,7 @@ struct AppState {
     openapi: OpenApiDocs,
     server_address: String,
     shutdown: CancellationToken,
+    kubelet: crate::nodeproxy::KubeletClient,
 }
 
 /// Start serving; returns once the listener is bound, bootstrap objects
@@ -96,7 +97,10 @@ pub async fn start(
     let addr = listener.local_addr()?;
     let names = pki::serving_names(addr.ip(), IpAddr::V4(range.first()), &config.extra_sans);
     let pki = Pki::load_or_create(&data_dir.join("pki"), &names)?;
-    let (tokens, admin_token) = Tokens::load_or_create(&data_dir.join("tokens.csv"))?;
+    let (_, admin_token) = Tokens::load_or_create(&data_dir.join("tokens.csv"))?;
+    crate::nodeproxy::ensure_node_credentials(data_dir, &pki)?;
+    let tokens = Tokens::load(&data_dir.join("tokens.csv"))?;
+    let kubelet = crate::nodeproxy::KubeletClient::new(&pki)?;
     let host = if addr.ip().is_unspecified() {
         "127.0.0.1".to_string()
     } else {
@@ -118,6 +122,7 @@ pub async fn start(
         openapi,
         server_address: format!("{host}:{}", addr.port()),
         shutdown: shutdown.clone(),
+        kubelet,
     });
     let router = Router::new().fallback(dispatch).with_state(state);
     tokio::spawn(compaction_loop(
@@ -319,13 +324,15 @@ fn split_resource_path(path: &str) -> Option<Route> {
 
 /// The single entry point: health, discovery, OpenAPI, metrics, then the
 /// resource REST handlers.
-async fn dispatch(
-    State(state): State<Arc<AppState>>,
-    method: Method,
-    uri: Uri,
-    headers: HeaderMap,
-    body: Body,
-) -> Response {
+async fn dispatch(State(state): State<Arc<AppState>>, req: axum::extract::Request) -> Response {
+    if crate::nodeproxy::streaming_target(req.uri().path()).is_some() {
+        if let Err(e) = authenticate(&state.tokens, req.headers()) {
+            return e.into_response();
+        }
+        return crate::nodeproxy::proxy(&state.api, &state.kubelet, req).await;
+    }
+    let (parts, body) = req.into_parts();
+    let (method, uri, headers) = (parts.method, parts.uri, parts.headers);
     let path = uri.path().to_string();
     match path.as_str() {
         "/healthz" | "/livez" | "/readyz" => return text(StatusCode::OK, "ok"),

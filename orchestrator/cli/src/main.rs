@@ -14,6 +14,9 @@ use tokio_util::sync::CancellationToken;
 
 mod control;
 mod hollow;
+mod image;
+mod node;
+mod up;
 
 // The API server allocates and frees many small JSON values per request;
 // mimalloc spends a fraction of glibc malloc's time on that pattern.
@@ -37,6 +40,15 @@ enum Command {
     Server(ServerArgs),
     /// Run kubemark-style fake nodes (no containers) for scale tests.
     Hollow(hollow::HollowArgs),
+    /// Run a one-node cluster on this machine (control plane + node agent).
+    Up(up::UpArgs),
+    /// Run a node agent that joins an existing control plane.
+    Node(node::NodeArgs),
+    /// Manage the node's image store.
+    Image(image::ImageArgs),
+    /// Per-container monitor started by the node agent.
+    #[command(hide = true)]
+    ContainerShim(tapestry_kubelet::shim::ShimArgs),
 }
 
 #[derive(clap::Args)]
@@ -129,6 +141,10 @@ async fn main() {
             Ok(token) => hollow::run(args, token).await,
             Err(e) => Err(e),
         },
+        Command::Up(args) => up::run(args).await,
+        Command::Node(args) => node::run(args).await,
+        Command::Image(args) => image::run(args),
+        Command::ContainerShim(args) => std::process::exit(tapestry_kubelet::shim::main(args)),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

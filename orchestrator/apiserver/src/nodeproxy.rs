@@ -1,0 +1,422 @@
+//! Node credentials and the pods' streaming subresources.
+//!
+//! `pods/log` and `pods/exec` are served by the kubelet of
+//! the pod's node: the API server looks the node's address up, connects to
+//! its HTTPS API with a client certificate from the cluster CA (as
+//! kube-apiserver does) and relays the response — for exec, the upgraded
+//! (WebSocket) connection in both directions.
+//!
+//! Like kube-apiserver without `--kubelet-certificate-authority`, the
+//! kubelet's serving certificate is not verified; the kubelet in turn only
+//! accepts clients whose certificate the cluster CA signed.
+
+use std::fs;
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use axum::body::Body;
+use axum::response::{IntoResponse, Response};
+use http::{HeaderValue, StatusCode};
+use hyper_util::rt::TokioIo;
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::{DigitallySignedStruct, SignatureScheme};
+use serde_json::Value;
+
+use crate::error::{ApiError, Target};
+use crate::pki::{random_token, Pki};
+use crate::rest::Api;
+
+/// The group node agents' bearer token carries.
+pub const NODES_GROUP: &str = "system:nodes";
+pub const KUBELET_CLIENT_CN: &str = "kube-apiserver-kubelet-client";
+
+/// Make sure a node bootstrap token exists (in tokens.csv and as
+/// `DIR/node-token`) and a kubelet client certificate for the API server.
+pub fn ensure_node_credentials(data_dir: &Path, pki: &Pki) -> Result<()> {
+    let tokens = data_dir.join("tokens.csv");
+    let text =
+        fs::read_to_string(&tokens).with_context(|| format!("reading {}", tokens.display()))?;
+    let existing = text
+        .lines()
+        .find(|l| l.contains(NODES_GROUP) && !l.trim_start().starts_with('#'))
+        .and_then(|l| l.split(',').next())
+        .map(|t| t.trim().to_string());
+    let token = match existing {
+        Some(t) => t,
+        None => {
+            let t = random_token();
+            let mut f = fs::OpenOptions::new().append(true).open(&tokens)?;
+            if !text.is_empty() && !text.ends_with('\n') {
+                writeln!(f)?;
+            }
+            writeln!(f, "{t},system:node:*,system:node,\"{NODES_GROUP}\"")?;
+            f.sync_all()?;
+            t
+        }
+    };
+    let node_token = data_dir.join("node-token");
+    if fs::read_to_string(&node_token)
+        .ok()
+        .as_deref()
+        .map(str::trim)
+        != Some(token.as_str())
+    {
+        let mut f = fs::OpenOptions::new()
+            .create(true)
+            .write(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&node_token)?;
+        writeln!(f, "{token}")?;
+    }
+    let crt = pki.dir.join("apiserver-kubelet-client.crt");
+    let key = pki.dir.join("apiserver-kubelet-client.key");
+    if !crt.exists() || !key.exists() {
+        let (c, k) = pki.issue(KUBELET_CLIENT_CN, &["system:masters"], &[], false)?;
+        for (path, contents) in [(&key, k), (&crt, c)] {
+            let mut f = fs::OpenOptions::new()
+                .create(true)
+                .write(true)
+                .truncate(true)
+                .mode(0o600)
+                .open(path)?;
+            f.write_all(contents.as_bytes())?;
+        }
+    }
+    Ok(())
+}
+
+#[derive(Debug)]
+struct AnyServerCert(Arc<rustls::crypto::CryptoProvider>);
+
+impl ServerCertVerifier for AnyServerCert {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        Ok(ServerCertVerified::assertion())
+    }
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+/// TLS client for kubelet connections.
+pub struct KubeletClient {
+    connector: tokio_rustls::TlsConnector,
+}
+
+impl KubeletClient {
+    pub fn new(pki: &Pki) -> Result<KubeletClient> {
+        let crt = fs::read_to_string(pki.dir.join("apiserver-kubelet-client.crt"))?;
+        let key = fs::read_to_string(pki.dir.join("apiserver-kubelet-client.key"))?;
+        let certs = rustls_pemfile::certs(&mut crt.as_bytes()).collect::<Result<Vec<_>, _>>()?;
+        let key =
+            rustls_pemfile::private_key(&mut key.as_bytes())?.context("no kubelet client key")?;
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut config = rustls::ClientConfig::builder_with_provider(provider.clone())
+            .with_safe_default_protocol_versions()?
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(AnyServerCert(provider)))
+            .with_client_auth_cert(certs, key)?;
+        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        Ok(KubeletClient {
+            connector: tokio_rustls::TlsConnector::from(Arc::new(config)),
+        })
+    }
+}
+
+/// `/api/v1/namespaces/NS/pods/NAME/{log,exec}` → (ns, name, sub).
+pub fn streaming_target(path: &str) -> Option<(String, String, String)> {
+    let parts: Vec<&str> = path.trim_matches('/').split('/').collect();
+    match parts.as_slice() {
+        ["api", "v1", "namespaces", ns, "pods", name, sub @ ("log" | "exec")] => {
+            Some((ns.to_string(), name.to_string(), sub.to_string()))
+        }
+        _ => None,
+    }
+}
+
+fn pod_target(name: &str, sub: &str) -> Target {
+    Target {
+        group: String::new(),
+        resource: format!("pods/{sub}"),
+        kind: "Pod".into(),
+        name: name.to_string(),
+    }
+}
+
+async fn get_json(
+    api: &Api,
+    plural: &str,
+    ns: Option<&str>,
+    name: &str,
+    target: &Target,
+) -> Result<Value, ApiError> {
+    let def = api
+        .registry
+        .get("", "v1", plural)
+        .ok_or_else(|| ApiError::Internal(format!("{plural} not registered")))?;
+    let kv = api
+        .store
+        .get(&def.key(ns, name))
+        .await
+        .map_err(|e| ApiError::from_store(e, target))?
+        .ok_or_else(|| ApiError::NotFound(target.clone()))?;
+    serde_json::from_slice(&kv.value).map_err(ApiError::internal)
+}
+
+/// Proxy one streaming request to the pod's kubelet.
+pub async fn proxy(api: &Api, client: &KubeletClient, mut req: http::Request<Body>) -> Response {
+    match proxy_inner(api, client, &mut req).await {
+        Ok(r) => r,
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn proxy_inner(
+    api: &Api,
+    client: &KubeletClient,
+    req: &mut http::Request<Body>,
+) -> Result<Response, ApiError> {
+    let (ns, name, sub) = streaming_target(req.uri().path())
+        .ok_or_else(|| ApiError::BadRequest("not a streaming path".into()))?;
+    let target = pod_target(&name, &sub);
+    let pod = get_json(
+        api,
+        "pods",
+        Some(&ns),
+        &name,
+        &Target {
+            resource: "pods".into(),
+            ..target.clone()
+        },
+    )
+    .await?;
+    let node = pod
+        .pointer("/spec/nodeName")
+        .and_then(Value::as_str)
+        .unwrap_or("");
+    if node.is_empty() {
+        return Err(ApiError::BadRequest(format!(
+            "pod {name} does not have a host assigned"
+        )));
+    }
+    let mut query: Vec<(String, String)> = Vec::new();
+    let mut container = String::new();
+    for pair in req
+        .uri()
+        .query()
+        .unwrap_or("")
+        .split('&')
+        .filter(|p| !p.is_empty())
+    {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        if k == "container" {
+            container = v.to_string();
+        } else {
+            query.push((k.to_string(), v.to_string()));
+        }
+    }
+    if container.is_empty() {
+        let names: Vec<&str> = pod
+            .pointer("/spec/containers")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+            .filter_map(|c| c["name"].as_str())
+            .collect();
+        let default = pod
+            .pointer("/metadata/annotations/kubectl.kubernetes.io~1default-container")
+            .and_then(Value::as_str);
+        container = match (default, names.as_slice()) {
+            (Some(d), _) => d.to_string(),
+            (None, [one]) => one.to_string(),
+            (None, _) => {
+                return Err(ApiError::BadRequest(format!(
+                    "a container name must be specified for pod {name}, choose one of: [{}]",
+                    names.join(" ")
+                )))
+            }
+        };
+    }
+    let node_obj = get_json(
+        api,
+        "nodes",
+        None,
+        node,
+        &Target {
+            group: String::new(),
+            resource: "nodes".into(),
+            kind: "Node".into(),
+            name: node.into(),
+        },
+    )
+    .await?;
+    let addresses = node_obj
+        .pointer("/status/addresses")
+        .and_then(Value::as_array)
+        .cloned()
+        .unwrap_or_default();
+    let ip = addresses
+        .iter()
+        .find(|a| a["type"] == "InternalIP")
+        .or_else(|| addresses.first())
+        .and_then(|a| a["address"].as_str())
+        .ok_or_else(|| ApiError::Internal(format!("node {node} reports no address")))?
+        .to_string();
+    let port = node_obj
+        .pointer("/status/daemonEndpoints/kubeletEndpoint/Port")
+        .and_then(Value::as_u64)
+        .unwrap_or(10250);
+    let kpath = match sub.as_str() {
+        "log" => "containerLogs",
+        other => other,
+    };
+    let qs: Vec<String> = query.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    let uri = format!("/{kpath}/{ns}/{name}/{container}?{}", qs.join("&"));
+    let host = if ip.contains(':') {
+        format!("[{ip}]:{port}")
+    } else {
+        format!("{ip}:{port}")
+    };
+    let dial_err =
+        |e: &dyn std::fmt::Display| ApiError::Internal(format!("error dialing backend: {e}"));
+    let tcp = tokio::time::timeout(
+        Duration::from_secs(10),
+        tokio::net::TcpStream::connect(&host),
+    )
+    .await
+    .map_err(|_| dial_err(&"timeout"))?
+    .map_err(|e| dial_err(&e))?;
+    let _ = tcp.set_nodelay(true);
+    let server_name = ServerName::try_from(ip.clone()).map_err(|e| dial_err(&e))?;
+    let tls = client
+        .connector
+        .connect(server_name, tcp)
+        .await
+        .map_err(|e| dial_err(&e))?;
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+        .await
+        .map_err(|e| dial_err(&e))?;
+    tokio::spawn(async move {
+        let _ = conn.with_upgrades().await;
+    });
+    let mut out = http::Request::builder()
+        .method(req.method().clone())
+        .uri(&uri);
+    for h in [
+        http::header::CONNECTION,
+        http::header::UPGRADE,
+        http::header::SEC_WEBSOCKET_KEY,
+        http::header::SEC_WEBSOCKET_VERSION,
+        http::header::SEC_WEBSOCKET_PROTOCOL,
+    ] {
+        for v in req.headers().get_all(&h) {
+            out = out.header(&h, v);
+        }
+    }
+    out = out.header(
+        http::header::HOST,
+        HeaderValue::from_str(&host).map_err(ApiError::internal)?,
+    );
+    let out = out
+        .body(http_body_util::Empty::<bytes::Bytes>::new())
+        .map_err(ApiError::internal)?;
+    let mut resp = sender.send_request(out).await.map_err(|e| dial_err(&e))?;
+    if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+        let client_upgrade = hyper::upgrade::on(&mut *req);
+        let backend_upgrade = hyper::upgrade::on(&mut resp);
+        tokio::spawn(async move {
+            let (Ok(c), Ok(b)) = (client_upgrade.await, backend_upgrade.await) else {
+                return;
+            };
+            let _ = tokio::io::copy_bidirectional(&mut TokioIo::new(c), &mut TokioIo::new(b)).await;
+        });
+        let mut r = Response::builder().status(StatusCode::SWITCHING_PROTOCOLS);
+        for (k, v) in resp.headers() {
+            r = r.header(k, v);
+        }
+        return r.body(Body::empty()).map_err(ApiError::internal);
+    }
+    let (parts, body) = resp.into_parts();
+    let mut r = Response::builder().status(parts.status);
+    for (k, v) in &parts.headers {
+        if k != http::header::CONNECTION && k != http::header::TRANSFER_ENCODING {
+            r = r.header(k, v);
+        }
+    }
+    r.body(Body::new(body)).map_err(ApiError::internal)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn streaming_paths() {
+        assert_eq!(
+            streaming_target("/api/v1/namespaces/default/pods/web/log"),
+            Some(("default".into(), "web".into(), "log".into()))
+        );
+        assert!(streaming_target("/api/v1/namespaces/default/pods/web/exec").is_some());
+        assert!(streaming_target("/api/v1/namespaces/default/pods/web/status").is_none());
+        assert!(streaming_target("/api/v1/namespaces/default/pods/web").is_none());
+    }
+
+    #[test]
+    fn node_credentials_are_created_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let names = vec!["localhost".to_string()];
+        let pki = Pki::load_or_create(&dir.path().join("pki"), &names).unwrap();
+        let (_, _) = crate::pki::Tokens::load_or_create(&dir.path().join("tokens.csv")).unwrap();
+        ensure_node_credentials(dir.path(), &pki).unwrap();
+        let token = fs::read_to_string(dir.path().join("node-token")).unwrap();
+        ensure_node_credentials(dir.path(), &pki).unwrap();
+        assert_eq!(
+            fs::read_to_string(dir.path().join("node-token")).unwrap(),
+            token
+        );
+        let tokens = crate::pki::Tokens::load(&dir.path().join("tokens.csv")).unwrap();
+        let user = tokens
+            .authenticate(token.trim())
+            .expect("node token authenticates");
+        assert_eq!(user.groups, vec![NODES_GROUP.to_string()]);
+        assert!(KubeletClient::new(&pki).is_ok());
+    }
+}

@@ -1,0 +1,316 @@
+//! Node benchmark: `tapestry up` to the first pod Running, pod startup
+//! latency (create → Running, seen through a watch) for 50 pods on one
+//! node, and the idle memory of a node agent. Real containers: needs root,
+//! runc, the CNI plugins and busybox-static.
+//!
+//! `cargo build --release -p tapestry && sudo target/release/kubelet-bench`
+
+use std::io::BufRead;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use futures::StreamExt;
+use hdrhistogram::Histogram;
+use k8s_openapi::api::core::v1::{Node, Pod};
+use kube::api::{Api, PostParams, WatchEvent, WatchParams};
+use kube::config::{KubeConfigOptions, Kubeconfig};
+use kube::Client;
+
+const PODS: usize = 50;
+const NODE: &str = "bench-node";
+
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        // SIGTERM first so `tapestry up` stops its pods and cleans up.
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(self.0.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while Instant::now() < deadline {
+            if self.0.try_wait().ok().flatten().is_some() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn tapestry_binary() -> Result<PathBuf> {
+    let path = std::env::current_exe()?.with_file_name("tapestry");
+    if !path.exists() {
+        bail!(
+            "{} not found; build it first (cargo build --release -p tapestry)",
+            path.display()
+        );
+    }
+    Ok(path)
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .unwrap_or(0)
+}
+
+fn busybox_image(bin: &Path, data: &Path) -> Result<()> {
+    let rootfs = data.join("bench-rootfs");
+    std::fs::create_dir_all(rootfs.join("bin"))?;
+    std::fs::copy("/bin/busybox", rootfs.join("bin/busybox"))
+        .context("busybox-static is required")?;
+    for applet in ["sh", "sleep", "httpd"] {
+        let _ = std::os::unix::fs::symlink("busybox", rootfs.join("bin").join(applet));
+    }
+    let st = Command::new(bin)
+        .args(["image", "build", "busybox:bench", "--rootfs"])
+        .arg(&rootfs)
+        .arg("--data-dir")
+        .arg(data)
+        .stdout(Stdio::null())
+        .status()?;
+    if !st.success() {
+        bail!("tapestry image build failed");
+    }
+    Ok(())
+}
+
+async fn client(kubeconfig: &Path) -> Result<Client> {
+    let kc = Kubeconfig::read_from(kubeconfig)?;
+    let cfg = kube::Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default()).await?;
+    Ok(Client::try_from(cfg)?)
+}
+
+fn pod(name: &str) -> Result<Pod> {
+    use k8s_openapi::api::core::v1::{Container, PodSpec};
+    use kube::api::ObjectMeta;
+    Ok(Pod {
+        metadata: ObjectMeta {
+            name: Some(name.to_string()),
+            labels: Some([("bench".to_string(), "1".to_string())].into()),
+            ..ObjectMeta::default()
+        },
+        spec: Some(PodSpec {
+            node_name: Some(NODE.to_string()),
+            termination_grace_period_seconds: Some(1),
+            containers: vec![Container {
+                name: "c".into(),
+                image: Some("busybox:bench".into()),
+                command: Some(vec!["sleep".into(), "3600".into()]),
+                ..Container::default()
+            }],
+            ..PodSpec::default()
+        }),
+        ..Pod::default()
+    })
+}
+
+fn running(p: &Pod) -> bool {
+    p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running")
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+async fn wait_running(pods: &Api<Pod>, name: &str, timeout: Duration) -> Result<()> {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if pods.get_opt(name).await?.as_ref().is_some_and(running) {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    bail!("pod {name} not Running within {timeout:?}")
+}
+
+/// `tapestry up` → first pod Running, then 50 pods' startup latency.
+async fn up_and_pods(bin: &Path) -> Result<(Duration, Duration, Histogram<u64>, u64)> {
+    let dir = tempfile::tempdir()?;
+    busybox_image(bin, dir.path())?;
+    let t0 = Instant::now();
+    let mut child = Command::new(bin)
+        .arg("up")
+        .arg("--data-dir")
+        .arg(dir.path())
+        .args(["--listen", &format!("127.0.0.1:{}", free_port())])
+        .args(["--kubelet-port", &free_port().to_string()])
+        .args([
+            "--name",
+            NODE,
+            "--pod-cidr",
+            "10.246.0.0/24",
+            "--bridge",
+            "tpbench0",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()?;
+    let stdout = child.stdout.take().context("stdout")?;
+    let up = Proc(child);
+    let mut line = String::new();
+    std::io::BufReader::new(stdout).read_line(&mut line)?;
+    let ready = t0.elapsed();
+    let kubeconfig = line
+        .trim()
+        .strip_prefix("kubeconfig: ")
+        .context("no kubeconfig line")?
+        .to_string();
+    let client = client(Path::new(&kubeconfig)).await?;
+    let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
+    pods.create(&PostParams::default(), &pod("first")?).await?;
+    wait_running(&pods, "first", Duration::from_secs(30)).await?;
+    let first = t0.elapsed();
+
+    // Watch from now; create all pods, record create → Running per pod.
+    let rv = pods
+        .get("first")
+        .await?
+        .metadata
+        .resource_version
+        .unwrap_or_default();
+    let mut stream = pods
+        .watch(&WatchParams::default().labels("bench=1"), &rv)
+        .await?
+        .boxed();
+    let mut created = std::collections::HashMap::new();
+    for i in 0..PODS {
+        let name = format!("p{i}");
+        created.insert(name.clone(), Instant::now());
+        pods.create(&PostParams::default(), &pod(&name)?).await?;
+    }
+    let mut hist = Histogram::<u64>::new(3)?;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !created.is_empty() && Instant::now() < deadline {
+        let ev = tokio::time::timeout(Duration::from_secs(10), stream.next()).await;
+        let Ok(Some(ev)) = ev else { continue };
+        if let WatchEvent::Modified(p) | WatchEvent::Added(p) = ev? {
+            let name = p.metadata.name.clone().unwrap_or_default();
+            if running(&p) {
+                if let Some(t) = created.remove(&name) {
+                    hist.record(t.elapsed().as_micros() as u64)?;
+                }
+            }
+        }
+    }
+    if !created.is_empty() {
+        bail!("{} pods never became Running", created.len());
+    }
+    let pid = up.0.id();
+    let rss_with_pods = rss_kib(pid);
+    drop(up);
+    Ok((ready, first, hist, rss_with_pods))
+}
+
+/// A node agent joined to a separate control plane, idle.
+async fn idle_agent(bin: &Path) -> Result<(u64, u64)> {
+    let dir = tempfile::tempdir()?;
+    let port = free_port();
+    let mut server = Command::new(bin)
+        .arg("server")
+        .arg("--data-dir")
+        .arg(dir.path())
+        .args(["--listen", &format!("127.0.0.1:{port}")])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()?;
+    let stdout = server.stdout.take().context("stdout")?;
+    let server = Proc(server);
+    let mut line = String::new();
+    std::io::BufReader::new(stdout).read_line(&mut line)?;
+    let node_dir = dir.path().join("node");
+    let node = Proc(
+        Command::new(bin)
+            .arg("node")
+            .args(["--server", &format!("https://127.0.0.1:{port}")])
+            .arg("--token-file")
+            .arg(dir.path().join("node-token"))
+            .arg("--ca-file")
+            .arg(dir.path().join("pki/ca.crt"))
+            .arg("--data-dir")
+            .arg(&node_dir)
+            .args([
+                "--name",
+                "idle-node",
+                "--kubelet-port",
+                &free_port().to_string(),
+                "--bridge",
+                "tpbench1",
+                "--pod-cidr",
+                "10.246.1.0/24",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()?,
+    );
+    let client = client(&dir.path().join("kubeconfig")).await?;
+    let nodes: Api<Node> = Api::all(client);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while nodes.get_opt("idle-node").await?.is_none() {
+        if Instant::now() > deadline {
+            bail!("node agent did not register");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Settle past the first heartbeats.
+    tokio::time::sleep(Duration::from_secs(12)).await;
+    let out = (rss_kib(node.0.id()), rss_kib(server.0.id()));
+    drop(node);
+    drop(server);
+    Ok(out)
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:.0} ms", d.as_secs_f64() * 1000.0)
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let bin = tapestry_binary()?;
+    let (ready, first, hist, rss_up) = up_and_pods(&bin).await?;
+    let p50 = Duration::from_micros(hist.value_at_quantile(0.5));
+    let p99 = Duration::from_micros(hist.value_at_quantile(0.99));
+    let (agent_rss, server_rss) = idle_agent(&bin).await?;
+    println!("| measure | tapestry | target | target / tapestry |");
+    println!("|---|---:|---:|---:|");
+    println!(
+        "| `tapestry up` to kubeconfig printed | {} | — | — |",
+        ms(ready)
+    );
+    println!(
+        "| `tapestry up` to first pod Running | {} | 3000 ms | {:.1}× |",
+        ms(first),
+        3.0 / first.as_secs_f64()
+    );
+    println!(
+        "| pod startup p50 ({PODS} pods, one node) | {} | — | — |",
+        ms(p50)
+    );
+    println!(
+        "| pod startup p99 ({PODS} pods, one node) | {} | 1000 ms (SLO 5000 ms) | {:.1}× |",
+        ms(p99),
+        1.0 / p99.as_secs_f64()
+    );
+    println!("| node agent idle RSS (`tapestry node`) | {:.1} MiB | 30 MiB (k3s agent: 275 MB) | {:.1}× |", agent_rss as f64 / 1024.0, 30.0 * 1024.0 / agent_rss.max(1) as f64);
+    println!(
+        "| API server RSS next to it (`tapestry server`) | {:.1} MiB | — | — |",
+        server_rss as f64 / 1024.0
+    );
+    println!(
+        "| `tapestry up` RSS with {} pods running | {:.1} MiB | — | — |",
+        PODS + 1,
+        rss_up as f64 / 1024.0
+    );
+    Ok(())
+}

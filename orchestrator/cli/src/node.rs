@@ -1,0 +1,151 @@
+//! `tapestry node`: a node agent joining an existing control plane.
+
+use std::net::{IpAddr, SocketAddr, UdpSocket};
+use std::path::PathBuf;
+
+use anyhow::{bail, Context, Result};
+use tapestry_kubelet::Config;
+
+/// Options shared by `tapestry node` and `tapestry up`.
+#[derive(clap::Args, Clone)]
+pub struct AgentArgs {
+    /// This node's name (default: the host name).
+    #[arg(long = "name")]
+    pub node_name: Option<String>,
+    /// Pod address range when no IPAM controller assigns the Node one.
+    #[arg(long, default_value = "10.244.0.0/24")]
+    pub pod_cidr: String,
+    /// Port of the kubelet HTTPS API.
+    #[arg(long, default_value_t = 10250)]
+    pub kubelet_port: u16,
+    /// The OCI runtime (runc-compatible).
+    #[arg(long, default_value = "/usr/sbin/runc")]
+    pub runtime: PathBuf,
+    /// Where the CNI plugins are.
+    #[arg(long, default_value = "/usr/lib/cni")]
+    pub cni_bin_dir: PathBuf,
+    /// The Linux bridge the pods of this node attach to.
+    #[arg(long, default_value = "tapestry0")]
+    pub bridge: String,
+    /// Most pods this node accepts.
+    #[arg(long, default_value_t = 110)]
+    pub max_pods: u32,
+}
+
+#[derive(clap::Args)]
+pub struct NodeArgs {
+    /// The API server, e.g. https://10.0.0.1:6443.
+    #[arg(long)]
+    server: String,
+    /// File holding the node bootstrap token (the server's DATA_DIR/node-token).
+    #[arg(long)]
+    token_file: PathBuf,
+    /// The cluster CA certificate (the server's DATA_DIR/pki/ca.crt).
+    #[arg(long)]
+    ca_file: PathBuf,
+    /// Node state: pods, runtime state and the image store.
+    #[arg(long, default_value = "/var/lib/tapestry")]
+    data_dir: PathBuf,
+    /// Address the API server reaches this node on (default: the local
+    /// address used to reach the server).
+    #[arg(long)]
+    node_ip: Option<IpAddr>,
+    #[command(flatten)]
+    agent: AgentArgs,
+}
+
+pub fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_lowercase())
+        .ok()
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "node".into())
+}
+
+pub fn require_root(what: &str) -> Result<()> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        bail!("{what} runs containers (namespaces, mounts, cgroups) and needs root");
+    }
+    Ok(())
+}
+
+/// A kube client for a node agent: bearer token, cluster CA.
+pub async fn node_client(server: &str, ca_pem: &str, token: &str) -> Result<kube::Client> {
+    let text = tapestry_apiserver::pki::kubeconfig(server, ca_pem, "node", token);
+    let kc = kube::config::Kubeconfig::from_yaml(&text).context("node kubeconfig")?;
+    let cfg = kube::Config::from_custom_kubeconfig(kc, &kube::config::KubeConfigOptions::default())
+        .await
+        .context("node client configuration")?;
+    Ok(kube::Client::try_from(cfg)?)
+}
+
+pub fn agent_config(
+    agent: &AgentArgs,
+    data_dir: PathBuf,
+    node_ip: IpAddr,
+    ca_pem: String,
+    serving: Option<(String, String)>,
+    stop_pods_on_exit: bool,
+) -> Result<Config> {
+    Ok(Config {
+        node_name: agent.node_name.clone().unwrap_or_else(hostname),
+        data_dir,
+        pod_cidr: Some(agent.pod_cidr.clone()),
+        node_ip,
+        port: agent.kubelet_port,
+        runtime: agent.runtime.clone(),
+        cni_bin_dir: agent.cni_bin_dir.clone(),
+        bridge: agent.bridge.clone(),
+        client_ca_pem: ca_pem,
+        serving,
+        shim_exe: std::env::current_exe().context("locating the tapestry binary")?,
+        max_pods: agent.max_pods,
+        stop_pods_on_exit,
+    })
+}
+
+/// The local address the kernel would use to reach `server`.
+fn local_ip_towards(server: &str) -> Option<IpAddr> {
+    let authority = server.split("://").nth(1)?.split('/').next()?;
+    let addr: SocketAddr = std::net::ToSocketAddrs::to_socket_addrs(authority)
+        .ok()?
+        .next()?;
+    let sock = UdpSocket::bind(if addr.is_ipv4() {
+        "0.0.0.0:0"
+    } else {
+        "[::]:0"
+    })
+    .ok()?;
+    sock.connect(addr).ok()?;
+    sock.local_addr().ok().map(|a| a.ip())
+}
+
+pub async fn run(args: NodeArgs) -> Result<()> {
+    require_root("tapestry node")?;
+    let token = std::fs::read_to_string(&args.token_file)
+        .with_context(|| format!("--token-file {}", args.token_file.display()))?
+        .trim()
+        .to_string();
+    if token.is_empty() {
+        bail!("--token-file {}: empty", args.token_file.display());
+    }
+    let ca = std::fs::read_to_string(&args.ca_file)
+        .with_context(|| format!("--ca-file {}", args.ca_file.display()))?;
+    let node_ip = match args.node_ip {
+        Some(ip) => ip,
+        None => local_ip_towards(&args.server).with_context(|| {
+            format!(
+                "--server {}: cannot tell the local address; pass --node-ip",
+                args.server
+            )
+        })?,
+    };
+    let client = node_client(&args.server, &ca, &token).await?;
+    let config = agent_config(&args.agent, args.data_dir, node_ip, ca, None, false)?;
+    let shutdown = crate::shutdown_on_signals()?;
+    let running = tapestry_kubelet::start(config, client, shutdown).await?;
+    tracing::info!(kubelet_api = %running.addr, "node agent ready");
+    running.wait().await;
+    Ok(())
+}

@@ -1,0 +1,117 @@
+//! `tapestry up`: a one-node cluster on this machine — the control plane
+//! and a node agent in one process, until SIGINT/SIGTERM.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use tapestry_apiserver::pki::Pki;
+use tapestry_apiserver::ServerConfig;
+use tapestry_store::{RedbStore, Store};
+use tokio_util::sync::CancellationToken;
+
+use crate::node::{agent_config, hostname, node_client, require_root, AgentArgs};
+
+#[derive(clap::Args)]
+pub struct UpArgs {
+    /// Where the store, certificates, kubeconfig, images and pods live.
+    #[arg(long, default_value = "/var/lib/tapestry")]
+    data_dir: PathBuf,
+    /// Address to serve the Kubernetes API on (HTTPS).
+    #[arg(long, default_value = "127.0.0.1:6443")]
+    listen: SocketAddr,
+    /// IPv4 range ClusterIPs are allocated from.
+    #[arg(long, default_value = "10.96.0.0/12")]
+    service_cidr: String,
+    #[command(flatten)]
+    control: crate::control::ControlArgs,
+    #[command(flatten)]
+    agent: AgentArgs,
+}
+
+/// The control plane of a local cluster: the API server, then the scheduler
+/// and the controller manager as its clients.
+async fn start_control_plane(
+    args: &UpArgs,
+    shutdown: CancellationToken,
+) -> Result<tapestry_apiserver::Running> {
+    let path = args.data_dir.join("store.redb");
+    let store: Arc<dyn Store> = Arc::new(
+        RedbStore::open(&path).with_context(|| format!("opening store {}", path.display()))?,
+    );
+    let running = tapestry_apiserver::start(
+        ServerConfig {
+            data_dir: args.data_dir.clone(),
+            listen: args.listen,
+            service_cidr: args.service_cidr.clone(),
+            compaction_interval: Duration::from_secs(300),
+            extra_sans: Vec::new(),
+        },
+        store,
+        shutdown.clone(),
+    )
+    .await?;
+    crate::control::start(&running.kubeconfig, args.control.clone(), shutdown).await?;
+    Ok(running)
+}
+
+pub async fn run(args: UpArgs) -> Result<()> {
+    require_root("tapestry up")?;
+    std::fs::create_dir_all(&args.data_dir)
+        .with_context(|| format!("creating data directory {}", args.data_dir.display()))?;
+    let signals = crate::shutdown_on_signals()?;
+    let cp_shutdown = CancellationToken::new();
+    let node_shutdown = CancellationToken::new();
+    let cp = start_control_plane(&args, cp_shutdown.clone()).await?;
+    let ca = std::fs::read_to_string(args.data_dir.join("pki/ca.crt"))?;
+    let token = std::fs::read_to_string(args.data_dir.join("node-token"))?
+        .trim()
+        .to_string();
+    let server = format!("https://127.0.0.1:{}", cp.addr.port());
+    let client = node_client(&server, &ca, &token).await?;
+    let node_ip = IpAddr::V4(Ipv4Addr::LOCALHOST);
+    let node_name = args.agent.node_name.clone().unwrap_or_else(hostname);
+    // The kubelet's serving certificate comes from the cluster CA here.
+    let pki = Pki {
+        dir: args.data_dir.join("pki"),
+        ca_cert_pem: ca.clone(),
+        serving_cert_pem: String::new(),
+        serving_key_pem: String::new(),
+    };
+    let serving = pki.issue(
+        &node_name,
+        &[],
+        &[node_name.clone(), node_ip.to_string(), "localhost".into()],
+        true,
+    )?;
+    let mut agent = args.agent.clone();
+    agent.node_name = Some(node_name);
+    let config = agent_config(
+        &agent,
+        args.data_dir.clone(),
+        node_ip,
+        ca,
+        Some(serving),
+        true,
+    )?;
+    let node = match tapestry_kubelet::start(config, client, node_shutdown.clone()).await {
+        Ok(n) => n,
+        Err(e) => {
+            cp_shutdown.cancel();
+            cp.wait().await;
+            return Err(e);
+        }
+    };
+    tracing::info!(api = %cp.addr, kubelet_api = %node.addr, "cluster ready");
+    println!("kubeconfig: {}", cp.kubeconfig.display());
+    signals.cancelled().await;
+    // Pods stop while the API server still records their last status.
+    node_shutdown.cancel();
+    node.wait().await;
+    cp_shutdown.cancel();
+    cp.wait().await;
+    tracing::info!("stopped");
+    Ok(())
+}

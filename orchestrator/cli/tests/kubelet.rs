@@ -1,0 +1,864 @@
+//! End-to-end: `tapestry up` runs real containers (runc, CNI, overlayfs)
+//! and kubectl drives them — logs, exec, restarts, volumes, deletion with
+//! cleanup, and adoption after the agent is SIGKILLed. Needs root.
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+const NODE: &str = "e2e-node";
+const POD_CIDR: &str = "10.245.7.0/24";
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("no free port on loopback")
+}
+
+fn tapestry() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_tapestry"))
+}
+
+/// Root, runc, the CNI plugins, busybox-static and kubectl; in CI their
+/// absence fails the test, elsewhere it skips.
+fn prerequisites() -> bool {
+    let mut missing = Vec::new();
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        missing.push("root".to_string());
+    }
+    for p in [
+        "/usr/sbin/runc",
+        "/usr/lib/cni/bridge",
+        "/usr/lib/cni/host-local",
+        "/usr/lib/cni/loopback",
+        "/bin/busybox",
+    ] {
+        if !Path::new(p).exists() {
+            missing.push(p.to_string());
+        }
+    }
+    if !Command::new("kubectl")
+        .args(["version", "--client"])
+        .output()
+        .is_ok_and(|o| o.status.success())
+    {
+        missing.push("kubectl".into());
+    }
+    if missing.is_empty() {
+        return true;
+    }
+    if std::env::var_os("CI").is_some() {
+        panic!("kubelet end-to-end tests need: {}", missing.join(", "));
+    }
+    eprintln!("skipping: missing {}", missing.join(", "));
+    false
+}
+
+/// A busybox root filesystem: the static binary and its applet links.
+fn busybox_rootfs(dir: &Path) {
+    let bin = dir.join("bin");
+    std::fs::create_dir_all(&bin).unwrap();
+    std::fs::copy("/bin/busybox", bin.join("busybox")).unwrap();
+    let list = Command::new("/bin/busybox").arg("--list").output().unwrap();
+    for applet in String::from_utf8_lossy(&list.stdout).lines() {
+        if applet != "busybox" {
+            let _ = std::os::unix::fs::symlink("busybox", bin.join(applet));
+        }
+    }
+    for d in ["etc", "tmp", "proc", "sys", "dev", "var/www"] {
+        std::fs::create_dir_all(dir.join(d)).unwrap();
+    }
+    std::fs::write(dir.join("var/www/index.html"), "hello from a pod\n").unwrap();
+}
+
+struct Cluster {
+    dir: tempfile::TempDir,
+    port: u16,
+    kubelet_port: u16,
+    child: Option<Child>,
+}
+
+impl Cluster {
+    fn start() -> Cluster {
+        let mut c = Cluster {
+            dir: tempfile::tempdir().unwrap(),
+            port: free_port(),
+            kubelet_port: free_port(),
+            child: None,
+        };
+        c.spawn();
+        c
+    }
+
+    fn kubeconfig(&self) -> PathBuf {
+        self.dir.path().join("kubeconfig")
+    }
+
+    fn spawn(&mut self) {
+        let _ = std::fs::remove_file(self.kubeconfig());
+        let started = Instant::now();
+        let mut child = tapestry()
+            .arg("up")
+            .arg("--data-dir")
+            .arg(self.dir.path())
+            .args(["--listen", &format!("127.0.0.1:{}", self.port)])
+            .args(["--kubelet-port", &self.kubelet_port.to_string()])
+            .args(["--name", NODE, "--pod-cidr", POD_CIDR, "--bridge", "tpe2e0"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawning tapestry up");
+        // `kubeconfig: PATH` is printed once the node agent runs.
+        let stdout = child.stdout.take().unwrap();
+        let mut line = String::new();
+        std::io::BufRead::read_line(&mut std::io::BufReader::new(stdout), &mut line).unwrap();
+        assert!(
+            line.starts_with("kubeconfig: "),
+            "unexpected first line {line:?}"
+        );
+        eprintln!("tapestry up ready in {:?}", started.elapsed());
+        self.child = Some(child);
+    }
+
+    fn kubectl(&self, args: &[&str]) -> Output {
+        Command::new("kubectl")
+            .env("KUBECONFIG", self.kubeconfig())
+            .args(args)
+            .output()
+            .expect("kubectl")
+    }
+
+    fn ok(&self, args: &[&str]) -> String {
+        let out = self.kubectl(args);
+        assert!(
+            out.status.success(),
+            "kubectl {} failed: {}{}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    fn apply(&self, yaml: &str) {
+        let mut child = Command::new("kubectl")
+            .env("KUBECONFIG", self.kubeconfig())
+            .args(["apply", "-f", "-"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        std::io::Write::write_all(&mut child.stdin.take().unwrap(), yaml.as_bytes()).unwrap();
+        let out = child.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "apply failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    fn jsonpath(&self, pod: &str, path: &str) -> String {
+        self.ok(&["get", "pod", pod, "-o", &format!("jsonpath={{{path}}}")])
+    }
+
+    /// Wait until `f` holds, showing the pod on failure.
+    fn wait_for(&self, what: &str, secs: u64, mut f: impl FnMut() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        while Instant::now() < deadline {
+            if f() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        let pods = self.kubectl(&["get", "pods", "-o", "yaml"]);
+        panic!(
+            "timed out waiting for {what}\n{}",
+            String::from_utf8_lossy(&pods.stdout)
+        );
+    }
+
+    fn wait_running(&self, pod: &str) {
+        self.wait_for(&format!("{pod} Running and ready"), 30, || {
+            self.jsonpath(pod, ".status.phase") == "Running"
+                && self
+                    .jsonpath(pod, ".status.containerStatuses[*].ready")
+                    .split(' ')
+                    .all(|r| r == "true")
+        });
+    }
+
+    fn sigkill(&mut self) {
+        let mut c = self.child.take().unwrap();
+        c.kill().unwrap();
+        c.wait().unwrap();
+    }
+
+    fn terminate(&mut self) {
+        let Some(mut c) = self.child.take() else {
+            return;
+        };
+        unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            if c.try_wait().unwrap().is_some() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = c.kill();
+        panic!("tapestry up did not stop within 30s of SIGTERM");
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        self.terminate();
+    }
+}
+
+fn pod_yaml(name: &str, body: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\nspec:\n  nodeName: {NODE}\n{body}"
+    )
+}
+
+fn http_get(ip: &str, port: u16) -> Option<String> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect_timeout(
+        &format!("{ip}:{port}").parse().ok()?,
+        Duration::from_secs(2),
+    )
+    .ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    s.write_all(format!("GET / HTTP/1.0\r\nHost: {ip}\r\n\r\n").as_bytes())
+        .ok()?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).ok()?;
+    Some(out)
+}
+
+fn leftovers(uid: &str) -> Vec<String> {
+    let mut found = Vec::new();
+    let netns = Command::new("ip").args(["netns", "list"]).output().unwrap();
+    if String::from_utf8_lossy(&netns.stdout).contains(uid) {
+        found.push("netns".into());
+    }
+    let mounts = std::fs::read_to_string("/proc/mounts").unwrap();
+    if mounts.contains(uid) {
+        found.push("mounts".into());
+    }
+    if Path::new(&format!("/sys/fs/cgroup/memory/tapestry/pod{uid}")).exists() {
+        found.push("cgroup".into());
+    }
+    found
+}
+
+#[test]
+fn image_store_cli() {
+    if !Path::new("/bin/busybox").exists() {
+        if std::env::var_os("CI").is_some() {
+            panic!("busybox-static is required");
+        }
+        eprintln!("skipping: no /bin/busybox");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let rootfs = dir.path().join("rootfs");
+    busybox_rootfs(&rootfs);
+    let data = dir.path().join("data");
+    let run = |args: &[&str]| {
+        let out = tapestry()
+            .arg("image")
+            .arg("--data-dir")
+            .arg(&data)
+            .args(args)
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned()
+                + &String::from_utf8_lossy(&out.stderr),
+        )
+    };
+    let (ok, out) = run(&[
+        "build",
+        "bb:1",
+        "--rootfs",
+        rootfs.to_str().unwrap(),
+        "--cmd",
+        "sh",
+    ]);
+    assert!(ok, "{out}");
+    // An OCI image layout archive made by hand: one layer, one config.
+    let oci = dir.path().join("oci");
+    std::fs::create_dir_all(oci.join("blobs/sha256")).unwrap();
+    let layer = dir.path().join("layer.tar");
+    assert!(Command::new("tar")
+        .arg("-C")
+        .arg(&rootfs)
+        .arg("-cf")
+        .arg(&layer)
+        .arg(".")
+        .status()
+        .unwrap()
+        .success());
+    let sha = |p: &Path| {
+        let out = Command::new("sha256sum").arg(p).output().unwrap();
+        String::from_utf8_lossy(&out.stdout)
+            .split_whitespace()
+            .next()
+            .unwrap()
+            .to_string()
+    };
+    let layer_sha = sha(&layer);
+    std::fs::copy(&layer, oci.join("blobs/sha256").join(&layer_sha)).unwrap();
+    let config = format!(
+        r#"{{"architecture":"amd64","os":"linux","config":{{"Cmd":["httpd","-f"]}},"rootfs":{{"type":"layers","diff_ids":["sha256:{layer_sha}"]}}}}"#
+    );
+    let config_path = dir.path().join("config.json");
+    std::fs::write(&config_path, &config).unwrap();
+    let config_sha = sha(&config_path);
+    std::fs::copy(&config_path, oci.join("blobs/sha256").join(&config_sha)).unwrap();
+    let manifest = format!(
+        r#"{{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"sha256:{config_sha}","size":{}}},"layers":[{{"mediaType":"application/vnd.oci.image.layer.v1.tar","digest":"sha256:{layer_sha}","size":{}}}]}}"#,
+        config.len(),
+        std::fs::metadata(&layer).unwrap().len()
+    );
+    let manifest_path = dir.path().join("manifest.json");
+    std::fs::write(&manifest_path, &manifest).unwrap();
+    let manifest_sha = sha(&manifest_path);
+    std::fs::copy(&manifest_path, oci.join("blobs/sha256").join(&manifest_sha)).unwrap();
+    std::fs::write(oci.join("oci-layout"), r#"{"imageLayoutVersion":"1.0.0"}"#).unwrap();
+    std::fs::write(
+        oci.join("index.json"),
+        format!(r#"{{"schemaVersion":2,"manifests":[{{"mediaType":"application/vnd.oci.image.manifest.v1+json","digest":"sha256:{manifest_sha}","size":{},"annotations":{{"io.containerd.image.name":"docker.io/library/web:2"}}}}]}}"#, manifest.len()),
+    )
+    .unwrap();
+    let archive = dir.path().join("web.tar");
+    assert!(Command::new("tar")
+        .arg("-C")
+        .arg(&oci)
+        .arg("-cf")
+        .arg(&archive)
+        .arg(".")
+        .status()
+        .unwrap()
+        .success());
+    let (ok, out) = run(&["import", archive.to_str().unwrap()]);
+    assert!(ok && out.contains("imported web:2"), "{out}");
+    let (ok, out) = run(&["ls"]);
+    assert!(ok && out.contains("bb:1") && out.contains("web:2"), "{out}");
+    let (ok, out) = run(&["rm", "web:2"]);
+    assert!(ok, "{out}");
+    let (_, out) = run(&["ls"]);
+    assert!(!out.contains("web:2"), "{out}");
+    let (ok, out) = run(&["rm", "nope:1"]);
+    assert!(!ok && out.contains("not found"), "{out}");
+    let (ok, out) = run(&["import", rootfs.join("bin/busybox").to_str().unwrap()]);
+    assert!(!ok, "importing a non-archive must fail: {out}");
+}
+
+#[test]
+fn single_node_cluster_runs_real_containers() {
+    if !prerequisites() {
+        return;
+    }
+    let mut c = Cluster::start();
+    // The node registers Ready with its capacity and a lease.
+    c.wait_for("node Ready", 20, || {
+        let out = c.kubectl(&[
+            "get",
+            "node",
+            NODE,
+            "-o",
+            "jsonpath={.status.conditions[?(@.type==\"Ready\")].status}",
+        ]);
+        String::from_utf8_lossy(&out.stdout) == "True"
+    });
+    assert!(!c
+        .ok(&["get", "node", NODE, "-o", "jsonpath={.status.capacity.cpu}"])
+        .is_empty());
+    c.ok(&["get", "lease", "-n", "kube-node-lease", NODE]);
+
+    // A missing image is reported, not retried silently.
+    c.apply(&pod_yaml(
+        "missing",
+        "  containers:\n  - name: c\n    image: nothere:1\n",
+    ));
+    c.wait_for("ErrImagePull", 20, || {
+        let r = c.jsonpath(
+            "missing",
+            ".status.containerStatuses[0].state.waiting.reason",
+        );
+        r == "ErrImagePull" || r == "ImagePullBackOff"
+    });
+    assert!(c
+        .jsonpath(
+            "missing",
+            ".status.containerStatuses[0].state.waiting.message"
+        )
+        .contains("nothere:1"));
+
+    let rootfs = c.dir.path().join("rootfs");
+    busybox_rootfs(&rootfs);
+    let out = tapestry()
+        .args(["image", "build", "busybox:local", "--rootfs"])
+        .arg(&rootfs)
+        .arg("--data-dir")
+        .arg(c.dir.path())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // A web server pod, reachable on its pod IP from the host.
+    c.ok(&[
+        "run",
+        "web",
+        "--image=busybox:local",
+        &format!("--overrides={{\"spec\":{{\"nodeName\":\"{NODE}\"}}}}"),
+        "--",
+        "httpd",
+        "-f",
+        "-p",
+        "8080",
+        "-h",
+        "/var/www",
+    ]);
+    c.wait_running("web");
+    let ip = c.jsonpath("web", ".status.podIP");
+    assert!(ip.starts_with("10.245.7."), "pod IP {ip:?}");
+    let veth = c.jsonpath("web", ".metadata.annotations.tapestry\\.io/host-veth");
+    assert!(veth.starts_with("veth"), "host veth annotation {veth:?}");
+    let mut page = None;
+    c.wait_for("http from the pod", 10, || {
+        page = http_get(&ip, 8080);
+        page.is_some()
+    });
+    assert!(page.unwrap().contains("hello from a pod"));
+    let conds = c.jsonpath("web", ".status.conditions[*].type");
+    for t in ["PodScheduled", "Initialized", "ContainersReady", "Ready"] {
+        assert!(conds.contains(t), "conditions {conds}");
+    }
+
+    // exec: plain, exit codes, stdin, and a terminal.
+    assert!(c.ok(&["exec", "web", "--", "ls", "/"]).contains("var"));
+    let out = c.kubectl(&["exec", "web", "--", "sh", "-c", "exit 3"]);
+    assert_eq!(
+        out.status.code(),
+        Some(3),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = Command::new("script")
+        .args([
+            "-qec",
+            "kubectl exec -it web -- sh -c 'tty && echo in-a-tty'",
+            "/dev/null",
+        ])
+        .env("KUBECONFIG", c.kubeconfig())
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("/dev/pts/") && text.contains("in-a-tty"),
+        "{text}"
+    );
+
+    // Logs: tail, follow, previous; restarts with back-off.
+    c.apply(&pod_yaml(
+        "counter",
+        "  containers:\n  - name: c\n    image: busybox:local\n    command: [sh, -c, 'for i in 1 2 3; do echo line $i; done; sleep 1; exit 1']\n",
+    ));
+    c.wait_for("a restart", 30, || {
+        c.jsonpath("counter", ".status.containerStatuses[0].restartCount")
+            .parse::<u32>()
+            .unwrap_or(0)
+            >= 1
+    });
+    assert_eq!(
+        c.ok(&["logs", "counter", "--tail=1"])
+            .trim_end()
+            .lines()
+            .last(),
+        Some("line 3")
+    );
+    c.wait_for("CrashLoopBackOff", 20, || {
+        c.jsonpath(
+            "counter",
+            ".status.containerStatuses[0].state.waiting.reason",
+        ) == "CrashLoopBackOff"
+    });
+    assert_eq!(
+        c.jsonpath(
+            "counter",
+            ".status.containerStatuses[0].lastState.terminated.exitCode"
+        ),
+        "1"
+    );
+    assert!(c
+        .ok(&["logs", "counter", "--previous"])
+        .contains("line 1\nline 2\nline 3\n"));
+    c.apply(&pod_yaml(
+        "ticker",
+        "  containers:\n  - name: c\n    image: busybox:local\n    command: [sh, -c, 'i=0; while true; do echo tick $i; i=$((i+1)); sleep 0.2; done']\n",
+    ));
+    c.wait_running("ticker");
+    let out = Command::new("timeout")
+        .args(["3", "kubectl", "logs", "-f", "ticker"])
+        .env("KUBECONFIG", c.kubeconfig())
+        .output()
+        .unwrap();
+    let ticks = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| l.starts_with("tick"))
+        .count();
+    assert!(ticks >= 8, "follow delivered {ticks} lines");
+
+    // ConfigMap and Secret as env and files; emptyDir shared by two containers.
+    c.ok(&[
+        "create",
+        "configmap",
+        "cfg",
+        "--from-literal=greeting=hello",
+        "--from-literal=file.txt=from-a-configmap",
+    ]);
+    c.ok(&[
+        "create",
+        "secret",
+        "generic",
+        "sec",
+        "--from-literal=password=s3cret",
+    ]);
+    c.apply(&pod_yaml(
+        "vols",
+        r#"  volumes:
+  - name: shared
+    emptyDir: {}
+  - name: cfg
+    configMap: {name: cfg}
+  - name: sec
+    secret: {secretName: sec}
+  initContainers:
+  - name: init
+    image: busybox:local
+    command: [sh, -c, 'echo from-init > /shared/init']
+    volumeMounts: [{name: shared, mountPath: /shared}]
+  containers:
+  - name: writer
+    image: busybox:local
+    command: [sh, -c, 'echo "$GREETING $PASSWORD" > /shared/env; sleep 3600']
+    env:
+    - name: GREETING
+      valueFrom: {configMapKeyRef: {name: cfg, key: greeting}}
+    - name: PASSWORD
+      valueFrom: {secretKeyRef: {name: sec, key: password}}
+    volumeMounts: [{name: shared, mountPath: /shared}]
+  - name: reader
+    image: busybox:local
+    command: [sleep, "3600"]
+    envFrom: [{configMapRef: {name: cfg}, prefix: CFG_}]
+    volumeMounts:
+    - {name: shared, mountPath: /data}
+    - {name: cfg, mountPath: /etc/cfg}
+    - {name: sec, mountPath: /etc/sec}
+"#,
+    ));
+    c.wait_running("vols");
+    c.wait_for("shared file", 10, || {
+        let out = c.kubectl(&[
+            "exec",
+            "vols",
+            "-c",
+            "reader",
+            "--",
+            "cat",
+            "/data/env",
+            "/data/init",
+        ]);
+        String::from_utf8_lossy(&out.stdout) == "hello s3cret\nfrom-init\n"
+    });
+    assert_eq!(
+        c.ok(&[
+            "exec",
+            "vols",
+            "-c",
+            "reader",
+            "--",
+            "cat",
+            "/etc/cfg/file.txt",
+            "/etc/sec/password"
+        ]),
+        "from-a-configmaps3cret"
+    );
+    assert!(c
+        .ok(&["exec", "vols", "-c", "reader", "--", "env"])
+        .contains("CFG_greeting=hello"));
+    assert_eq!(
+        c.jsonpath(
+            "vols",
+            ".status.initContainerStatuses[0].state.terminated.reason"
+        ),
+        "Completed"
+    );
+
+    // Probes: readiness gates Ready; a failing liveness probe restarts.
+    c.apply(&pod_yaml(
+        "probed",
+        r#"  terminationGracePeriodSeconds: 1
+  containers:
+  - name: c
+    image: busybox:local
+    command: [sh, -c, 'touch /tmp/healthy; sleep 3600']
+    livenessProbe:
+      exec: {command: [test, -f, /tmp/healthy]}
+      periodSeconds: 1
+      failureThreshold: 2
+    readinessProbe:
+      exec: {command: [test, -f, /tmp/ready]}
+      periodSeconds: 1
+  - name: web
+    image: busybox:local
+    command: [httpd, -f, -p, "8081", -h, /var/www]
+    readinessProbe:
+      httpGet: {path: /, port: 8081}
+      periodSeconds: 1
+"#,
+    ));
+    c.wait_for("probed running", 30, || {
+        c.jsonpath("probed", ".status.phase") == "Running"
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(
+        c.jsonpath(
+            "probed",
+            ".status.containerStatuses[?(@.name==\"c\")].ready"
+        ),
+        "false"
+    );
+    assert_eq!(
+        c.jsonpath("probed", ".status.conditions[?(@.type==\"Ready\")].status"),
+        "False"
+    );
+    c.ok(&["exec", "probed", "-c", "c", "--", "touch", "/tmp/ready"]);
+    c.wait_running("probed");
+    c.ok(&["exec", "probed", "-c", "c", "--", "rm", "/tmp/healthy"]);
+    c.wait_for("liveness restart", 30, || {
+        c.jsonpath(
+            "probed",
+            ".status.containerStatuses[?(@.name==\"c\")].restartCount",
+        ) == "1"
+    });
+
+    // A memory limit breach is reported as OOMKilled.
+    c.apply(&pod_yaml(
+        "hog",
+        "  restartPolicy: Never\n  containers:\n  - name: c\n    image: busybox:local\n    command: [dd, if=/dev/zero, of=/dev/null, bs=64M, count=1]\n    resources: {limits: {memory: 16Mi}}\n",
+    ));
+    c.wait_for("OOMKilled", 30, || {
+        c.jsonpath("hog", ".status.phase") == "Failed"
+    });
+    assert_eq!(
+        c.jsonpath(
+            "hog",
+            ".status.containerStatuses[0].state.terminated.reason"
+        ),
+        "OOMKilled"
+    );
+    assert_eq!(
+        c.jsonpath(
+            "hog",
+            ".status.containerStatuses[0].state.terminated.exitCode"
+        ),
+        "137"
+    );
+
+    // SIGKILL the whole process: containers keep running, and the new
+    // agent adopts them instead of starting duplicates.
+    let started = c.jsonpath(
+        "web",
+        ".status.containerStatuses[0].state.running.startedAt",
+    );
+    let web_uid = c.jsonpath("web", ".metadata.uid");
+    assert_eq!(count_shims(&web_uid), 1);
+    c.sigkill();
+    assert!(
+        http_get(&ip, 8080).is_some(),
+        "the pod must survive its agent"
+    );
+    c.spawn();
+    std::thread::sleep(Duration::from_secs(3));
+    c.wait_running("web");
+    assert_eq!(
+        c.jsonpath(
+            "web",
+            ".status.containerStatuses[0].state.running.startedAt"
+        ),
+        started
+    );
+    assert_eq!(
+        c.jsonpath("web", ".status.containerStatuses[0].restartCount"),
+        "0"
+    );
+    assert_eq!(count_shims(&web_uid), 1, "containers were duplicated");
+
+    // hostNetwork + privileged sees the node's interfaces.
+    c.apply(&pod_yaml(
+        "hostnet",
+        "  hostNetwork: true\n  containers:\n  - name: c\n    image: busybox:local\n    command: [sleep, '3600']\n    securityContext: {privileged: true}\n",
+    ));
+    c.wait_running("hostnet");
+    let links = c.ok(&["exec", "hostnet", "--", "ip", "link"]);
+    assert!(
+        links.contains(&veth),
+        "host veth {veth} not visible from a hostNetwork pod: {links}"
+    );
+
+    // Deletion: SIGTERM, grace, then gone with everything it had.
+    let uid = c.jsonpath("web", ".metadata.uid");
+    let t = Instant::now();
+    c.ok(&["delete", "pod", "web", "--grace-period=2"]);
+    assert!(t.elapsed() < Duration::from_secs(15));
+    c.wait_for("web gone", 15, || {
+        !c.kubectl(&["get", "pod", "web"]).status.success()
+    });
+    assert!(
+        leftovers(&uid).is_empty(),
+        "left behind: {:?}",
+        leftovers(&uid)
+    );
+    let links = Command::new("ip")
+        .args(["link", "show", &veth])
+        .output()
+        .unwrap();
+    assert!(!links.status.success(), "veth {veth} still exists");
+
+    // Stopping the cluster stops every pod and cleans up.
+    let uids: Vec<String> = c
+        .ok(&["get", "pods", "-o", "jsonpath={.items[*].metadata.uid}"])
+        .split_whitespace()
+        .map(String::from)
+        .collect();
+    c.terminate();
+    for uid in uids {
+        assert!(
+            leftovers(&uid).is_empty(),
+            "pod {uid} left behind {:?}",
+            leftovers(&uid)
+        );
+    }
+    // The node's bridge outlives its pods by design; this test's goes.
+    let _ = Command::new("ip").args(["link", "del", "tpe2e0"]).status();
+}
+
+/// Container monitors of one pod (their command line names the pod's UID).
+fn count_shims(uid: &str) -> usize {
+    let pattern = format!("container-shim .*--id {uid}-");
+    let out = Command::new("pgrep")
+        .args(["-f", &pattern])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).lines().count()
+}
+
+/// `tapestry node` joins a separately running `tapestry server` with the
+/// node token; logs and exec reach its kubelet (self-signed serving
+/// certificate, client certificate checked against the cluster CA).
+#[test]
+fn node_joins_a_server() {
+    if !prerequisites() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let mut server = tapestry()
+        .arg("server")
+        .arg("--data-dir")
+        .arg(dir.path())
+        .args(["--listen", &format!("127.0.0.1:{port}")])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(server.stdout.take().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    assert!(line.starts_with("kubeconfig: "));
+    let node_dir = dir.path().join("node");
+    let rootfs = dir.path().join("rootfs");
+    busybox_rootfs(&rootfs);
+    let out = tapestry()
+        .args(["image", "build", "busybox:local", "--rootfs"])
+        .arg(&rootfs)
+        .arg("--data-dir")
+        .arg(&node_dir)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let mut node = tapestry()
+        .arg("node")
+        .args(["--server", &format!("https://127.0.0.1:{port}")])
+        .arg("--token-file")
+        .arg(dir.path().join("node-token"))
+        .arg("--ca-file")
+        .arg(dir.path().join("pki/ca.crt"))
+        .arg("--data-dir")
+        .arg(&node_dir)
+        .args([
+            "--name",
+            "joined",
+            "--kubelet-port",
+            &free_port().to_string(),
+        ])
+        .args(["--pod-cidr", "10.245.8.0/24", "--bridge", "tpe2e1"])
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let c = Cluster {
+        dir,
+        port,
+        kubelet_port: 0,
+        child: None,
+    };
+    c.wait_for("joined node Ready", 20, || {
+        let out = c.kubectl(&[
+            "get",
+            "node",
+            "joined",
+            "-o",
+            "jsonpath={.status.conditions[?(@.type==\"Ready\")].status}",
+        ]);
+        String::from_utf8_lossy(&out.stdout) == "True"
+    });
+    c.apply("apiVersion: v1\nkind: Pod\nmetadata:\n  name: hello\nspec:\n  nodeName: joined\n  terminationGracePeriodSeconds: 1\n  containers:\n  - name: c\n    image: busybox:local\n    command: [sh, -c, 'echo hello from joined; sleep 3600']\n");
+    c.wait_running("hello");
+    c.wait_for("log line", 10, || {
+        c.ok(&["logs", "hello"]) == "hello from joined\n"
+    });
+    assert_eq!(c.ok(&["exec", "hello", "--", "hostname"]), "hello\n");
+    let uid = c.jsonpath("hello", ".metadata.uid");
+    c.ok(&["delete", "pod", "hello"]);
+    c.wait_for("hello gone", 15, || {
+        !c.kubectl(&["get", "pod", "hello"]).status.success()
+    });
+    assert!(
+        leftovers(&uid).is_empty(),
+        "left behind: {:?}",
+        leftovers(&uid)
+    );
+    unsafe { libc::kill(node.id() as i32, libc::SIGTERM) };
+    let _ = node.wait();
+    let _ = server.kill();
+    let _ = server.wait();
+    let _ = Command::new("ip").args(["link", "del", "tpe2e1"]).status();
+}

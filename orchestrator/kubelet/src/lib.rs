@@ -1,0 +1,221 @@
+//! Tapestry's node agent (kubelet).
+//!
+//! It registers the Node and heartbeats through a Lease ([`node`]), keeps an
+//! OCI image store ([`images`]), gives each pod a network namespace wired by
+//! the CNI plugins ([`cni`]), runs containers with runc through a detached
+//! per-container shim ([`runtime`], [`shim`]), drives each pod with a worker
+//! (restart policy, probes, status, graceful termination: [`pods`]), and
+//! serves logs and exec over an authenticated HTTPS API ([`server`]).
+
+pub mod cni;
+pub mod images;
+pub mod logs;
+pub mod node;
+pub mod pods;
+mod probe;
+pub mod runtime;
+pub mod server;
+pub mod shim;
+mod volumes;
+mod ws;
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use anyhow::{Context, Result};
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::Pod;
+use kube::runtime::watcher;
+use kube::Api;
+use tokio_util::sync::CancellationToken;
+
+use crate::cni::Cni;
+use crate::images::ImageStore;
+use crate::pods::Worker;
+use crate::runtime::Runtime;
+
+pub const KUBELET_VERSION: &str = "v1.33.0-tapestry";
+
+/// How a node agent runs.
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub node_name: String,
+    /// The node's state: `kubelet/` (pods, runtime state) and `images/`.
+    pub data_dir: PathBuf,
+    /// Used when the Node has no spec.podCIDR (no IPAM controller).
+    pub pod_cidr: Option<String>,
+    /// The address the API server reaches the kubelet API on.
+    pub node_ip: IpAddr,
+    pub port: u16,
+    pub runtime: PathBuf,
+    pub cni_bin_dir: PathBuf,
+    /// Name of the Linux bridge pods attach to.
+    pub bridge: String,
+    /// CA that signs the API server's client certificate.
+    pub client_ca_pem: String,
+    /// Serving certificate and key (PEM); a self-signed pair when absent.
+    pub serving: Option<(String, String)>,
+    /// This binary, started as `container-shim` for each container.
+    pub shim_exe: PathBuf,
+    pub max_pods: u32,
+    /// Stop every pod when the agent stops (`tapestry up`); a plain node
+    /// agent leaves them running to be adopted on restart.
+    pub stop_pods_on_exit: bool,
+}
+
+/// What the HTTPS API needs to find a pod's containers.
+#[derive(Clone, Debug)]
+pub struct PodEntry {
+    pub uid: String,
+    pub containers: Vec<String>,
+    pub init_containers: Vec<String>,
+}
+
+pub struct Kubelet {
+    pub config: Arc<Config>,
+    pub client: kube::Client,
+    pub images: ImageStore,
+    pub runtime: Runtime,
+    pub cni: Cni,
+    pub pods_dir: PathBuf,
+    /// namespace/name → pod, for the HTTPS API.
+    pub index: Mutex<HashMap<String, PodEntry>>,
+}
+
+/// A running node agent.
+pub struct Running {
+    pub addr: std::net::SocketAddr,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Running {
+    pub async fn wait(self) {
+        let _ = self.task.await;
+    }
+}
+
+/// Register the node and start serving pods; returns once the kubelet
+/// API listens. Everything stops when `shutdown` fires.
+pub async fn start(
+    config: Config,
+    client: kube::Client,
+    shutdown: CancellationToken,
+) -> Result<Running> {
+    let root = config.data_dir.join("kubelet");
+    let pods_dir = root.join("pods");
+    std::fs::create_dir_all(&pods_dir)
+        .with_context(|| format!("creating {}", pods_dir.display()))?;
+    let pod_cidr = node::register(&client, &config).await?;
+    tracing::info!(node = %config.node_name, %pod_cidr, "node registered");
+    let images = ImageStore::open(&config.data_dir.join("images"))?;
+    let runtime = Runtime::new(
+        config.runtime.clone(),
+        root.join("runc"),
+        config.shim_exe.clone(),
+    )?;
+    let cni = Cni {
+        bin_dir: config.cni_bin_dir.clone(),
+        state_dir: root.join("cni"),
+        pod_cidr,
+        bridge: config.bridge.clone(),
+    };
+    let config = Arc::new(config);
+    let kubelet = Arc::new(Kubelet {
+        config: config.clone(),
+        client: client.clone(),
+        images,
+        runtime,
+        cni,
+        pods_dir,
+        index: Mutex::new(HashMap::new()),
+    });
+    let (addr, server_task) = server::start(kubelet.clone(), shutdown.clone()).await?;
+    node::patch_status(
+        &client,
+        &config,
+        true,
+        &chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+    )
+    .await?;
+    let heartbeat = tokio::spawn(node::heartbeat(
+        client.clone(),
+        config.clone(),
+        shutdown.clone(),
+    ));
+    let task = tokio::spawn(async move {
+        sync_pods(kubelet.clone(), shutdown.clone()).await;
+        let _ = heartbeat.await;
+        let _ = server_task.await;
+        let since = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+        let _ = node::patch_status(&kubelet.client, &kubelet.config, false, &since).await;
+    });
+    Ok(Running { addr, task })
+}
+
+/// Watch the pods bound to this node and keep one worker per pod.
+async fn sync_pods(kubelet: Arc<Kubelet>, shutdown: CancellationToken) {
+    let pods: Api<Pod> = Api::all(kubelet.client.clone());
+    let cfg =
+        watcher::Config::default().fields(&format!("spec.nodeName={}", kubelet.config.node_name));
+    let mut stream = watcher(pods, cfg).boxed();
+    let mut workers: HashMap<String, Worker> = HashMap::new();
+    let mut seen_in_init: Option<std::collections::HashSet<String>> = None;
+    let mut orphans_checked = false;
+    loop {
+        let event = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            e = stream.next() => e,
+        };
+        let Some(event) = event else { break };
+        let event = match event {
+            Ok(e) => e,
+            Err(e) => {
+                tracing::warn!(error = %e, "pod watch failed; retrying");
+                tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                continue;
+            }
+        };
+        match event {
+            watcher::Event::Init => seen_in_init = Some(Default::default()),
+            watcher::Event::InitApply(pod) | watcher::Event::Apply(pod) => {
+                let Some(uid) = pod.metadata.uid.clone() else {
+                    continue;
+                };
+                if let Some(seen) = seen_in_init.as_mut() {
+                    seen.insert(uid.clone());
+                }
+                workers.retain(|_, w| !w.finished());
+                match workers.get(&uid) {
+                    Some(w) => w.update(pod),
+                    None => {
+                        let w = Worker::spawn(kubelet.clone(), pod, shutdown.clone());
+                        workers.insert(uid, w);
+                    }
+                }
+            }
+            watcher::Event::Delete(pod) => {
+                if let Some(w) = pod.metadata.uid.as_ref().and_then(|u| workers.get(u)) {
+                    w.gone();
+                }
+            }
+            watcher::Event::InitDone => {
+                let seen = seen_in_init.take().unwrap_or_default();
+                for (uid, w) in &workers {
+                    if !seen.contains(uid) {
+                        w.gone();
+                    }
+                }
+                if !orphans_checked {
+                    orphans_checked = true;
+                    pods::clean_orphans(&kubelet, &seen).await;
+                }
+            }
+        }
+    }
+    // Workers see the shutdown token too; wait for them to finish.
+    for (_, w) in workers {
+        w.join().await;
+    }
+}

@@ -1,0 +1,596 @@
+//! The kubelet HTTPS API (port 10250 by default): container logs and exec,
+//! for the API server only — clients must present a certificate signed by
+//! the cluster CA.
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use bytes::Bytes;
+use futures::StreamExt;
+use http::{Request, Response, StatusCode};
+use http_body_util::{combinators::BoxBody, BodyExt, Full, StreamBody};
+use hyper::body::{Frame, Incoming};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use serde_json::json;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpListener;
+use tokio::sync::Mutex;
+use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
+
+use crate::logs::{self, LogOptions};
+use crate::pods::{container_id, PodDirs};
+use crate::runtime::State;
+use crate::ws::{self, Message};
+use crate::Kubelet;
+
+type Body = BoxBody<Bytes, std::io::Error>;
+
+fn full(b: impl Into<Bytes>) -> Body {
+    Full::new(b.into())
+        .map_err(|e: Infallible| match e {})
+        .boxed()
+}
+
+fn status(code: StatusCode, message: &str) -> Response<Body> {
+    let reason = match code {
+        StatusCode::NOT_FOUND => "NotFound",
+        StatusCode::BAD_REQUEST => "BadRequest",
+        StatusCode::FORBIDDEN => "Forbidden",
+        _ => "InternalError",
+    };
+    let body = json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+                      "message": message, "reason": reason, "code": code.as_u16()});
+    Response::builder()
+        .status(code)
+        .header(http::header::CONTENT_TYPE, "application/json")
+        .body(full(body.to_string()))
+        .unwrap_or_else(|_| Response::new(full("")))
+}
+
+fn tls(kubelet: &Kubelet) -> Result<TlsAcceptor> {
+    let (cert_pem, key_pem) = match &kubelet.config.serving {
+        Some(pair) => pair.clone(),
+        None => {
+            let mut names = vec![kubelet.config.node_name.clone(), "localhost".to_string()];
+            names.push(kubelet.config.node_ip.to_string());
+            let key = rcgen::KeyPair::generate()?;
+            let params = rcgen::CertificateParams::new(names)?;
+            let cert = params.self_signed(&key)?;
+            (cert.pem(), key.serialize_pem())
+        }
+    };
+    let certs = rustls_pemfile::certs(&mut cert_pem.as_bytes()).collect::<Result<Vec<_>, _>>()?;
+    let key = rustls_pemfile::private_key(&mut key_pem.as_bytes())?.context("no private key")?;
+    let mut roots = rustls::RootCertStore::empty();
+    for c in rustls_pemfile::certs(&mut kubelet.config.client_ca_pem.as_bytes()) {
+        roots.add(c.context("parsing the client CA")?)?;
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+        Arc::new(roots),
+        provider.clone(),
+    )
+    .build()
+    .context("client certificate verifier")?;
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(certs, key)?;
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(TlsAcceptor::from(Arc::new(config)))
+}
+
+pub async fn start(
+    kubelet: Arc<Kubelet>,
+    shutdown: CancellationToken,
+) -> Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
+    let bind = SocketAddr::new(kubelet.config.node_ip, kubelet.config.port);
+    let listener = TcpListener::bind(bind)
+        .await
+        .with_context(|| format!("binding the kubelet API on {bind}"))?;
+    let addr = listener.local_addr()?;
+    let acceptor = tls(&kubelet)?;
+    let task = tokio::spawn(async move {
+        loop {
+            let (tcp, _) = tokio::select! {
+                _ = shutdown.cancelled() => return,
+                a = listener.accept() => match a {
+                    Ok(c) => c,
+                    Err(_) => { tokio::time::sleep(Duration::from_millis(50)).await; continue; }
+                },
+            };
+            let acceptor = acceptor.clone();
+            let kubelet = kubelet.clone();
+            tokio::spawn(async move {
+                let Ok(Ok(stream)) =
+                    tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await
+                else {
+                    return;
+                };
+                let svc = hyper::service::service_fn(move |req| {
+                    let kubelet = kubelet.clone();
+                    async move { Ok::<_, Infallible>(route(kubelet, req).await) }
+                });
+                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                    .serve_connection_with_upgrades(TokioIo::new(stream), svc)
+                    .await;
+            });
+        }
+    });
+    Ok((addr, task))
+}
+
+fn query_pairs(q: Option<&str>) -> Vec<(String, String)> {
+    q.unwrap_or("")
+        .split('&')
+        .filter(|p| !p.is_empty())
+        .map(|p| {
+            let (k, v) = p.split_once('=').unwrap_or((p, ""));
+            (decode(k), decode(v))
+        })
+        .collect()
+}
+
+fn decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' && i + 2 < b.len() {
+            if let Ok(v) =
+                u8::from_str_radix(std::str::from_utf8(&b[i + 1..i + 3]).unwrap_or("zz"), 16)
+            {
+                out.push(v);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(if b[i] == b'+' { b' ' } else { b[i] });
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+fn truthy(v: Option<&String>) -> bool {
+    matches!(v.map(String::as_str), Some("1" | "true" | "True"))
+}
+
+async fn route(kubelet: Arc<Kubelet>, req: Request<Incoming>) -> Response<Body> {
+    let path = req.uri().path().to_string();
+    let parts: Vec<&str> = path.trim_matches('/').split('/').collect();
+    match parts.as_slice() {
+        ["healthz"] => Response::new(full("ok")),
+        ["containerLogs", ns, pod, container] => {
+            let q: HashMap<String, String> = query_pairs(req.uri().query()).into_iter().collect();
+            container_logs(&kubelet, ns, pod, container, &q).await
+        }
+        ["exec", ns, pod, container] => {
+            let (ns, pod, container) = (ns.to_string(), pod.to_string(), container.to_string());
+            exec(kubelet, req, &ns, &pod, &container).await
+        }
+        _ => status(StatusCode::NOT_FOUND, &format!("no handler for {path}")),
+    }
+}
+
+/// The pod's directory and the container's attempts (oldest first).
+fn locate(
+    kubelet: &Kubelet,
+    ns: &str,
+    pod: &str,
+    container: &str,
+) -> Result<(String, PodDirs, Vec<u32>), Box<Response<Body>>> {
+    let entry = kubelet
+        .index
+        .lock()
+        .ok()
+        .and_then(|idx| idx.get(&format!("{ns}/{pod}")).cloned())
+        .ok_or_else(|| {
+            Box::new(status(
+                StatusCode::NOT_FOUND,
+                &format!("pod {ns}/{pod} is not running on this node"),
+            ))
+        })?;
+    if !entry
+        .containers
+        .iter()
+        .chain(entry.init_containers.iter())
+        .any(|c| c == container)
+    {
+        return Err(Box::new(status(
+            StatusCode::BAD_REQUEST,
+            &format!("container {container} is not valid for pod {pod}"),
+        )));
+    }
+    let dirs = PodDirs::new(kubelet, &entry.uid);
+    let attempts = dirs.attempts(container);
+    Ok((entry.uid, dirs, attempts))
+}
+
+async fn container_logs(
+    kubelet: &Kubelet,
+    ns: &str,
+    pod: &str,
+    container: &str,
+    q: &HashMap<String, String>,
+) -> Response<Body> {
+    let (_, dirs, attempts) = match locate(kubelet, ns, pod, container) {
+        Ok(x) => x,
+        Err(r) => return *r,
+    };
+    let previous = truthy(q.get("previous"));
+    let attempt = if previous {
+        match attempts.len().checked_sub(2).map(|i| attempts[i]) {
+            Some(a) => a,
+            None => {
+                return status(
+                    StatusCode::BAD_REQUEST,
+                    &format!(
+                        "previous terminated container \"{container}\" in pod \"{pod}\" not found"
+                    ),
+                )
+            }
+        }
+    } else {
+        match attempts.last() {
+            Some(a) => *a,
+            None => {
+                return status(
+                    StatusCode::BAD_REQUEST,
+                    &format!("container \"{container}\" in pod \"{pod}\" is waiting to start: ContainerCreating"),
+                )
+            }
+        }
+    };
+    let mut opts = LogOptions {
+        follow: truthy(q.get("follow")) && !previous,
+        timestamps: truthy(q.get("timestamps")),
+        ..Default::default()
+    };
+    if let Some(t) = q.get("tailLines") {
+        match t.parse::<i64>() {
+            Ok(n) if n >= 0 => opts.tail_lines = Some(n as usize),
+            _ => {
+                return status(
+                    StatusCode::BAD_REQUEST,
+                    &format!("tailLines: invalid value {t:?}"),
+                )
+            }
+        }
+    }
+    if let Some(s) = q.get("sinceSeconds") {
+        match s.parse::<i64>() {
+            Ok(n) if n > 0 => opts.since = Some(chrono::Utc::now() - chrono::Duration::seconds(n)),
+            _ => {
+                return status(
+                    StatusCode::BAD_REQUEST,
+                    &format!("sinceSeconds: invalid value {s:?}"),
+                )
+            }
+        }
+    }
+    if let Some(s) = q.get("sinceTime") {
+        match chrono::DateTime::parse_from_rfc3339(s) {
+            Ok(t) => opts.since = Some(t.with_timezone(&chrono::Utc)),
+            Err(_) => {
+                return status(
+                    StatusCode::BAD_REQUEST,
+                    &format!("sinceTime: invalid RFC 3339 time {s:?}"),
+                )
+            }
+        }
+    }
+    if let Some(l) = q.get("limitBytes") {
+        match l.parse::<usize>() {
+            Ok(n) if n > 0 => opts.limit_bytes = Some(n),
+            _ => {
+                return status(
+                    StatusCode::BAD_REQUEST,
+                    &format!("limitBytes: invalid value {l:?}"),
+                )
+            }
+        }
+    }
+    let path = dirs.log(container, attempt);
+    let (mut first, offset) = match logs::initial(&path, &opts).await {
+        Ok(x) => x,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => (Vec::new(), 0),
+        Err(e) => {
+            return status(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                &format!("reading log: {e}"),
+            )
+        }
+    };
+    let builder = Response::builder().header(http::header::CONTENT_TYPE, "text/plain");
+    if let Some(limit) = opts.limit_bytes {
+        first.truncate(limit);
+    }
+    if !opts.follow {
+        return builder
+            .body(full(first))
+            .unwrap_or_else(|_| Response::new(full("")));
+    }
+    let attempt_dir = dirs.attempt(container, attempt);
+    let rt = kubelet.runtime.clone();
+    let done = move || matches!(rt.state(&attempt_dir), State::Exited(_));
+    let head = futures::stream::once(async move { Bytes::from(first) });
+    let mut budget = opts.limit_bytes.unwrap_or(usize::MAX);
+    let stream = head
+        .chain(logs::follow(path, offset, opts, done))
+        .take_while(move |b| {
+            let go = budget > 0;
+            budget = budget.saturating_sub(b.len());
+            futures::future::ready(go)
+        })
+        .map(|b| Ok::<_, std::io::Error>(Frame::data(b)));
+    builder
+        .body(BodyExt::boxed(StreamBody::new(stream)))
+        .unwrap_or_else(|_| Response::new(full("")))
+}
+
+const PROTOCOLS: &[&str] = &["v5.channel.k8s.io", "v4.channel.k8s.io"];
+
+async fn exec(
+    kubelet: Arc<Kubelet>,
+    req: Request<Incoming>,
+    ns: &str,
+    pod: &str,
+    container: &str,
+) -> Response<Body> {
+    let (uid, dirs, attempts) = match locate(&kubelet, ns, pod, container) {
+        Ok(x) => x,
+        Err(r) => return *r,
+    };
+    let running = attempts
+        .last()
+        .map(|a| (*a, kubelet.runtime.state(&dirs.attempt(container, *a))));
+    let Some((attempt, State::Running(_))) = running else {
+        return status(
+            StatusCode::BAD_REQUEST,
+            &format!("container {container} is not running in pod {pod}"),
+        );
+    };
+    let q = query_pairs(req.uri().query());
+    let get = |k: &str| q.iter().find(|(x, _)| x == k).map(|(_, v)| v.clone());
+    let command: Vec<String> = q
+        .iter()
+        .filter(|(k, _)| k == "command")
+        .map(|(_, v)| v.clone())
+        .collect();
+    if command.is_empty() {
+        return status(
+            StatusCode::BAD_REQUEST,
+            "command: at least one command argument is required",
+        );
+    }
+    let stdin = truthy(get("stdin").as_ref());
+    let tty = truthy(get("tty").as_ref());
+    let headers = req.headers();
+    let is_ws = headers
+        .get(http::header::UPGRADE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.eq_ignore_ascii_case("websocket"));
+    let Some(key) = headers
+        .get("sec-websocket-key")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string)
+    else {
+        return status(
+            StatusCode::BAD_REQUEST,
+            "exec needs a WebSocket upgrade (v5.channel.k8s.io or v4.channel.k8s.io)",
+        );
+    };
+    let offered: Vec<String> = headers
+        .get_all("sec-websocket-protocol")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|s| s.trim().to_string())
+        .collect();
+    let Some(proto) = PROTOCOLS.iter().find(|p| offered.iter().any(|o| o == *p)) else {
+        return status(
+            StatusCode::BAD_REQUEST,
+            &format!("no supported streaming protocol offered (want one of {PROTOCOLS:?})"),
+        );
+    };
+    if !is_ws {
+        return status(StatusCode::BAD_REQUEST, "exec needs a WebSocket upgrade");
+    }
+    let id = container_id(&uid, container, attempt);
+    let v5 = *proto == "v5.channel.k8s.io";
+    let upgrade = hyper::upgrade::on(req);
+    tokio::spawn(async move {
+        match upgrade.await {
+            Ok(io) => {
+                if let Err(e) =
+                    session(&kubelet, TokioIo::new(io), &id, command, stdin, tty, v5).await
+                {
+                    tracing::debug!(error = %e, "exec session ended with an error");
+                }
+            }
+            Err(e) => tracing::debug!(error = %e, "exec upgrade failed"),
+        }
+    });
+    Response::builder()
+        .status(StatusCode::SWITCHING_PROTOCOLS)
+        .header(http::header::CONNECTION, "Upgrade")
+        .header(http::header::UPGRADE, "websocket")
+        .header("Sec-WebSocket-Accept", ws::accept_key(&key))
+        .header("Sec-WebSocket-Protocol", *proto)
+        .body(full(""))
+        .unwrap_or_else(|_| Response::new(full("")))
+}
+
+fn openpty() -> std::io::Result<(OwnedFd, OwnedFd)> {
+    let (mut master, mut slave) = (0, 0);
+    // SAFETY: out pointers are valid; name/termios/winsize may be null.
+    let rc = unsafe {
+        libc::openpty(
+            &mut master,
+            &mut slave,
+            std::ptr::null_mut(),
+            std::ptr::null(),
+            std::ptr::null(),
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: openpty returned two descriptors we now own.
+    Ok(unsafe { (OwnedFd::from_raw_fd(master), OwnedFd::from_raw_fd(slave)) })
+}
+
+fn resize(master: i32, data: &[u8]) {
+    let Ok(v) = serde_json::from_slice::<serde_json::Value>(data) else {
+        return;
+    };
+    let ws = libc::winsize {
+        ws_row: v["Height"].as_u64().unwrap_or(24) as u16,
+        ws_col: v["Width"].as_u64().unwrap_or(80) as u16,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
+    // SAFETY: master is a live pty descriptor; ws is a valid winsize.
+    unsafe { libc::ioctl(master, libc::TIOCSWINSZ, &ws) };
+}
+
+type Writer<W> = Arc<Mutex<tokio::io::WriteHalf<W>>>;
+
+async fn send<W: AsyncWrite>(w: &Writer<W>, channel: u8, data: &[u8]) -> std::io::Result<()> {
+    let mut msg = Vec::with_capacity(data.len() + 1);
+    msg.push(channel);
+    msg.extend_from_slice(data);
+    ws::write_binary(&mut *w.lock().await, &msg).await
+}
+
+async fn pump<R: AsyncRead + Unpin, W: AsyncWrite>(mut r: R, w: Writer<W>, channel: u8) {
+    let mut buf = vec![0u8; 32 * 1024];
+    loop {
+        match r.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => {
+                if send(&w, channel, &buf[..n]).await.is_err() {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// Run `command` in the container and stream it over the WebSocket.
+async fn session<IO: AsyncRead + AsyncWrite + Send + 'static>(
+    kubelet: &Kubelet,
+    io: IO,
+    id: &str,
+    command: Vec<String>,
+    stdin: bool,
+    tty: bool,
+    v5: bool,
+) -> Result<()> {
+    let (mut rd, wr) = tokio::io::split(io);
+    let w: Writer<IO> = Arc::new(Mutex::new(wr));
+    let mut cmd = kubelet.runtime.exec_command(id, &command, tty);
+    let mut master: Option<OwnedFd> = None;
+    if tty {
+        let (m, s) = openpty()?;
+        cmd.stdin(Stdio::from(s.try_clone()?))
+            .stdout(Stdio::from(s.try_clone()?))
+            .stderr(Stdio::from(s));
+        // SAFETY: setsid and ioctl are async-signal-safe; the pty becomes the
+        // controlling terminal of the exec'd process' session.
+        unsafe {
+            cmd.pre_exec(|| {
+                libc::setsid();
+                libc::ioctl(0, libc::TIOCSCTTY, 0);
+                Ok(())
+            });
+        }
+        master = Some(m);
+    } else {
+        cmd.stdin(if stdin { Stdio::piped() } else { Stdio::null() })
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+    }
+    let mut child = cmd.kill_on_drop(true).spawn().context("runc exec")?;
+    // Our copies of the pty's slave side must close for the master to see
+    // the end of output.
+    drop(cmd);
+    let mut outputs = Vec::new();
+    let mut input: Option<Box<dyn AsyncWrite + Send + Unpin>> = None;
+    let master_raw = master.as_ref().map(|m| m.as_raw_fd());
+    if let Some(m) = master {
+        let reader = tokio::fs::File::from_std(std::fs::File::from(m.try_clone()?));
+        outputs.push(tokio::spawn(pump(reader, w.clone(), 1)));
+        if stdin {
+            input = Some(Box::new(tokio::fs::File::from_std(std::fs::File::from(m))));
+        }
+    } else {
+        if let Some(o) = child.stdout.take() {
+            outputs.push(tokio::spawn(pump(o, w.clone(), 1)));
+        }
+        if let Some(e) = child.stderr.take() {
+            outputs.push(tokio::spawn(pump(e, w.clone(), 2)));
+        }
+        if let Some(i) = child.stdin.take() {
+            input = Some(Box::new(i));
+        }
+    }
+    let exit = loop {
+        tokio::select! {
+            status = child.wait() => break status?,
+            msg = ws::read_message(&mut rd) => match msg {
+                Ok((Message::Data(d), pong)) => {
+                    if let Some(p) = pong {
+                        ws::write_pong(&mut *w.lock().await, &p).await?;
+                        continue;
+                    }
+                    match d.split_first() {
+                        Some((0, data)) => {
+                            if let Some(i) = input.as_mut() {
+                                if i.write_all(data).await.is_err() || i.flush().await.is_err() {
+                                    input = None;
+                                }
+                            }
+                        }
+                        Some((4, data)) => {
+                            if let Some(m) = master_raw {
+                                resize(m, data);
+                            }
+                        }
+                        Some((255, [0])) if v5 => input = None,
+                        _ => {}
+                    }
+                }
+                Ok((Message::Close, _)) | Err(_) => {
+                    let _ = child.start_kill();
+                    break child.wait().await?;
+                }
+            },
+        }
+    };
+    drop(input);
+    for o in outputs {
+        let _ = tokio::time::timeout(Duration::from_secs(2), o).await;
+    }
+    let code = exit
+        .code()
+        .unwrap_or(128 + std::os::unix::process::ExitStatusExt::signal(&exit).unwrap_or(0));
+    let st = if code == 0 {
+        json!({"metadata": {}, "status": "Success"})
+    } else {
+        json!({"metadata": {}, "status": "Failure",
+               "message": format!("command terminated with non-zero exit code: error executing command [{}], exit code {code}", command.join(" ")),
+               "reason": "NonZeroExitCode",
+               "details": {"causes": [{"reason": "ExitCode", "message": code.to_string()}]}})
+    };
+    send(&w, 3, st.to_string().as_bytes()).await?;
+    let _ = ws::write_close(&mut *w.lock().await).await;
+    Ok(())
+}
