@@ -30,6 +30,14 @@ if [ -f "$DATA_DIR/up.pid" ] && kill -0 "$(cat "$DATA_DIR/up.pid")" 2>/dev/null;
   kill "$(cat "$DATA_DIR/up.pid")"
   while kill -0 "$(cat "$DATA_DIR/up.pid")" 2>/dev/null; do sleep 0.2; done
 fi
+# Each run starts from an empty cluster; only a directory this script made
+# (or an empty one) is cleared.
+if [ -e "$DATA_DIR/store.redb" ]; then
+  rm -rf "$DATA_DIR"
+elif [ -d "$DATA_DIR" ] && [ -n "$(ls -A "$DATA_DIR")" ]; then
+  echo "demo.sh: $DATA_DIR exists and is not a Tapestry data directory; set DATA_DIR" >&2
+  exit 1
+fi
 mkdir -p "$DATA_DIR"
 
 step "Building images: busybox:local, tapestry/tap-agent:demo, tapestry/aggregator:demo"
@@ -113,6 +121,7 @@ spec:
   - name: aggregator
     image: tapestry/aggregator:demo
     imagePullPolicy: Never
+    command: [/bin/aggregator]
     args: [serve, --grpc, "127.0.0.1:50051", --http, "127.0.0.1:9090",
            --pcap-over-ip, "127.0.0.1:57012", --filter, "tcp port 8080"]
 ---
@@ -140,6 +149,7 @@ spec:
         env:
         - name: NODE_NAME
           valueFrom: {fieldRef: {fieldPath: spec.nodeName}}
+        command: [/bin/tap-agent]
         args: [run, --kubeconfig, /etc/tapestry/kubeconfig, --node, "\$(NODE_NAME)",
                --policy-file, /etc/tap/policies.json, --aggregator, "http://127.0.0.1:50051"]
         volumeMounts:
