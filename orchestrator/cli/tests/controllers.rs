@@ -409,17 +409,19 @@ fn silent_node_goes_not_ready_and_its_pods_move() {
         ]);
         (st == "Unknown").then_some(())
     });
-    let taints = s.ok(&[
-        "get",
-        "node",
-        "doomed-0",
-        "-o",
-        "jsonpath={.spec.taints[*].key}",
-    ]);
-    assert!(
-        taints.contains("node.kubernetes.io/unreachable"),
-        "{taints}"
-    );
+    // The unreachable taints follow on the next node health check.
+    wait_for(30, "unreachable taint on doomed-0", || {
+        let taints = s.ok(&[
+            "get",
+            "node",
+            "doomed-0",
+            "-o",
+            "jsonpath={.spec.taints[*].key}",
+        ]);
+        taints
+            .contains("node.kubernetes.io/unreachable")
+            .then_some(())
+    });
     let rows = wait_for(60, "replacements on the healthy nodes", || {
         let live: Vec<PodRow> = pods(&s, "default", "app=mover")
             .into_iter()

@@ -31,7 +31,7 @@ use crate::filters::{
 
 pub const DEFAULT_SCHEDULER: &str = "default-scheduler";
 /// Binds in flight at once.
-const BINDS_IN_FLIGHT: usize = 64;
+const BINDS_IN_FLIGHT: usize = 256;
 /// Pods scheduled per turn of the loop before events are looked at again.
 const BATCH: usize = 256;
 const BACKOFF_INITIAL: Duration = Duration::from_secs(1);
