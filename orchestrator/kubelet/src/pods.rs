@@ -1088,6 +1088,19 @@ fn remove_cgroups(uid: &str) {
     }
 }
 
+/// Remove the (empty) `/tapestry` parent cgroups once no pod is left.
+pub fn remove_parent_cgroups() {
+    let Ok(rd) = fs::read_dir("/sys/fs/cgroup") else {
+        return;
+    };
+    let mut roots: Vec<PathBuf> = rd.filter_map(|e| e.ok().map(|e| e.path())).collect();
+    roots.push(PathBuf::from("/sys/fs/cgroup"));
+    for root in roots {
+        // rmdir fails (and changes nothing) while pods remain.
+        let _ = fs::remove_dir(root.join("tapestry"));
+    }
+}
+
 /// Tear down whatever a pod left on this node.
 pub async fn teardown_pod(kubelet: &Kubelet, uid: &str, sandbox: Option<&Attachment>) {
     let root = kubelet.pods_dir.join(uid);
