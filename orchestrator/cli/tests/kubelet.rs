@@ -610,9 +610,11 @@ fn single_node_cluster_runs_real_containers() {
     );
 
     // Probes: readiness gates Ready; a failing liveness probe restarts.
+    // The web container also publishes a hostPort (CNI portmap).
+    let host_port = free_port();
     c.apply(&pod_yaml(
         "probed",
-        r#"  terminationGracePeriodSeconds: 1
+        &r#"  terminationGracePeriodSeconds: 1
   containers:
   - name: c
     image: busybox:local
@@ -627,10 +629,12 @@ fn single_node_cluster_runs_real_containers() {
   - name: web
     image: busybox:local
     command: [httpd, -f, -p, "8081", -h, /var/www]
+    ports: [{containerPort: 8081, hostPort: HOST_PORT}]
     readinessProbe:
       httpGet: {path: /, port: 8081}
       periodSeconds: 1
-"#,
+"#
+        .replace("HOST_PORT", &host_port.to_string()),
     ));
     c.wait_for("probed running", 30, || {
         c.jsonpath("probed", ".status.phase") == "Running"
@@ -649,6 +653,11 @@ fn single_node_cluster_runs_real_containers() {
     );
     c.ok(&["exec", "probed", "-c", "c", "--", "touch", "/tmp/ready"]);
     c.wait_running("probed");
+    let page = http_get("127.0.0.1", host_port).unwrap_or_default();
+    assert!(
+        page.contains("hello from a pod"),
+        "hostPort {host_port}: {page:?}"
+    );
     c.ok(&["exec", "probed", "-c", "c", "--", "rm", "/tmp/healthy"]);
     c.wait_for("liveness restart", 30, || {
         c.jsonpath(
