@@ -814,25 +814,26 @@ fn node_joins_a_server() {
         .output()
         .unwrap();
     assert!(out.status.success());
-    let mut node = tapestry()
-        .arg("node")
-        .args(["--server", &format!("https://127.0.0.1:{port}")])
-        .arg("--token-file")
-        .arg(dir.path().join("node-token"))
-        .arg("--ca-file")
-        .arg(dir.path().join("pki/ca.crt"))
-        .arg("--data-dir")
-        .arg(&node_dir)
-        .args([
-            "--name",
-            "joined",
-            "--kubelet-port",
-            &free_port().to_string(),
-        ])
-        .args(["--pod-cidr", "10.245.8.0/24", "--bridge", "tpe2e1"])
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap();
+    let kubelet_port = free_port().to_string();
+    let token_file = dir.path().join("node-token");
+    let ca_file = dir.path().join("pki/ca.crt");
+    let start_node = || {
+        tapestry()
+            .arg("node")
+            .args(["--server", &format!("https://127.0.0.1:{port}")])
+            .arg("--token-file")
+            .arg(&token_file)
+            .arg("--ca-file")
+            .arg(&ca_file)
+            .arg("--data-dir")
+            .arg(&node_dir)
+            .args(["--name", "joined", "--kubelet-port", &kubelet_port])
+            .args(["--pod-cidr", "10.245.8.0/24", "--bridge", "tpe2e1"])
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap()
+    };
+    let mut node = start_node();
     let c = Cluster {
         dir,
         port,
@@ -855,16 +856,17 @@ fn node_joins_a_server() {
         c.ok(&["logs", "hello"]) == "hello from joined\n"
     });
     assert_eq!(c.ok(&["exec", "hello", "--", "hostname"]), "hello\n");
+    // A pod removed while its node agent is down (SIGKILL) is cleaned up
+    // when the agent comes back: containers, netns, mounts, cgroups.
     let uid = c.jsonpath("hello", ".metadata.uid");
-    c.ok(&["delete", "pod", "hello"]);
-    c.wait_for("hello gone", 15, || {
-        !c.kubectl(&["get", "pod", "hello"]).status.success()
+    assert_eq!(count_shims(&uid), 1);
+    node.kill().unwrap();
+    node.wait().unwrap();
+    c.ok(&["delete", "pod", "hello", "--force", "--grace-period=0"]);
+    node = start_node();
+    c.wait_for("orphan cleaned up", 20, || {
+        leftovers(&uid).is_empty() && count_shims(&uid) == 0
     });
-    assert!(
-        leftovers(&uid).is_empty(),
-        "left behind: {:?}",
-        leftovers(&uid)
-    );
     unsafe { libc::kill(node.id() as i32, libc::SIGTERM) };
     let _ = node.wait();
     let _ = server.kill();
