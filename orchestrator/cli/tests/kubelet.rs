@@ -521,6 +521,16 @@ fn single_node_cluster_runs_real_containers() {
         .filter(|l| l.starts_with("tick"))
         .count();
     assert!(ticks >= 8, "follow delivered {ticks} lines");
+    let out = Command::new("timeout")
+        .args(["3", "kubectl", "attach", "ticker"])
+        .env("KUBECONFIG", c.kubeconfig())
+        .output()
+        .unwrap();
+    let ticks = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| l.starts_with("tick"))
+        .count();
+    assert!(ticks >= 5, "attach delivered {ticks} lines");
 
     // ConfigMap and Secret as env and files; emptyDir shared by two containers.
     c.ok(&[
