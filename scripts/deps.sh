@@ -5,7 +5,7 @@ packages=(
   build-essential pkg-config ca-certificates curl iproute2 util-linux
   protobuf-compiler libpcap-dev clang libbpf-dev linux-libc-dev
   tcpdump tshark wireshark-common bpftool iperf3
-  runc containernetworking-plugins busybox-static nftables procps bsdutils
+  runc containernetworking-plugins iptables busybox-static nftables procps bsdutils
 )
 missing=()
 for p in "${packages[@]}"; do

@@ -1,10 +1,10 @@
 //! Node credentials and the pods' streaming subresources.
 //!
-//! `pods/log` and `pods/exec` are served by the kubelet of
+//! `pods/log`, `pods/exec` and `pods/attach` are served by the kubelet of
 //! the pod's node: the API server looks the node's address up, connects to
 //! its HTTPS API with a client certificate from the cluster CA (as
-//! kube-apiserver does) and relays the response — for exec, the upgraded
-//! (WebSocket) connection in both directions.
+//! kube-apiserver does) and relays the response — for exec and attach,
+//! the upgraded (WebSocket) connection in both directions.
 //!
 //! Like kube-apiserver without `--kubelet-certificate-authority`, the
 //! kubelet's serving certificate is not verified; the kubelet in turn only
@@ -161,11 +161,11 @@ impl KubeletClient {
     }
 }
 
-/// `/api/v1/namespaces/NS/pods/NAME/{log,exec}` → (ns, name, sub).
+/// `/api/v1/namespaces/NS/pods/NAME/{log,exec,attach}` → (ns, name, sub).
 pub fn streaming_target(path: &str) -> Option<(String, String, String)> {
     let parts: Vec<&str> = path.trim_matches('/').split('/').collect();
     match parts.as_slice() {
-        ["api", "v1", "namespaces", ns, "pods", name, sub @ ("log" | "exec")] => {
+        ["api", "v1", "namespaces", ns, "pods", name, sub @ ("log" | "exec" | "attach")] => {
             Some((ns.to_string(), name.to_string(), sub.to_string()))
         }
         _ => None,

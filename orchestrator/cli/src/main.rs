@@ -131,10 +131,18 @@ async fn server(args: ServerArgs) -> Result<()> {
     Ok(())
 }
 
-#[tokio::main]
-async fn main() {
-    init_tracing();
+fn main() {
     let cli = Cli::parse();
+    if let Command::ContainerShim(args) = cli.command {
+        // One monitor per container: kept small, without the async runtime.
+        std::process::exit(tapestry_kubelet::shim::main(args));
+    }
+    run(cli);
+}
+
+#[tokio::main]
+async fn run(cli: Cli) {
+    init_tracing();
     let result = match cli.command {
         Command::Server(args) => server(args).await,
         Command::Hollow(args) => match shutdown_on_signals() {

@@ -521,6 +521,16 @@ fn single_node_cluster_runs_real_containers() {
         .filter(|l| l.starts_with("tick"))
         .count();
     assert!(ticks >= 8, "follow delivered {ticks} lines");
+    let out = Command::new("timeout")
+        .args(["3", "kubectl", "attach", "ticker"])
+        .env("KUBECONFIG", c.kubeconfig())
+        .output()
+        .unwrap();
+    let ticks = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| l.starts_with("tick"))
+        .count();
+    assert!(ticks >= 5, "attach delivered {ticks} lines");
 
     // ConfigMap and Secret as env and files; emptyDir shared by two containers.
     c.ok(&[
@@ -610,9 +620,11 @@ fn single_node_cluster_runs_real_containers() {
     );
 
     // Probes: readiness gates Ready; a failing liveness probe restarts.
+    // The web container also publishes a hostPort (CNI portmap).
+    let host_port = free_port();
     c.apply(&pod_yaml(
         "probed",
-        r#"  terminationGracePeriodSeconds: 1
+        &r#"  terminationGracePeriodSeconds: 1
   containers:
   - name: c
     image: busybox:local
@@ -627,10 +639,12 @@ fn single_node_cluster_runs_real_containers() {
   - name: web
     image: busybox:local
     command: [httpd, -f, -p, "8081", -h, /var/www]
+    ports: [{containerPort: 8081, hostPort: HOST_PORT}]
     readinessProbe:
       httpGet: {path: /, port: 8081}
       periodSeconds: 1
-"#,
+"#
+        .replace("HOST_PORT", &host_port.to_string()),
     ));
     c.wait_for("probed running", 30, || {
         c.jsonpath("probed", ".status.phase") == "Running"
@@ -649,6 +663,11 @@ fn single_node_cluster_runs_real_containers() {
     );
     c.ok(&["exec", "probed", "-c", "c", "--", "touch", "/tmp/ready"]);
     c.wait_running("probed");
+    let page = http_get("127.0.0.1", host_port).unwrap_or_default();
+    assert!(
+        page.contains("hello from a pod"),
+        "hostPort {host_port}: {page:?}"
+    );
     c.ok(&["exec", "probed", "-c", "c", "--", "rm", "/tmp/healthy"]);
     c.wait_for("liveness restart", 30, || {
         c.jsonpath(
@@ -805,25 +824,26 @@ fn node_joins_a_server() {
         .output()
         .unwrap();
     assert!(out.status.success());
-    let mut node = tapestry()
-        .arg("node")
-        .args(["--server", &format!("https://127.0.0.1:{port}")])
-        .arg("--token-file")
-        .arg(dir.path().join("node-token"))
-        .arg("--ca-file")
-        .arg(dir.path().join("pki/ca.crt"))
-        .arg("--data-dir")
-        .arg(&node_dir)
-        .args([
-            "--name",
-            "joined",
-            "--kubelet-port",
-            &free_port().to_string(),
-        ])
-        .args(["--pod-cidr", "10.245.8.0/24", "--bridge", "tpe2e1"])
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap();
+    let kubelet_port = free_port().to_string();
+    let token_file = dir.path().join("node-token");
+    let ca_file = dir.path().join("pki/ca.crt");
+    let start_node = || {
+        tapestry()
+            .arg("node")
+            .args(["--server", &format!("https://127.0.0.1:{port}")])
+            .arg("--token-file")
+            .arg(&token_file)
+            .arg("--ca-file")
+            .arg(&ca_file)
+            .arg("--data-dir")
+            .arg(&node_dir)
+            .args(["--name", "joined", "--kubelet-port", &kubelet_port])
+            .args(["--pod-cidr", "10.245.8.0/24", "--bridge", "tpe2e1"])
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap()
+    };
+    let mut node = start_node();
     let c = Cluster {
         dir,
         port,
@@ -846,16 +866,17 @@ fn node_joins_a_server() {
         c.ok(&["logs", "hello"]) == "hello from joined\n"
     });
     assert_eq!(c.ok(&["exec", "hello", "--", "hostname"]), "hello\n");
+    // A pod removed while its node agent is down (SIGKILL) is cleaned up
+    // when the agent comes back: containers, netns, mounts, cgroups.
     let uid = c.jsonpath("hello", ".metadata.uid");
-    c.ok(&["delete", "pod", "hello"]);
-    c.wait_for("hello gone", 15, || {
-        !c.kubectl(&["get", "pod", "hello"]).status.success()
+    assert_eq!(count_shims(&uid), 1);
+    node.kill().unwrap();
+    node.wait().unwrap();
+    c.ok(&["delete", "pod", "hello", "--force", "--grace-period=0"]);
+    node = start_node();
+    c.wait_for("orphan cleaned up", 20, || {
+        leftovers(&uid).is_empty() && count_shims(&uid) == 0
     });
-    assert!(
-        leftovers(&uid).is_empty(),
-        "left behind: {:?}",
-        leftovers(&uid)
-    );
     unsafe { libc::kill(node.id() as i32, libc::SIGTERM) };
     let _ = node.wait();
     let _ = server.kill();

@@ -146,6 +146,9 @@ pub async fn start(
     ));
     let task = tokio::spawn(async move {
         sync_pods(kubelet.clone(), shutdown.clone()).await;
+        if kubelet.config.stop_pods_on_exit {
+            pods::remove_parent_cgroups();
+        }
         let _ = heartbeat.await;
         let _ = server_task.await;
         let since = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true);

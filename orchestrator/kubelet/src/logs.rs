@@ -37,6 +37,19 @@ fn parse(line: &[u8]) -> Option<Record<'_>> {
     })
 }
 
+/// One log line as (is stderr, is partial, message).
+pub fn split_record(line: &[u8]) -> Option<(bool, bool, &[u8])> {
+    let mut parts = line.splitn(4, |b| *b == b' ');
+    let _time = parts.next()?;
+    let stream = parts.next()?;
+    let tag = parts.next()?;
+    Some((
+        stream == b"stderr",
+        tag == b"P",
+        parts.next().unwrap_or(b""),
+    ))
+}
+
 fn render(rec: &Record<'_>, opts: &LogOptions, out: &mut Vec<u8>) {
     if opts.timestamps {
         out.extend_from_slice(rec.time.as_bytes());

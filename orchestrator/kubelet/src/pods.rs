@@ -134,6 +134,9 @@ struct PodWorker {
     last_status: Value,
     start_time: Option<String>,
     annotated: bool,
+    /// Why the sandbox could not be made (shown on waiting containers).
+    sandbox_error: Option<String>,
+    next_sandbox_try: Option<Instant>,
 }
 
 async fn run(kubelet: Arc<Kubelet>, mut rx: watch::Receiver<Desired>, shutdown: CancellationToken) {
@@ -164,6 +167,8 @@ async fn run(kubelet: Arc<Kubelet>, mut rx: watch::Receiver<Desired>, shutdown: 
             .and_then(|s| s.start_time.as_ref())
             .map(|t| t.0.to_string()),
         annotated: false,
+        sandbox_error: None,
+        next_sandbox_try: None,
     };
     if let Some(spec) = &first.spec {
         let entry = PodEntry {
@@ -296,10 +301,27 @@ impl PodWorker {
                                 "protocol": p.protocol.as_deref().unwrap_or("TCP").to_ascii_lowercase()}))
                 })
                 .collect();
+            if self.next_sandbox_try.is_some_and(|t| Instant::now() < t) {
+                return self.report(pod, false).await;
+            }
             fs::create_dir_all(&self.dirs.root)?;
-            let att = self.kubelet.cni.setup(&self.uid, ports).await?;
-            fs::write(self.dirs.sandbox(), serde_json::to_vec(&att)?)?;
-            self.sandbox = Some(att);
+            match self.kubelet.cni.setup(&self.uid, ports).await {
+                Ok(att) => {
+                    fs::write(self.dirs.sandbox(), serde_json::to_vec(&att)?)?;
+                    self.sandbox = Some(att);
+                    self.sandbox_error = None;
+                    self.next_sandbox_try = None;
+                }
+                Err(e) => {
+                    let msg = format!("failed to create pod sandbox: {e:#}");
+                    if self.sandbox_error.as_deref() != Some(msg.as_str()) {
+                        tracing::warn!(pod_uid = %self.uid, error = %msg, "pod sandbox");
+                    }
+                    self.sandbox_error = Some(msg);
+                    self.next_sandbox_try = Some(Instant::now() + Duration::from_secs(5));
+                    return self.report(pod, false).await;
+                }
+            }
         }
         if !self.annotated {
             self.annotate(pod).await;
@@ -797,7 +819,7 @@ impl PodWorker {
                         "ContainerCreating"
                     }
                     .into(),
-                    String::new(),
+                    self.sandbox_error.clone().unwrap_or_default(),
                 )
             });
             let mut w = json!({"reason": reason});
@@ -1085,6 +1107,19 @@ fn remove_cgroups(uid: &str) {
             }
         }
         let _ = fs::remove_dir(&pod);
+    }
+}
+
+/// Remove the (empty) `/tapestry` parent cgroups once no pod is left.
+pub fn remove_parent_cgroups() {
+    let Ok(rd) = fs::read_dir("/sys/fs/cgroup") else {
+        return;
+    };
+    let mut roots: Vec<PathBuf> = rd.filter_map(|e| e.ok().map(|e| e.path())).collect();
+    roots.push(PathBuf::from("/sys/fs/cgroup"));
+    for root in roots {
+        // rmdir fails (and changes nothing) while pods remain.
+        let _ = fs::remove_dir(root.join("tapestry"));
     }
 }
 

@@ -171,9 +171,10 @@ async fn route(kubelet: Arc<Kubelet>, req: Request<Incoming>) -> Response<Body> 
             let q: HashMap<String, String> = query_pairs(req.uri().query()).into_iter().collect();
             container_logs(&kubelet, ns, pod, container, &q).await
         }
-        ["exec", ns, pod, container] => {
+        [verb @ ("exec" | "attach"), ns, pod, container] => {
+            let attach = *verb == "attach";
             let (ns, pod, container) = (ns.to_string(), pod.to_string(), container.to_string());
-            exec(kubelet, req, &ns, &pod, &container).await
+            exec(kubelet, req, &ns, &pod, &container, attach).await
         }
         _ => status(StatusCode::NOT_FOUND, &format!("no handler for {path}")),
     }
@@ -343,6 +344,7 @@ async fn exec(
     ns: &str,
     pod: &str,
     container: &str,
+    attach: bool,
 ) -> Response<Body> {
     let (uid, dirs, attempts) = match locate(&kubelet, ns, pod, container) {
         Ok(x) => x,
@@ -364,7 +366,14 @@ async fn exec(
         .filter(|(k, _)| k == "command")
         .map(|(_, v)| v.clone())
         .collect();
-    if command.is_empty() {
+    if attach {
+        if truthy(get("stdin").as_ref()) || truthy(get("tty").as_ref()) {
+            return status(
+                StatusCode::BAD_REQUEST,
+                "attach: containers run without stdin; attach without -i/-t to follow their output",
+            );
+        }
+    } else if command.is_empty() {
         return status(
             StatusCode::BAD_REQUEST,
             "command: at least one command argument is required",
@@ -406,8 +415,17 @@ async fn exec(
     let id = container_id(&uid, container, attempt);
     let v5 = *proto == "v5.channel.k8s.io";
     let upgrade = hyper::upgrade::on(req);
+    let log = dirs.log(container, attempt);
+    let attempt_dir = dirs.attempt(container, attempt);
     tokio::spawn(async move {
         match upgrade.await {
+            Ok(io) if attach => {
+                let rt = kubelet.runtime.clone();
+                let done = move || matches!(rt.state(&attempt_dir), State::Exited(_));
+                if let Err(e) = attach_session(TokioIo::new(io), log, done).await {
+                    tracing::debug!(error = %e, "attach session ended with an error");
+                }
+            }
             Ok(io) => {
                 if let Err(e) =
                     session(&kubelet, TokioIo::new(io), &id, command, stdin, tty, v5).await
@@ -426,6 +444,85 @@ async fn exec(
         .header("Sec-WebSocket-Protocol", *proto)
         .body(full(""))
         .unwrap_or_else(|_| Response::new(full("")))
+}
+
+/// Stream the container's output (from now on) until it exits or the
+/// client goes away.
+async fn attach_session<IO: AsyncRead + AsyncWrite + Send + 'static>(
+    io: IO,
+    log: std::path::PathBuf,
+    done: impl Fn() -> bool,
+) -> Result<()> {
+    let (mut rd, wr) = tokio::io::split(io);
+    let w: Writer<IO> = Arc::new(Mutex::new(wr));
+    // Client messages are read on their own task: a frame read must not be
+    // cut short by the polling below.
+    let (gone_tx, mut gone) = tokio::sync::oneshot::channel::<()>();
+    let pong_w = w.clone();
+    let reader = tokio::spawn(async move {
+        loop {
+            match ws::read_message(&mut rd).await {
+                Ok((Message::Data(_), Some(p))) => {
+                    if ws::write_pong(&mut *pong_w.lock().await, &p).await.is_err() {
+                        break;
+                    }
+                }
+                Ok((Message::Data(_), None)) => {}
+                Ok((Message::Close, _)) | Err(_) => break,
+            }
+        }
+        let _ = gone_tx.send(());
+    });
+    let mut offset = tokio::fs::metadata(&log)
+        .await
+        .map(|m| m.len())
+        .unwrap_or(0);
+    let mut pending: Vec<u8> = Vec::new();
+    loop {
+        let finishing = done();
+        let mut chunk = Vec::new();
+        if let Ok(mut f) = tokio::fs::File::open(&log).await {
+            use tokio::io::AsyncSeekExt;
+            if f.seek(std::io::SeekFrom::Start(offset)).await.is_ok() {
+                let _ = f.read_to_end(&mut chunk).await;
+            }
+        }
+        offset += chunk.len() as u64;
+        pending.extend_from_slice(&chunk);
+        let mut consumed = 0;
+        for line in pending.split_inclusive(|b| *b == b'\n') {
+            if line.last() != Some(&b'\n') {
+                break;
+            }
+            consumed += line.len();
+            if let Some((stderr, partial, msg)) = logs::split_record(&line[..line.len() - 1]) {
+                let mut data = msg.to_vec();
+                if !partial {
+                    data.push(b'\n');
+                }
+                send(&w, if stderr { 2 } else { 1 }, &data).await?;
+            }
+        }
+        pending.drain(..consumed);
+        if finishing && chunk.is_empty() {
+            break;
+        }
+        tokio::select! {
+            _ = &mut gone => return Ok(()),
+            _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+        }
+    }
+    reader.abort();
+    send(
+        &w,
+        3,
+        json!({"metadata": {}, "status": "Success"})
+            .to_string()
+            .as_bytes(),
+    )
+    .await?;
+    let _ = ws::write_close(&mut *w.lock().await).await;
+    Ok(())
 }
 
 fn openpty() -> std::io::Result<(OwnedFd, OwnedFd)> {
