@@ -759,6 +759,41 @@ fn single_node_cluster_runs_real_containers() {
         .unwrap();
     assert!(!links.status.success(), "veth {veth} still exists");
 
+    // With the scheduler and controllers of `tapestry up`: a Deployment's
+    // replicas are real containers serving on their pod IPs.
+    c.ok(&[
+        "create",
+        "deployment",
+        "d3",
+        "--image=busybox:local",
+        "--replicas=3",
+        "--",
+        "httpd",
+        "-f",
+        "-p",
+        "8080",
+        "-h",
+        "/var/www",
+    ]);
+    c.ok(&["rollout", "status", "deployment/d3", "--timeout=90s"]);
+    let ips = c.ok(&[
+        "get",
+        "pods",
+        "-l",
+        "app=d3",
+        "--field-selector=status.phase=Running",
+        "-o",
+        "jsonpath={.items[*].status.podIP}",
+    ]);
+    let ips: Vec<&str> = ips.split_whitespace().collect();
+    assert_eq!(ips.len(), 3, "{ips:?}");
+    for ip in &ips {
+        c.wait_for("replica serving", 20, || {
+            http_get(ip, 8080).is_some_and(|page| page.contains("hello from a pod"))
+        });
+    }
+    c.ok(&["delete", "deployment", "d3"]);
+
     // Stopping the cluster stops every pod and cleans up.
     let uids: Vec<String> = c
         .ok(&["get", "pods", "-o", "jsonpath={.items[*].metadata.uid}"])
