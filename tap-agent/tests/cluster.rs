@@ -15,6 +15,7 @@ use std::{
 
 use common::*;
 use serde_json::json;
+use tapestry_proto::tap::v1::Direction;
 
 /// A `tapestry server` process inside a network namespace.
 struct ApiServer {
@@ -219,4 +220,229 @@ fn policy_taps_selected_pods_and_follows_them() {
     });
     assert!(agent.terminate());
     assert_eq!(tapestry_attachments(&pair.a), Vec::<String>::new());
+}
+
+/// A free TCP port on loopback.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .unwrap()
+}
+
+/// A one-node `tapestry up` cluster on this machine (its own bridge and pod
+/// range), stopped with SIGTERM so it removes its pods.
+struct LocalCluster {
+    child: Child,
+    dir: PathBuf,
+}
+
+const TEST_BRIDGE: &str = "tptap0";
+
+impl LocalCluster {
+    fn start(binary: &Path, dir: &Path) -> LocalCluster {
+        // A busybox image from Debian's static busybox.
+        let rootfs = dir.join("rootfs");
+        for d in ["bin", "etc", "tmp", "var/www"] {
+            std::fs::create_dir_all(rootfs.join(d)).unwrap();
+        }
+        std::fs::copy("/bin/busybox", rootfs.join("bin/busybox")).expect("busybox-static");
+        for applet in ["sh", "httpd"] {
+            std::os::unix::fs::symlink("busybox", rootfs.join("bin").join(applet)).unwrap();
+        }
+        std::fs::write(rootfs.join("var/www/index.html"), "tapped page\n").unwrap();
+        let built = Command::new(binary)
+            .args(["image", "build", "busybox:local", "--rootfs"])
+            .arg(&rootfs)
+            .arg("--data-dir")
+            .arg(dir)
+            .output()
+            .unwrap();
+        assert!(
+            built.status.success(),
+            "{}",
+            String::from_utf8_lossy(&built.stderr)
+        );
+        let log = std::fs::File::create(dir.join("up.log")).unwrap();
+        let child = Command::new(binary)
+            .arg("up")
+            .arg("--data-dir")
+            .arg(dir)
+            .args(["--listen", &format!("127.0.0.1:{}", free_port())])
+            .args(["--kubelet-port", &free_port().to_string()])
+            .args(["--name", "tapnode", "--bridge", TEST_BRIDGE])
+            .args([
+                "--pod-cidr",
+                "10.251.0.0/24",
+                "--cluster-cidr",
+                "10.251.0.0/16",
+            ])
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        let cluster = LocalCluster {
+            child,
+            dir: dir.to_path_buf(),
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while cluster
+            .kubectl(&["get", "--raw", "/readyz"], None)
+            .is_none()
+        {
+            assert!(Instant::now() < deadline, "tapestry up did not get ready");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        cluster
+    }
+
+    fn kubectl(&self, args: &[&str], stdin: Option<&str>) -> Option<String> {
+        let mut child = Command::new("kubectl")
+            .arg("--kubeconfig")
+            .arg(self.dir.join("kubeconfig"))
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("kubectl is installed");
+        if let Some(input) = stdin {
+            child
+                .stdin
+                .take()
+                .unwrap()
+                .write_all(input.as_bytes())
+                .unwrap();
+        }
+        drop(child.stdin.take());
+        let out = child.wait_with_output().unwrap();
+        out.status
+            .success()
+            .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+}
+
+impl Drop for LocalCluster {
+    fn drop(&mut self) {
+        // SAFETY: signalling our own child process.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while self.child.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = Command::new("ip")
+            .args(["link", "del", TEST_BRIDGE])
+            .status();
+    }
+}
+
+/// The whole path on a real node: the kubelet of `tapestry up` runs a web
+/// pod and records its host veth, the agent (cluster mode) finds it through
+/// the API and taps it, and an HTTP exchange with the pod arrives at the
+/// receiver in both directions, named after the pod.
+#[test]
+fn pods_run_by_the_node_agent_are_tapped() {
+    if !require_root("pods_run_by_the_node_agent_are_tapped") {
+        return;
+    }
+    let _g = serial();
+    let Some(binary) = ApiServer::binary() else {
+        if std::env::var_os("CI").is_some() {
+            panic!("the tapestry binary is not built: run `cargo build -p tapestry` (cargo test --workspace builds it)");
+        }
+        eprintln!("skipping: tapestry binary not built (cargo build -p tapestry)");
+        return;
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let cluster = LocalCluster::start(&binary, dir.path());
+    let manifest = json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": "web", "namespace": "default", "labels": {"app": "web"}},
+        "spec": {"containers": [{"name": "httpd", "image": "busybox:local",
+                                 "command": ["httpd", "-f", "-p", "8080", "-h", "/var/www"]}]}
+    });
+    cluster
+        .kubectl(&["apply", "-f", "-"], Some(&manifest.to_string()))
+        .expect("kubectl apply");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let (ip, veth) = loop {
+        let fields = cluster
+            .kubectl(
+                &["get", "pod", "web", "-o",
+                  "jsonpath={.status.phase} {.status.podIP} {.metadata.annotations.tapestry\\.io/host-veth}"],
+                None,
+            )
+            .unwrap_or_default();
+        let f: Vec<&str> = fields.split_whitespace().collect();
+        if f.len() == 3 && f[0] == "Running" {
+            break (f[1].to_string(), f[2].to_string());
+        }
+        assert!(Instant::now() < deadline, "web pod not running: {fields:?}");
+        std::thread::sleep(Duration::from_millis(200));
+    };
+
+    let grpc_port = free_port();
+    let server = Server::start(&rt, HOST_NETNS, grpc_port);
+    let policies = dir.path().join("policies.json");
+    std::fs::write(
+        &policies,
+        r#"[{"name": "web", "namespace": "default", "selector": {"matchLabels": {"app": "web"}}}]"#,
+    )
+    .unwrap();
+    let agent = Agent::start(
+        HOST_NETNS,
+        dir.path(),
+        &[
+            "--kubeconfig",
+            dir.path().join("kubeconfig").to_str().unwrap(),
+            "--node",
+            "tapnode",
+            "--policy-file",
+            policies.to_str().unwrap(),
+            "--aggregator",
+            &format!("http://127.0.0.1:{grpc_port}"),
+        ],
+    );
+    agent.wait_for("web's veth tapped", Duration::from_secs(20), || {
+        latest_sources(&server) == [(veth.clone(), "web".to_string())]
+    });
+
+    // An HTTP exchange with the pod, from the node.
+    let page = (0..50)
+        .find_map(|_| {
+            let mut s = std::net::TcpStream::connect((ip.as_str(), 8080)).ok()?;
+            s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+            write!(s, "GET / HTTP/1.0\r\nHost: web\r\n\r\n").ok()?;
+            let mut out = String::new();
+            std::io::Read::read_to_string(&mut s, &mut out).ok()?;
+            Some(out)
+        })
+        .expect("the web pod answers on its pod IP");
+    assert!(page.contains("tapped page"), "{page}");
+    let seen = |needle: &[u8], direction: i32| {
+        let rec = server.sink.0.lock().unwrap();
+        rec.batches
+            .iter()
+            .flat_map(|b| &b.packets)
+            .any(|p| p.direction == direction && p.data.windows(needle.len()).any(|w| w == needle))
+    };
+    // The host veth's egress carries packets towards the pod (the request),
+    // its ingress what the pod sends (the response).
+    agent.wait_for(
+        "request and response captured",
+        Duration::from_secs(15),
+        || {
+            seen(b"GET / HTTP/1.0", Direction::Egress as i32)
+                && seen(b"tapped page", Direction::Ingress as i32)
+        },
+    );
+    assert!(agent.terminate());
+    drop(cluster);
 }

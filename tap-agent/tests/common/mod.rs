@@ -156,11 +156,18 @@ impl Drop for Pair {
     }
 }
 
+/// The namespace name that means "this process's own network namespace".
+pub const HOST_NETNS: &str = "";
+
 /// Runs `f` on a thread that has entered network namespace `ns`; sockets
 /// it creates stay in that namespace wherever they are used afterwards.
 pub fn in_netns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
     let path = format!("/var/run/netns/{ns}");
+    let enter = ns != HOST_NETNS;
     std::thread::spawn(move || {
+        if !enter {
+            return f();
+        }
         let file = File::open(&path).unwrap();
         // SAFETY: a valid netns fd; affects only this thread.
         let r = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
@@ -295,8 +302,15 @@ pub const GRPC_PORT: u16 = 50051;
 impl Agent {
     pub fn start(ns: &str, log_dir: &Path, args: &[&str]) -> Agent {
         let log = log_dir.join(format!("agent-{}.log", NEXT.fetch_add(1, Ordering::SeqCst)));
-        let child = Command::new("ip")
-            .args(["netns", "exec", ns, env!("CARGO_BIN_EXE_tap-agent"), "run"])
+        let mut command = if ns == HOST_NETNS {
+            Command::new(env!("CARGO_BIN_EXE_tap-agent"))
+        } else {
+            let mut c = Command::new("ip");
+            c.args(["netns", "exec", ns, env!("CARGO_BIN_EXE_tap-agent")]);
+            c
+        };
+        let child = command
+            .arg("run")
             .args(["--metrics-addr", &format!("127.0.0.1:{METRICS_PORT}")])
             .args(args)
             .env("RUST_LOG", "info")
