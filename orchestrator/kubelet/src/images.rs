@@ -398,11 +398,40 @@ impl ImageStore {
     }
 
     fn unpacked(&self, digest: &str) -> Result<PathBuf> {
-        let dir = self.root.join("layers").join(digest_hex(digest)?);
+        let layers = self.root.join("layers");
+        let dir = layers.join(digest_hex(digest)?);
         if dir.join(".done").exists() {
             return Ok(dir.join("fs"));
         }
-        let _ = fs::remove_dir_all(&dir);
+        // Pods starting together may unpack the same layer at once: each
+        // unpacks into a directory of its own and the first rename wins.
+        let tmp = tempdir_in(&self.root.join("tmp"))?;
+        let unpacked = self.unpack_into(digest, &tmp);
+        if let Err(e) = unpacked {
+            let _ = fs::remove_dir_all(&tmp);
+            return Err(e);
+        }
+        if fs::rename(&tmp, &dir).is_err() {
+            if !dir.join(".done").exists() {
+                // Left half-written by an older agent: replace it.
+                let _ = fs::remove_dir_all(&dir);
+                if fs::rename(&tmp, &dir).is_ok() {
+                    return Ok(dir.join("fs"));
+                }
+            }
+            let _ = fs::remove_dir_all(&tmp);
+            if !dir.join(".done").exists() {
+                bail!(
+                    "unpacking layer {digest}: could not move it into {}",
+                    dir.display()
+                );
+            }
+        }
+        Ok(dir.join("fs"))
+    }
+
+    /// Unpack a layer blob into `dir/fs` and mark it complete.
+    fn unpack_into(&self, digest: &str, dir: &Path) -> Result<()> {
         let fsdir = dir.join("fs");
         fs::create_dir_all(&fsdir)?;
         // GNU tar recognises gzip/xz/zstd layers by their magic bytes.
@@ -416,7 +445,7 @@ impl ImageStore {
         .with_context(|| format!("unpacking layer {digest}"))?;
         convert_whiteouts(&fsdir)?;
         fs::write(dir.join(".done"), b"")?;
-        Ok(fsdir)
+        Ok(())
     }
 }
 
@@ -428,10 +457,12 @@ fn safe_join(base: &Path, rel: &str) -> Result<PathBuf> {
 }
 
 fn tempdir_in(parent: &Path) -> Result<PathBuf> {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let dir = parent.join(format!(
-        "{}-{}",
+        "{}-{}-{}",
         std::process::id(),
-        chrono::Utc::now().timestamp_nanos_opt().unwrap_or(0)
+        chrono::Utc::now().timestamp_nanos_opt().unwrap_or(0),
+        NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
     ));
     fs::create_dir_all(&dir)?;
     Ok(dir)

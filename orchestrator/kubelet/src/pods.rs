@@ -202,7 +202,15 @@ async fn run(kubelet: Arc<Kubelet>, mut rx: watch::Receiver<Desired>, shutdown: 
                     .deletion_grace_period_seconds
                     .unwrap_or(30)
                     .max(0) as u64;
-                w.terminate(Some(&pod), Duration::from_secs(grace)).await;
+                // A node stopping its pods does not wait out long grace
+                // periods of pods that were already being deleted.
+                let stopping_node = tokio::select! {
+                    _ = w.terminate(Some(&pod), Duration::from_secs(grace)) => false,
+                    _ = shutdown.cancelled(), if kubelet.config.stop_pods_on_exit => true,
+                };
+                if stopping_node {
+                    w.terminate(Some(&pod), EXIT_GRACE).await;
+                }
                 w.teardown().await;
                 w.delete_from_api(&pod).await;
                 break;
