@@ -131,6 +131,23 @@ async fn server(args: ServerArgs) -> Result<()> {
     Ok(())
 }
 
+/// mimalloc's `arena_eager_commit` option (v3 numbering): committing whole
+/// arenas up front costs ~15 MiB of idle RSS for no measured gain here.
+const MI_OPTION_ARENA_EAGER_COMMIT: libmimalloc_sys::mi_option_t = 4;
+
+/// Sets mimalloc's options from the ELF constructors, at priority 100: before
+/// mimalloc's own initialisation (priority 101) reserves its first arena,
+/// and long before Rust's runtime allocates.
+#[used]
+#[link_section = ".init_array.00100"]
+static MIMALLOC_OPTIONS: extern "C" fn() = {
+    extern "C" fn set_mimalloc_options() {
+        // SAFETY: stores an option value; mimalloc allows it before init.
+        unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_ARENA_EAGER_COMMIT, 0) };
+    }
+    set_mimalloc_options
+};
+
 fn main() {
     let cli = Cli::parse();
     if let Command::ContainerShim(args) = cli.command {
