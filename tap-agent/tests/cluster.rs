@@ -67,28 +67,10 @@ impl ApiServer {
 
     /// Run kubectl in the server's namespace; None if it failed.
     fn kubectl(&self, args: &[&str], stdin: Option<&str>) -> Option<String> {
-        let mut child = Command::new("ip")
-            .args(["netns", "exec", &self.ns, "kubectl", "--kubeconfig"])
-            .arg(self.kubeconfig())
-            .args(args)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("kubectl is installed");
-        if let Some(input) = stdin {
-            child
-                .stdin
-                .take()
-                .unwrap()
-                .write_all(input.as_bytes())
-                .unwrap();
-        }
-        drop(child.stdin.take());
-        let out = child.wait_with_output().unwrap();
-        out.status
-            .success()
-            .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+        let mut command = Command::new("ip");
+        command.args(["netns", "exec", &self.ns, "kubectl", "--kubeconfig"]);
+        command.arg(self.kubeconfig());
+        run_kubectl(command, args, stdin)
     }
 
     fn apply(&self, manifest: &serde_json::Value) {
@@ -107,6 +89,31 @@ impl ApiServer {
             "spec": {"nodeName": node, "containers": [{"name": "c", "image": "busybox"}]}
         })
     }
+}
+
+/// Run `command` (kubectl with its kubeconfig) with `args`, feeding
+/// `stdin`; its stdout, or None if it failed.
+fn run_kubectl(mut command: Command, args: &[&str], stdin: Option<&str>) -> Option<String> {
+    let mut child = command
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("kubectl is installed");
+    if let Some(input) = stdin {
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(input.as_bytes())
+            .unwrap();
+    }
+    drop(child.stdin.take());
+    let out = child.wait_with_output().unwrap();
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 impl Drop for ApiServer {
@@ -297,28 +304,9 @@ impl LocalCluster {
     }
 
     fn kubectl(&self, args: &[&str], stdin: Option<&str>) -> Option<String> {
-        let mut child = Command::new("kubectl")
-            .arg("--kubeconfig")
-            .arg(self.dir.join("kubeconfig"))
-            .args(args)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("kubectl is installed");
-        if let Some(input) = stdin {
-            child
-                .stdin
-                .take()
-                .unwrap()
-                .write_all(input.as_bytes())
-                .unwrap();
-        }
-        drop(child.stdin.take());
-        let out = child.wait_with_output().unwrap();
-        out.status
-            .success()
-            .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+        let mut command = Command::new("kubectl");
+        command.arg("--kubeconfig").arg(self.dir.join("kubeconfig"));
+        run_kubectl(command, args, stdin)
     }
 }
 
