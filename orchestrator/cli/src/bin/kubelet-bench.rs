@@ -6,17 +6,20 @@
 //! `cargo build --release -p tapestry && sudo target/release/kubelet-bench`
 
 use std::io::BufRead;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
+
+#[path = "../bench_support.rs"]
+mod bench_support;
 
 use anyhow::{bail, Context, Result};
 use futures::StreamExt;
 use hdrhistogram::Histogram;
 use k8s_openapi::api::core::v1::{Node, Pod};
 use kube::api::{Api, PostParams, WatchEvent, WatchParams};
-use kube::config::{KubeConfigOptions, Kubeconfig};
-use kube::Client;
+
+use bench_support::{client, free_port, rss_kib, tapestry_binary};
 
 const PODS: usize = 50;
 const NODE: &str = "bench-node";
@@ -40,24 +43,6 @@ impl Drop for Proc {
     }
 }
 
-fn tapestry_binary() -> Result<PathBuf> {
-    let path = std::env::current_exe()?.with_file_name("tapestry");
-    if !path.exists() {
-        bail!(
-            "{} not found; build it first (cargo build --release -p tapestry)",
-            path.display()
-        );
-    }
-    Ok(path)
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .unwrap_or(0)
-}
-
 fn busybox_image(bin: &Path, data: &Path) -> Result<()> {
     let rootfs = data.join("bench-rootfs");
     std::fs::create_dir_all(rootfs.join("bin"))?;
@@ -77,12 +62,6 @@ fn busybox_image(bin: &Path, data: &Path) -> Result<()> {
         bail!("tapestry image build failed");
     }
     Ok(())
-}
-
-async fn client(kubeconfig: &Path) -> Result<Client> {
-    let kc = Kubeconfig::read_from(kubeconfig)?;
-    let cfg = kube::Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default()).await?;
-    Ok(Client::try_from(cfg)?)
 }
 
 fn pod(name: &str) -> Result<Pod> {
@@ -113,17 +92,6 @@ fn running(p: &Pod) -> bool {
     p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running")
 }
 
-fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("VmRSS:"))
-                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        })
-        .unwrap_or(0)
-}
-
 async fn wait_running(pods: &Api<Pod>, name: &str, timeout: Duration) -> Result<()> {
     let deadline = Instant::now() + timeout;
     while Instant::now() < deadline {
@@ -144,8 +112,8 @@ async fn up_and_pods(bin: &Path) -> Result<(Duration, Duration, Histogram<u64>, 
         .arg("up")
         .arg("--data-dir")
         .arg(dir.path())
-        .args(["--listen", &format!("127.0.0.1:{}", free_port())])
-        .args(["--kubelet-port", &free_port().to_string()])
+        .args(["--listen", &format!("127.0.0.1:{}", free_port()?)])
+        .args(["--kubelet-port", &free_port()?.to_string()])
         .args([
             "--name",
             NODE,
@@ -208,7 +176,7 @@ async fn up_and_pods(bin: &Path) -> Result<(Duration, Duration, Histogram<u64>, 
         bail!("{} pods never became Running", created.len());
     }
     let pid = up.0.id();
-    let rss_with_pods = rss_kib(pid);
+    let rss_with_pods = rss_kib(pid)?;
     drop(up);
     Ok((ready, first, hist, rss_with_pods))
 }
@@ -216,7 +184,7 @@ async fn up_and_pods(bin: &Path) -> Result<(Duration, Duration, Histogram<u64>, 
 /// A node agent joined to a separate control plane, idle.
 async fn idle_agent(bin: &Path) -> Result<(u64, u64)> {
     let dir = tempfile::tempdir()?;
-    let port = free_port();
+    let port = free_port()?;
     let mut server = Command::new(bin)
         .arg("server")
         .arg("--data-dir")
@@ -244,7 +212,7 @@ async fn idle_agent(bin: &Path) -> Result<(u64, u64)> {
                 "--name",
                 "idle-node",
                 "--kubelet-port",
-                &free_port().to_string(),
+                &free_port()?.to_string(),
                 "--bridge",
                 "tpbench1",
                 "--pod-cidr",
@@ -265,7 +233,7 @@ async fn idle_agent(bin: &Path) -> Result<(u64, u64)> {
     }
     // Settle past the first heartbeats.
     tokio::time::sleep(Duration::from_secs(12)).await;
-    let out = (rss_kib(node.0.id()), rss_kib(server.0.id()));
+    let out = (rss_kib(node.0.id())?, rss_kib(server.0.id())?);
     drop(node);
     drop(server);
     Ok(out)

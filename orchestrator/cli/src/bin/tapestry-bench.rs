@@ -5,18 +5,21 @@
 //! `cargo build --release -p tapestry && target/release/tapestry-bench`
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+#[path = "../bench_support.rs"]
+mod bench_support;
 
 use anyhow::{bail, Context, Result};
 use futures::StreamExt;
 use hdrhistogram::Histogram;
 use k8s_openapi::api::core::v1::{ConfigMap, Namespace};
 use kube::api::{Api, ListParams, ObjectMeta, PostParams, WatchEvent, WatchParams};
-use kube::config::{KubeConfigOptions, Kubeconfig};
-use kube::{Client, Config};
+use kube::Client;
+
+use bench_support::{client, free_port, rss_kib, tapestry_binary};
 
 const COLD_START_RUNS: usize = 5;
 const REQUESTS_PER_LEVEL: usize = 3000;
@@ -33,30 +36,6 @@ impl Drop for Server {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-}
-
-fn tapestry_binary() -> Result<PathBuf> {
-    let exe = std::env::current_exe()?;
-    let path = exe.with_file_name("tapestry");
-    if !path.exists() {
-        bail!(
-            "{} not found: build it with `cargo build --release -p tapestry`",
-            path.display()
-        );
-    }
-    Ok(path)
-}
-
-fn free_port() -> Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
-}
-
-async fn client(kubeconfig: &Path) -> Result<Client> {
-    let kc = Kubeconfig::read_from(kubeconfig)?;
-    let config = Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default()).await?;
-    Ok(Client::try_from(config)?)
 }
 
 /// Start a server on a fresh data directory; returns it with the time from
@@ -94,15 +73,6 @@ async fn start() -> Result<(Server, Duration, Client)> {
         }
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
-}
-
-fn rss_kib(pid: u32) -> Result<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .context("no VmRSS")
 }
 
 fn configmap(name: &str) -> ConfigMap {

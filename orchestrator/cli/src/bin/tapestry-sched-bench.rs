@@ -8,10 +8,12 @@
 //! `cargo build --release -p tapestry && target/release/tapestry-sched-bench [--nodes 1000,5000] [--pods 10000]`
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+
+#[path = "../bench_support.rs"]
+mod bench_support;
 
 use anyhow::{bail, Context, Result};
 use futures::StreamExt;
@@ -19,8 +21,8 @@ use hdrhistogram::Histogram;
 use k8s_openapi::api::core::v1::{Container, Namespace, Node, Pod, PodSpec, ResourceRequirements};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use kube::api::{Api, ListParams, ObjectMeta, PostParams, WatchEvent, WatchParams};
-use kube::config::{KubeConfigOptions, Kubeconfig};
-use kube::{Client, Config};
+
+use bench_support::{client, rss_kib, tapestry_binary};
 
 /// Creates in flight at once.
 const CREATORS: usize = 32;
@@ -34,33 +36,8 @@ impl Drop for Proc {
     }
 }
 
-fn tapestry_binary() -> Result<PathBuf> {
-    let path = std::env::current_exe()?.with_file_name("tapestry");
-    if !path.exists() {
-        bail!(
-            "{} not found: build it with `cargo build --release -p tapestry`",
-            path.display()
-        );
-    }
-    Ok(path)
-}
-
 fn rss_mib(pid: u32) -> f64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
-        })
-        .map(|kib| kib / 1024.0)
-        .unwrap_or(0.0)
-}
-
-async fn client(kubeconfig: &Path) -> Result<Client> {
-    let kc = Kubeconfig::read_from(kubeconfig)?;
-    let config = Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default()).await?;
-    Ok(Client::try_from(config)?)
+    rss_kib(pid).map_or(0.0, |kib| kib as f64 / 1024.0)
 }
 
 struct Run {

@@ -1,0 +1,45 @@
+//! What the benchmark programs share: the `tapestry` binary next to them,
+//! free ports, API clients and memory readings.
+
+// Each program uses part of this module.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use kube::config::{KubeConfigOptions, Kubeconfig};
+use kube::{Client, Config};
+
+/// The `tapestry` binary built next to the running benchmark.
+pub fn tapestry_binary() -> Result<PathBuf> {
+    let path = std::env::current_exe()?.with_file_name("tapestry");
+    if !path.exists() {
+        bail!(
+            "{} not found: build it with `cargo build --release -p tapestry`",
+            path.display()
+        );
+    }
+    Ok(path)
+}
+
+pub fn free_port() -> Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+pub async fn client(kubeconfig: &Path) -> Result<Client> {
+    let kc = Kubeconfig::read_from(kubeconfig)?;
+    let config = Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default()).await?;
+    Ok(Client::try_from(config)?)
+}
+
+/// Resident memory of a process, in KiB.
+pub fn rss_kib(pid: u32) -> Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .context("no VmRSS")
+}
