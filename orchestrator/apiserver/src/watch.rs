@@ -130,10 +130,15 @@ impl Api {
                     .await
                     .map_err(|e| ApiError::from_store(e, &Default::default()))?;
                 for kv in &list.items {
-                    let Some(line) = spec.event_line(def, "ADDED", kv, None)? else {
+                    let obj = spec.decode_if_needed(def, kv)?;
+                    if !spec.matches(def, obj.as_ref()) {
                         continue;
-                    };
-                    if tx.send(line).await.is_err() {
+                    }
+                    if tx
+                        .send(spec.event_line(def, "ADDED", kv, obj)?)
+                        .await
+                        .is_err()
+                    {
                         return Ok(());
                     }
                 }
@@ -194,10 +199,7 @@ impl Api {
                         EventKind::Deleted if matches_new => "DELETED",
                         _ => continue,
                     };
-                    let line = match spec.event_line(def, kind, &event.kv, Some(new))? {
-                        Some(line) => line,
-                        None => continue,
-                    };
+                    let line = spec.event_line(def, kind, &event.kv, new)?;
                     if tx.send(line).await.is_err() {
                         return Ok(());
                     }
@@ -229,26 +231,15 @@ impl WatchSpec {
         }
     }
 
-    /// The event's line for this watcher, or None when the object is not
-    /// selected. `decoded` is the object if the caller already decoded it
-    /// (`Some(None)`: it decided decoding was not needed).
+    /// The event's line for this watcher; `decoded` is the object when
+    /// [`Self::decode_if_needed`] decoded it.
     fn event_line(
         &self,
         def: &ResourceDef,
         kind: &str,
         kv: &KeyValue,
-        decoded: Option<Option<Value>>,
-    ) -> ApiResult<Option<Bytes>> {
-        let obj = match decoded {
-            Some(obj) => obj,
-            None => {
-                let obj = self.decode_if_needed(def, kv)?;
-                if !self.matches(def, obj.as_ref()) {
-                    return Ok(None);
-                }
-                obj
-            }
-        };
+        decoded: Option<Value>,
+    ) -> ApiResult<Bytes> {
         if self.rendering == Rendering::Object {
             let mut line = Vec::with_capacity(kv.value.len() + 48);
             line.extend_from_slice(b"{\"type\":\"");
@@ -256,13 +247,13 @@ impl WatchSpec {
             line.extend_from_slice(b"\",\"object\":");
             append_served_or_decode(def, kv, &mut line)?;
             line.extend_from_slice(b"}\n");
-            return Ok(Some(Bytes::from(line)));
+            return Ok(Bytes::from(line));
         }
-        let obj = match obj {
+        let obj = match decoded {
             Some(obj) => obj,
             None => decode(def, kv)?,
         };
-        Ok(Some(event_line(kind, &render(def, &obj, self.rendering))))
+        Ok(event_line(kind, &render(def, &obj, self.rendering)))
     }
 }
 
