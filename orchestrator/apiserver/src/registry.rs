@@ -79,6 +79,13 @@ pub trait Behaviour: Send + Sync {
     fn serves_stored_form(&self) -> bool {
         true
     }
+
+    /// Whether the status subresource also takes label and annotation
+    /// changes (pods, as in Kubernetes: a kubelet reports status and its
+    /// annotations in one write).
+    fn status_takes_labels_and_annotations(&self) -> bool {
+        false
+    }
 }
 
 /// Work a write does outside the object itself (e.g. allocating a Service's

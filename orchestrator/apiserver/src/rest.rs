@@ -526,8 +526,20 @@ impl Api {
                 }
             }
             // Keep metadata the client may legitimately send along.
-            if let Some(mf) = meta(new).get("managedFields").cloned() {
-                meta_mut(&mut merged).insert("managedFields".into(), mf);
+            let mut carried = vec!["managedFields"];
+            if def.behaviour.status_takes_labels_and_annotations() {
+                carried.extend(["labels", "annotations"]);
+            }
+            for field in carried {
+                match meta(new).get(field).cloned() {
+                    Some(v) => {
+                        meta_mut(&mut merged).insert(field.into(), v);
+                    }
+                    None if field != "managedFields" => {
+                        meta_mut(&mut merged).remove(field);
+                    }
+                    None => {}
+                }
             }
             *new = merged;
         } else if sub == Some("finalize") {

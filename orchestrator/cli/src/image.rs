@@ -9,7 +9,7 @@ use tapestry_kubelet::images::ImageStore;
 #[derive(clap::Args)]
 pub struct ImageArgs {
     /// The node's data directory (images live in DIR/images).
-    #[arg(long, default_value = "/var/lib/tapestry", global = true)]
+    #[arg(long, default_value = "/var/lib/tapestry", value_parser = crate::absolute_path, global = true)]
     data_dir: PathBuf,
     #[command(subcommand)]
     command: ImageCommand,

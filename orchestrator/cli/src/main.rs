@@ -51,10 +51,16 @@ enum Command {
     ContainerShim(tapestry_kubelet::shim::ShimArgs),
 }
 
+/// Data directories are made absolute once: container bundles and the
+/// kubeconfig record paths that are resolved from other directories.
+pub(crate) fn absolute_path(arg: &str) -> Result<PathBuf, String> {
+    std::path::absolute(arg).map_err(|e| format!("{arg}: {e}"))
+}
+
 #[derive(clap::Args)]
 struct ServerArgs {
     /// Where the store, certificates, tokens and the admin kubeconfig live.
-    #[arg(long, default_value = "/var/lib/tapestry")]
+    #[arg(long, default_value = "/var/lib/tapestry", value_parser = crate::absolute_path)]
     data_dir: PathBuf,
     /// Address to serve the Kubernetes API on (HTTPS).
     #[arg(long, default_value = "127.0.0.1:6443")]

@@ -44,7 +44,7 @@ pub struct NodeArgs {
     #[arg(long)]
     ca_file: PathBuf,
     /// Node state: pods, runtime state and the image store.
-    #[arg(long, default_value = "/var/lib/tapestry")]
+    #[arg(long, default_value = "/var/lib/tapestry", value_parser = crate::absolute_path)]
     data_dir: PathBuf,
     /// Address the API server reaches this node on (default: the local
     /// address used to reach the server).

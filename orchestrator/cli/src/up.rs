@@ -17,7 +17,7 @@ use crate::node::{agent_config, hostname, node_client, require_root, AgentArgs};
 #[derive(clap::Args)]
 pub struct UpArgs {
     /// Where the store, certificates, kubeconfig, images and pods live.
-    #[arg(long, default_value = "/var/lib/tapestry")]
+    #[arg(long, default_value = "/var/lib/tapestry", value_parser = crate::absolute_path)]
     data_dir: PathBuf,
     /// Address to serve the Kubernetes API on (HTTPS).
     #[arg(long, default_value = "127.0.0.1:6443")]

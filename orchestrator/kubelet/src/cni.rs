@@ -32,28 +32,120 @@ pub struct Attachment {
     pub result: Value,
 }
 
-pub fn netns_name(uid: &str) -> String {
-    format!("tapestry-{uid}")
-}
-
 pub fn netns_path(uid: &str) -> PathBuf {
-    Path::new("/run/netns").join(netns_name(uid))
+    Path::new("/run/netns").join(format!("tapestry-{uid}"))
 }
 
-async fn ip(args: &[&str]) -> Result<()> {
-    let out = tokio::process::Command::new("ip")
-        .args(args)
-        .output()
-        .await
-        .context("running ip (iproute2)")?;
-    if !out.status.success() {
-        bail!(
-            "ip {}: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
+fn c_path(p: &Path) -> Result<std::ffi::CString> {
+    use std::os::unix::ffi::OsStrExt;
+    Ok(std::ffi::CString::new(p.as_os_str().as_bytes())?)
+}
+
+fn os_error(what: String) -> impl FnOnce(std::io::Error) -> anyhow::Error {
+    move |e| anyhow::Error::new(e).context(what)
+}
+
+fn check(rc: libc::c_int, what: impl FnOnce() -> String) -> Result<()> {
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(os_error(what())(std::io::Error::last_os_error()))
     }
-    Ok(())
+}
+
+/// Create a named network namespace exactly as `ip netns add` does (a
+/// file under /run/netns, a shared mount point, the namespace bind-mounted
+/// onto the file), without launching a process per pod.
+fn create_netns(path: &Path) -> Result<()> {
+    let dir = path.parent().context("netns path has no parent")?;
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let dir_c = c_path(dir)?;
+    let none = c"none";
+    // Shared, so the namespaces stay visible from other mount namespaces.
+    // SAFETY: valid NUL-terminated strings; a null data pointer is allowed.
+    let shared = |dir: &std::ffi::CStr| unsafe {
+        libc::mount(
+            none.as_ptr(),
+            dir.as_ptr(),
+            none.as_ptr(),
+            libc::MS_SHARED | libc::MS_REC,
+            std::ptr::null(),
+        )
+    };
+    if shared(&dir_c) != 0 {
+        if std::io::Error::last_os_error().raw_os_error() != Some(libc::EINVAL) {
+            return Err(
+                os_error(format!("making {} a shared mount", dir.display()))(
+                    std::io::Error::last_os_error(),
+                ),
+            );
+        }
+        // Not a mount point yet: bind it onto itself first.
+        // SAFETY: as above.
+        let rc = unsafe {
+            libc::mount(
+                dir_c.as_ptr(),
+                dir_c.as_ptr(),
+                none.as_ptr(),
+                libc::MS_BIND | libc::MS_REC,
+                std::ptr::null(),
+            )
+        };
+        check(rc, || format!("bind-mounting {}", dir.display()))?;
+        check(shared(&dir_c), || {
+            format!("making {} a shared mount", dir.display())
+        })?;
+    }
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(path)
+        .with_context(|| format!("creating {}", path.display()))?;
+    let target = c_path(path)?;
+    // unshare(CLONE_NEWNET) moves only the calling thread; a short-lived
+    // thread keeps every other thread in the node's namespace.
+    let made = std::thread::spawn(move || -> Result<()> {
+        // SAFETY: unshare takes only flags.
+        check(unsafe { libc::unshare(libc::CLONE_NEWNET) }, || {
+            "unshare(CLONE_NEWNET)".into()
+        })?;
+        // SAFETY: valid NUL-terminated strings; a null data pointer is allowed.
+        let rc = unsafe {
+            libc::mount(
+                c"/proc/thread-self/ns/net".as_ptr(),
+                target.as_ptr(),
+                none.as_ptr(),
+                libc::MS_BIND,
+                std::ptr::null(),
+            )
+        };
+        check(rc, || "bind-mounting the new network namespace".into())
+    })
+    .join()
+    .map_err(|_| anyhow::anyhow!("network namespace thread panicked"))
+    .and_then(|r| r);
+    if made.is_err() {
+        let _ = std::fs::remove_file(path);
+    }
+    made.with_context(|| format!("creating network namespace {}", path.display()))
+}
+
+/// Remove a namespace made by [`create_netns`] (or `ip netns add`).
+fn delete_netns(path: &Path) -> Result<()> {
+    let c = c_path(path)?;
+    // SAFETY: a valid path; MNT_DETACH does not block on users still inside.
+    if unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) } != 0 {
+        let e = std::io::Error::last_os_error();
+        if e.raw_os_error() != Some(libc::EINVAL) && e.raw_os_error() != Some(libc::ENOENT) {
+            return Err(os_error(format!("unmounting {}", path.display()))(e));
+        }
+    }
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            Err(os_error(format!("removing {}", path.display()))(e))
+        }
+        _ => Ok(()),
+    }
 }
 
 impl Cni {
@@ -134,10 +226,10 @@ impl Cni {
 
     /// Create the pod's namespace and attach it. Idempotent per pod UID.
     pub async fn setup(&self, uid: &str, port_mappings: Vec<Value>) -> Result<Attachment> {
-        let name = netns_name(uid);
         let path = netns_path(uid);
         if !path.exists() {
-            ip(&["netns", "add", &name]).await?;
+            let p = path.clone();
+            tokio::task::spawn_blocking(move || create_netns(&p)).await??;
         }
         let result = match self.add(uid, &path, &port_mappings).await {
             Ok(r) => r,
@@ -205,8 +297,8 @@ impl Cni {
             }
         }
         if path.exists() {
-            if let Err(e) = ip(&["netns", "delete", &netns_name(uid)]).await {
-                tracing::warn!(pod_uid = uid, error = %e, "removing netns failed");
+            if let Err(e) = delete_netns(&path) {
+                tracing::warn!(pod_uid = uid, error = %format!("{e:#}"), "removing netns failed");
             }
         }
     }

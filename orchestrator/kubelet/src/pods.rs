@@ -133,9 +133,10 @@ struct PodWorker {
     containers: HashMap<String, ContainerMem>,
     last_status: Value,
     start_time: Option<String>,
-    annotated: bool,
     /// Why the sandbox could not be made (shown on waiting containers).
     sandbox_error: Option<String>,
+    /// The host-veth annotation has been written.
+    annotated: bool,
     next_sandbox_try: Option<Instant>,
 }
 
@@ -166,8 +167,8 @@ async fn run(kubelet: Arc<Kubelet>, mut rx: watch::Receiver<Desired>, shutdown: 
             .as_ref()
             .and_then(|s| s.start_time.as_ref())
             .map(|t| t.0.to_string()),
-        annotated: false,
         sandbox_error: None,
+        annotated: false,
         next_sandbox_try: None,
     };
     if let Some(spec) = &first.spec {
@@ -331,9 +332,6 @@ impl PodWorker {
                 }
             }
         }
-        if !self.annotated {
-            self.annotate(pod).await;
-        }
         let policy = spec
             .restart_policy
             .clone()
@@ -378,41 +376,19 @@ impl PodWorker {
         self.report(pod, initialized).await
     }
 
-    async fn annotate(&mut self, pod: &Pod) {
-        let veth = self
-            .sandbox
-            .as_ref()
-            .map(|s| s.host_veth.clone())
-            .unwrap_or_default();
-        if veth.is_empty() {
-            self.annotated = true;
-            return;
+    /// The host-veth annotation the pod still lacks, if any. It travels
+    /// with the next status write rather than costing a write of its own.
+    fn missing_annotation(&self, pod: &Pod) -> Option<String> {
+        if self.annotated {
+            return None;
         }
+        let veth = self.sandbox.as_ref().map(|s| s.host_veth.as_str())?;
         let current = pod
             .metadata
             .annotations
             .as_ref()
             .and_then(|a| a.get(HOST_VETH_ANNOTATION));
-        if current == Some(&veth) {
-            self.annotated = true;
-            return;
-        }
-        let api: Api<Pod> = Api::namespaced(
-            self.kubelet.client.clone(),
-            pod.metadata.namespace.as_deref().unwrap_or("default"),
-        );
-        let patch = json!({"metadata": {"annotations": {HOST_VETH_ANNOTATION: veth}}});
-        match api
-            .patch(
-                pod.metadata.name.as_deref().unwrap_or_default(),
-                &PatchParams::default(),
-                &Patch::Merge(patch),
-            )
-            .await
-        {
-            Ok(_) => self.annotated = true,
-            Err(e) => tracing::warn!(error = %e, "annotating the pod's host veth failed"),
-        }
+        (!veth.is_empty() && current.map(String::as_str) != Some(veth)).then(|| veth.to_string())
     }
 
     async fn maybe_restart(&mut self, pod: &Pod, c: &Container, attempt: u32, e: &Exited) {
@@ -938,20 +914,27 @@ impl PodWorker {
             "initContainerStatuses": init_statuses,
             "qosClass": qos_class(spec),
         });
-        if status == self.last_status {
+        let veth = self.missing_annotation(pod);
+        let annotating = veth.is_some();
+        if status == self.last_status && !annotating {
             return Ok(());
         }
         let api: Api<Pod> = Api::namespaced(
             self.kubelet.client.clone(),
             pod.metadata.namespace.as_deref().unwrap_or("default"),
         );
+        let mut patch = json!({"status": status});
+        if let Some(veth) = veth {
+            patch["metadata"] = json!({"annotations": {HOST_VETH_ANNOTATION: veth}});
+        }
         api.patch_status(
             pod.metadata.name.as_deref().unwrap_or_default(),
             &PatchParams::default(),
-            &Patch::Merge(json!({"status": status})),
+            &Patch::Merge(patch),
         )
         .await
         .context("updating pod status")?;
+        self.annotated |= annotating;
         self.last_status = status;
         Ok(())
     }

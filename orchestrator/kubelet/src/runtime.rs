@@ -313,14 +313,18 @@ pub fn mount_rootfs(layers: &[PathBuf], dir: &Path) -> Result<PathBuf> {
     Ok(rootfs)
 }
 
-pub fn is_mountpoint(path: &Path) -> bool {
-    let Ok(mounts) = fs::read_to_string("/proc/self/mountinfo") else {
-        return false;
+/// Whether something is mounted at `path`: its device differs from its
+/// parent's (true of overlay and bind mounts of other filesystems). Cheaper
+/// than scanning mountinfo, which grows with every running container.
+fn is_mountpoint(path: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let Some(parent) = path.parent() else {
+        return true;
     };
-    let p = path.display().to_string();
-    mounts
-        .lines()
-        .any(|l| l.split(' ').nth(4) == Some(p.as_str()))
+    match (fs::metadata(path), fs::metadata(parent)) {
+        (Ok(p), Ok(q)) => p.dev() != q.dev(),
+        _ => false,
+    }
 }
 
 /// Unmount everything at or below `dir` (deepest first).
@@ -413,14 +417,12 @@ impl Runtime {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null());
-        // SAFETY: setsid is async-signal-safe; the shim leaves the agent's
-        // session so terminal signals and the agent's death do not reach it.
-        unsafe {
-            cmd.pre_exec(|| {
-                libc::setsid();
-                Ok(())
-            });
-        }
+        // Its own process group keeps terminal signals and the hang-up of
+        // the agent's job away from the shim. Unlike setsid in a pre_exec
+        // hook this lets the standard library use posix_spawn: a fork of
+        // the agent would copy its page tables and make it take a
+        // copy-on-write fault on every page it touches afterwards.
+        cmd.process_group(0);
         let mut child = cmd.spawn().context("starting container shim")?;
         tokio::spawn(async move {
             let _ = child.wait().await;

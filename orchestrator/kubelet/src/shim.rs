@@ -189,8 +189,11 @@ pub fn main(args: ShimArgs) -> i32 {
     }
     drop(done_tx);
     let pid_file = args.state_dir.join("container.pid");
-    let created = runc(&args)
-        .arg("create")
+    // One `run --detach` instead of `create` + `start`: each runtime
+    // invocation is a process launch, the largest per-pod cost in a burst.
+    let ran = runc(&args)
+        .arg("run")
+        .arg("--detach")
         .arg("--bundle")
         .arg(&args.bundle)
         .arg("--pid-file")
@@ -207,7 +210,7 @@ pub fn main(args: ShimArgs) -> i32 {
         finished_at: now(),
         started_at: String::new(),
     };
-    if !created.is_ok_and(|s| s.success()) {
+    if !ran.is_ok_and(|s| s.success()) {
         finish(fail(runtime_error(&args.state_dir)));
         return 1;
     }
@@ -226,18 +229,6 @@ pub fn main(args: ShimArgs) -> i32 {
             started_at: started_at.clone(),
         },
     );
-    let started = runc(&args)
-        .args(["start", &args.id])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status();
-    if !started.is_ok_and(|s| s.success()) {
-        // SAFETY: signalling a pid we are the reaper of.
-        unsafe { libc::kill(pid, libc::SIGKILL) };
-        finish(fail(runtime_error(&args.state_dir)));
-        return 1;
-    }
     let mut code = 255;
     loop {
         let mut status = 0;

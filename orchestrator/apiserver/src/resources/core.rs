@@ -511,6 +511,10 @@ fn pod_cells(o: &Value, now: chrono::DateTime<chrono::Utc>) -> Vec<Value> {
 struct PodBehaviour;
 
 impl Behaviour for PodBehaviour {
+    fn status_takes_labels_and_annotations(&self) -> bool {
+        true
+    }
+
     fn default(&self, obj: &mut Value) {
         if let Some(spec) = obj.get_mut("spec") {
             default_pod_spec(spec);
