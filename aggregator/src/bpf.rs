@@ -8,6 +8,7 @@
 //! checks.
 
 use std::fmt;
+use std::sync::Arc;
 
 /// Link-layer header types we compile for (values are DLT_* numbers).
 pub const LINKTYPE_ETHERNET: u32 = 1;
@@ -29,78 +30,126 @@ pub struct RawInsn {
     pub k: u32,
 }
 
-/// A pre-decoded instruction. Jump targets are absolute indices.
-#[derive(Debug, Clone, Copy)]
-enum Insn {
-    LdAbsW(u32),
-    LdAbsH(u32),
-    LdAbsB(u32),
-    LdIndW(u32),
-    LdIndH(u32),
-    LdIndB(u32),
-    LdImm(u32),
+/// What an [`Op`] does. Every combination the evaluator distinguishes is
+/// its own code, so running an instruction costs one dispatch: the
+/// branches that depend on packet contents are unpredictable, and each
+/// extra level of dispatch behind them would be another misprediction.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Code {
+    // Fused `ld <load>; [and #m;] j<cmp> #v`: A = load & m, then branch.
+    JeqAbsB,
+    JgtAbsB,
+    JgeAbsB,
+    JsetAbsB,
+    JeqAbsH,
+    JgtAbsH,
+    JgeAbsH,
+    JsetAbsH,
+    JeqAbsW,
+    JgtAbsW,
+    JgeAbsW,
+    JsetAbsW,
+    JeqIndB,
+    JgtIndB,
+    JgeIndB,
+    JsetIndB,
+    JeqIndH,
+    JgtIndH,
+    JgeIndH,
+    JsetIndH,
+    JeqIndW,
+    JgtIndW,
+    JgeIndW,
+    JsetIndW,
+    LdAbsB,
+    LdAbsH,
+    LdAbsW,
+    LdIndB,
+    LdIndH,
+    LdIndW,
+    LdImm,
     LdLen,
-    LdMem(usize),
-    LdxImm(u32),
+    LdMem,
+    LdxImm,
     LdxLen,
-    LdxMem(usize),
-    LdxMsh(u32),
-    St(usize),
-    Stx(usize),
-    Alu(AluOp, Operand),
+    LdxMem,
+    LdxMsh,
+    St,
+    Stx,
+    AddK,
+    AddX,
+    SubK,
+    SubX,
+    MulK,
+    MulX,
+    DivK,
+    DivX,
+    ModK,
+    ModX,
+    OrK,
+    OrX,
+    AndK,
+    AndX,
+    XorK,
+    XorX,
+    LshK,
+    LshX,
+    RshK,
+    RshX,
     Neg,
-    Ja(usize),
-    Jmp(JmpOp, Operand, usize, usize),
-    RetK(u32),
+    Ja,
+    JeqK,
+    JeqX,
+    JgtK,
+    JgtX,
+    JgeK,
+    JgeX,
+    JsetK,
+    JsetX,
+    RetK,
     RetA,
     RetX,
     Tax,
     Txa,
-    /// A load immediately followed by a conditional jump against a
-    /// constant, fused so the pair costs one dispatch. (The jump also stays
-    /// in place on its own for anything that jumps to it directly.)
-    LdJmp(Load, u32, JmpOp, u32, u32, u32),
 }
 
-/// The packet load of a fused load-and-jump.
+/// A pre-decoded instruction. `k` is the instruction's constant (a packet
+/// offset for loads, a scratch index for memory ops); fused compares also
+/// use `m` (mask) and `v` (the constant compared against). Jump targets
+/// are absolute indices.
 #[derive(Debug, Clone, Copy)]
-enum Load {
-    AbsB,
-    AbsH,
-    AbsW,
-    IndB,
-    IndH,
-    IndW,
+struct Op {
+    code: Code,
+    k: u32,
+    m: u32,
+    v: u32,
+    jt: u32,
+    jf: u32,
 }
 
-#[derive(Debug, Clone, Copy)]
-enum AluOp {
-    Add,
-    Sub,
-    Mul,
-    Div,
-    Mod,
-    Or,
-    And,
-    Xor,
-    Lsh,
-    Rsh,
-}
+impl Op {
+    fn new(code: Code, k: u32) -> Op {
+        Op {
+            code,
+            k,
+            m: u32::MAX,
+            v: 0,
+            jt: 0,
+            jf: 0,
+        }
+    }
 
-#[derive(Debug, Clone, Copy)]
-enum JmpOp {
-    Eq,
-    Gt,
-    Ge,
-    Set,
+    fn jump(code: Code, k: u32, jt: usize, jf: usize) -> Op {
+        Op {
+            code,
+            k,
+            m: u32::MAX,
+            v: k,
+            jt: jt as u32,
+            jf: jf as u32,
+        }
+    }
 }
-
-#[derive(Debug, Clone, Copy)]
-enum Operand {
-    K(u32),
-    X,
-}
-
 /// Why a raw program could not be loaded.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ProgramError {
@@ -119,7 +168,9 @@ pub enum ProgramError {
 /// A validated classic-BPF program ready to run.
 #[derive(Clone)]
 pub struct Program {
-    insns: Box<[Insn]>,
+    ops: Box<[Op]>,
+    /// The closure translation of `ops`, when the program is short enough.
+    compiled: Option<Node>,
     raw: Vec<RawInsn>,
     /// `true` when the program accepts everything (empty expression), so the
     /// hot path can skip evaluation entirely.
@@ -129,7 +180,7 @@ pub struct Program {
 impl fmt::Debug for Program {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Program")
-            .field("len", &self.insns.len())
+            .field("len", &self.ops.len())
             .finish()
     }
 }
@@ -149,16 +200,17 @@ impl Program {
 
     /// Loads and validates a raw program.
     pub fn from_raw(raw: &[RawInsn]) -> Result<Self, ProgramError> {
+        use Code::*;
         if raw.is_empty() {
             return Err(ProgramError::Empty);
         }
         let n = raw.len();
-        let mut insns = Vec::with_capacity(n);
+        let mut ops = Vec::with_capacity(n);
         for (pc, ins) in raw.iter().enumerate() {
             let k = ins.k;
             let mem = |k: u32| {
                 if k < BPF_MEMWORDS {
-                    Ok(k as usize)
+                    Ok(k)
                 } else {
                     Err(ProgramError::BadMem(pc, k))
                 }
@@ -174,110 +226,139 @@ impl Program {
             };
             let code = ins.code;
             let bad = || ProgramError::BadOpcode(pc, code);
-            let src = if code & 0x08 != 0 {
-                Operand::X
-            } else {
-                Operand::K(k)
-            };
-            let decoded = match code & 0x07 {
+            // BPF_X selects the X register as the operand.
+            let x = code & 0x08 != 0;
+            let pick = |kc: Code, xc: Code| if x { xc } else { kc };
+            let op = match code & 0x07 {
                 // BPF_LD
                 0x00 => match (code & 0xe0, code & 0x18) {
-                    (0x00, 0x00) => Insn::LdImm(k),
-                    (0x20, 0x00) => Insn::LdAbsW(k),
-                    (0x20, 0x08) => Insn::LdAbsH(k),
-                    (0x20, 0x10) => Insn::LdAbsB(k),
-                    (0x40, 0x00) => Insn::LdIndW(k),
-                    (0x40, 0x08) => Insn::LdIndH(k),
-                    (0x40, 0x10) => Insn::LdIndB(k),
-                    (0x60, 0x00) => Insn::LdMem(mem(k)?),
-                    (0x80, 0x00) => Insn::LdLen,
+                    (0x00, 0x00) => Op::new(LdImm, k),
+                    (0x20, 0x00) => Op::new(LdAbsW, k),
+                    (0x20, 0x08) => Op::new(LdAbsH, k),
+                    (0x20, 0x10) => Op::new(LdAbsB, k),
+                    (0x40, 0x00) => Op::new(LdIndW, k),
+                    (0x40, 0x08) => Op::new(LdIndH, k),
+                    (0x40, 0x10) => Op::new(LdIndB, k),
+                    (0x60, 0x00) => Op::new(LdMem, mem(k)?),
+                    (0x80, 0x00) => Op::new(LdLen, k),
                     _ => return Err(bad()),
                 },
                 // BPF_LDX
                 0x01 => match (code & 0xe0, code & 0x18) {
-                    (0x00, 0x00) => Insn::LdxImm(k),
-                    (0x60, 0x00) => Insn::LdxMem(mem(k)?),
-                    (0x80, 0x00) => Insn::LdxLen,
-                    (0xa0, 0x10) => Insn::LdxMsh(k),
+                    (0x00, 0x00) => Op::new(LdxImm, k),
+                    (0x60, 0x00) => Op::new(LdxMem, mem(k)?),
+                    (0x80, 0x00) => Op::new(LdxLen, k),
+                    (0xa0, 0x10) => Op::new(LdxMsh, k),
                     _ => return Err(bad()),
                 },
-                0x02 => Insn::St(mem(k)?),
-                0x03 => Insn::Stx(mem(k)?),
+                0x02 => Op::new(St, mem(k)?),
+                0x03 => Op::new(Stx, mem(k)?),
                 // BPF_ALU
-                0x04 => {
-                    let op = match code & 0xf0 {
-                        0x00 => AluOp::Add,
-                        0x10 => AluOp::Sub,
-                        0x20 => AluOp::Mul,
-                        0x30 => AluOp::Div,
-                        0x40 => AluOp::Or,
-                        0x50 => AluOp::And,
-                        0x60 => AluOp::Lsh,
-                        0x70 => AluOp::Rsh,
-                        0x80 => {
-                            insns.push(Insn::Neg);
-                            continue;
-                        }
-                        0x90 => AluOp::Mod,
-                        0xa0 => AluOp::Xor,
+                0x04 => Op::new(
+                    match code & 0xf0 {
+                        0x00 => pick(AddK, AddX),
+                        0x10 => pick(SubK, SubX),
+                        0x20 => pick(MulK, MulX),
+                        0x30 => pick(DivK, DivX),
+                        0x40 => pick(OrK, OrX),
+                        0x50 => pick(AndK, AndX),
+                        0x60 => pick(LshK, LshX),
+                        0x70 => pick(RshK, RshX),
+                        0x80 => Neg,
+                        0x90 => pick(ModK, ModX),
+                        0xa0 => pick(XorK, XorX),
                         _ => return Err(bad()),
-                    };
-                    Insn::Alu(op, src)
-                }
+                    },
+                    k,
+                ),
                 // BPF_JMP
-                0x05 => {
-                    let op = match code & 0xf0 {
-                        0x00 => {
-                            insns.push(Insn::Ja(target(k as u64)?));
-                            continue;
-                        }
-                        0x10 => JmpOp::Eq,
-                        0x20 => JmpOp::Gt,
-                        0x30 => JmpOp::Ge,
-                        0x40 => JmpOp::Set,
-                        _ => return Err(bad()),
-                    };
-                    Insn::Jmp(op, src, target(ins.jt as u64)?, target(ins.jf as u64)?)
-                }
+                0x05 => match code & 0xf0 {
+                    0x00 => {
+                        let t = target(k as u64)?;
+                        Op::jump(Ja, k, t, t)
+                    }
+                    0x10 => Op::jump(
+                        pick(JeqK, JeqX),
+                        k,
+                        target(ins.jt as u64)?,
+                        target(ins.jf as u64)?,
+                    ),
+                    0x20 => Op::jump(
+                        pick(JgtK, JgtX),
+                        k,
+                        target(ins.jt as u64)?,
+                        target(ins.jf as u64)?,
+                    ),
+                    0x30 => Op::jump(
+                        pick(JgeK, JgeX),
+                        k,
+                        target(ins.jt as u64)?,
+                        target(ins.jf as u64)?,
+                    ),
+                    0x40 => Op::jump(
+                        pick(JsetK, JsetX),
+                        k,
+                        target(ins.jt as u64)?,
+                        target(ins.jf as u64)?,
+                    ),
+                    _ => return Err(bad()),
+                },
                 // BPF_RET
                 0x06 => match code & 0x18 {
-                    0x00 => Insn::RetK(k),
-                    0x08 => Insn::RetX,
-                    0x10 => Insn::RetA,
+                    0x00 => Op::new(RetK, k),
+                    0x08 => Op::new(RetX, k),
+                    0x10 => Op::new(RetA, k),
                     _ => return Err(bad()),
                 },
                 // BPF_MISC
                 _ => match code & 0xf8 {
-                    0x00 => Insn::Tax,
-                    0x80 => Insn::Txa,
+                    0x00 => Op::new(Tax, k),
+                    0x80 => Op::new(Txa, k),
                     _ => return Err(bad()),
                 },
             };
-            insns.push(decoded);
+            ops.push(op);
         }
         // Every path must end in a return; since jumps only go forward, it is
         // enough that the last instruction is one.
-        if !matches!(insns[n - 1], Insn::RetK(_) | Insn::RetA | Insn::RetX) {
+        if !matches!(ops[n - 1].code, RetK | RetA | RetX) {
             return Err(ProgramError::NoReturn);
         }
-        // Peephole: fuse `ld [k]; jxx #v` pairs.
-        for i in 0..n.saturating_sub(1) {
-            let load = match insns[i] {
-                Insn::LdAbsB(k) => (Load::AbsB, k),
-                Insn::LdAbsH(k) => (Load::AbsH, k),
-                Insn::LdAbsW(k) => (Load::AbsW, k),
-                Insn::LdIndB(k) => (Load::IndB, k),
-                Insn::LdIndH(k) => (Load::IndH, k),
-                Insn::LdIndW(k) => (Load::IndW, k),
+        // Peephole: `ld <pkt>; [and #m;] j<cmp> #v` becomes one op. The
+        // originals stay in place after it for anything that jumps into
+        // the middle of the sequence.
+        for i in 0..n {
+            let Some(base) = load_index(ops[i].code) else {
+                continue;
+            };
+            let (mask, j) = match ops.get(i + 1) {
+                Some(o) if o.code == AndK => (o.k, i + 2),
+                _ => (u32::MAX, i + 1),
+            };
+            let Some(jmp) = ops.get(j).copied() else {
+                continue;
+            };
+            let cmp = match jmp.code {
+                JeqK => 0,
+                JgtK => 1,
+                JgeK => 2,
+                JsetK => 3,
                 _ => continue,
             };
-            if let Insn::Jmp(op, Operand::K(v), jt, jf) = insns[i + 1] {
-                insns[i] = Insn::LdJmp(load.0, load.1, op, v, jt as u32, jf as u32);
-            }
+            ops[i] = Op {
+                code: FUSED[base * 4 + cmp],
+                k: ops[i].k,
+                m: mask,
+                v: jmp.k,
+                jt: jmp.jt,
+                jf: jmp.jf,
+            };
         }
-        let accept_all = matches!(insns[0], Insn::RetK(k) if k != 0);
+        let accept_all = ops[0].code == RetK && ops[0].k != 0;
+        let compiled = compile_nodes(&ops);
         Ok(Program {
-            insns: insns.into_boxed_slice(),
+            compiled,
+            ops: ops.into_boxed_slice(),
             raw: raw.to_vec(),
             accept_all,
         })
@@ -296,121 +377,142 @@ impl Program {
         if self.accept_all {
             return u32::MAX;
         }
-        let insns = &*self.insns;
+        match &self.compiled {
+            Some(entry) => entry(pkt, wire_len, 0, 0, &mut [0; BPF_MEMWORDS as usize]),
+            None => self.interpret(pkt, wire_len),
+        }
+    }
+
+    /// The reference evaluator: one dispatch per op.
+    fn interpret(&self, pkt: &[u8], wire_len: u32) -> u32 {
+        use Code::*;
+        let ops = &*self.ops;
         let mut a: u32 = 0;
         let mut x: u32 = 0;
         let mut mem = [0u32; BPF_MEMWORDS as usize];
         let mut pc = 0usize;
-        loop {
-            // `from_raw` proved every target is in range, and the last
-            // instruction returns, so `pc` never leaves the program; the
-            // bounds check stays for safety and is well predicted.
-            let insn = insns[pc];
-            pc += 1;
-            match insn {
-                Insn::LdJmp(load, k, op, v, jt, jf) => {
-                    let loaded = match load {
-                        Load::AbsB => pkt.get(k as usize).map(|&b| b as u32),
-                        Load::AbsH => load_h(pkt, k as usize),
-                        Load::AbsW => load_w(pkt, k as usize),
-                        Load::IndB => pkt.get(ind(x, k)).map(|&b| b as u32),
-                        Load::IndH => load_h(pkt, ind(x, k)),
-                        Load::IndW => load_w(pkt, ind(x, k)),
-                    };
-                    let Some(val) = loaded else {
-                        return 0;
-                    };
-                    a = val;
-                    let taken = match op {
-                        JmpOp::Eq => a == v,
-                        JmpOp::Gt => a > v,
-                        JmpOp::Ge => a >= v,
-                        JmpOp::Set => a & v != 0,
-                    };
-                    pc = if taken { jt as usize } else { jf as usize };
+        // A fused load-and-branch: a failed load rejects, as in libpcap.
+        macro_rules! fused {
+            ($op:expr, $load:ident, $off:expr, $cmp:ident) => {{
+                let Some(val) = $load(pkt, $off) else {
+                    return 0;
+                };
+                a = val & $op.m;
+                pc = if $cmp(a, $op.v) { $op.jt } else { $op.jf } as usize;
+            }};
+        }
+        macro_rules! load {
+            ($load:ident, $off:expr) => {{
+                match $load(pkt, $off) {
+                    Some(v) => a = v,
+                    None => return 0,
                 }
-                Insn::LdAbsB(k) => match pkt.get(k as usize) {
-                    Some(&b) => a = b as u32,
-                    None => return 0,
-                },
-                Insn::LdAbsH(k) => match load_h(pkt, k as usize) {
-                    Some(v) => a = v,
-                    None => return 0,
-                },
-                Insn::LdAbsW(k) => match load_w(pkt, k as usize) {
-                    Some(v) => a = v,
-                    None => return 0,
-                },
-                Insn::LdIndB(k) => match pkt.get(ind(x, k)) {
-                    Some(&b) => a = b as u32,
-                    None => return 0,
-                },
-                Insn::LdIndH(k) => match load_h(pkt, ind(x, k)) {
-                    Some(v) => a = v,
-                    None => return 0,
-                },
-                Insn::LdIndW(k) => match load_w(pkt, ind(x, k)) {
-                    Some(v) => a = v,
-                    None => return 0,
-                },
-                Insn::LdImm(k) => a = k,
-                Insn::LdLen => a = wire_len,
-                Insn::LdMem(i) => a = mem[i],
-                Insn::LdxImm(k) => x = k,
-                Insn::LdxLen => x = wire_len,
-                Insn::LdxMem(i) => x = mem[i],
-                Insn::LdxMsh(k) => match pkt.get(k as usize) {
+            }};
+        }
+        macro_rules! branch {
+            ($op:expr, $cmp:ident, $v:expr) => {{
+                pc = if $cmp(a, $v) { $op.jt } else { $op.jf } as usize;
+            }};
+        }
+        loop {
+            // `from_raw` proved every target is in range and that the last
+            // op returns, so `pc` never leaves the program; the bounds check
+            // stays for safety and is always predicted.
+            let op = ops[pc];
+            pc += 1;
+            let k = op.k;
+            match op.code {
+                JeqAbsB => fused!(op, ld_b, k as usize, eq),
+                JgtAbsB => fused!(op, ld_b, k as usize, gt),
+                JgeAbsB => fused!(op, ld_b, k as usize, ge),
+                JsetAbsB => fused!(op, ld_b, k as usize, set),
+                JeqAbsH => fused!(op, ld_h, k as usize, eq),
+                JgtAbsH => fused!(op, ld_h, k as usize, gt),
+                JgeAbsH => fused!(op, ld_h, k as usize, ge),
+                JsetAbsH => fused!(op, ld_h, k as usize, set),
+                JeqAbsW => fused!(op, ld_w, k as usize, eq),
+                JgtAbsW => fused!(op, ld_w, k as usize, gt),
+                JgeAbsW => fused!(op, ld_w, k as usize, ge),
+                JsetAbsW => fused!(op, ld_w, k as usize, set),
+                JeqIndB => fused!(op, ld_b, ind(x, k), eq),
+                JgtIndB => fused!(op, ld_b, ind(x, k), gt),
+                JgeIndB => fused!(op, ld_b, ind(x, k), ge),
+                JsetIndB => fused!(op, ld_b, ind(x, k), set),
+                JeqIndH => fused!(op, ld_h, ind(x, k), eq),
+                JgtIndH => fused!(op, ld_h, ind(x, k), gt),
+                JgeIndH => fused!(op, ld_h, ind(x, k), ge),
+                JsetIndH => fused!(op, ld_h, ind(x, k), set),
+                JeqIndW => fused!(op, ld_w, ind(x, k), eq),
+                JgtIndW => fused!(op, ld_w, ind(x, k), gt),
+                JgeIndW => fused!(op, ld_w, ind(x, k), ge),
+                JsetIndW => fused!(op, ld_w, ind(x, k), set),
+                LdAbsB => load!(ld_b, k as usize),
+                LdAbsH => load!(ld_h, k as usize),
+                LdAbsW => load!(ld_w, k as usize),
+                LdIndB => load!(ld_b, ind(x, k)),
+                LdIndH => load!(ld_h, ind(x, k)),
+                LdIndW => load!(ld_w, ind(x, k)),
+                LdImm => a = k,
+                LdLen => a = wire_len,
+                LdMem => a = mem[k as usize % mem.len()],
+                LdxImm => x = k,
+                LdxLen => x = wire_len,
+                LdxMem => x = mem[k as usize % mem.len()],
+                LdxMsh => match pkt.get(k as usize) {
                     Some(&b) => x = ((b & 0x0f) as u32) << 2,
                     None => return 0,
                 },
-                Insn::St(i) => mem[i] = a,
-                Insn::Stx(i) => mem[i] = x,
-                Insn::Alu(op, src) => {
-                    let v = match src {
-                        Operand::K(k) => k,
-                        Operand::X => x,
-                    };
-                    a = match op {
-                        AluOp::Add => a.wrapping_add(v),
-                        AluOp::Sub => a.wrapping_sub(v),
-                        AluOp::Mul => a.wrapping_mul(v),
-                        AluOp::Div => match a.checked_div(v) {
-                            Some(r) => r,
-                            // libpcap rejects the packet on division by zero.
-                            None => return 0,
-                        },
-                        AluOp::Mod => match a.checked_rem(v) {
-                            Some(r) => r,
-                            None => return 0,
-                        },
-                        AluOp::Or => a | v,
-                        AluOp::And => a & v,
-                        AluOp::Xor => a ^ v,
-                        // Shifts of 32 or more give 0, as in libpcap.
-                        AluOp::Lsh => a.checked_shl(v).unwrap_or(0),
-                        AluOp::Rsh => a.checked_shr(v).unwrap_or(0),
-                    };
-                }
-                Insn::Neg => a = a.wrapping_neg(),
-                Insn::Ja(t) => pc = t,
-                Insn::Jmp(op, src, jt, jf) => {
-                    let v = match src {
-                        Operand::K(k) => k,
-                        Operand::X => x,
-                    };
-                    let taken = match op {
-                        JmpOp::Eq => a == v,
-                        JmpOp::Gt => a > v,
-                        JmpOp::Ge => a >= v,
-                        JmpOp::Set => a & v != 0,
-                    };
-                    pc = if taken { jt } else { jf };
-                }
-                Insn::RetK(k) => return k,
-                Insn::RetA => return a,
-                Insn::RetX => return x,
-                Insn::Tax => x = a,
-                Insn::Txa => a = x,
+                St => mem[k as usize % mem.len()] = a,
+                Stx => mem[k as usize % mem.len()] = x,
+                AddK => a = a.wrapping_add(k),
+                AddX => a = a.wrapping_add(x),
+                SubK => a = a.wrapping_sub(k),
+                SubX => a = a.wrapping_sub(x),
+                MulK => a = a.wrapping_mul(k),
+                MulX => a = a.wrapping_mul(x),
+                // libpcap rejects the packet on division by zero.
+                DivK => match a.checked_div(k) {
+                    Some(r) => a = r,
+                    None => return 0,
+                },
+                DivX => match a.checked_div(x) {
+                    Some(r) => a = r,
+                    None => return 0,
+                },
+                ModK => match a.checked_rem(k) {
+                    Some(r) => a = r,
+                    None => return 0,
+                },
+                ModX => match a.checked_rem(x) {
+                    Some(r) => a = r,
+                    None => return 0,
+                },
+                OrK => a |= k,
+                OrX => a |= x,
+                AndK => a &= k,
+                AndX => a &= x,
+                XorK => a ^= k,
+                XorX => a ^= x,
+                // Shifts of 32 or more give 0, as in libpcap.
+                LshK => a = a.checked_shl(k).unwrap_or(0),
+                LshX => a = a.checked_shl(x).unwrap_or(0),
+                RshK => a = a.checked_shr(k).unwrap_or(0),
+                RshX => a = a.checked_shr(x).unwrap_or(0),
+                Neg => a = a.wrapping_neg(),
+                Ja => pc = op.jt as usize,
+                JeqK => branch!(op, eq, k),
+                JeqX => branch!(op, eq, x),
+                JgtK => branch!(op, gt, k),
+                JgtX => branch!(op, gt, x),
+                JgeK => branch!(op, ge, k),
+                JgeX => branch!(op, ge, x),
+                JsetK => branch!(op, set, k),
+                JsetX => branch!(op, set, x),
+                RetK => return k,
+                RetA => return a,
+                RetX => return x,
+                Tax => x = a,
+                Txa => a = x,
             }
         }
     }
@@ -420,6 +522,268 @@ impl Program {
     pub fn matches(&self, pkt: &[u8], wire_len: u32) -> bool {
         self.run(pkt, wire_len) != 0
     }
+}
+
+/// The fused load-and-branch codes, indexed by `load_index * 4 + cmp`
+/// (cmp: eq, gt, ge, set).
+const FUSED: [Code; 24] = {
+    use Code::*;
+    [
+        JeqAbsB, JgtAbsB, JgeAbsB, JsetAbsB, JeqAbsH, JgtAbsH, JgeAbsH, JsetAbsH, JeqAbsW, JgtAbsW,
+        JgeAbsW, JsetAbsW, JeqIndB, JgtIndB, JgeIndB, JsetIndB, JeqIndH, JgtIndH, JgeIndH,
+        JsetIndH, JeqIndW, JgtIndW, JgeIndW, JsetIndW,
+    ]
+};
+
+/// Position of a packet load in [`FUSED`]'s rows.
+fn load_index(c: Code) -> Option<usize> {
+    Some(match c {
+        Code::LdAbsB => 0,
+        Code::LdAbsH => 1,
+        Code::LdAbsW => 2,
+        Code::LdIndB => 3,
+        Code::LdIndH => 4,
+        Code::LdIndW => 5,
+        _ => return None,
+    })
+}
+
+#[inline(always)]
+fn eq(a: u32, v: u32) -> bool {
+    a == v
+}
+
+#[inline(always)]
+fn gt(a: u32, v: u32) -> bool {
+    a > v
+}
+
+#[inline(always)]
+fn ge(a: u32, v: u32) -> bool {
+    a >= v
+}
+
+#[inline(always)]
+fn set(a: u32, v: u32) -> bool {
+    a & v != 0
+}
+
+/// A program translated into a graph of closures, one per instruction,
+/// each calling its successor directly. Compared with the interpreter's
+/// single dispatch point, a data-dependent branch becomes an ordinary
+/// conditional branch whose misprediction resolves as soon as the packet
+/// byte is compared, instead of after the next instruction's code has been
+/// fetched and dispatched on.
+type Node = Arc<dyn Fn(&[u8], u32, u32, u32, &mut Mem) -> u32 + Send + Sync>;
+
+type Mem = [u32; BPF_MEMWORDS as usize];
+
+/// Longest program translated into closures. Calls nest as deep as the
+/// longest path (jumps only go forward), so longer programs, which libpcap
+/// emits only for very long expressions, keep to the interpreter.
+const MAX_COMPILED: usize = 1024;
+
+fn compile_nodes(ops: &[Op]) -> Option<Node> {
+    use Code::*;
+    if ops.len() > MAX_COMPILED {
+        return None;
+    }
+    let mut nodes: Vec<Option<Node>> = vec![None; ops.len()];
+    for i in (0..ops.len()).rev() {
+        let op = ops[i];
+        // `from_raw` proved that jump targets lie ahead and that the last op
+        // returns, so every successor is already built.
+        let at = |t: u32| nodes.get(t as usize).cloned().flatten();
+        let node: Node = match op.code {
+            RetK => Arc::new(move |_, _, _, _, _| op.k),
+            RetA => Arc::new(|_, _, a, _, _| a),
+            RetX => Arc::new(|_, _, _, x, _| x),
+            Ja => at(op.jt)?,
+            JeqK | JeqX | JgtK | JgtX | JgeK | JgeX | JsetK | JsetX => {
+                let (jt, jf) = (at(op.jt)?, at(op.jf)?);
+                let x_operand = matches!(op.code, JeqX | JgtX | JgeX | JsetX);
+                let cmp = match op.code {
+                    JeqK | JeqX => 0,
+                    JgtK | JgtX => 1,
+                    JgeK | JgeX => 2,
+                    _ => 3,
+                };
+                if x_operand {
+                    jump_node::<true>(cmp, op.k, jt, jf)
+                } else {
+                    jump_node::<false>(cmp, op.k, jt, jf)
+                }
+            }
+            c => match FUSED.iter().position(|&f| f == c) {
+                Some(f) => fused_node(f / 4, f % 4, op, at(op.jt)?, at(op.jf)?),
+                None => {
+                    let next = at(i as u32 + 1)?;
+                    if c == LdxMsh {
+                        // The IP header length ahead of every transport
+                        // field: worth its own node.
+                        let k = op.k as usize;
+                        Arc::new(move |pkt, wire, a, _, mem| match pkt.get(k) {
+                            Some(&b) => next(pkt, wire, a, ((b & 0x0f) as u32) << 2, mem),
+                            None => 0,
+                        })
+                    } else {
+                        Arc::new(move |pkt, wire, mut a, mut x, mem| {
+                            if step(op, pkt, wire, &mut a, &mut x, mem) {
+                                next(pkt, wire, a, x, mem)
+                            } else {
+                                0
+                            }
+                        })
+                    }
+                }
+            },
+        };
+        nodes[i] = Some(node);
+    }
+    nodes.swap_remove(0)
+}
+
+fn fused_node(load: usize, cmp: usize, op: Op, jt: Node, jf: Node) -> Node {
+    match load {
+        0 => fused_cmp::<0>(cmp, op, jt, jf),
+        1 => fused_cmp::<1>(cmp, op, jt, jf),
+        2 => fused_cmp::<2>(cmp, op, jt, jf),
+        3 => fused_cmp::<3>(cmp, op, jt, jf),
+        4 => fused_cmp::<4>(cmp, op, jt, jf),
+        _ => fused_cmp::<5>(cmp, op, jt, jf),
+    }
+}
+
+fn fused_cmp<const LOAD: u8>(cmp: usize, op: Op, jt: Node, jf: Node) -> Node {
+    match cmp {
+        0 => fused::<LOAD, 0>(op, jt, jf),
+        1 => fused::<LOAD, 1>(op, jt, jf),
+        2 => fused::<LOAD, 2>(op, jt, jf),
+        _ => fused::<LOAD, 3>(op, jt, jf),
+    }
+}
+
+/// `ld <LOAD>; [and #m;] j<CMP> #v` with the load kind (abs/ind × b/h/w,
+/// numbered as in [`FUSED`]) and comparison fixed at compile time.
+fn fused<const LOAD: u8, const CMP: u8>(op: Op, jt: Node, jf: Node) -> Node {
+    let (k, m, v) = (op.k, op.m, op.v);
+    Arc::new(move |pkt, wire, _, x, mem| {
+        let off = if LOAD >= 3 { ind(x, k) } else { k as usize };
+        let loaded = match LOAD % 3 {
+            0 => ld_b(pkt, off),
+            1 => ld_h(pkt, off),
+            _ => ld_w(pkt, off),
+        };
+        let Some(val) = loaded else {
+            return 0;
+        };
+        let a = val & m;
+        if compare::<CMP>(a, v) {
+            taken(&jt, pkt, wire, a, x, mem)
+        } else {
+            not_taken(pkt, wire, a, x, mem, &jf)
+        }
+    })
+}
+
+fn jump_node<const X: bool>(cmp: usize, k: u32, jt: Node, jf: Node) -> Node {
+    fn make<const X: bool, const CMP: u8>(k: u32, jt: Node, jf: Node) -> Node {
+        Arc::new(move |pkt, wire, a, x, mem| {
+            let v = if X { x } else { k };
+            if compare::<CMP>(a, v) {
+                taken(&jt, pkt, wire, a, x, mem)
+            } else {
+                not_taken(pkt, wire, a, x, mem, &jf)
+            }
+        })
+    }
+    match cmp {
+        0 => make::<X, 0>(k, jt, jf),
+        1 => make::<X, 1>(k, jt, jf),
+        2 => make::<X, 2>(k, jt, jf),
+        _ => make::<X, 3>(k, jt, jf),
+    }
+}
+
+// The two arms of a branch call through two distinct functions: with the
+// same call in both arms the compiler merges them into one indirect call on
+// a selected pointer, and the target then depends on the packet data, so a
+// misprediction resolves only after two more dependent loads.
+#[inline(never)]
+fn taken(n: &Node, pkt: &[u8], wire: u32, a: u32, x: u32, mem: &mut Mem) -> u32 {
+    n(pkt, wire, a, x, mem)
+}
+
+#[inline(never)]
+fn not_taken(pkt: &[u8], wire: u32, a: u32, x: u32, mem: &mut Mem, n: &Node) -> u32 {
+    n(pkt, wire, a, x, mem)
+}
+
+#[inline(always)]
+fn compare<const CMP: u8>(a: u32, v: u32) -> bool {
+    match CMP {
+        0 => a == v,
+        1 => a > v,
+        2 => a >= v,
+        _ => a & v != 0,
+    }
+}
+
+/// Runs one non-branching, non-returning op; `false` rejects the packet.
+#[inline]
+fn step(op: Op, pkt: &[u8], wire_len: u32, a: &mut u32, x: &mut u32, mem: &mut Mem) -> bool {
+    use Code::*;
+    let k = op.k;
+    let loaded = |v: Option<u32>, r: &mut u32| match v {
+        Some(v) => {
+            *r = v;
+            true
+        }
+        None => false,
+    };
+    match op.code {
+        LdAbsB => return loaded(ld_b(pkt, k as usize), a),
+        LdAbsH => return loaded(ld_h(pkt, k as usize), a),
+        LdAbsW => return loaded(ld_w(pkt, k as usize), a),
+        LdIndB => return loaded(ld_b(pkt, ind(*x, k)), a),
+        LdIndH => return loaded(ld_h(pkt, ind(*x, k)), a),
+        LdIndW => return loaded(ld_w(pkt, ind(*x, k)), a),
+        LdxMsh => return loaded(ld_b(pkt, k as usize).map(|b| (b & 0x0f) << 2), x),
+        DivK => return loaded(a.checked_div(k), a),
+        DivX => return loaded(a.checked_div(*x), a),
+        ModK => return loaded(a.checked_rem(k), a),
+        ModX => return loaded(a.checked_rem(*x), a),
+        LdImm => *a = k,
+        LdLen => *a = wire_len,
+        LdMem => *a = mem[k as usize % mem.len()],
+        LdxImm => *x = k,
+        LdxLen => *x = wire_len,
+        LdxMem => *x = mem[k as usize % mem.len()],
+        St => mem[k as usize % mem.len()] = *a,
+        Stx => mem[k as usize % mem.len()] = *x,
+        AddK => *a = a.wrapping_add(k),
+        AddX => *a = a.wrapping_add(*x),
+        SubK => *a = a.wrapping_sub(k),
+        SubX => *a = a.wrapping_sub(*x),
+        MulK => *a = a.wrapping_mul(k),
+        MulX => *a = a.wrapping_mul(*x),
+        OrK => *a |= k,
+        OrX => *a |= *x,
+        AndK => *a &= k,
+        AndX => *a &= *x,
+        XorK => *a ^= k,
+        XorX => *a ^= *x,
+        LshK => *a = a.checked_shl(k).unwrap_or(0),
+        LshX => *a = a.checked_shl(*x).unwrap_or(0),
+        RshK => *a = a.checked_shr(k).unwrap_or(0),
+        RshX => *a = a.checked_shr(*x).unwrap_or(0),
+        Neg => *a = a.wrapping_neg(),
+        Tax => *x = *a,
+        Txa => *a = *x,
+        // Jumps, returns and fused ops have nodes of their own.
+        _ => return false,
+    }
+    true
 }
 
 /// X + k as a packet offset; an overflowing sum is out of any packet.
@@ -432,13 +796,18 @@ fn ind(x: u32, k: u32) -> usize {
 }
 
 #[inline(always)]
-fn load_h(pkt: &[u8], off: usize) -> Option<u32> {
+fn ld_b(pkt: &[u8], off: usize) -> Option<u32> {
+    pkt.get(off).map(|&b| b as u32)
+}
+
+#[inline(always)]
+fn ld_h(pkt: &[u8], off: usize) -> Option<u32> {
     let b = pkt.get(off..off.checked_add(2)?)?;
     Some(u16::from_be_bytes([b[0], b[1]]) as u32)
 }
 
 #[inline(always)]
-fn load_w(pkt: &[u8], off: usize) -> Option<u32> {
+fn ld_w(pkt: &[u8], off: usize) -> Option<u32> {
     let b = pkt.get(off..off.checked_add(4)?)?;
     Some(u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
 }
@@ -641,5 +1010,70 @@ mod tests {
         ])
         .unwrap();
         assert_eq!(prog.run(&[], 0), 5);
+    }
+
+    #[test]
+    fn closures_agree_with_the_interpreter() {
+        use rand::rngs::SmallRng;
+        use rand::{Rng, SeedableRng};
+        // Every opcode class, with short jumps so most programs validate.
+        let codes: [u16; 50] = [
+            0x00, 0x20, 0x28, 0x30, 0x40, 0x48, 0x50, 0x60, 0x80, 0x01, 0x61, 0x81, 0xb1, 0x02,
+            0x03, 0x04, 0x0c, 0x14, 0x1c, 0x24, 0x2c, 0x34, 0x3c, 0x44, 0x4c, 0x54, 0x5c, 0x64,
+            0x6c, 0x74, 0x7c, 0x84, 0x94, 0x9c, 0xa4, 0xac, 0x05, 0x15, 0x1d, 0x25, 0x2d, 0x35,
+            0x3d, 0x45, 0x4d, 0x06, 0x0e, 0x16, 0x07, 0x87,
+        ];
+        let mut rng = SmallRng::seed_from_u64(9);
+        let mut checked = 0;
+        for _ in 0..100_000 {
+            let len = rng.random_range(1..16);
+            let raw: Vec<RawInsn> = (0..len)
+                .map(|_| RawInsn {
+                    code: codes[rng.random_range(0..codes.len())],
+                    jt: rng.random_range(0..3),
+                    jf: rng.random_range(0..3),
+                    k: if rng.random_ratio(3, 4) {
+                        rng.random_range(0..40)
+                    } else {
+                        rng.random()
+                    },
+                })
+                .collect();
+            // (An accept-all program returns early without evaluating.)
+            let Ok(p) = Program::from_raw(&raw) else {
+                continue;
+            };
+            if p.accept_all {
+                continue;
+            }
+            assert!(p.compiled.is_some());
+            for _ in 0..8 {
+                let pkt: Vec<u8> = (0..rng.random_range(0..48)).map(|_| rng.random()).collect();
+                let wire = rng.random_range(0..100);
+                assert_eq!(
+                    p.run(&pkt, wire),
+                    p.interpret(&pkt, wire),
+                    "{raw:?} on {pkt:02x?}"
+                );
+            }
+            checked += 1;
+        }
+        assert!(checked > 1_000, "only {checked} programs validated");
+    }
+
+    #[test]
+    fn long_programs_fall_back_to_the_interpreter() {
+        let expr = (0..300)
+            .map(|i| format!("host 10.0.{}.{}", i / 250, i % 250 + 1))
+            .collect::<Vec<_>>()
+            .join(" or ");
+        let p = prog(&expr);
+        assert!(p.ops.len() > MAX_COMPILED && p.compiled.is_none());
+        let mut pkt = tcp_syn();
+        pkt[30..34].copy_from_slice(&[10, 9, 9, 8]);
+        pkt[26..30].copy_from_slice(&[10, 0, 1, 7]);
+        assert!(p.matches(&pkt, pkt.len() as u32));
+        pkt[26..30].copy_from_slice(&[10, 9, 9, 9]);
+        assert!(!p.matches(&pkt, pkt.len() as u32));
     }
 }

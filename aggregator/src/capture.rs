@@ -8,11 +8,9 @@ use std::borrow::Cow;
 use std::fs::File;
 use std::io::{self, Write};
 use std::path::Path;
-use std::time::Duration;
 
 use anyhow::{bail, Context};
 use pcap_file::pcap::{PcapHeader, PcapParser};
-use pcap_file::pcapng::blocks::enhanced_packet::{EnhancedPacketBlock, EnhancedPacketOption};
 use pcap_file::pcapng::blocks::interface_description::{
     InterfaceDescriptionBlock, InterfaceDescriptionOption,
 };
@@ -98,6 +96,16 @@ impl CaptureFile {
         Ok(out)
     }
 
+    /// The record walker, when the file is classic pcap (one interface,
+    /// no blocks to interpret), for callers that want the tightest loop.
+    pub fn pcap_records(&self) -> anyhow::Result<Option<PcapRecords<'_>>> {
+        let data = &self.map[..];
+        if data.len() >= 4 && PCAP_MAGICS.contains(&[data[0], data[1], data[2], data[3]]) {
+            return PcapRecords::new(data).map(Some);
+        }
+        Ok(None)
+    }
+
     /// Calls `f` with each packet and the file's interfaces; `f` returns
     /// `false` to stop early.
     pub fn for_each(
@@ -134,59 +142,103 @@ fn read_pcap(
     data: &[u8],
     mut f: impl FnMut(&[FileInterface], FilePacket<'_>) -> bool,
 ) -> anyhow::Result<ReadSummary> {
-    let (mut rest, parser) =
-        PcapParser::new(data).map_err(|e| anyhow::anyhow!("pcap header: {e}"))?;
-    let h: PcapHeader = parser.header();
-    let ifaces = [FileInterface {
-        linktype: u32::from(h.datalink),
-        snaplen: h.snaplen,
-        name: None,
-    }];
-    let frac_ns: u64 = match h.ts_resolution {
-        TsResolution::MicroSecond => 1_000,
-        TsResolution::NanoSecond => 1,
-    };
+    let mut records = PcapRecords::new(data)?;
+    let ifaces = [records.interface()];
     let mut summary = ReadSummary::default();
-    let big_endian = h.endianness == pcap_file::Endianness::Big;
-    let rd = |b: &[u8], o: usize| {
-        let v = [b[o], b[o + 1], b[o + 2], b[o + 3]];
-        if big_endian {
-            u32::from_be_bytes(v)
-        } else {
-            u32::from_le_bytes(v)
-        }
-    };
-    let base = data.as_ptr() as usize;
-    let end = base + data.len();
-    let mut prefetched = base;
-    // Record headers are parsed here rather than through `pcap-file`'s
-    // per-record parser: this loop is the whole cost of a replay, and
-    // libpcap accepts wire lengths above the snap length, which
-    // `PcapPacket` would reject.
-    while !rest.is_empty() {
-        prefetch_ahead(rest.as_ptr() as usize, &mut prefetched, end);
-        if rest.len() < 16 {
-            summary.truncated = Some("truncated dump file".to_string());
-            break;
-        }
-        let caplen = rd(rest, 8) as usize;
-        if rest.len() - 16 < caplen {
-            summary.truncated = Some("truncated dump file".to_string());
-            break;
-        }
-        let pkt = FilePacket {
-            ts_ns: rd(rest, 0) as u64 * 1_000_000_000 + rd(rest, 4) as u64 * frac_ns,
-            wire_len: rd(rest, 12),
-            data: &rest[16..16 + caplen],
-            iface: 0,
-        };
-        rest = &rest[16 + caplen..];
+    while let Some(pkt) = records.next_packet() {
         summary.packets += 1;
         if !f(&ifaces, pkt) {
             break;
         }
     }
+    summary.truncated = records.truncated().map(str::to_string);
     Ok(summary)
+}
+
+/// Walks the records of a classic pcap file in place.
+///
+/// Record headers are parsed here rather than through `pcap-file`'s
+/// per-record parser: this loop is most of the cost of a replay, and
+/// libpcap accepts wire lengths above the snap length, which `PcapPacket`
+/// would reject.
+pub struct PcapRecords<'a> {
+    rest: &'a [u8],
+    header: PcapHeader,
+    big_endian: bool,
+    frac_ns: u64,
+    end: usize,
+    prefetched: usize,
+    truncated: bool,
+}
+
+impl<'a> PcapRecords<'a> {
+    pub fn new(data: &'a [u8]) -> anyhow::Result<Self> {
+        let (rest, parser) =
+            PcapParser::new(data).map_err(|e| anyhow::anyhow!("pcap header: {e}"))?;
+        let header = parser.header();
+        Ok(PcapRecords {
+            rest,
+            big_endian: header.endianness == pcap_file::Endianness::Big,
+            frac_ns: match header.ts_resolution {
+                TsResolution::MicroSecond => 1_000,
+                TsResolution::NanoSecond => 1,
+            },
+            header,
+            end: data.as_ptr() as usize + data.len(),
+            prefetched: 0,
+            truncated: false,
+        })
+    }
+
+    /// The file's single interface.
+    pub fn interface(&self) -> FileInterface {
+        FileInterface {
+            linktype: u32::from(self.header.datalink),
+            snaplen: self.header.snaplen,
+            name: None,
+        }
+    }
+
+    /// The next record, or `None` at the end of the file or at a record
+    /// cut short (then [`truncated`](Self::truncated) says so).
+    #[inline]
+    pub fn next_packet(&mut self) -> Option<FilePacket<'a>> {
+        let rest = self.rest;
+        if rest.is_empty() {
+            return None;
+        }
+        prefetch_ahead(rest.as_ptr() as usize, &mut self.prefetched, self.end);
+        if rest.len() < 16 {
+            self.truncated = true;
+            return None;
+        }
+        let rd = |o: usize| {
+            let v = [rest[o], rest[o + 1], rest[o + 2], rest[o + 3]];
+            if self.big_endian {
+                u32::from_be_bytes(v)
+            } else {
+                u32::from_le_bytes(v)
+            }
+        };
+        let caplen = rd(8) as usize;
+        if rest.len() - 16 < caplen {
+            self.truncated = true;
+            return None;
+        }
+        let pkt = FilePacket {
+            ts_ns: rd(0) as u64 * 1_000_000_000 + rd(4) as u64 * self.frac_ns,
+            wire_len: rd(12),
+            data: &rest[16..16 + caplen],
+            iface: 0,
+        };
+        self.rest = &rest[16 + caplen..];
+        Some(pkt)
+    }
+
+    /// Why reading stopped early, if it did.
+    pub fn truncated(&self) -> Option<&'static str> {
+        self.truncated.then_some("truncated dump file")
+    }
 }
 
 /// How far ahead of the reader to pull the file into the CPU cache.
@@ -390,6 +442,11 @@ impl<W: Write> PcapNgOut<W> {
     }
 
     /// Writes one packet. `flags` are `epb_flags` (0 = none).
+    ///
+    /// The Enhanced Packet Block is laid out here, in the section's
+    /// (native) byte order, rather than through `pcap-file`'s block
+    /// encoder, which serialises every block twice (once to measure it) in
+    /// field-sized writes.
     #[inline]
     pub fn write_packet(
         &mut self,
@@ -399,20 +456,42 @@ impl<W: Write> PcapNgOut<W> {
         data: &[u8],
         flags: u32,
     ) -> io::Result<()> {
-        let options = if flags != 0 {
-            vec![EnhancedPacketOption::Flags(flags)]
-        } else {
-            Vec::new()
-        };
-        let epb = EnhancedPacketBlock {
-            interface_id: iface,
-            timestamp: Duration::from_nanos(ts_ns),
-            // A slice can only shorten; the wire length stays what it was.
-            original_len: wire_len.max(data.len() as u32),
-            data: Cow::Borrowed(data),
-            options,
-        };
-        self.bytes += self.writer.write_pcapng_block(epb).map_err(to_io)? as u64;
+        if iface >= self.interfaces {
+            return Err(io::Error::other(format!("no interface {iface} declared")));
+        }
+        let caplen = u32::try_from(data.len())
+            .ok()
+            .filter(|&l| l <= u32::MAX - 64)
+            .ok_or_else(|| io::Error::other("packet too large for pcapng"))?;
+        let pad = (4 - data.len() % 4) % 4;
+        // 28 bytes of header and 4 of trailer; the flags option takes 8
+        // bytes plus 4 for opt_endofopt.
+        let opts = if flags != 0 { 12 } else { 0 };
+        let total = 32 + caplen + pad as u32 + opts;
+        let mut head = [0u8; 28];
+        let put = |b: &mut [u8], at: usize, v: u32| b[at..at + 4].copy_from_slice(&v.to_ne_bytes());
+        put(&mut head, 0, 6);
+        put(&mut head, 4, total);
+        put(&mut head, 8, iface);
+        put(&mut head, 12, (ts_ns >> 32) as u32);
+        put(&mut head, 16, ts_ns as u32);
+        put(&mut head, 20, caplen);
+        // A slice can only shorten; the wire length stays what it was.
+        put(&mut head, 24, wire_len.max(caplen));
+        let w = self.writer.get_mut();
+        w.write_all(&head)?;
+        w.write_all(data)?;
+        let mut tail = [0u8; 3 + 12 + 4];
+        let mut n = pad;
+        if flags != 0 {
+            tail[n..n + 2].copy_from_slice(&2u16.to_ne_bytes());
+            tail[n + 2..n + 4].copy_from_slice(&4u16.to_ne_bytes());
+            tail[n + 4..n + 8].copy_from_slice(&flags.to_ne_bytes());
+            n += 12;
+        }
+        put(&mut tail, n, total);
+        w.write_all(&tail[..n + 4])?;
+        self.bytes += total as u64;
         Ok(())
     }
 

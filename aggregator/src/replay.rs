@@ -45,6 +45,43 @@ pub fn replay(cfg: &PipelineConfig, input: &Path, output: &Path) -> anyhow::Resu
     // Input interface index → output interface id.
     let mut iface_map: Vec<Option<u32>> = Vec::new();
     let mut stats = ReplayStats::default();
+    // Classic pcap through a filter alone (the common case): no verdicts,
+    // no interface bookkeeping per packet.
+    if let Some(mut records) = file.pcap_records()? {
+        let iface = records.interface();
+        if let Some(program) = pipelines.get(&iface.linktype).and_then(|p| p.filter_only()) {
+            let mut out_if = None;
+            while let Some(p) = records.next_packet() {
+                stats.read += 1;
+                if !program.matches(p.data, p.wire_len) {
+                    continue;
+                }
+                let id = match out_if {
+                    Some(id) => id,
+                    None => *out_if.insert(
+                        out.add_interface(
+                            iface.linktype,
+                            iface.snaplen.max(p.data.len() as u32),
+                            None,
+                            None,
+                        )
+                        .with_context(|| format!("writing {}", output.display()))?,
+                    ),
+                };
+                out.write_packet(id, p.ts_ns, p.wire_len, p.data, 0)
+                    .with_context(|| format!("writing {}", output.display()))?;
+                stats.written += 1;
+            }
+            if out_if.is_none() {
+                out.add_interface(iface.linktype, iface.snaplen, None, None)?;
+            }
+            out.get_mut()
+                .flush()
+                .with_context(|| format!("writing {}", output.display()))?;
+            stats.truncated = records.truncated().map(str::to_string);
+            return Ok(stats);
+        }
+    }
     let mut error: Option<anyhow::Error> = None;
     let mut scratch = Vec::new();
     // Per-packet lookups go through interface index, not a hash map.

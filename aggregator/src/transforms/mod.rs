@@ -97,6 +97,13 @@ impl Pipeline {
         Some(Verdict { keep, mask, layers })
     }
 
+    /// The filter's program when filtering is the pipeline's only stage,
+    /// so a caller can run it without building verdicts.
+    pub fn filter_only(&self) -> Option<&crate::bpf::Program> {
+        (self.dedup.is_none() && self.slice.is_none() && self.mask.is_none() && !self.need_layers)
+            .then(|| self.filter.program())
+    }
+
     pub fn dedup_stats(&self) -> Option<dedup::DedupStats> {
         self.dedup.as_ref().map(|d| d.stats())
     }
