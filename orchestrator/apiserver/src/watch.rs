@@ -151,26 +151,40 @@ impl Api {
                 list.revision
             }
         };
-        let mut events = self.store.watch(&prefix, from).await.map_err(|e| match e {
-            StoreError::Compacted {
-                requested,
-                compacted,
-            } => ApiError::Gone(format!(
-                "too old resource version: {requested} ({compacted})"
-            )),
-            other => ApiError::from_store(other, &Default::default()),
-        })?;
+        let (mut events, progress) = self
+            .store
+            .watch_with_progress(&prefix, from)
+            .await
+            .map_err(|e| match e {
+                StoreError::Compacted {
+                    requested,
+                    compacted,
+                } => ApiError::Gone(format!(
+                    "too old resource version: {requested} ({compacted})"
+                )),
+                other => ApiError::from_store(other, &Default::default()),
+            })?;
         let mut last_rv = from;
         let mut bookmark_timer = tokio::time::interval(BOOKMARK_INTERVAL);
         bookmark_timer.tick().await;
         loop {
             let sleep_until = deadline
                 .unwrap_or_else(|| tokio::time::Instant::now() + Duration::from_secs(86400 * 365));
+            // Every event of this watch up to `progress` has been sent (the
+            // loop handles one before polling again), so a bookmark may
+            // carry the store's progress even when this resource is quiet.
+            let bookmark_rv = || last_rv.max(progress.revision());
             tokio::select! {
-                _ = tokio::time::sleep_until(sleep_until) => return Ok(()),
+                _ = tokio::time::sleep_until(sleep_until) => {
+                    // A last bookmark lets the client resume from here.
+                    if spec.bookmarks {
+                        let _ = tx.send(event_line("BOOKMARK", &bookmark(def, bookmark_rv(), false))).await;
+                    }
+                    return Ok(());
+                }
                 _ = tx.closed() => return Ok(()),
                 _ = bookmark_timer.tick(), if spec.bookmarks => {
-                    if tx.send(event_line("BOOKMARK", &bookmark(def, last_rv, false))).await.is_err() {
+                    if tx.send(event_line("BOOKMARK", &bookmark(def, bookmark_rv(), false))).await.is_err() {
                         return Ok(());
                     }
                 }

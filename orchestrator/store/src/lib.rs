@@ -11,6 +11,8 @@
 //! [`conformance`] (see [`store_conformance_suite!`]).
 
 use std::pin::Pin;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::Arc;
 
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -126,6 +128,29 @@ pub type Result<T, E = StoreError> = std::result::Result<T, E>;
 /// continue (compaction overtook it, overflow, backend failure).
 pub type WatchStream = Pin<Box<dyn Stream<Item = Result<WatchEvent>> + Send>>;
 
+/// How far a watch has got: every event of its prefix at or below
+/// [`WatchProgress::revision`] has already been yielded by its stream, even
+/// when no event of that prefix happened for a long time. Watch bookmarks
+/// carry it, so a client resuming a quiet watch does not fall behind the
+/// compaction point.
+#[derive(Clone, Debug, Default)]
+pub struct WatchProgress(Arc<AtomicI64>);
+
+impl WatchProgress {
+    pub fn new(revision: Revision) -> Self {
+        Self(Arc::new(AtomicI64::new(revision)))
+    }
+
+    pub fn revision(&self) -> Revision {
+        self.0.load(Ordering::Acquire)
+    }
+
+    /// Record progress; never moves backwards.
+    pub fn advance(&self, revision: Revision) {
+        self.0.fetch_max(revision, Ordering::AcqRel);
+    }
+}
+
 /// The storage contract shared by every backend.
 ///
 /// Every successful write returns the stored [`KeyValue`] whose
@@ -167,6 +192,17 @@ pub trait Store: Send + Sync + 'static {
     /// (returned here by [`RedbStore`]; a backend may instead yield it as the
     /// stream's first item).
     async fn watch(&self, prefix: &str, after_revision: Revision) -> Result<WatchStream>;
+
+    /// [`Store::watch`] with a handle on how far the stream has got. A
+    /// backend that cannot tell reports only the starting revision.
+    async fn watch_with_progress(
+        &self,
+        prefix: &str,
+        after_revision: Revision,
+    ) -> Result<(WatchStream, WatchProgress)> {
+        let stream = self.watch(prefix, after_revision).await?;
+        Ok((stream, WatchProgress::new(after_revision)))
+    }
 
     /// Discard history at and before `revision` (reads and watches older than
     /// `revision` then fail with `Compacted`). Compacting at the current

@@ -32,7 +32,7 @@ use tokio::sync::{broadcast, mpsc, oneshot};
 
 use crate::{
     EventKind, KeyValue, ListOptions, ListResult, Result, Revision, Store, StoreError, WatchEvent,
-    WatchStream,
+    WatchProgress, WatchStream,
 };
 
 const KV: TableDefinition<&str, &[u8]> = TableDefinition::new("kv");
@@ -446,6 +446,14 @@ impl Store for RedbStore {
     /// stream; the stream ends with `Compacted` only if it later falls behind
     /// a compaction while catching up.
     async fn watch(&self, prefix: &str, after_revision: Revision) -> Result<WatchStream> {
+        Ok(self.watch_with_progress(prefix, after_revision).await?.0)
+    }
+
+    async fn watch_with_progress(
+        &self,
+        prefix: &str,
+        after_revision: Revision,
+    ) -> Result<(WatchStream, WatchProgress)> {
         check_revision(after_revision)?;
         // Subscribe before reading the current revision: every event after it
         // is then guaranteed to reach `rx` (or show up as lag), and everything
@@ -460,6 +468,7 @@ impl Store for RedbStore {
             });
         }
         self.shared.watchers.fetch_add(1, Ordering::Relaxed);
+        let progress = WatchProgress::new(after_revision);
         let state = Watcher {
             db: self.db.clone(),
             shared: self.shared.clone(),
@@ -470,14 +479,13 @@ impl Store for RedbStore {
             pending: None,
             buf: VecDeque::new(),
             done: false,
+            progress: progress.clone(),
         };
-        Ok(Box::pin(futures::stream::unfold(
-            state,
-            |mut w| async move {
-                let item = w.next().await?;
-                Some((item, w))
-            },
-        )))
+        let stream: WatchStream = Box::pin(futures::stream::unfold(state, |mut w| async move {
+            let item = w.next().await?;
+            Some((item, w))
+        }));
+        Ok((stream, progress))
     }
 
     async fn compact(&self, revision: Revision) -> Result<()> {
@@ -711,12 +719,19 @@ struct Watcher {
     pending: Option<Arc<WatchEvent>>,
     buf: VecDeque<WatchEvent>,
     done: bool,
+    /// Revisions up to which everything has been yielded: `last` once
+    /// nothing is left in `buf`.
+    progress: WatchProgress,
 }
 
 impl Watcher {
     async fn next(&mut self) -> Option<Result<WatchEvent>> {
         loop {
             if let Some(ev) = self.buf.pop_front() {
+                self.progress.advance(match self.buf.front() {
+                    Some(next) => next.revision() - 1,
+                    None => self.last,
+                });
                 return Some(Ok(ev));
             }
             if self.done {
@@ -730,6 +745,9 @@ impl Watcher {
                     Ok((events, upto)) => {
                         self.buf.extend(events);
                         self.last = upto;
+                        if self.buf.is_empty() {
+                            self.progress.advance(upto);
+                        }
                     }
                     Err(e) => {
                         self.done = true;
@@ -774,6 +792,8 @@ impl Watcher {
         self.last = ev.revision();
         if ev.kv.key.starts_with(&self.prefix) {
             self.buf.push_back(ev.clone());
+        } else if self.buf.is_empty() {
+            self.progress.advance(self.last);
         }
     }
 }

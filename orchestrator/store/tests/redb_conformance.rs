@@ -895,3 +895,33 @@ async fn matches_a_model_across_compactions_and_reopen() {
         check(&s, &states, &mut rng).await;
     }
 }
+
+/// A quiet watch still learns how far the store has got, from history and
+/// from live writes elsewhere, but never past an event it has not yielded.
+#[tokio::test]
+async fn watch_progress_follows_writes_to_other_prefixes() {
+    let s = temp_store();
+    s.create("/other/a", v("a")).await.expect("create");
+    let (mut w, progress) = s
+        .store
+        .watch_with_progress("/quiet/", 0)
+        .await
+        .expect("watch");
+    assert_eq!(progress.revision(), 0);
+    // Catching up from history: nothing for this prefix up to revision 1.
+    let idle = tokio::time::timeout(Duration::from_millis(200), w.next()).await;
+    assert!(idle.is_err(), "no event expected for the quiet prefix");
+    assert_eq!(progress.revision(), 1);
+
+    let b = s.create("/other/b", v("b")).await.expect("create");
+    let idle = tokio::time::timeout(Duration::from_millis(200), w.next()).await;
+    assert!(idle.is_err(), "no event expected for the quiet prefix");
+    assert_eq!(progress.revision(), b.mod_revision);
+
+    let mine = s.create("/quiet/x", v("x")).await.expect("create");
+    let after = s.create("/other/c", v("c")).await.expect("create");
+    assert_eq!(next(&mut w).await.kv, mine);
+    let idle = tokio::time::timeout(Duration::from_millis(200), w.next()).await;
+    assert!(idle.is_err(), "only one event for the quiet prefix");
+    assert_eq!(progress.revision(), after.mod_revision);
+}
