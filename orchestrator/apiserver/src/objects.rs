@@ -52,16 +52,23 @@ pub fn is_terminating(obj: &Value) -> bool {
         .is_some_and(|v| !v.is_null())
 }
 
-/// Everything but metadata and status: what generation tracks.
-pub fn spec_part(obj: &Value) -> Value {
-    let mut v = obj.clone();
-    if let Some(m) = v.as_object_mut() {
-        m.remove("metadata");
-        m.remove("status");
-        m.remove("apiVersion");
-        m.remove("kind");
-    }
-    v
+/// Whether two objects differ in anything but metadata and status (and
+/// apiVersion/kind): what generation tracks. Compares in place, without
+/// copying either object.
+pub fn spec_differs(a: &Value, b: &Value) -> bool {
+    const NOT_SPEC: [&str; 4] = ["metadata", "status", "apiVersion", "kind"];
+    let (Some(a), Some(b)) = (a.as_object(), b.as_object()) else {
+        return a != b;
+    };
+    let spec = |m: &'_ Map<String, Value>| {
+        m.iter()
+            .filter(|(k, _)| !NOT_SPEC.contains(&k.as_str()))
+            .count()
+    };
+    spec(a) != spec(b)
+        || a.iter()
+            .filter(|(k, _)| !NOT_SPEC.contains(&k.as_str()))
+            .any(|(k, v)| b.get(k) != Some(v))
 }
 
 /// Decode a stored value into the object served for `def`.
@@ -126,11 +133,48 @@ pub fn append_served_or_decode(
 /// Encode an object for storage; its resourceVersion is the store revision,
 /// so it is not stored.
 pub fn encode(def: &ResourceDef, obj: &Value) -> ApiResult<Bytes> {
-    let mut stored = def.behaviour.to_storage(obj.clone());
-    meta_mut(&mut stored).remove("resourceVersion");
-    serde_json::to_vec(&stored)
-        .map(Bytes::from)
-        .map_err(ApiError::internal)
+    let bytes = if def.behaviour.serves_stored_form() {
+        // Stored as served: serialize in place rather than copy the object
+        // only to drop one field.
+        serde_json::to_vec(&WithoutResourceVersion(obj))
+    } else {
+        let mut stored = def.behaviour.to_storage(obj.clone());
+        meta_mut(&mut stored).remove("resourceVersion");
+        serde_json::to_vec(&stored)
+    };
+    bytes.map(Bytes::from).map_err(ApiError::internal)
+}
+
+/// An object serialized without `metadata.resourceVersion`: the store's
+/// revision is the version, so it is never stored.
+struct WithoutResourceVersion<'a>(&'a Value);
+
+impl serde::Serialize for WithoutResourceVersion<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let Some(fields) = self.0.as_object() else {
+            return self.0.serialize(s);
+        };
+        let mut out = s.serialize_map(Some(fields.len()))?;
+        for (k, v) in fields {
+            match v.as_object().filter(|_| k == "metadata") {
+                Some(meta) => {
+                    out.serialize_key(k)?;
+                    out.serialize_value(&MetadataWithoutResourceVersion(meta))?;
+                }
+                None => out.serialize_entry(k, v)?,
+            }
+        }
+        out.end()
+    }
+}
+
+struct MetadataWithoutResourceVersion<'a>(&'a Map<String, Value>);
+
+impl serde::Serialize for MetadataWithoutResourceVersion<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_map(self.0.iter().filter(|(k, _)| *k != "resourceVersion"))
+    }
 }
 
 /// The store revision a client's resourceVersion string names.
@@ -213,5 +257,32 @@ mod tests {
         append_served_or_decode(&events, &kv, &mut out).unwrap();
         let served: Value = serde_json::from_slice(&out).unwrap();
         assert_eq!(served["apiVersion"], "events.k8s.io/v1");
+    }
+
+    #[test]
+    fn encoding_drops_only_the_resource_version() {
+        let leases = def("coordination.k8s.io", "leases");
+        let obj = json!({"kind": "Lease", "metadata": {"name": "a", "resourceVersion": "9",
+                         "labels": {"resourceVersion": "kept"}}, "spec": {"resourceVersion": 1}});
+        let stored: Value = serde_json::from_slice(&encode(&leases, &obj).unwrap()).unwrap();
+        let mut expected = obj.clone();
+        meta_mut(&mut expected).remove("resourceVersion");
+        assert_eq!(stored, expected);
+    }
+
+    #[test]
+    fn spec_changes_are_told_from_metadata_and_status_changes() {
+        let a =
+            json!({"kind": "D", "metadata": {"name": "a"}, "spec": {"r": 1}, "status": {"x": 1}});
+        let mut b = a.clone();
+        b["metadata"]["labels"] = json!({"k": "v"});
+        b["status"]["x"] = json!(2);
+        b["apiVersion"] = json!("v1");
+        assert!(!spec_differs(&a, &b));
+        b["spec"]["r"] = json!(2);
+        assert!(spec_differs(&a, &b));
+        let mut c = a.clone();
+        c["template"] = json!({});
+        assert!(spec_differs(&a, &c) && spec_differs(&c, &a));
     }
 }

@@ -2,6 +2,7 @@
 //! list, create, update, patch, delete and deletecollection, with the
 //! per-resource differences coming from its [`ResourceDef`].
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::sync::Arc;
 
@@ -16,7 +17,7 @@ use tapestry_store::{KeyValue, ListOptions, Store, StoreError};
 use crate::error::{ApiError, ApiResult, Cause, Target, OBJECT_MODIFIED};
 use crate::objects::{
     append_served_or_decode, decode, encode, finalizers, is_terminating, meta, meta_mut, meta_str,
-    now_rfc3339, parse_resource_version, partial_metadata, random_suffix, spec_part,
+    now_rfc3339, parse_resource_version, partial_metadata, random_suffix, spec_differs,
 };
 use crate::patch::{self, FieldManagement};
 use crate::registry::{Registry, ResourceDef, Subresource};
@@ -191,13 +192,17 @@ pub fn json_bytes_response(code: StatusCode, bytes: Vec<u8>, warnings: &[String]
 }
 
 /// A single object rendered as the client asked.
-pub fn render_one(def: &ResourceDef, obj: &Value, rendering: Rendering) -> Value {
+pub fn render_one<'a>(def: &ResourceDef, obj: &'a Value, rendering: Rendering) -> Cow<'a, Value> {
     match rendering {
-        Rendering::Object => obj.clone(),
-        Rendering::PartialMetadata => partial_metadata(obj),
-        Rendering::Table { include } => {
-            table(def, std::slice::from_ref(obj), include, json!({}), true)
-        }
+        Rendering::Object => Cow::Borrowed(obj),
+        Rendering::PartialMetadata => Cow::Owned(partial_metadata(obj)),
+        Rendering::Table { include } => Cow::Owned(table(
+            def,
+            std::slice::from_ref(obj),
+            include,
+            json!({}),
+            true,
+        )),
     }
 }
 
@@ -582,7 +587,7 @@ impl Api {
         if sub.is_none() {
             def.behaviour.prepare_for_update(new, old);
         }
-        if def.tracks_generation && spec_part(new) != spec_part(old) {
+        if def.tracks_generation && spec_differs(new, old) {
             let gen = meta(old)
                 .get("generation")
                 .and_then(Value::as_i64)
@@ -614,7 +619,7 @@ impl Api {
         let obj = decode(&req.def, &kv)?;
         let body = match req.sub.as_deref() {
             Some("scale") => scale_of(&obj),
-            Some("status") | None => render_one(&req.def, &obj, rendering),
+            Some("status") | None => render_one(&req.def, &obj, rendering).into_owned(),
             Some(other) => return Err(unsupported_sub(req, other, "get")),
         };
         Ok(json_response(StatusCode::OK, &body, &[]))

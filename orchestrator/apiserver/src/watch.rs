@@ -288,7 +288,7 @@ fn render(def: &crate::registry::ResourceDef, obj: &Value, rendering: Rendering)
                 true,
             )
         }
-        other => render_one(def, obj, other),
+        other => render_one(def, obj, other).into_owned(),
     }
 }
 
