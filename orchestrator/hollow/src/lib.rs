@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use k8s_openapi::api::coordination::v1::Lease;
-use k8s_openapi::api::core::v1::{Node, Pod};
+use k8s_openapi::api::core::v1::{Container, Node, Pod, PodSpec, PodStatus};
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{DeleteParams, Patch, PatchParams, PostParams, Preconditions};
 use kube::runtime::watcher;
@@ -112,6 +112,38 @@ pub fn node_names(config: &Config) -> Vec<String> {
         .collect()
 }
 
+/// Keep only what a hollow node reads of a pod (identity, node, container
+/// names and images, phase and address): thousands of cached pods then cost
+/// a fraction of their full objects.
+fn trim_pod(pod: &mut Pod) {
+    let meta = &mut pod.metadata;
+    meta.managed_fields = None;
+    meta.labels = None;
+    meta.annotations = None;
+    meta.owner_references = None;
+    if let Some(spec) = &mut pod.spec {
+        *spec = PodSpec {
+            node_name: spec.node_name.take(),
+            containers: std::mem::take(&mut spec.containers)
+                .into_iter()
+                .map(|c| Container {
+                    name: c.name,
+                    image: c.image,
+                    ..Container::default()
+                })
+                .collect(),
+            ..PodSpec::default()
+        };
+    }
+    if let Some(status) = &mut pod.status {
+        *status = PodStatus {
+            phase: status.phase.take(),
+            pod_ip: status.pod_ip.take(),
+            ..PodStatus::default()
+        };
+    }
+}
+
 /// Run the hollow nodes until `shutdown`.
 pub async fn run(
     client: Client,
@@ -119,9 +151,10 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let names = node_names(&config);
-    let pods = Informer::new(
+    let pods = Informer::trimmed(
         Api::<Pod>::all(client.clone()),
         watcher::Config::default().fields("spec.nodeName!="),
+        trim_pod,
     );
     let hollow = Arc::new(Hollow {
         client: client.clone(),
