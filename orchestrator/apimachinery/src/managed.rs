@@ -7,6 +7,8 @@
 //! another manager owns, and fields it stops applying are removed unless
 //! someone else still owns them.
 
+use std::borrow::Cow;
+
 use serde_json::{json, Map, Value};
 
 use crate::error::{ApplyError, Conflict, Operation};
@@ -536,22 +538,28 @@ pub fn record_update_with_options(
     if !new.is_object() {
         return;
     }
-    let mut old = match old {
-        Some(o @ Value::Object(_)) => o.clone(),
-        _ => Value::Object(Map::new()),
+    let mut old: Cow<'_, Value> = match old {
+        Some(o @ Value::Object(_)) => Cow::Borrowed(o),
+        _ => Cow::Owned(Value::Object(Map::new())),
     };
     let mut entries = base_entries(&old, new);
     // Top-level objects (metadata, spec, ...) always exist in Kubernetes'
     // typed objects, so creating them is not "adding" them: seed them empty
-    // to avoid owning `.spec` itself.
-    if let (Value::Object(o), Value::Object(n)) = (&mut old, &*new) {
-        for (k, v) in n {
-            if v.is_object() && !o.contains_key(k) {
+    // to avoid owning `.spec` itself. An update usually has them all, and
+    // then the old object is compared where it is, without a copy.
+    if let Value::Object(n) = &*new {
+        let missing: Vec<&String> = n
+            .iter()
+            .filter(|(k, v)| v.is_object() && old.get(k.as_str()).is_none())
+            .map(|(k, _)| k)
+            .collect();
+        if let (false, Value::Object(o)) = (missing.is_empty(), old.to_mut()) {
+            for k in missing {
                 o.insert(k.clone(), Value::Object(Map::new()));
             }
         }
     }
-    let old = &old;
+    let old = &*old;
 
     let typed = Typed { schema };
     let kind = root_kind(type_name);
