@@ -553,9 +553,11 @@ pub fn record_update_with_options(
             .filter(|(k, v)| v.is_object() && old.get(k.as_str()).is_none())
             .map(|(k, _)| k)
             .collect();
-        if let (false, Value::Object(o)) = (missing.is_empty(), old.to_mut()) {
-            for k in missing {
-                o.insert(k.clone(), Value::Object(Map::new()));
+        if !missing.is_empty() {
+            if let Value::Object(o) = old.to_mut() {
+                for k in missing {
+                    o.insert(k.clone(), Value::Object(Map::new()));
+                }
             }
         }
     }

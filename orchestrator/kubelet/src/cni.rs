@@ -10,6 +10,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use tokio::io::AsyncWriteExt;
 
+use crate::sys::{cstr, mount};
+
 const NETWORK: &str = "tapestry";
 const VERSION: &str = "1.0.0";
 
@@ -36,94 +38,60 @@ pub fn netns_path(uid: &str) -> PathBuf {
     Path::new("/run/netns").join(format!("tapestry-{uid}"))
 }
 
-fn c_path(p: &Path) -> Result<std::ffi::CString> {
-    use std::os::unix::ffi::OsStrExt;
-    Ok(std::ffi::CString::new(p.as_os_str().as_bytes())?)
-}
-
-fn os_error(what: String) -> impl FnOnce(std::io::Error) -> anyhow::Error {
-    move |e| anyhow::Error::new(e).context(what)
-}
-
-fn check(rc: libc::c_int, what: impl FnOnce() -> String) -> Result<()> {
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(os_error(what())(std::io::Error::last_os_error()))
-    }
-}
-
 /// Create a named network namespace exactly as `ip netns add` does (a
 /// file under /run/netns, a shared mount point, the namespace bind-mounted
 /// onto the file), without launching a process per pod.
 fn create_netns(path: &Path) -> Result<()> {
     let dir = path.parent().context("netns path has no parent")?;
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    let dir_c = c_path(dir)?;
-    let none = c"none";
-    // Shared, so the namespaces stay visible from other mount namespaces.
-    // SAFETY: valid NUL-terminated strings; a null data pointer is allowed.
-    let shared = |dir: &std::ffi::CStr| unsafe {
-        libc::mount(
-            none.as_ptr(),
-            dir.as_ptr(),
-            none.as_ptr(),
+    let dir_c = cstr(dir)?;
+    // Pods start in parallel: one at a time makes the directory a mount
+    // point, so two never stack bind mounts on it.
+    static SETUP: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let setup = SETUP.lock().unwrap_or_else(|e| e.into_inner());
+    let shared = || {
+        mount(
+            c"none",
+            &dir_c,
+            c"none",
             libc::MS_SHARED | libc::MS_REC,
-            std::ptr::null(),
+            None,
         )
     };
-    if shared(&dir_c) != 0 {
-        if std::io::Error::last_os_error().raw_os_error() != Some(libc::EINVAL) {
-            return Err(
-                os_error(format!("making {} a shared mount", dir.display()))(
-                    std::io::Error::last_os_error(),
-                ),
-            );
+    // Shared, so the namespaces stay visible from other mount namespaces;
+    // a directory that is not a mount point yet is bound onto itself first.
+    match shared() {
+        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+            mount(&dir_c, &dir_c, c"none", libc::MS_BIND | libc::MS_REC, None)
+                .and_then(|()| shared())
         }
-        // Not a mount point yet: bind it onto itself first.
-        // SAFETY: as above.
-        let rc = unsafe {
-            libc::mount(
-                dir_c.as_ptr(),
-                dir_c.as_ptr(),
-                none.as_ptr(),
-                libc::MS_BIND | libc::MS_REC,
-                std::ptr::null(),
-            )
-        };
-        check(rc, || format!("bind-mounting {}", dir.display()))?;
-        check(shared(&dir_c), || {
-            format!("making {} a shared mount", dir.display())
-        })?;
+        other => other,
     }
+    .with_context(|| format!("making {} a shared mount", dir.display()))?;
+    drop(setup);
     std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
         .open(path)
         .with_context(|| format!("creating {}", path.display()))?;
-    let target = c_path(path)?;
+    let target = cstr(path)?;
     // unshare(CLONE_NEWNET) moves only the calling thread; a short-lived
     // thread keeps every other thread in the node's namespace.
-    let made = std::thread::spawn(move || -> Result<()> {
+    let made = std::thread::spawn(move || -> std::io::Result<()> {
         // SAFETY: unshare takes only flags.
-        check(unsafe { libc::unshare(libc::CLONE_NEWNET) }, || {
-            "unshare(CLONE_NEWNET)".into()
-        })?;
-        // SAFETY: valid NUL-terminated strings; a null data pointer is allowed.
-        let rc = unsafe {
-            libc::mount(
-                c"/proc/thread-self/ns/net".as_ptr(),
-                target.as_ptr(),
-                none.as_ptr(),
-                libc::MS_BIND,
-                std::ptr::null(),
-            )
-        };
-        check(rc, || "bind-mounting the new network namespace".into())
+        if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        mount(
+            c"/proc/thread-self/ns/net",
+            &target,
+            c"none",
+            libc::MS_BIND,
+            None,
+        )
     })
     .join()
-    .map_err(|_| anyhow::anyhow!("network namespace thread panicked"))
-    .and_then(|r| r);
+    .unwrap_or_else(|_| Err(std::io::Error::other("network namespace thread panicked")));
     if made.is_err() {
         let _ = std::fs::remove_file(path);
     }
@@ -132,17 +100,17 @@ fn create_netns(path: &Path) -> Result<()> {
 
 /// Remove a namespace made by [`create_netns`] (or `ip netns add`).
 fn delete_netns(path: &Path) -> Result<()> {
-    let c = c_path(path)?;
+    let c = cstr(path)?;
     // SAFETY: a valid path; MNT_DETACH does not block on users still inside.
     if unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) } != 0 {
         let e = std::io::Error::last_os_error();
         if e.raw_os_error() != Some(libc::EINVAL) && e.raw_os_error() != Some(libc::ENOENT) {
-            return Err(os_error(format!("unmounting {}", path.display()))(e));
+            return Err(e).with_context(|| format!("unmounting {}", path.display()));
         }
     }
     match std::fs::remove_file(path) {
         Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-            Err(os_error(format!("removing {}", path.display()))(e))
+            Err(e).with_context(|| format!("removing {}", path.display()))
         }
         _ => Ok(()),
     }

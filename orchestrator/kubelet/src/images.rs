@@ -490,13 +490,8 @@ fn convert_whiteouts(dir: &Path) -> Result<()> {
     Ok(())
 }
 
-fn cstr(p: &Path) -> Result<std::ffi::CString> {
-    use std::os::unix::ffi::OsStrExt;
-    Ok(std::ffi::CString::new(p.as_os_str().as_bytes())?)
-}
-
 fn set_xattr(path: &Path, name: &str, value: &[u8]) -> Result<()> {
-    let p = cstr(path)?;
+    let p = crate::sys::cstr(path)?;
     let n = std::ffi::CString::new(name)?;
     // SAFETY: valid NUL-terminated strings and a live buffer.
     let rc = unsafe {
@@ -516,7 +511,7 @@ fn set_xattr(path: &Path, name: &str, value: &[u8]) -> Result<()> {
 }
 
 fn mknod_whiteout(path: &Path) -> Result<()> {
-    let p = cstr(path)?;
+    let p = crate::sys::cstr(path)?;
     // SAFETY: valid path; a 0/0 character device is overlayfs' whiteout.
     let rc = unsafe { libc::mknod(p.as_ptr(), libc::S_IFCHR, 0) };
     if rc != 0 {

@@ -16,6 +16,7 @@ mod probe;
 pub mod runtime;
 pub mod server;
 pub mod shim;
+mod sys;
 mod volumes;
 mod ws;
 

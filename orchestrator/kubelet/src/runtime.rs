@@ -263,11 +263,6 @@ pub fn oci_spec(spec: &ContainerSpec, rootfs: &Path) -> Value {
     doc
 }
 
-fn cstr(p: &Path) -> Result<std::ffi::CString> {
-    use std::os::unix::ffi::OsStrExt;
-    Ok(std::ffi::CString::new(p.as_os_str().as_bytes())?)
-}
-
 /// Mount the container's root: the image layers read-only under a
 /// private writable upper directory.
 pub fn mount_rootfs(layers: &[PathBuf], dir: &Path) -> Result<PathBuf> {
@@ -294,22 +289,15 @@ pub fn mount_rootfs(layers: &[PathBuf], dir: &Path) -> Result<PathBuf> {
         upper.display(),
         work.display()
     );
-    let src = std::ffi::CString::new("overlay")?;
-    let target = cstr(&rootfs)?;
-    let data_c = std::ffi::CString::new(data)?;
-    // SAFETY: valid NUL-terminated strings for the duration of the call.
-    let rc = unsafe {
-        libc::mount(
-            src.as_ptr(),
-            target.as_ptr(),
-            src.as_ptr(),
-            0,
-            data_c.as_ptr().cast(),
-        )
-    };
-    if rc != 0 {
-        return Err(std::io::Error::last_os_error()).context("mounting overlay rootfs");
-    }
+    let data = std::ffi::CString::new(data)?;
+    crate::sys::mount(
+        c"overlay",
+        &crate::sys::cstr(&rootfs)?,
+        c"overlay",
+        0,
+        Some(&data),
+    )
+    .context("mounting overlay rootfs")?;
     Ok(rootfs)
 }
 
