@@ -33,7 +33,8 @@ fi
 # Each run starts from an empty cluster; only a directory this script made
 # (or an empty one) is cleared.
 if [ -e "$DATA_DIR/store.redb" ]; then
-  rm -rf "$DATA_DIR"
+  # Never through a container's rootfs or volume left mounted under it.
+  rm -rf --one-file-system "$DATA_DIR"
 elif [ -d "$DATA_DIR" ] && [ -n "$(ls -A "$DATA_DIR")" ]; then
   echo "demo.sh: $DATA_DIR exists and is not a Tapestry data directory; set DATA_DIR" >&2
   exit 1

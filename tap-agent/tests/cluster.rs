@@ -404,7 +404,11 @@ fn pods_run_by_the_node_agent_are_tapped() {
 
     // An HTTP exchange with the pod, from the node.
     let page = (0..50)
-        .find_map(|_| {
+        .find_map(|attempt| {
+            if attempt > 0 {
+                // httpd may still be binding; a refused connect fails at once.
+                std::thread::sleep(Duration::from_millis(200));
+            }
             let mut s = std::net::TcpStream::connect((ip.as_str(), 8080)).ok()?;
             s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
             write!(s, "GET / HTTP/1.0\r\nHost: web\r\n\r\n").ok()?;

@@ -518,14 +518,7 @@ fn build_request(
         }));
     }
     if let Some(s) = &sub {
-        let known = match s.as_str() {
-            "status" => def.has(crate::registry::Subresource::Status),
-            "scale" => def.has(crate::registry::Subresource::Scale),
-            "binding" => def.has(crate::registry::Subresource::Binding),
-            "eviction" => def.has(crate::registry::Subresource::Eviction),
-            "finalize" => def.has(crate::registry::Subresource::Finalize),
-            _ => false,
-        };
+        let known = def.subresources.iter().any(|r| r.name() == s.as_str());
         if !known {
             return Err(ApiError::NotFound(crate::error::Target {
                 group: def.group.to_string(),

@@ -367,6 +367,19 @@ fn garbage_collection_and_namespace_deletion() {
         "--timeout=60s",
     ]);
     assert!(pods(&s, "default", "app=keep").iter().all(|p| p.deleting));
+    // ...and the owner itself is gone once they are.
+    assert_eq!(
+        s.ok(&[
+            "get",
+            "rs",
+            "-l",
+            "app=keep",
+            "--no-headers",
+            "--ignore-not-found"
+        ])
+        .trim(),
+        ""
+    );
 
     // Namespace deletion empties the namespace, then removes it.
     s.ok(&["delete", "namespace", "team", "--timeout=60s"]);

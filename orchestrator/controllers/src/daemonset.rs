@@ -247,6 +247,10 @@ pub async fn reconcile(ctx: Arc<Ctx>, key: String) -> anyhow::Result<Requeue> {
                         "FailedCreate",
                         format!("Error creating: {e}"),
                     );
+                    // Expect the pods already created, so a retry does
+                    // not create them again.
+                    ctx.rs_expectations
+                        .set(&format!("ds/{key}"), adds, HashSet::new());
                     return Err(e.into());
                 }
             }

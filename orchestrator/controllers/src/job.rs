@@ -173,19 +173,29 @@ pub async fn reconcile(ctx: Arc<Ctx>, key: String) -> anyhow::Result<Requeue> {
                     .buffer_unordered(8)
                     .collect()
                     .await;
+                // Expect every pod that was created even when another
+                // failed, so a retry does not create them again.
                 let mut names = HashSet::new();
+                let mut failed = None;
                 for r in created {
-                    let pod = r?;
-                    ctx.recorder.record(
-                        job.as_ref(),
-                        false,
-                        "SuccessfulCreate",
-                        format!("Created pod: {pod}"),
-                    );
-                    names.insert(pod);
+                    match r {
+                        Ok(pod) => {
+                            ctx.recorder.record(
+                                job.as_ref(),
+                                false,
+                                "SuccessfulCreate",
+                                format!("Created pod: {pod}"),
+                            );
+                            names.insert(pod);
+                        }
+                        Err(e) => failed = failed.or(Some(e)),
+                    }
                 }
                 ctx.rs_expectations
                     .set(&format!("job/{key}"), names, HashSet::new());
+                if let Some(e) = failed {
+                    return Err(e.into());
+                }
             }
         } else if suspended {
             for p in &active {
