@@ -30,6 +30,10 @@ pub struct AgentArgs {
     /// Most pods this node accepts.
     #[arg(long, default_value_t = 110)]
     pub max_pods: u32,
+    /// Most new pods set up at once (network namespace, containers); the
+    /// rest wait their turn in arrival order. Default: twice the CPU count.
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+    pub parallel_pod_starts: Option<u32>,
 }
 
 #[derive(clap::Args)]
@@ -101,6 +105,10 @@ pub fn agent_config(
         serving,
         shim_exe: std::env::current_exe().context("locating the tapestry binary")?,
         max_pods: agent.max_pods,
+        parallel_pod_starts: agent.parallel_pod_starts.map_or_else(
+            || std::thread::available_parallelism().map_or(4, |n| 2 * n.get()),
+            |n| n as usize,
+        ),
         stop_pods_on_exit,
     })
 }

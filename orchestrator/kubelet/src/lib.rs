@@ -61,6 +61,10 @@ pub struct Config {
     /// This binary, started as `container-shim` for each container.
     pub shim_exe: PathBuf,
     pub max_pods: u32,
+    /// Most new pods set up at once. Starting every pod of a burst together
+    /// makes them all finish late; a few at a time in arrival order gives
+    /// the same throughput with each pod running as soon as its turn is done.
+    pub parallel_pod_starts: usize,
     /// Stop every pod when the agent stops (`tapestry up`); a plain node
     /// agent leaves them running to be adopted on restart.
     pub stop_pods_on_exit: bool,
@@ -83,6 +87,8 @@ pub struct Kubelet {
     pub pods_dir: PathBuf,
     /// namespace/name → pod, for the HTTPS API.
     pub index: Mutex<HashMap<String, PodEntry>>,
+    /// Turns for setting up new pods (fair: granted in request order).
+    pub pod_starts: tokio::sync::Semaphore,
 }
 
 /// A running node agent.
@@ -131,6 +137,7 @@ pub async fn start(
         cni,
         pods_dir,
         index: Mutex::new(HashMap::new()),
+        pod_starts: tokio::sync::Semaphore::new(config.parallel_pod_starts.max(1)),
     });
     let (addr, server_task) = server::start(kubelet.clone(), shutdown.clone()).await?;
     node::patch_status(

@@ -217,6 +217,16 @@ async fn run(kubelet: Arc<Kubelet>, mut rx: watch::Receiver<Desired>, shutdown: 
                 break;
             }
             Some(pod) => {
+                let _turn = if w.nothing_started() {
+                    tokio::select! {
+                        turn = kubelet.pod_starts.acquire() => turn.ok(),
+                        // Deleted or changed while waiting: look again.
+                        changed = rx.changed() => if changed.is_err() { break } else { continue },
+                        _ = shutdown.cancelled() => break,
+                    }
+                } else {
+                    None
+                };
                 if let Err(e) = w.sync(&pod).await {
                     tracing::warn!(pod = %key, error = %format!("{e:#}"), "pod sync failed");
                 }
@@ -374,6 +384,12 @@ impl PodWorker {
             }
         }
         self.report(pod, initialized).await
+    }
+
+    /// A pod this agent has not yet set up (adopted pods have a sandbox or
+    /// containers).
+    fn nothing_started(&self) -> bool {
+        self.sandbox.is_none() && self.containers.is_empty()
     }
 
     /// The host-veth annotation the pod still lacks, if any. It travels
@@ -1093,10 +1109,12 @@ fn remove_cgroups(uid: &str) {
         if let Ok(children) = fs::read_dir(&pod) {
             for c in children.flatten() {
                 if c.file_type().is_ok_and(|t| t.is_dir()) {
+                    crate::sys::release_memory_at(&c.path());
                     let _ = fs::remove_dir(c.path());
                 }
             }
         }
+        crate::sys::release_memory_at(&pod);
         let _ = fs::remove_dir(&pod);
     }
 }

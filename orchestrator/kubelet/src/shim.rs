@@ -152,6 +152,7 @@ pub fn main(args: ShimArgs) -> i32 {
     unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
     let finish = |exit: Exited| {
         let _ = write_atomic(&args.state_dir.join("exit.json"), &exit);
+        crate::sys::release_cgroup_memory(&args.cgroup);
         let _ = runc(&args)
             .args(["delete", "--force", &args.id])
             .stdout(Stdio::null())

@@ -153,6 +153,23 @@ async fn up_and_pods(bin: &Path) -> Result<(Duration, Duration, Histogram<u64>, 
         .await?
         .boxed();
     let mut created = std::collections::HashMap::new();
+    // KUBELET_BENCH_TRACE=1: each pod's create and Running times, and the
+    // CPU the node used during the burst.
+    let trace = std::env::var_os("KUBELET_BENCH_TRACE").is_some();
+    let burst = Instant::now();
+    let cpu_of = |pid: u32| -> (u64, u64) {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        let f: Vec<&str> = stat
+            .rsplit(')')
+            .next()
+            .unwrap_or("")
+            .split_whitespace()
+            .collect();
+        let g = |i: usize| f.get(i).and_then(|v| v.parse().ok()).unwrap_or(0u64);
+        (g(11) + g(12), g(13) + g(14))
+    };
+    let up_cpu0 = cpu_of(up.0.id());
+    let self_cpu0 = cpu_of(std::process::id());
     for i in 0..PODS {
         let name = format!("p{i}");
         created.insert(name.clone(), Instant::now());
@@ -167,6 +184,13 @@ async fn up_and_pods(bin: &Path) -> Result<(Duration, Duration, Histogram<u64>, 
             let name = p.metadata.name.clone().unwrap_or_default();
             if running(&p) {
                 if let Some(t) = created.remove(&name) {
+                    if trace {
+                        eprintln!(
+                            "{name} created +{:?} running +{:?}",
+                            t - burst,
+                            burst.elapsed()
+                        );
+                    }
                     hist.record(t.elapsed().as_micros() as u64)?;
                 }
             }
@@ -174,6 +198,16 @@ async fn up_and_pods(bin: &Path) -> Result<(Duration, Duration, Histogram<u64>, 
     }
     if !created.is_empty() {
         bail!("{} pods never became Running", created.len());
+    }
+    if trace {
+        let (a, b) = (cpu_of(up.0.id()), cpu_of(std::process::id()));
+        eprintln!(
+            "burst {:?}; tapestry up CPU {} ticks (children reaped {}), bench CPU {} ticks",
+            burst.elapsed(),
+            a.0 - up_cpu0.0,
+            a.1 - up_cpu0.1,
+            b.0 - self_cpu0.0
+        );
     }
     let pid = up.0.id();
     let rss_with_pods = rss_kib(pid)?;
