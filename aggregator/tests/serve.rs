@@ -163,6 +163,24 @@ fn tool_group_keeps_flows_whole_and_splits_evenly() {
             let s = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
             s.set_read_timeout(Some(Duration::from_millis(1_500)))
                 .unwrap();
+            // Room for the whole run, so a reader thread descheduled on a
+            // busy machine does not lose datagrams (UDP drops on overflow).
+            let room: libc::c_int = 16 << 20;
+            for opt in [libc::SO_RCVBUFFORCE, libc::SO_RCVBUF] {
+                // SAFETY: setsockopt on a socket we own, with an int value.
+                let rc = unsafe {
+                    libc::setsockopt(
+                        std::os::fd::AsRawFd::as_raw_fd(&s),
+                        libc::SOL_SOCKET,
+                        opt,
+                        (&room as *const libc::c_int).cast(),
+                        std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+                    )
+                };
+                if rc == 0 {
+                    break;
+                }
+            }
             s
         })
         .collect();
