@@ -48,7 +48,6 @@ pub struct Running {
     pub addr: SocketAddr,
     pub kubeconfig: PathBuf,
     pub api: Arc<Api>,
-    router: Router,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -56,45 +55,6 @@ impl Running {
     /// Wait until the server stopped (after its shutdown token fired).
     pub async fn wait(self) {
         let _ = self.task.await;
-    }
-
-    /// A transport for clients in this process (scheduler, controllers, the
-    /// node agent of `tapestry up`): requests reach the handlers directly,
-    /// without TCP, TLS or HTTP framing on either side.
-    pub fn loopback(&self) -> Loopback {
-        Loopback(self.router.clone())
-    }
-}
-
-/// Set on requests that came through [`Loopback`]; it cannot arrive from
-/// the network, so it stands in for a bearer token.
-#[derive(Clone, Copy)]
-struct LoopbackCaller;
-
-/// A `tower::Service` in front of the API router for in-process clients
-/// (`kube::Client::new(loopback, "default")`).
-#[derive(Clone)]
-pub struct Loopback(Router);
-
-impl<B> tower::Service<http::Request<B>> for Loopback
-where
-    B: axum::body::HttpBody<Data = Bytes> + Send + 'static,
-    B::Error: Into<axum::BoxError>,
-{
-    type Response = Response;
-    type Error = std::convert::Infallible;
-    type Future = <Router as tower::Service<http::Request<B>>>::Future;
-
-    fn poll_ready(
-        &mut self,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Result<(), Self::Error>> {
-        tower::Service::<http::Request<B>>::poll_ready(&mut self.0, cx)
-    }
-
-    fn call(&mut self, mut req: http::Request<B>) -> Self::Future {
-        req.extensions_mut().insert(LoopbackCaller);
-        self.0.call(req)
     }
 }
 
@@ -171,12 +131,11 @@ pub async fn start(
         shutdown.clone(),
     ));
     tokio::spawn(allocation_repair_loop(allocator, shutdown.clone()));
-    let task = tokio::spawn(serve(listener, tls, router.clone(), shutdown));
+    let task = tokio::spawn(serve(listener, tls, router, shutdown));
     Ok(Running {
         addr,
         kubeconfig,
         api,
-        router,
         task,
     })
 }
@@ -367,14 +326,13 @@ fn split_resource_path(path: &str) -> Option<Route> {
 /// resource REST handlers.
 async fn dispatch(State(state): State<Arc<AppState>>, req: axum::extract::Request) -> Response {
     if crate::nodeproxy::streaming_target(req.uri().path()).is_some() {
-        if let Err(e) = authenticate(&state.tokens, req.headers(), req.extensions()) {
+        if let Err(e) = authenticate(&state.tokens, req.headers()) {
             return e.into_response();
         }
         return crate::nodeproxy::proxy(&state.api, &state.kubelet, req).await;
     }
     let (parts, body) = req.into_parts();
     let (method, uri, headers) = (parts.method, parts.uri, parts.headers);
-    let extensions = parts.extensions;
     let path = uri.path().to_string();
     match path.as_str() {
         "/healthz" | "/livez" | "/readyz" => return text(StatusCode::OK, "ok"),
@@ -386,7 +344,7 @@ async fn dispatch(State(state): State<Arc<AppState>>, req: axum::extract::Reques
         }
         _ => {}
     }
-    if let Err(e) = authenticate(&state.tokens, &headers, &extensions) {
+    if let Err(e) = authenticate(&state.tokens, &headers) {
         return e.into_response();
     }
     let started = Instant::now();
@@ -445,14 +403,7 @@ async fn dispatch(State(state): State<Arc<AppState>>, req: axum::extract::Reques
     resp
 }
 
-fn authenticate(
-    tokens: &Tokens,
-    headers: &HeaderMap,
-    extensions: &http::Extensions,
-) -> Result<(), ApiError> {
-    if extensions.get::<LoopbackCaller>().is_some() {
-        return Ok(());
-    }
+fn authenticate(tokens: &Tokens, headers: &HeaderMap) -> Result<(), ApiError> {
     let token = headers
         .get(http::header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())

@@ -1,7 +1,6 @@
 //! The scheduler and controller manager inside `tapestry server`: started
-//! once the API server answers, each under its own leader-election Lease.
-//! They use the Kubernetes API like any client, through the server's
-//! in-process transport rather than HTTPS.
+//! once the API server answers, talking to it over HTTPS with the admin
+//! kubeconfig like any client, each under its own leader-election Lease.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -53,19 +52,14 @@ pub async fn client_from(path: &Path) -> Result<Client> {
     Client::try_from(config).context("building the API client")
 }
 
-/// A kube-rs client for components running inside the API server's process.
-pub fn loopback_client(server: &tapestry_apiserver::Running) -> Client {
-    Client::new(server.loopback(), "default")
-}
-
 /// Start the scheduler and the controller manager as background tasks.
-pub fn start(
-    server: &tapestry_apiserver::Running,
+pub async fn start(
+    kubeconfig: &Path,
     args: ControlArgs,
     shutdown: CancellationToken,
 ) -> Result<()> {
     let cluster_cidr = ClusterCidr::parse(&args.cluster_cidr).map_err(anyhow::Error::msg)?;
-    let client = loopback_client(server);
+    let client = client_from(kubeconfig).await?;
     let identity = leader::identity();
     let lease = |name: &str| {
         let mut cfg = LeaderConfig::new(name, &identity);

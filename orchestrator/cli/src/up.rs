@@ -12,7 +12,7 @@ use tapestry_apiserver::ServerConfig;
 use tapestry_store::{RedbStore, Store};
 use tokio_util::sync::CancellationToken;
 
-use crate::node::{agent_config, hostname, require_root, AgentArgs};
+use crate::node::{agent_config, hostname, node_client, require_root, AgentArgs};
 
 #[derive(clap::Args)]
 pub struct UpArgs {
@@ -53,7 +53,7 @@ async fn start_control_plane(
         shutdown.clone(),
     )
     .await?;
-    crate::control::start(&running, args.control.clone(), shutdown)?;
+    crate::control::start(&running.kubeconfig, args.control.clone(), shutdown).await?;
     Ok(running)
 }
 
@@ -66,7 +66,11 @@ pub async fn run(args: UpArgs) -> Result<()> {
     let node_shutdown = CancellationToken::new();
     let cp = start_control_plane(&args, cp_shutdown.clone()).await?;
     let ca = std::fs::read_to_string(args.data_dir.join("pki/ca.crt"))?;
-    let client = crate::control::loopback_client(&cp);
+    let token = std::fs::read_to_string(args.data_dir.join("node-token"))?
+        .trim()
+        .to_string();
+    let server = format!("https://127.0.0.1:{}", cp.addr.port());
+    let client = node_client(&server, &ca, &token).await?;
     let node_ip = IpAddr::V4(Ipv4Addr::LOCALHOST);
     let node_name = args.agent.node_name.clone().unwrap_or_else(hostname);
     // The kubelet's serving certificate comes from the cluster CA here.

@@ -344,7 +344,7 @@ async fn main() -> Result<()> {
     );
     println!(
         "| `tapestry up` RSS with {} pods running | {:.1} MiB | — | — |",
-        PODS + 1,
+        2 * PODS + 1,
         rss_up as f64 / 1024.0
     );
     Ok(())
