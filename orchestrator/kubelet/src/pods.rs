@@ -386,10 +386,12 @@ impl PodWorker {
         self.report(pod, initialized).await
     }
 
-    /// A pod this agent has not yet set up (adopted pods have a sandbox or
-    /// containers).
+    /// A pod this agent has not yet set up. Adopted pods have a sandbox or
+    /// container attempts on disk.
     fn nothing_started(&self) -> bool {
-        self.sandbox.is_none() && self.containers.is_empty()
+        self.sandbox.is_none()
+            && self.containers.is_empty()
+            && !self.dirs.root.join("containers").exists()
     }
 
     /// The host-veth annotation the pod still lacks, if any. It travels
