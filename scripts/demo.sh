@@ -23,7 +23,7 @@ scripts/deps.sh >/dev/null
 
 step "Building tapestry, tap-agent and aggregator (release)"
 cargo build --release --locked -p tapestry -p tapestry-tap-agent -p tapestry-aggregator \
-  --bin tapestry --bin tap-agent --bin aggregator
+  --bin tapestry --bin tapestry-shim --bin tap-agent --bin aggregator
 
 if [ -f "$DATA_DIR/up.pid" ] && kill -0 "$(cat "$DATA_DIR/up.pid")" 2>/dev/null; then
   step "Stopping the cluster a previous run left in $DATA_DIR"

@@ -103,13 +103,26 @@ pub fn agent_config(
         bridge: agent.bridge.clone(),
         client_ca_pem: ca_pem,
         serving,
-        shim_exe: std::env::current_exe().context("locating the tapestry binary")?,
+        shim: shim_command()?,
         max_pods: agent.max_pods,
         parallel_pod_starts: agent.parallel_pod_starts.map_or_else(
             || std::thread::available_parallelism().map_or(4, |n| 2 * n.get()),
             |n| n as usize,
         ),
         stop_pods_on_exit,
+    })
+}
+
+/// How to start a container monitor: the small `tapestry-shim` installed
+/// next to this binary, else this binary's `container-shim` command (the
+/// same code, with the whole program's start-up cost and memory).
+fn shim_command() -> Result<Vec<std::ffi::OsString>> {
+    let exe = std::env::current_exe().context("locating the tapestry binary")?;
+    let small = exe.with_file_name("tapestry-shim");
+    Ok(if small.is_file() {
+        vec![small.into()]
+    } else {
+        vec![exe.into(), "container-shim".into()]
     })
 }
 

@@ -58,8 +58,9 @@ pub struct Config {
     pub client_ca_pem: String,
     /// Serving certificate and key (PEM); a self-signed pair when absent.
     pub serving: Option<(String, String)>,
-    /// This binary, started as `container-shim` for each container.
-    pub shim_exe: PathBuf,
+    /// The per-container monitor: a program and its leading arguments
+    /// (`tapestry-shim`, or `tapestry container-shim`).
+    pub shim: Vec<std::ffi::OsString>,
     pub max_pods: u32,
     /// Most new pods set up at once. Starting every pod of a burst together
     /// makes them all finish late; a few at a time in arrival order gives
@@ -120,7 +121,7 @@ pub async fn start(
     let runtime = Runtime::new(
         config.runtime.clone(),
         root.join("runc"),
-        config.shim_exe.clone(),
+        config.shim.clone(),
     )?;
     let cni = Cni {
         bin_dir: config.cni_bin_dir.clone(),

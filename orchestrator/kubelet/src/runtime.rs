@@ -16,7 +16,8 @@ use crate::shim::{Exited, Started};
 pub struct Runtime {
     pub binary: PathBuf,
     pub root: PathBuf,
-    pub shim_exe: PathBuf,
+    /// The container monitor: a program and its leading arguments.
+    pub shim: Vec<std::ffi::OsString>,
 }
 
 /// A bind mount into the container.
@@ -356,13 +357,10 @@ fn alive(pid: i32) -> bool {
 }
 
 impl Runtime {
-    pub fn new(binary: PathBuf, root: PathBuf, shim_exe: PathBuf) -> Result<Runtime> {
+    pub fn new(binary: PathBuf, root: PathBuf, shim: Vec<std::ffi::OsString>) -> Result<Runtime> {
+        anyhow::ensure!(!shim.is_empty(), "no container monitor program given");
         fs::create_dir_all(&root)?;
-        Ok(Runtime {
-            binary,
-            root,
-            shim_exe,
-        })
+        Ok(Runtime { binary, root, shim })
     }
 
     /// Write the bundle and start the shim, which creates and starts the
@@ -385,8 +383,8 @@ impl Runtime {
             bundle.join("config.json"),
             serde_json::to_vec_pretty(&oci_spec(spec, rootfs))?,
         )?;
-        let mut cmd = tokio::process::Command::new(&self.shim_exe);
-        cmd.arg("container-shim")
+        let mut cmd = tokio::process::Command::new(&self.shim[0]);
+        cmd.args(&self.shim[1..])
             .arg("--runtime")
             .arg(&self.binary)
             .arg("--root")
