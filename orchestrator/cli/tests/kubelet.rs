@@ -814,7 +814,8 @@ fn single_node_cluster_runs_real_containers() {
 
 /// Container monitors of one pod (their command line names the pod's UID).
 fn count_shims(uid: &str) -> usize {
-    let pattern = format!("container-shim .*--id {uid}-");
+    // `tapestry-shim`, or `tapestry container-shim` without it.
+    let pattern = format!("shim .*--id {uid}-");
     let out = Command::new("pgrep")
         .args(["-f", &pattern])
         .output()

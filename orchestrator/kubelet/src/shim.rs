@@ -1,4 +1,4 @@
-//! The per-container monitor (`tapestry container-shim`).
+//! The per-container monitor (`tapestry-shim`, or `tapestry container-shim`).
 //!
 //! A small process, in its own session, that outlives the node agent: it is
 //! the child subreaper for the container's init, so it can `waitpid` for the
