@@ -833,18 +833,20 @@ fn node_joins_a_server() {
     }
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
-    let mut server = tapestry()
-        .arg("server")
-        .arg("--data-dir")
-        .arg(dir.path())
-        .args(["--listen", &format!("127.0.0.1:{port}")])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap();
+    let mut server = Reap(
+        tapestry()
+            .arg("server")
+            .arg("--data-dir")
+            .arg(dir.path())
+            .args(["--listen", &format!("127.0.0.1:{port}")])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap(),
+    );
     let mut line = String::new();
     std::io::BufRead::read_line(
-        &mut std::io::BufReader::new(server.stdout.take().unwrap()),
+        &mut std::io::BufReader::new(server.0.stdout.take().unwrap()),
         &mut line,
     )
     .unwrap();
@@ -864,20 +866,22 @@ fn node_joins_a_server() {
     let token_file = dir.path().join("node-token");
     let ca_file = dir.path().join("pki/ca.crt");
     let start_node = || {
-        tapestry()
-            .arg("node")
-            .args(["--server", &format!("https://127.0.0.1:{port}")])
-            .arg("--token-file")
-            .arg(&token_file)
-            .arg("--ca-file")
-            .arg(&ca_file)
-            .arg("--data-dir")
-            .arg(&node_dir)
-            .args(["--name", "joined", "--kubelet-port", &kubelet_port])
-            .args(["--pod-cidr", "10.245.8.0/24", "--bridge", "tpe2e1"])
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap()
+        Reap(
+            tapestry()
+                .arg("node")
+                .args(["--server", &format!("https://127.0.0.1:{port}")])
+                .arg("--token-file")
+                .arg(&token_file)
+                .arg("--ca-file")
+                .arg(&ca_file)
+                .arg("--data-dir")
+                .arg(&node_dir)
+                .args(["--name", "joined", "--kubelet-port", &kubelet_port])
+                .args(["--pod-cidr", "10.245.8.0/24", "--bridge", "tpe2e1"])
+                .stderr(Stdio::inherit())
+                .spawn()
+                .unwrap(),
+        )
     };
     let mut node = start_node();
     let c = Cluster {
@@ -906,16 +910,26 @@ fn node_joins_a_server() {
     // when the agent comes back: containers, netns, mounts, cgroups.
     let uid = c.jsonpath("hello", ".metadata.uid");
     assert_eq!(count_shims(&uid), 1);
-    node.kill().unwrap();
-    node.wait().unwrap();
+    node.0.kill().unwrap();
+    node.0.wait().unwrap();
     c.ok(&["delete", "pod", "hello", "--force", "--grace-period=0"]);
     node = start_node();
     c.wait_for("orphan cleaned up", 20, || {
         leftovers(&uid).is_empty() && count_shims(&uid) == 0
     });
-    unsafe { libc::kill(node.id() as i32, libc::SIGTERM) };
-    let _ = node.wait();
-    let _ = server.kill();
-    let _ = server.wait();
+    unsafe { libc::kill(node.0.id() as i32, libc::SIGTERM) };
+    let _ = node.0.wait();
+    drop(server);
     let _ = Command::new("ip").args(["link", "del", "tpe2e1"]).status();
+}
+
+/// A helper process, killed if the test fails before stopping it, so it
+/// does not hold its port, bridge and pod range for the next run.
+struct Reap(std::process::Child);
+
+impl Drop for Reap {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
