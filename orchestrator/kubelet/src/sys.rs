@@ -43,7 +43,14 @@ pub fn mount(
 /// every lingering one makes memory accounting slower for the whole node.
 /// Directories of other controllers have no such file; errors are ignored.
 pub fn release_memory_at(dir: &Path) {
-    let _ = std::fs::write(dir.join("memory.force_empty"), "0");
+    use std::io::Write;
+    // Never create the file: only a memory cgroup has it.
+    if let Ok(mut f) = std::fs::OpenOptions::new()
+        .write(true)
+        .open(dir.join("memory.force_empty"))
+    {
+        let _ = f.write_all(b"0");
+    }
 }
 
 /// [`release_memory_at`] for a cgroup path as given to the OCI runtime.
