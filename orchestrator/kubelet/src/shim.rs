@@ -118,11 +118,10 @@ fn runtime_error(state_dir: &Path) -> String {
 }
 
 fn oom_killed(cgroup: &str) -> bool {
-    let rel = cgroup.trim_start_matches('/');
-    let v1 = Path::new("/sys/fs/cgroup/memory")
-        .join(rel)
-        .join("memory.oom_control");
-    let v2 = Path::new("/sys/fs/cgroup").join(rel).join("memory.events");
+    let v1 = crate::sys::memory_cgroup_dir(cgroup).join("memory.oom_control");
+    let v2 = Path::new("/sys/fs/cgroup")
+        .join(cgroup.trim_start_matches('/'))
+        .join("memory.events");
     for p in [v1, v2] {
         if let Ok(text) = fs::read_to_string(p) {
             return text.lines().any(|l| {
@@ -152,7 +151,7 @@ pub fn main(args: ShimArgs) -> i32 {
     unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
     let finish = |exit: Exited| {
         let _ = write_atomic(&args.state_dir.join("exit.json"), &exit);
-        crate::sys::release_cgroup_memory(&args.cgroup);
+        crate::sys::release_memory_at(&crate::sys::memory_cgroup_dir(&args.cgroup));
         let _ = runc(&args)
             .args(["delete", "--force", &args.id])
             .stdout(Stdio::null())

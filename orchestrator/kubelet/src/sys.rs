@@ -53,7 +53,8 @@ pub fn release_memory_at(dir: &Path) {
     }
 }
 
-/// [`release_memory_at`] for a cgroup path as given to the OCI runtime.
-pub fn release_cgroup_memory(cgroup: &str) {
-    release_memory_at(&Path::new("/sys/fs/cgroup/memory").join(cgroup.trim_start_matches('/')));
+/// The cgroup-v1 memory directory of a cgroup path as given to the OCI
+/// runtime (`/tapestry/podUID/ID`).
+pub fn memory_cgroup_dir(cgroup: &str) -> std::path::PathBuf {
+    Path::new("/sys/fs/cgroup/memory").join(cgroup.trim_start_matches('/'))
 }
