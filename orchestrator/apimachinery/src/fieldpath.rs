@@ -161,13 +161,24 @@ impl FieldSet {
 
     /// Removes `path` and everything below it.
     pub fn remove_subtree(&mut self, path: &[PathElement]) {
-        let Some((last, parents)) = path.split_last() else {
-            return;
-        };
-        if let Some(parent) = self.node_mut(parents) {
-            parent.children.remove(last);
+        self.remove_subtrees([path]);
+    }
+
+    /// Removes each path and everything below it, pruning once at the end
+    /// (pruning walks the whole set).
+    pub fn remove_subtrees<'p>(&mut self, paths: impl IntoIterator<Item = &'p [PathElement]>) {
+        let mut removed = false;
+        for path in paths {
+            let Some((last, parents)) = path.split_last() else {
+                continue;
+            };
+            if let Some(parent) = self.node_mut(parents) {
+                removed |= parent.children.remove(last).is_some();
+            }
         }
-        self.prune();
+        if removed {
+            self.prune();
+        }
     }
 
     /// Removes only `path` itself, keeping members below it.
@@ -175,10 +186,10 @@ impl FieldSet {
         if path.is_empty() {
             return;
         }
-        if let Some(n) = self.node_mut(path) {
+        if let Some(n) = self.node_mut(path).filter(|n| n.member) {
             n.member = false;
+            self.prune();
         }
-        self.prune();
     }
 
     fn node_mut(&mut self, path: &[PathElement]) -> Option<&mut FieldSet> {

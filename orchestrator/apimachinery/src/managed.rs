@@ -8,6 +8,7 @@
 //! someone else still owns them.
 
 use std::borrow::Cow;
+use std::sync::OnceLock;
 
 use serde_json::{json, Map, Value};
 
@@ -160,13 +161,14 @@ impl FieldManagerOptions {
 
     /// Removes untracked paths from a set.
     fn strip(&self, set: &mut FieldSet) {
+        static UNTRACKED: OnceLock<Vec<Vec<PathElement>>> = OnceLock::new();
         let f = field_element;
-        for top in ["apiVersion", "kind"] {
-            set.remove_subtree(&[f(top)]);
-        }
-        for m in SERVER_METADATA {
-            set.remove_subtree(&[f("metadata"), f(m)]);
-        }
+        let untracked = UNTRACKED.get_or_init(|| {
+            let top = ["apiVersion", "kind"].map(|t| vec![f(t)]);
+            let metadata = SERVER_METADATA.iter().map(|m| vec![f("metadata"), f(m)]);
+            top.into_iter().chain(metadata).collect()
+        });
+        set.remove_subtrees(untracked.iter().map(Vec::as_slice));
         set.remove(&[f("metadata")]);
         if self.status_only() {
             let keep = set.clone();

@@ -88,34 +88,112 @@ pub fn decode(def: &ResourceDef, kv: &KeyValue) -> ApiResult<Value> {
 /// false (and appends nothing) when the resource converts on read or the
 /// stored value has no metadata object; callers then use [`decode`].
 pub fn append_served(def: &ResourceDef, kv: &KeyValue, out: &mut Vec<u8>) -> bool {
-    #[derive(serde::Deserialize)]
-    struct TopLevel<'a> {
-        #[serde(borrow)]
-        metadata: Option<&'a serde_json::value::RawValue>,
-    }
     if !def.behaviour.serves_stored_form() {
         return false;
     }
-    let Ok(TopLevel {
-        metadata: Some(metadata),
-    }) = serde_json::from_slice::<TopLevel>(&kv.value)
-    else {
+    let Some(open) = metadata_offset(&kv.value) else {
         return false;
     };
-    let raw = metadata.get();
-    if !raw.starts_with('{') {
-        return false;
-    }
-    // `raw` borrows from `kv.value`, so its offset there is where the
-    // metadata object opens.
-    let open = raw.as_ptr() as usize - kv.value.as_ptr() as usize;
-    let empty = raw[1..].trim_start().starts_with('}');
+    let after = &kv.value[open + 1..];
+    let empty = after
+        .iter()
+        .find(|b| !b.is_ascii_whitespace())
+        .is_some_and(|&b| b == b'}');
     out.extend_from_slice(&kv.value[..=open]);
     out.extend_from_slice(b"\"resourceVersion\":\"");
-    out.extend_from_slice(kv.mod_revision.to_string().as_bytes());
+    out.extend_from_slice(itoa::Buffer::new().format(kv.mod_revision).as_bytes());
     out.extend_from_slice(if empty { b"\"" } else { b"\"," });
-    out.extend_from_slice(&kv.value[open + 1..]);
+    out.extend_from_slice(after);
     true
+}
+
+/// Where the top-level `metadata` object of a stored JSON object opens (the
+/// offset of its `{`), found by walking the top-level keys only. Objects are
+/// stored with `metadata` right after apiVersion and kind (see [`encode`]), so
+/// this reads a few dozen bytes instead of parsing the whole object, which
+/// was most of the cost of serving a list. None for anything unexpected
+/// (callers then decode).
+fn metadata_offset(json: &[u8]) -> Option<usize> {
+    let mut at = skip_whitespace(json, 0);
+    if json.get(at) != Some(&b'{') {
+        return None;
+    }
+    at += 1;
+    loop {
+        at = skip_whitespace(json, at);
+        if json.get(at) != Some(&b'"') {
+            return None;
+        }
+        let key_end = string_end(json, at)?;
+        let key = &json[at + 1..key_end - 1];
+        at = skip_whitespace(json, key_end);
+        if json.get(at) != Some(&b':') {
+            return None;
+        }
+        at = skip_whitespace(json, at + 1);
+        if key == b"metadata" {
+            return (json.get(at) == Some(&b'{')).then_some(at);
+        }
+        at = skip_whitespace(json, value_end(json, at)?);
+        match json.get(at) {
+            Some(b',') => at += 1,
+            _ => return None,
+        }
+    }
+}
+
+fn skip_whitespace(json: &[u8], mut at: usize) -> usize {
+    while json.get(at).is_some_and(u8::is_ascii_whitespace) {
+        at += 1;
+    }
+    at
+}
+
+/// The offset just past the string that opens at `at` (a `"`).
+fn string_end(json: &[u8], at: usize) -> Option<usize> {
+    let mut i = at + 1;
+    loop {
+        i += memchr::memchr2(b'"', b'\\', json.get(i..)?)?;
+        if json[i] == b'"' {
+            return Some(i + 1);
+        }
+        i += 2; // an escape: the next byte is never the closing quote
+    }
+}
+
+/// The offset just past the JSON value that starts at `at`.
+fn value_end(json: &[u8], at: usize) -> Option<usize> {
+    match json.get(at)? {
+        b'"' => string_end(json, at),
+        b'{' | b'[' => {
+            let mut depth = 0usize;
+            let mut i = at;
+            loop {
+                match json.get(i)? {
+                    b'"' => {
+                        i = string_end(json, i)?;
+                        continue;
+                    }
+                    b'{' | b'[' => depth += 1,
+                    b'}' | b']' => {
+                        depth -= 1;
+                        if depth == 0 {
+                            return Some(i + 1);
+                        }
+                    }
+                    _ => {}
+                }
+                i += 1;
+            }
+        }
+        _ => {
+            let len = json[at..]
+                .iter()
+                .position(|b| matches!(b, b',' | b'}' | b']') || b.is_ascii_whitespace())
+                .unwrap_or(json.len() - at);
+            Some(at + len)
+        }
+    }
 }
 
 /// Append the served JSON of a stored object, by splicing when possible.
@@ -155,15 +233,24 @@ impl serde::Serialize for WithoutResourceVersion<'_> {
         let Some(fields) = self.0.as_object() else {
             return self.0.serialize(s);
         };
+        // apiVersion, kind and metadata lead, as Kubernetes writes them, so
+        // reads find metadata without walking the spec (`metadata_offset`).
+        const LEADING: [&str; 3] = ["apiVersion", "kind", "metadata"];
         let mut out = s.serialize_map(Some(fields.len()))?;
-        for (k, v) in fields {
-            match v.as_object().filter(|_| k == "metadata") {
-                Some(meta) => {
-                    out.serialize_key(k)?;
-                    out.serialize_value(&MetadataWithoutResourceVersion(meta))?;
+        for k in LEADING {
+            match fields.get(k) {
+                Some(Value::Object(meta)) if k == "metadata" => {
+                    out.serialize_entry(k, &MetadataWithoutResourceVersion(meta))?
                 }
-                None => out.serialize_entry(k, v)?,
+                Some(v) => out.serialize_entry(k, v)?,
+                None => {}
             }
+        }
+        for (k, v) in fields
+            .iter()
+            .filter(|(k, _)| !LEADING.contains(&k.as_str()))
+        {
+            out.serialize_entry(k, v)?;
         }
         out.end()
     }
@@ -232,6 +319,7 @@ mod tests {
             r#"{"apiVersion":"coordination.k8s.io/v1","kind":"Lease","metadata":{"name":"a","namespace":"ns"},"spec":{}}"#,
             r#"{"spec":{"metadata":{"x":1}},"metadata":{},"kind":"Lease"}"#,
             r#"{"kind":"Lease","metadata": { "name":"a" } }"#,
+            r#"{"a":"x\"metadata\":{\\","b":[1,{"c":"]}"}],"n":-1.5e3,"t":true,"z":null , "metadata":{"name":"a"}}"#,
         ] {
             let kv = stored(value);
             let mut out = Vec::new();
@@ -245,7 +333,15 @@ mod tests {
     #[test]
     fn odd_or_converted_values_fall_back_to_decoding() {
         let leases = def("coordination.k8s.io", "leases");
-        for value in [r#"{"kind":"Lease"}"#, r#"{"metadata":null}"#, r#"[1]"#, "{"] {
+        for value in [
+            r#"{"kind":"Lease"}"#,
+            r#"{"metadata":null}"#,
+            r#"[1]"#,
+            "{",
+            r#"{"spec":{"metadata":{"x":1}}}"#,
+            r#"{"kind":"Lease" "metadata":{}}"#,
+            r#"{"spec":"unterminated, "metadata":{}}"#,
+        ] {
             let mut out = Vec::new();
             assert!(!append_served(&leases, &stored(value), &mut out), "{value}");
             assert!(out.is_empty());
@@ -268,6 +364,18 @@ mod tests {
         let mut expected = obj.clone();
         meta_mut(&mut expected).remove("resourceVersion");
         assert_eq!(stored, expected);
+    }
+
+    #[test]
+    fn objects_are_stored_with_metadata_after_api_version_and_kind() {
+        let leases = def("coordination.k8s.io", "leases");
+        let obj = json!({"spec": {"holderIdentity": "x"}, "metadata": {"name": "a"},
+                         "kind": "Lease", "apiVersion": "coordination.k8s.io/v1"});
+        let stored = encode(&leases, &obj).unwrap();
+        assert!(stored.starts_with(
+            br#"{"apiVersion":"coordination.k8s.io/v1","kind":"Lease","metadata":{"name":"a"},"spec""#
+        ));
+        assert_eq!(metadata_offset(&stored), Some(65));
     }
 
     #[test]

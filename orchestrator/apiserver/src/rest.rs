@@ -740,6 +740,10 @@ impl Api {
             read_at = Some(page.revision);
             remaining = page.remaining;
             last_key = page.items.last().map(|kv| kv.key.clone());
+            if raw {
+                // resourceVersion and a comma add under 48 bytes per item.
+                raw_items.reserve(page.items.iter().map(|kv| kv.value.len() + 48).sum());
+            }
             for kv in &page.items {
                 if filtered || !raw {
                     let obj = decode(&req.def, kv)?;

@@ -43,3 +43,18 @@ pub fn rss_kib(pid: u32) -> Result<u64> {
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
         .context("no VmRSS")
 }
+
+/// CPU time of a process in clock ticks (1/100 s): (its own threads, its
+/// reaped children). Zero when the process is gone.
+pub fn cpu_ticks(pid: u32) -> (u64, u64) {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name, which may itself hold spaces.
+    let fields: Vec<&str> = stat
+        .rsplit(')')
+        .next()
+        .unwrap_or("")
+        .split_whitespace()
+        .collect();
+    let field = |i: usize| fields.get(i).and_then(|v| v.parse().ok()).unwrap_or(0u64);
+    (field(11) + field(12), field(13) + field(14))
+}

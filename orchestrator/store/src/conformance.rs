@@ -50,6 +50,7 @@ macro_rules! store_conformance_suite {
             invalid_keys_are_errors,
             list_isolates_prefixes,
             list_limit_and_remaining,
+            long_lists_are_whole_and_consistent,
             list_pages_at_fixed_revision_during_writes,
             list_at_past_revisions,
             future_revision_fails,
@@ -406,6 +407,75 @@ pub async fn list_limit_and_remaining<S: Store>(store: S) {
     .await;
     assert!(past_end.items.is_empty());
     assert_eq!(past_end.remaining, 0);
+}
+
+/// Lists longer than any internal step of a backend: every key once, in
+/// order, with its value, and all of them as of one revision even while
+/// other writes land.
+pub async fn long_lists_are_whole_and_consistent<S: Store>(store: S) {
+    const KEYS: usize = 1000;
+    let p = root("long");
+    let kvs = (0..KEYS)
+        .map(|i| (format!("{p}{i:04}"), val(format!("v{i}"))))
+        .collect();
+    create_all(&store, kvs, 64).await;
+    // A neighbouring prefix that sorts right after this one.
+    let neighbour = format!("{}~/", p.trim_end_matches('/'));
+    store
+        .create(&format!("{neighbour}0"), val("other"))
+        .await
+        .expect("create");
+
+    let all = list(&store, &p, ListOptions::default()).await;
+    assert_eq!(all.items.len(), KEYS);
+    assert_eq!(all.remaining, 0);
+    for (i, kv) in all.items.iter().enumerate() {
+        assert_eq!(kv.key, format!("{p}{i:04}"));
+        assert_eq!(kv.value, val(format!("v{i}")));
+    }
+
+    let page = list(
+        &store,
+        &p,
+        ListOptions {
+            limit: Some(300),
+            start_after: Some(format!("{p}0099")),
+            ..Default::default()
+        },
+    )
+    .await;
+    assert_eq!(keys(&page.items), keys(&all.items[100..400]));
+    assert_eq!(page.remaining, KEYS - 400);
+
+    // Rewrite keys while listing: each list must equal the list at its
+    // revision read back from history.
+    let writer = async {
+        for round in 0..3 {
+            for i in (0..KEYS).step_by(7) {
+                let key = format!("{p}{i:04}");
+                let kv = store.get(&key).await.expect("get").expect("present");
+                store
+                    .update(&key, val(format!("r{round}-{i}")), kv.mod_revision)
+                    .await
+                    .expect("update");
+            }
+        }
+    };
+    let reader = async {
+        let mut lists = Vec::new();
+        for _ in 0..20 {
+            lists.push(list(&store, &p, ListOptions::default()).await);
+            tokio::task::yield_now().await;
+        }
+        lists
+    };
+    let ((), lists) = tokio::join!(writer, reader);
+    for live in lists {
+        assert_eq!(live.items.len(), KEYS);
+        assert!(live.items.iter().all(|kv| kv.mod_revision <= live.revision));
+        let past = list(&store, &p, at(live.revision)).await;
+        assert_eq!(past.items, live.items, "list at {} differs", live.revision);
+    }
 }
 
 pub async fn list_pages_at_fixed_revision_during_writes<S: Store>(store: S) {

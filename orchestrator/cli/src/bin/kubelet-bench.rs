@@ -20,7 +20,7 @@ use hdrhistogram::Histogram;
 use k8s_openapi::api::core::v1::{Node, Pod};
 use kube::api::{Api, PostParams, WatchEvent, WatchParams};
 
-use bench_support::{client, free_port, rss_kib, tapestry_binary};
+use bench_support::{client, cpu_ticks, free_port, rss_kib, tapestry_binary};
 
 const PODS: usize = 50;
 /// The steady round creates one pod per PACE (10 pods/s), as Kubernetes'
@@ -128,17 +128,6 @@ async fn startup_latencies(
     // KUBELET_BENCH_TRACE=1: each pod's create and Running times, and the
     // CPU the node used.
     let trace = std::env::var_os("KUBELET_BENCH_TRACE").is_some();
-    let cpu_ticks = |pid: u32| -> (u64, u64) {
-        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-        let f: Vec<&str> = stat
-            .rsplit(')')
-            .next()
-            .unwrap_or("")
-            .split_whitespace()
-            .collect();
-        let g = |i: usize| f.get(i).and_then(|v| v.parse().ok()).unwrap_or(0u64);
-        (g(11) + g(12), g(13) + g(14))
-    };
     let cpu_before = cpu_ticks(node_pid);
     let began = Instant::now();
     let mut created = std::collections::HashMap::new();

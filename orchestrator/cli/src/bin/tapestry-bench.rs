@@ -3,6 +3,8 @@
 //! client (kube-rs) over HTTPS.
 //!
 //! `cargo build --release -p tapestry && target/release/tapestry-bench`
+//!
+//! `TAPESTRY_BENCH_ONLY=create|get|list` measures that operation alone.
 
 use std::collections::BTreeMap;
 use std::process::{Child, Command, Stdio};
@@ -19,10 +21,13 @@ use k8s_openapi::api::core::v1::{ConfigMap, Namespace};
 use kube::api::{Api, GetParams, ListParams, ObjectMeta, PostParams, WatchEvent, WatchParams};
 use kube::Client;
 
-use bench_support::{client, free_port, rss_kib, tapestry_binary};
+use bench_support::{client, cpu_ticks, free_port, rss_kib, tapestry_binary};
 
 const COLD_START_RUNS: usize = 5;
-const REQUESTS_PER_LEVEL: usize = 3000;
+const REQUESTS_PER_LEVEL: usize = 20_000;
+/// Requests each client sends before measuring: connections are open and
+/// warm, as they are for a long-running client.
+const WARMUP_PER_CLIENT: usize = 20;
 const WATCHERS: usize = 1000;
 const FANOUT_WRITES: usize = 20;
 
@@ -97,8 +102,15 @@ enum Op {
     List,
 }
 
-/// Run `REQUESTS_PER_LEVEL` operations from `clients` concurrent tasks;
-/// returns (latency histogram in µs, requests per second).
+struct Level {
+    latency: Histogram<u64>,
+    per_second: f64,
+    /// CPU time per request, in µs: (server, client).
+    cpu_per_request: (f64, f64),
+}
+
+/// Run `REQUESTS_PER_LEVEL` operations from `clients` concurrent tasks,
+/// after each task's warm-up requests.
 ///
 /// The client shares the two cores with the server, so it sends kube-rs's
 /// requests but keeps each response as text instead of decoding it into
@@ -107,22 +119,29 @@ enum Op {
 /// the 100 seed objects.
 async fn load(
     client: &Client,
+    server_pid: u32,
     namespace: &str,
     op: Op,
     clients: usize,
     tag: &str,
-) -> Result<(Histogram<u64>, f64)> {
+) -> Result<Level> {
     let per_client = REQUESTS_PER_LEVEL / clients;
     let url = format!("/api/v1/namespaces/{namespace}/configmaps");
-    let started = Instant::now();
+    let warm = Arc::new(tokio::sync::Barrier::new(clients + 1));
+    let go = Arc::new(tokio::sync::Barrier::new(clients + 1));
     let mut tasks = Vec::new();
     for c in 0..clients {
         let client = client.clone();
         let request = kube::core::Request::new(url.clone());
         let tag = tag.to_string();
+        let (warm, go) = (warm.clone(), go.clone());
         tasks.push(tokio::spawn(async move {
             let mut h = Histogram::<u64>::new(3).expect("histogram");
-            for i in 0..per_client {
+            for i in 0..WARMUP_PER_CLIENT + per_client {
+                if i == WARMUP_PER_CLIENT {
+                    warm.wait().await;
+                    go.wait().await;
+                }
                 let req = match op {
                     Op::Create => request.create(
                         &PostParams::default(),
@@ -133,7 +152,9 @@ async fn load(
                 };
                 let t = Instant::now();
                 let body = client.request_text(req).await?;
-                h.record(t.elapsed().as_micros() as u64).ok();
+                if i >= WARMUP_PER_CLIENT {
+                    h.record(t.elapsed().as_micros() as u64).ok();
+                }
                 if matches!(op, Op::List) {
                     let items = body.matches(r#""name":"seed-"#).count();
                     if items != 100 {
@@ -144,12 +165,27 @@ async fn load(
             Ok::<_, anyhow::Error>(h)
         }));
     }
-    let mut total = Histogram::<u64>::new(3)?;
+    warm.wait().await;
+    let server_before = cpu_ticks(server_pid).0;
+    let client_before = cpu_ticks(std::process::id()).0;
+    let started = Instant::now();
+    go.wait().await;
+    let mut latency = Histogram::<u64>::new(3)?;
     for t in tasks {
-        total.add(t.await??)?;
+        latency.add(t.await??)?;
     }
-    let rate = (per_client * clients) as f64 / started.elapsed().as_secs_f64();
-    Ok((total, rate))
+    let elapsed = started.elapsed();
+    let requests = (per_client * clients) as f64;
+    // Ticks are 10 ms; in µs per request.
+    let per_request = |ticks: u64| ticks as f64 * 10_000.0 / requests;
+    Ok(Level {
+        latency,
+        per_second: requests / elapsed.as_secs_f64(),
+        cpu_per_request: (
+            per_request(cpu_ticks(server_pid).0 - server_before),
+            per_request(cpu_ticks(std::process::id()).0 - client_before),
+        ),
+    })
 }
 
 #[tokio::main]
@@ -210,13 +246,19 @@ async fn main() -> Result<()> {
         api.create(&PostParams::default(), &configmap(&format!("seed-{i}")))
             .await?;
     }
-    println!("\n| operation | clients | req/s | p50 | p99 | p99 target | target / p99 |");
-    println!("|---|---:|---:|---:|---:|---:|---:|");
+    println!(
+        "\n| operation | clients | req/s | p50 | p99 | p99 target | target / p99 | server CPU/req | client CPU/req |"
+    );
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|");
+    let only = std::env::var("TAPESTRY_BENCH_ONLY").ok();
     for (name, op) in [
         ("create", Op::Create),
         ("get", Op::Get),
         ("list (100 objects)", Op::List),
     ] {
+        if only.as_deref().is_some_and(|o| !name.starts_with(o)) {
+            continue;
+        }
         for clients in [1, 16, 64] {
             let namespace = if matches!(op, Op::Create) {
                 "default"
@@ -224,14 +266,21 @@ async fn main() -> Result<()> {
                 "bench"
             };
             let tag = format!("{}{clients}", name.len());
-            let (h, rate) = load(&client, namespace, op, clients, &tag).await?;
+            let level = load(&client, server.child.id(), namespace, op, clients, &tag).await?;
+            let h = &level.latency;
             println!(
-                "| {name} | {clients} | {rate:.0} | {:.2} ms | {:.2} ms | 10 ms | {:.1}× |",
-                ms(&h, 0.5),
-                ms(&h, 0.99),
-                10.0 / ms(&h, 0.99)
+                "| {name} | {clients} | {:.0} | {:.2} ms | {:.2} ms | 10 ms | {:.1}× | {:.0} µs | {:.0} µs |",
+                level.per_second,
+                ms(h, 0.5),
+                ms(h, 0.99),
+                10.0 / ms(h, 0.99),
+                level.cpu_per_request.0,
+                level.cpu_per_request.1,
             );
         }
+    }
+    if only.is_some() {
+        return Ok(());
     }
 
     // Watch fan-out: every watcher must see each write; we time the last one.
