@@ -589,38 +589,48 @@ impl LatestScan {
     fn step(&mut self, txn: &ReadTransaction, budget: usize) -> Result<bool> {
         let kv = txn.open_table(KV).backend()?;
         let start = scan_start(&self.prefix, self.resume.as_deref());
-        let mut read = 0;
-        let mut last = None;
-        for entry in kv.range::<&str>((start, Bound::Unbounded)).backend()? {
+        // The entries are gathered first so the values buffer grows once.
+        let mut taken = Vec::new();
+        let mut last_counted = None;
+        let mut exhausted = true;
+        let entries = kv.range::<&str>((start, Bound::Unbounded)).backend()?;
+        for (read, entry) in entries.enumerate() {
             if read == budget {
+                exhausted = false;
                 break;
             }
             let (k, v) = entry.backend()?;
-            let key = k.value();
-            if !key.starts_with(self.prefix.as_str()) {
-                return Ok(true);
+            if !k.value().starts_with(self.prefix.as_str()) {
+                break;
             }
-            read += 1;
-            if self.found.len() < self.limit {
-                let (create_revision, mod_revision, value) = split_latest(v.value())?;
-                let at = self.values.len();
-                self.values.extend_from_slice(value);
-                self.found.push((
-                    key.to_owned(),
-                    create_revision,
-                    mod_revision,
-                    at..self.values.len(),
-                ));
+            if self.found.len() + taken.len() < self.limit {
+                taken.push((k, v));
             } else {
                 self.remaining += 1;
+                last_counted = Some(k);
             }
-            last = Some(k);
         }
-        if read < budget {
-            return Ok(true);
+        let size: usize = taken.iter().map(|(_, v)| v.value().len()).sum();
+        self.values.reserve(size);
+        self.found.reserve(taken.len());
+        for (k, v) in &taken {
+            let (create_revision, mod_revision, value) = split_latest(v.value())?;
+            let at = self.values.len();
+            self.values.extend_from_slice(value);
+            self.found.push((
+                k.value().to_owned(),
+                create_revision,
+                mod_revision,
+                at..self.values.len(),
+            ));
         }
-        self.resume = last.map(|k| k.value().to_owned());
-        Ok(false)
+        if !exhausted {
+            self.resume = match last_counted {
+                Some(k) => Some(k.value().to_owned()),
+                None => taken.last().map(|(k, _)| k.value().to_owned()),
+            };
+        }
+        Ok(exhausted)
     }
 
     fn finish(self, revision: Revision) -> ListResult {
