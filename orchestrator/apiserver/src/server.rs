@@ -608,3 +608,45 @@ async fn handle(api: &Api, method: &Method, req: &Request) -> Result<Response, A
         (m, _) => Err(not_allowed(m.as_str())),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// rustls clients (kube-rs among them) list AES-256-GCM first; the
+    /// server still picks AES-128-GCM, as kube-apiserver does.
+    #[tokio::test]
+    async fn tls_picks_aes_128_gcm_over_the_clients_order() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let pki = Pki::load_or_create(dir.path(), &["127.0.0.1".to_string()]).expect("pki");
+        let acceptor = tls_config(&pki).expect("tls config");
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("address");
+        let server = tokio::spawn(async move {
+            let (tcp, _) = listener.accept().await.expect("accept");
+            acceptor.accept(tcp).await.expect("handshake")
+        });
+
+        let mut roots = rustls::RootCertStore::empty();
+        for cert in rustls_pemfile::certs(&mut pki.ca_cert_pem.as_bytes()) {
+            roots.add(cert.expect("CA certificate")).expect("root");
+        }
+        let client = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .expect("versions")
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+        let connector = tokio_rustls::TlsConnector::from(Arc::new(client));
+        let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        let name = rustls::pki_types::ServerName::try_from("127.0.0.1").expect("name");
+        let tls = connector
+            .connect(name, tcp)
+            .await
+            .expect("client handshake");
+        let suite = tls.get_ref().1.negotiated_cipher_suite().expect("suite");
+        assert_eq!(suite.suite(), rustls::CipherSuite::TLS13_AES_128_GCM_SHA256);
+        server.await.expect("server task");
+    }
+}
