@@ -833,26 +833,28 @@ fn node_joins_a_server() {
     }
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
-    let mut server = Reap(
-        tapestry()
-            .arg("server")
-            .arg("--data-dir")
-            .arg(dir.path())
-            .args(["--listen", &format!("127.0.0.1:{port}")])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap(),
-    );
+    let mut server = tapestry()
+        .arg("server")
+        .arg("--data-dir")
+        .arg(dir.path())
+        .args(["--listen", &format!("127.0.0.1:{port}")])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let stdout = server.stdout.take().unwrap();
+    // The cluster owns the server from here: it is stopped however the test ends.
+    let c = Cluster {
+        dir,
+        port,
+        kubelet_port: 0,
+        child: Some(server),
+    };
     let mut line = String::new();
-    std::io::BufRead::read_line(
-        &mut std::io::BufReader::new(server.0.stdout.take().unwrap()),
-        &mut line,
-    )
-    .unwrap();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(stdout), &mut line).unwrap();
     assert!(line.starts_with("kubeconfig: "));
-    let node_dir = dir.path().join("node");
-    let rootfs = dir.path().join("rootfs");
+    let node_dir = c.dir.path().join("node");
+    let rootfs = c.dir.path().join("rootfs");
     busybox_rootfs(&rootfs);
     let out = tapestry()
         .args(["image", "build", "busybox:local", "--rootfs"])
@@ -863,8 +865,8 @@ fn node_joins_a_server() {
         .unwrap();
     assert!(out.status.success());
     let kubelet_port = free_port().to_string();
-    let token_file = dir.path().join("node-token");
-    let ca_file = dir.path().join("pki/ca.crt");
+    let token_file = c.dir.path().join("node-token");
+    let ca_file = c.dir.path().join("pki/ca.crt");
     let start_node = || {
         Reap(
             tapestry()
@@ -884,12 +886,6 @@ fn node_joins_a_server() {
         )
     };
     let mut node = start_node();
-    let c = Cluster {
-        dir,
-        port,
-        kubelet_port: 0,
-        child: None,
-    };
     c.wait_for("joined node Ready", 20, || {
         let out = c.kubectl(&[
             "get",
@@ -919,12 +915,12 @@ fn node_joins_a_server() {
     });
     unsafe { libc::kill(node.0.id() as i32, libc::SIGTERM) };
     let _ = node.0.wait();
-    drop(server);
+    drop(c);
     let _ = Command::new("ip").args(["link", "del", "tpe2e1"]).status();
 }
 
-/// A helper process, killed if the test fails before stopping it, so it
-/// does not hold its port, bridge and pod range for the next run.
+/// The joined node agent, killed if the test fails before stopping it, so
+/// it does not hold its bridge and pod range for the next run.
 struct Reap(std::process::Child);
 
 impl Drop for Reap {

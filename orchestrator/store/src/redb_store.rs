@@ -550,6 +550,11 @@ fn list_snapshot(db: &Database, opts: &ListOptions) -> Result<(ReadTransaction, 
     Ok((txn, revision, revision == current))
 }
 
+/// Most items a list returns: its limit, where 0 or none means all.
+fn list_limit(opts: &ListOptions) -> usize {
+    opts.limit.filter(|&l| l > 0).unwrap_or(usize::MAX)
+}
+
 /// Keys under a prefix are contiguous and sort after it, so a scan starts at
 /// whichever of prefix / cursor is later and stops at the first key outside
 /// the prefix.
@@ -577,7 +582,7 @@ impl LatestScan {
     fn new(prefix: &str, opts: &ListOptions) -> Self {
         LatestScan {
             prefix: prefix.to_owned(),
-            limit: opts.limit.filter(|&l| l > 0).unwrap_or(usize::MAX),
+            limit: list_limit(opts),
             resume: opts.start_after.clone(),
             values: Vec::new(),
             found: Vec::new(),
@@ -660,7 +665,7 @@ fn list_history(
     revision: Revision,
     opts: &ListOptions,
 ) -> Result<ListResult> {
-    let limit = opts.limit.filter(|&l| l > 0).unwrap_or(usize::MAX);
+    let limit = list_limit(opts);
     let start = scan_start(prefix, opts.start_after.as_deref());
     let mut out = ListResult {
         items: Vec::new(),

@@ -179,8 +179,8 @@ async fn startup_latencies(
         eprintln!(
             "{:?}: node CPU {} ticks, its reaped children {} ticks",
             began.elapsed(),
-            after.0 - cpu_before.0,
-            after.1 - cpu_before.1,
+            after.0.saturating_sub(cpu_before.0),
+            after.1.saturating_sub(cpu_before.1),
         );
     }
     Ok(hist)
@@ -227,9 +227,9 @@ async fn up_and_pods(
     wait_running(&pods, "first", Duration::from_secs(30)).await?;
     let first = t0.elapsed();
 
-    let burst = startup_latencies(&pods, up.0.id(), "b", None).await?;
-    let paced = startup_latencies(&pods, up.0.id(), "s", Some(PACE)).await?;
     let pid = up.0.id();
+    let burst = startup_latencies(&pods, pid, "b", None).await?;
+    let paced = startup_latencies(&pods, pid, "s", Some(PACE)).await?;
     let rss_with_pods = rss_kib(pid)?;
     drop(up);
     Ok((ready, first, burst, paced, rss_with_pods))

@@ -127,20 +127,19 @@ async fn load(
 ) -> Result<Level> {
     let per_client = REQUESTS_PER_LEVEL / clients;
     let url = format!("/api/v1/namespaces/{namespace}/configmaps");
-    let warm = Arc::new(tokio::sync::Barrier::new(clients + 1));
-    let go = Arc::new(tokio::sync::Barrier::new(clients + 1));
+    // Every task finishes its warm-up before any is timed.
+    let warmed = Arc::new(tokio::sync::Barrier::new(clients + 1));
     let mut tasks = Vec::new();
     for c in 0..clients {
         let client = client.clone();
         let request = kube::core::Request::new(url.clone());
         let tag = tag.to_string();
-        let (warm, go) = (warm.clone(), go.clone());
+        let warmed = warmed.clone();
         tasks.push(tokio::spawn(async move {
             let mut h = Histogram::<u64>::new(3).expect("histogram");
             for i in 0..WARMUP_PER_CLIENT + per_client {
                 if i == WARMUP_PER_CLIENT {
-                    warm.wait().await;
-                    go.wait().await;
+                    warmed.wait().await;
                 }
                 let req = match op {
                     Op::Create => request.create(
@@ -165,11 +164,10 @@ async fn load(
             Ok::<_, anyhow::Error>(h)
         }));
     }
-    warm.wait().await;
+    warmed.wait().await;
     let server_before = cpu_ticks(server_pid).0;
     let client_before = cpu_ticks(std::process::id()).0;
     let started = Instant::now();
-    go.wait().await;
     let mut latency = Histogram::<u64>::new(3)?;
     for t in tasks {
         latency.add(t.await??)?;
@@ -182,8 +180,12 @@ async fn load(
         latency,
         per_second: requests / elapsed.as_secs_f64(),
         cpu_per_request: (
-            per_request(cpu_ticks(server_pid).0 - server_before),
-            per_request(cpu_ticks(std::process::id()).0 - client_before),
+            per_request(cpu_ticks(server_pid).0.saturating_sub(server_before)),
+            per_request(
+                cpu_ticks(std::process::id())
+                    .0
+                    .saturating_sub(client_before),
+            ),
         ),
     })
 }
