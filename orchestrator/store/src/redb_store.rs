@@ -4,8 +4,12 @@
 //!
 //! * `kv`: key -> latest value with its create/mod revisions. Serves `get` and
 //!   lists at the latest revision with one range scan.
-//! * `versions`: (key, revision) -> value or tombstone. The MVCC history used
-//!   for lists at past revisions and for the values in replayed watch events.
+//! * `versions`: (key, revision) -> superseded value or tombstone: the MVCC
+//!   history behind `kv`. A value moves here when a later write replaces or
+//!   deletes it, so a create writes its value once. Lists at past revisions
+//!   and replayed watch events read both tables. (Files written by earlier
+//!   builds also hold the latest value here; it is the same bytes as in `kv`,
+//!   and either copy is read.)
 //! * `revlog`: revision -> key. One entry per revision, so watch replay walks
 //!   revisions in order and can prove there is no gap.
 //! * `meta`: current, compacted and purged revisions.
@@ -658,47 +662,40 @@ impl LatestScan {
 }
 
 /// A list at a past revision: the newest version at or before `revision` of
-/// each key, from the version history.
+/// each key. Superseded versions come from the history and the latest ones
+/// from `kv`; both tables are scanned in key order and merged.
 fn list_history(
     txn: &ReadTransaction,
     prefix: &str,
     revision: Revision,
     opts: &ListOptions,
 ) -> Result<ListResult> {
-    let limit = list_limit(opts);
     let start = scan_start(prefix, opts.start_after.as_deref());
-    let mut out = ListResult {
-        items: Vec::new(),
-        revision,
-        remaining: 0,
-    };
     let versions = txn.open_table(VERSIONS).backend()?;
+    let kv = txn.open_table(KV).backend()?;
+    let mut latest = LatestCursor {
+        entries: kv.range::<&str>((start, Bound::Unbounded)).backend()?,
+        prefix,
+        next: None,
+        done: false,
+    };
+    latest.advance()?;
+    let mut found = AsOf {
+        revision,
+        limit: list_limit(opts),
+        out: ListResult {
+            items: Vec::new(),
+            revision,
+            remaining: 0,
+        },
+    };
     let lower = match start {
         Bound::Excluded(after) => Bound::Excluded((after, i64::MAX)),
         _ => Bound::Included((prefix, i64::MIN)),
     };
-    let mut group: Option<String> = None;
-    let mut candidate: Option<(Revision, redb::AccessGuard<'static, &'static [u8]>)> = None;
-    let mut emit = |key: &str, candidate: Option<(Revision, redb::AccessGuard<&[u8]>)>| {
-        let Some((rev, guard)) = candidate else {
-            return Ok(());
-        };
-        let version = decode_version(guard.value())?;
-        if version.tombstone {
-            return Ok(());
-        }
-        if out.items.len() < limit {
-            out.items.push(KeyValue {
-                key: key.to_owned(),
-                value: Bytes::copy_from_slice(version.value),
-                create_revision: version.create_revision,
-                mod_revision: rev,
-            });
-        } else {
-            out.remaining += 1;
-        }
-        Ok::<(), StoreError>(())
-    };
+    // The key whose versions are being read, and its newest one so far that
+    // is not after `revision`.
+    let mut group: Option<(String, Option<(Revision, ValueGuard)>)> = None;
     for entry in versions
         .range::<(&str, i64)>((lower, Bound::Unbounded))
         .backend()?
@@ -708,36 +705,168 @@ fn list_history(
         if !key.starts_with(prefix) {
             break;
         }
-        if group.as_deref() != Some(key) {
-            if let Some(done) = group.take() {
-                emit(&done, candidate.take())?;
+        if group.as_ref().map(|(g, _)| g.as_str()) != Some(key) {
+            if let Some((done, history)) = group.take() {
+                found.key(&done, history, &mut latest)?;
             }
-            group = Some(key.to_owned());
+            group = Some((key.to_owned(), None));
         }
-        if rev <= revision {
-            candidate = Some((rev, v));
+        if let Some((_, newest)) = group.as_mut() {
+            if rev <= revision {
+                *newest = Some((rev, v));
+            }
         }
     }
-    if let Some(done) = group.take() {
-        emit(&done, candidate.take())?;
+    if let Some((done, history)) = group.take() {
+        found.key(&done, history, &mut latest)?;
     }
-    Ok(out)
+    found.latest_only(&mut latest, None)?;
+    Ok(found.out)
+}
+
+type ValueGuard = redb::AccessGuard<'static, &'static [u8]>;
+
+/// The latest versions under a prefix, one entry looked ahead.
+struct LatestCursor<'p> {
+    entries: redb::Range<'static, &'static str, &'static [u8]>,
+    prefix: &'p str,
+    next: Option<(redb::AccessGuard<'static, &'static str>, ValueGuard)>,
+    done: bool,
+}
+
+impl LatestCursor<'_> {
+    fn advance(&mut self) -> Result<()> {
+        self.next = None;
+        if self.done {
+            return Ok(());
+        }
+        match self.entries.next() {
+            Some(entry) => {
+                let (k, v) = entry.backend()?;
+                if k.value().starts_with(self.prefix) {
+                    self.next = Some((k, v));
+                } else {
+                    self.done = true;
+                }
+            }
+            None => self.done = true,
+        }
+        Ok(())
+    }
+}
+
+/// Collects a list at a past revision.
+struct AsOf {
+    revision: Revision,
+    limit: usize,
+    out: ListResult,
+}
+
+impl AsOf {
+    /// `key`'s newest version not after the revision, given its newest such
+    /// version in the history, after the keys only `kv` holds before it.
+    fn key(
+        &mut self,
+        key: &str,
+        history: Option<(Revision, ValueGuard)>,
+        latest: &mut LatestCursor<'_>,
+    ) -> Result<()> {
+        self.latest_only(latest, Some(key))?;
+        match latest.next.take() {
+            Some((k, v)) if k.value() == key => {
+                self.emit(key, history, Some(v.value()))?;
+                latest.advance()
+            }
+            other => {
+                latest.next = other;
+                self.emit(key, history, None)
+            }
+        }
+    }
+
+    /// Keys with no history, up to `until` (or all that are left).
+    fn latest_only(&mut self, latest: &mut LatestCursor<'_>, until: Option<&str>) -> Result<()> {
+        while let Some((k, v)) = latest.next.take() {
+            if until.is_some_and(|until| k.value() >= until) {
+                latest.next = Some((k, v));
+                break;
+            }
+            self.emit(k.value(), None, Some(v.value()))?;
+            latest.advance()?;
+        }
+        Ok(())
+    }
+
+    /// The latest version wins when it is not after the revision; otherwise
+    /// the newest one from the history does, unless it is a tombstone.
+    fn emit(
+        &mut self,
+        key: &str,
+        history: Option<(Revision, ValueGuard)>,
+        latest: Option<&[u8]>,
+    ) -> Result<()> {
+        if let Some(record) = latest {
+            let (create_revision, mod_revision, value) = split_latest(record)?;
+            if mod_revision <= self.revision {
+                self.push(key, create_revision, mod_revision, value);
+                return Ok(());
+            }
+        }
+        let Some((rev, guard)) = history else {
+            return Ok(());
+        };
+        let version = decode_version(guard.value())?;
+        if !version.tombstone {
+            self.push(key, version.create_revision, rev, version.value);
+        }
+        Ok(())
+    }
+
+    fn push(&mut self, key: &str, create_revision: Revision, mod_revision: Revision, value: &[u8]) {
+        if self.out.items.len() < self.limit {
+            self.out.items.push(KeyValue {
+                key: key.to_owned(),
+                value: Bytes::copy_from_slice(value),
+                create_revision,
+                mod_revision,
+            });
+        } else {
+            self.out.remaining += 1;
+        }
+    }
 }
 
 /// The event that revision `rev` (a write of `key`) produced, rebuilt from
-/// the version history.
+/// the version history and, for a version not yet superseded, `kv`.
 fn event_at(
     versions: &impl ReadableTable<(&'static str, i64), &'static [u8]>,
+    latest: &impl ReadableTable<&'static str, &'static [u8]>,
     key: &str,
     rev: Revision,
 ) -> Result<WatchEvent> {
     let missing = || StoreError::Backend(format!("history of {key} at revision {rev} missing"));
-    let guard = versions.get((key, rev)).backend()?.ok_or_else(missing)?;
-    let version = decode_version(guard.value())?;
-    let prev = if version.create_revision == rev {
+    let (tombstone, create_revision, value) = match versions.get((key, rev)).backend()? {
+        Some(guard) => {
+            let version = decode_version(guard.value())?;
+            (
+                version.tombstone,
+                version.create_revision,
+                Bytes::copy_from_slice(version.value),
+            )
+        }
+        None => {
+            let guard = latest.get(key).backend()?.ok_or_else(missing)?;
+            let (create_revision, mod_revision, value) = split_latest(guard.value())?;
+            if mod_revision != rev {
+                return Err(missing());
+            }
+            (false, create_revision, Bytes::copy_from_slice(value))
+        }
+    };
+    let prev = if create_revision == rev {
         None
     } else {
-        // The previous version is live (it is what this write replaced), and
+        // The previous version is live and superseded, so in the history;
         // purging keeps the newest live version at or before the compaction
         // point, so it is present for every revision after that point.
         let mut before = versions
@@ -757,7 +886,7 @@ fn event_at(
             None => None,
         }
     };
-    if version.tombstone {
+    if tombstone {
         let prev = prev.ok_or_else(missing)?;
         let kv = KeyValue {
             mod_revision: rev,
@@ -777,8 +906,8 @@ fn event_at(
         },
         kv: KeyValue {
             key: key.to_owned(),
-            value: Bytes::copy_from_slice(version.value),
-            create_revision: version.create_revision,
+            value,
+            create_revision,
             mod_revision: rev,
         },
         prev,
@@ -805,6 +934,7 @@ fn read_history(
     let upto = target.min(last.saturating_add(WATCH_HISTORY_CHUNK));
     let revlog = txn.open_table(REVLOG).backend()?;
     let versions = txn.open_table(VERSIONS).backend()?;
+    let latest = txn.open_table(KV).backend()?;
     let mut events = Vec::new();
     let mut expect = last + 1;
     for entry in revlog.range(expect..=upto).backend()? {
@@ -816,7 +946,7 @@ fn read_history(
         expect += 1;
         let key = k.value();
         if key.starts_with(prefix) {
-            events.push(event_at(&versions, key, rev)?);
+            events.push(event_at(&versions, &latest, key, rev)?);
         }
     }
     if expect != upto + 1 {
@@ -971,26 +1101,49 @@ impl<'t> Tables<'t> {
         found.map(|g| decode_latest(key, g.value())).transpose()
     }
 
-    fn put(&mut self, key: &str, value: &[u8], create: Revision, rev: Revision) -> Result<()> {
+    /// Make `value` the latest version of `key` at `rev`; the version it
+    /// replaces, if any, moves into the history.
+    fn put(
+        &mut self,
+        key: &str,
+        value: &[u8],
+        create: Revision,
+        rev: Revision,
+        replaced: Option<&KeyValue>,
+    ) -> Result<()> {
+        if let Some(prev) = replaced {
+            self.keep_in_history(prev)?;
+        }
         self.kv
             .insert(key, encode_latest(create, rev, value).as_slice())
-            .backend()?;
-        self.versions
-            .insert((key, rev), encode_version(LIVE, create, value).as_slice())
             .backend()?;
         self.revlog.insert(rev, key).backend()?;
         Ok(())
     }
 
-    fn remove(&mut self, key: &str, create: Revision, rev: Revision) -> Result<()> {
+    /// Delete `prev` (the latest version of its key) at `rev`.
+    fn remove(&mut self, prev: &KeyValue, rev: Revision) -> Result<()> {
+        let key = prev.key.as_str();
+        self.keep_in_history(prev)?;
         self.kv.remove(key).backend()?;
         self.versions
             .insert(
                 (key, rev),
-                encode_version(TOMBSTONE, create, &[]).as_slice(),
+                encode_version(TOMBSTONE, prev.create_revision, &[]).as_slice(),
             )
             .backend()?;
         self.revlog.insert(rev, key).backend()?;
+        Ok(())
+    }
+
+    fn keep_in_history(&mut self, version: &KeyValue) -> Result<()> {
+        let record = encode_version(LIVE, version.create_revision, &version.value);
+        self.versions
+            .insert(
+                (version.key.as_str(), version.mod_revision),
+                record.as_slice(),
+            )
+            .backend()?;
         Ok(())
     }
 
@@ -1047,7 +1200,7 @@ fn apply_op(t: &mut Tables<'_>, state: &mut WriterState, op: &Op) -> Result<Outc
             if t.latest(key)?.is_some() {
                 return Ok((Err(StoreError::AlreadyExists(key.clone())), None));
             }
-            t.put(key, value, next, next)?;
+            t.put(key, value, next, next, None)?;
             state.current = next;
             let kv = KeyValue {
                 key: key.clone(),
@@ -1078,7 +1231,7 @@ fn apply_op(t: &mut Tables<'_>, state: &mut WriterState, op: &Op) -> Result<Outc
                 };
                 return Ok((Err(err), None));
             }
-            t.put(key, value, prev.create_revision, next)?;
+            t.put(key, value, prev.create_revision, next, Some(&prev))?;
             state.current = next;
             let kv = KeyValue {
                 key: key.clone(),
@@ -1107,7 +1260,7 @@ fn apply_op(t: &mut Tables<'_>, state: &mut WriterState, op: &Op) -> Result<Outc
                     return Ok((Err(err), None));
                 }
             }
-            t.remove(key, prev.create_revision, next)?;
+            t.remove(&prev, next)?;
             state.current = next;
             let kv = KeyValue {
                 mod_revision: next,

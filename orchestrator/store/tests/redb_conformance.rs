@@ -139,6 +139,98 @@ async fn data_and_revision_survive_reopen() {
     assert_eq!(next(&mut w).await.kv, c);
 }
 
+/// The list at every revision so far.
+async fn every_list(s: &RedbStore) -> Vec<tapestry_store::ListResult> {
+    let mut lists = Vec::new();
+    for revision in 1..=s.current_revision().await.expect("rev") {
+        let opts = ListOptions {
+            revision: Some(revision),
+            ..Default::default()
+        };
+        lists.push(s.list("/", opts).await.expect("list"));
+    }
+    lists
+}
+
+/// Files from builds that also kept each key's latest value in the history
+/// table read exactly as files that keep only superseded values there.
+#[tokio::test]
+async fn history_holding_latest_copies_reads_the_same() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("s.redb");
+    let (lists, events) = {
+        let s = RedbStore::open(&path).expect("open");
+        let a = s.create("/a", v("a1")).await.expect("create");
+        s.create("/b", v("b1")).await.expect("create");
+        s.update("/a", v("a2"), a.mod_revision)
+            .await
+            .expect("update");
+        s.delete("/b", None).await.expect("delete");
+        s.create("/c", v("c1")).await.expect("create");
+        s.create("/b", v("b2")).await.expect("recreate");
+        let mut w = s.watch("/", 0).await.expect("watch");
+        let mut events = Vec::new();
+        for _ in 0..6 {
+            events.push(next(&mut w).await);
+        }
+        (every_list(&s).await, events)
+    };
+    {
+        // What those builds wrote: each latest value under (key, its
+        // revision) in `versions` as a live record: tag 0, create revision.
+        let kv_table: redb::TableDefinition<&str, &[u8]> = redb::TableDefinition::new("kv");
+        let versions_table: redb::TableDefinition<(&str, i64), &[u8]> =
+            redb::TableDefinition::new("versions");
+        let db = redb::Database::create(&path).expect("open file");
+        let txn = db.begin_write().expect("txn");
+        {
+            use redb::ReadableTable;
+            let kv = txn.open_table(kv_table).expect("kv");
+            let mut versions = txn.open_table(versions_table).expect("versions");
+            for entry in kv.iter().expect("iter") {
+                let (k, record) = entry.expect("entry");
+                let record = record.value();
+                let modified = i64::from_le_bytes(record[8..16].try_into().expect("len"));
+                let mut copy = vec![0u8];
+                copy.extend_from_slice(&record[..8]);
+                copy.extend_from_slice(&record[16..]);
+                versions
+                    .insert((k.value(), modified), copy.as_slice())
+                    .expect("insert");
+            }
+        }
+        txn.commit().expect("commit");
+    }
+    let s = RedbStore::open(&path).expect("reopen");
+    assert_eq!(every_list(&s).await, lists);
+    let mut w = s.watch("/", 0).await.expect("watch");
+    for want in &events {
+        assert_eq!(&next(&mut w).await, want);
+    }
+    // Writes and purging carry on over the copies.
+    let a = s.get("/a").await.expect("get").expect("a");
+    let a3 = s
+        .update("/a", v("a3"), a.mod_revision)
+        .await
+        .expect("update");
+    assert_eq!(next(&mut w).await.prev, Some(a));
+    s.compact(a3.mod_revision).await.expect("compact");
+    wait_purged(&s).await;
+    let now = s.list("/", ListOptions::default()).await.expect("list");
+    let at_compaction = s
+        .list(
+            "/",
+            ListOptions {
+                revision: Some(a3.mod_revision),
+                ..Default::default()
+            },
+        )
+        .await
+        .expect("list at compaction");
+    assert_eq!(now.items, at_compaction.items);
+    assert_eq!(now.items.len(), 3);
+}
+
 #[tokio::test]
 async fn compaction_point_survives_reopen() {
     let dir = tempfile::tempdir().expect("tempdir");
