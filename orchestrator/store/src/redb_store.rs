@@ -14,16 +14,20 @@
 //!   revisions in order and can prove there is no gap.
 //! * `meta`: current, compacted and purged revisions.
 //!
+//! The latest version of every key is also kept in memory, as
+//! kube-apiserver's watch cache keeps it: gets and lists at the current
+//! revision read that copy, so redb serves writes, history and recovery.
+//!
 //! A single writer thread owns every write transaction. It drains whatever
 //! requests are queued into one durable commit (group commit): nothing waits
 //! for a batch to fill, but concurrent writers share one fsync.
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, VecDeque};
 use std::fmt::Display;
 use std::ops::Bound;
 use std::path::Path;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, PoisonError, RwLock, RwLockReadGuard};
 use std::thread::JoinHandle;
 
 use async_trait::async_trait;
@@ -125,10 +129,12 @@ struct Shared {
 ///   writer thread that commits whatever is queued together, so throughput
 ///   grows with the number of concurrent writers while a lone writer still
 ///   gets one commit per write.
-/// * Reads use redb read transactions and never wait for writes. Gets and
-///   the first entries of a list are read on the calling task (from redb's
-///   page cache this is cheaper than a thread hand-off); longer lists,
-///   reads of past revisions and watch catch-up run on the blocking pool.
+/// * Gets and lists at the current revision read the in-memory copy of the
+///   latest versions on the calling task, in steps of a few hundred keys so
+///   a long list never holds back the writer for long. Lists at past
+///   revisions (or one whose revision moved on between its steps) and watch
+///   catch-up read redb's history on the blocking pool, and never wait for
+///   writes.
 /// * [`watch`](Store::watch) below the compaction point fails immediately
 ///   with [`StoreError::Compacted`]. Live events come from one in-memory
 ///   broadcast ([`RedbOptions::watch_buffer`] events); a watcher that falls
@@ -143,6 +149,7 @@ struct Shared {
 pub struct RedbStore {
     db: Arc<Database>,
     shared: Arc<Shared>,
+    latest: Arc<RwLock<Latest>>,
     requests: Option<mpsc::Sender<Request>>,
     events: broadcast::Sender<Arc<WatchEvent>>,
     writer: Option<JoinHandle<()>>,
@@ -181,6 +188,41 @@ impl<T, E: Display> OrBackend<T> for std::result::Result<T, E> {
         self.map_err(|e| StoreError::Backend(e.to_string()))
     }
 }
+
+/// The latest version of every key at `revision`, updated by the writer
+/// after each commit and before anyone hears of it.
+struct Latest {
+    revision: Revision,
+    entries: BTreeMap<String, LatestEntry>,
+}
+
+struct LatestEntry {
+    create_revision: Revision,
+    mod_revision: Revision,
+    value: Bytes,
+}
+
+impl LatestEntry {
+    fn of(kv: &KeyValue) -> Self {
+        LatestEntry {
+            create_revision: kv.create_revision,
+            mod_revision: kv.mod_revision,
+            value: kv.value.clone(),
+        }
+    }
+
+    fn kv(&self, key: &str) -> KeyValue {
+        KeyValue {
+            key: key.to_owned(),
+            value: self.value.clone(),
+            create_revision: self.create_revision,
+            mod_revision: self.mod_revision,
+        }
+    }
+}
+
+/// Keys a list copies from memory per hold of the read lock (tens of µs).
+const MEMORY_LIST_STEP: usize = 256;
 
 fn closed() -> StoreError {
     StoreError::Backend("store is closed".into())
@@ -293,23 +335,41 @@ impl RedbStore {
     /// [`open`](Self::open) with explicit options.
     pub fn open_with(path: impl AsRef<Path>, opts: RedbOptions) -> Result<Self> {
         let db = Database::create(path.as_ref()).backend()?;
-        let (current, compacted, purged) = {
+        let (current, compacted, purged, entries) = {
             let txn = db.begin_write().backend()?;
             let state = {
                 // Opening creates missing tables, so readers never see a missing one.
-                txn.open_table(KV).backend()?;
+                let kv = txn.open_table(KV).backend()?;
                 txn.open_table(VERSIONS).backend()?;
                 txn.open_table(REVLOG).backend()?;
                 let meta = txn.open_table(META).backend()?;
+                let mut entries = BTreeMap::new();
+                for entry in kv.iter().backend()? {
+                    let (k, v) = entry.backend()?;
+                    let (create_revision, mod_revision, value) = split_latest(v.value())?;
+                    entries.insert(
+                        k.value().to_owned(),
+                        LatestEntry {
+                            create_revision,
+                            mod_revision,
+                            value: Bytes::copy_from_slice(value),
+                        },
+                    );
+                }
                 (
                     meta_get(&meta, META_CURRENT)?,
                     meta_get(&meta, META_COMPACTED)?,
                     meta_get(&meta, META_PURGED)?,
+                    entries,
                 )
             };
             txn.commit().backend()?;
             state
         };
+        let latest = Arc::new(RwLock::new(Latest {
+            revision: current,
+            entries,
+        }));
 
         let db = Arc::new(db);
         let shared = Arc::new(Shared::default());
@@ -323,6 +383,7 @@ impl RedbStore {
         let writer = Writer {
             db: db.clone(),
             shared: shared.clone(),
+            latest: latest.clone(),
             events: events.clone(),
             rx,
             max_batch: opts.max_batch.max(1),
@@ -342,6 +403,7 @@ impl RedbStore {
         Ok(Self {
             db,
             shared,
+            latest,
             requests: Some(requests),
             events,
             writer: Some(writer),
@@ -361,6 +423,11 @@ impl RedbStore {
             watch_lagged: s.watch_lagged.load(Ordering::Relaxed),
             watch_lagged_events: s.watch_lagged_events.load(Ordering::Relaxed),
         }
+    }
+
+    fn read_latest(&self) -> RwLockReadGuard<'_, Latest> {
+        // Nothing panics while holding the lock; a poisoned one is still whole.
+        self.latest.read().unwrap_or_else(PoisonError::into_inner)
     }
 
     async fn submit(&self, op: Op) -> Result<Option<KeyValue>> {
@@ -406,32 +473,37 @@ impl Store for RedbStore {
 
     async fn get(&self, key: &str) -> Result<Option<KeyValue>> {
         check_key(key)?;
-        // One key from redb's page cache: cheaper here than on a thread.
-        let txn = self.db.begin_read().backend()?;
-        let kv = txn.open_table(KV).backend()?;
-        let found = kv.get(key).backend()?;
-        found.map(|g| decode_latest(key, g.value())).transpose()
+        Ok(self.read_latest().entries.get(key).map(|e| e.kv(key)))
     }
 
     async fn list(&self, prefix: &str, opts: ListOptions) -> Result<ListResult> {
         if let Some(r) = opts.revision {
             check_revision(r)?;
         }
-        // Reads come from redb's page cache, so a short list is cheaper read
-        // here than handed to a blocking thread; a long one continues there,
-        // from the same snapshot.
-        let (txn, revision, latest) = list_snapshot(&self.db, &opts)?;
-        if !latest {
-            let prefix = prefix.to_owned();
-            return blocking(move || list_history(&txn, &prefix, revision, &opts)).await;
+        let mut scan = MemoryScan::new(prefix, &opts);
+        // The revision the steps read at, once the first one has run.
+        let mut reading = None;
+        loop {
+            let latest = self.read_latest();
+            let wanted = match (reading, opts.revision) {
+                (Some(r), _) | (None, Some(r @ 1..)) => r,
+                (None, _) => latest.revision,
+            };
+            if wanted != latest.revision {
+                break;
+            }
+            reading = Some(wanted);
+            if scan.step(&latest.entries) {
+                return Ok(scan.finish(wanted));
+            }
         }
-        let mut scan = LatestScan::new(prefix, &opts);
-        if scan.step(&txn, INLINE_LIST_ENTRIES)? {
-            return Ok(scan.finish(revision));
-        }
+        // A past revision, or the latest moved on between steps: the rest
+        // comes from the history at the list's revision.
+        let revision = reading.or(opts.revision.filter(|&r| r > 0));
+        let db = self.db.clone();
         blocking(move || {
-            scan.step(&txn, usize::MAX)?;
-            Ok(scan.finish(revision))
+            let (txn, revision) = list_snapshot(&db, revision)?;
+            scan.finish_from_history(&txn, revision)
         })
         .await
     }
@@ -521,23 +593,14 @@ impl Store for RedbStore {
     }
 }
 
-/// Entries a list reads on the calling task before it moves to a blocking
-/// thread: about 50 µs of work. Most lists (a namespace's objects, a page of
-/// 500 is two hand-offs' worth) then skip the thread hand-off, which cost
-/// more CPU than reading 100 objects.
-const INLINE_LIST_ENTRIES: usize = 256;
-
-/// A list's read transaction and the revision it reads at, checked against
+/// A read transaction at `revision` (the latest when none), checked against
 /// the store's current and compacted revisions.
-fn list_snapshot(db: &Database, opts: &ListOptions) -> Result<(ReadTransaction, Revision, bool)> {
+fn list_snapshot(db: &Database, revision: Option<Revision>) -> Result<(ReadTransaction, Revision)> {
     let txn = db.begin_read().backend()?;
     let meta = txn.open_table(META).backend()?;
     let current = meta_get(&meta, META_CURRENT)?;
     let compacted = meta_get(&meta, META_COMPACTED)?;
-    let revision = match opts.revision {
-        None | Some(0) => current,
-        Some(r) => r,
-    };
+    let revision = revision.unwrap_or(current);
     if revision > current {
         return Err(StoreError::FutureRevision {
             requested: revision,
@@ -551,7 +614,7 @@ fn list_snapshot(db: &Database, opts: &ListOptions) -> Result<(ReadTransaction, 
         });
     }
     drop(meta);
-    Ok((txn, revision, revision == current))
+    Ok((txn, revision))
 }
 
 /// Most items a list returns: its limit, where 0 or none means all.
@@ -569,108 +632,99 @@ fn scan_start<'a>(prefix: &'a str, start_after: Option<&'a str>) -> Bound<&'a st
     }
 }
 
-/// A list of the latest versions, read in steps from one snapshot. Values
-/// are copied into one buffer the items share: one allocation per list
-/// rather than one per object.
-struct LatestScan {
+/// A list of the latest versions, copied from memory in steps.
+struct MemoryScan {
     prefix: String,
     limit: usize,
     /// The last key read; the next step starts after it.
     resume: Option<String>,
-    values: Vec<u8>,
-    found: Vec<(String, Revision, Revision, std::ops::Range<usize>)>,
+    items: Vec<KeyValue>,
     remaining: usize,
 }
 
-impl LatestScan {
+impl MemoryScan {
     fn new(prefix: &str, opts: &ListOptions) -> Self {
-        LatestScan {
+        MemoryScan {
             prefix: prefix.to_owned(),
             limit: list_limit(opts),
             resume: opts.start_after.clone(),
-            values: Vec::new(),
-            found: Vec::new(),
+            items: Vec::new(),
             remaining: 0,
         }
     }
 
-    /// Read up to `budget` entries; true when the prefix is exhausted.
-    fn step(&mut self, txn: &ReadTransaction, budget: usize) -> Result<bool> {
-        let kv = txn.open_table(KV).backend()?;
-        let start = scan_start(&self.prefix, self.resume.as_deref());
-        // The entries are gathered first so the values buffer grows once.
-        let mut taken = Vec::new();
-        let mut last_counted = None;
-        let mut exhausted = true;
-        let entries = kv.range::<&str>((start, Bound::Unbounded)).backend()?;
-        for (read, entry) in entries.enumerate() {
-            if read == budget {
-                exhausted = false;
+    /// Read up to [`MEMORY_LIST_STEP`] keys; true when the prefix is exhausted.
+    fn step(&mut self, entries: &BTreeMap<String, LatestEntry>) -> bool {
+        let MemoryScan {
+            prefix,
+            limit,
+            resume,
+            items,
+            remaining,
+        } = self;
+        let after = resume.take();
+        let start = scan_start(prefix, after.as_deref());
+        let mut last: Option<&String> = None;
+        for (read, (key, entry)) in entries
+            .range::<str, _>((start, Bound::Unbounded))
+            .enumerate()
+        {
+            if read == MEMORY_LIST_STEP {
+                *resume = last.cloned();
+                return false;
+            }
+            if !key.starts_with(prefix.as_str()) {
                 break;
             }
-            let (k, v) = entry.backend()?;
-            if !k.value().starts_with(self.prefix.as_str()) {
-                break;
-            }
-            if self.found.len() + taken.len() < self.limit {
-                taken.push((k, v));
+            if items.len() < *limit {
+                items.push(entry.kv(key));
             } else {
-                self.remaining += 1;
-                last_counted = Some(k);
+                *remaining += 1;
             }
+            last = Some(key);
         }
-        let size: usize = taken.iter().map(|(_, v)| v.value().len()).sum();
-        self.values.reserve(size);
-        self.found.reserve(taken.len());
-        for (k, v) in &taken {
-            let (create_revision, mod_revision, value) = split_latest(v.value())?;
-            let at = self.values.len();
-            self.values.extend_from_slice(value);
-            self.found.push((
-                k.value().to_owned(),
-                create_revision,
-                mod_revision,
-                at..self.values.len(),
-            ));
-        }
-        if !exhausted {
-            self.resume = match last_counted {
-                Some(k) => Some(k.value().to_owned()),
-                None => taken.last().map(|(k, _)| k.value().to_owned()),
-            };
-        }
-        Ok(exhausted)
+        true
     }
 
     fn finish(self, revision: Revision) -> ListResult {
-        let values = Bytes::from(self.values);
         ListResult {
-            items: self
-                .found
-                .into_iter()
-                .map(|(key, create_revision, mod_revision, range)| KeyValue {
-                    key,
-                    value: values.slice(range),
-                    create_revision,
-                    mod_revision,
-                })
-                .collect(),
+            items: self.items,
             revision,
             remaining: self.remaining,
         }
+    }
+
+    /// The keys after the last one read, from the history at `revision`.
+    fn finish_from_history(self, txn: &ReadTransaction, revision: Revision) -> Result<ListResult> {
+        let rest = list_history(
+            txn,
+            &self.prefix,
+            revision,
+            self.resume.as_deref(),
+            self.limit.saturating_sub(self.items.len()),
+        )?;
+        let mut items = self.items;
+        items.extend(rest.items);
+        Ok(ListResult {
+            items,
+            revision,
+            remaining: self.remaining + rest.remaining,
+        })
     }
 }
 
 /// A list at a past revision: the newest version at or before `revision` of
 /// each key. Superseded versions come from the history and the latest ones
 /// from `kv`; both tables are scanned in key order and merged.
+/// At most `limit` items are returned; the rest are counted.
 fn list_history(
     txn: &ReadTransaction,
     prefix: &str,
     revision: Revision,
-    opts: &ListOptions,
+    start_after: Option<&str>,
+    limit: usize,
 ) -> Result<ListResult> {
-    let start = scan_start(prefix, opts.start_after.as_deref());
+    let start = scan_start(prefix, start_after);
     let versions = txn.open_table(VERSIONS).backend()?;
     let kv = txn.open_table(KV).backend()?;
     let mut latest = LatestCursor {
@@ -682,7 +736,7 @@ fn list_history(
     latest.advance()?;
     let mut found = AsOf {
         revision,
-        limit: list_limit(opts),
+        limit,
         out: ListResult {
             items: Vec::new(),
             revision,
@@ -1069,6 +1123,7 @@ struct WriterState {
 struct Writer {
     db: Arc<Database>,
     shared: Arc<Shared>,
+    latest: Arc<RwLock<Latest>>,
     events: broadcast::Sender<Arc<WatchEvent>>,
     rx: mpsc::Receiver<Request>,
     max_batch: usize,
@@ -1359,6 +1414,7 @@ impl Writer {
                 let writes = state.current - self.state.current;
                 self.state = state;
                 self.purge_failed = false;
+                self.remember_latest(&outcomes);
                 self.publish_state(writes);
                 // Publish after the commit and in revision order; watchers rely
                 // on both.
@@ -1382,6 +1438,25 @@ impl Writer {
                 }
             }
         }
+    }
+
+    /// Apply a committed batch to the in-memory latest versions, before any
+    /// reply or event, so whoever hears of a write can read it.
+    fn remember_latest(&self, outcomes: &[Outcome]) {
+        let mut latest = self.latest.write().unwrap_or_else(PoisonError::into_inner);
+        for event in outcomes.iter().filter_map(|(_, event)| event.as_ref()) {
+            let key = &event.kv.key;
+            if event.kind == EventKind::Deleted {
+                latest.entries.remove(key);
+            } else if let Some(entry) = latest.entries.get_mut(key) {
+                *entry = LatestEntry::of(&event.kv);
+            } else {
+                latest
+                    .entries
+                    .insert(key.clone(), LatestEntry::of(&event.kv));
+            }
+        }
+        latest.revision = self.state.current;
     }
 
     fn purge_idle(&mut self) {
