@@ -1,7 +1,11 @@
 //! Helpers over objects held as JSON values, and their storage encoding.
 
+use std::borrow::Cow;
+
 use bytes::Bytes;
 use chrono::{SecondsFormat, Utc};
+use serde::de::{DeserializeSeed, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
+use serde::Deserialize;
 use serde_json::{json, Map, Value};
 use tapestry_store::KeyValue;
 
@@ -208,6 +212,161 @@ pub fn append_served_or_decode(
     Ok(())
 }
 
+/// What label and field selectors read from a stored object, parsed without
+/// building the rest of it: `metadata.name`, `namespace` and `labels`, and
+/// the resource's selectable fields. Filtered lists and watches test every
+/// object, and most of an object (spec, status, managedFields) is then only
+/// skipped over rather than allocated.
+pub struct SelectorView {
+    pick: Pick,
+}
+
+/// The members of a JSON object to keep: `Whole` keeps the value as it is.
+enum Pick {
+    Whole,
+    Members(Vec<(String, Pick)>),
+}
+
+impl Pick {
+    fn add(&mut self, path: &[&str]) {
+        let Some((first, rest)) = path.split_first() else {
+            *self = Pick::Whole;
+            return;
+        };
+        let Pick::Members(members) = self else {
+            return; // already kept whole
+        };
+        let at = match members.iter().position(|(name, _)| name == first) {
+            Some(at) => at,
+            None => {
+                members.push(((*first).to_owned(), Pick::Members(Vec::new())));
+                members.len() - 1
+            }
+        };
+        members[at].1.add(rest);
+    }
+}
+
+impl SelectorView {
+    pub fn new(def: &ResourceDef) -> Self {
+        let mut pick = Pick::Members(Vec::new());
+        let pointers = ["/metadata/name", "/metadata/namespace", "/metadata/labels"]
+            .into_iter()
+            .chain(def.field_selectors.iter().map(|(_, pointer)| *pointer));
+        for pointer in pointers {
+            let path: Vec<&str> = pointer.split('/').skip(1).collect();
+            pick.add(&path);
+        }
+        SelectorView { pick }
+    }
+
+    /// The object as selectors see it. Resources that convert on read are
+    /// decoded whole.
+    pub fn read(&self, def: &ResourceDef, kv: &KeyValue) -> ApiResult<Value> {
+        if !def.behaviour.serves_stored_form() {
+            return decode(def, kv);
+        }
+        let corrupt =
+            |e: serde_json::Error| ApiError::Internal(format!("corrupt object at {}: {e}", kv.key));
+        let mut de = serde_json::Deserializer::from_slice(&kv.value);
+        let view = PickSeed(&self.pick).deserialize(&mut de).map_err(corrupt)?;
+        de.end().map_err(corrupt)?;
+        Ok(view)
+    }
+}
+
+struct PickSeed<'a>(&'a Pick);
+
+impl<'de> DeserializeSeed<'de> for PickSeed<'_> {
+    type Value = Value;
+
+    fn deserialize<D: Deserializer<'de>>(self, de: D) -> Result<Value, D::Error> {
+        match self.0 {
+            Pick::Whole => Value::deserialize(de),
+            Pick::Members(members) => de.deserialize_any(PickVisitor(members)),
+        }
+    }
+}
+
+/// Keeps the picked members of an object; anything else where an object
+/// was expected reads as null, as a missing field does.
+struct PickVisitor<'a>(&'a [(String, Pick)]);
+
+impl<'de> Visitor<'de> for PickVisitor<'_> {
+    type Value = Value;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a JSON value")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Value, A::Error> {
+        let mut kept = Map::new();
+        while let Some(MemberName(name)) = map.next_key()? {
+            match self.0.iter().find(|(wanted, _)| *wanted == name) {
+                Some((wanted, pick)) => {
+                    let value = map.next_value_seed(PickSeed(pick))?;
+                    kept.insert(wanted.clone(), value);
+                }
+                None => {
+                    map.next_value::<IgnoredAny>()?;
+                }
+            }
+        }
+        Ok(Value::Object(kept))
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Value, A::Error> {
+        while seq.next_element::<IgnoredAny>()?.is_some() {}
+        Ok(Value::Null)
+    }
+
+    fn visit_bool<E>(self, _: bool) -> Result<Value, E> {
+        Ok(Value::Null)
+    }
+
+    fn visit_i64<E>(self, _: i64) -> Result<Value, E> {
+        Ok(Value::Null)
+    }
+
+    fn visit_u64<E>(self, _: u64) -> Result<Value, E> {
+        Ok(Value::Null)
+    }
+
+    fn visit_f64<E>(self, _: f64) -> Result<Value, E> {
+        Ok(Value::Null)
+    }
+
+    fn visit_str<E>(self, _: &str) -> Result<Value, E> {
+        Ok(Value::Null)
+    }
+
+    fn visit_unit<E>(self) -> Result<Value, E> {
+        Ok(Value::Null)
+    }
+}
+
+/// An object member's name, borrowed from the input unless it had escapes.
+struct MemberName<'de>(Cow<'de, str>);
+
+impl<'de> Deserialize<'de> for MemberName<'de> {
+    fn deserialize<D: Deserializer<'de>>(de: D) -> Result<Self, D::Error> {
+        struct NameVisitor;
+        impl<'de> Visitor<'de> for NameVisitor {
+            type Value = MemberName<'de>;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a member name")
+            }
+            fn visit_borrowed_str<E>(self, name: &'de str) -> Result<Self::Value, E> {
+                Ok(MemberName(Cow::Borrowed(name)))
+            }
+            fn visit_str<E>(self, name: &str) -> Result<Self::Value, E> {
+                Ok(MemberName(Cow::Owned(name.to_owned())))
+            }
+        }
+        de.deserialize_str(NameVisitor)
+    }
+}
+
 /// Encode an object for storage; its resourceVersion is the store revision,
 /// so it is not stored.
 pub fn encode(def: &ResourceDef, obj: &Value) -> ApiResult<Bytes> {
@@ -328,6 +487,55 @@ mod tests {
             assert_eq!(spliced, decode(&leases, &kv).unwrap(), "{value}");
             assert_eq!(spliced["metadata"]["resourceVersion"], "7");
         }
+    }
+
+    /// Selectors see the same fields in the view as in the decoded object.
+    #[test]
+    fn selector_view_keeps_what_selectors_read() {
+        // Pods' selectable fields, on a resource that needs no allocator.
+        let mut pods = def("coordination.k8s.io", "leases");
+        pods.field_selectors = &[
+            ("spec.nodeName", "/spec/nodeName"),
+            ("spec.restartPolicy", "/spec/restartPolicy"),
+            ("status.phase", "/status/phase"),
+            ("status.podIP", "/status/podIP"),
+        ];
+        let view = SelectorView::new(&pods);
+        let full = r#"{"apiVersion":"v1","kind":"Pod","metadata":{"name":"p","namespace":"ns","uid":"u","labels":{"app":"web","t\u0069er":"x"},"managedFields":[{"manager":"m"}]},"spec":{"nodeName":"n1","containers":[{"name":"c","image":"i"}],"restartPolicy":"Always"},"status":{"phase":"Running","podIP":"10.0.0.1"}}"#;
+        let got = view.read(&pods, &stored(full)).unwrap();
+        assert_eq!(
+            got,
+            json!({
+                "metadata": {"name": "p", "namespace": "ns", "labels": {"app": "web", "tier": "x"}},
+                "spec": {"nodeName": "n1", "restartPolicy": "Always"},
+                "status": {"phase": "Running", "podIP": "10.0.0.1"},
+            })
+        );
+        let decoded = decode(&pods, &stored(full)).unwrap();
+        for (label, _) in pods.field_selectors {
+            assert_eq!(
+                pods.field_value(&got, label),
+                pods.field_value(&decoded, label)
+            );
+        }
+        // Odd shapes read as missing fields, as they do when decoded.
+        for odd in [
+            r#"{"metadata":"x","spec":[1,{"nodeName":"n"}],"status":7}"#,
+            r#"{"metadata":{"labels":null},"spec":{"nodeName":3}}"#,
+            "[]",
+        ] {
+            let got = view.read(&pods, &stored(odd)).unwrap();
+            let decoded: Value = serde_json::from_str(odd).unwrap();
+            for field in ["metadata.name", "spec.nodeName", "status.phase"] {
+                assert_eq!(
+                    pods.field_value(&got, field),
+                    pods.field_value(&decoded, field),
+                    "{odd} {field}"
+                );
+            }
+        }
+        assert!(view.read(&pods, &stored(r#"{"metadata":{"#)).is_err());
+        assert!(view.read(&pods, &stored("{} x")).is_err());
     }
 
     #[test]

@@ -18,6 +18,7 @@ use crate::error::{ApiError, ApiResult, Cause, Target, OBJECT_MODIFIED};
 use crate::objects::{
     append_served_or_decode, decode, encode, finalizers, is_terminating, meta, meta_mut, meta_str,
     now_rfc3339, parse_resource_version, partial_metadata, random_suffix, spec_differs,
+    SelectorView,
 };
 use crate::patch::{self, FieldManagement};
 use crate::registry::{Registry, ResourceDef, Subresource};
@@ -712,6 +713,7 @@ impl Api {
         // Plain object lists are assembled from the stored bytes; tables
         // and metadata-only lists need the decoded objects.
         let raw = rendering == Rendering::Object;
+        let selector_view = (raw && filtered).then(|| SelectorView::new(&req.def));
         let mut items = Vec::new();
         let mut raw_items: Vec<u8> = Vec::new();
         let mut count = 0usize;
@@ -745,14 +747,18 @@ impl Api {
                 raw_items.reserve(page.items.iter().map(|kv| kv.value.len() + 48).sum());
             }
             for kv in &page.items {
-                if filtered || !raw {
+                if !raw {
                     let obj = decode(&req.def, kv)?;
                     if filtered && !Self::matches(&req.def, &labels, &fields, &obj) {
                         continue;
                     }
-                    if !raw {
-                        items.push(obj);
-                        count += 1;
+                    items.push(obj);
+                    count += 1;
+                    continue;
+                }
+                if let Some(view) = &selector_view {
+                    let obj = view.read(&req.def, kv)?;
+                    if !Self::matches(&req.def, &labels, &fields, &obj) {
                         continue;
                     }
                 }

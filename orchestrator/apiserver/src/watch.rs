@@ -14,7 +14,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::error::{ApiError, ApiResult};
-use crate::objects::{append_served_or_decode, decode, parse_resource_version};
+use crate::objects::{append_served_or_decode, decode, parse_resource_version, SelectorView};
 use crate::registry::ResourceDef;
 use crate::rest::{render_one, table, Api, Rendering, Request};
 use crate::selectors::{FieldSelector, LabelSelector};
@@ -30,6 +30,7 @@ struct WatchSpec {
     rendering: Rendering,
     bookmarks: bool,
     timeout: Option<Duration>,
+    view: SelectorView,
 }
 
 impl Api {
@@ -66,6 +67,7 @@ impl Api {
             labels,
             fields,
             timeout,
+            view: SelectorView::new(&req.def),
         };
         let prefix = self.scan_prefix(&req, &spec.fields);
         let rv = req
@@ -228,11 +230,14 @@ impl WatchSpec {
         !self.labels.is_empty() || !self.fields.is_empty()
     }
 
-    /// The decoded object, when selectors or the rendering need it; plain
-    /// unfiltered watches stream the stored bytes as they are.
+    /// The object as far as the rendering or the selectors need it: whole
+    /// for tables and metadata, the selected fields for filtered watches of
+    /// objects (whose lines are the stored bytes), nothing otherwise.
     fn decode_if_needed(&self, def: &ResourceDef, kv: &KeyValue) -> ApiResult<Option<Value>> {
-        if self.filtered() || self.rendering != Rendering::Object {
+        if self.rendering != Rendering::Object {
             decode(def, kv).map(Some)
+        } else if self.filtered() {
+            self.view.read(def, kv).map(Some)
         } else {
             Ok(None)
         }
