@@ -60,12 +60,30 @@ struct Placed {
 
 struct NodeInfo {
     node: Arc<Node>,
+    /// What every placement checks first, read once per node update rather
+    /// than from the node object for every pod.
+    ready: bool,
+    cordoned: bool,
+    tainted: bool,
     alloc: Resources,
     used: Resources,
     ports: Vec<(String, String, i32)>,
     /// Pods per owning controller uid, for spreading.
     owners: HashMap<String, u32>,
     pods: HashSet<String>,
+}
+
+impl NodeInfo {
+    fn set_node(&mut self, node: Node) {
+        self.ready = node_ready(&node);
+        let spec = node.spec.as_ref();
+        self.cordoned = spec.and_then(|s| s.unschedulable) == Some(true);
+        self.tainted = spec
+            .and_then(|s| s.taints.as_ref())
+            .is_some_and(|taints| !taints.is_empty());
+        self.alloc = allocatable(&node);
+        self.node = Arc::new(node);
+    }
 }
 
 /// What a pod asks of a node, computed once per scheduling attempt.
@@ -253,19 +271,22 @@ impl Scheduler {
         let changed = match self.nodes.get_mut(&name) {
             Some(info) => {
                 let changed = node_fingerprint(&info.node) != node_fingerprint(&node);
-                info.alloc = allocatable(&node);
-                info.node = Arc::new(node);
+                info.set_node(node);
                 changed
             }
             None => {
                 let mut info = NodeInfo {
-                    alloc: allocatable(&node),
-                    node: Arc::new(node),
+                    node: Arc::default(),
+                    ready: false,
+                    cordoned: false,
+                    tainted: false,
+                    alloc: Resources::default(),
                     used: Resources::default(),
                     ports: Vec::new(),
                     owners: HashMap::new(),
                     pods: HashSet::new(),
                 };
+                info.set_node(node);
                 for (k, p) in self.placed.iter().filter(|(_, p)| p.node == name) {
                     add_to(&mut info, k, p);
                 }
@@ -283,10 +304,10 @@ impl Scheduler {
     fn filter(&self, pod: &Pod, need: &Needs, info: &NodeInfo) -> Option<String> {
         let (req, ports, anti) = (&need.req, &need.ports, &need.anti);
         let node = &info.node;
-        if !node_ready(node) {
+        if !info.ready {
             return Some("node(s) were not ready".into());
         }
-        if node.spec.as_ref().and_then(|s| s.unschedulable) == Some(true) {
+        if info.cordoned {
             let tolerations = pod
                 .spec
                 .as_ref()
@@ -301,7 +322,7 @@ impl Scheduler {
                 return Some("node(s) were unschedulable".into());
             }
         }
-        if let Some(t) = untolerated_taint(pod, node) {
+        if let Some(t) = info.tainted.then(|| untolerated_taint(pod, node)).flatten() {
             let v = t
                 .value
                 .as_deref()
