@@ -16,9 +16,9 @@ use tapestry_store::{KeyValue, ListOptions, Store, StoreError};
 
 use crate::error::{ApiError, ApiResult, Cause, Target, OBJECT_MODIFIED};
 use crate::objects::{
-    append_served_or_decode, decode, encode, finalizers, is_terminating, meta, meta_mut, meta_str,
-    now_rfc3339, parse_resource_version, partial_metadata, random_suffix, spec_differs,
-    SelectorView,
+    append_served, append_served_or_decode, decode, encode, finalizers, is_terminating, meta,
+    meta_mut, meta_str, now_rfc3339, parse_resource_version, partial_metadata, random_suffix,
+    spec_differs, SelectorView,
 };
 use crate::patch::{self, FieldManagement};
 use crate::registry::{Registry, ResourceDef, Subresource};
@@ -268,9 +268,21 @@ fn unknown_fields(input: &Value, decoded: &Value, path: &str, out: &mut Vec<Stri
 struct Written {
     obj: Value,
     created: bool,
+    /// What the store now holds for `obj`, when it holds it: a plain
+    /// response is these bytes with `resourceVersion` spliced in, rather
+    /// than `obj` encoded a second time.
+    stored: Option<KeyValue>,
 }
 
 impl Written {
+    fn new(obj: Value, created: bool) -> Self {
+        Written {
+            obj,
+            created,
+            stored: None,
+        }
+    }
+
     /// 201 for a creation, 200 otherwise, rendered as the client asked.
     fn respond(&self, req: &Request, warnings: &[String]) -> Response {
         let code = if self.created {
@@ -278,7 +290,14 @@ impl Written {
         } else {
             StatusCode::OK
         };
-        let body = render_one(&req.def, &self.obj, Rendering::negotiate(req));
+        let rendering = Rendering::negotiate(req);
+        if let (Rendering::Object, Some(kv)) = (rendering, &self.stored) {
+            let mut body = Vec::with_capacity(kv.value.len() + 48);
+            if append_served(&req.def, kv, &mut body) {
+                return json_bytes_response(code, body, warnings);
+            }
+        }
+        let body = render_one(&req.def, &self.obj, rendering);
         json_response(code, &body, warnings)
     }
 }
@@ -521,7 +540,8 @@ impl Api {
         let sub = req.sub.as_deref();
         if sub == Some("status") {
             // Only status changes through the status subresource.
-            let status = new.get("status").cloned();
+            // `new` is replaced by `merged` below, so its parts are taken.
+            let status = new.as_object_mut().and_then(|m| m.remove("status"));
             let mut merged = old.clone();
             match status {
                 Some(s) => merged["status"] = s,
@@ -537,7 +557,7 @@ impl Api {
                 carried.extend(["labels", "annotations"]);
             }
             for field in carried {
-                match meta(new).get(field).cloned() {
+                match meta_mut(new).remove(field) {
                     Some(v) => {
                         meta_mut(&mut merged).insert(field.into(), v);
                     }
@@ -564,7 +584,7 @@ impl Api {
                 }
             }
         }
-        let old_meta = meta(old).clone();
+        let old_meta = meta(old);
         let m = meta_mut(new);
         for f in [
             "uid",
@@ -864,13 +884,16 @@ impl Api {
                 hook.on_create(&mut obj, dry_run).await?;
             }
             if dry_run {
-                return Ok(Written { obj, created: true });
+                return Ok(Written::new(obj, true));
             }
             match self.store.create(&key, encode(&req.def, &obj)?).await {
                 Ok(kv) => {
                     meta_mut(&mut obj)
                         .insert("resourceVersion".into(), json!(kv.mod_revision.to_string()));
-                    return Ok(Written { obj, created: true });
+                    return Ok(Written {
+                        stored: Some(kv),
+                        ..Written::new(obj, true)
+                    });
                 }
                 Err(e) => {
                     if let Some(hook) = &req.def.hook {
@@ -901,8 +924,8 @@ impl Api {
             let old = decode(&req.def, &kv)?;
             let Some(mut new) = mutate(&old)? else {
                 return Ok(Written {
-                    obj: old,
-                    created: false,
+                    stored: Some(kv),
+                    ..Written::new(old, false)
                 });
             };
             let pinned = meta_str(&new, "resourceVersion").to_string();
@@ -921,10 +944,7 @@ impl Api {
                 && finalizers(&new).is_empty()
                 && !namespace_blocks(&req.def, &new);
             if dry_run {
-                return Ok(Written {
-                    obj: new,
-                    created: false,
-                });
+                return Ok(Written::new(new, false));
             }
             let key = self.key(req, &name);
             let result = if finished {
@@ -947,9 +967,11 @@ impl Api {
                         "resourceVersion".into(),
                         json!(stored.mod_revision.to_string()),
                     );
+                    // A finishing delete stored nothing new: `stored` is
+                    // the object as it was.
                     return Ok(Written {
-                        obj: new,
-                        created: false,
+                        stored: (!finished).then_some(stored),
+                        ..Written::new(new, false)
                     });
                 }
                 Err(StoreError::Conflict { .. }) => {
