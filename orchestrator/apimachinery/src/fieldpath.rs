@@ -181,6 +181,15 @@ impl FieldSet {
         }
     }
 
+    /// Keeps only the paths below the top-level `element` (and it).
+    pub fn retain_subtree(&mut self, element: &PathElement) {
+        let kept = self.children.remove(element);
+        *self = FieldSet::new();
+        if let Some(kept) = kept.filter(|k| !k.is_empty()) {
+            self.children.insert(element.clone(), kept);
+        }
+    }
+
     /// Removes only `path` itself, keeping members below it.
     pub fn remove(&mut self, path: &[PathElement]) {
         if path.is_empty() {
@@ -333,6 +342,24 @@ mod tests {
 
     fn p(elems: &[&str]) -> Vec<PathElement> {
         elems.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn retain_subtree_keeps_one_top_level_member_and_what_is_below_it() {
+        let mut set = FieldSet::new();
+        for path in [
+            p(&["f:status"]),
+            p(&["f:status", "f:phase"]),
+            p(&["f:spec", "f:nodeName"]),
+            p(&["f:statusx"]),
+        ] {
+            set.insert(&path);
+        }
+        set.retain_subtree(&"f:status".to_string());
+        let paths = set.paths();
+        assert_eq!(paths, vec![p(&["f:status"]), p(&["f:status", "f:phase"])]);
+        set.retain_subtree(&"f:spec".to_string());
+        assert!(set.is_empty());
     }
 
     #[test]

@@ -168,19 +168,15 @@ impl FieldManagerOptions {
             let metadata = SERVER_METADATA.iter().map(|m| vec![f("metadata"), f(m)]);
             top.into_iter().chain(metadata).collect()
         });
-        set.remove_subtrees(untracked.iter().map(Vec::as_slice));
-        set.remove(&[f("metadata")]);
         if self.status_only() {
-            let keep = set.clone();
-            *set = FieldSet::new();
-            for p in keep.paths() {
-                if p.first() == Some(&f("status")) {
-                    set.insert(&p);
-                }
-            }
-        } else {
-            set.remove_subtree(&[f("status")]);
+            // Every untracked path is outside status.
+            set.retain_subtree(&f("status"));
+            return;
         }
+        let status = [f("status")];
+        let dropped = untracked.iter().map(Vec::as_slice).chain([&status[..]]);
+        set.remove_subtrees(dropped);
+        set.remove(&[f("metadata")]);
     }
 
     /// The part of an applied configuration this write may change.
