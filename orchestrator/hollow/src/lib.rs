@@ -478,10 +478,15 @@ async fn sync_pod(h: Arc<Hollow>, key: String) -> anyhow::Result<Requeue> {
         "conditions": [cond("PodReadyToStartContainers"), cond("Initialized"), cond("Ready"), cond("ContainersReady"), cond("PodScheduled")],
         "containerStatuses": containers,
     }});
-    match api
-        .patch_status(name, &PatchParams::default(), &Patch::Merge(patch))
-        .await
-    {
+    // Sent as text: the hollow node never reads the updated pod, and
+    // decoding it (managed fields included) was a quarter of its CPU.
+    let request = kube::core::Request::new(api.resource_url()).patch_subresource(
+        "status",
+        name,
+        &PatchParams::default(),
+        &Patch::Merge(patch),
+    )?;
+    match h.client.request_text(request).await {
         Ok(_) => Ok(Requeue::Done),
         Err(e) if runtime::not_found(&e) => {
             if let Some(st) = lock(&h.states).get_mut(&node) {
