@@ -109,6 +109,9 @@ pub struct StoreStats {
     pub watch_lagged: u64,
     /// Events that lagging watchers missed in memory and re-read from disk.
     pub watch_lagged_events: u64,
+    /// Lists at the current revision that writes overtook between two of
+    /// their in-memory steps, and that were finished from the history.
+    pub lists_finished_from_history: u64,
 }
 
 #[derive(Default)]
@@ -121,6 +124,7 @@ struct Shared {
     watchers: AtomicU64,
     watch_lagged: AtomicU64,
     watch_lagged_events: AtomicU64,
+    lists_finished_from_history: AtomicU64,
 }
 
 /// A [`Store`] in one redb file.
@@ -422,6 +426,7 @@ impl RedbStore {
             watchers: s.watchers.load(Ordering::Relaxed),
             watch_lagged: s.watch_lagged.load(Ordering::Relaxed),
             watch_lagged_events: s.watch_lagged_events.load(Ordering::Relaxed),
+            lists_finished_from_history: s.lists_finished_from_history.load(Ordering::Relaxed),
         }
     }
 
@@ -481,25 +486,29 @@ impl Store for RedbStore {
             check_revision(r)?;
         }
         let mut scan = MemoryScan::new(prefix, &opts);
-        // The revision the steps read at, once the first one has run.
-        let mut reading = None;
+        // The revision the list reads at: the one asked for (0 means the
+        // latest, as in etcd), else fixed by the first step.
+        let mut reading = opts.revision.filter(|&r| r > 0);
+        let mut stepped = false;
         loop {
             let latest = self.read_latest();
-            let wanted = match (reading, opts.revision) {
-                (Some(r), _) | (None, Some(r @ 1..)) => r,
-                (None, _) => latest.revision,
-            };
-            if wanted != latest.revision {
+            let revision = *reading.get_or_insert(latest.revision);
+            if revision != latest.revision {
                 break;
             }
-            reading = Some(wanted);
+            stepped = true;
             if scan.step(&latest.entries) {
-                return Ok(scan.finish(wanted));
+                return Ok(scan.finish(revision));
             }
         }
-        // A past revision, or the latest moved on between steps: the rest
-        // comes from the history at the list's revision.
-        let revision = reading.or(opts.revision.filter(|&r| r > 0));
+        if stepped {
+            // The latest moved on between steps: the rest comes from the
+            // history at the list's revision.
+            self.shared
+                .lists_finished_from_history
+                .fetch_add(1, Ordering::Relaxed);
+        }
+        let revision = reading;
         let db = self.db.clone();
         blocking(move || {
             let (txn, revision) = list_snapshot(&db, revision)?;
@@ -731,7 +740,6 @@ fn list_history(
         entries: kv.range::<&str>((start, Bound::Unbounded)).backend()?,
         prefix,
         next: None,
-        done: false,
     };
     latest.advance()?;
     let mut found = AsOf {
@@ -785,26 +793,19 @@ struct LatestCursor<'p> {
     entries: redb::Range<'static, &'static str, &'static [u8]>,
     prefix: &'p str,
     next: Option<(redb::AccessGuard<'static, &'static str>, ValueGuard)>,
-    done: bool,
 }
 
 impl LatestCursor<'_> {
+    /// The next entry under the prefix, or None past it. Called only after
+    /// `next` was taken, so a finished cursor is never moved again.
     fn advance(&mut self) -> Result<()> {
-        self.next = None;
-        if self.done {
-            return Ok(());
-        }
-        match self.entries.next() {
+        self.next = match self.entries.next() {
             Some(entry) => {
                 let (k, v) = entry.backend()?;
-                if k.value().starts_with(self.prefix) {
-                    self.next = Some((k, v));
-                } else {
-                    self.done = true;
-                }
+                k.value().starts_with(self.prefix).then_some((k, v))
             }
-            None => self.done = true,
-        }
+            None => None,
+        };
         Ok(())
     }
 }

@@ -377,6 +377,60 @@ async fn purged_history_still_answers_reads_exactly() {
     assert_eq!(next(&mut w).await.revision(), 101);
 }
 
+/// A list of the latest versions that writes overtake between its
+/// in-memory steps is finished from the history at its own revision: it is
+/// still exactly the state at that revision.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lists_overtaken_by_writes_are_one_snapshot() {
+    const KEYS: usize = 3000;
+    let s = Arc::new(temp_store());
+    let creates = (0..KEYS).map(|i| {
+        let s = s.clone();
+        async move { s.create(&format!("/k/{i:05}"), v("0")).await }
+    });
+    for created in futures::future::join_all(creates).await {
+        created.expect("create");
+    }
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writers: Vec<_> = (0..8)
+        .map(|w| {
+            let (s, stop) = (s.clone(), stop.clone());
+            tokio::spawn(async move {
+                let mut round = 0u64;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    round += 1;
+                    let key = format!("/k/{:05}", (w * 997 + round as usize * 13) % KEYS);
+                    let kv = s.get(&key).await.expect("get").expect("present");
+                    // Another writer may have got there first.
+                    let _ = s.update(&key, v(&round.to_string()), kv.mod_revision).await;
+                }
+            })
+        })
+        .collect();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut checked = 0;
+    while s.stats().lists_finished_from_history < 3 {
+        assert!(
+            Instant::now() < deadline,
+            "no list was overtaken by writes in 30 s ({} lists)",
+            checked
+        );
+        let latest = s.list("/k/", ListOptions::default()).await.expect("list");
+        assert_eq!(latest.items.len(), KEYS);
+        let at = ListOptions {
+            revision: Some(latest.revision),
+            ..Default::default()
+        };
+        let history = s.list("/k/", at).await.expect("list at its revision");
+        assert_eq!(latest, history);
+        checked += 1;
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for w in writers {
+        w.await.expect("writer");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lagging_watcher_catches_up_from_disk_and_is_counted() {
     let dir = tempfile::tempdir().expect("tempdir");
