@@ -58,6 +58,7 @@ struct Placed {
     labels: BTreeMap<String, String>,
 }
 
+#[derive(Default)]
 struct NodeInfo {
     node: Arc<Node>,
     /// What every placement checks first, read once per node update rather
@@ -275,17 +276,7 @@ impl Scheduler {
                 changed
             }
             None => {
-                let mut info = NodeInfo {
-                    node: Arc::default(),
-                    ready: false,
-                    cordoned: false,
-                    tainted: false,
-                    alloc: Resources::default(),
-                    used: Resources::default(),
-                    ports: Vec::new(),
-                    owners: HashMap::new(),
-                    pods: HashSet::new(),
-                };
+                let mut info = NodeInfo::default();
                 info.set_node(node);
                 for (k, p) in self.placed.iter().filter(|(_, p)| p.node == name) {
                     add_to(&mut info, k, p);
