@@ -3,9 +3,11 @@
 //! libpcap's compiler (`pcap_compile` through the `pcap` crate) is the only
 //! way to get tcpdump's exact semantics for pcap-filter syntax, so we never
 //! parse expressions ourselves. The classic-BPF program it emits is then
-//! pre-decoded into [`Insn`] with absolute jump targets and validated once,
-//! which lets the hot loop run without per-instruction decoding or target
-//! checks.
+//! pre-decoded into [`Op`]s with absolute jump targets and validated once,
+//! which lets the hot loops run without per-instruction decoding or target
+//! checks. Packets one at a time go through a graph of closures
+//! ([`Program::matches`]); packets in bulk go through a [`BatchRunner`],
+//! which avoids branching on packet contents.
 
 use std::fmt;
 use std::sync::Arc;
@@ -524,6 +526,267 @@ impl Program {
     }
 }
 
+/// Packets a [`BatchRunner`] filters together.
+pub const BATCH: usize = 64;
+
+/// Longest program run batch-wise; its worklists take `BATCH` bytes per op.
+const MAX_BATCHED: usize = 1024;
+
+/// Runs a program over a batch of packets, one instruction at a time for
+/// all the packets that reach it.
+///
+/// One packet at a time, every data-dependent branch (ethertype, IP
+/// protocol, port) is a misprediction whenever the traffic is mixed,
+/// and those dominate the cost of a filter. Here each instruction keeps
+/// a worklist of the packets waiting at it; running it appends each
+/// packet to the worklist of its successor, chosen with a conditional
+/// move rather than a branch. Since jumps only go forward, taking the
+/// instructions in order runs every packet along exactly its own path.
+/// The loops over a worklist are regular, so nothing depends on packet
+/// contents but data.
+pub struct BatchRunner<'p> {
+    program: &'p Program,
+    /// Per op, the batch indices of the packets waiting at it.
+    waiting: Vec<[u8; BATCH]>,
+    counts: Vec<u8>,
+    a: [u32; BATCH],
+    x: [u32; BATCH],
+    mem: Box<[Mem; BATCH]>,
+    uses_mem: bool,
+    verdicts: [u32; BATCH],
+}
+
+impl Program {
+    /// A runner for batches of up to [`BATCH`] packets.
+    pub fn batch_runner(&self) -> BatchRunner<'_> {
+        let batched = !self.accept_all && self.ops.len() <= MAX_BATCHED;
+        let n = if batched { self.ops.len() } else { 0 };
+        BatchRunner {
+            program: self,
+            waiting: vec![[0; BATCH]; n],
+            counts: vec![0; n],
+            a: [0; BATCH],
+            x: [0; BATCH],
+            mem: Box::new([[0; BPF_MEMWORDS as usize]; BATCH]),
+            uses_mem: self
+                .ops
+                .iter()
+                .any(|o| matches!(o.code, Code::LdMem | Code::LdxMem | Code::St | Code::Stx)),
+            verdicts: [0; BATCH],
+        }
+    }
+}
+
+impl BatchRunner<'_> {
+    /// Sets `keep[i]` to whether `packets[i]`, `wire_lens[i]` bytes long on
+    /// the wire, passes the filter: the same answers as
+    /// [`Program::matches`]. At most [`BATCH`] packets at a time.
+    pub fn run(&mut self, packets: &[&[u8]], wire_lens: &[u32], keep: &mut [bool]) {
+        let len = packets.len().min(wire_lens.len()).min(keep.len());
+        assert!(len <= BATCH, "batches hold at most {BATCH} packets");
+        let prog = self.program;
+        if prog.accept_all {
+            keep[..len].fill(true);
+            return;
+        }
+        if self.waiting.is_empty() {
+            for i in 0..len {
+                keep[i] = prog.matches(packets[i], wire_lens[i]);
+            }
+            return;
+        }
+        self.counts.fill(0);
+        self.verdicts = [0; BATCH];
+        if self.uses_mem {
+            self.mem
+                .iter_mut()
+                .for_each(|m| *m = [0; BPF_MEMWORDS as usize]);
+        }
+        self.a = [0; BATCH];
+        self.x = [0; BATCH];
+        for (i, slot) in self.waiting[0][..len].iter_mut().enumerate() {
+            *slot = i as u8;
+        }
+        self.counts[0] = len as u8;
+        for pc in 0..prog.ops.len() {
+            let count = self.counts[pc] as usize;
+            if count == 0 {
+                continue;
+            }
+            let list = self.waiting[pc];
+            self.run_op(pc, &list[..count], packets, wire_lens);
+        }
+        for (k, v) in keep[..len].iter_mut().zip(&self.verdicts) {
+            *k = *v != 0;
+        }
+    }
+
+    fn run_op(&mut self, pc: usize, list: &[u8], packets: &[&[u8]], wire_lens: &[u32]) {
+        use Code::*;
+        let op = self.program.ops[pc];
+        macro_rules! fused {
+            ($load:literal, $cmp:literal) => {
+                self.fused::<$load, $cmp>(op, list, packets)
+            };
+        }
+        match op.code {
+            JeqAbsB => fused!(0, 0),
+            JgtAbsB => fused!(0, 1),
+            JgeAbsB => fused!(0, 2),
+            JsetAbsB => fused!(0, 3),
+            JeqAbsH => fused!(1, 0),
+            JgtAbsH => fused!(1, 1),
+            JgeAbsH => fused!(1, 2),
+            JsetAbsH => fused!(1, 3),
+            JeqAbsW => fused!(2, 0),
+            JgtAbsW => fused!(2, 1),
+            JgeAbsW => fused!(2, 2),
+            JsetAbsW => fused!(2, 3),
+            JeqIndB => fused!(3, 0),
+            JgtIndB => fused!(3, 1),
+            JgeIndB => fused!(3, 2),
+            JsetIndB => fused!(3, 3),
+            JeqIndH => fused!(4, 0),
+            JgtIndH => fused!(4, 1),
+            JgeIndH => fused!(4, 2),
+            JsetIndH => fused!(4, 3),
+            JeqIndW => fused!(5, 0),
+            JgtIndW => fused!(5, 1),
+            JgeIndW => fused!(5, 2),
+            JsetIndW => fused!(5, 3),
+            JeqK => self.jump::<false, 0>(op, list),
+            JgtK => self.jump::<false, 1>(op, list),
+            JgeK => self.jump::<false, 2>(op, list),
+            JsetK => self.jump::<false, 3>(op, list),
+            JeqX => self.jump::<true, 0>(op, list),
+            JgtX => self.jump::<true, 1>(op, list),
+            JgeX => self.jump::<true, 2>(op, list),
+            JsetX => self.jump::<true, 3>(op, list),
+            Ja => {
+                let t = op.jt as usize;
+                let c = self.counts[t] as usize;
+                self.waiting[t][c..c + list.len()].copy_from_slice(list);
+                self.counts[t] = (c + list.len()) as u8;
+            }
+            RetK => list.iter().for_each(|&i| self.verdicts[i as usize] = op.k),
+            RetA => list
+                .iter()
+                .for_each(|&i| self.verdicts[i as usize] = self.a[i as usize]),
+            RetX => list
+                .iter()
+                .for_each(|&i| self.verdicts[i as usize] = self.x[i as usize]),
+            _ => {
+                let next = pc + 1;
+                let mut c = self.counts[next] as usize;
+                for &i in list {
+                    let i = i as usize;
+                    let mem = &mut self.mem[i];
+                    // A rejected packet leaves its verdict at 0.
+                    if step(
+                        op,
+                        packets[i],
+                        wire_lens[i],
+                        &mut self.a[i],
+                        &mut self.x[i],
+                        mem,
+                    ) {
+                        self.waiting[next][c] = i as u8;
+                        c += 1;
+                    }
+                }
+                self.counts[next] = c as u8;
+            }
+        }
+    }
+
+    /// The two worklists a branch feeds; `None` for the second when both
+    /// targets are the same op.
+    fn targets(&mut self, jt: usize, jf: usize) -> (&mut [u8; BATCH], Option<&mut [u8; BATCH]>) {
+        if jt == jf {
+            return (&mut self.waiting[jt], None);
+        }
+        let (lo, hi) = (jt.min(jf), jt.max(jf));
+        let (left, right) = self.waiting.split_at_mut(hi);
+        let (l, h) = (&mut left[lo], &mut right[0]);
+        if jt < jf {
+            (l, Some(h))
+        } else {
+            (h, Some(l))
+        }
+    }
+
+    /// Sends each packet to `jt` or `jf` by `cond`, with no branch on it.
+    #[inline(always)]
+    fn split(
+        &mut self,
+        op: Op,
+        list: &[u8],
+        mut cond: impl FnMut(&mut Self, usize) -> Option<bool>,
+    ) {
+        let (jt, jf) = (op.jt as usize, op.jf as usize);
+        let (mut ct, mut cf) = (self.counts[jt] as usize, self.counts[jf] as usize);
+        // Gather each packet's outcome first, so the lists below are
+        // written without holding `self` for `cond`.
+        let mut outcome = [0u8; BATCH];
+        for (o, &i) in outcome.iter_mut().zip(list) {
+            // 0: rejected (verdict stays 0), 1: false, 2: true.
+            *o = match cond(self, i as usize) {
+                None => 0,
+                Some(c) => 1 + c as u8,
+            };
+        }
+        let same = jt == jf;
+        let (t_list, f_list) = self.targets(jt, jf);
+        match f_list {
+            Some(f_list) => {
+                for (&o, &i) in outcome.iter().zip(list) {
+                    t_list[ct & (BATCH - 1)] = i;
+                    f_list[cf & (BATCH - 1)] = i;
+                    ct += (o == 2) as usize;
+                    cf += (o == 1) as usize;
+                }
+            }
+            None => {
+                debug_assert!(same);
+                for (&o, &i) in outcome.iter().zip(list) {
+                    t_list[ct & (BATCH - 1)] = i;
+                    ct += (o != 0) as usize;
+                }
+                cf = ct;
+            }
+        }
+        self.counts[jt] = ct as u8;
+        self.counts[jf] = cf as u8;
+    }
+
+    fn fused<const LOAD: u8, const CMP: u8>(&mut self, op: Op, list: &[u8], packets: &[&[u8]]) {
+        let (k, m, v) = (op.k, op.m, op.v);
+        self.split(op, list, |r, i| {
+            let pkt = packets[i];
+            let off = if LOAD >= 3 {
+                ind(r.x[i], k)
+            } else {
+                k as usize
+            };
+            let val = match LOAD % 3 {
+                0 => ld_b(pkt, off),
+                1 => ld_h(pkt, off),
+                _ => ld_w(pkt, off),
+            }? & m;
+            r.a[i] = val;
+            Some(compare::<CMP>(val, v))
+        })
+    }
+
+    fn jump<const X: bool, const CMP: u8>(&mut self, op: Op, list: &[u8]) {
+        let k = op.k;
+        self.split(op, list, |r, i| {
+            let v = if X { r.x[i] } else { k };
+            Some(compare::<CMP>(r.a[i], v))
+        })
+    }
+}
+
 /// The fused load-and-branch codes, indexed by `load_index * 4 + cmp`
 /// (cmp: eq, gt, ge, set).
 const FUSED: [Code; 24] = {
@@ -1013,7 +1276,7 @@ mod tests {
     }
 
     #[test]
-    fn closures_agree_with_the_interpreter() {
+    fn closures_and_batches_agree_with_the_interpreter() {
         use rand::rngs::SmallRng;
         use rand::{Rng, SeedableRng};
         // Every opcode class, with short jumps so most programs validate.
@@ -1047,13 +1310,26 @@ mod tests {
                 continue;
             }
             assert!(p.compiled.is_some());
-            for _ in 0..8 {
-                let pkt: Vec<u8> = (0..rng.random_range(0..48)).map(|_| rng.random()).collect();
-                let wire = rng.random_range(0..100);
+            let pkts: Vec<Vec<u8>> = (0..rng.random_range(1..=BATCH))
+                .map(|_| (0..rng.random_range(0..48)).map(|_| rng.random()).collect())
+                .collect();
+            let wires: Vec<u32> = pkts.iter().map(|_| rng.random_range(0..100)).collect();
+            for (pkt, &wire) in pkts.iter().zip(&wires) {
                 assert_eq!(
-                    p.run(&pkt, wire),
-                    p.interpret(&pkt, wire),
+                    p.run(pkt, wire),
+                    p.interpret(pkt, wire),
                     "{raw:?} on {pkt:02x?}"
+                );
+            }
+            let slices: Vec<&[u8]> = pkts.iter().map(|p| &p[..]).collect();
+            let mut keep = vec![false; pkts.len()];
+            p.batch_runner().run(&slices, &wires, &mut keep);
+            for (i, k) in keep.iter().enumerate() {
+                assert_eq!(
+                    *k,
+                    p.interpret(slices[i], wires[i]) != 0,
+                    "{raw:?} in a batch on {:02x?}",
+                    slices[i]
                 );
             }
             checked += 1;

@@ -18,6 +18,8 @@ use pcap_file::pcapng::blocks::Block;
 use pcap_file::pcapng::{PcapNgParser, PcapNgWriter};
 use pcap_file::{DataLink, PcapError, TsResolution};
 
+use crate::bpf::BATCH;
+
 /// A packet borrowed from a capture file.
 #[derive(Debug, Clone, Copy)]
 pub struct FilePacket<'a> {
@@ -162,14 +164,50 @@ fn read_pcap(
 /// libpcap accepts wire lengths above the snap length, which `PcapPacket`
 /// would reject.
 pub struct PcapRecords<'a> {
-    rest: &'a [u8],
+    data: &'a [u8],
+    /// Offset of the next record in `data`.
+    pos: usize,
     header: PcapHeader,
     big_endian: bool,
     frac_ns: u64,
-    end: usize,
     prefetched: usize,
     truncated: bool,
 }
+
+/// Why a record could not be read at an offset.
+enum RecordAt<'a> {
+    /// The packet and the offset of the record after it.
+    Packet(FilePacket<'a>, usize),
+    End,
+    Truncated,
+}
+
+/// The packets a [`PcapRecords::select`] kept.
+#[derive(Debug, Default)]
+pub struct Selection {
+    /// Record offsets, in file order; read them with [`PcapRecords::packet_at`].
+    pub offsets: Vec<usize>,
+    /// Records read.
+    pub read: u64,
+    /// Stretches of the file walked side by side.
+    pub lanes: usize,
+    /// A stretch did not start on a record boundary after all, and the file
+    /// from there on was walked in sequence instead.
+    pub resynced: bool,
+}
+
+/// Stretches walked side by side by [`PcapRecords::select`]: enough
+/// independent record chains for their memory round trips to overlap.
+/// More lanes measured slower: their prefetches queue behind each other.
+const SELECT_LANES: usize = 32;
+/// Below this many bytes per stretch the set-up is not worth it.
+const SELECT_MIN_LANE_BYTES: usize = 64 << 10;
+/// How many records in a row must look sane before a position is taken
+/// for a record boundary.
+const BOUNDARY_CHAIN: usize = 8;
+/// How far past a stretch's nominal start to look for a record boundary
+/// (a little over the largest snap length libpcap writes).
+const BOUNDARY_SCAN: usize = 262_144 + 16;
 
 impl<'a> PcapRecords<'a> {
     pub fn new(data: &'a [u8]) -> anyhow::Result<Self> {
@@ -177,14 +215,14 @@ impl<'a> PcapRecords<'a> {
             PcapParser::new(data).map_err(|e| anyhow::anyhow!("pcap header: {e}"))?;
         let header = parser.header();
         Ok(PcapRecords {
-            rest,
+            data,
+            pos: data.len() - rest.len(),
             big_endian: header.endianness == pcap_file::Endianness::Big,
             frac_ns: match header.ts_resolution {
                 TsResolution::MicroSecond => 1_000,
                 TsResolution::NanoSecond => 1,
             },
             header,
-            end: data.as_ptr() as usize + data.len(),
             prefetched: 0,
             truncated: false,
         })
@@ -199,50 +237,352 @@ impl<'a> PcapRecords<'a> {
         }
     }
 
+    #[inline(always)]
+    fn field(&self, at: usize) -> u32 {
+        let v = [
+            self.data[at],
+            self.data[at + 1],
+            self.data[at + 2],
+            self.data[at + 3],
+        ];
+        if self.big_endian {
+            u32::from_be_bytes(v)
+        } else {
+            u32::from_le_bytes(v)
+        }
+    }
+
+    #[inline(always)]
+    fn record_at(&self, pos: usize) -> RecordAt<'a> {
+        let left = self.data.len() - pos;
+        if left == 0 {
+            return RecordAt::End;
+        }
+        if left < 16 {
+            return RecordAt::Truncated;
+        }
+        let caplen = self.field(pos + 8) as usize;
+        if left - 16 < caplen {
+            return RecordAt::Truncated;
+        }
+        let next = pos + 16 + caplen;
+        let data: &'a [u8] = self.data;
+        RecordAt::Packet(
+            FilePacket {
+                ts_ns: self.field(pos) as u64 * 1_000_000_000
+                    + self.field(pos + 4) as u64 * self.frac_ns,
+                wire_len: self.field(pos + 12),
+                data: &data[pos + 16..next],
+                iface: 0,
+            },
+            next,
+        )
+    }
+
     /// The next record, or `None` at the end of the file or at a record
     /// cut short (then [`truncated`](Self::truncated) says so).
     #[inline]
     pub fn next_packet(&mut self) -> Option<FilePacket<'a>> {
-        let rest = self.rest;
-        if rest.is_empty() {
-            return None;
-        }
-        prefetch_ahead(rest.as_ptr() as usize, &mut self.prefetched, self.end);
-        if rest.len() < 16 {
-            self.truncated = true;
-            return None;
-        }
-        let rd = |o: usize| {
-            let v = [rest[o], rest[o + 1], rest[o + 2], rest[o + 3]];
-            if self.big_endian {
-                u32::from_be_bytes(v)
-            } else {
-                u32::from_le_bytes(v)
+        let base = self.data.as_ptr() as usize;
+        prefetch_ahead(
+            base + self.pos,
+            &mut self.prefetched,
+            base + self.data.len(),
+        );
+        match self.record_at(self.pos) {
+            RecordAt::Packet(p, next) => {
+                self.pos = next;
+                Some(p)
             }
-        };
-        let caplen = rd(8) as usize;
-        if rest.len() - 16 < caplen {
-            self.truncated = true;
-            return None;
+            RecordAt::End => None,
+            RecordAt::Truncated => {
+                self.truncated = true;
+                None
+            }
         }
-        let pkt = FilePacket {
-            ts_ns: rd(0) as u64 * 1_000_000_000 + rd(4) as u64 * self.frac_ns,
-            wire_len: rd(12),
-            data: &rest[16..16 + caplen],
-            iface: 0,
-        };
-        self.rest = &rest[16 + caplen..];
-        Some(pkt)
+    }
+
+    /// The packet of the record at `offset`, as [`Selection`] names it.
+    pub fn packet_at(&self, offset: usize) -> Option<FilePacket<'a>> {
+        match self.record_at(offset) {
+            RecordAt::Packet(p, _) => Some(p),
+            _ => None,
+        }
+    }
+
+    /// The packets at `offsets` (as a [`Selection`] lists them), pulling
+    /// the ones a few places ahead into the cache: kept packets are
+    /// scattered over the file, and by the time they are written out the
+    /// walk has long evicted them.
+    pub fn packets_at<'s>(
+        &'s self,
+        offsets: &'s [usize],
+    ) -> impl Iterator<Item = FilePacket<'a>> + 's {
+        const HEADER_AHEAD: usize = 16;
+        const PACKET_AHEAD: usize = 8;
+        let base = self.data.as_ptr() as usize;
+        offsets.iter().enumerate().filter_map(move |(i, &at)| {
+            if let Some(&ahead) = offsets.get(i + HEADER_AHEAD) {
+                prefetch_line(base + ahead);
+            }
+            if let Some(&ahead) = offsets.get(i + PACKET_AHEAD) {
+                // Its header came in `HEADER_AHEAD - PACKET_AHEAD` packets ago.
+                if let Some(p) = self.packet_at(ahead) {
+                    let start = p.data.as_ptr() as usize;
+                    let mut line = (start + 64) & !63;
+                    while line < start + p.data.len() {
+                        prefetch_line(line);
+                        line += 64;
+                    }
+                }
+            }
+            self.packet_at(at)
+        })
     }
 
     /// Why reading stopped early, if it did.
     pub fn truncated(&self) -> Option<&'static str> {
         self.truncated.then_some("truncated dump file")
     }
+
+    /// Reads every remaining record and returns, in file order, the
+    /// offsets of those `keep` accepts. `keep` gets batches of at most
+    /// [`BATCH`] packets (bytes and wire lengths) in no particular order
+    /// and marks the ones to keep.
+    ///
+    /// Following one chain of records costs a memory round trip per
+    /// record, since each header gives the next one's position. The file
+    /// is instead cut into stretches that start at likely record
+    /// boundaries, and their chains are walked side by side, each
+    /// prefetching its next header while the others work, so the round
+    /// trips overlap. Each stretch's walk must end exactly where the next
+    /// one began; if one does not, that start was no boundary and the rest
+    /// of the file is walked in sequence, so the outcome (records read,
+    /// kept, truncation) is always that of a walk in sequence.
+    pub fn select(&mut self, keep: impl FnMut(&[&'a [u8]], &[u32], &mut [bool])) -> Selection {
+        self.select_in(SELECT_LANES, SELECT_MIN_LANE_BYTES, keep)
+    }
+
+    fn select_in(
+        &mut self,
+        max_lanes: usize,
+        min_lane_bytes: usize,
+        mut keep: impl FnMut(&[&'a [u8]], &[u32], &mut [bool]),
+    ) -> Selection {
+        struct Lane {
+            pos: usize,
+            end: usize,
+            truncated: bool,
+            read: u64,
+            kept: Vec<usize>,
+        }
+        let max_lanes = max_lanes.clamp(1, BATCH);
+        let len = self.data.len();
+        let span = (len - self.pos) / max_lanes.max(1);
+        let mut starts = vec![self.pos];
+        if span >= min_lane_bytes {
+            for k in 1..max_lanes {
+                let last = starts[starts.len() - 1];
+                if let Some(b) = self.boundary_after((self.pos + span * k).max(last + 1)) {
+                    if b < len && b > last {
+                        starts.push(b);
+                    }
+                }
+            }
+        }
+        let mut lanes: Vec<Lane> = starts
+            .iter()
+            .enumerate()
+            .map(|(k, &start)| Lane {
+                pos: start,
+                end: starts.get(k + 1).copied().unwrap_or(len),
+                truncated: false,
+                read: 0,
+                kept: Vec::new(),
+            })
+            .collect();
+        let mut sel = Selection {
+            lanes: lanes.len(),
+            ..Selection::default()
+        };
+        let base = self.data.as_ptr() as usize;
+        let mut batch = Batch::default();
+        // Each round takes one record from every lane, so a lane's next
+        // header, prefetched when its current one was read, has a whole
+        // round to arrive; rounds are gathered into a batch for the filter.
+        loop {
+            let mut active = 0;
+            for (l, lane) in lanes.iter_mut().enumerate() {
+                if lane.pos >= lane.end {
+                    continue;
+                }
+                match self.record_at(lane.pos) {
+                    RecordAt::Packet(p, next) => {
+                        // The next header and the packet headers after it
+                        // span at most two lines.
+                        prefetch_line(base + next.min(len - 1));
+                        prefetch_line(base + (next + 64).min(len - 1));
+                        batch.push(p, l, lane.pos);
+                        lane.read += 1;
+                        lane.pos = next;
+                        active += usize::from(next < lane.end);
+                    }
+                    // `pos < end <= len`, so this is a cut-short record.
+                    RecordAt::End | RecordAt::Truncated => {
+                        lane.truncated = true;
+                        lane.end = lane.pos;
+                    }
+                }
+            }
+            if active > 0 && batch.len() + active <= BATCH {
+                continue;
+            }
+            if batch.is_empty() {
+                break;
+            }
+            batch.select(&mut keep, |l, at| lanes[l].kept.push(at));
+        }
+        sel.offsets
+            .reserve_exact(lanes.iter().map(|l| l.kept.len()).sum());
+        for (k, lane) in lanes.iter_mut().enumerate() {
+            sel.read += lane.read;
+            sel.offsets.append(&mut lane.kept);
+            self.pos = lane.pos;
+            if lane.truncated {
+                self.truncated = true;
+                break;
+            }
+            if starts.get(k + 1).is_some_and(|&next| next != lane.pos) {
+                sel.resynced = true;
+                break;
+            }
+        }
+        if sel.resynced {
+            loop {
+                let at = self.pos;
+                let next = self.next_packet();
+                if let Some(p) = next {
+                    sel.read += 1;
+                    batch.push(p, 0, at);
+                }
+                if batch.len() == BATCH || (next.is_none() && !batch.is_empty()) {
+                    batch.select(&mut keep, |_, at| sel.offsets.push(at));
+                }
+                if next.is_none() {
+                    break;
+                }
+            }
+        }
+        sel
+    }
+
+    /// The first position at or after `from` (within [`BOUNDARY_SCAN`])
+    /// where [`BOUNDARY_CHAIN`] records in a row look like records of this
+    /// file.
+    fn boundary_after(&self, from: usize) -> Option<usize> {
+        let stop = self.data.len().min(from.saturating_add(BOUNDARY_SCAN));
+        (from..stop).find(|&p| self.plausible_chain(p))
+    }
+
+    fn plausible_chain(&self, mut p: usize) -> bool {
+        let frac_limit = if self.frac_ns == 1 {
+            1_000_000_000
+        } else {
+            1_000_000
+        };
+        let max_caplen = self.header.snaplen.max(262_144);
+        for _ in 0..BOUNDARY_CHAIN {
+            let left = self.data.len() - p;
+            if left == 0 {
+                return true;
+            }
+            if left < 16 {
+                return false;
+            }
+            let caplen = self.field(p + 8);
+            let wire = self.field(p + 12);
+            if self.field(p + 4) >= frac_limit
+                || caplen > max_caplen
+                || caplen > wire
+                || left - 16 < caplen as usize
+            {
+                return false;
+            }
+            p += 16 + caplen as usize;
+        }
+        true
+    }
+}
+
+/// Packets gathered for one call of a [`PcapRecords::select`] filter.
+struct Batch<'a> {
+    packets: Vec<&'a [u8]>,
+    wire_lens: Vec<u32>,
+    /// (lane, record offset) of each packet.
+    origins: Vec<(usize, usize)>,
+    keep: [bool; BATCH],
+}
+
+impl Default for Batch<'_> {
+    fn default() -> Self {
+        Batch {
+            packets: Vec::with_capacity(BATCH),
+            wire_lens: Vec::with_capacity(BATCH),
+            origins: Vec::with_capacity(BATCH),
+            keep: [false; BATCH],
+        }
+    }
+}
+
+impl<'a> Batch<'a> {
+    #[inline(always)]
+    fn push(&mut self, p: FilePacket<'a>, lane: usize, at: usize) {
+        self.packets.push(p.data);
+        self.wire_lens.push(p.wire_len);
+        self.origins.push((lane, at));
+    }
+
+    fn len(&self) -> usize {
+        self.packets.len()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.packets.is_empty()
+    }
+
+    /// Filters the batch, reports each kept packet's origin, and empties it.
+    fn select(
+        &mut self,
+        keep: &mut impl FnMut(&[&'a [u8]], &[u32], &mut [bool]),
+        mut kept: impl FnMut(usize, usize),
+    ) {
+        let n = self.len();
+        keep(&self.packets, &self.wire_lens, &mut self.keep[..n]);
+        for (&k, &(lane, at)) in self.keep[..n].iter().zip(&self.origins) {
+            if k {
+                kept(lane, at);
+            }
+        }
+        self.packets.clear();
+        self.wire_lens.clear();
+        self.origins.clear();
+    }
 }
 
 /// How far ahead of the reader to pull the file into the CPU cache.
 const PREFETCH_DISTANCE: usize = 4096;
+
+#[inline(always)]
+fn prefetch_line(addr: usize) {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: callers pass addresses inside the mapped file; a prefetch has
+    // no architectural effect besides filling the cache.
+    unsafe {
+        core::arch::x86_64::_mm_prefetch::<{ core::arch::x86_64::_MM_HINT_T0 }>(addr as *const i8);
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = addr;
+}
 
 /// Records sit at irregular strides, so the hardware prefetcher misses
 /// most record headers and every packet would cost a memory round trip.
@@ -253,12 +593,7 @@ fn prefetch_ahead(cur: usize, prefetched: &mut usize, end: usize) {
     let target = cur.saturating_add(PREFETCH_DISTANCE).min(end);
     let mut p = (*prefetched).max(cur) & !127;
     while p < target {
-        #[cfg(target_arch = "x86_64")]
-        // SAFETY: `p` lies inside the mapped file ([cur, end)); a prefetch
-        // has no architectural effect besides filling the cache.
-        unsafe {
-            core::arch::x86_64::_mm_prefetch::<{ core::arch::x86_64::_MM_HINT_T0 }>(p as *const i8);
-        }
+        prefetch_line(p);
         // The adjacent-line prefetcher pairs 64-byte lines, so one hint per
         // 128 bytes brings in everything.
         p += 128;
@@ -538,4 +873,112 @@ pub fn pcap_stream_record(out: &mut Vec<u8>, ts_ns: u64, wire_len: u32, data: &[
     out.extend_from_slice(&(data.len() as u32).to_le_bytes());
     out.extend_from_slice(&wire_len.max(data.len() as u32).to_le_bytes());
     out.extend_from_slice(data);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::synth;
+    use rand::rngs::SmallRng;
+    use rand::{Rng, SeedableRng};
+
+    /// What a walk in sequence gives: kept offsets, records read, where it
+    /// stopped, and whether the file was cut short.
+    fn in_sequence(
+        data: &[u8],
+        keep: impl Fn(&[u8], u32) -> bool,
+    ) -> (Vec<usize>, u64, usize, bool) {
+        let mut r = PcapRecords::new(data).unwrap();
+        let (mut kept, mut read) = (Vec::new(), 0);
+        loop {
+            let at = r.pos;
+            let Some(p) = r.next_packet() else { break };
+            read += 1;
+            if keep(p.data, p.wire_len) {
+                kept.push(at);
+            }
+        }
+        (kept, read, r.pos, r.truncated().is_some())
+    }
+
+    fn in_lanes(
+        data: &[u8],
+        lanes: usize,
+        keep: impl Fn(&[u8], u32) -> bool,
+    ) -> (Selection, usize, bool) {
+        let mut r = PcapRecords::new(data).unwrap();
+        let sel = r.select_in(lanes, 1, |pkts, wires, out| {
+            assert!(pkts.len() <= BATCH);
+            for ((p, &w), o) in pkts.iter().zip(wires).zip(out.iter_mut()) {
+                *o = keep(p, w);
+            }
+        });
+        (sel, r.pos, r.truncated().is_some())
+    }
+
+    fn keep(data: &[u8], wire: u32) -> bool {
+        data.get(23) == Some(&6) || wire.is_multiple_of(5)
+    }
+
+    #[test]
+    fn lanes_give_what_a_walk_in_sequence_gives() {
+        let mut rng = SmallRng::seed_from_u64(5);
+        let clean = synth::write_pcap(Vec::new(), synth::frames(11, 3_000), 65535).unwrap();
+        let mut laned = 0;
+        for case in 0..300 {
+            let mut f = clean.clone();
+            // Cut short, bytes flipped (a flipped length derails the chain
+            // the lanes' starts were found on), or both.
+            if case % 3 != 0 {
+                f.truncate(rng.random_range(24..=f.len()));
+            }
+            if case % 3 != 1 {
+                for _ in 0..rng.random_range(1..4) {
+                    let i = rng.random_range(24..f.len());
+                    f[i] = rng.random();
+                }
+            }
+            let want = in_sequence(&f, keep);
+            for lanes in [1, 2, 7, 32] {
+                let (sel, pos, truncated) = in_lanes(&f, lanes, keep);
+                laned += usize::from(sel.lanes > 1);
+                assert_eq!(
+                    (&sel.offsets, sel.read, pos, truncated),
+                    (&want.0, want.1, want.2, want.3),
+                    "case {case}, {lanes} lanes"
+                );
+            }
+        }
+        assert!(laned > 500, "only {laned} walks used lanes");
+    }
+
+    #[test]
+    fn a_lane_started_inside_a_packet_is_caught() {
+        // Payloads made of record look-alikes: a lane's boundary search
+        // that lands inside one takes the look-alikes for records.
+        let mut fake = Vec::new();
+        for _ in 0..40 {
+            fake.extend_from_slice(&[0; 8]);
+            fake.extend_from_slice(&20u32.to_le_bytes());
+            fake.extend_from_slice(&20u32.to_le_bytes());
+            fake.extend_from_slice(&[0x45; 20]);
+        }
+        let frames = (0..400).map(|i| synth::Frame {
+            ts_ns: i * 1_000,
+            data: fake[..fake.len() - (i as usize % 7)].to_vec(),
+        });
+        let f = synth::write_pcap(Vec::new(), frames, 65535).unwrap();
+        let want = in_sequence(&f, keep);
+        let mut resynced = 0;
+        for lanes in 2..=32 {
+            let (sel, pos, truncated) = in_lanes(&f, lanes, keep);
+            resynced += usize::from(sel.resynced);
+            assert_eq!(
+                (&sel.offsets, sel.read, pos, truncated),
+                (&want.0, want.1, want.2, want.3),
+                "{lanes} lanes"
+            );
+        }
+        assert!(resynced > 0, "no lane started inside a packet");
+    }
 }

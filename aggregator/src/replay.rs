@@ -50,12 +50,12 @@ pub fn replay(cfg: &PipelineConfig, input: &Path, output: &Path) -> anyhow::Resu
     if let Some(mut records) = file.pcap_records()? {
         let iface = records.interface();
         if let Some(program) = pipelines.get(&iface.linktype).and_then(|p| p.filter_only()) {
+            let mut runner = program.batch_runner();
+            let selection =
+                records.select(|packets, wire_lens, keep| runner.run(packets, wire_lens, keep));
+            stats.read = selection.read;
             let mut out_if = None;
-            while let Some(p) = records.next_packet() {
-                stats.read += 1;
-                if !program.matches(p.data, p.wire_len) {
-                    continue;
-                }
+            for p in records.packets_at(&selection.offsets) {
                 let id = match out_if {
                     Some(id) => id,
                     None => *out_if.insert(

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
-use tapestry_aggregator::bpf::{Program, RawInsn, LINKTYPE_ETHERNET};
+use tapestry_aggregator::bpf::{Program, RawInsn, BATCH, LINKTYPE_ETHERNET};
 use tapestry_aggregator::capture::CaptureFile;
 use tapestry_aggregator::parse::Layers;
 use tapestry_aggregator::synth;
@@ -104,9 +104,27 @@ fn evaluator_agrees_with_libpcap_and_pipeline_never_panics() {
             .unwrap()
         })
         .collect();
+    let mut runners: Vec<_> = ours.iter().map(|p| p.batch_runner()).collect();
     let deadline = Instant::now() + budget();
     let mut n = 0u64;
     while Instant::now() < deadline {
+        // The same inputs in batches, as `aggregator replay` runs them.
+        let batch: Vec<Vec<u8>> = (0..BATCH).map(|_| input(&mut rng, &corpus)).collect();
+        let slices: Vec<&[u8]> = batch.iter().map(|p| &p[..]).collect();
+        let wires: Vec<u32> = batch.iter().map(|p| p.len() as u32).collect();
+        let mut keep = [false; BATCH];
+        for (i, r) in runners.iter_mut().enumerate() {
+            r.run(&slices, &wires, &mut keep);
+            for (p, k) in batch.iter().zip(keep) {
+                assert_eq!(
+                    k,
+                    theirs[i].filter(p),
+                    "{} in a batch on {:02x?}",
+                    EXPRS[i],
+                    p
+                );
+            }
+        }
         for _ in 0..1_000 {
             let p = input(&mut rng, &corpus);
             let l = Layers::parse(&p);
@@ -171,10 +189,14 @@ fn random_programs_never_panic() {
         match Program::from_raw(&raw) {
             Ok(p) => {
                 loaded += 1;
-                for _ in 0..20 {
-                    let pkt = input(&mut rng, &corpus);
-                    let _ = p.run(&pkt, rng.random());
+                let pkts: Vec<Vec<u8>> = (0..20).map(|_| input(&mut rng, &corpus)).collect();
+                let wires: Vec<u32> = pkts.iter().map(|_| rng.random()).collect();
+                for (pkt, &wire) in pkts.iter().zip(&wires) {
+                    let _ = p.run(pkt, wire);
                 }
+                let slices: Vec<&[u8]> = pkts.iter().map(|p| &p[..]).collect();
+                let mut keep = [false; 20];
+                p.batch_runner().run(&slices, &wires, &mut keep);
             }
             Err(_) => rejected += 1,
         }

@@ -9,6 +9,10 @@
 //!   offered rate delivered with zero drops, and capture-to-sink latency
 //!   percentiles at 100k packets/s.
 //!
+//! * `filter`: the filter alone over packets in the CPU cache, ns per
+//!   packet: libpcap's `bpf_filter` against ours, one packet at a time and
+//!   in batches.
+//!
 //! Build with `cargo build --release -p tapestry-aggregator` and run
 //! `target/release/aggregator-bench all`.
 
@@ -47,6 +51,13 @@ enum What {
         #[arg(long, default_value_t = 8)]
         taps: usize,
     },
+    /// The filter alone, in cache.
+    Filter {
+        #[arg(long, default_value_t = 20_000)]
+        packets: usize,
+        #[arg(long, default_value_t = 200)]
+        passes: usize,
+    },
     /// Both.
     All,
     /// Act as one synthetic tap: stream the generated mix to an aggregator.
@@ -74,6 +85,7 @@ fn main() -> anyhow::Result<()> {
     match cli.what {
         What::Replay { packets, runs } => replay(&cli.dir, packets, runs),
         What::Ingest { taps } => ingest(&cli.dir, taps),
+        What::Filter { packets, passes } => filter(packets, passes),
         What::Tap {
             grpc,
             packets,
@@ -168,6 +180,60 @@ fn replay(dir: &Path, packets: usize, runs: usize) -> anyhow::Result<()> {
         let pt = packets as f64 / best_t.as_secs_f64();
         let pa = packets as f64 / best_a.as_secs_f64();
         println!("| `{expr}` | {ka} | {pt:.0} | {pa:.0} | {:.2}× |", pa / pt);
+    }
+    println!();
+    Ok(())
+}
+
+fn filter(packets: usize, passes: usize) -> anyhow::Result<()> {
+    use tapestry_aggregator::bpf::{Program, BATCH, LINKTYPE_ETHERNET};
+    let mut m = synth::Mix::new(1);
+    let frames: Vec<Vec<u8>> = (0..packets).map(|_| m.next_frame().data).collect();
+    let dead = pcap::Capture::dead(pcap::Linktype(LINKTYPE_ETHERNET as i32))?;
+    println!("## filter alone ({packets} packets in cache, best of {passes} passes, ns/packet)\n");
+    println!("| expression | libpcap bpf_filter | one at a time | batches of {BATCH} |");
+    println!("|---|---:|---:|---:|");
+    for expr in EXPRESSIONS {
+        let theirs = dead.compile(expr, true)?;
+        let ours = Program::compile(expr, LINKTYPE_ETHERNET, 262_144)?;
+        let mut runner = ours.batch_runner();
+        let wires: Vec<u32> = frames.iter().map(|f| f.len() as u32).collect();
+        let slices: Vec<&[u8]> = frames.iter().map(|f| &f[..]).collect();
+        let mut keep = [false; BATCH];
+        let mut best = [Duration::MAX; 3];
+        let mut kept = [0usize; 3];
+        for _ in 0..passes {
+            let t = Instant::now();
+            kept[0] = frames.iter().filter(|f| theirs.filter(f)).count();
+            best[0] = best[0].min(t.elapsed());
+            let t = Instant::now();
+            kept[1] = frames
+                .iter()
+                .filter(|f| ours.matches(f, f.len() as u32))
+                .count();
+            best[1] = best[1].min(t.elapsed());
+            let t = Instant::now();
+            kept[2] = 0;
+            for (p, w) in slices.chunks(BATCH).zip(wires.chunks(BATCH)) {
+                runner.run(p, w, &mut keep[..p.len()]);
+                kept[2] += keep[..p.len()].iter().filter(|&&k| k).count();
+            }
+            best[2] = best[2].min(t.elapsed());
+        }
+        anyhow::ensure!(
+            kept[1] == kept[0] && kept[2] == kept[0],
+            "{expr}: libpcap kept {}, ours {} and {}",
+            kept[0],
+            kept[1],
+            kept[2]
+        );
+        let ns = |d: Duration| d.as_nanos() as f64 / packets as f64;
+        println!(
+            "| `{expr}` | {:.1} | {:.1} | {:.1} |",
+            ns(best[0]),
+            ns(best[1]),
+            ns(best[2])
+        );
     }
     println!();
     Ok(())
