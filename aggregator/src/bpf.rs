@@ -3,7 +3,7 @@
 //! libpcap's compiler (`pcap_compile` through the `pcap` crate) is the only
 //! way to get tcpdump's exact semantics for pcap-filter syntax, so we never
 //! parse expressions ourselves. The classic-BPF program it emits is then
-//! pre-decoded into [`Op`]s with absolute jump targets and validated once,
+//! pre-decoded into `Op`s with absolute jump targets and validated once,
 //! which lets the hot loops run without per-instruction decoding or target
 //! checks. Packets one at a time go through a graph of closures
 //! ([`Program::matches`]); packets in bulk go through a [`BatchRunner`],
