@@ -24,4 +24,4 @@ pub mod tables;
 pub mod validation;
 mod watch;
 
-pub use server::{start, Running, ServerConfig};
+pub use server::{start, LocalHandler, Running, ServerConfig};

@@ -48,6 +48,7 @@ pub struct Running {
     pub addr: SocketAddr,
     pub kubeconfig: PathBuf,
     pub api: Arc<Api>,
+    local: LocalHandler,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -55,6 +56,46 @@ impl Running {
     /// Wait until the server stopped (after its shutdown token fired).
     pub async fn wait(self) {
         let _ = self.task.await;
+    }
+
+    /// The API for clients in this process (scheduler, controllers).
+    pub fn local_handler(&self) -> LocalHandler {
+        self.local.clone()
+    }
+}
+
+/// The API handler as a service, for clients in the server's own process:
+/// requests go through the same routing, authentication, admission and
+/// storage as requests from outside, with the admin credentials, but
+/// without TLS, TCP or HTTP framing on either side. For the scheduler
+/// and controllers, which read every pod event and write every binding,
+/// that framing cost as much CPU as a share of the handlers themselves.
+#[derive(Clone)]
+pub struct LocalHandler {
+    router: Router,
+    authorization: http::HeaderValue,
+}
+
+impl<B> tower::Service<http::Request<B>> for LocalHandler
+where
+    B: axum::body::HttpBody<Data = Bytes> + Send + 'static,
+    B::Error: Into<axum::BoxError>,
+{
+    type Response = Response;
+    type Error = std::convert::Infallible;
+    type Future = <Router as tower::Service<http::Request<B>>>::Future;
+
+    fn poll_ready(
+        &mut self,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, mut req: http::Request<B>) -> Self::Future {
+        req.headers_mut()
+            .insert(http::header::AUTHORIZATION, self.authorization.clone());
+        tower::Service::call(&mut self.router, req)
     }
 }
 
@@ -125,6 +166,11 @@ pub async fn start(
         kubelet,
     });
     let router = Router::new().fallback(dispatch).with_state(state);
+    let local = LocalHandler {
+        router: router.clone(),
+        authorization: http::HeaderValue::from_str(&format!("Bearer {admin_token}"))
+            .context("admin token is not a valid header value")?,
+    };
     tokio::spawn(compaction_loop(
         store,
         config.compaction_interval,
@@ -136,6 +182,7 @@ pub async fn start(
         addr,
         kubeconfig,
         api,
+        local,
         task,
     })
 }

@@ -1,6 +1,7 @@
 //! The scheduler and controller manager inside `tapestry server`: started
-//! once the API server answers, talking to it over HTTPS with the admin
-//! kubeconfig like any client, each under its own leader-election Lease.
+//! once the API server answers, each under its own leader-election Lease.
+//! They use the API like any client, through kube-rs, but reach the
+//! handler in process rather than over HTTPS.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -54,12 +55,12 @@ pub async fn client_from(path: &Path) -> Result<Client> {
 
 /// Start the scheduler and the controller manager as background tasks.
 pub async fn start(
-    kubeconfig: &Path,
+    api: tapestry_apiserver::LocalHandler,
     args: ControlArgs,
     shutdown: CancellationToken,
 ) -> Result<()> {
     let cluster_cidr = ClusterCidr::parse(&args.cluster_cidr).map_err(anyhow::Error::msg)?;
-    let client = client_from(kubeconfig).await?;
+    let client = Client::new(api, "default");
     let identity = leader::identity();
     let lease = |name: &str| {
         let mut cfg = LeaderConfig::new(name, &identity);

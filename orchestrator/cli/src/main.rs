@@ -129,7 +129,7 @@ async fn server(args: ServerArgs) -> Result<()> {
         shutdown.clone(),
     )
     .await?;
-    control::start(&running.kubeconfig, args.control, shutdown).await?;
+    control::start(running.local_handler(), args.control, shutdown).await?;
     tracing::info!(addr = %running.addr, kubeconfig = %running.kubeconfig.display(), "API server ready");
     println!("kubeconfig: {}", running.kubeconfig.display());
     running.wait().await;

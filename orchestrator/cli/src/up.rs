@@ -53,7 +53,7 @@ async fn start_control_plane(
         shutdown.clone(),
     )
     .await?;
-    crate::control::start(&running.kubeconfig, args.control.clone(), shutdown).await?;
+    crate::control::start(running.local_handler(), args.control.clone(), shutdown).await?;
     Ok(running)
 }
 
