@@ -88,27 +88,90 @@ pub fn decode(def: &ResourceDef, kv: &KeyValue) -> ApiResult<Value> {
 }
 
 /// Append the served JSON of a stored object to `out` without decoding it:
-/// the stored bytes with `metadata.resourceVersion` spliced in. Returns
+/// the stored bytes with `metadata.resourceVersion` spliced in, and
+/// `metadata.managedFields` cut out when `omit_managed_fields`. Returns
 /// false (and appends nothing) when the resource converts on read or the
 /// stored value has no metadata object; callers then use [`decode`].
-pub fn append_served(def: &ResourceDef, kv: &KeyValue, out: &mut Vec<u8>) -> bool {
+pub fn append_served(
+    def: &ResourceDef,
+    kv: &KeyValue,
+    out: &mut Vec<u8>,
+    omit_managed_fields: bool,
+) -> bool {
     if !def.behaviour.serves_stored_form() {
         return false;
     }
-    let Some(open) = metadata_offset(&kv.value) else {
+    let json = &kv.value[..];
+    let Some(open) = metadata_offset(json) else {
         return false;
     };
-    let after = &kv.value[open + 1..];
-    let empty = after
+    let cut = omit_managed_fields
+        .then(|| managed_fields_range(json, open))
+        .flatten();
+    let (before, after) = match cut {
+        Some((from, to)) => (&json[open + 1..from], &json[to..]),
+        None => (&json[open + 1..], &json[json.len()..]),
+    };
+    let empty = before
         .iter()
+        .chain(after)
         .find(|b| !b.is_ascii_whitespace())
         .is_some_and(|&b| b == b'}');
-    out.extend_from_slice(&kv.value[..=open]);
+    out.extend_from_slice(&json[..=open]);
     out.extend_from_slice(b"\"resourceVersion\":\"");
     out.extend_from_slice(itoa::Buffer::new().format(kv.mod_revision).as_bytes());
     out.extend_from_slice(if empty { b"\"" } else { b"\"," });
+    out.extend_from_slice(before);
     out.extend_from_slice(after);
     true
+}
+
+/// The bytes to cut to drop the `managedFields` member from the metadata
+/// object that opens at `open`: the member and one adjacent comma. None
+/// when there is none (or the metadata is not as expected).
+fn managed_fields_range(json: &[u8], open: usize) -> Option<(usize, usize)> {
+    let mut at = open + 1;
+    // Where the previous member's value ended, for a last member.
+    let mut previous_end = None;
+    loop {
+        at = skip_whitespace(json, at);
+        if json.get(at) != Some(&b'"') {
+            return None;
+        }
+        let member = at;
+        let key_end = string_end(json, at)?;
+        let key = &json[at + 1..key_end - 1];
+        at = skip_whitespace(json, key_end);
+        if json.get(at) != Some(&b':') {
+            return None;
+        }
+        let value_ends = value_end(json, skip_whitespace(json, at + 1))?;
+        at = skip_whitespace(json, value_ends);
+        let last = match json.get(at)? {
+            b',' => false,
+            b'}' => true,
+            _ => return None,
+        };
+        if key == b"managedFields" {
+            return Some(match (last, previous_end) {
+                (false, _) => (member, at + 1),
+                (true, Some(end)) => (end, value_ends),
+                (true, None) => (member, value_ends),
+            });
+        }
+        if last {
+            return None;
+        }
+        previous_end = Some(value_ends);
+        at += 1;
+    }
+}
+
+/// Drops `metadata.managedFields` from a decoded object.
+pub fn remove_managed_fields(obj: &mut Value) {
+    if let Some(Value::Object(m)) = obj.get_mut("metadata") {
+        m.remove("managedFields");
+    }
 }
 
 /// Where the top-level `metadata` object of a stored JSON object opens (the
@@ -205,9 +268,14 @@ pub fn append_served_or_decode(
     def: &ResourceDef,
     kv: &KeyValue,
     out: &mut Vec<u8>,
+    omit_managed_fields: bool,
 ) -> ApiResult<()> {
-    if !append_served(def, kv, out) {
-        serde_json::to_writer(&mut *out, &decode(def, kv)?).map_err(ApiError::internal)?;
+    if !append_served(def, kv, out, omit_managed_fields) {
+        let mut obj = decode(def, kv)?;
+        if omit_managed_fields {
+            remove_managed_fields(&mut obj);
+        }
+        serde_json::to_writer(&mut *out, &obj).map_err(ApiError::internal)?;
     }
     Ok(())
 }
@@ -482,10 +550,40 @@ mod tests {
         ] {
             let kv = stored(value);
             let mut out = Vec::new();
-            assert!(append_served(&leases, &kv, &mut out), "{value}");
+            assert!(append_served(&leases, &kv, &mut out, false), "{value}");
             let spliced: Value = serde_json::from_slice(&out).expect("valid JSON");
             assert_eq!(spliced, decode(&leases, &kv).unwrap(), "{value}");
             assert_eq!(spliced["metadata"]["resourceVersion"], "7");
+        }
+    }
+
+    /// Cutting managedFields out of the stored bytes gives what decoding,
+    /// removing them and re-encoding gives, wherever they sit.
+    #[test]
+    fn served_bytes_can_omit_managed_fields() {
+        let leases = def("coordination.k8s.io", "leases");
+        let mf = r#""managedFields":[{"manager":"m","fieldsV1":{"f:spec":{".":{},"f:x":{}}},"time":"t]}\"{"}]"#;
+        for metadata in [
+            format!("{{{mf}}}"),
+            format!("{{ {mf} }}"),
+            format!(r#"{{{mf},"name":"a"}}"#),
+            format!(r#"{{"name":"a",{mf}}}"#),
+            format!(r#"{{"name":"a" , {mf} , "uid":"u"}}"#),
+            format!(r#"{{"name":"a",{mf} }}"#),
+            r#"{"name":"a","labels":{"managedFields":"x"}}"#.to_string(),
+            "{}".to_string(),
+        ] {
+            let value = format!(
+                r#"{{"apiVersion":"coordination.k8s.io/v1","kind":"Lease","metadata":{metadata},"spec":{{"managedFields":[1]}}}}"#
+            );
+            let kv = stored(&value);
+            let mut out = Vec::new();
+            assert!(append_served(&leases, &kv, &mut out, true), "{value}");
+            let spliced: Value = serde_json::from_slice(&out).expect("valid JSON");
+            let mut want = decode(&leases, &kv).unwrap();
+            remove_managed_fields(&mut want);
+            assert_eq!(spliced, want, "{value}");
+            assert_eq!(spliced["spec"]["managedFields"], json!([1]));
         }
     }
 
@@ -551,14 +649,17 @@ mod tests {
             r#"{"spec":"unterminated, "metadata":{}}"#,
         ] {
             let mut out = Vec::new();
-            assert!(!append_served(&leases, &stored(value), &mut out), "{value}");
+            assert!(
+                !append_served(&leases, &stored(value), &mut out, false),
+                "{value}"
+            );
             assert!(out.is_empty());
         }
         let events = def("events.k8s.io", "events");
         let kv = stored(r#"{"apiVersion":"v1","kind":"Event","metadata":{"name":"e"}}"#);
         let mut out = Vec::new();
-        assert!(!append_served(&events, &kv, &mut out));
-        append_served_or_decode(&events, &kv, &mut out).unwrap();
+        assert!(!append_served(&events, &kv, &mut out, false));
+        append_served_or_decode(&events, &kv, &mut out, false).unwrap();
         let served: Value = serde_json::from_slice(&out).unwrap();
         assert_eq!(served["apiVersion"], "events.k8s.io/v1");
     }

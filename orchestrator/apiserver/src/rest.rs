@@ -18,7 +18,7 @@ use crate::error::{ApiError, ApiResult, Cause, Target, OBJECT_MODIFIED};
 use crate::objects::{
     append_served, append_served_or_decode, decode, encode, finalizers, is_terminating, meta,
     meta_mut, meta_str, now_rfc3339, parse_resource_version, partial_metadata, random_suffix,
-    spec_differs, SelectorView,
+    remove_managed_fields, spec_differs, SelectorView,
 };
 use crate::patch::{self, FieldManagement};
 use crate::registry::{Registry, ResourceDef, Subresource};
@@ -47,6 +47,9 @@ pub struct Request {
     pub query: HashMap<String, String>,
     pub headers: HeaderMap,
     pub body: Bytes,
+    /// Serve objects without `metadata.managedFields` (see
+    /// [`crate::server::LocalHandler`]).
+    pub omit_managed_fields: bool,
 }
 
 impl Request {
@@ -293,11 +296,14 @@ impl Written {
         let rendering = Rendering::negotiate(req);
         if let (Rendering::Object, Some(kv)) = (rendering, &self.stored) {
             let mut body = Vec::with_capacity(kv.value.len() + 48);
-            if append_served(&req.def, kv, &mut body) {
+            if append_served(&req.def, kv, &mut body, req.omit_managed_fields) {
                 return json_bytes_response(code, body, warnings);
             }
         }
-        let body = render_one(&req.def, &self.obj, rendering);
+        let mut body = render_one(&req.def, &self.obj, rendering);
+        if req.omit_managed_fields && body.pointer("/metadata/managedFields").is_some() {
+            remove_managed_fields(body.to_mut());
+        }
         json_response(code, &body, warnings)
     }
 }
@@ -339,6 +345,7 @@ impl Api {
             query: HashMap::new(),
             headers: HeaderMap::new(),
             body: Bytes::new(),
+            omit_managed_fields: false,
         };
         let obj = self.admit_body(&req, obj, &mut Vec::new())?;
         self.create_object(&req, obj, Some("tapestry-apiserver"))
@@ -634,7 +641,7 @@ impl Api {
         let rendering = Rendering::negotiate(req);
         if matches!(req.sub.as_deref(), Some("status") | None) && rendering == Rendering::Object {
             let mut body = Vec::with_capacity(kv.value.len() + 32);
-            append_served_or_decode(&req.def, &kv, &mut body)?;
+            append_served_or_decode(&req.def, &kv, &mut body, req.omit_managed_fields)?;
             return Ok(json_bytes_response(StatusCode::OK, body, &[]));
         }
         let obj = decode(&req.def, &kv)?;
@@ -785,7 +792,7 @@ impl Api {
                 if count > 0 {
                     raw_items.push(b',');
                 }
-                append_served_or_decode(&req.def, kv, &mut raw_items)?;
+                append_served_or_decode(&req.def, kv, &mut raw_items, req.omit_managed_fields)?;
                 count += 1;
             }
             if limit == 0 || count >= limit || remaining == 0 {
@@ -1193,6 +1200,7 @@ impl Api {
             query: req.query.clone(),
             headers: req.headers.clone(),
             body: Bytes::new(),
+            omit_managed_fields: req.omit_managed_fields,
         };
         self.update_object(&binding_req, |old| {
             let current = old.pointer("/spec/nodeName").and_then(Value::as_str).unwrap_or("");
@@ -1412,6 +1420,7 @@ impl Api {
                 query: req.query.clone(),
                 headers: req.headers.clone(),
                 body: Bytes::new(),
+                omit_managed_fields: req.omit_managed_fields,
             };
             match self.delete_one(&item_req, name, &options).await {
                 Ok(o) => deleted.push(o),

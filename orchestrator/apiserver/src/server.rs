@@ -70,6 +70,16 @@ impl Running {
 /// without TLS, TCP or HTTP framing on either side. For the scheduler
 /// and controllers, which read every pod event and write every binding,
 /// that framing cost as much CPU as a share of the handlers themselves.
+///
+/// Objects come back without `metadata.managedFields`: none of these
+/// clients reads them, and decoding them into typed objects was most of
+/// the cost of reading a pod. An update without them keeps the stored
+/// ones, as in Kubernetes.
+/// Marks a request from a [`LocalHandler`] (an extension, so no outside
+/// client can set it).
+#[derive(Clone, Copy)]
+struct OmitManagedFields;
+
 #[derive(Clone)]
 pub struct LocalHandler {
     router: Router,
@@ -95,6 +105,7 @@ where
     fn call(&mut self, mut req: http::Request<B>) -> Self::Future {
         req.headers_mut()
             .insert(http::header::AUTHORIZATION, self.authorization.clone());
+        req.extensions_mut().insert(OmitManagedFields);
         tower::Service::call(&mut self.router, req)
     }
 }
@@ -392,6 +403,7 @@ async fn dispatch(State(state): State<Arc<AppState>>, req: axum::extract::Reques
         return crate::nodeproxy::proxy(&state.api, &state.kubelet, req).await;
     }
     let (parts, body) = req.into_parts();
+    let omit_managed_fields = parts.extensions.get::<OmitManagedFields>().is_some();
     let (method, uri, headers) = (parts.method, parts.uri, parts.headers);
     let path = uri.path().to_string();
     match path.as_str() {
@@ -424,10 +436,11 @@ async fn dispatch(State(state): State<Arc<AppState>>, req: axum::extract::Reques
     let Some(route) = split_resource_path(&path) else {
         return not_found_path(&path);
     };
-    let (req, watch) = match build_request(&state.api.registry, route, query, headers, body) {
+    let (mut req, watch) = match build_request(&state.api.registry, route, query, headers, body) {
         Ok(r) => r,
         Err(e) => return e.into_response(),
     };
+    req.omit_managed_fields = omit_managed_fields;
     let verb = verb_of(&method, &req, watch);
     let labels = (
         req.def.group.to_string(),
@@ -618,6 +631,7 @@ fn build_request(
             query,
             headers,
             body,
+            omit_managed_fields: false,
         },
         watch,
     ))

@@ -31,6 +31,7 @@ struct WatchSpec {
     bookmarks: bool,
     timeout: Option<Duration>,
     view: SelectorView,
+    omit_managed_fields: bool,
 }
 
 impl Api {
@@ -68,6 +69,7 @@ impl Api {
             fields,
             timeout,
             view: SelectorView::new(&req.def),
+            omit_managed_fields: req.omit_managed_fields,
         };
         let prefix = self.scan_prefix(&req, &spec.fields);
         let rv = req
@@ -264,7 +266,7 @@ impl WatchSpec {
             line.extend_from_slice(b"{\"type\":\"");
             line.extend_from_slice(kind.as_bytes());
             line.extend_from_slice(b"\",\"object\":");
-            append_served_or_decode(def, kv, &mut line)?;
+            append_served_or_decode(def, kv, &mut line, self.omit_managed_fields)?;
             line.extend_from_slice(b"}\n");
             return Ok(Bytes::from(line));
         }
