@@ -106,14 +106,22 @@ pub trait WriteHook: Send + Sync {
 pub type Codec = fn(&Value) -> Result<Value, String>;
 
 pub fn typed_codec<T: DeserializeOwned + Serialize>(v: &Value) -> Result<Value, String> {
-    let typed: T = serde_path_to_error::deserialize(v).map_err(|e| {
-        let path = e.path().to_string();
-        if path == "." || path.is_empty() {
-            e.into_inner().to_string()
-        } else {
-            format!("{path}: {}", e.into_inner())
-        }
-    })?;
+    // Tracking the path costs on every field; only a failure needs it, so
+    // the object is decoded again with tracking to name the field.
+    let typed = match T::deserialize(v) {
+        Ok(typed) => typed,
+        Err(_) => match serde_path_to_error::deserialize::<_, T>(v) {
+            Ok(typed) => typed,
+            Err(e) => {
+                let path = e.path().to_string();
+                return Err(if path == "." || path.is_empty() {
+                    e.into_inner().to_string()
+                } else {
+                    format!("{path}: {}", e.into_inner())
+                });
+            }
+        },
+    };
     serde_json::to_value(typed).map_err(|e| e.to_string())
 }
 
@@ -253,5 +261,36 @@ impl Registry {
             .filter(|d| d.group == group && d.version == version)
             .cloned()
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::typed_codec;
+    use k8s_openapi::api::core::v1::Pod;
+    use serde_json::json;
+
+    #[test]
+    fn a_wrong_type_is_reported_with_its_field_path() {
+        let pod = json!({
+            "metadata": {"name": "p"},
+            "spec": {"containers": [{"name": "c", "image": 5}]},
+        });
+        let err = typed_codec::<Pod>(&pod).unwrap_err();
+        assert!(
+            err.starts_with("spec.containers[0].image: invalid type: integer `5`"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_valid_object_comes_back_canonical_without_unknown_fields() {
+        let pod = json!({
+            "metadata": {"name": "p", "bogus": 1},
+            "spec": {"containers": [{"name": "c", "image": "busybox"}]},
+        });
+        let out = typed_codec::<Pod>(&pod).unwrap();
+        assert_eq!(out["spec"]["containers"][0]["image"], "busybox");
+        assert!(out["metadata"].get("bogus").is_none());
     }
 }
