@@ -107,21 +107,17 @@ pub type Codec = fn(&Value) -> Result<Value, String>;
 
 pub fn typed_codec<T: DeserializeOwned + Serialize>(v: &Value) -> Result<Value, String> {
     // Tracking the path costs on every field; only a failure needs it, so
-    // the object is decoded again with tracking to name the field.
-    let typed = match T::deserialize(v) {
-        Ok(typed) => typed,
-        Err(_) => match serde_path_to_error::deserialize::<_, T>(v) {
-            Ok(typed) => typed,
-            Err(e) => {
-                let path = e.path().to_string();
-                return Err(if path == "." || path.is_empty() {
-                    e.into_inner().to_string()
-                } else {
-                    format!("{path}: {}", e.into_inner())
-                });
+    // a failed decode is repeated with tracking to name the field.
+    let typed = T::deserialize(v).or_else(|_| {
+        serde_path_to_error::deserialize::<_, T>(v).map_err(|e| {
+            let path = e.path().to_string();
+            if path == "." || path.is_empty() {
+                e.into_inner().to_string()
+            } else {
+                format!("{path}: {}", e.into_inner())
             }
-        },
-    };
+        })
+    })?;
     serde_json::to_value(typed).map_err(|e| e.to_string())
 }
 

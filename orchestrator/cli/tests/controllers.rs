@@ -511,18 +511,12 @@ fn daemonset_job_and_endpoint_slices() {
     // Job: complete once its pods succeed (phase set through the status API,
     // as a kubelet would).
     s.ok(&["create", "job", "once", "--image=busybox", "--", "true"]);
+    // The list is empty until the Job controller acts.
     let pod = wait_for(30, "job pod", || {
-        let p = s.ok(&[
-            "get",
-            "pods",
-            "-l",
-            "job-name=once",
-            "-o",
-            // `items[*]`: kubectl fails on `items[0]` of an empty list,
-            // which is what the Job has until its controller acts.
-            "jsonpath={.items[*].metadata.name}",
-        ]);
-        p.split_whitespace().next().map(str::to_string)
+        pods(&s, "default", "job-name=once")
+            .into_iter()
+            .next()
+            .map(|p| p.name)
     });
     s.ok(&[
         "patch",
