@@ -26,6 +26,68 @@ struct Writer {
     done: VecDeque<PathBuf>,
     seq: u64,
     stats: Arc<SinkStats>,
+    remover: Remover,
+}
+
+/// Deletes files past retention on a thread of its own: unlinking a
+/// 200 MB capture keeps the kernel busy for 20–130 ms, which would stall
+/// the writer and every packet queued behind it.
+struct Remover {
+    tx: Option<std::sync::mpsc::SyncSender<PathBuf>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Remover {
+    /// Deletions waiting for the thread; past that, the writer deletes the
+    /// file itself (late rather than never).
+    const QUEUE: usize = 16;
+
+    fn spawn(name: &str) -> Remover {
+        let (tx, rx) = std::sync::mpsc::sync_channel::<PathBuf>(Self::QUEUE);
+        match std::thread::Builder::new()
+            .name(format!("retention-{name}"))
+            .spawn(move || rx.into_iter().for_each(|p| remove(&p)))
+        {
+            Ok(thread) => Remover {
+                tx: Some(tx),
+                thread: Some(thread),
+            },
+            Err(e) => {
+                tracing::warn!("retention thread: {e}; deleting old files inline");
+                Remover {
+                    tx: None,
+                    thread: None,
+                }
+            }
+        }
+    }
+
+    fn remove(&self, path: PathBuf) {
+        let Some(tx) = &self.tx else {
+            return remove(&path);
+        };
+        if let Err(
+            std::sync::mpsc::TrySendError::Full(path)
+            | std::sync::mpsc::TrySendError::Disconnected(path),
+        ) = tx.try_send(path)
+        {
+            remove(&path);
+        }
+    }
+
+    /// Waits for the queued deletions.
+    fn finish(&mut self) {
+        self.tx = None;
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn remove(path: &std::path::Path) {
+    if let Err(e) = std::fs::remove_file(path) {
+        tracing::warn!(path = %path.display(), "retention: {e}");
+    }
 }
 
 impl Writer {
@@ -67,9 +129,7 @@ impl Writer {
                     let Some(old) = self.done.pop_front() else {
                         break;
                     };
-                    if let Err(e) = std::fs::remove_file(&old) {
-                        tracing::warn!(path = %old.display(), "retention: {e}");
-                    }
+                    self.remover.remove(old);
                 }
             }
         }
@@ -114,12 +174,14 @@ impl Writer {
 }
 
 pub fn run(cfg: PcapngFileConfig, mut rx: mpsc::Receiver<Batch>, stats: Arc<SinkStats>) {
+    let name = cfg.name.clone();
     let mut w = Writer {
         cfg,
         current: None,
         done: VecDeque::new(),
         seq: 0,
         stats: stats.clone(),
+        remover: Remover::spawn(&name),
     };
     while let Some(batch) = rx.blocking_recv() {
         if batch.is_empty() {
@@ -147,4 +209,5 @@ pub fn run(cfg: PcapngFileConfig, mut rx: mpsc::Receiver<Batch>, stats: Arc<Sink
         stats.record_latency(now_ns(), batch.iter().map(|p| p.ts_ns));
     }
     w.close(true);
+    w.remover.finish();
 }
