@@ -211,3 +211,28 @@ pub fn run(cfg: PcapngFileConfig, mut rx: mpsc::Receiver<Batch>, stats: Arc<Sink
     w.close(true);
     w.remover.finish();
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn queued_deletions_are_done_when_the_remover_finishes() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut remover = Remover::spawn("test");
+        // More than the queue holds, so some are deleted inline.
+        let paths: Vec<PathBuf> = (0..Remover::QUEUE * 2)
+            .map(|i| {
+                let p = dir.path().join(format!("old-{i}.pcapng"));
+                std::fs::write(&p, b"x").unwrap();
+                p
+            })
+            .collect();
+        for p in &paths {
+            remover.remove(p.clone());
+        }
+        remover.finish();
+        let left: Vec<_> = paths.iter().filter(|p| p.exists()).collect();
+        assert!(left.is_empty(), "not deleted: {left:?}");
+    }
+}
