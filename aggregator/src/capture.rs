@@ -69,11 +69,10 @@ impl CaptureFile {
             .with_context(|| format!("mapping {}", path.display()))?;
         // Mapping a large capture page by page costs the kernel more than
         // reading it: 200,000 page-table entries to fill and tear down for
-        // 800 MB.
-        // With HugePage, pages read from disk for this mapping come in 2 MiB
-        // folios mapped whole, and folios already cached that large (any file
-        // the kernel read ahead) map whole too; 4 KiB folios, as a file just
-        // written leaves behind, still map one page at a time.
+        // 800 MB. With HugePage, pages read from disk for this mapping come
+        // in 2 MiB folios that map whole, as folios already cached that
+        // large do (any file the kernel read ahead); 4 KiB folios, as a file
+        // just written in small writes leaves behind, still map page by page.
         #[cfg(target_os = "linux")]
         let _ = map.advise(memmap2::Advice::HugePage);
         #[cfg(unix)]

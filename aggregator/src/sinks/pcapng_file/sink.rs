@@ -46,7 +46,7 @@ impl Remover {
         let (tx, rx) = std::sync::mpsc::sync_channel::<PathBuf>(Self::QUEUE);
         match std::thread::Builder::new()
             .name(format!("retention-{name}"))
-            .spawn(move || rx.into_iter().for_each(|p| remove(&p)))
+            .spawn(move || rx.into_iter().for_each(|p| delete_file(&p)))
         {
             Ok(thread) => Remover {
                 tx: Some(tx),
@@ -64,14 +64,14 @@ impl Remover {
 
     fn remove(&self, path: PathBuf) {
         let Some(tx) = &self.tx else {
-            return remove(&path);
+            return delete_file(&path);
         };
         if let Err(
             std::sync::mpsc::TrySendError::Full(path)
             | std::sync::mpsc::TrySendError::Disconnected(path),
         ) = tx.try_send(path)
         {
-            remove(&path);
+            delete_file(&path);
         }
     }
 
@@ -84,7 +84,7 @@ impl Remover {
     }
 }
 
-fn remove(path: &std::path::Path) {
+fn delete_file(path: &std::path::Path) {
     if let Err(e) = std::fs::remove_file(path) {
         tracing::warn!(path = %path.display(), "retention: {e}");
     }
@@ -220,7 +220,8 @@ mod tests {
     fn queued_deletions_are_done_when_the_remover_finishes() {
         let dir = tempfile::tempdir().unwrap();
         let mut remover = Remover::spawn("test");
-        // More than the queue holds, so some are deleted inline.
+        // More than the queue holds: whether the thread or the caller
+        // deletes each one, none may be left.
         let paths: Vec<PathBuf> = (0..Remover::QUEUE * 2)
             .map(|i| {
                 let p = dir.path().join(format!("old-{i}.pcapng"));
