@@ -230,6 +230,23 @@ impl FieldSet {
         }
     }
 
+    /// Removes the members of `other`, touching only the paths they share
+    /// (no copy of the rest, unlike [`difference`](Self::difference)).
+    pub fn remove_all(&mut self, other: &FieldSet) {
+        self.member &= !other.member;
+        if self.children.is_empty() {
+            return;
+        }
+        for (k, o) in &other.children {
+            if let Some(c) = self.children.get_mut(k) {
+                c.remove_all(o);
+                if c.is_empty() {
+                    self.children.remove(k);
+                }
+            }
+        }
+    }
+
     /// Members of `self` that are not members of `other`.
     pub fn difference(&self, other: &FieldSet) -> FieldSet {
         let mut out = FieldSet {
@@ -360,6 +377,32 @@ mod tests {
         assert_eq!(paths, vec![p(&["f:status"]), p(&["f:status", "f:phase"])]);
         set.retain_subtree(&"f:spec".to_string());
         assert!(set.is_empty());
+    }
+
+    #[test]
+    fn remove_all_leaves_what_difference_returns() {
+        let set = |paths: &[&[&str]]| {
+            let mut s = FieldSet::new();
+            paths.iter().for_each(|path| s.insert(&p(path)));
+            s
+        };
+        let owned = set(&[
+            &["f:spec"],
+            &["f:spec", "f:replicas"],
+            &["f:spec", "f:template", "f:spec", "f:nodeName"],
+            &["f:status", "f:phase"],
+        ]);
+        for other in [
+            set(&[]),
+            set(&[&["f:spec"]]),
+            set(&[&["f:spec", "f:template", "f:spec", "f:nodeName"]]),
+            set(&[&["f:status", "f:phase"], &["f:status", "f:podIP"]]),
+            owned.clone(),
+        ] {
+            let mut in_place = owned.clone();
+            in_place.remove_all(&other);
+            assert_eq!(in_place.paths(), owned.difference(&other).paths());
+        }
     }
 
     #[test]

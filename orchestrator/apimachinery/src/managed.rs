@@ -330,7 +330,8 @@ pub fn apply_with_options(
         &mut Vec::new(),
         &mut cmp,
     );
-    let mut changed = cmp.modified.union(&cmp.added);
+    let mut changed = std::mem::take(&mut cmp.modified);
+    changed.union_in(&cmp.added);
     options.strip(&mut changed);
     options.strip(&mut cmp.removed);
 
@@ -565,7 +566,8 @@ pub fn record_update_with_options(
     let kind = root_kind(type_name);
     let mut cmp = Comparison::default();
     typed.compare(Some(old), Some(new), Some(&kind), &mut Vec::new(), &mut cmp);
-    let mut changed = cmp.modified.union(&cmp.added);
+    let mut changed = std::mem::take(&mut cmp.modified);
+    changed.union_in(&cmp.added);
     options.strip(&mut changed);
     options.strip(&mut cmp.removed);
 
@@ -578,14 +580,15 @@ pub fn record_update_with_options(
     let mine = |e: &ManagedFieldsEntry| e.is(manager, Operation::Update, &api_version, subresource);
     for e in entries.iter_mut() {
         if !mine(e) {
-            e.fields = e.fields.difference(&changed);
+            e.fields.remove_all(&changed);
         }
-        e.fields = e.fields.difference(&cmp.removed);
+        e.fields.remove_all(&cmp.removed);
     }
     if !changed.is_empty() {
         match entries.iter_mut().find(|e| mine(e)) {
             Some(e) => {
-                e.fields = e.fields.union(&changed).difference(&cmp.removed);
+                e.fields.union_in(&changed);
+                e.fields.remove_all(&cmp.removed);
                 e.time = Some(now_rfc3339.to_string());
             }
             None => entries.push(ManagedFieldsEntry {

@@ -314,6 +314,10 @@ impl Typed<'_> {
             (None, None) => return,
             (Some(o), None) => return self.all_set(o, kind, path, &mut out.removed),
             (None, Some(n)) => return self.all_set(n, kind, path, &mut out.added),
+            // Equal values change no field; comparing them as values is much
+            // cheaper than walking them field by field (an update usually
+            // touches one corner of the object).
+            (Some(o), Some(n)) if o == n => return,
             (Some(o), Some(n)) => (o, n),
         };
         match (self.shape(kind, o), self.shape(kind, n)) {
