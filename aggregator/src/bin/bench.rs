@@ -143,9 +143,11 @@ fn count(path: &Path) -> anyhow::Result<u64> {
 }
 
 /// How the capture got into the page cache, which decides how the kernel
-/// maps it: read from disk (2 MiB folios from readahead) or just written
-/// by a capture tool (4 KiB folios). tcpdump copies with `read()` either
-/// way.
+/// maps it: read from disk (2 MiB folios from readahead, on a file system
+/// with large folios such as ext4 on Linux 6.x) or just written by a
+/// capture tool (4 KiB folios). tcpdump copies with `read()` either way.
+/// `--dir` must be on a disk-backed file system: on tmpfs the eviction is a
+/// no-op and both states are the same.
 #[derive(Clone, Copy)]
 enum CacheState {
     ReadFromDisk,
@@ -187,6 +189,9 @@ impl CacheState {
                     }
                     to.write_all(&buf[..n])?;
                 }
+                // Written back now, so no writeback runs during the timings;
+                // the folios stay as the writes left them.
+                to.sync_all()?;
                 Ok(copy)
             }
         }

@@ -232,6 +232,9 @@ impl FieldSet {
 
     /// Removes the members of `other`, touching only the paths they share
     /// (no copy of the rest, unlike [`difference`](Self::difference)).
+    /// Like every operation here it keeps sets pruned (no empty non-member
+    /// node, which fieldsV1 would read back as an owned leaf), and on
+    /// pruned sets it leaves exactly what `difference` returns.
     pub fn remove_all(&mut self, other: &FieldSet) {
         self.member &= !other.member;
         if self.children.is_empty() {

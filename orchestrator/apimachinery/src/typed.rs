@@ -316,7 +316,9 @@ impl Typed<'_> {
             (None, Some(n)) => return self.all_set(n, kind, path, &mut out.added),
             // Equal values change no field; comparing them as values is much
             // cheaper than walking them field by field (an update usually
-            // touches one corner of the object).
+            // touches one corner of the object). Below, `o != n` always
+            // holds. (JSON equality takes -0.0 for 0.0, so a set member
+            // changing only that sign is not reported: the same number.)
             (Some(o), Some(n)) if o == n => return,
             (Some(o), Some(n)) => (o, n),
         };
@@ -348,9 +350,7 @@ impl Typed<'_> {
                     self.list_keys(oi, &keys, item_kind.as_ref()),
                     self.list_keys(ni, &keys, item_kind.as_ref()),
                 ) else {
-                    if o != n {
-                        out.modified.insert(path);
-                    }
+                    out.modified.insert(path);
                     return;
                 };
                 let new_by_key: HashMap<&PathElement, &Value> = nk.iter().zip(ni).collect();
@@ -380,9 +380,7 @@ impl Typed<'_> {
                     n.as_array().map(Vec::as_slice).unwrap_or_default(),
                 );
                 let (Some(ok), Some(nk)) = (Self::set_keys(oi), Self::set_keys(ni)) else {
-                    if o != n {
-                        out.modified.insert(path);
-                    }
+                    out.modified.insert(path);
                     return;
                 };
                 let (os, ns): (HashSet<&PathElement>, HashSet<&PathElement>) =
@@ -402,11 +400,7 @@ impl Typed<'_> {
                     }
                 }
             }
-            _ => {
-                if o != n {
-                    out.modified.insert(path);
-                }
-            }
+            _ => out.modified.insert(path),
         }
     }
 

@@ -39,7 +39,9 @@ struct Remover {
 
 impl Remover {
     /// Deletions waiting for the thread; past that, the writer deletes the
-    /// file itself (late rather than never).
+    /// file itself and stalls as before, rather than let old files pile up.
+    /// While deletions are queued, the directory briefly holds up to this
+    /// many files more than `max_files`.
     const QUEUE: usize = 16;
 
     fn spawn(name: &str) -> Remover {
