@@ -330,10 +330,7 @@ pub fn apply_with_options(
         &mut Vec::new(),
         &mut cmp,
     );
-    let mut changed = std::mem::take(&mut cmp.modified);
-    changed.union_in(&cmp.added);
-    options.strip(&mut changed);
-    options.strip(&mut cmp.removed);
+    let (changed, removed) = write_changes(cmp, options);
 
     let mine = |e: &ManagedFieldsEntry| e.is(manager, Operation::Apply, "", subresource);
     let mut conflicts = Vec::new();
@@ -360,12 +357,7 @@ pub fn apply_with_options(
     }
 
     // Forced (or conflict-free): the applier takes the changed fields.
-    for e in entries.iter_mut() {
-        if !mine(e) {
-            e.fields = e.fields.difference(&changed);
-        }
-        e.fields = e.fields.difference(&cmp.removed);
-    }
+    hand_over(&mut entries, mine, &changed, &removed);
     let api_version = config
         .get("apiVersion")
         .and_then(Value::as_str)
@@ -379,7 +371,7 @@ pub fn apply_with_options(
             if p.fields == applied_set
                 && p.api_version == api_version
                 && changed.is_empty()
-                && cmp.removed.is_empty() =>
+                && removed.is_empty() =>
         {
             p.time.clone()
         }
@@ -566,10 +558,7 @@ pub fn record_update_with_options(
     let kind = root_kind(type_name);
     let mut cmp = Comparison::default();
     typed.compare(Some(old), Some(new), Some(&kind), &mut Vec::new(), &mut cmp);
-    let mut changed = std::mem::take(&mut cmp.modified);
-    changed.union_in(&cmp.added);
-    options.strip(&mut changed);
-    options.strip(&mut cmp.removed);
+    let (changed, removed) = write_changes(cmp, options);
 
     let api_version = new
         .get("apiVersion")
@@ -578,17 +567,12 @@ pub fn record_update_with_options(
         .to_string();
     let subresource = options.subresource.as_deref();
     let mine = |e: &ManagedFieldsEntry| e.is(manager, Operation::Update, &api_version, subresource);
-    for e in entries.iter_mut() {
-        if !mine(e) {
-            e.fields.remove_all(&changed);
-        }
-        e.fields.remove_all(&cmp.removed);
-    }
+    hand_over(&mut entries, mine, &changed, &removed);
     if !changed.is_empty() {
         match entries.iter_mut().find(|e| mine(e)) {
             Some(e) => {
                 e.fields.union_in(&changed);
-                e.fields.remove_all(&cmp.removed);
+                e.fields.remove_all(&removed);
                 e.time = Some(now_rfc3339.to_string());
             }
             None => entries.push(ManagedFieldsEntry {
@@ -613,6 +597,32 @@ const ANCIENT_CHANGES: &str = "ancient-changes";
 /// Keeps objects from growing without bound when many distinct managers
 /// write them: beyond [`MAX_UPDATE_MANAGERS`] `Update` entries, the oldest
 /// are merged into a single `ancient-changes` entry.
+/// The fields a write set (modified or added) and those it removed, less
+/// the untracked ones and those outside the write's subresource.
+fn write_changes(mut cmp: Comparison, options: &FieldManagerOptions) -> (FieldSet, FieldSet) {
+    let mut changed = std::mem::take(&mut cmp.modified);
+    changed.union_in(&cmp.added);
+    options.strip(&mut changed);
+    options.strip(&mut cmp.removed);
+    (changed, cmp.removed)
+}
+
+/// Every other manager loses the fields the writer changed; nobody keeps
+/// a removed one.
+fn hand_over(
+    entries: &mut [ManagedFieldsEntry],
+    is_writer: impl Fn(&ManagedFieldsEntry) -> bool,
+    changed: &FieldSet,
+    removed: &FieldSet,
+) {
+    for e in entries.iter_mut() {
+        if !is_writer(e) {
+            e.fields.remove_all(changed);
+        }
+        e.fields.remove_all(removed);
+    }
+}
+
 fn cap_update_managers(entries: &mut Vec<ManagedFieldsEntry>) {
     let updates = entries
         .iter()
