@@ -180,7 +180,8 @@ impl CacheState {
                 let mut to = std::fs::File::create(&copy)?;
                 // In 4 KiB writes, as tcpdump's stdio writes its files:
                 // the page cache keeps them in folios of that size (1 MiB
-                // writes would leave large folios behind).
+                // writes would leave large folios behind, and `io::copy`
+                // would copy in the kernel with `copy_file_range`).
                 let mut buf = vec![0u8; 4096];
                 loop {
                     let n = from.read(&mut buf)?;

@@ -33,8 +33,12 @@ struct Writer {
 /// 200 MB capture keeps the kernel busy for 20–130 ms, which would stall
 /// the writer and every packet queued behind it.
 struct Remover {
-    tx: Option<std::sync::mpsc::SyncSender<PathBuf>>,
-    thread: Option<std::thread::JoinHandle<()>>,
+    /// The queue to the deleting thread and the thread; `None` if it could
+    /// not be started, and then the writer deletes inline.
+    worker: Option<(
+        std::sync::mpsc::SyncSender<PathBuf>,
+        std::thread::JoinHandle<()>,
+    )>,
 }
 
 impl Remover {
@@ -46,26 +50,18 @@ impl Remover {
 
     fn spawn(name: &str) -> Remover {
         let (tx, rx) = std::sync::mpsc::sync_channel::<PathBuf>(Self::QUEUE);
-        match std::thread::Builder::new()
+        let thread = std::thread::Builder::new()
             .name(format!("retention-{name}"))
-            .spawn(move || rx.into_iter().for_each(|p| delete_file(&p)))
-        {
-            Ok(thread) => Remover {
-                tx: Some(tx),
-                thread: Some(thread),
-            },
-            Err(e) => {
-                tracing::warn!("retention thread: {e}; deleting old files inline");
-                Remover {
-                    tx: None,
-                    thread: None,
-                }
-            }
-        }
+            .spawn(move || rx.into_iter().for_each(|p| delete_file(&p)));
+        let worker = thread
+            .map_err(|e| tracing::warn!("retention thread: {e}; deleting old files inline"))
+            .ok()
+            .map(|thread| (tx, thread));
+        Remover { worker }
     }
 
     fn remove(&self, path: PathBuf) {
-        let Some(tx) = &self.tx else {
+        let Some((tx, _)) = &self.worker else {
             return delete_file(&path);
         };
         if let Err(
@@ -79,9 +75,9 @@ impl Remover {
 
     /// Waits for the queued deletions.
     fn finish(&mut self) {
-        self.tx = None;
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
+        if let Some((tx, thread)) = self.worker.take() {
+            drop(tx);
+            let _ = thread.join();
         }
     }
 }
