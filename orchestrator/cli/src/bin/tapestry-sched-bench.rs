@@ -22,7 +22,7 @@ use k8s_openapi::api::core::v1::{Container, Namespace, Node, Pod, PodSpec, Resou
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use kube::api::{Api, ListParams, ObjectMeta, PostParams, WatchEvent, WatchParams};
 
-use bench_support::{client, rss_kib, tapestry_binary};
+use bench_support::{client, cpu_ticks, rss_kib, tapestry_binary};
 
 /// Creates in flight at once.
 const CREATORS: usize = 32;
@@ -71,6 +71,10 @@ struct Run {
     server_rss: f64,
     hollow_rss: f64,
     register_secs: f64,
+    /// CPU milliseconds per pod from the first create to the last binding:
+    /// steadier than throughput on a shared host, whose speed drifts.
+    server_cpu_ms: f64,
+    hollow_cpu_ms: f64,
 }
 
 async fn run(nodes: usize, pods: usize) -> Result<Run> {
@@ -208,6 +212,8 @@ async fn run(nodes: usize, pods: usize) -> Result<Run> {
         }
     });
 
+    let cpu_ms = |pid: u32| cpu_ticks(pid).0 as f64 * 10.0;
+    let cpu_before = (cpu_ms(server.0.id()), cpu_ms(hollow.0.id()));
     let first = Instant::now();
     let c = created.clone();
     let results: Vec<Result<()>> = futures::stream::iter(0..pods)
@@ -260,6 +266,9 @@ async fn run(nodes: usize, pods: usize) -> Result<Run> {
         Ok(r) => r?,
         Err(_) => bail!("not every pod was bound within 10 minutes"),
     }
+    let cpu_per_pod = |pid: u32, before: f64| (cpu_ms(pid) - before) / pods as f64;
+    let server_cpu_ms = cpu_per_pod(server.0.id(), cpu_before.0);
+    let hollow_cpu_ms = cpu_per_pod(hollow.0.id(), cpu_before.1);
     let bound = bound.lock().unwrap_or_else(|e| e.into_inner()).clone();
     let created = created.lock().unwrap_or_else(|e| e.into_inner()).clone();
     let last = bound.values().max().copied().unwrap_or(first);
@@ -278,6 +287,8 @@ async fn run(nodes: usize, pods: usize) -> Result<Run> {
         server_rss: rss_mib(server.0.id()),
         hollow_rss: rss_mib(hollow.0.id()),
         register_secs,
+        server_cpu_ms,
+        hollow_cpu_ms,
     })
 }
 
@@ -304,12 +315,12 @@ async fn main() -> Result<()> {
         .transpose()
         .context("--pods")?
         .unwrap_or(10_000);
-    println!("| hollow nodes | pods | pods/s (first create → last bound) | ÷ 1,500 target | ÷ 680 kube-scheduler anchor | p50 create→bound | p99 create→bound | control-plane RSS | hollow process RSS | nodes Ready after |");
-    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    println!("| hollow nodes | pods | pods/s (first create → last bound) | ÷ 1,500 target | ÷ 680 kube-scheduler anchor | p50 create→bound | p99 create→bound | control-plane RSS | hollow process RSS | nodes Ready after | server CPU per pod | hollow CPU per pod |");
+    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     for n in nodes {
         let r = run(n, pods).await?;
         println!(
-            "| {} | {} | {:.0} | {:.2}× | {:.2}× | {:.0} ms | {:.0} ms | {:.0} MiB | {:.0} MiB | {:.1} s |",
+            "| {} | {} | {:.0} | {:.2}× | {:.2}× | {:.0} ms | {:.0} ms | {:.0} MiB | {:.0} MiB | {:.1} s | {:.2} ms | {:.2} ms |",
             r.nodes,
             r.pods,
             r.pods_per_sec,
@@ -319,7 +330,9 @@ async fn main() -> Result<()> {
             r.p99_ms,
             r.server_rss,
             r.hollow_rss,
-            r.register_secs
+            r.register_secs,
+            r.server_cpu_ms,
+            r.hollow_cpu_ms
         );
     }
     Ok(())
