@@ -7,6 +7,7 @@
 pub mod filters;
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::ops::Bound::{Excluded, Included, Unbounded};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -108,10 +109,10 @@ struct Scheduler {
     client: Client,
     recorder: Recorder,
     stats: Arc<Stats>,
-    nodes: HashMap<String, NodeInfo>,
-    order: Vec<String>,
-    order_dirty: bool,
-    next_start: usize,
+    /// By name: pods are offered the nodes in name order, round robin.
+    nodes: BTreeMap<String, NodeInfo>,
+    /// The last node the previous pod examined; the next starts after it.
+    resume_after: String,
     placed: HashMap<String, Placed>,
     pending: HashMap<String, Arc<Pod>>,
     active: VecDeque<String>,
@@ -266,7 +267,6 @@ impl Scheduler {
         }
         if deleted {
             self.nodes.remove(&name);
-            self.order_dirty = true;
             return;
         }
         let changed = match self.nodes.get_mut(&name) {
@@ -282,7 +282,6 @@ impl Scheduler {
                     add_to(&mut info, k, p);
                 }
                 self.nodes.insert(name.clone(), info);
-                self.order_dirty = true;
                 true
             }
         };
@@ -380,7 +379,7 @@ impl Scheduler {
     /// How many feasible nodes to find before choosing (kube-scheduler's
     /// adaptive percentageOfNodesToScore).
     fn nodes_to_find(&self) -> usize {
-        let n = self.order.len();
+        let n = self.nodes.len();
         if n <= 100 {
             return n;
         }
@@ -390,12 +389,7 @@ impl Scheduler {
 
     /// Try to place one pod: Ok(node) or Err(message).
     fn choose(&mut self, pod: &Pod) -> Result<String, String> {
-        if self.order_dirty {
-            self.order = self.nodes.keys().cloned().collect();
-            self.order.sort();
-            self.order_dirty = false;
-        }
-        let n = self.order.len();
+        let n = self.nodes.len();
         if n == 0 {
             return Err("0/0 nodes are available: no nodes available to schedule pods.".into());
         }
@@ -409,14 +403,15 @@ impl Scheduler {
         let mut reasons: BTreeMap<String, usize> = BTreeMap::new();
         let mut best: Option<(i64, &str)> = None;
         let mut found = 0;
-        let start = self.next_start % n;
-        let mut examined = 0;
-        for i in 0..n {
-            let name = &self.order[(start + i) % n];
-            examined += 1;
-            let Some(info) = self.nodes.get(name) else {
-                continue;
-            };
+        // Walking the sorted map from where the last pod stopped needs no
+        // lookup per node (hashing 1,000 names per pod showed in profiles).
+        // Node names are never empty, so "" starts at the first node.
+        let last = self.resume_after.as_str();
+        let after = self.nodes.range::<str, _>((Excluded(last), Unbounded));
+        let before = self.nodes.range::<str, _>((Unbounded, Included(last)));
+        let mut examined = last;
+        for (name, info) in after.chain(before) {
+            examined = name;
             match self.filter(pod, &need, info) {
                 Some(reason) => *reasons.entry(reason).or_default() += 1,
                 None => {
@@ -431,9 +426,10 @@ impl Scheduler {
                 }
             }
         }
-        self.next_start = (start + examined) % n;
-        match best {
-            Some((_, name)) => Ok(name.to_string()),
+        let chosen = best.map(|(_, name)| name.to_string());
+        self.resume_after = examined.to_string();
+        match chosen {
+            Some(name) => Ok(name),
             None => {
                 let mut parts: Vec<String> =
                     reasons.iter().map(|(r, c)| format!("{c} {r}")).collect();
@@ -633,10 +629,8 @@ pub async fn run(client: Client, stats: Arc<Stats>, shutdown: CancellationToken)
         recorder: Recorder::new(client.clone(), DEFAULT_SCHEDULER),
         client: client.clone(),
         stats,
-        nodes: HashMap::new(),
-        order: Vec::new(),
-        order_dirty: false,
-        next_start: 0,
+        nodes: BTreeMap::new(),
+        resume_after: String::new(),
         placed: HashMap::new(),
         pending: HashMap::new(),
         active: VecDeque::new(),
@@ -677,7 +671,6 @@ pub async fn run(client: Client, stats: Arc<Stats>, shutdown: CancellationToken)
                         for g in gone {
                             s.nodes.remove(&g);
                         }
-                        s.order_dirty = true;
                     }
                     nodes_synced = true;
                     s.cluster_changed();
@@ -708,5 +701,83 @@ pub async fn run(client: Client, stats: Arc<Stats>, shutdown: CancellationToken)
             _ = tick.tick() => s.tick(),
             _ = std::future::ready(()), if work_left => {}
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::api::core::v1::{Container, NodeCondition, NodeStatus, PodSpec};
+    use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+    use kube::api::ObjectMeta;
+
+    /// A scheduler whose API calls all fail: `choose` never makes one.
+    fn offline_scheduler() -> Scheduler {
+        let service = tower::service_fn(|_: http::Request<kube::client::Body>| async {
+            Err::<http::Response<kube::client::Body>, _>(std::io::Error::other("offline"))
+        });
+        let client = Client::new(service, "default");
+        Scheduler {
+            recorder: Recorder::new(client.clone(), DEFAULT_SCHEDULER),
+            client,
+            stats: Arc::default(),
+            nodes: BTreeMap::new(),
+            resume_after: String::new(),
+            placed: HashMap::new(),
+            pending: HashMap::new(),
+            active: VecDeque::new(),
+            queued: HashSet::new(),
+            unschedulable: HashMap::new(),
+            in_flight: HashSet::new(),
+            bind_tx: mpsc::channel(1).0,
+            seen_pods: None,
+            seen_nodes: None,
+        }
+    }
+
+    fn ready_node(name: &str) -> Node {
+        let alloc = [("cpu", "4"), ("memory", "8Gi"), ("pods", "110")]
+            .map(|(k, v)| (k.to_string(), Quantity(v.into())));
+        Node {
+            metadata: ObjectMeta {
+                name: Some(name.into()),
+                ..Default::default()
+            },
+            status: Some(NodeStatus {
+                allocatable: Some(alloc.into()),
+                conditions: Some(vec![NodeCondition {
+                    type_: "Ready".into(),
+                    status: "True".into(),
+                    ..Default::default()
+                }]),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn each_pod_scans_on_from_where_the_last_stopped_and_wraps_around() {
+        let mut s = offline_scheduler();
+        for i in 0..250 {
+            s.on_node(ready_node(&format!("n{i:03}")), false);
+        }
+        // 250 nodes: kube-scheduler's adaptive share is 48%, 120 nodes.
+        assert_eq!(s.nodes_to_find(), 120);
+        let pod = Pod {
+            spec: Some(PodSpec {
+                containers: vec![Container {
+                    name: "c".into(),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        // Every node scores the same, so each pick is the first node its
+        // scan examined.
+        let picks: Vec<String> = (0..4).map(|_| s.choose(&pod).unwrap()).collect();
+        assert_eq!(picks, ["n000", "n120", "n240", "n110"]);
+        assert_eq!(s.resume_after, "n229");
     }
 }
