@@ -158,6 +158,29 @@ fn node_fingerprint(n: &Node) -> String {
 }
 
 impl Scheduler {
+    fn new(
+        client: Client,
+        stats: Arc<Stats>,
+        bind_tx: mpsc::Sender<(String, Result<(), kube::Error>)>,
+    ) -> Self {
+        Scheduler {
+            recorder: Recorder::new(client.clone(), DEFAULT_SCHEDULER),
+            client,
+            stats,
+            nodes: BTreeMap::new(),
+            resume_after: String::new(),
+            placed: HashMap::new(),
+            pending: HashMap::new(),
+            active: VecDeque::new(),
+            queued: HashSet::new(),
+            unschedulable: HashMap::new(),
+            in_flight: HashSet::new(),
+            bind_tx,
+            seen_pods: None,
+            seen_nodes: None,
+        }
+    }
+
     fn cluster_changed(&mut self) {
         let now = Instant::now();
         let mut keys = Vec::new();
@@ -625,22 +648,7 @@ fn add_to(info: &mut NodeInfo, key: &str, p: &Placed) {
 /// Run the scheduler until `shutdown`.
 pub async fn run(client: Client, stats: Arc<Stats>, shutdown: CancellationToken) {
     let (bind_tx, mut bind_rx) = mpsc::channel(BINDS_IN_FLIGHT * 2);
-    let mut s = Scheduler {
-        recorder: Recorder::new(client.clone(), DEFAULT_SCHEDULER),
-        client: client.clone(),
-        stats,
-        nodes: BTreeMap::new(),
-        resume_after: String::new(),
-        placed: HashMap::new(),
-        pending: HashMap::new(),
-        active: VecDeque::new(),
-        queued: HashSet::new(),
-        unschedulable: HashMap::new(),
-        in_flight: HashSet::new(),
-        bind_tx,
-        seen_pods: None,
-        seen_nodes: None,
-    };
+    let mut s = Scheduler::new(client.clone(), stats, bind_tx);
     let slots = Arc::new(tokio::sync::Semaphore::new(BINDS_IN_FLIGHT));
     let pods = watcher::watcher(Api::<Pod>::all(client.clone()), watcher::Config::default())
         .default_backoff();
@@ -717,22 +725,7 @@ mod tests {
             Err::<http::Response<kube::client::Body>, _>(std::io::Error::other("offline"))
         });
         let client = Client::new(service, "default");
-        Scheduler {
-            recorder: Recorder::new(client.clone(), DEFAULT_SCHEDULER),
-            client,
-            stats: Arc::default(),
-            nodes: BTreeMap::new(),
-            resume_after: String::new(),
-            placed: HashMap::new(),
-            pending: HashMap::new(),
-            active: VecDeque::new(),
-            queued: HashSet::new(),
-            unschedulable: HashMap::new(),
-            in_flight: HashSet::new(),
-            bind_tx: mpsc::channel(1).0,
-            seen_pods: None,
-            seen_nodes: None,
-        }
+        Scheduler::new(client, Arc::default(), mpsc::channel(1).0)
     }
 
     fn ready_node(name: &str) -> Node {
