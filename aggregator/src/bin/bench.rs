@@ -22,6 +22,7 @@ use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use tapestry_aggregator::config::Config;
 use tapestry_aggregator::metrics::Registry;
@@ -137,9 +138,11 @@ fn time(mut c: Command) -> anyhow::Result<Duration> {
     Ok(d)
 }
 
-fn remove_if_present(path: &Path) -> std::io::Result<()> {
+fn remove_if_present(path: &Path) -> anyhow::Result<()> {
     match std::fs::remove_file(path) {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            Err(e).with_context(|| format!("removing {}", path.display()))
+        }
         _ => Ok(()),
     }
 }

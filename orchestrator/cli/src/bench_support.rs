@@ -44,6 +44,12 @@ pub fn rss_kib(pid: u32) -> Result<u64> {
         .context("no VmRSS")
 }
 
+/// Milliseconds in one clock tick of [`cpu_ticks`] (Linux's USER_HZ is
+/// 100 on every architecture).
+pub fn ticks_to_ms(ticks: u64) -> f64 {
+    ticks as f64 * 10.0
+}
+
 /// CPU time of a process in clock ticks (1/100 s): (its own threads, its
 /// reaped children). Zero when the process is gone.
 pub fn cpu_ticks(pid: u32) -> (u64, u64) {

@@ -21,7 +21,7 @@ use k8s_openapi::api::core::v1::{ConfigMap, Namespace};
 use kube::api::{Api, GetParams, ListParams, ObjectMeta, PostParams, WatchEvent, WatchParams};
 use kube::Client;
 
-use bench_support::{client, cpu_ticks, free_port, rss_kib, tapestry_binary};
+use bench_support::{client, cpu_ticks, free_port, rss_kib, tapestry_binary, ticks_to_ms};
 
 const COLD_START_RUNS: usize = 5;
 const REQUESTS_PER_LEVEL: usize = 20_000;
@@ -174,8 +174,8 @@ async fn load(
     }
     let elapsed = started.elapsed();
     let requests = (per_client * clients) as f64;
-    // Ticks are 10 ms; in µs per request.
-    let per_request = |ticks: u64| ticks as f64 * 10_000.0 / requests;
+    // In µs per request.
+    let per_request = |ticks: u64| ticks_to_ms(ticks) * 1000.0 / requests;
     Ok(Level {
         latency,
         per_second: requests / elapsed.as_secs_f64(),

@@ -22,7 +22,7 @@ use k8s_openapi::api::core::v1::{Container, Namespace, Node, Pod, PodSpec, Resou
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use kube::api::{Api, ListParams, ObjectMeta, PostParams, WatchEvent, WatchParams};
 
-use bench_support::{client, cpu_ticks, rss_kib, tapestry_binary};
+use bench_support::{client, cpu_ticks, rss_kib, tapestry_binary, ticks_to_ms};
 
 /// Creates in flight at once.
 const CREATORS: usize = 32;
@@ -71,8 +71,8 @@ struct Run {
     server_rss: f64,
     hollow_rss: f64,
     register_secs: f64,
-    /// CPU milliseconds per pod from the first create to the last binding:
-    /// steadier than throughput on a shared host, whose speed drifts.
+    /// CPU milliseconds per pod from the first create to the last binding
+    /// (the last pods' Running updates may come after it).
     server_cpu_ms: f64,
     hollow_cpu_ms: f64,
 }
@@ -212,8 +212,7 @@ async fn run(nodes: usize, pods: usize) -> Result<Run> {
         }
     });
 
-    let cpu_ms = |pid: u32| cpu_ticks(pid).0 as f64 * 10.0;
-    let cpu_before = (cpu_ms(server.0.id()), cpu_ms(hollow.0.id()));
+    let cpu_before = (cpu_ticks(server.0.id()).0, cpu_ticks(hollow.0.id()).0);
     let first = Instant::now();
     let c = created.clone();
     let results: Vec<Result<()>> = futures::stream::iter(0..pods)
@@ -266,7 +265,8 @@ async fn run(nodes: usize, pods: usize) -> Result<Run> {
         Ok(r) => r?,
         Err(_) => bail!("not every pod was bound within 10 minutes"),
     }
-    let cpu_per_pod = |pid: u32, before: f64| (cpu_ms(pid) - before) / pods as f64;
+    let cpu_per_pod =
+        |pid: u32, before: u64| ticks_to_ms(cpu_ticks(pid).0.saturating_sub(before)) / pods as f64;
     let server_cpu_ms = cpu_per_pod(server.0.id(), cpu_before.0);
     let hollow_cpu_ms = cpu_per_pod(hollow.0.id(), cpu_before.1);
     let bound = bound.lock().unwrap_or_else(|e| e.into_inner()).clone();
