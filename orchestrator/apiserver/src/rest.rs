@@ -587,7 +587,9 @@ impl Api {
             let mut merged = old.clone();
             merged["spec"]["finalizers"] = finalizers.unwrap_or(json!([]));
             *new = merged;
-        } else if def.has(Subresource::Status) {
+        } else if def.has(Subresource::Status) && sub != Some("binding") {
+            // A binding is the one write besides status updates that sets
+            // a pod's status: its PodScheduled condition.
             match old.get("status") {
                 Some(s) => new["status"] = s.clone(),
                 None => {

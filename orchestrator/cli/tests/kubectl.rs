@@ -449,3 +449,37 @@ fn sigterm_shuts_down_cleanly() {
         "1"
     );
 }
+
+/// pods/binding, as a scheduler uses it: the pod gets its node and
+/// PodScheduled=True in the same write, and a second binding is refused.
+#[test]
+fn binding_assigns_the_node_and_marks_the_pod_scheduled() {
+    if !require_kubectl() {
+        return;
+    }
+    // No scheduler: the binding below is the pod's only one.
+    let s = Server::start_with(&["--no-scheduler"]);
+    s.ok_stdin(
+        &["create", "-f", "-"],
+        r#"{"apiVersion":"v1","kind":"Pod","metadata":{"name":"bound"},
+            "spec":{"containers":[{"name":"c","image":"busybox"}]}}"#,
+    );
+    let binding = write(
+        s.data_dir(),
+        "binding.json",
+        r#"{"apiVersion":"v1","kind":"Binding","metadata":{"name":"bound"},
+            "target":{"apiVersion":"v1","kind":"Node","name":"node-a"}}"#,
+    );
+    let url = "/api/v1/namespaces/default/pods/bound/binding";
+    s.ok(&["create", "--raw", url, "-f", &binding]);
+    let got = s.ok(&[
+        "get",
+        "pod",
+        "bound",
+        "-o",
+        r#"jsonpath={.spec.nodeName} {.status.conditions[?(@.type=="PodScheduled")].status}"#,
+    ]);
+    assert_eq!(got, "node-a True");
+    let err = s.fails(&["create", "--raw", url, "-f", &binding]);
+    assert!(err.contains("already assigned to node"), "{err}");
+}
