@@ -594,9 +594,6 @@ const MAX_UPDATE_MANAGERS: usize = 10;
 /// The manager that holds the folded entries, as in Kubernetes.
 const ANCIENT_CHANGES: &str = "ancient-changes";
 
-/// Keeps objects from growing without bound when many distinct managers
-/// write them: beyond [`MAX_UPDATE_MANAGERS`] `Update` entries, the oldest
-/// are merged into a single `ancient-changes` entry.
 /// The fields a write set (modified or added) and those it removed, less
 /// the untracked ones and those outside the write's subresource.
 fn write_changes(mut cmp: Comparison, options: &FieldManagerOptions) -> (FieldSet, FieldSet) {
@@ -623,6 +620,9 @@ fn hand_over(
     }
 }
 
+/// Keeps objects from growing without bound when many distinct managers
+/// write them: beyond [`MAX_UPDATE_MANAGERS`] `Update` entries, the oldest
+/// are merged into a single `ancient-changes` entry.
 fn cap_update_managers(entries: &mut Vec<ManagedFieldsEntry>) {
     let updates = entries
         .iter()

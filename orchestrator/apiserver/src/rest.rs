@@ -587,9 +587,10 @@ impl Api {
             let mut merged = old.clone();
             merged["spec"]["finalizers"] = finalizers.unwrap_or(json!([]));
             *new = merged;
-        } else if def.has(Subresource::Status) && sub != Some("binding") {
-            // A binding is the one write besides status updates that sets
-            // a pod's status: its PodScheduled condition.
+        } else if sub.is_none() && def.has(Subresource::Status) {
+            // A write to the object itself keeps the stored status; a
+            // subresource writes what it owns (a binding, for one, sets
+            // the pod's PodScheduled condition).
             match old.get("status") {
                 Some(s) => new["status"] = s.clone(),
                 None => {

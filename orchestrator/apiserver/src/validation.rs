@@ -155,8 +155,7 @@ pub fn name_errors(rule: NameRule, name: &str) -> Vec<String> {
 /// Rules every object's metadata must follow.
 pub fn validate_object_meta(obj: &Value, namespaced: bool, rule: NameRule) -> Vec<Cause> {
     let mut causes = Vec::new();
-    static NO_METADATA: Value = Value::Null;
-    let meta = obj.get("metadata").unwrap_or(&NO_METADATA);
+    let meta = obj.get("metadata").unwrap_or(&Value::Null);
     let name = meta.get("name").and_then(Value::as_str).unwrap_or("");
     if name.is_empty() {
         causes.push(Cause::required_because(
