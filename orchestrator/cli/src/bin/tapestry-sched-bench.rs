@@ -75,6 +75,8 @@ struct Run {
     /// (the last pods' Running updates may come after it).
     server_cpu_ms: f64,
     hollow_cpu_ms: f64,
+    /// The benchmark's own creates and watch, on the same two cores.
+    bench_cpu_ms: f64,
 }
 
 async fn run(nodes: usize, pods: usize) -> Result<Run> {
@@ -212,7 +214,11 @@ async fn run(nodes: usize, pods: usize) -> Result<Run> {
         }
     });
 
-    let cpu_before = (cpu_ticks(server.0.id()).0, cpu_ticks(hollow.0.id()).0);
+    let cpu_before = (
+        cpu_ticks(server.0.id()).0,
+        cpu_ticks(hollow.0.id()).0,
+        cpu_ticks(std::process::id()).0,
+    );
     let first = Instant::now();
     let c = created.clone();
     let results: Vec<Result<()>> = futures::stream::iter(0..pods)
@@ -269,6 +275,7 @@ async fn run(nodes: usize, pods: usize) -> Result<Run> {
         |pid: u32, before: u64| ticks_to_ms(cpu_ticks(pid).0.saturating_sub(before)) / pods as f64;
     let server_cpu_ms = cpu_per_pod(server.0.id(), cpu_before.0);
     let hollow_cpu_ms = cpu_per_pod(hollow.0.id(), cpu_before.1);
+    let bench_cpu_ms = cpu_per_pod(std::process::id(), cpu_before.2);
     let bound = bound.lock().unwrap_or_else(|e| e.into_inner()).clone();
     let created = created.lock().unwrap_or_else(|e| e.into_inner()).clone();
     let last = bound.values().max().copied().unwrap_or(first);
@@ -289,6 +296,7 @@ async fn run(nodes: usize, pods: usize) -> Result<Run> {
         register_secs,
         server_cpu_ms,
         hollow_cpu_ms,
+        bench_cpu_ms,
     })
 }
 
@@ -315,12 +323,12 @@ async fn main() -> Result<()> {
         .transpose()
         .context("--pods")?
         .unwrap_or(10_000);
-    println!("| hollow nodes | pods | pods/s (first create → last bound) | ÷ 1,500 target | ÷ 680 kube-scheduler anchor | p50 create→bound | p99 create→bound | control-plane RSS | hollow process RSS | nodes Ready after | server CPU per pod | hollow CPU per pod |");
-    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    println!("| hollow nodes | pods | pods/s (first create → last bound) | ÷ 1,500 target | ÷ 680 kube-scheduler anchor | p50 create→bound | p99 create→bound | control-plane RSS | hollow process RSS | nodes Ready after | server CPU per pod | hollow CPU per pod | benchmark CPU per pod |");
+    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     for n in nodes {
         let r = run(n, pods).await?;
         println!(
-            "| {} | {} | {:.0} | {:.2}× | {:.2}× | {:.0} ms | {:.0} ms | {:.0} MiB | {:.0} MiB | {:.1} s | {:.2} ms | {:.2} ms |",
+            "| {} | {} | {:.0} | {:.2}× | {:.2}× | {:.0} ms | {:.0} ms | {:.0} MiB | {:.0} MiB | {:.1} s | {:.2} ms | {:.2} ms | {:.2} ms |",
             r.nodes,
             r.pods,
             r.pods_per_sec,
@@ -332,7 +340,8 @@ async fn main() -> Result<()> {
             r.hollow_rss,
             r.register_secs,
             r.server_cpu_ms,
-            r.hollow_cpu_ms
+            r.hollow_cpu_ms,
+            r.bench_cpu_ms
         );
     }
     Ok(())
