@@ -18,12 +18,13 @@
 //! [`Conflict`]; `Invalid`: HTTP 422).
 //!
 //! ```
+//! use std::borrow::Cow;
 //! use serde_json::json;
 //! use tapestry_apimachinery::{apply, record_update, FieldSchema, PatchSchema};
 //!
 //! struct Untyped;
 //! impl PatchSchema for Untyped {
-//!     fn field(&self, _: &str, _: &str) -> Option<FieldSchema> { None }
+//!     fn field(&self, _: &str, _: &str) -> Option<Cow<'_, FieldSchema>> { None }
 //! }
 //!
 //! // Created by an ordinary write of manager "creator"...

@@ -15,7 +15,7 @@ use serde_json::{json, Map, Value};
 use crate::error::{ApplyError, Conflict, Operation};
 use crate::fieldpath::{field_element, path_string, FieldSet, PathElement};
 use crate::schema::{FieldKind, PatchSchema};
-use crate::typed::{remove_nulls, Comparison, Typed};
+use crate::typed::{remove_nulls, Comparison, Shape, Typed};
 
 /// One entry of `metadata.managedFields`.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -557,7 +557,7 @@ pub fn record_update_with_options(
     let typed = Typed { schema };
     let kind = root_kind(type_name);
     let mut cmp = Comparison::default();
-    typed.compare(Some(old), Some(new), Some(&kind), &mut Vec::new(), &mut cmp);
+    compare_tracked(&typed, old, new, &kind, options, &mut cmp);
     let (changed, removed) = write_changes(cmp, options);
 
     let api_version = new
@@ -593,6 +593,29 @@ pub fn record_update_with_options(
 const MAX_UPDATE_MANAGERS: usize = 10;
 /// The manager that holds the folded entries, as in Kubernetes.
 const ANCIENT_CHANGES: &str = "ancient-changes";
+
+/// The comparison of `old` and `new` as far as [`write_changes`] keeps it:
+/// a status write only compares `status`, any other write all but it.
+/// (Walking the untracked part was a third of the comparison of a status
+/// update, whose spec and metadata are those of the stored object.)
+fn compare_tracked(
+    typed: &Typed<'_>,
+    old: &Value,
+    new: &Value,
+    kind: &FieldKind,
+    options: &FieldManagerOptions,
+    out: &mut Comparison,
+) {
+    let structs = |v: &Value| matches!(typed.shape(Some(kind), v), Shape::Struct);
+    match (old, new) {
+        (Value::Object(o), Value::Object(n)) if structs(old) && structs(new) => {
+            let status_only = options.status_only();
+            let tracked = |k: &str| (k == "status") == status_only;
+            typed.compare_fields(o, n, Some(kind), tracked, &mut Vec::new(), out);
+        }
+        _ => typed.compare(Some(old), Some(new), Some(kind), &mut Vec::new(), out),
+    }
+}
 
 /// The fields a write set (modified or added) and those it removed, less
 /// the untracked ones and those outside the write's subresource.
@@ -1157,6 +1180,57 @@ mod tests {
         new2["status"]["replicas"] = json!(3);
         record_update(Some(&new), &mut new2, "someone", &TestSchema, DEPLOY, T2);
         assert!(owned_paths(&new2, "someone").is_empty());
+    }
+
+    /// Comparing only the tracked part records exactly what comparing
+    /// everything and dropping the untracked part did.
+    #[test]
+    fn tracked_comparison_equals_the_whole_one_stripped() {
+        let typed = Typed {
+            schema: &TestSchema,
+        };
+        let kind = root_kind(DEPLOY);
+        let base = config(1, "nginx:1");
+        let with_status = |s: Value| {
+            let mut o = base.clone();
+            o["status"] = s;
+            o
+        };
+        let mut relabelled = with_status(json!({"replicas": 1}));
+        relabelled["metadata"]["labels"] = json!({"a": "b"});
+        relabelled["spec"]["replicas"] = json!(4);
+        let pairs = [
+            (base.clone(), with_status(json!({"replicas": 2}))),
+            (
+                with_status(json!({"replicas": 1})),
+                with_status(json!("odd")),
+            ),
+            (with_status(json!({"replicas": 1})), base.clone()),
+            (with_status(json!({"replicas": 1})), relabelled),
+            (json!({"kind": "x"}), json!("not an object")),
+        ];
+        for status in [None, Some("status".to_string())] {
+            let options = FieldManagerOptions {
+                subresource: status,
+            };
+            for (old, new) in &pairs {
+                let mut whole = Comparison::default();
+                typed.compare(
+                    Some(old),
+                    Some(new),
+                    Some(&kind),
+                    &mut Vec::new(),
+                    &mut whole,
+                );
+                let mut tracked = Comparison::default();
+                compare_tracked(&typed, old, new, &kind, &options, &mut tracked);
+                assert_eq!(
+                    write_changes(whole, &options),
+                    write_changes(tracked, &options),
+                    "{options:?}: {old} -> {new}"
+                );
+            }
+        }
     }
 
     #[test]

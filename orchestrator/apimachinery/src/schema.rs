@@ -1,5 +1,7 @@
 //! What the patch algorithms need to know about a type's fields.
 
+use std::borrow::Cow;
+
 /// How a list behaves under strategic merge patch and server-side apply
 /// (`x-kubernetes-list-type` / `x-kubernetes-list-map-keys`).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -55,8 +57,10 @@ pub struct FieldSchema {
 /// treated as untyped JSON (maps merge, lists are atomic), as Kubernetes does
 /// for unstructured content.
 pub trait PatchSchema: Send + Sync {
-    /// The schema of `field` in object type `type_name`, if known.
-    fn field(&self, type_name: &str, field: &str) -> Option<FieldSchema>;
+    /// The schema of `field` in object type `type_name`, if known. Every
+    /// walk of an object asks this for each field it visits, so schemas
+    /// held in memory are lent rather than copied.
+    fn field(&self, type_name: &str, field: &str) -> Option<Cow<'_, FieldSchema>>;
 
     /// The schema default of `field` in `type_name` (OpenAPI `default`).
     /// Server-side apply uses it for key fields of map lists that an item

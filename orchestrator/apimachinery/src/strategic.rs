@@ -11,6 +11,8 @@
 //!
 //! Directives are consumed: none is ever left in the result.
 
+use std::borrow::Cow;
+
 use serde_json::{Map, Value};
 
 use crate::error::PatchError;
@@ -79,15 +81,15 @@ struct Ctx<'a> {
 
 impl Ctx<'_> {
     /// Schema of `key` in a map of kind `kind` (None: untyped).
-    fn child(&self, kind: Option<&FieldKind>, key: &str) -> Option<FieldSchema> {
+    fn child(&self, kind: Option<&FieldKind>, key: &str) -> Option<Cow<'_, FieldSchema>> {
         match kind? {
             FieldKind::Object { type_name } => self.schema.field(type_name, key),
-            FieldKind::Map { value } => Some(FieldSchema {
+            FieldKind::Map { value } => Some(Cow::Owned(FieldSchema {
                 kind: (**value).clone(),
                 patch_strategies: Vec::new(),
                 patch_merge_key: None,
                 atomic: false,
-            }),
+            })),
             _ => None,
         }
     }
@@ -165,14 +167,16 @@ impl Ctx<'_> {
             }
             let fs = self.child(kind, k);
             path.field(k);
-            let merged = self.merge_value(original.get(k), pv, fs.as_ref(), path)?;
+            let merged = self.merge_value(original.get(k), pv, fs.as_deref(), path)?;
             path.pop();
             // Inserting an existing key keeps its position (preserve_order).
             original.insert(k.clone(), merged);
         }
 
         for (field, order, server) in orders {
-            let merge_key = self.child(kind, field).and_then(|fs| fs.patch_merge_key);
+            let merge_key = self
+                .child(kind, field)
+                .and_then(|fs| fs.patch_merge_key.clone());
             if let Some(Value::Array(list)) = original.get_mut(field) {
                 reorder(list, order, &server, merge_key.as_deref());
             }
@@ -228,7 +232,7 @@ impl Ctx<'_> {
         let merge_key = fs.and_then(|f| f.patch_merge_key.as_deref());
         let item_kind = match fs.map(|f| &f.kind) {
             Some(FieldKind::List { item, .. }) => match item.as_ref() {
-                k @ (FieldKind::Object { .. } | FieldKind::Map { .. }) => Some(k.clone()),
+                k @ (FieldKind::Object { .. } | FieldKind::Map { .. }) => Some(k),
                 _ => None,
             },
             _ => None,
@@ -306,10 +310,10 @@ impl Ctx<'_> {
                                 Value::Object(m) => m.clone(),
                                 _ => Map::new(),
                             };
-                            original[idx] = self.merge_map(base, pm, item_kind.as_ref(), path)?;
+                            original[idx] = self.merge_map(base, pm, item_kind, path)?;
                         }
                         None => {
-                            let new = self.merge_map(Map::new(), pm, item_kind.as_ref(), path)?;
+                            let new = self.merge_map(Map::new(), pm, item_kind, path)?;
                             original.push(new);
                         }
                     }

@@ -1,5 +1,7 @@
 //! A hand-made schema for a Deployment/Pod subset, used by the unit tests.
 
+use std::borrow::Cow;
+
 use serde_json::{json, Value};
 
 use crate::schema::{FieldKind, FieldSchema, ListType, PatchSchema, PatchStrategy};
@@ -61,8 +63,8 @@ const CORE: &str = "io.k8s.api.core.v1.";
 const APPS: &str = "io.k8s.api.apps.v1.";
 const META: &str = "io.k8s.apimachinery.pkg.apis.meta.v1.";
 
-impl PatchSchema for TestSchema {
-    fn field(&self, type_name: &str, field: &str) -> Option<FieldSchema> {
+impl TestSchema {
+    fn owned_field(&self, type_name: &str, field: &str) -> Option<FieldSchema> {
         let c = |t: &str| obj(&format!("{CORE}{t}"));
         let short = type_name
             .strip_prefix(CORE)
@@ -140,7 +142,12 @@ impl PatchSchema for TestSchema {
             _ => None,
         }
     }
+}
 
+impl PatchSchema for TestSchema {
+    fn field(&self, type_name: &str, field: &str) -> Option<Cow<'_, FieldSchema>> {
+        self.owned_field(type_name, field).map(Cow::Owned)
+    }
     fn field_default(&self, type_name: &str, field: &str) -> Option<Value> {
         (type_name == "io.k8s.api.core.v1.ContainerPort" && field == "protocol")
             .then(|| json!("TCP"))

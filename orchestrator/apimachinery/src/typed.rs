@@ -6,6 +6,7 @@
 //! scalars, atomic lists and atomic types as a whole. Untyped content
 //! (fields the schema does not know) has granular maps and atomic lists.
 
+use std::borrow::Cow;
 use std::collections::{HashMap, HashSet};
 
 use serde_json::{Map, Value};
@@ -17,9 +18,9 @@ use crate::schema::{FieldKind, ListType, PatchSchema};
 
 /// How a value at some position is owned and merged.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub(crate) enum Shape {
+pub(crate) enum Shape<'k> {
     Struct,
-    MapList(Vec<String>),
+    MapList(&'k [String]),
     Set,
     Atomic,
 }
@@ -40,28 +41,36 @@ pub(crate) struct Typed<'a> {
 }
 
 impl Typed<'_> {
-    pub fn child_kind(&self, kind: Option<&FieldKind>, key: &str) -> Option<FieldKind> {
+    pub fn child_kind<'k>(
+        &'k self,
+        kind: Option<&'k FieldKind>,
+        key: &str,
+    ) -> Option<Cow<'k, FieldKind>> {
         match kind? {
             FieldKind::Object { type_name } => {
                 let f = self.schema.field(type_name, key)?;
                 // Every walk here treats a scalar as one leaf (owned,
                 // compared and replaced whole), which is exactly what an
                 // atomic field is; its inner structure does not matter to SSA.
-                Some(if f.atomic { FieldKind::Scalar } else { f.kind })
+                Some(match f {
+                    _ if f.atomic => Cow::Owned(FieldKind::Scalar),
+                    Cow::Borrowed(f) => Cow::Borrowed(&f.kind),
+                    Cow::Owned(f) => Cow::Owned(f.kind),
+                })
             }
-            FieldKind::Map { value } => Some((**value).clone()),
+            FieldKind::Map { value } => Some(Cow::Borrowed(value)),
             _ => None,
         }
     }
 
-    fn item_kind(kind: Option<&FieldKind>) -> Option<FieldKind> {
+    fn item_kind(kind: Option<&FieldKind>) -> Option<&FieldKind> {
         match kind? {
-            FieldKind::List { item, .. } => Some((**item).clone()),
+            FieldKind::List { item, .. } => Some(item),
             _ => None,
         }
     }
 
-    pub fn shape(&self, kind: Option<&FieldKind>, v: &Value) -> Shape {
+    pub fn shape<'k>(&self, kind: Option<&'k FieldKind>, v: &Value) -> Shape<'k> {
         match (kind, v) {
             (None, Value::Object(_)) => Shape::Struct,
             (Some(FieldKind::Object { type_name }), Value::Object(_)) => {
@@ -78,7 +87,7 @@ impl Typed<'_> {
                     ..
                 }),
                 Value::Array(_),
-            ) if !keys.is_empty() => Shape::MapList(keys.clone()),
+            ) if !keys.is_empty() => Shape::MapList(keys),
             (
                 Some(FieldKind::List {
                     list_type: ListType::Set,
@@ -164,7 +173,7 @@ impl Typed<'_> {
             Shape::Struct => {
                 for (k, c) in v.as_object().into_iter().flatten() {
                     path.push(field_element(k));
-                    self.validate(c, self.child_kind(kind, k).as_ref(), path)?;
+                    self.validate(c, self.child_kind(kind, k).as_deref(), path)?;
                     path.pop();
                 }
             }
@@ -173,7 +182,7 @@ impl Typed<'_> {
                 let mut seen = HashSet::new();
                 for (i, item) in v.as_array().into_iter().flatten().enumerate() {
                     let key = self
-                        .item_key(item, &keys, item_kind.as_ref())
+                        .item_key(item, keys, item_kind)
                         .map_err(|m| (path_string(path), format!("element {i}: {m}")))?;
                     if !seen.insert(key.clone()) {
                         let shown = path_string(std::slice::from_ref(&key));
@@ -183,7 +192,7 @@ impl Typed<'_> {
                         ));
                     }
                     path.push(key);
-                    self.validate(item, item_kind.as_ref(), path)?;
+                    self.validate(item, item_kind, path)?;
                     path.pop();
                 }
             }
@@ -223,7 +232,7 @@ impl Typed<'_> {
                     Some(fields) if !fields.is_empty() => {
                         for (k, c) in fields {
                             path.push(field_element(k));
-                            self.leaf_set(c, self.child_kind(kind, k).as_ref(), path, out);
+                            self.leaf_set(c, self.child_kind(kind, k).as_deref(), path, out);
                             path.pop();
                         }
                     }
@@ -233,12 +242,12 @@ impl Typed<'_> {
             Shape::MapList(keys) => {
                 let items = v.as_array().map(Vec::as_slice).unwrap_or_default();
                 let item_kind = Self::item_kind(kind);
-                match self.list_keys(items, &keys, item_kind.as_ref()) {
+                match self.list_keys(items, keys, item_kind) {
                     Some(ks) => {
                         for (item, key) in items.iter().zip(ks) {
                             path.push(key);
                             out.insert(path);
-                            self.leaf_set(item, item_kind.as_ref(), path, out);
+                            self.leaf_set(item, item_kind, path, out);
                             path.pop();
                         }
                     }
@@ -273,17 +282,17 @@ impl Typed<'_> {
                         continue;
                     }
                     path.push(field_element(k));
-                    self.all_set(c, self.child_kind(kind, k).as_ref(), path, out);
+                    self.all_set(c, self.child_kind(kind, k).as_deref(), path, out);
                     path.pop();
                 }
             }
             Shape::MapList(keys) => {
                 let items = v.as_array().map(Vec::as_slice).unwrap_or_default();
                 let item_kind = Self::item_kind(kind);
-                if let Some(ks) = self.list_keys(items, &keys, item_kind.as_ref()) {
+                if let Some(ks) = self.list_keys(items, keys, item_kind) {
                     for (item, key) in items.iter().zip(ks) {
                         path.push(key);
-                        self.all_set(item, item_kind.as_ref(), path, out);
+                        self.all_set(item, item_kind, path, out);
                         path.pop();
                     }
                 }
@@ -327,18 +336,7 @@ impl Typed<'_> {
                 let (Some(om), Some(nm)) = (o.as_object(), n.as_object()) else {
                     return;
                 };
-                let keys = om.keys().chain(nm.keys().filter(|k| !om.contains_key(*k)));
-                for k in keys {
-                    path.push(field_element(k));
-                    self.compare(
-                        om.get(k),
-                        nm.get(k),
-                        self.child_kind(kind, k).as_ref(),
-                        path,
-                        out,
-                    );
-                    path.pop();
-                }
+                self.compare_fields(om, nm, kind, |_| true, path, out);
             }
             (Shape::MapList(keys), Shape::MapList(_)) => {
                 let item_kind = Self::item_kind(kind);
@@ -347,8 +345,8 @@ impl Typed<'_> {
                     n.as_array().map(Vec::as_slice).unwrap_or_default(),
                 );
                 let (Some(ok), Some(nk)) = (
-                    self.list_keys(oi, &keys, item_kind.as_ref()),
-                    self.list_keys(ni, &keys, item_kind.as_ref()),
+                    self.list_keys(oi, keys, item_kind),
+                    self.list_keys(ni, keys, item_kind),
                 ) else {
                     out.modified.insert(path);
                     return;
@@ -360,7 +358,7 @@ impl Typed<'_> {
                     self.compare(
                         Some(item),
                         new_by_key.get(key).copied(),
-                        item_kind.as_ref(),
+                        item_kind,
                         path,
                         out,
                     );
@@ -369,7 +367,7 @@ impl Typed<'_> {
                 for (key, item) in nk.iter().zip(ni) {
                     if !old_keys.contains(key) {
                         path.push(key.clone());
-                        self.all_set(item, item_kind.as_ref(), path, &mut out.added);
+                        self.all_set(item, item_kind, path, &mut out.added);
                         path.pop();
                     }
                 }
@@ -406,6 +404,30 @@ impl Typed<'_> {
 
     /// Merges an applied configuration into the live value: objects field
     /// by field, map lists by key, sets by value, everything else replaced.
+    /// [`Self::compare`] of the fields of two structs that `include` names.
+    pub fn compare_fields(
+        &self,
+        om: &Map<String, Value>,
+        nm: &Map<String, Value>,
+        kind: Option<&FieldKind>,
+        include: impl Fn(&str) -> bool,
+        path: &mut Vec<PathElement>,
+        out: &mut Comparison,
+    ) {
+        let keys = om.keys().chain(nm.keys().filter(|k| !om.contains_key(*k)));
+        for k in keys.filter(|k| include(k)) {
+            path.push(field_element(k));
+            self.compare(
+                om.get(k),
+                nm.get(k),
+                self.child_kind(kind, k).as_deref(),
+                path,
+                out,
+            );
+            path.pop();
+        }
+    }
+
     pub fn merge(&self, live: &Value, applied: &Value, kind: Option<&FieldKind>) -> Value {
         match (self.shape(kind, live), self.shape(kind, applied)) {
             (Shape::Struct, Shape::Struct) => {
@@ -418,7 +440,7 @@ impl Typed<'_> {
                         continue;
                     }
                     let merged = match lm.get(k) {
-                        Some(lv) => self.merge(lv, av, self.child_kind(kind, k).as_ref()),
+                        Some(lv) => self.merge(lv, av, self.child_kind(kind, k).as_deref()),
                         None => av.clone(),
                     };
                     out.insert(k.clone(), merged);
@@ -432,12 +454,12 @@ impl Typed<'_> {
                     applied.as_array().map(Vec::as_slice).unwrap_or_default(),
                 );
                 match (
-                    self.list_keys(li, &keys, item_kind.as_ref()),
-                    self.list_keys(ai, &keys, item_kind.as_ref()),
+                    self.list_keys(li, keys, item_kind),
+                    self.list_keys(ai, keys, item_kind),
                 ) {
                     (Some(lk), Some(ak)) => {
                         Value::Array(ordered_merge(li, &lk, ai, &ak, |l, a| {
-                            self.merge(l, a, item_kind.as_ref())
+                            self.merge(l, a, item_kind)
                         }))
                     }
                     _ => applied.clone(),
@@ -473,7 +495,7 @@ impl Typed<'_> {
                 if rest.is_empty() {
                     m.shift_remove(name);
                 } else if let Some(child) = m.get_mut(name) {
-                    self.remove_path(child, rest, self.child_kind(kind, name).as_ref());
+                    self.remove_path(child, rest, self.child_kind(kind, name).as_deref());
                 }
             }
             Value::Array(items) => {
@@ -481,7 +503,7 @@ impl Typed<'_> {
                 let idx = if first.starts_with("k:") {
                     match &shape {
                         Shape::MapList(keys) => items.iter().position(|i| {
-                            self.item_key(i, keys, item_kind.as_ref()).ok().as_ref() == Some(first)
+                            self.item_key(i, keys, item_kind).ok().as_ref() == Some(first)
                         }),
                         _ => None,
                     }
@@ -499,7 +521,7 @@ impl Typed<'_> {
                 if rest.is_empty() {
                     items.remove(idx);
                 } else if let Some(item) = items.get_mut(idx) {
-                    self.remove_path(item, rest, item_kind.as_ref());
+                    self.remove_path(item, rest, item_kind);
                 }
             }
             _ => {}

@@ -2,6 +2,8 @@
 //! no patch or apply may panic, and strategic merge never leaves a
 //! directive in its result.
 
+use std::borrow::Cow;
+
 use serde_json::{json, Map, Value};
 use tapestry_apimachinery::{
     apply, json_merge_patch, json_patch, record_update, strategic_merge_patch, FieldKind,
@@ -70,7 +72,7 @@ fn value(r: &mut Rng, depth: u32) -> Value {
 struct Schema;
 
 impl PatchSchema for Schema {
-    fn field(&self, _type_name: &str, field: &str) -> Option<FieldSchema> {
+    fn field(&self, _type_name: &str, field: &str) -> Option<Cow<'_, FieldSchema>> {
         let thing = || FieldKind::Object {
             type_name: "Thing".into(),
         };
@@ -121,13 +123,13 @@ impl PatchSchema for Schema {
             ),
             _ => (thing(), vec![PatchStrategy::RetainKeys], None),
         };
-        Some(FieldSchema {
+        Some(Cow::Owned(FieldSchema {
             kind,
             patch_strategies: strategies,
             patch_merge_key: key,
             // One atomic map field, so the walks meet that case too.
             atomic: field == "labels",
-        })
+        }))
     }
 
     fn field_default(&self, _type_name: &str, field: &str) -> Option<Value> {

@@ -25,6 +25,7 @@ mod names;
 mod paths;
 mod registry;
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt;
 
@@ -579,10 +580,10 @@ fn collect_refs_map<'a>(paths: &'a Map<String, Value>, out: &mut Vec<&'a str>) {
 }
 
 impl PatchSchema for OpenApi {
-    fn field(&self, type_name: &str, field: &str) -> Option<FieldSchema> {
+    fn field(&self, type_name: &str, field: &str) -> Option<Cow<'_, FieldSchema>> {
         self.fields
             .field(type_name, field)
-            .map(|f| f.schema.clone())
+            .map(|f| Cow::Borrowed(&f.schema))
     }
 
     fn field_default(&self, type_name: &str, field: &str) -> Option<Value> {

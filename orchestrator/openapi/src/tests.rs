@@ -412,7 +412,9 @@ fn v3_write_operations_carry_field_validation() {
 }
 
 fn field(api: &OpenApi, t: &str, f: &str) -> FieldSchema {
-    api.field(t, f).unwrap_or_else(|| panic!("{t}.{f}"))
+    api.field(t, f)
+        .unwrap_or_else(|| panic!("{t}.{f}"))
+        .into_owned()
 }
 
 fn object(name: &str) -> FieldKind {
