@@ -159,7 +159,8 @@ impl FieldManagerOptions {
         self.subresource.as_deref() == Some("status")
     }
 
-    /// Removes untracked paths from a set.
+    /// Removes untracked paths from a set. [`compare_tracked`] skips the
+    /// same top-level fields; the two change together.
     fn strip(&self, set: &mut FieldSet) {
         static UNTRACKED: OnceLock<Vec<Vec<PathElement>>> = OnceLock::new();
         let f = field_element;
@@ -606,9 +607,11 @@ fn compare_tracked(
     options: &FieldManagerOptions,
     out: &mut Comparison,
 ) {
-    let structs = |v: &Value| matches!(typed.shape(Some(kind), v), Shape::Struct);
+    // Two objects of the same kind have the same shape.
     match (old, new) {
-        (Value::Object(o), Value::Object(n)) if structs(old) && structs(new) => {
+        (Value::Object(o), Value::Object(n))
+            if matches!(typed.shape(Some(kind), old), Shape::Struct) =>
+        {
             let status_only = options.status_only();
             let tracked = |k: &str| (k == "status") == status_only;
             typed.compare_fields(o, n, Some(kind), tracked, &mut Vec::new(), out);
@@ -1208,11 +1211,10 @@ mod tests {
             (with_status(json!({"replicas": 1})), base.clone()),
             (with_status(json!({"replicas": 1})), relabelled),
             (json!({"kind": "x"}), json!("not an object")),
+            (Value::Null, with_status(json!({"replicas": 2}))),
         ];
-        for status in [None, Some("status".to_string())] {
-            let options = FieldManagerOptions {
-                subresource: status,
-            };
+        for subresource in [None, Some("status".to_string())] {
+            let options = FieldManagerOptions { subresource };
             for (old, new) in &pairs {
                 let mut whole = Comparison::default();
                 typed.compare(

@@ -52,10 +52,13 @@ impl Typed<'_> {
                 // Every walk here treats a scalar as one leaf (owned,
                 // compared and replaced whole), which is exactly what an
                 // atomic field is; its inner structure does not matter to SSA.
-                Some(match f {
-                    _ if f.atomic => Cow::Owned(FieldKind::Scalar),
-                    Cow::Borrowed(f) => Cow::Borrowed(&f.kind),
-                    Cow::Owned(f) => Cow::Owned(f.kind),
+                Some(if f.atomic {
+                    Cow::Owned(FieldKind::Scalar)
+                } else {
+                    match f {
+                        Cow::Borrowed(schema) => Cow::Borrowed(&schema.kind),
+                        Cow::Owned(schema) => Cow::Owned(schema.kind),
+                    }
                 })
             }
             FieldKind::Map { value } => Some(Cow::Borrowed(value)),
@@ -402,8 +405,6 @@ impl Typed<'_> {
         }
     }
 
-    /// Merges an applied configuration into the live value: objects field
-    /// by field, map lists by key, sets by value, everything else replaced.
     /// [`Self::compare`] of the fields of two structs that `include` names.
     pub fn compare_fields(
         &self,
@@ -428,6 +429,8 @@ impl Typed<'_> {
         }
     }
 
+    /// Merges an applied configuration into the live value: objects field
+    /// by field, map lists by key, sets by value, everything else replaced.
     pub fn merge(&self, live: &Value, applied: &Value, kind: Option<&FieldKind>) -> Value {
         match (self.shape(kind, live), self.shape(kind, applied)) {
             (Shape::Struct, Shape::Struct) => {

@@ -328,7 +328,7 @@ async fn main() -> Result<()> {
     for n in nodes {
         let r = run(n, pods).await?;
         println!(
-            "| {} | {} | {:.0} | {:.2}× | {:.2}× | {:.0} ms | {:.0} ms | {:.0} MiB | {:.0} MiB | {:.1} s | {:.2} ms | {:.2} ms | {:.2} ms |",
+            "| {} | {} | {:.0} | {:.2}× | {:.2}× | {:.0} ms | {:.0} ms | {:.0} MiB | {:.0} MiB | {:.1} s | {:.3} ms | {:.3} ms | {:.3} ms |",
             r.nodes,
             r.pods,
             r.pods_per_sec,
