@@ -21,7 +21,6 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 type Handler<K> = Box<dyn Fn(&K, bool) + Send + Sync>;
-type Trim<K> = Arc<dyn Fn(&mut K) + Send + Sync>;
 
 /// One watch of a resource shared by every controller that reads it: the
 /// objects live once in the reflector store, and each change is handed to
@@ -33,7 +32,6 @@ pub struct Informer<K: Resource<DynamicType = ()> + Clone + 'static> {
     api: Api<K>,
     config: watcher::Config,
     synced: tokio::sync::watch::Sender<bool>,
-    trim: Option<Trim<K>>,
 }
 
 impl<K> Informer<K>
@@ -41,21 +39,6 @@ where
     K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
 {
     pub fn new(api: Api<K>, config: watcher::Config) -> Arc<Self> {
-        Self::build(api, config, None)
-    }
-
-    /// An informer that keeps only part of each object: `trim` runs on
-    /// every object before it is stored or handed to handlers, so a cache
-    /// of many objects holds just the fields its readers use.
-    pub fn trimmed(
-        api: Api<K>,
-        config: watcher::Config,
-        trim: impl Fn(&mut K) + Send + Sync + 'static,
-    ) -> Arc<Self> {
-        Self::build(api, config, Some(Arc::new(trim)))
-    }
-
-    fn build(api: Api<K>, config: watcher::Config, trim: Option<Trim<K>>) -> Arc<Self> {
         let (store, writer) = reflector::store();
         Arc::new(Informer {
             store,
@@ -64,7 +47,6 @@ where
             api,
             config,
             synced: tokio::sync::watch::channel(false).0,
-            trim,
         })
     }
 
@@ -82,16 +64,9 @@ where
         };
         let me = self.clone();
         tokio::spawn(async move {
-            let trim = me.trim.clone();
             let stream = reflector::reflector(
                 writer,
-                watcher::watcher(me.api.clone(), me.config.clone())
-                    .default_backoff()
-                    .modify(move |o| {
-                        if let Some(trim) = &trim {
-                            trim(o);
-                        }
-                    }),
+                watcher::watcher(me.api.clone(), me.config.clone()).default_backoff(),
             );
             futures::pin_mut!(stream);
             loop {

@@ -120,7 +120,7 @@ pub fn node_names(config: &Config) -> Vec<String> {
 /// and status of every pod listed or watched (the managed fields alone were
 /// half of this process's decoding), and thousands of cached pods cost a
 /// fraction of their full objects.
-#[derive(Clone, Debug, Default, serde::Deserialize)]
+#[derive(Clone, Debug, serde::Deserialize)]
 #[serde(from = "WirePod")]
 struct HollowPod(Pod);
 
@@ -133,7 +133,7 @@ impl std::ops::Deref for HollowPod {
 
 impl kube::Resource for HollowPod {
     type DynamicType = ();
-    type Scope = k8s_openapi::NamespaceResourceScope;
+    type Scope = <Pod as kube::Resource>::Scope;
 
     fn kind(dt: &()) -> Cow<'_, str> {
         Pod::kind(dt)
@@ -155,10 +155,10 @@ impl kube::Resource for HollowPod {
     }
 }
 
+// Absent and null read as k8s-openapi reads them: the default.
 #[derive(serde::Deserialize)]
 struct WirePod {
-    #[serde(default)]
-    metadata: WireMeta,
+    metadata: Option<WireMeta>,
     spec: Option<WireSpec>,
     status: Option<WireStatus>,
 }
@@ -177,13 +177,12 @@ struct WireMeta {
 #[serde(rename_all = "camelCase")]
 struct WireSpec {
     node_name: Option<String>,
-    #[serde(default)]
-    containers: Vec<WireContainer>,
+    containers: Option<Vec<WireContainer>>,
 }
 
 #[derive(serde::Deserialize)]
 struct WireContainer {
-    name: String,
+    name: Option<String>,
     image: Option<String>,
 }
 
@@ -197,7 +196,7 @@ struct WireStatus {
 
 impl From<WirePod> for HollowPod {
     fn from(wire: WirePod) -> Self {
-        let m = wire.metadata;
+        let m = wire.metadata.unwrap_or_default();
         HollowPod(Pod {
             metadata: ObjectMeta {
                 name: m.name,
@@ -211,9 +210,10 @@ impl From<WirePod> for HollowPod {
                 node_name: s.node_name,
                 containers: s
                     .containers
+                    .unwrap_or_default()
                     .into_iter()
                     .map(|c| Container {
-                        name: c.name,
+                        name: c.name.unwrap_or_default(),
                         image: c.image,
                         ..Container::default()
                     })
@@ -617,9 +617,48 @@ mod tests {
         assert_eq!(status.phase.as_deref(), Some("Running"));
         assert_eq!(status.pod_ip.as_deref(), Some("10.244.3.2"));
         assert!(status.host_ip.is_none() && status.conditions.is_none());
-        // A pod just created: no spec node, no status.
+        // A pod just created: no spec node, no status; nulls read as absent.
         let bare: HollowPod = serde_json::from_value(json!({"metadata": {"name": "q"}})).unwrap();
         assert!(bare.spec.is_none() && bare.status.is_none());
+        let nulls: HollowPod = serde_json::from_value(
+            json!({"metadata": null, "spec": {"containers": [{"name": null}, {"image": "i"}]}}),
+        )
+        .unwrap();
+        assert_eq!(nulls.spec.as_ref().unwrap().containers.len(), 2);
+        let empty: HollowPod =
+            serde_json::from_value(json!({"spec": {"containers": null}})).unwrap();
+        assert!(empty.spec.as_ref().unwrap().containers.is_empty());
+    }
+
+    /// The watch and list bodies kube-runtime decodes, and the requests it
+    /// builds, are those of pods.
+    #[test]
+    fn hollow_pods_are_watched_and_listed_as_pods() {
+        use kube::core::{ObjectList, WatchEvent};
+        use kube::Resource;
+        assert_eq!(
+            HollowPod::url_path(&(), Some("ns")),
+            Pod::url_path(&(), Some("ns"))
+        );
+        assert_eq!(HollowPod::api_version(&()), Pod::api_version(&()));
+        assert_eq!(HollowPod::kind(&()), Pod::kind(&()));
+        let added = r#"{"type":"ADDED","object":{"kind":"Pod","apiVersion":"v1","metadata":{"name":"p","namespace":"ns","resourceVersion":"7","managedFields":[{"manager":"m"}]},"spec":{"nodeName":"n","containers":[{"name":"c"}]}}}"#;
+        match serde_json::from_str::<WatchEvent<HollowPod>>(added).unwrap() {
+            WatchEvent::Added(p) => {
+                assert_eq!(key_of(&p), "ns/p");
+                assert_eq!(p.resource_version().as_deref(), Some("7"));
+            }
+            other => panic!("not an ADDED event: {other:?}"),
+        }
+        let bookmark = r#"{"type":"BOOKMARK","object":{"kind":"Pod","apiVersion":"v1","metadata":{"resourceVersion":"9"}}}"#;
+        assert!(matches!(
+            serde_json::from_str::<WatchEvent<HollowPod>>(bookmark).unwrap(),
+            WatchEvent::Bookmark(_)
+        ));
+        let list = r#"{"kind":"PodList","apiVersion":"v1","metadata":{"resourceVersion":"9"},"items":[{"metadata":{"name":"a","namespace":"ns"}},{"metadata":{"name":"b","namespace":"ns"}}]}"#;
+        let list: ObjectList<HollowPod> = serde_json::from_str(list).unwrap();
+        assert_eq!(list.items.len(), 2);
+        assert_eq!(list.metadata.resource_version.as_deref(), Some("9"));
     }
 
     #[test]
