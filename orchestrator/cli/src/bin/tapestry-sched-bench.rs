@@ -214,10 +214,12 @@ async fn run(nodes: usize, pods: usize) -> Result<Run> {
         }
     });
 
-    let cpu_before = (
-        cpu_ticks(server.0.id()).0,
-        cpu_ticks(hollow.0.id()).0,
-        cpu_ticks(std::process::id()).0,
+    // Each process's own CPU (not its children's), in clock ticks.
+    let own_ticks = |pid: u32| cpu_ticks(pid).0;
+    let (server_before, hollow_before, bench_before) = (
+        own_ticks(server.0.id()),
+        own_ticks(hollow.0.id()),
+        own_ticks(std::process::id()),
     );
     let first = Instant::now();
     let c = created.clone();
@@ -272,10 +274,10 @@ async fn run(nodes: usize, pods: usize) -> Result<Run> {
         Err(_) => bail!("not every pod was bound within 10 minutes"),
     }
     let cpu_per_pod =
-        |pid: u32, before: u64| ticks_to_ms(cpu_ticks(pid).0.saturating_sub(before)) / pods as f64;
-    let server_cpu_ms = cpu_per_pod(server.0.id(), cpu_before.0);
-    let hollow_cpu_ms = cpu_per_pod(hollow.0.id(), cpu_before.1);
-    let bench_cpu_ms = cpu_per_pod(std::process::id(), cpu_before.2);
+        |pid: u32, before: u64| ticks_to_ms(own_ticks(pid).saturating_sub(before)) / pods as f64;
+    let server_cpu_ms = cpu_per_pod(server.0.id(), server_before);
+    let hollow_cpu_ms = cpu_per_pod(hollow.0.id(), hollow_before);
+    let bench_cpu_ms = cpu_per_pod(std::process::id(), bench_before);
     let bound = bound.lock().unwrap_or_else(|e| e.into_inner()).clone();
     let created = created.lock().unwrap_or_else(|e| e.into_inner()).clone();
     let last = bound.values().max().copied().unwrap_or(first);
