@@ -148,10 +148,29 @@ fn main() {
         // One monitor per container: kept small, without the async runtime.
         std::process::exit(tapestry_kubelet::shim::main(args));
     }
-    run(cli);
+    let runtime = match &cli.command {
+        Command::Hollow(args) if args.worker_threads <= 1 => {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+        }
+        Command::Hollow(args) => tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(usize::from(args.worker_threads))
+            .enable_all()
+            .build(),
+        _ => tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build(),
+    };
+    match runtime {
+        Ok(runtime) => runtime.block_on(run(cli)),
+        Err(e) => {
+            eprintln!("error: starting the async runtime: {e}");
+            std::process::exit(1);
+        }
+    }
 }
 
-#[tokio::main]
 async fn run(cli: Cli) {
     init_tracing();
     let result = match cli.command {
