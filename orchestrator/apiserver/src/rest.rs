@@ -273,6 +273,34 @@ fn unknown_fields(input: &Value, decoded: &Value, path: &mut String, out: &mut V
     }
 }
 
+/// Managed fields a patch left exactly as stored skip the typed round trip
+/// (they are often half of an object, and the write that follows decodes
+/// and rewrites them whole): an empty list stands in for them, keeping their
+/// place in the decoded object, and they are returned to go back there.
+fn set_aside_stored_managed_fields(obj: &mut Value, stored: &Value) -> Option<Value> {
+    let stored = stored.get("metadata")?.get("managedFields")?;
+    let slot = obj.get_mut("metadata")?.get_mut("managedFields")?;
+    if slot != stored {
+        return None;
+    }
+    Some(std::mem::replace(slot, Value::Array(Vec::new())))
+}
+
+/// Put set-aside managed fields back in their placeholder's place; gives
+/// them back if the decoded object has no placeholder.
+fn put_back_managed_fields(decoded: &mut Value, managed: Value) -> Result<(), Value> {
+    match decoded
+        .get_mut("metadata")
+        .and_then(|m| m.get_mut("managedFields"))
+    {
+        Some(slot) => {
+            *slot = managed;
+            Ok(())
+        }
+        None => Err(managed),
+    }
+}
+
 /// Outcome of a write.
 struct Written {
     obj: Value,
@@ -353,7 +381,7 @@ impl Api {
             body: Bytes::new(),
             omit_managed_fields: false,
         };
-        let obj = self.admit_body(&req, obj, &mut Vec::new())?;
+        let obj = self.admit_body(&req, obj, &mut Vec::new(), None)?;
         self.create_object(&req, obj, Some("tapestry-apiserver"))
             .await
             .map(|_| ())
@@ -394,12 +422,15 @@ impl Api {
             .ok_or(ApiError::NotFound(target))
     }
 
-    /// Decode, type-check and canonicalise a client-sent object.
+    /// Decode, type-check and canonicalise a client-sent object. `stored`
+    /// is the object a patch was applied to, when the write then records
+    /// managed fields (which rewrites them whole).
     fn admit_body(
         &self,
         req: &Request,
         mut obj: Value,
         warnings: &mut Vec<String>,
+        stored: Option<&Value>,
     ) -> ApiResult<Value> {
         let def = &req.def;
         if !obj.is_object() {
@@ -440,12 +471,16 @@ impl Api {
         } else if !body_ns.is_empty() {
             meta_mut(&mut obj).remove("namespace");
         }
-        let decoded = (def.codec)(&obj).map_err(|e| {
-            ApiError::BadRequest(format!(
-                "{} in version \"{}\" cannot be handled as a {}: {e}",
-                def.kind, def.version, def.kind
-            ))
-        })?;
+        let set_aside = stored.and_then(|stored| set_aside_stored_managed_fields(&mut obj, stored));
+        let codec = |obj: &Value| {
+            (def.codec)(obj).map_err(|e| {
+                ApiError::BadRequest(format!(
+                    "{} in version \"{}\" cannot be handled as a {}: {e}",
+                    def.kind, def.version, def.kind
+                ))
+            })
+        };
+        let mut decoded = codec(&obj)?;
         let validation = req.field_validation()?;
         if validation != FieldValidation::Ignore {
             let mut unknown = Vec::new();
@@ -462,6 +497,13 @@ impl Api {
                     )));
                 }
                 warnings.extend(unknown.iter().map(|f| format!("unknown field \"{f}\"")));
+            }
+        }
+        if let Some(managed) = set_aside {
+            if let Err(managed) = put_back_managed_fields(&mut decoded, managed) {
+                // The codec dropped the placeholder: decode it all.
+                meta_mut(&mut obj).insert("managedFields".into(), managed);
+                decoded = codec(&obj)?;
             }
         }
         Ok(decoded)
@@ -856,7 +898,7 @@ impl Api {
         }
         let mut warnings = Vec::new();
         let body = self.parse_body(req)?;
-        let obj = self.admit_body(req, body, &mut warnings)?;
+        let obj = self.admit_body(req, body, &mut warnings, None)?;
         let manager = req.field_manager("unknown")?;
         let written = self.create_object(req, obj, Some(&manager)).await?;
         Ok(written.respond(req, &warnings))
@@ -1023,7 +1065,7 @@ impl Api {
                 "the name of the object ({body_name}) does not match the name on the URL ({url_name})"
             )));
         }
-        let mut obj = self.admit_body(req, body, &mut warnings)?;
+        let mut obj = self.admit_body(req, body, &mut warnings, None)?;
         meta_mut(&mut obj).insert("name".into(), json!(url_name));
         let manager = req.field_manager("unknown")?;
         let written = match self
@@ -1102,7 +1144,7 @@ impl Api {
             .update_object(req, |old| {
                 let patched = match kind {
                     patch::PatchKind::Apply => {
-                        let applied = self.admit_body(req, patch_doc.clone(), &mut Vec::new())?;
+                        let applied = self.admit_body(req, patch_doc.clone(), &mut Vec::new(), None)?;
                         self.fields.apply(&req.def, Some(old), &applied, &manager, force, req.sub.as_deref())?
                     }
                     other => {
@@ -1118,7 +1160,7 @@ impl Api {
                         if meta_str(&patched, "resourceVersion") == meta_str(old, "resourceVersion") {
                             meta_mut(&mut patched).remove("resourceVersion");
                         }
-                        let mut new = self.admit_body(req, patched, &mut warnings)?;
+                        let mut new = self.admit_body(req, patched, &mut warnings, Some(old))?;
                         self.fields.record_update(&req.def, Some(old), &mut new, &manager, req.sub.as_deref());
                         new
                     }
@@ -1128,7 +1170,7 @@ impl Api {
             .await;
         let written = match result {
             Err(ApiError::NotFound(_)) if kind == patch::PatchKind::Apply && req.sub.is_none() => {
-                let mut applied = self.admit_body(req, patch_doc.clone(), &mut warnings)?;
+                let mut applied = self.admit_body(req, patch_doc.clone(), &mut warnings, None)?;
                 meta_mut(&mut applied)
                     .insert("name".into(), json!(req.name.clone().unwrap_or_default()));
                 let obj = self
@@ -1564,5 +1606,65 @@ mod tests {
         let mut found = Vec::new();
         unknown_fields(&pod, &decoded, &mut String::new(), &mut found);
         assert_eq!(found, ["metadata.bogus", "spec.containers[1].extra", "top"]);
+    }
+
+    /// Setting stored managed fields aside decodes a patched object as the
+    /// whole round trip does: the same fields in the same order, and the
+    /// managed fields with the same content (their key order is rewritten
+    /// by the managed-fields bookkeeping that follows either way).
+    #[test]
+    fn stored_managed_fields_set_aside_decode_as_the_round_trip() {
+        let entry = |manager: &str, sub: Option<&str>| {
+            let mut e = json!({"manager": manager, "operation": "Update", "apiVersion": "v1",
+                "time": "2026-01-01T00:00:00Z", "fieldsType": "FieldsV1",
+                "fieldsV1": {"f:spec": {"f:containers": {"k:{\"name\":\"c\"}": {".": {}, "f:image": {}}}}}});
+            if let Some(sub) = sub {
+                e["subresource"] = json!(sub);
+            }
+            e
+        };
+        let stored = json!({"apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": "p", "namespace": "ns", "uid": "u", "labels": {"a": "b"},
+                         "managedFields": [entry("kubectl", None), entry("kubelet", Some("status"))]},
+            "spec": {"nodeName": "n1", "containers": [{"name": "c", "image": "busybox"}]},
+            "status": {"phase": "Pending"}});
+        let mut patched = stored.clone();
+        patched["status"] =
+            json!({"phase": "Running", "podIP": "10.0.0.1", "startTime": "2026-01-01T00:00:01Z"});
+        patched["metadata"]["resourceVersion"] = json!("7");
+
+        let whole = typed_codec::<Pod>(&patched).unwrap();
+        let mut obj = patched.clone();
+        let managed = set_aside_stored_managed_fields(&mut obj, &stored).expect("unchanged");
+        assert_eq!(obj["metadata"]["managedFields"], json!([]));
+        let mut decoded = typed_codec::<Pod>(&obj).unwrap();
+        put_back_managed_fields(&mut decoded, managed).expect("placeholder kept");
+        assert_eq!(decoded, whole);
+        let without_managed = |v: &Value| {
+            let mut v = v.clone();
+            remove_managed_fields(&mut v);
+            serde_json::to_string(&v).unwrap()
+        };
+        assert_eq!(without_managed(&decoded), without_managed(&whole));
+        let order = |v: &Value| -> Vec<String> {
+            v["metadata"].as_object().unwrap().keys().cloned().collect()
+        };
+        assert_eq!(order(&decoded), order(&whole));
+
+        // Changed, added or absent managed fields take the whole round trip.
+        let mut changed = patched.clone();
+        changed["metadata"]["managedFields"][0]["manager"] = json!("other");
+        assert!(set_aside_stored_managed_fields(&mut changed, &stored).is_none());
+        let mut unstored = stored.clone();
+        remove_managed_fields(&mut unstored);
+        assert!(set_aside_stored_managed_fields(&mut patched.clone(), &unstored).is_none());
+        let mut without = patched.clone();
+        remove_managed_fields(&mut without);
+        assert!(set_aside_stored_managed_fields(&mut without, &stored).is_none());
+        // No placeholder to fill: the managed fields come back.
+        assert_eq!(
+            put_back_managed_fields(&mut json!({"metadata": {}}), json!([1])),
+            Err(json!([1]))
+        );
     }
 }
