@@ -273,6 +273,21 @@ fn unknown_fields(input: &Value, decoded: &Value, path: &mut String, out: &mut V
     }
 }
 
+/// What a create reads of its namespace: whether it is being deleted. Every
+/// create checks; decoding only this skips building the whole namespace.
+#[derive(serde::Deserialize)]
+struct NamespaceDeletion {
+    #[serde(default)]
+    metadata: NamespaceDeletionMeta,
+}
+
+#[derive(serde::Deserialize, Default)]
+struct NamespaceDeletionMeta {
+    /// Null reads as absent, as in [`is_terminating`].
+    #[serde(rename = "deletionTimestamp", default)]
+    deletion_timestamp: Option<serde::de::IgnoredAny>,
+}
+
 /// Managed fields a patch left exactly as stored skip the typed round trip
 /// (they are often half of an object, and the write that follows decodes
 /// and rewrites them whole): an empty list stands in for them, keeping their
@@ -526,8 +541,9 @@ impl Api {
             .await
             .map_err(|e| ApiError::from_store(e, &target))?
             .ok_or(ApiError::NotFound(target))?;
-        let nsobj: Value = serde_json::from_slice(&kv.value).map_err(ApiError::internal)?;
-        if is_terminating(&nsobj) {
+        let namespace: NamespaceDeletion =
+            serde_json::from_slice(&kv.value).map_err(ApiError::internal)?;
+        if namespace.metadata.deletion_timestamp.is_some() {
             return Err(ApiError::Forbidden(format!(
                 "{} \"{}\" is forbidden: unable to create new content in namespace {ns} because it is being terminated",
                 req.def.plural,
@@ -917,9 +933,10 @@ impl Api {
         let generated =
             meta_str(&obj, "name").is_empty() && !meta_str(&obj, "generateName").is_empty();
         let attempts = if generated { 3 } else { 1 };
-        let template = obj.clone();
+        // Only a generated name is retried, from the object as it came.
+        let template = generated.then(|| obj.clone());
         for attempt in 0..attempts {
-            if attempt > 0 {
+            if let Some(template) = template.as_ref().filter(|_| attempt > 0) {
                 obj = template.clone();
             }
             self.prepare_create(req, &mut obj)?;
@@ -1606,6 +1623,23 @@ mod tests {
         let mut found = Vec::new();
         unknown_fields(&pod, &decoded, &mut String::new(), &mut found);
         assert_eq!(found, ["metadata.bogus", "spec.containers[1].extra", "top"]);
+    }
+
+    #[test]
+    fn a_namespace_is_read_as_being_deleted_as_is_terminating_reads_it() {
+        for ns in [
+            json!({"metadata": {"name": "a"}}),
+            json!({"metadata": {"name": "a", "deletionTimestamp": null}}),
+            json!({"metadata": {"name": "a", "deletionTimestamp": "2026-01-01T00:00:00Z"}, "spec": {"finalizers": ["kubernetes"]}}),
+            json!({"kind": "Namespace"}),
+        ] {
+            let read: NamespaceDeletion = serde_json::from_value(ns.clone()).unwrap();
+            assert_eq!(
+                read.metadata.deletion_timestamp.is_some(),
+                is_terminating(&ns),
+                "{ns}"
+            );
+        }
     }
 
     /// Setting stored managed fields aside decodes a patched object as the
