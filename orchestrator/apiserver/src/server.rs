@@ -64,6 +64,11 @@ impl Running {
     }
 }
 
+/// Marks a request from a [`LocalHandler`] (an extension, so no outside
+/// client can set it).
+#[derive(Clone, Copy)]
+struct OmitManagedFields;
+
 /// The API handler as a service, for clients in the server's own process:
 /// requests go through the same routing, authentication, admission and
 /// storage as requests from outside, with the admin credentials, but
@@ -75,11 +80,6 @@ impl Running {
 /// clients reads them, and decoding them into typed objects was most of
 /// the cost of reading a pod. An update without them keeps the stored
 /// ones, as in Kubernetes.
-/// Marks a request from a [`LocalHandler`] (an extension, so no outside
-/// client can set it).
-#[derive(Clone, Copy)]
-struct OmitManagedFields;
-
 #[derive(Clone)]
 pub struct LocalHandler {
     router: Router,

@@ -117,6 +117,7 @@ impl Api {
         tx: &mpsc::Sender<Bytes>,
     ) -> ApiResult<()> {
         let deadline = spec.timeout.map(|t| tokio::time::Instant::now() + t);
+        let mut selected = Selected::default();
         // Without a resourceVersion (or with sendInitialEvents) the watch
         // starts with the current state as synthetic ADDED events.
         let from = match start {
@@ -133,10 +134,16 @@ impl Api {
                     )
                     .await
                     .map_err(|e| ApiError::from_store(e, &Default::default()))?;
+                if spec.filtered() {
+                    selected.seen_after = Some(0);
+                }
                 for kv in &list.items {
                     let obj = spec.decode_if_needed(def, kv)?;
                     if !spec.matches(def, obj.as_ref()) {
                         continue;
+                    }
+                    if spec.filtered() {
+                        selected.set(&kv.key, true);
                     }
                     if tx
                         .send(spec.event_line(def, "ADDED", kv, obj)?)
@@ -168,6 +175,9 @@ impl Api {
                 )),
                 other => ApiError::from_store(other, &Default::default()),
             })?;
+        if spec.filtered() {
+            selected.seen_after.get_or_insert(from);
+        }
         let mut last_rv = from;
         let mut bookmark_timer = tokio::time::interval(BOOKMARK_INTERVAL);
         bookmark_timer.tick().await;
@@ -204,9 +214,16 @@ impl Api {
                     let new = spec.decode_if_needed(def, &event.kv)?;
                     let matches_new = spec.matches(def, new.as_ref());
                     let matches_old = match &event.prev {
-                        Some(prev) => spec.matches(def, spec.decode_if_needed(def, prev)?.as_ref()),
+                        Some(prev) => match selected.matched(prev) {
+                            Some(known) => known,
+                            None => spec.matches(def, spec.decode_if_needed(def, prev)?.as_ref()),
+                        },
                         None => false,
                     };
+                    if spec.filtered() {
+                        let kept = matches_new && event.kind != EventKind::Deleted;
+                        selected.set(&event.kv.key, kept);
+                    }
                     // Objects entering or leaving the selection appear as
                     // ADDED or DELETED to this watcher.
                     let kind = match event.kind {
@@ -223,6 +240,36 @@ impl Api {
                     }
                 }
             }
+        }
+    }
+}
+
+/// Which keys a filtered watch's selectors matched at the versions it last
+/// saw, so the version an event replaces need not be decoded again: the
+/// watch saw it, unless it is older than the watch.
+#[derive(Default)]
+struct Selected {
+    /// Versions after this revision have all passed through the watch (the
+    /// initial list counts as seeing every version it holds: 0). None for
+    /// watches without selectors, which match everything.
+    seen_after: Option<i64>,
+    /// Keys whose last seen version matched; only matching keys are kept,
+    /// so a node's watch of its own pods holds just those.
+    keys: std::collections::HashSet<String>,
+}
+
+impl Selected {
+    /// Whether `prev` matched, when the watch has seen it.
+    fn matched(&self, prev: &KeyValue) -> Option<bool> {
+        let seen_after = self.seen_after?;
+        (prev.mod_revision > seen_after).then(|| self.keys.contains(&prev.key))
+    }
+
+    fn set(&mut self, key: &str, matches: bool) {
+        if !matches {
+            self.keys.remove(key);
+        } else if !self.keys.contains(key) {
+            self.keys.insert(key.to_owned());
         }
     }
 }
@@ -311,4 +358,147 @@ fn event_line(kind: &str, object: &Value) -> Bytes {
     let mut line = serde_json::to_vec(&json!({"type": kind, "object": object})).unwrap_or_default();
     line.push(b'\n');
     Bytes::from(line)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use axum::body::Body;
+    use http_body_util::BodyExt;
+    use serde_json::{json, Value};
+    use tapestry_store::RedbStore;
+    use tokio_util::sync::CancellationToken;
+    use tower::ServiceExt;
+
+    use crate::{LocalHandler, ServerConfig};
+
+    async fn send(api: &LocalHandler, method: &str, uri: &str, body: Value) -> Value {
+        let content_type = if method == "PATCH" {
+            "application/merge-patch+json"
+        } else {
+            "application/json"
+        };
+        let req = http::Request::builder()
+            .method(method)
+            .uri(uri)
+            .header(http::header::CONTENT_TYPE, content_type)
+            .body(Body::from(body.to_string()))
+            .expect("request");
+        let resp = api.clone().oneshot(req).await.expect("response");
+        let status = resp.status();
+        let bytes = resp.into_body().collect().await.expect("body").to_bytes();
+        assert!(status.is_success(), "{method} {uri}: {status} {bytes:?}");
+        serde_json::from_slice(&bytes).expect("JSON response")
+    }
+
+    /// The (type, name) of the next `n` events of a watch response.
+    async fn events(body: &mut Body, buffered: &mut Vec<u8>, n: usize) -> Vec<(String, String)> {
+        let mut out = Vec::new();
+        while out.len() < n {
+            if let Some(end) = buffered.iter().position(|&b| b == b'\n') {
+                let line: Vec<u8> = buffered.drain(..=end).collect();
+                let event: Value = serde_json::from_slice(&line).expect("event");
+                let name = event["object"]["metadata"]["name"]
+                    .as_str()
+                    .unwrap_or_default();
+                out.push((
+                    event["type"].as_str().unwrap_or_default().to_string(),
+                    name.to_string(),
+                ));
+                continue;
+            }
+            let frame = tokio::time::timeout(Duration::from_secs(10), body.frame())
+                .await
+                .expect("an event in time")
+                .expect("open stream")
+                .expect("frame");
+            if let Ok(data) = frame.into_data() {
+                buffered.extend_from_slice(&data);
+            }
+        }
+        out
+    }
+
+    /// Objects entering and leaving a label selection appear as ADDED and
+    /// DELETED, whether the watch started with a list or from a version
+    /// (whose earlier objects it never saw).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn selected_watches_see_objects_enter_and_leave() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Arc::new(RedbStore::open(dir.path().join("store.redb")).expect("store"));
+        let shutdown = CancellationToken::new();
+        let config = ServerConfig {
+            data_dir: dir.path().to_path_buf(),
+            listen: "127.0.0.1:0".parse().expect("address"),
+            service_cidr: "10.96.0.0/12".into(),
+            compaction_interval: Duration::from_secs(300),
+            extra_sans: Vec::new(),
+        };
+        let running = crate::start(config, store, shutdown.clone())
+            .await
+            .expect("server");
+        let api = running.local_handler();
+        let cms = "/api/v1/namespaces/default/configmaps";
+        let cm = |name: &str, app: &str| json!({"metadata": {"name": name, "labels": {"app": app}}, "data": {"k": "1"}});
+        send(&api, "POST", cms, cm("a", "web")).await;
+        let b = send(&api, "POST", cms, cm("b", "db")).await;
+        let rv = b["metadata"]["resourceVersion"]
+            .as_str()
+            .expect("rv")
+            .to_string();
+
+        let open = |query: String| {
+            let api = api.clone();
+            async move {
+                let req = http::Request::builder()
+                    .uri(format!("{cms}?watch=1&labelSelector=app%3Dweb{query}"))
+                    .body(Body::empty())
+                    .expect("request");
+                api.oneshot(req).await.expect("watch").into_body()
+            }
+        };
+        let mut listed = open(String::new()).await;
+        let mut resumed = open(format!("&resourceVersion={rv}")).await;
+        let (mut listed_buf, mut resumed_buf) = (Vec::new(), Vec::new());
+        assert_eq!(
+            events(&mut listed, &mut listed_buf, 1).await,
+            [("ADDED".into(), "a".into())]
+        );
+
+        let label = |app: &str| json!({"metadata": {"labels": {"app": app}}});
+        send(&api, "PATCH", &format!("{cms}/b"), label("web")).await;
+        send(
+            &api,
+            "PATCH",
+            &format!("{cms}/b"),
+            json!({"data": {"k": "2"}}),
+        )
+        .await;
+        send(&api, "PATCH", &format!("{cms}/a"), label("db")).await;
+        send(
+            &api,
+            "PATCH",
+            &format!("{cms}/a"),
+            json!({"data": {"k": "3"}}),
+        )
+        .await;
+        send(&api, "PATCH", &format!("{cms}/a"), label("web")).await;
+        send(&api, "DELETE", &format!("{cms}/b"), json!({})).await;
+
+        let want: Vec<(String, String)> = [
+            ("ADDED", "b"),
+            ("MODIFIED", "b"),
+            ("DELETED", "a"),
+            ("ADDED", "a"),
+            ("DELETED", "b"),
+        ]
+        .iter()
+        .map(|(t, n)| (t.to_string(), n.to_string()))
+        .collect();
+        assert_eq!(events(&mut listed, &mut listed_buf, 5).await, want);
+        assert_eq!(events(&mut resumed, &mut resumed_buf, 5).await, want);
+        shutdown.cancel();
+    }
 }
