@@ -273,8 +273,19 @@ fn unknown_fields(input: &Value, decoded: &Value, path: &mut String, out: &mut V
     }
 }
 
-/// What a create reads of its namespace: whether it is being deleted. Every
-/// create checks; decoding only this skips building the whole namespace.
+/// Whether a stored namespace is being deleted, as [`is_terminating`] reads
+/// it. Every create checks; decoding only `deletionTimestamp` skips
+/// building the whole namespace.
+fn namespace_terminating(stored: &[u8]) -> ApiResult<bool> {
+    match serde_json::from_slice::<NamespaceDeletion>(stored) {
+        Ok(namespace) => Ok(namespace.metadata.deletion_timestamp.is_some()),
+        // Metadata that is not an object: read it as any object is read.
+        Err(_) => serde_json::from_slice::<Value>(stored)
+            .map(|ns| is_terminating(&ns))
+            .map_err(ApiError::internal),
+    }
+}
+
 #[derive(serde::Deserialize)]
 struct NamespaceDeletion {
     #[serde(default)]
@@ -541,9 +552,7 @@ impl Api {
             .await
             .map_err(|e| ApiError::from_store(e, &target))?
             .ok_or(ApiError::NotFound(target))?;
-        let namespace: NamespaceDeletion =
-            serde_json::from_slice(&kv.value).map_err(ApiError::internal)?;
-        if namespace.metadata.deletion_timestamp.is_some() {
+        if namespace_terminating(&kv.value)? {
             return Err(ApiError::Forbidden(format!(
                 "{} \"{}\" is forbidden: unable to create new content in namespace {ns} because it is being terminated",
                 req.def.plural,
@@ -1632,14 +1641,17 @@ mod tests {
             json!({"metadata": {"name": "a", "deletionTimestamp": null}}),
             json!({"metadata": {"name": "a", "deletionTimestamp": "2026-01-01T00:00:00Z"}, "spec": {"finalizers": ["kubernetes"]}}),
             json!({"kind": "Namespace"}),
+            json!({"metadata": null}),
+            json!({"metadata": "x"}),
         ] {
-            let read: NamespaceDeletion = serde_json::from_value(ns.clone()).unwrap();
+            let stored = serde_json::to_vec(&ns).unwrap();
             assert_eq!(
-                read.metadata.deletion_timestamp.is_some(),
+                namespace_terminating(&stored).unwrap(),
                 is_terminating(&ns),
                 "{ns}"
             );
         }
+        assert!(namespace_terminating(b"{").is_err());
     }
 
     /// Setting stored managed fields aside decodes a patched object as the

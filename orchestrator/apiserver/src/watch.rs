@@ -214,6 +214,7 @@ impl Api {
                     let new = spec.decode_if_needed(def, &event.kv)?;
                     let matches_new = spec.matches(def, new.as_ref());
                     let matches_old = match &event.prev {
+                        Some(_) if !spec.filtered() => true,
                         Some(prev) => match selected.matched(prev) {
                             Some(known) => known,
                             None => spec.matches(def, spec.decode_if_needed(def, prev)?.as_ref()),

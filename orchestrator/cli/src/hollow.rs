@@ -31,7 +31,7 @@ pub struct HollowArgs {
     #[arg(long, default_value_t = 110)]
     pub max_pods: u32,
     /// Threads running the nodes. One thread serves thousands of nodes and
-    /// spends about a third less CPU per pod than two (no cross-thread
+    /// spends about 40% less CPU per pod than two (no cross-thread
     /// wake-ups), leaving the other cores to the control plane under test.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..))]
     pub worker_threads: u16,
