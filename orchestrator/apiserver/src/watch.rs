@@ -375,7 +375,7 @@ mod tests {
 
     use crate::{LocalHandler, ServerConfig};
 
-    async fn send(api: &LocalHandler, method: &str, uri: &str, body: Value) -> Value {
+    async fn send(api: &LocalHandler, method: &str, uri: String, body: Value) -> Value {
         let content_type = if method == "PATCH" {
             "application/merge-patch+json"
         } else {
@@ -383,7 +383,7 @@ mod tests {
         };
         let req = http::Request::builder()
             .method(method)
-            .uri(uri)
+            .uri(&uri)
             .header(http::header::CONTENT_TYPE, content_type)
             .body(Body::from(body.to_string()))
             .expect("request");
@@ -443,8 +443,8 @@ mod tests {
         let api = running.local_handler();
         let cms = "/api/v1/namespaces/default/configmaps";
         let cm = |name: &str, app: &str| json!({"metadata": {"name": name, "labels": {"app": app}}, "data": {"k": "1"}});
-        send(&api, "POST", cms, cm("a", "web")).await;
-        let b = send(&api, "POST", cms, cm("b", "db")).await;
+        send(&api, "POST", cms.to_string(), cm("a", "web")).await;
+        let b = send(&api, "POST", cms.to_string(), cm("b", "db")).await;
         let rv = b["metadata"]["resourceVersion"]
             .as_str()
             .expect("rv")
@@ -468,25 +468,14 @@ mod tests {
             [("ADDED".into(), "a".into())]
         );
 
+        let patch = |name: &str, body: Value| send(&api, "PATCH", format!("{cms}/{name}"), body);
         let label = |app: &str| json!({"metadata": {"labels": {"app": app}}});
-        send(&api, "PATCH", &format!("{cms}/b"), label("web")).await;
-        send(
-            &api,
-            "PATCH",
-            &format!("{cms}/b"),
-            json!({"data": {"k": "2"}}),
-        )
-        .await;
-        send(&api, "PATCH", &format!("{cms}/a"), label("db")).await;
-        send(
-            &api,
-            "PATCH",
-            &format!("{cms}/a"),
-            json!({"data": {"k": "3"}}),
-        )
-        .await;
-        send(&api, "PATCH", &format!("{cms}/a"), label("web")).await;
-        send(&api, "DELETE", &format!("{cms}/b"), json!({})).await;
+        patch("b", label("web")).await;
+        patch("b", json!({"data": {"k": "2"}})).await;
+        patch("a", label("db")).await;
+        patch("a", json!({"data": {"k": "3"}})).await;
+        patch("a", label("web")).await;
+        send(&api, "DELETE", format!("{cms}/b"), json!({})).await;
 
         let want: Vec<(String, String)> = [
             ("ADDED", "b"),
