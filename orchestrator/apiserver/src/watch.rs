@@ -117,7 +117,7 @@ impl Api {
         tx: &mpsc::Sender<Bytes>,
     ) -> ApiResult<()> {
         let deadline = spec.timeout.map(|t| tokio::time::Instant::now() + t);
-        let mut selected = Selected::default();
+        let mut selected = Selected::new(spec.filtered());
         // Without a resourceVersion (or with sendInitialEvents) the watch
         // starts with the current state as synthetic ADDED events.
         let from = match start {
@@ -134,17 +134,13 @@ impl Api {
                     )
                     .await
                     .map_err(|e| ApiError::from_store(e, &Default::default()))?;
-                if spec.filtered() {
-                    selected.seen_after = Some(0);
-                }
+                selected.seen_from(0);
                 for kv in &list.items {
                     let obj = spec.decode_if_needed(def, kv)?;
                     if !spec.matches(def, obj.as_ref()) {
                         continue;
                     }
-                    if spec.filtered() {
-                        selected.set(&kv.key, true);
-                    }
+                    selected.set(&kv.key, true);
                     if tx
                         .send(spec.event_line(def, "ADDED", kv, obj)?)
                         .await
@@ -175,9 +171,7 @@ impl Api {
                 )),
                 other => ApiError::from_store(other, &Default::default()),
             })?;
-        if spec.filtered() {
-            selected.seen_after.get_or_insert(from);
-        }
+        selected.seen_from(from);
         let mut last_rv = from;
         let mut bookmark_timer = tokio::time::interval(BOOKMARK_INTERVAL);
         bookmark_timer.tick().await;
@@ -214,17 +208,13 @@ impl Api {
                     let new = spec.decode_if_needed(def, &event.kv)?;
                     let matches_new = spec.matches(def, new.as_ref());
                     let matches_old = match &event.prev {
-                        Some(_) if !spec.filtered() => true,
                         Some(prev) => match selected.matched(prev) {
                             Some(known) => known,
                             None => spec.matches(def, spec.decode_if_needed(def, prev)?.as_ref()),
                         },
                         None => false,
                     };
-                    if spec.filtered() {
-                        let kept = matches_new && event.kind != EventKind::Deleted;
-                        selected.set(&event.kv.key, kept);
-                    }
+                    selected.set(&event.kv.key, matches_new && event.kind != EventKind::Deleted);
                     // Objects entering or leaving the selection appear as
                     // ADDED or DELETED to this watcher.
                     let kind = match event.kind {
@@ -247,12 +237,12 @@ impl Api {
 
 /// Which keys a filtered watch's selectors matched at the versions it last
 /// saw, so the version an event replaces need not be decoded again: the
-/// watch saw it, unless it is older than the watch.
-#[derive(Default)]
+/// watch saw it, unless it is older than the watch. A watch without
+/// selectors matches everything and tracks nothing.
 struct Selected {
+    filtered: bool,
     /// Versions after this revision have all passed through the watch (the
-    /// initial list counts as seeing every version it holds: 0). None for
-    /// watches without selectors, which match everything.
+    /// initial list counts as seeing every version it holds: 0).
     seen_after: Option<i64>,
     /// Keys whose last seen version matched; only matching keys are kept,
     /// so a node's watch of its own pods holds just those.
@@ -260,13 +250,33 @@ struct Selected {
 }
 
 impl Selected {
-    /// Whether `prev` matched, when the watch has seen it.
+    fn new(filtered: bool) -> Self {
+        Selected {
+            filtered,
+            seen_after: None,
+            keys: Default::default(),
+        }
+    }
+
+    /// Every version after `revision` will pass through the watch (the
+    /// first call counts).
+    fn seen_from(&mut self, revision: i64) {
+        self.seen_after.get_or_insert(revision);
+    }
+
+    /// Whether `prev` matched, when that is known without decoding it.
     fn matched(&self, prev: &KeyValue) -> Option<bool> {
+        if !self.filtered {
+            return Some(true);
+        }
         let seen_after = self.seen_after?;
         (prev.mod_revision > seen_after).then(|| self.keys.contains(&prev.key))
     }
 
     fn set(&mut self, key: &str, matches: bool) {
+        if !self.filtered {
+            return;
+        }
         if !matches {
             self.keys.remove(key);
         } else if !self.keys.contains(key) {

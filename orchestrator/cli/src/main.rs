@@ -148,21 +148,18 @@ fn main() {
         // One monitor per container: kept small, without the async runtime.
         std::process::exit(tapestry_kubelet::shim::main(args));
     }
-    let runtime = match &cli.command {
-        Command::Hollow(args) if args.worker_threads <= 1 => {
+    let mut runtime = match &cli.command {
+        Command::Hollow(args) if args.worker_threads == 1 => {
             tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
         }
-        Command::Hollow(args) => tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(usize::from(args.worker_threads))
-            .enable_all()
-            .build(),
-        _ => tokio::runtime::Builder::new_multi_thread()
-            .enable_all()
-            .build(),
+        Command::Hollow(args) => {
+            let mut threads = tokio::runtime::Builder::new_multi_thread();
+            threads.worker_threads(usize::from(args.worker_threads));
+            threads
+        }
+        _ => tokio::runtime::Builder::new_multi_thread(),
     };
-    match runtime {
+    match runtime.enable_all().build() {
         Ok(runtime) => runtime.block_on(run(cli)),
         Err(e) => {
             eprintln!("error: starting the async runtime: {e}");
