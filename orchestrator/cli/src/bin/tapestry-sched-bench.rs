@@ -149,6 +149,7 @@ async fn run(nodes: usize, pods: usize) -> Result<Run> {
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
     let register_secs = registering.elapsed().as_secs_f64();
+    eprintln!("{nodes} hollow nodes Ready after {register_secs:.1} s; creating {pods} pods");
     // Let the informers settle on the full node set.
     tokio::time::sleep(Duration::from_secs(2)).await;
 
