@@ -1071,3 +1071,80 @@ async fn watch_progress_follows_writes_to_other_prefixes() {
     assert!(idle.is_err(), "only one event for the quiet prefix");
     assert_eq!(progress.revision(), after.mod_revision);
 }
+
+fn gathering_store(dir: &TempDir, gather_wait: Duration) -> Arc<RedbStore> {
+    let opts = RedbOptions {
+        gather_wait,
+        ..Default::default()
+    };
+    Arc::new(RedbStore::open_with(dir.path().join("s.redb"), opts).expect("open"))
+}
+
+/// A commit waits for a write announced before it, so both share it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_commit_waits_for_an_announced_write() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let s = gathering_store(&dir, Duration::from_secs(10));
+    let (announced_tx, announced_rx) = tokio::sync::oneshot::channel();
+    let preparing = {
+        let s = s.clone();
+        tokio::spawn(async move {
+            tapestry_store::announced_write(&*s, async {
+                let _ = announced_tx.send(());
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                s.create("/b", v("b")).await
+            })
+            .await
+        })
+    };
+    announced_rx.await.expect("announced");
+    let before = s.stats();
+    let started = Instant::now();
+    s.create("/a", v("a")).await.expect("create a");
+    let waited = started.elapsed();
+    preparing.await.expect("task").expect("create b");
+    let after = s.stats();
+    assert_eq!(after.writes - before.writes, 2);
+    assert_eq!(
+        after.commits - before.commits,
+        1,
+        "the first write waited for the announced one"
+    );
+    assert!(waited >= Duration::from_millis(50), "waited {waited:?}");
+    assert!(waited < Duration::from_secs(5), "waited {waited:?}");
+}
+
+/// Nothing is waited for when no write is announced, and an intent that
+/// ends without writing stops the wait at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_commit_waits_for_nothing_unannounced_or_withdrawn() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let s = gathering_store(&dir, Duration::from_secs(10));
+    let started = Instant::now();
+    for i in 0..5 {
+        s.create(&format!("/lone{i}"), v("x"))
+            .await
+            .expect("create");
+    }
+    assert!(started.elapsed() < Duration::from_secs(5));
+
+    let (announced_tx, announced_rx) = tokio::sync::oneshot::channel();
+    let withdrawing = {
+        let s = s.clone();
+        tokio::spawn(async move {
+            tapestry_store::announced_write(&*s, async {
+                let _ = announced_tx.send(());
+                // Fails validation, say: no write follows.
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            })
+            .await
+        })
+    };
+    announced_rx.await.expect("announced");
+    let started = Instant::now();
+    s.create("/after", v("x")).await.expect("create");
+    let waited = started.elapsed();
+    withdrawing.await.expect("task");
+    assert!(waited >= Duration::from_millis(50), "waited {waited:?}");
+    assert!(waited < Duration::from_secs(5), "waited {waited:?}");
+}
