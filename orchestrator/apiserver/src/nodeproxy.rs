@@ -163,6 +163,14 @@ impl KubeletClient {
 
 /// `/api/v1/namespaces/NS/pods/NAME/{log,exec,attach}` → (ns, name, sub).
 pub fn streaming_target(path: &str) -> Option<(String, String, String)> {
+    // Every request passes here; most are not pods' streams.
+    let path = path.trim_end_matches('/');
+    if !["/log", "/exec", "/attach"]
+        .iter()
+        .any(|s| path.ends_with(s))
+    {
+        return None;
+    }
     let parts: Vec<&str> = path.trim_matches('/').split('/').collect();
     match parts.as_slice() {
         ["api", "v1", "namespaces", ns, "pods", name, sub @ ("log" | "exec" | "attach")] => {

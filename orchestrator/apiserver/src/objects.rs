@@ -117,6 +117,8 @@ pub fn append_served(
         .chain(after)
         .find(|b| !b.is_ascii_whitespace())
         .is_some_and(|&b| b == b'}');
+    // The object plus the spliced-in resourceVersion, in one allocation.
+    out.reserve(json.len() + 48);
     out.extend_from_slice(&json[..=open]);
     out.extend_from_slice(b"\"resourceVersion\":\"");
     out.extend_from_slice(itoa::Buffer::new().format(kv.mod_revision).as_bytes());

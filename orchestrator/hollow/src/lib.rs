@@ -420,10 +420,13 @@ async fn renew_lease(h: &Hollow, name: &str) -> anyhow::Result<()> {
     let now = Timestamp::now().to_string();
     let patch = json!({"spec": {"holderIdentity": name, "renewTime": now,
         "leaseDurationSeconds": (h.config.heartbeat.as_secs() * 4).max(1)}});
-    match api
-        .patch(name, &PatchParams::default(), &Patch::Merge(&patch))
-        .await
-    {
+    // Sent as text, as pod status is: the renewed Lease is never read.
+    let request = kube::core::Request::new(api.resource_url()).patch(
+        name,
+        &PatchParams::default(),
+        &Patch::Merge(&patch),
+    )?;
+    match h.client.request_text(request).await {
         Ok(_) => Ok(()),
         Err(e) if runtime::not_found(&e) => {
             let nodes: Api<Node> = Api::all(h.client.clone());
