@@ -40,8 +40,17 @@ impl Recorder {
                     .clone()
                     .unwrap_or_else(|| "default".into());
                 let api: Api<Event> = Api::namespaced(client.clone(), &ns);
+                let client = client.clone();
                 tokio::spawn(async move {
-                    if let Err(e) = api.create(&PostParams::default(), &ev).await {
+                    // Sent as text: the stored Event is never read back.
+                    let send = async {
+                        let body = serde_json::to_vec(&ev).map_err(kube::Error::SerdeError)?;
+                        let request = kube::core::Request::new(api.resource_url())
+                            .create(&PostParams::default(), body)
+                            .map_err(kube::Error::BuildRequest)?;
+                        client.request_text(request).await.map(drop)
+                    };
+                    if let Err(e) = send.await {
                         tracing::debug!("recording event: {e}");
                     }
                     drop(permit);
