@@ -15,7 +15,7 @@ use bytes::Bytes;
 use http::{HeaderMap, Method, StatusCode, Uri};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use serde_json::{json, Value};
-use tapestry_store::{announced_write, Store};
+use tapestry_store::Store;
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
@@ -449,11 +449,8 @@ async fn dispatch(State(state): State<Arc<AppState>>, req: axum::extract::Reques
     );
     let result = if watch {
         state.api.clone().watch(req, state.shutdown.clone()).await
-    } else if method == Method::GET {
-        handle(&state.api, &method, &req).await
     } else {
-        // Announced, so that a store commit about to start may wait for it.
-        announced_write(&*state.api.store, handle(&state.api, &method, &req)).await
+        handle(&state.api, &method, &req).await
     };
     let resp = result.unwrap_or_else(IntoResponse::into_response);
     let metrics = &state.api.metrics;

@@ -10,10 +10,8 @@
 //! [`RedbStore`] is the embedded backend. Every backend must pass the suite in
 //! [`conformance`] (see [`store_conformance_suite!`]).
 
-use std::cell::RefCell;
-use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicI64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
 
 use async_trait::async_trait;
@@ -153,51 +151,6 @@ impl WatchProgress {
     }
 }
 
-/// A write that a request is preparing and has not yet handed to its store.
-/// A store that commits queued writes together may wait a moment for
-/// announced writes before committing, so that one durable commit serves
-/// them all; dropping the intent withdraws it.
-#[derive(Debug)]
-pub struct WriteIntent(Arc<AtomicUsize>);
-
-impl WriteIntent {
-    /// Count a new intent in `pending`.
-    pub fn new(pending: Arc<AtomicUsize>) -> Self {
-        pending.fetch_add(1, Ordering::AcqRel);
-        Self(pending)
-    }
-}
-
-impl Drop for WriteIntent {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::AcqRel);
-    }
-}
-
-tokio::task_local! {
-    static PREPARING_WRITE: RefCell<Option<WriteIntent>>;
-}
-
-/// Run `request`, which is expected to write through `store`, announced to
-/// it: the intent lasts until the task submits its first write (see
-/// [`write_submitted`]) or `request` ends.
-pub async fn announced_write<F: Future>(store: &dyn Store, request: F) -> F::Output {
-    match store.announce_write() {
-        Some(intent) => {
-            PREPARING_WRITE
-                .scope(RefCell::new(Some(intent)), request)
-                .await
-        }
-        None => request.await,
-    }
-}
-
-/// Withdraw the calling task's write intent, if it has one. A backend calls
-/// this once it has queued a write, which then needs no waiting for.
-pub fn write_submitted() {
-    let _ = PREPARING_WRITE.try_with(|intent| intent.borrow_mut().take());
-}
-
 /// The storage contract shared by every backend.
 ///
 /// Every successful write returns the stored [`KeyValue`] whose
@@ -256,10 +209,4 @@ pub trait Store: Send + Sync + 'static {
     /// compaction point again is a no-op; an older revision fails with
     /// `Compacted`, a future one with `FutureRevision`.
     async fn compact(&self, revision: Revision) -> Result<()>;
-
-    /// Announce a write being prepared (see [`announced_write`]); `None`
-    /// from a backend that never waits for writes to gather.
-    fn announce_write(&self) -> Option<WriteIntent> {
-        None
-    }
 }

@@ -19,20 +19,16 @@
 //! revision read that copy, so redb serves writes, history and recovery.
 //!
 //! A single writer thread owns every write transaction. It drains whatever
-//! requests are queued into one durable commit (group commit), after waiting
-//! briefly (at most [`RedbOptions::gather_wait`]) for writes that requests
-//! have announced ([`crate::announced_write`]) but not yet queued: under load
-//! one commit and one fsync then serve more writes, while an idle store, or a
-//! batch that already holds every write in preparation, never waits.
+//! requests are queued into one durable commit (group commit): nothing waits
+//! for a batch to fill, but concurrent writers share one fsync.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::fmt::Display;
 use std::ops::Bound;
 use std::path::Path;
-use std::sync::atomic::{AtomicI64, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, PoisonError, RwLock, RwLockReadGuard};
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -45,7 +41,7 @@ use tokio::sync::{broadcast, mpsc, oneshot};
 
 use crate::{
     EventKind, KeyValue, ListOptions, ListResult, Result, Revision, Store, StoreError, WatchEvent,
-    WatchProgress, WatchStream, WriteIntent,
+    WatchProgress, WatchStream,
 };
 
 const KV: TableDefinition<&str, &[u8]> = TableDefinition::new("kv");
@@ -60,8 +56,6 @@ const META_PURGED: &str = "purged";
 const LIVE: u8 = 0;
 const TOMBSTONE: u8 = 1;
 
-/// How often a commit gathering announced writes looks at its queue.
-const GATHER_POLL: Duration = Duration::from_micros(50);
 /// Revisions removed per purge step when the writer has nothing else to do.
 const PURGE_IDLE_STEP: i64 = 4096;
 /// Revisions removed alongside a write batch, so purging still progresses under
@@ -83,9 +77,6 @@ pub struct RedbOptions {
     /// Make reopening after a crash near-instant instead of a full scan of
     /// the file, at the cost of slower commits (redb's quick-repair mode).
     pub quick_repair: bool,
-    /// Longest a commit waits for announced writes still being prepared;
-    /// zero commits whatever is queued at once.
-    pub gather_wait: Duration,
 }
 
 impl Default for RedbOptions {
@@ -95,7 +86,6 @@ impl Default for RedbOptions {
             max_batch: 1024,
             queue: 4096,
             quick_repair: false,
-            gather_wait: Duration::from_millis(1),
         }
     }
 }
@@ -142,9 +132,7 @@ struct Shared {
 /// * Writes return after a durable (fsync'd) commit. They go through one
 ///   writer thread that commits whatever is queued together, so throughput
 ///   grows with the number of concurrent writers while a lone writer still
-///   gets one commit per write. Writes announced with
-///   [`announced_write`](crate::announced_write) and still being prepared
-///   are waited for, up to [`RedbOptions::gather_wait`].
+///   gets one commit per write.
 /// * Gets and lists at the current revision read the in-memory copy of the
 ///   latest versions on the calling task, in steps of a few hundred keys so
 ///   a long list never holds back the writer for long. Lists at past
@@ -169,8 +157,6 @@ pub struct RedbStore {
     requests: Option<mpsc::Sender<Request>>,
     events: broadcast::Sender<Arc<WatchEvent>>,
     writer: Option<JoinHandle<()>>,
-    /// Announced writes not yet queued.
-    announced: Arc<AtomicUsize>,
 }
 
 enum Op {
@@ -398,7 +384,6 @@ impl RedbStore {
         // broadcast::channel panics on 0 and above usize::MAX / 2.
         let (events, _) = broadcast::channel(opts.watch_buffer.clamp(1, 1 << 24));
         let (requests, rx) = mpsc::channel(opts.queue.max(1));
-        let announced = Arc::new(AtomicUsize::new(0));
         let writer = Writer {
             db: db.clone(),
             shared: shared.clone(),
@@ -407,8 +392,6 @@ impl RedbStore {
             rx,
             max_batch: opts.max_batch.max(1),
             quick_repair: opts.quick_repair,
-            announced: announced.clone(),
-            gather_wait: opts.gather_wait,
             state: WriterState {
                 current,
                 compacted,
@@ -428,7 +411,6 @@ impl RedbStore {
             requests: Some(requests),
             events,
             writer: Some(writer),
-            announced,
         })
     }
 
@@ -460,8 +442,6 @@ impl RedbStore {
             .send(Request { op, reply })
             .await
             .map_err(|_| closed())?;
-        // Only now, so a commit waiting on the intent finds the write queued.
-        crate::write_submitted();
         rx.await.map_err(|_| closed())?
     }
 
@@ -490,10 +470,6 @@ impl Drop for RedbStore {
 impl Store for RedbStore {
     async fn current_revision(&self) -> Result<Revision> {
         Ok(self.shared.current.load(Ordering::SeqCst))
-    }
-
-    fn announce_write(&self) -> Option<WriteIntent> {
-        Some(WriteIntent::new(self.announced.clone()))
     }
 
     async fn compacted_revision(&self) -> Result<Revision> {
@@ -1153,8 +1129,6 @@ struct Writer {
     rx: mpsc::Receiver<Request>,
     max_batch: usize,
     quick_repair: bool,
-    announced: Arc<AtomicUsize>,
-    gather_wait: Duration,
     state: WriterState,
     /// Stops idle purging from spinning on a persistent storage error; the
     /// next successful write batch clears it.
@@ -1399,31 +1373,13 @@ impl Writer {
                 }
             };
             batch.push(first);
-            self.take_queued(&mut batch);
-            self.gather_announced(&mut batch);
-            self.commit_batch(&mut batch);
-        }
-    }
-
-    fn take_queued(&mut self, batch: &mut Vec<Request>) {
-        while batch.len() < self.max_batch {
-            match self.rx.try_recv() {
-                Ok(req) => batch.push(req),
-                Err(_) => break,
+            while batch.len() < self.max_batch {
+                match self.rx.try_recv() {
+                    Ok(req) => batch.push(req),
+                    Err(_) => break,
+                }
             }
-        }
-    }
-
-    /// Wait, at most `gather_wait`, for writes that requests have announced
-    /// and are still preparing, so that they share this commit.
-    fn gather_announced(&mut self, batch: &mut Vec<Request>) {
-        let deadline = Instant::now() + self.gather_wait;
-        while batch.len() < self.max_batch
-            && self.announced.load(Ordering::Acquire) > 0
-            && Instant::now() < deadline
-        {
-            std::thread::sleep(GATHER_POLL);
-            self.take_queued(batch);
+            self.commit_batch(&mut batch);
         }
     }
 
