@@ -137,9 +137,18 @@ impl FieldSet {
         }
         let mut node = self;
         for e in path {
-            node = node.children.entry(e.clone()).or_default();
+            node = node.child_mut(e);
         }
         node.member = true;
+    }
+
+    /// The child at `e`, created if missing; the key is copied only then
+    /// (walks insert every prefix of a path, mostly present already).
+    fn child_mut(&mut self, e: &str) -> &mut FieldSet {
+        if !self.children.contains_key(e) {
+            self.children.insert(e.to_string(), FieldSet::default());
+        }
+        self.children.get_mut(e).expect("inserted above")
     }
 
     pub fn contains(&self, path: &[PathElement]) -> bool {
@@ -226,7 +235,7 @@ impl FieldSet {
     pub fn union_in(&mut self, other: &FieldSet) {
         self.member |= other.member;
         for (k, c) in &other.children {
-            self.children.entry(k.clone()).or_default().union_in(c);
+            self.child_mut(k).union_in(c);
         }
     }
 
@@ -336,22 +345,20 @@ impl FieldSet {
 
     /// Serialises to a `fieldsV1` object.
     pub fn to_fields_v1(&self) -> Value {
+        Value::Object(self.fields_v1_children())
+    }
+
+    fn fields_v1_children(&self) -> Map<String, Value> {
         let mut m = Map::new();
         for (k, c) in &self.children {
-            let mut inner = match c.to_fields_v1() {
-                Value::Object(o) => o,
-                _ => Map::new(),
-            };
+            let mut inner = c.fields_v1_children();
             if c.member && !inner.is_empty() {
                 // "." first, the way Kubernetes writes it.
-                let mut with_dot = Map::new();
-                with_dot.insert(".".to_string(), Value::Object(Map::new()));
-                with_dot.append(&mut inner);
-                inner = with_dot;
+                inner.shift_insert(0, ".".to_string(), Value::Object(Map::new()));
             }
             m.insert(k.clone(), Value::Object(inner));
         }
-        Value::Object(m)
+        m
     }
 }
 
