@@ -304,8 +304,8 @@ struct NamespaceDeletionMeta {
 /// and rewrites them whole): an empty list stands in for them, keeping their
 /// place in the decoded object, and they are returned to go back there.
 fn set_aside_stored_managed_fields(obj: &mut Value, stored: &Value) -> Option<Value> {
-    let stored = stored.get("metadata")?.get("managedFields")?;
-    let slot = obj.get_mut("metadata")?.get_mut("managedFields")?;
+    let stored = stored.pointer("/metadata/managedFields")?;
+    let slot = obj.pointer_mut("/metadata/managedFields")?;
     if slot != stored {
         return None;
     }
@@ -315,10 +315,7 @@ fn set_aside_stored_managed_fields(obj: &mut Value, stored: &Value) -> Option<Va
 /// Put set-aside managed fields back in their placeholder's place; gives
 /// them back if the decoded object has no placeholder.
 fn put_back_managed_fields(decoded: &mut Value, managed: Value) -> Result<(), Value> {
-    match decoded
-        .get_mut("metadata")
-        .and_then(|m| m.get_mut("managedFields"))
-    {
+    match decoded.pointer_mut("/metadata/managedFields") {
         Some(slot) => {
             *slot = managed;
             Ok(())

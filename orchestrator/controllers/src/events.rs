@@ -10,7 +10,7 @@ use k8s_openapi::api::core::v1::{Event, ObjectReference};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{ObjectMeta, PostParams};
-use kube::{Api, Client, Resource, ResourceExt};
+use kube::{Client, Resource, ResourceExt};
 use tokio::sync::mpsc;
 
 const QUEUE: usize = 4096;
@@ -34,18 +34,14 @@ impl Recorder {
                 let Ok(permit) = slots.clone().acquire_owned().await else {
                     return;
                 };
-                let ns = ev
-                    .metadata
-                    .namespace
-                    .clone()
-                    .unwrap_or_else(|| "default".into());
-                let api: Api<Event> = Api::namespaced(client.clone(), &ns);
+                let ns = ev.metadata.namespace.as_deref().unwrap_or("default");
+                let url = Event::url_path(&(), Some(ns));
                 let client = client.clone();
                 tokio::spawn(async move {
                     // Sent as text: the stored Event is never read back.
                     let send = async {
                         let body = serde_json::to_vec(&ev).map_err(kube::Error::SerdeError)?;
-                        let request = kube::core::Request::new(api.resource_url())
+                        let request = kube::core::Request::new(url)
                             .create(&PostParams::default(), body)
                             .map_err(kube::Error::BuildRequest)?;
                         client.request_text(request).await.map(drop)
