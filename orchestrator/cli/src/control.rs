@@ -3,12 +3,10 @@
 //! They use the API like any client, through kube-rs, but reach the
 //! handler in process rather than over HTTPS.
 
-use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{Context, Result};
-use kube::config::{KubeConfigOptions, Kubeconfig};
+use anyhow::Result;
 use kube::Client;
 use tapestry_controllers::leader::{self, LeaderConfig};
 use tapestry_controllers::ClusterCidr;
@@ -42,15 +40,6 @@ pub struct ControlArgs {
     /// Do not run the controller manager in this process.
     #[arg(long)]
     pub no_controllers: bool,
-}
-
-/// A kube-rs client from a kubeconfig file.
-pub async fn client_from(path: &Path) -> Result<Client> {
-    let kc = Kubeconfig::read_from(path).with_context(|| format!("reading {}", path.display()))?;
-    let config = kube::Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
-        .await
-        .with_context(|| format!("loading {}", path.display()))?;
-    Client::try_from(config).context("building the API client")
 }
 
 /// Start the scheduler and the controller manager as background tasks.

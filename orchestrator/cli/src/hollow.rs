@@ -44,7 +44,7 @@ pub async fn run(args: HollowArgs, shutdown: CancellationToken) -> Result<()> {
     if args.heartbeat_interval.is_zero() || args.status_interval.is_zero() {
         bail!("--heartbeat-interval and --status-interval must be positive");
     }
-    let client = crate::control::client_from(&args.kubeconfig).await?;
+    let client = crate::kubeclient::client_from(&args.kubeconfig).await?;
     let config = tapestry_hollow::Config {
         count: args.count,
         prefix: args.name_prefix,

@@ -15,6 +15,7 @@ use tokio_util::sync::CancellationToken;
 mod control;
 mod hollow;
 mod image;
+mod kubeclient;
 mod node;
 mod up;
 
