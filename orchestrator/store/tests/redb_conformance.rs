@@ -794,6 +794,26 @@ fn small_buffer_store(dir: &TempDir) -> RedbStore {
     .expect("open")
 }
 
+/// `writers` tasks at once, each creating `/{writer}/{i:04}` for `i` below
+/// `per_writer`.
+async fn create_concurrently(s: &Arc<RedbStore>, writers: usize, per_writer: usize) {
+    let tasks: Vec<_> = (0..writers)
+        .map(|t| {
+            let s = s.clone();
+            tokio::spawn(async move {
+                for i in 0..per_writer {
+                    s.create(&format!("/{t}/{i:04}"), v("x"))
+                        .await
+                        .expect("create");
+                }
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.expect("writer");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn erratic_watchers_with_tiny_buffer_stay_gap_free() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -816,30 +836,16 @@ async fn erratic_watchers_with_tiny_buffer_stay_gap_free() {
             }
         }));
     }
-    let writers: Vec<_> = (0..8)
-        .map(|t| {
-            let s = s.clone();
-            tokio::spawn(async move {
-                for i in 0..WRITES / 8 {
-                    s.create(&format!("/{t}/{i}"), v("x"))
-                        .await
-                        .expect("create");
-                }
-            })
-        })
-        .collect();
-    for w in writers {
-        w.await.expect("writer");
-    }
+    create_concurrently(&s, 8, WRITES as usize / 8).await;
     for w in watchers {
         w.await.expect("watcher");
     }
     assert!(s.stats().watch_lagged > 0);
 }
 
-/// Watchers of one prefix among writes to others: their channel carries
-/// revisions with gaps, and losing events to a tiny buffer must still be
-/// noticed and filled from disk.
+/// Watchers of one prefix among writes to others see revisions with gaps;
+/// events lost to a tiny buffer must still be noticed and filled from
+/// disk.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lagging_prefix_watchers_see_exactly_their_keys() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -856,27 +862,13 @@ async fn lagging_prefix_watchers_see_exactly_their_keys() {
                 assert_eq!(ev.kv.key, format!("{prefix}{i:04}"));
                 assert!(ev.revision() > last);
                 last = ev.revision();
-                if (i as u64 + n) % 50 == 0 {
+                if (i as u64 + n).is_multiple_of(50) {
                     tokio::time::sleep(Duration::from_millis(20)).await;
                 }
             }
         }));
     }
-    let writers: Vec<_> = (0..3)
-        .map(|t| {
-            let s = s.clone();
-            tokio::spawn(async move {
-                for i in 0..PER_PREFIX {
-                    s.create(&format!("/{t}/{i:04}"), v("x"))
-                        .await
-                        .expect("create");
-                }
-            })
-        })
-        .collect();
-    for w in writers {
-        w.await.expect("writer");
-    }
+    create_concurrently(&s, 3, PER_PREFIX).await;
     for w in watchers {
         w.await.expect("watcher");
     }
