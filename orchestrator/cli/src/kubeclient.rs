@@ -1,5 +1,5 @@
-//! API clients of processes that stand in for many clients at once (the
-//! hollow nodes, the scheduler benchmark's pod creators).
+//! API clients of node agents and hollow nodes, which speak HTTP/2 as
+//! client-go (and so a kubelet) does.
 
 use std::path::Path;
 
@@ -8,15 +8,20 @@ use kube::client::ConfigExt;
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::Client;
 
-/// A kube-rs client from a kubeconfig file that speaks HTTP/2, as client-go
-/// does: concurrent requests share one TLS connection as streams instead
-/// of each taking a pooled HTTP/1.1 connection of its own, so many small
-/// requests go out in few TLS records and system calls.
+/// An HTTP/2 client (see [`http2`]) from a kubeconfig file.
 pub async fn client_from(path: &Path) -> Result<Client> {
     let kc = Kubeconfig::read_from(path).with_context(|| format!("reading {}", path.display()))?;
     let config = kube::Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
         .await
         .with_context(|| format!("loading {}", path.display()))?;
+    http2(config)
+}
+
+/// A kube-rs client that speaks HTTP/2: concurrent requests share one TLS
+/// connection as streams instead of each taking a pooled HTTP/1.1
+/// connection of its own, so many small requests go out in few TLS records
+/// and system calls.
+pub fn http2(config: kube::Config) -> Result<Client> {
     // The connector offers h2 by ALPN itself.
     let tls = config
         .rustls_client_config()

@@ -74,14 +74,14 @@ pub fn require_root(what: &str) -> Result<()> {
     Ok(())
 }
 
-/// A kube client for a node agent: bearer token, cluster CA.
+/// A kube client for a node agent: bearer token, cluster CA, HTTP/2.
 pub async fn node_client(server: &str, ca_pem: &str, token: &str) -> Result<kube::Client> {
     let text = tapestry_apiserver::pki::kubeconfig(server, ca_pem, "node", token);
     let kc = kube::config::Kubeconfig::from_yaml(&text).context("node kubeconfig")?;
     let cfg = kube::Config::from_custom_kubeconfig(kc, &kube::config::KubeConfigOptions::default())
         .await
         .context("node client configuration")?;
-    Ok(kube::Client::try_from(cfg)?)
+    crate::kubeclient::http2(cfg)
 }
 
 pub fn agent_config(
