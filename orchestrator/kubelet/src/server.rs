@@ -593,101 +593,114 @@ async fn session<IO: AsyncRead + AsyncWrite + Send + 'static>(
 ) -> Result<()> {
     let (mut rd, wr) = tokio::io::split(io);
     let w: Writer<IO> = Arc::new(Mutex::new(wr));
-    let mut cmd = kubelet.runtime.exec_command(id, &command, tty);
-    let mut master: Option<OwnedFd> = None;
-    if tty {
-        let (m, s) = openpty()?;
-        cmd.stdin(Stdio::from(s.try_clone()?))
-            .stdout(Stdio::from(s.try_clone()?))
-            .stderr(Stdio::from(s));
-        // SAFETY: setsid and ioctl are async-signal-safe; the pty becomes the
-        // controlling terminal of the exec'd process' session.
-        unsafe {
-            cmd.pre_exec(|| {
-                libc::setsid();
-                libc::ioctl(0, libc::TIOCSCTTY, 0);
-                Ok(())
-            });
+    let run = async {
+        let mut cmd = kubelet.runtime.exec_command(id, &command, tty);
+        let mut master: Option<OwnedFd> = None;
+        if tty {
+            let (m, s) = openpty()?;
+            cmd.stdin(Stdio::from(s.try_clone()?))
+                .stdout(Stdio::from(s.try_clone()?))
+                .stderr(Stdio::from(s));
+            // SAFETY: setsid and ioctl are async-signal-safe; the pty becomes the
+            // controlling terminal of the exec'd process' session.
+            unsafe {
+                cmd.pre_exec(|| {
+                    libc::setsid();
+                    libc::ioctl(0, libc::TIOCSCTTY, 0);
+                    Ok(())
+                });
+            }
+            master = Some(m);
+        } else {
+            cmd.stdin(if stdin { Stdio::piped() } else { Stdio::null() })
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped());
         }
-        master = Some(m);
-    } else {
-        cmd.stdin(if stdin { Stdio::piped() } else { Stdio::null() })
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-    }
-    let mut child = cmd.kill_on_drop(true).spawn().context("runc exec")?;
-    // Our copies of the pty's slave side must close for the master to see
-    // the end of output.
-    drop(cmd);
-    let mut outputs = Vec::new();
-    let mut input: Option<Box<dyn AsyncWrite + Send + Unpin>> = None;
-    let master_raw = master.as_ref().map(|m| m.as_raw_fd());
-    if let Some(m) = master {
-        let reader = tokio::fs::File::from_std(std::fs::File::from(m.try_clone()?));
-        outputs.push(tokio::spawn(pump(reader, w.clone(), 1)));
-        if stdin {
-            input = Some(Box::new(tokio::fs::File::from_std(std::fs::File::from(m))));
+        let mut child = cmd.kill_on_drop(true).spawn().context("runc exec")?;
+        // Our copies of the pty's slave side must close for the master to see
+        // the end of output.
+        drop(cmd);
+        let mut outputs = Vec::new();
+        let mut input: Option<Box<dyn AsyncWrite + Send + Unpin>> = None;
+        let master_raw = master.as_ref().map(|m| m.as_raw_fd());
+        if let Some(m) = master {
+            let reader = tokio::fs::File::from_std(std::fs::File::from(m.try_clone()?));
+            outputs.push(tokio::spawn(pump(reader, w.clone(), 1)));
+            if stdin {
+                input = Some(Box::new(tokio::fs::File::from_std(std::fs::File::from(m))));
+            }
+        } else {
+            if let Some(o) = child.stdout.take() {
+                outputs.push(tokio::spawn(pump(o, w.clone(), 1)));
+            }
+            if let Some(e) = child.stderr.take() {
+                outputs.push(tokio::spawn(pump(e, w.clone(), 2)));
+            }
+            if let Some(i) = child.stdin.take() {
+                input = Some(Box::new(i));
+            }
         }
-    } else {
-        if let Some(o) = child.stdout.take() {
-            outputs.push(tokio::spawn(pump(o, w.clone(), 1)));
-        }
-        if let Some(e) = child.stderr.take() {
-            outputs.push(tokio::spawn(pump(e, w.clone(), 2)));
-        }
-        if let Some(i) = child.stdin.take() {
-            input = Some(Box::new(i));
-        }
-    }
-    let exit = loop {
-        tokio::select! {
-            status = child.wait() => break status?,
-            msg = ws::read_message(&mut rd) => match msg {
-                Ok((Message::Data(d), pong)) => {
-                    if let Some(p) = pong {
-                        ws::write_pong(&mut *w.lock().await, &p).await?;
-                        continue;
-                    }
-                    match d.split_first() {
-                        Some((0, data)) => {
-                            if let Some(i) = input.as_mut() {
-                                if i.write_all(data).await.is_err() || i.flush().await.is_err() {
-                                    input = None;
+        let exit = loop {
+            tokio::select! {
+                status = child.wait() => break status?,
+                msg = ws::read_message(&mut rd) => match msg {
+                    Ok((Message::Data(d), pong)) => {
+                        if let Some(p) = pong {
+                            ws::write_pong(&mut *w.lock().await, &p).await?;
+                            continue;
+                        }
+                        match d.split_first() {
+                            Some((0, data)) => {
+                                if let Some(i) = input.as_mut() {
+                                    if i.write_all(data).await.is_err() || i.flush().await.is_err() {
+                                        input = None;
+                                    }
                                 }
                             }
-                        }
-                        Some((4, data)) => {
-                            if let Some(m) = master_raw {
-                                resize(m, data);
+                            Some((4, data)) => {
+                                if let Some(m) = master_raw {
+                                    resize(m, data);
+                                }
                             }
+                            Some((255, [0])) if v5 => input = None,
+                            _ => {}
                         }
-                        Some((255, [0])) if v5 => input = None,
-                        _ => {}
                     }
-                }
-                Ok((Message::Close, _)) | Err(_) => {
-                    let _ = child.start_kill();
-                    break child.wait().await?;
-                }
-            },
+                    Ok((Message::Close, _)) | Err(_) => {
+                        let _ = child.start_kill();
+                        break child.wait().await?;
+                    }
+                },
+            }
+        };
+        drop(input);
+        for o in outputs {
+            let _ = tokio::time::timeout(Duration::from_secs(2), o).await;
         }
+        let code = exit
+            .code()
+            .unwrap_or(128 + std::os::unix::process::ExitStatusExt::signal(&exit).unwrap_or(0));
+        let st = if code == 0 {
+            json!({"metadata": {}, "status": "Success"})
+        } else {
+            json!({"metadata": {}, "status": "Failure",
+                   "message": format!("command terminated with non-zero exit code: error executing command [{}], exit code {code}", command.join(" ")),
+                   "reason": "NonZeroExitCode",
+                   "details": {"causes": [{"reason": "ExitCode", "message": code.to_string()}]}})
+        };
+        send(&w, 3, st.to_string().as_bytes()).await?;
+        let _ = ws::write_close(&mut *w.lock().await).await;
+        anyhow::Ok(())
     };
-    drop(input);
-    for o in outputs {
-        let _ = tokio::time::timeout(Duration::from_secs(2), o).await;
+    let result = run.await;
+    if let Err(e) = &result {
+        // Tell the client why, instead of dropping the connection
+        // without a word (kubectl then reports an abnormal closure).
+        let st = json!({"metadata": {}, "status": "Failure",
+                        "message": format!("exec in container failed: {e:#}"),
+                        "reason": "InternalError"});
+        let _ = send(&w, 3, st.to_string().as_bytes()).await;
+        let _ = ws::write_close(&mut *w.lock().await).await;
     }
-    let code = exit
-        .code()
-        .unwrap_or(128 + std::os::unix::process::ExitStatusExt::signal(&exit).unwrap_or(0));
-    let st = if code == 0 {
-        json!({"metadata": {}, "status": "Success"})
-    } else {
-        json!({"metadata": {}, "status": "Failure",
-               "message": format!("command terminated with non-zero exit code: error executing command [{}], exit code {code}", command.join(" ")),
-               "reason": "NonZeroExitCode",
-               "details": {"causes": [{"reason": "ExitCode", "message": code.to_string()}]}})
-    };
-    send(&w, 3, st.to_string().as_bytes()).await?;
-    let _ = ws::write_close(&mut *w.lock().await).await;
-    Ok(())
+    result
 }
