@@ -103,9 +103,13 @@ pub async fn write_pong<W: AsyncWrite + Unpin>(w: &mut W, payload: &[u8]) -> std
     w.flush().await
 }
 
+/// Send a close frame and end our side of the stream (over TLS, with
+/// close_notify): a peer or proxy that sees the connection cut without it
+/// takes that for an error and may drop what it had not yet passed on.
 pub async fn write_close<W: AsyncWrite + Unpin>(w: &mut W) -> std::io::Result<()> {
     w.write_all(&frame(0x8, &1000u16.to_be_bytes())).await?;
-    w.flush().await
+    w.flush().await?;
+    w.shutdown().await
 }
 
 #[cfg(test)]
@@ -118,6 +122,23 @@ mod tests {
             accept_key("dGhlIHNhbXBsZSBub25jZQ=="),
             "s3pPLMBiTxaQ9kYGzzhZRbK+xOo="
         );
+    }
+
+    #[tokio::test]
+    async fn close_frame_then_end_of_stream() {
+        let (mut ours, mut theirs) = tokio::io::duplex(64);
+        write_close(&mut ours).await.unwrap();
+        let mut got = Vec::new();
+        // `ours` is still alive: only a shutdown ends the stream.
+        tokio::time::timeout(
+            std::time::Duration::from_secs(5),
+            theirs.read_to_end(&mut got),
+        )
+        .await
+        .expect("end of stream after the close frame")
+        .unwrap();
+        assert_eq!(got, frame(0x8, &1000u16.to_be_bytes()));
+        drop(ours);
     }
 
     #[tokio::test]
