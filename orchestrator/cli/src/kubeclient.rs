@@ -5,6 +5,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
+use kube::client::retry::RetryPolicy;
 use kube::client::ConfigExt;
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::Client;
@@ -49,8 +50,14 @@ pub fn http2(config: kube::Config) -> Result<Client> {
         .http2_keep_alive_timeout(Duration::from_secs(15))
         .http2_keep_alive_while_idle(true)
         .build(https);
+    // The same layers as kube-rs's own client, retries of 429/503/504
+    // included.
+    let retry = config
+        .default_retry
+        .then(|| tower::retry::RetryLayer::new(RetryPolicy::server_retry()));
     let service = tower::ServiceBuilder::new()
         .layer(config.base_uri_layer())
+        .option_layer(retry)
         .option_layer(
             config
                 .auth_layer()
@@ -68,6 +75,52 @@ pub fn http2(config: kube::Config) -> Result<Client> {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::{Arc, Mutex};
+
+    use k8s_openapi::api::core::v1::Namespace;
+    use kube::Api;
+
+    /// Against a plain-HTTP server that answers the first request with 503:
+    /// both requests arrive as HTTP/2 and the client retries the first.
+    #[tokio::test]
+    async fn requests_go_as_http2_and_unavailable_is_retried() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("address");
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let record = seen.clone();
+        tokio::spawn(async move {
+            let (tcp, _) = listener.accept().await.expect("accept");
+            let service = tower::service_fn(move |req: http::Request<_>| {
+                let mut seen = record.lock().expect("lock");
+                seen.push(req.version());
+                let status = if seen.len() == 1 { 503 } else { 200 };
+                let body = r#"{"apiVersion":"v1","kind":"Namespace","metadata":{"name":"x"}}"#;
+                let response = http::Response::builder()
+                    .status(status)
+                    .header("content-type", "application/json")
+                    .body(body.to_string());
+                async move { response }
+            });
+            let _ =
+                hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new())
+                    .serve_connection(
+                        hyper_util::rt::TokioIo::new(tcp),
+                        hyper_util::service::TowerToHyperService::new(service),
+                    )
+                    .await;
+        });
+        let url = format!("http://{addr}").parse().expect("url");
+        let client = super::http2(kube::Config::new(url)).expect("client");
+        let ns = Api::<Namespace>::all(client).get("x").await.expect("get");
+        assert_eq!(ns.metadata.name.as_deref(), Some("x"));
+        assert_eq!(
+            *seen.lock().expect("lock"),
+            [http::Version::HTTP_2, http::Version::HTTP_2]
+        );
+    }
+
     #[test]
     fn a_proxy_in_the_kubeconfig_is_refused_by_name() {
         let mut config = kube::Config::new("https://127.0.0.1:6443".parse().expect("url"));

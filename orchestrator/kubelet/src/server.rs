@@ -677,30 +677,31 @@ async fn session<IO: AsyncRead + AsyncWrite + Send + 'static>(
         for o in outputs {
             let _ = tokio::time::timeout(Duration::from_secs(2), o).await;
         }
-        let code = exit
-            .code()
-            .unwrap_or(128 + std::os::unix::process::ExitStatusExt::signal(&exit).unwrap_or(0));
-        let st = if code == 0 {
-            json!({"metadata": {}, "status": "Success"})
-        } else {
-            json!({"metadata": {}, "status": "Failure",
-                   "message": format!("command terminated with non-zero exit code: error executing command [{}], exit code {code}", command.join(" ")),
-                   "reason": "NonZeroExitCode",
-                   "details": {"causes": [{"reason": "ExitCode", "message": code.to_string()}]}})
-        };
-        send(&w, 3, st.to_string().as_bytes()).await?;
-        let _ = ws::write_close(&mut *w.lock().await).await;
-        anyhow::Ok(())
+        anyhow::Ok(exit)
     };
     let result = run.await;
-    if let Err(e) = &result {
-        // Tell the client why, instead of dropping the connection
-        // without a word (kubectl then reports an abnormal closure).
-        let st = json!({"metadata": {}, "status": "Failure",
-                        "message": format!("exec in container failed: {e:#}"),
-                        "reason": "InternalError"});
-        let _ = send(&w, 3, st.to_string().as_bytes()).await;
-        let _ = ws::write_close(&mut *w.lock().await).await;
-    }
-    result
+    let st = match &result {
+        Ok(exit) => {
+            let code = exit
+                .code()
+                .unwrap_or(128 + std::os::unix::process::ExitStatusExt::signal(exit).unwrap_or(0));
+            if code == 0 {
+                json!({"metadata": {}, "status": "Success"})
+            } else {
+                json!({"metadata": {}, "status": "Failure",
+                       "message": format!("command terminated with non-zero exit code: error executing command [{}], exit code {code}", command.join(" ")),
+                       "reason": "NonZeroExitCode",
+                       "details": {"causes": [{"reason": "ExitCode", "message": code.to_string()}]}})
+            }
+        }
+        // Tell the client why, instead of dropping the connection without
+        // a word (kubectl then reports an abnormal closure).
+        Err(e) => json!({"metadata": {}, "status": "Failure",
+                         "message": format!("exec in container failed: {e:#}"),
+                         "reason": "InternalError"}),
+    };
+    let sent = send(&w, 3, st.to_string().as_bytes()).await;
+    let _ = ws::write_close(&mut *w.lock().await).await;
+    result?;
+    Ok(sent?)
 }
