@@ -533,8 +533,15 @@ fn daemonset_job_and_endpoint_slices() {
         "job/once",
         "--timeout=30s",
     ]);
-    let done = s.ok(&["get", "job", "once", "-o", "jsonpath={.status.succeeded}"]);
-    assert_eq!(done, "1");
+    let succeeded =
+        |s: &Server| s.ok(&["get", "job", "once", "-o", "jsonpath={.status.succeeded}"]);
+    assert_eq!(succeeded(&s), "1");
+    // A finished pod stays counted once it is gone.
+    s.ok(&["delete", "pod", &pod, "--wait=true"]);
+    for _ in 0..10 {
+        assert_eq!(succeeded(&s), "1");
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
 
     // EndpointSlices and Endpoints follow ready pods.
     s.ok(&[

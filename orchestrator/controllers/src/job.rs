@@ -54,8 +54,16 @@ pub async fn reconcile(ctx: Arc<Ctx>, key: String) -> anyhow::Result<Requeue> {
     let uid = job.uid().unwrap_or_default();
     let pods = ctx.pods.list_in(ns, |p| controlled_by(p, &uid));
     let spec = job.spec.clone().unwrap_or_default();
-    let succeeded = pods.iter().filter(|p| phase(p) == "Succeeded").count() as i32;
-    let failed = pods.iter().filter(|p| phase(p) == "Failed").count() as i32;
+    // A finished pod stays counted after it is deleted (or, through a stale
+    // writer, leaves its phase), as Kubernetes' tracking finalizers keep it:
+    // the counts never go down.
+    let counted = |phase_name: &str, recorded: Option<i32>| {
+        let live = pods.iter().filter(|p| phase(p) == phase_name).count() as i32;
+        live.max(recorded.unwrap_or(0))
+    };
+    let recorded = job.status.as_ref();
+    let succeeded = counted("Succeeded", recorded.and_then(|s| s.succeeded));
+    let failed = counted("Failed", recorded.and_then(|s| s.failed));
     let active: Vec<&Arc<Pod>> = pods
         .iter()
         .filter(|p| !is_terminating(p.as_ref()) && !matches!(phase(p), "Succeeded" | "Failed"))

@@ -559,7 +559,10 @@ async fn sync_pod(h: Arc<Hollow>, key: String) -> anyhow::Result<Requeue> {
         })
         .collect();
     let cond = |t: &str| json!({"type": t, "status": "True", "lastProbeTime": null, "lastTransitionTime": now});
-    let patch = json!({"status": {
+    // Pinned to the version read: a pod someone else moved on meanwhile (to
+    // Succeeded, say) must not be sent back to Running from a stale copy.
+    // The conflict's newer version arrives through the watch.
+    let patch = json!({"metadata": {"resourceVersion": pod.resource_version()}, "status": {
         "phase": "Running", "hostIP": host_ip.to_string(), "hostIPs": [{"ip": host_ip.to_string()}],
         "podIP": ip.to_string(), "podIPs": [{"ip": ip.to_string()}], "startTime": now,
         "conditions": [cond("PodReadyToStartContainers"), cond("Initialized"), cond("Ready"), cond("ContainersReady"), cond("PodScheduled")],
@@ -575,6 +578,7 @@ async fn sync_pod(h: Arc<Hollow>, key: String) -> anyhow::Result<Requeue> {
     )?;
     match h.client.request_text(request).await {
         Ok(_) => Ok(Requeue::Done),
+        Err(e) if runtime::is_status(&e, 409) => Ok(Requeue::Done),
         Err(e) if runtime::not_found(&e) => {
             if let Some(st) = lock(&h.states).get_mut(&node) {
                 st.release(&key);
