@@ -21,6 +21,8 @@ pub mod rest;
 pub mod selectors;
 pub mod server;
 pub mod tables;
+#[cfg(test)]
+mod testing;
 pub mod validation;
 mod watch;
 

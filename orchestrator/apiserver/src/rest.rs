@@ -1615,6 +1615,36 @@ mod tests {
     use crate::registry::typed_codec;
     use k8s_openapi::api::core::v1::Pod;
 
+    /// A patch naming a resourceVersion applies to that version only, as a
+    /// writer working from a cached copy needs: an older one is a 409
+    /// Conflict and changes nothing; the current one applies.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_patch_pinned_to_an_older_version_conflicts() {
+        let server = crate::testing::start().await;
+        let pods = "/api/v1/namespaces/default/pods";
+        let pod = json!({"metadata": {"name": "p"},
+            "spec": {"nodeName": "n1", "containers": [{"name": "c", "image": "busybox"}]}});
+        let created = server.send("POST", pods, &pod).await;
+        let status = format!("{pods}/p/status");
+        server
+            .send("PATCH", &status, &json!({"status": {"phase": "Succeeded"}}))
+            .await;
+
+        let stale = json!({"metadata": {"resourceVersion": created["metadata"]["resourceVersion"]},
+            "status": {"phase": "Running"}});
+        let (code, answer) = server.request("PATCH", &status, &stale).await;
+        assert_eq!(code, http::StatusCode::CONFLICT, "{answer}");
+        assert_eq!(answer["reason"], "Conflict", "{answer}");
+        let now = server.send("GET", &format!("{pods}/p"), &Value::Null).await;
+        assert_eq!(now["status"]["phase"], "Succeeded");
+
+        let current = json!({"metadata": {"resourceVersion": now["metadata"]["resourceVersion"]},
+            "status": {"message": "done"}});
+        let patched = server.send("PATCH", &status, &current).await;
+        assert_eq!(patched["status"]["message"], "done");
+        assert_eq!(patched["status"]["phase"], "Succeeded");
+    }
+
     #[test]
     fn unknown_fields_are_named_by_their_full_path() {
         let pod = json!({

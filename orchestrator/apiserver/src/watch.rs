@@ -373,36 +373,12 @@ fn event_line(kind: &str, object: &Value) -> Bytes {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::Arc;
     use std::time::Duration;
 
     use axum::body::Body;
     use http_body_util::BodyExt;
     use serde_json::{json, Value};
-    use tapestry_store::RedbStore;
-    use tokio_util::sync::CancellationToken;
     use tower::ServiceExt;
-
-    use crate::{LocalHandler, ServerConfig};
-
-    async fn send(api: &LocalHandler, method: &str, uri: String, body: Value) -> Value {
-        let content_type = if method == "PATCH" {
-            "application/merge-patch+json"
-        } else {
-            "application/json"
-        };
-        let req = http::Request::builder()
-            .method(method)
-            .uri(&uri)
-            .header(http::header::CONTENT_TYPE, content_type)
-            .body(Body::from(body.to_string()))
-            .expect("request");
-        let resp = api.clone().oneshot(req).await.expect("response");
-        let status = resp.status();
-        let bytes = resp.into_body().collect().await.expect("body").to_bytes();
-        assert!(status.is_success(), "{method} {uri}: {status} {bytes:?}");
-        serde_json::from_slice(&bytes).expect("JSON response")
-    }
 
     /// The (type, name) of the next `n` events of a watch response.
     async fn events(body: &mut Body, buffered: &mut Vec<u8>, n: usize) -> Vec<(String, String)> {
@@ -437,24 +413,12 @@ mod tests {
     /// (whose earlier objects it never saw).
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn selected_watches_see_objects_enter_and_leave() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let store = Arc::new(RedbStore::open(dir.path().join("store.redb")).expect("store"));
-        let shutdown = CancellationToken::new();
-        let config = ServerConfig {
-            data_dir: dir.path().to_path_buf(),
-            listen: "127.0.0.1:0".parse().expect("address"),
-            service_cidr: "10.96.0.0/12".into(),
-            compaction_interval: Duration::from_secs(300),
-            extra_sans: Vec::new(),
-        };
-        let running = crate::start(config, store, shutdown.clone())
-            .await
-            .expect("server");
-        let api = running.local_handler();
+        let server = crate::testing::start().await;
+        let api = server.api.clone();
         let cms = "/api/v1/namespaces/default/configmaps";
         let cm = |name: &str, app: &str| json!({"metadata": {"name": name, "labels": {"app": app}}, "data": {"k": "1"}});
-        send(&api, "POST", cms.to_string(), cm("a", "web")).await;
-        let b = send(&api, "POST", cms.to_string(), cm("b", "db")).await;
+        server.send("POST", cms, &cm("a", "web")).await;
+        let b = server.send("POST", cms, &cm("b", "db")).await;
         let rv = b["metadata"]["resourceVersion"]
             .as_str()
             .expect("rv")
@@ -478,14 +442,18 @@ mod tests {
             [("ADDED".into(), "a".into())]
         );
 
-        let patch = |name: &str, body: Value| send(&api, "PATCH", format!("{cms}/{name}"), body);
+        let patch = |name: &str, body: Value| {
+            let uri = format!("{cms}/{name}");
+            let server = &server;
+            async move { server.send("PATCH", &uri, &body).await }
+        };
         let label = |app: &str| json!({"metadata": {"labels": {"app": app}}});
         patch("b", label("web")).await;
         patch("b", json!({"data": {"k": "2"}})).await;
         patch("a", label("db")).await;
         patch("a", json!({"data": {"k": "3"}})).await;
         patch("a", label("web")).await;
-        send(&api, "DELETE", format!("{cms}/b"), json!({})).await;
+        server.send("DELETE", &format!("{cms}/b"), &json!({})).await;
 
         let want: Vec<(String, String)> = [
             ("ADDED", "b"),
@@ -499,6 +467,5 @@ mod tests {
         .collect();
         assert_eq!(events(&mut listed, &mut listed_buf, 5).await, want);
         assert_eq!(events(&mut resumed, &mut resumed_buf, 5).await, want);
-        shutdown.cancel();
     }
 }

@@ -1,0 +1,83 @@
+//! A server on a temporary store, driven in process, for unit tests.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Body;
+use http_body_util::BodyExt;
+use serde_json::Value;
+use tapestry_store::RedbStore;
+use tokio_util::sync::CancellationToken;
+use tower::ServiceExt;
+
+use crate::{LocalHandler, ServerConfig};
+
+/// A running server; it stops when dropped.
+pub struct TestServer {
+    pub api: LocalHandler,
+    shutdown: CancellationToken,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+pub async fn start() -> TestServer {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = Arc::new(RedbStore::open(dir.path().join("store.redb")).expect("store"));
+    let shutdown = CancellationToken::new();
+    let config = ServerConfig {
+        data_dir: dir.path().to_path_buf(),
+        listen: "127.0.0.1:0".parse().expect("address"),
+        service_cidr: "10.96.0.0/12".into(),
+        compaction_interval: Duration::from_secs(300),
+        extra_sans: Vec::new(),
+    };
+    let running = crate::start(config, store, shutdown.clone())
+        .await
+        .expect("server");
+    TestServer {
+        api: running.local_handler(),
+        shutdown,
+        _dir: dir,
+    }
+}
+
+impl TestServer {
+    /// Send a JSON body (a merge patch for PATCH); the status and the JSON
+    /// answer.
+    pub async fn request(
+        &self,
+        method: &str,
+        uri: &str,
+        body: &Value,
+    ) -> (http::StatusCode, Value) {
+        let content_type = if method == "PATCH" {
+            "application/merge-patch+json"
+        } else {
+            "application/json"
+        };
+        let req = http::Request::builder()
+            .method(method)
+            .uri(uri)
+            .header(http::header::CONTENT_TYPE, content_type)
+            .body(Body::from(body.to_string()))
+            .expect("request");
+        let resp = self.api.clone().oneshot(req).await.expect("response");
+        let status = resp.status();
+        let bytes = resp.into_body().collect().await.expect("body").to_bytes();
+        let answer = serde_json::from_slice(&bytes)
+            .unwrap_or_else(|e| panic!("{method} {uri}: {status}, not JSON ({e}): {bytes:?}"));
+        (status, answer)
+    }
+
+    /// [`Self::request`] that must succeed.
+    pub async fn send(&self, method: &str, uri: &str, body: &Value) -> Value {
+        let (status, answer) = self.request(method, uri, body).await;
+        assert!(status.is_success(), "{method} {uri}: {status} {answer}");
+        answer
+    }
+}
