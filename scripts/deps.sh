@@ -6,6 +6,7 @@ packages=(
   protobuf-compiler libpcap-dev clang libbpf-dev linux-libc-dev
   tcpdump tshark wireshark-common bpftool iperf3
   runc containernetworking-plugins iptables busybox-static nftables procps bsdutils
+  etcd-server
 )
 missing=()
 for p in "${packages[@]}"; do

@@ -5,10 +5,10 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use tapestry_apiserver::ServerConfig;
-use tapestry_store::{RedbStore, Store};
+use tapestry_store::{EtcdStore, RedbStore, Store};
 use tokio::signal::unix::{signal, SignalKind};
 use tokio_util::sync::CancellationToken;
 
@@ -71,9 +71,11 @@ struct ServerArgs {
     /// Address to serve the Kubernetes API on (HTTPS).
     #[arg(long, default_value = "127.0.0.1:6443")]
     listen: SocketAddr,
-    /// Store backend; only the embedded store (the default) is built in.
-    #[arg(long)]
-    store: Option<String>,
+    /// Store backend: the embedded store in the data directory (the
+    /// default), or `etcd://HOST:PORT[,HOST:PORT...]` for an etcd cluster
+    /// that several servers can share.
+    #[arg(long, value_parser = parse_store)]
+    store: Option<StoreArg>,
     /// IPv4 range ClusterIPs are allocated from.
     #[arg(long, default_value = "10.96.0.0/12")]
     service_cidr: String,
@@ -112,16 +114,44 @@ fn shutdown_on_signals() -> Result<CancellationToken> {
     Ok(token)
 }
 
-async fn server(args: ServerArgs) -> Result<()> {
-    if let Some(store) = &args.store {
-        bail!("--store {store:?}: only the embedded store is available in this build");
+#[derive(Clone, Debug)]
+enum StoreArg {
+    Etcd(Vec<String>),
+}
+
+fn parse_store(arg: &str) -> Result<StoreArg, String> {
+    let Some(endpoints) = arg.strip_prefix("etcd://") else {
+        return Err(format!(
+            "{arg:?}: expected etcd://HOST:PORT[,HOST:PORT...] (the embedded store needs no flag)"
+        ));
+    };
+    let endpoints: Vec<String> = endpoints.split(',').map(str::to_string).collect();
+    if let Some(bad) = endpoints.iter().find(|e| {
+        e.rsplit_once(':')
+            .is_none_or(|(host, port)| host.is_empty() || port.parse::<u16>().is_err())
+    }) {
+        return Err(format!("{arg:?}: endpoint {bad:?} is not HOST:PORT"));
     }
+    Ok(StoreArg::Etcd(endpoints))
+}
+
+async fn server(args: ServerArgs) -> Result<()> {
     std::fs::create_dir_all(&args.data_dir)
         .with_context(|| format!("creating data directory {}", args.data_dir.display()))?;
-    let path = args.data_dir.join("store.redb");
-    let store: Arc<dyn Store> = Arc::new(
-        RedbStore::open(&path).with_context(|| format!("opening store {}", path.display()))?,
-    );
+    let store: Arc<dyn Store> = match &args.store {
+        Some(StoreArg::Etcd(endpoints)) => Arc::new(
+            EtcdStore::connect(endpoints)
+                .await
+                .with_context(|| format!("connecting to etcd at {}", endpoints.join(",")))?,
+        ),
+        None => {
+            let path = args.data_dir.join("store.redb");
+            Arc::new(
+                RedbStore::open(&path)
+                    .with_context(|| format!("opening store {}", path.display()))?,
+            )
+        }
+    };
     let shutdown = shutdown_on_signals()?;
     let running = tapestry_apiserver::start(
         ServerConfig {

@@ -720,3 +720,71 @@ fn leader_election_hands_over_when_the_leader_dies() {
     assert_eq!(transitions, "1");
     b.abort();
 }
+
+/// Two `tapestry server` processes on one etcd: the one holding the Leases
+/// schedules and reconciles, the other stands by; when the holder dies the
+/// other takes over, and pods created through it are scheduled again.
+#[test]
+fn two_servers_on_one_etcd_hand_over() {
+    if !require_kubectl() {
+        return;
+    }
+    let Some(etcd) = tapestry_store::conformance::EtcdServer::start() else {
+        return;
+    };
+    tokio::runtime::Runtime::new()
+        .expect("runtime")
+        .block_on(etcd.store());
+    let store = format!("--store=etcd://{}", etcd.url.trim_start_matches("http://"));
+    let args = [
+        store.as_str(),
+        "--leader-elect-lease-duration=3s",
+        "--leader-elect-renew-deadline=2s",
+        "--leader-elect-retry-period=500ms",
+    ];
+    let holder = |s: &Server, lease: &str| {
+        s.ok(&[
+            "get",
+            "lease",
+            lease,
+            "-n",
+            "kube-system",
+            "-o",
+            "jsonpath={.spec.holderIdentity}",
+        ])
+    };
+    let mut a = Server::start_with(&args);
+    let first_leader = wait_for(20, "a holds the scheduler's lease", || {
+        Some(holder(&a, "kube-scheduler")).filter(|h| !h.is_empty())
+    });
+    let b = Server::start_with(&args);
+    // Nodes and clients go through b only; a acts through the shared store.
+    let _h = Hollow::start(&b, "hollow", 2);
+    ready_nodes(&b, 2);
+    b.ok(&[
+        "create",
+        "deployment",
+        "first",
+        "--image=busybox",
+        "--replicas=4",
+    ]);
+    wait_running(&b, "default", "app=first", 4);
+    for lease in ["kube-scheduler", "kube-controller-manager"] {
+        assert_eq!(holder(&b, lease), first_leader, "{lease} changed hands");
+    }
+
+    a.kill();
+    let second_leader = wait_for(30, "b takes the leases over", || {
+        let h = holder(&b, "kube-scheduler");
+        (!h.is_empty() && h != first_leader).then_some(h)
+    });
+    b.ok(&[
+        "create",
+        "deployment",
+        "second",
+        "--image=busybox",
+        "--replicas=2",
+    ]);
+    wait_running(&b, "default", "app=second", 2);
+    assert_eq!(holder(&b, "kube-controller-manager"), second_leader);
+}

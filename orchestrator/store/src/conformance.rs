@@ -17,9 +17,11 @@
 //! and several tests compact the store (which is store-wide).
 //!
 //! A backend whose store needs something kept alive with it (a temporary
-//! directory, a server process) can wrap both in a struct implementing
-//! [`Store`] by delegation, as the redb tests do. Each check is also a public
-//! function, so a backend can run single checks by hand.
+//! directory, a server process) wraps both in a [`Guarded`]. A backend that
+//! needs an outside server which may be missing uses
+//! `store_conformance_suite!(optional ...)` with a future of an `Option`:
+//! `None` skips the check. Each check is also a public function, so a
+//! backend can run single checks by hand.
 //!
 //! The functions panic on failure, like any test.
 
@@ -41,8 +43,9 @@ use crate::{
 /// [`Store`]); it is evaluated once per test.
 #[macro_export]
 macro_rules! store_conformance_suite {
-    ($factory:expr) => {
-        $crate::store_conformance_suite!(@each $factory;
+    // Internal arms first: a leading `@` is no expression.
+    (@tests $mode:ident $factory:expr) => {
+        $crate::store_conformance_suite!(@each $mode $factory;
             revisions_increase_by_one,
             create_existing_key_fails,
             update_and_delete_check_preconditions,
@@ -67,7 +70,7 @@ macro_rules! store_conformance_suite {
             slow_watcher_still_sees_every_event,
         );
     };
-    (@each $factory:expr; $($test:ident),+ $(,)?) => {
+    (@each required $factory:expr; $($test:ident),+ $(,)?) => {
         $(
             #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
             async fn $test() {
@@ -75,6 +78,73 @@ macro_rules! store_conformance_suite {
             }
         )+
     };
+    (@each optional $factory:expr; $($test:ident),+ $(,)?) => {
+        $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn $test() {
+                let Some(store) = $factory.await else { return };
+                $crate::conformance::$test(store).await;
+            }
+        )+
+    };
+    (optional $factory:expr) => {
+        $crate::store_conformance_suite!(@tests optional $factory);
+    };
+    ($factory:expr) => {
+        $crate::store_conformance_suite!(@tests required $factory);
+    };
+}
+
+/// A store and what must live as long as it (a temporary directory, a
+/// server process); it is a [`Store`] by delegation.
+pub struct Guarded<S, G> {
+    pub store: S,
+    pub guard: G,
+}
+
+impl<S, G> std::ops::Deref for Guarded<S, G> {
+    type Target = S;
+    fn deref(&self) -> &S {
+        &self.store
+    }
+}
+
+#[async_trait::async_trait]
+impl<S: Store, G: Send + Sync + 'static> Store for Guarded<S, G> {
+    async fn current_revision(&self) -> crate::Result<Revision> {
+        self.store.current_revision().await
+    }
+    async fn compacted_revision(&self) -> crate::Result<Revision> {
+        self.store.compacted_revision().await
+    }
+    async fn get(&self, key: &str) -> crate::Result<Option<KeyValue>> {
+        self.store.get(key).await
+    }
+    async fn list(&self, prefix: &str, opts: ListOptions) -> crate::Result<ListResult> {
+        self.store.list(prefix, opts).await
+    }
+    async fn create(&self, key: &str, value: Bytes) -> crate::Result<KeyValue> {
+        self.store.create(key, value).await
+    }
+    async fn update(&self, key: &str, value: Bytes, expected: Revision) -> crate::Result<KeyValue> {
+        self.store.update(key, value, expected).await
+    }
+    async fn delete(&self, key: &str, expected: Option<Revision>) -> crate::Result<KeyValue> {
+        self.store.delete(key, expected).await
+    }
+    async fn watch(&self, prefix: &str, after: Revision) -> crate::Result<WatchStream> {
+        self.store.watch(prefix, after).await
+    }
+    async fn watch_with_progress(
+        &self,
+        prefix: &str,
+        after: Revision,
+    ) -> crate::Result<(WatchStream, crate::WatchProgress)> {
+        self.store.watch_with_progress(prefix, after).await
+    }
+    async fn compact(&self, revision: Revision) -> crate::Result<()> {
+        self.store.compact(revision).await
+    }
 }
 
 /// How long any single wait may take before the test fails instead of hanging.
@@ -1047,4 +1117,92 @@ pub async fn slow_watcher_still_sees_every_event<S: Store>(store: S) {
         .await
         .expect("c");
     assert_eq!(next_event(&mut w).await.kv, after);
+}
+
+/// An etcd server (the `etcd` binary) on free loopback ports, its data in a
+/// fresh directory under the system's temporary directory; killed and
+/// removed when dropped. For tests of [`crate::EtcdStore`] and of servers
+/// sharing one.
+pub struct EtcdServer {
+    child: std::process::Child,
+    dir: std::path::PathBuf,
+    /// The client URL, `http://127.0.0.1:PORT`.
+    pub url: String,
+}
+
+impl Drop for EtcdServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free loopback port")
+}
+
+impl EtcdServer {
+    /// Start one, or `None` with a message when `etcd` is not installed.
+    /// Under CI (`CI` set) a missing `etcd` fails instead.
+    pub fn start() -> Option<EtcdServer> {
+        use std::process::{Command, Stdio};
+        let found = Command::new("etcd")
+            .arg("--version")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        if !found {
+            assert!(
+                std::env::var_os("CI").is_none(),
+                "etcd is not installed, and CI must run the tests that need it"
+            );
+            eprintln!("skipped: the etcd binary is not installed (apt-get install etcd-server)");
+            return None;
+        }
+        let nanos = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0);
+        let dir = std::env::temp_dir().join(format!(
+            "tapestry-etcd-{}-{nanos:x}-{}",
+            std::process::id(),
+            ROOT_SEQ.fetch_add(1, Ordering::Relaxed)
+        ));
+        let (client, peer) = (free_port(), free_port());
+        let url = format!("http://127.0.0.1:{client}");
+        let peer_url = format!("http://127.0.0.1:{peer}");
+        let child = Command::new("etcd")
+            .args(["--name", "test", "--data-dir"])
+            .arg(&dir)
+            .args(["--listen-client-urls", &url])
+            .args(["--advertise-client-urls", &url])
+            .args(["--listen-peer-urls", &peer_url])
+            .args(["--initial-advertise-peer-urls", &peer_url])
+            .args(["--initial-cluster", &format!("test={peer_url}")])
+            .args(["--logger", "zap", "--log-level", "error"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("starting etcd");
+        Some(EtcdServer { child, dir, url })
+    }
+
+    /// A store on this server, once it answers (within 20 seconds).
+    pub async fn store(&self) -> crate::EtcdStore {
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            match crate::EtcdStore::connect(std::slice::from_ref(&self.url)).await {
+                Ok(store) => return store,
+                Err(e) if std::time::Instant::now() > deadline => {
+                    panic!("etcd at {}: {e}", self.url)
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        }
+    }
 }

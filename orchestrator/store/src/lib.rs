@@ -7,7 +7,8 @@
 //! and without gaps. Revisions older than the compaction point are gone, and
 //! asking for them yields [`StoreError::Compacted`] (HTTP 410 Gone upstream).
 //!
-//! [`RedbStore`] is the embedded backend. Every backend must pass the suite in
+//! [`RedbStore`] is the embedded backend; [`EtcdStore`] puts the store on an
+//! etcd cluster, so several API servers can share it. Every backend must pass the suite in
 //! [`conformance`] (see [`store_conformance_suite!`]).
 
 use std::pin::Pin;
@@ -19,8 +20,10 @@ use bytes::Bytes;
 use futures::Stream;
 
 pub mod conformance;
+mod etcd_store;
 mod redb_store;
 
+pub use etcd_store::EtcdStore;
 pub use redb_store::{RedbOptions, RedbStore, StoreStats};
 
 /// A store revision. Revision 0 means "nothing written yet"; the first write

@@ -8,81 +8,19 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures::StreamExt;
+use tapestry_store::conformance::Guarded;
 use tapestry_store::{
     ListOptions, RedbOptions, RedbStore, Revision, Store, StoreError, WatchEvent,
 };
 use tempfile::TempDir;
 
 /// A store in its own temporary directory, removed when the test ends.
-struct TempStore {
-    store: RedbStore,
-    _dir: TempDir,
-}
-
-impl std::ops::Deref for TempStore {
-    type Target = RedbStore;
-    fn deref(&self) -> &RedbStore {
-        &self.store
-    }
-}
+type TempStore = Guarded<RedbStore, TempDir>;
 
 fn temp_store() -> TempStore {
     let dir = tempfile::tempdir().expect("tempdir");
     let store = RedbStore::open(dir.path().join("store.redb")).expect("open");
-    TempStore { store, _dir: dir }
-}
-
-/// Delegation so the suite can own the temporary directory with the store.
-#[async_trait::async_trait]
-impl Store for TempStore {
-    async fn current_revision(&self) -> tapestry_store::Result<Revision> {
-        self.store.current_revision().await
-    }
-    async fn compacted_revision(&self) -> tapestry_store::Result<Revision> {
-        self.store.compacted_revision().await
-    }
-    async fn get(&self, key: &str) -> tapestry_store::Result<Option<tapestry_store::KeyValue>> {
-        self.store.get(key).await
-    }
-    async fn list(
-        &self,
-        prefix: &str,
-        opts: ListOptions,
-    ) -> tapestry_store::Result<tapestry_store::ListResult> {
-        self.store.list(prefix, opts).await
-    }
-    async fn create(
-        &self,
-        key: &str,
-        value: Bytes,
-    ) -> tapestry_store::Result<tapestry_store::KeyValue> {
-        self.store.create(key, value).await
-    }
-    async fn update(
-        &self,
-        key: &str,
-        value: Bytes,
-        expected_revision: Revision,
-    ) -> tapestry_store::Result<tapestry_store::KeyValue> {
-        self.store.update(key, value, expected_revision).await
-    }
-    async fn delete(
-        &self,
-        key: &str,
-        expected_revision: Option<Revision>,
-    ) -> tapestry_store::Result<tapestry_store::KeyValue> {
-        self.store.delete(key, expected_revision).await
-    }
-    async fn watch(
-        &self,
-        prefix: &str,
-        after_revision: Revision,
-    ) -> tapestry_store::Result<tapestry_store::WatchStream> {
-        self.store.watch(prefix, after_revision).await
-    }
-    async fn compact(&self, revision: Revision) -> tapestry_store::Result<()> {
-        self.store.compact(revision).await
-    }
+    Guarded { store, guard: dir }
 }
 
 tapestry_store::store_conformance_suite!(async { temp_store() });
