@@ -52,7 +52,7 @@ pub async fn start(
     let client = Client::new(api, "default");
     let identity = leader::identity();
     let lease = |name: &str| {
-        let mut cfg = LeaderConfig::new(name, &identity);
+        let mut cfg = LeaderConfig::new(name, identity);
         cfg.lease_duration = args.leader_elect_lease_duration;
         cfg.renew_deadline = args.leader_elect_renew_deadline;
         cfg.retry_period = args.leader_elect_retry_period;

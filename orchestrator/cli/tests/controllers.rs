@@ -772,6 +772,29 @@ fn two_servers_on_one_etcd_hand_over() {
     for lease in ["kube-scheduler", "kube-controller-manager"] {
         assert_eq!(holder(&b, lease), first_leader, "{lease} changed hands");
     }
+    // Which scheduler bound each pod whose name starts with `prefix`, from
+    // its Scheduled event.
+    let schedulers = |prefix: &str, n: usize| {
+        wait_for(20, "Scheduled events", || {
+            let out = b.ok(&[
+                "get",
+                "events",
+                "-o",
+                r#"jsonpath={range .items[?(@.reason=="Scheduled")]}{.involvedObject.name} {.reportingInstance}{"\n"}{end}"#,
+            ]);
+            let instances: Vec<String> = out
+                .lines()
+                .filter(|l| l.starts_with(prefix))
+                .filter_map(|l| l.split_once(' ').map(|(_, i)| i.to_string()))
+                .collect();
+            (instances.len() == n).then_some(instances)
+        })
+    };
+    let only_first = format!("default-scheduler-{first_leader}");
+    assert!(
+        schedulers("first-", 4).iter().all(|i| *i == only_first),
+        "a pod was bound by another scheduler than {only_first}"
+    );
 
     a.kill();
     let second_leader = wait_for(30, "b takes the leases over", || {
@@ -787,4 +810,6 @@ fn two_servers_on_one_etcd_hand_over() {
     ]);
     wait_running(&b, "default", "app=second", 2);
     assert_eq!(holder(&b, "kube-controller-manager"), second_leader);
+    let only_second = format!("default-scheduler-{second_leader}");
+    assert!(schedulers("second-", 2).iter().all(|i| *i == only_second));
 }

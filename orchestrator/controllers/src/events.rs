@@ -20,6 +20,8 @@ const WRITERS: usize = 8;
 pub struct Recorder {
     tx: mpsc::Sender<Event>,
     component: &'static str,
+    /// As Kubernetes' components report it: which process acted.
+    instance: String,
     pub dropped: Arc<AtomicU64>,
 }
 
@@ -56,6 +58,7 @@ impl Recorder {
         Recorder {
             tx,
             component,
+            instance: format!("{component}-{}", crate::leader::identity()),
             dropped: Arc::new(AtomicU64::new(0)),
         }
     }
@@ -116,7 +119,7 @@ impl Recorder {
                 host: None,
             }),
             reporting_component: Some(self.component.into()),
-            reporting_instance: Some(self.component.into()),
+            reporting_instance: Some(self.instance.clone()),
             ..Default::default()
         };
         if self.tx.try_send(ev).is_err() {

@@ -43,8 +43,14 @@ impl LeaderConfig {
     }
 }
 
-/// A process identity for leases: host name plus a random suffix.
-pub fn identity() -> String {
+/// This process's identity, for leases and as the instance that reports
+/// events: host name plus a random suffix, chosen once per process.
+pub fn identity() -> &'static str {
+    static IDENTITY: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    IDENTITY.get_or_init(new_identity)
+}
+
+fn new_identity() -> String {
     let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|h| h.trim().to_string())
         .unwrap_or_else(|_| "tapestry".into());
