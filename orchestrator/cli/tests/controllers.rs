@@ -732,10 +732,7 @@ fn two_servers_on_one_etcd_hand_over() {
     let Some(etcd) = tapestry_store::conformance::EtcdServer::start() else {
         return;
     };
-    tokio::runtime::Runtime::new()
-        .expect("runtime")
-        .block_on(etcd.store());
-    let store = format!("--store=etcd://{}", etcd.url.trim_start_matches("http://"));
+    let store = format!("--store={}", etcd.store_arg());
     let args = [
         store.as_str(),
         "--leader-elect-lease-duration=3s",

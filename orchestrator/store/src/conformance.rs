@@ -1189,7 +1189,23 @@ impl EtcdServer {
             .stderr(Stdio::null())
             .spawn()
             .expect("starting etcd");
-        Some(EtcdServer { child, dir, url })
+        let server = EtcdServer { child, dir, url };
+        // Listening is enough: requests wait for it to be ready to serve.
+        let address = format!("127.0.0.1:{client}");
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while std::net::TcpStream::connect(&address).is_err() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "etcd did not listen on {address} within 20 s"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Some(server)
+    }
+
+    /// The value of `tapestry server --store` for this server.
+    pub fn store_arg(&self) -> String {
+        format!("etcd://{}", self.url.trim_start_matches("http://"))
     }
 
     /// A store on this server, once it answers (within 20 seconds).

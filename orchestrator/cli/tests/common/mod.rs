@@ -13,6 +13,9 @@ pub struct Server {
     pub port: u16,
     child: Option<Child>,
     extra_args: Vec<String>,
+    /// With `TAPESTRY_TEST_STORE=etcd`, each server keeps its objects in an
+    /// etcd of its own, so the same end-to-end tests cover both backends.
+    _etcd: Option<tapestry_store::conformance::EtcdServer>,
 }
 
 fn free_port() -> u16 {
@@ -44,11 +47,21 @@ impl Server {
 
     pub fn start_with(args: &[&str]) -> Server {
         let dir = tempfile::tempdir().expect("tempdir");
+        let mut extra_args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+        let on_etcd = std::env::var("TAPESTRY_TEST_STORE").is_ok_and(|v| v == "etcd");
+        let etcd = (on_etcd && !extra_args.iter().any(|a| a.starts_with("--store"))).then(|| {
+            tapestry_store::conformance::EtcdServer::start()
+                .expect("TAPESTRY_TEST_STORE=etcd needs the etcd binary")
+        });
+        if let Some(etcd) = &etcd {
+            extra_args.push(format!("--store={}", etcd.store_arg()));
+        }
         let mut s = Server {
             dir,
             port: free_port(),
             child: None,
-            extra_args: args.iter().map(|a| a.to_string()).collect(),
+            extra_args,
+            _etcd: etcd,
         };
         s.spawn();
         s
