@@ -139,20 +139,32 @@ pub fn split_key(key: &str) -> (Option<&str>, &str) {
     }
 }
 
-/// A deduplicating FIFO of keys. A key queued twice is reconciled once.
-/// Bounded: past `capacity` distinct keys new keys are dropped and counted;
-/// the periodic resync every controller runs brings them back.
+/// A deduplicating FIFO of keys, with client-go's workqueue guarantee: a
+/// key is never handed to two workers at once. A key queued twice is
+/// reconciled once; one queued while it is being reconciled is handed out
+/// again when that reconcile is [`done`](Queue::done). Bounded: past
+/// `capacity` queued keys new keys are dropped and counted; the periodic
+/// resync every controller runs brings them back.
 pub struct Queue {
-    state: Mutex<(VecDeque<String>, HashSet<String>)>,
+    state: Mutex<QueueState>,
     notify: Notify,
     capacity: usize,
     pub dropped: AtomicU64,
 }
 
+#[derive(Default)]
+struct QueueState {
+    queue: VecDeque<String>,
+    /// Keys waiting to be reconciled (queued, or to queue once done).
+    dirty: HashSet<String>,
+    /// Keys a worker holds.
+    processing: HashSet<String>,
+}
+
 impl Queue {
     pub fn new(capacity: usize) -> Arc<Self> {
         Arc::new(Queue {
-            state: Mutex::new((VecDeque::new(), HashSet::new())),
+            state: Mutex::new(QueueState::default()),
             notify: Notify::new(),
             capacity,
             dropped: AtomicU64::new(0),
@@ -162,15 +174,19 @@ impl Queue {
     pub fn add(&self, key: impl Into<String>) {
         let key = key.into();
         let mut st = lock(&self.state);
-        if st.1.contains(&key) {
+        if st.dirty.contains(&key) {
             return;
         }
-        if st.0.len() >= self.capacity {
+        if st.processing.contains(&key) {
+            st.dirty.insert(key);
+            return;
+        }
+        if st.queue.len() >= self.capacity {
             self.dropped.fetch_add(1, Ordering::Relaxed);
             return;
         }
-        st.1.insert(key.clone());
-        st.0.push_back(key);
+        st.dirty.insert(key.clone());
+        st.queue.push_back(key);
         drop(st);
         self.notify.notify_one();
     }
@@ -185,27 +201,41 @@ impl Queue {
     }
 
     pub fn len(&self) -> usize {
-        lock(&self.state).0.len()
+        lock(&self.state).queue.len()
     }
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
 
+    /// The next key, held by the caller until [`Queue::done`].
     pub async fn next(&self) -> String {
         loop {
             let notified = self.notify.notified();
             {
                 let mut st = lock(&self.state);
-                if let Some(k) = st.0.pop_front() {
-                    st.1.remove(&k);
-                    if !st.0.is_empty() {
+                if let Some(k) = st.queue.pop_front() {
+                    st.dirty.remove(&k);
+                    st.processing.insert(k.clone());
+                    if !st.queue.is_empty() {
                         self.notify.notify_one();
                     }
                     return k;
                 }
             }
             notified.await;
+        }
+    }
+
+    /// The worker is finished with `key`; if it was added meanwhile, it is
+    /// queued again (past the bound too: it was already counted in).
+    pub fn done(&self, key: &str) {
+        let mut st = lock(&self.state);
+        st.processing.remove(key);
+        if st.dirty.contains(key) {
+            st.queue.push_back(key.to_string());
+            drop(st);
+            self.notify.notify_one();
         }
     }
 }
@@ -273,7 +303,9 @@ pub async fn run_workers<R, Fut, A>(
                 k = queue.next() => k,
             };
             tracing::trace!(controller = name, %key, "reconciling");
-            match reconcile(key.clone()).await {
+            let result = reconcile(key.clone()).await;
+            queue.done(&key);
+            match result {
                 Ok(r) => {
                     lock(&failures).remove(&key);
                     if let Requeue::After(d) = r {
@@ -312,5 +344,57 @@ pub fn ignore_not_found<T>(r: Result<T, kube::Error>) -> Result<(), kube::Error>
         Ok(_) => Ok(()),
         Err(e) if not_found(&e) => Ok(()),
         Err(e) => Err(e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Workers never hold one key at once, and a key added while it is
+    /// held is reconciled once more afterwards.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_key_is_never_reconciled_twice_at_once() {
+        let queue = Queue::new(16);
+        let holding = Arc::new(AtomicU64::new(0));
+        let overlaps = Arc::new(AtomicU64::new(0));
+        let runs = Arc::new(AtomicU64::new(0));
+        let shutdown = CancellationToken::new();
+        let (h, o, n) = (holding.clone(), overlaps.clone(), runs.clone());
+        let workers = tokio::spawn(run_workers(
+            "test",
+            4,
+            queue.clone(),
+            shutdown.clone(),
+            Duration::from_secs(3600),
+            Vec::new,
+            move |_key| {
+                let (h, o, n) = (h.clone(), o.clone(), n.clone());
+                async move {
+                    if h.fetch_add(1, Ordering::SeqCst) > 0 {
+                        o.fetch_add(1, Ordering::SeqCst);
+                    }
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    h.fetch_sub(1, Ordering::SeqCst);
+                    n.fetch_add(1, Ordering::SeqCst);
+                    Ok(Requeue::Done)
+                }
+            },
+        ));
+        queue.add("k");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        // Added twice while a worker holds it.
+        queue.add("k");
+        queue.add("k");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(
+            overlaps.load(Ordering::SeqCst),
+            0,
+            "reconciled concurrently"
+        );
+        assert_eq!(runs.load(Ordering::SeqCst), 2);
+        assert!(queue.is_empty());
+        shutdown.cancel();
+        workers.abort();
     }
 }
