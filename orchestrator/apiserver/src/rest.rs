@@ -1020,10 +1020,13 @@ impl Api {
             if let Some(hook) = &req.def.hook {
                 hook.on_update(&mut new, &old, dry_run).await?;
             }
-            // An object being deleted goes once its last finalizer is gone.
+            // An object being deleted goes once its last finalizer is gone;
+            // a pod also waits for its kubelet to confirm (grace period 0),
+            // as Kubernetes' pod strategy does.
             let finished = is_terminating(&new)
                 && finalizers(&new).is_empty()
-                && !namespace_blocks(&req.def, &new);
+                && !namespace_blocks(&req.def, &new)
+                && !pod_grace_pending(&req.def, &new);
             if dry_run {
                 return Ok(Written::new(new, false));
             }
@@ -1541,6 +1544,16 @@ fn scale_of(obj: &Value) -> Value {
 
 /// Pods bound to a node terminate gracefully: the kubelet stops them and
 /// then deletes them for good. Returns the grace period when that applies.
+/// A pod being deleted gracefully whose kubelet has not confirmed yet.
+fn pod_grace_pending(def: &ResourceDef, obj: &Value) -> bool {
+    def.plural == "pods"
+        && def.group.is_empty()
+        && obj
+            .pointer("/metadata/deletionGracePeriodSeconds")
+            .and_then(Value::as_i64)
+            .is_some_and(|g| g > 0)
+}
+
 fn pod_grace_period(def: &ResourceDef, obj: &Value, requested: Option<i64>) -> Option<i64> {
     if def.plural != "pods" || !def.group.is_empty() {
         return None;

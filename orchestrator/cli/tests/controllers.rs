@@ -536,12 +536,59 @@ fn daemonset_job_and_endpoint_slices() {
     let succeeded =
         |s: &Server| s.ok(&["get", "job", "once", "-o", "jsonpath={.status.succeeded}"]);
     assert_eq!(succeeded(&s), "1");
-    // A finished pod stays counted once it is gone.
+    // Counted, the pod no longer carries the tracking finalizer, and it
+    // stays counted once it is gone.
+    // kubectl prints an empty list as `[]`.
+    let finalizers = |s: &Server, pod: &str| {
+        let f = s.ok(&["get", "pod", pod, "-o", "jsonpath={.metadata.finalizers}"]);
+        if f == "[]" {
+            String::new()
+        } else {
+            f
+        }
+    };
+    wait_for(10, "the finalizer released", || {
+        finalizers(&s, &pod).is_empty().then_some(())
+    });
     s.ok(&["delete", "pod", &pod, "--wait=true"]);
     for _ in 0..10 {
         assert_eq!(succeeded(&s), "1");
         std::thread::sleep(std::time::Duration::from_millis(200));
     }
+
+    // A running pod that is deleted counts as failed and is replaced; the
+    // tracking finalizer holds it until it is counted, then lets it go.
+    s.ok(&["create", "job", "retry", "--image=busybox", "--", "true"]);
+    let first = wait_for(30, "retry's pod", || {
+        pods(&s, "default", "job-name=retry")
+            .into_iter()
+            .find(|p| p.phase == "Running")
+            .map(|p| p.name)
+    });
+    assert_eq!(
+        finalizers(&s, &first),
+        r#"["batch.kubernetes.io/job-tracking"]"#
+    );
+    s.ok(&["delete", "pod", &first, "--wait=true", "--timeout=30s"]);
+    wait_for(30, "the deleted pod counted as failed and replaced", || {
+        let failed = s.ok(&["get", "job", "retry", "-o", "jsonpath={.status.failed}"]);
+        let replaced = pods(&s, "default", "job-name=retry")
+            .iter()
+            .any(|p| p.name != first && !p.deleting);
+        (failed == "1" && replaced).then_some(())
+    });
+    // Orphaned pods are let go; deleting a Job deletes its pods outright.
+    s.ok(&["delete", "job", "retry", "--cascade=orphan"]);
+    let orphan = pods(&s, "default", "job-name=retry")
+        .into_iter()
+        .next()
+        .expect("the orphaned pod")
+        .name;
+    wait_for(30, "the orphan released", || {
+        finalizers(&s, &orphan).is_empty().then_some(())
+    });
+    s.ok(&["delete", "pod", &orphan, "--wait=true", "--timeout=30s"]);
+    s.ok(&["delete", "job", "once", "--wait=true", "--timeout=30s"]);
 
     // EndpointSlices and Endpoints follow ready pods.
     s.ok(&[

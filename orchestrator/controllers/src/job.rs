@@ -1,6 +1,8 @@
 //! Job controller: runs pods from the template until `completions` of them
 //! succeeded, at most `parallelism` at a time, and fails the Job once more
-//! than `backoffLimit` pods failed.
+//! than `backoffLimit` pods failed. Pods carry a tracking finalizer until
+//! their outcome is in the Job's status, so each finished pod is counted
+//! exactly once, deleted or not.
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -22,10 +24,87 @@ pub fn setup(ctx: &Arc<Ctx>, queue: &Arc<Queue>) {
     ctx.jobs.on_change(move |j, _| q.add(key_of(j)));
     let q = queue.clone();
     ctx.pods.on_change(move |p, _| {
-        if let Some(r) = controller_ref(p).filter(|r| r.kind == "Job") {
-            q.add(format!("{}/{}", p.namespace().unwrap_or_default(), r.name));
+        let ns = p.namespace().unwrap_or_default();
+        match controller_ref(p).filter(|r| r.kind == "Job") {
+            Some(r) => q.add(format!("{ns}/{}", r.name)),
+            // Orphaned (`--cascade=orphan`) while still tracked.
+            None if tracked(p) => q.add(format!("{ORPHAN_KEY}{ns}/{}", p.name_any())),
+            None => {}
         }
     });
+}
+
+/// Kept on every pod the Job controller creates until the pod's outcome is
+/// in the Job's status, so a finished pod that is deleted still counts.
+pub const TRACKING_FINALIZER: &str = "batch.kubernetes.io/job-tracking";
+/// Queue keys of tracked pods that no Job controls any more.
+const ORPHAN_KEY: &str = "orphan:";
+
+fn tracked(p: &Pod) -> bool {
+    p.metadata
+        .finalizers
+        .as_ref()
+        .is_some_and(|f| f.iter().any(|f| f == TRACKING_FINALIZER))
+}
+
+/// How a finished pod counts: `Some(true)` succeeded; `Some(false)` failed,
+/// or deleted before it succeeded (as Kubernetes counts it).
+fn outcome(p: &Pod) -> Option<bool> {
+    match phase(p) {
+        "Succeeded" => Some(true),
+        "Failed" => Some(false),
+        _ if is_terminating(p) => Some(false),
+        _ => None,
+    }
+}
+
+/// Pods (by UID, per Job UID) whose tracking finalizer this controller
+/// removed but whose update the pod watch has not shown yet: they are
+/// counted already, whatever a stale copy says.
+#[derive(Default)]
+pub struct Released(std::sync::Mutex<std::collections::HashMap<String, HashSet<String>>>);
+
+impl Released {
+    fn lock(
+        &self,
+    ) -> std::sync::MutexGuard<'_, std::collections::HashMap<String, HashSet<String>>> {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+/// Remove the tracking finalizer from `pods`; the UIDs of those it removed
+/// it from. One that conflicts (the pod changed) is left for its next event
+/// to bring back here.
+async fn release(api: &Api<Pod>, pods: &[&Arc<Pod>]) -> anyhow::Result<Vec<String>> {
+    let mut released = Vec::new();
+    for p in pods {
+        let keep: Vec<&String> = p
+            .metadata
+            .finalizers
+            .iter()
+            .flatten()
+            .filter(|f| *f != TRACKING_FINALIZER)
+            .collect();
+        // Pinned to the version read, so no other finalizer is lost.
+        let patch =
+            json!({"metadata": {"finalizers": keep, "resourceVersion": p.resource_version()}});
+        match api
+            .patch(
+                &p.name_any(),
+                &PatchParams::default(),
+                &Patch::Merge(&patch),
+            )
+            .await
+        {
+            Ok(_) => released.extend(p.uid()),
+            Err(e) if crate::runtime::not_found(&e) => released.extend(p.uid()),
+            Err(e) if crate::runtime::is_status(&e, 409) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(released)
 }
 
 fn phase(p: &Pod) -> &str {
@@ -43,45 +122,138 @@ fn has_condition(job: &Job, t: &str) -> bool {
 }
 
 pub async fn reconcile(ctx: Arc<Ctx>, key: String) -> anyhow::Result<Requeue> {
-    let (ns, name) = split_key(&key);
-    let ns = ns.unwrap_or_default();
-    let Some(job) = ctx.jobs.get(Some(ns), name) else {
-        return Ok(Requeue::Done);
-    };
-    if is_terminating(job.as_ref()) {
+    if let Some(pod_key) = key.strip_prefix(ORPHAN_KEY) {
+        let (ns, name) = split_key(pod_key);
+        let ns = ns.unwrap_or_default();
+        let api: Api<Pod> = Api::namespaced(ctx.client.clone(), ns);
+        if let Some(p) = ctx.pods.get(Some(ns), name) {
+            if tracked(&p) && controller_ref(p.as_ref()).is_none_or(|r| r.kind != "Job") {
+                release(&api, &[&p]).await?;
+            }
+        }
         return Ok(Requeue::Done);
     }
+    let (ns, name) = split_key(&key);
+    let ns = ns.unwrap_or_default();
+    let pods_api: Api<Pod> = Api::namespaced(ctx.client.clone(), ns);
+    let job = ctx.jobs.get(Some(ns), name);
+    // Tracked pods of a Job that is gone, being deleted, or was replaced by
+    // one of the same name are only let go.
+    let live_uid = job
+        .as_ref()
+        .filter(|j| !is_terminating(j.as_ref()))
+        .and_then(|j| j.uid());
+    let let_go = ctx.pods.list_in(ns, |p| {
+        tracked(p)
+            && controller_ref(p).is_some_and(|r| {
+                r.kind == "Job" && r.name == name && Some(&r.uid) != live_uid.as_ref()
+            })
+    });
+    release(&pods_api, &let_go.iter().collect::<Vec<_>>()).await?;
+    let Some(job) = job.filter(|_| live_uid.is_some()) else {
+        if let Some(gone) = ctx.jobs.get(Some(ns), name).and_then(|j| j.uid()) {
+            ctx.job_released.lock().remove(&gone);
+        }
+        return Ok(Requeue::Done);
+    };
     let uid = job.uid().unwrap_or_default();
     let pods = ctx.pods.list_in(ns, |p| controlled_by(p, &uid));
     let spec = job.spec.clone().unwrap_or_default();
-    // A finished pod stays counted after it is deleted (or, through a stale
-    // writer, leaves its phase), as Kubernetes' tracking finalizers keep it:
-    // the counts never go down.
-    let counted = |phase_name: &str, recorded: Option<i32>| {
-        let live = pods.iter().filter(|p| phase(p) == phase_name).count() as i32;
-        live.max(recorded.unwrap_or(0))
+    let finished = has_condition(&job, "Complete") || has_condition(&job, "Failed");
+
+    // Count finished pods as Kubernetes does: note their UIDs in
+    // uncountedTerminatedPods, drop their tracking finalizers, then fold
+    // them into the counters. Each step is stored before the next, so a
+    // pod is counted once whatever fails in between.
+    let recorded = job.status.clone().unwrap_or_default();
+    let uncounted = recorded
+        .uncounted_terminated_pods
+        .clone()
+        .unwrap_or_default();
+    let mut uncounted_succeeded: Vec<String> = uncounted.succeeded.unwrap_or_default();
+    let mut uncounted_failed: Vec<String> = uncounted.failed.unwrap_or_default();
+    let noted_before = uncounted_succeeded.len() + uncounted_failed.len();
+    let mut to_release: Vec<&Arc<Pod>> = Vec::new();
+    let already_released: HashSet<String> = {
+        let mut released = ctx.job_released.lock();
+        let mine = released.entry(uid.clone()).or_default();
+        // Forget the pods the watch has shown released (or gone).
+        mine.retain(|r| {
+            pods.iter()
+                .any(|p| tracked(p) && p.uid().as_ref() == Some(r))
+        });
+        let mine = mine.clone();
+        if mine.is_empty() {
+            released.remove(&uid);
+        }
+        mine
     };
-    let recorded = job.status.as_ref();
-    let succeeded = counted("Succeeded", recorded.and_then(|s| s.succeeded));
-    let failed = counted("Failed", recorded.and_then(|s| s.failed));
+    for p in pods
+        .iter()
+        .filter(|p| tracked(p) && !p.uid().is_some_and(|u| already_released.contains(&u)))
+    {
+        let Some(succeeded) = outcome(p) else {
+            continue;
+        };
+        let pod_uid = p.uid().unwrap_or_default();
+        let noted = uncounted_succeeded.contains(&pod_uid) || uncounted_failed.contains(&pod_uid);
+        // Once the Job is finished, pods it stops are not counted.
+        if !noted && !finished {
+            if succeeded {
+                uncounted_succeeded.push(pod_uid);
+            } else {
+                uncounted_failed.push(pod_uid);
+            }
+        }
+        to_release.push(p);
+    }
+    let noted_now = uncounted_succeeded.len() + uncounted_failed.len() > noted_before;
+    let jobs_api: Api<Job> = Api::namespaced(ctx.client.clone(), ns);
+    if noted_now {
+        jobs_api
+            .patch_status(
+                name,
+                &PatchParams::default(),
+                &Patch::Merge(json!({"status": {"uncountedTerminatedPods": {
+                    "succeeded": uncounted_succeeded, "failed": uncounted_failed}}})),
+            )
+            .await?;
+    }
+    let released_now = release(&pods_api, &to_release).await?;
+    let released = released_now.len() == to_release.len();
+    ctx.job_released
+        .lock()
+        .entry(uid.clone())
+        .or_default()
+        .extend(released_now);
+    let mut succeeded = recorded.succeeded.unwrap_or(0);
+    let mut failed = recorded.failed.unwrap_or(0);
+    if released {
+        succeeded += uncounted_succeeded.len() as i32;
+        failed += uncounted_failed.len() as i32;
+        uncounted_succeeded.clear();
+        uncounted_failed.clear();
+    }
+    // Decisions count the noted pods too.
+    let succeeded_all = succeeded + uncounted_succeeded.len() as i32;
+    let failed_all = failed + uncounted_failed.len() as i32;
+
     let active: Vec<&Arc<Pod>> = pods
         .iter()
         .filter(|p| !is_terminating(p.as_ref()) && !matches!(phase(p), "Succeeded" | "Failed"))
         .collect();
     let terminating = pods.iter().filter(|p| is_terminating(p.as_ref())).count() as i32;
-    let finished = has_condition(&job, "Complete") || has_condition(&job, "Failed");
     let completions = spec.completions;
     let parallelism = spec.parallelism.unwrap_or(1).max(0);
     let backoff_limit = spec.backoff_limit.unwrap_or(6);
     let suspended = spec.suspend == Some(true);
-    let pods_api: Api<Pod> = Api::namespaced(ctx.client.clone(), ns);
 
     let complete = match completions {
-        Some(c) => succeeded >= c,
+        Some(c) => succeeded_all >= c,
         // Work-queue jobs finish when one pod succeeded and none runs.
-        None => succeeded > 0 && active.is_empty(),
+        None => succeeded_all > 0 && active.is_empty(),
     };
-    let failed_job = failed > backoff_limit;
+    let failed_job = failed_all > backoff_limit;
     let now = Timestamp::now().to_string();
     let mut conditions: Vec<Value> = job
         .status
@@ -148,7 +320,7 @@ pub async fn reconcile(ctx: Arc<Ctx>, key: String) -> anyhow::Result<Requeue> {
                 .satisfied(&format!("job/{key}"), ns, &ctx.pods)
         {
             let remaining = match completions {
-                Some(c) => (c - succeeded).max(0),
+                Some(c) => (c - succeeded_all).max(0),
                 None => parallelism,
             };
             let want = parallelism.min(remaining) - active.len() as i32;
@@ -166,6 +338,7 @@ pub async fn reconcile(ctx: Arc<Ctx>, key: String) -> anyhow::Result<Requeue> {
                                     .as_ref()
                                     .and_then(|m| m.annotations.clone()),
                                 owner_references: Some(vec![owner.clone()]),
+                                finalizers: Some(vec![TRACKING_FINALIZER.to_string()]),
                                 ..Default::default()
                             },
                             spec: template.spec.clone(),
@@ -231,6 +404,7 @@ pub async fn reconcile(ctx: Arc<Ctx>, key: String) -> anyhow::Result<Requeue> {
         "startTime": start_time,
         "completionTime": completion_time,
         "conditions": if conditions.is_empty() { Value::Null } else { json!(conditions) },
+        "uncountedTerminatedPods": {"succeeded": uncounted_succeeded, "failed": uncounted_failed},
     });
     let current = serde_json::to_value(job.status.clone().unwrap_or_default())?;
     let same = [
@@ -240,6 +414,7 @@ pub async fn reconcile(ctx: Arc<Ctx>, key: String) -> anyhow::Result<Requeue> {
         "terminating",
         "ready",
         "conditions",
+        "uncountedTerminatedPods",
     ]
     .iter()
     .all(|f| {
@@ -248,13 +423,13 @@ pub async fn reconcile(ctx: Arc<Ctx>, key: String) -> anyhow::Result<Requeue> {
         a == b
     }) && current.get("startTime").is_some();
     if !same {
-        let api: Api<Job> = Api::namespaced(ctx.client.clone(), ns);
-        api.patch_status(
-            name,
-            &PatchParams::default(),
-            &Patch::Merge(json!({"status": status})),
-        )
-        .await?;
+        jobs_api
+            .patch_status(
+                name,
+                &PatchParams::default(),
+                &Patch::Merge(json!({"status": status})),
+            )
+            .await?;
     }
     Ok(Requeue::Done)
 }
