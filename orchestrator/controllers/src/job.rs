@@ -209,15 +209,20 @@ pub async fn reconcile(ctx: Arc<Ctx>, key: String) -> anyhow::Result<Requeue> {
     }
     let noted_now = uncounted_succeeded.len() + uncounted_failed.len() > noted_before;
     let jobs_api: Api<Job> = Api::namespaced(ctx.client.clone(), ns);
+    // Status writes are pinned to the version read: counts computed from a
+    // stale copy must not overwrite newer ones (a conflict retries).
+    let mut job_version = job.resource_version();
     if noted_now {
-        jobs_api
+        let noted = jobs_api
             .patch_status(
                 name,
                 &PatchParams::default(),
-                &Patch::Merge(json!({"status": {"uncountedTerminatedPods": {
-                    "succeeded": uncounted_succeeded, "failed": uncounted_failed}}})),
+                &Patch::Merge(json!({"metadata": {"resourceVersion": job_version},
+                    "status": {"uncountedTerminatedPods": {
+                        "succeeded": uncounted_succeeded, "failed": uncounted_failed}}})),
             )
             .await?;
+        job_version = noted.resource_version();
     }
     let released_now = release(&pods_api, &to_release).await?;
     let released = released_now.len() == to_release.len();
@@ -427,7 +432,9 @@ pub async fn reconcile(ctx: Arc<Ctx>, key: String) -> anyhow::Result<Requeue> {
             .patch_status(
                 name,
                 &PatchParams::default(),
-                &Patch::Merge(json!({"status": status})),
+                &Patch::Merge(
+                    json!({"metadata": {"resourceVersion": job_version}, "status": status}),
+                ),
             )
             .await?;
     }
