@@ -607,6 +607,7 @@ impl Api {
         if !causes.is_empty() {
             return Err(Self::invalid(req, obj, causes));
         }
+        drop_empty_finalizers(obj);
         Ok(())
     }
 
@@ -703,6 +704,7 @@ impl Api {
         if !causes.is_empty() {
             return Err(Self::invalid(req, new, causes));
         }
+        drop_empty_finalizers(new);
         Ok(())
     }
 
@@ -1415,7 +1417,9 @@ impl Api {
             // Mark for deletion: finalizers, the namespace controller or the
             // kubelet finish the job.
             let m = meta_mut(&mut updated);
-            if !fins.is_empty() || m.get("finalizers").is_some() {
+            if fins.is_empty() {
+                m.remove("finalizers");
+            } else {
                 m.insert("finalizers".into(), json!(fins));
             }
             if m.get("deletionTimestamp").is_none() {
@@ -1544,6 +1548,17 @@ fn scale_of(obj: &Value) -> Value {
 
 /// Pods bound to a node terminate gracefully: the kubelet stops them and
 /// then deletes them for good. Returns the grace period when that applies.
+/// Kubernetes omits an empty finalizer list, so clients see none at all.
+fn drop_empty_finalizers(obj: &mut Value) {
+    let m = meta_mut(obj);
+    if m.get("finalizers")
+        .and_then(Value::as_array)
+        .is_some_and(Vec::is_empty)
+    {
+        m.remove("finalizers");
+    }
+}
+
 /// A pod being deleted gracefully whose kubelet has not confirmed yet.
 fn pod_grace_pending(def: &ResourceDef, obj: &Value) -> bool {
     def.plural == "pods"
@@ -1656,6 +1671,31 @@ mod tests {
         let patched = server.send("PATCH", &status, &current).await;
         assert_eq!(patched["status"]["message"], "done");
         assert_eq!(patched["status"]["phase"], "Succeeded");
+    }
+
+    /// An emptied finalizer list is dropped, as Kubernetes omits it.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_empty_finalizer_list_is_dropped() {
+        let server = crate::testing::start().await;
+        let cms = "/api/v1/namespaces/default/configmaps";
+        let cm = json!({"metadata": {"name": "c", "finalizers": ["example.com/hold"]}});
+        server.send("POST", cms, &cm).await;
+        let emptied = server
+            .send(
+                "PATCH",
+                &format!("{cms}/c"),
+                &json!({"metadata": {"finalizers": []}}),
+            )
+            .await;
+        assert!(emptied["metadata"].get("finalizers").is_none(), "{emptied}");
+        let created = server
+            .send(
+                "POST",
+                cms,
+                &json!({"metadata": {"name": "d", "finalizers": []}}),
+            )
+            .await;
+        assert!(created["metadata"].get("finalizers").is_none(), "{created}");
     }
 
     #[test]

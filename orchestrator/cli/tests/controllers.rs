@@ -538,15 +538,8 @@ fn daemonset_job_and_endpoint_slices() {
     assert_eq!(succeeded(&s), "1");
     // Counted, the pod no longer carries the tracking finalizer, and it
     // stays counted once it is gone.
-    // kubectl prints an empty list as `[]`.
-    let finalizers = |s: &Server, pod: &str| {
-        let f = s.ok(&["get", "pod", pod, "-o", "jsonpath={.metadata.finalizers}"]);
-        if f == "[]" {
-            String::new()
-        } else {
-            f
-        }
-    };
+    let finalizers =
+        |s: &Server, pod: &str| s.ok(&["get", "pod", pod, "-o", "jsonpath={.metadata.finalizers}"]);
     wait_for(10, "the finalizer released", || {
         finalizers(&s, &pod).is_empty().then_some(())
     });
