@@ -1546,8 +1546,6 @@ fn scale_of(obj: &Value) -> Value {
     })
 }
 
-/// Pods bound to a node terminate gracefully: the kubelet stops them and
-/// then deletes them for good. Returns the grace period when that applies.
 /// Kubernetes omits an empty finalizer list, so clients see none at all.
 fn drop_empty_finalizers(obj: &mut Value) {
     let m = meta_mut(obj);
@@ -1569,6 +1567,8 @@ fn pod_grace_pending(def: &ResourceDef, obj: &Value) -> bool {
             .is_some_and(|g| g > 0)
 }
 
+/// Pods bound to a node terminate gracefully: the kubelet stops them and
+/// then deletes them for good. Returns the grace period when that applies.
 fn pod_grace_period(def: &ResourceDef, obj: &Value, requested: Option<i64>) -> Option<i64> {
     if def.plural != "pods" || !def.group.is_empty() {
         return None;

@@ -4,8 +4,8 @@
 //! their outcome is in the Job's status, so each finished pod is counted
 //! exactly once, deleted or not.
 
-use std::collections::HashSet;
-use std::sync::Arc;
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
 
 use futures::StreamExt;
 use k8s_openapi::api::batch::v1::Job;
@@ -15,7 +15,7 @@ use kube::api::{DeleteParams, ObjectMeta, Patch, PatchParams, PostParams};
 use kube::{Api, ResourceExt};
 use serde_json::{json, Value};
 
-use crate::runtime::{ignore_not_found, key_of, split_key, Queue, Requeue};
+use crate::runtime::{ignore_not_found, key_of, lock, split_key, Queue, Requeue};
 use crate::util::{controlled_by, controller_ref, is_ready, is_terminating, owner_ref};
 use crate::Ctx;
 
@@ -61,18 +61,7 @@ fn outcome(p: &Pod) -> Option<bool> {
 /// Pods (by UID, per Job UID) whose tracking finalizer this controller
 /// removed but whose update the pod watch has not shown yet: they are
 /// counted already, whatever a stale copy says.
-#[derive(Default)]
-pub struct Released(std::sync::Mutex<std::collections::HashMap<String, HashSet<String>>>);
-
-impl Released {
-    fn lock(
-        &self,
-    ) -> std::sync::MutexGuard<'_, std::collections::HashMap<String, HashSet<String>>> {
-        self.0
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-    }
-}
+pub type Released = Mutex<HashMap<String, HashSet<String>>>;
 
 /// Remove the tracking finalizer from `pods`; the UIDs of those it removed
 /// it from. One that conflicts (the pod changed) is left for its next event
@@ -150,11 +139,14 @@ pub async fn reconcile(ctx: Arc<Ctx>, key: String) -> anyhow::Result<Requeue> {
             })
     });
     release(&pods_api, &let_go.iter().collect::<Vec<_>>()).await?;
-    let Some(job) = job.filter(|_| live_uid.is_some()) else {
-        if let Some(gone) = ctx.jobs.get(Some(ns), name).and_then(|j| j.uid()) {
-            ctx.job_released.lock().remove(&gone);
+    let job = match job {
+        Some(job) if live_uid.is_some() => job,
+        being_deleted => {
+            if let Some(uid) = being_deleted.and_then(|j| j.uid()) {
+                lock(&ctx.job_released).remove(&uid);
+            }
+            return Ok(Requeue::Done);
         }
-        return Ok(Requeue::Done);
     };
     let uid = job.uid().unwrap_or_default();
     let pods = ctx.pods.list_in(ns, |p| controlled_by(p, &uid));
@@ -175,7 +167,7 @@ pub async fn reconcile(ctx: Arc<Ctx>, key: String) -> anyhow::Result<Requeue> {
     let noted_before = uncounted_succeeded.len() + uncounted_failed.len();
     let mut to_release: Vec<&Arc<Pod>> = Vec::new();
     let already_released: HashSet<String> = {
-        let mut released = ctx.job_released.lock();
+        let mut released = lock(&ctx.job_released);
         let mine = released.entry(uid.clone()).or_default();
         // Forget the pods the watch has shown released (or gone).
         mine.retain(|r| {
@@ -226,8 +218,7 @@ pub async fn reconcile(ctx: Arc<Ctx>, key: String) -> anyhow::Result<Requeue> {
     }
     let released_now = release(&pods_api, &to_release).await?;
     let released = released_now.len() == to_release.len();
-    ctx.job_released
-        .lock()
+    lock(&ctx.job_released)
         .entry(uid.clone())
         .or_default()
         .extend(released_now);

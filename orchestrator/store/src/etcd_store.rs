@@ -20,8 +20,8 @@ use etcd_client::{
 };
 
 use crate::{
-    EventKind, KeyValue, ListOptions, ListResult, Result, Revision, Store, StoreError, WatchEvent,
-    WatchStream,
+    check_key, check_revision, EventKind, KeyValue, ListOptions, ListResult, Result, Revision,
+    Store, StoreError, WatchEvent, WatchStream,
 };
 
 /// Keys read per request of a list.
@@ -45,13 +45,6 @@ pub struct EtcdStore {
 
 fn backend(e: etcd_client::Error) -> StoreError {
     StoreError::Backend(format!("etcd: {e}"))
-}
-
-fn check_key(key: &str) -> Result<()> {
-    if key.is_empty() {
-        return Err(StoreError::Backend("invalid key: empty".into()));
-    }
-    Ok(())
 }
 
 /// The first key after every key starting with `prefix` (etcd's range end
@@ -173,7 +166,7 @@ impl Store for EtcdStore {
     }
 
     async fn list(&self, prefix: &str, opts: ListOptions) -> Result<ListResult> {
-        let start = match &opts.start_after {
+        let mut start = match &opts.start_after {
             // The first key after `start_after`.
             Some(after) => {
                 let mut key = after.as_bytes().to_vec();
@@ -182,12 +175,10 @@ impl Store for EtcdStore {
             }
             None => prefix.as_bytes().to_vec(),
         };
+        if let Some(r) = opts.revision {
+            check_revision(r)?;
+        }
         let mut revision = match opts.revision {
-            Some(r) if r < 0 => {
-                return Err(StoreError::Backend(format!(
-                    "invalid revision {r}: must not be negative"
-                )))
-            }
             Some(r) if r > 0 => {
                 // etcd keeps no record of how far it compacted; refuse what
                 // this store's compaction point says is gone, as the other
@@ -205,7 +196,6 @@ impl Store for EtcdStore {
         };
         let wanted = opts.limit.filter(|l| *l > 0);
         let end = prefix_end(prefix);
-        let mut start = start;
         let mut items = Vec::new();
         let mut kv = self.kv();
         // In pages, all at the revision of the first, so that no response
@@ -352,11 +342,7 @@ impl Store for EtcdStore {
     }
 
     async fn watch(&self, prefix: &str, after_revision: Revision) -> Result<WatchStream> {
-        if after_revision < 0 {
-            return Err(StoreError::Backend(format!(
-                "invalid revision {after_revision}: must not be negative"
-            )));
-        }
+        check_revision(after_revision)?;
         let compacted = self.compacted_revision().await?;
         if after_revision < compacted {
             return Err(StoreError::Compacted {
@@ -391,6 +377,7 @@ impl Store for EtcdStore {
     }
 
     async fn compact(&self, revision: Revision) -> Result<()> {
+        check_revision(revision)?;
         let current = self.current_revision().await?;
         if revision > current {
             return Err(StoreError::FutureRevision {

@@ -127,6 +127,23 @@ pub enum StoreError {
 
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
 
+/// Inputs every backend refuses the same way.
+fn check_key(key: &str) -> Result<()> {
+    if key.is_empty() {
+        return Err(StoreError::Backend("invalid key: empty".into()));
+    }
+    Ok(())
+}
+
+fn check_revision(revision: Revision) -> Result<()> {
+    if revision < 0 {
+        return Err(StoreError::Backend(format!(
+            "invalid revision {revision}: must not be negative"
+        )));
+    }
+    Ok(())
+}
+
 /// A stream of watch events. Ends with an `Err` when the watch cannot
 /// continue (compaction overtook it, overflow, backend failure).
 pub type WatchStream = Pin<Box<dyn Stream<Item = Result<WatchEvent>> + Send>>;

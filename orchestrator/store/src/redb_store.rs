@@ -40,8 +40,8 @@ use tokio::sync::mpsc::error::TryRecvError;
 use tokio::sync::{broadcast, mpsc, oneshot};
 
 use crate::{
-    EventKind, KeyValue, ListOptions, ListResult, Result, Revision, Store, StoreError, WatchEvent,
-    WatchProgress, WatchStream,
+    check_key, check_revision, EventKind, KeyValue, ListOptions, ListResult, Result, Revision,
+    Store, StoreError, WatchEvent, WatchProgress, WatchStream,
 };
 
 const KV: TableDefinition<&str, &[u8]> = TableDefinition::new("kv");
@@ -230,22 +230,6 @@ const MEMORY_LIST_STEP: usize = 256;
 
 fn closed() -> StoreError {
     StoreError::Backend("store is closed".into())
-}
-
-fn check_key(key: &str) -> Result<()> {
-    if key.is_empty() {
-        return Err(StoreError::Backend("invalid key: empty".into()));
-    }
-    Ok(())
-}
-
-fn check_revision(revision: Revision) -> Result<()> {
-    if revision < 0 {
-        return Err(StoreError::Backend(format!(
-            "invalid revision {revision}: must not be negative"
-        )));
-    }
-    Ok(())
 }
 
 async fn blocking<T, F>(f: F) -> Result<T>
