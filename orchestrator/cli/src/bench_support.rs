@@ -64,3 +64,39 @@ pub fn cpu_ticks(pid: u32) -> (u64, u64) {
     let field = |i: usize| fields.get(i).and_then(|v| v.parse().ok()).unwrap_or(0u64);
     (field(11) + field(12), field(13) + field(14))
 }
+
+/// The whole machine's CPU time so far, from `/proc/stat`, in clock ticks.
+#[derive(Clone, Copy, Default)]
+pub struct HostTicks {
+    /// Spent running anything (user, nice, system, irq, softirq).
+    pub busy: u64,
+    /// Taken by the hypervisor for other guests while this one wanted to run.
+    pub stolen: u64,
+    /// Idle while some task waited for the disk.
+    pub iowait: u64,
+    /// Everything, idle and iowait included.
+    pub total: u64,
+}
+
+pub fn host_ticks() -> HostTicks {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let fields: Vec<u64> = stat
+        .lines()
+        .next()
+        .and_then(|l| l.strip_prefix("cpu "))
+        .unwrap_or("")
+        .split_whitespace()
+        .map(|v| v.parse().unwrap_or(0))
+        .collect();
+    let field = |i: usize| fields.get(i).copied().unwrap_or(0);
+    // user nice system idle iowait irq softirq steal (guest time is already
+    // inside user).
+    let busy = field(0) + field(1) + field(2) + field(5) + field(6);
+    let stolen = field(7);
+    HostTicks {
+        busy,
+        stolen,
+        iowait: field(4),
+        total: busy + stolen + field(3) + field(4),
+    }
+}

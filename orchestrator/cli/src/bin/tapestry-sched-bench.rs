@@ -3,7 +3,7 @@
 //! pods and measures, from a pod watch, the throughput from the first
 //! create to the last binding and each pod's create→bound latency. Also
 //! reports the resident memory of the control plane and of the hollow
-//! nodes' process.
+//! nodes' process, and how the machine's CPU was shared while it ran.
 //!
 //! `cargo build --release -p tapestry && target/release/tapestry-sched-bench [--nodes 1000,5000] [--pods 10000]`
 
@@ -22,7 +22,9 @@ use k8s_openapi::api::core::v1::{Container, Namespace, Node, Pod, PodSpec, Resou
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use kube::api::{Api, ListParams, ObjectMeta, PostParams, WatchEvent, WatchParams};
 
-use bench_support::{client, cpu_ticks, rss_kib, tapestry_binary, ticks_to_ms};
+use bench_support::{
+    client, cpu_ticks, free_port, host_ticks, rss_kib, tapestry_binary, ticks_to_ms, HostTicks,
+};
 
 /// Creates in flight at once.
 const CREATORS: usize = 32;
@@ -77,13 +79,21 @@ struct Run {
     hollow_cpu_ms: f64,
     /// The benchmark's own creates and watch, on the same two cores.
     bench_cpu_ms: f64,
+    /// Shares of the machine's CPU time over the same window: the three
+    /// processes above, everything else on this machine, what the
+    /// hypervisor gave other guests, and idle (waiting for the disk
+    /// included). Throughput moves with the host; these say how much of it
+    /// this run had.
+    cpu_ours: f64,
+    cpu_others: f64,
+    cpu_stolen: f64,
+    cpu_idle: f64,
+    cpu_iowait: f64,
 }
 
 async fn run(nodes: usize, pods: usize) -> Result<Run> {
     let dir = tempfile::tempdir()?;
-    let port = std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port();
+    let port = free_port()?;
     let bin = tapestry_binary()?;
     let server = Proc(
         Command::new(&bin)
@@ -222,6 +232,7 @@ async fn run(nodes: usize, pods: usize) -> Result<Run> {
         own_ticks(hollow.0.id()),
         own_ticks(std::process::id()),
     );
+    let host_before = host_ticks();
     let first = Instant::now();
     let c = created.clone();
     let results: Vec<Result<()>> = futures::stream::iter(0..pods)
@@ -274,11 +285,22 @@ async fn run(nodes: usize, pods: usize) -> Result<Run> {
         Ok(r) => r?,
         Err(_) => bail!("not every pod was bound within 10 minutes"),
     }
-    let cpu_per_pod =
-        |pid: u32, before: u64| ticks_to_ms(own_ticks(pid).saturating_sub(before)) / pods as f64;
-    let server_cpu_ms = cpu_per_pod(server.0.id(), server_before);
-    let hollow_cpu_ms = cpu_per_pod(hollow.0.id(), hollow_before);
-    let bench_cpu_ms = cpu_per_pod(std::process::id(), bench_before);
+    let host_after = host_ticks();
+    let used = |pid: u32, before: u64| own_ticks(pid).saturating_sub(before);
+    let (server_ticks, hollow_ticks, bench_ticks) = (
+        used(server.0.id(), server_before),
+        used(hollow.0.id(), hollow_before),
+        used(std::process::id(), bench_before),
+    );
+    let cpu_per_pod = |ticks: u64| ticks_to_ms(ticks) / pods as f64;
+    let ours = server_ticks + hollow_ticks + bench_ticks;
+    let host = HostTicks {
+        busy: host_after.busy.saturating_sub(host_before.busy),
+        stolen: host_after.stolen.saturating_sub(host_before.stolen),
+        iowait: host_after.iowait.saturating_sub(host_before.iowait),
+        total: host_after.total.saturating_sub(host_before.total).max(1),
+    };
+    let share = |ticks: u64| ticks as f64 / host.total as f64;
     let bound = bound.lock().unwrap_or_else(|e| e.into_inner()).clone();
     let created = created.lock().unwrap_or_else(|e| e.into_inner()).clone();
     let last = bound.values().max().copied().unwrap_or(first);
@@ -297,9 +319,18 @@ async fn run(nodes: usize, pods: usize) -> Result<Run> {
         server_rss: rss_mib(server.0.id()),
         hollow_rss: rss_mib(hollow.0.id()),
         register_secs,
-        server_cpu_ms,
-        hollow_cpu_ms,
-        bench_cpu_ms,
+        server_cpu_ms: cpu_per_pod(server_ticks),
+        hollow_cpu_ms: cpu_per_pod(hollow_ticks),
+        bench_cpu_ms: cpu_per_pod(bench_ticks),
+        cpu_ours: share(ours),
+        cpu_others: share(host.busy.saturating_sub(ours)),
+        cpu_stolen: share(host.stolen),
+        cpu_idle: share(
+            host.total
+                .saturating_sub(host.busy.max(ours))
+                .saturating_sub(host.stolen),
+        ),
+        cpu_iowait: share(host.iowait),
     })
 }
 
@@ -328,12 +359,12 @@ async fn main() -> Result<()> {
         .transpose()
         .context("--pods")?
         .unwrap_or(10_000);
-    println!("| hollow nodes | pods | pods/s (first create → last bound) | ÷ 1,500 target | ÷ 680 kube-scheduler anchor | p50 create→bound | p99 create→bound | control-plane RSS | hollow process RSS | nodes Ready after | server CPU per pod | hollow CPU per pod | benchmark CPU per pod |");
-    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    println!("| hollow nodes | pods | pods/s (first create → last bound) | ÷ 1,500 target | ÷ 680 kube-scheduler anchor | p50 create→bound | p99 create→bound | control-plane RSS | hollow process RSS | nodes Ready after | server CPU per pod | hollow CPU per pod | benchmark CPU per pod | machine CPU: ours / others / stolen / idle (waiting for disk) |");
+    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     for n in nodes {
         let r = run(n, pods).await?;
         println!(
-            "| {} | {} | {:.0} | {:.2}× | {:.2}× | {:.0} ms | {:.0} ms | {:.0} MiB | {:.0} MiB | {:.1} s | {:.3} ms | {:.3} ms | {:.3} ms |",
+            "| {} | {} | {:.0} | {:.2}× | {:.2}× | {:.0} ms | {:.0} ms | {:.0} MiB | {:.0} MiB | {:.1} s | {:.3} ms | {:.3} ms | {:.3} ms | {:.0}% / {:.0}% / {:.0}% / {:.0}% ({:.0}%) |",
             r.nodes,
             r.pods,
             r.pods_per_sec,
@@ -346,7 +377,12 @@ async fn main() -> Result<()> {
             r.register_secs,
             r.server_cpu_ms,
             r.hollow_cpu_ms,
-            r.bench_cpu_ms
+            r.bench_cpu_ms,
+            100.0 * r.cpu_ours,
+            100.0 * r.cpu_others,
+            100.0 * r.cpu_stolen,
+            100.0 * r.cpu_idle,
+            100.0 * r.cpu_iowait
         );
     }
     Ok(())
