@@ -15,8 +15,8 @@ use std::time::Duration;
 use async_trait::async_trait;
 use bytes::Bytes;
 use etcd_client::{
-    Client, Compare, CompareOp, ConnectOptions, DeleteOptions, EventType, GetOptions, PutOptions,
-    Txn, TxnOp, TxnOpResponse, WatchOptions,
+    Client, Compare, CompareOp, ConnectOptions, DeleteOptions, GetOptions, PutOptions, Txn, TxnOp,
+    TxnOpResponse, WatchOptions,
 };
 
 use crate::{
@@ -489,30 +489,29 @@ fn watch_event(event: &etcd_client::Event) -> Result<WatchEvent> {
         .kv()
         .ok_or_else(|| StoreError::Backend("etcd: watch event without a key".into()))?;
     let prev = event.prev_kv().map(key_value).transpose()?;
-    match event.event_type() {
-        EventType::Put => {
-            let kv = key_value(kv)?;
-            let kind = if kv.create_revision == kv.mod_revision {
-                EventKind::Created
-            } else {
-                EventKind::Modified
-            };
-            Ok(WatchEvent { kind, kv, prev })
-        }
-        EventType::Delete => {
-            // etcd's deletion event carries only the key and the revision;
-            // the deleted value is its previous one.
-            let prev = prev.ok_or_else(|| {
-                StoreError::Backend("etcd: deletion event without the deleted value".into())
-            })?;
-            Ok(WatchEvent {
-                kind: EventKind::Deleted,
-                kv: KeyValue {
-                    mod_revision: kv.mod_revision(),
-                    ..prev.clone()
-                },
-                prev: Some(prev),
-            })
-        }
+    // A deletion's key is a tombstone of version 0; a put's version is at
+    // least 1. Read from the key, not from `Event::event_type`, which panics
+    // on an event type it does not know.
+    if kv.version() == 0 {
+        // etcd's deletion event carries only the key and the revision; the
+        // deleted value is its previous one.
+        let prev = prev.ok_or_else(|| {
+            StoreError::Backend("etcd: deletion event without the deleted value".into())
+        })?;
+        return Ok(WatchEvent {
+            kind: EventKind::Deleted,
+            kv: KeyValue {
+                mod_revision: kv.mod_revision(),
+                ..prev.clone()
+            },
+            prev: Some(prev),
+        });
     }
+    let kv = key_value(kv)?;
+    let kind = if kv.create_revision == kv.mod_revision {
+        EventKind::Created
+    } else {
+        EventKind::Modified
+    };
+    Ok(WatchEvent { kind, kv, prev })
 }
