@@ -27,8 +27,10 @@ use crate::{
 /// Keys read per request of a list.
 const LIST_PAGE: usize = 256;
 /// Largest gRPC message taken from etcd: a page of large objects, or a watch
-/// response replaying many events.
-const MAX_MESSAGE: usize = 256 * 1024 * 1024;
+/// response replaying many events. A full page of objects of 4 MiB fits (the
+/// API server takes bodies up to 3 MiB; etcd's own default is 1.5 MiB per
+/// request); the memory is only taken when a message is that large.
+const MAX_MESSAGE: usize = LIST_PAGE * 4 * 1024 * 1024;
 
 /// Where the compaction point lives. Its writes are revisions like any other.
 const COMPACTED_KEY: &str = "/tapestry.io/compacted-revision";
