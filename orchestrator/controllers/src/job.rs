@@ -142,8 +142,16 @@ pub async fn reconcile(ctx: Arc<Ctx>, key: String) -> anyhow::Result<Requeue> {
     let job = match job {
         Some(job) if live_uid.is_some() => job,
         being_deleted => {
-            if let Some(uid) = being_deleted.and_then(|j| j.uid()) {
-                lock(&ctx.job_released).remove(&uid);
+            let mut released = lock(&ctx.job_released);
+            match being_deleted.and_then(|j| j.uid()) {
+                Some(uid) => {
+                    released.remove(&uid);
+                }
+                // Gone from the cache before its entry was dropped: drop
+                // every entry whose Job no longer exists.
+                None => {
+                    released.retain(|uid, _| ctx.jobs.any(|j| j.metadata.uid.as_ref() == Some(uid)))
+                }
             }
             return Ok(Requeue::Done);
         }
