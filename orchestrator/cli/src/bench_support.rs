@@ -66,7 +66,7 @@ pub fn cpu_ticks(pid: u32) -> (u64, u64) {
 }
 
 /// The whole machine's CPU time so far, from `/proc/stat`, in clock ticks.
-#[derive(Clone, Copy, Default)]
+#[derive(Clone, Copy)]
 pub struct HostTicks {
     /// Spent running anything (user, nice, system, irq, softirq).
     pub busy: u64,

@@ -2,20 +2,14 @@
 //! and kubectl drives them — logs, exec, restarts, volumes, deletion with
 //! cleanup, and adoption after the agent is SIGKILLed. Needs root.
 
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+use tapestry_store::conformance::free_port;
+
 const NODE: &str = "e2e-node";
 const POD_CIDR: &str = "10.245.7.0/24";
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("no free port on loopback")
-}
 
 fn tapestry() -> Command {
     Command::new(env!("CARGO_BIN_EXE_tapestry"))

@@ -58,9 +58,11 @@ fn outcome(p: &Pod) -> Option<bool> {
     }
 }
 
-/// Pods (by UID, per Job UID) whose tracking finalizer this controller
+/// Pods (by UID, per Job key) whose tracking finalizer this controller
 /// removed but whose update the pod watch has not shown yet: they are
-/// counted already, whatever a stale copy says.
+/// counted already, whatever a stale copy says. Keyed like the queue, so a
+/// Job that is gone takes its entry with it; a Job recreated under the same
+/// name finds none of its pods there and drops the entry.
 pub type Released = Mutex<HashMap<String, HashSet<String>>>;
 
 /// Remove the tracking finalizer from `pods`; the UIDs of those it removed
@@ -141,18 +143,8 @@ pub async fn reconcile(ctx: Arc<Ctx>, key: String) -> anyhow::Result<Requeue> {
     release(&pods_api, &let_go.iter().collect::<Vec<_>>()).await?;
     let job = match job {
         Some(job) if live_uid.is_some() => job,
-        being_deleted => {
-            let mut released = lock(&ctx.job_released);
-            match being_deleted.and_then(|j| j.uid()) {
-                Some(uid) => {
-                    released.remove(&uid);
-                }
-                // Gone from the cache before its entry was dropped: drop
-                // every entry whose Job no longer exists.
-                None => {
-                    released.retain(|uid, _| ctx.jobs.any(|j| j.metadata.uid.as_ref() == Some(uid)))
-                }
-            }
+        _ => {
+            lock(&ctx.job_released).remove(&key);
             return Ok(Requeue::Done);
         }
     };
@@ -176,7 +168,7 @@ pub async fn reconcile(ctx: Arc<Ctx>, key: String) -> anyhow::Result<Requeue> {
     let mut to_release: Vec<&Arc<Pod>> = Vec::new();
     let already_released: HashSet<String> = {
         let mut released = lock(&ctx.job_released);
-        let mine = released.entry(uid.clone()).or_default();
+        let mine = released.entry(key.clone()).or_default();
         // Forget the pods the watch has shown released (or gone).
         mine.retain(|r| {
             pods.iter()
@@ -184,7 +176,7 @@ pub async fn reconcile(ctx: Arc<Ctx>, key: String) -> anyhow::Result<Requeue> {
         });
         let mine = mine.clone();
         if mine.is_empty() {
-            released.remove(&uid);
+            released.remove(&key);
         }
         mine
     };
@@ -227,7 +219,7 @@ pub async fn reconcile(ctx: Arc<Ctx>, key: String) -> anyhow::Result<Requeue> {
     let released_now = release(&pods_api, &to_release).await?;
     let released = released_now.len() == to_release.len();
     lock(&ctx.job_released)
-        .entry(uid.clone())
+        .entry(key.clone())
         .or_default()
         .extend(released_now);
     let mut succeeded = recorded.succeeded.unwrap_or(0);

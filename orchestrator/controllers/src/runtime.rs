@@ -118,11 +118,6 @@ where
         self.store
             .state_filter(|o| o.meta().namespace.as_deref() == Some(namespace) && f(o))
     }
-
-    /// Whether any object, in any namespace, satisfies `f`.
-    pub fn any(&self, f: impl Fn(&K) -> bool) -> bool {
-        self.store.find(|o| f(o)).is_some()
-    }
 }
 
 pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {

@@ -241,8 +241,7 @@ impl Store for EtcdStore {
         check_key(key)?;
         let txn = Txn::new()
             .when([Compare::create_revision(key, CompareOp::Equal, 0)])
-            .and_then([TxnOp::put(key, value.to_vec(), None)])
-            .or_else([TxnOp::get(key, None)]);
+            .and_then([TxnOp::put(key, value.to_vec(), None)]);
         let response = self.kv().txn(txn).await.map_err(backend)?;
         if !response.succeeded() {
             return Err(StoreError::AlreadyExists(key.to_owned()));

@@ -8,8 +8,8 @@
 //! asking for them yields [`StoreError::Compacted`] (HTTP 410 Gone upstream).
 //!
 //! [`RedbStore`] is the embedded backend; [`EtcdStore`] puts the store on an
-//! etcd cluster, so several API servers can share it. Every backend must pass the suite in
-//! [`conformance`] (see [`store_conformance_suite!`]).
+//! etcd cluster, so several API servers can share it. Every backend must
+//! pass the suite in [`conformance`] (see [`store_conformance_suite!`]).
 
 use std::pin::Pin;
 use std::sync::atomic::{AtomicI64, Ordering};

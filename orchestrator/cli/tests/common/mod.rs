@@ -3,10 +3,11 @@
 #![allow(dead_code)]
 
 use std::io::Write;
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
+
+use tapestry_store::conformance::free_port;
 
 pub struct Server {
     pub dir: tempfile::TempDir,
@@ -16,13 +17,6 @@ pub struct Server {
     /// With `TAPESTRY_TEST_STORE=etcd`, each server keeps its objects in an
     /// etcd of its own, so the same end-to-end tests cover both backends.
     _etcd: Option<tapestry_store::conformance::EtcdServer>,
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("no free port on loopback")
 }
 
 /// kubectl is a hard requirement of these tests: in CI its absence fails.
