@@ -43,6 +43,7 @@
 //! assert_eq!(obj["data"]["a"], "2");
 //! ```
 
+pub mod cause;
 pub mod error;
 pub mod fieldpath;
 pub mod json;
@@ -54,6 +55,7 @@ mod typed;
 #[cfg(test)]
 mod testschema;
 
+pub use cause::Cause;
 pub use error::{ApplyError, Conflict, Operation, PatchError};
 pub use fieldpath::FieldSet;
 pub use json::{json_merge_patch, json_patch};
