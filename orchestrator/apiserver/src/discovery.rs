@@ -1,9 +1,14 @@
 //! Discovery documents: /version, /api, /apis and per group-version
-//! resource lists, built once from the registry.
+//! resource lists, from what the registry serves at the time of the
+//! request (so custom resources appear as soon as they are served), in
+//! both the classic form and the aggregated one (apidiscovery.k8s.io/v2)
+//! that kubectl asks for first.
+
+use std::cmp::Ordering;
 
 use serde_json::{json, Value};
 
-use crate::registry::{Registry, Subresource};
+use crate::registry::{ResourceDef, Served};
 
 /// The Kubernetes API version this server implements.
 pub const KUBE_MAJOR: &str = "1";
@@ -36,6 +41,47 @@ pub fn core_versions(server_address: &str) -> Value {
     })
 }
 
+/// Kubernetes' version priority (`CompareKubeAwareVersionStrings`): GA
+/// before beta before alpha, higher versions first within each, then
+/// versions of other shapes in lexical order.
+pub fn version_priority(a: &str, b: &str) -> Ordering {
+    /// (stability rank, major, minor); stability 3 GA, 2 beta, 1 alpha.
+    fn parse(v: &str) -> Option<(u8, u64, u64)> {
+        let rest = v.strip_prefix('v')?;
+        let digits = rest
+            .find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(rest.len());
+        let major: u64 = rest[..digits].parse().ok().filter(|m| *m > 0)?;
+        let tail = &rest[digits..];
+        let (stability, minor) = if tail.is_empty() {
+            (3, 0)
+        } else if let Some(n) = tail.strip_prefix("beta") {
+            (2, n.parse().ok()?)
+        } else if let Some(n) = tail.strip_prefix("alpha") {
+            (1, n.parse().ok()?)
+        } else {
+            return None;
+        };
+        Some((stability, major, minor))
+    }
+    match (parse(a), parse(b)) {
+        (Some(x), Some(y)) => y.cmp(&x),
+        (Some(_), None) => Ordering::Less,
+        (None, Some(_)) => Ordering::Greater,
+        (None, None) => a.cmp(b),
+    }
+}
+
+/// Group → versions, each group's versions in priority order (built-ins
+/// keep the order they are registered in, which is theirs).
+fn groups(served: &Served) -> Vec<(&str, Vec<&str>)> {
+    let mut groups = served.groups();
+    for (_, versions) in &mut groups {
+        versions.sort_by(|a, b| version_priority(a, b));
+    }
+    groups
+}
+
 fn group_doc(group: &str, versions: &[&str]) -> Value {
     let versions: Vec<Value> = versions
         .iter()
@@ -48,9 +94,8 @@ fn group_doc(group: &str, versions: &[&str]) -> Value {
     })
 }
 
-pub fn group_list(registry: &Registry) -> Value {
-    let groups: Vec<Value> = registry
-        .groups()
+pub fn group_list(served: &Served) -> Value {
+    let groups: Vec<Value> = groups(served)
         .into_iter()
         .filter(|(g, _)| !g.is_empty())
         .map(|(g, vs)| group_doc(g, &vs))
@@ -58,9 +103,8 @@ pub fn group_list(registry: &Registry) -> Value {
     json!({"kind": "APIGroupList", "apiVersion": "v1", "groups": groups})
 }
 
-pub fn group(registry: &Registry, name: &str) -> Option<Value> {
-    registry
-        .groups()
+pub fn group(served: &Served, name: &str) -> Option<Value> {
+    groups(served)
         .into_iter()
         .find(|(g, _)| *g == name && !g.is_empty())
         .map(|(g, vs)| {
@@ -83,8 +127,8 @@ pub const VERBS: &[&str] = &[
     "watch",
 ];
 
-pub fn resource_list(registry: &Registry, group: &str, version: &str) -> Option<Value> {
-    let defs = registry.in_group_version(group, version);
+pub fn resource_list(served: &Served, group: &str, version: &str) -> Option<Value> {
+    let defs = served.in_group_version(group, version);
     if defs.is_empty() {
         return None;
     }
@@ -104,32 +148,16 @@ pub fn resource_list(registry: &Registry, group: &str, version: &str) -> Option<
             r["categories"] = json!(def.categories);
         }
         resources.push(r);
-        for sub in def.subresources {
-            let (kind, group_override, version_override, verbs): (
-                &str,
-                Option<&str>,
-                Option<&str>,
-                &[&str],
-            ) = match sub {
-                Subresource::Status => (def.kind, None, None, &["get", "patch", "update"]),
-                Subresource::Scale => (
-                    "Scale",
-                    Some("autoscaling"),
-                    Some("v1"),
-                    &["get", "patch", "update"],
-                ),
-                Subresource::Binding => ("Binding", None, None, &["create"]),
-                Subresource::Eviction => ("Eviction", Some("policy"), Some("v1"), &["create"]),
-                Subresource::Finalize => (def.kind, None, None, &["update"]),
-            };
+        for sub in &def.subresources {
+            let d = sub.rest.discovery(def);
             let mut r = json!({
-                "name": format!("{}/{}", def.plural, sub.name()),
+                "name": format!("{}/{}", def.plural, sub.kind.name()),
                 "singularName": "",
                 "namespaced": def.namespaced,
-                "kind": kind,
-                "verbs": verbs,
+                "kind": d.kind,
+                "verbs": d.verbs,
             });
-            if let (Some(g), Some(v)) = (group_override, version_override) {
+            if let Some((g, v)) = d.group_version {
                 r["group"] = json!(g);
                 r["version"] = json!(v);
             }
@@ -147,4 +175,153 @@ pub fn resource_list(registry: &Registry, group: &str, version: &str) -> Option<
         "groupVersion": group_version,
         "resources": resources,
     }))
+}
+
+/// The aggregated discovery version a client's Accept header asks for
+/// (`application/json;g=apidiscovery.k8s.io;v=v2;as=APIGroupDiscoveryList`),
+/// if any: the first listed that this server speaks.
+pub fn aggregated_version(accept: &str) -> Option<&'static str> {
+    accept.split(',').find_map(|media| {
+        let params: Vec<&str> = media.split(';').map(str::trim).collect();
+        let has = |p: &str| params.contains(&p);
+        if !params
+            .first()
+            .is_some_and(|t| t.starts_with("application/json"))
+            || !has("g=apidiscovery.k8s.io")
+            || !has("as=APIGroupDiscoveryList")
+        {
+            return None;
+        }
+        if has("v=v2") {
+            Some("v2")
+        } else if has("v=v2beta1") {
+            Some("v2beta1")
+        } else {
+            None
+        }
+    })
+}
+
+/// `/api` (`core`) or `/apis` (every other group) as one aggregated
+/// document: every group, version and resource with its subresources.
+pub fn aggregated(served: &Served, core: bool, api_version: &str) -> Value {
+    let items: Vec<Value> = groups(served)
+        .into_iter()
+        .filter(|(g, _)| g.is_empty() == core)
+        .map(|(group, versions)| {
+            let versions: Vec<Value> = versions
+                .iter()
+                .map(|version| {
+                    let resources: Vec<Value> = served
+                        .in_group_version(group, version)
+                        .iter()
+                        .map(|def| aggregated_resource(def))
+                        .collect();
+                    json!({"version": version, "resources": resources, "freshness": "Current"})
+                })
+                .collect();
+            let metadata = if core {
+                json!({"creationTimestamp": null})
+            } else {
+                json!({"name": group, "creationTimestamp": null})
+            };
+            json!({"metadata": metadata, "versions": versions})
+        })
+        .collect();
+    json!({
+        "kind": "APIGroupDiscoveryList",
+        "apiVersion": format!("apidiscovery.k8s.io/{api_version}"),
+        "metadata": {},
+        "items": items,
+    })
+}
+
+fn aggregated_resource(def: &ResourceDef) -> Value {
+    let subresources: Vec<Value> = def
+        .subresources
+        .iter()
+        .map(|sub| {
+            let d = sub.rest.discovery(def);
+            let (group, version) = d
+                .group_version
+                .unwrap_or((def.group.as_str(), def.version.as_str()));
+            json!({
+                "subresource": sub.kind.name(),
+                "responseKind": {"group": group, "version": version, "kind": d.kind},
+                "verbs": d.verbs,
+            })
+        })
+        .collect();
+    let mut r = json!({
+        "resource": def.plural,
+        "responseKind": {"group": def.group, "version": def.version, "kind": def.kind},
+        "scope": if def.namespaced { "Namespaced" } else { "Cluster" },
+        "singularResource": def.singular,
+        "verbs": VERBS,
+    });
+    if !def.short_names.is_empty() {
+        r["shortNames"] = json!(def.short_names);
+    }
+    if !def.categories.is_empty() {
+        r["categories"] = json!(def.categories);
+    }
+    if !subresources.is_empty() {
+        r["subresources"] = json!(subresources);
+    }
+    r
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn versions_sort_as_kubernetes_sorts_them() {
+        let mut versions = vec![
+            "v1alpha1",
+            "v1",
+            "foo1",
+            "v2beta2",
+            "v11alpha2",
+            "v2",
+            "v1beta1",
+            "v10beta3",
+            "foo10",
+            "v12alpha1",
+            "v10",
+            "v3beta1",
+        ];
+        versions.sort_by(|a, b| version_priority(a, b));
+        assert_eq!(
+            versions,
+            [
+                "v10",
+                "v2",
+                "v1",
+                "v10beta3",
+                "v3beta1",
+                "v2beta2",
+                "v1beta1",
+                "v12alpha1",
+                "v11alpha2",
+                "v1alpha1",
+                "foo1",
+                "foo10"
+            ]
+        );
+    }
+
+    #[test]
+    fn aggregated_discovery_is_negotiated_from_accept() {
+        let kubectl = "application/json;g=apidiscovery.k8s.io;v=v2;as=APIGroupDiscoveryList,application/json;g=apidiscovery.k8s.io;v=v2beta1;as=APIGroupDiscoveryList,application/json";
+        assert_eq!(aggregated_version(kubectl), Some("v2"));
+        assert_eq!(
+            aggregated_version(
+                "application/json;g=apidiscovery.k8s.io;v=v2beta1;as=APIGroupDiscoveryList"
+            ),
+            Some("v2beta1")
+        );
+        assert_eq!(aggregated_version("application/json"), None);
+        assert_eq!(aggregated_version(""), None);
+    }
 }

@@ -21,13 +21,27 @@ pub struct Target {
 pub enum ApiError {
     NotFound(Target),
     AlreadyExists(Target),
-    Conflict { target: Target, message: String },
-    Invalid { target: Target, causes: Vec<Cause> },
+    Conflict {
+        target: Target,
+        message: String,
+    },
+    Invalid {
+        target: Target,
+        causes: Vec<Cause>,
+    },
     BadRequest(String),
     Gone(String),
     Unauthorized,
     Forbidden(String),
-    MethodNotSupported { target: Target, verb: String },
+    MethodNotSupported {
+        target: Target,
+        verb: String,
+    },
+    /// 405 with its own message (e.g. creates of a terminating CRD's kind).
+    MethodNotAllowed {
+        target: Target,
+        message: String,
+    },
     NotAcceptable(String),
     UnsupportedMediaType(String),
     RequestEntityTooLarge(String),
@@ -71,7 +85,9 @@ impl ApiError {
             ApiError::Gone(_) => StatusCode::GONE,
             ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
             ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
-            ApiError::MethodNotSupported { .. } => StatusCode::METHOD_NOT_ALLOWED,
+            ApiError::MethodNotSupported { .. } | ApiError::MethodNotAllowed { .. } => {
+                StatusCode::METHOD_NOT_ALLOWED
+            }
             ApiError::NotAcceptable(_) => StatusCode::NOT_ACCEPTABLE,
             ApiError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::RequestEntityTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
@@ -90,7 +106,9 @@ impl ApiError {
             ApiError::Gone(_) => "Expired",
             ApiError::Unauthorized => "Unauthorized",
             ApiError::Forbidden(_) => "Forbidden",
-            ApiError::MethodNotSupported { .. } => "MethodNotAllowed",
+            ApiError::MethodNotSupported { .. } | ApiError::MethodNotAllowed { .. } => {
+                "MethodNotAllowed"
+            }
             ApiError::NotAcceptable(_) => "NotAcceptable",
             ApiError::UnsupportedMediaType(_) => "UnsupportedMediaType",
             ApiError::RequestEntityTooLarge(_) => "RequestEntityTooLarge",
@@ -132,6 +150,7 @@ impl ApiError {
                     qualified(target)
                 )
             }
+            ApiError::MethodNotAllowed { message, .. } => message.clone(),
             ApiError::Unauthorized => "Unauthorized".into(),
             ApiError::BadRequest(m)
             | ApiError::Gone(m)
@@ -160,7 +179,8 @@ impl ApiError {
             | ApiError::AlreadyExists(t)
             | ApiError::Conflict { target: t, .. }
             | ApiError::Invalid { target: t, .. }
-            | ApiError::MethodNotSupported { target: t, .. } => Some(t),
+            | ApiError::MethodNotSupported { target: t, .. }
+            | ApiError::MethodNotAllowed { target: t, .. } => Some(t),
             _ => None,
         };
         if let Some(t) = target {

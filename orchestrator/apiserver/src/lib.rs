@@ -8,7 +8,6 @@
 mod bootstrap;
 pub mod discovery;
 pub mod error;
-mod eviction;
 pub mod metrics;
 pub mod nodeproxy;
 pub mod objects;

@@ -60,18 +60,22 @@ pub fn is_terminating(obj: &Value) -> bool {
 /// apiVersion/kind): what generation tracks. Compares in place, without
 /// copying either object.
 pub fn spec_differs(a: &Value, b: &Value) -> bool {
-    const NOT_SPEC: [&str; 4] = ["metadata", "status", "apiVersion", "kind"];
+    differs_outside(a, b, &["metadata", "status", "apiVersion", "kind"])
+}
+
+/// Whether two objects differ in any top-level member but `except`.
+pub fn differs_outside(a: &Value, b: &Value, except: &[&str]) -> bool {
     let (Some(a), Some(b)) = (a.as_object(), b.as_object()) else {
         return a != b;
     };
-    let spec = |m: &'_ Map<String, Value>| {
+    let counted = |m: &'_ Map<String, Value>| {
         m.iter()
-            .filter(|(k, _)| !NOT_SPEC.contains(&k.as_str()))
+            .filter(|(k, _)| !except.contains(&k.as_str()))
             .count()
     };
-    spec(a) != spec(b)
+    counted(a) != counted(b)
         || a.iter()
-            .filter(|(k, _)| !NOT_SPEC.contains(&k.as_str()))
+            .filter(|(k, _)| !except.contains(&k.as_str()))
             .any(|(k, v)| b.get(k) != Some(v))
 }
 
@@ -322,7 +326,11 @@ impl SelectorView {
         let mut pick = Pick::Members(Vec::new());
         let pointers = ["/metadata/name", "/metadata/namespace", "/metadata/labels"]
             .into_iter()
-            .chain(def.field_selectors.iter().map(|(_, pointer)| *pointer));
+            .chain(
+                def.field_selectors
+                    .iter()
+                    .map(|(_, pointer)| pointer.as_str()),
+            );
         for pointer in pointers {
             let path: Vec<&str> = pointer.split('/').skip(1).collect();
             pick.add(&path);
@@ -534,10 +542,13 @@ mod tests {
     }
 
     fn def(group: &str, plural: &str) -> ResourceDef {
-        crate::resources::groups::resources()
-            .into_iter()
-            .find(|d| d.group == group && d.plural == plural)
-            .expect("resource exists")
+        [
+            crate::resources::coordination::lease::definition(),
+            crate::resources::events::event::definition(),
+        ]
+        .into_iter()
+        .find(|d| d.group == group && d.plural == plural)
+        .expect("resource exists")
     }
 
     /// Splicing must give exactly what decoding and re-encoding gives.
@@ -594,12 +605,12 @@ mod tests {
     fn selector_view_keeps_what_selectors_read() {
         // Pods' selectable fields, on a resource that needs no allocator.
         let mut pods = def("coordination.k8s.io", "leases");
-        pods.field_selectors = &[
+        pods.field_selectors = crate::registry::selectable(&[
             ("spec.nodeName", "/spec/nodeName"),
             ("spec.restartPolicy", "/spec/restartPolicy"),
             ("status.phase", "/status/phase"),
             ("status.podIP", "/status/podIP"),
-        ];
+        ]);
         let view = SelectorView::new(&pods);
         let full = r#"{"apiVersion":"v1","kind":"Pod","metadata":{"name":"p","namespace":"ns","uid":"u","labels":{"app":"web","t\u0069er":"x"},"managedFields":[{"manager":"m"}]},"spec":{"nodeName":"n1","containers":[{"name":"c","image":"i"}],"restartPolicy":"Always"},"status":{"phase":"Running","podIP":"10.0.0.1"}}"#;
         let got = view.read(&pods, &stored(full)).unwrap();
@@ -612,7 +623,7 @@ mod tests {
             })
         );
         let decoded = decode(&pods, &stored(full)).unwrap();
-        for (label, _) in pods.field_selectors {
+        for (label, _) in &pods.field_selectors {
             assert_eq!(
                 pods.field_value(&got, label),
                 pods.field_value(&decoded, label)

@@ -1,8 +1,10 @@
-//! OpenAPI documents served at /openapi/v2 and /openapi/v3, generated once
-//! at start-up from the registry; the same definitions type the patches.
+//! OpenAPI documents served at /openapi/v2 and /openapi/v3: the built-in
+//! kinds' generated once at start-up (the same definitions type their
+//! patches), each custom group version's built when its CRDs change, so
+//! `kubectl explain` sees a custom kind as soon as it is served.
 
-use std::collections::HashMap;
-use std::sync::Arc;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::{Arc, RwLock};
 
 use anyhow::Result;
 use axum::response::{IntoResponse, Response};
@@ -16,6 +18,23 @@ use crate::registry::Registry;
 
 pub struct OpenApiDocs {
     docs: Arc<OpenApi>,
+    custom: RwLock<CustomDocs>,
+}
+
+/// One custom kind in one version, as its CRD describes it.
+#[derive(Clone)]
+pub struct CustomKind {
+    pub info: ResourceInfo,
+    /// The version's openAPIV3Schema.
+    pub schema: serde_json::Value,
+}
+
+#[derive(Default)]
+struct CustomDocs {
+    /// CRD name → the kinds it serves.
+    by_crd: BTreeMap<String, Vec<CustomKind>>,
+    /// Group-version path (`apis/example.com/v1`) → its documents.
+    by_group_version: BTreeMap<String, Arc<OpenApi>>,
 }
 
 fn json_bytes(bytes: &[u8], cache: &str, etag: Option<&str>) -> Response {
@@ -37,13 +56,13 @@ fn json_bytes(bytes: &[u8], cache: &str, etag: Option<&str>) -> Response {
 impl OpenApiDocs {
     pub fn build(registry: &Registry) -> Result<Self> {
         let infos: Vec<ResourceInfo> = registry
-            .all()
+            .builtin()
             .iter()
             .map(|d| ResourceInfo {
-                group: d.group.to_string(),
-                version: d.version.to_string(),
-                kind: d.kind.to_string(),
-                plural: d.plural.to_string(),
+                group: d.group.clone(),
+                version: d.version.clone(),
+                kind: d.kind.clone(),
+                plural: d.plural.clone(),
                 namespaced: d.namespaced,
                 verbs: crate::discovery::VERBS
                     .iter()
@@ -52,9 +71,9 @@ impl OpenApiDocs {
                 subresources: d
                     .subresources
                     .iter()
-                    .map(|s| s.name().to_string())
+                    .map(|s| s.kind.name().to_string())
                     .collect(),
-                definition: d.definition.to_string(),
+                definition: d.definition.clone(),
             })
             .collect();
         let version = KUBE_GIT_VERSION
@@ -67,7 +86,70 @@ impl OpenApiDocs {
             .map_err(|e| anyhow::anyhow!("building OpenAPI documents: {e}"))?;
         Ok(OpenApiDocs {
             docs: Arc::new(docs),
+            custom: RwLock::new(CustomDocs::default()),
         })
+    }
+
+    /// Describe what the CRD `crd` serves now (nothing: it is gone), and
+    /// rebuild the documents of the group versions that changed.
+    pub fn set_custom(&self, crd: &str, kinds: Vec<CustomKind>) -> Result<()> {
+        let mut custom = self.custom.write().unwrap_or_else(|p| p.into_inner());
+        let gv_of = |k: &CustomKind| group_version_path(&k.info.group, &k.info.version);
+        let mut touched: BTreeSet<String> = custom
+            .by_crd
+            .get(crd)
+            .into_iter()
+            .flatten()
+            .map(gv_of)
+            .collect();
+        touched.extend(kinds.iter().map(gv_of));
+        if kinds.is_empty() {
+            custom.by_crd.remove(crd);
+        } else {
+            custom.by_crd.insert(crd.to_string(), kinds);
+        }
+        for gv in touched {
+            let members: Vec<&CustomKind> = custom
+                .by_crd
+                .values()
+                .flatten()
+                .filter(|k| gv_of(k) == gv)
+                .collect();
+            if members.is_empty() {
+                custom.by_group_version.remove(&gv);
+                continue;
+            }
+            let mut builder = OpenApi::builder().version(self.emulated_version());
+            for kind in &members {
+                builder = builder.definition(kind.info.definition.clone(), published_schema(kind));
+            }
+            let infos: Vec<ResourceInfo> = members.iter().map(|k| k.info.clone()).collect();
+            let docs = builder
+                .build(&infos)
+                .map_err(|e| anyhow::anyhow!("building OpenAPI documents for {gv}: {e}"))?;
+            custom.by_group_version.insert(gv, Arc::new(docs));
+        }
+        Ok(())
+    }
+
+    fn emulated_version(&self) -> &'static str {
+        KUBE_GIT_VERSION
+            .split('+')
+            .next()
+            .unwrap_or(KUBE_GIT_VERSION)
+    }
+
+    /// The documents serving a v3 group-version path.
+    fn v3_docs(&self, path: &str) -> Option<Arc<OpenApi>> {
+        if self.docs.v3_group_version_json(path).is_some() {
+            return Some(self.docs.clone());
+        }
+        self.custom
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .by_group_version
+            .get(path)
+            .cloned()
     }
 
     pub fn schema(&self) -> Arc<dyn PatchSchema> {
@@ -103,18 +185,28 @@ impl OpenApiDocs {
     }
 
     pub fn v3_index(&self) -> Response {
-        json_bytes(self.docs.v3_index_json(), "no-cache, private", None)
+        let custom = self.custom.read().unwrap_or_else(|p| p.into_inner());
+        let mut paths = serde_json::Map::new();
+        let docs = std::iter::once(&self.docs).chain(custom.by_group_version.values());
+        for docs in docs {
+            for gv in docs.v3_paths() {
+                let hash = docs.v3_hash(gv).unwrap_or_default();
+                let url = format!("/openapi/v3/{gv}?hash={hash}");
+                paths.insert(gv.to_string(), serde_json::json!({"serverRelativeURL": url}));
+            }
+        }
+        let body = serde_json::to_vec(&serde_json::json!({ "paths": paths })).unwrap_or_default();
+        json_bytes(&body, "no-cache, private", None)
     }
 
     pub fn v3(&self, path: &str, query: &HashMap<String, String>) -> Response {
-        let Some(doc) = self.docs.v3_group_version_json(path) else {
-            return ApiError::NotFound(crate::error::Target {
-                resource: format!("openapi/v3/{path}"),
-                ..Default::default()
-            })
-            .into_response();
+        let Some(docs) = self.v3_docs(path) else {
+            return not_found(path);
         };
-        let hash = self.docs.v3_hash(path);
+        let Some(doc) = docs.v3_group_version_json(path) else {
+            return not_found(path);
+        };
+        let hash = docs.v3_hash(path);
         // A request naming the current hash may be cached forever.
         let immutable = query.get("hash").map(String::as_str) == hash;
         let cache = if immutable {
@@ -124,4 +216,53 @@ impl OpenApiDocs {
         };
         json_bytes(doc, cache, hash)
     }
+}
+
+fn not_found(path: &str) -> Response {
+    ApiError::NotFound(crate::error::Target {
+        resource: format!("openapi/v3/{path}"),
+        ..Default::default()
+    })
+    .into_response()
+}
+
+/// `apis/<group>/<version>`, as the v3 index names a group version.
+fn group_version_path(group: &str, version: &str) -> String {
+    format!("apis/{group}/{version}")
+}
+
+/// A custom kind's schema as published, the way kube-apiserver publishes
+/// it: `metadata` is ObjectMeta, `apiVersion` and `kind` are described,
+/// and what only the server evaluates (CEL rules) is left out.
+fn published_schema(kind: &CustomKind) -> serde_json::Value {
+    fn strip(v: &mut serde_json::Value) {
+        match v {
+            serde_json::Value::Object(m) => {
+                m.remove("x-kubernetes-validations");
+                m.values_mut().for_each(strip);
+            }
+            serde_json::Value::Array(a) => a.iter_mut().for_each(strip),
+            _ => {}
+        }
+    }
+    let mut schema = kind.schema.clone();
+    strip(&mut schema);
+    if !schema.is_object() {
+        schema = serde_json::json!({"type": "object"});
+    }
+    let props = schema
+        .as_object_mut()
+        .expect("made an object above")
+        .entry("properties")
+        .or_insert_with(|| serde_json::json!({}));
+    if let Some(props) = props.as_object_mut() {
+        props.insert("apiVersion".into(), serde_json::json!({"type": "string",
+            "description": "APIVersion defines the versioned schema of this representation of an object. Servers should convert recognized schemas to the latest internal value, and may reject unrecognized values. More info: https://git.k8s.io/community/contributors/devel/sig-architecture/api-conventions.md#resources"}));
+        props.insert("kind".into(), serde_json::json!({"type": "string",
+            "description": "Kind is a string value representing the REST resource this object represents. Servers may infer this from the endpoint the client submits requests to. Cannot be updated. In CamelCase. More info: https://git.k8s.io/community/contributors/devel/sig-architecture/api-conventions.md#types-kinds"}));
+        props.insert("metadata".into(), serde_json::json!({
+            "description": "Standard object's metadata. More info: https://git.k8s.io/community/contributors/devel/sig-architecture/api-conventions.md#metadata",
+            "$ref": "#/definitions/io.k8s.apimachinery.pkg.apis.meta.v1.ObjectMeta"}));
+    }
+    schema
 }

@@ -48,9 +48,9 @@ fn patch_error(e: PatchError) -> ApiError {
 
 fn apply_error(def: &ResourceDef, name: &str, e: ApplyError) -> ApiError {
     let target = Target {
-        group: def.group.to_string(),
-        resource: def.plural.to_string(),
-        kind: def.kind.to_string(),
+        group: def.group.clone(),
+        resource: def.plural.clone(),
+        kind: def.kind.clone(),
         name: name.to_string(),
     };
     match e {
@@ -93,8 +93,8 @@ pub fn apply_patch(
         PatchKind::Strategic => machinery::strategic_merge_patch(
             original,
             patch,
-            fields.schema.as_ref(),
-            def.definition,
+            fields.schema_for(def),
+            &def.definition,
         )
         .map_err(patch_error),
         other => apply_untyped(other, original, patch),
@@ -118,6 +118,17 @@ impl FieldManagement {
         FieldManagement { schema }
     }
 
+    /// The served OpenAPI definitions, which type every built-in kind.
+    pub fn builtin_schema(&self) -> Arc<dyn PatchSchema> {
+        self.schema.clone()
+    }
+
+    /// The field types of `def`: its own (custom resources), or the served
+    /// definitions.
+    fn schema_for<'a>(&'a self, def: &'a ResourceDef) -> &'a dyn PatchSchema {
+        def.patch_schema.as_deref().unwrap_or(self.schema.as_ref())
+    }
+
     /// Give the fields an ordinary write changed to `manager`.
     pub fn record_update(
         &self,
@@ -131,8 +142,8 @@ impl FieldManagement {
             old,
             new,
             manager,
-            self.schema.as_ref(),
-            def.definition,
+            self.schema_for(def),
+            &def.definition,
             &now_rfc3339(),
             &options(sub),
         );
@@ -157,8 +168,8 @@ impl FieldManagement {
             applied,
             manager,
             force,
-            self.schema.as_ref(),
-            def.definition,
+            self.schema_for(def),
+            &def.definition,
             &now_rfc3339(),
             &options(sub),
         )

@@ -1,21 +1,28 @@
 //! The resource registry: what each served resource is and how it behaves.
 //!
-//! Like kube-apiserver's generic registry, one REST implementation serves
-//! every resource; what differs per resource (defaults, validation, status
-//! handling, printing, selectable fields) lives in a [`ResourceDef`].
+//! Like kube-apiserver's generic registry, one REST implementation
+//! ([`crate::rest`]) serves every resource; what differs per resource
+//! (defaults, validation, status handling, printing, selectable fields,
+//! subresources) lives in its [`ResourceDef`], written once per resource in
+//! [`crate::resources`]. Built-in resources are registered at start; custom
+//! resources are added and removed at run time as their CRDs come and go.
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 
 use async_trait::async_trait;
+use axum::response::Response;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use serde_json::Value;
+use tapestry_apimachinery::PatchSchema;
 
-use crate::error::{ApiResult, Cause};
-use crate::tables::TableDef;
+use crate::error::{ApiError, ApiResult, Cause};
+use crate::rest::{Api, Request};
+use crate::tables::{TableDef, TablePrinter};
 use crate::validation::NameRule;
 
+/// The subresources the server knows, each served by a [`SubresourceRest`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Subresource {
     Status,
@@ -37,9 +44,74 @@ impl Subresource {
             Subresource::Finalize => "finalize",
         }
     }
+
+    pub fn parse(name: &str) -> Option<Self> {
+        [
+            Subresource::Status,
+            Subresource::Scale,
+            Subresource::Binding,
+            Subresource::Eviction,
+            Subresource::Finalize,
+        ]
+        .into_iter()
+        .find(|s| s.name() == name)
+    }
 }
 
-/// Per-resource behaviour. Every method has a neutral default.
+/// How a subresource appears in discovery.
+pub struct SubresourceDiscovery {
+    /// The kind its requests and responses carry.
+    pub kind: String,
+    /// Group and version of that kind when they differ from the parent's
+    /// (Scale is autoscaling/v1, Eviction policy/v1).
+    pub group_version: Option<(&'static str, &'static str)>,
+    pub verbs: &'static [&'static str],
+}
+
+/// The REST handler of one subresource, as kube-apiserver's StatusREST,
+/// ScaleREST, BindingREST, EvictionREST and FinalizeREST. A verb it does
+/// not serve answers 405.
+#[async_trait]
+pub trait SubresourceRest: Send + Sync {
+    fn discovery(&self, def: &ResourceDef) -> SubresourceDiscovery;
+
+    async fn get(&self, _api: &Api, req: &Request) -> ApiResult<Response> {
+        Err(not_supported(req, "get"))
+    }
+
+    async fn create(&self, _api: &Api, req: &Request) -> ApiResult<Response> {
+        Err(not_supported(req, "create"))
+    }
+
+    async fn update(&self, _api: &Api, req: &Request) -> ApiResult<Response> {
+        Err(not_supported(req, "update"))
+    }
+
+    async fn patch(&self, _api: &Api, req: &Request) -> ApiResult<Response> {
+        Err(not_supported(req, "patch"))
+    }
+}
+
+fn not_supported(req: &Request, verb: &str) -> ApiError {
+    let mut target = req.target();
+    if let Some(sub) = req.sub {
+        target.resource = format!("{}/{}", target.resource, sub.name());
+    }
+    ApiError::MethodNotSupported {
+        target,
+        verb: verb.to_string(),
+    }
+}
+
+/// A subresource of a resource and the handler serving it.
+#[derive(Clone)]
+pub struct SubresourceDef {
+    pub kind: Subresource,
+    pub rest: Arc<dyn SubresourceRest>,
+}
+
+/// Per-resource behaviour (kube-apiserver's strategies). Every method has a
+/// neutral default.
 pub trait Behaviour: Send + Sync {
     /// Fill in defaulted fields (runs on every write, as decoding does in
     /// Kubernetes).
@@ -64,12 +136,19 @@ pub trait Behaviour: Send + Sync {
         self.validate(new)
     }
 
+    /// Validation of a status write (the object as it will be stored).
+    fn validate_status_update(&self, _new: &Value, _old: &Value) -> Vec<Cause> {
+        Vec::new()
+    }
+
     /// Convert an object of this resource's version into its storage form
     /// (only resources that share storage with another version override this).
     fn to_storage(&self, obj: Value) -> Value {
         obj
     }
 
+    /// The stored form as this version serves it (conversion, defaults
+    /// applied on read).
     fn to_served(&self, obj: Value) -> Value {
         obj
     }
@@ -86,6 +165,29 @@ pub trait Behaviour: Send + Sync {
     fn status_takes_labels_and_annotations(&self) -> bool {
         false
     }
+
+    /// Graceful deletion: the seconds an object is given to terminate
+    /// before it is removed for good, or None to remove it at once
+    /// (`requested` is the client's gracePeriodSeconds).
+    fn deletion_grace_period(&self, _obj: &Value, _requested: Option<i64>) -> Option<i64> {
+        None
+    }
+
+    /// Whether an object marked for deletion, its finalizers all gone, must
+    /// still wait (a namespace until its spec.finalizers are done).
+    fn deletion_held(&self, _obj: &Value) -> bool {
+        false
+    }
+
+    /// Finalizers a deletion adds before marking the object (a CRD's
+    /// cleanup of its objects), as kube-apiserver's CRD registry does.
+    fn deletion_finalizers(&self) -> &'static [&'static str] {
+        &[]
+    }
+
+    /// Changes that come with marking an object for deletion (a namespace's
+    /// phase turns Terminating).
+    fn begin_deletion(&self, _obj: &mut Value) {}
 }
 
 /// Work a write does outside the object itself (e.g. allocating a Service's
@@ -101,10 +203,13 @@ pub trait WriteHook: Send + Sync {
     async fn release(&self, obj: &Value, keep: Option<&Value>);
 }
 
-/// Decode into the typed Kubernetes object and encode again, so unknown
-/// fields are dropped, types are checked and the stored form is canonical.
-pub type Codec = fn(&Value) -> Result<Value, String>;
+/// How a client-sent object becomes its canonical form: decoded into the
+/// typed Kubernetes object and encoded again for built-ins (unknown fields
+/// dropped, types checked), pruned by the schema for custom resources. An
+/// error names the field.
+pub type Codec = Arc<dyn Fn(&Value) -> Result<Value, String> + Send + Sync>;
 
+/// The codec of a k8s-openapi type.
 pub fn typed_codec<T: DeserializeOwned + Serialize>(v: &Value) -> Result<Value, String> {
     // Tracking the path costs on every field; only a failure needs it, so
     // a failed decode is repeated with tracking to name the field.
@@ -121,43 +226,113 @@ pub fn typed_codec<T: DeserializeOwned + Serialize>(v: &Value) -> Result<Value, 
     serde_json::to_value(typed).map_err(|e| e.to_string())
 }
 
+/// When `metadata.generation` moves.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Generation {
+    /// Not tracked.
+    Untracked,
+    /// On changes outside metadata and status (resources with a status
+    /// subresource).
+    Spec,
+    /// On changes outside metadata (custom resources without a status
+    /// subresource, whose status is part of the object).
+    AllButMetadata,
+}
+
+/// One served resource in one version.
 pub struct ResourceDef {
-    pub group: &'static str,
-    pub version: &'static str,
-    pub kind: &'static str,
-    pub plural: &'static str,
-    pub singular: &'static str,
-    pub short_names: &'static [&'static str],
-    pub categories: &'static [&'static str],
+    pub group: String,
+    pub version: String,
+    pub kind: String,
+    pub list_kind: String,
+    pub plural: String,
+    pub singular: String,
+    pub short_names: Vec<String>,
+    pub categories: Vec<String>,
     pub namespaced: bool,
     pub name_rule: NameRule,
-    pub subresources: &'static [Subresource],
+    pub subresources: Vec<SubresourceDef>,
     /// OpenAPI definition name, e.g. `io.k8s.api.apps.v1.Deployment`.
-    pub definition: &'static str,
+    pub definition: String,
     /// Storage key segment; two versions of one resource share it.
-    pub storage: &'static str,
-    /// Bump metadata.generation when anything outside metadata/status changes.
-    pub tracks_generation: bool,
+    pub storage: String,
+    pub generation: Generation,
     pub codec: Codec,
     pub behaviour: Arc<dyn Behaviour>,
     pub hook: Option<Arc<dyn WriteHook>>,
-    pub table: TableDef,
+    pub table: Arc<dyn TablePrinter>,
     /// Field selector labels beyond metadata.name/namespace, with the JSON
     /// pointer they read.
-    pub field_selectors: &'static [(&'static str, &'static str)],
+    pub field_selectors: Vec<(String, String)>,
+    /// Field types for patches and managed fields; None: the served
+    /// OpenAPI definitions (built-in kinds).
+    pub patch_schema: Option<Arc<dyn PatchSchema>>,
+    /// Whether strategic merge patches apply (built-ins); custom resources
+    /// refuse them with 415, as Kubernetes does.
+    pub strategic_merge: bool,
+    /// Refuse creates: the resource is going away (its CRD is being
+    /// deleted) and only its remaining objects are served.
+    pub terminating: bool,
 }
 
 impl ResourceDef {
+    /// A built-in resource of the k8s-openapi type `T`, with neutral
+    /// behaviour and NAME/AGE columns; modules override what differs.
+    pub fn of<T>() -> ResourceDef
+    where
+        T: k8s_openapi::Resource
+            + k8s_openapi::schemars::JsonSchema
+            + DeserializeOwned
+            + Serialize
+            + 'static,
+        T::Scope: 'static,
+    {
+        let namespaced = std::any::TypeId::of::<T::Scope>()
+            == std::any::TypeId::of::<k8s_openapi::NamespaceResourceScope>();
+        let plural = T::URL_PATH_SEGMENT.to_string();
+        ResourceDef {
+            group: T::GROUP.to_string(),
+            version: T::VERSION.to_string(),
+            kind: T::KIND.to_string(),
+            list_kind: format!("{}List", T::KIND),
+            singular: T::KIND.to_lowercase(),
+            short_names: Vec::new(),
+            categories: Vec::new(),
+            namespaced,
+            name_rule: NameRule::Dns1123Subdomain,
+            subresources: Vec::new(),
+            definition: T::schema_name().into_owned(),
+            storage: plural.clone(),
+            plural,
+            generation: Generation::Untracked,
+            codec: Arc::new(typed_codec::<T>),
+            behaviour: Arc::new(Plain),
+            hook: None,
+            table: Arc::new(TableDef::name_age()),
+            field_selectors: Vec::new(),
+            patch_schema: None,
+            strategic_merge: true,
+            terminating: false,
+        }
+    }
+
     pub fn api_version(&self) -> String {
         if self.group.is_empty() {
-            self.version.to_string()
+            self.version.clone()
         } else {
             format!("{}/{}", self.group, self.version)
         }
     }
 
     pub fn has(&self, sub: Subresource) -> bool {
-        self.subresources.contains(&sub)
+        self.subresources.iter().any(|s| s.kind == sub)
+    }
+
+    pub fn subresource(&self, sub: Subresource) -> Option<&Arc<dyn SubresourceRest>> {
+        self.subresources
+            .iter()
+            .find(|s| s.kind == sub)
+            .map(|s| &s.rest)
     }
 
     /// `/registry/{storage}/` for cluster-scoped, `/registry/{storage}/{ns}/`
@@ -179,12 +354,12 @@ impl ResourceDef {
         let pointer = match field {
             "metadata.name" => "/metadata/name",
             "metadata.namespace" => "/metadata/namespace",
-            _ => {
-                self.field_selectors
-                    .iter()
-                    .find(|(label, _)| *label == field)?
-                    .1
-            }
+            _ => self
+                .field_selectors
+                .iter()
+                .find(|(label, _)| label == field)?
+                .1
+                .as_str(),
         };
         Some(match obj.pointer(pointer) {
             Some(Value::String(s)) => s.clone(),
@@ -196,56 +371,71 @@ impl ResourceDef {
 
     pub fn supports_field(&self, field: &str) -> bool {
         matches!(field, "metadata.name" | "metadata.namespace")
-            || self.field_selectors.iter().any(|(l, _)| *l == field)
+            || self.field_selectors.iter().any(|(l, _)| l == field)
     }
 }
 
-/// All served resources, looked up by group/version/plural.
-pub struct Registry {
-    defs: Vec<Arc<ResourceDef>>,
-    by_path: HashMap<(String, String, String), Arc<ResourceDef>>,
+/// Behaviour for resources with nothing special.
+pub struct Plain;
+
+impl Behaviour for Plain {
+    fn prepare_for_create(&self, _obj: &mut Value) {}
 }
 
-impl Registry {
-    pub fn new(defs: Vec<ResourceDef>) -> Self {
-        let defs: Vec<Arc<ResourceDef>> = defs.into_iter().map(Arc::new).collect();
+/// Field selector labels and the pointers they read, from static pairs.
+pub fn selectable(fields: &[(&str, &str)]) -> Vec<(String, String)> {
+    fields
+        .iter()
+        .map(|(label, pointer)| (label.to_string(), pointer.to_string()))
+        .collect()
+}
+
+/// Owned names from static ones (short names, categories).
+pub fn names(list: &[&str]) -> Vec<String> {
+    list.iter().map(|s| s.to_string()).collect()
+}
+
+/// What the server serves at one moment; replaced whole when custom
+/// resources change, so a request sees one consistent set.
+#[derive(Default)]
+pub struct Served {
+    defs: Vec<Arc<ResourceDef>>,
+    by_path: HashMap<String, Arc<ResourceDef>>,
+}
+
+fn path_key(group: &str, version: &str, plural: &str) -> String {
+    format!("{group}/{version}/{plural}")
+}
+
+impl Served {
+    fn new(defs: Vec<Arc<ResourceDef>>) -> Self {
         let by_path = defs
             .iter()
-            .map(|d| {
-                (
-                    (
-                        d.group.to_string(),
-                        d.version.to_string(),
-                        d.plural.to_string(),
-                    ),
-                    d.clone(),
-                )
-            })
+            .map(|d| (path_key(&d.group, &d.version, &d.plural), d.clone()))
             .collect();
-        Registry { defs, by_path }
+        Served { defs, by_path }
     }
 
-    pub fn get(&self, group: &str, version: &str, plural: &str) -> Option<Arc<ResourceDef>> {
-        self.by_path
-            .get(&(group.to_string(), version.to_string(), plural.to_string()))
-            .cloned()
+    pub fn get(&self, group: &str, version: &str, plural: &str) -> Option<&Arc<ResourceDef>> {
+        self.by_path.get(&path_key(group, version, plural))
     }
 
     pub fn all(&self) -> &[Arc<ResourceDef>] {
         &self.defs
     }
 
-    /// Group → versions served, in registration order.
-    pub fn groups(&self) -> Vec<(&'static str, Vec<&'static str>)> {
-        let mut out: Vec<(&'static str, Vec<&'static str>)> = Vec::new();
+    /// Group → versions served, built-ins in registration order, then
+    /// custom groups with their versions by Kubernetes' version priority.
+    pub fn groups(&self) -> Vec<(&str, Vec<&str>)> {
+        let mut out: Vec<(&str, Vec<&str>)> = Vec::new();
         for d in &self.defs {
             match out.iter_mut().find(|(g, _)| *g == d.group) {
                 Some((_, versions)) => {
-                    if !versions.contains(&d.version) {
-                        versions.push(d.version)
+                    if !versions.contains(&d.version.as_str()) {
+                        versions.push(&d.version)
                     }
                 }
-                None => out.push((d.group, vec![d.version])),
+                None => out.push((&d.group, vec![&d.version])),
             }
         }
         out
@@ -257,6 +447,78 @@ impl Registry {
             .filter(|d| d.group == group && d.version == version)
             .cloned()
             .collect()
+    }
+}
+
+/// All served resources: the built-ins, and the custom resources of each
+/// established CRD (by CRD name).
+pub struct Registry {
+    builtin: Vec<Arc<ResourceDef>>,
+    custom: RwLock<CustomSet>,
+    served: RwLock<Arc<Served>>,
+}
+
+#[derive(Default)]
+struct CustomSet {
+    /// CRD name → its served versions, in version priority order.
+    by_crd: std::collections::BTreeMap<String, Vec<Arc<ResourceDef>>>,
+}
+
+impl Registry {
+    pub fn new(defs: Vec<ResourceDef>) -> Self {
+        let builtin: Vec<Arc<ResourceDef>> = defs.into_iter().map(Arc::new).collect();
+        Registry {
+            served: RwLock::new(Arc::new(Served::new(builtin.clone()))),
+            builtin,
+            custom: RwLock::new(CustomSet::default()),
+        }
+    }
+
+    pub fn get(&self, group: &str, version: &str, plural: &str) -> Option<Arc<ResourceDef>> {
+        self.served().get(group, version, plural).cloned()
+    }
+
+    /// What is served now.
+    pub fn served(&self) -> Arc<Served> {
+        self.served
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .clone()
+    }
+
+    pub fn builtin(&self) -> &[Arc<ResourceDef>] {
+        &self.builtin
+    }
+
+    /// Serve `defs` for the CRD `crd` (replacing what it served before);
+    /// an empty list stops serving it.
+    pub fn set_custom(&self, crd: &str, defs: Vec<Arc<ResourceDef>>) {
+        let mut custom = self
+            .custom
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if defs.is_empty() {
+            custom.by_crd.remove(crd);
+        } else {
+            custom.by_crd.insert(crd.to_string(), defs);
+        }
+        let mut all = self.builtin.clone();
+        all.extend(custom.by_crd.values().flatten().cloned());
+        *self
+            .served
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) = Arc::new(Served::new(all));
+    }
+
+    /// The definitions a CRD is served with now.
+    pub fn custom(&self, crd: &str) -> Vec<Arc<ResourceDef>> {
+        self.custom
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .by_crd
+            .get(crd)
+            .cloned()
+            .unwrap_or_default()
     }
 }
 

@@ -27,8 +27,8 @@ use crate::metrics::{LatencyLabels, Metrics, RequestLabels};
 use crate::openapi::OpenApiDocs;
 use crate::patch::FieldManagement;
 use crate::pki::{self, Pki, Tokens};
-use crate::registry::Registry;
-use crate::resources::{self, core::Ipv4Range, ServiceAllocator};
+use crate::registry::{Registry, Served, Subresource};
+use crate::resources::{self, Ipv4Range, ServiceAllocator};
 use crate::rest::{json_response, Api, Request};
 
 /// Largest request body accepted (kube-apiserver's limit is 3 MiB objects).
@@ -131,7 +131,7 @@ pub async fn start(
         .with_context(|| format!("creating {}", data_dir.display()))?;
     let range = Ipv4Range::parse(&config.service_cidr).map_err(anyhow::Error::msg)?;
     let allocator = Arc::new(ServiceAllocator::new(store.clone(), range));
-    let registry = Registry::new(resources::all(allocator.clone()));
+    let registry = Registry::new(resources::builtin(allocator.clone()));
     let openapi = OpenApiDocs::build(&registry)?;
     let fields = FieldManagement::new(openapi.schema());
     let metrics = Arc::new(Metrics::new());
@@ -436,7 +436,8 @@ async fn dispatch(State(state): State<Arc<AppState>>, req: axum::extract::Reques
     let Some(route) = split_resource_path(&path) else {
         return not_found_path(&path);
     };
-    let (mut req, watch) = match build_request(&state.api.registry, route, query, headers, body) {
+    let served = state.api.registry.served();
+    let (mut req, watch) = match build_request(&served, route, query, headers, body) {
         Ok(r) => r,
         Err(e) => return e.into_response(),
     };
@@ -445,7 +446,7 @@ async fn dispatch(State(state): State<Arc<AppState>>, req: axum::extract::Reques
     let labels = (
         req.def.group.to_string(),
         req.def.plural.to_string(),
-        req.sub.clone().unwrap_or_default(),
+        req.sub.map(|s| s.name().to_string()).unwrap_or_default(),
     );
     let result = if watch {
         state.api.clone().watch(req, state.shutdown.clone()).await
@@ -512,19 +513,37 @@ fn serve_static(
     if method != Method::GET {
         return None;
     }
-    let registry = &state.api.registry;
+    let served = state.api.registry.served();
     let parts: Vec<&str> = path.trim_matches('/').split('/').collect();
+    let accept = headers
+        .get(http::header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
     let resp = match parts.as_slice() {
         ["version"] => ok_json(&discovery::version()),
         ["metrics"] => text(StatusCode::OK, &state.api.metrics.encode()),
+        ["api"] | ["apis"] if discovery::aggregated_version(accept).is_some() => {
+            let version = discovery::aggregated_version(accept).unwrap_or("v2");
+            let doc = discovery::aggregated(&served, parts == ["api"], version);
+            let mut resp = ok_json(&doc);
+            let content_type = format!(
+                "application/json;g=apidiscovery.k8s.io;v={version};as=APIGroupDiscoveryList"
+            );
+            if let Ok(v) = http::HeaderValue::from_str(&content_type) {
+                resp.headers_mut().insert(http::header::CONTENT_TYPE, v);
+            }
+            resp.headers_mut()
+                .insert(http::header::VARY, http::HeaderValue::from_static("Accept"));
+            resp
+        }
         ["api"] => ok_json(&discovery::core_versions(&state.server_address)),
-        ["api", "v1"] => ok_json(&discovery::resource_list(registry, "", "v1")?),
-        ["apis"] => ok_json(&discovery::group_list(registry)),
-        ["apis", group] => match discovery::group(registry, group) {
+        ["api", "v1"] => ok_json(&discovery::resource_list(&served, "", "v1")?),
+        ["apis"] => ok_json(&discovery::group_list(&served)),
+        ["apis", group] => match discovery::group(&served, group) {
             Some(doc) => ok_json(&doc),
             None => not_found_path(path),
         },
-        ["apis", group, version] => match discovery::resource_list(registry, group, version) {
+        ["apis", group, version] => match discovery::resource_list(&served, group, version) {
             Some(doc) => ok_json(&doc),
             None => not_found_path(path),
         },
@@ -538,7 +557,7 @@ fn serve_static(
 
 /// Resolve `segments` to a resource, namespace, name and subresource.
 fn build_request(
-    registry: &Registry,
+    registry: &Served,
     route: Route,
     mut query: HashMap<String, String>,
     headers: HeaderMap,
@@ -554,6 +573,7 @@ fn build_request(
     let lookup = |plural: &str| {
         registry
             .get(&route.group, &route.version, plural)
+            .cloned()
             .ok_or_else(|| {
                 ApiError::NotFound(crate::error::Target {
                     group: route.group.clone(),
@@ -590,22 +610,25 @@ fn build_request(
             name: String::new(),
         }));
     }
-    if let Some(s) = &sub {
-        let known = def.subresources.iter().any(|r| r.name() == s.as_str());
-        if !known {
-            return Err(ApiError::NotFound(crate::error::Target {
-                group: def.group.to_string(),
-                resource: format!("{}/{s}", def.plural),
-                kind: def.kind.to_string(),
-                name: name.clone().unwrap_or_default(),
-            }));
-        }
-    }
+    let sub = match sub {
+        None => None,
+        Some(s) => match Subresource::parse(&s).filter(|sub| def.has(*sub)) {
+            Some(sub) => Some(sub),
+            None => {
+                return Err(ApiError::NotFound(crate::error::Target {
+                    group: def.group.clone(),
+                    resource: format!("{}/{s}", def.plural),
+                    kind: def.kind.clone(),
+                    name: name.clone().unwrap_or_default(),
+                }))
+            }
+        },
+    };
     if def.namespaced && namespace.is_none() && name.is_some() {
         return Err(ApiError::NotFound(crate::error::Target {
-            group: def.group.to_string(),
-            resource: def.plural.to_string(),
-            kind: def.kind.to_string(),
+            group: def.group.clone(),
+            resource: def.plural.clone(),
+            kind: def.kind.clone(),
             name: name.clone().unwrap_or_default(),
         }));
     }
@@ -652,19 +675,33 @@ fn verb_of(method: &Method, req: &Request, watch: bool) -> &'static str {
 }
 
 async fn handle(api: &Api, method: &Method, req: &Request) -> Result<Response, ApiError> {
-    let has_name = req.name.is_some();
     let not_allowed = |verb: &str| ApiError::MethodNotSupported {
         target: req.target(),
         verb: verb.to_string(),
     };
-    match (method.clone(), has_name) {
+    if let Some(sub) = req.sub {
+        let rest = req
+            .def
+            .subresource(sub)
+            .ok_or_else(|| not_allowed(method.as_str()))?;
+        if req.name.is_none() {
+            return Err(not_allowed(method.as_str()));
+        }
+        return match *method {
+            Method::GET => rest.get(api, req).await,
+            Method::POST => rest.create(api, req).await,
+            Method::PUT => rest.update(api, req).await,
+            Method::PATCH => rest.patch(api, req).await,
+            ref m => Err(not_allowed(m.as_str())),
+        };
+    }
+    match (method.clone(), req.name.is_some()) {
         (Method::GET, true) => api.get(req).await,
         (Method::GET, false) => api.list(req).await,
         (Method::POST, false) => api.create(req).await,
-        (Method::POST, true) if req.sub.is_some() => api.create(req).await,
         (Method::PUT, true) => api.update(req).await,
         (Method::PATCH, true) => api.patch(req).await,
-        (Method::DELETE, true) if req.sub.is_none() => api.delete(req).await,
+        (Method::DELETE, true) => api.delete(req).await,
         (Method::DELETE, false) => api.delete_collection(req).await,
         (m, _) => Err(not_allowed(m.as_str())),
     }

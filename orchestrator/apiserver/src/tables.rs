@@ -46,6 +46,16 @@ pub const AGE: Column = col(
     "CreationTimestamp is a timestamp representing the server time when this object was created.",
 );
 
+/// What `kubectl get` prints for a resource: its columns and each row's
+/// cells. Built-ins use [`TableDef`]; custom resources their CRD's
+/// printer columns.
+pub trait TablePrinter: Send + Sync {
+    /// `columnDefinitions` of a Table.
+    fn column_definitions(&self) -> Value;
+    /// One row's cells, in column order.
+    fn cells(&self, obj: &Value, now: DateTime<Utc>) -> Vec<Value>;
+}
+
 /// Columns and the function computing a row's cells for one object.
 pub struct TableDef {
     pub columns: Vec<Column>,
@@ -60,8 +70,10 @@ impl TableDef {
             cells: |o, now| vec![name(o), age(o, now)],
         }
     }
+}
 
-    pub fn column_definitions(&self) -> Value {
+impl TablePrinter for TableDef {
+    fn column_definitions(&self) -> Value {
         self.columns
             .iter()
             .map(|c| {
@@ -73,9 +85,8 @@ impl TableDef {
             .collect()
     }
 
-    /// A `TableRow`; `object` is what `includeObject` asked for.
-    pub fn row(&self, obj: &Value, object: Value, now: DateTime<Utc>) -> Value {
-        json!({ "cells": (self.cells)(obj, now), "object": object })
+    fn cells(&self, obj: &Value, now: DateTime<Utc>) -> Vec<Value> {
+        (self.cells)(obj, now)
     }
 }
 

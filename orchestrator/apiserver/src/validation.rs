@@ -37,6 +37,30 @@ pub fn dns1123_label_errors(s: &str) -> Vec<String> {
     errs
 }
 
+/// RFC 1035 label: like an RFC 1123 label but starting with a letter (the
+/// names of CRD versions, plurals and kinds).
+pub fn dns1035_label_errors(s: &str) -> Vec<String> {
+    let mut errs = Vec::new();
+    if s.len() > DNS1123_LABEL_MAX {
+        errs.push(format!(
+            "must be no more than {DNS1123_LABEL_MAX} characters"
+        ));
+    }
+    let ok = !s.is_empty()
+        && s.chars().all(|c| is_alnum_lower(c) || c == '-')
+        && s.starts_with(|c: char| c.is_ascii_lowercase())
+        && s.ends_with(is_alnum_lower);
+    if !ok {
+        errs.push(
+            "a DNS-1035 label must consist of lower case alphanumeric characters or '-', start \
+             with an alphabetic character, and end with an alphanumeric character (e.g. \
+             'my-name',  or 'abc-123', regex used for validation is '[a-z]([-a-z0-9]*[a-z0-9])?')"
+                .into(),
+        );
+    }
+    errs
+}
+
 /// RFC 1123 subdomain: dot-separated labels, at most 253 characters.
 pub fn dns1123_subdomain_errors(s: &str) -> Vec<String> {
     let mut errs = Vec::new();

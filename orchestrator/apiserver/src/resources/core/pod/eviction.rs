@@ -2,16 +2,40 @@
 //! with the Eviction's deleteOptions (what `kubectl drain` posts). No
 //! PodDisruptionBudgets are served, so every eviction is allowed.
 
+use std::sync::Arc;
+
+use async_trait::async_trait;
 use axum::response::Response;
-use http::StatusCode;
 use serde_json::{json, Value};
 
 use crate::error::{ApiError, ApiResult, Cause};
-use crate::rest::{json_response, Api, Request};
+use crate::registry::{
+    ResourceDef, Subresource, SubresourceDef, SubresourceDiscovery, SubresourceRest,
+};
+use crate::rest::render::created_status;
+use crate::rest::{Api, Request};
 
-impl Api {
-    pub(crate) async fn evict(&self, req: &Request) -> ApiResult<Response> {
-        let body = self.parse_body(req)?;
+pub fn def() -> SubresourceDef {
+    SubresourceDef {
+        kind: Subresource::Eviction,
+        rest: Arc::new(EvictionRest),
+    }
+}
+
+struct EvictionRest;
+
+#[async_trait]
+impl SubresourceRest for EvictionRest {
+    fn discovery(&self, _def: &ResourceDef) -> SubresourceDiscovery {
+        SubresourceDiscovery {
+            kind: "Eviction".into(),
+            group_version: Some(("policy", "v1")),
+            verbs: &["create"],
+        }
+    }
+
+    async fn create(&self, api: &Api, req: &Request) -> ApiResult<Response> {
+        let body = api.parse_body(req)?;
         let kind = body
             .get("kind")
             .and_then(Value::as_str)
@@ -52,12 +76,9 @@ impl Api {
         } else {
             options
         };
-        self.delete_one(req, url_name, &options).await?;
-        Ok(json_response(
-            StatusCode::CREATED,
-            &json!({"kind": "Status", "apiVersion": "v1", "metadata": {},
-                    "status": "Success", "code": 201}),
-            &[],
-        ))
+        // The pod itself is deleted, not a subresource of it.
+        let pod = req.derived(req.namespace.clone(), req.name.clone(), None);
+        api.delete_one(&pod, url_name, &options).await?;
+        Ok(created_status())
     }
 }

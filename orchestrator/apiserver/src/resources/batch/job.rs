@@ -2,40 +2,28 @@
 
 use std::sync::Arc;
 
-use k8s_openapi::api::batch::v1 as batchv1;
+use k8s_openapi::api::batch::v1::Job;
 use serde_json::{json, Map, Value};
 
-use super::podspec::{default_pod_spec, validate_pod_spec};
 use crate::error::Cause;
-use crate::registry::{typed_codec, Behaviour, ResourceDef, Subresource};
+use crate::registry::{names, selectable, Behaviour, Generation, ResourceDef};
+use crate::resources::podspec::{default_pod_spec, validate_pod_spec};
+use crate::rest::status::StatusRest;
 use crate::tables::{
     age, col, container_names_and_images, human_duration, i, name, s, selector_string, wide,
     TableDef, AGE, NAME,
 };
-use crate::validation::NameRule;
 
 const UID_LABEL: &str = "batch.kubernetes.io/controller-uid";
 const NAME_LABEL: &str = "batch.kubernetes.io/job-name";
 
-pub fn resources() -> Vec<ResourceDef> {
-    vec![ResourceDef {
-        group: "batch",
-        version: "v1",
-        kind: "Job",
-        plural: "jobs",
-        singular: "job",
-        short_names: &[],
-        categories: &["all"],
-        namespaced: true,
-        name_rule: NameRule::Dns1123Subdomain,
-        subresources: &[Subresource::Status],
-        definition: "io.k8s.api.batch.v1.Job",
-        storage: "jobs",
-        tracks_generation: true,
-        codec: typed_codec::<batchv1::Job>,
+pub fn definition() -> ResourceDef {
+    ResourceDef {
+        categories: names(&["all"]),
+        subresources: vec![StatusRest::def()],
+        generation: Generation::Spec,
         behaviour: Arc::new(JobBehaviour),
-        hook: None,
-        table: TableDef {
+        table: Arc::new(TableDef {
             columns: vec![
                 NAME,
                 col("Status", "Status of the job."),
@@ -56,9 +44,10 @@ pub fn resources() -> Vec<ResourceDef> {
                 ),
             ],
             cells: job_cells,
-        },
-        field_selectors: &[("status.successful", "/status/succeeded")],
-    }]
+        }),
+        field_selectors: selectable(&[("status.successful", "/status/succeeded")]),
+        ..ResourceDef::of::<Job>()
+    }
 }
 
 fn job_cells(o: &Value, now: chrono::DateTime<chrono::Utc>) -> Vec<Value> {

@@ -1,0 +1,31 @@
+//! core/v1 resources.
+
+pub mod configmap;
+pub mod endpoints;
+pub mod event;
+pub mod namespace;
+pub mod node;
+pub mod pod;
+pub mod secret;
+pub mod service;
+pub mod serviceaccount;
+
+use std::sync::Arc;
+
+use crate::registry::{ResourceDef, WriteHook};
+
+/// core/v1 in discovery order; `service_allocator` hands out ClusterIPs
+/// and NodePorts.
+pub fn resources(service_allocator: Arc<dyn WriteHook>) -> Vec<ResourceDef> {
+    vec![
+        namespace::definition(),
+        node::definition(),
+        pod::definition(),
+        service::definition(service_allocator),
+        endpoints::definition(),
+        configmap::definition(),
+        secret::definition(),
+        serviceaccount::definition(),
+        event::definition(),
+    ]
+}
