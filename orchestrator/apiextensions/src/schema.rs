@@ -1980,3 +1980,626 @@ fn repetition(chars: &[char]) -> Option<(usize, Vec<u64>)> {
     }
     Some((end + 1, counts))
 }
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    const P: &str = "spec.versions[0].schema.openAPIV3Schema";
+
+    /// The causes of refusing `schema`, rendered as kube-apiserver renders them.
+    fn refusals(schema: Value) -> Vec<String> {
+        match Schema::parse(&schema, P) {
+            Ok(_) => Vec::new(),
+            Err(causes) => causes.iter().map(Cause::render).collect(),
+        }
+    }
+
+    fn parses(schema: Value) -> Schema {
+        Schema::parse(&schema, P).unwrap_or_else(|causes| panic!("refused: {causes:#?}"))
+    }
+
+    fn object(properties: Value) -> Value {
+        json!({"type": "object", "properties": properties})
+    }
+
+    /// A CronTab-like schema: nested objects, a map list, an int-or-string,
+    /// an embedded resource, defaults, enums, patterns and formats.
+    pub(crate) fn crontab() -> Value {
+        json!({
+            "type": "object",
+            "properties": {
+                "spec": {
+                    "type": "object",
+                    "required": ["cronSpec"],
+                    "properties": {
+                        "cronSpec": {"type": "string", "pattern": "^(\\d+|\\*)(/\\d+)?(\\s+(\\d+|\\*)(/\\d+)?){4}$"},
+                        "image": {"type": "string", "maxLength": 64},
+                        "replicas": {"type": "integer", "format": "int32", "minimum": 1, "maximum": 10, "default": 1},
+                        "color": {"type": "string", "enum": ["red", "green"]},
+                        "maxSurge": {"x-kubernetes-int-or-string": true, "anyOf": [{"type": "integer"}, {"type": "string"}]},
+                        "startAt": {"type": "string", "format": "date-time"},
+                        "ports": {
+                            "type": "array",
+                            "x-kubernetes-list-type": "map",
+                            "x-kubernetes-list-map-keys": ["containerPort", "protocol"],
+                            "items": {
+                                "type": "object",
+                                "required": ["containerPort"],
+                                "properties": {
+                                    "containerPort": {"type": "integer"},
+                                    "protocol": {"type": "string", "default": "TCP"},
+                                    "name": {"type": "string"}
+                                }
+                            }
+                        },
+                        "tags": {"type": "array", "x-kubernetes-list-type": "set", "items": {"type": "string"}},
+                        "labels": {"type": "object", "additionalProperties": {"type": "string"}},
+                        "template": {
+                            "type": "object",
+                            "x-kubernetes-embedded-resource": true,
+                            "x-kubernetes-preserve-unknown-fields": true
+                        },
+                        "extra": {"type": "object", "x-kubernetes-preserve-unknown-fields": true}
+                    }
+                },
+                "status": {
+                    "type": "object",
+                    "properties": {"replicas": {"type": "integer"}}
+                }
+            }
+        })
+    }
+
+    #[test]
+    fn crontab_parses_into_its_structure() {
+        let s = parses(crontab());
+        assert_eq!(s.type_, Some(SchemaType::Object));
+        let spec = &s.properties["spec"];
+        assert_eq!(spec.required, vec!["cronSpec"]);
+        let replicas = &spec.properties["replicas"];
+        assert_eq!(replicas.type_, Some(SchemaType::Integer));
+        assert_eq!(replicas.format.as_deref(), Some("int32"));
+        assert_eq!(replicas.maximum, Some(10.0));
+        assert_eq!(replicas.default, Some(json!(1)));
+        assert_eq!(
+            spec.properties["color"].enum_values,
+            vec![json!("red"), json!("green")]
+        );
+        let surge = &spec.properties["maxSurge"];
+        assert!(surge.int_or_string);
+        assert_eq!(surge.type_, None);
+        assert_eq!(surge.any_of[0].type_, Some(SchemaType::Integer));
+        let ports = &spec.properties["ports"];
+        assert_eq!(
+            ports.list_type,
+            Some(ListType::Map {
+                keys: vec!["containerPort".into(), "protocol".into()]
+            })
+        );
+        assert_eq!(spec.properties["tags"].list_type, Some(ListType::Set));
+        assert_eq!(
+            spec.properties["labels"]
+                .additional_properties
+                .as_ref()
+                .and_then(|a| a.type_),
+            Some(SchemaType::String)
+        );
+        let template = &spec.properties["template"];
+        assert!(template.embedded_resource && template.preserve_unknown_fields);
+        let pattern = spec.properties["cronSpec"].pattern.as_ref().unwrap();
+        assert!(pattern.regex.is_match("*/5 * * * *"));
+        assert!(!pattern.regex.is_match("five"));
+    }
+
+    #[test]
+    fn every_node_needs_a_type() {
+        let schema = json!({
+            "properties": {
+                "a": {},
+                "b": {"type": "array", "items": {}},
+                "c": {"type": "object", "additionalProperties": {}},
+                "d": {"x-kubernetes-int-or-string": true},
+                "e": {"x-kubernetes-preserve-unknown-fields": true}
+            }
+        });
+        assert_eq!(
+            refusals(schema),
+            vec![
+                format!("{P}.properties[a].type: Required value: must not be empty for specified object fields"),
+                format!("{P}.properties[b].items.type: Required value: must not be empty for specified array items"),
+                format!("{P}.properties[c].additionalProperties.type: Required value: must not be empty for specified object fields"),
+                format!("{P}.type: Required value: must not be empty at the root"),
+            ]
+        );
+    }
+
+    #[test]
+    fn the_root_is_an_object() {
+        assert_eq!(
+            refusals(json!({"type": "integer"})),
+            vec![format!(
+                "{P}.type: Invalid value: \"integer\": must be object at the root"
+            )]
+        );
+        assert_eq!(
+            refusals(json!({"type": "object", "nullable": true})),
+            vec![format!(
+                "{P}.nullable: Forbidden: nullable cannot be true at the root"
+            )]
+        );
+    }
+
+    #[test]
+    fn unknown_types_and_null() {
+        assert_eq!(
+            refusals(object(json!({"a": {"type": "int"}, "b": {"type": "null"}}))),
+            vec![
+                format!("{P}.properties[a].type: Unsupported value: \"int\": supported values: \"array\", \"boolean\", \"integer\", \"number\", \"object\", \"string\""),
+                format!("{P}.properties[b].type: Unsupported value: \"null\": supported values: \"array\", \"boolean\", \"integer\", \"number\", \"object\", \"string\""),
+                format!("{P}.properties[b].type: Forbidden: type cannot be set to null, use nullable as an alternative"),
+            ]
+        );
+    }
+
+    #[test]
+    fn properties_and_additional_properties_exclude_each_other() {
+        let schema = object(json!({
+            "m": {"type": "object", "properties": {"a": {"type": "string"}}, "additionalProperties": {"type": "string"}},
+            "f": {"type": "object", "additionalProperties": false},
+            "t": {"type": "object", "properties": {"a": {"type": "string"}}, "additionalProperties": true}
+        }));
+        assert_eq!(
+            refusals(schema),
+            vec![
+                format!("{P}.properties[f].additionalProperties: Forbidden: additionalProperties cannot be set to false"),
+                format!("{P}.properties[m].additionalProperties: Forbidden: additionalProperties and properties are mutual exclusive"),
+            ]
+        );
+        assert_eq!(
+            refusals(json!({"type": "object", "additionalProperties": {"type": "string"}})),
+            vec![format!(
+                "{P}.additionalProperties: Forbidden: must not be used at the root"
+            )]
+        );
+        // `true` next to properties is allowed: a schema that constrains nothing.
+        let s = parses(object(json!({
+            "t": {"type": "object", "properties": {"a": {"type": "string"}}, "additionalProperties": true}
+        })));
+        assert!(s.properties["t"].additional_properties.is_some());
+    }
+
+    #[test]
+    fn junctors_may_not_declare_structure() {
+        let schema = json!({
+            "type": "object",
+            "properties": {"foo": {"type": "string"}},
+            "anyOf": [{"type": "object", "description": "d", "title": "t", "nullable": true, "default": {}, "additionalProperties": {}}],
+            "allOf": [{"properties": {"foo": {"x-kubernetes-int-or-string": true, "x-kubernetes-list-type": "atomic"}}}],
+            "not": {"properties": {"metadata": {}}, "x-kubernetes-validations": [{"rule": "true"}]}
+        });
+        assert_eq!(
+            refusals(schema),
+            vec![
+                format!("{P}.allOf[0].properties[foo].x-kubernetes-int-or-string: Forbidden: must be false to be structural"),
+                format!("{P}.allOf[0].properties[foo].x-kubernetes-list-type: Forbidden: must be undefined to be structural"),
+                format!("{P}.anyOf[0].additionalProperties: Forbidden: must be undefined to be structural"),
+                format!("{P}.anyOf[0].default: Forbidden: must be undefined to be structural"),
+                format!("{P}.anyOf[0].description: Forbidden: must be empty to be structural"),
+                format!("{P}.anyOf[0].nullable: Forbidden: must be false to be structural"),
+                format!("{P}.anyOf[0].title: Forbidden: must be empty to be structural"),
+                format!("{P}.anyOf[0].type: Forbidden: must be empty to be structural"),
+                format!("{P}.not.properties[metadata]: Forbidden: must not be specified in a nested context"),
+                format!("{P}.not.x-kubernetes-validations: Forbidden: must be empty to be structural"),
+                format!("{P}.properties[metadata]: Required value: because it is defined in {P}.not.properties[metadata]"),
+                // Checked in junctors too, after the structural errors.
+                format!("{P}.allOf[0].properties[foo].type: Required value: must be array if x-kubernetes-list-type is specified"),
+            ]
+        );
+    }
+
+    #[test]
+    fn junctors_only_constrain_specified_fields() {
+        let schema = json!({
+            "type": "object",
+            "properties": {"a": {"type": "string"}, "l": {"type": "array", "items": {"type": "string"}}},
+            "oneOf": [{"required": ["a"]}, {"properties": {"b": {"minLength": 1}}}],
+            "not": {"properties": {"a": {"items": {}}, "l": {"items": {"maxLength": 3}}}}
+        });
+        assert_eq!(
+            refusals(schema),
+            vec![
+                format!("{P}.properties[a].items: Required value: because it is defined in {P}.not.properties[a].items"),
+                format!("{P}.properties[b]: Required value: because it is defined in {P}.oneOf[1].properties[b]"),
+            ]
+        );
+    }
+
+    #[test]
+    fn int_or_string_patterns() {
+        let s = parses(object(json!({
+            "a": {"x-kubernetes-int-or-string": true},
+            "b": {"x-kubernetes-int-or-string": true, "anyOf": [{"type": "integer"}, {"type": "string"}]},
+            "c": {"x-kubernetes-int-or-string": true, "allOf": [{"anyOf": [{"type": "integer"}, {"type": "string"}]}, {"pattern": "^[0-9]+%?$"}]}
+        })));
+        assert_eq!(s.properties["c"].all_of.len(), 2);
+        assert_eq!(
+            refusals(object(json!({
+                "a": {"x-kubernetes-int-or-string": true, "x-kubernetes-preserve-unknown-fields": true},
+                "b": {"x-kubernetes-int-or-string": true, "anyOf": [{"type": "integer"}, {"type": "string", "maxLength": 3}]}
+            }))),
+            vec![
+                format!("{P}.properties[a].x-kubernetes-preserve-unknown-fields: Invalid value: true: must be false if x-kubernetes-int-or-string is true"),
+                format!("{P}.properties[b].anyOf[0].type: Forbidden: must be empty to be structural"),
+                format!("{P}.properties[b].anyOf[1].type: Forbidden: must be empty to be structural"),
+            ]
+        );
+    }
+
+    #[test]
+    fn root_metadata_only_constrains_names() {
+        assert!(Schema::parse(
+            &object(json!({"metadata": {"type": "object", "properties": {"name": {"type": "string", "maxLength": 10}}}})),
+            P
+        )
+        .is_ok());
+        assert_eq!(
+            refusals(object(json!({"metadata": {"type": "object", "properties": {"labels": {"type": "object"}}}}))),
+            vec![format!("{P}.properties[metadata]: Forbidden: must not specify anything other than name and generateName, but metadata is implicitly specified")]
+        );
+        assert_eq!(
+            refusals(object(
+                json!({"metadata": {"type": "string"}, "kind": {"type": "integer"}})
+            )),
+            vec![
+                format!("{P}.properties[kind].type: Invalid value: \"integer\": must be string"),
+                format!("{P}.properties[metadata].type: Invalid value: \"string\": must be object"),
+            ]
+        );
+        assert_eq!(
+            refusals(object(json!({"metadata": {"type": "object", "properties": {"name": {"type": "string", "default": "x"}}}}))),
+            vec![format!("{P}.properties[metadata].properties[name].default: Forbidden: must not be set in top-level metadata")]
+        );
+    }
+
+    #[test]
+    fn unsupported_keywords() {
+        assert_eq!(
+            refusals(object(json!({
+                "a": {"$ref": "#/definitions/x"},
+                "b": {"type": "array", "uniqueItems": true, "items": {"type": "string"}},
+                "c": {"type": "array", "items": [{"type": "string"}]},
+                "d": {"type": "object", "patternProperties": {"^x": {"type": "string"}}},
+                "e": {"type": "string", "id": "e"}
+            }))),
+            vec![
+                format!("{P}.properties[a].$ref: Forbidden: $ref is not supported"),
+                format!("{P}.properties[b].uniqueItems: Forbidden: uniqueItems cannot be set to true since the runtime complexity becomes quadratic"),
+                format!("{P}.properties[c].items: Forbidden: items must be a schema object and not an array"),
+                format!("{P}.properties[d].patternProperties: Forbidden: patternProperties is not supported"),
+                format!("{P}.properties[e].id: Forbidden: id is not supported"),
+            ]
+        );
+        // `$schema` only stops the structural conversion.
+        assert_eq!(
+            refusals(
+                json!({"type": "object", "$schema": "http://json-schema.org/draft-04/schema#"})
+            ),
+            vec![format!(
+                "{P}: Invalid value: \"\": OpenAPIV3Schema 'schema' is not supported"
+            )]
+        );
+        assert_eq!(
+            refusals(object(json!({"a": {"type": "string", "x-kubernetes-preserve-unknown-fields": false}}))),
+            vec![format!("{P}.properties[a].x-kubernetes-preserve-unknown-fields: Invalid value: false: must be true or undefined")]
+        );
+    }
+
+    #[test]
+    fn unknown_keywords_are_ignored() {
+        let s = parses(
+            json!({"type": "object", "x-custom": 1, "$comment": "c", "examples": [1],
+            "properties": {"a": {"type": "string", "example": "x", "externalDocs": {"url": "u"}, "deprecated": true}}}),
+        );
+        assert_eq!(s.properties["a"].type_, Some(SchemaType::String));
+    }
+
+    #[test]
+    fn list_and_map_types() {
+        let schema = object(json!({
+            "a": {"type": "object", "x-kubernetes-list-type": "set"},
+            "b": {"type": "array", "items": {"type": "string"}, "x-kubernetes-list-type": "bag"},
+            "c": {"type": "array", "items": {"type": "object"}, "x-kubernetes-list-map-keys": ["k"]},
+            "d": {"type": "string", "x-kubernetes-map-type": "atomic"},
+            "e": {"type": "object", "x-kubernetes-map-type": "tree"},
+            "f": {"type": "array", "x-kubernetes-list-type": "set", "items": {"type": "object", "properties": {"a": {"type": "string"}}}},
+            "g": {"type": "array", "x-kubernetes-list-type": "set", "items": {"type": "string", "nullable": true}}
+        }));
+        assert_eq!(
+            refusals(schema),
+            vec![
+                format!("{P}.properties[a].type: Invalid value: \"object\": must be array if x-kubernetes-list-type is specified"),
+                format!("{P}.properties[b].x-kubernetes-list-type: Unsupported value: \"bag\": supported values: \"atomic\", \"set\", \"map\""),
+                format!("{P}.properties[c].x-kubernetes-list-type: Required value: must be map if x-kubernetes-list-map-keys is non-empty"),
+                format!("{P}.properties[d].type: Invalid value: \"string\": must be object if x-kubernetes-map-type is specified"),
+                format!("{P}.properties[e].x-kubernetes-map-type: Unsupported value: \"tree\": supported values: \"atomic\", \"granular\""),
+                format!("{P}.properties[f].items.x-kubernetes-map-type: Invalid value: null: must be atomic as item of a list with x-kubernetes-list-type=set"),
+                format!("{P}.properties[g].items.nullable: Forbidden: cannot be nullable when x-kubernetes-list-type is set"),
+            ]
+        );
+    }
+
+    #[test]
+    fn map_list_keys() {
+        let schema = object(json!({
+            "l": {
+                "type": "array",
+                "x-kubernetes-list-type": "map",
+                "x-kubernetes-list-map-keys": ["name", "sub", "missing", "name"],
+                "items": {
+                    "type": "object",
+                    "properties": {
+                        "name": {"type": "string", "nullable": true},
+                        "sub": {"type": "object"}
+                    }
+                }
+            },
+            "m": {"type": "array", "x-kubernetes-list-type": "map"}
+        }));
+        let key_default = "Required value: this property is in x-kubernetes-list-map-keys, so it must have a default or be a required property";
+        let key_nullable =
+            "Forbidden: this property is in x-kubernetes-list-map-keys, so it cannot be nullable";
+        let keys = r#"["name","sub","missing","name"]"#;
+        let l = format!("{P}.properties[l]");
+        assert_eq!(
+            refusals(schema),
+            vec![
+                format!("{P}.properties[m].items: Required value: must be specified"),
+                format!("{l}.items.properties[sub].type: Invalid value: \"object\": must be a scalar type if parent array's x-kubernetes-list-type is map"),
+                format!("{l}.x-kubernetes-list-map-keys: Invalid value: {keys}: entries must all be names of item properties"),
+                format!("{l}.x-kubernetes-list-map-keys: Invalid value: {keys}: must not contain duplicate entries"),
+                // Each listed key is checked, the duplicate twice (as kube does).
+                format!("{l}.items.properties[name].default: {key_default}"),
+                format!("{l}.items.properties[name].nullable: {key_nullable}"),
+                format!("{l}.items.properties[sub].default: {key_default}"),
+                format!("{l}.items.properties[name].default: {key_default}"),
+                format!("{l}.items.properties[name].nullable: {key_nullable}"),
+                format!("{P}.properties[m].x-kubernetes-list-map-keys: Required value: must not be empty if x-kubernetes-list-type is map"),
+                format!("{P}.properties[m].items: Required value: must have a schema if x-kubernetes-list-type is map"),
+            ]
+        );
+    }
+
+    #[test]
+    fn embedded_resources() {
+        assert_eq!(
+            refusals(object(json!({
+                "a": {"x-kubernetes-embedded-resource": true, "x-kubernetes-preserve-unknown-fields": true},
+                "b": {"type": "object", "x-kubernetes-embedded-resource": true},
+                "c": {"type": "array", "x-kubernetes-embedded-resource": true, "items": {"type": "string"}, "properties": {"x": {"type": "string"}}}
+            }))),
+            vec![
+                format!("{P}.properties[a].type: Required value: must be object if x-kubernetes-embedded-resource is true"),
+                format!("{P}.properties[b].properties: Required value: must not be empty if x-kubernetes-embedded-resource is true without x-kubernetes-preserve-unknown-fields"),
+                format!("{P}.properties[c].type: Invalid value: \"array\": must be object if x-kubernetes-embedded-resource is true"),
+            ]
+        );
+        assert_eq!(
+            refusals(object(json!({
+                "r": {"type": "object", "x-kubernetes-embedded-resource": true, "properties": {
+                    "metadata": {"type": "object", "properties": {"m": {"type": "object", "x-kubernetes-embedded-resource": true, "x-kubernetes-preserve-unknown-fields": true}}}
+                }}
+            }))),
+            vec![format!("{P}.properties[r].properties[metadata].properties[m].x-kubernetes-embedded-resource: Forbidden: must not be used inside of resource meta")]
+        );
+    }
+
+    #[test]
+    fn defaults_must_validate_and_carry_no_unknown_fields() {
+        let schema = object(json!({
+            "replicas": {"type": "integer", "maximum": 5, "default": 7},
+            "name": {"type": "string", "default": 3},
+            "spec": {"type": "object", "properties": {"a": {"type": "string"}}, "default": {"a": "x", "b": "y"}},
+            "res": {"type": "object", "x-kubernetes-embedded-resource": true, "x-kubernetes-preserve-unknown-fields": true, "default": {"kind": "Pod"}}
+        }));
+        assert_eq!(
+            refusals(schema),
+            vec![
+                format!("{P}.properties[name].default: Invalid value: \"integer\":  in body must be of type string: \"integer\""),
+                format!("{P}.properties[replicas].default: Invalid value: 7:  in body should be less than or equal to 5"),
+                format!("{P}.properties[res].default.apiVersion: Required value"),
+                format!("{P}.properties[spec].default: Invalid value: {{\"a\":\"x\",\"b\":\"y\"}}: must not have unknown fields"),
+            ]
+        );
+    }
+
+    #[test]
+    fn patterns_are_re2() {
+        assert_eq!(
+            refusals(object(json!({"a": {"type": "string", "pattern": "+"}, "b": {"type": "string", "pattern": "(?=x)"}, "c": {"type": "string", "pattern": "a{1001}"}}))),
+            vec![
+                format!("{P}.properties[a].pattern: Invalid value: \"+\": must be a valid regular expression, but isn't: error parsing regexp: repetition operator missing expression"),
+                format!("{P}.properties[b].pattern: Invalid value: \"(?=x)\": must be a valid regular expression, but isn't: error parsing regexp: look-around, including look-ahead and look-behind, is not supported"),
+                format!("{P}.properties[c].pattern: Invalid value: \"a{{1001}}\": must be a valid regular expression, but isn't: error parsing regexp: invalid repeat count: `{{1001}}`"),
+            ]
+        );
+        let matches =
+            |pattern: &str, text: &str| compile_pattern(pattern).unwrap().regex.is_match(text);
+        // \d, \w, \s and \b are ASCII in RE2.
+        assert!(matches(r"^\d+$", "42") && !matches(r"^\d+$", "٤٢"));
+        assert!(!matches(r"^\w+$", "é") && matches(r"^\W$", "é"));
+        assert!(matches(r"^[\d-]+$", "1-2") && !matches(r"^\s$", "\u{a0}"));
+        // `[` in a class, `&&`, and a `{` that starts no repetition are literal.
+        assert!(matches(r"^[[a]+$", "[a[") && matches(r"^[a&&b]+$", "&ab"));
+        assert!(matches(r"^{x}$", "{x}") && matches(r"^a{2}$", "aa"));
+        assert!(matches(r"^\Qa.b\E$", "a.b") && !matches(r"^\Qa.b\E$", "axb"));
+        assert!(matches(r"^[[:alpha:]]+$", "ab") && matches(r"^\101$", "A"));
+    }
+
+    #[test]
+    fn validation_rules_are_checked_before_compiling() {
+        let rules = json!([
+            {"rule": "  "},
+            {"rule": "self.a > 0", "message": "  "},
+            {"rule": "self.a > 0", "message": "two\nlines"},
+            {"rule": "self.a >\n0"},
+            {"rule": "self.a > 0", "messageExpression": " ", "reason": "FieldValueTooLong"},
+            {"rule": "self.a > 0", "fieldPath": ".b"},
+            {"rule": "self.a > 0", "fieldPath": ".a"}
+        ]);
+        let schema = object(
+            json!({"s": {"type": "object", "properties": {"a": {"type": "integer"}}, "x-kubernetes-validations": rules}}),
+        );
+        let at = format!("{P}.properties[s].x-kubernetes-validations");
+        assert_eq!(
+            refusals(schema),
+            vec![
+                format!("{at}[0].rule: Required value: rule is not specified"),
+                format!("{at}[1].message: Invalid value: \"  \": must be non-empty if specified"),
+                format!("{at}[2].message: Invalid value: \"two\\nlines\": must not contain line breaks"),
+                format!("{at}[3].message: Required value: message must be specified if rule contains line breaks"),
+                format!("{at}[4].messageExpression: Required value: messageExpression must be non-empty if specified"),
+                format!("{at}[4].reason: Unsupported value: \"FieldValueTooLong\": supported values: \"FieldValueDuplicate\", \"FieldValueForbidden\", \"FieldValueInvalid\", \"FieldValueRequired\""),
+                format!("{at}[5].fieldPath: Invalid value: \".b\": must be a valid path"),
+            ]
+        );
+    }
+
+    #[test]
+    fn rules_that_do_not_compile_are_refused() {
+        let schema = object(
+            json!({"s": {"type": "object", "x-kubernetes-validations": [{"rule": "self.a >", "message": "m"}]}}),
+        );
+        let causes = Schema::parse(&schema, P).unwrap_err();
+        assert_eq!(causes.len(), 1);
+        assert_eq!(
+            causes[0].field,
+            format!("{P}.properties[s].x-kubernetes-validations[0].rule")
+        );
+        assert_eq!(causes[0].reason, "FieldValueInvalid");
+        let prefix = r#"Invalid value: {"Rule":"self.a >","Message":"m","MessageExpression":"","Reason":null,"FieldPath":"","OptionalOldSelf":null}: compilation failed: "#;
+        assert!(
+            causes[0].message.starts_with(prefix),
+            "{}",
+            causes[0].message
+        );
+    }
+
+    #[test]
+    #[ignore = "needs the CEL engine: compile() refuses every rule until it lands"]
+    fn transition_rules_need_correlatable_nodes() {
+        let schema = object(json!({
+            "l": {"type": "array", "items": {"type": "object", "properties": {"a": {"type": "integer"}},
+                "x-kubernetes-validations": [{"rule": "self.a >= oldSelf.a"}]}},
+            "s": {"type": "object", "properties": {"a": {"type": "integer"}},
+                "x-kubernetes-validations": [{"rule": "self.a > 0", "optionalOldSelf": true}]}
+        }));
+        assert_eq!(
+            refusals(schema),
+            vec![
+                format!("{P}.properties[l].items.x-kubernetes-validations[0].rule: Invalid value: \"self.a >= oldSelf.a\": oldSelf cannot be used on the uncorrelatable portion of the schema within {P}.properties[l]"),
+                format!("{P}.properties[s].x-kubernetes-validations[0].optionalOldSelf: Invalid value: true: may not be set if oldSelf is not used in rule"),
+            ]
+        );
+        let s = parses(object(
+            json!({"s": {"type": "object", "properties": {"a": {"type": "integer"}},
+            "x-kubernetes-validations": [{"rule": "self.a > 0", "fieldPath": ".a", "reason": "FieldValueForbidden"}]}}),
+        ));
+        let rule = &s.properties["s"].validations[0];
+        assert_eq!(rule.field_path.as_deref(), Some(".a"));
+        assert_eq!(rule.reason.as_deref(), Some("FieldValueForbidden"));
+    }
+
+    #[test]
+    fn field_paths_resolve_like_kube() {
+        let s = parses(object(json!({
+            "spec": {"type": "object", "properties": {
+                "a.b": {"type": "string"},
+                "m": {"type": "object", "additionalProperties": {"type": "object", "properties": {"x": {"type": "string"}}}}
+            }}
+        })));
+        assert_eq!(
+            resolve_field_path(".spec['a.b']", &s),
+            Ok("spec.a.b".into())
+        );
+        assert_eq!(
+            resolve_field_path(".spec.m['k.1'].x", &s),
+            Ok("spec.m[k.1].x".into())
+        );
+        assert_eq!(
+            resolve_field_path(".spec.nope", &s),
+            Err("does not refer to a valid field".into())
+        );
+        assert_eq!(
+            resolve_field_path("spec", &s),
+            Err("expected [ or . but got: spec".into())
+        );
+        assert_eq!(
+            resolve_field_path(".spec[a]", &s),
+            Err("expected single quoted string but got a".into())
+        );
+    }
+
+    #[test]
+    fn keywords_of_the_wrong_json_type() {
+        assert_eq!(
+            refusals(json!({"type": "object", "properties": {"a": {"type": 5, "maxLength": 1.5, "required": "x"}}, "items": true})),
+            vec![
+                format!("{P}.properties[a].type: Invalid value: \"integer\": must be of type string"),
+                format!("{P}.properties[a].maxLength: Invalid value: \"number\": must be of type integer"),
+                format!("{P}.properties[a].required: Invalid value: \"string\": must be of type array"),
+                format!("{P}.items: Invalid value: \"boolean\": must be of type object"),
+            ]
+        );
+        assert_eq!(
+            refusals(json!("object")),
+            vec![format!(
+                "{P}: Invalid value: \"string\": must be of type object"
+            )]
+        );
+    }
+
+    /// `json!` would serialize (recursively) a value it is given: build the
+    /// nesting by hand.
+    pub(crate) fn nested(depth: usize, wrap: impl Fn(Value) -> Value) -> Value {
+        (0..depth).fold(json!({"type": "string"}), |inner, _| wrap(inner))
+    }
+
+    /// Take a deep value apart from the inside out; dropping it whole would
+    /// recurse once per level.
+    pub(crate) fn dismantle(mut value: Value) {
+        let mut stack = Vec::new();
+        loop {
+            match &mut value {
+                Value::Object(map) => stack.extend(std::mem::take(map).into_iter().map(|(_, v)| v)),
+                Value::Array(items) => stack.append(items),
+                _ => {}
+            }
+            match stack.pop() {
+                Some(next) => value = next,
+                None => break,
+            }
+        }
+    }
+
+    #[test]
+    fn deep_schemas_are_refused_without_overflowing() {
+        let schema = nested(5_000, |inner| {
+            let mut properties = serde_json::Map::new();
+            properties.insert("a".into(), inner);
+            let mut node = serde_json::Map::new();
+            node.insert("type".into(), json!("object"));
+            node.insert("properties".into(), Value::Object(properties));
+            Value::Object(node)
+        });
+        let causes = Schema::parse(&schema, P).unwrap_err();
+        assert_eq!(causes.len(), 1);
+        assert!(causes[0]
+            .message
+            .ends_with("must not be nested more than 64 levels deep"));
+        assert_eq!(causes[0].field.matches("properties[a]").count(), MAX_DEPTH);
+        dismantle(schema);
+    }
+}
