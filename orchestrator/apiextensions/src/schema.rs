@@ -1982,7 +1982,7 @@ fn repetition(chars: &[char]) -> Option<(usize, Vec<u64>)> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use serde_json::json;
 
     use super::*;
