@@ -1428,11 +1428,20 @@ impl Walk {
             let message_expression =
                 Some(rule.message_expression.as_str()).filter(|m| !m.is_empty());
             let optional = rule.optional_old_self.unwrap_or(false);
-            match CompiledRule::compile(&rule.rule, message_expression, optional) {
+            // Whether the rule reads oldSelf decides whether optionalOldSelf
+            // may be set at all, so it is compiled without it first.
+            let compiled_rule = match CompiledRule::compile(&rule.rule, message_expression, false) {
+                Ok(c) if optional && c.is_transition() => {
+                    CompiledRule::compile(&rule.rule, message_expression, true)
+                }
+                other => other,
+            };
+            match compiled_rule {
+                // The engine's message starts with "compilation failed".
                 Err(e) => self.cel_errs.push(Cause::invalid(
                     format!("{at}.rule"),
                     &rule.shown(),
-                    format!("compilation failed: {e}"),
+                    e.to_string(),
                 )),
                 Ok(c) => {
                     if c.is_transition() {
@@ -2488,7 +2497,6 @@ pub(crate) mod tests {
     }
 
     #[test]
-    #[ignore = "needs the CEL engine: compile() refuses every rule until it lands"]
     fn transition_rules_need_correlatable_nodes() {
         let schema = object(json!({
             "l": {"type": "array", "items": {"type": "object", "properties": {"a": {"type": "integer"}},

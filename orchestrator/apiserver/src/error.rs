@@ -20,6 +20,8 @@ pub struct Target {
 #[derive(Debug)]
 pub enum ApiError {
     NotFound(Target),
+    /// A path naming no served resource.
+    NoSuchResource,
     AlreadyExists(Target),
     Conflict {
         target: Target,
@@ -78,7 +80,7 @@ impl ApiError {
 
     fn code(&self) -> StatusCode {
         match self {
-            ApiError::NotFound(_) => StatusCode::NOT_FOUND,
+            ApiError::NotFound(_) | ApiError::NoSuchResource => StatusCode::NOT_FOUND,
             ApiError::AlreadyExists(_) | ApiError::Conflict { .. } => StatusCode::CONFLICT,
             ApiError::Invalid { .. } => StatusCode::UNPROCESSABLE_ENTITY,
             ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
@@ -98,7 +100,7 @@ impl ApiError {
 
     fn reason(&self) -> &'static str {
         match self {
-            ApiError::NotFound(_) => "NotFound",
+            ApiError::NotFound(_) | ApiError::NoSuchResource => "NotFound",
             ApiError::AlreadyExists(_) => "AlreadyExists",
             ApiError::Conflict { .. } => "Conflict",
             ApiError::Invalid { .. } => "Invalid",
@@ -127,6 +129,7 @@ impl ApiError {
         };
         match self {
             ApiError::NotFound(t) => format!("{} \"{}\" not found", qualified(t), t.name),
+            ApiError::NoSuchResource => "the server could not find the requested resource".into(),
             ApiError::AlreadyExists(t) => {
                 format!("{} \"{}\" already exists", qualified(t), t.name)
             }
@@ -193,6 +196,9 @@ impl ApiError {
                     .collect();
             }
             status["details"] = details;
+        }
+        if let ApiError::NoSuchResource = self {
+            status["details"] = json!({});
         }
         if let ApiError::Timeout(_) = self {
             status["details"] = json!({ "retryAfterSeconds": 1 });

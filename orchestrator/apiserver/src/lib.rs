@@ -11,7 +11,7 @@ pub mod error;
 pub mod metrics;
 pub mod nodeproxy;
 pub mod objects;
-mod openapi;
+pub mod openapi;
 pub mod patch;
 pub mod pki;
 pub mod registry;

@@ -14,7 +14,7 @@ use tapestry_openapi::{OpenApi, ResourceInfo};
 
 use crate::discovery::KUBE_GIT_VERSION;
 use crate::error::ApiError;
-use crate::registry::Registry;
+use crate::registry::{Registry, ResourceDef};
 
 pub struct OpenApiDocs {
     docs: Arc<OpenApi>,
@@ -53,28 +53,34 @@ fn json_bytes(bytes: &[u8], cache: &str, etag: Option<&str>) -> Response {
     resp
 }
 
+/// What the OpenAPI documents need to know of a served resource.
+pub fn resource_info(d: &ResourceDef) -> ResourceInfo {
+    ResourceInfo {
+        group: d.group.clone(),
+        version: d.version.clone(),
+        kind: d.kind.clone(),
+        plural: d.plural.clone(),
+        namespaced: d.namespaced,
+        verbs: crate::discovery::VERBS
+            .iter()
+            .map(|v| v.to_string())
+            .collect(),
+        subresources: d
+            .subresources
+            .iter()
+            .map(|s| s.kind.name().to_string())
+            .collect(),
+        definition: d.definition.clone(),
+        strategic_merge: d.strategic_merge,
+    }
+}
+
 impl OpenApiDocs {
     pub fn build(registry: &Registry) -> Result<Self> {
         let infos: Vec<ResourceInfo> = registry
             .builtin()
             .iter()
-            .map(|d| ResourceInfo {
-                group: d.group.clone(),
-                version: d.version.clone(),
-                kind: d.kind.clone(),
-                plural: d.plural.clone(),
-                namespaced: d.namespaced,
-                verbs: crate::discovery::VERBS
-                    .iter()
-                    .map(|v| v.to_string())
-                    .collect(),
-                subresources: d
-                    .subresources
-                    .iter()
-                    .map(|s| s.kind.name().to_string())
-                    .collect(),
-                definition: d.definition.clone(),
-            })
+            .map(|d| resource_info(d))
             .collect();
         let version = KUBE_GIT_VERSION
             .split('+')
@@ -192,7 +198,10 @@ impl OpenApiDocs {
             for gv in docs.v3_paths() {
                 let hash = docs.v3_hash(gv).unwrap_or_default();
                 let url = format!("/openapi/v3/{gv}?hash={hash}");
-                paths.insert(gv.to_string(), serde_json::json!({"serverRelativeURL": url}));
+                paths.insert(
+                    gv.to_string(),
+                    serde_json::json!({"serverRelativeURL": url}),
+                );
             }
         }
         let body = serde_json::to_vec(&serde_json::json!({ "paths": paths })).unwrap_or_default();

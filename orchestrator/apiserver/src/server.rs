@@ -113,7 +113,6 @@ where
 struct AppState {
     api: Arc<Api>,
     tokens: Tokens,
-    openapi: OpenApiDocs,
     server_address: String,
     shutdown: CancellationToken,
     kubelet: crate::nodeproxy::KubeletClient,
@@ -135,13 +134,7 @@ pub async fn start(
     let openapi = OpenApiDocs::build(&registry)?;
     let fields = FieldManagement::new(openapi.schema());
     let metrics = Arc::new(Metrics::new());
-    let api = Arc::new(Api::new(
-        store.clone(),
-        registry,
-        fields,
-        metrics,
-        openapi.names(),
-    ));
+    let api = Arc::new(Api::new(store.clone(), registry, fields, metrics, openapi));
 
     let listener = TcpListener::bind(config.listen)
         .await
@@ -166,12 +159,15 @@ pub async fn start(
     )?;
 
     crate::bootstrap::ensure(&api, range.first(), addr).await?;
+    // Custom resources are served before the first request is.
+    let crds_read_at = resources::apiextensions::controller::initial_sync(&api)
+        .await
+        .map_err(|e| anyhow::anyhow!("serving custom resource definitions: {e}"))?;
 
     let tls = tls_config(&pki)?;
     let state = Arc::new(AppState {
         api: api.clone(),
         tokens,
-        openapi,
         server_address: format!("{host}:{}", addr.port()),
         shutdown: shutdown.clone(),
         kubelet,
@@ -188,6 +184,11 @@ pub async fn start(
         shutdown.clone(),
     ));
     tokio::spawn(allocation_repair_loop(allocator, shutdown.clone()));
+    tokio::spawn(resources::apiextensions::controller::run(
+        api.clone(),
+        crds_read_at,
+        shutdown.clone(),
+    ));
     let task = tokio::spawn(serve(listener, tls, router, shutdown));
     Ok(Running {
         addr,
@@ -547,9 +548,9 @@ fn serve_static(
             Some(doc) => ok_json(&doc),
             None => not_found_path(path),
         },
-        ["openapi", "v2"] => state.openapi.v2(headers),
-        ["openapi", "v3"] => state.openapi.v3_index(),
-        ["openapi", "v3", rest @ ..] => state.openapi.v3(&rest.join("/"), query),
+        ["openapi", "v2"] => state.api.openapi.v2(headers),
+        ["openapi", "v3"] => state.api.openapi.v3_index(),
+        ["openapi", "v3", rest @ ..] => state.api.openapi.v3(&rest.join("/"), query),
         _ => return None,
     };
     Some(resp)
@@ -574,14 +575,7 @@ fn build_request(
         registry
             .get(&route.group, &route.version, plural)
             .cloned()
-            .ok_or_else(|| {
-                ApiError::NotFound(crate::error::Target {
-                    group: route.group.clone(),
-                    resource: plural.to_string(),
-                    kind: String::new(),
-                    name: String::new(),
-                })
-            })
+            .ok_or(ApiError::NoSuchResource)
     };
     let is_namespaced_collection = |segs: &[String]| {
         segs.len() >= 3

@@ -15,6 +15,7 @@ use crate::{LocalHandler, ServerConfig};
 /// A running server; it stops when dropped.
 pub struct TestServer {
     pub api: LocalHandler,
+    pub store: Arc<dyn tapestry_store::Store>,
     shutdown: CancellationToken,
     _dir: tempfile::TempDir,
 }
@@ -36,11 +37,12 @@ pub async fn start() -> TestServer {
         compaction_interval: Duration::from_secs(300),
         extra_sans: Vec::new(),
     };
-    let running = crate::start(config, store, shutdown.clone())
+    let running = crate::start(config, store.clone(), shutdown.clone())
         .await
         .expect("server");
     TestServer {
         api: running.local_handler(),
+        store,
         shutdown,
         _dir: dir,
     }
@@ -72,6 +74,45 @@ impl TestServer {
         let answer = serde_json::from_slice(&bytes)
             .unwrap_or_else(|e| panic!("{method} {uri}: {status}, not JSON ({e}): {bytes:?}"));
         (status, answer)
+    }
+
+    /// A request with its own content type and headers; the status, the
+    /// response headers and the JSON answer (null when not JSON).
+    pub async fn raw(
+        &self,
+        method: &str,
+        uri: &str,
+        content_type: &str,
+        accept: &str,
+        body: String,
+    ) -> (http::StatusCode, http::HeaderMap, Value) {
+        let mut req = http::Request::builder()
+            .method(method)
+            .uri(uri)
+            .header(http::header::CONTENT_TYPE, content_type);
+        if !accept.is_empty() {
+            req = req.header(http::header::ACCEPT, accept);
+        }
+        let req = req.body(Body::from(body)).expect("request");
+        let resp = self.api.clone().oneshot(req).await.expect("response");
+        let status = resp.status();
+        let headers = resp.headers().clone();
+        let bytes = resp.into_body().collect().await.expect("body").to_bytes();
+        (
+            status,
+            headers,
+            serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+        )
+    }
+
+    /// The keys the store holds under `prefix`.
+    pub async fn api_store_keys(&self, prefix: &str) -> Vec<String> {
+        let list = self
+            .store
+            .list(prefix, Default::default())
+            .await
+            .expect("list");
+        list.items.into_iter().map(|kv| kv.key).collect()
     }
 
     /// [`Self::request`] that must succeed.

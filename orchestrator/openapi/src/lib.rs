@@ -56,6 +56,9 @@ pub struct ResourceInfo {
     /// Definition name of the object type, e.g. `io.k8s.api.apps.v1.Deployment`.
     /// Its list type is `<definition>List`, generated here.
     pub definition: String,
+    /// Whether PATCH takes strategic merge patches (built-in kinds do,
+    /// custom resources do not; kubectl apply picks its patch type by it).
+    pub strategic_merge: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]

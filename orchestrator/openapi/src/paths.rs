@@ -243,6 +243,12 @@ pub(crate) const PATCH_TYPES: &[&str] = &[
     "application/strategic-merge-patch+json",
     "application/apply-patch+yaml",
 ];
+/// What custom resources take: no strategic merge patches.
+pub(crate) const PATCH_TYPES_WITHOUT_STRATEGIC: &[&str] = &[
+    "application/json-patch+json",
+    "application/merge-patch+json",
+    "application/apply-patch+yaml",
+];
 pub(crate) const TEXT: &[&str] = &["text/plain", "application/json"];
 
 /// A request or response payload.
@@ -618,7 +624,12 @@ pub(crate) fn resource_paths(r: &ResourceInfo) -> Result<Vec<PathItem>, Error> {
                 Some(gvk.clone()),
             );
             o.params = PATCH_PARAMS.to_vec();
-            o.body = Some((def_ref(&format!("{META}Patch")), true, PATCH_TYPES));
+            let patch_types = if r.strategic_merge {
+                PATCH_TYPES
+            } else {
+                PATCH_TYPES_WITHOUT_STRATEGIC
+            };
+            o.body = Some((def_ref(&format!("{META}Patch")), true, patch_types));
             o.responses = vec![(200, def_ref(def)), (201, def_ref(def))];
             ops.push(o);
         }

@@ -70,6 +70,7 @@ static BUILTIN: &[Entry] = entries![
     api::storage::v1::CSINode,
     api::storage::v1::StorageClass,
     api::storage::v1::VolumeAttachment,
+    k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition,
     meta::APIGroup,
     meta::APIGroupList,
     meta::APIResourceList,

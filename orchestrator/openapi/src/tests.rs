@@ -28,6 +28,7 @@ fn res(
         verbs: verbs.iter().map(|v| v.to_string()).collect(),
         subresources: subresources.iter().map(|s| s.to_string()).collect(),
         definition: definition.into(),
+        strategic_merge: true,
     }
 }
 

@@ -3,6 +3,7 @@
 //! subresource handlers. Custom resources are defined at run time from
 //! their CRDs ([`custom`]).
 
+pub mod apiextensions;
 pub mod apps;
 pub mod batch;
 pub mod coordination;
@@ -26,5 +27,6 @@ pub fn builtin(service_allocator: Arc<dyn WriteHook>) -> Vec<ResourceDef> {
     defs.push(coordination::lease::definition());
     defs.push(discovery::endpointslice::definition());
     defs.push(events::event::definition());
+    defs.push(apiextensions::customresourcedefinition::definition());
     defs
 }

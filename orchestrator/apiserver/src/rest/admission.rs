@@ -87,7 +87,10 @@ impl Api {
                         .map(|f| format!("unknown field \"{f}\""))
                         .collect();
                     return Err(ApiError::BadRequest(format!(
-                        "strict decoding error: {}",
+                        "{} in version \"{}\" cannot be handled as a {}: strict decoding error: {}",
+                        def.kind,
+                        def.version,
+                        def.kind,
                         list.join(", ")
                     )));
                 }

@@ -10,9 +10,7 @@ use tapestry_store::{ListOptions, StoreError};
 use super::render::json_response;
 use super::{Api, Request, MAX_CAS_ATTEMPTS};
 use crate::error::{ApiError, ApiResult, OBJECT_MODIFIED};
-use crate::objects::{
-    decode, encode, finalizers, is_terminating, meta_mut, meta_str, now_rfc3339,
-};
+use crate::objects::{decode, encode, finalizers, is_terminating, meta_mut, meta_str, now_rfc3339};
 
 impl Api {
     pub async fn delete(&self, req: &Request) -> ApiResult<Response> {

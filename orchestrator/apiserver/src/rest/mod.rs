@@ -32,6 +32,7 @@ pub use render::{json_bytes_response, json_response, render_one, table, Renderin
 pub use request::Request;
 
 use crate::error::{ApiError, ApiResult};
+use crate::openapi::OpenApiDocs;
 use crate::patch::FieldManagement;
 use crate::registry::Registry;
 
@@ -46,6 +47,7 @@ pub struct Api {
     pub metrics: Arc<crate::metrics::Metrics>,
     /// JSON property names for decoding protobuf bodies.
     pub proto_names: Arc<dyn tapestry_kubeproto::JsonNames + Send + Sync>,
+    pub openapi: OpenApiDocs,
 }
 
 impl Api {
@@ -54,14 +56,15 @@ impl Api {
         registry: Registry,
         fields: FieldManagement,
         metrics: Arc<crate::metrics::Metrics>,
-        proto_names: Arc<dyn tapestry_kubeproto::JsonNames + Send + Sync>,
+        openapi: OpenApiDocs,
     ) -> Self {
         Api {
             store,
             registry,
             fields,
             metrics,
-            proto_names,
+            proto_names: openapi.names(),
+            openapi,
         }
     }
 
