@@ -1427,16 +1427,10 @@ impl Walk {
             let at = format!("{path}.x-kubernetes-validations[{i}]");
             let message_expression =
                 Some(rule.message_expression.as_str()).filter(|m| !m.is_empty());
+            // optionalOldSelf on a rule that does not read oldSelf is
+            // refused below.
             let optional = rule.optional_old_self.unwrap_or(false);
-            // Whether the rule reads oldSelf decides whether optionalOldSelf
-            // may be set at all, so it is compiled without it first.
-            let compiled_rule = match CompiledRule::compile(&rule.rule, message_expression, false) {
-                Ok(c) if optional && c.is_transition() => {
-                    CompiledRule::compile(&rule.rule, message_expression, true)
-                }
-                other => other,
-            };
-            match compiled_rule {
+            match CompiledRule::compile(&rule.rule, message_expression, optional) {
                 // The engine's message starts with "compilation failed".
                 Err(e) => self.cel_errs.push(Cause::invalid(
                     format!("{at}.rule"),
