@@ -26,8 +26,13 @@ use std::sync::LazyLock;
 
 use regex::Regex;
 use serde_json::{Map, Number, Value};
+use tapestry_apimachinery::validation::{
+    dns1035_label_errors, dns1123_label_errors, label_value_errors, path_segment_errors,
+    qualified_name_errors,
+};
 use tapestry_apimachinery::Cause;
 
+use crate::cel::{Budget, Failure, Input, Stop};
 use crate::schema::{json_type, resolve_field_path, ListType, Schema, SchemaType};
 
 /// Check `obj` (a whole custom object, after pruning and defaulting) against `schema`;
@@ -1775,151 +1780,6 @@ fn owner_references(refs: &[Value], path: &str, causes: &mut Vec<Cause>) {
     }
 }
 
-/// kube's `IsPathSegmentName` (or `IsPathSegmentPrefix`).
-fn path_segment_errors(name: &str, prefix: bool) -> Vec<String> {
-    if !prefix && (name == "." || name == "..") {
-        return vec![format!("may not be '{name}'")];
-    }
-    ["/", "%"]
-        .iter()
-        .filter(|c| name.contains(**c))
-        .map(|c| format!("may not contain '{c}'"))
-        .collect()
-}
-
-const DNS1123_LABEL: &str = "[a-z0-9]([-a-z0-9]*[a-z0-9])?";
-const DNS1123_SUBDOMAIN: &str = r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*";
-const DNS1035_LABEL: &str = "[a-z]([-a-z0-9]*[a-z0-9])?";
-const LABEL_KEY: &str = "([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9]";
-const LABEL_VALUE: &str = "(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?";
-
-fn whole(pattern: &str) -> Regex {
-    regex(&format!("^{pattern}$"))
-}
-
-static DNS1123_LABEL_RE: LazyLock<Regex> = LazyLock::new(|| whole(DNS1123_LABEL));
-static DNS1123_SUBDOMAIN_RE: LazyLock<Regex> = LazyLock::new(|| whole(DNS1123_SUBDOMAIN));
-static DNS1035_LABEL_RE: LazyLock<Regex> = LazyLock::new(|| whole(DNS1035_LABEL));
-static LABEL_KEY_RE: LazyLock<Regex> = LazyLock::new(|| whole(LABEL_KEY));
-static LABEL_VALUE_RE: LazyLock<Regex> = LazyLock::new(|| whole(LABEL_VALUE));
-
-/// kube's `RegexError`: what a name must look like, with examples.
-fn regex_error(message: &str, pattern: &str, examples: &[&str]) -> String {
-    if examples.is_empty() {
-        return format!("{message} (regex used for validation is '{pattern}')");
-    }
-    let examples: Vec<String> = examples.iter().map(|e| format!("'{e}', ")).collect();
-    format!(
-        "{message} (e.g. {}regex used for validation is '{pattern}')",
-        examples.join(" or ")
-    )
-}
-
-fn max_len_error(max: usize) -> String {
-    format!("must be no more than {max} bytes")
-}
-
-fn dns1123_label_errors(value: &str) -> Vec<String> {
-    let mut errs = Vec::new();
-    if value.len() > 63 {
-        errs.push(max_len_error(63));
-    }
-    if !DNS1123_LABEL_RE.is_match(value) {
-        errs.push(if DNS1123_SUBDOMAIN_RE.is_match(value) {
-            "must not contain dots".into()
-        } else {
-            regex_error(
-                "a lowercase RFC 1123 label must consist of lower case alphanumeric characters or '-', and must start and end with an alphanumeric character",
-                DNS1123_LABEL,
-                &["my-name", "123-abc"],
-            )
-        });
-    }
-    errs
-}
-
-fn dns1123_subdomain_errors(value: &str) -> Vec<String> {
-    let mut errs = Vec::new();
-    if value.len() > 253 {
-        errs.push(max_len_error(253));
-    }
-    if !DNS1123_SUBDOMAIN_RE.is_match(value) {
-        errs.push(regex_error(
-            "a lowercase RFC 1123 subdomain must consist of lower case alphanumeric characters, '-' or '.', and must start and end with an alphanumeric character",
-            DNS1123_SUBDOMAIN,
-            &["example.com"],
-        ));
-    }
-    errs
-}
-
-fn dns1035_label_errors(value: &str) -> Vec<String> {
-    let mut errs = Vec::new();
-    if value.len() > 63 {
-        errs.push(max_len_error(63));
-    }
-    if !DNS1035_LABEL_RE.is_match(value) {
-        errs.push(regex_error(
-            "a DNS-1035 label must consist of lower case alphanumeric characters or '-', start with an alphabetic character, and end with an alphanumeric character",
-            DNS1035_LABEL,
-            &["my-name", "abc-123"],
-        ));
-    }
-    errs
-}
-
-/// Label and annotation keys: `[prefix/]name` (kube's `IsQualifiedName`).
-fn qualified_name_errors(value: &str) -> Vec<String> {
-    const NAME: &str = "must consist of alphanumeric characters, '-', '_' or '.', and must start and end with an alphanumeric character";
-    let examples = ["MyName", "my.name", "123-abc"];
-    let parts: Vec<&str> = value.split('/').collect();
-    let mut errs = Vec::new();
-    let name = match parts[..] {
-        [name] => name,
-        [prefix, name] => {
-            if prefix.is_empty() {
-                errs.push("prefix part must be non-empty".into());
-            } else {
-                errs.extend(dns1123_subdomain_errors(prefix).into_iter().map(|e| format!("prefix part {e}")));
-            }
-            name
-        }
-        _ => {
-            return vec![format!(
-                "a valid label key {} with an optional DNS subdomain prefix and '/' (e.g. 'example.com/MyName')",
-                regex_error(NAME, LABEL_KEY, &examples)
-            )]
-        }
-    };
-    if name.is_empty() {
-        errs.push("name part must be non-empty".into());
-    } else if name.len() > 63 {
-        errs.push(format!("name part {}", max_len_error(63)));
-    }
-    if !LABEL_KEY_RE.is_match(name) {
-        errs.push(format!(
-            "name part {}",
-            regex_error(NAME, LABEL_KEY, &examples)
-        ));
-    }
-    errs
-}
-
-fn label_value_errors(value: &str) -> Vec<String> {
-    let mut errs = Vec::new();
-    if value.len() > 63 {
-        errs.push(max_len_error(63));
-    }
-    if !LABEL_VALUE_RE.is_match(value) {
-        errs.push(regex_error(
-            "a valid label must be an empty string or consist of alphanumeric characters, '-', '_' or '.', and must start and end with an alphanumeric character",
-            LABEL_VALUE,
-            &["MyValue", "my_value", "12345"],
-        ));
-    }
-    errs
-}
-
 // ---------------------------------------------------------------------------
 // x-kubernetes-list-type: set and map uniqueness
 
@@ -2048,10 +1908,13 @@ impl<'a> Ratchet<'a> {
     }
 }
 
+/// The walk over the rules of an object: one cost budget for all of them,
+/// as kube-apiserver has per request.
 #[derive(Default)]
 struct Cel {
     causes: Vec<Cause>,
-    /// A rule exhausted its cost budget: kube runs no further rules.
+    budget: Budget,
+    /// A rule ran out of cost: kube runs no further rules.
     stopped: bool,
 }
 
@@ -2123,6 +1986,9 @@ impl Cel {
         ratchet: Ratchet,
     ) {
         let type_name = Value::from(s.type_.map_or("", SchemaType::name));
+        // Typed once for all the node's rules.
+        let input = Input::new(value, Some(s));
+        let old_input = old.map(|old| Input::new(old, Some(s)));
         for rule in &s.validations {
             let compiled = &rule.compiled;
             if compiled.is_transition() && old.is_none() && !rule.optional_old_self {
@@ -2135,23 +2001,23 @@ impl Cel {
                 .filter(|m| !m.is_empty())
                 .unwrap_or(rule.rule.trim());
             let at = field_or_nil(path);
-            match compiled.evaluate(value, old) {
+            match compiled.evaluate(&input, old_input.as_ref(), &mut self.budget) {
                 Ok(true) => {}
-                Err(e) if e.starts_with("no such overload") => self.causes.push(Cause::invalid(
+                Err(Failure::Error(e)) if e.starts_with("no such overload") => self.causes.push(Cause::invalid(
                     at,
                     &type_name,
                     format!("'{e}': call arguments did not match a supported operator, function or macro signature for rule: {shown_rule}"),
                 )),
-                Err(e) if e.starts_with("operation cancelled: actual cost limit exceeded") => {
-                    self.causes.push(Cause::invalid(
-                        at,
-                        &type_name,
-                        format!("'{e}': no further validation rules will be run due to call cost exceeds limit for rule: {shown_rule}"),
-                    ));
+                Err(Failure::Error(e)) => self.causes.push(Cause::invalid(at, &type_name, format!("{e} evaluating rule: {shown_rule}"))),
+                Err(Failure::Stop(stop)) => {
+                    let detail = match stop {
+                        Stop::CallLimit => format!("'{}': no further validation rules will be run due to call cost exceeds limit for rule: {shown_rule}", stop.message()),
+                        Stop::Budget => stop.message().to_owned(),
+                    };
+                    self.causes.push(Cause::invalid(at, &type_name, detail));
                     self.stopped = true;
                     return;
                 }
-                Err(e) => self.causes.push(Cause::invalid(at, &type_name, format!("{e} evaluating rule: {shown_rule}"))),
                 Ok(false) => {
                     if !compiled.is_transition() && ratchet.unchanged() {
                         continue;
@@ -2160,7 +2026,19 @@ impl Cel {
                         Some(Ok(relative)) if !relative.is_empty() => child_path(path, &relative),
                         _ => at.to_owned(),
                     };
-                    let detail = compiled.message(value, old).unwrap_or_else(|| match &rule.message {
+                    let message = match compiled.message(&input, old_input.as_ref(), &mut self.budget) {
+                        Ok(message) => message,
+                        Err(stop) => {
+                            let detail = match stop {
+                                Stop::CallLimit => format!("messageExpression evaluation failed due to: {}", stop.message()),
+                                Stop::Budget => "messageExpression evaluation failed due to running out of cost budget, no further validation rules will be run".to_owned(),
+                            };
+                            self.causes.push(Cause::invalid(at, &type_name, detail));
+                            self.stopped = true;
+                            return;
+                        }
+                    };
+                    let detail = message.unwrap_or_else(|| match &rule.message {
                         Some(m) if !m.trim().is_empty() => m.trim().to_owned(),
                         _ => format!("failed rule: {}", rule.rule.trim()),
                     });
@@ -2687,6 +2565,103 @@ mod tests {
                 r#"spec.min: Invalid value: "string": spec.min in body must be of type integer: "string""#,
                 "<nil>: Invalid value: null: some validation rules were not checked because the object was invalid; correct the existing errors to complete validation",
             ]
+        );
+    }
+
+    #[test]
+    fn cel_rule_failures_are_worded_as_kube_words_them() {
+        let s = schema(json!({"type": "object", "properties": {"spec": {
+            "type": "object",
+            "properties": {"port": {"x-kubernetes-int-or-string": true}, "n": {"type": "integer"}},
+            "x-kubernetes-validations": [
+                {"rule": "self.port > 0", "message": "port must be positive"},
+                {"rule": "self.n / 0 > 1"},
+                {"rule": "self.n < 10", "messageExpression": "'n is ' + string(self.n)"},
+                {"rule": "self.n < 10", "messageExpression": "'n is ' + self.n"},
+            ]
+        }}}));
+        assert_eq!(
+            rendered(validate(
+                &s,
+                &json!({"spec": {"port": "http", "n": 12}}),
+                None
+            )),
+            vec![
+                r#"spec: Invalid value: "object": 'no such overload: string compared with int': call arguments did not match a supported operator, function or macro signature for rule: port must be positive"#,
+                r#"spec: Invalid value: "object": division by zero evaluating rule: self.n / 0 > 1"#,
+                r#"spec: Invalid value: "object": n is 12"#,
+                r#"spec: Invalid value: "object": failed rule: self.n < 10"#,
+            ]
+        );
+    }
+
+    #[test]
+    fn optional_old_self_rules_run_on_create_too() {
+        let s = schema(json!({"type": "object", "properties": {"n": {
+            "type": "integer",
+            "x-kubernetes-validations": [
+                {"rule": "oldSelf.hasValue() || self < 10", "optionalOldSelf": true, "message": "n starts below 10"},
+                {"rule": "self >= oldSelf.orValue(0)", "optionalOldSelf": true, "message": "n may not shrink"},
+            ]
+        }}}));
+        assert_eq!(validate(&s, &json!({"n": 1}), None), vec![]);
+        assert_eq!(
+            rendered(validate(&s, &json!({"n": 12}), None)),
+            vec![r#"n: Invalid value: "integer": n starts below 10"#]
+        );
+        assert_eq!(
+            validate(&s, &json!({"n": 12}), Some(&json!({"n": 11}))),
+            vec![]
+        );
+        assert_eq!(
+            rendered(validate(&s, &json!({"n": 1}), Some(&json!({"n": 2})))),
+            vec![r#"n: Invalid value: "integer": n may not shrink"#]
+        );
+    }
+
+    /// One request has one cost budget, whatever the number of rules and
+    /// items; a rule over its own limit stops the rules too.
+    #[test]
+    fn cel_rules_share_one_cost_budget() {
+        let s = schema(json!({"type": "object", "properties": {
+            "items": {"type": "array", "items": {
+                "type": "array", "items": {"type": "integer"},
+                "x-kubernetes-validations": [
+                    {"rule": "self.all(x, self.exists(y, y == x))"},
+                    {"rule": "self.all(x, x >= 0)"},
+                ]
+            }},
+            "big": {"type": "array", "items": {"type": "integer"},
+                "x-kubernetes-validations": [{"rule": "self.all(x, self.exists_one(y, y == x))"}]},
+            "last": {"type": "integer", "x-kubernetes-validations": [{"rule": "self < 0"}]},
+        }}));
+        let stopped = |causes: Vec<Cause>, path: &str, detail: &str| {
+            let causes = rendered(causes);
+            assert_eq!(causes.len(), 1, "{causes:#?}");
+            assert!(causes[0].starts_with(path), "{causes:#?}");
+            assert!(causes[0].ends_with(detail), "{causes:#?}");
+        };
+
+        let items = vec![(0..50).collect::<Vec<i64>>(); 2000];
+        stopped(
+            validate(&s, &json!({"items": items, "last": 1}), None),
+            "items[",
+            r#": Invalid value: "array": validation failed due to running out of cost budget, no further validation rules will be run"#,
+        );
+        // Fewer items pass, and the last rule runs.
+        let items = vec![(0..50).collect::<Vec<i64>>(); 100];
+        assert_eq!(
+            rendered(validate(&s, &json!({"items": items, "last": 1}), None)),
+            vec![r#"last: Invalid value: "integer": failed rule: self < 0"#]
+        );
+        stopped(
+            validate(
+                &s,
+                &json!({"big": (0..3000).collect::<Vec<_>>(), "last": 1}),
+                None,
+            ),
+            "big: ",
+            r#"Invalid value: "array": 'operation cancelled: actual cost limit exceeded': no further validation rules will be run due to call cost exceeds limit for rule: self.all(x, self.exists_one(y, y == x))"#,
         );
     }
 }

@@ -51,6 +51,7 @@ pub mod managed;
 pub mod schema;
 pub mod strategic;
 mod typed;
+pub mod validation;
 
 #[cfg(test)]
 mod testschema;

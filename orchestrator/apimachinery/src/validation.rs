@@ -1,152 +1,157 @@
-//! Kubernetes' name, label and object-metadata rules.
+//! Kubernetes' name, label and object-metadata rules, with kube-apiserver's
+//! messages: one copy for built-in objects, custom objects and the
+//! resources embedded in them.
 
+use std::sync::LazyLock;
+
+use regex::Regex;
 use serde_json::Value;
 
-use crate::error::Cause;
+use crate::Cause;
 
-const DNS1123_LABEL_MAX: usize = 63;
-const DNS1123_SUBDOMAIN_MAX: usize = 253;
-const LABEL_VALUE_MAX: usize = 63;
 const TOTAL_ANNOTATION_SIZE: usize = 256 * 1024;
 
-fn is_alnum_lower(c: char) -> bool {
-    c.is_ascii_lowercase() || c.is_ascii_digit()
+/// kube's `IsPathSegmentName` (or `IsPathSegmentPrefix`).
+pub fn path_segment_errors(name: &str, prefix: bool) -> Vec<String> {
+    if !prefix && (name == "." || name == "..") {
+        return vec![format!("may not be '{name}'")];
+    }
+    ["/", "%"]
+        .iter()
+        .filter(|c| name.contains(**c))
+        .map(|c| format!("may not contain '{c}'"))
+        .collect()
 }
 
-/// RFC 1123 label: lowercase alphanumerics and '-', starting and ending
-/// alphanumeric, at most 63 characters.
-pub fn dns1123_label_errors(s: &str) -> Vec<String> {
+const DNS1123_LABEL: &str = "[a-z0-9]([-a-z0-9]*[a-z0-9])?";
+const DNS1123_SUBDOMAIN: &str = r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*";
+const DNS1035_LABEL: &str = "[a-z]([-a-z0-9]*[a-z0-9])?";
+const LABEL_KEY: &str = "([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9]";
+const LABEL_VALUE: &str = "(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?";
+
+fn whole(pattern: &str) -> Regex {
+    Regex::new(&format!("^{pattern}$")).expect("the name patterns compile")
+}
+
+static DNS1123_LABEL_RE: LazyLock<Regex> = LazyLock::new(|| whole(DNS1123_LABEL));
+static DNS1123_SUBDOMAIN_RE: LazyLock<Regex> = LazyLock::new(|| whole(DNS1123_SUBDOMAIN));
+static DNS1035_LABEL_RE: LazyLock<Regex> = LazyLock::new(|| whole(DNS1035_LABEL));
+static LABEL_KEY_RE: LazyLock<Regex> = LazyLock::new(|| whole(LABEL_KEY));
+static LABEL_VALUE_RE: LazyLock<Regex> = LazyLock::new(|| whole(LABEL_VALUE));
+
+/// kube's `RegexError`: what a name must look like, with examples.
+fn regex_error(message: &str, pattern: &str, examples: &[&str]) -> String {
+    if examples.is_empty() {
+        return format!("{message} (regex used for validation is '{pattern}')");
+    }
+    let examples: Vec<String> = examples.iter().map(|e| format!("'{e}', ")).collect();
+    format!(
+        "{message} (e.g. {}regex used for validation is '{pattern}')",
+        examples.join(" or ")
+    )
+}
+
+fn max_len_error(max: usize) -> String {
+    format!("must be no more than {max} bytes")
+}
+
+pub fn dns1123_label_errors(value: &str) -> Vec<String> {
     let mut errs = Vec::new();
-    if s.len() > DNS1123_LABEL_MAX {
-        errs.push(format!(
-            "must be no more than {DNS1123_LABEL_MAX} characters"
-        ));
+    if value.len() > 63 {
+        errs.push(max_len_error(63));
     }
-    let ok = !s.is_empty()
-        && s.chars().all(|c| is_alnum_lower(c) || c == '-')
-        && s.starts_with(is_alnum_lower)
-        && s.ends_with(is_alnum_lower);
-    if !ok {
-        errs.push(
-            "a lowercase RFC 1123 label must consist of lower case alphanumeric characters or '-', \
-             and must start and end with an alphanumeric character (e.g. 'my-name',  or \
-             '123-abc', regex used for validation is '[a-z0-9]([-a-z0-9]*[a-z0-9])?')"
-                .into(),
-        );
-    }
-    errs
-}
-
-/// RFC 1035 label: like an RFC 1123 label but starting with a letter (the
-/// names of CRD versions, plurals and kinds).
-pub fn dns1035_label_errors(s: &str) -> Vec<String> {
-    let mut errs = Vec::new();
-    if s.len() > DNS1123_LABEL_MAX {
-        errs.push(format!(
-            "must be no more than {DNS1123_LABEL_MAX} characters"
-        ));
-    }
-    let ok = !s.is_empty()
-        && s.chars().all(|c| is_alnum_lower(c) || c == '-')
-        && s.starts_with(|c: char| c.is_ascii_lowercase())
-        && s.ends_with(is_alnum_lower);
-    if !ok {
-        errs.push(
-            "a DNS-1035 label must consist of lower case alphanumeric characters or '-', start \
-             with an alphabetic character, and end with an alphanumeric character (e.g. \
-             'my-name',  or 'abc-123', regex used for validation is '[a-z]([-a-z0-9]*[a-z0-9])?')"
-                .into(),
-        );
-    }
-    errs
-}
-
-/// RFC 1123 subdomain: dot-separated labels, at most 253 characters.
-pub fn dns1123_subdomain_errors(s: &str) -> Vec<String> {
-    let mut errs = Vec::new();
-    if s.len() > DNS1123_SUBDOMAIN_MAX {
-        errs.push(format!(
-            "must be no more than {DNS1123_SUBDOMAIN_MAX} characters"
-        ));
-    }
-    let ok = !s.is_empty()
-        && s.split('.').all(|part| {
-            !part.is_empty()
-                && part.chars().all(|c| is_alnum_lower(c) || c == '-')
-                && part.starts_with(is_alnum_lower)
-                && part.ends_with(is_alnum_lower)
-        });
-    if !ok {
-        errs.push(
-            "a lowercase RFC 1123 subdomain must consist of lower case alphanumeric characters, \
-             '-' or '.', and must start and end with an alphanumeric character (e.g. \
-             'example.com', regex used for validation is \
-             '[a-z0-9]([-a-z0-9]*[a-z0-9])?(\\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*')"
-                .into(),
-        );
-    }
-    errs
-}
-
-fn is_name_char(c: char) -> bool {
-    c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.'
-}
-
-/// Alphanumerics, '-', '_' and '.', starting and ending alphanumeric.
-fn is_label_shaped(s: &str) -> bool {
-    s.chars().all(is_name_char)
-        && s.starts_with(|c: char| c.is_ascii_alphanumeric())
-        && s.ends_with(|c: char| c.is_ascii_alphanumeric())
-}
-
-/// Label keys and annotation keys: `[prefix/]name`.
-pub fn qualified_name_errors(s: &str) -> Vec<String> {
-    let (prefix, name) = match s.split_once('/') {
-        Some((p, n)) => (Some(p), n),
-        None => (None, s),
-    };
-    let mut errs = Vec::new();
-    if let Some(p) = prefix {
-        if p.is_empty() {
-            errs.push("prefix part must be non-empty".into());
+    if !DNS1123_LABEL_RE.is_match(value) {
+        errs.push(if DNS1123_SUBDOMAIN_RE.is_match(value) {
+            "must not contain dots".into()
         } else {
-            errs.extend(
-                dns1123_subdomain_errors(p)
-                    .into_iter()
-                    .map(|e| format!("prefix part {e}")),
-            );
-        }
+            regex_error(
+                "a lowercase RFC 1123 label must consist of lower case alphanumeric characters or '-', and must start and end with an alphanumeric character",
+                DNS1123_LABEL,
+                &["my-name", "123-abc"],
+            )
+        });
     }
+    errs
+}
+
+pub fn dns1123_subdomain_errors(value: &str) -> Vec<String> {
+    let mut errs = Vec::new();
+    if value.len() > 253 {
+        errs.push(max_len_error(253));
+    }
+    if !DNS1123_SUBDOMAIN_RE.is_match(value) {
+        errs.push(regex_error(
+            "a lowercase RFC 1123 subdomain must consist of lower case alphanumeric characters, '-' or '.', and must start and end with an alphanumeric character",
+            DNS1123_SUBDOMAIN,
+            &["example.com"],
+        ));
+    }
+    errs
+}
+
+pub fn dns1035_label_errors(value: &str) -> Vec<String> {
+    let mut errs = Vec::new();
+    if value.len() > 63 {
+        errs.push(max_len_error(63));
+    }
+    if !DNS1035_LABEL_RE.is_match(value) {
+        errs.push(regex_error(
+            "a DNS-1035 label must consist of lower case alphanumeric characters or '-', start with an alphabetic character, and end with an alphanumeric character",
+            DNS1035_LABEL,
+            &["my-name", "abc-123"],
+        ));
+    }
+    errs
+}
+
+/// Label and annotation keys: `[prefix/]name` (kube's `IsQualifiedName`).
+pub fn qualified_name_errors(value: &str) -> Vec<String> {
+    const NAME: &str = "must consist of alphanumeric characters, '-', '_' or '.', and must start and end with an alphanumeric character";
+    let examples = ["MyName", "my.name", "123-abc"];
+    let parts: Vec<&str> = value.split('/').collect();
+    let mut errs = Vec::new();
+    let name = match parts[..] {
+        [name] => name,
+        [prefix, name] => {
+            if prefix.is_empty() {
+                errs.push("prefix part must be non-empty".into());
+            } else {
+                errs.extend(dns1123_subdomain_errors(prefix).into_iter().map(|e| format!("prefix part {e}")));
+            }
+            name
+        }
+        _ => {
+            return vec![format!(
+                "a valid label key {} with an optional DNS subdomain prefix and '/' (e.g. 'example.com/MyName')",
+                regex_error(NAME, LABEL_KEY, &examples)
+            )]
+        }
+    };
     if name.is_empty() {
         errs.push("name part must be non-empty".into());
     } else if name.len() > 63 {
-        errs.push("name part must be no more than 63 characters".into());
+        errs.push(format!("name part {}", max_len_error(63)));
     }
-    if !name.is_empty() && !is_label_shaped(name) {
-        errs.push(
-            "name part must consist of alphanumeric characters, '-', '_' or '.', and must start \
-             and end with an alphanumeric character (e.g. 'MyName',  or 'my.name',  or \
-             '123-abc', regex used for validation is \
-             '([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9]')"
-                .into(),
-        );
+    if !LABEL_KEY_RE.is_match(name) {
+        errs.push(format!(
+            "name part {}",
+            regex_error(NAME, LABEL_KEY, &examples)
+        ));
     }
     errs
 }
 
-pub fn label_value_errors(s: &str) -> Vec<String> {
+pub fn label_value_errors(value: &str) -> Vec<String> {
     let mut errs = Vec::new();
-    if s.len() > LABEL_VALUE_MAX {
-        errs.push(format!("must be no more than {LABEL_VALUE_MAX} characters"));
+    if value.len() > 63 {
+        errs.push(max_len_error(63));
     }
-    if !s.is_empty() && !is_label_shaped(s) {
-        errs.push(
-            "a valid label must be an empty string or consist of alphanumeric characters, '-', \
-             '_' or '.', and must start and end with an alphanumeric character (e.g. 'MyValue',  \
-             or 'my_value',  or '12345', regex used for validation is \
-             '(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?')"
-                .into(),
-        );
+    if !LABEL_VALUE_RE.is_match(value) {
+        errs.push(regex_error(
+            "a valid label must be an empty string or consist of alphanumeric characters, '-', '_' or '.', and must start and end with an alphanumeric character",
+            LABEL_VALUE,
+            &["MyValue", "my_value", "12345"],
+        ));
     }
     errs
 }
@@ -164,15 +169,7 @@ pub fn name_errors(rule: NameRule, name: &str) -> Vec<String> {
     match rule {
         NameRule::Dns1123Subdomain => dns1123_subdomain_errors(name),
         NameRule::Dns1123Label => dns1123_label_errors(name),
-        NameRule::PathSegment => {
-            if name == "." || name == ".." {
-                vec![format!("may not be '{name}'")]
-            } else if name.contains('/') || name.contains('%') {
-                vec!["may not contain '/' or '%'".to_string()]
-            } else {
-                vec![]
-            }
-        }
+        NameRule::PathSegment => path_segment_errors(name, false),
     }
 }
 

@@ -22,7 +22,7 @@ pub mod server;
 pub mod tables;
 #[cfg(test)]
 mod testing;
-pub mod validation;
+pub use tapestry_apimachinery::validation;
 mod watch;
 
 pub use server::{start, LocalHandler, Running, ServerConfig};

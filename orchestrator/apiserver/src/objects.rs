@@ -1,6 +1,7 @@
 //! Helpers over objects held as JSON values, and their storage encoding.
 
 use std::borrow::Cow;
+use std::fmt::Write as _;
 
 use bytes::Bytes;
 use chrono::{SecondsFormat, Utc};
@@ -77,6 +78,37 @@ pub fn differs_outside(a: &Value, b: &Value, except: &[&str]) -> bool {
         || a.iter()
             .filter(|(k, _)| !except.contains(&k.as_str()))
             .any(|(k, v)| b.get(k) != Some(v))
+}
+
+/// Paths present in `input` but dropped by decoding: unknown fields. The
+/// path grows and shrinks in one buffer and is copied out only for an
+/// unknown field; formatting it at every field cost as much as the decode.
+pub fn unknown_fields(input: &Value, decoded: &Value, path: &mut String, out: &mut Vec<String>) {
+    let len = path.len();
+    match (input, decoded) {
+        (Value::Object(i), Value::Object(d)) => {
+            for (k, v) in i {
+                if len > 0 {
+                    path.push('.');
+                }
+                path.push_str(k);
+                match d.get(k) {
+                    Some(dv) => unknown_fields(v, dv, path, out),
+                    None if v.is_null() => {}
+                    None => out.push(path.clone()),
+                }
+                path.truncate(len);
+            }
+        }
+        (Value::Array(i), Value::Array(d)) => {
+            for (idx, (iv, dv)) in i.iter().zip(d).enumerate() {
+                let _ = write!(path, "[{idx}]");
+                unknown_fields(iv, dv, path, out);
+                path.truncate(len);
+            }
+        }
+        _ => {}
+    }
 }
 
 /// Decode a stored value into the object served for `def`.

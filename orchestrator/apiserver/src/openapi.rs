@@ -82,12 +82,8 @@ impl OpenApiDocs {
             .iter()
             .map(|d| resource_info(d))
             .collect();
-        let version = KUBE_GIT_VERSION
-            .split('+')
-            .next()
-            .unwrap_or(KUBE_GIT_VERSION);
         let docs = OpenApi::builder()
-            .version(version)
+            .version(emulated_version())
             .build(&infos)
             .map_err(|e| anyhow::anyhow!("building OpenAPI documents: {e}"))?;
         Ok(OpenApiDocs {
@@ -125,7 +121,7 @@ impl OpenApiDocs {
                 custom.by_group_version.remove(&gv);
                 continue;
             }
-            let mut builder = OpenApi::builder().version(self.emulated_version());
+            let mut builder = OpenApi::builder().version(emulated_version()).v3_only();
             for kind in &members {
                 builder = builder.definition(kind.info.definition.clone(), published_schema(kind));
             }
@@ -136,13 +132,6 @@ impl OpenApiDocs {
             custom.by_group_version.insert(gv, Arc::new(docs));
         }
         Ok(())
-    }
-
-    fn emulated_version(&self) -> &'static str {
-        KUBE_GIT_VERSION
-            .split('+')
-            .next()
-            .unwrap_or(KUBE_GIT_VERSION)
     }
 
     /// The documents serving a v3 group-version path.
@@ -233,6 +222,14 @@ fn not_found(path: &str) -> Response {
         ..Default::default()
     })
     .into_response()
+}
+
+/// The Kubernetes version the documents describe (`v1.33.0`).
+fn emulated_version() -> &'static str {
+    KUBE_GIT_VERSION
+        .split('+')
+        .next()
+        .unwrap_or(KUBE_GIT_VERSION)
 }
 
 /// `apis/<group>/<version>`, as the v3 index names a group version.

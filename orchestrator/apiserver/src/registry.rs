@@ -16,6 +16,7 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use serde_json::Value;
 use tapestry_apimachinery::PatchSchema;
+use tokio_util::sync::CancellationToken;
 
 use crate::error::{ApiError, ApiResult, Cause};
 use crate::rest::{Api, Request};
@@ -207,7 +208,15 @@ pub trait WriteHook: Send + Sync {
 /// typed Kubernetes object and encoded again for built-ins (unknown fields
 /// dropped, types checked), pruned by the schema for custom resources. An
 /// error names the field.
-pub type Codec = Arc<dyn Fn(&Value) -> Result<Value, String> + Send + Sync>;
+pub type Codec = Arc<dyn Fn(&Value) -> Result<Decoded, String> + Send + Sync>;
+
+/// A codec's output.
+pub struct Decoded {
+    pub obj: Value,
+    /// The paths of the fields it dropped, when it knows them (pruning
+    /// does); None: they are found by comparing input and output.
+    pub dropped: Option<Vec<String>>,
+}
 
 /// The codec of a k8s-openapi type.
 pub fn typed_codec<T: DeserializeOwned + Serialize>(v: &Value) -> Result<Value, String> {
@@ -273,6 +282,9 @@ pub struct ResourceDef {
     /// Refuse creates: the resource is going away (its CRD is being
     /// deleted) and only its remaining objects are served.
     pub terminating: bool,
+    /// Cancelled when this definition stops being served (its CRD changed
+    /// or went away): its watches end, and clients list again.
+    pub retired: CancellationToken,
 }
 
 impl ResourceDef {
@@ -305,7 +317,9 @@ impl ResourceDef {
             storage: plural.clone(),
             plural,
             generation: Generation::Untracked,
-            codec: Arc::new(typed_codec::<T>),
+            codec: Arc::new(|v: &Value| {
+                typed_codec::<T>(v).map(|obj| Decoded { obj, dropped: None })
+            }),
             behaviour: Arc::new(Plain),
             hook: None,
             table: Arc::new(TableDef::name_age()),
@@ -313,6 +327,7 @@ impl ResourceDef {
             patch_schema: None,
             strategic_merge: true,
             terminating: false,
+            retired: CancellationToken::new(),
         }
     }
 
@@ -401,6 +416,9 @@ pub fn names(list: &[&str]) -> Vec<String> {
 pub struct Served {
     defs: Vec<Arc<ResourceDef>>,
     by_path: HashMap<String, Arc<ResourceDef>>,
+    /// Aggregated discovery documents of this set, built on first request:
+    /// `[core v2, core v2beta1, groups v2, groups v2beta1]`.
+    pub(crate) aggregated: [std::sync::OnceLock<Vec<u8>>; 4],
 }
 
 fn path_key(group: &str, version: &str, plural: &str) -> String {
@@ -413,7 +431,11 @@ impl Served {
             .iter()
             .map(|d| (path_key(&d.group, &d.version, &d.plural), d.clone()))
             .collect();
-        Served { defs, by_path }
+        Served {
+            defs,
+            by_path,
+            aggregated: Default::default(),
+        }
     }
 
     pub fn get(&self, group: &str, version: &str, plural: &str) -> Option<&Arc<ResourceDef>> {
@@ -424,8 +446,8 @@ impl Served {
         &self.defs
     }
 
-    /// Group → versions served, built-ins in registration order, then
-    /// custom groups with their versions by Kubernetes' version priority.
+    /// Group → versions served, built-ins first, in the order definitions
+    /// were registered (discovery sorts each group's versions).
     pub fn groups(&self) -> Vec<(&str, Vec<&str>)> {
         let mut out: Vec<(&str, Vec<&str>)> = Vec::new();
         for d in &self.defs {
@@ -497,17 +519,20 @@ impl Registry {
             .custom
             .write()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
-        if defs.is_empty() {
-            custom.by_crd.remove(crd);
+        let replaced = if defs.is_empty() {
+            custom.by_crd.remove(crd)
         } else {
-            custom.by_crd.insert(crd.to_string(), defs);
-        }
+            custom.by_crd.insert(crd.to_string(), defs)
+        };
         let mut all = self.builtin.clone();
         all.extend(custom.by_crd.values().flatten().cloned());
         *self
             .served
             .write()
             .unwrap_or_else(|poisoned| poisoned.into_inner()) = Arc::new(Served::new(all));
+        for old in replaced.into_iter().flatten() {
+            old.retired.cancel();
+        }
     }
 
     /// The definitions a CRD is served with now.

@@ -29,7 +29,7 @@ use crate::patch::FieldManagement;
 use crate::pki::{self, Pki, Tokens};
 use crate::registry::{Registry, Served, Subresource};
 use crate::resources::{self, Ipv4Range, ServiceAllocator};
-use crate::rest::{json_response, Api, Request};
+use crate::rest::{json_bytes_response, json_response, Api, Request};
 
 /// Largest request body accepted (kube-apiserver's limit is 3 MiB objects).
 const MAX_BODY: usize = 3 * 1024 * 1024;
@@ -160,7 +160,11 @@ pub async fn start(
 
     crate::bootstrap::ensure(&api, range.first(), addr).await?;
     // Custom resources are served before the first request is.
-    let crds_read_at = resources::apiextensions::controller::initial_sync(&api)
+    let crd_controller =
+        resources::apiextensions::controller::CrdController::new(api.clone(), shutdown.clone())
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let crds_read_at = crd_controller
+        .sync()
         .await
         .map_err(|e| anyhow::anyhow!("serving custom resource definitions: {e}"))?;
 
@@ -184,11 +188,7 @@ pub async fn start(
         shutdown.clone(),
     ));
     tokio::spawn(allocation_repair_loop(allocator, shutdown.clone()));
-    tokio::spawn(resources::apiextensions::controller::run(
-        api.clone(),
-        crds_read_at,
-        shutdown.clone(),
-    ));
+    tokio::spawn(crd_controller.run(crds_read_at));
     let task = tokio::spawn(serve(listener, tls, router, shutdown));
     Ok(Running {
         addr,
@@ -525,8 +525,13 @@ fn serve_static(
         ["metrics"] => text(StatusCode::OK, &state.api.metrics.encode()),
         ["api"] | ["apis"] if discovery::aggregated_version(accept).is_some() => {
             let version = discovery::aggregated_version(accept).unwrap_or("v2");
-            let doc = discovery::aggregated(&served, parts == ["api"], version);
-            let mut resp = ok_json(&doc);
+            let core = parts == ["api"];
+            let slot = usize::from(!core) * 2 + usize::from(version != "v2");
+            let body = served.aggregated[slot].get_or_init(|| {
+                serde_json::to_vec(&discovery::aggregated(&served, core, version))
+                    .unwrap_or_default()
+            });
+            let mut resp = json_bytes_response(StatusCode::OK, body.clone(), &[]);
             let content_type = format!(
                 "application/json;g=apidiscovery.k8s.io;v={version};as=APIGroupDiscoveryList"
             );

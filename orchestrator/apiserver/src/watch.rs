@@ -191,6 +191,9 @@ impl Api {
                     return Ok(());
                 }
                 _ = tx.closed() => return Ok(()),
+                // The resource is served differently now (its CRD changed or
+                // went away): the client lists and watches again.
+                _ = def.retired.cancelled() => return Ok(()),
                 _ = bookmark_timer.tick(), if spec.bookmarks => {
                     if tx.send(event_line("BOOKMARK", &bookmark(def, bookmark_rv(), false))).await.is_err() {
                         return Ok(());

@@ -563,3 +563,201 @@ spec:
         }
     });
 }
+
+const WIDGETS: &str = r#"
+apiVersion: apiextensions.k8s.io/v1
+kind: CustomResourceDefinition
+metadata:
+  name: NAME
+spec:
+  group: shared.example.com
+  scope: Namespaced
+  names: {plural: PLURAL, kind: Widget}
+  versions:
+  - name: v1
+    served: true
+    storage: true
+    schema:
+      openAPIV3Schema:
+        type: object
+        x-kubernetes-preserve-unknown-fields: true
+"#;
+
+fn widget_crd(plural: &str) -> String {
+    WIDGETS
+        .replace("NAME", &format!("{plural}.shared.example.com"))
+        .replace("PLURAL", plural)
+}
+
+fn condition(s: &Server, crd: &str, kind: &str) -> String {
+    s.ok(&[
+        "get",
+        "crd",
+        crd,
+        "-o",
+        &format!("jsonpath={{.status.conditions[?(@.type==\"{kind}\")].status}}/{{.metadata.resourceVersion}}"),
+    ])
+}
+
+/// Two servers on one etcd decide names from the stored CRDs alone: the
+/// CRD that asked second for a taken kind is refused on both, and neither
+/// rewrites the other's conditions.
+#[test]
+fn two_servers_agree_on_crd_names() {
+    if !require_kubectl() {
+        return;
+    }
+    // Declared first, so dropped after the servers that use it.
+    let Some(etcd) = tapestry_store::conformance::EtcdServer::start() else {
+        return;
+    };
+    let store = format!("--store={}", etcd.store_arg());
+    let a = Server::start_with(&[store.as_str(), "--no-controllers", "--no-scheduler"]);
+    a.ok_stdin(&["apply", "-f", "-"], &widget_crd("zzzs"));
+    established_within(&a, "zzzs.shared.example.com", Duration::from_secs(2));
+    a.ok_stdin(&["apply", "-f", "-"], &widget_crd("aaas"));
+    let refused = wait_for(10, "aaas refused", || {
+        let c = condition(&a, "aaas.shared.example.com", "NamesAccepted");
+        c.starts_with("False/").then_some(c)
+    });
+    // A second server, and the first restarted, come to the same answer.
+    let b = Server::start_with(&[store.as_str(), "--no-controllers", "--no-scheduler"]);
+    std::thread::sleep(Duration::from_secs(1));
+    for s in [&a, &b] {
+        assert_eq!(
+            condition(s, "aaas.shared.example.com", "NamesAccepted"),
+            refused
+        );
+        assert!(condition(s, "zzzs.shared.example.com", "Established").starts_with("True/"));
+        let out = s.kubectl_stdin(
+            &["apply", "-f", "-"],
+            "apiVersion: shared.example.com/v1\nkind: Widget\nmetadata: {name: w}\n",
+        );
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        s.ok(&["get", "zzzs.shared.example.com", "w"]);
+        let err = s.fails(&["get", "aaas.shared.example.com"]);
+        assert!(
+            err.contains("the server doesn't have a resource type"),
+            "{err}"
+        );
+    }
+    // Deleting the holder frees the kind for the other.
+    a.ok(&["delete", "crd", "zzzs.shared.example.com"]);
+    wait_for(10, "aaas accepted", || {
+        condition(&b, "aaas.shared.example.com", "Established")
+            .starts_with("True/")
+            .then_some(())
+    });
+}
+
+/// A CRD deleted while one of its objects is held by a finalizer goes
+/// once the finalizer is removed, even across a server restart.
+#[test]
+fn crd_deletion_survives_a_restart() {
+    if !require_kubectl() {
+        return;
+    }
+    let mut s = Server::start_with(&["--no-controllers", "--no-scheduler"]);
+    s.ok_stdin(&["apply", "-f", "-"], &widget_crd("widgets"));
+    established_within(&s, "widgets.shared.example.com", Duration::from_secs(2));
+    s.ok_stdin(
+        &["apply", "-f", "-"],
+        "apiVersion: shared.example.com/v1\nkind: Widget\nmetadata: {name: held, finalizers: [example.com/hold]}\n",
+    );
+    s.ok(&[
+        "delete",
+        "crd",
+        "widgets.shared.example.com",
+        "--wait=false",
+    ]);
+    wait_for(10, "the object marked for deletion", || {
+        let ts = s.ok(&[
+            "get",
+            "widgets.shared.example.com",
+            "held",
+            "-o",
+            "jsonpath={.metadata.deletionTimestamp}",
+        ]);
+        (!ts.is_empty()).then_some(())
+    });
+    s.kill();
+    s.spawn();
+    s.ok(&[
+        "patch",
+        "widgets.shared.example.com",
+        "held",
+        "--type",
+        "merge",
+        "-p",
+        r#"{"metadata":{"finalizers":null}}"#,
+    ]);
+    wait_for(10, "the CRD to go", || {
+        (!s.kubectl(&["get", "crd", "widgets.shared.example.com"])
+            .status
+            .success())
+        .then_some(())
+    });
+}
+
+/// The garbage collector follows custom kinds: a ConfigMap owned by a
+/// custom resource goes with it, and a foreground deletion of a custom
+/// resource waits for its dependents, then completes.
+#[test]
+fn custom_resources_own_objects() {
+    if !require_kubectl() {
+        return;
+    }
+    let s = Server::start_with(&["--no-scheduler"]);
+    s.ok_stdin(&["apply", "-f", "-"], &widget_crd("widgets"));
+    established_within(&s, "widgets.shared.example.com", Duration::from_secs(2));
+    for name in ["background", "foreground"] {
+        s.ok_stdin(
+            &["apply", "-f", "-"],
+            &format!(
+                "apiVersion: shared.example.com/v1\nkind: Widget\nmetadata: {{name: {name}}}\n"
+            ),
+        );
+        let uid = s.ok(&[
+            "get",
+            "widgets.shared.example.com",
+            name,
+            "-o",
+            "jsonpath={.metadata.uid}",
+        ]);
+        s.ok_stdin(
+            &["apply", "-f", "-"],
+            &format!(
+                "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: {name}-config\n  ownerReferences:\n  - {{apiVersion: shared.example.com/v1, kind: Widget, name: {name}, uid: {uid}}}\n"
+            ),
+        );
+    }
+    // The collector picks the new kind up before the owner goes.
+    std::thread::sleep(Duration::from_secs(1));
+    s.ok(&["delete", "widgets.shared.example.com", "background"]);
+    wait_for(
+        15,
+        "the dependent of a deleted custom resource to go",
+        || {
+            (!s.kubectl(&["get", "configmap", "background-config"])
+                .status
+                .success())
+            .then_some(())
+        },
+    );
+    s.ok(&[
+        "delete",
+        "widgets.shared.example.com",
+        "foreground",
+        "--cascade=foreground",
+        "--wait=false",
+    ]);
+    wait_for(15, "the foreground deletion to finish", || {
+        let owner = s.kubectl(&["get", "widgets.shared.example.com", "foreground"]);
+        let dependent = s.kubectl(&["get", "configmap", "foreground-config"]);
+        (!owner.status.success() && !dependent.status.success()).then_some(())
+    });
+}

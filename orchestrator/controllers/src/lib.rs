@@ -70,7 +70,7 @@ pub struct Ctx {
     rs_expectations: replicaset::Expectations,
     job_released: job::Released,
     ipam: ipam::Allocations,
-    gc_kinds: Vec<gc::Tracked>,
+    gc_kinds: gc::Kinds,
     discovery: std::sync::Mutex<Option<(std::time::Instant, Vec<kube::api::ApiResource>)>>,
 }
 
@@ -96,7 +96,7 @@ pub async fn run(client: Client, config: Config, shutdown: CancellationToken) {
     let services = Informer::new(Api::all(client.clone()), all.clone());
     let endpoints = Informer::new(Api::all(client.clone()), all.clone());
     let endpointslices = Informer::new(Api::all(client.clone()), all.clone());
-    let gc_kinds = vec![
+    let gc_kinds = gc::Kinds::new(vec![
         gc::Tracked::new(&daemonsets, true),
         gc::Tracked::new(&jobs, true),
         gc::Tracked::new(&services, true),
@@ -105,7 +105,7 @@ pub async fn run(client: Client, config: Config, shutdown: CancellationToken) {
         gc::Tracked::new(&replicasets, true),
         gc::Tracked::new(&deployments, true),
         gc::Tracked::new(&nodes, false),
-    ];
+    ]);
     let ctx = Arc::new(Ctx {
         recorder: events::Recorder::new(client.clone(), "controller-manager"),
         pods,
@@ -232,11 +232,17 @@ pub async fn run(client: Client, config: Config, shutdown: CancellationToken) {
         ctx.endpointslices.ready(),
     );
     tasks.spawn(nodelifecycle::run(ctx.clone(), shutdown.clone()));
+    tasks.spawn(gc::follow_kinds(
+        ctx.clone(),
+        Informer::new(Api::all(ctx.client.clone()), watcher::Config::default()),
+        shutdown.clone(),
+    ));
     tracing::info!("controllers running");
     while tasks.join_next().await.is_some() {}
 }
 
 fn gc_setup(ctx: &Arc<Ctx>, queue: &Arc<Queue>) {
+    gc::set_queue(ctx, queue);
     gc::watch(&ctx.pods, queue);
     gc::watch(&ctx.replicasets, queue);
     gc::watch(&ctx.deployments, queue);

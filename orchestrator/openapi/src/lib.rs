@@ -89,6 +89,7 @@ pub struct OpenApiBuilder {
     custom: SchemaGenerator,
     extra: BTreeMap<String, Value>,
     version: String,
+    v3_only: bool,
 }
 
 impl Default for OpenApiBuilder {
@@ -112,7 +113,16 @@ impl OpenApiBuilder {
             custom: generator(),
             extra: BTreeMap::new(),
             version: "v1.33.0".into(),
+            v3_only: false,
         }
+    }
+
+    /// Build only the OpenAPI v3 documents, without the Swagger 2.0 one and
+    /// the field types patches use (for documents served beside another
+    /// set that has them, like a custom group version's).
+    pub fn v3_only(mut self) -> Self {
+        self.v3_only = true;
+        self
     }
 
     /// `info.version` of the documents (the emulated Kubernetes version).
@@ -184,7 +194,7 @@ impl OpenApiBuilder {
             items.extend(paths::resource_paths(r)?);
         }
         items.sort_by(|a, b| a.path.cmp(&b.path));
-        Ok(OpenApi::assemble(&self.version, defs, &items))
+        Ok(OpenApi::assemble(&self.version, defs, &items, self.v3_only))
     }
 }
 
@@ -468,7 +478,12 @@ impl OpenApi {
         OpenApiBuilder::new()
     }
 
-    fn assemble(version: &str, defs: BTreeMap<String, Value>, items: &[PathItem]) -> OpenApi {
+    fn assemble(
+        version: &str,
+        defs: BTreeMap<String, Value>,
+        items: &[PathItem],
+        v3_only: bool,
+    ) -> OpenApi {
         let info = json!({"title": "Kubernetes", "version": version});
         let security = json!([{BEARER: []}]);
         let schemes = json!({BEARER: security_scheme()});
@@ -483,18 +498,22 @@ impl OpenApi {
         let mut roots = Vec::new();
         collect_refs_map(&v2_paths, &mut roots);
         let used = graph.reachable(roots);
-        let v2_raw: BTreeMap<&str, Box<RawValue>> =
-            used.iter().map(|n| (*n, raw(&defs[*n]))).collect();
         let v3_raw: BTreeMap<&str, Box<RawValue>> =
             used.iter().map(|n| (*n, raw(&to_v3(&defs[*n])))).collect();
-        let v2 = to_bytes(&V2Doc {
-            swagger: "2.0",
-            info: &info,
-            paths: v2_paths,
-            definitions: v2_raw.iter().map(|(n, d)| (*n, &**d)).collect(),
-            security_definitions: &schemes,
-            security: &security,
-        });
+        let v2 = if v3_only {
+            Vec::new()
+        } else {
+            let v2_raw: BTreeMap<&str, Box<RawValue>> =
+                used.iter().map(|n| (*n, raw(&defs[*n]))).collect();
+            to_bytes(&V2Doc {
+                swagger: "2.0",
+                info: &info,
+                paths: v2_paths,
+                definitions: v2_raw.iter().map(|(n, d)| (*n, &**d)).collect(),
+                security_definitions: &schemes,
+                security: &security,
+            })
+        };
         let v2_hash = hex_sha256(&v2);
 
         // v3: one document per group version with the definitions it reaches.
@@ -541,7 +560,11 @@ impl OpenApi {
             v2_hash,
             v3_index,
             v3,
-            fields: fields::index(&defs),
+            fields: if v3_only {
+                Default::default()
+            } else {
+                fields::index(&defs)
+            },
         }
     }
 

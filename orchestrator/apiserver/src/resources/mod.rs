@@ -1,7 +1,7 @@
 //! The served resources, one module per resource (`<group>/<kind>.rs`):
 //! each owns its definition, strategy, table columns, hooks and
 //! subresource handlers. Custom resources are defined at run time from
-//! their CRDs ([`custom`]).
+//! their CRDs ([`apiextensions::custom`]).
 
 pub mod apiextensions;
 pub mod apps;

@@ -3,8 +3,6 @@
 //! every resource goes through (identity, generation, subresource rules,
 //! the resource's own defaults and validation).
 
-use std::fmt::Write as _;
-
 use serde_json::{json, Value};
 
 use super::request::FieldValidation;
@@ -12,8 +10,9 @@ use super::{Api, Request};
 use crate::error::{ApiError, ApiResult, Cause, Target};
 use crate::objects::{
     differs_outside, is_terminating, meta, meta_mut, meta_str, now_rfc3339, random_suffix,
+    unknown_fields,
 };
-use crate::registry::{Generation, Subresource};
+use crate::registry::{Decoded, Generation, Subresource};
 use crate::validation::{validate_object_meta, validate_object_meta_update};
 
 impl Api {
@@ -75,11 +74,17 @@ impl Api {
                 ))
             })
         };
-        let mut decoded = codec(&obj)?;
+        let Decoded {
+            obj: mut decoded,
+            dropped,
+        } = codec(&obj)?;
         let validation = req.field_validation()?;
         if validation != FieldValidation::Ignore {
-            let mut unknown = Vec::new();
-            unknown_fields(&obj, &decoded, &mut String::new(), &mut unknown);
+            let unknown = dropped.unwrap_or_else(|| {
+                let mut unknown = Vec::new();
+                unknown_fields(&obj, &decoded, &mut String::new(), &mut unknown);
+                unknown
+            });
             if !unknown.is_empty() {
                 if validation == FieldValidation::Strict {
                     let list: Vec<String> = unknown
@@ -101,7 +106,7 @@ impl Api {
             if let Err(managed) = put_back_managed_fields(&mut decoded, managed) {
                 // The codec dropped the placeholder: decode it all.
                 meta_mut(&mut obj).insert("managedFields".into(), managed);
-                decoded = codec(&obj)?;
+                decoded = codec(&obj)?.obj;
             }
         }
         Ok(decoded)
@@ -283,7 +288,12 @@ impl Api {
         let mut causes = validate_object_meta(new, def.namespaced, def.name_rule);
         causes.extend(validate_object_meta_update(new, old));
         match req.sub {
-            None => causes.extend(def.behaviour.validate_update(new, old)),
+            // A scale write changes the object's own replica count: the
+            // resource's update validation holds for it (a custom
+            // resource's schema and rules among them).
+            None | Some(Subresource::Scale) => {
+                causes.extend(def.behaviour.validate_update(new, old))
+            }
             Some(Subresource::Status) => {
                 causes.extend(def.behaviour.validate_status_update(new, old))
             }
@@ -312,37 +322,6 @@ fn drop_empty_finalizers(obj: &mut Value) {
         .is_some_and(Vec::is_empty)
     {
         m.remove("finalizers");
-    }
-}
-
-/// Paths present in `input` but dropped by decoding: unknown fields. The
-/// path grows and shrinks in one buffer and is copied out only for an
-/// unknown field; formatting it at every field cost as much as the decode.
-fn unknown_fields(input: &Value, decoded: &Value, path: &mut String, out: &mut Vec<String>) {
-    let len = path.len();
-    match (input, decoded) {
-        (Value::Object(i), Value::Object(d)) => {
-            for (k, v) in i {
-                if len > 0 {
-                    path.push('.');
-                }
-                path.push_str(k);
-                match d.get(k) {
-                    Some(dv) => unknown_fields(v, dv, path, out),
-                    None if v.is_null() => {}
-                    None => out.push(path.clone()),
-                }
-                path.truncate(len);
-            }
-        }
-        (Value::Array(i), Value::Array(d)) => {
-            for (idx, (iv, dv)) in i.iter().zip(d).enumerate() {
-                let _ = write!(path, "[{idx}]");
-                unknown_fields(iv, dv, path, out);
-                path.truncate(len);
-            }
-        }
-        _ => {}
     }
 }
 

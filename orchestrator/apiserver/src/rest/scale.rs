@@ -97,10 +97,18 @@ impl ScaleRest {
                     Change::Replace(body) => body.clone(),
                     Change::Patch(kind, doc) => patch::apply_untyped(*kind, &current, doc)?,
                 };
-                let replicas = desired
-                    .pointer("/spec/replicas")
-                    .and_then(Value::as_i64)
-                    .unwrap_or(0);
+                // A Scale is an autoscaling/v1 object: its count is an int32.
+                let replicas = match desired.pointer("/spec/replicas") {
+                    None | Some(Value::Null) => 0,
+                    Some(n) => n
+                        .as_i64()
+                        .and_then(|n| i32::try_from(n).ok())
+                        .ok_or_else(|| {
+                            ApiError::BadRequest(format!(
+                                "Scale in version \"v1\" cannot be handled as a Scale: spec.replicas: invalid value {n}: must be an int32"
+                            ))
+                        })?,
+                };
                 if replicas < 0 {
                     return Err(ApiError::Invalid {
                         target: req.target(),

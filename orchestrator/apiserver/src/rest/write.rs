@@ -251,7 +251,7 @@ impl Api {
             .update_object(req, |old| {
                 let patched = match kind {
                     PatchKind::Apply => {
-                        let mut applied = self.admit_body(req, patch_doc.clone(), &mut Vec::new(), None)?;
+                        let mut applied = self.admit_body(req, patch_doc.clone(), &mut warnings, None)?;
                         if meta_str(&applied, "name").is_empty() {
                             meta_mut(&mut applied).insert("name".into(), json!(req.name.clone().unwrap_or_default()));
                         }

@@ -4,7 +4,9 @@
 //!
 //! `cargo build --release -p tapestry && target/release/tapestry-bench`
 //!
-//! `TAPESTRY_BENCH_ONLY=create|get|list` measures that operation alone.
+//! `TAPESTRY_BENCH_ONLY=create|get|list` measures that operation alone;
+//! `TAPESTRY_BENCH_ONLY=crd` only custom resources against ConfigMaps and
+//! the installation of 200 CRDs.
 
 use std::collections::BTreeMap;
 use std::process::{Child, Command, Stdio};
@@ -102,6 +104,71 @@ enum Op {
     List,
 }
 
+/// What a load runs against.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    ConfigMap,
+    /// The custom resource of [`WIDGET_CRD`]: the same 256-byte payload,
+    /// pruned, defaulted and validated by its schema and a CEL rule.
+    Widget,
+}
+
+impl Kind {
+    fn collection(self, namespace: &str) -> String {
+        match self {
+            Kind::ConfigMap => format!("/api/v1/namespaces/{namespace}/configmaps"),
+            Kind::Widget => format!("/apis/bench.example.com/v1/namespaces/{namespace}/widgets"),
+        }
+    }
+
+    fn object(self, name: &str) -> Result<Vec<u8>> {
+        Ok(match self {
+            Kind::ConfigMap => serde_json::to_vec(&configmap(name))?,
+            Kind::Widget => serde_json::to_vec(&serde_json::json!({
+                "apiVersion": "bench.example.com/v1",
+                "kind": "Widget",
+                "metadata": {"name": name},
+                "spec": {"payload": "x".repeat(256), "replicas": 3, "maxReplicas": 5, "color": "blue"},
+            }))?,
+        })
+    }
+}
+
+/// A custom resource as operators define them: typed fields with bounds,
+/// an enum, a default, a CEL rule, status and scale subresources, columns.
+const WIDGET_CRD: &str = r#"{
+  "apiVersion": "apiextensions.k8s.io/v1",
+  "kind": "CustomResourceDefinition",
+  "metadata": {"name": "widgets.bench.example.com"},
+  "spec": {
+    "group": "bench.example.com",
+    "scope": "Namespaced",
+    "names": {"plural": "widgets", "singular": "widget", "kind": "Widget"},
+    "versions": [{
+      "name": "v1", "served": true, "storage": true,
+      "subresources": {"status": {}, "scale": {"specReplicasPath": ".spec.replicas", "statusReplicasPath": ".status.replicas"}},
+      "additionalPrinterColumns": [{"name": "Replicas", "type": "integer", "jsonPath": ".spec.replicas"}],
+      "schema": {"openAPIV3Schema": {
+        "type": "object",
+        "properties": {
+          "spec": {
+            "type": "object",
+            "required": ["payload"],
+            "x-kubernetes-validations": [{"rule": "self.replicas <= self.maxReplicas", "message": "replicas above maxReplicas"}],
+            "properties": {
+              "payload": {"type": "string", "maxLength": 4096},
+              "replicas": {"type": "integer", "minimum": 0},
+              "maxReplicas": {"type": "integer", "minimum": 0, "default": 10},
+              "color": {"type": "string", "enum": ["red", "green", "blue"]}
+            }
+          },
+          "status": {"type": "object", "properties": {"replicas": {"type": "integer"}}}
+        }
+      }}
+    }]
+  }
+}"#;
+
 struct Level {
     latency: Histogram<u64>,
     per_second: f64,
@@ -117,16 +184,18 @@ struct Level {
 /// typed objects (which took more CPU than the server's side of a list);
 /// every response is still checked: a 2xx status, and a list holds exactly
 /// the 100 seed objects.
+#[allow(clippy::too_many_arguments)]
 async fn load(
     client: &Client,
     server_pid: u32,
+    kind: Kind,
     namespace: &str,
     op: Op,
     clients: usize,
     tag: &str,
 ) -> Result<Level> {
     let per_client = REQUESTS_PER_LEVEL / clients;
-    let url = format!("/api/v1/namespaces/{namespace}/configmaps");
+    let url = kind.collection(namespace);
     // Every task finishes its warm-up before any is timed.
     let warmed = Arc::new(tokio::sync::Barrier::new(clients + 1));
     let mut tasks = Vec::new();
@@ -144,7 +213,7 @@ async fn load(
                 let req = match op {
                     Op::Create => request.create(
                         &PostParams::default(),
-                        serde_json::to_vec(&configmap(&format!("{tag}-{c}-{i}")))?,
+                        kind.object(&format!("{tag}-{c}-{i}"))?,
                     )?,
                     Op::Get => request.get(&format!("seed-{}", i % 100), &GetParams::default())?,
                     Op::List => request.list(&ListParams::default())?,
@@ -248,11 +317,15 @@ async fn main() -> Result<()> {
         api.create(&PostParams::default(), &configmap(&format!("seed-{i}")))
             .await?;
     }
+    let only = std::env::var("TAPESTRY_BENCH_ONLY").ok();
+    if only.as_deref() == Some("crd") {
+        custom_resources(&client, &server).await?;
+        return Ok(());
+    }
     println!(
         "\n| operation | clients | req/s | p50 | p99 | p99 target | target / p99 | server CPU/req | client CPU/req |"
     );
     println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|");
-    let only = std::env::var("TAPESTRY_BENCH_ONLY").ok();
     for (name, op) in [
         ("create", Op::Create),
         ("get", Op::Get),
@@ -268,7 +341,16 @@ async fn main() -> Result<()> {
                 "bench"
             };
             let tag = format!("{}{clients}", name.len());
-            let level = load(&client, server.child.id(), namespace, op, clients, &tag).await?;
+            let level = load(
+                &client,
+                server.child.id(),
+                Kind::ConfigMap,
+                namespace,
+                op,
+                clients,
+                &tag,
+            )
+            .await?;
             let h = &level.latency;
             println!(
                 "| {name} | {clients} | {:.0} | {:.2} ms | {:.2} ms | 10 ms | {:.1}× | {:.0} µs | {:.0} µs |",
@@ -346,6 +428,185 @@ async fn main() -> Result<()> {
         ms(&fanout, 0.99),
         50.0 / ms(&fanout, 0.99)
     );
+    custom_resources(&client, &server).await?;
     drop(server);
     Ok(())
+}
+
+/// Custom resources against ConfigMaps in the same run (creates and
+/// 100-object lists at 64 clients, alternating, two rounds), then 200 CRDs
+/// installed with kubectl: time to all Established and discoverable, and
+/// the server's memory per CRD.
+async fn custom_resources(client: &Client, server: &Server) -> Result<()> {
+    let crd: serde_json::Value = serde_json::from_str(WIDGET_CRD)?;
+    let crds: Api<kube::api::DynamicObject> = Api::all_with(
+        client.clone(),
+        &kube::api::ApiResource::from_gvk_with_plural(
+            &kube::api::GroupVersionKind::gvk(
+                "apiextensions.k8s.io",
+                "v1",
+                "CustomResourceDefinition",
+            ),
+            "customresourcedefinitions",
+        ),
+    );
+    crds.create(&PostParams::default(), &serde_json::from_value(crd)?)
+        .await?;
+    wait_established(&crds, 1, Duration::from_secs(10)).await?;
+    for i in 0..100 {
+        let req = kube::core::Request::new(Kind::Widget.collection("bench")).create(
+            &PostParams::default(),
+            Kind::Widget.object(&format!("seed-{i}"))?,
+        )?;
+        client.request_text(req).await?;
+    }
+    println!("\n### Custom resources against ConfigMaps (64 clients, same run)\n");
+    println!("| operation | round | ConfigMaps p50 | ConfigMaps p99 | custom resources p50 | custom resources p99 | CR p99 / CM p99 | target | CM server CPU/req | CR server CPU/req |");
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    for round in 1..=2 {
+        for (name, op, namespace) in [
+            ("create", Op::Create, "default"),
+            ("list (100 objects)", Op::List, "bench"),
+        ] {
+            let tag = format!("r{round}{}", name.len());
+            let cm = load(
+                client,
+                server.child.id(),
+                Kind::ConfigMap,
+                namespace,
+                op,
+                64,
+                &format!("cm{tag}"),
+            )
+            .await?;
+            let cr = load(
+                client,
+                server.child.id(),
+                Kind::Widget,
+                namespace,
+                op,
+                64,
+                &format!("cr{tag}"),
+            )
+            .await?;
+            println!(
+                "| {name} | {round} | {:.2} ms | {:.2} ms | {:.2} ms | {:.2} ms | {:.2} | ≤ 1.5 and < 10 ms | {:.0} µs | {:.0} µs |",
+                ms(&cm.latency, 0.5),
+                ms(&cm.latency, 0.99),
+                ms(&cr.latency, 0.5),
+                ms(&cr.latency, 0.99),
+                ms(&cr.latency, 0.99) / ms(&cm.latency, 0.99),
+                cm.cpu_per_request.0,
+                cr.cpu_per_request.0,
+            );
+        }
+    }
+
+    // 200 CRDs as 40 operators would bring them: 5 kinds in each of 40 groups.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let rss_before = rss_kib(server.child.id())?;
+    let mut manifest = String::new();
+    for g in 0..40 {
+        for k in 0..5 {
+            let mut crd: serde_json::Value = serde_json::from_str(WIDGET_CRD)?;
+            let group = format!("op{g}.bench.example.com");
+            let plural = format!("things{k}");
+            crd["metadata"]["name"] = serde_json::json!(format!("{plural}.{group}"));
+            crd["spec"]["group"] = serde_json::json!(group);
+            crd["spec"]["names"] =
+                serde_json::json!({"plural": plural, "kind": format!("Thing{k}")});
+            manifest.push_str(&serde_json::to_string(&crd)?);
+            manifest.push('\n');
+        }
+    }
+    let file = tempfile::NamedTempFile::new()?;
+    std::fs::write(file.path(), manifest)?;
+    let kubeconfig = server.dir.path().join("kubeconfig");
+    let applying = Instant::now();
+    let out = Command::new("kubectl")
+        .env("KUBECONFIG", &kubeconfig)
+        .args(["apply", "-f"])
+        .arg(file.path())
+        .output()
+        .context("running kubectl")?;
+    if !out.status.success() {
+        bail!("kubectl apply: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let applied = Instant::now();
+    wait_established(&crds, 201, Duration::from_secs(60)).await?;
+    let established = applied.elapsed();
+    // In discovery: the aggregated document lists every new kind.
+    loop {
+        let req = http::Request::get("/apis")
+            .header(
+                http::header::ACCEPT,
+                "application/json;g=apidiscovery.k8s.io;v=v2;as=APIGroupDiscoveryList",
+            )
+            .body(Vec::new())?;
+        let doc = client.request_text(req).await?;
+        if doc.matches("\"things").count() >= 200 {
+            break;
+        }
+        if applied.elapsed() > Duration::from_secs(60) {
+            bail!("200 CRDs not in discovery within 60s");
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let discoverable = applied.elapsed();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let rss_after = rss_kib(server.child.id())?;
+    let per_crd = rss_after.saturating_sub(rss_before) as f64 / 200.0;
+    println!("\n| 200 CRDs (40 groups × 5 kinds) | measured | target | target / measured |");
+    println!("|---|---:|---:|---:|");
+    println!(
+        "| kubectl apply of all 200 | {:.2} s | | |",
+        applied.duration_since(applying).as_secs_f64()
+    );
+    println!(
+        "| last kubectl apply → all Established | {:.0} ms | 1000 ms | {:.1}× |",
+        established.as_secs_f64() * 1000.0,
+        1.0 / established.as_secs_f64()
+    );
+    println!(
+        "| last kubectl apply → all in discovery | {:.0} ms | 1000 ms | {:.1}× |",
+        discoverable.as_secs_f64() * 1000.0,
+        1.0 / discoverable.as_secs_f64()
+    );
+    println!(
+        "| server RSS growth per CRD | {per_crd:.0} KiB | 200 KiB | {:.1}× |",
+        200.0 / per_crd
+    );
+    Ok(())
+}
+
+/// Wait until `count` CRDs are Established.
+async fn wait_established(
+    crds: &Api<kube::api::DynamicObject>,
+    count: usize,
+    limit: Duration,
+) -> Result<()> {
+    let started = Instant::now();
+    loop {
+        let list = crds.list(&ListParams::default()).await?;
+        let established = list
+            .items
+            .iter()
+            .filter(|crd| {
+                crd.data
+                    .pointer("/status/conditions")
+                    .and_then(|c| c.as_array())
+                    .is_some_and(|cs| {
+                        cs.iter()
+                            .any(|c| c["type"] == "Established" && c["status"] == "True")
+                    })
+            })
+            .count();
+        if established >= count {
+            return Ok(());
+        }
+        if started.elapsed() > limit {
+            bail!("{established} of {count} CRDs established after {limit:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
 }

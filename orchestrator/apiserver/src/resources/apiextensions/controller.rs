@@ -2,28 +2,35 @@
 //! kube-apiserver's apiextensions controllers do (naming, establishing,
 //! finalizing):
 //!
-//! - a CRD whose names conflict with nothing in its group is served (its
-//!   definitions in the registry, its schemas in `/openapi/v3`), then
-//!   marked `NamesAccepted` and `Established`;
-//! - one whose names are taken gets `NamesAccepted=False` with the reason;
-//! - one being deleted stops taking creates, deletes all its objects
-//!   (waiting for their finalizers), then drops its cleanup finalizer;
-//! - once gone, it is no longer served.
+//! - **naming**: a CRD's requested names are accepted one by one unless
+//!   another kind of its group holds them (the other CRDs' *stored*
+//!   accepted names, and the built-in kinds); what it already holds stays
+//!   its own. `NamesAccepted` says whether all were, and why not;
+//! - **establishing**: a CRD whose names are accepted is served (its
+//!   definitions in the registry, its schemas in `/openapi/v3`) under its
+//!   accepted names, then marked `Established`;
+//! - **finalizing**: a CRD being deleted stops taking creates; a task of
+//!   its own deletes its objects (waiting for their finalizers), then
+//!   drops its cleanup finalizer; once the CRD is gone it is no longer
+//!   served, and watches of its kinds end.
 //!
-//! Every server on a store runs this from its own watch of the CRDs, so
-//! each serves the same custom resources; the status writes are
-//! idempotent compare-and-swaps.
+//! Every server on a store runs this from its own watch of the CRDs and
+//! decides from the stored objects alone, so all serve the same kinds
+//! under the same names, restarts included; status writes are
+//! compare-and-swaps that change nothing when the status is already right.
+//! A failed reconcile is retried with backoff.
 
-use std::collections::BTreeSet;
-use std::sync::Arc;
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::StreamExt;
 use serde_json::{json, Value};
-use tapestry_store::{ListOptions, StoreError};
+use tapestry_store::{EventKind, ListOptions, StoreError};
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::custom::served_versions;
+use super::custom::{instances_prefix, served_versions};
 use super::customresourcedefinition::CLEANUP_FINALIZER;
 use crate::error::{ApiError, ApiResult};
 use crate::objects::{decode, finalizers, is_terminating, meta_str, now_rfc3339};
@@ -35,427 +42,629 @@ const GROUP: &str = "apiextensions.k8s.io";
 const VERSION: &str = "v1";
 const PLURAL: &str = "customresourcedefinitions";
 
-/// How often CRDs being deleted are looked at again while objects with
-/// finalizers hold them.
-const CLEANUP_RETRY: Duration = Duration::from_millis(500);
+/// Objects a cleanup pass deletes per page.
+const CLEANUP_PAGE: usize = 500;
+/// How soon a cleanup held by finalizers looks again, at first and at most.
+const CLEANUP_RETRY: (Duration, Duration) = (Duration::from_millis(200), Duration::from_secs(5));
+/// Backoff of a failed reconcile, first and longest.
+const RETRY: (Duration, Duration) = (Duration::from_millis(100), Duration::from_secs(10));
 
-fn crd_def(api: &Api) -> ApiResult<Arc<ResourceDef>> {
-    api.registry
-        .get(GROUP, VERSION, PLURAL)
-        .ok_or_else(|| ApiError::Internal("CustomResourceDefinitions are not served".into()))
+/// The CRD controller of one server.
+pub struct CrdController {
+    api: Arc<Api>,
+    crds: Arc<ResourceDef>,
+    shutdown: CancellationToken,
+    state: Mutex<State>,
 }
 
-/// Serve every stored CRD that can be served; returns the store revision
-/// the CRDs were read at (the watch continues from there).
-pub async fn initial_sync(api: &Api) -> ApiResult<i64> {
-    let def = crd_def(api)?;
-    let list = api
-        .store
-        .list(&def.key_prefix(None), ListOptions::default())
-        .await
-        .map_err(ApiError::internal)?;
-    for kv in &list.items {
-        let name = kv.key.rsplit('/').next().unwrap_or_default().to_string();
-        if let Err(e) = reconcile(api, &name).await {
-            tracing::warn!(crd = %name, error = %e, "custom resource definition not served");
-        }
+#[derive(Default)]
+struct State {
+    /// Every stored CRD as last seen (the watch keeps it current).
+    known: BTreeMap<String, Value>,
+    /// CRD → the state it is served from, so status-only changes (this
+    /// controller's own condition writes among them) rebuild nothing.
+    served_from: HashMap<String, String>,
+    /// CRDs whose objects a cleanup task is deleting.
+    cleaning: HashSet<String>,
+    /// CRDs to reconcile again after a failure: when, and how many times
+    /// it failed.
+    retry: BTreeMap<String, (Instant, u32)>,
+}
+
+impl CrdController {
+    pub fn new(api: Arc<Api>, shutdown: CancellationToken) -> ApiResult<Arc<Self>> {
+        let crds = api
+            .registry
+            .get(GROUP, VERSION, PLURAL)
+            .ok_or_else(|| ApiError::Internal("CustomResourceDefinitions are not served".into()))?;
+        Ok(Arc::new(CrdController {
+            api,
+            crds,
+            shutdown,
+            state: Mutex::new(State::default()),
+        }))
     }
-    Ok(list.revision)
-}
 
-/// Follow CRD changes until shutdown.
-pub async fn run(api: Arc<Api>, mut from: i64, shutdown: CancellationToken) {
-    // `from` moves only on a new list: the watch itself never needs to
-    // resume, it is replaced by a fresh list and watch when it breaks.
-    let mut terminating: BTreeSet<String> = BTreeSet::new();
-    loop {
-        let def = match crd_def(&api) {
-            Ok(def) => def,
-            Err(e) => {
-                tracing::error!(error = %e, "custom resource definitions cannot be followed");
-                return;
-            }
+    fn state(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Read every stored CRD and serve what can be served; CRDs no longer
+    /// stored stop being served. Returns the store revision the CRDs were
+    /// read at (the watch continues from there).
+    pub async fn sync(self: &Arc<Self>) -> ApiResult<i64> {
+        let list = self
+            .api
+            .store
+            .list(&self.crds.key_prefix(None), ListOptions::default())
+            .await
+            .map_err(ApiError::internal)?;
+        let mut known = BTreeMap::new();
+        for kv in &list.items {
+            let crd = decode(&self.crds, kv)?;
+            known.insert(meta_str(&crd, "name").to_string(), crd);
+        }
+        let gone: Vec<String> = {
+            let mut state = self.state();
+            state.known = known;
+            state
+                .served_from
+                .keys()
+                .filter(|name| !state.known.contains_key(*name))
+                .cloned()
+                .collect()
         };
-        let prefix = def.key_prefix(None);
-        let mut events = match api.store.watch(&prefix, from).await {
-            Ok(events) => events,
-            Err(e) => {
-                tracing::warn!(error = %e, "watching custom resource definitions; listing again");
-                match resync(&api, &shutdown).await {
-                    Some(rev) => from = rev,
-                    None => return,
-                }
-                continue;
-            }
-        };
-        let mut retry = tokio::time::interval(CLEANUP_RETRY);
+        for name in gone {
+            self.stop_serving(&name);
+        }
+        let names: Vec<String> = self.state().known.keys().cloned().collect();
+        for name in names {
+            self.reconcile_or_retry(&name).await;
+        }
+        Ok(list.revision)
+    }
+
+    /// Follow CRD changes until shutdown.
+    pub async fn run(self: Arc<Self>, mut from: i64) {
         loop {
-            let name = tokio::select! {
-                _ = shutdown.cancelled() => return,
-                _ = retry.tick(), if !terminating.is_empty() => {
-                    for name in terminating.clone() {
-                        match reconcile(&api, &name).await {
-                            Ok(Outcome::Terminating) => {}
-                            Ok(_) => { terminating.remove(&name); }
-                            Err(e) => tracing::warn!(crd = %name, error = %e, "cleaning up custom resources"),
-                        }
+            let mut events = match self
+                .api
+                .store
+                .watch(&self.crds.key_prefix(None), from)
+                .await
+            {
+                Ok(events) => events,
+                Err(e) => {
+                    tracing::warn!(error = %e, "watching custom resource definitions; listing again");
+                    match self.resync().await {
+                        Some(rev) => from = rev,
+                        None => return,
                     }
                     continue;
                 }
-                next = events.next() => match next {
-                    Some(Ok(event)) => event.kv.key.rsplit('/').next().unwrap_or_default().to_string(),
-                    Some(Err(StoreError::Compacted { .. })) | Some(Err(StoreError::WatchOverflow)) | None => {
-                        match resync(&api, &shutdown).await {
-                            Some(rev) => from = rev,
-                            None => return,
-                        }
-                        break;
-                    }
-                    Some(Err(e)) => {
-                        tracing::warn!(error = %e, "custom resource definition watch failed");
-                        match resync(&api, &shutdown).await {
-                            Some(rev) => from = rev,
-                            None => return,
-                        }
-                        break;
-                    }
-                },
             };
-            match reconcile(&api, &name).await {
-                Ok(Outcome::Terminating) => {
-                    terminating.insert(name);
+            loop {
+                let next_retry = self.state().retry.values().map(|(due, _)| *due).min();
+                let event = tokio::select! {
+                    _ = self.shutdown.cancelled() => return,
+                    _ = sleep_until(next_retry) => {
+                        let due: Vec<String> = {
+                            let state = self.state();
+                            let now = Instant::now();
+                            state.retry.iter().filter(|(_, (at, _))| *at <= now).map(|(n, _)| n.clone()).collect()
+                        };
+                        for name in due {
+                            self.reconcile_or_retry(&name).await;
+                        }
+                        continue;
+                    }
+                    next = events.next() => next,
+                };
+                let event = match event {
+                    Some(Ok(event)) => event,
+                    other => {
+                        if let Some(Err(e)) = other {
+                            tracing::warn!(error = %e, "custom resource definition watch ended; listing again");
+                        }
+                        match self.resync().await {
+                            Some(rev) => from = rev,
+                            None => return,
+                        }
+                        break;
+                    }
+                };
+                let name = event
+                    .kv
+                    .key
+                    .rsplit('/')
+                    .next()
+                    .unwrap_or_default()
+                    .to_string();
+                let group = {
+                    let mut state = self.state();
+                    if event.kind == EventKind::Deleted {
+                        state.known.remove(&name)
+                    } else {
+                        match decode(&self.crds, &event.kv) {
+                            Ok(crd) => state.known.insert(name.clone(), crd),
+                            Err(e) => {
+                                tracing::warn!(crd = %name, error = %e, "unreadable custom resource definition");
+                                None
+                            }
+                        }
+                    }
+                    .as_ref()
+                    .and_then(|c| c.pointer("/spec/group"))
+                    .and_then(Value::as_str)
+                    .map(str::to_string)
+                };
+                self.reconcile_or_retry(&name).await;
+                // A name this CRD held or now holds may free or take one that
+                // another CRD of its group asked for.
+                if let Some(group) = group {
+                    for other in self.waiting_for_names(&group, &name) {
+                        self.reconcile_or_retry(&other).await;
+                    }
                 }
-                Ok(_) => {}
-                Err(e) => tracing::warn!(crd = %name, error = %e, "custom resource definition"),
             }
         }
     }
-}
 
-/// List again after a broken watch, retrying until it works or the server
-/// stops.
-async fn resync(api: &Api, shutdown: &CancellationToken) -> Option<i64> {
-    loop {
-        match initial_sync(api).await {
-            Ok(rev) => return Some(rev),
-            Err(e) => tracing::warn!(error = %e, "listing custom resource definitions"),
-        }
-        tokio::select! {
-            _ = shutdown.cancelled() => return None,
-            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+    /// List again after a broken watch, retrying until it works or the
+    /// server stops.
+    async fn resync(self: &Arc<Self>) -> Option<i64> {
+        loop {
+            match self.sync().await {
+                Ok(rev) => return Some(rev),
+                Err(e) => tracing::warn!(error = %e, "listing custom resource definitions"),
+            }
+            tokio::select! {
+                _ = self.shutdown.cancelled() => return None,
+                _ = tokio::time::sleep(RETRY.1) => {}
+            }
         }
     }
-}
 
-#[derive(Debug, PartialEq, Eq)]
-enum Outcome {
-    Served,
-    NotAccepted,
-    /// Being deleted and still holding objects.
-    Terminating,
-    Gone,
-}
-
-/// Bring one CRD's serving and status up to date with its stored object.
-async fn reconcile(api: &Api, name: &str) -> ApiResult<Outcome> {
-    let def = crd_def(api)?;
-    let Some(kv) = api
-        .store
-        .get(&def.key(None, name))
-        .await
-        .map_err(ApiError::internal)?
-    else {
-        stop_serving(api, name);
-        return Ok(Outcome::Gone);
-    };
-    let crd = decode(&def, &kv)?;
-    if is_terminating(&crd) {
-        return clean_up(api, &def, name, &crd).await;
+    /// Other CRDs of `group` whose names are not all accepted.
+    fn waiting_for_names(&self, group: &str, except: &str) -> Vec<String> {
+        self.state()
+            .known
+            .iter()
+            .filter(|(name, crd)| {
+                name.as_str() != except
+                    && text(crd, "/spec/group") == group
+                    && !has_condition(&crd["status"], "NamesAccepted", "True")
+            })
+            .map(|(name, _)| name.clone())
+            .collect()
     }
-    if let Some((reason, message)) = names_conflict(api, &crd) {
-        set_status(api, &def, name, |status| {
-            set_condition(status, "NamesAccepted", "False", reason, &message);
-            if !has_condition(status, "Established", "True") {
+
+    async fn reconcile_or_retry(self: &Arc<Self>, name: &str) {
+        match self.reconcile(name).await {
+            Ok(()) => {
+                self.state().retry.remove(name);
+            }
+            Err(e) => {
+                let mut state = self.state();
+                let failures = state.retry.get(name).map_or(0, |(_, n)| *n) + 1;
+                let backoff = RETRY.0.saturating_mul(1 << failures.min(10)).min(RETRY.1);
+                tracing::warn!(crd = %name, error = %e, retry_in = ?backoff, "custom resource definition");
+                state
+                    .retry
+                    .insert(name.to_string(), (Instant::now() + backoff, failures));
+            }
+        }
+    }
+
+    /// Bring one CRD's names, conditions and serving up to date with its
+    /// stored object.
+    async fn reconcile(self: &Arc<Self>, name: &str) -> ApiResult<()> {
+        let Some(crd) = self.state().known.get(name).cloned() else {
+            self.stop_serving(name);
+            return Ok(());
+        };
+        if is_terminating(&crd) {
+            if !text(&crd, "/status/acceptedNames/plural").is_empty() {
+                self.serve(name, &crd, true)?;
+            }
+            if finalizers(&crd).iter().any(|f| f == CLEANUP_FINALIZER) {
+                self.start_cleanup(name);
+            }
+            return Ok(());
+        }
+        let (accepted, conflict) = self.accepted_names(&crd);
+        let established_before = has_condition(&crd["status"], "Established", "True");
+        let mut updated = crd.clone();
+        let status = status_of(&mut updated);
+        status["acceptedNames"] = accepted;
+        match &conflict {
+            Some((reason, message)) => {
+                set_condition(status, "NamesAccepted", "False", reason, message);
+                if !established_before {
+                    set_condition(
+                        status,
+                        "Established",
+                        "False",
+                        "NotAccepted",
+                        "not all names are accepted",
+                    );
+                }
+            }
+            None => {
+                set_condition(
+                    status,
+                    "NamesAccepted",
+                    "True",
+                    "NoConflicts",
+                    "no conflicts found",
+                );
                 set_condition(
                     status,
                     "Established",
-                    "False",
-                    "NotAccepted",
-                    "not all names are accepted",
+                    "True",
+                    "InitialNamesAccepted",
+                    "the initial names have been accepted",
                 );
             }
+        }
+        // Served before it is said to be: a client that sees Established
+        // finds the kind here.
+        if has_condition(&updated["status"], "Established", "True") {
+            self.serve(name, &updated, false)?;
+        } else {
+            self.stop_serving(name);
+        }
+        let status = updated["status"].clone();
+        if let Some(written) = self
+            .write_status(name, move |s| *s = status.clone())
+            .await?
+        {
+            // Later reconciles in this loop see these names as taken.
+            self.state().known.insert(name.to_string(), written);
+        }
+        Ok(())
+    }
+
+    /// The names `crd` may hold: each requested name no other kind of its
+    /// group holds, else the one it already had; and the first conflict,
+    /// as (condition reason, message).
+    fn accepted_names(&self, crd: &Value) -> (Value, Option<(&'static str, String)>) {
+        let group = text(crd, "/spec/group");
+        let name = meta_str(crd, "name");
+        let mut resources: HashSet<String> = HashSet::new();
+        let mut kinds: HashSet<String> = HashSet::new();
+        for other in self
+            .state()
+            .known
+            .iter()
+            .filter(|(n, o)| n.as_str() != name && text(o, "/spec/group") == group)
+            .map(|(_, o)| o)
+        {
+            let names = &other["status"]["acceptedNames"];
+            resources.extend(names_of(names, &["plural", "singular"], "shortNames"));
+            kinds.extend(names_of(names, &["kind", "listKind"], ""));
+        }
+        for builtin in self
+            .api
+            .registry
+            .builtin()
+            .iter()
+            .filter(|d| d.group == group)
+        {
+            resources.extend([builtin.plural.clone(), builtin.singular.clone()]);
+            resources.extend(builtin.short_names.iter().cloned());
+            kinds.extend([builtin.kind.clone(), builtin.list_kind.clone()]);
+        }
+        let requested = crd.pointer("/spec/names").cloned().unwrap_or(json!({}));
+        let mut accepted = crd
+            .pointer("/status/acceptedNames")
+            .filter(|v| v.is_object())
+            .cloned()
+            .unwrap_or(json!({"plural": "", "kind": ""}));
+        let mut conflict = None;
+        let mut take = |field: &str, taken: &HashSet<String>, reason: &'static str| {
+            let wanted = requested.get(field).cloned().unwrap_or(Value::Null);
+            let clash = match &wanted {
+                Value::String(s) => (!s.is_empty() && taken.contains(s)).then(|| s.clone()),
+                Value::Array(list) => list
+                    .iter()
+                    .filter_map(Value::as_str)
+                    .find(|s| taken.contains(*s))
+                    .map(str::to_string),
+                _ => None,
+            };
+            match clash {
+                Some(clash) => {
+                    conflict.get_or_insert((reason, format!("{clash:?} is already in use")));
+                }
+                None if wanted.is_null() => {
+                    if let Some(m) = accepted.as_object_mut() {
+                        m.remove(field);
+                    }
+                }
+                None => accepted[field] = wanted,
+            }
+        };
+        take("plural", &resources, "PluralConflict");
+        take("singular", &resources, "SingularConflict");
+        take("shortNames", &resources, "ShortNamesConflict");
+        take("kind", &kinds, "KindConflict");
+        take("listKind", &kinds, "ListKindConflict");
+        take("categories", &HashSet::new(), "");
+        (accepted, conflict)
+    }
+
+    /// Serve a CRD's versions in the registry and the OpenAPI documents,
+    /// unless they are served from the same state already.
+    fn serve(&self, name: &str, crd: &Value, terminating: bool) -> ApiResult<()> {
+        let from = json!([
+            crd.pointer("/metadata/generation"),
+            crd.pointer("/status/acceptedNames"),
+            crd.pointer("/status/storedVersions"),
+            terminating
+        ])
+        .to_string();
+        if self.state().served_from.get(name) == Some(&from) {
+            return Ok(());
+        }
+        let versions = served_versions(crd, &self.api.fields.builtin_schema(), terminating)
+            .map_err(|e| ApiError::Internal(format!("custom resource definition {name}: {e}")))?;
+        let kinds: Vec<CustomKind> = versions
+            .iter()
+            .map(|v| CustomKind {
+                info: crate::openapi::resource_info(&v.def),
+                schema: v.schema_json.clone(),
+            })
+            .collect();
+        let mut defs: Vec<Arc<ResourceDef>> =
+            versions.into_iter().map(|v| Arc::new(v.def)).collect();
+        defs.sort_by(|a, b| crate::discovery::version_priority(&a.version, &b.version));
+        self.api.registry.set_custom(name, defs);
+        self.api
+            .openapi
+            .set_custom(name, kinds)
+            .map_err(ApiError::internal)?;
+        self.state().served_from.insert(name.to_string(), from);
+        Ok(())
+    }
+
+    fn stop_serving(&self, name: &str) {
+        if self.state().served_from.remove(name).is_none() {
+            return;
+        }
+        self.api.registry.set_custom(name, Vec::new());
+        if let Err(e) = self.api.openapi.set_custom(name, Vec::new()) {
+            tracing::warn!(crd = %name, error = %e, "OpenAPI documents");
+        }
+    }
+
+    /// Apply `change` to a CRD's status through the status subresource;
+    /// nothing is written when it changes nothing. Returns the object as
+    /// stored when it was written.
+    async fn write_status(
+        &self,
+        name: &str,
+        change: impl Fn(&mut Value),
+    ) -> ApiResult<Option<Value>> {
+        let mut req = Request::internal(self.crds.clone(), None, Some(name));
+        req.sub = Some(Subresource::Status);
+        let mut wrote = false;
+        let result = self
+            .api
+            .update_object(&req, |old| {
+                let mut new = old.clone();
+                change(status_of(&mut new));
+                if new == *old {
+                    return Ok(None);
+                }
+                wrote = true;
+                if let Some(m) = new["metadata"].as_object_mut() {
+                    m.remove("resourceVersion");
+                }
+                Ok(Some(new))
+            })
+            .await;
+        match result {
+            Ok(written) => Ok(wrote.then_some(written.obj)),
+            Err(ApiError::NotFound(_)) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Delete a terminating CRD's objects in a task of its own (one per
+    /// CRD), then release the CRD.
+    fn start_cleanup(self: &Arc<Self>, name: &str) {
+        if !self.state().cleaning.insert(name.to_string()) {
+            return;
+        }
+        let me = self.clone();
+        let name = name.to_string();
+        tokio::spawn(async move {
+            let mut wait = CLEANUP_RETRY.0;
+            loop {
+                match me.clean_up(&name).await {
+                    Ok(true) => break,
+                    Ok(false) => {}
+                    Err(e) => tracing::warn!(crd = %name, error = %e, "deleting custom resources"),
+                }
+                tokio::select! {
+                    _ = me.shutdown.cancelled() => break,
+                    _ = tokio::time::sleep(wait) => {}
+                }
+                wait = (wait * 2).min(CLEANUP_RETRY.1);
+            }
+            me.state().cleaning.remove(&name);
+        });
+    }
+
+    /// One cleanup pass: delete what is left (through the API, so the
+    /// objects' own finalizers are honoured); once nothing is, drop the
+    /// cleanup finalizer. True when the CRD needs no more cleaning.
+    async fn clean_up(&self, name: &str) -> ApiResult<bool> {
+        let Some(kv) = self
+            .api
+            .store
+            .get(&self.crds.key(None, name))
+            .await
+            .map_err(ApiError::internal)?
+        else {
+            return Ok(true);
+        };
+        let crd = decode(&self.crds, &kv)?;
+        if !is_terminating(&crd) || !finalizers(&crd).iter().any(|f| f == CLEANUP_FINALIZER) {
+            return Ok(true);
+        }
+        self.write_status(name, |status| {
+            set_condition(
+                status,
+                "Terminating",
+                "True",
+                "InstanceDeletionInProgress",
+                "CustomResource deletion is in progress",
+            );
         })
         .await?;
-        return Ok(Outcome::NotAccepted);
-    }
-    let mut accepted = crd.clone();
-    accepted["status"]["acceptedNames"] = crd.pointer("/spec/names").cloned().unwrap_or(json!({}));
-    serve(api, name, &accepted, false)?;
-    let names = accepted["status"]["acceptedNames"].clone();
-    set_status(api, &def, name, move |status| {
-        status["acceptedNames"] = names.clone();
-        set_condition(
-            status,
-            "NamesAccepted",
-            "True",
-            "NoConflicts",
-            "no conflicts found",
-        );
-        set_condition(
-            status,
-            "Established",
-            "True",
-            "InitialNamesAccepted",
-            "the initial names have been accepted",
-        );
-    })
-    .await?;
-    Ok(Outcome::Served)
-}
-
-/// Serve a CRD's versions in the registry and the OpenAPI documents.
-fn serve(api: &Api, name: &str, crd: &Value, terminating: bool) -> ApiResult<()> {
-    let versions = served_versions(crd, &api.fields.builtin_schema(), terminating)
-        .map_err(|e| ApiError::Internal(format!("custom resource definition {name}: {e}")))?;
-    let kinds: Vec<CustomKind> = versions
-        .iter()
-        .map(|v| CustomKind {
-            info: crate::openapi::resource_info(&v.def),
-            schema: v.schema_json.clone(),
-        })
-        .collect();
-    let mut defs: Vec<Arc<ResourceDef>> = versions.into_iter().map(|v| Arc::new(v.def)).collect();
-    defs.sort_by(|a, b| crate::discovery::version_priority(&a.version, &b.version));
-    api.registry.set_custom(name, defs);
-    api.openapi
-        .set_custom(name, kinds)
-        .map_err(ApiError::internal)?;
-    Ok(())
-}
-
-fn stop_serving(api: &Api, name: &str) {
-    api.registry.set_custom(name, Vec::new());
-    if let Err(e) = api.openapi.set_custom(name, Vec::new()) {
-        tracing::warn!(crd = %name, error = %e, "OpenAPI documents");
-    }
-}
-
-/// The first of the CRD's names already used in its group by a built-in
-/// resource or another served CRD: (condition reason, message).
-fn names_conflict(api: &Api, crd: &Value) -> Option<(&'static str, String)> {
-    let text = |p: &str| {
-        crd.pointer(p)
-            .and_then(Value::as_str)
-            .unwrap_or("")
-            .to_string()
-    };
-    let group = text("/spec/group");
-    let plural = text("/spec/names/plural");
-    let singular = text("/spec/names/singular");
-    let kind = text("/spec/names/kind");
-    let list_kind = text("/spec/names/listKind");
-    let short_names: Vec<String> = crd
-        .pointer("/spec/names/shortNames")
-        .and_then(Value::as_array)
-        .map(|a| {
-            a.iter()
-                .filter_map(Value::as_str)
-                .map(str::to_string)
-                .collect()
-        })
-        .unwrap_or_default();
-    let served = api.registry.served();
-    let others = served
-        .all()
-        .iter()
-        .filter(|d| d.group == group && d.plural != plural);
-    for other in others {
-        let taken = |name: &str| {
-            !name.is_empty()
-                && (other.plural == name
-                    || other.singular == name
-                    || other.short_names.iter().any(|s| s == name))
-        };
-        if taken(&singular) {
-            return Some((
-                "SingularConflict",
-                format!("{singular:?} is already in use"),
-            ));
-        }
-        if let Some(s) = short_names.iter().find(|s| taken(s)) {
-            return Some(("ShortNamesConflict", format!("{s:?} is already in use")));
-        }
-        if other.kind == kind {
-            return Some(("KindConflict", format!("{kind:?} is already in use")));
-        }
-        if other.list_kind == list_kind {
-            return Some((
-                "ListKindConflict",
-                format!("{list_kind:?} is already in use"),
-            ));
-        }
-    }
-    // A built-in resource of the same group and plural.
-    if served
-        .all()
-        .iter()
-        .any(|d| d.group == group && d.plural == plural && d.patch_schema.is_none())
-    {
-        return Some(("PluralConflict", format!("{plural:?} is already in use")));
-    }
-    None
-}
-
-/// A CRD being deleted: stop creates, delete its objects, and let it go
-/// once none is left.
-async fn clean_up(
-    api: &Api,
-    def: &Arc<ResourceDef>,
-    name: &str,
-    crd: &Value,
-) -> ApiResult<Outcome> {
-    if !finalizers(crd).iter().any(|f| f == CLEANUP_FINALIZER) {
-        return Ok(Outcome::Gone);
-    }
-    // Keep serving reads and deletes of what is left, but no creates.
-    let served = crd
-        .pointer("/status/acceptedNames/plural")
-        .and_then(Value::as_str)
-        .is_some_and(|p| !p.is_empty());
-    if served {
-        serve(api, name, crd, true)?;
-    }
-    set_status(api, def, name, |status| {
-        set_condition(
-            status,
-            "Terminating",
-            "True",
-            "InstanceDeletionInProgress",
-            "CustomResource deletion is in progress",
-        );
-    })
-    .await?;
-    let group = crd
-        .pointer("/spec/group")
-        .and_then(Value::as_str)
-        .unwrap_or("");
-    let plural = crd
-        .pointer("/spec/names/plural")
-        .and_then(Value::as_str)
-        .unwrap_or("");
-    let prefix = format!("/registry/{group}/{plural}/");
-    let remaining = api
-        .store
-        .list(&prefix, ListOptions::default())
-        .await
-        .map_err(ApiError::internal)?;
-    let instance_def = api.registry.custom(name).into_iter().next();
-    let mut left = 0usize;
-    for kv in &remaining.items {
-        let deleted = match &instance_def {
-            // Through the API, so the objects' own finalizers are honoured.
-            Some(idef) => {
-                let obj = decode(idef, kv)?;
+        let prefix = instances_prefix(text(&crd, "/spec/group"), text(&crd, "/spec/names/plural"));
+        let instance_def = self.api.registry.custom(name).into_iter().next();
+        let mut left = 0usize;
+        let mut start_after = None;
+        loop {
+            let page = self
+                .api
+                .store
+                .list(
+                    &prefix,
+                    ListOptions {
+                        limit: Some(CLEANUP_PAGE),
+                        start_after: start_after.clone(),
+                        ..Default::default()
+                    },
+                )
+                .await
+                .map_err(ApiError::internal)?;
+            for kv in &page.items {
+                let Some(def) = &instance_def else {
+                    // Never served: nothing can hold these objects.
+                    match self.api.store.delete(&kv.key, None).await {
+                        Ok(_) | Err(StoreError::NotFound(_)) => continue,
+                        Err(e) => return Err(ApiError::internal(e)),
+                    }
+                };
+                let obj = decode(def, kv)?;
+                if is_terminating(&obj) {
+                    // Already asked to go; its finalizers decide when.
+                    left += 1;
+                    continue;
+                }
                 let ns = meta_str(&obj, "namespace");
                 let obj_name = meta_str(&obj, "name").to_string();
                 let req =
-                    Request::internal(idef.clone(), idef.namespaced.then_some(ns), Some(&obj_name));
-                match api.delete_one(&req, obj_name.clone(), &json!({})).await {
-                    Ok(obj) => !is_terminating(&obj) || finalizers(&obj).is_empty(),
-                    Err(ApiError::NotFound(_)) => true,
+                    Request::internal(def.clone(), def.namespaced.then_some(ns), Some(&obj_name));
+                match self.api.delete_one(&req, obj_name, &json!({})).await {
+                    Ok(after) if is_terminating(&after) && !finalizers(&after).is_empty() => {
+                        left += 1
+                    }
+                    Ok(_) | Err(ApiError::NotFound(_)) => {}
                     Err(e) => return Err(e),
                 }
             }
-            // Never served: nothing can hold these objects.
-            None => match api.store.delete(&kv.key, None).await {
-                Ok(_) | Err(StoreError::NotFound(_)) => true,
-                Err(e) => return Err(ApiError::internal(e)),
-            },
-        };
-        if !deleted {
-            left += 1;
+            if page.remaining == 0 {
+                break;
+            }
+            start_after = page.items.last().map(|kv| kv.key.clone());
         }
-    }
-    if left > 0 {
-        return Ok(Outcome::Terminating);
-    }
-    // Check nothing was created meanwhile, then release the CRD.
-    let after = api
-        .store
-        .list(
-            &prefix,
-            ListOptions {
-                limit: Some(1),
-                ..Default::default()
-            },
-        )
-        .await
-        .map_err(ApiError::internal)?;
-    if !after.items.is_empty() {
-        return Ok(Outcome::Terminating);
-    }
-    set_status(api, def, name, |status| {
-        set_condition(
-            status,
-            "Terminating",
-            "False",
-            "InstanceDeletionCompleted",
-            "removed all instances",
-        );
-    })
-    .await?;
-    let req = Request::internal(def.clone(), None, Some(name));
-    let released = api
-        .update_object(&req, |old| {
-            let mut fins = finalizers(old);
-            if !fins.iter().any(|f| f == CLEANUP_FINALIZER) {
-                return Ok(None);
-            }
-            fins.retain(|f| f != CLEANUP_FINALIZER);
-            let mut new = old.clone();
-            new["metadata"]["finalizers"] = json!(fins);
-            if let Some(m) = new["metadata"].as_object_mut() {
-                m.remove("resourceVersion");
-            }
-            Ok(Some(new))
+        if left > 0 {
+            return Ok(false);
+        }
+        // Creates are refused now, but one may have been in flight.
+        let after = self
+            .api
+            .store
+            .list(
+                &prefix,
+                ListOptions {
+                    limit: Some(1),
+                    ..Default::default()
+                },
+            )
+            .await
+            .map_err(ApiError::internal)?;
+        if !after.items.is_empty() {
+            return Ok(false);
+        }
+        self.write_status(name, |status| {
+            set_condition(
+                status,
+                "Terminating",
+                "False",
+                "InstanceDeletionCompleted",
+                "removed all instances",
+            );
         })
-        .await;
-    match released {
-        Ok(_) | Err(ApiError::NotFound(_)) => Ok(Outcome::Gone),
-        Err(e) => Err(e),
+        .await?;
+        let req = Request::internal(self.crds.clone(), None, Some(name));
+        let released = self
+            .api
+            .update_object(&req, |old| {
+                let mut fins = finalizers(old);
+                if !fins.iter().any(|f| f == CLEANUP_FINALIZER) {
+                    return Ok(None);
+                }
+                fins.retain(|f| f != CLEANUP_FINALIZER);
+                let mut new = old.clone();
+                new["metadata"]["finalizers"] = json!(fins);
+                if let Some(m) = new["metadata"].as_object_mut() {
+                    m.remove("resourceVersion");
+                }
+                Ok(Some(new))
+            })
+            .await;
+        match released {
+            Ok(_) | Err(ApiError::NotFound(_)) => Ok(true),
+            Err(e) => Err(e),
+        }
     }
 }
 
-/// Apply `change` to the CRD's status through the status subresource;
-/// nothing is written when it changes nothing.
-async fn set_status(
-    api: &Api,
-    def: &Arc<ResourceDef>,
-    name: &str,
-    change: impl Fn(&mut Value),
-) -> ApiResult<()> {
-    let mut req = Request::internal(def.clone(), None, Some(name));
-    req.sub = Some(Subresource::Status);
-    let result = api
-        .update_object(&req, |old| {
-            let mut new = old.clone();
-            if !new.get("status").is_some_and(Value::is_object) {
-                new["status"] = json!({});
-            }
-            change(&mut new["status"]);
-            if new == *old {
-                return Ok(None);
-            }
-            if let Some(m) = new["metadata"].as_object_mut() {
-                m.remove("resourceVersion");
-            }
-            Ok(Some(new))
-        })
-        .await;
-    match result {
-        Ok(_) | Err(ApiError::NotFound(_)) => Ok(()),
-        Err(e) => Err(e),
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
     }
+}
+
+fn text<'a>(v: &'a Value, pointer: &str) -> &'a str {
+    v.pointer(pointer).and_then(Value::as_str).unwrap_or("")
+}
+
+/// The string fields `singles` and the list field `list` of a names object.
+fn names_of(names: &Value, singles: &[&str], list: &str) -> Vec<String> {
+    let mut out: Vec<String> = singles
+        .iter()
+        .filter_map(|f| names.get(*f).and_then(Value::as_str))
+        .filter(|s| !s.is_empty())
+        .map(str::to_string)
+        .collect();
+    if !list.is_empty() {
+        out.extend(
+            names
+                .get(list)
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+                .filter_map(Value::as_str)
+                .map(str::to_string),
+        );
+    }
+    out
+}
+
+/// The status object of a CRD, made one if it is not.
+fn status_of(crd: &mut Value) -> &mut Value {
+    if !crd.get("status").is_some_and(Value::is_object) {
+        crd["status"] = json!({});
+    }
+    &mut crd["status"]
 }
 
 fn has_condition(status: &Value, kind: &str, value: &str) -> bool {

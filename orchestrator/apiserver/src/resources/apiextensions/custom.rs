@@ -19,7 +19,8 @@ use tapestry_apimachinery::PatchSchema;
 
 use super::customresourcedefinition::json_pointer;
 use crate::error::Cause;
-use crate::registry::{typed_codec, Behaviour, Generation, ResourceDef};
+use crate::objects::unknown_fields;
+use crate::registry::{typed_codec, Behaviour, Decoded, Generation, ResourceDef};
 use crate::rest::scale::{ScaleRest, SelectorSource};
 use crate::rest::status::StatusRest;
 use crate::tables::{self, TablePrinter};
@@ -142,18 +143,24 @@ pub fn served_versions(
             })
             .collect();
         let definition = definition_name(group, &name, &kind);
-        // Stored objects are served as stored only when every one of them
-        // is of this version and reads add no defaults.
-        let only_this_version_stored = name == storage_version
+        // Stored objects are served as stored when every one of them was
+        // written as this version under the schema it has now: the CRD spec
+        // never changed (generation 1), so each was pruned and defaulted by
+        // this schema on its way in and reading it through the schema again
+        // would change nothing. Otherwise each read prunes and defaults by
+        // the current schema, as kube-apiserver's decoding from storage does.
+        let written_as_served = name == storage_version
+            && !stored_versions.is_empty()
             && stored_versions
                 .iter()
-                .all(|v| v.as_str() == Some(name.as_str()));
+                .all(|v| v.as_str() == Some(name.as_str()))
+            && crd.pointer("/metadata/generation").and_then(Value::as_i64) == Some(1);
         let behaviour = CustomBehaviour {
             schema: schema.clone(),
             has_status,
             api_version: api_version.clone(),
             storage_api_version: format!("{group}/{storage_version}"),
-            serves_stored_form: only_this_version_stored && !has_defaults(&schema),
+            serves_stored_form: written_as_served,
         };
         let codec_schema = schema.clone();
         served.push(ServedVersion {
@@ -175,7 +182,7 @@ pub fn served_versions(
                     builtin_schema.clone(),
                 ))),
                 definition,
-                storage: format!("{group}/{plural}"),
+                storage: storage(group, &plural),
                 generation: if has_status {
                     Generation::Spec
                 } else {
@@ -188,6 +195,7 @@ pub fn served_versions(
                 field_selectors,
                 strategic_merge: false,
                 terminating,
+                retired: Default::default(),
             },
             schema_json,
         });
@@ -211,6 +219,18 @@ fn render(causes: &[Cause]) -> String {
         .join("; ")
 }
 
+/// The storage segment of a custom kind's objects (kube-apiserver's
+/// `/registry/<group>/<plural>/` layout).
+fn storage(group: &str, plural: &str) -> String {
+    format!("{group}/{plural}")
+}
+
+/// The key prefix under which a custom kind's objects are stored, in every
+/// namespace.
+pub fn instances_prefix(group: &str, plural: &str) -> String {
+    format!("/registry/{}/", storage(group, plural))
+}
+
 /// The OpenAPI definition name kube-apiserver gives a custom kind: the
 /// group reversed, then version and kind (`com.example.v1.Widget`).
 pub fn definition_name(group: &str, version: &str, kind: &str) -> String {
@@ -218,28 +238,23 @@ pub fn definition_name(group: &str, version: &str, kind: &str) -> String {
     format!("{}.{version}.{kind}", reversed.join("."))
 }
 
-/// Whether any node of the schema has a default (reads then apply them).
-fn has_defaults(schema: &Schema) -> bool {
-    schema.default.is_some()
-        || schema.properties.values().any(has_defaults)
-        || schema
-            .additional_properties
-            .as_deref()
-            .is_some_and(has_defaults)
-        || schema.items.as_deref().is_some_and(has_defaults)
-}
-
 /// A client-sent custom object in canonical form: metadata through the
 /// ObjectMeta type (as every object's metadata), everything else pruned to
 /// the schema. Defaults come later, with the strategy's, so an applied
 /// configuration owns only what it says.
-fn decode(schema: &Schema, obj: &Value) -> Result<Value, String> {
+fn decode(schema: &Schema, obj: &Value) -> Result<Decoded, String> {
     let mut out = obj.clone();
+    let mut dropped = Vec::new();
     if let Some(meta) = obj.get("metadata") {
-        out["metadata"] = typed_codec::<ObjectMeta>(meta).map_err(|e| format!("metadata: {e}"))?;
+        let canonical = typed_codec::<ObjectMeta>(meta).map_err(|e| format!("metadata: {e}"))?;
+        unknown_fields(meta, &canonical, &mut "metadata".to_string(), &mut dropped);
+        out["metadata"] = canonical;
     }
-    prune::prune(schema, &mut out);
-    Ok(out)
+    dropped.extend(prune::prune(schema, &mut out));
+    Ok(Decoded {
+        obj: out,
+        dropped: Some(dropped),
+    })
 }
 
 /// The strategy of one custom resource version.
@@ -283,6 +298,7 @@ impl Behaviour for CustomBehaviour {
 
     fn to_served(&self, mut obj: Value) -> Value {
         obj["apiVersion"] = json!(self.api_version);
+        prune::prune(&self.schema, &mut obj);
         default::default(&self.schema, &mut obj);
         obj
     }

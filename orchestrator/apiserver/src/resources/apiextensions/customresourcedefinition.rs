@@ -152,8 +152,14 @@ fn storage_version(crd: &Value) -> Option<String> {
 }
 
 /// Every stored version must still be a version of the CRD, so its
-/// objects stay readable.
+/// objects stay readable, and the storage version must be among them.
 fn validate_stored_versions(crd: &Value) -> Vec<Cause> {
+    let Some(stored) = crd
+        .pointer("/status/storedVersions")
+        .and_then(Value::as_array)
+    else {
+        return Vec::new();
+    };
     let versions: HashSet<&str> = crd
         .pointer("/spec/versions")
         .and_then(Value::as_array)
@@ -161,10 +167,8 @@ fn validate_stored_versions(crd: &Value) -> Vec<Cause> {
         .flatten()
         .map(|v| s(v, "/name"))
         .collect();
-    crd.pointer("/status/storedVersions")
-        .and_then(Value::as_array)
-        .into_iter()
-        .flatten()
+    let mut causes: Vec<Cause> = stored
+        .iter()
         .enumerate()
         .filter(|(_, v)| !versions.contains(v.as_str().unwrap_or("")))
         .map(|(i, v)| {
@@ -174,7 +178,23 @@ fn validate_stored_versions(crd: &Value) -> Vec<Cause> {
                 "must appear in spec.versions",
             )
         })
-        .collect()
+        .collect();
+    if stored.is_empty() {
+        causes.push(Cause::invalid(
+            "status.storedVersions",
+            &json!(stored),
+            "must have at least one stored version",
+        ));
+    } else if let Some(storage) = storage_version(crd) {
+        if !stored.iter().any(|v| v.as_str() == Some(storage.as_str())) {
+            causes.push(Cause::invalid(
+                "status.storedVersions",
+                &json!(stored),
+                format!("must have the storage version {storage}"),
+            ));
+        }
+    }
+    causes
 }
 
 fn label_causes(field: &str, value: &str, errors: Vec<String>) -> Vec<Cause> {

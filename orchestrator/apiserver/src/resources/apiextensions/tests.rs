@@ -268,3 +268,170 @@ async fn a_crd_is_served_with_its_schema_subresources_and_columns() {
     let left = server.api_store_keys("/registry/example.com/").await;
     assert!(left.is_empty(), "{left:?}");
 }
+
+async fn condition(server: &TestServer, name: &str, kind: &str) -> Value {
+    let started = Instant::now();
+    loop {
+        let crd = server
+            .send("GET", &format!("{CRDS}/{name}"), &Value::Null)
+            .await;
+        let found = crd["status"]["conditions"]
+            .as_array()
+            .and_then(|cs| cs.iter().find(|c| c["type"] == kind).cloned());
+        if let Some(c) = found {
+            return c;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "no {kind} condition: {crd}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A CRD whose names another kind of its group already uses is not
+/// served, and says why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn conflicting_names_are_refused_with_a_reason() {
+    let server = start().await;
+    server.send("POST", CRDS, &widget_crd()).await;
+    established(&server, "widgets.example.com").await;
+    let mut gadgets = widget_crd();
+    gadgets["metadata"]["name"] = json!("gadgets.example.com");
+    gadgets["spec"]["names"] = json!({"plural": "gadgets", "kind": "Gadget", "shortNames": ["wd"]});
+    server.send("POST", CRDS, &gadgets).await;
+    let accepted = condition(&server, "gadgets.example.com", "NamesAccepted").await;
+    assert_eq!(accepted["status"], "False", "{accepted}");
+    assert_eq!(accepted["reason"], "ShortNamesConflict");
+    assert_eq!(accepted["message"], "\"wd\" is already in use");
+    let established = condition(&server, "gadgets.example.com", "Established").await;
+    assert_eq!(established["status"], "False");
+    let (code, _) = server
+        .request(
+            "GET",
+            "/apis/example.com/v1/namespaces/default/gadgets",
+            &Value::Null,
+        )
+        .await;
+    assert_eq!(code, 404);
+
+    // A built-in kind's names are taken too (a protected group needs the
+    // approval annotation first).
+    let leases = json!({
+        "metadata": {"name": "leases.coordination.k8s.io",
+                     "annotations": {"api-approved.kubernetes.io": "unapproved, testing only"}},
+        "spec": {"group": "coordination.k8s.io", "scope": "Namespaced",
+                 "names": {"plural": "leases", "kind": "MyLease"},
+                 "versions": [{"name": "v2", "served": true, "storage": true,
+                               "schema": {"openAPIV3Schema": {"type": "object"}}}]}});
+    server.send("POST", CRDS, &leases).await;
+    let accepted = condition(&server, "leases.coordination.k8s.io", "NamesAccepted").await;
+    assert_eq!(accepted["reason"], "PluralConflict", "{accepted}");
+    let mut unapproved = leases.clone();
+    unapproved["metadata"] = json!({"name": "leases.coordination.k8s.io"});
+    let (code, answer) = server.request("POST", CRDS, &unapproved).await;
+    assert_eq!(code, 422, "{answer}");
+}
+
+/// Scale writes go through the kind's validation; a Scale must carry an
+/// int32 count.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scale_writes_are_validated_by_the_schema() {
+    let server = start().await;
+    server.send("POST", CRDS, &widget_crd()).await;
+    established(&server, "widgets.example.com").await;
+    server
+        .send(
+            "POST",
+            WIDGETS,
+            &json!({"metadata": {"name": "a"}, "spec": {"color": "red", "replicas": 1}}),
+        )
+        .await;
+    let scale = format!("{WIDGETS}/a/scale");
+    let (code, answer) = server
+        .request("PATCH", &scale, &json!({"spec": {"replicas": 20}}))
+        .await;
+    assert_eq!(code, 422, "{answer}");
+    assert!(
+        answer["message"]
+            .as_str()
+            .unwrap()
+            .contains("should be less than or equal to 10"),
+        "{answer}"
+    );
+    let (code, answer) = server
+        .request("PATCH", &scale, &json!({"spec": {"replicas": "abc"}}))
+        .await;
+    assert_eq!(code, 400, "{answer}");
+    let widget = server
+        .send("GET", &format!("{WIDGETS}/a"), &Value::Null)
+        .await;
+    assert_eq!(widget["spec"]["replicas"], 1, "nothing changed: {widget}");
+}
+
+/// Objects are read through the schema the CRD has now: a field it no
+/// longer declares is pruned (and so does not break a strict patch), and
+/// a default it gained is applied; watches of the old definition end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_follow_the_current_schema() {
+    let server = start().await;
+    let mut crd = widget_crd();
+    server.send("POST", CRDS, &crd).await;
+    established(&server, "widgets.example.com").await;
+    server
+        .send(
+            "POST",
+            WIDGETS,
+            &json!({"metadata": {"name": "a"}, "spec": {"color": "red", "name": "old"}}),
+        )
+        .await;
+    let watch = {
+        let req = http::Request::builder()
+            .uri(format!("{WIDGETS}?watch=1"))
+            .body(axum::body::Body::empty())
+            .expect("request");
+        tower::ServiceExt::oneshot(server.api.clone(), req)
+            .await
+            .expect("watch")
+            .into_body()
+    };
+    let props = &mut crd["spec"]["versions"][1]["schema"]["openAPIV3Schema"]["properties"]["spec"]
+        ["properties"];
+    props.as_object_mut().unwrap().remove("name");
+    props["tier"] = json!({"type": "string", "default": "gold"});
+    server
+        .send("PUT", &format!("{CRDS}/widgets.example.com"), &crd)
+        .await;
+    // The old definition's watch ends; the new schema is in force.
+    let ended = tokio::time::timeout(
+        Duration::from_secs(5),
+        http_body_util::BodyExt::collect(watch),
+    )
+    .await;
+    assert!(ended.is_ok(), "the watch of the old definition did not end");
+    let started = Instant::now();
+    loop {
+        let widget = server
+            .send("GET", &format!("{WIDGETS}/a"), &Value::Null)
+            .await;
+        if widget["spec"].get("name").is_none() {
+            assert_eq!(widget["spec"]["tier"], "gold", "{widget}");
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "still read by the old schema: {widget}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (code, _, answer) = server
+        .raw(
+            "PATCH",
+            &format!("{WIDGETS}/a?fieldValidation=Strict"),
+            "application/merge-patch+json",
+            "",
+            json!({"spec": {"color": "green"}}).to_string(),
+        )
+        .await;
+    assert_eq!(code, 200, "{answer}");
+}
