@@ -1,11 +1,12 @@
 //! `x-kubernetes-validations`: CEL rules compiled once per CRD version and
 //! evaluated with `self` (and `oldSelf` for transition rules) by an
-//! interpreter of our own over `cel-parser`'s syntax tree.
+//! interpreter of our own.
 //!
 //! | module | what |
 //! |---|---|
-//! | `syntax` | parsing on a thread of its own, and a fix for the parser's `!!x` |
-//! | `check` | names, arities, macros and nesting checked; the tree evaluated |
+//! | `lexer`, `parser` | CEL's grammar, with errors naming line and column, depth bounded |
+//! | `ast` | the syntax tree: operators, macros and literals as nodes |
+//! | `check` | names, arities and macro variables checked; the tree evaluated |
 //! | `value` | CEL values as views of the request's JSON, typed by the schema |
 //! | `eval` | evaluation with CEL's semantics |
 //! | `functions`, `time` | the functions rules call |
@@ -24,8 +25,8 @@
 //!   `self.__namespace__`, `self.a__dot__b`).
 //! - Operators: arithmetic, comparisons (numbers across int, uint and
 //!   double), `in`, `&&`, `||`, `!`, `?:`, indexing, list and map literals;
-//!   macros `has`, `all`, `exists`, `exists_one`, `map` (with or without a
-//!   filter) and `filter`, over lists and maps.
+//!   macros `has`, `all`, `exists`, `exists_one` (or `existsOne`), `map`
+//!   (with or without a filter) and `filter`, over lists and maps.
 //! - Standard functions: `size` (of a string: its code points),
 //!   `contains`, `startsWith`, `endsWith`, `matches`; conversions `int`,
 //!   `uint`, `double`, `string`, `bytes`, `bool`, `dyn`, `duration`,
@@ -39,7 +40,8 @@
 //!   `lastIndexOf`; regular expressions `find`, `findAll`.
 //!
 //! Anything else is a [`CompileError`] naming it, never a rule that
-//! silently passes: syntax errors (with the parser's message), other
+//! silently passes: syntax errors, with their place (`ERROR: <input>:1:5:
+//! Syntax error: unexpected ')', expected an expression`), other
 //! functions (`quantity`, `url`, `ip`, `format`, `sets.*` …), calls in the
 //! wrong style or with the wrong number of arguments, other variables,
 //! message construction, a rule that cannot evaluate to a bool (or a
@@ -65,17 +67,20 @@
 //!   the CRD is written).
 //! - Kubernetes' libraries beyond those above (quantities, URLs, IPs and
 //!   CIDRs, `format`, sets, semver, authorizer) and two-variable
-//!   comprehensions are refused; `.?f` and `[?k]` do not parse.
+//!   comprehensions are refused; optional syntax (`.?f`, `[?k]`, `{?k:
+//!   v}`) and quoted field names (`` a.`b-c` ``) do not parse.
 //! - Named time zones (`'Europe/Paris'`) are an evaluation error,
 //!   `google.protobuf.*` type names are not declared, and `duration`
 //!   strings take Go's syntax only (no days).
 //! - Error messages are worded here, not copied from cel-go.
 
+mod ast;
 mod check;
 mod cost;
 mod eval;
 mod functions;
-mod syntax;
+mod lexer;
+mod parser;
 mod time;
 mod value;
 
@@ -92,8 +97,8 @@ use self::eval::Evaluator;
 use self::value::Value;
 use crate::schema::Schema;
 
-pub use self::check::MAX_NESTING;
 pub use self::cost::{Budget, Stop, CALL_LIMIT, REQUEST_BUDGET};
+pub use self::parser::MAX_NESTING;
 pub use self::value::MAX_VALUE_DEPTH;
 
 /// Longest rule or `messageExpression` accepted, in bytes.
@@ -311,7 +316,7 @@ impl Compiled {
                 source.len()
             ));
         }
-        let checked = syntax::parse(source, check::check)?;
+        let checked = check::check(&parser::parse(source)?)?;
         Ok(Compiled {
             source: source.to_owned(),
             checked,

@@ -2,26 +2,20 @@
 //! [`super::eval`] runs. Everything an expression names must be something
 //! this engine evaluates: variables resolve to `self`, `oldSelf`, macro
 //! variables or type names, calls to a function of [`super::functions`]
-//! called in its style with its number of arguments; macros are recognised
-//! from the parser's expansions; literal regular expressions are compiled
-//! here; and nesting is bounded, which bounds every recursion over the tree.
+//! called in its style with its number of arguments; literal regular
+//! expressions are compiled here. The parser bounds the tree's depth, and
+//! the checker bounds it again, which bounds every recursion over the tree.
 
-use std::collections::HashSet;
 use std::sync::Arc;
 
-use cel_parser::ast::{CallExpr, ComprehensionExpr, EntryExpr, Expr as Syntax, IdedExpr};
-use cel_parser::reference::Val;
 use regex::Regex;
 
+use super::ast::{self, Expr as Syntax};
+pub(super) use super::ast::{Literal, Op};
 use super::cost::{compile_pattern, describe_pattern_error, PATTERN_SIZE_LIMIT};
 use super::functions::{self, Function, Style};
+use super::parser::MAX_NESTING;
 use super::value::{unescape, CelType};
-
-/// Deepest nesting of operators, calls and macros an expression may have.
-/// cel-go's parser allows 250; rules people write stay far below 100.
-/// Evaluation recurses once per level, measured at up to 2 KiB of stack per
-/// level in a debug build (so at most 200 KiB).
-pub const MAX_NESTING: usize = 100;
 
 #[derive(Debug)]
 pub(super) enum Expr {
@@ -47,76 +41,12 @@ pub(super) enum Expr {
     Macro(Box<Macro>),
 }
 
-#[derive(Debug)]
-pub(super) enum Literal {
-    Null,
-    Bool(bool),
-    Int(i64),
-    Uint(u64),
-    Double(f64),
-    String(Box<str>),
-    Bytes(Box<[u8]>),
-}
-
 /// A selected field: its name as written, and the property it stands for
 /// in an object (`None`: the name is not a valid escape).
 #[derive(Debug)]
 pub(super) struct Field {
     pub(super) name: Box<str>,
     pub(super) unescaped: Option<Box<str>>,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(super) enum Op {
-    Add,
-    Sub,
-    Mul,
-    Div,
-    Rem,
-    Eq,
-    Ne,
-    Lt,
-    Le,
-    Gt,
-    Ge,
-    In,
-}
-
-impl Op {
-    fn named(function: &str) -> Option<Op> {
-        Some(match function {
-            "_+_" => Op::Add,
-            "_-_" => Op::Sub,
-            "_*_" => Op::Mul,
-            "_/_" => Op::Div,
-            "_%_" => Op::Rem,
-            "_==_" => Op::Eq,
-            "_!=_" => Op::Ne,
-            "_<_" => Op::Lt,
-            "_<=_" => Op::Le,
-            "_>_" => Op::Gt,
-            "_>=_" => Op::Ge,
-            "@in" => Op::In,
-            _ => return None,
-        })
-    }
-
-    pub(super) fn symbol(self) -> &'static str {
-        match self {
-            Op::Add => "+",
-            Op::Sub => "-",
-            Op::Mul => "*",
-            Op::Div => "/",
-            Op::Rem => "%",
-            Op::Eq => "==",
-            Op::Ne => "!=",
-            Op::Lt => "<",
-            Op::Le => "<=",
-            Op::Gt => ">",
-            Op::Ge => ">=",
-            Op::In => "in",
-        }
-    }
 }
 
 #[derive(Debug)]
@@ -156,11 +86,9 @@ pub(super) struct Checked {
     pub(super) kinds: Kinds,
 }
 
-/// Check `tree`; the `!_` and `-_` calls with ids in `dropped` stand for
-/// an even run of operators (see [`super::syntax`]) and are left out.
-pub(super) fn check(tree: &IdedExpr, dropped: &HashSet<u64>) -> Result<Checked, String> {
+/// Check `tree`.
+pub(super) fn check(tree: &Syntax) -> Result<Checked, String> {
     let mut checker = Checker {
-        dropped,
         variables: Vec::new(),
         reads_old_self: false,
         depth: 0,
@@ -174,7 +102,6 @@ pub(super) fn check(tree: &IdedExpr, dropped: &HashSet<u64>) -> Result<Checked, 
 }
 
 struct Checker<'t> {
-    dropped: &'t HashSet<u64>,
     /// Macro variables in scope, innermost last.
     variables: Vec<&'t str>,
     reads_old_self: bool,
@@ -182,7 +109,7 @@ struct Checker<'t> {
 }
 
 impl<'t> Checker<'t> {
-    fn expr(&mut self, e: &'t IdedExpr) -> Result<Expr, String> {
+    fn expr(&mut self, e: &'t Syntax) -> Result<Expr, String> {
         if self.depth >= MAX_NESTING {
             return Err(format!(
                 "the expression nests too deeply (over {MAX_NESTING} levels)"
@@ -194,66 +121,102 @@ impl<'t> Checker<'t> {
         lowered
     }
 
-    fn boxed(&mut self, e: &'t IdedExpr) -> Result<Box<Expr>, String> {
+    fn boxed(&mut self, e: &'t Syntax) -> Result<Box<Expr>, String> {
         self.expr(e).map(Box::new)
     }
 
-    fn lower(&mut self, e: &'t IdedExpr) -> Result<Expr, String> {
-        Ok(match &e.expr {
-            Syntax::Literal(value) => Expr::Literal(match value {
-                Val::Null => Literal::Null,
-                Val::Boolean(b) => Literal::Bool(*b),
-                Val::Int(i) => Literal::Int(*i),
-                Val::UInt(u) => Literal::Uint(*u),
-                Val::Double(d) => Literal::Double(*d),
-                Val::String(s) => Literal::String(s.as_str().into()),
-                Val::Bytes(b) => Literal::Bytes(b.as_slice().into()),
-            }),
-            Syntax::Ident(name) => self.ident(name)?,
-            Syntax::Select(select) => {
-                let operand = self.boxed(&select.operand)?;
-                let field = Field {
-                    name: select.field.as_str().into(),
-                    unescaped: unescape(&select.field).map(Into::into),
-                };
-                if select.test {
-                    Expr::Has(operand, field)
-                } else {
-                    Expr::Select(operand, field)
-                }
-            }
-            Syntax::Call(call) => self.call(e.id, call)?,
-            Syntax::List(list) => Expr::List(
-                list.elements
-                    .iter()
-                    .map(|element| self.expr(element))
-                    .collect::<Result<_, _>>()?,
-            ),
-            Syntax::Map(map) => {
-                let mut entries = Vec::with_capacity(map.entries.len());
-                for entry in &map.entries {
-                    let EntryExpr::MapEntry(entry) = &entry.expr else {
-                        return Err("a map literal holds a struct field".into());
-                    };
-                    entries.push((self.expr(&entry.key)?, self.expr(&entry.value)?));
-                }
-                Expr::Map(entries)
-            }
-            Syntax::Struct(s) => {
-                return Err(format!(
-                    "message construction ({}{{...}}) is not supported",
-                    s.type_name
-                ))
-            }
-            Syntax::Comprehension(c) => self.comprehension(c)?,
-            Syntax::Unspecified => return Err("incomplete expression".into()),
-        })
+    // `expr`, `lower` and the function of the node's form are on the stack
+    // once per level of the tree: each form has a function of its own, so
+    // that `lower` stays small (a debug build gives every temporary of a
+    // function a slot of its own).
+    fn lower(&mut self, e: &'t Syntax) -> Result<Expr, String> {
+        match e {
+            Syntax::Literal(literal) => Ok(Expr::Literal(literal.clone())),
+            Syntax::Ident(name) => self.ident(name),
+            Syntax::Select(operand, field) => self.select(operand, field, Expr::Select),
+            Syntax::Has(operand, field) => self.select(operand, field, Expr::Has),
+            Syntax::Index(a, b) => self.pair(a, b, Expr::Index),
+            Syntax::Call {
+                target,
+                function,
+                args,
+            } => self.function(target.as_deref(), function, args),
+            Syntax::List(items) => self.list(items),
+            Syntax::Map(entries) => self.map(entries),
+            Syntax::Message { type_name, .. } => Err(format!(
+                "message construction ({type_name}{{...}}) is not supported"
+            )),
+            Syntax::Not(operand) => self.unary(operand, Expr::Not),
+            Syntax::Neg(operand) => self.unary(operand, Expr::Neg),
+            Syntax::And(a, b) => self.pair(a, b, Expr::And),
+            Syntax::Or(a, b) => self.pair(a, b, Expr::Or),
+            Syntax::Cond(c, a, b) => self.cond(c, a, b),
+            Syntax::Binary(op, a, b) => self.binary(*op, a, b),
+            Syntax::Macro(m) => self.comprehension(m),
+        }
     }
 
-    fn ident(&mut self, name: &str) -> Result<Expr, String> {
-        if let Some(index) = self.variables.iter().rposition(|v| *v == name) {
-            return Ok(Expr::Local(index));
+    fn select(
+        &mut self,
+        operand: &'t Syntax,
+        field: &str,
+        build: fn(Box<Expr>, Field) -> Expr,
+    ) -> Result<Expr, String> {
+        let field = Field {
+            name: field.into(),
+            unescaped: unescape(field).map(Into::into),
+        };
+        Ok(build(self.boxed(operand)?, field))
+    }
+
+    fn unary(&mut self, operand: &'t Syntax, build: fn(Box<Expr>) -> Expr) -> Result<Expr, String> {
+        Ok(build(self.boxed(operand)?))
+    }
+
+    fn pair(
+        &mut self,
+        a: &'t Syntax,
+        b: &'t Syntax,
+        build: fn(Box<Expr>, Box<Expr>) -> Expr,
+    ) -> Result<Expr, String> {
+        Ok(build(self.boxed(a)?, self.boxed(b)?))
+    }
+
+    fn binary(&mut self, op: Op, a: &'t Syntax, b: &'t Syntax) -> Result<Expr, String> {
+        Ok(Expr::Binary(op, self.boxed(a)?, self.boxed(b)?))
+    }
+
+    fn cond(&mut self, c: &'t Syntax, a: &'t Syntax, b: &'t Syntax) -> Result<Expr, String> {
+        Ok(Expr::Cond(self.boxed(c)?, self.boxed(a)?, self.boxed(b)?))
+    }
+
+    fn list(&mut self, items: &'t [Syntax]) -> Result<Expr, String> {
+        let mut lowered = Vec::with_capacity(items.len());
+        for item in items {
+            lowered.push(self.expr(item)?);
         }
+        Ok(Expr::List(lowered))
+    }
+
+    fn map(&mut self, entries: &'t [(Syntax, Syntax)]) -> Result<Expr, String> {
+        let mut lowered = Vec::with_capacity(entries.len());
+        for (key, value) in entries {
+            lowered.push((self.expr(key)?, self.expr(value)?));
+        }
+        Ok(Expr::Map(lowered))
+    }
+
+    fn ident(&mut self, written: &str) -> Result<Expr, String> {
+        // `.x` is resolved from the root scope, past macro variables.
+        let name = match written.strip_prefix('.') {
+            Some(name) => name,
+            None => {
+                if let Some(index) = self.variables.iter().rposition(|v| *v == written) {
+                    return Ok(Expr::Local(index));
+                }
+                written
+            }
+        };
         match name {
             "self" => Ok(Expr::SelfValue),
             "oldSelf" => {
@@ -262,197 +225,161 @@ impl<'t> Checker<'t> {
             }
             _ => CelType::named(name).map(Expr::Type).ok_or_else(|| {
                 format!(
-                    "undeclared reference to '{name}' (only self, oldSelf, macro variables and \
-                     type names are declared)"
+                    "undeclared reference to '{written}' (only self, oldSelf, macro variables \
+                     and type names are declared)"
                 )
             }),
         }
     }
 
-    fn call(&mut self, id: u64, call: &'t CallExpr) -> Result<Expr, String> {
-        let name = call.func_name.as_str();
-        let unary = |checker: &mut Self, operand: &'t IdedExpr, build: fn(Box<Expr>) -> Expr| {
-            let operand = checker.boxed(operand)?;
-            Ok(if checker.dropped.contains(&id) {
-                *operand
-            } else {
-                build(operand)
-            })
-        };
-        match (name, &call.target, call.args.as_slice()) {
-            ("!_", None, [x]) => unary(self, x, Expr::Not),
-            ("-_", None, [x]) => unary(self, x, Expr::Neg),
-            ("_&&_", None, [a, b]) => Ok(Expr::And(self.boxed(a)?, self.boxed(b)?)),
-            ("_||_", None, [a, b]) => Ok(Expr::Or(self.boxed(a)?, self.boxed(b)?)),
-            ("_?_:_", None, [c, a, b]) => {
-                Ok(Expr::Cond(self.boxed(c)?, self.boxed(a)?, self.boxed(b)?))
-            }
-            ("_[_]", None, [a, b]) => Ok(Expr::Index(self.boxed(a)?, self.boxed(b)?)),
-            (_, None, [a, b]) => match Op::named(name) {
-                Some(op) => Ok(Expr::Binary(op, self.boxed(a)?, self.boxed(b)?)),
-                None => self.function(call),
-            },
-            _ => self.function(call),
-        }
-    }
-
-    fn function(&mut self, call: &'t CallExpr) -> Result<Expr, String> {
-        let name = call.func_name.as_str();
+    fn function(
+        &mut self,
+        target: Option<&'t Syntax>,
+        written: &str,
+        call_args: &'t [Syntax],
+    ) -> Result<Expr, String> {
+        // A global function written `.f(x)` is `f(x)`: there is no other
+        // scope to resolve it from.
+        let name = written.strip_prefix('.').unwrap_or(written);
         // `optional.of(x)`: a function of the namespace, not a method.
         let namespace = matches!(
-            call.target.as_deref(),
-            Some(IdedExpr { expr: Syntax::Ident(target), .. })
-                if target == "optional" && !self.variables.contains(&"optional")
+            target,
+            Some(Syntax::Ident(target))
+                if &**target == "optional" && !self.variables.contains(&"optional")
         );
-        let method = call.target.is_some() && !namespace;
-        let shown = if namespace {
-            format!("optional.{name}")
-        } else {
-            name.to_owned()
+        let style = match (target, namespace) {
+            (_, true) => Style::Optional,
+            (Some(_), false) => Style::Member,
+            (None, false) => Style::Global,
         };
-        let mut named = functions::named(name).peekable();
-        if named.peek().is_none() || name.starts_with(['_', '@']) {
-            return Err(match name {
-                "has" => "macro has() takes one field selection, as in has(self.x)".into(),
-                "all" | "exists" | "exists_one" | "existsOne" | "map" | "filter" => format!(
-                    "macro {name}() takes a variable name and an expression, as in \
-                     {name}(x, x > 0)"
-                ),
-                _ => format!("function {shown:?} is not supported"),
-            });
-        }
-        let function = named
-            .find(|f| match f.style {
-                Style::Optional => namespace,
-                Style::Both => !namespace,
-                Style::Member => method,
-                Style::Global => !method && !namespace,
-            })
-            .ok_or_else(|| {
-                if namespace {
-                    format!("function {shown:?} is not supported")
-                } else if method {
-                    format!("function {name:?} is not a method: call it as {name}(x)")
-                } else {
-                    format!("function {name:?} is a method: call it as x.{name}(...)")
-                }
-            })?;
-        let mut args = Vec::with_capacity(call.args.len() + 1);
-        if method {
-            if let Some(target) = &call.target {
+        // The arguments are lowered here, recursively; the rest is done in
+        // functions of their own, off the stack while arguments nest.
+        let function = resolve(name, style)?;
+        let mut args = Vec::with_capacity(call_args.len() + 1);
+        if style == Style::Member {
+            if let Some(target) = target {
                 args.push(self.expr(target)?);
             }
         }
-        for arg in &call.args {
+        for arg in call_args {
             args.push(self.expr(arg)?);
         }
-        if !function.arity.contains(&args.len()) {
-            let (min, max) = (function.arity.start, function.arity.end - 1);
-            if !method && args.is_empty() {
-                return Err(format!("function {shown:?} needs an argument"));
-            }
-            let receiver = usize::from(method);
-            let expected = if min == max {
-                format!("{}", min - receiver)
-            } else {
-                format!("{} to {}", min - receiver, max - receiver)
-            };
-            let form = if method { "as in x." } else { "as in " };
-            return Err(format!(
-                "function {shown:?} takes {expected} argument(s) {form}{name}(...), got {}",
-                args.len() - receiver
-            ));
-        }
-        let pattern = match args.get(1) {
-            Some(Expr::Literal(Literal::String(pattern))) if function.pattern => Some(Arc::new(
-                compile_pattern(pattern, PATTERN_SIZE_LIMIT)
-                    .map_err(|e| describe_pattern_error(pattern, &e))?,
-            )),
-            _ => None,
-        };
-        Ok(Expr::Call(Box::new(Call {
-            function,
-            args,
-            pattern,
-        })))
+        call(function, style, name, args)
     }
 
-    /// A macro, from the comprehension the parser expanded it to.
-    fn comprehension(&mut self, c: &'t ComprehensionExpr) -> Result<Expr, String> {
-        if c.iter_var2.is_some() {
-            return Err("two-variable comprehensions are not supported".into());
-        }
-        let variable = c.iter_var.as_str();
+    /// A macro: its range is read outside the variable's scope, its body
+    /// and filter inside.
+    fn comprehension(&mut self, m: &'t ast::Macro) -> Result<Expr, String> {
+        let variable = &*m.variable;
         if matches!(variable, "self" | "oldSelf") {
             return Err(format!("a macro variable may not be named {variable}"));
         }
-        let accumulator =
-            |e: &IdedExpr| matches!(&e.expr, Syntax::Ident(name) if *name == c.accu_var);
-        let call = |e: &'t IdedExpr, name: &str| match &e.expr {
-            Syntax::Call(call) if call.func_name == name && call.target.is_none() => {
-                Some(call.args.as_slice())
-            }
-            _ => None,
+        let kind = match m.kind {
+            ast::MacroKind::All => MacroKind::All,
+            ast::MacroKind::Exists => MacroKind::Exists,
+            ast::MacroKind::ExistsOne => MacroKind::ExistsOne,
+            ast::MacroKind::Map | ast::MacroKind::Filter => MacroKind::Map,
         };
-        // `accumulator + [f]`
-        let append = |e: &'t IdedExpr| match call(e, "_+_") {
-            Some(
-                [accu, IdedExpr {
-                    expr: Syntax::List(list),
-                    ..
-                }],
-            ) if accumulator(accu) => match list.elements.as_slice() {
-                [f] => Some(f),
-                _ => None,
-            },
-            _ => None,
-        };
-        let step = &c.loop_step;
-        let (kind, body, filter) = match &c.accu_init.expr {
-            Syntax::Literal(Val::Boolean(true)) => match call(step, "_&&_") {
-                Some([accu, predicate]) if accumulator(accu) => (MacroKind::All, predicate, None),
-                _ => return Err(unsupported_comprehension()),
-            },
-            Syntax::Literal(Val::Boolean(false)) => match call(step, "_||_") {
-                Some([accu, predicate]) if accumulator(accu) => {
-                    (MacroKind::Exists, predicate, None)
-                }
-                _ => return Err(unsupported_comprehension()),
-            },
-            Syntax::Literal(Val::Int(0)) => match call(step, "_?_:_") {
-                Some([predicate, _, accu]) if accumulator(accu) => {
-                    (MacroKind::ExistsOne, predicate, None)
-                }
-                _ => return Err(unsupported_comprehension()),
-            },
-            Syntax::List(list) if list.elements.is_empty() => {
-                match (append(step), call(step, "_?_:_")) {
-                    (Some(transform), _) => (MacroKind::Map, transform, None),
-                    (None, Some([filter, then, accu])) if accumulator(accu) => match append(then) {
-                        Some(transform) => (MacroKind::Map, transform, Some(filter)),
-                        None => return Err(unsupported_comprehension()),
-                    },
-                    _ => return Err(unsupported_comprehension()),
-                }
-            }
-            _ => return Err(unsupported_comprehension()),
-        };
-        let range = self.expr(&c.iter_range)?;
+        let range = self.expr(&m.range)?;
         self.variables.push(variable);
-        let body = self.expr(body);
-        let filter = filter.map(|filter| self.expr(filter)).transpose();
+        let scoped = self.scoped(m);
         self.variables.pop();
+        let (body, filter) = scoped?;
         Ok(Expr::Macro(Box::new(Macro {
             kind,
             range,
-            body: body?,
-            filter: filter?,
+            body,
+            filter,
         })))
+    }
+
+    /// A macro's body and filter, with its variable in scope.
+    fn scoped(&mut self, m: &'t ast::Macro) -> Result<(Expr, Option<Expr>), String> {
+        if m.kind == ast::MacroKind::Filter {
+            // `filter(x, p)` is `map(x, p, x)`.
+            let body = Expr::Local(self.variables.len() - 1);
+            return Ok((body, Some(self.expr(&m.body)?)));
+        }
+        let body = self.expr(&m.body)?;
+        let filter = match &m.filter {
+            Some(filter) => Some(self.expr(filter)?),
+            None => None,
+        };
+        Ok((body, filter))
     }
 }
 
-fn unsupported_comprehension() -> String {
-    "unsupported comprehension".into()
+/// The function `name` called in `style` (`Optional`: as `optional.name`).
+fn resolve(name: &str, style: Style) -> Result<&'static Function, String> {
+    let shown = || match style {
+        Style::Optional => format!("optional.{name}"),
+        _ => name.to_owned(),
+    };
+    let mut named = functions::named(name).peekable();
+    if named.peek().is_none() {
+        return Err(match name {
+            "has" => "macro has() takes one field selection, as in has(self.x)".into(),
+            "all" | "exists" | "exists_one" | "existsOne" | "map" | "filter" => format!(
+                "macro {name}() takes a variable name and an expression, as in {name}(x, x > 0)"
+            ),
+            _ => format!("function {:?} is not supported", shown()),
+        });
+    }
+    named
+        .find(|f| match f.style {
+            Style::Optional => style == Style::Optional,
+            Style::Both => style != Style::Optional,
+            Style::Member | Style::Global => f.style == style,
+        })
+        .ok_or_else(|| match style {
+            Style::Member => format!("function {name:?} is not a method: call it as {name}(x)"),
+            Style::Global => format!("function {name:?} is a method: call it as x.{name}(...)"),
+            _ => format!("function {:?} is not supported", shown()),
+        })
+}
+
+/// A call of `function` with `args` (the receiver first, for a method),
+/// once they are counted and a literal pattern compiled.
+fn call(
+    function: &'static Function,
+    style: Style,
+    name: &str,
+    args: Vec<Expr>,
+) -> Result<Expr, String> {
+    if !function.arity.contains(&args.len()) {
+        let shown = match style {
+            Style::Optional => format!("optional.{name}"),
+            _ => name.to_owned(),
+        };
+        let method = style == Style::Member;
+        if !method && args.is_empty() {
+            return Err(format!("function {shown:?} needs an argument"));
+        }
+        let (min, max) = (function.arity.start, function.arity.end - 1);
+        let receiver = usize::from(method);
+        let expected = if min == max {
+            format!("{}", min - receiver)
+        } else {
+            format!("{} to {}", min - receiver, max - receiver)
+        };
+        let form = if method { "as in x." } else { "as in " };
+        return Err(format!(
+            "function {shown:?} takes {expected} argument(s) {form}{name}(...), got {}",
+            args.len() - receiver
+        ));
+    }
+    let pattern = match args.get(1) {
+        Some(Expr::Literal(Literal::String(pattern))) if function.pattern => Some(Arc::new(
+            compile_pattern(pattern, PATTERN_SIZE_LIMIT)
+                .map_err(|e| describe_pattern_error(pattern, &e))?,
+        )),
+        _ => None,
+    };
+    Ok(Expr::Call(Box::new(Call {
+        function,
+        args,
+        pattern,
+    })))
 }
 
 /// The kinds of value an expression may have, as a set; enough to refuse

@@ -468,6 +468,61 @@ fn refusals_at_compile_time() {
     ]);
 }
 
+/// Syntax errors in cel-go's frame: the place (line and column) and what
+/// was expected there.
+#[test]
+fn syntax_errors_name_their_place() {
+    for (source, expected) in [
+        (
+            "self.a + )",
+            "ERROR: <input>:1:10: Syntax error: unexpected ')', expected an expression",
+        ),
+        (
+            "self.a &&\n  self.b ||",
+            "ERROR: <input>:2:12: Syntax error: unexpected end of input, expected an expression",
+        ),
+        (
+            "self.a == 'x",
+            "ERROR: <input>:1:11: Syntax error: unterminated string literal",
+        ),
+        (
+            "has(self)",
+            "ERROR: <input>:1:1: invalid argument to has() macro: it takes a field selection, \
+             as in has(self.x)",
+        ),
+        (
+            "self.all(1, true)",
+            "ERROR: <input>:1:5: the first argument of all() must be a variable name, as in \
+             all(x, ...)",
+        ),
+    ] {
+        assert_eq!(refusal(source), format!("compilation failed: {expected}"));
+    }
+    let message = CompiledRule::compile("true", Some("'a' +"), false).unwrap_err();
+    assert_eq!(
+        message.0,
+        "messageExpression compilation failed: ERROR: <input>:1:6: Syntax error: unexpected end \
+         of input, expected an expression"
+    );
+}
+
+#[test]
+fn literals_and_root_names() {
+    assert_hold(
+        &json!({"a": 1}),
+        &[
+            "0x1F == 31 && 0x1Fu == 31u && 1e3 == 1000.0 && .5 == 0.5 && -9223372036854775808 < 0",
+            r"'\U0001F600'.size() == 1 && '\ud83d\ude00' == '\U0001F600' && b'\377'.size() == 1",
+            r"'\101\x42\u0043' == 'ABC' && r'\n'.size() == 2 && '''a
+b'''.size() == 3",
+            r"b'\xc3\xa9' == b'é' && bytes('é') == b'\303\251'",
+            ".self.a == 1 && [2].all(a, .self.a == 1 && a == 2)",
+            "!!true && --1 == 1 && -(-1) == 1 && 3 - -1 == 4",
+        ],
+    );
+    assert!(refusal("[1].all(x, .x > 0)").contains("undeclared reference to '.x'"));
+}
+
 #[test]
 fn size_and_nesting_are_bounded() {
     let long = format!("self.name == '{}'", "x".repeat(MAX_EXPRESSION_BYTES));
@@ -488,8 +543,8 @@ fn size_and_nesting_are_bounded() {
     let lists = format!("size({}1{}) == 1", "[".repeat(60), "]".repeat(60));
     assert_eq!(evaluate(&lists, &json!(1)), Ok(true));
 
-    // The parser runs on a stack sized for the source: the deepest inputs
-    // that fit the length limit are refused, not a stack overflow.
+    // The deepest inputs that fit the length limit are refused, without
+    // overflowing the caller's stack.
     let half = MAX_EXPRESSION_BYTES / 2 - 8;
     for (open, close) in [("(", ")"), ("[", "]"), ("f(", ")"), ("{1:", "}")] {
         let levels = half / (open.len() + close.len()) * 2;
