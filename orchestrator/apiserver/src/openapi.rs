@@ -4,11 +4,12 @@
 //! `kubectl explain` sees a custom kind as soon as it is served.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, OnceLock, RwLock};
 
 use anyhow::Result;
 use axum::response::{IntoResponse, Response};
 use http::{header, HeaderMap, StatusCode};
+use sha2::{Digest, Sha256};
 use tapestry_apimachinery::PatchSchema;
 use tapestry_openapi::{OpenApi, ResourceInfo};
 
@@ -34,7 +35,54 @@ struct CustomDocs {
     /// CRD name → the kinds it serves.
     by_crd: BTreeMap<String, Vec<CustomKind>>,
     /// Group-version path (`apis/example.com/v1`) → its documents.
-    by_group_version: BTreeMap<String, Arc<OpenApi>>,
+    by_group_version: BTreeMap<String, Arc<LazyDocs>>,
+}
+
+/// A custom group version's documents, built when first asked for: most
+/// are never read (clients read the group versions they use), and each
+/// holds every definition its kinds reach.
+struct LazyDocs {
+    kinds: Vec<CustomKind>,
+    /// Changes whenever the kinds do; the v3 index names the document by it.
+    hash: String,
+    built: OnceLock<Result<Arc<OpenApi>, String>>,
+}
+
+impl LazyDocs {
+    fn new(kinds: Vec<CustomKind>) -> Self {
+        let mut digest = Sha256::new();
+        for kind in &kinds {
+            digest.update(format!("{:?}", kind.info));
+            digest.update(kind.schema.to_string());
+        }
+        let hash = digest
+            .finalize()
+            .iter()
+            .map(|b| format!("{b:02X}"))
+            .collect();
+        LazyDocs {
+            kinds,
+            hash,
+            built: OnceLock::new(),
+        }
+    }
+
+    fn docs(&self) -> Result<Arc<OpenApi>, String> {
+        self.built
+            .get_or_init(|| {
+                let mut builder = OpenApi::builder().version(emulated_version()).v3_only();
+                for kind in &self.kinds {
+                    builder =
+                        builder.definition(kind.info.definition.clone(), published_schema(kind));
+                }
+                let infos: Vec<ResourceInfo> = self.kinds.iter().map(|k| k.info.clone()).collect();
+                builder
+                    .build(&infos)
+                    .map(Arc::new)
+                    .map_err(|e| e.to_string())
+            })
+            .clone()
+    }
 }
 
 fn json_bytes(bytes: &[u8], cache: &str, etag: Option<&str>) -> Response {
@@ -94,7 +142,7 @@ impl OpenApiDocs {
 
     /// Describe what the CRD `crd` serves now (nothing: it is gone), and
     /// rebuild the documents of the group versions that changed.
-    pub fn set_custom(&self, crd: &str, kinds: Vec<CustomKind>) -> Result<()> {
+    pub fn set_custom(&self, crd: &str, kinds: Vec<CustomKind>) {
         let mut custom = self.custom.write().unwrap_or_else(|p| p.into_inner());
         let gv_of = |k: &CustomKind| group_version_path(&k.info.group, &k.info.version);
         let mut touched: BTreeSet<String> = custom
@@ -111,40 +159,21 @@ impl OpenApiDocs {
             custom.by_crd.insert(crd.to_string(), kinds);
         }
         for gv in touched {
-            let members: Vec<&CustomKind> = custom
+            let members: Vec<CustomKind> = custom
                 .by_crd
                 .values()
                 .flatten()
                 .filter(|k| gv_of(k) == gv)
+                .cloned()
                 .collect();
             if members.is_empty() {
                 custom.by_group_version.remove(&gv);
-                continue;
+            } else {
+                custom
+                    .by_group_version
+                    .insert(gv, Arc::new(LazyDocs::new(members)));
             }
-            let mut builder = OpenApi::builder().version(emulated_version()).v3_only();
-            for kind in &members {
-                builder = builder.definition(kind.info.definition.clone(), published_schema(kind));
-            }
-            let infos: Vec<ResourceInfo> = members.iter().map(|k| k.info.clone()).collect();
-            let docs = builder
-                .build(&infos)
-                .map_err(|e| anyhow::anyhow!("building OpenAPI documents for {gv}: {e}"))?;
-            custom.by_group_version.insert(gv, Arc::new(docs));
         }
-        Ok(())
-    }
-
-    /// The documents serving a v3 group-version path.
-    fn v3_docs(&self, path: &str) -> Option<Arc<OpenApi>> {
-        if self.docs.v3_group_version_json(path).is_some() {
-            return Some(self.docs.clone());
-        }
-        self.custom
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .by_group_version
-            .get(path)
-            .cloned()
     }
 
     pub fn schema(&self) -> Arc<dyn PatchSchema> {
@@ -153,6 +182,16 @@ impl OpenApiDocs {
 
     pub fn names(&self) -> Arc<dyn tapestry_kubeproto::JsonNames + Send + Sync> {
         self.docs.clone()
+    }
+
+    /// The custom documents of a v3 group-version path, if it is one.
+    fn custom_docs(&self, path: &str) -> Option<Arc<LazyDocs>> {
+        self.custom
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .by_group_version
+            .get(path)
+            .cloned()
     }
 
     /// Swagger 2.0 as JSON; clients that only take the protobuf form get 406.
@@ -180,39 +219,47 @@ impl OpenApiDocs {
     }
 
     pub fn v3_index(&self) -> Response {
-        let custom = self.custom.read().unwrap_or_else(|p| p.into_inner());
         let mut paths = serde_json::Map::new();
-        let docs = std::iter::once(&self.docs).chain(custom.by_group_version.values());
-        for docs in docs {
-            for gv in docs.v3_paths() {
-                let hash = docs.v3_hash(gv).unwrap_or_default();
-                let url = format!("/openapi/v3/{gv}?hash={hash}");
-                paths.insert(
-                    gv.to_string(),
-                    serde_json::json!({"serverRelativeURL": url}),
-                );
-            }
+        let url = |gv: &str, hash: &str| serde_json::json!({"serverRelativeURL": format!("/openapi/v3/{gv}?hash={hash}")});
+        for gv in self.docs.v3_paths() {
+            paths.insert(
+                gv.to_string(),
+                url(gv, self.docs.v3_hash(gv).unwrap_or_default()),
+            );
+        }
+        let custom = self.custom.read().unwrap_or_else(|p| p.into_inner());
+        for (gv, lazy) in &custom.by_group_version {
+            paths.insert(gv.clone(), url(gv, &lazy.hash));
         }
         let body = serde_json::to_vec(&serde_json::json!({ "paths": paths })).unwrap_or_default();
         json_bytes(&body, "no-cache, private", None)
     }
 
     pub fn v3(&self, path: &str, query: &HashMap<String, String>) -> Response {
-        let Some(docs) = self.v3_docs(path) else {
-            return not_found(path);
+        let (docs, hash) = match self.custom_docs(path) {
+            Some(lazy) => match lazy.docs() {
+                Ok(docs) => (docs, lazy.hash.clone()),
+                Err(e) => {
+                    return ApiError::Internal(format!("OpenAPI document {path}: {e}"))
+                        .into_response()
+                }
+            },
+            None => match self.docs.v3_hash(path) {
+                Some(hash) => (self.docs.clone(), hash.to_string()),
+                None => return not_found(path),
+            },
         };
         let Some(doc) = docs.v3_group_version_json(path) else {
             return not_found(path);
         };
-        let hash = docs.v3_hash(path);
         // A request naming the current hash may be cached forever.
-        let immutable = query.get("hash").map(String::as_str) == hash;
+        let immutable = query.get("hash") == Some(&hash);
         let cache = if immutable {
             "public, immutable, max-age=31536000"
         } else {
             "no-cache, private"
         };
-        json_bytes(doc, cache, hash)
+        json_bytes(doc, cache, Some(&hash))
     }
 }
 

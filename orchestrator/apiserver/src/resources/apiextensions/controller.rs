@@ -420,10 +420,7 @@ impl CrdController {
             versions.into_iter().map(|v| Arc::new(v.def)).collect();
         defs.sort_by(|a, b| crate::discovery::version_priority(&a.version, &b.version));
         self.api.registry.set_custom(name, defs);
-        self.api
-            .openapi
-            .set_custom(name, kinds)
-            .map_err(ApiError::internal)?;
+        self.api.openapi.set_custom(name, kinds);
         self.state().served_from.insert(name.to_string(), from);
         Ok(())
     }
@@ -433,9 +430,7 @@ impl CrdController {
             return;
         }
         self.api.registry.set_custom(name, Vec::new());
-        if let Err(e) = self.api.openapi.set_custom(name, Vec::new()) {
-            tracing::warn!(crd = %name, error = %e, "OpenAPI documents");
-        }
+        self.api.openapi.set_custom(name, Vec::new());
     }
 
     /// Apply `change` to a CRD's status through the status subresource;
