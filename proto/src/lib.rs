@@ -16,3 +16,6 @@ pub mod tool {
 
 /// Tapestry's own API resource types for tapping.
 pub mod policy;
+
+/// Tapestry's custom resources (`tapestry.io/v1alpha1`).
+pub mod crd;
