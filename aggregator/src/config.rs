@@ -37,7 +37,7 @@ pub struct Config {
     pub policies: Vec<PolicyConfig>,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PolicyConfig {
     pub name: String,
@@ -62,9 +62,12 @@ pub struct PolicyConfig {
     #[serde(default)]
     pub groups: Vec<GroupConfig>,
     /// Batches waiting for this policy's worker; more are dropped and
-    /// counted.
+    /// counted. Fixed when the policy starts.
     #[serde(default = "default_queue")]
     pub queue: usize,
+    /// What ends the capture (packets, bytes, duration).
+    #[serde(default)]
+    pub limits: Option<crate::limits::LimitsConfig>,
 }
 
 impl PolicyConfig {
@@ -78,7 +81,7 @@ impl PolicyConfig {
     }
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct GroupConfig {
     pub name: String,
@@ -160,6 +163,10 @@ impl Config {
             if let Some(crate::transforms::slice::SliceConfig::Bytes(0)) = p.slice {
                 bail!("policies[{i}].slice.bytes: must be at least 1");
             }
+            if let Some(l) = &p.limits {
+                l.validate()
+                    .map_err(|e| anyhow::anyhow!("policies[{i}].limits.{e}"))?;
+            }
         }
         if self.tap_policy_bits_needed() > 64 {
             bail!("policies: at most 64 policies are supported");
@@ -217,6 +224,7 @@ policies:
     dedup: { window_us: 500 }
     slice: { payload: 64 }
     mask: { payload_offset: 16 }
+    limits: { max_packets: 1000, duration: 1h30m }
     sinks: [ws, files, stream, sub]
     groups: [{ name: ids, members: [ids-a, ids-b] }]
 "#,
@@ -224,5 +232,11 @@ policies:
         .unwrap();
         assert_eq!(c.sinks.len(), 6);
         assert_eq!(c.policies[0].dedup.as_ref().unwrap().window_us, 500);
+        let limits = c.policies[0].limits.as_ref().unwrap();
+        assert_eq!(limits.max_packets, Some(1000));
+        assert_eq!(
+            limits.duration.map(|d| d.0),
+            Some(std::time::Duration::from_secs(5400))
+        );
     }
 }

@@ -1,10 +1,12 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use clap::{Args, Parser, Subcommand};
+use tapestry_aggregator::cluster;
 use tapestry_aggregator::config::{Config, PolicyConfig};
 use tapestry_aggregator::replay;
-use tapestry_aggregator::serve::{self, ServeOptions};
+use tapestry_aggregator::serve::{self, LiveOptions, ServeOptions, Source};
 use tapestry_aggregator::sinks::pcap_over_ip::config::PcapOverIpConfig;
 use tapestry_aggregator::sinks::{self, SinkConfig};
 use tapestry_aggregator::transforms::dedup::DedupConfig;
@@ -38,11 +40,26 @@ struct ServeArgs {
     #[arg(long, default_value = "127.0.0.1:9090")]
     http: String,
     /// Pipeline configuration (YAML: sinks and policies).
-    #[arg(long)]
+    #[arg(long, conflicts_with_all = ["kubeconfig", "in_cluster"])]
     config: Option<PathBuf>,
+    /// Cluster mode: run the TapPolicy and TapTool objects of the cluster
+    /// this kubeconfig reaches, following their changes live.
+    #[arg(long, value_name = "FILE", conflicts_with = "in_cluster")]
+    kubeconfig: Option<PathBuf>,
+    /// Cluster mode with the pod's service account (or $KUBECONFIG).
+    #[arg(long)]
+    in_cluster: bool,
+    /// Cluster mode: the host reported in tools' status.address when a
+    /// listener binds an unspecified address (0.0.0.0, ::); default: the
+    /// --http address when that is specific.
+    #[arg(long, value_name = "HOST", env = "AGGREGATOR_ADVERTISE_HOST")]
+    advertise_host: Option<String>,
+    /// Cluster mode: how often changed status is written.
+    #[arg(long, value_name = "SECONDS", default_value_t = 2.0)]
+    status_period: f64,
     /// Quick path: serve the filtered traffic over PCAP-over-IP on ADDR
     /// (`tshark -i TCP@HOST:PORT`).
-    #[arg(long, value_name = "ADDR")]
+    #[arg(long, value_name = "ADDR", conflicts_with_all = ["kubeconfig", "in_cluster"])]
     pcap_over_ip: Option<String>,
     #[command(flatten)]
     pipeline: PipelineArgs,
@@ -142,6 +159,9 @@ fn run_replay(a: ReplayArgs) -> anyhow::Result<()> {
 }
 
 fn run_serve(a: ServeArgs) -> anyhow::Result<()> {
+    if a.kubeconfig.is_some() || a.in_cluster {
+        return run_cluster(a);
+    }
     let mut config = match &a.config {
         Some(p) => Config::load(p)?,
         None => Config::default(),
@@ -159,6 +179,7 @@ fn run_serve(a: ServeArgs) -> anyhow::Result<()> {
             config.sinks.push(SinkConfig::PcapOverIp(PcapOverIpConfig {
                 name: "pcap-over-ip".into(),
                 listen: addr.clone(),
+                allow: None,
                 queue: sinks::default_queue(),
                 client_queue: sinks::default_client_queue(),
                 snaplen: sinks::default_snaplen(),
@@ -173,6 +194,7 @@ fn run_serve(a: ServeArgs) -> anyhow::Result<()> {
                 sinks: vec!["pcap-over-ip".into()],
                 groups: Vec::new(),
                 queue: 1024,
+                limits: None,
             });
             config
                 .validate()
@@ -187,26 +209,75 @@ fn run_serve(a: ServeArgs) -> anyhow::Result<()> {
         ),
     }
     if a.config.is_none() && a.pcap_over_ip.is_none() {
-        anyhow::bail!("nothing to serve: give --config FILE and/or --pcap-over-ip ADDR");
+        anyhow::bail!(
+            "nothing to serve: give --config FILE and/or --pcap-over-ip ADDR, or --kubeconfig FILE / --in-cluster"
+        );
     }
     let rt = tokio::runtime::Runtime::new()?;
     rt.block_on(async move {
         let running = serve::start(ServeOptions {
             grpc: a.grpc,
             http: a.http,
-            config,
+            source: Source::Config(config),
         })
         .await?;
-        // Machine-readable lines so scripts (and tests) can find the ports.
-        println!("grpc {}", running.grpc);
-        println!("http {}", running.http);
-        for (name, addr) in &running.sinks {
-            println!("sink {name} {addr}");
-        }
-        use std::io::Write;
-        std::io::stdout().flush()?;
-        tracing::info!(grpc = %running.grpc, http = %running.http, "aggregator serving");
+        announce(&running)?;
         tokio::signal::ctrl_c().await?;
         Ok(())
     })
+}
+
+/// Cluster mode: tools and policies from the API server, followed live.
+fn run_cluster(a: ServeArgs) -> anyhow::Result<()> {
+    if !a.pipeline.filter.is_empty()
+        || a.pipeline.slice.is_some()
+        || a.pipeline.slice_payload.is_some()
+        || a.pipeline.dedup
+        || a.pipeline.mask_payload.is_some()
+    {
+        anyhow::bail!(
+            "--filter/--slice/--dedup/--mask-payload do not apply in cluster mode: \
+             each TapPolicy carries its own"
+        );
+    }
+    let period = std::time::Duration::try_from_secs_f64(a.status_period)
+        .ok()
+        .filter(|p| !p.is_zero())
+        .ok_or_else(|| anyhow::anyhow!("--status-period: must be a positive number of seconds"))?;
+    let rt = tokio::runtime::Runtime::new()?;
+    rt.block_on(async move {
+        let client = cluster::client(a.kubeconfig.as_deref()).await?;
+        let running = serve::start(ServeOptions {
+            grpc: a.grpc,
+            http: a.http,
+            source: Source::Live(LiveOptions {
+                status: Arc::new(cluster::status::KubeStatus::new(client.clone())),
+                status_period: period,
+                advertise_host: a.advertise_host,
+            }),
+        })
+        .await?;
+        announce(&running)?;
+        let handle = running
+            .cluster
+            .clone()
+            .ok_or_else(|| anyhow::anyhow!("cluster mode started without its reconciler"))?;
+        tokio::select! {
+            r = cluster::watch(client, handle) => r,
+            r = tokio::signal::ctrl_c() => Ok(r?),
+        }
+    })
+}
+
+/// Machine-readable lines so scripts (and tests) can find the ports.
+fn announce(running: &serve::Running) -> anyhow::Result<()> {
+    use std::io::Write;
+    println!("grpc {}", running.grpc);
+    println!("http {}", running.http);
+    for (name, addr) in &running.sinks {
+        println!("sink {name} {addr}");
+    }
+    std::io::stdout().flush()?;
+    tracing::info!(grpc = %running.grpc, http = %running.http, "aggregator serving");
+    Ok(())
 }

@@ -4,8 +4,9 @@
 //! registry only keeps `Arc`s to them for rendering, so counting costs no
 //! lock and no lookup.
 
+use std::collections::BTreeMap;
 use std::fmt::Write as _;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 
 use dashmap::DashMap;
@@ -46,6 +47,43 @@ pub struct PolicyStats {
     pub bytes: Counter,
     /// Packets dropped because the policy worker's queue was full.
     pub dropped: Counter,
+    /// Packets taps reported losing on streams that carried only this
+    /// policy (a tap's loss is attributable only then).
+    pub tap_dropped: Counter,
+    /// Per tool the policy names: packets handed over and lost at the
+    /// tool's full queue.
+    pub tools: Mutex<BTreeMap<String, Arc<RouteStats>>>,
+    /// Set once a capture limit ended the policy.
+    pub stop: Mutex<Option<crate::limits::StopRecord>>,
+}
+
+impl PolicyStats {
+    /// Packets of this policy lost inside the aggregator: at its own
+    /// queue and at its tools' queues. (What taps lose is theirs to
+    /// report; see `tap_dropped`.)
+    pub fn lost(&self) -> u64 {
+        let to_tools: u64 = self
+            .tools
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .map(|r| r.dropped.get())
+            .sum();
+        self.dropped.get() + to_tools
+    }
+
+    pub fn stopped(&self) -> Option<crate::limits::StopRecord> {
+        self.stop.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+}
+
+/// One policy → tool arrow.
+#[derive(Debug, Default)]
+pub struct RouteStats {
+    /// Packets the tool's queue accepted from this policy.
+    pub delivered: Counter,
+    /// Packets lost because the tool's queue was full.
+    pub dropped: Counter,
 }
 
 /// Per-sink counters and capture-to-sink latency.
@@ -59,6 +97,8 @@ pub struct SinkStats {
     pub client_dropped: Counter,
     pub clients: AtomicU64,
     pub errors: Counter,
+    /// Whether the sink is serving (false: it could not start).
+    pub ready: AtomicBool,
     /// Nanoseconds from capture to hand-off at the sink.
     pub latency: Mutex<Histogram<u64>>,
 }
@@ -72,6 +112,7 @@ impl Default for SinkStats {
             client_dropped: Counter::default(),
             clients: AtomicU64::new(0),
             errors: Counter::default(),
+            ready: AtomicBool::new(true),
             // 1 µs .. 60 s at 3 significant digits.
             latency: Mutex::new(
                 Histogram::new_with_bounds(1_000, 60_000_000_000, 3).expect("valid bounds"),
@@ -100,6 +141,35 @@ pub struct Registry {
 impl Registry {
     pub fn tap(&self, id: &str) -> Arc<TapStats> {
         self.taps.entry(id.to_string()).or_default().clone()
+    }
+
+    /// Shows `stats` under `name`, in place of an earlier policy so named.
+    pub fn register_policy(&self, name: &str, stats: Arc<PolicyStats>) {
+        let mut v = self.policies.lock().unwrap_or_else(|e| e.into_inner());
+        match v.iter_mut().find(|(n, _)| n == name) {
+            Some(e) => e.1 = stats,
+            None => v.push((name.to_string(), stats)),
+        }
+    }
+
+    pub fn unregister_policy(&self, name: &str) {
+        let mut v = self.policies.lock().unwrap_or_else(|e| e.into_inner());
+        v.retain(|(n, _)| n != name);
+    }
+
+    /// Shows `stats` under `name`, in place of an earlier sink so named.
+    pub fn register_sink(&self, name: &str, type_name: &str, stats: Arc<SinkStats>) {
+        let mut v = self.sinks.lock().unwrap_or_else(|e| e.into_inner());
+        let entry = (name.to_string(), type_name.to_string(), stats);
+        match v.iter_mut().find(|(n, _, _)| n == name) {
+            Some(e) => *e = entry,
+            None => v.push(entry),
+        }
+    }
+
+    pub fn unregister_sink(&self, name: &str) {
+        let mut v = self.sinks.lock().unwrap_or_else(|e| e.into_inner());
+        v.retain(|(n, _, _)| n != name);
     }
 
     pub fn render(&self) -> String {
@@ -192,6 +262,42 @@ impl Registry {
             "counter",
             policies.iter().map(|(k, s)| (pl(k), s.dropped.get()))
         );
+        fam!(
+            "tapestry_aggregator_policy_tap_dropped_total",
+            "Packets taps reported losing on streams that carried only this policy.",
+            "counter",
+            policies.iter().map(|(k, s)| (pl(k), s.tap_dropped.get()))
+        );
+        fam!(
+            "tapestry_aggregator_policy_stopped",
+            "1 once a capture limit ended the policy.",
+            "gauge",
+            policies
+                .iter()
+                .map(|(k, s)| (pl(k), u64::from(s.stopped().is_some())))
+        );
+        let routes: Vec<(String, Arc<RouteStats>)> = policies
+            .iter()
+            .flat_map(|(p, s)| {
+                let tools = s.tools.lock().unwrap_or_else(|e| e.into_inner());
+                tools
+                    .iter()
+                    .map(|(t, r)| (format!("{},tool=\"{}\"", pl(p), esc(t)), r.clone()))
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        fam!(
+            "tapestry_aggregator_policy_tool_packets_total",
+            "Packets a policy handed to one tool's queue.",
+            "counter",
+            routes.iter().map(|(l, r)| (l, r.delivered.get()))
+        );
+        fam!(
+            "tapestry_aggregator_policy_tool_dropped_total",
+            "Packets of a policy lost because one tool's queue was full.",
+            "counter",
+            routes.iter().map(|(l, r)| (l, r.dropped.get()))
+        );
 
         let sinks = self.sinks.lock().unwrap_or_else(|e| e.into_inner()).clone();
         let sl = |n: &str, t: &str| format!("sink=\"{}\",type=\"{}\"", esc(n), t);
@@ -226,6 +332,14 @@ impl Registry {
             "Write errors at a sink.",
             "counter",
             sinks.iter().map(|(n, t, s)| (sl(n, t), s.errors.get()))
+        );
+        fam!(
+            "tapestry_aggregator_sink_ready",
+            "1 while a sink serves, 0 if it could not start.",
+            "gauge",
+            sinks
+                .iter()
+                .map(|(n, t, s)| (sl(n, t), u64::from(s.ready.load(Relaxed))))
         );
         fam!(
             "tapestry_aggregator_sink_clients",

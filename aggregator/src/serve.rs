@@ -14,6 +14,8 @@ use tapestry_proto::tap::v1::tap_ingest_server::TapIngestServer;
 use tapestry_proto::tool::v1::tool_subscribe_server::ToolSubscribeServer;
 use tokio::net::TcpListener;
 
+use crate::cluster::reconciler::{ClusterHandle, Endpoints, Reconciler};
+use crate::cluster::status::{self, StatusWriter};
 use crate::config::Config;
 use crate::metrics::Registry;
 use crate::sinks::grpc::service::SubscribeService;
@@ -28,7 +30,24 @@ const MAX_MESSAGE: usize = 64 << 20;
 pub struct ServeOptions {
     pub grpc: String,
     pub http: String,
-    pub config: Config,
+    pub source: Source,
+}
+
+/// Where tools and policies come from.
+pub enum Source {
+    /// A fixed set, for the life of the process (`--config`, flags).
+    Config(Config),
+    /// Tools and policies that come, change and go while running: fed
+    /// through [`Running::cluster`] (by the watchers in cluster mode).
+    Live(LiveOptions),
+}
+
+pub struct LiveOptions {
+    pub status: Arc<dyn StatusWriter>,
+    /// How often status is written (when it changed).
+    pub status_period: std::time::Duration,
+    /// See [`Endpoints::advertise_host`].
+    pub advertise_host: Option<String>,
 }
 
 /// Where a running aggregator listens.
@@ -37,7 +56,10 @@ pub struct Running {
     pub registry: Arc<Registry>,
     pub grpc: SocketAddr,
     pub http: SocketAddr,
+    /// Sinks listening at start (PCAP-over-IP), by name.
     pub sinks: Vec<(String, SocketAddr)>,
+    /// With [`Source::Live`]: where changes go.
+    pub cluster: Option<ClusterHandle>,
 }
 
 #[derive(Clone)]
@@ -53,32 +75,31 @@ pub async fn start(opts: ServeOptions) -> anyhow::Result<Running> {
         registry: registry.clone(),
         ..SinkContext::default()
     };
-    let topo = Topology::build(&opts.config, cx).await?;
+    let topology = match &opts.source {
+        Source::Config(cfg) => Topology::from_config(cfg, cx.clone()).await?,
+        Source::Live(_) => Topology::new(cx.clone()),
+    };
     let grpc_l = TcpListener::bind(&opts.grpc)
         .await
         .map_err(|e| anyhow::anyhow!("--grpc {}: {e}", opts.grpc))?;
     let http_l = TcpListener::bind(&opts.http)
         .await
         .map_err(|e| anyhow::anyhow!("--http {}: {e}", opts.http))?;
-    let running = Running {
+    let mut running = Running {
         registry: registry.clone(),
         grpc: grpc_l.local_addr()?,
         http: http_l.local_addr()?,
-        sinks: topo
-            .cx
-            .listening
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone(),
+        sinks: topology.listening(),
+        cluster: None,
     };
 
     let ingest = TapIngestServer::new(IngestService {
-        policies: topo.policies.clone(),
+        policies: topology.ingest_table(),
         registry: registry.clone(),
     })
     .max_decoding_message_size(MAX_MESSAGE);
     let subscribe = ToolSubscribeServer::new(SubscribeService {
-        hubs: topo.cx.grpc_hubs.clone(),
+        hubs: cx.grpc_hubs.clone(),
     })
     .max_encoding_message_size(MAX_MESSAGE);
     tokio::spawn(async move {
@@ -94,7 +115,7 @@ pub async fn start(opts: ServeOptions) -> anyhow::Result<Running> {
 
     let state = HttpState {
         registry,
-        streams: topo.cx.http_hubs.clone(),
+        streams: cx.http_hubs.clone(),
     };
     let app = Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
@@ -106,9 +127,44 @@ pub async fn start(opts: ServeOptions) -> anyhow::Result<Running> {
             tracing::error!("HTTP server: {e}");
         }
     });
-    // The topology lives as long as the process: its tasks own the rest.
-    std::mem::forget(topo.sinks);
+
+    match opts.source {
+        Source::Config(_) => {
+            tokio::spawn(end_stopped_policies(topology));
+        }
+        Source::Live(live) => {
+            let endpoints = Endpoints {
+                http: running.http,
+                grpc: running.grpc,
+                advertise_host: live.advertise_host,
+            };
+            let (reconciler, handle, changes) = Reconciler::new(topology, endpoints);
+            let (snapshots, snapshot_rx) = tokio::sync::watch::channel(Arc::default());
+            tokio::spawn(status::run(snapshot_rx, live.status));
+            tokio::spawn(reconciler.run(changes, snapshots, live.status_period));
+            running.cluster = Some(handle);
+        }
+    }
     Ok(running)
+}
+
+/// Owns a fixed topology for the life of the process, ending the
+/// policies that reach a capture limit.
+async fn end_stopped_policies(mut topology: Topology) {
+    loop {
+        let deadline = topology.next_deadline();
+        let stops = topology.stop_events();
+        match deadline {
+            Some(d) => {
+                tokio::select! {
+                    _ = stops.notified() => {}
+                    _ = tokio::time::sleep_until(d.into()) => {}
+                }
+            }
+            None => stops.notified().await,
+        }
+        topology.reap_stopped();
+    }
 }
 
 async fn metrics(State(s): State<HttpState>) -> impl IntoResponse {

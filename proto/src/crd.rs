@@ -19,8 +19,12 @@ use std::collections::BTreeMap;
 use kube::CustomResource;
 use schemars::{json_schema, JsonSchema, Schema, SchemaGenerator};
 use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
 
-use crate::policy::{Cidr, LabelSelector, PortRange, Protocol};
+use crate::policy::{
+    check_dns_label, check_dns_subdomain, Cidr, Direction, FieldError, FilterRule, LabelSelector,
+    PortRange, Protocol,
+};
 
 /// The API group of Tapestry's resources.
 pub const GROUP: &str = "tapestry.io";
@@ -28,7 +32,9 @@ pub const GROUP: &str = "tapestry.io";
 pub const VERSION: &str = "v1alpha1";
 
 /// Which pods' traffic to mirror, what to keep of it and where it goes.
-#[derive(CustomResource, Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[derive(
+    CustomResource, Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema, ToSchema,
+)]
 #[kube(
     group = "tapestry.io",
     version = "v1alpha1",
@@ -51,6 +57,7 @@ pub struct TapPolicySpec {
     /// Whether the policy taps at all; a disabled policy keeps its settings.
     #[serde(default = "enabled")]
     #[schemars(default = "enabled")]
+    #[schema(default = true)]
     pub enabled: bool,
     /// Namespaces whose pods are selected; empty with no namespace selector:
     /// every namespace.
@@ -73,6 +80,7 @@ pub struct TapPolicySpec {
     /// Bytes the tap keeps of each packet; absent: whole packets.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1, max = 262144))]
+    #[schema(minimum = 1, maximum = 262144)]
     pub snaplen: Option<u32>,
     /// tcpdump (pcap-filter) expression the aggregator applies; empty keeps
     /// every mirrored packet.
@@ -105,7 +113,7 @@ fn enabled() -> bool {
 }
 
 /// One in-kernel rule: every field set must match.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct TrafficRule {
     /// `tcp`, `udp`, `icmp`, `icmpv6`, `sctp` or a protocol number.
@@ -123,7 +131,9 @@ pub struct TrafficRule {
 }
 
 /// A packet's direction from the tapped pod's point of view.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema, ToSchema,
+)]
 #[serde(rename_all = "camelCase")]
 pub enum PodDirection {
     ToPod,
@@ -132,13 +142,14 @@ pub enum PodDirection {
     Both,
 }
 
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Dedup {
     /// A copy arriving within this many microseconds of the first is a
     /// duplicate.
     #[serde(default = "dedup_window")]
     #[schemars(default = "dedup_window", range(min = 1, max = 10_000_000))]
+    #[schema(default = 1000, minimum = 1, maximum = 10_000_000)]
     pub window_us: u64,
 }
 
@@ -148,7 +159,7 @@ fn dedup_window() -> u64 {
 
 /// Keep the first `snaplen` bytes of each packet, or its headers plus
 /// `payload` bytes of payload (one of the two).
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema, ToSchema)]
 #[serde(rename_all = "camelCase")]
 #[schemars(extend("x-kubernetes-validations" = [
     {"rule": "has(self.snaplen) != has(self.payload)", "message": "set exactly one of snaplen and payload"}
@@ -156,13 +167,15 @@ fn dedup_window() -> u64 {
 pub struct Slice {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1, max = 262144))]
+    #[schema(minimum = 1, maximum = 262144)]
     pub snaplen: Option<u32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(max = 262144))]
+    #[schema(maximum = 262144)]
     pub payload: Option<u32>,
 }
 
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Mask {
     /// Bytes of transport payload left as they are; the rest is overwritten.
@@ -174,7 +187,7 @@ pub struct Mask {
     pub byte: u8,
 }
 
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ToolGroup {
     pub name: String,
@@ -183,12 +196,13 @@ pub struct ToolGroup {
 }
 
 /// Limits that end a capture.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct CaptureLimits {
     /// How long the capture runs, e.g. `10m`, `1h30m`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(regex(pattern = r"^([0-9]+(\.[0-9]+)?(ms|s|m|h))+$"))]
+    #[schema(pattern = r"^([0-9]+(\.[0-9]+)?(ms|s|m|h))+$")]
     pub duration: Option<String>,
     /// Packets delivered before the capture stops.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -201,7 +215,7 @@ pub struct CaptureLimits {
 }
 
 /// What the fleet sees of a policy.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct TapPolicyStatus {
     /// The spec generation this status describes.
@@ -214,16 +228,18 @@ pub struct TapPolicyStatus {
     pub matched_pods: u64,
     #[serde(default)]
     pub matched_nodes: u64,
-    /// Packets and bytes the taps mirrored for this policy.
+    /// Packets the taps mirrored for this policy, summed over the nodes
+    /// (each tap counts from its start).
     #[serde(default)]
     pub captured_packets: u64,
+    /// Packets of this policy lost on the nodes (kernel ring, tap queues,
+    /// while the aggregator was unreachable), as the taps report them.
     #[serde(default)]
-    pub captured_bytes: u64,
+    pub dropped_on_nodes: u64,
     /// Packets delivered to each tool.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub delivered: BTreeMap<String, u64>,
-    /// Packets lost on the way (kernel ring, tap queues, aggregator and
-    /// tool queues), counted where they were lost.
+    /// Packets lost in the aggregator (its queues and the tools' queues).
     #[serde(default)]
     pub dropped: u64,
     /// Why the capture ended, once a limit was reached.
@@ -232,7 +248,7 @@ pub struct TapPolicyStatus {
 }
 
 /// A capture that ended.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Stopped {
     /// `Duration`, `MaxPackets` or `MaxBytes`.
@@ -243,7 +259,7 @@ pub struct Stopped {
 }
 
 /// A Kubernetes-style condition.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Condition {
     #[serde(rename = "type")]
@@ -260,7 +276,9 @@ pub struct Condition {
 }
 
 /// Where mirrored traffic is delivered.
-#[derive(CustomResource, Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[derive(
+    CustomResource, Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema, ToSchema,
+)]
 #[kube(
     group = "tapestry.io",
     version = "v1alpha1",
@@ -322,7 +340,9 @@ pub struct TapToolSpec {
 }
 
 /// How a tool receives packets.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema, ToSchema,
+)]
 #[serde(rename_all = "camelCase")]
 pub enum ToolType {
     /// Classic pcap over TCP, as `tshark -i TCP@host:port` reads it.
@@ -339,7 +359,7 @@ pub enum ToolType {
 }
 
 /// What the fleet sees of a tool.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct TapToolStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -358,6 +378,277 @@ pub struct TapToolStatus {
     pub dropped: u64,
 }
 
+impl TrafficRule {
+    /// The rule as the tap applies it on a pod's host-side interface.
+    pub fn to_filter_rule(&self) -> FilterRule {
+        FilterRule {
+            protocol: self.protocol,
+            ports: self.ports.clone(),
+            cidrs: self.cidrs.clone(),
+            direction: self.direction.on_host_interface(),
+        }
+    }
+}
+
+impl PodDirection {
+    /// The direction on the pod's host-side veth: what leaves the pod
+    /// arrives there (ingress), what goes to the pod leaves it (egress).
+    pub fn on_host_interface(self) -> Direction {
+        match self {
+            PodDirection::FromPod => Direction::Ingress,
+            PodDirection::ToPod => Direction::Egress,
+            PodDirection::Both => Direction::Both,
+        }
+    }
+}
+
+impl TapPolicySpec {
+    /// What the schema cannot say: label selectors, namespaces, rules,
+    /// slicing and tool references. Field paths are relative to the spec.
+    /// (The tcpdump filter is compiled where libpcap is: the fleet manager
+    /// and the aggregator.)
+    pub fn check(&self) -> Vec<FieldError> {
+        let mut errs = Vec::new();
+        let mut push = |field: String, reason: String| errs.push(FieldError { field, reason });
+        for (i, ns) in self.namespaces.iter().enumerate() {
+            if let Err(r) = check_dns_label(ns) {
+                push(format!("namespaces[{i}]"), r);
+            }
+        }
+        for (path, selector) in [
+            ("namespaceSelector", self.namespace_selector.as_ref()),
+            ("podSelector", Some(&self.pod_selector)),
+            ("nodeSelector", self.node_selector.as_ref()),
+        ] {
+            for e in selector.map(LabelSelector::check).unwrap_or_default() {
+                push(format!("{path}.{}", e.field), e.reason);
+            }
+        }
+        for (i, rule) in self.rules.iter().enumerate() {
+            for e in rule.to_filter_rule().check() {
+                push(format!("rules[{i}].{}", e.field), e.reason);
+            }
+        }
+        if let Some(slice) = &self.slice {
+            if slice.snaplen.is_some() == slice.payload.is_some() {
+                push(
+                    "slice".into(),
+                    "set exactly one of snaplen and payload".into(),
+                );
+            }
+        }
+        let mut tools = std::collections::BTreeSet::new();
+        for (i, tool) in self.tools.iter().enumerate() {
+            if let Err(r) = check_dns_subdomain(tool) {
+                push(format!("tools[{i}]"), r);
+            }
+            if !tools.insert(tool) {
+                push(format!("tools[{i}]"), format!("`{tool}` is listed twice"));
+            }
+        }
+        for (i, group) in self.tool_groups.iter().enumerate() {
+            if group.tools.is_empty() {
+                push(
+                    format!("toolGroups[{i}].tools"),
+                    "a group needs at least one tool".into(),
+                );
+            }
+            for (j, tool) in group.tools.iter().enumerate() {
+                if let Err(r) = check_dns_subdomain(tool) {
+                    push(format!("toolGroups[{i}].tools[{j}]"), r);
+                }
+            }
+        }
+        if let Some(d) = self.limits.as_ref().and_then(|l| l.duration.as_deref()) {
+            if let Err(r) = parse_duration(d) {
+                push("limits.duration".into(), r);
+            }
+        }
+        errs
+    }
+
+    /// Whether the policy selects the pods of `namespace` (labelled
+    /// `namespace_labels`; `None` when the namespace is not known yet, which
+    /// no label selector matches): listed in `namespaces` or matched by
+    /// `namespaceSelector`, every namespace when neither is set.
+    pub fn selects_namespace(
+        &self,
+        namespace: &str,
+        namespace_labels: Option<&BTreeMap<String, String>>,
+    ) -> bool {
+        let listed = self.namespaces.iter().any(|n| n == namespace);
+        match &self.namespace_selector {
+            None => self.namespaces.is_empty() || listed,
+            Some(selector) => listed || namespace_labels.is_some_and(|l| selector.matches(l)),
+        }
+    }
+
+    /// Whether the policy selects a pod labelled `pod_labels` in
+    /// `namespace`, on a node labelled `node_labels`. (Whether the pod can
+    /// be tapped at all — running, with a network of its own — is the
+    /// caller's question.)
+    pub fn selects_pod(
+        &self,
+        namespace: &str,
+        namespace_labels: Option<&BTreeMap<String, String>>,
+        pod_labels: &BTreeMap<String, String>,
+        node_labels: &BTreeMap<String, String>,
+    ) -> bool {
+        self.node_selector
+            .as_ref()
+            .is_none_or(|s| s.matches(node_labels))
+            && self.selects_namespace(namespace, namespace_labels)
+            && self.pod_selector.matches(pod_labels)
+    }
+
+    /// Every tool the policy delivers to, plain or in a group.
+    pub fn tool_names(&self) -> impl Iterator<Item = &str> {
+        self.tools
+            .iter()
+            .chain(self.tool_groups.iter().flat_map(|g| g.tools.iter()))
+            .map(String::as_str)
+    }
+}
+
+/// A Go-style duration (`90s`, `10m`, `1h30m`, `250ms`).
+pub fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
+    let bad = || format!("`{text}` is not a duration such as 90s, 10m or 1h30m");
+    let mut total = 0f64;
+    let mut rest = text;
+    if rest.is_empty() {
+        return Err(bad());
+    }
+    while !rest.is_empty() {
+        let number_len = rest
+            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .ok_or_else(bad)?;
+        let number: f64 = rest[..number_len].parse().map_err(|_| bad())?;
+        rest = &rest[number_len..];
+        let (unit, seconds) = [("ms", 0.001), ("h", 3600.0), ("m", 60.0), ("s", 1.0)]
+            .into_iter()
+            .find(|(unit, _)| rest.starts_with(unit))
+            .ok_or_else(bad)?;
+        rest = &rest[unit.len()..];
+        total += number * seconds;
+    }
+    std::time::Duration::try_from_secs_f64(total).map_err(|_| bad())
+}
+
+impl TapPolicy {
+    /// Whether the policy taps now: enabled and its capture not stopped.
+    pub fn is_active(&self) -> bool {
+        self.spec.enabled && self.status.as_ref().is_none_or(|s| s.stopped.is_none())
+    }
+}
+
+impl TapToolSpec {
+    /// What the schema cannot say: addresses that must parse, settings of
+    /// other types. Field paths are relative to the spec.
+    pub fn check(&self) -> Vec<FieldError> {
+        let mut errs = Vec::new();
+        let mut push = |field: &str, reason: String| {
+            errs.push(FieldError {
+                field: field.into(),
+                reason,
+            })
+        };
+        let address = |value: &Option<String>| {
+            value
+                .as_deref()
+                .map(|a| {
+                    a.parse::<std::net::SocketAddr>()
+                        .map(|_| ())
+                        .map_err(|_| format!("`{a}` is not an address such as 127.0.0.1:57012"))
+                })
+                .transpose()
+        };
+        let needs = |field: &str, present: bool, push: &mut dyn FnMut(&str, String)| {
+            if !present {
+                push(field, format!("required for a {} tool", self.type_.name()));
+            }
+        };
+        match self.type_ {
+            ToolType::PcapOverIp => needs("listen", self.listen.is_some(), &mut push),
+            ToolType::PcapngFiles => needs("directory", self.directory.is_some(), &mut push),
+            ToolType::Vxlan => {
+                needs("remote", self.remote.is_some(), &mut push);
+                needs("vni", self.vni.is_some(), &mut push);
+            }
+            ToolType::Http | ToolType::Grpc => {}
+        }
+        if let Err(r) = address(&self.listen) {
+            push("listen", r);
+        }
+        if let Err(r) = address(&self.remote) {
+            push("remote", r);
+        }
+        for (field, set, applies) in [
+            (
+                "listen",
+                self.listen.is_some(),
+                self.type_ == ToolType::PcapOverIp,
+            ),
+            (
+                "allow",
+                !self.allow.is_empty(),
+                self.type_ == ToolType::PcapOverIp,
+            ),
+            (
+                "directory",
+                self.directory.is_some(),
+                self.type_ == ToolType::PcapngFiles,
+            ),
+            (
+                "rotateBytes",
+                self.rotate_bytes.is_some(),
+                self.type_ == ToolType::PcapngFiles,
+            ),
+            (
+                "rotateSeconds",
+                self.rotate_seconds.is_some(),
+                self.type_ == ToolType::PcapngFiles,
+            ),
+            (
+                "maxFiles",
+                self.max_files.is_some(),
+                self.type_ == ToolType::PcapngFiles,
+            ),
+            (
+                "remote",
+                self.remote.is_some(),
+                self.type_ == ToolType::Vxlan,
+            ),
+            ("vni", self.vni.is_some(), self.type_ == ToolType::Vxlan),
+        ] {
+            if set && !applies {
+                push(
+                    field,
+                    format!("does not apply to a {} tool", self.type_.name()),
+                );
+            }
+        }
+        if let Some(dir) = &self.directory {
+            if !dir.starts_with('/') {
+                push("directory", format!("`{dir}` must be an absolute path"));
+            }
+        }
+        errs
+    }
+}
+
+impl ToolType {
+    /// The name the API uses.
+    pub fn name(self) -> &'static str {
+        match self {
+            ToolType::PcapOverIp => "pcapOverIp",
+            ToolType::Http => "http",
+            ToolType::PcapngFiles => "pcapngFiles",
+            ToolType::Grpc => "grpc",
+            ToolType::Vxlan => "vxlan",
+        }
+    }
+}
+
 /// Strings in the schema: these types (de)serialize as text.
 macro_rules! string_schema {
     ($t:ty, $name:literal, $description:literal) => {
@@ -372,6 +663,35 @@ macro_rules! string_schema {
         }
     };
 }
+
+/// The same strings in the REST API's OpenAPI document.
+macro_rules! utoipa_string_schema {
+    ($t:ty, $description:literal) => {
+        impl utoipa::PartialSchema for $t {
+            fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+                utoipa::openapi::ObjectBuilder::new()
+                    .schema_type(utoipa::openapi::schema::Type::String)
+                    .description(Some($description))
+                    .into()
+            }
+        }
+
+        impl ToSchema for $t {}
+    };
+}
+
+utoipa_string_schema!(
+    Protocol,
+    "tcp, udp, icmp, icmpv6, sctp or an IP protocol number"
+);
+utoipa_string_schema!(
+    PortRange,
+    "a port or an inclusive range: \"80\", \"8000-8080\""
+);
+utoipa_string_schema!(
+    Cidr,
+    "an IPv4 or IPv6 network, \"10.0.0.0/8\"; an address alone is one host"
+);
 
 string_schema!(
     Protocol,
@@ -435,6 +755,76 @@ mod tests {
         );
         let back = serde_json::to_value(&spec).expect("json");
         assert_eq!(back["rules"][0]["ports"], json!(["80", "8000-8080"]));
+    }
+
+    #[test]
+    fn checks_name_the_field() {
+        let spec: TapPolicySpec = serde_json::from_value(json!({
+            "namespaces": ["Shop"],
+            "podSelector": {"matchExpressions": [{"key": "app", "operator": "In"}]},
+            "rules": [{"protocol": "icmp", "ports": ["80"]}],
+            "slice": {"payload": 1, "snaplen": 64},
+            "tools": ["a", "a"],
+            "toolGroups": [{"name": "g", "tools": []}],
+            "limits": {"duration": "soon"},
+        }))
+        .expect("spec");
+        let fields: Vec<String> = spec.check().into_iter().map(|e| e.field).collect();
+        assert_eq!(
+            fields,
+            [
+                "namespaces[0]",
+                "podSelector.matchExpressions[0].values",
+                "rules[0].ports",
+                "slice",
+                "tools[1]",
+                "toolGroups[0].tools",
+                "limits.duration",
+            ]
+        );
+        let tool: TapToolSpec =
+            serde_json::from_value(json!({"type": "pcapOverIp", "listen": "here", "vni": 3}))
+                .expect("tool");
+        let fields: Vec<String> = tool.check().into_iter().map(|e| e.field).collect();
+        assert_eq!(fields, ["listen", "vni"]);
+        assert!(
+            TapToolSpec {
+                type_: ToolType::Vxlan,
+                ..Default::default()
+            }
+            .check()
+            .len()
+                == 2
+        );
+    }
+
+    #[test]
+    fn durations_read_as_go_writes_them() {
+        assert_eq!(
+            parse_duration("1h30m"),
+            Ok(std::time::Duration::from_secs(5400))
+        );
+        assert_eq!(
+            parse_duration("250ms"),
+            Ok(std::time::Duration::from_millis(250))
+        );
+        assert_eq!(
+            parse_duration("1.5s"),
+            Ok(std::time::Duration::from_millis(1500))
+        );
+        for bad in ["", "10", "m", "10x", "-1s"] {
+            assert!(parse_duration(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn directions_are_seen_from_the_pod() {
+        assert_eq!(
+            PodDirection::FromPod.on_host_interface(),
+            Direction::Ingress
+        );
+        assert_eq!(PodDirection::ToPod.on_host_interface(), Direction::Egress);
+        assert_eq!(PodDirection::Both.on_host_interface(), Direction::Both);
     }
 
     #[test]

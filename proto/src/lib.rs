@@ -19,3 +19,6 @@ pub mod policy;
 
 /// Tapestry's custom resources (`tapestry.io/v1alpha1`).
 pub mod crd;
+
+/// The taps' heartbeats (a Lease per node with its status).
+pub mod heartbeat;

@@ -25,6 +25,7 @@
 use std::{collections::BTreeMap, fmt, net::IpAddr, str::FromStr};
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use tapestry_apimachinery::validation;
 
 /// Largest snaplen accepted (same as tcpdump's default).
 pub const MAX_SNAPLEN: u32 = 262_144;
@@ -49,7 +50,17 @@ pub struct TapPolicy {
 }
 
 /// A Kubernetes `LabelSelector` (matchLabels AND matchExpressions).
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+#[derive(
+    Clone,
+    Debug,
+    Default,
+    PartialEq,
+    Eq,
+    Serialize,
+    Deserialize,
+    schemars::JsonSchema,
+    utoipa::ToSchema,
+)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct LabelSelector {
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
@@ -58,7 +69,9 @@ pub struct LabelSelector {
     pub match_expressions: Vec<LabelSelectorRequirement>,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+#[derive(
+    Clone, Debug, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema, utoipa::ToSchema,
+)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct LabelSelectorRequirement {
     pub key: String,
@@ -67,7 +80,17 @@ pub struct LabelSelectorRequirement {
     pub values: Vec<String>,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+#[derive(
+    Clone,
+    Copy,
+    Debug,
+    PartialEq,
+    Eq,
+    Serialize,
+    Deserialize,
+    schemars::JsonSchema,
+    utoipa::ToSchema,
+)]
 pub enum SelectorOperator {
     In,
     NotIn,
@@ -174,39 +197,8 @@ impl TapPolicy {
                 err("namespace".into(), r);
             }
         }
-        for (k, v) in &self.selector.match_labels {
-            if let Err(r) = check_label_key(k) {
-                err(format!("selector.matchLabels[{k}]"), r);
-            }
-            if let Err(r) = check_label_value(v) {
-                err(format!("selector.matchLabels[{k}]"), r);
-            }
-        }
-        for (i, req) in self.selector.match_expressions.iter().enumerate() {
-            let path = format!("selector.matchExpressions[{i}]");
-            if let Err(r) = check_label_key(&req.key) {
-                err(format!("{path}.key"), r);
-            }
-            match req.operator {
-                SelectorOperator::In | SelectorOperator::NotIn if req.values.is_empty() => err(
-                    format!("{path}.values"),
-                    "must be non-empty for operator In or NotIn".into(),
-                ),
-                SelectorOperator::Exists | SelectorOperator::DoesNotExist
-                    if !req.values.is_empty() =>
-                {
-                    err(
-                        format!("{path}.values"),
-                        "must be empty for operator Exists or DoesNotExist".into(),
-                    )
-                }
-                _ => {}
-            }
-            for (j, v) in req.values.iter().enumerate() {
-                if let Err(r) = check_label_value(v) {
-                    err(format!("{path}.values[{j}]"), r);
-                }
-            }
+        for e in self.selector.check() {
+            err(format!("selector.{}", e.field), e.reason);
         }
         for (i, rule) in self.rules.iter().enumerate() {
             for e in rule.check() {
@@ -235,6 +227,47 @@ impl TapPolicy {
 }
 
 impl LabelSelector {
+    /// Problems of this selector, with field paths relative to it.
+    pub fn check(&self) -> Vec<FieldError> {
+        let mut errs = Vec::new();
+        let mut err = |field: String, reason: String| errs.push(FieldError { field, reason });
+        for (k, v) in &self.match_labels {
+            if let Err(r) = check_label_key(k) {
+                err(format!("matchLabels[{k}]"), r);
+            }
+            if let Err(r) = check_label_value(v) {
+                err(format!("matchLabels[{k}]"), r);
+            }
+        }
+        for (i, req) in self.match_expressions.iter().enumerate() {
+            let path = format!("matchExpressions[{i}]");
+            if let Err(r) = check_label_key(&req.key) {
+                err(format!("{path}.key"), r);
+            }
+            match req.operator {
+                SelectorOperator::In | SelectorOperator::NotIn if req.values.is_empty() => err(
+                    format!("{path}.values"),
+                    "must be non-empty for operator In or NotIn".into(),
+                ),
+                SelectorOperator::Exists | SelectorOperator::DoesNotExist
+                    if !req.values.is_empty() =>
+                {
+                    err(
+                        format!("{path}.values"),
+                        "must be empty for operator Exists or DoesNotExist".into(),
+                    )
+                }
+                _ => {}
+            }
+            for (j, v) in req.values.iter().enumerate() {
+                if let Err(r) = check_label_value(v) {
+                    err(format!("{path}.values[{j}]"), r);
+                }
+            }
+        }
+        errs
+    }
+
     pub fn matches(&self, labels: &BTreeMap<String, String>) -> bool {
         self.match_labels
             .iter()
@@ -524,60 +557,29 @@ serde_as_string!(Protocol, "a protocol name or number");
 serde_as_string!(PortRange, "a port or a port range");
 serde_as_string!(Cidr, "a CIDR such as 10.0.0.0/8");
 
-fn check_dns_label(s: &str) -> Result<(), String> {
-    let ok = !s.is_empty()
-        && s.len() <= 63
-        && s.bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-        && !s.starts_with('-')
-        && !s.ends_with('-');
-    if ok {
-        Ok(())
-    } else {
-        Err(format!(
-            "`{s}` must be 1-63 lowercase letters, digits or '-', starting and ending with a letter or digit"
-        ))
+/// Kubernetes' name and label rules (one copy, in tapestry-apimachinery),
+/// as one message per value.
+fn first_error(errors: Vec<String>, what: &str, value: &str) -> Result<(), String> {
+    match errors.first() {
+        None => Ok(()),
+        Some(e) => Err(format!("{what} `{value}`: {e}")),
     }
 }
 
-fn check_dns_subdomain(s: &str) -> Result<(), String> {
-    if s.is_empty() || s.len() > 253 {
-        return Err(format!("`{s}` must be 1-253 characters"));
-    }
-    for part in s.split('.') {
-        check_dns_label(part).map_err(|_| {
-            format!("`{s}` must be lowercase letters, digits, '-' and '.', each part starting and ending with a letter or digit")
-        })?;
-    }
-    Ok(())
+pub(crate) fn check_dns_label(s: &str) -> Result<(), String> {
+    first_error(validation::dns1123_label_errors(s), "name", s)
 }
 
-fn check_label_value(v: &str) -> Result<(), String> {
-    let ok = v.len() <= 63
-        && v.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
-        && (v.is_empty()
-            || (v.as_bytes()[0].is_ascii_alphanumeric()
-                && v.as_bytes()[v.len() - 1].is_ascii_alphanumeric()));
-    if ok {
-        Ok(())
-    } else {
-        Err(format!("label value `{v}` must be at most 63 alphanumerics, '-', '_' or '.', starting and ending with an alphanumeric"))
-    }
+pub(crate) fn check_dns_subdomain(s: &str) -> Result<(), String> {
+    first_error(validation::dns1123_subdomain_errors(s), "name", s)
 }
 
-fn check_label_key(k: &str) -> Result<(), String> {
-    let (prefix, name) = match k.rsplit_once('/') {
-        Some((p, n)) => (Some(p), n),
-        None => (None, k),
-    };
-    if let Some(p) = prefix {
-        check_dns_subdomain(p).map_err(|r| format!("label key prefix: {r}"))?;
-    }
-    if name.is_empty() {
-        return Err(format!("label key `{k}` has an empty name"));
-    }
-    check_label_value(name).map_err(|_| format!("label key `{k}` is not a valid label name"))
+pub(crate) fn check_label_value(v: &str) -> Result<(), String> {
+    first_error(validation::label_value_errors(v), "label value", v)
+}
+
+pub(crate) fn check_label_key(k: &str) -> Result<(), String> {
+    first_error(validation::qualified_name_errors(k), "label key", k)
 }
 
 #[cfg(test)]

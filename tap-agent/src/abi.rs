@@ -86,6 +86,8 @@ pub const COUNTERS: &[(u32, &str, &str)] = &[
     (5, "load_error", "Packets whose bytes could not be copied"),
 ];
 pub const COUNTER_MAX: u32 = 6;
+/// Index of `ringbuf_full` in [`COUNTERS`].
+pub const COUNTER_RINGBUF_FULL: usize = 3;
 
 /// The header of one ring buffer record, decoded.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -2,6 +2,7 @@
 //! and on SIGTERM/SIGINT detach first, then flush.
 
 use std::{
+    collections::BTreeSet,
     net::SocketAddr,
     sync::{Arc, Mutex},
     time::Duration,
@@ -18,26 +19,35 @@ use tracing::{error, info, warn};
 
 use crate::{
     bpf::{self, AttachMode, LoadOptions, Tap},
-    filter::{self, PolicySpec},
+    filter::{Layout, PolicySpec},
+    heartbeat::Heartbeat,
     metrics::{self, Metrics, MetricsState},
     ring::{BatchLimits, Reader},
     ship::Shipper,
-    targets::{Reconciler, TapIdentity, Target, TargetSet},
+    status::StatusBoard,
+    targets::{self, Desired, Reconciler, TapIdentity, Target},
     DropCounter,
 };
 
-/// Where the set of interfaces to tap comes from.
+/// Where the desired state comes from.
 pub enum TargetSource {
-    /// `--iface` names, fixed for the run (a missing one is an error at start).
-    Static(Vec<String>),
-    /// A watcher (e.g. pods of this node) publishing the whole desired set.
-    Dynamic(watch::Receiver<TargetSet>),
+    /// `--iface` names tapped by fixed policies: everything must attach at
+    /// start, and a missing interface is an error.
+    Static {
+        interfaces: Vec<String>,
+        policies: Vec<PolicySpec>,
+    },
+    /// A watcher (the cluster source) publishing the whole desired state.
+    Dynamic(watch::Receiver<Desired>),
 }
 
 pub struct RunConfig {
     pub targets: TargetSource,
-    pub aggregator: String,
-    pub policies: Vec<PolicySpec>,
+    /// Aggregator URLs to choose from (one fixed, or a Service's endpoints).
+    pub aggregators: watch::Receiver<Vec<String>>,
+    /// Renew a heartbeat Lease (cluster modes).
+    pub heartbeat: Option<Heartbeat>,
+    pub board: Arc<StatusBoard>,
     pub metrics_addr: SocketAddr,
     pub ring_bytes: u32,
     pub wakeup_bytes: u32,
@@ -66,10 +76,15 @@ pub fn endpoint(url: &str) -> Result<Endpoint> {
 }
 
 pub async fn run(cfg: RunConfig) -> Result<()> {
-    let endpoint = endpoint(&cfg.aggregator)?;
-    let compiled = filter::compile(&cfg.policies)?;
-    if let TargetSource::Static(ifaces) = &cfg.targets {
-        for iface in ifaces {
+    if let TargetSource::Static {
+        interfaces,
+        policies,
+    } = &cfg.targets
+    {
+        if let Some(r) = Layout::default().plan(policies).1.into_iter().next() {
+            bail!("policy {}: {}", r.policy, r.error);
+        }
+        for iface in interfaces {
             bpf::ifindex(iface).with_context(|| format!("--iface {iface}"))?;
         }
     }
@@ -82,12 +97,11 @@ pub async fn run(cfg: RunConfig) -> Result<()> {
             "removed programs left by an earlier run"
         );
     }
-    let (mut tap, outputs) = Tap::load(&LoadOptions {
+    let (tap, outputs) = Tap::load(&LoadOptions {
         ring_bytes: cfg.ring_bytes,
         wakeup_bytes: cfg.wakeup_bytes,
         mode: cfg.mode,
     })?;
-    tap.set_policies(compiled)?;
 
     let metrics = Arc::new(Metrics::default());
     let state = Arc::new(MetricsState {
@@ -102,36 +116,38 @@ pub async fn run(cfg: RunConfig) -> Result<()> {
     let identity = TapIdentity {
         tap_id: cfg.tap_id.clone(),
         node: cfg.node.clone(),
-        policy_names: cfg.policies.iter().map(|p| p.name.clone()).collect(),
     };
-    let mut reconciler = Reconciler::new(tap, identity, hello_tx, metrics.clone());
-    let all_policies = if cfg.policies.len() == 64 {
-        u64::MAX
-    } else {
-        (1u64 << cfg.policies.len()) - 1
-    };
+    let board = cfg.board.clone();
+    let mut reconciler = Reconciler::new(tap, identity, hello_tx, metrics.clone(), board.clone());
     let mut desired_rx = match cfg.targets {
-        TargetSource::Static(ifaces) => {
-            let desired: TargetSet = ifaces
-                .iter()
-                .map(|i| {
-                    (
-                        i.clone(),
-                        Target {
-                            interface: i.clone(),
-                            pod: None,
-                            policy_mask: all_policies,
-                        },
-                    )
-                })
-                .collect();
+        TargetSource::Static {
+            interfaces,
+            policies,
+        } => {
+            let names: BTreeSet<String> = policies.iter().map(|p| p.name.clone()).collect();
+            let desired = Desired {
+                targets: interfaces
+                    .iter()
+                    .map(|i| {
+                        (
+                            i.clone(),
+                            Target {
+                                interface: i.clone(),
+                                pod: None,
+                                policies: names.clone(),
+                            },
+                        )
+                    })
+                    .collect(),
+                policies,
+            };
             // Interfaces named on the command line must attach at start.
-            let errors = reconciler.reconcile(&desired);
-            if let Some((iface, e)) = errors.into_iter().next() {
+            let outcome = reconciler.reconcile(&desired);
+            if let Some(problem) = outcome.messages().into_iter().next() {
                 reconciler.detach_all();
-                return Err(e.context(format!("--iface {iface}")));
+                bail!("--iface: {problem}");
             }
-            info!(interfaces = ?ifaces, aggregator = cfg.aggregator, "tapping");
+            info!(interfaces = ?interfaces, "tapping");
             watch::channel(desired).1
         }
         TargetSource::Dynamic(rx) => rx,
@@ -141,6 +157,7 @@ pub async fn run(cfg: RunConfig) -> Result<()> {
     // Level-triggered: reconcile on every change and every few seconds (an
     // interface may come back, a pod's veth may be recreated).
     let (attach_stop_tx, mut attach_stop_rx) = watch::channel(false);
+    let attach_board = board.clone();
     let attach_task = tokio::spawn(async move {
         let mut resync = tokio::time::interval(Duration::from_secs(2));
         loop {
@@ -153,9 +170,8 @@ pub async fn run(cfg: RunConfig) -> Result<()> {
                 break;
             }
             let desired = desired_rx.borrow_and_update().clone();
-            for (iface, e) in reconciler.reconcile(&desired) {
-                warn!(interface = iface, "not tapped (will retry): {e:#}");
-            }
+            let outcome = reconciler.reconcile(&desired);
+            targets::report(&attach_board, &outcome);
         }
         reconciler.detach_all();
         reconciler
@@ -173,7 +189,8 @@ pub async fn run(cfg: RunConfig) -> Result<()> {
     };
     let mut reader_task = tokio::spawn(reader.run(stop_rx.clone()));
     let shipper = Shipper {
-        endpoint,
+        aggregators: cfg.aggregators,
+        board: board.clone(),
         queue: queue_rx,
         hello: hello_rx,
         metrics: metrics.clone(),
@@ -190,12 +207,18 @@ pub async fn run(cfg: RunConfig) -> Result<()> {
         let mut tick = tokio::time::interval(Duration::from_millis(500));
         loop {
             tick.tick().await;
-            let now = loss_state.kernel_counters().get(3).copied().unwrap_or(0);
+            let now = loss_state.ring_full();
             if now > last {
                 loss_drops.add(now - last);
             }
             last = now;
         }
+    });
+
+    let heartbeat_task = cfg.heartbeat.map(|hb| {
+        let (state, status_board) = (state.clone(), board.clone());
+        let status = move || status_board.snapshot(&state.metrics, state.ring_full());
+        tokio::spawn(hb.run(status, board.clone()))
     });
 
     let mut term = signal(SignalKind::terminate())?;
@@ -221,6 +244,9 @@ pub async fn run(cfg: RunConfig) -> Result<()> {
         warn!("gave up flushing to the aggregator");
     }
     loss_task.abort();
+    if let Some(t) = heartbeat_task {
+        t.abort();
+    }
     drop(reconciler);
     if let Some(f) = failed {
         error!("{f}");

@@ -64,7 +64,6 @@ struct Attachment {
 pub struct Tap {
     ebpf: Ebpf,
     ifaces: HashMap<MapData, u32, IfaceCfg>,
-    compiled: Compiled,
     mode: AttachMode,
     attached: BTreeMap<u32, Attachment>,
 }
@@ -96,7 +95,6 @@ impl Tap {
         let tap = Tap {
             ebpf,
             ifaces,
-            compiled: Compiled::default(),
             mode: opts.mode,
             attached: BTreeMap::new(),
         };
@@ -109,44 +107,36 @@ impl Tap {
         ))
     }
 
-    /// Writes the compiled policies into the rule and CIDR maps and refreshes
-    /// the configuration of attached interfaces.
-    pub fn set_policies(&mut self, compiled: Compiled) -> Result<()> {
+    /// Writes the rule table and the CIDR trie. Interfaces keep their
+    /// configuration: callers order table and interface writes so that
+    /// every interface always refers to valid rules (see `filter`).
+    pub fn write_tables(&mut self, compiled: &Compiled) -> Result<()> {
         {
             let mut rules: Array<&mut MapData, Rules> = Array::try_from(
                 self.ebpf
                     .map_mut(abi::MAP_RULES)
                     .ok_or_else(|| anyhow!("map {} missing", abi::MAP_RULES))?,
             )?;
-            rules.set(0, compiled.rules, 0)?;
+            rules
+                .set(0, compiled.rules, 0)
+                .context("writing the rule table")?;
         }
-        {
-            let mut cidrs: LpmTrie<&mut MapData, [u8; 16], u64> = LpmTrie::try_from(
-                self.ebpf
-                    .map_mut(abi::MAP_CIDRS)
-                    .ok_or_else(|| anyhow!("map {} missing", abi::MAP_CIDRS))?,
-            )?;
-            let old: Vec<Key<[u8; 16]>> = cidrs.keys().filter_map(|k| k.ok()).collect();
-            let new: Vec<(u32, [u8; 16])> = compiled.cidrs.iter().map(|c| (c.0, c.1)).collect();
-            for (plen, addr, bits) in &compiled.cidrs {
-                cidrs.insert(&Key::new(*plen, *addr), bits, 0)?;
-            }
-            for k in old {
-                if !new.contains(&(k.prefix_len(), k.data())) {
-                    let _ = cidrs.remove(&k);
-                }
-            }
+        let mut cidrs: LpmTrie<&mut MapData, [u8; 16], u64> = LpmTrie::try_from(
+            self.ebpf
+                .map_mut(abi::MAP_CIDRS)
+                .ok_or_else(|| anyhow!("map {} missing", abi::MAP_CIDRS))?,
+        )?;
+        let old: Vec<Key<[u8; 16]>> = cidrs.keys().filter_map(|k| k.ok()).collect();
+        let new: Vec<(u32, [u8; 16])> = compiled.cidrs.iter().map(|c| (c.0, c.1)).collect();
+        for (plen, addr, bits) in &compiled.cidrs {
+            cidrs
+                .insert(&Key::new(*plen, *addr), bits, 0)
+                .context("writing the CIDR trie")?;
         }
-        self.compiled = compiled;
-        let current: Vec<(u32, u64)> = self
-            .ifaces
-            .iter()
-            .filter_map(|r| r.ok())
-            .map(|(k, v)| (k, v.policy_mask))
-            .collect();
-        for (ifindex, mask) in current {
-            let cfg = self.compiled.iface(mask);
-            self.ifaces.insert(ifindex, cfg, 0)?;
+        for k in old {
+            if !new.contains(&(k.prefix_len(), k.data())) {
+                let _ = cidrs.remove(&k);
+            }
         }
         Ok(())
     }
@@ -159,23 +149,24 @@ impl Tap {
         self.attached.iter().map(|(i, a)| (*i, a.name.as_str()))
     }
 
-    /// Sets which policies tap an attached interface.
-    pub fn set_interface_policies(&mut self, ifindex: u32, policy_mask: u64) -> Result<()> {
-        let cfg = self.compiled.iface(policy_mask);
-        self.ifaces.insert(ifindex, cfg, 0)?;
+    /// Sets what the programs do on an interface (one atomic map update:
+    /// packets see the old or the new configuration, never a mix).
+    pub fn configure(&mut self, ifindex: u32, cfg: IfaceCfg) -> Result<()> {
+        self.ifaces
+            .insert(ifindex, cfg, 0)
+            .with_context(|| format!("configuring interface {ifindex}"))?;
         Ok(())
     }
 
-    /// Attaches both programs to `ifname`, tapping it for `policy_mask`.
-    /// Returns the interface index.
-    pub fn attach(&mut self, ifname: &str, policy_mask: u64) -> Result<u32> {
+    /// Attaches both programs to `ifname`, configured by `cfg`. Returns the
+    /// interface index.
+    pub fn attach(&mut self, ifname: &str, cfg: IfaceCfg) -> Result<u32> {
         let ifindex = ifindex(ifname)?;
+        // Configure first: the programs pass unknown interfaces through.
+        self.configure(ifindex, cfg)?;
         if self.attached.contains_key(&ifindex) {
-            self.set_interface_policies(ifindex, policy_mask)?;
             return Ok(ifindex);
         }
-        // Configure first: the programs pass unknown interfaces through.
-        self.set_interface_policies(ifindex, policy_mask)?;
         let res = self.attach_programs(ifname);
         match res {
             Ok((ingress, egress, tcx)) => {
@@ -234,7 +225,10 @@ impl Tap {
             }
         }
         let mut it = links.into_iter().map(|(_, id)| id);
-        Ok((it.next().unwrap(), it.next().unwrap(), use_tcx))
+        match (it.next(), it.next()) {
+            (Some(ingress), Some(egress)) => Ok((ingress, egress, use_tcx)),
+            _ => bail!("attaching to {ifname}: a program did not attach"),
+        }
     }
 
     fn program(&mut self, name: &str) -> Result<&mut SchedClassifier> {

@@ -1,28 +1,41 @@
-//! Cluster mode's target source: a kube-rs reflector over the pods bound
-//! to this node; after every change it publishes the complete set of
-//! host-side veths the policies select (see [`crate::pods::targets_for`]).
+//! Cluster mode's target source. kube-rs reflectors keep caches of the
+//! pods bound to this node and — when policies come from the cluster — of
+//! the `TapPolicy` objects, the namespaces (their labels) and this node
+//! (its labels). After every change, and every 2 s (an interface may appear
+//! after its pod's IP), the desired state is recomputed from the caches
+//! alone: [`selection::select`] picks pods, [`host_veth::resolve`] finds
+//! each pod's host-side veth from the kernel's facts, and the complete
+//! [`Desired`] is published for the reconciler.
 
-use std::{path::Path, sync::Arc};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::IpAddr,
+    path::Path,
+    sync::Arc,
+    time::Duration,
+};
 
 use anyhow::{Context as _, Result};
-use futures::StreamExt as _;
-use k8s_openapi::api::core::v1::Pod;
+use futures::{stream::BoxStream, FutureExt as _, StreamExt as _};
+use k8s_openapi::api::core::v1::{Namespace, Node, Pod};
 use kube::{
     config::{KubeConfigOptions, Kubeconfig},
     runtime::{
-        reflector,
+        reflector::{self, Store},
         watcher::{self, Event},
         WatchStreamExt as _,
     },
-    Api, Client, Config,
+    Api, Client, Config, Resource,
 };
-use tapestry_proto::policy::TapPolicy;
+use tapestry_proto::{crd::TapPolicy, tap::v1::PodIdentity};
 use tokio::sync::watch;
 use tracing::{info, warn};
 
 use crate::{
-    pods::{targets_for, PodView},
-    targets::TargetSet,
+    host_veth::{self, NodeFacts, Resolution, HOST_VETH_ANNOTATION},
+    selection::{self, Labels, PodView, Policy},
+    status::StatusBoard,
+    targets::{Desired, Target, TargetSet},
 };
 
 /// A client from a kubeconfig file (any Kubernetes API server).
@@ -35,63 +48,345 @@ pub async fn client(kubeconfig: &Path) -> Result<Client> {
     Client::try_from(config).context("building the Kubernetes client")
 }
 
+/// A client from the environment: the pod's service account when running
+/// in a cluster, else `KUBECONFIG` or `~/.kube/config`.
+pub async fn inferred_client() -> Result<Client> {
+    let config = Config::infer()
+        .await
+        .context("--in-cluster: no in-cluster or default Kubernetes configuration")?;
+    Client::try_from(config).context("building the Kubernetes client")
+}
+
 pub fn pod_view(p: &Pod) -> PodView {
     let m = &p.metadata;
-    let phase = p.status.as_ref().and_then(|s| s.phase.as_deref());
+    let status = p.status.as_ref();
+    let phase = status.and_then(|s| s.phase.as_deref());
+    let mut ips: Vec<IpAddr> = status
+        .and_then(|s| s.pod_ips.as_ref())
+        .into_iter()
+        .flatten()
+        .filter_map(|i| i.ip.parse().ok())
+        .collect();
+    if ips.is_empty() {
+        ips.extend(
+            status
+                .and_then(|s| s.pod_ip.as_deref())
+                .and_then(|i| i.parse::<IpAddr>().ok()),
+        );
+    }
+    let spec = p.spec.as_ref();
     PodView {
         namespace: m.namespace.clone().unwrap_or_default(),
         name: m.name.clone().unwrap_or_default(),
         uid: m.uid.clone().unwrap_or_default(),
-        node: p
-            .spec
-            .as_ref()
-            .and_then(|s| s.node_name.clone())
-            .unwrap_or_default(),
+        node: spec.and_then(|s| s.node_name.clone()).unwrap_or_default(),
         labels: m.labels.clone().unwrap_or_default(),
         annotations: m.annotations.clone().unwrap_or_default(),
+        ips,
+        host_network: spec.and_then(|s| s.host_network).unwrap_or(false),
         terminating: m.deletion_timestamp.is_some()
             || matches!(phase, Some("Succeeded") | Some("Failed")),
     }
 }
 
-/// Watches the pods of `node` until the stream ends, publishing targets.
-/// Nothing is published before the first complete list, so a restart does
-/// not detach everything for a moment.
-pub async fn watch_pods(
-    client: Client,
-    node: String,
-    policies: Arc<Vec<TapPolicy>>,
-    out: watch::Sender<TargetSet>,
-) -> Result<()> {
-    let api: Api<Pod> = Api::all(client);
-    let cfg = watcher::Config::default().fields(&format!("spec.nodeName={node}"));
+/// Where the policies come from.
+pub enum PolicySource {
+    /// `TapPolicy` objects (with the namespaces and node they select by).
+    Cluster,
+    /// A `--policy-file`, fixed for the run.
+    File(Vec<Policy>),
+}
+
+pub struct ClusterSource {
+    pub client: Client,
+    pub node: String,
+    pub policies: PolicySource,
+    pub out: watch::Sender<Desired>,
+    pub board: Arc<StatusBoard>,
+}
+
+/// The watched kinds, named as the errors name them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Watched {
+    Pods,
+    TapPolicies,
+    Namespaces,
+    Node,
+}
+
+impl Watched {
+    fn what(self) -> &'static str {
+        match self {
+            Watched::Pods => "watching this node's pods",
+            Watched::TapPolicies => {
+                "watching TapPolicy objects (is the tappolicies.tapestry.io CRD installed?)"
+            }
+            Watched::Namespaces => "watching namespaces",
+            Watched::Node => "watching this node",
+        }
+    }
+}
+
+/// One watch's news: its first list is complete (`Ok(true)`), something
+/// changed (`Ok(false)`), or it failed (it retries with backoff).
+type News = (Watched, std::result::Result<bool, String>);
+
+fn watch<K>(
+    kind: Watched,
+    api: Api<K>,
+    cfg: watcher::Config,
+) -> (Store<K>, BoxStream<'static, News>)
+where
+    K: Resource + Clone + std::fmt::Debug + serde::de::DeserializeOwned + Send + Sync + 'static,
+    K::DynamicType: Default + Eq + std::hash::Hash + Clone,
+{
     let (store, writer) = reflector::store();
-    let stream = reflector::reflector(writer, watcher::watcher(api, cfg)).default_backoff();
-    let mut stream = std::pin::pin!(stream);
-    let mut ready = false;
-    while let Some(ev) = stream.next().await {
-        match ev {
-            Ok(Event::InitDone) => ready = true,
-            Ok(_) => {}
-            Err(e) => {
-                warn!("pod watch: {e}");
-                continue;
+    let stream = reflector::reflector(writer, watcher::watcher(api, cfg))
+        .default_backoff()
+        .map(move |ev| match ev {
+            Ok(Event::InitDone) => (kind, Ok(true)),
+            Ok(_) => (kind, Ok(false)),
+            Err(e) => (kind, Err(e.to_string())),
+        })
+        .boxed();
+    (store, stream)
+}
+
+/// The caches everything is computed from.
+struct Caches {
+    pods: Store<Pod>,
+    policies: Option<Store<TapPolicy>>,
+    namespaces: Option<Store<Namespace>>,
+    node: Option<Store<Node>>,
+}
+
+const RESYNC: Duration = Duration::from_secs(2);
+
+impl ClusterSource {
+    /// Runs until every watch ends. Nothing is published before each watch
+    /// has listed once, so a restart does not detach everything for a
+    /// moment.
+    pub async fn run(self) -> Result<()> {
+        let node_field = format!("spec.nodeName={}", self.node);
+        let (pods, pod_news) = watch(
+            Watched::Pods,
+            Api::<Pod>::all(self.client.clone()),
+            watcher::Config::default().fields(&node_field),
+        );
+        let mut streams = vec![pod_news];
+        let caches = match self.policies {
+            PolicySource::File(_) => Caches {
+                pods,
+                policies: None,
+                namespaces: None,
+                node: None,
+            },
+            PolicySource::Cluster => {
+                let (policies, a) = watch(
+                    Watched::TapPolicies,
+                    Api::<TapPolicy>::all(self.client.clone()),
+                    watcher::Config::default(),
+                );
+                let (namespaces, b) = watch(
+                    Watched::Namespaces,
+                    Api::<Namespace>::all(self.client.clone()),
+                    watcher::Config::default(),
+                );
+                let (node, c) = watch(
+                    Watched::Node,
+                    Api::<Node>::all(self.client.clone()),
+                    watcher::Config::default().fields(&format!("metadata.name={}", self.node)),
+                );
+                streams.extend([a, b, c]);
+                Caches {
+                    pods,
+                    policies: Some(policies),
+                    namespaces: Some(namespaces),
+                    node: Some(node),
+                }
+            }
+        };
+        let mut listing: BTreeSet<Watched> = BTreeSet::from([Watched::Pods]);
+        if caches.policies.is_some() {
+            listing.extend([Watched::TapPolicies, Watched::Namespaces, Watched::Node]);
+        }
+        let mut news = futures::stream::select_all(streams);
+        let mut resync = tokio::time::interval(RESYNC);
+        resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut failing: BTreeMap<Watched, String> = BTreeMap::new();
+        loop {
+            tokio::select! {
+                n = news.next() => {
+                    let Some(first) = n else { anyhow::bail!("every watch ended") };
+                    // Take a burst of news at once: one recompute for all.
+                    let mut batch = vec![first];
+                    while let Some(Some(more)) = news.next().now_or_never() {
+                        batch.push(more);
+                    }
+                    for (kind, result) in batch {
+                        match result {
+                            Ok(init_done) => {
+                                failing.remove(&kind);
+                                if init_done {
+                                    listing.remove(&kind);
+                                }
+                            }
+                            Err(e) => {
+                                failing.insert(kind, format!("{}: {e}", kind.what()));
+                            }
+                        }
+                    }
+                    let problems: Vec<String> = failing.values().cloned().collect();
+                    if self.board.set_problems("watch", problems.clone()) {
+                        for p in problems {
+                            warn!("{p} (retrying)");
+                        }
+                    }
+                }
+                _ = resync.tick() => {}
+            }
+            if listing.is_empty() {
+                self.recompute(&caches).await;
             }
         }
-        if !ready {
-            continue;
+    }
+
+    async fn recompute(&self, caches: &Caches) {
+        let (policies, mut problems) = match &self.policies {
+            PolicySource::File(p) => (p.clone(), vec![]),
+            PolicySource::Cluster => cluster_policies(caches.policies.as_ref()),
+        };
+        let namespaces: BTreeMap<String, Labels> = caches
+            .namespaces
+            .iter()
+            .flat_map(|s| s.state())
+            .filter_map(|n| {
+                Some((
+                    n.metadata.name.clone()?,
+                    n.metadata.labels.clone().unwrap_or_default(),
+                ))
+            })
+            .collect();
+        let node_labels: Labels = caches
+            .node
+            .iter()
+            .flat_map(|s| s.state())
+            .find(|n| n.metadata.name.as_deref() == Some(self.node.as_str()))
+            .and_then(|n| n.metadata.labels.clone())
+            .unwrap_or_default();
+        let pods: Vec<PodView> = caches.pods.state().iter().map(|p| pod_view(p)).collect();
+        let selected = selection::select(&policies, &pods, &namespaces, &self.node, &node_labels);
+
+        let facts = if selected.is_empty() {
+            NodeFacts::default()
+        } else {
+            match tokio::task::spawn_blocking(host_veth::gather).await {
+                Ok(Ok(f)) => f,
+                Ok(Err(e)) => {
+                    self.report_facts_error(format!("reading the node's veths: {e:#}"));
+                    return;
+                }
+                Err(e) => {
+                    self.report_facts_error(format!("reading the node's veths: {e}"));
+                    return;
+                }
+            }
+        };
+        self.board.set_problems("netlink", vec![]);
+
+        let mut targets = TargetSet::new();
+        for s in selected {
+            let pod = &s.pod;
+            let who = format!("{}/{}", pod.namespace, pod.name);
+            let hint = pod
+                .annotations
+                .get(HOST_VETH_ANNOTATION)
+                .map(String::as_str);
+            let interface = match host_veth::resolve(&pod.ips, hint, &facts) {
+                Resolution::Interface(i) => i,
+                Resolution::Waiting => continue,
+                Resolution::Refused(reason) => {
+                    problems.push(format!("pod {who} not tapped: {reason}"));
+                    continue;
+                }
+            };
+            if let Some(other) = targets.get(&interface).and_then(|t| t.pod.as_ref()) {
+                problems.push(format!(
+                    "pod {who} not tapped: its veth {interface} was also found for pod {}/{}",
+                    other.namespace, other.name
+                ));
+                continue;
+            }
+            targets.insert(
+                interface.clone(),
+                Target {
+                    interface,
+                    pod: Some(PodIdentity {
+                        namespace: pod.namespace.clone(),
+                        name: pod.name.clone(),
+                        uid: pod.uid.clone(),
+                        labels: pod.labels.clone().into_iter().collect(),
+                        node: pod.node.clone(),
+                    }),
+                    policies: s.policies,
+                },
+            );
         }
-        let pods: Vec<PodView> = store.state().iter().map(|p| pod_view(p)).collect();
-        let targets = targets_for(&pods, &policies, &node);
-        out.send_if_modified(|cur| {
-            if *cur != targets {
-                info!(interfaces = ?targets.keys().collect::<Vec<_>>(), "pods to tap changed");
-                *cur = targets;
+        if self.board.set_problems("selection", problems.clone()) {
+            for p in &problems {
+                warn!("{p}");
+            }
+        }
+
+        // Only policies tapping something here take a place in the kernel.
+        let in_use: BTreeSet<&String> = targets.values().flat_map(|t| &t.policies).collect();
+        let desired = Desired {
+            policies: policies
+                .iter()
+                .filter(|p| in_use.contains(&p.kernel.name))
+                .map(|p| p.kernel.clone())
+                .collect(),
+            targets,
+        };
+        self.out.send_if_modified(|cur| {
+            if *cur != desired {
+                info!(
+                    interfaces = ?desired.targets.keys().collect::<Vec<_>>(),
+                    policies = ?desired.policies.iter().map(|p| &p.name).collect::<Vec<_>>(),
+                    "desired taps changed"
+                );
+                *cur = desired;
                 true
             } else {
                 false
             }
         });
     }
-    anyhow::bail!("the pod watch ended")
+
+    /// Without facts nothing can be decided: the last desired state stays.
+    fn report_facts_error(&self, msg: String) {
+        if self.board.set_problems("netlink", vec![msg.clone()]) {
+            warn!("{msg}");
+        }
+    }
+}
+
+/// The active policies among the TapPolicy objects, sorted by name, and
+/// the problems of those that cannot be applied.
+fn cluster_policies(store: Option<&Store<TapPolicy>>) -> (Vec<Policy>, Vec<String>) {
+    let mut objects: Vec<Arc<TapPolicy>> = store.map(|s| s.state()).unwrap_or_default();
+    objects.sort_by(|a, b| a.metadata.name.cmp(&b.metadata.name));
+    let mut policies = Vec::new();
+    let mut problems = Vec::new();
+    for o in objects {
+        match Policy::from_resource(&o) {
+            Ok(Some(p)) => policies.push(p),
+            Ok(None) => {}
+            Err(e) => problems.push(format!(
+                "TapPolicy {}: {e}",
+                o.metadata.name.as_deref().unwrap_or("")
+            )),
+        }
+    }
+    (policies, problems)
 }

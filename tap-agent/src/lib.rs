@@ -5,16 +5,25 @@
 //! Pipeline: [`targets`] (what to tap) → [`bpf`] (attach, kernel pre-filter
 //! compiled by [`filter`]) → [`ring`] (AsyncFd reader, batches) → bounded
 //! queue → [`ship`] (gRPC stream). [`metrics`] serves the counters.
+//!
+//! In cluster mode [`kube_source`] is the target source: it selects pods
+//! ([`selection`]) and finds their host-side veths ([`host_veth`]); the
+//! aggregator may be found through a Service ([`aggregator_service`]); and
+//! a Lease carries the tap's [`status`] ([`heartbeat`]).
 
 pub mod abi;
 pub mod agent;
+pub mod aggregator_service;
 pub mod bpf;
 pub mod filter;
+pub mod heartbeat;
+pub mod host_veth;
 pub mod kube_source;
 pub mod metrics;
-pub mod pods;
 pub mod ring;
+pub mod selection;
 pub mod ship;
+pub mod status;
 pub mod targets;
 
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};

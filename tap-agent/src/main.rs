@@ -1,16 +1,20 @@
 //! `tap-agent`: see `tap-agent --help` and tap-agent/README.md.
 
-use std::{net::SocketAddr, process::ExitCode, time::Duration};
+use std::{net::SocketAddr, process::ExitCode, sync::Arc, time::Duration};
 
-use clap::{Args, Parser, Subcommand};
+use clap::{ArgGroup, Args, Parser, Subcommand};
 use tapestry_proto::policy::{FilterRule, TapPolicy, MAX_SNAPLEN};
 use tapestry_tap_agent::{
     agent::{self, RunConfig, TargetSource},
+    aggregator_service::{self, ServiceRef},
     bpf::{self, AttachMode},
     filter::PolicySpec,
-    kube_source,
+    heartbeat::Heartbeat,
+    kube_source::{self, ClusterSource, PolicySource},
     ring::BatchLimits,
-    targets::TargetSet,
+    selection::Policy,
+    status::StatusBoard,
+    targets::Desired,
 };
 
 #[derive(Parser)]
@@ -33,26 +37,48 @@ enum Cmd {
 }
 
 #[derive(Args)]
+#[command(group(ArgGroup::new("cluster").args(["kubeconfig", "in_cluster"])))]
 struct RunArgs {
     /// Interface to tap, ingress and egress (repeatable).
     #[arg(
         long = "iface",
         value_name = "IFACE",
-        required_unless_present = "kubeconfig",
-        conflicts_with = "kubeconfig"
+        required_unless_present_any = ["kubeconfig", "in_cluster"],
+        conflicts_with = "cluster"
     )]
     ifaces: Vec<String>,
-    /// Cluster mode: watch the pods of --node through this kubeconfig and tap
-    /// the host-side veths (annotation tapestry.io/host-veth) of the pods the
-    /// --policy-file policies select, following pods as they come and go.
-    #[arg(long, value_name = "FILE", requires = "policy_file")]
+    /// Cluster mode through this kubeconfig: tap the host-side veths of the
+    /// pods of --node that the TapPolicy objects (or --policy-file) select,
+    /// following pods, policies, namespaces and node labels as they change.
+    #[arg(long, value_name = "FILE")]
     kubeconfig: Option<std::path::PathBuf>,
+    /// Cluster mode with the configuration the environment gives (the pod's
+    /// service account in a cluster, else KUBECONFIG or ~/.kube/config).
+    #[arg(long)]
+    in_cluster: bool,
     /// Aggregator gRPC endpoint.
-    #[arg(long, value_name = "http://HOST:PORT")]
-    aggregator: String,
-    /// Policies from a JSON file (an array of TapPolicy: name, rules, snaplen;
-    /// selectors apply to pods in cluster mode and are ignored for --iface).
-    /// Instead of --rule/--snaplen.
+    #[arg(
+        long,
+        value_name = "http://HOST:PORT",
+        required_unless_present = "aggregator_service",
+        conflicts_with = "aggregator_service"
+    )]
+    aggregator: Option<String>,
+    /// The aggregator's Service (cluster modes): connect to one of its ready
+    /// endpoints from its EndpointSlices, following them as they change.
+    /// PORT is the port's name or number as the EndpointSlices list it.
+    #[arg(long, value_name = "NAMESPACE/NAME:PORT", value_parser = parse_service, requires = "cluster")]
+    aggregator_service: Option<ServiceRef>,
+    /// Namespace of the heartbeat Lease `tap-<node>` (cluster modes).
+    #[arg(long, value_name = "NAMESPACE", default_value = tapestry_proto::heartbeat::NAMESPACE)]
+    lease_namespace: String,
+    /// Seconds between heartbeats; the Lease lasts three periods.
+    #[arg(long, value_name = "SECONDS", default_value_t = 2, value_parser = clap::value_parser!(u64).range(1..=5))]
+    heartbeat_period: u64,
+    /// Policies from a JSON file (an array of TapPolicy: name, namespace,
+    /// selector, rules, snaplen) instead of --rule/--snaplen with --iface
+    /// (selectors are ignored), or instead of the TapPolicy objects in
+    /// cluster mode.
     #[arg(long, alias = "policies", value_name = "FILE", conflicts_with_all = ["rules", "snaplen"])]
     policy_file: Option<std::path::PathBuf>,
     /// Bytes kept of each packet (default: whole packets, up to 64 KiB GSO super-packets).
@@ -93,6 +119,10 @@ fn parse_snaplen(s: &str) -> Result<u32, String> {
         Ok(n) if (1..=MAX_SNAPLEN).contains(&n) => Ok(n),
         _ => Err(format!("must be a number between 1 and {MAX_SNAPLEN}")),
     }
+}
+
+fn parse_service(s: &str) -> Result<ServiceRef, String> {
+    s.parse()
 }
 
 fn parse_rule(s: &str) -> Result<FilterRule, String> {
@@ -153,67 +183,22 @@ fn main() -> ExitCode {
         }),
         Cmd::Run(a) => {
             let a = *a;
-            let (policies, tap_policies) = match &a.policy_file {
-                None => (
-                    vec![PolicySpec {
-                        name: "cli".into(),
-                        rules: a.rules.clone(),
-                        snaplen: a.snaplen,
-                    }],
-                    vec![],
-                ),
+            let file_policies = match &a.policy_file {
+                None => None,
                 Some(path) => match read_policies(path) {
-                    Ok(p) => (tapestry_tap_agent::pods::policy_specs(&p), p),
+                    Ok(p) => Some(p),
                     Err(e) => {
                         eprintln!("tap-agent: error: {e:#}");
                         return ExitCode::from(2);
                     }
                 },
             };
-            let node = a.node.clone().unwrap_or_else(hostname);
-            let kubeconfig = a.kubeconfig.clone();
-            let cfg = RunConfig {
-                targets: TargetSource::Static(a.ifaces),
-                aggregator: a.aggregator,
-                policies,
-                metrics_addr: a.metrics_addr,
-                ring_bytes: a.ring_size,
-                wakeup_bytes: a.wakeup_bytes,
-                queue_batches: a.queue_batches as usize,
-                batch: BatchLimits {
-                    max_packets: a.batch_packets as usize,
-                    max_bytes: 1 << 20,
-                    max_age: Duration::from_millis(20),
-                },
-                mode: a.attach_mode,
-                tap_id: a.tap_id.unwrap_or_else(hostname),
-                node: node.clone(),
-            };
             tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
                 .enable_all()
                 .build()
                 .map_err(anyhow::Error::from)
-                .and_then(|rt| {
-                    rt.block_on(async move {
-                        let mut cfg = cfg;
-                        if let Some(kc) = kubeconfig {
-                            let _ = rustls::crypto::ring::default_provider().install_default();
-                            let client = kube_source::client(&kc).await?;
-                            let (tx, rx) = tokio::sync::watch::channel(TargetSet::new());
-                            let policies = std::sync::Arc::new(tap_policies);
-                            tokio::spawn(async move {
-                                if let Err(e) =
-                                    kube_source::watch_pods(client, node, policies, tx).await
-                                {
-                                    tracing::error!("{e:#}");
-                                }
-                            });
-                            cfg.targets = TargetSource::Dynamic(rx);
-                        }
-                        agent::run(cfg).await
-                    })
-                })
+                .and_then(|rt| rt.block_on(run(a, file_policies)))
         }
     };
     match result {
@@ -223,4 +208,103 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// Wires the sources of one run (static or cluster) and runs the agent.
+async fn run(a: RunArgs, file_policies: Option<Vec<TapPolicy>>) -> anyhow::Result<()> {
+    let node = a.node.clone().unwrap_or_else(hostname);
+    let tap_id = a.tap_id.clone().unwrap_or_else(hostname);
+    let board = Arc::new(StatusBoard::default());
+    let client = if a.in_cluster || a.kubeconfig.is_some() {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        Some(match &a.kubeconfig {
+            Some(kc) => kube_source::client(kc).await?,
+            None => kube_source::inferred_client().await?,
+        })
+    } else {
+        None
+    };
+    let aggregators = match (&a.aggregator, &a.aggregator_service, &client) {
+        (Some(url), _, _) => {
+            agent::endpoint(url)?;
+            tokio::sync::watch::channel(vec![url.clone()]).1
+        }
+        (None, Some(service), Some(client)) => {
+            let (tx, rx) = tokio::sync::watch::channel(Vec::new());
+            let (client, service, board) = (client.clone(), service.clone(), board.clone());
+            tokio::spawn(async move {
+                if let Err(e) =
+                    aggregator_service::watch_endpoints(client, service, tx, board).await
+                {
+                    tracing::error!("{e:#}");
+                }
+            });
+            rx
+        }
+        _ => anyhow::bail!("--aggregator-service needs --kubeconfig or --in-cluster"),
+    };
+    let (targets, heartbeat) = match client {
+        None => {
+            let policies = match &file_policies {
+                Some(p) => p.iter().map(|p| Policy::from_file(p).kernel).collect(),
+                None => vec![PolicySpec {
+                    name: "cli".into(),
+                    rules: a.rules.clone(),
+                    snaplen: a.snaplen,
+                }],
+            };
+            (
+                TargetSource::Static {
+                    interfaces: a.ifaces.clone(),
+                    policies,
+                },
+                None,
+            )
+        }
+        Some(client) => {
+            let (tx, rx) = tokio::sync::watch::channel(Desired::default());
+            let source = ClusterSource {
+                client: client.clone(),
+                node: node.clone(),
+                policies: match &file_policies {
+                    Some(p) => PolicySource::File(p.iter().map(Policy::from_file).collect()),
+                    None => PolicySource::Cluster,
+                },
+                out: tx,
+                board: board.clone(),
+            };
+            tokio::spawn(async move {
+                if let Err(e) = source.run().await {
+                    tracing::error!("{e:#}");
+                }
+            });
+            let heartbeat = Heartbeat {
+                client,
+                namespace: a.lease_namespace.clone(),
+                node: node.clone(),
+                tap_id: tap_id.clone(),
+                period: Duration::from_secs(a.heartbeat_period),
+            };
+            (TargetSource::Dynamic(rx), Some(heartbeat))
+        }
+    };
+    agent::run(RunConfig {
+        targets,
+        aggregators,
+        heartbeat,
+        board,
+        metrics_addr: a.metrics_addr,
+        ring_bytes: a.ring_size,
+        wakeup_bytes: a.wakeup_bytes,
+        queue_batches: a.queue_batches as usize,
+        batch: BatchLimits {
+            max_packets: a.batch_packets as usize,
+            max_bytes: 1 << 20,
+            max_age: Duration::from_millis(20),
+        },
+        mode: a.attach_mode,
+        tap_id,
+        node,
+    })
+    .await
 }

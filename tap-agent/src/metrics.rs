@@ -11,6 +11,7 @@ use std::{
 
 use axum::{extract::State, http::StatusCode, routing::get, Router};
 use aya::maps::{MapData, PerCpuArray};
+use tapestry_proto::tap::v1::Packet;
 
 use crate::{abi, bpf};
 
@@ -30,6 +31,81 @@ pub struct Metrics {
     pub connected: AtomicBool,
     pub attached_interfaces: AtomicU64,
     pub reader_alive: AtomicBool,
+    pub policy: PolicyCounters,
+}
+
+/// Packets per policy bit as they pass through the agent: handed over by
+/// the kernel (`seen`), sent to the aggregator, dropped on the way. Indexed
+/// by bit, not name: a bit's next owner starts from the value it finds
+/// (see `status::Tapped`).
+pub struct PolicyCounters {
+    seen: [AtomicU64; abi::MAX_POLICIES],
+    sent: [AtomicU64; abi::MAX_POLICIES],
+    dropped: [AtomicU64; abi::MAX_POLICIES],
+}
+
+/// One bit's counters at one moment.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PolicyCount {
+    pub seen: u64,
+    pub sent: u64,
+    pub dropped: u64,
+}
+
+impl Default for PolicyCounters {
+    fn default() -> Self {
+        PolicyCounters {
+            seen: std::array::from_fn(|_| AtomicU64::new(0)),
+            sent: std::array::from_fn(|_| AtomicU64::new(0)),
+            dropped: std::array::from_fn(|_| AtomicU64::new(0)),
+        }
+    }
+}
+
+impl PolicyCounters {
+    pub fn add_seen(&self, t: &BitTally) {
+        t.add_to(&self.seen);
+    }
+    pub fn add_sent(&self, t: &BitTally) {
+        t.add_to(&self.sent);
+    }
+    pub fn add_dropped(&self, t: &BitTally) {
+        t.add_to(&self.dropped);
+    }
+    pub fn get(&self, bit: u8) -> PolicyCount {
+        let i = bit as usize % abi::MAX_POLICIES;
+        PolicyCount {
+            seen: self.seen[i].load(Relaxed),
+            sent: self.sent[i].load(Relaxed),
+            dropped: self.dropped[i].load(Relaxed),
+        }
+    }
+}
+
+/// Packets per policy bit in one batch, counted locally so the shared
+/// counters take one atomic add per bit present, not per packet.
+pub struct BitTally([u64; abi::MAX_POLICIES]);
+
+impl BitTally {
+    pub fn of(packets: &[Packet]) -> BitTally {
+        let mut counts = [0u64; abi::MAX_POLICIES];
+        for p in packets {
+            let mut m = p.policy_mask;
+            while m != 0 {
+                counts[m.trailing_zeros() as usize] += 1;
+                m &= m - 1;
+            }
+        }
+        BitTally(counts)
+    }
+
+    fn add_to(&self, counters: &[AtomicU64; abi::MAX_POLICIES]) {
+        for (c, &n) in counters.iter().zip(&self.0) {
+            if n > 0 {
+                c.fetch_add(n, Relaxed);
+            }
+        }
+    }
 }
 
 pub struct MetricsState {
@@ -39,7 +115,15 @@ pub struct MetricsState {
 
 impl MetricsState {
     pub fn kernel_counters(&self) -> Vec<u64> {
-        bpf::read_counters(&self.counters.lock().unwrap())
+        bpf::read_counters(&self.counters.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    /// Packets the kernel lost because the ring buffer was full.
+    pub fn ring_full(&self) -> u64 {
+        self.kernel_counters()
+            .get(abi::COUNTER_RINGBUF_FULL)
+            .copied()
+            .unwrap_or(0)
     }
 
     pub fn render(&self) -> String {

@@ -15,7 +15,11 @@ use tokio::{
 };
 use tracing::{debug, warn};
 
-use crate::{abi, metrics::Metrics, DropCounter};
+use crate::{
+    abi,
+    metrics::{BitTally, Metrics},
+    DropCounter,
+};
 
 /// A batch on its way to the aggregator.
 #[derive(Debug, Default)]
@@ -102,11 +106,14 @@ impl Reader {
             }
             let b = std::mem::take(batch);
             let n = b.packets.len() as u64;
+            let tally = BitTally::of(&b.packets);
+            metrics.policy.add_seen(&tally);
             match queue.try_send(b) {
                 Ok(()) => {
                     metrics.queue_batches.fetch_add(1, Relaxed);
                 }
                 Err(_) => {
+                    metrics.policy.add_dropped(&tally);
                     metrics.queue_dropped_packets.fetch_add(n, Relaxed);
                     drops.add(n);
                 }

@@ -2,6 +2,10 @@
 //! one long-lived client stream, a Hello at its start and whenever the
 //! sources change, reconnects with exponential backoff. While disconnected
 //! the bounded queue fills and the reader counts what it drops.
+//!
+//! The aggregator is one of a list of URLs (one fixed `--aggregator`, or
+//! the ready endpoints of `--aggregator-service`): attempts go round the
+//! list, and a stream whose endpoint leaves the list moves to another.
 
 use std::{
     sync::{atomic::Ordering::Relaxed, Arc},
@@ -11,13 +15,19 @@ use std::{
 use tapestry_proto::tap::v1::{tap_ingest_client::TapIngestClient, Hello, PacketBatch};
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::transport::Endpoint;
 use tracing::{info, warn};
 
-use crate::{metrics::Metrics, ring::Batch, DropCounter};
+use crate::{
+    metrics::{BitTally, Metrics},
+    ring::Batch,
+    status::StatusBoard,
+    DropCounter,
+};
 
 pub struct Shipper {
-    pub endpoint: Endpoint,
+    /// Aggregator URLs to choose from.
+    pub aggregators: watch::Receiver<Vec<String>>,
+    pub board: Arc<StatusBoard>,
     pub queue: mpsc::Receiver<Batch>,
     pub hello: watch::Receiver<Hello>,
     pub metrics: Arc<Metrics>,
@@ -34,7 +44,11 @@ enum StreamEnd {
     Done,
     /// The stream or connection failed.
     Failed,
+    /// The aggregator's endpoint is no longer in the list.
+    Moved,
 }
+
+const BOARD_PART: &str = "aggregator";
 
 impl Shipper {
     /// Runs until the queue is closed and drained (or `drain_timeout` after
@@ -42,41 +56,59 @@ impl Shipper {
     pub async fn run(mut self, mut stop: watch::Receiver<bool>) {
         let mut backoff = BACKOFF_MIN;
         let mut stopping = false;
+        // A fixed list's sender is gone from the start; its value holds.
+        let mut list_open = self.aggregators.has_changed().is_ok();
+        let mut turn = 0usize;
         loop {
-            self.metrics.connect_attempts.fetch_add(1, Relaxed);
-            let conn = tokio::select! {
-                c = self.endpoint.connect() => c,
-                _ = stop.changed(), if !stopping => { stopping = true; continue; }
+            let Some(url) = self
+                .next_aggregator(&mut turn, &mut list_open, &mut stop, &mut stopping)
+                .await
+            else {
+                return self.drop_queued();
             };
-            match conn {
-                Ok(channel) => {
-                    backoff = BACKOFF_MIN;
-                    info!(aggregator = %self.endpoint.uri(), "connected");
-                    self.metrics.connected.store(true, Relaxed);
-                    let end = self.stream(TapIngestClient::new(channel)).await;
-                    self.metrics.connected.store(false, Relaxed);
-                    if let StreamEnd::Done = end {
-                        return;
-                    }
-                    self.metrics.stream_errors.fetch_add(1, Relaxed);
-                }
+            let endpoint = match crate::agent::endpoint(&url) {
+                Ok(e) => Some(e),
                 Err(e) => {
-                    self.metrics.connect_failures.fetch_add(1, Relaxed);
-                    if self.metrics.connect_failures.load(Relaxed) % 20 == 1 {
-                        warn!(aggregator = %self.endpoint.uri(), "cannot connect: {e}");
+                    self.problem(format!("{e:#}"));
+                    None
+                }
+            };
+            if let Some(endpoint) = endpoint {
+                self.metrics.connect_attempts.fetch_add(1, Relaxed);
+                let conn = tokio::select! {
+                    c = endpoint.connect() => c,
+                    _ = stop.changed(), if !stopping => { stopping = true; continue; }
+                };
+                match conn {
+                    Ok(channel) => {
+                        backoff = BACKOFF_MIN;
+                        info!(aggregator = url, "connected");
+                        self.board.set_problems(BOARD_PART, vec![]);
+                        self.metrics.connected.store(true, Relaxed);
+                        let end = self
+                            .stream(TapIngestClient::new(channel), &url, &mut list_open)
+                            .await;
+                        self.metrics.connected.store(false, Relaxed);
+                        match end {
+                            StreamEnd::Done => return,
+                            StreamEnd::Moved => continue,
+                            StreamEnd::Failed => {
+                                self.metrics.stream_errors.fetch_add(1, Relaxed);
+                            }
+                        }
+                    }
+                    Err(e) => {
+                        self.metrics.connect_failures.fetch_add(1, Relaxed);
+                        let msg = format!("cannot connect to the aggregator at {url}: {e}");
+                        if self.metrics.connect_failures.load(Relaxed) % 20 == 1 {
+                            warn!("{msg}");
+                        }
+                        self.problem(msg);
                     }
                 }
             }
             if stopping || *stop.borrow() {
-                // Nobody to flush to: count what is left as dropped.
-                self.queue.close();
-                while let Ok(b) = self.queue.try_recv() {
-                    self.metrics.queue_batches.fetch_sub(1, Relaxed);
-                    self.metrics
-                        .queue_dropped_packets
-                        .fetch_add(b.packets.len() as u64, Relaxed);
-                }
-                return;
+                return self.drop_queued();
             }
             tokio::select! {
                 _ = tokio::time::sleep(backoff) => {}
@@ -86,9 +118,58 @@ impl Shipper {
         }
     }
 
+    fn problem(&self, msg: String) {
+        self.board.set_problems(BOARD_PART, vec![msg]);
+    }
+
+    /// The next URL to try, waiting while the list is empty; `None` once
+    /// stopping with nowhere to send.
+    async fn next_aggregator(
+        &mut self,
+        turn: &mut usize,
+        list_open: &mut bool,
+        stop: &mut watch::Receiver<bool>,
+        stopping: &mut bool,
+    ) -> Option<String> {
+        loop {
+            let list = self.aggregators.borrow_and_update().clone();
+            if !list.is_empty() {
+                *turn = turn.wrapping_add(1);
+                return Some(list[*turn % list.len()].clone());
+            }
+            if *stopping || *stop.borrow() {
+                return None;
+            }
+            if self.board.set_problems(
+                BOARD_PART,
+                vec!["no ready aggregator endpoint to send to".into()],
+            ) {
+                warn!("no ready aggregator endpoint: waiting (packets are dropped and counted)");
+            }
+            tokio::select! {
+                r = self.aggregators.changed(), if *list_open => *list_open = r.is_ok(),
+                _ = stop.changed() => *stopping = true,
+            }
+        }
+    }
+
+    /// Nobody to flush to: what is left counts as dropped.
+    fn drop_queued(&mut self) {
+        self.queue.close();
+        while let Ok(b) = self.queue.try_recv() {
+            self.metrics.queue_batches.fetch_sub(1, Relaxed);
+            self.metrics.policy.add_dropped(&BitTally::of(&b.packets));
+            self.metrics
+                .queue_dropped_packets
+                .fetch_add(b.packets.len() as u64, Relaxed);
+        }
+    }
+
     async fn stream(
         &mut self,
         mut client: TapIngestClient<tonic::transport::Channel>,
+        url: &str,
+        list_open: &mut bool,
     ) -> StreamEnd {
         let (tx, rx) = mpsc::channel::<PacketBatch>(4);
         let mut call = tokio::spawn(async move { client.stream(ReceiverStream::new(rx)).await });
@@ -126,6 +207,14 @@ impl Shipper {
                     }
                     continue;
                 }
+                r = self.aggregators.changed(), if *list_open => {
+                    *list_open = r.is_ok();
+                    if r.is_ok() && !self.aggregators.borrow_and_update().iter().any(|u| u == url) {
+                        info!(aggregator = url, "the aggregator endpoint is gone: moving to another");
+                        return StreamEnd::Moved;
+                    }
+                    continue;
+                }
                 res = &mut call => {
                     match res {
                         Ok(Ok(summary)) => warn!(?summary, "aggregator ended the stream"),
@@ -150,6 +239,7 @@ impl Shipper {
             self.metrics.queue_batches.fetch_sub(1, Relaxed);
             sequence += 1;
             let n = batch.packets.len() as u64;
+            let tally = BitTally::of(&batch.packets);
             let hello = if self.hello.has_changed().unwrap_or(false) {
                 Some(self.hello.borrow_and_update().clone())
             } else {
@@ -161,16 +251,16 @@ impl Shipper {
                 packets: batch.packets,
                 dropped_since_last: self.drops.take(),
             };
-            tokio::select! {
-                r = tx.send(msg) => if r.is_err() {
-                    self.metrics.queue_dropped_packets.fetch_add(n, Relaxed);
-                    return StreamEnd::Failed;
-                },
-                _ = &mut call => {
-                    self.metrics.queue_dropped_packets.fetch_add(n, Relaxed);
-                    return StreamEnd::Failed;
-                }
+            let sent = tokio::select! {
+                r = tx.send(msg) => r.is_ok(),
+                _ = &mut call => false,
+            };
+            if !sent {
+                self.metrics.policy.add_dropped(&tally);
+                self.metrics.queue_dropped_packets.fetch_add(n, Relaxed);
+                return StreamEnd::Failed;
             }
+            self.metrics.policy.add_sent(&tally);
             self.metrics.sent_batches.fetch_add(1, Relaxed);
             self.metrics.sent_packets.fetch_add(n, Relaxed);
             self.metrics

@@ -26,7 +26,7 @@ use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use tapestry_aggregator::config::Config;
 use tapestry_aggregator::metrics::Registry;
-use tapestry_aggregator::serve::{start, ServeOptions};
+use tapestry_aggregator::serve::{start, ServeOptions, Source};
 use tapestry_aggregator::synth;
 use tapestry_aggregator::synthtap::{self, TapSpec};
 
@@ -72,6 +72,12 @@ enum What {
         /// Packets per second (default: as fast as possible).
         #[arg(long)]
         rate: Option<f64>,
+        /// Tag every packet with this tap policy (repeatable; at most 64),
+        /// as a tap does for the TapPolicies a cluster-mode aggregator
+        /// runs. Without it the packets reach only policies that take all
+        /// traffic.
+        #[arg(long = "policy", value_name = "NAME")]
+        policies: Vec<String>,
     },
 }
 
@@ -92,16 +98,21 @@ fn main() -> anyhow::Result<()> {
             grpc,
             packets,
             rate,
+            policies,
         } => {
+            anyhow::ensure!(policies.len() <= 64, "--policy: at most 64");
+            let mask = u64::MAX
+                .checked_shr(64 - policies.len() as u32)
+                .unwrap_or(0);
             let mut m = synth::Mix::new(7);
-            let frames = (0..packets).map(|_| (m.next_frame(), 0u64)).collect();
+            let frames = (0..packets).map(|_| (m.next_frame(), mask)).collect();
             let spec = TapSpec {
                 tap_id: "synthetic".into(),
                 pods: vec![
                     ("default".into(), "client".into()),
                     ("default".into(), "server".into()),
                 ],
-                policy_names: vec![],
+                policy_names: policies,
                 batch: 256,
                 rate,
                 stamp_now: true,
@@ -464,7 +475,7 @@ fn ingest(dir: &Path, taps: usize) -> anyhow::Result<()> {
         let running = start(ServeOptions {
             grpc: "127.0.0.1:0".into(),
             http: "127.0.0.1:0".into(),
-            config: ingest_config(dir)?,
+            source: Source::Config(ingest_config(dir)?),
         })
         .await?;
         let r: Arc<Registry> = running.registry.clone();

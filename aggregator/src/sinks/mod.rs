@@ -6,6 +6,11 @@
 //! tool never slows ingest or the other sinks. Sinks with several clients
 //! (PCAP-over-IP, HTTP, gRPC) give every client its own bounded queue
 //! through a [`Hub`], so one stalled client only loses its own packets.
+//!
+//! A built sink is a [`RunningSink`]: the handle policies send to, plus a
+//! stop token. Stopping one sink cancels only its own tasks and waits for
+//! the ones that hold a bound socket, so a replacement can bind the same
+//! address at once; other sinks and their clients never notice.
 
 pub mod grpc;
 pub mod http;
@@ -20,6 +25,8 @@ use std::sync::{Arc, Mutex};
 use dashmap::DashMap;
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
 
 use crate::event::Batch;
 use crate::metrics::{Registry, SinkStats};
@@ -99,33 +106,78 @@ impl SinkConfig {
         }
     }
 
-    /// Starts the sink and returns the handle policies send to.
-    pub async fn build(&self, cx: &SinkContext) -> anyhow::Result<SinkHandle> {
+    /// Starts the sink: its tasks, its queue, its metrics.
+    pub async fn build(&self, cx: &SinkContext) -> anyhow::Result<RunningSink> {
         let c = self.common();
         let stats = Arc::new(SinkStats::default());
-        cx.registry
-            .sinks
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push((
-                c.name.to_string(),
-                self.type_name().to_string(),
-                stats.clone(),
-            ));
         let (tx, rx) = mpsc::channel(c.queue);
-        match self {
-            SinkConfig::PcapOverIp(cfg) => cfg.build(cx, rx, stats.clone()).await?,
-            SinkConfig::Http(cfg) => cfg.build(cx, rx, stats.clone())?,
-            SinkConfig::PcapngFile(cfg) => cfg.build(rx, tx.clone(), stats.clone())?,
-            SinkConfig::Grpc(cfg) => cfg.build(cx, rx, stats.clone())?,
-            SinkConfig::Vxlan(cfg) => cfg.build(rx, stats.clone()).await?,
-        }
-        Ok(SinkHandle {
-            name: c.name.into(),
-            tx,
-            stats,
+        let stop = CancellationToken::new();
+        let started = match self {
+            SinkConfig::PcapOverIp(cfg) => cfg.build(rx, stats.clone(), stop.clone()).await?,
+            SinkConfig::Http(cfg) => cfg.build(cx, rx, stats.clone(), stop.clone()),
+            SinkConfig::PcapngFile(cfg) => {
+                cfg.build(rx, tx.clone(), stats.clone(), stop.clone())?
+            }
+            SinkConfig::Grpc(cfg) => cfg.build(cx, rx, stats.clone(), stop.clone()),
+            SinkConfig::Vxlan(cfg) => cfg.build(rx, stats.clone(), stop.clone()).await?,
+        };
+        cx.registry
+            .register_sink(c.name, self.type_name(), stats.clone());
+        Ok(RunningSink {
+            handle: SinkHandle {
+                name: c.name.into(),
+                tx,
+                stats,
+            },
+            address: started.address,
+            stop,
+            holders: started.holders,
         })
     }
+}
+
+/// What a sink's build leaves running besides its queue.
+#[derive(Default)]
+pub struct Started {
+    /// The address it listens on, if it listens.
+    pub address: Option<SocketAddr>,
+    /// Tasks holding a bound socket; stopping waits for them.
+    pub holders: Vec<JoinHandle<()>>,
+}
+
+/// A sink that runs until [`RunningSink::stop`].
+pub struct RunningSink {
+    pub handle: SinkHandle,
+    /// Where it listens (PCAP-over-IP).
+    pub address: Option<SocketAddr>,
+    stop: CancellationToken,
+    holders: Vec<JoinHandle<()>>,
+}
+
+impl RunningSink {
+    /// Ends the sink: its clients are disconnected and its listener is
+    /// closed when this returns. Packets still queued for it are dropped;
+    /// a file sink closes its file once the last policy lets go of it.
+    pub async fn stop(self, cx: &SinkContext) {
+        let name = &*self.handle.name;
+        self.stop.cancel();
+        // Only remove the lookups that still point at this sink.
+        let stats = &self.handle.stats;
+        cx.http_hubs
+            .remove_if(name, |_, s| Arc::ptr_eq(&s.hub.stats, stats));
+        cx.grpc_hubs
+            .remove_if(name, |_, h| Arc::ptr_eq(&h.stats, stats));
+        for h in self.holders {
+            let _ = h.await;
+        }
+        cx.registry.unregister_sink(name);
+    }
+}
+
+/// The captured bytes a tool with `snaplen` receives of `data`.
+#[inline]
+pub fn snap(data: &[u8], snaplen: u32) -> &[u8] {
+    &data[..data.len().min(snaplen as usize)]
 }
 
 pub fn check_addr(field: &str, v: &str) -> Result<(), String> {
@@ -135,15 +187,13 @@ pub fn check_addr(field: &str, v: &str) -> Result<(), String> {
 }
 
 /// Shared state sinks register into while they are built.
-#[derive(Default)]
+#[derive(Default, Clone)]
 pub struct SinkContext {
     pub registry: Arc<Registry>,
     /// HTTP stream sinks by name, served under `/v1/tools/NAME/pcap`.
     pub http_hubs: Arc<DashMap<String, http::config::HttpStream>>,
     /// gRPC subscribe sinks by name.
     pub grpc_hubs: Arc<DashMap<String, Arc<Hub<Arc<tapestry_proto::tool::v1::ToolBatch>>>>>,
-    /// Addresses sinks listen on, for the startup announcement.
-    pub listening: Mutex<Vec<(String, SocketAddr)>>,
 }
 
 /// What policies hold to feed a sink.
@@ -156,14 +206,15 @@ pub struct SinkHandle {
 
 impl SinkHandle {
     /// Hands a batch over without waiting; a full (or closed) queue drops
-    /// it and counts its packets.
+    /// it and counts its packets. Returns whether the queue took it.
     #[inline]
-    pub fn offer(&self, b: Batch) {
-        if let Err(e) = self.tx.try_send(b) {
-            let b = match e {
-                mpsc::error::TrySendError::Full(b) | mpsc::error::TrySendError::Closed(b) => b,
-            };
-            self.stats.dropped.add(b.len() as u64);
+    pub fn offer(&self, b: Batch) -> bool {
+        match self.tx.try_send(b) {
+            Ok(()) => true,
+            Err(mpsc::error::TrySendError::Full(b) | mpsc::error::TrySendError::Closed(b)) => {
+                self.stats.dropped.add(b.len() as u64);
+                false
+            }
         }
     }
 }
@@ -171,7 +222,7 @@ impl SinkHandle {
 /// Fan-out to any number of clients, each with its own bounded queue.
 pub struct Hub<T> {
     clients: Mutex<Vec<HubClient<T>>>,
-    stats: Arc<SinkStats>,
+    pub stats: Arc<SinkStats>,
     client_queue: usize,
 }
 
@@ -231,5 +282,17 @@ impl<T: Clone> Hub<T> {
 
     pub fn clients(&self) -> usize {
         self.clients.lock().unwrap_or_else(|e| e.into_inner()).len()
+    }
+}
+
+/// The next batch for a sink, or None once it is stopped or every sender
+/// has let go of its queue.
+pub(crate) async fn next_batch(
+    rx: &mut mpsc::Receiver<Batch>,
+    stop: &CancellationToken,
+) -> Option<Batch> {
+    tokio::select! {
+        _ = stop.cancelled() => None,
+        b = rx.recv() => b,
     }
 }

@@ -10,17 +10,21 @@ use tonic::{Request, Response, Status, Streaming};
 
 use crate::event::{Batch, Direction, Iface, Packet};
 use crate::metrics::Registry;
-use crate::topology::PolicyInput;
+use crate::topology::{IngestTable, PolicyTable};
 
 pub struct IngestService {
-    pub policies: Arc<Vec<PolicyInput>>,
+    pub policies: Arc<IngestTable>,
     pub registry: Arc<Registry>,
 }
 
-/// What a stream's latest Hello told us.
+/// What a stream's latest Hello told us, resolved against one policy
+/// table; resolved again whenever the table is replaced.
 struct StreamState {
     tap_id: String,
     sources: HashMap<u32, Arc<Iface>>,
+    /// The Hello's policy names.
+    tap_policies: Vec<String>,
+    table: Arc<PolicyTable>,
     /// Tap policy bit i → aggregator policy bits.
     bit_map: Vec<u64>,
     /// Aggregator policies that take all traffic.
@@ -29,7 +33,7 @@ struct StreamState {
 }
 
 impl StreamState {
-    fn from_hello(h: &Hello, policies: &[PolicyInput]) -> Self {
+    fn from_hello(h: &Hello, table: Arc<PolicyTable>) -> Self {
         let tap_id = if h.tap_id.is_empty() {
             h.node.clone()
         } else {
@@ -54,10 +58,24 @@ impl StreamState {
                 )
             })
             .collect();
-        let bit_map = h
-            .policy_names
+        let mut st = StreamState {
+            tap_id,
+            sources,
+            tap_policies: h.policy_names.iter().take(64).cloned().collect(),
+            table: Arc::default(),
+            bit_map: Vec::new(),
+            catch_all: 0,
+            empty: "".into(),
+        };
+        st.resolve(table);
+        st
+    }
+
+    fn resolve(&mut self, table: Arc<PolicyTable>) {
+        let policies = &table.policies;
+        self.bit_map = self
+            .tap_policies
             .iter()
-            .take(64)
             .map(|n| {
                 policies
                     .iter()
@@ -65,19 +83,24 @@ impl StreamState {
                     .fold(0, |m, p| m | p.bit)
             })
             .collect();
-        let catch_all = policies
+        self.catch_all = policies
             .iter()
             .filter(|p| p.tap_policies.is_empty())
             .fold(0, |m, p| m | p.bit);
-        StreamState {
-            tap_id,
-            sources,
-            bit_map,
-            catch_all,
-            empty: "".into(),
-        }
+        self.table = table;
     }
 
+    /// Loss a tap reports can be pinned on a policy only when its stream
+    /// carries that one policy; otherwise it stays with the tap's counter.
+    fn attribute_tap_drops(&self, n: u64) {
+        if n == 0 || self.tap_policies.len() != 1 {
+            return;
+        }
+        let bits = self.bit_map.first().copied().unwrap_or(0);
+        for p in self.table.policies.iter().filter(|p| bits & p.bit != 0) {
+            p.stats.tap_dropped.add(n);
+        }
+    }
     fn policies_for(&self, mask: u64) -> u64 {
         let mut out = self.catch_all;
         let mut m = mask;
@@ -117,7 +140,7 @@ impl TapIngest for IngestService {
         let mut tap = None;
         while let Some(msg) = stream.message().await? {
             if let Some(h) = &msg.hello {
-                let st = StreamState::from_hello(h, &self.policies);
+                let st = StreamState::from_hello(h, self.policies.current());
                 let t = self.registry.tap(&st.tap_id);
                 if state.is_none() {
                     t.streams.add(1);
@@ -131,8 +154,13 @@ impl TapIngest for IngestService {
                     "hello: the first batch of a stream must carry a Hello",
                 ));
             };
+            let table = self.policies.current();
+            if !Arc::ptr_eq(&table, &st.table) {
+                st.resolve(table);
+            }
             t.batches.add(1);
             t.tap_dropped.add(msg.dropped_since_last);
+            st.attribute_tap_drops(msg.dropped_since_last);
             summary.batches += 1;
             let n = msg.packets.len();
             summary.packets += n as u64;
@@ -162,7 +190,7 @@ impl TapIngest for IngestService {
                 continue;
             }
             let batch: Batch = Arc::new(batch);
-            for pol in self.policies.iter() {
+            for pol in st.table.policies.iter() {
                 if any & pol.bit != 0 {
                     pol.offer(batch.clone());
                 }

@@ -50,6 +50,7 @@ pub mod json;
 pub mod managed;
 pub mod schema;
 pub mod strategic;
+pub mod tokens;
 mod typed;
 pub mod validation;
 

@@ -2,14 +2,13 @@
 //! certificate, bearer tokens and the admin kubeconfig, all created on first
 //! start under the data directory and reused afterwards.
 
-use std::collections::HashMap;
 use std::fs;
 use std::io::Write;
 use std::net::IpAddr;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use base64::Engine;
 use rcgen::{
     BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
@@ -168,63 +167,27 @@ fn issue(
     Ok((cert.pem(), key.serialize_pem()))
 }
 
-/// Who a bearer token belongs to.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct User {
-    pub name: String,
-    pub uid: String,
-    pub groups: Vec<String>,
-}
+use tapestry_apimachinery::tokens::TokenFile;
+pub use tapestry_apimachinery::tokens::User;
 
 /// Bearer tokens in kube-apiserver's `--token-auth-file` CSV format:
 /// `token,user,uid,"group1,group2"`.
 #[derive(Clone, Debug, Default)]
 pub struct Tokens {
-    by_token: HashMap<String, User>,
+    file: TokenFile,
 }
 
 impl Tokens {
     pub fn load(path: &Path) -> Result<Tokens> {
         let text =
             fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-        let mut by_token = HashMap::new();
-        for (n, line) in text.lines().enumerate() {
-            let line = line.trim();
-            if line.is_empty() || line.starts_with('#') {
-                continue;
-            }
-            let fields = split_csv(line);
-            if fields.len() < 3 || fields[0].is_empty() || fields[1].is_empty() {
-                bail!(
-                    "{}:{}: expected token,user,uid[,\"groups\"]",
-                    path.display(),
-                    n + 1
-                );
-            }
-            let groups = fields
-                .get(3)
-                .map(|g| {
-                    g.split(',')
-                        .map(str::trim)
-                        .filter(|g| !g.is_empty())
-                        .map(str::to_string)
-                        .collect()
-                })
-                .unwrap_or_default();
-            by_token.insert(
-                fields[0].clone(),
-                User {
-                    name: fields[1].clone(),
-                    uid: fields[2].clone(),
-                    groups,
-                },
-            );
-        }
-        Ok(Tokens { by_token })
+        let file =
+            TokenFile::parse(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        Ok(Tokens { file })
     }
 
     pub fn authenticate(&self, token: &str) -> Option<&User> {
-        self.by_token.get(token)
+        self.file.authenticate(token)
     }
 
     /// Load the token file, creating it with an admin token if absent.
@@ -236,7 +199,7 @@ impl Tokens {
         }
         let tokens = Tokens::load(path)?;
         let admin = tokens
-            .by_token
+            .file
             .iter()
             .find(|(_, u)| u.name == "admin")
             .map(|(t, _)| t.clone())
@@ -245,19 +208,66 @@ impl Tokens {
     }
 }
 
-fn split_csv(line: &str) -> Vec<String> {
-    let mut fields = Vec::new();
-    let mut current = String::new();
-    let mut quoted = false;
-    for c in line.chars() {
-        match c {
-            '"' => quoted = !quoted,
-            ',' if !quoted => fields.push(std::mem::take(&mut current)),
-            c => current.push(c),
-        }
+/// Tapestry's own components that run as pods or beside the server, each
+/// with an identity of its own: `(file name, user, groups)`. The tap-agent
+/// and aggregator names are those of their ServiceAccounts, so roles bound
+/// to the accounts apply to them.
+pub const COMPONENTS: &[(&str, &str, &[&str])] = &[
+    (
+        "tap-agent",
+        "system:serviceaccount:tapestry-system:tap-agent",
+        &[
+            "system:serviceaccounts",
+            "system:serviceaccounts:tapestry-system",
+        ],
+    ),
+    (
+        "aggregator",
+        "system:serviceaccount:tapestry-system:aggregator",
+        &[
+            "system:serviceaccounts",
+            "system:serviceaccounts:tapestry-system",
+        ],
+    ),
+    ("fleet-manager", "system:tapestry:fleet-manager", &[]),
+];
+
+/// Make sure each of [`COMPONENTS`] has a token in the token file and a
+/// kubeconfig `DIR/credentials/NAME.kubeconfig` (0600) for `server_url`.
+/// Run before the token file is loaded.
+pub fn ensure_component_credentials(data_dir: &Path, ca_pem: &str, server_url: &str) -> Result<()> {
+    let tokens_path = data_dir.join("tokens.csv");
+    let text = fs::read_to_string(&tokens_path)
+        .with_context(|| format!("reading {}", tokens_path.display()))?;
+    let file =
+        TokenFile::parse(&text).map_err(|e| anyhow::anyhow!("{}: {e}", tokens_path.display()))?;
+    let dir = data_dir.join("credentials");
+    fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o700))?;
+    let mut appended = String::new();
+    for (name, user, groups) in COMPONENTS {
+        let token = match file.iter().find(|(_, u)| u.name == *user) {
+            Some((token, _)) => token.clone(),
+            None => {
+                let token = random_token();
+                appended.push_str(&format!("{token},{user},{user},\"{}\"\n", groups.join(",")));
+                token
+            }
+        };
+        write_private(
+            &dir.join(format!("{name}.kubeconfig")),
+            &kubeconfig(server_url, ca_pem, user, &token),
+        )?;
     }
-    fields.push(current);
-    fields.into_iter().map(|f| f.trim().to_string()).collect()
+    if !appended.is_empty() {
+        let mut f = fs::OpenOptions::new().append(true).open(&tokens_path)?;
+        if !text.is_empty() && !text.ends_with('\n') {
+            writeln!(f)?;
+        }
+        f.write_all(appended.as_bytes())?;
+        f.sync_all()?;
+    }
+    Ok(())
 }
 
 pub fn random_token() -> String {

@@ -144,14 +144,15 @@ pub async fn start(
     let pki = Pki::load_or_create(&data_dir.join("pki"), &names)?;
     let (_, admin_token) = Tokens::load_or_create(&data_dir.join("tokens.csv"))?;
     crate::nodeproxy::ensure_node_credentials(data_dir, &pki)?;
-    let tokens = Tokens::load(&data_dir.join("tokens.csv"))?;
-    let kubelet = crate::nodeproxy::KubeletClient::new(&pki)?;
     let host = if addr.ip().is_unspecified() {
         "127.0.0.1".to_string()
     } else {
         addr.ip().to_string()
     };
     let server_url = format!("https://{}", SocketAddr::new(host.parse()?, addr.port()));
+    pki::ensure_component_credentials(data_dir, &pki.ca_cert_pem, &server_url)?;
+    let tokens = Tokens::load(&data_dir.join("tokens.csv"))?;
+    let kubelet = crate::nodeproxy::KubeletClient::new(&pki)?;
     let kubeconfig = data_dir.join("kubeconfig");
     pki::write_kubeconfig(
         &kubeconfig,

@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use anyhow::Result;
 use kube::Client;
-use tapestry_controllers::leader::{self, LeaderConfig};
 use tapestry_controllers::ClusterCidr;
+use tapestry_runtime::leader::{self, LeaderConfig};
 use tokio_util::sync::CancellationToken;
 
 #[derive(clap::Args, Clone)]

@@ -25,6 +25,13 @@ pub struct UpArgs {
     /// IPv4 range ClusterIPs are allocated from.
     #[arg(long, default_value = "10.96.0.0/12")]
     service_cidr: String,
+    /// Where the fleet manager's REST API listens (HTTPS, certificate from
+    /// the cluster CA, the cluster's tokens).
+    #[arg(long, default_value = "127.0.0.1:8443")]
+    fleet_manager_listen: SocketAddr,
+    /// Run without the fleet manager: no tap policies API, no taps.
+    #[arg(long)]
+    no_fleet_manager: bool,
     #[command(flatten)]
     control: crate::control::ControlArgs,
     #[command(flatten)]
@@ -104,9 +111,35 @@ pub async fn run(args: UpArgs) -> Result<()> {
             return Err(e);
         }
     };
+    let fleet_shutdown = CancellationToken::new();
+    let fleet = if args.no_fleet_manager {
+        None
+    } else {
+        match start_fleet_manager(&args, &pki, fleet_shutdown.clone()).await {
+            Ok(f) => Some(f),
+            Err(e) => {
+                node_shutdown.cancel();
+                node.wait().await;
+                cp_shutdown.cancel();
+                cp.wait().await;
+                return Err(e);
+            }
+        }
+    };
     tracing::info!(api = %cp.addr, kubelet_api = %node.addr, "cluster ready");
     println!("kubeconfig: {}", cp.kubeconfig.display());
+    if let Some(f) = &fleet {
+        println!(
+            "fleet manager: https://{} (CA {})",
+            f.addr,
+            args.data_dir.join("pki/ca.crt").display()
+        );
+    }
     signals.cancelled().await;
+    fleet_shutdown.cancel();
+    if let Some(f) = fleet {
+        f.wait().await;
+    }
     // Pods stop while the API server still records their last status.
     node_shutdown.cancel();
     node.wait().await;
@@ -114,4 +147,79 @@ pub async fn run(args: UpArgs) -> Result<()> {
     cp.wait().await;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// The fleet manager beside the cluster: its own identity, a serving
+/// certificate from the cluster CA, the cluster's tokens for its REST API,
+/// and tap-agent and aggregator images built from the programs installed
+/// next to `tapestry` (without them it serves its API but deploys no taps).
+async fn start_fleet_manager(
+    args: &UpArgs,
+    pki: &Pki,
+    shutdown: CancellationToken,
+) -> Result<tapestry_fleet_manager::Running> {
+    let credentials = args.data_dir.join("credentials");
+    let client =
+        crate::kubeclient::client_from(&credentials.join("fleet-manager.kubeconfig")).await?;
+    let ip = args.fleet_manager_listen.ip().to_string();
+    let (cert_pem, key_pem) = pki.issue(
+        "tapestry-fleet-manager",
+        &[],
+        &["localhost".into(), "127.0.0.1".into(), ip],
+        true,
+    )?;
+    let workloads = match program_images(&args.data_dir) {
+        Ok((tap_agent_image, aggregator_image)) => {
+            let read = |name: &str| {
+                let path = credentials.join(format!("{name}.kubeconfig"));
+                std::fs::read_to_string(&path)
+                    .with_context(|| format!("reading {}", path.display()))
+            };
+            Some(tapestry_fleet_manager::Workloads {
+                tap_agent_image,
+                aggregator_image,
+                image_pull_policy: "Never".into(),
+                tap_agent_kubeconfig: Some(read("tap-agent")?),
+                aggregator_kubeconfig: Some(read("aggregator")?),
+            })
+        }
+        Err(e) => {
+            tracing::warn!("no taps will be deployed: {e:#}");
+            None
+        }
+    };
+    tapestry_fleet_manager::start(
+        client,
+        tapestry_fleet_manager::Config {
+            listen: args.fleet_manager_listen,
+            tls: tapestry_fleet_manager::tls::Identity { cert_pem, key_pem },
+            token_file: Some(args.data_dir.join("tokens.csv")),
+            workloads,
+            status_period: Duration::from_secs(2),
+        },
+        shutdown,
+    )
+    .await
+    .context("starting the fleet manager")
+}
+
+/// Images of the `tap-agent` and `aggregator` programs installed beside
+/// this one, in the node's image store.
+fn program_images(data_dir: &std::path::Path) -> Result<(String, String)> {
+    let exe = std::env::current_exe().context("locating the tapestry program")?;
+    let dir = exe
+        .parent()
+        .context("the tapestry program has no directory")?;
+    let store = tapestry_kubelet::images::ImageStore::open(&data_dir.join("images"))?;
+    let version = env!("CARGO_PKG_VERSION");
+    let image = |name: &str| -> Result<String> {
+        let program = dir.join(name);
+        anyhow::ensure!(
+            program.is_file(),
+            "{} not found (build it: cargo build -p tapestry-{name})",
+            program.display()
+        );
+        store.build_program_image(&format!("tapestry/{name}"), version, &program)
+    };
+    Ok((image("tap-agent")?, image("aggregator")?))
 }

@@ -656,7 +656,7 @@ fn daemonset_job_and_endpoint_slices() {
 fn leader_election_hands_over_when_the_leader_dies() {
     use std::sync::atomic::Ordering;
     use std::time::Duration;
-    use tapestry_controllers::leader::{run_elected, LeaderConfig};
+    use tapestry_runtime::leader::{run_elected, LeaderConfig};
 
     if !require_kubectl() {
         return;

@@ -16,12 +16,12 @@ use kube::api::{DeleteParams, ObjectMeta, Patch, PatchParams, PostParams};
 use kube::{Api, ResourceExt};
 use serde_json::json;
 
-use crate::runtime::{ignore_not_found, key_of, split_key, Queue, Requeue};
 use crate::util::{
     controlled_by, controller_ref, is_active, is_available, is_ready, now, owner_ref, scaled,
     template_hash, tolerates,
 };
 use crate::Ctx;
+use tapestry_runtime::{ignore_not_found, key_of, split_key, Queue, Requeue};
 
 const HASH_LABEL: &str = "controller-revision-hash";
 

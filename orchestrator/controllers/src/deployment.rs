@@ -15,12 +15,12 @@ use kube::api::{DeleteParams, ObjectMeta, Patch, PatchParams, PostParams};
 use kube::{Api, ResourceExt};
 use serde_json::{json, Value};
 
-use crate::runtime::{key_of, split_key, Queue, Requeue};
 use crate::util::{
     controlled_by, controller_ref, is_active, is_available, is_ready, now, owner_ref,
     same_template, scaled, template_hash,
 };
 use crate::Ctx;
+use tapestry_runtime::{key_of, split_key, Queue, Requeue};
 
 const REVISION: &str = "deployment.kubernetes.io/revision";
 
@@ -278,7 +278,7 @@ async fn create_rs(
     match api.create(&PostParams::default(), &rs).await {
         Ok(rs) => Ok(rs),
         // Created by an earlier round whose watch event has not arrived.
-        Err(e) if crate::runtime::is_status(&e, 409) => Ok(api.get(&rs.name_any()).await?),
+        Err(e) if tapestry_runtime::is_status(&e, 409) => Ok(api.get(&rs.name_any()).await?),
         Err(e) => {
             ctx.recorder.record(
                 d,
@@ -433,7 +433,7 @@ async fn cleanup_history(
     let excess = idle.len().saturating_sub(limit.max(0) as usize);
     // `olds` is sorted by revision: the oldest go first.
     for rs in idle.into_iter().take(excess) {
-        crate::runtime::ignore_not_found(
+        tapestry_runtime::ignore_not_found(
             api.delete(&rs.name_any(), &DeleteParams::background())
                 .await,
         )?;

@@ -13,9 +13,9 @@ use kube::{Api, ResourceExt};
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 
-use crate::runtime::{ignore_not_found, key_of, split_key, Queue, Requeue};
 use crate::util::{is_ready, is_terminating, owner_ref};
 use crate::Ctx;
+use tapestry_runtime::{ignore_not_found, key_of, split_key, Queue, Requeue};
 
 /// Ready addresses, not-ready addresses and ports of one Endpoints subset.
 type Subset = (Vec<Value>, Vec<Value>, Vec<Value>);

@@ -34,8 +34,8 @@ use serde::de::DeserializeOwned;
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
-use crate::runtime::{ignore_not_found, not_found, split_key, Informer, Queue, Requeue};
 use crate::Ctx;
+use tapestry_runtime::{ignore_not_found, not_found, split_key, Informer, Queue, Requeue};
 
 /// uid, whether it is being deleted, finalizers.
 type ObjState = (String, bool, Vec<String>);

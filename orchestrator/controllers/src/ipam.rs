@@ -10,8 +10,8 @@ use kube::api::{Patch, PatchParams};
 use kube::Api;
 use serde_json::json;
 
-use crate::runtime::{key_of, lock, Queue, Requeue};
 use crate::Ctx;
+use tapestry_runtime::{key_of, lock, Queue, Requeue};
 
 /// The prefix length of each node's range.
 pub const NODE_MASK: u8 = 24;

@@ -15,9 +15,9 @@ use kube::api::{DeleteParams, ObjectMeta, Patch, PatchParams, PostParams};
 use kube::{Api, ResourceExt};
 use serde_json::{json, Value};
 
-use crate::runtime::{ignore_not_found, key_of, lock, split_key, Queue, Requeue};
 use crate::util::{controlled_by, controller_ref, is_ready, is_terminating, owner_ref};
 use crate::Ctx;
+use tapestry_runtime::{ignore_not_found, key_of, lock, split_key, Queue, Requeue};
 
 pub fn setup(ctx: &Arc<Ctx>, queue: &Arc<Queue>) {
     let q = queue.clone();
@@ -90,8 +90,8 @@ async fn release(api: &Api<Pod>, pods: &[&Arc<Pod>]) -> anyhow::Result<Vec<Strin
             .await
         {
             Ok(_) => released.extend(p.uid()),
-            Err(e) if crate::runtime::not_found(&e) => released.extend(p.uid()),
-            Err(e) if crate::runtime::is_status(&e, 409) => {}
+            Err(e) if tapestry_runtime::not_found(&e) => released.extend(p.uid()),
+            Err(e) if tapestry_runtime::is_status(&e, 409) => {}
             Err(e) => return Err(e.into()),
         }
     }

@@ -3,9 +3,6 @@
 //! (make the world match the spec for one key); they share one informer per
 //! resource and talk to the API server through kube-rs like any client.
 
-pub mod events;
-pub mod leader;
-pub mod runtime;
 pub mod util;
 
 mod daemonset;
@@ -34,7 +31,7 @@ use tokio_util::sync::CancellationToken;
 
 pub use ipam::ClusterCidr;
 
-use crate::runtime::{key_of, Informer, Queue, Requeue};
+use tapestry_runtime::{key_of, Informer, Queue, Requeue};
 
 /// Distinct keys a controller's queue holds at most.
 const QUEUE_CAPACITY: usize = 100_000;
@@ -54,7 +51,7 @@ pub struct Config {
 pub struct Ctx {
     pub client: Client,
     pub config: Config,
-    pub recorder: events::Recorder,
+    pub recorder: tapestry_runtime::events::Recorder,
     pub pods: Arc<Informer<Pod>>,
     pub nodes: Arc<Informer<Node>>,
     pub replicasets: Arc<Informer<ReplicaSet>>,
@@ -107,7 +104,7 @@ pub async fn run(client: Client, config: Config, shutdown: CancellationToken) {
         gc::Tracked::new(&nodes, false),
     ]);
     let ctx = Arc::new(Ctx {
-        recorder: events::Recorder::new(client.clone(), "controller-manager"),
+        recorder: tapestry_runtime::events::Recorder::new(client.clone(), "controller-manager"),
         pods,
         nodes,
         replicasets,
@@ -141,7 +138,7 @@ pub async fn run(client: Client, config: Config, shutdown: CancellationToken) {
             let stop = shutdown.clone();
             tasks.spawn(async move {
                 c.pods.ready().await;
-                runtime::run_worker(
+                tapestry_runtime::run_worker(
                     name,
                     queue,
                     stop,

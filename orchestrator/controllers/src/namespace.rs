@@ -11,8 +11,8 @@ use kube::api::{ApiResource, DeleteParams, DynamicObject, ListParams, PostParams
 use kube::discovery::{verbs, Discovery, Scope};
 use kube::{Api, ResourceExt};
 
-use crate::runtime::{is_status, key_of, lock, Queue, Requeue};
 use crate::Ctx;
+use tapestry_runtime::{is_status, key_of, lock, Queue, Requeue};
 
 const FINALIZER: &str = "kubernetes";
 /// Discovery is read again after this long (resources rarely change).

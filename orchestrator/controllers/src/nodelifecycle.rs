@@ -18,8 +18,8 @@ use kube::{Api, ResourceExt};
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
-use crate::runtime::ignore_not_found;
 use crate::Ctx;
+use tapestry_runtime::ignore_not_found;
 
 pub const UNREACHABLE: &str = "node.kubernetes.io/unreachable";
 pub const NOT_READY: &str = "node.kubernetes.io/not-ready";

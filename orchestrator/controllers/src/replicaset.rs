@@ -13,9 +13,9 @@ use kube::api::{DeleteParams, ObjectMeta, Patch, PatchParams, PostParams};
 use kube::{Api, ResourceExt};
 use serde_json::json;
 
-use crate::runtime::{key_of, lock, split_key, Queue, Requeue};
 use crate::util::{controlled_by, controller_ref, is_active, is_available, is_ready, now};
 use crate::Ctx;
+use tapestry_runtime::{key_of, lock, split_key, Queue, Requeue};
 
 /// Pods created or deleted per reconcile at most (the rest next round).
 const BURST: usize = 500;
@@ -45,7 +45,7 @@ impl Expectations {
         &self,
         key: &str,
         ns: &str,
-        pods: &crate::runtime::Informer<Pod>,
+        pods: &tapestry_runtime::Informer<Pod>,
     ) -> bool {
         let mut m = lock(&self.inner);
         let Some((adds, dels, at)) = m.get_mut(key) else {
@@ -134,7 +134,7 @@ pub async fn reconcile(ctx: Arc<Ctx>, key: String) -> anyhow::Result<Requeue> {
                 .map(|n| {
                     let api = api.clone();
                     async move {
-                        crate::runtime::ignore_not_found(
+                        tapestry_runtime::ignore_not_found(
                             api.delete(&n, &DeleteParams::default()).await,
                         )
                     }

@@ -7,8 +7,8 @@ use k8s_openapi::api::core::v1::{Namespace, ServiceAccount};
 use kube::api::{ObjectMeta, PostParams};
 use kube::{Api, ResourceExt};
 
-use crate::runtime::{is_status, key_of, Queue, Requeue};
 use crate::Ctx;
+use tapestry_runtime::{is_status, key_of, Queue, Requeue};
 
 pub fn setup(ctx: &Arc<Ctx>, queue: &Arc<Queue>) {
     let q = queue.clone();

@@ -20,7 +20,7 @@ use kube::api::{DeleteParams, Patch, PatchParams, PostParams, Preconditions};
 use kube::runtime::watcher;
 use kube::{Api, Client, ResourceExt};
 use serde_json::json;
-use tapestry_controllers::runtime::{self, key_of, split_key, Informer, Queue, Requeue};
+use tapestry_runtime::{self as runtime, key_of, split_key, Informer, Queue, Requeue};
 use tokio_util::sync::CancellationToken;
 
 /// The label every hollow node carries.

@@ -227,6 +227,48 @@ impl ImageStore {
         self.tag(name, rec)
     }
 
+    /// An image holding one program, `/bin/NAME`, and the shared libraries
+    /// it links (as `ldd` finds them on this host), tagged
+    /// `REPOSITORY:VERSION-HASH` after the program's contents so a rebuilt
+    /// program gets a new tag (and workloads using it roll). Built only when
+    /// that tag is not in the store yet. Returns the reference.
+    pub fn build_program_image(
+        &self,
+        repository: &str,
+        version: &str,
+        exe: &Path,
+    ) -> Result<String> {
+        let bytes = fs::read(exe).with_context(|| format!("reading {}", exe.display()))?;
+        let digest = hex(&Sha256::digest(&bytes));
+        let reference = format!("{repository}:{version}-{}", &digest[..12]);
+        if self.get(&reference)?.is_some() {
+            return Ok(reference);
+        }
+        let name = exe
+            .file_name()
+            .and_then(|n| n.to_str())
+            .context("the program has no file name")?;
+        let tmp = tempdir_in(&self.root.join("tmp"))?;
+        let rootfs = tmp.join("rootfs");
+        let built = (|| -> Result<()> {
+            fs::create_dir_all(rootfs.join("bin"))?;
+            fs::create_dir_all(rootfs.join("tmp"))?;
+            fs::copy(exe, rootfs.join("bin").join(name))?;
+            for lib in shared_libraries(exe)? {
+                let target = rootfs.join(lib.strip_prefix("/").unwrap_or(&lib));
+                if let Some(dir) = target.parent() {
+                    fs::create_dir_all(dir)?;
+                }
+                // Symlinked libraries are copied as the files they name.
+                fs::copy(&lib, &target).with_context(|| format!("copying {}", lib.display()))?;
+            }
+            self.build(&reference, &rootfs, &[format!("/bin/{name}")], &[])
+        })();
+        let _ = fs::remove_dir_all(&tmp);
+        built.with_context(|| format!("building image {reference} from {}", exe.display()))?;
+        Ok(reference)
+    }
+
     /// Import an OCI image-layout archive or a `docker save` archive.
     /// Returns the names imported.
     pub fn import(&self, archive: &Path, name: Option<&str>) -> Result<Vec<String>> {
@@ -454,6 +496,33 @@ fn safe_join(base: &Path, rel: &str) -> Result<PathBuf> {
         bail!("archive path {rel:?} escapes the archive");
     }
     Ok(base.join(rel))
+}
+
+/// The shared libraries (and the loader) `exe` needs, as `ldd` lists them;
+/// none for a static program.
+fn shared_libraries(exe: &Path) -> Result<Vec<PathBuf>> {
+    let out = Command::new("ldd")
+        .arg(exe)
+        .output()
+        .context("running ldd")?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    if !out.status.success() {
+        if text.contains("not a dynamic executable") || out.stderr.is_empty() {
+            return Ok(Vec::new());
+        }
+        bail!(
+            "ldd {}: {}",
+            exe.display(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    // `libc.so.6 => /lib/x86_64-linux-gnu/libc.so.6 (0x...)` and
+    // `/lib64/ld-linux-x86-64.so.2 (0x...)`.
+    Ok(text
+        .split_whitespace()
+        .filter(|w| w.starts_with('/'))
+        .map(PathBuf::from)
+        .collect())
 }
 
 fn tempdir_in(parent: &Path) -> Result<PathBuf> {

@@ -20,8 +20,8 @@ use kube::runtime::watcher::{self, Event};
 use kube::runtime::WatchStreamExt;
 use kube::{Api, Client, ResourceExt};
 use serde_json::json;
-use tapestry_controllers::events::Recorder;
 use tapestry_controllers::util::{controller_ref, selects};
+use tapestry_runtime::events::Recorder;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -593,9 +593,7 @@ impl Scheduler {
                 self.unplace(&key);
                 // 404: the pod is gone; 409: someone else bound it. The
                 // watch tells the rest; other failures are retried.
-                if !tapestry_controllers::runtime::is_status(&e, 404)
-                    && !tapestry_controllers::runtime::is_status(&e, 409)
-                {
+                if !tapestry_runtime::is_status(&e, 404) && !tapestry_runtime::is_status(&e, 409) {
                     tracing::warn!(pod = %key, "binding failed: {e}");
                     if self.pending.contains_key(&key) {
                         self.unschedulable.insert(

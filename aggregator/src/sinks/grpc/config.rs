@@ -3,10 +3,13 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 use tapestry_proto::tool::v1::{ToolBatch, ToolPacket};
 use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
 
 use crate::event::{now_ns, Batch};
 use crate::metrics::SinkStats;
-use crate::sinks::{default_client_queue, default_queue, Hub, SinkContext};
+use crate::sinks::{
+    default_client_queue, default_queue, default_snaplen, snap, Hub, SinkContext, Started,
+};
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
@@ -17,6 +20,9 @@ pub struct GrpcConfig {
     pub queue: usize,
     #[serde(default = "default_client_queue")]
     pub client_queue: usize,
+    /// Bytes of each packet subscribers receive at most.
+    #[serde(default = "default_snaplen")]
+    pub snaplen: u32,
 }
 
 impl GrpcConfig {
@@ -29,18 +35,23 @@ impl GrpcConfig {
         cx: &SinkContext,
         mut rx: mpsc::Receiver<Batch>,
         stats: Arc<SinkStats>,
-    ) -> anyhow::Result<()> {
+        stop: CancellationToken,
+    ) -> Started {
         let hub = Arc::new(Hub::new(stats.clone(), self.client_queue));
         cx.grpc_hubs.insert(self.name.clone(), hub.clone());
+        let snaplen = self.snaplen;
         tokio::spawn(async move {
-            while let Some(batch) = rx.recv().await {
+            loop {
+                let Some(batch) = crate::sinks::next_batch(&mut rx, &stop).await else {
+                    return;
+                };
                 let msg = Arc::new(ToolBatch {
                     packets: batch
                         .iter()
                         .map(|p| ToolPacket {
                             timestamp_ns: p.ts_ns,
                             wire_length: p.wire_len,
-                            data: p.data.to_vec(),
+                            data: snap(&p.data, snaplen).to_vec(),
                             direction: p.direction.to_proto(),
                             interface: p.iface.name.clone(),
                             tap_id: p.iface.tap_id.clone(),
@@ -58,6 +69,6 @@ impl GrpcConfig {
                 }
             }
         });
-        Ok(())
+        Started::default()
     }
 }

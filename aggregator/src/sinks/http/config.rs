@@ -2,10 +2,13 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
 
 use crate::event::Batch;
 use crate::metrics::SinkStats;
-use crate::sinks::{default_client_queue, default_queue, default_snaplen, Hub, SinkContext};
+use crate::sinks::{
+    default_client_queue, default_queue, default_snaplen, Hub, SinkContext, Started,
+};
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
@@ -33,7 +36,8 @@ impl HttpConfig {
         cx: &SinkContext,
         rx: mpsc::Receiver<Batch>,
         stats: Arc<SinkStats>,
-    ) -> anyhow::Result<()> {
+        stop: CancellationToken,
+    ) -> Started {
         let hub = Arc::new(Hub::new(stats.clone(), self.client_queue));
         cx.http_hubs.insert(
             self.name.clone(),
@@ -43,8 +47,14 @@ impl HttpConfig {
             },
         );
         // Same wire format as PCAP-over-IP, so the same encoder.
-        tokio::spawn(crate::sinks::pcap_over_ip::sink::run(rx, hub, stats));
-        Ok(())
+        tokio::spawn(crate::sinks::pcap_over_ip::sink::run(
+            rx,
+            hub,
+            stats,
+            self.snaplen,
+            stop,
+        ));
+        Started::default()
     }
 }
 

@@ -1,12 +1,15 @@
+use std::net::IpAddr;
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
+use tapestry_proto::policy::Cidr;
 use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
 
 use crate::event::Batch;
 use crate::metrics::SinkStats;
 use crate::sinks::{
-    check_addr, default_client_queue, default_queue, default_snaplen, Hub, SinkContext,
+    check_addr, default_client_queue, default_queue, default_snaplen, Hub, Started,
 };
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -15,6 +18,10 @@ pub struct PcapOverIpConfig {
     pub name: String,
     /// Address to listen on, e.g. `0.0.0.0:57012`.
     pub listen: String,
+    /// Client networks allowed besides loopback; absent allows every
+    /// client.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allow: Option<Vec<Cidr>>,
     #[serde(default = "default_queue")]
     pub queue: usize,
     /// Encoded batches buffered per client before that client loses data.
@@ -29,30 +36,94 @@ impl PcapOverIpConfig {
         check_addr("listen", &self.listen)
     }
 
+    /// Whether a client connecting from `peer` may read the stream.
+    pub fn admits(&self, peer: IpAddr) -> bool {
+        let Some(allow) = &self.allow else {
+            return true;
+        };
+        let peer = peer.to_canonical();
+        peer.is_loopback() || allow.iter().any(|c| cidr_contains(c, peer))
+    }
+
     pub async fn build(
         &self,
-        cx: &SinkContext,
         rx: mpsc::Receiver<Batch>,
         stats: Arc<SinkStats>,
-    ) -> anyhow::Result<()> {
+        stop: CancellationToken,
+    ) -> anyhow::Result<Started> {
         let listener = tokio::net::TcpListener::bind(&self.listen)
             .await
             .map_err(|e| {
                 anyhow::anyhow!("sink {:?}: listening on {}: {e}", self.name, self.listen)
             })?;
-        let addr = listener.local_addr()?;
-        cx.listening
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push((self.name.clone(), addr));
+        let address = listener.local_addr()?;
         let hub = Arc::new(Hub::new(stats.clone(), self.client_queue));
-        tokio::spawn(super::sink::accept(
+        let accept = tokio::spawn(super::sink::accept(
             listener,
             hub.clone(),
-            self.snaplen,
-            self.name.clone(),
+            self.clone(),
+            stop.clone(),
         ));
-        tokio::spawn(super::sink::run(rx, hub, stats));
-        Ok(())
+        let run = tokio::spawn(super::sink::run(rx, hub, stats, self.snaplen, stop));
+        Ok(Started {
+            address: Some(address),
+            holders: vec![accept, run],
+        })
+    }
+}
+
+fn cidr_contains(c: &Cidr, ip: IpAddr) -> bool {
+    match (c.addr.to_canonical(), ip) {
+        (IpAddr::V4(net), IpAddr::V4(a)) => {
+            let mask = u32::MAX
+                .checked_shl(32 - u32::from(c.prefix_len.min(32)))
+                .unwrap_or(0);
+            u32::from(net) & mask == u32::from(a) & mask
+        }
+        (IpAddr::V6(net), IpAddr::V6(a)) => {
+            let mask = u128::MAX
+                .checked_shl(128 - u32::from(c.prefix_len.min(128)))
+                .unwrap_or(0);
+            u128::from(net) & mask == u128::from(a) & mask
+        }
+        _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn with_allow(allow: Option<&[&str]>) -> PcapOverIpConfig {
+        PcapOverIpConfig {
+            name: "t".into(),
+            listen: "127.0.0.1:0".into(),
+            allow: allow.map(|a| a.iter().map(|c| c.parse().unwrap()).collect()),
+            queue: 1,
+            client_queue: 1,
+            snaplen: 100,
+        }
+    }
+
+    #[test]
+    fn allow_list_admits_loopback_and_listed_networks() {
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        let open = with_allow(None);
+        assert!(open.admits(ip("192.0.2.1")));
+        let closed = with_allow(Some(&[]));
+        assert!(closed.admits(ip("127.0.0.1")));
+        assert!(closed.admits(ip("::1")));
+        assert!(closed.admits(ip("::ffff:127.0.0.1")));
+        assert!(!closed.admits(ip("192.0.2.1")));
+        let some = with_allow(Some(&["10.0.0.0/8", "fd00::/16", "192.0.2.7"]));
+        assert!(some.admits(ip("10.1.2.3")));
+        assert!(some.admits(ip("::ffff:10.1.2.3")));
+        assert!(some.admits(ip("fd00::5")));
+        assert!(some.admits(ip("192.0.2.7")));
+        assert!(!some.admits(ip("192.0.2.8")));
+        assert!(!some.admits(ip("11.0.0.1")));
+        let all = with_allow(Some(&["0.0.0.0/0"]));
+        assert!(all.admits(ip("203.0.113.9")));
+        assert!(!all.admits(ip("2001:db8::1")));
     }
 }

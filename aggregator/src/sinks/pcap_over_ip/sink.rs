@@ -4,16 +4,29 @@ use bytes::Bytes;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
 
+use super::config::PcapOverIpConfig;
 use crate::capture::{pcap_stream_header, pcap_stream_record};
 use crate::event::{now_ns, Batch};
 use crate::metrics::SinkStats;
-use crate::sinks::Hub;
+use crate::sinks::{snap, Hub};
 
-/// Accepts clients; each gets the pcap header, then the shared stream.
-pub async fn accept(listener: TcpListener, hub: Arc<Hub<Bytes>>, snaplen: u32, name: String) {
+/// Accepts clients until stopped; each admitted client gets the pcap
+/// header, then the shared stream. Returning closes the listener.
+pub async fn accept(
+    listener: TcpListener,
+    hub: Arc<Hub<Bytes>>,
+    cfg: PcapOverIpConfig,
+    stop: CancellationToken,
+) {
+    let name = cfg.name.as_str();
     loop {
-        let (mut sock, peer) = match listener.accept().await {
+        let accepted = tokio::select! {
+            _ = stop.cancelled() => return,
+            a = listener.accept() => a,
+        };
+        let (mut sock, peer) = match accepted {
             Ok(x) => x,
             Err(e) => {
                 tracing::warn!(sink = %name, "accept: {e}");
@@ -21,28 +34,48 @@ pub async fn accept(listener: TcpListener, hub: Arc<Hub<Bytes>>, snaplen: u32, n
                 continue;
             }
         };
+        if !cfg.admits(peer.ip()) {
+            tracing::info!(sink = %name, %peer, "PCAP-over-IP client refused: not loopback and not in the allow list");
+            continue;
+        }
         let _ = sock.set_nodelay(true);
         let mut sub = hub.subscribe();
         tracing::info!(sink = %name, %peer, "PCAP-over-IP client connected");
-        let name = name.clone();
+        let name = cfg.name.clone();
+        let snaplen = cfg.snaplen;
+        let stop = stop.clone();
         tokio::spawn(async move {
-            if sock.write_all(&pcap_stream_header(snaplen)).await.is_err() {
-                return;
-            }
-            while let Some(chunk) = sub.rx.recv().await {
-                if let Err(e) = sock.write_all(&chunk).await {
-                    tracing::info!(sink = %name, %peer, "client gone: {e}");
-                    break;
+            let serve = async {
+                sock.write_all(&pcap_stream_header(snaplen)).await?;
+                while let Some(chunk) = sub.rx.recv().await {
+                    sock.write_all(&chunk).await?;
                 }
+                Ok::<_, std::io::Error>(())
+            };
+            tokio::select! {
+                _ = stop.cancelled() => {}
+                r = serve => if let Err(e) = r {
+                    tracing::info!(sink = %name, %peer, "client gone: {e}");
+                },
             }
         });
     }
 }
 
-/// Encodes each batch once and offers the bytes to every client.
-pub async fn run(mut rx: mpsc::Receiver<Batch>, hub: Arc<Hub<Bytes>>, stats: Arc<SinkStats>) {
-    while let Some(batch) = rx.recv().await {
-        let bytes = encode(&batch);
+/// Encodes each batch once and offers the bytes to every client, until
+/// stopped or the last policy lets go of the queue.
+pub async fn run(
+    mut rx: mpsc::Receiver<Batch>,
+    hub: Arc<Hub<Bytes>>,
+    stats: Arc<SinkStats>,
+    snaplen: u32,
+    stop: CancellationToken,
+) {
+    loop {
+        let Some(batch) = crate::sinks::next_batch(&mut rx, &stop).await else {
+            return;
+        };
+        let bytes = encode(&batch, snaplen);
         if hub.broadcast(&bytes, batch.len() as u64) > 0 {
             stats.packets.add(batch.len() as u64);
             stats.bytes.add(bytes.len() as u64);
@@ -51,10 +84,11 @@ pub async fn run(mut rx: mpsc::Receiver<Batch>, hub: Arc<Hub<Bytes>>, stats: Arc
     }
 }
 
-pub fn encode(batch: &Batch) -> Bytes {
+/// Classic pcap records of a batch, each cut to `snaplen`.
+pub fn encode(batch: &Batch, snaplen: u32) -> Bytes {
     let mut buf = Vec::with_capacity(batch.iter().map(|p| p.data.len() + 16).sum());
     for p in batch.iter() {
-        pcap_stream_record(&mut buf, p.ts_ns, p.wire_len, &p.data);
+        pcap_stream_record(&mut buf, p.ts_ns, p.wire_len, snap(&p.data, snaplen));
     }
     Bytes::from(buf)
 }

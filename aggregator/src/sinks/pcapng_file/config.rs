@@ -3,10 +3,11 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
 
 use crate::event::Batch;
 use crate::metrics::SinkStats;
-use crate::sinks::{default_queue, default_snaplen};
+use crate::sinks::{default_queue, default_snaplen, Started};
 
 fn default_prefix() -> String {
     "capture".into()
@@ -51,7 +52,8 @@ impl PcapngFileConfig {
         rx: mpsc::Receiver<Batch>,
         tx: mpsc::Sender<Batch>,
         stats: Arc<SinkStats>,
-    ) -> anyhow::Result<()> {
+        stop: CancellationToken,
+    ) -> anyhow::Result<Started> {
         std::fs::create_dir_all(&self.directory).map_err(|e| {
             anyhow::anyhow!(
                 "sink {:?}: directory {}: {e}",
@@ -62,22 +64,26 @@ impl PcapngFileConfig {
         let cfg = self.clone();
         // An empty batch once a second is the writer's clock (flush, age
         // rotation) without a timer inside its thread. It holds only a weak
-        // sender so the sink still ends when the topology goes away.
+        // sender so the sink still ends when every policy lets go of it.
         let tick = tx.downgrade();
         drop(tx);
         tokio::spawn(async move {
             let mut every = tokio::time::interval(std::time::Duration::from_secs(1));
             loop {
-                every.tick().await;
+                tokio::select! {
+                    _ = stop.cancelled() => break,
+                    _ = every.tick() => {}
+                }
                 let Some(tx) = tick.upgrade() else { break };
                 let _ = tx.try_send(Arc::new(Vec::new()));
             }
         });
         // Disk writes block; they get a thread of their own so they never
-        // hold up the async workers that serve ingest and other sinks.
+        // hold up the async workers that serve ingest and other sinks. It
+        // ends, closing its file, when the last sender is gone.
         std::thread::Builder::new()
             .name(format!("sink-{}", self.name))
             .spawn(move || super::sink::run(cfg, rx, stats))?;
-        Ok(())
+        Ok(Started::default())
     }
 }

@@ -92,12 +92,22 @@ impl Writer {
     fn open(&mut self) -> std::io::Result<&mut Current> {
         if self.current.is_none() {
             let secs = now_ns() / 1_000_000_000;
-            let path = self
-                .cfg
-                .directory
-                .join(format!("{}-{secs}-{:06}.pcapng", self.cfg.prefix, self.seq));
-            self.seq += 1;
-            let out = PcapNgOut::new(BufWriter::with_capacity(256 << 10, File::create(&path)?))?;
+            // Never overwrite: a replaced sink may still be closing its
+            // last file under the same name, and two sinks may share a
+            // directory and prefix.
+            let (file, path) = loop {
+                let path = self
+                    .cfg
+                    .directory
+                    .join(format!("{}-{secs}-{:06}.pcapng", self.cfg.prefix, self.seq));
+                self.seq += 1;
+                match File::options().write(true).create_new(true).open(&path) {
+                    Ok(f) => break (f, path),
+                    Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+                    Err(e) => return Err(e),
+                }
+            };
+            let out = PcapNgOut::new(BufWriter::with_capacity(256 << 10, file))?;
             tracing::debug!(path = %path.display(), "opened capture file");
             self.current = Some(Current {
                 out,
@@ -160,14 +170,15 @@ impl Writer {
                 id
             }
         };
+        let data = crate::sinks::snap(&p.data, snaplen);
         c.out.write_packet(
             id,
             p.ts_ns,
             p.wire_len,
-            &p.data,
+            data,
             p.iface.epb_flags(p.direction),
         )?;
-        Ok(p.data.len())
+        Ok(data.len())
     }
 }
 

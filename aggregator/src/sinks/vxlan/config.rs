@@ -2,10 +2,11 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
 
 use crate::event::Batch;
 use crate::metrics::SinkStats;
-use crate::sinks::{check_addr, default_queue};
+use crate::sinks::{check_addr, default_queue, default_snaplen, Started};
 
 fn default_vni() -> u32 {
     1
@@ -22,6 +23,9 @@ pub struct VxlanConfig {
     pub vni: u32,
     #[serde(default = "default_queue")]
     pub queue: usize,
+    /// Bytes of each frame sent at most.
+    #[serde(default = "default_snaplen")]
+    pub snaplen: u32,
 }
 
 impl VxlanConfig {
@@ -37,16 +41,28 @@ impl VxlanConfig {
         &self,
         rx: mpsc::Receiver<Batch>,
         stats: Arc<SinkStats>,
-    ) -> anyhow::Result<()> {
+        stop: CancellationToken,
+    ) -> anyhow::Result<Started> {
         let remote: std::net::SocketAddr = self.remote.parse()?;
         let bind = if remote.is_ipv4() {
             "0.0.0.0:0"
         } else {
             "[::]:0"
         };
-        let sock = tokio::net::UdpSocket::bind(bind).await?;
-        sock.connect(remote).await?;
-        tokio::spawn(super::sink::run(rx, sock, self.vni, stats));
-        Ok(())
+        let sock = tokio::net::UdpSocket::bind(bind)
+            .await
+            .map_err(|e| anyhow::anyhow!("sink {:?}: binding {bind}: {e}", self.name))?;
+        sock.connect(remote)
+            .await
+            .map_err(|e| anyhow::anyhow!("sink {:?}: remote {remote}: {e}", self.name))?;
+        tokio::spawn(super::sink::run(
+            rx,
+            sock,
+            self.vni,
+            self.snaplen,
+            stats,
+            stop,
+        ));
+        Ok(Started::default())
     }
 }

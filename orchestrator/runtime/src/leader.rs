@@ -15,7 +15,7 @@ use kube::api::{ObjectMeta, PostParams};
 use kube::{Api, Client};
 use tokio_util::sync::CancellationToken;
 
-use crate::runtime::not_found;
+use crate::not_found;
 
 #[derive(Clone, Debug)]
 pub struct LeaderConfig {
@@ -101,7 +101,7 @@ impl Elector {
                 };
                 return match self.api.create(&PostParams::default(), &lease).await {
                     Ok(_) => Ok(true),
-                    Err(e) if crate::runtime::is_status(&e, 409) => Ok(false),
+                    Err(e) if crate::is_status(&e, 409) => Ok(false),
                     Err(e) => Err(e),
                 };
             }
@@ -151,7 +151,7 @@ impl Elector {
                 self.observed = None;
                 Ok(true)
             }
-            Err(e) if crate::runtime::is_status(&e, 409) => Ok(false),
+            Err(e) if crate::is_status(&e, 409) => Ok(false),
             Err(e) => Err(e),
         }
     }

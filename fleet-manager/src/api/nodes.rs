@@ -1,0 +1,126 @@
+//! Read-only views: every node's tap (`/v1/nodes`) and a policy's status
+//! (`/v1/policies/{name}/status`). Nodes are answered from the fleet's
+//! informers, so listing thousands costs no API server round trip.
+
+use std::sync::Arc;
+
+use axum::extract::{Path, Query, State};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use k8s_openapi::jiff::Timestamp;
+use serde::{Deserialize, Serialize};
+use tapestry_proto::crd::{TapPolicy, TapPolicyStatus};
+use utoipa::{IntoParams, ToSchema};
+
+use super::problem::{ApiResult, Problem};
+use super::AppState;
+use crate::fleet::NodeTap;
+
+/// Paging of `/v1/nodes`.
+#[derive(Debug, Default, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct NodeQuery {
+    /// At most this many nodes; the answer's `continue` fetches the next page.
+    pub limit: Option<u32>,
+    /// The `continue` of the previous page.
+    #[serde(rename = "continue")]
+    pub continue_: Option<String>,
+}
+
+/// A page of nodes, by name.
+#[derive(Serialize, ToSchema)]
+pub struct NodePage {
+    pub items: Vec<NodeTap>,
+    /// Pass as `continue` for the next page; absent on the last.
+    #[serde(rename = "continue", skip_serializing_if = "Option::is_none")]
+    pub continue_: Option<String>,
+}
+
+#[utoipa::path(
+    get, path = "/v1/nodes", tag = "nodes",
+    summary = "Every node's tap: Connected, Pending or Disconnected, with what it reported",
+    params(NodeQuery),
+    responses(
+        (status = 200, description = "A page of nodes", body = NodePage),
+        (status = 400, description = "Bad query", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "No valid token", body = Problem, content_type = "application/problem+json"),
+    ),
+    security(("bearer" = []))
+)]
+pub async fn list(
+    State(state): State<Arc<AppState>>,
+    Query(query): Query<NodeQuery>,
+) -> ApiResult<Json<NodePage>> {
+    if query.limit == Some(0) {
+        return Err(Problem::bad_request("limit must be at least 1"));
+    }
+    let mut taps = state.fleet.taps(Timestamp::now());
+    // The continue token is the last name of the previous page.
+    if let Some(after) = &query.continue_ {
+        taps.retain(|t| t.name.as_str() > after.as_str());
+    }
+    let mut continue_ = None;
+    if let Some(limit) = query.limit {
+        if taps.len() > limit as usize {
+            taps.truncate(limit as usize);
+            continue_ = taps.last().map(|t| t.name.clone());
+        }
+    }
+    Ok(Json(NodePage {
+        items: taps,
+        continue_,
+    }))
+}
+
+#[utoipa::path(
+    get, path = "/v1/nodes/{name}", tag = "nodes",
+    summary = "One node's tap",
+    params(("name" = String, Path)),
+    responses(
+        (status = 200, description = "The node's tap", body = NodeTap),
+        (status = 401, description = "No valid token", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No such node", body = Problem, content_type = "application/problem+json"),
+    ),
+    security(("bearer" = []))
+)]
+pub async fn read(
+    State(state): State<Arc<AppState>>,
+    Path(name): Path<String>,
+) -> ApiResult<Json<NodeTap>> {
+    state
+        .fleet
+        .tap(&name, Timestamp::now())
+        .map(Json)
+        .ok_or_else(|| Problem::not_found("node", &name))
+}
+
+#[utoipa::path(
+    get, path = "/v1/policies/{name}/status", tag = "policies",
+    summary = "A policy's status: conditions, matched pods and nodes, packets captured, delivered per tool and lost",
+    params(("name" = String, Path)),
+    responses(
+        (status = 200, description = "The status", body = TapPolicyStatus,
+         headers(("ETag" = String, description = "The policy's version"))),
+        (status = 401, description = "No valid token", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No such policy", body = Problem, content_type = "application/problem+json"),
+        (status = 502, description = "The Kubernetes API failed", body = Problem, content_type = "application/problem+json"),
+    ),
+    security(("bearer" = []))
+)]
+pub async fn policy_status(
+    State(state): State<Arc<AppState>>,
+    Path(name): Path<String>,
+) -> ApiResult<Response> {
+    let api: kube::Api<TapPolicy> = kube::Api::all(state.client.clone());
+    let policy = api
+        .get_opt(&name)
+        .await
+        .map_err(|e| Problem::upstream(&e))?
+        .ok_or_else(|| Problem::not_found("policy", &name))?;
+    let rv = policy.metadata.resource_version.clone().unwrap_or_default();
+    let mut response = Json(crate::status::of(&policy)).into_response();
+    if let Ok(etag) = http::HeaderValue::from_str(&format!("\"{rv}\"")) {
+        response.headers_mut().insert(http::header::ETAG, etag);
+    }
+    Ok(response)
+}
