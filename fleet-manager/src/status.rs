@@ -176,7 +176,11 @@ fn readiness(
     (
         "True",
         "Tapping",
-        format!("tapping {matched_pods} pods on {} nodes", nodes.len()),
+        format!(
+            "tapping {} on {}",
+            counted(matched_pods, "pod"),
+            counted(nodes.len() as u64, "node")
+        ),
     )
 }
 
@@ -323,4 +327,13 @@ fn count_taps(fleet: &Fleet, metrics: &Metrics, now: Timestamp) {
 /// A policy's status as the REST API shows it.
 pub fn of(policy: &TapPolicy) -> TapPolicyStatus {
     policy.status.clone().unwrap_or_default()
+}
+
+/// "1 pod", "2 pods".
+fn counted(n: u64, what: &str) -> String {
+    if n == 1 {
+        format!("1 {what}")
+    } else {
+        format!("{n} {what}s")
+    }
 }

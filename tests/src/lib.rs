@@ -1,0 +1,506 @@
+//! What the end-to-end tests drive: a `tapestry up` cluster as a user starts
+//! it (its fleet manager deploying the tap-agent and the aggregator as pods),
+//! the fleet manager's REST API through curl, kubectl, and tshark and tcpdump
+//! capturing as a security tool and an operator would.
+
+use std::io::Write;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+/// Whether this test can run: root and the machine's tools. In CI a missing
+/// requirement fails loudly; elsewhere the test is skipped with a message.
+pub fn require(test: &str, tools: &[&str]) -> bool {
+    let mut missing = Vec::new();
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        missing.push("root".to_string());
+    }
+    for tool in tools {
+        let found = Command::new("sh")
+            .arg("-c")
+            .arg(format!("command -v {tool}"))
+            .stdout(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        if !found {
+            missing.push(tool.to_string());
+        }
+    }
+    for program in ["tapestry", "tap-agent", "aggregator"] {
+        if program_path(program).is_none() {
+            missing.push(format!(
+                "the {program} binary (cargo build --workspace --bins)"
+            ));
+        }
+    }
+    if missing.is_empty() {
+        return true;
+    }
+    let msg = format!("{test}: needs {}", missing.join(", "));
+    if std::env::var_os("CI").is_some() {
+        panic!("{msg}; CI is set, so this is a failure, not a skip");
+    }
+    eprintln!("SKIPPED {msg}");
+    false
+}
+
+/// A program of the workspace, next to this test's directory in the target
+/// dir (`cargo test --workspace` builds them all).
+pub fn program_path(name: &str) -> Option<PathBuf> {
+    let exe = std::env::current_exe().ok()?;
+    let path = exe.parent()?.parent()?.join(name);
+    path.exists().then_some(path)
+}
+
+/// A port nobody listens on now.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+/// Polls `f` every 100 ms until it returns Some, or panics naming `what`.
+pub fn wait_for<T>(what: &str, within: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {within:?} waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// A one-node `tapestry up` cluster with its own bridge, pod range, ports and
+/// data directory, stopped with SIGTERM (which removes its pods).
+pub struct Cluster {
+    child: Child,
+    pub dir: tempfile::TempDir,
+    pub api: String,
+    pub fleet: String,
+    pub bridge: String,
+}
+
+/// An HTTP answer as curl saw it.
+#[derive(Debug)]
+pub struct Answer {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: Value,
+    pub raw: String,
+}
+
+impl Answer {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+impl Cluster {
+    /// Starts the cluster with a busybox image (`busybox:local`: httpd and
+    /// sh), and waits until the fleet manager answers and the node's tap is
+    /// connected.
+    pub fn up(bridge: &str, pod_cidr: &str) -> Cluster {
+        let tapestry = program_path("tapestry").expect("tapestry binary");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let rootfs = dir.path().join("rootfs");
+        for d in ["bin", "var/www"] {
+            std::fs::create_dir_all(rootfs.join(d)).unwrap();
+        }
+        std::fs::copy("/bin/busybox", rootfs.join("bin/busybox")).expect("busybox-static");
+        for applet in ["sh", "httpd", "sleep"] {
+            std::os::unix::fs::symlink("busybox", rootfs.join("bin").join(applet)).unwrap();
+        }
+        std::fs::write(rootfs.join("var/www/index.html"), "tapped page\n").unwrap();
+        let data = dir.path().join("data");
+        let built = Command::new(&tapestry)
+            .args(["image", "build", "busybox:local", "--rootfs"])
+            .arg(&rootfs)
+            .arg("--data-dir")
+            .arg(&data)
+            .output()
+            .unwrap();
+        assert!(
+            built.status.success(),
+            "tapestry image build: {}",
+            String::from_utf8_lossy(&built.stderr)
+        );
+        let api = format!("127.0.0.1:{}", free_port());
+        let fleet = format!("127.0.0.1:{}", free_port());
+        let log = std::fs::File::create(dir.path().join("up.log")).unwrap();
+        let child = Command::new(&tapestry)
+            .arg("up")
+            .arg("--data-dir")
+            .arg(&data)
+            .args(["--listen", &api, "--fleet-manager-listen", &fleet])
+            .args(["--kubelet-port", &free_port().to_string()])
+            .args(["--bridge", bridge, "--pod-cidr", pod_cidr])
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawning tapestry up");
+        let mut cluster = Cluster {
+            child,
+            dir,
+            api,
+            fleet,
+            bridge: bridge.to_string(),
+        };
+        let started = Instant::now();
+        wait_for("the API server", Duration::from_secs(60), || {
+            cluster.exited();
+            cluster.kubectl(&["get", "--raw", "/readyz"]).ok()
+        });
+        wait_for("the fleet manager", Duration::from_secs(30), || {
+            cluster.exited();
+            (cluster.rest("GET", "/healthz", None).status == 200).then_some(())
+        });
+        wait_for("the node's tap Connected", Duration::from_secs(90), || {
+            cluster.exited();
+            let nodes = cluster.rest("GET", "/v1/nodes", None).body;
+            (nodes["items"][0]["tap"] == "Connected").then_some(())
+        });
+        eprintln!("cluster up and tapped in {:?}", started.elapsed());
+        cluster
+    }
+
+    fn exited(&mut self) {
+        if let Ok(Some(status)) = self.child.try_wait() {
+            let log = std::fs::read_to_string(self.dir.path().join("up.log")).unwrap_or_default();
+            panic!("tapestry up exited early ({status}):\n{log}");
+        }
+    }
+
+    pub fn data(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    pub fn kubeconfig(&self) -> PathBuf {
+        self.data().join("kubeconfig")
+    }
+
+    /// The administrator's bearer token (the kubeconfig's).
+    pub fn token(&self) -> String {
+        let tokens = std::fs::read_to_string(self.data().join("tokens.csv")).unwrap();
+        tokens
+            .lines()
+            .find(|l| l.contains(",admin,"))
+            .and_then(|l| l.split(',').next())
+            .expect("admin token")
+            .to_string()
+    }
+
+    /// kubectl with the cluster's kubeconfig; stdout, or stderr as the error.
+    pub fn kubectl_stdin(&self, args: &[&str], stdin: Option<&str>) -> Result<String, String> {
+        let mut child = Command::new("kubectl")
+            .arg("--kubeconfig")
+            .arg(self.kubeconfig())
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("kubectl");
+        let mut input = child.stdin.take().unwrap();
+        if let Some(text) = stdin {
+            input.write_all(text.as_bytes()).unwrap();
+        }
+        drop(input);
+        let out = child.wait_with_output().unwrap();
+        if out.status.success() {
+            Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        } else {
+            Err(String::from_utf8_lossy(&out.stderr).into_owned())
+        }
+    }
+
+    pub fn kubectl(&self, args: &[&str]) -> Result<String, String> {
+        self.kubectl_stdin(args, None)
+    }
+
+    /// kubectl that must succeed.
+    pub fn must(&self, args: &[&str]) -> String {
+        self.kubectl(args)
+            .unwrap_or_else(|e| panic!("kubectl {}: {e}", args.join(" ")))
+    }
+
+    pub fn apply(&self, manifest: &str) {
+        if let Err(e) = self.kubectl_stdin(&["apply", "-f", "-"], Some(manifest)) {
+            panic!("kubectl apply: {e}\n{manifest}");
+        }
+    }
+
+    /// A request to the fleet manager's REST API with the admin token.
+    pub fn rest(&self, method: &str, path: &str, body: Option<&str>) -> Answer {
+        let auth = format!("Authorization: Bearer {}", self.token());
+        self.curl(method, path, body, &[&auth])
+    }
+
+    /// A request to the fleet manager with exactly these extra headers.
+    pub fn curl(&self, method: &str, path: &str, body: Option<&str>, headers: &[&str]) -> Answer {
+        let mut cmd = Command::new("curl");
+        cmd.args(["-sS", "-i", "--max-time", "20", "-X", method, "--cacert"])
+            .arg(self.data().join("pki/ca.crt"));
+        for h in headers {
+            cmd.args(["-H", h]);
+        }
+        if let Some(body) = body {
+            let content_type = if method == "PATCH" {
+                "application/merge-patch+json"
+            } else {
+                "application/json"
+            };
+            cmd.args(["-H", &format!("Content-Type: {content_type}")])
+                .args(["--data-binary", body]);
+        }
+        cmd.arg(format!("https://{}{path}", self.fleet));
+        let out = cmd.output().expect("curl");
+        parse_answer(&out)
+    }
+
+    /// The pod's host-side interface, as its kubelet recorded it.
+    pub fn host_veth(&self, ns: &str, pod: &str) -> String {
+        self.must(&[
+            "get",
+            "pod",
+            "-n",
+            ns,
+            pod,
+            "-o",
+            "jsonpath={.metadata.annotations.tapestry\\.io/host-veth}",
+        ])
+    }
+
+    /// Waits until the pod runs; its IP.
+    pub fn running(&self, ns: &str, pod: &str) -> String {
+        wait_for(
+            &format!("pod {ns}/{pod} Running"),
+            Duration::from_secs(60),
+            || {
+                let out = self
+                    .kubectl(&[
+                        "get",
+                        "pod",
+                        "-n",
+                        ns,
+                        pod,
+                        "-o",
+                        "jsonpath={.status.phase} {.status.podIP}",
+                    ])
+                    .ok()?;
+                let (phase, ip) = out.split_once(' ')?;
+                (phase == "Running" && !ip.is_empty()).then(|| ip.to_string())
+            },
+        )
+    }
+}
+
+fn parse_answer(out: &Output) -> Answer {
+    let raw = String::from_utf8_lossy(&out.stdout).into_owned();
+    // Informational answers (100 Continue) come first; the last head counts.
+    let mut rest = raw.as_str();
+    let (head, body) = loop {
+        let (head, body) = rest.split_once("\r\n\r\n").unwrap_or((rest, ""));
+        if head.starts_with("HTTP/") && head.split_whitespace().nth(1) == Some("100") {
+            rest = body;
+            continue;
+        }
+        break (head, body);
+    };
+    let mut lines = head.lines();
+    // 0: no HTTP answer at all (e.g. nothing listens yet); `raw` says why.
+    let status = lines
+        .next()
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let headers = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(n, v)| (n.trim().to_string(), v.trim().to_string()))
+        .collect();
+    Answer {
+        status,
+        headers,
+        body: serde_json::from_str(body).unwrap_or(Value::Null),
+        raw: if status == 0 {
+            String::from_utf8_lossy(&out.stderr).into_owned()
+        } else {
+            raw
+        },
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        // SAFETY: signalling our own child process.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while self.child.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = Command::new("ip")
+            .args(["link", "del", &self.bridge])
+            .stderr(Stdio::null())
+            .status();
+    }
+}
+
+/// One captured packet: its length on the wire and the bytes kept.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Packet {
+    pub orig_len: u32,
+    pub data: Vec<u8>,
+}
+
+/// A capture running in the background (tshark or tcpdump) into a pcap file.
+pub struct Capture {
+    child: Child,
+    file: PathBuf,
+}
+
+impl Capture {
+    /// `tshark -i TCP@ADDR`: a security tool reading PCAP-over-IP.
+    pub fn tshark(addr: &str, dir: &Path, name: &str) -> Capture {
+        let file = dir.join(format!("{name}.pcap"));
+        let child = Command::new("tshark")
+            .args(["-q", "-i", &format!("TCP@{addr}"), "-F", "pcap", "-w"])
+            .arg(&file)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("tshark");
+        Capture { child, file }
+    }
+
+    /// `tcpdump -i IFACE FILTER`: what the interface really carried.
+    pub fn tcpdump(iface: &str, filter: &str, dir: &Path, name: &str) -> Capture {
+        let file = dir.join(format!("{name}.pcap"));
+        let child = Command::new("tcpdump")
+            .args(["-i", iface, "-U", "-s", "0", "-w"])
+            .arg(&file)
+            .arg(filter)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("tcpdump");
+        Capture { child, file }
+    }
+
+    /// The packets written so far.
+    pub fn packets(&self) -> Vec<Packet> {
+        let Ok(file) = std::fs::File::open(&self.file) else {
+            return Vec::new();
+        };
+        let Ok(mut reader) = pcap_file::pcap::PcapReader::new(file) else {
+            return Vec::new();
+        };
+        let mut packets = Vec::new();
+        // A record still being written ends the read.
+        while let Some(Ok(p)) = reader.next_packet() {
+            packets.push(Packet {
+                orig_len: p.orig_len,
+                data: p.data.into_owned(),
+            });
+        }
+        packets
+    }
+
+    /// Whether the capture process still runs.
+    pub fn running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// Stops the capture (SIGINT, so it flushes) and returns its packets.
+    pub fn stop(mut self) -> Vec<Packet> {
+        // SAFETY: signalling our own child process.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGINT) };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while self.child.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        self.packets()
+    }
+}
+
+impl Drop for Capture {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Whether `tool` holds the same packets as `wire`, each cut at most to what
+/// the tool kept (a slice keeps a prefix and the wire length); the first
+/// packet that does not match, if any.
+pub fn same_packets(tool: &[Packet], wire: &[Packet]) -> Result<(), String> {
+    if tool.len() != wire.len() {
+        return Err(format!(
+            "the tool got {} packets, the wire carried {}",
+            tool.len(),
+            wire.len()
+        ));
+    }
+    let mut left: Vec<&Packet> = wire.iter().collect();
+    for (i, p) in tool.iter().enumerate() {
+        let Some(at) = left
+            .iter()
+            .position(|w| w.orig_len == p.orig_len && w.data.starts_with(&p.data))
+        else {
+            return Err(format!(
+                "the tool's packet {i} ({} of {} bytes) was not on the wire",
+                p.data.len(),
+                p.orig_len
+            ));
+        };
+        left.swap_remove(at);
+    }
+    Ok(())
+}
+
+/// The IPv4 source and destination of an Ethernet frame.
+pub fn ipv4_addresses(frame: &[u8]) -> Option<(String, String)> {
+    if frame.len() < 34 || frame[12..14] != [0x08, 0x00] {
+        return None;
+    }
+    let ip = |b: &[u8]| format!("{}.{}.{}.{}", b[0], b[1], b[2], b[3]);
+    Some((ip(&frame[26..30]), ip(&frame[30..34])))
+}
+
+/// The PIDs of the processes running `program` (by executable name).
+pub fn pids(program: &str) -> Vec<u32> {
+    let out = Command::new("pgrep")
+        .args(["-x", program])
+        .output()
+        .expect("pgrep");
+    let mut pids: Vec<u32> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.trim().parse().ok())
+        .collect();
+    pids.sort();
+    pids
+}
+
+/// An HTTP/1.0 GET to ip:port from this host; the answer.
+pub fn http_get(ip: &str, port: u16) -> Option<String> {
+    let mut s = std::net::TcpStream::connect((ip, port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    write!(s, "GET / HTTP/1.0\r\nHost: {ip}\r\n\r\n").ok()?;
+    let mut out = String::new();
+    std::io::Read::read_to_string(&mut s, &mut out).ok()?;
+    Some(out)
+}
