@@ -247,7 +247,26 @@ pub async fn serve(addr: SocketAddr, state: Arc<MetricsState>) -> anyhow::Result
             }),
         )
         .with_state(state);
-    let listener = tokio::net::TcpListener::bind(addr).await?;
+    // A port still held (a replaced tap on this node not yet gone, or a
+    // second node agent sharing the host's network) is waited out: the
+    // tap captures meanwhile, and serves metrics once the port is free.
+    let mut warned = false;
+    let listener = loop {
+        match tokio::net::TcpListener::bind(addr).await {
+            Ok(listener) => break listener,
+            Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {
+                if !warned {
+                    tracing::warn!(%addr, "metrics address in use; retrying every 2 s");
+                    warned = true;
+                }
+                tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    };
+    if warned {
+        tracing::info!(%addr, "serving metrics");
+    }
     axum::serve(listener, app).await?;
     Ok(())
 }

@@ -107,14 +107,17 @@ impl Answer {
     }
 }
 
-impl Cluster {
-    /// Starts the cluster with a busybox image (`busybox:local`: httpd and
-    /// sh), and waits until the fleet manager answers and the node's tap is
-    /// connected.
-    pub fn up(bridge: &str, pod_cidr: &str) -> Cluster {
-        let tapestry = program_path("tapestry").expect("tapestry binary");
-        let dir = tempfile::tempdir().expect("tempdir");
-        let rootfs = dir.path().join("rootfs");
+/// One end-to-end test at a time: clusters share the aggregator's ports.
+pub fn serial() -> std::sync::MutexGuard<'static, ()> {
+    static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// `busybox:local` (httpd and sh, a page saying "tapped page") in the image
+/// store of the node data directory `data`.
+pub fn build_busybox_image(work: &Path, data: &Path) {
+    let rootfs = work.join("rootfs");
+    if !rootfs.exists() {
         for d in ["bin", "var/www"] {
             std::fs::create_dir_all(rootfs.join(d)).unwrap();
         }
@@ -123,20 +126,36 @@ impl Cluster {
             std::os::unix::fs::symlink("busybox", rootfs.join("bin").join(applet)).unwrap();
         }
         std::fs::write(rootfs.join("var/www/index.html"), "tapped page\n").unwrap();
+    }
+    let built = Command::new(program_path("tapestry").expect("tapestry binary"))
+        .args(["image", "build", "busybox:local", "--rootfs"])
+        .arg(&rootfs)
+        .arg("--data-dir")
+        .arg(data)
+        .output()
+        .unwrap();
+    assert!(
+        built.status.success(),
+        "tapestry image build: {}",
+        String::from_utf8_lossy(&built.stderr)
+    );
+}
+
+impl Cluster {
+    /// Starts the cluster with a busybox image (`busybox:local`: httpd and
+    /// sh), and waits until the fleet manager answers and the node's tap is
+    /// connected.
+    pub fn up(bridge: &str, pod_cidr: &str) -> Cluster {
+        Self::up_on("127.0.0.1", bridge, pod_cidr)
+    }
+
+    /// The same with the API server (and so the node) on `host`.
+    pub fn up_on(host: &str, bridge: &str, pod_cidr: &str) -> Cluster {
+        let tapestry = program_path("tapestry").expect("tapestry binary");
+        let dir = tempfile::tempdir().expect("tempdir");
         let data = dir.path().join("data");
-        let built = Command::new(&tapestry)
-            .args(["image", "build", "busybox:local", "--rootfs"])
-            .arg(&rootfs)
-            .arg("--data-dir")
-            .arg(&data)
-            .output()
-            .unwrap();
-        assert!(
-            built.status.success(),
-            "tapestry image build: {}",
-            String::from_utf8_lossy(&built.stderr)
-        );
-        let api = format!("127.0.0.1:{}", free_port());
+        build_busybox_image(dir.path(), &data);
+        let api = format!("{host}:{}", free_port());
         let fleet = format!("127.0.0.1:{}", free_port());
         let log = std::fs::File::create(dir.path().join("up.log")).unwrap();
         let child = Command::new(&tapestry)
@@ -343,6 +362,10 @@ fn parse_answer(out: &Output) -> Answer {
 
 impl Drop for Cluster {
     fn drop(&mut self) {
+        if std::env::var_os("TAPESTRY_E2E_KEEP").is_some() {
+            eprintln!("keeping {}", self.dir.path().display());
+            self.dir.disable_cleanup(true);
+        }
         // SAFETY: signalling our own child process.
         unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
         let deadline = Instant::now() + Duration::from_secs(30);
@@ -361,6 +384,8 @@ impl Drop for Cluster {
 /// One captured packet: its length on the wire and the bytes kept.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Packet {
+    /// When the tap (or tcpdump) captured it, since the Unix epoch.
+    pub ts: Duration,
     pub orig_len: u32,
     pub data: Vec<u8>,
 }
@@ -411,6 +436,7 @@ impl Capture {
         // A record still being written ends the read.
         while let Some(Ok(p)) = reader.next_packet() {
             packets.push(Packet {
+                ts: p.timestamp,
                 orig_len: p.orig_len,
                 data: p.data.into_owned(),
             });

@@ -162,6 +162,9 @@ pub async fn run(args: NodeArgs) -> Result<()> {
             )
         })?,
     };
+    if let Err(e) = tap_images(&args.data_dir) {
+        tracing::warn!("this node cannot run the fleet manager's taps: {e:#}");
+    }
     let client = node_client(&args.server, &ca, &token).await?;
     let config = agent_config(&args.agent, args.data_dir, node_ip, ca, None, false)?;
     let shutdown = crate::shutdown_on_signals()?;
@@ -169,4 +172,26 @@ pub async fn run(args: NodeArgs) -> Result<()> {
     tracing::info!(kubelet_api = %running.addr, "node agent ready");
     running.wait().await;
     Ok(())
+}
+
+/// Images of the `tap-agent` and `aggregator` programs installed beside
+/// this one, in the node's image store. Every node agent builds them, so
+/// the fleet manager's pods (pull policy Never) run on nodes that join later.
+pub fn tap_images(data_dir: &std::path::Path) -> Result<(String, String)> {
+    let exe = std::env::current_exe().context("locating the tapestry program")?;
+    let dir = exe
+        .parent()
+        .context("the tapestry program has no directory")?;
+    let store = tapestry_kubelet::images::ImageStore::open(&data_dir.join("images"))?;
+    let version = env!("CARGO_PKG_VERSION");
+    let image = |name: &str| -> Result<String> {
+        let program = dir.join(name);
+        anyhow::ensure!(
+            program.is_file(),
+            "{} not found (build it: cargo build -p tapestry-{name})",
+            program.display()
+        );
+        store.build_program_image(&format!("tapestry/{name}"), version, &program)
+    };
+    Ok((image("tap-agent")?, image("aggregator")?))
 }

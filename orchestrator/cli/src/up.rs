@@ -76,9 +76,15 @@ pub async fn run(args: UpArgs) -> Result<()> {
     let token = std::fs::read_to_string(args.data_dir.join("node-token"))?
         .trim()
         .to_string();
-    let server = format!("https://127.0.0.1:{}", cp.addr.port());
+    // The node takes the API server's address when that is a specific one,
+    // so nodes that join from other hosts (or network namespaces) reach
+    // this node's host-network pods, such as the aggregator.
+    let node_ip = match cp.addr.ip() {
+        ip if ip.is_unspecified() => IpAddr::V4(Ipv4Addr::LOCALHOST),
+        ip => ip,
+    };
+    let server = format!("https://{}", SocketAddr::new(node_ip, cp.addr.port()));
     let client = node_client(&server, &ca, &token).await?;
-    let node_ip = IpAddr::V4(Ipv4Addr::LOCALHOST);
     let node_name = args.agent.node_name.clone().unwrap_or_else(hostname);
     // The kubelet's serving certificate comes from the cluster CA here.
     let pki = Pki {
@@ -168,7 +174,7 @@ async fn start_fleet_manager(
         &["localhost".into(), "127.0.0.1".into(), ip],
         true,
     )?;
-    let workloads = match program_images(&args.data_dir) {
+    let workloads = match crate::node::tap_images(&args.data_dir) {
         Ok((tap_agent_image, aggregator_image)) => {
             let read = |name: &str| {
                 let path = credentials.join(format!("{name}.kubeconfig"));
@@ -201,25 +207,4 @@ async fn start_fleet_manager(
     )
     .await
     .context("starting the fleet manager")
-}
-
-/// Images of the `tap-agent` and `aggregator` programs installed beside
-/// this one, in the node's image store.
-fn program_images(data_dir: &std::path::Path) -> Result<(String, String)> {
-    let exe = std::env::current_exe().context("locating the tapestry program")?;
-    let dir = exe
-        .parent()
-        .context("the tapestry program has no directory")?;
-    let store = tapestry_kubelet::images::ImageStore::open(&data_dir.join("images"))?;
-    let version = env!("CARGO_PKG_VERSION");
-    let image = |name: &str| -> Result<String> {
-        let program = dir.join(name);
-        anyhow::ensure!(
-            program.is_file(),
-            "{} not found (build it: cargo build -p tapestry-{name})",
-            program.display()
-        );
-        store.build_program_image(&format!("tapestry/{name}"), version, &program)
-    };
-    Ok((image("tap-agent")?, image("aggregator")?))
 }

@@ -183,9 +183,14 @@ impl Scheduler {
 
     fn cluster_changed(&mut self) {
         let now = Instant::now();
+        // An idle scheduler does not wait out backoffs (kube-scheduler too
+        // pops its backoff queue when nothing else is active): a pod that
+        // waited for this change, such as a daemon for a node just turned
+        // Ready, is placed at once.
+        let idle = self.active.is_empty();
         let mut keys = Vec::new();
         for (k, u) in self.unschedulable.iter_mut() {
-            if u.retry_at <= now {
+            if idle || u.retry_at <= now {
                 keys.push(k.clone());
             } else {
                 u.changed = true;
