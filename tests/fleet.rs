@@ -599,6 +599,7 @@ impl JoinedNode {
             .arg(&data)
             .args(["--name", name, "--kubelet-port", &free_port().to_string()])
             .args(["--pod-cidr", machine.pod_cidr, "--bridge", bridge])
+            .arg("--stop-pods-on-exit")
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()

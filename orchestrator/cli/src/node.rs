@@ -54,6 +54,11 @@ pub struct NodeArgs {
     /// address used to reach the server).
     #[arg(long)]
     node_ip: Option<IpAddr>,
+    /// Stop and remove this node's pods when the agent stops (a node that is
+    /// going away). By default they keep running, so the agent can be
+    /// restarted or upgraded under them.
+    #[arg(long)]
+    stop_pods_on_exit: bool,
     #[command(flatten)]
     agent: AgentArgs,
 }
@@ -166,7 +171,14 @@ pub async fn run(args: NodeArgs) -> Result<()> {
         tracing::warn!("this node cannot run the fleet manager's taps: {e:#}");
     }
     let client = node_client(&args.server, &ca, &token).await?;
-    let config = agent_config(&args.agent, args.data_dir, node_ip, ca, None, false)?;
+    let config = agent_config(
+        &args.agent,
+        args.data_dir,
+        node_ip,
+        ca,
+        None,
+        args.stop_pods_on_exit,
+    )?;
     let shutdown = crate::shutdown_on_signals()?;
     let running = tapestry_kubelet::start(config, client, shutdown).await?;
     tracing::info!(kubelet_api = %running.addr, "node agent ready");
