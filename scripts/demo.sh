@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Tapestry end to end on this machine: a one-node cluster (`tapestry up`,
-# embedded store, real containers), a web server and a client as pods, a
-# tap-agent DaemonSet that mirrors the web pods' packets with eBPF, and an
-# aggregator that filters them and serves them to tshark over PCAP-over-IP.
+# embedded store, real containers) whose fleet manager deploys the eBPF taps
+# and the aggregator by itself; web pods, another pod and a client; a tool
+# and a tap policy created through the fleet manager's REST API with curl;
+# tshark printing only the web pods' HTTP over PCAP-over-IP.
 #
 # Run as root: sudo scripts/demo.sh   (DATA_DIR=/tmp/tapestry-demo by default)
 # It leaves the cluster running; Ctrl-C stops every pod and cleans up.
@@ -14,6 +15,7 @@ if [ "$(id -u)" != 0 ]; then
   exit 1
 fi
 DATA_DIR="${DATA_DIR:-/tmp/tapestry-demo}"
+FLEET="${FLEET:-127.0.0.1:8443}"
 TARGET="${CARGO_TARGET_DIR:-target}"
 BIN="$TARGET/release"
 step() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
@@ -41,33 +43,19 @@ elif [ -d "$DATA_DIR" ] && [ -n "$(ls -A "$DATA_DIR")" ]; then
 fi
 mkdir -p "$DATA_DIR"
 
-step "Building images: busybox:local, tapestry/tap-agent:demo, tapestry/aggregator:demo"
+step "Building the busybox:local image (the node builds its tap-agent and aggregator images itself)"
 ROOTFS="$(mktemp -d)"
 trap 'rm -rf "$ROOTFS"' EXIT
-mkdir -p "$ROOTFS/bb/bin" "$ROOTFS/bb/etc" "$ROOTFS/bb/tmp" "$ROOTFS/bb/var/www"
-cp /bin/busybox "$ROOTFS/bb/bin/"
+mkdir -p "$ROOTFS/bin" "$ROOTFS/etc" "$ROOTFS/tmp" "$ROOTFS/var/www"
+cp /bin/busybox "$ROOTFS/bin/"
 for applet in $(/bin/busybox --list); do
-  [ "$applet" = busybox ] || ln -sf busybox "$ROOTFS/bb/bin/$applet"
+  [ "$applet" = busybox ] || ln -sf busybox "$ROOTFS/bin/$applet"
 done
-echo "hello from a tapped pod" > "$ROOTFS/bb/var/www/index.html"
-"$BIN/tapestry" image build busybox:local --rootfs "$ROOTFS/bb" --cmd sh --data-dir "$DATA_DIR"
-# A binary and the shared libraries ldd lists, at their paths.
-binary_image() {
-  local name=$1 exe=$2 root="$ROOTFS/$1"
-  mkdir -p "$root/bin" "$root/tmp"
-  cp "$exe" "$root/bin/"
-  for lib in $(ldd "$exe" | grep -o '/[^ ]*'); do
-    mkdir -p "$root$(dirname "$lib")"
-    cp -L "$lib" "$root$lib"
-  done
-  "$BIN/tapestry" image build "tapestry/$name:demo" --rootfs "$root" \
-    --cmd "/bin/$(basename "$exe")" --data-dir "$DATA_DIR"
-}
-binary_image tap-agent "$BIN/tap-agent"
-binary_image aggregator "$BIN/aggregator"
+echo "hello from a tapped pod" > "$ROOTFS/var/www/index.html"
+"$BIN/tapestry" image build busybox:local --rootfs "$ROOTFS" --cmd sh --data-dir "$DATA_DIR"
 
-step "Starting the cluster: tapestry up --data-dir $DATA_DIR"
-"$BIN/tapestry" up --data-dir "$DATA_DIR" >"$DATA_DIR/up.log" 2>&1 &
+step "Starting the cluster: tapestry up --data-dir $DATA_DIR --fleet-manager-listen $FLEET"
+"$BIN/tapestry" up --data-dir "$DATA_DIR" --fleet-manager-listen "$FLEET" >"$DATA_DIR/up.log" 2>&1 &
 UP_PID=$!
 echo "$UP_PID" > "$DATA_DIR/up.pid"
 stop_cluster() {
@@ -79,15 +67,20 @@ stop_cluster() {
   rm -f "$DATA_DIR/up.pid"
 }
 trap 'stop_cluster; exit 0' INT TERM
-for _ in $(seq 1 100); do
-  grep -q '^kubeconfig:' "$DATA_DIR/up.log" 2>/dev/null && break
+for _ in $(seq 1 300); do
+  grep -q '^fleet manager:' "$DATA_DIR/up.log" 2>/dev/null && break
   kill -0 "$UP_PID" 2>/dev/null || { cat "$DATA_DIR/up.log"; exit 1; }
   sleep 0.1
 done
+grep -E '^(kubeconfig|fleet manager):' "$DATA_DIR/up.log"
 export KUBECONFIG="$DATA_DIR/kubeconfig"
 kubectl wait --for=condition=Ready node --all --timeout=60s
 
-step "Deploying: web (2 replicas), aggregator, tap-agent DaemonSet, then a client"
+step "The fleet manager deployed the taps and the aggregator on its own"
+kubectl -n tapestry-system rollout status daemonset/tap-agent --timeout=120s
+kubectl -n tapestry-system rollout status deployment/aggregator --timeout=120s
+
+step "Deploying: web (2 replicas), other, then a client of all three"
 kubectl apply -f - <<EOF
 apiVersion: v1
 kind: Namespace
@@ -106,65 +99,23 @@ spec:
       - name: httpd
         image: busybox:local
         imagePullPolicy: Never
-        command: [httpd, -f, -p, "8080", -h, /var/www]
-        readinessProbe: {tcpSocket: {port: 8080}, periodSeconds: 2}
----
-apiVersion: v1
-kind: Namespace
-metadata: {name: tapestry-system}
+        command: [httpd, -f, -p, "80", -h, /var/www]
+        readinessProbe: {tcpSocket: {port: 80}, periodSeconds: 2}
 ---
 apiVersion: v1
 kind: Pod
-metadata: {name: aggregator, namespace: tapestry-system, labels: {app: aggregator}}
+metadata: {name: other, namespace: shop, labels: {app: other}}
 spec:
-  hostNetwork: true
   containers:
-  - name: aggregator
-    image: tapestry/aggregator:demo
+  - name: httpd
+    image: busybox:local
     imagePullPolicy: Never
-    command: [/bin/aggregator]
-    args: [serve, --grpc, "127.0.0.1:50051", --http, "127.0.0.1:9090",
-           --pcap-over-ip, "127.0.0.1:57012", --filter, "tcp port 8080"]
----
-apiVersion: v1
-kind: ConfigMap
-metadata: {name: tap-policies, namespace: tapestry-system}
-data:
-  policies.json: |
-    [{"name": "web", "namespace": "shop", "selector": {"matchLabels": {"app": "web"}}}]
----
-apiVersion: apps/v1
-kind: DaemonSet
-metadata: {name: tap-agent, namespace: tapestry-system}
-spec:
-  selector: {matchLabels: {app: tap-agent}}
-  template:
-    metadata: {labels: {app: tap-agent}}
-    spec:
-      hostNetwork: true
-      containers:
-      - name: tap-agent
-        image: tapestry/tap-agent:demo
-        imagePullPolicy: Never
-        securityContext: {privileged: true}
-        env:
-        - name: NODE_NAME
-          valueFrom: {fieldRef: {fieldPath: spec.nodeName}}
-        command: [/bin/tap-agent]
-        args: [run, --kubeconfig, /etc/tapestry/kubeconfig, --node, "\$(NODE_NAME)",
-               --policy-file, /etc/tap/policies.json, --aggregator, "http://127.0.0.1:50051"]
-        volumeMounts:
-        - {name: kubeconfig, mountPath: /etc/tapestry/kubeconfig, readOnly: true}
-        - {name: policies, mountPath: /etc/tap, readOnly: true}
-      volumes:
-      - name: kubeconfig
-        hostPath: {path: $DATA_DIR/kubeconfig, type: File}
-      - name: policies
-        configMap: {name: tap-policies}
+    command: [httpd, -f, -p, "80", -h, /var/www]
 EOF
 kubectl -n shop rollout status deployment/web --timeout=120s
-# No Service proxy yet: the client fetches from the web pods' IPs.
-WEB_IPS="$(kubectl -n shop get pods -l app=web -o jsonpath='{.items[*].status.podIP}')"
+kubectl -n shop wait --for=condition=Ready pod/other --timeout=60s
+# No Service proxy yet: the client fetches from the pods' IPs.
+TARGET_IPS="$(kubectl -n shop get pods -o jsonpath='{.items[*].status.podIP}')"
 kubectl apply -f - <<EOF
 apiVersion: v1
 kind: Pod
@@ -174,25 +125,41 @@ spec:
   - name: wget
     image: busybox:local
     imagePullPolicy: Never
-    env: [{name: TARGETS, value: "$WEB_IPS"}]
-    command: [sh, -c, 'while true; do for ip in \$TARGETS; do wget -q -O /dev/null http://\$ip:8080/; done; sleep 1; done']
+    env: [{name: TARGETS, value: "$TARGET_IPS"}]
+    command: [sh, -c, 'while true; do for ip in \$TARGETS; do wget -q -O /dev/null http://\$ip/; done; sleep 1; done']
 EOF
 kubectl -n shop wait --for=condition=Ready pod/client --timeout=60s
-kubectl -n tapestry-system wait --for=condition=Ready pod/aggregator --timeout=60s
-kubectl -n tapestry-system rollout status daemonset/tap-agent --timeout=60s
 kubectl get pods -A -o wide
 
-step "Live traffic of the web pods, as tshark sees it over PCAP-over-IP (10 s)"
-sleep 3
+step "A tool and a policy through the fleet manager's REST API (https://$FLEET)"
+TOKEN="$(grep ',admin,' "$DATA_DIR/tokens.csv" | cut -d, -f1)"
+api() {
+  curl -sS --fail-with-body --cacert "$DATA_DIR/pki/ca.crt" -H "Authorization: Bearer $TOKEN" "$@"
+  echo
+}
+echo '$ curl https://'"$FLEET"'/v1/tools -d {"name": "wireshark", "type": "pcapOverIp", ...}'
+api "https://$FLEET/v1/tools" -d '{"name": "wireshark", "type": "pcapOverIp", "listen": "127.0.0.1:57012"}'
+echo '$ curl https://'"$FLEET"'/v1/policies -d {"name": "web-http", ...}'
+api "https://$FLEET/v1/policies" -d '{"name": "web-http", "namespaces": ["shop"],
+  "podSelector": {"matchLabels": {"app": "web"}}, "rules": [{"protocol": "tcp", "ports": ["80"]}],
+  "filter": "tcp port 80", "slice": {"payload": 128}, "tools": ["wireshark"]}'
+kubectl wait --for=condition=Ready taptool/wireshark --timeout=30s
+
+step "The web pods' HTTP, and nothing of 'other', as tshark sees it over PCAP-over-IP (10 s)"
 tshark -i TCP@127.0.0.1:57012 -a duration:10 -Y http 2>/dev/null | head -n 20 || true
+
+step "The fleet, as the REST API and kubectl show it"
+api "https://$FLEET/v1/nodes"
+kubectl get tappolicies,taptools
 
 cat <<EOF
 
 The cluster keeps running. In another shell:
-  export KUBECONFIG=$KUBECONFIG
-  kubectl get pods -A -o wide
-  tshark -i TCP@127.0.0.1:57012              # the web pods' traffic, live
-  curl -s http://127.0.0.1:9090/metrics      # aggregator counters
+  export KUBECONFIG=$KUBECONFIG TOKEN=\$(grep ',admin,' $DATA_DIR/tokens.csv | cut -d, -f1)
+  curl --cacert $DATA_DIR/pki/ca.crt -H "Authorization: Bearer \$TOKEN" https://$FLEET/v1/policies
+  tshark -i TCP@127.0.0.1:57012          # the web pods' traffic, live
+  kubectl get tappolicies,taptools
+The API is described at https://$FLEET/docs and https://$FLEET/openapi.json.
 Ctrl-C here stops the cluster and cleans up.
 EOF
 wait "$UP_PID"
