@@ -7,15 +7,14 @@
 
 use std::collections::BTreeSet;
 use std::net::UdpSocket;
-use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
+use tapestry_e2e::api::*;
+use tapestry_e2e::node::{join_and_time, Machine, MACHINE_HOST_IP};
 use tapestry_e2e::*;
 
-const BRIDGE: &str = "tpe2e0";
+const BRIDGE: &str = "tpfleet0";
 const POD_CIDR: &str = "10.252.0.0/24";
 
 fn pod(name: &str, app: &str) -> String {
@@ -29,20 +28,6 @@ fn pod(name: &str, app: &str) -> String {
     .to_string()
 }
 
-/// A PCAP-over-IP tool on a free loopback port; its address.
-fn create_tool(c: &Cluster, name: &str) -> String {
-    let addr = format!("127.0.0.1:{}", free_port());
-    let body = json!({"name": name, "type": "pcapOverIp", "listen": addr}).to_string();
-    let a = c.rest("POST", "/v1/tools", Some(&body));
-    assert_eq!(a.status, 201, "{}", a.raw);
-    addr
-}
-
-fn create_policy(c: &Cluster, body: Value) {
-    let a = c.rest("POST", "/v1/policies", Some(&body.to_string()));
-    assert_eq!(a.status, 201, "{}", a.raw);
-}
-
 /// Waits until the aggregator serves the tool and the node's tap runs the
 /// policy on `pods` pods; then starts tshark on the tool and waits until the
 /// aggregator counts it as a client.
@@ -52,7 +37,7 @@ fn ready_and_listening(c: &Cluster, policy: &str, tool: &str, addr: &str, pods: 
         Duration::from_secs(20),
         || {
             let t = c.rest("GET", &format!("/v1/tools/{tool}"), None).body;
-            ready(&t["status"]).then_some(())
+            ready_condition(&t["status"]).then_some(())
         },
     );
     wait_for(
@@ -73,13 +58,6 @@ fn ready_and_listening(c: &Cluster, policy: &str, tool: &str, addr: &str, pods: 
         },
     );
     capture
-}
-
-fn ready(status: &Value) -> bool {
-    status["conditions"].as_array().is_some_and(|cs| {
-        cs.iter()
-            .any(|c| c["type"] == "Ready" && c["status"] == "True")
-    })
 }
 
 /// Datagrams `prefix:N` for N in `seq` to ip:port, one every `gap`.
@@ -527,100 +505,6 @@ fn deleted_workloads_come_back(c: &Cluster) {
     );
 }
 
-/// A second machine: a network namespace joined to the host by a veth pair
-/// (host 10.250.77.1, node 10.250.77.2), with a route to its pod range.
-struct Machine {
-    ns: &'static str,
-    pod_cidr: &'static str,
-}
-
-const MACHINE_HOST_IP: &str = "10.250.77.1";
-
-impl Machine {
-    fn new(ns: &'static str, pod_cidr: &'static str) -> Machine {
-        let m = Machine { ns, pod_cidr };
-        m.remove();
-        let script = format!(
-            "ip netns add {ns} && ip link add tpe2e-h type veth peer name eth0 netns {ns} && \
-             ip addr add {MACHINE_HOST_IP}/30 dev tpe2e-h && ip link set tpe2e-h up && \
-             ip -n {ns} addr add 10.250.77.2/30 dev eth0 && ip -n {ns} link set eth0 up && \
-             ip -n {ns} link set lo up && ip -n {ns} route add default via {MACHINE_HOST_IP} && \
-             ip route add {pod_cidr} via 10.250.77.2"
-        );
-        let out = Command::new("sh").arg("-c").arg(&script).output().unwrap();
-        assert!(
-            out.status.success(),
-            "{script}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        m
-    }
-
-    fn remove(&self) {
-        for args in [
-            vec!["route", "del", self.pod_cidr],
-            vec!["link", "del", "tpe2e-h"],
-            vec!["netns", "del", self.ns],
-        ] {
-            let _ = Command::new("ip")
-                .args(&args)
-                .stderr(Stdio::null())
-                .status();
-        }
-    }
-}
-
-impl Drop for Machine {
-    fn drop(&mut self) {
-        self.remove();
-    }
-}
-
-/// `tapestry node` on that machine, stopped with SIGTERM.
-struct JoinedNode(Child);
-
-impl JoinedNode {
-    fn start(c: &Cluster, machine: &Machine, name: &str, bridge: &str) -> JoinedNode {
-        let data = c.dir.path().join(name);
-        build_busybox_image(c.dir.path(), &data);
-        let log = std::fs::File::create(c.dir.path().join(format!("{name}.log"))).unwrap();
-        // nsenter changes only the network namespace: the node keeps the
-        // host's cgroup mounts, as a second machine has its own.
-        let child = Command::new("nsenter")
-            .arg(format!("--net=/run/netns/{}", machine.ns))
-            .arg(program_path("tapestry").unwrap())
-            .arg("node")
-            .args(["--server", &format!("https://{}", c.api)])
-            .arg("--token-file")
-            .arg(c.data().join("node-token"))
-            .arg("--ca-file")
-            .arg(c.data().join("pki/ca.crt"))
-            .arg("--data-dir")
-            .arg(&data)
-            .args(["--name", name, "--kubelet-port", &free_port().to_string()])
-            .args(["--pod-cidr", machine.pod_cidr, "--bridge", bridge])
-            .arg("--stop-pods-on-exit")
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("tapestry node");
-        JoinedNode(child)
-    }
-}
-
-impl Drop for JoinedNode {
-    fn drop(&mut self) {
-        // SAFETY: signalling our own child process.
-        unsafe { libc::kill(self.0.id() as i32, libc::SIGTERM) };
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while self.0.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 /// Acceptance 4: a node joins with a matching pod bound to it; within
 /// 2 s of its Ready condition the pod's packets reach the tool and
 /// `/v1/nodes` shows the node's tap Connected.
@@ -644,77 +528,18 @@ fn a_joining_node_is_tapped_within_two_seconds_of_ready() {
                "tools": ["joined-tool"]}),
     );
     wait_for("tool Ready", Duration::from_secs(20), || {
-        ready(&c.rest("GET", "/v1/tools/joined-tool", None).body["status"]).then_some(())
+        ready_condition(&c.rest("GET", "/v1/tools/joined-tool", None).body["status"]).then_some(())
     });
     let capture = Capture::tshark(&tool, c.dir.path(), "joined-tool");
     wait_for("tshark connected", Duration::from_secs(20), || {
         let t = c.rest("GET", "/v1/tools/joined-tool", None).body;
         (t["status"]["clients"].as_u64() >= Some(1)).then_some(())
     });
-    // The pod is bound to the node before the node exists.
     c.must(&["create", "namespace", "shop"]);
-    c.apply(
-        &json!({"apiVersion": "v1", "kind": "Pod",
-                "metadata": {"name": "late", "namespace": "shop", "labels": {"app": "late"}},
-                "spec": {"nodeName": "joined",
-                         "containers": [{"name": "c", "image": "busybox:local",
-                                         "imagePullPolicy": "Never",
-                                         "command": ["sleep", "3600"]}]}})
-        .to_string(),
-    );
-    let _node = JoinedNode::start(&c, &machine, "joined", "tpe2e1");
-    let token = c.token();
-    let ready_at = wait_for("node joined Ready", Duration::from_secs(60), || {
-        let out = Command::new("curl")
-            .args(["-sS", "--cacert"])
-            .arg(c.data().join("pki/ca.crt"))
-            .args(["-H", &format!("Authorization: Bearer {token}")])
-            .arg(format!("https://{}/api/v1/nodes/joined", c.api))
-            .output()
-            .ok()?;
-        let node: Value = serde_json::from_slice(&out.stdout).ok()?;
-        let ready = node["status"]["conditions"]
-            .as_array()?
-            .iter()
-            .any(|c| c["type"] == "Ready" && c["status"] == "True");
-        ready.then(SystemTime::now)
-    });
-    // Traffic to the pod from the moment it has an address.
-    let ip = c.running("shop", "late");
+    let join = join_and_time(&c, &machine, "joined", "tpe2e1", &capture);
     eprintln!(
-        "   the pod ran {:?} after Ready",
-        SystemTime::now()
-            .duration_since(ready_at)
-            .unwrap_or_default()
-    );
-    let sending = Arc::new(AtomicBool::new(true));
-    let sender = {
-        let (sending, ip) = (sending.clone(), ip.clone());
-        std::thread::spawn(move || {
-            let sock = UdpSocket::bind("0.0.0.0:0").unwrap();
-            while sending.load(Ordering::Relaxed) {
-                let _ = sock.send_to(b"late", (ip.as_str(), 5555));
-                std::thread::sleep(Duration::from_millis(10));
-            }
-        })
-    };
-    let first = wait_for(
-        "the late pod's first packet",
-        Duration::from_secs(30),
-        || {
-            capture
-                .packets()
-                .iter()
-                .find(|p| ipv4_addresses(&p.data).is_some_and(|(_, d)| d == ip))
-                .map(|p| p.ts)
-        },
-    );
-    let ready = ready_at.duration_since(SystemTime::UNIX_EPOCH).unwrap();
-    let after = first.saturating_sub(ready);
-    eprintln!(
-        "4. node Ready -> first packet of its pod at the tool: {:?} (packet {} Ready)",
-        first.abs_diff(ready),
-        if first >= ready { "after" } else { "before" }
+        "4. node Ready -> first packet of its pod at the tool: {:?} (the pod ran after {:?})",
+        join.tapped, join.pod_running
     );
     wait_for(
         "the joined node's tap Connected",
@@ -724,10 +549,9 @@ fn a_joining_node_is_tapped_within_two_seconds_of_ready() {
             (nodes["tap"] == "Connected").then_some(())
         },
     );
-    sending.store(false, Ordering::Relaxed);
-    sender.join().unwrap();
     assert!(
-        after < Duration::from_secs(2),
-        "the joined node's pod was tapped {after:?} after the node turned Ready"
+        join.tapped < Duration::from_secs(2),
+        "the joined node's pod was tapped {:?} after the node turned Ready",
+        join.tapped
     );
 }

@@ -3,6 +3,9 @@
 //! the fleet manager's REST API through curl, kubectl, and tshark and tcpdump
 //! capturing as a security tool and an operator would.
 
+pub mod api;
+pub mod node;
+
 use std::io::Write;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
@@ -51,9 +54,12 @@ pub fn require(test: &str, tools: &[&str]) -> bool {
 /// A program of the workspace, next to this test's directory in the target
 /// dir (`cargo test --workspace` builds them all).
 pub fn program_path(name: &str) -> Option<PathBuf> {
+    // Tests run from target/PROFILE/deps, programs from target/PROFILE.
     let exe = std::env::current_exe().ok()?;
-    let path = exe.parent()?.parent()?.join(name);
-    path.exists().then_some(path)
+    let dir = exe.parent()?;
+    [dir.join(name), dir.parent()?.join(name)]
+        .into_iter()
+        .find(|path| path.is_file() && *path != exe)
 }
 
 /// A port nobody listens on now.

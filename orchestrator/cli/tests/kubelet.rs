@@ -101,6 +101,8 @@ impl Cluster {
             .args(["--listen", &format!("127.0.0.1:{}", self.port)])
             .args(["--kubelet-port", &self.kubelet_port.to_string()])
             .args(["--name", NODE, "--pod-cidr", POD_CIDR, "--bridge", "tpe2e0"])
+            // The node agent under test alone: no taps or aggregator pods.
+            .arg("--no-fleet-manager")
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
