@@ -6,13 +6,11 @@
 
 use std::{fmt, str::FromStr, sync::Arc};
 
-use futures::StreamExt as _;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
-use kube::{
-    runtime::{reflector, watcher, WatchStreamExt as _},
-    Api, Client,
-};
-use tokio::sync::watch;
+use kube::{runtime::watcher, Api, Client};
+use tapestry_runtime::Informer;
+use tokio::sync::{watch, Notify};
+use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::status::StatusBoard;
@@ -79,7 +77,10 @@ impl fmt::Display for ServiceRef {
 /// The URLs of the ready endpoints of `slices` on `port` (a slice port with
 /// that name, or that number), sorted and without duplicates. An endpoint
 /// whose readiness is unknown counts as ready, as the API says.
-pub fn ready_urls(slices: &[EndpointSlice], port: &PortRef) -> Vec<String> {
+pub fn ready_urls<'a>(
+    slices: impl IntoIterator<Item = &'a EndpointSlice>,
+    port: &PortRef,
+) -> Vec<String> {
     let mut urls = Vec::new();
     for slice in slices {
         let number = slice.ports.iter().flatten().find_map(|p| {
@@ -114,39 +115,42 @@ pub fn ready_urls(slices: &[EndpointSlice], port: &PortRef) -> Vec<String> {
     urls
 }
 
-/// Watches the Service's EndpointSlices until the watch ends, publishing
-/// the ready URLs on every change.
+/// Follows the Service's EndpointSlices for good, publishing the ready
+/// URLs on every change once they have been listed.
 pub async fn watch_endpoints(
     client: Client,
     service: ServiceRef,
     out: watch::Sender<Vec<String>>,
     board: Arc<StatusBoard>,
-) -> anyhow::Result<()> {
+) {
     let api: Api<EndpointSlice> = Api::namespaced(client, &service.namespace);
     let cfg =
         watcher::Config::default().labels(&format!("kubernetes.io/service-name={}", service.name));
-    let (store, writer) = reflector::store();
-    let stream = reflector::reflector(writer, watcher::watcher(api, cfg)).default_backoff();
-    let mut stream = std::pin::pin!(stream);
-    let mut ready = false;
-    while let Some(ev) = stream.next().await {
-        match ev {
-            Ok(watcher::Event::InitDone) => ready = true,
-            Ok(_) => {}
-            Err(e) => {
-                let msg = format!("watching the EndpointSlices of {service}: {e}");
-                if board.set_problems("aggregator-service", vec![msg.clone()]) {
-                    warn!("{msg}");
-                }
-                continue;
+    let slices = Informer::new(api, cfg);
+    let changed = Arc::new(Notify::new());
+    let c = changed.clone();
+    slices.on_change(move |_, _| c.notify_one());
+    let what = format!("watching the EndpointSlices of {service}");
+    slices.on_watch_error(move |e| match e {
+        Some(e) => {
+            let msg = format!("{what}: {e}");
+            if board.set_problems("aggregator-service", vec![msg.clone()]) {
+                warn!("{msg}");
             }
         }
-        board.set_problems("aggregator-service", vec![]);
-        if !ready {
-            continue;
+        None => {
+            board.set_problems("aggregator-service", vec![]);
         }
-        let slices: Vec<EndpointSlice> = store.state().iter().map(|s| (**s).clone()).collect();
-        let urls = ready_urls(&slices, &service.port);
+    });
+    let shutdown = CancellationToken::new();
+    let _stop_watch = shutdown.clone().drop_guard();
+    slices.start(shutdown);
+    slices.ready().await;
+    loop {
+        let urls = ready_urls(
+            slices.store.state().iter().map(|s| s.as_ref()),
+            &service.port,
+        );
         out.send_if_modified(|cur| {
             if *cur != urls {
                 info!(service = %service, endpoints = ?urls, "aggregator endpoints changed");
@@ -156,8 +160,8 @@ pub async fn watch_endpoints(
                 false
             }
         });
+        changed.notified().await;
     }
-    anyhow::bail!("the EndpointSlice watch of {service} ended")
 }
 
 #[cfg(test)]

@@ -1,4 +1,4 @@
-//! Cluster mode's target source. kube-rs reflectors keep caches of the
+//! Cluster mode's target source. Informers keep caches of the
 //! pods bound to this node and — when policies come from the cluster — of
 //! the `TapPolicy` objects, the namespaces (their labels) and this node
 //! (its labels). After every change, and every 2 s (an interface may appear
@@ -11,24 +11,21 @@ use std::{
     collections::{BTreeMap, BTreeSet},
     net::IpAddr,
     path::Path,
-    sync::Arc,
+    sync::{Arc, Mutex},
     time::Duration,
 };
 
 use anyhow::{Context as _, Result};
-use futures::{stream::BoxStream, FutureExt as _, StreamExt as _};
 use k8s_openapi::api::core::v1::{Namespace, Node, Pod};
 use kube::{
     config::{KubeConfigOptions, Kubeconfig},
-    runtime::{
-        reflector::{self, Store},
-        watcher::{self, Event},
-        WatchStreamExt as _,
-    },
+    runtime::watcher,
     Api, Client, Config, Resource,
 };
 use tapestry_proto::{crd::TapPolicy, tap::v1::PodIdentity};
-use tokio::sync::watch;
+use tapestry_runtime::{lock, Informer};
+use tokio::sync::{watch, Notify};
+use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::{
@@ -127,53 +124,94 @@ impl Watched {
     }
 }
 
-/// One watch's news: its first list is complete (`Ok(true)`), something
-/// changed (`Ok(false)`), or it failed (it retries with backoff).
-type News = (Watched, std::result::Result<bool, String>);
+/// What the informers tell the recompute loop: something changed, and
+/// which watches are failing (reported on the board as they change).
+struct News {
+    changed: Notify,
+    failing: Mutex<BTreeMap<Watched, String>>,
+    board: Arc<StatusBoard>,
+}
 
-fn watch<K>(
-    kind: Watched,
-    api: Api<K>,
-    cfg: watcher::Config,
-) -> (Store<K>, BoxStream<'static, News>)
-where
-    K: Resource + Clone + std::fmt::Debug + serde::de::DeserializeOwned + Send + Sync + 'static,
-    K::DynamicType: Default + Eq + std::hash::Hash + Clone,
-{
-    let (store, writer) = reflector::store();
-    let stream = reflector::reflector(writer, watcher::watcher(api, cfg))
-        .default_backoff()
-        .map(move |ev| match ev {
-            Ok(Event::InitDone) => (kind, Ok(true)),
-            Ok(_) => (kind, Ok(false)),
-            Err(e) => (kind, Err(e.to_string())),
-        })
-        .boxed();
-    (store, stream)
+impl News {
+    fn watch<K>(
+        self: &Arc<Self>,
+        kind: Watched,
+        api: Api<K>,
+        cfg: watcher::Config,
+        shutdown: &CancellationToken,
+    ) -> Arc<Informer<K>>
+    where
+        K: Resource<DynamicType = ()>
+            + Clone
+            + std::fmt::Debug
+            + serde::de::DeserializeOwned
+            + Send
+            + Sync
+            + 'static,
+    {
+        let informer = Informer::new(api, cfg);
+        let news = self.clone();
+        informer.on_change(move |_, _| news.changed.notify_one());
+        let news = self.clone();
+        informer.on_watch_error(move |e| {
+            let problems: Vec<String> = {
+                let mut failing = lock(&news.failing);
+                match e {
+                    Some(e) => failing.insert(kind, format!("{}: {e}", kind.what())),
+                    None => failing.remove(&kind),
+                };
+                failing.values().cloned().collect()
+            };
+            if news.board.set_problems("watch", problems.clone()) {
+                for p in problems {
+                    warn!("{p} (retrying)");
+                }
+            }
+        });
+        informer.start(shutdown.clone());
+        informer
+    }
 }
 
 /// The caches everything is computed from.
 struct Caches {
-    pods: Store<Pod>,
-    policies: Option<Store<TapPolicy>>,
-    namespaces: Option<Store<Namespace>>,
-    node: Option<Store<Node>>,
+    pods: Arc<Informer<Pod>>,
+    policies: Option<Arc<Informer<TapPolicy>>>,
+    namespaces: Option<Arc<Informer<Namespace>>>,
+    node: Option<Arc<Informer<Node>>>,
+}
+
+impl Caches {
+    /// Once every watch has listed.
+    async fn ready(&self) {
+        self.pods.ready().await;
+        if let (Some(p), Some(n), Some(o)) = (&self.policies, &self.namespaces, &self.node) {
+            tokio::join!(p.ready(), n.ready(), o.ready());
+        }
+    }
 }
 
 const RESYNC: Duration = Duration::from_secs(2);
 
 impl ClusterSource {
-    /// Runs until every watch ends. Nothing is published before each watch
-    /// has listed once, so a restart does not detach everything for a
-    /// moment.
-    pub async fn run(self) -> Result<()> {
+    /// Runs for good, following the cluster. Nothing is published before
+    /// each watch has listed once, so a restart does not detach everything
+    /// for a moment.
+    pub async fn run(self) {
+        let shutdown = CancellationToken::new();
+        let _stop_watches = shutdown.clone().drop_guard();
+        let news = Arc::new(News {
+            changed: Notify::new(),
+            failing: Mutex::default(),
+            board: self.board.clone(),
+        });
         let node_field = format!("spec.nodeName={}", self.node);
-        let (pods, pod_news) = watch(
+        let pods = news.watch(
             Watched::Pods,
-            Api::<Pod>::all(self.client.clone()),
+            Api::all(self.client.clone()),
             watcher::Config::default().fields(&node_field),
+            &shutdown,
         );
-        let mut streams = vec![pod_news];
         let caches = match self.policies {
             PolicySource::File(_) => Caches {
                 pods,
@@ -181,71 +219,41 @@ impl ClusterSource {
                 namespaces: None,
                 node: None,
             },
-            PolicySource::Cluster => {
-                let (policies, a) = watch(
+            PolicySource::Cluster => Caches {
+                pods,
+                policies: Some(news.watch(
                     Watched::TapPolicies,
-                    Api::<TapPolicy>::all(self.client.clone()),
+                    Api::all(self.client.clone()),
                     watcher::Config::default(),
-                );
-                let (namespaces, b) = watch(
+                    &shutdown,
+                )),
+                namespaces: Some(news.watch(
                     Watched::Namespaces,
-                    Api::<Namespace>::all(self.client.clone()),
+                    Api::all(self.client.clone()),
                     watcher::Config::default(),
-                );
-                let (node, c) = watch(
+                    &shutdown,
+                )),
+                node: Some(news.watch(
                     Watched::Node,
-                    Api::<Node>::all(self.client.clone()),
+                    Api::all(self.client.clone()),
                     watcher::Config::default().fields(&format!("metadata.name={}", self.node)),
-                );
-                streams.extend([a, b, c]);
-                Caches {
-                    pods,
-                    policies: Some(policies),
-                    namespaces: Some(namespaces),
-                    node: Some(node),
-                }
-            }
+                    &shutdown,
+                )),
+            },
         };
-        let mut listing: BTreeSet<Watched> = BTreeSet::from([Watched::Pods]);
-        if caches.policies.is_some() {
-            listing.extend([Watched::TapPolicies, Watched::Namespaces, Watched::Node]);
-        }
-        let mut news = futures::stream::select_all(streams);
         let mut resync = tokio::time::interval(RESYNC);
         resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut failing: BTreeMap<Watched, String> = BTreeMap::new();
+        let listed = caches.ready();
+        tokio::pin!(listed);
+        let mut ready = false;
         loop {
+            // A burst of changes leaves one wakeup: one recompute for all.
             tokio::select! {
-                n = news.next() => {
-                    let Some(first) = n else { anyhow::bail!("every watch ended") };
-                    // Take a burst of news at once: one recompute for all.
-                    let mut batch = vec![first];
-                    while let Some(Some(more)) = news.next().now_or_never() {
-                        batch.push(more);
-                    }
-                    for (kind, result) in batch {
-                        match result {
-                            Ok(init_done) => {
-                                failing.remove(&kind);
-                                if init_done {
-                                    listing.remove(&kind);
-                                }
-                            }
-                            Err(e) => {
-                                failing.insert(kind, format!("{}: {e}", kind.what()));
-                            }
-                        }
-                    }
-                    let problems: Vec<String> = failing.values().cloned().collect();
-                    if self.board.set_problems("watch", problems.clone()) {
-                        for p in problems {
-                            warn!("{p} (retrying)");
-                        }
-                    }
-                }
+                _ = news.changed.notified() => {}
                 _ = resync.tick() => {}
+                _ = &mut listed, if !ready => ready = true,
             }
-            if listing.is_empty() {
+            if ready {
                 self.recompute(&caches).await;
             }
         }
@@ -259,7 +267,7 @@ impl ClusterSource {
         let namespaces: BTreeMap<String, Labels> = caches
             .namespaces
             .iter()
-            .flat_map(|s| s.state())
+            .flat_map(|s| s.store.state())
             .filter_map(|n| {
                 Some((
                     n.metadata.name.clone()?,
@@ -269,12 +277,17 @@ impl ClusterSource {
             .collect();
         let node_labels: Labels = caches
             .node
-            .iter()
-            .flat_map(|s| s.state())
-            .find(|n| n.metadata.name.as_deref() == Some(self.node.as_str()))
+            .as_ref()
+            .and_then(|s| s.get(None, &self.node))
             .and_then(|n| n.metadata.labels.clone())
             .unwrap_or_default();
-        let pods: Vec<PodView> = caches.pods.state().iter().map(|p| pod_view(p)).collect();
+        let pods: Vec<PodView> = caches
+            .pods
+            .store
+            .state()
+            .iter()
+            .map(|p| pod_view(p))
+            .collect();
         let selected = selection::select(&policies, &pods, &namespaces, &self.node, &node_labels);
 
         let facts = if selected.is_empty() {
@@ -373,8 +386,8 @@ impl ClusterSource {
 
 /// The active policies among the TapPolicy objects, sorted by name, and
 /// the problems of those that cannot be applied.
-fn cluster_policies(store: Option<&Store<TapPolicy>>) -> (Vec<Policy>, Vec<String>) {
-    let mut objects: Vec<Arc<TapPolicy>> = store.map(|s| s.state()).unwrap_or_default();
+fn cluster_policies(informer: Option<&Arc<Informer<TapPolicy>>>) -> (Vec<Policy>, Vec<String>) {
+    let mut objects: Vec<Arc<TapPolicy>> = informer.map(|i| i.store.state()).unwrap_or_default();
     objects.sort_by(|a, b| a.metadata.name.cmp(&b.metadata.name));
     let mut policies = Vec::new();
     let mut problems = Vec::new();

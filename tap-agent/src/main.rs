@@ -231,14 +231,12 @@ async fn run(a: RunArgs, file_policies: Option<Vec<TapPolicy>>) -> anyhow::Resul
         }
         (None, Some(service), Some(client)) => {
             let (tx, rx) = tokio::sync::watch::channel(Vec::new());
-            let (client, service, board) = (client.clone(), service.clone(), board.clone());
-            tokio::spawn(async move {
-                if let Err(e) =
-                    aggregator_service::watch_endpoints(client, service, tx, board).await
-                {
-                    tracing::error!("{e:#}");
-                }
-            });
+            tokio::spawn(aggregator_service::watch_endpoints(
+                client.clone(),
+                service.clone(),
+                tx,
+                board.clone(),
+            ));
             rx
         }
         _ => anyhow::bail!("--aggregator-service needs --kubeconfig or --in-cluster"),
@@ -273,11 +271,7 @@ async fn run(a: RunArgs, file_policies: Option<Vec<TapPolicy>>) -> anyhow::Resul
                 out: tx,
                 board: board.clone(),
             };
-            tokio::spawn(async move {
-                if let Err(e) = source.run().await {
-                    tracing::error!("{e:#}");
-                }
-            });
+            tokio::spawn(source.run());
             let heartbeat = Heartbeat {
                 client,
                 namespace: a.lease_namespace.clone(),
