@@ -20,16 +20,17 @@ mod sys;
 mod volumes;
 mod ws;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::IpAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use anyhow::{Context, Result};
-use futures::StreamExt;
 use k8s_openapi::api::core::v1::Pod;
 use kube::runtime::watcher;
 use kube::Api;
+use tapestry_runtime::{key_of, lock, run_worker, split_key, Informer, Queue, Requeue};
 use tokio_util::sync::CancellationToken;
 
 use crate::cni::Cni;
@@ -38,6 +39,11 @@ use crate::pods::Worker;
 use crate::runtime::Runtime;
 
 pub const KUBELET_VERSION: &str = "v1.33.0-tapestry";
+/// Far more than a node's pods: the queue never drops one.
+const QUEUE_CAPACITY: usize = 100_000;
+/// Every pod is looked at again this often (a worker that stopped for a
+/// pod still bound here is started again).
+const RESYNC: Duration = Duration::from_secs(60);
 
 /// How a node agent runs.
 #[derive(Clone, Debug)]
@@ -166,68 +172,66 @@ pub async fn start(
     Ok(Running { addr, task })
 }
 
-/// Watch the pods bound to this node and keep one worker per pod.
+/// Follow the pods bound to this node and keep one worker per pod.
 async fn sync_pods(kubelet: Arc<Kubelet>, shutdown: CancellationToken) {
-    let pods: Api<Pod> = Api::all(kubelet.client.clone());
-    let cfg =
-        watcher::Config::default().fields(&format!("spec.nodeName={}", kubelet.config.node_name));
-    let mut stream = watcher(pods, cfg).boxed();
-    let mut workers: HashMap<String, Worker> = HashMap::new();
-    let mut seen_in_init: Option<std::collections::HashSet<String>> = None;
-    let mut orphans_checked = false;
-    loop {
-        let event = tokio::select! {
-            _ = shutdown.cancelled() => break,
-            e = stream.next() => e,
-        };
-        let Some(event) = event else { break };
-        let event = match event {
-            Ok(e) => e,
-            Err(e) => {
-                tracing::warn!(error = %e, "pod watch failed; retrying");
-                tokio::time::sleep(std::time::Duration::from_secs(1)).await;
-                continue;
-            }
-        };
-        match event {
-            watcher::Event::Init => seen_in_init = Some(Default::default()),
-            watcher::Event::InitApply(pod) | watcher::Event::Apply(pod) => {
-                let Some(uid) = pod.metadata.uid.clone() else {
-                    continue;
-                };
-                if let Some(seen) = seen_in_init.as_mut() {
-                    seen.insert(uid.clone());
-                }
-                workers.retain(|_, w| !w.finished());
-                match workers.get(&uid) {
-                    Some(w) => w.update(pod),
-                    None => {
-                        let w = Worker::spawn(kubelet.clone(), pod, shutdown.clone());
-                        workers.insert(uid, w);
-                    }
-                }
-            }
-            watcher::Event::Delete(pod) => {
-                if let Some(w) = pod.metadata.uid.as_ref().and_then(|u| workers.get(u)) {
+    let pods = Informer::new(
+        Api::<Pod>::all(kubelet.client.clone()),
+        watcher::Config::default().fields(&format!("spec.nodeName={}", kubelet.config.node_name)),
+    );
+    let queue = Queue::new(QUEUE_CAPACITY);
+    let q = queue.clone();
+    pods.on_change(move |p, _| q.add(key_of(p)));
+    pods.start(shutdown.clone());
+    tokio::select! {
+        _ = shutdown.cancelled() => return,
+        _ = pods.ready() => {}
+    }
+    // Before any worker starts, so none can be mistaken for an orphan.
+    let listed: HashSet<String> = pods
+        .store
+        .state()
+        .iter()
+        .filter_map(|p| p.metadata.uid.clone())
+        .collect();
+    pods::clean_orphans(&kubelet, &listed).await;
+
+    // Pod uid → its key and worker. A pod's worker may still be stopping
+    // while a new pod of the same name starts.
+    let workers: Mutex<HashMap<String, (String, Worker)>> = Mutex::default();
+    let p = pods.clone();
+    run_worker(
+        "kubelet-pods",
+        queue,
+        shutdown.clone(),
+        RESYNC,
+        move || p.store.state().iter().map(|p| key_of(p.as_ref())).collect(),
+        |key| {
+            let (ns, name) = split_key(&key);
+            let pod = pods.get(ns, name);
+            let mut workers = lock(&workers);
+            workers.retain(|_, (_, w)| !w.finished());
+            let uid = pod.as_ref().and_then(|p| p.metadata.uid.clone());
+            for (other, (k, w)) in workers.iter() {
+                if *k == key && Some(other) != uid.as_ref() {
                     w.gone();
                 }
             }
-            watcher::Event::InitDone => {
-                let seen = seen_in_init.take().unwrap_or_default();
-                for (uid, w) in &workers {
-                    if !seen.contains(uid) {
-                        w.gone();
+            if let (Some(pod), Some(uid)) = (pod, uid) {
+                match workers.get(&uid) {
+                    Some((_, w)) => w.update(pod),
+                    None => {
+                        let w = Worker::spawn(kubelet.clone(), pod, shutdown.clone());
+                        workers.insert(uid, (key, w));
                     }
                 }
-                if !orphans_checked {
-                    orphans_checked = true;
-                    pods::clean_orphans(&kubelet, &seen).await;
-                }
             }
-        }
-    }
+            std::future::ready(Ok(Requeue::Done))
+        },
+    )
+    .await;
     // Workers see the shutdown token too; wait for them to finish.
-    for (_, w) in workers {
+    let workers = std::mem::take(&mut *lock(&workers));
+    for (_, (_, w)) in workers {
         w.join().await;
     }
 }

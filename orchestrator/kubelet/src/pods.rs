@@ -44,14 +44,14 @@ pub struct Worker {
 }
 
 impl Worker {
-    pub fn spawn(kubelet: Arc<Kubelet>, pod: Pod, shutdown: CancellationToken) -> Worker {
-        let (tx, rx) = watch::channel(Desired::Pod(Arc::new(pod)));
+    pub fn spawn(kubelet: Arc<Kubelet>, pod: Arc<Pod>, shutdown: CancellationToken) -> Worker {
+        let (tx, rx) = watch::channel(Desired::Pod(pod));
         let task = tokio::spawn(run(kubelet, rx, shutdown));
         Worker { tx, task }
     }
 
-    pub fn update(&self, pod: Pod) {
-        let _ = self.tx.send(Desired::Pod(Arc::new(pod)));
+    pub fn update(&self, pod: Arc<Pod>) {
+        let _ = self.tx.send(Desired::Pod(pod));
     }
 
     pub fn gone(&self) {
