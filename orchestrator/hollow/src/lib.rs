@@ -20,7 +20,7 @@ use kube::api::{DeleteParams, Patch, PatchParams, PostParams, Preconditions};
 use kube::runtime::watcher;
 use kube::{Api, Client, ResourceExt};
 use serde_json::json;
-use tapestry_runtime::{self as runtime, key_of, split_key, Informer, Queue, Requeue};
+use tapestry_runtime::{self as runtime, key_of, lock, split_key, Informer, Queue, Requeue};
 use tokio_util::sync::CancellationToken;
 
 /// The label every hollow node carries.
@@ -92,10 +92,6 @@ struct Hollow {
     config: Config,
     states: Mutex<HashMap<String, NodeState>>,
     pods: Arc<Informer<HollowPod>>,
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 fn parse_cidr(s: &str) -> Option<(u32, u32)> {
