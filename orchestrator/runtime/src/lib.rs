@@ -2,8 +2,10 @@
 //! kube-runtime: shared informers (one watch per resource feeding a store
 //! and change handlers), a deduplicating bounded work queue driving
 //! idempotent reconciles, Lease-based leader election, and an event
-//! recorder. The controller manager, the scheduler, hollow nodes, the
-//! kubelet, the tap-agent and the fleet manager all use it.
+//! recorder. The controller manager, hollow nodes, the kubelet, the
+//! tap-agent and the fleet manager watch through it; the scheduler keeps
+//! its own watch loop (see `tapestry_scheduler::run`) and records events
+//! with it.
 
 pub mod events;
 pub mod informer;

@@ -654,6 +654,12 @@ pub async fn run(client: Client, stats: Arc<Stats>, shutdown: CancellationToken)
     let (bind_tx, mut bind_rx) = mpsc::channel(BINDS_IN_FLIGHT * 2);
     let mut s = Scheduler::new(client.clone(), stats, bind_tx);
     let slots = Arc::new(tokio::sync::Semaphore::new(BINDS_IN_FLIGHT));
+    // Raw watches rather than tapestry-runtime informers: this task owns
+    // the cache and applies each event, moved in whole, between batches of
+    // binds, nodes first. An informer would keep every pod a second time in
+    // its store and hand out references from its own task, so each of the
+    // several events per scheduled pod would cost a deep copy and a
+    // channel hop on the path that sets the scheduling throughput.
     let pods = watcher::watcher(Api::<Pod>::all(client.clone()), watcher::Config::default())
         .default_backoff();
     let nodes = watcher::watcher(Api::<Node>::all(client.clone()), watcher::Config::default())
