@@ -720,6 +720,8 @@ impl LocalCluster {
             .args(["--listen", &format!("127.0.0.1:{}", free_port())])
             .args(["--kubelet-port", &free_port().to_string()])
             .args(["--name", "tapnode", "--bridge", TEST_BRIDGE])
+            // The agent under test alone: no fleet manager deploying taps.
+            .arg("--no-fleet-manager")
             .args([
                 "--pod-cidr",
                 "10.251.0.0/24",
