@@ -22,6 +22,21 @@ pub fn require(test: &str, tools: &[&str]) -> bool {
     if unsafe { libc::geteuid() } != 0 {
         missing.push("root".to_string());
     }
+    missing.extend(missing_tools_and_programs(
+        tools,
+        &["tapestry", "tap-agent", "aggregator"],
+    ));
+    verdict(test, missing)
+}
+
+/// Like [`require`] for a test that runs as any user and needs only these
+/// tools (commands, or absolute paths) and workspace programs.
+pub fn require_programs(test: &str, tools: &[&str], programs: &[&str]) -> bool {
+    verdict(test, missing_tools_and_programs(tools, programs))
+}
+
+fn missing_tools_and_programs(tools: &[&str], programs: &[&str]) -> Vec<String> {
+    let mut missing = Vec::new();
     for tool in tools {
         let found = Command::new("sh")
             .arg("-c")
@@ -33,13 +48,17 @@ pub fn require(test: &str, tools: &[&str]) -> bool {
             missing.push(tool.to_string());
         }
     }
-    for program in ["tapestry", "tap-agent", "aggregator"] {
+    for program in programs {
         if program_path(program).is_none() {
             missing.push(format!(
                 "the {program} binary (cargo build --workspace --bins)"
             ));
         }
     }
+    missing
+}
+
+fn verdict(test: &str, missing: Vec<String>) -> bool {
     if missing.is_empty() {
         return true;
     }

@@ -6,6 +6,7 @@
 
 pub mod auth;
 mod docs;
+pub mod extract;
 pub mod nodes;
 pub mod objects;
 pub mod policies;
@@ -17,22 +18,24 @@ use std::time::{Duration, Instant};
 
 use anyhow::Result;
 use axum::body::Bytes;
-use axum::extract::{MatchedPath, Path, Query, Request, State};
+use axum::extract::{MatchedPath, Request, State};
 use axum::middleware::Next;
 use axum::response::{Html, IntoResponse, Response};
-use axum::routing::get;
+use axum::Extension;
 use axum::Router;
 use http::{header, HeaderMap, HeaderValue, StatusCode};
 use tokio_util::sync::CancellationToken;
+use utoipa::openapi::schema::{AllOfBuilder, ObjectBuilder, Schema, SchemaType};
 use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityScheme};
-use utoipa::openapi::OpenApi;
+use utoipa::openapi::{OpenApi, RefOr};
 use utoipa::Modify;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use crate::fleet::Fleet;
 use crate::metrics::{Metrics, RequestLabels};
-use objects::ListQuery;
+use extract::{Name, Query};
+use objects::{ChangeEvent, ListQuery};
 use problem::{ApiResult, Problem};
 
 /// What every handler shares.
@@ -46,9 +49,11 @@ pub struct AppState {
 type Shared = State<Arc<AppState>>;
 
 /// The REST face of one kind: list (or watch), create, get, replace,
-/// merge-patch and delete, each documented for the OpenAPI document.
+/// merge-patch and delete, each documented for the OpenAPI document, with
+/// an example body, an example patch and an example name.
 macro_rules! face_routes {
-    ($module:ident, $face:ty, $body:ident, $page:ident, $tag:tt, $collection:tt, $item:tt, $what:tt) => {
+    ($module:ident, $face:ty, $body:ident, $page:ident, $tag:tt, $collection:tt, $item:tt, $what:tt,
+     $example:tt, $patch_example:tt, $name_example:tt) => {
         pub mod $module {
             use super::*;
 
@@ -60,7 +65,8 @@ macro_rules! face_routes {
             pub struct $page {
                 pub items: Vec<$body>,
                 /// Pass as `continue` for the next page; absent on the last.
-                #[serde(rename = "continue")]
+                #[serde(rename = "continue", skip_serializing_if = "Option::is_none")]
+                #[schema(nullable = false)]
                 pub continue_: Option<String>,
                 /// The version the page was read at: watch from it.
                 pub resource_version: String,
@@ -68,12 +74,13 @@ macro_rules! face_routes {
 
             #[utoipa::path(
                 get, path = $collection, tag = $tag,
+                operation_id = concat!("list_", $tag),
                 summary = concat!("List ", $what, "s, or watch them as Server-Sent Events"),
-                params(ListQuery, ("Last-Event-ID" = Option<String>, Header, description = "With watch: resume after this event")),
+                params(ListQuery, ("Last-Event-ID" = Option<String>, Header, nullable = false, description = "With watch: resume after this event")),
                 responses(
-                    (status = 200, description = "A page of objects", body = $page),
-                    (status = 200, description = "With watch=true: events ADDED, MODIFIED, DELETED (data: the object, id: its version) and ERROR", content_type = "text/event-stream", body = String),
-                    (status = 400, description = "Bad query", body = Problem, content_type = "application/problem+json"),
+                    (status = 200, description = "A page of objects; with watch=true, events ADDED, MODIFIED, DELETED (data: the object, id: its version) and ERROR",
+                     content(($page = "application/json"), (ChangeEvent = "text/event-stream"))),
+                    (status = 400, description = "A query parameter is wrong (named)", body = Problem, content_type = "application/problem+json"),
                     (status = 401, description = "No valid token", body = Problem, content_type = "application/problem+json"),
                     (status = 410, description = "The continue token expired", body = Problem, content_type = "application/problem+json"),
                     (status = 502, description = "The Kubernetes API failed", body = Problem, content_type = "application/problem+json"),
@@ -90,8 +97,9 @@ macro_rules! face_routes {
 
             #[utoipa::path(
                 post, path = $collection, tag = $tag,
+                operation_id = concat!("create_", $what),
                 summary = concat!("Create a ", $what),
-                request_body(content = $body, content_type = "application/json"),
+                request_body(content = $body, content_type = "application/json", example = json!($example)),
                 responses(
                     (status = 201, description = "Created", body = $body,
                      headers(("ETag" = String, description = "The version"), ("Location" = String))),
@@ -109,8 +117,9 @@ macro_rules! face_routes {
 
             #[utoipa::path(
                 get, path = $item, tag = $tag,
+                operation_id = concat!("read_", $what),
                 summary = concat!("Read a ", $what),
-                params(("name" = String, Path)),
+                params(("name" = String, Path, example = $name_example)),
                 responses(
                     (status = 200, description = "The object", body = $body,
                      headers(("ETag" = String, description = "The version"))),
@@ -120,15 +129,18 @@ macro_rules! face_routes {
                 ),
                 security(("bearer" = []))
             )]
-            pub async fn read(State(state): Shared, Path(name): Path<String>) -> ApiResult<Response> {
+            pub async fn read(State(state): Shared, Name(name): Name) -> ApiResult<Response> {
                 objects::get::<$face>(&state, &name).await
             }
 
             #[utoipa::path(
                 put, path = $item, tag = $tag,
+                operation_id = concat!("replace_", $what),
                 summary = concat!("Replace a ", $what),
-                params(("name" = String, Path), ("If-Match" = Option<String>, Header, description = "Replace only this version (an ETag)")),
-                request_body(content = $body, content_type = "application/json"),
+                params(("name" = String, Path, example = $name_example),
+                       ("If-Match" = Option<String>, Header, nullable = false, pattern = r#"^(\*|(W/)?"[^",]+")$"#,
+                        description = "Replace only this version (an ETag)")),
+                request_body(content = $body, content_type = "application/json", example = json!($example)),
                 responses(
                     (status = 200, description = "Replaced", body = $body,
                      headers(("ETag" = String, description = "The new version"))),
@@ -144,7 +156,7 @@ macro_rules! face_routes {
             )]
             pub async fn replace(
                 State(state): Shared,
-                Path(name): Path<String>,
+                Name(name): Name,
                 headers: HeaderMap,
                 body: Bytes,
             ) -> ApiResult<Response> {
@@ -153,10 +165,13 @@ macro_rules! face_routes {
 
             #[utoipa::path(
                 patch, path = $item, tag = $tag,
+                operation_id = concat!("patch_", $what),
                 summary = concat!("Change some fields of a ", $what, " (JSON merge patch, RFC 7386)"),
-                params(("name" = String, Path), ("If-Match" = Option<String>, Header, description = "Patch only this version (an ETag)")),
+                params(("name" = String, Path, example = $name_example),
+                       ("If-Match" = Option<String>, Header, nullable = false, pattern = r#"^(\*|(W/)?"[^",]+")$"#,
+                        description = "Patch only this version (an ETag)")),
                 request_body(content = Object, content_type = "application/merge-patch+json",
-                             description = "Fields to set; null removes one"),
+                             description = "Fields to set; null removes one", example = json!($patch_example)),
                 responses(
                     (status = 200, description = "Patched", body = $body,
                      headers(("ETag" = String, description = "The new version"))),
@@ -173,7 +188,7 @@ macro_rules! face_routes {
             )]
             pub async fn patch(
                 State(state): Shared,
-                Path(name): Path<String>,
+                Name(name): Name,
                 headers: HeaderMap,
                 body: Bytes,
             ) -> ApiResult<Response> {
@@ -182,8 +197,11 @@ macro_rules! face_routes {
 
             #[utoipa::path(
                 delete, path = $item, tag = $tag,
+                operation_id = concat!("delete_", $what),
                 summary = concat!("Delete a ", $what),
-                params(("name" = String, Path), ("If-Match" = Option<String>, Header, description = "Delete only this version (an ETag)")),
+                params(("name" = String, Path, example = $name_example),
+                       ("If-Match" = Option<String>, Header, nullable = false, pattern = r#"^(\*|(W/)?"[^",]+")$"#,
+                        description = "Delete only this version (an ETag)")),
                 responses(
                     (status = 204, description = "Deleted"),
                     (status = 400, description = "A bad If-Match", body = Problem, content_type = "application/problem+json"),
@@ -196,7 +214,7 @@ macro_rules! face_routes {
             )]
             pub async fn delete(
                 State(state): Shared,
-                Path(name): Path<String>,
+                Name(name): Name,
                 headers: HeaderMap,
             ) -> ApiResult<Response> {
                 objects::delete::<$face>(&state, &name, &headers).await
@@ -219,7 +237,10 @@ face_routes!(
     "policies",
     "/v1/policies",
     "/v1/policies/{name}",
-    "policy"
+    "policy",
+    {"name": "web", "namespaces": ["shop"], "podSelector": {"matchLabels": {"app": "web"}}, "tools": ["wireshark"]},
+    {"snaplen": 128},
+    "web"
 );
 face_routes!(
     tool_routes,
@@ -229,7 +250,10 @@ face_routes!(
     "tools",
     "/v1/tools",
     "/v1/tools/{name}",
-    "tool"
+    "tool",
+    {"name": "wireshark", "type": "pcapOverIp", "listen": "127.0.0.1:57012"},
+    {"listen": "127.0.0.1:57013"},
+    "wireshark"
 );
 
 use policies::Policy;
@@ -248,8 +272,45 @@ impl Modify for BearerScheme {
     }
 }
 
+/// Marks the status of a policy and of a tool read-only (written by the
+/// fleet; ignored when a client sends it), which utoipa drops beside a
+/// `$ref`: `allOf: [{$ref}, {readOnly: true}]` says the same.
+struct ReadOnlyStatus;
+
+impl Modify for ReadOnlyStatus {
+    fn modify(&self, openapi: &mut OpenApi) {
+        let Some(components) = openapi.components.as_mut() else {
+            return;
+        };
+        for kind in ["Policy", "Tool"] {
+            let Some(RefOr::T(Schema::AllOf(all))) = components.schemas.get_mut(kind) else {
+                continue;
+            };
+            for item in &mut all.items {
+                let RefOr::T(Schema::Object(object)) = item else {
+                    continue;
+                };
+                let Some(status) = object.properties.get_mut("status") else {
+                    continue;
+                };
+                if let RefOr::Ref(reference) = status {
+                    let description = std::mem::take(&mut reference.description);
+                    let read_only = ObjectBuilder::new()
+                        .schema_type(SchemaType::AnyValue)
+                        .read_only(Some(true));
+                    *status = AllOfBuilder::new()
+                        .item(reference.clone())
+                        .item(read_only)
+                        .description(Some(description))
+                        .into();
+                }
+            }
+        }
+    }
+}
+
 #[utoipa::path(
-    get, path = "/healthz", tag = "service",
+    get, path = "/healthz", tag = "service", operation_id = "healthz",
     summary = "Whether the fleet manager is up",
     responses((status = 200, description = "ok", body = String, content_type = "text/plain"))
 )]
@@ -258,11 +319,12 @@ async fn healthz() -> &'static str {
 }
 
 #[utoipa::path(
-    get, path = "/metrics", tag = "service",
+    get, path = "/metrics", tag = "service", operation_id = "metrics",
     summary = "Prometheus metrics",
     responses(
         (status = 200, description = "Prometheus text format", body = String, content_type = "text/plain"),
         (status = 401, description = "No valid token", body = Problem, content_type = "application/problem+json"),
+        (status = 502, description = "The Kubernetes API failed checking the token", body = Problem, content_type = "application/problem+json"),
     ),
     security(("bearer" = []))
 )]
@@ -275,6 +337,44 @@ async fn metrics(State(state): Shared) -> Response {
         state.metrics.encode(),
     )
         .into_response()
+}
+
+/// The document as served, made once the router (and so the document) is
+/// complete.
+struct Rendered {
+    json: Bytes,
+    page: String,
+}
+
+#[utoipa::path(
+    get, path = "/openapi.json", tag = "service", operation_id = "openapi",
+    summary = "This API's OpenAPI 3.1 document",
+    responses((status = 200, description = "The document", body = Object, content_type = "application/json"))
+)]
+async fn openapi_json(Extension(rendered): Extension<Arc<Rendered>>) -> Response {
+    (
+        [(header::CONTENT_TYPE, "application/json")],
+        rendered.json.clone(),
+    )
+        .into_response()
+}
+
+#[utoipa::path(
+    get, path = "/docs", tag = "service", operation_id = "docs",
+    summary = "The same document as a page to read",
+    responses((status = 200, description = "HTML", body = String, content_type = "text/html"))
+)]
+async fn docs_page(Extension(rendered): Extension<Arc<Rendered>>) -> Html<String> {
+    Html(rendered.page.clone())
+}
+
+#[utoipa::path(
+    get, path = "/", tag = "service", operation_id = "root",
+    summary = "Sends readers to /docs",
+    responses((status = 307, description = "To /docs", headers(("Location" = String))))
+)]
+async fn root() -> axum::response::Redirect {
+    axum::response::Redirect::temporary("/docs")
 }
 
 /// The API document and the router that serves it.
@@ -303,24 +403,19 @@ pub fn router(state: Arc<AppState>) -> (Router, OpenApi) {
     let (router, mut doc) = OpenApiRouter::with_openapi(doc)
         .merge(protected)
         .routes(routes!(healthz))
+        .routes(routes!(openapi_json))
+        .routes(routes!(docs_page))
+        .routes(routes!(root))
         .split_for_parts();
     BearerScheme.modify(&mut doc);
-    let json = Bytes::from(doc.to_pretty_json().unwrap_or_default());
-    let page = docs::render(&doc);
+    ReadOnlyStatus.modify(&mut doc);
+    let rendered = Arc::new(Rendered {
+        json: Bytes::from(doc.to_pretty_json().unwrap_or_default()),
+        page: docs::render(&doc),
+    });
     let router = router
-        .route(
-            "/openapi.json",
-            get(move || {
-                let json = json.clone();
-                async move { ([(header::CONTENT_TYPE, "application/json")], json) }
-            }),
-        )
-        .route("/docs", get(move || async move { Html(page.clone()) }))
-        .route(
-            "/",
-            get(|| async { axum::response::Redirect::temporary("/docs") }),
-        )
         .fallback(|| async { Problem::new(StatusCode::NOT_FOUND, "no such endpoint; see /docs") })
+        .layer(Extension(rendered))
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
             count_requests,

@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 
-use axum::extract::{Path, Query, State};
+use axum::extract::State;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use k8s_openapi::jiff::Timestamp;
@@ -12,7 +12,8 @@ use serde::{Deserialize, Serialize};
 use tapestry_proto::crd::{TapPolicy, TapPolicyStatus};
 use utoipa::{IntoParams, ToSchema};
 
-use super::problem::{ApiResult, Problem};
+use super::extract::{Name, Query};
+use super::problem::{ApiResult, FieldProblem, Problem};
 use super::AppState;
 use crate::fleet::NodeTap;
 
@@ -21,7 +22,8 @@ use crate::fleet::NodeTap;
 #[into_params(parameter_in = Query)]
 pub struct NodeQuery {
     /// At most this many nodes; the answer's `continue` fetches the next page.
-    pub limit: Option<u32>,
+    #[param(minimum = 1)]
+    pub limit: Option<i32>,
     /// The `continue` of the previous page.
     #[serde(rename = "continue")]
     pub continue_: Option<String>,
@@ -37,13 +39,14 @@ pub struct NodePage {
 }
 
 #[utoipa::path(
-    get, path = "/v1/nodes", tag = "nodes",
+    get, path = "/v1/nodes", tag = "nodes", operation_id = "list_nodes",
     summary = "Every node's tap: Connected, Pending or Disconnected, with what it reported",
     params(NodeQuery),
     responses(
         (status = 200, description = "A page of nodes", body = NodePage),
-        (status = 400, description = "Bad query", body = Problem, content_type = "application/problem+json"),
+        (status = 400, description = "A query parameter is wrong (named)", body = Problem, content_type = "application/problem+json"),
         (status = 401, description = "No valid token", body = Problem, content_type = "application/problem+json"),
+        (status = 502, description = "The Kubernetes API failed checking the token", body = Problem, content_type = "application/problem+json"),
     ),
     security(("bearer" = []))
 )]
@@ -51,8 +54,11 @@ pub async fn list(
     State(state): State<Arc<AppState>>,
     Query(query): Query<NodeQuery>,
 ) -> ApiResult<Json<NodePage>> {
-    if query.limit == Some(0) {
-        return Err(Problem::bad_request("limit must be at least 1"));
+    if query.limit.is_some_and(|l| l < 1) {
+        return Err(Problem::bad_query(vec![FieldProblem::new(
+            "limit",
+            "must be at least 1",
+        )]));
     }
     let mut taps = state.fleet.taps(Timestamp::now());
     // The continue token is the last name of the previous page.
@@ -73,19 +79,20 @@ pub async fn list(
 }
 
 #[utoipa::path(
-    get, path = "/v1/nodes/{name}", tag = "nodes",
+    get, path = "/v1/nodes/{name}", tag = "nodes", operation_id = "read_node",
     summary = "One node's tap",
     params(("name" = String, Path)),
     responses(
         (status = 200, description = "The node's tap", body = NodeTap),
         (status = 401, description = "No valid token", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "No such node", body = Problem, content_type = "application/problem+json"),
+        (status = 502, description = "The Kubernetes API failed checking the token", body = Problem, content_type = "application/problem+json"),
     ),
     security(("bearer" = []))
 )]
 pub async fn read(
     State(state): State<Arc<AppState>>,
-    Path(name): Path<String>,
+    Name(name): Name,
 ) -> ApiResult<Json<NodeTap>> {
     state
         .fleet
@@ -95,9 +102,9 @@ pub async fn read(
 }
 
 #[utoipa::path(
-    get, path = "/v1/policies/{name}/status", tag = "policies",
+    get, path = "/v1/policies/{name}/status", tag = "policies", operation_id = "read_policy_status",
     summary = "A policy's status: conditions, matched pods and nodes, packets captured, delivered per tool and lost",
-    params(("name" = String, Path)),
+    params(("name" = String, Path, example = "web")),
     responses(
         (status = 200, description = "The status", body = TapPolicyStatus,
          headers(("ETag" = String, description = "The policy's version"))),
@@ -109,8 +116,11 @@ pub async fn read(
 )]
 pub async fn policy_status(
     State(state): State<Arc<AppState>>,
-    Path(name): Path<String>,
+    Name(name): Name,
 ) -> ApiResult<Response> {
+    if !super::objects::could_exist(&name) {
+        return Err(Problem::not_found("policy", &name));
+    }
     let api: kube::Api<TapPolicy> = kube::Api::all(state.client.clone());
     let policy = api
         .get_opt(&name)

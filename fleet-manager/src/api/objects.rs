@@ -99,13 +99,14 @@ fn if_match(headers: &HeaderMap) -> ApiResult<Option<String>> {
     if value == "*" {
         return Ok(None);
     }
-    let tag = value.strip_prefix("W/").unwrap_or(value).trim_matches('"');
-    if tag.is_empty() || value.contains(',') {
-        return Err(Problem::bad_request(
-            "If-Match must hold one ETag, as returned by GET",
-        ));
+    // One entity-tag (RFC 9110): "version" or W/"version", as the ETag.
+    let tag = value.strip_prefix("W/").unwrap_or(value);
+    match tag.strip_prefix('"').and_then(|t| t.strip_suffix('"')) {
+        Some(tag) if !tag.is_empty() && !tag.contains(['"', ',']) => Ok(Some(tag.to_string())),
+        _ => Err(Problem::bad_request(format!(
+            "If-Match must hold one ETag as GET returns it (\"VERSION\"), or *; not {value:?}"
+        ))),
     }
-    Ok(Some(tag.to_string()))
 }
 
 /// A JSON response with the object's ETag.
@@ -314,7 +315,16 @@ pub async fn create<F: Face>(state: &AppState, bytes: Bytes) -> ApiResult<Respon
     Ok(resp)
 }
 
+/// Whether an object could have this name; one that could not is not
+/// asked for (it would not even make a valid URL).
+pub fn could_exist(name: &str) -> bool {
+    name_problems(name).is_empty()
+}
+
 async fn read<F: Face>(state: &AppState, name: &str) -> ApiResult<F::Resource> {
+    if !could_exist(name) {
+        return Err(Problem::not_found(F::WHAT, name));
+    }
     let api: Api<F::Resource> = Api::all(state.client.clone());
     match api.get_opt(name).await {
         Ok(Some(resource)) => Ok(resource),
@@ -453,6 +463,9 @@ pub async fn delete<F: Face>(
     headers: &HeaderMap,
 ) -> ApiResult<Response> {
     let pinned = if_match(headers)?;
+    if !could_exist(name) {
+        return Err(Problem::not_found(F::WHAT, name));
+    }
     let mut options = json!({"propagationPolicy": "Background"});
     if let Some(rv) = &pinned {
         options["preconditions"] = json!({"resourceVersion": rv});
@@ -475,7 +488,8 @@ pub async fn delete<F: Face>(
 #[serde(rename_all = "camelCase")]
 pub struct ListQuery {
     /// At most this many items; the answer's `continue` fetches the next page.
-    pub limit: Option<u32>,
+    #[param(minimum = 1)]
+    pub limit: Option<i32>,
     /// The `continue` of the previous page.
     #[serde(rename = "continue")]
     pub continue_: Option<String>,
@@ -516,6 +530,12 @@ pub async fn list<F: Face>(
     let api: Api<F::Resource> = Api::all(state.client.clone());
     let mut params = ListParams::default();
     if let Some(limit) = query.limit {
+        let Ok(limit @ 1..) = u32::try_from(limit) else {
+            return Err(Problem::bad_query(vec![FieldProblem::new(
+                "limit",
+                "must be at least 1",
+            )]));
+        };
         params = params.limit(limit);
     }
     if let Some(token) = &query.continue_ {
@@ -535,6 +555,32 @@ pub async fn list<F: Face>(
         resource_version: list.metadata.resource_version.unwrap_or_default(),
     };
     Ok(axum::Json(page).into_response())
+}
+
+/// One Server-Sent Event of a watch (the document's schema for each event
+/// of a `text/event-stream` answer).
+#[derive(ToSchema)]
+#[allow(dead_code)]
+pub struct ChangeEvent {
+    pub event: ChangeKind,
+    /// The object's resourceVersion: resume after it with `Last-Event-ID`
+    /// (or `resourceVersion`). Absent on ERROR.
+    #[schema(nullable = false)]
+    pub id: Option<String>,
+    /// JSON: the object's REST body; for ERROR a problem details object.
+    #[schema(content_media_type = "application/json")]
+    pub data: String,
+}
+
+/// What happened to the object; ERROR ends the stream (410 in its data
+/// when the version to resume from is too old: list again).
+#[derive(ToSchema)]
+#[allow(dead_code, clippy::upper_case_acronyms)]
+pub enum ChangeKind {
+    ADDED,
+    MODIFIED,
+    DELETED,
+    ERROR,
 }
 
 /// Changes as Server-Sent Events: `event:` ADDED, MODIFIED or DELETED,
@@ -645,4 +691,36 @@ fn changes<F: Face>(state: Arc<AppState>, from: Option<String>) -> impl Stream<I
         }
     });
     tokio_stream::wrappers::ReceiverStream::new(rx)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn if_match_of(value: &str) -> ApiResult<Option<String>> {
+        let mut headers = HeaderMap::new();
+        headers.insert(header::IF_MATCH, HeaderValue::from_str(value).unwrap());
+        if_match(&headers)
+    }
+
+    #[test]
+    fn if_match_takes_one_entity_tag() {
+        assert_eq!(if_match(&HeaderMap::new()).unwrap(), None);
+        assert_eq!(if_match_of("*").unwrap(), None);
+        assert_eq!(if_match_of("\"42\"").unwrap().as_deref(), Some("42"));
+        assert_eq!(if_match_of("W/\"42\"").unwrap().as_deref(), Some("42"));
+        for bad in ["", "42", "\"\"", "\"4\"2\"", "\"1\", \"2\"", "{}", "W/42"] {
+            let problem = if_match_of(bad).unwrap_err();
+            assert_eq!(problem.status, 400, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn only_names_an_object_could_have_are_looked_up() {
+        assert!(could_exist("web"));
+        assert!(could_exist("a.b-c"));
+        for name in ["", "Web", "a b", "é", "a/b", "-a", &"a".repeat(254)] {
+            assert!(!could_exist(name), "{name:?}");
+        }
+    }
 }

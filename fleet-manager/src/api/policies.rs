@@ -15,14 +15,18 @@ use super::AppState;
 #[serde(rename_all = "camelCase")]
 pub struct Policy {
     /// A DNS subdomain, unique among policies; fixed once created.
+    #[schema(
+        pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$",
+        max_length = 253
+    )]
     pub name: String,
     #[serde(flatten)]
     pub spec: TapPolicySpec,
     /// The version, also sent as the `ETag` header; ignored when written.
-    #[schema(read_only)]
+    #[schema(read_only, nullable = false)]
     pub resource_version: Option<String>,
     /// What the fleet reports; ignored when written.
-    #[schema(read_only)]
+    #[schema(nullable = false)]
     pub status: Option<TapPolicyStatus>,
 }
 

@@ -56,6 +56,18 @@ impl Problem {
 
     /// 422: the body is well-formed but says something wrong.
     pub fn invalid(errors: Vec<FieldProblem>) -> Self {
+        Problem {
+            type_: "https://tapestry.io/problems/invalid".into(),
+            ..Problem::with_errors(StatusCode::UNPROCESSABLE_ENTITY, errors)
+        }
+    }
+
+    /// 400: query parameters that are wrong, each named.
+    pub fn bad_query(errors: Vec<FieldProblem>) -> Self {
+        Problem::with_errors(StatusCode::BAD_REQUEST, errors)
+    }
+
+    fn with_errors(status: StatusCode, errors: Vec<FieldProblem>) -> Self {
         let detail = errors
             .iter()
             .map(|e| {
@@ -68,9 +80,8 @@ impl Problem {
             .collect::<Vec<_>>()
             .join("; ");
         Problem {
-            type_: "https://tapestry.io/problems/invalid".into(),
             errors,
-            ..Problem::new(StatusCode::UNPROCESSABLE_ENTITY, detail)
+            ..Problem::new(status, detail)
         }
     }
 

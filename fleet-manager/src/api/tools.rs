@@ -18,14 +18,18 @@ use super::AppState;
 #[serde(rename_all = "camelCase")]
 pub struct Tool {
     /// A DNS subdomain, unique among tools; fixed once created.
+    #[schema(
+        pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$",
+        max_length = 253
+    )]
     pub name: String,
     #[serde(flatten)]
     pub spec: TapToolSpec,
     /// The version, also sent as the `ETag` header; ignored when written.
-    #[schema(read_only)]
+    #[schema(read_only, nullable = false)]
     pub resource_version: Option<String>,
     /// What the aggregator reports; ignored when written.
-    #[schema(read_only)]
+    #[schema(nullable = false)]
     pub status: Option<TapToolStatus>,
 }
 
