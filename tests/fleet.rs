@@ -124,7 +124,6 @@ fn policies_through_the_rest_api_reach_tshark() {
     let tshark = ready_and_listening(&c, "web-http", "wireshark", &wireshark, 1);
     let web_veth = c.host_veth("shop", "web");
     let tcpdump = Capture::tcpdump(&web_veth, "tcp port 80", c.dir.path(), "web-veth");
-    std::thread::sleep(Duration::from_secs(1));
     for _ in 0..5 {
         let page = wait_for("web answers", Duration::from_secs(10), || {
             http_get(&web, 80)
@@ -486,7 +485,9 @@ fn deleted_workloads_come_back(c: &Cluster) {
     // The replaced pods go once their processes have stopped.
     wait_for(
         "one tap-agent and one aggregator pod",
-        Duration::from_secs(60),
+        // A replacement started while the old pod still held its ports
+        // restarts with the kubelet's back-off.
+        Duration::from_secs(120),
         || {
             let names: BTreeSet<String> = c
                 .must(&[

@@ -436,16 +436,32 @@ impl Capture {
     }
 
     /// `tcpdump -i IFACE FILTER`: what the interface really carried.
+    /// Returns once tcpdump says it is listening.
     pub fn tcpdump(iface: &str, filter: &str, dir: &Path, name: &str) -> Capture {
         let file = dir.join(format!("{name}.pcap"));
-        let child = Command::new("tcpdump")
+        let mut child = Command::new("tcpdump")
             .args(["-i", iface, "-U", "-s", "0", "-w"])
             .arg(&file)
             .arg(filter)
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(Stdio::piped())
             .spawn()
             .expect("tcpdump");
+        let stderr = child.stderr.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            for line in std::io::BufReader::new(stderr)
+                .lines()
+                .map_while(Result::ok)
+            {
+                if line.contains("listening on") {
+                    let _ = tx.send(());
+                }
+            }
+        });
+        rx.recv_timeout(Duration::from_secs(20))
+            .expect("tcpdump did not start listening within 20 s");
         Capture { child, file }
     }
 
