@@ -215,6 +215,17 @@ fn openapi_document_is_valid_complete_and_the_server_keeps_to_it() {
                 && watched.contains(r#""name":"watched""#),
             "{path}?watch=true: {watched}"
         );
+        // A wrong query is refused before a watch starts.
+        let refused = curl(
+            &cert,
+            &format!("{base}{path}?watch=true&limit=-1"),
+            &["--max-time", "2", "-H", &auth],
+        );
+        assert_eq!(
+            status(&refused),
+            400,
+            "{path}?watch=true&limit=-1: {refused}"
+        );
     }
 
     // (b) schemathesis against the live API. A watch never ends by itself:

@@ -518,6 +518,20 @@ pub async fn list<F: Face>(
     query: ListQuery,
     headers: &HeaderMap,
 ) -> ApiResult<Response> {
+    // Checked for watches too, which ignore it: a wrong query is refused
+    // whatever else it asks.
+    let limit = match query.limit {
+        None => None,
+        Some(limit) => match u32::try_from(limit) {
+            Ok(limit @ 1..) => Some(limit),
+            _ => {
+                return Err(Problem::bad_query(vec![FieldProblem::new(
+                    "limit",
+                    "must be at least 1",
+                )]))
+            }
+        },
+    };
     if query.watch {
         let from = query.resource_version.clone().or_else(|| {
             headers
@@ -529,13 +543,7 @@ pub async fn list<F: Face>(
     }
     let api: Api<F::Resource> = Api::all(state.client.clone());
     let mut params = ListParams::default();
-    if let Some(limit) = query.limit {
-        let Ok(limit @ 1..) = u32::try_from(limit) else {
-            return Err(Problem::bad_query(vec![FieldProblem::new(
-                "limit",
-                "must be at least 1",
-            )]));
-        };
+    if let Some(limit) = limit {
         params = params.limit(limit);
     }
     if let Some(token) = &query.continue_ {
