@@ -234,6 +234,7 @@ fn openapi_document_is_valid_complete_and_the_server_keeps_to_it() {
     // make immediate.
     let config = dir.path().join("schemathesis.toml");
     std::fs::write(&config, "max-stream-events = 1\n").unwrap();
+    let seed = std::env::var("TAPESTRY_SCHEMATHESIS_SEED").unwrap_or_else(|_| "20261206".into());
     let started = std::time::Instant::now();
     let out = Command::new(&schemathesis)
         .current_dir(dir.path())
@@ -255,6 +256,8 @@ fn openapi_document_is_valid_complete_and_the_server_keeps_to_it() {
             "positive_data_acceptance",
         ])
         .args(["--max-examples", "100", "--request-timeout", "5"])
+        // One seed, so a run can be repeated; set another to explore.
+        .args(["--seed", &seed])
         .args(["--no-color", "--output-truncate", "false"])
         .output()
         .unwrap();
