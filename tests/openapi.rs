@@ -100,16 +100,6 @@ fn status(answer: &str) -> u16 {
         .unwrap_or(0)
 }
 
-fn admin_token(data: &Path) -> String {
-    std::fs::read_to_string(data.join("tokens.csv"))
-        .expect("tokens.csv")
-        .lines()
-        .find(|l| l.contains(",admin,"))
-        .and_then(|l| l.split(',').next())
-        .expect("the admin token")
-        .to_string()
-}
-
 #[test]
 fn openapi_document_is_valid_complete_and_the_server_keeps_to_it() {
     let schemathesis = venv("schemathesis");

@@ -81,6 +81,17 @@ pub fn program_path(name: &str) -> Option<PathBuf> {
         .find(|path| path.is_file() && *path != exe)
 }
 
+/// The administrator's bearer token in a server's data directory.
+pub fn admin_token(data: &Path) -> String {
+    std::fs::read_to_string(data.join("tokens.csv"))
+        .expect("tokens.csv")
+        .lines()
+        .find(|l| l.contains(",admin,"))
+        .and_then(|l| l.split(',').next())
+        .expect("the admin token")
+        .to_string()
+}
+
 /// A port nobody listens on now.
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
@@ -108,6 +119,8 @@ pub fn wait_for<T>(what: &str, within: Duration, mut f: impl FnMut() -> Option<T
 /// data directory, stopped with SIGTERM (which removes its pods).
 pub struct Cluster {
     child: Child,
+    /// Read once from the tokens file the server writes.
+    token: std::sync::OnceLock<String>,
     pub dir: tempfile::TempDir,
     pub api: String,
     pub fleet: String,
@@ -196,6 +209,7 @@ impl Cluster {
             .expect("spawning tapestry up");
         let mut cluster = Cluster {
             child,
+            token: std::sync::OnceLock::new(),
             dir,
             api,
             fleet,
@@ -236,13 +250,7 @@ impl Cluster {
 
     /// The administrator's bearer token (the kubeconfig's).
     pub fn token(&self) -> String {
-        let tokens = std::fs::read_to_string(self.data().join("tokens.csv")).unwrap();
-        tokens
-            .lines()
-            .find(|l| l.contains(",admin,"))
-            .and_then(|l| l.split(',').next())
-            .expect("admin token")
-            .to_string()
+        self.token.get_or_init(|| admin_token(&self.data())).clone()
     }
 
     /// kubectl with the cluster's kubeconfig; stdout, or stderr as the error.
