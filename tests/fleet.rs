@@ -550,6 +550,25 @@ fn a_joining_node_is_tapped_within_two_seconds_of_ready() {
             (nodes["tap"] == "Connected").then_some(())
         },
     );
+    // Two nodes, a page at a time, in name order.
+    let all = c.rest("GET", "/v1/nodes", None).body;
+    let names: Vec<&str> = all["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|n| n["name"].as_str())
+        .collect();
+    assert_eq!(names.len(), 2, "{all}");
+    assert!(names[0] < names[1], "{all}");
+    let first = c.rest("GET", "/v1/nodes?limit=1", None).body;
+    assert_eq!(first["items"].as_array().map(Vec::len), Some(1), "{first}");
+    assert_eq!(first["items"][0]["name"], names[0], "{first}");
+    let token = first["continue"].as_str().expect("a continue token");
+    let second = c
+        .rest("GET", &format!("/v1/nodes?limit=1&continue={token}"), None)
+        .body;
+    assert_eq!(second["items"][0]["name"], names[1], "{second}");
+    assert!(second.get("continue").is_none(), "{second}");
     assert!(
         join.tapped < Duration::from_secs(2),
         "the joined node's pod was tapped {:?} after the node turned Ready",

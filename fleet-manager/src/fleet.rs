@@ -4,11 +4,11 @@
 //! to the API server and a node list is answered from memory.
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use k8s_openapi::api::coordination::v1::Lease;
-use k8s_openapi::api::core::v1::{Namespace, Node, Pod};
+use k8s_openapi::api::core::v1::{Namespace, Node, NodeStatus, Pod, PodSpec, PodStatus};
 use k8s_openapi::jiff::Timestamp;
 use kube::runtime::watcher;
 use kube::{Api, Client, ResourceExt};
@@ -31,6 +31,8 @@ pub struct Fleet {
     pub tools: Arc<Informer<TapTool>>,
     /// Woken when a policy or tool changes.
     pub changed: tokio::sync::Notify,
+    /// Every node's tap as last rendered, by name (see [`Fleet::refresh_taps`]).
+    tap_view: Mutex<BTreeMap<String, Arc<RenderedTap>>>,
 }
 
 impl Fleet {
@@ -38,20 +40,23 @@ impl Fleet {
     pub fn start(client: Client, shutdown: CancellationToken) -> Arc<Fleet> {
         let all = watcher::Config::default();
         let fleet = Arc::new(Fleet {
-            nodes: Informer::new(Api::all(client.clone()), all.clone()),
+            nodes: Informer::trimmed(Api::all(client.clone()), all.clone(), trim_node),
             // Only pods that are placed can be tapped.
-            pods: Informer::new(
+            pods: Informer::trimmed(
                 Api::all(client.clone()),
                 watcher::Config::default().fields("spec.nodeName!="),
+                trim_pod,
             ),
-            namespaces: Informer::new(Api::all(client.clone()), all.clone()),
-            leases: Informer::new(
+            namespaces: Informer::trimmed(Api::all(client.clone()), all.clone(), trim_meta),
+            leases: Informer::trimmed(
                 Api::namespaced(client.clone(), heartbeat::NAMESPACE),
                 all.clone(),
+                trim_meta,
             ),
-            policies: Informer::new(Api::all(client.clone()), all.clone()),
-            tools: Informer::new(Api::all(client), all),
+            policies: Informer::trimmed(Api::all(client.clone()), all.clone(), trim_meta),
+            tools: Informer::trimmed(Api::all(client), all, trim_meta),
             changed: tokio::sync::Notify::new(),
+            tap_view: Mutex::new(BTreeMap::new()),
         });
         // Weak: the informers' handlers must not keep the fleet alive.
         let weak = Arc::downgrade(&fleet);
@@ -83,60 +88,68 @@ impl Fleet {
     }
 
     /// Every node's tap, by node name, as of `now`.
-    pub fn taps(&self, now: Timestamp) -> Vec<NodeTap> {
-        let mut out: Vec<NodeTap> = self
-            .nodes
-            .store
-            .state()
-            .iter()
-            .map(|node| self.tap_of(node, now))
-            .collect();
-        out.sort_by(|a, b| a.name.cmp(&b.name));
-        out
+    pub fn taps(&self, now: Timestamp) -> Vec<Arc<RenderedTap>> {
+        self.refresh_taps(now).values().cloned().collect()
     }
 
     pub fn tap(&self, name: &str, now: Timestamp) -> Option<NodeTap> {
         self.nodes.get(None, name).map(|n| self.tap_of(&n, now))
     }
 
-    fn tap_of(&self, node: &Node, now: Timestamp) -> NodeTap {
-        let name = node.name_any();
-        let ready = node
-            .status
-            .as_ref()
-            .and_then(|s| s.conditions.as_ref())
-            .and_then(|c| c.iter().find(|c| c.type_ == "Ready"))
-            .is_some_and(|c| c.status == "True");
-        let lease = self
-            .leases
-            .get(Some(heartbeat::NAMESPACE), &heartbeat::lease_name(&name));
-        let Some(lease) = lease else {
-            return NodeTap {
-                name,
-                ready,
-                tap: TapState::Pending,
-                last_heartbeat: None,
-                status: None,
-            };
-        };
-        let spec = lease.spec.clone().unwrap_or_default();
-        let renewed = spec.renew_time.map(|t| t.0);
-        let lease_duration =
-            Duration::from_secs(spec.lease_duration_seconds.unwrap_or(0).max(0) as u64);
-        let age = renewed
-            .map(|t| now.duration_since(t).try_into().unwrap_or(Duration::ZERO))
-            .unwrap_or(Duration::MAX);
-        let status = lease
-            .annotations()
-            .get(heartbeat::STATUS_ANNOTATION)
-            .and_then(|s| serde_json::from_str::<TapStatus>(s).ok());
-        NodeTap {
-            name,
-            ready,
-            tap: heartbeat::tap_state(age, lease_duration),
-            last_heartbeat: renewed.map(|t| t.to_string()),
-            status,
+    /// The node view brought up to `now`: a node's entry is computed and
+    /// serialised again only when its Node or its tap's Lease changed or
+    /// its tap state aged into another, so listing thousands of nodes
+    /// costs a pass over the informers, not thousands of JSON parses.
+    pub fn refresh_taps(
+        &self,
+        now: Timestamp,
+    ) -> MutexGuard<'_, BTreeMap<String, Arc<RenderedTap>>> {
+        let mut view = self.tap_view.lock().unwrap_or_else(|p| p.into_inner());
+        let nodes = self.nodes.store.state();
+        let mut present = std::collections::HashSet::with_capacity(nodes.len());
+        for node in &nodes {
+            let name = node.name_any();
+            let lease = self
+                .leases
+                .get(Some(heartbeat::NAMESPACE), &heartbeat::lease_name(&name));
+            let node_version = node.resource_version();
+            let lease_version = lease.as_ref().and_then(|l| l.resource_version());
+            let state = lease
+                .as_ref()
+                .map(|l| lease_state(l, now).0)
+                .unwrap_or(TapState::Pending);
+            let fresh = view.get(&name).is_some_and(|r| {
+                r.node_version == node_version
+                    && r.lease_version == lease_version
+                    && r.tap.tap == state
+            });
+            if !fresh {
+                let tap = tap_of(node, lease.as_deref(), now);
+                let json = serde_json::to_vec(&tap).unwrap_or_default().into();
+                view.insert(
+                    name.clone(),
+                    Arc::new(RenderedTap {
+                        node_version,
+                        lease_version,
+                        tap,
+                        json,
+                    }),
+                );
+            }
+            present.insert(name);
         }
+        if view.len() > present.len() {
+            view.retain(|name, _| present.contains(name));
+        }
+        view
+    }
+
+    fn tap_of(&self, node: &Node, now: Timestamp) -> NodeTap {
+        let lease = self.leases.get(
+            Some(heartbeat::NAMESPACE),
+            &heartbeat::lease_name(&node.name_any()),
+        );
+        tap_of(node, lease.as_deref(), now)
     }
 
     /// Labels of every namespace, by name.
@@ -147,6 +160,108 @@ impl Fleet {
             .iter()
             .map(|ns| (ns.name_any(), ns.labels().clone()))
             .collect()
+    }
+}
+
+// The informers keep only what the fleet reads: with thousands of nodes
+// and pods, managed fields, images and container statuses would be most
+// of the fleet manager's memory.
+
+fn trim_meta<K: kube::Resource>(object: &mut K) {
+    let meta = object.meta_mut();
+    meta.managed_fields = None;
+    if let Some(a) = meta.annotations.as_mut() {
+        a.remove("kubectl.kubernetes.io/last-applied-configuration");
+    }
+}
+
+/// A node's name, labels and Ready condition.
+fn trim_node(node: &mut Node) {
+    trim_meta(node);
+    node.spec = None;
+    let ready = node
+        .status
+        .take()
+        .and_then(|s| s.conditions)
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|c| c.type_ == "Ready")
+        .collect();
+    node.status = Some(NodeStatus {
+        conditions: Some(ready),
+        ..Default::default()
+    });
+}
+
+/// What [`tappable`] and the policies' selectors read: labels, node,
+/// host network, phase.
+fn trim_pod(pod: &mut Pod) {
+    trim_meta(pod);
+    let spec = pod.spec.take().unwrap_or_default();
+    pod.spec = Some(PodSpec {
+        node_name: spec.node_name,
+        host_network: spec.host_network,
+        ..Default::default()
+    });
+    let phase = pod.status.take().and_then(|s| s.phase);
+    pod.status = Some(PodStatus {
+        phase,
+        ..Default::default()
+    });
+}
+
+/// A node's tap with its JSON, as the node view keeps it.
+pub struct RenderedTap {
+    node_version: Option<String>,
+    lease_version: Option<String>,
+    pub tap: NodeTap,
+    /// `tap` serialised, ready to be written into a list.
+    pub json: bytes::Bytes,
+}
+
+/// A tap's state from its heartbeat Lease's age, and when it was renewed.
+fn lease_state(lease: &Lease, now: Timestamp) -> (TapState, Option<Timestamp>) {
+    let spec = lease.spec.as_ref();
+    let renewed = spec.and_then(|s| s.renew_time.as_ref()).map(|t| t.0);
+    let lease_duration = Duration::from_secs(
+        spec.and_then(|s| s.lease_duration_seconds)
+            .unwrap_or(0)
+            .max(0) as u64,
+    );
+    let age = renewed
+        .map(|t| now.duration_since(t).try_into().unwrap_or(Duration::ZERO))
+        .unwrap_or(Duration::MAX);
+    (heartbeat::tap_state(age, lease_duration), renewed)
+}
+
+fn tap_of(node: &Node, lease: Option<&Lease>, now: Timestamp) -> NodeTap {
+    let name = node.name_any();
+    let ready = node
+        .status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .and_then(|c| c.iter().find(|c| c.type_ == "Ready"))
+        .is_some_and(|c| c.status == "True");
+    let Some(lease) = lease else {
+        return NodeTap {
+            name,
+            ready,
+            tap: TapState::Pending,
+            last_heartbeat: None,
+            status: None,
+        };
+    };
+    let (tap, renewed) = lease_state(lease, now);
+    let status = lease
+        .annotations()
+        .get(heartbeat::STATUS_ANNOTATION)
+        .and_then(|s| serde_json::from_str::<TapStatus>(s).ok());
+    NodeTap {
+        name,
+        ready,
+        tap,
+        last_heartbeat: renewed.map(|t| t.to_string()),
+        status,
     }
 }
 

@@ -22,7 +22,7 @@ use tapestry_runtime::events::Recorder;
 use tokio_util::sync::CancellationToken;
 
 use crate::api::objects::FIELD_MANAGER;
-use crate::fleet::{tappable, Fleet, NodeTap};
+use crate::fleet::{tappable, Fleet, RenderedTap};
 use crate::metrics::Metrics;
 
 /// What the fleet manager writes of a policy's status.
@@ -37,10 +37,16 @@ pub struct Observed {
 
 /// Observe every policy: a pure function of what the informers hold.
 pub fn observe(fleet: &Fleet, now: Timestamp) -> BTreeMap<String, (Arc<TapPolicy>, Observed)> {
-    let taps: HashMap<String, NodeTap> = fleet
+    let policies = fleet.policies.store.state();
+    // A pass runs after every burst of changes (thousands of tools being
+    // created, say): without policies there is nothing to observe.
+    if policies.is_empty() {
+        return BTreeMap::new();
+    }
+    let taps: HashMap<String, Arc<RenderedTap>> = fleet
         .taps(now)
         .into_iter()
-        .map(|t| (t.name.clone(), t))
+        .map(|t| (t.tap.name.clone(), t))
         .collect();
     let namespaces = fleet.namespace_labels();
     let node_labels: HashMap<String, BTreeMap<String, String>> = fleet
@@ -51,16 +57,15 @@ pub fn observe(fleet: &Fleet, now: Timestamp) -> BTreeMap<String, (Arc<TapPolicy
         .map(|n| (n.name_any(), n.labels().clone()))
         .collect();
     let pods: Vec<_> = fleet.pods.store.state();
-    let tools: HashMap<String, Arc<tapestry_proto::crd::TapTool>> = fleet
-        .tools
-        .store
-        .state()
-        .into_iter()
-        .map(|t| (t.name_any(), t))
+    // Only the tools some policy names.
+    let tools: HashMap<String, Arc<tapestry_proto::crd::TapTool>> = policies
+        .iter()
+        .flat_map(|p| p.spec.tool_names())
+        .filter_map(|name| Some((name.to_string(), fleet.tools.get(None, name)?)))
         .collect();
     let no_labels = BTreeMap::new();
     let mut out = BTreeMap::new();
-    for policy in fleet.policies.store.state() {
+    for policy in policies {
         let name = policy.name_any();
         let spec = &policy.spec;
         let mut matched_pods = 0;
@@ -82,7 +87,7 @@ pub fn observe(fleet: &Fleet, now: Timestamp) -> BTreeMap<String, (Arc<TapPolicy
         }
         let (mut captured, mut dropped) = (0, 0);
         for tap in taps.values() {
-            if let Some(c) = tap.status.as_ref().and_then(|s| s.policies.get(&name)) {
+            if let Some(c) = tap.tap.status.as_ref().and_then(|s| s.policies.get(&name)) {
                 captured += c.captured;
                 dropped += c.dropped;
             }
@@ -116,7 +121,7 @@ pub fn observe(fleet: &Fleet, now: Timestamp) -> BTreeMap<String, (Arc<TapPolicy
 fn readiness(
     policy: &TapPolicy,
     nodes: &BTreeSet<String>,
-    taps: &HashMap<String, NodeTap>,
+    taps: &HashMap<String, Arc<RenderedTap>>,
     tools: &HashMap<String, Arc<tapestry_proto::crd::TapTool>>,
     matched_pods: u64,
 ) -> (&'static str, &'static str, String) {
@@ -156,7 +161,10 @@ fn readiness(
     }
     let untapped: Vec<&str> = nodes
         .iter()
-        .filter(|n| taps.get(*n).is_none_or(|t| t.tap != TapState::Connected))
+        .filter(|n| {
+            taps.get(*n)
+                .is_none_or(|t| t.tap.tap != TapState::Connected)
+        })
         .map(String::as_str)
         .collect();
     if !untapped.is_empty() {
@@ -307,7 +315,7 @@ fn count_taps(fleet: &Fleet, metrics: &Metrics, now: Timestamp) {
         .into_iter()
         .collect();
     for tap in fleet.taps(now) {
-        let state = match tap.tap {
+        let state = match tap.tap.tap {
             TapState::Connected => "Connected",
             TapState::Pending => "Pending",
             TapState::Disconnected => "Disconnected",

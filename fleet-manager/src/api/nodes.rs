@@ -2,6 +2,7 @@
 //! (`/v1/policies/{name}/status`). Nodes are answered from the fleet's
 //! informers, so listing thousands costs no API server round trip.
 
+use std::ops::Bound;
 use std::sync::Arc;
 
 use axum::extract::State;
@@ -53,29 +54,47 @@ pub struct NodePage {
 pub async fn list(
     State(state): State<Arc<AppState>>,
     Query(query): Query<NodeQuery>,
-) -> ApiResult<Json<NodePage>> {
+) -> ApiResult<Response> {
     if query.limit.is_some_and(|l| l < 1) {
         return Err(Problem::bad_query(vec![FieldProblem::new(
             "limit",
             "must be at least 1",
         )]));
     }
-    let mut taps = state.fleet.taps(Timestamp::now());
-    // The continue token is the last name of the previous page.
-    if let Some(after) = &query.continue_ {
-        taps.retain(|t| t.name.as_str() > after.as_str());
-    }
+    let limit = query.limit.map_or(usize::MAX, |l| l as usize);
+    // The page is the node view's serialised entries written one after
+    // another: with thousands of nodes, building a `NodePage` and
+    // serialising it again was most of the answer's time.
+    let mut body = Vec::new();
     let mut continue_ = None;
-    if let Some(limit) = query.limit {
-        if taps.len() > limit as usize {
-            taps.truncate(limit as usize);
-            continue_ = taps.last().map(|t| t.name.clone());
+    {
+        let view = state.fleet.refresh_taps(Timestamp::now());
+        // The continue token is the last name of the previous page.
+        let after = match &query.continue_ {
+            Some(after) => Bound::Excluded(after.as_str()),
+            None => Bound::Unbounded,
+        };
+        let mut page = view.range::<str, _>((after, Bound::Unbounded));
+        body.reserve(view.values().next().map_or(0, |t| t.json.len() + 1) * view.len().min(limit));
+        body.extend_from_slice(b"{\"items\":[");
+        for (i, (name, tap)) in page.by_ref().take(limit).enumerate() {
+            if i > 0 {
+                body.push(b',');
+            }
+            body.extend_from_slice(&tap.json);
+            continue_ = Some(name.clone());
+        }
+        if page.next().is_none() {
+            continue_ = None;
         }
     }
-    Ok(Json(NodePage {
-        items: taps,
-        continue_,
-    }))
+    body.extend_from_slice(b"]");
+    if let Some(name) = continue_ {
+        body.extend_from_slice(b",\"continue\":");
+        serde_json::to_writer(&mut body, &name).map_err(Problem::internal)?;
+    }
+    body.extend_from_slice(b"}");
+    Ok(([(http::header::CONTENT_TYPE, "application/json")], body).into_response())
 }
 
 #[utoipa::path(

@@ -16,6 +16,7 @@ use crate::lock;
 
 type Handler<K> = Box<dyn Fn(&K, bool) + Send + Sync>;
 type ErrorHandler = Box<dyn Fn(Option<&watcher::Error>) + Send + Sync>;
+type Trim<K> = fn(&mut K);
 
 /// One watch of a resource shared by every controller that reads it: the
 /// objects live once in the reflector store, and each change is handed to
@@ -27,6 +28,7 @@ pub struct Informer<K: Resource<DynamicType = ()> + Clone + 'static> {
     error_handlers: Mutex<Vec<ErrorHandler>>,
     api: Api<K>,
     config: watcher::Config,
+    trim: Option<Trim<K>>,
     synced: tokio::sync::watch::Sender<bool>,
 }
 
@@ -43,8 +45,20 @@ where
             error_handlers: Mutex::new(Vec::new()),
             api,
             config,
+            trim: None,
             synced: tokio::sync::watch::channel(false).0,
         })
+    }
+
+    /// Like [`Informer::new`], but every object passes through `trim`
+    /// before it is stored, so a reader that needs a few fields does not
+    /// keep thousands of whole objects (managed fields, images, ...).
+    pub fn trimmed(api: Api<K>, config: watcher::Config, trim: Trim<K>) -> Arc<Self> {
+        let mut informer = Self::new(api, config);
+        if let Some(i) = Arc::get_mut(&mut informer) {
+            i.trim = Some(trim);
+        }
+        informer
     }
 
     /// Call `f(object, deleted)` for every change, starting with the
@@ -72,9 +86,12 @@ where
         };
         let me = self.clone();
         tokio::spawn(async move {
+            let trim = me.trim.unwrap_or(|_| {});
             let stream = reflector::reflector(
                 writer,
-                watcher::watcher(me.api.clone(), me.config.clone()).default_backoff(),
+                watcher::watcher(me.api.clone(), me.config.clone())
+                    .default_backoff()
+                    .modify(trim),
             );
             futures::pin_mut!(stream);
             // What the store held when a (re)list began: the list replaces

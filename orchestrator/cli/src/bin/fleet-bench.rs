@@ -25,7 +25,7 @@ use hdrhistogram::Histogram;
 use kube::Client;
 use serde_json::json;
 
-use bench_support::{client, free_port, rss_kib, tapestry_binary};
+use bench_support::{client, cpu_ticks, free_port, rss_kib, tapestry_binary, ticks_to_ms};
 
 const CLIENTS: usize = 64;
 const REQUESTS: usize = 10_000;
@@ -110,6 +110,38 @@ fn row(what: &str, ours: &(Histogram<u64>, f64), anchor: &(Histogram<u64>, f64))
     );
 }
 
+/// CPU the fleet manager and the API server spend over a phase: unlike
+/// latency on two shared cores, it does not move with what else runs.
+struct CpuMeter {
+    pids: (u32, u32),
+    start: (u64, u64),
+}
+
+impl CpuMeter {
+    fn start(fleet_manager: u32, server: u32) -> Self {
+        CpuMeter {
+            pids: (fleet_manager, server),
+            start: (cpu_ticks(fleet_manager).0, cpu_ticks(server).0),
+        }
+    }
+
+    /// Microseconds per request: (fleet manager, API server).
+    fn per_request(&self, requests: usize) -> (f64, f64) {
+        let per = |pid, start| ticks_to_ms(cpu_ticks(pid).0 - start) * 1000.0 / requests as f64;
+        (
+            per(self.pids.0, self.start.0),
+            per(self.pids.1, self.start.1),
+        )
+    }
+}
+
+fn cpu_row(through: (f64, f64), direct: (f64, f64)) {
+    println!(
+        "{:<28} fleet manager {:>5.0} us + API server {:>5.0} us per request | API server {:>5.0} us",
+        "  CPU per request", through.0, through.1, direct.1
+    );
+}
+
 fn tool(name: &str) -> serde_json::Value {
     json!({"name": name, "type": "http", "snaplen": 128})
 }
@@ -133,7 +165,7 @@ async fn main() -> Result<()> {
     let dir = tempfile::tempdir()?;
     let data = dir.path().join("data");
     let api_port = free_port()?;
-    let _server = Process(
+    let server = Process(
         Command::new(&tapestry)
             .args(["server", "--listen", &format!("127.0.0.1:{api_port}")])
             .arg("--data-dir")
@@ -214,6 +246,8 @@ async fn main() -> Result<()> {
     );
 
     println!("== REST against the Kubernetes API, {CLIENTS} clients, {REQUESTS} requests each");
+    let server_pid = server.0.id();
+    let cpu = CpuMeter::start(fm_pid, server_pid);
     let rest_create = load(
         &rest,
         CLIENTS,
@@ -226,6 +260,8 @@ async fn main() -> Result<()> {
         }),
     )
     .await?;
+    let rest_create_cpu = cpu.per_request(REQUESTS + CLIENTS * WARMUP_PER_CLIENT);
+    let cpu = CpuMeter::start(fm_pid, server_pid);
     let direct_create = load(
         &api,
         CLIENTS,
@@ -243,7 +279,10 @@ async fn main() -> Result<()> {
         }),
     )
     .await?;
+    let direct_create_cpu = cpu.per_request(REQUESTS + CLIENTS * WARMUP_PER_CLIENT);
     row("POST a tool", &rest_create, &direct_create);
+    cpu_row(rest_create_cpu, direct_create_cpu);
+    let cpu = CpuMeter::start(fm_pid, server_pid);
     let rest_get = load(
         &rest,
         CLIENTS,
@@ -255,6 +294,8 @@ async fn main() -> Result<()> {
         }),
     )
     .await?;
+    let rest_get_cpu = cpu.per_request(REQUESTS + CLIENTS * WARMUP_PER_CLIENT);
+    let cpu = CpuMeter::start(fm_pid, server_pid);
     let direct_get = load(
         &api,
         CLIENTS,
@@ -269,7 +310,9 @@ async fn main() -> Result<()> {
         }),
     )
     .await?;
+    let direct_get_cpu = cpu.per_request(REQUESTS + CLIENTS * WARMUP_PER_CLIENT);
     row("GET a tool", &rest_get, &direct_get);
+    cpu_row(rest_get_cpu, direct_get_cpu);
 
     tokio::time::sleep(Duration::from_secs(5)).await;
     println!(
