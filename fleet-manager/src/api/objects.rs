@@ -202,7 +202,9 @@ fn object<F: Face>(
 
 /// A raw request to the API server, its answer decoded whatever the status
 /// (so a refusal's causes reach the client).
-async fn send(state: &AppState, request: http::Request<Vec<u8>>) -> ApiResult<(StatusCode, Value)> {
+/// The API server's status and answer. The answer is parsed by the caller:
+/// straight into the resource on success, into a `Status` on refusal.
+async fn send(state: &AppState, request: http::Request<Vec<u8>>) -> ApiResult<(StatusCode, Bytes)> {
     let response = state
         .client
         .send(request.map(kube::client::Body::from))
@@ -213,8 +215,12 @@ async fn send(state: &AppState, request: http::Request<Vec<u8>>) -> ApiResult<(S
         .await
         .map_err(|e| Problem::internal(format!("reading the API server's answer: {e}")))?
         .to_bytes();
-    let value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
-    Ok((status, value))
+    Ok((status, bytes))
+}
+
+/// A refusal's answer as JSON (`Null` if it is not JSON).
+fn refused(answer: &[u8]) -> Value {
+    serde_json::from_slice(answer).unwrap_or(Value::Null)
 }
 
 fn collection_url<F: Face>() -> String {
@@ -304,9 +310,9 @@ pub async fn create<F: Face>(state: &AppState, bytes: Bytes) -> ApiResult<Respon
         .map_err(Problem::internal)?;
     let (status, answer) = send(state, req).await?;
     if !status.is_success() {
-        return Err(refusal::<F>(status, &answer, &name, false));
+        return Err(refusal::<F>(status, &refused(&answer), &name, false));
     }
-    let resource: F::Resource = serde_json::from_value(answer).map_err(Problem::internal)?;
+    let resource: F::Resource = serde_json::from_slice(&answer).map_err(Problem::internal)?;
     state.metrics.wrote();
     let mut resp = with_etag(StatusCode::CREATED, body::<F>(&resource));
     if let Ok(location) = HeaderValue::from_str(&format!("{}/{name}", F::COLLECTION)) {
@@ -398,9 +404,9 @@ async fn write<F: Face>(
         .map_err(Problem::internal)?;
     let (status, answer) = send(state, req).await?;
     if !status.is_success() {
-        return Err(refusal::<F>(status, &answer, name, true));
+        return Err(refusal::<F>(status, &refused(&answer), name, true));
     }
-    let resource: F::Resource = serde_json::from_value(answer).map_err(Problem::internal)?;
+    let resource: F::Resource = serde_json::from_slice(&answer).map_err(Problem::internal)?;
     state.metrics.wrote();
     Ok(with_etag(StatusCode::OK, body::<F>(&resource)))
 }
@@ -476,7 +482,12 @@ pub async fn delete<F: Face>(
         .map_err(Problem::internal)?;
     let (status, answer) = send(state, req).await?;
     if !status.is_success() {
-        return Err(refusal::<F>(status, &answer, name, pinned.is_some()));
+        return Err(refusal::<F>(
+            status,
+            &refused(&answer),
+            name,
+            pinned.is_some(),
+        ));
     }
     state.metrics.wrote();
     Ok(StatusCode::NO_CONTENT.into_response())
