@@ -1,0 +1,721 @@
+//! The proxy's nftables table as data: what `table ip tapestry-proxy` must
+//! hold for a set of Service ports, and the one transaction (libnftables
+//! JSON, for `nft -j -f -`) that takes the kernel from the previous state to
+//! the next, touching only the chains and map elements that changed.
+//!
+//! The layout follows kube-proxy's nftables mode: verdict maps keyed by
+//! `daddr . l4proto . dport` (ClusterIPs) and `l4proto . dport` (NodePorts)
+//! jump to a chain per Service port, which picks an endpoint chain by
+//! `numgen random mod N`; the endpoint chain DNATs. Service ports without
+//! endpoints are answered by `reject` from the filter hooks, so a client is
+//! refused at once instead of timing out.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::Ipv4Addr;
+
+use serde_json::{json, Value};
+
+pub const TABLE: &str = "tapestry-proxy";
+const FAMILY: &str = "ip";
+/// The packet mark asking `masquerading` to SNAT (kube-proxy's bit).
+pub const MASQUERADE_MARK: u32 = 0x4000;
+
+const SERVICE_IPS: &str = "service-ips";
+const SERVICE_NODEPORTS: &str = "service-nodeports";
+const NO_ENDPOINT_SERVICES: &str = "no-endpoint-services";
+const NO_ENDPOINT_NODEPORTS: &str = "no-endpoint-nodeports";
+const REJECT_CHAIN: &str = "reject-chain";
+const MARK_FOR_MASQUERADE: &str = "mark-for-masquerade";
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Protocol {
+    Tcp,
+    Udp,
+    Sctp,
+}
+
+impl Protocol {
+    pub fn parse(s: &str) -> Option<Protocol> {
+        match s {
+            "TCP" => Some(Protocol::Tcp),
+            "UDP" => Some(Protocol::Udp),
+            "SCTP" => Some(Protocol::Sctp),
+            _ => None,
+        }
+    }
+
+    fn nft(self) -> &'static str {
+        match self {
+            Protocol::Tcp => "tcp",
+            Protocol::Udp => "udp",
+            Protocol::Sctp => "sctp",
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Endpoint {
+    pub ip: Ipv4Addr,
+    pub port: u16,
+    /// On this node (for the `Local` traffic policies).
+    pub local: bool,
+}
+
+/// One port of one Service, with its ready endpoints.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServicePort {
+    pub namespace: String,
+    pub name: String,
+    /// The port's name ("" for a single unnamed port).
+    pub port_name: String,
+    pub protocol: Protocol,
+    pub cluster_ips: Vec<Ipv4Addr>,
+    pub port: u16,
+    pub node_port: Option<u16>,
+    /// `sessionAffinity: ClientIP` with this timeout.
+    pub affinity_seconds: Option<u32>,
+    /// `internalTrafficPolicy: Local`.
+    pub internal_local: bool,
+    /// `externalTrafficPolicy: Local`.
+    pub external_local: bool,
+    pub endpoints: Vec<Endpoint>,
+}
+
+impl ServicePort {
+    fn key(&self) -> String {
+        format!(
+            "{}/{}/{}/{}",
+            self.namespace,
+            self.name,
+            self.protocol.nft(),
+            self.port_name
+        )
+    }
+}
+
+/// What the node contributes to the rules.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct NodeConfig {
+    /// Pods' addresses (the cluster CIDR): ClusterIP traffic from outside
+    /// it (the host, other machines) is masqueraded so replies come back
+    /// through this node.
+    pub cluster_cidr: Option<(Ipv4Addr, u8)>,
+}
+
+/// The table's content apart from its fixed skeleton.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Ruleset {
+    /// Per-service and per-endpoint chains and their rules.
+    chains: BTreeMap<String, Vec<Value>>,
+    /// Verdict map elements: map name -> key's JSON text -> (key, verdict).
+    maps: BTreeMap<&'static str, BTreeMap<String, (Value, Value)>>,
+    /// Client-affinity sets (dynamic, with a timeout) by name.
+    affinity_sets: BTreeMap<String, u32>,
+}
+
+impl Ruleset {
+    pub fn chains(&self) -> usize {
+        self.chains.len()
+    }
+
+    pub fn rules(&self) -> usize {
+        self.chains.values().map(Vec::len).sum()
+    }
+}
+
+fn ip_daddr() -> Value {
+    json!({"payload": {"protocol": "ip", "field": "daddr"}})
+}
+
+fn ip_saddr() -> Value {
+    json!({"payload": {"protocol": "ip", "field": "saddr"}})
+}
+
+fn l4proto() -> Value {
+    json!({"meta": {"key": "l4proto"}})
+}
+
+fn th_dport() -> Value {
+    json!({"payload": {"protocol": "th", "field": "dport"}})
+}
+
+fn mark() -> Value {
+    json!({"meta": {"key": "mark"}})
+}
+
+fn goto(chain: &str) -> Value {
+    json!({"goto": {"target": chain}})
+}
+
+fn jump(chain: &str) -> Value {
+    json!({"jump": {"target": chain}})
+}
+
+fn matches(op: &str, left: Value, right: Value) -> Value {
+    json!({"match": {"op": op, "left": left, "right": right}})
+}
+
+fn prefix(addr: Ipv4Addr, len: u8) -> Value {
+    json!({"prefix": {"addr": addr.to_string(), "len": len}})
+}
+
+fn local_destination() -> Value {
+    matches(
+        "==",
+        json!({"fib": {"result": "type", "flags": ["daddr"]}}),
+        json!("local"),
+    )
+}
+
+fn service_chain(key: &str) -> String {
+    format!("svc-{key}")
+}
+
+fn local_service_chain(key: &str) -> String {
+    format!("svl-{key}")
+}
+
+fn external_chain(key: &str) -> String {
+    format!("ext-{key}")
+}
+
+fn endpoint_chain(key: &str, ep: &Endpoint) -> String {
+    format!("ep-{key}__{}/{}", ep.ip, ep.port)
+}
+
+fn affinity_set(endpoint_chain: &str) -> String {
+    format!("aff-{endpoint_chain}")
+}
+
+/// The desired content for these Service ports.
+pub fn desired(node: &NodeConfig, services: &[ServicePort]) -> Ruleset {
+    let mut out = Ruleset::default();
+    for name in [
+        SERVICE_IPS,
+        SERVICE_NODEPORTS,
+        NO_ENDPOINT_SERVICES,
+        NO_ENDPOINT_NODEPORTS,
+    ] {
+        out.maps.insert(name, BTreeMap::new());
+    }
+    for sp in services {
+        add_service(&mut out, node, sp);
+    }
+    out
+}
+
+fn add_service(out: &mut Ruleset, node: &NodeConfig, sp: &ServicePort) {
+    let key = sp.key();
+    let proto = sp.protocol.nft();
+    let mut endpoints: Vec<&Endpoint> = sp.endpoints.iter().collect();
+    endpoints.sort();
+    endpoints.dedup();
+    let local: Vec<&Endpoint> = endpoints.iter().copied().filter(|e| e.local).collect();
+    let internal: &[&Endpoint] = if sp.internal_local {
+        &local
+    } else {
+        &endpoints
+    };
+
+    for ep in &endpoints {
+        let chain = endpoint_chain(&key, ep);
+        let mut rules = vec![
+            // Hairpin: a pod reaching itself through the Service.
+            vec![
+                matches("==", ip_saddr(), json!(ep.ip.to_string())),
+                jump(MARK_FOR_MASQUERADE),
+            ],
+        ];
+        if let Some(timeout) = sp.affinity_seconds {
+            let set = affinity_set(&chain);
+            rules.push(vec![
+                json!({"set": {"op": "update", "elem": ip_saddr(), "set": format!("@{set}")}}),
+            ]);
+            out.affinity_sets.insert(set, timeout);
+        }
+        rules.push(vec![
+            matches("==", l4proto(), json!(proto)),
+            json!({"dnat": {"addr": ep.ip.to_string(), "port": ep.port}}),
+        ]);
+        out.chains
+            .insert(chain, rules.into_iter().map(Value::Array).collect());
+    }
+
+    let cluster_ips: Vec<String> = sp.cluster_ips.iter().map(Ipv4Addr::to_string).collect();
+    if internal.is_empty() {
+        for ip in &cluster_ips {
+            insert(
+                out,
+                NO_ENDPOINT_SERVICES,
+                json!({"concat": [ip, proto, sp.port]}),
+                goto(REJECT_CHAIN),
+            );
+        }
+    } else {
+        let chain = service_chain(&key);
+        let mut rules = Vec::new();
+        if let Some((net, len)) = node.cluster_cidr {
+            for ip in &cluster_ips {
+                rules.push(vec![
+                    matches("==", ip_daddr(), json!(ip)),
+                    matches("!=", ip_saddr(), prefix(net, len)),
+                    jump(MARK_FOR_MASQUERADE),
+                ]);
+            }
+        }
+        rules.extend(pick_endpoint(&key, internal, sp.affinity_seconds.is_some()));
+        out.chains
+            .insert(chain.clone(), rules.into_iter().map(Value::Array).collect());
+        for ip in &cluster_ips {
+            insert(
+                out,
+                SERVICE_IPS,
+                json!({"concat": [ip, proto, sp.port]}),
+                goto(&chain),
+            );
+        }
+    }
+
+    let Some(node_port) = sp.node_port else {
+        return;
+    };
+    let external: &[&Endpoint] = if sp.external_local {
+        &local
+    } else {
+        &endpoints
+    };
+    if external.is_empty() {
+        // With `externalTrafficPolicy: Local` and endpoints elsewhere only,
+        // the node is not a way in: drop (the load balancer's health check
+        // steers clients to other nodes), as kube-proxy does.
+        let verdict = if endpoints.is_empty() {
+            goto(REJECT_CHAIN)
+        } else {
+            json!({"drop": null})
+        };
+        insert(
+            out,
+            NO_ENDPOINT_NODEPORTS,
+            json!({"concat": [proto, node_port]}),
+            verdict,
+        );
+        return;
+    }
+    let ext = external_chain(&key);
+    let rules = if sp.external_local {
+        // The client's address is kept: no masquerade, local endpoints only.
+        let svl = local_service_chain(&key);
+        let picks = pick_endpoint(&key, &local, sp.affinity_seconds.is_some());
+        out.chains
+            .insert(svl.clone(), picks.into_iter().map(Value::Array).collect());
+        vec![vec![goto(&svl)]]
+    } else {
+        vec![
+            vec![jump(MARK_FOR_MASQUERADE)],
+            if internal.len() == endpoints.len() {
+                vec![goto(&service_chain(&key))]
+            } else {
+                // `internalTrafficPolicy: Local` narrowed the service chain;
+                // external clients may use every endpoint.
+                let all = format!("sva-{key}");
+                let picks = pick_endpoint(&key, &endpoints, sp.affinity_seconds.is_some());
+                out.chains
+                    .insert(all.clone(), picks.into_iter().map(Value::Array).collect());
+                vec![goto(&all)]
+            },
+        ]
+    };
+    out.chains
+        .insert(ext.clone(), rules.into_iter().map(Value::Array).collect());
+    insert(
+        out,
+        SERVICE_NODEPORTS,
+        json!({"concat": [proto, node_port]}),
+        goto(&ext),
+    );
+}
+
+/// Rules choosing one of `endpoints`: a client with affinity returns to
+/// its endpoint, any other is spread at random.
+fn pick_endpoint(key: &str, endpoints: &[&Endpoint], affinity: bool) -> Vec<Vec<Value>> {
+    let mut rules = Vec::new();
+    if affinity {
+        for ep in endpoints {
+            let chain = endpoint_chain(key, ep);
+            rules.push(vec![
+                matches(
+                    "==",
+                    ip_saddr(),
+                    json!(format!("@{}", affinity_set(&chain))),
+                ),
+                goto(&chain),
+            ]);
+        }
+    }
+    let choices: Vec<Value> = endpoints
+        .iter()
+        .enumerate()
+        .map(|(i, ep)| json!([i, goto(&endpoint_chain(key, ep))]))
+        .collect();
+    rules.push(vec![json!({"vmap": {
+        "key": {"numgen": {"mode": "random", "mod": endpoints.len(), "offset": 0}},
+        "data": {"set": choices},
+    }})]);
+    rules
+}
+
+fn insert(out: &mut Ruleset, map: &'static str, key: Value, verdict: Value) {
+    out.maps
+        .entry(map)
+        .or_default()
+        .insert(key.to_string(), (key, verdict));
+}
+
+/// The fixed part: the table, base chains hooked into netfilter, helper
+/// chains and the maps' declarations. Every command is `add`, which is a
+/// no-op for what exists, so it is safe in every transaction.
+fn skeleton() -> Vec<Value> {
+    let mut cmds = vec![json!({"add": {"table": {"family": FAMILY, "name": TABLE}}})];
+    let base = |name: &str, kind: &str, hook: &str, prio: i32| {
+        json!({"add": {"chain": {"family": FAMILY, "table": TABLE, "name": name,
+            "type": kind, "hook": hook, "prio": prio, "policy": "accept"}}})
+    };
+    cmds.push(base("nat-prerouting", "nat", "prerouting", -100));
+    cmds.push(base("nat-output", "nat", "output", -100));
+    cmds.push(base("nat-postrouting", "nat", "postrouting", 100));
+    // Before the filter tables of other programs (priority 0), as kube-proxy.
+    cmds.push(base("filter-input", "filter", "input", -110));
+    cmds.push(base("filter-forward", "filter", "forward", -110));
+    cmds.push(base("filter-output", "filter", "output", -110));
+    for name in [
+        "services",
+        "masquerading",
+        MARK_FOR_MASQUERADE,
+        REJECT_CHAIN,
+        "service-endpoints-check",
+        "nodeport-endpoints-check",
+    ] {
+        cmds.push(add_chain(name));
+    }
+    let map = |name: &str, key: &[&str]| {
+        json!({"add": {"map": {"family": FAMILY, "table": TABLE, "name": name,
+            "type": key, "map": "verdict"}}})
+    };
+    cmds.push(map(
+        SERVICE_IPS,
+        &["ipv4_addr", "inet_proto", "inet_service"],
+    ));
+    cmds.push(map(SERVICE_NODEPORTS, &["inet_proto", "inet_service"]));
+    cmds.push(map(
+        NO_ENDPOINT_SERVICES,
+        &["ipv4_addr", "inet_proto", "inet_service"],
+    ));
+    cmds.push(map(NO_ENDPOINT_NODEPORTS, &["inet_proto", "inet_service"]));
+    cmds
+}
+
+/// The helper chains' rules (flushed and written on a full sync only).
+fn skeleton_rules() -> Vec<(&'static str, Vec<Value>)> {
+    let new_connection = matches("in", json!({"ct": {"key": "state"}}), json!("new"));
+    let service_key = json!({"concat": [ip_daddr(), l4proto(), th_dport()]});
+    let nodeport_key = json!({"concat": [l4proto(), th_dport()]});
+    vec![
+        ("nat-prerouting", vec![json!([jump("services")])]),
+        ("nat-output", vec![json!([jump("services")])]),
+        ("nat-postrouting", vec![json!([jump("masquerading")])]),
+        (
+            "filter-input",
+            vec![
+                json!([new_connection.clone(), jump("service-endpoints-check")]),
+                json!([new_connection.clone(), jump("nodeport-endpoints-check")]),
+            ],
+        ),
+        (
+            "filter-forward",
+            vec![json!([
+                new_connection.clone(),
+                jump("service-endpoints-check")
+            ])],
+        ),
+        (
+            "filter-output",
+            vec![
+                json!([new_connection.clone(), jump("service-endpoints-check")]),
+                json!([new_connection, jump("nodeport-endpoints-check")]),
+            ],
+        ),
+        (
+            "services",
+            vec![
+                json!([{"vmap": {"key": service_key.clone(), "data": format!("@{SERVICE_IPS}")}}]),
+                json!([local_destination(), {"vmap": {"key": nodeport_key.clone(), "data": format!("@{SERVICE_NODEPORTS}")}}]),
+            ],
+        ),
+        (
+            "masquerading",
+            vec![
+                json!([
+                    matches("==", json!({"&": [mark(), MASQUERADE_MARK]}), json!(0)),
+                    {"return": null}
+                ]),
+                json!([{"mangle": {"key": mark(), "value": {"^": [mark(), MASQUERADE_MARK]}}}]),
+                json!([{"masquerade": {"flags": ["fully-random"]}}]),
+            ],
+        ),
+        (
+            MARK_FOR_MASQUERADE,
+            vec![json!([{"mangle": {"key": mark(), "value": {"|": [mark(), MASQUERADE_MARK]}}}])],
+        ),
+        (REJECT_CHAIN, vec![json!([{"reject": null}])]),
+        (
+            "service-endpoints-check",
+            vec![
+                json!([{"vmap": {"key": service_key, "data": format!("@{NO_ENDPOINT_SERVICES}")}}]),
+            ],
+        ),
+        (
+            "nodeport-endpoints-check",
+            vec![
+                json!([local_destination(), {"vmap": {"key": nodeport_key, "data": format!("@{NO_ENDPOINT_NODEPORTS}")}}]),
+            ],
+        ),
+    ]
+}
+
+fn add_chain(name: &str) -> Value {
+    json!({"add": {"chain": {"family": FAMILY, "table": TABLE, "name": name}}})
+}
+
+fn flush_chain(name: &str) -> Value {
+    json!({"flush": {"chain": {"family": FAMILY, "table": TABLE, "name": name}}})
+}
+
+fn delete_chain(name: &str) -> Value {
+    json!({"delete": {"chain": {"family": FAMILY, "table": TABLE, "name": name}}})
+}
+
+fn add_rule(chain: &str, expr: &Value) -> Value {
+    json!({"add": {"rule": {"family": FAMILY, "table": TABLE, "chain": chain, "expr": expr}}})
+}
+
+fn element(op: &str, map: &str, key: &Value, verdict: Option<&Value>) -> Value {
+    let elem = match verdict {
+        Some(v) => json!([[key, v]]),
+        None => json!([key]),
+    };
+    json!({op: {"element": {"family": FAMILY, "table": TABLE, "name": map, "elem": elem}}})
+}
+
+fn add_affinity_set(name: &str, timeout: u32) -> Value {
+    json!({"add": {"set": {"family": FAMILY, "table": TABLE, "name": name,
+        "type": "ipv4_addr", "flags": ["timeout"], "timeout": timeout}}})
+}
+
+fn chain_rules(chain: &str, rules: &[Value], cmds: &mut Vec<Value>) {
+    cmds.push(flush_chain(chain));
+    cmds.extend(rules.iter().map(|r| add_rule(chain, r)));
+}
+
+/// What the kernel's table holds besides the skeleton, as listed before a
+/// full sync: names of chains and sets the proxy made earlier.
+#[derive(Debug, Default)]
+pub struct Existing {
+    pub chains: BTreeSet<String>,
+    pub sets: BTreeSet<String>,
+}
+
+/// Everything, for a table in an unknown state (at start): skeleton, every
+/// chain flushed and written, maps flushed and refilled, leftovers deleted.
+/// Established connections keep flowing: their NAT lives in conntrack.
+pub fn full_sync(next: &Ruleset, existing: &Existing) -> Vec<Value> {
+    let mut cmds = skeleton();
+    // An existing set is kept with the clients it remembers (and `add`
+    // would fail: the kernel marks sets updated from the packet path
+    // dynamic).
+    for (set, timeout) in &next.affinity_sets {
+        if !existing.sets.contains(set) {
+            cmds.push(add_affinity_set(set, *timeout));
+        }
+    }
+    for chain in next.chains.keys() {
+        cmds.push(add_chain(chain));
+    }
+    for (chain, rules) in skeleton_rules() {
+        chain_rules(chain, &rules, &mut cmds);
+    }
+    for (chain, rules) in &next.chains {
+        chain_rules(chain, rules, &mut cmds);
+    }
+    for (map, elements) in &next.maps {
+        cmds.push(json!({"flush": {"map": {"family": FAMILY, "table": TABLE, "name": map}}}));
+        for (key, verdict) in elements.values() {
+            cmds.push(element("add", map, key, Some(verdict)));
+        }
+    }
+    let skeleton_chains: BTreeSet<&str> = skeleton_rules().iter().map(|(c, _)| *c).collect();
+    let stale: Vec<&String> = existing
+        .chains
+        .iter()
+        .filter(|c| !next.chains.contains_key(*c) && !skeleton_chains.contains(c.as_str()))
+        .collect();
+    cmds.extend(stale.iter().map(|c| flush_chain(c)));
+    cmds.extend(stale.iter().map(|c| delete_chain(c)));
+    for stale in existing
+        .sets
+        .iter()
+        .filter(|s| s.starts_with("aff-") && !next.affinity_sets.contains_key(*s))
+    {
+        cmds.push(json!({"delete": {"set": {"family": FAMILY, "table": TABLE, "name": stale}}}));
+    }
+    cmds
+}
+
+/// Only the difference between two states the proxy wrote itself.
+pub fn incremental(prev: &Ruleset, next: &Ruleset) -> Vec<Value> {
+    let mut cmds = Vec::new();
+    for (set, timeout) in &next.affinity_sets {
+        if prev.affinity_sets.get(set) != Some(timeout) {
+            if prev.affinity_sets.contains_key(set) {
+                cmds.push(
+                    json!({"delete": {"set": {"family": FAMILY, "table": TABLE, "name": set}}}),
+                );
+            }
+            cmds.push(add_affinity_set(set, *timeout));
+        }
+    }
+    for chain in next.chains.keys().filter(|c| !prev.chains.contains_key(*c)) {
+        cmds.push(add_chain(chain));
+    }
+    for (chain, rules) in &next.chains {
+        if prev.chains.get(chain) != Some(rules) {
+            chain_rules(chain, rules, &mut cmds);
+        }
+    }
+    let empty = BTreeMap::new();
+    for (map, elements) in &next.maps {
+        let before = prev.maps.get(map).unwrap_or(&empty);
+        for (text, old) in before {
+            if elements.get(text) != Some(old) {
+                cmds.push(element("delete", map, &old.0, None));
+            }
+        }
+        for (text, new) in elements {
+            if before.get(text) != Some(new) {
+                cmds.push(element("add", map, &new.0, Some(&new.1)));
+            }
+        }
+    }
+    // Chains last, once nothing refers to them: every removed chain is
+    // emptied before any is deleted (a service chain names its endpoints').
+    let removed: Vec<&String> = prev
+        .chains
+        .keys()
+        .filter(|c| !next.chains.contains_key(*c))
+        .collect();
+    cmds.extend(removed.iter().map(|c| flush_chain(c)));
+    cmds.extend(removed.iter().map(|c| delete_chain(c)));
+    for set in prev
+        .affinity_sets
+        .keys()
+        .filter(|s| !next.affinity_sets.contains_key(*s))
+    {
+        cmds.push(json!({"delete": {"set": {"family": FAMILY, "table": TABLE, "name": set}}}));
+    }
+    cmds
+}
+
+/// The JSON document `nft -j -f -` takes.
+pub fn document(cmds: Vec<Value>) -> Value {
+    json!({"nftables": cmds})
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn service(name: &str, ip: [u8; 4], endpoints: &[[u8; 4]]) -> ServicePort {
+        ServicePort {
+            namespace: "shop".into(),
+            name: name.into(),
+            port_name: String::new(),
+            protocol: Protocol::Tcp,
+            cluster_ips: vec![Ipv4Addr::from(ip)],
+            port: 80,
+            node_port: None,
+            affinity_seconds: None,
+            internal_local: false,
+            external_local: false,
+            endpoints: endpoints
+                .iter()
+                .map(|&ip| Endpoint {
+                    ip: Ipv4Addr::from(ip),
+                    port: 8080,
+                    local: false,
+                })
+                .collect(),
+        }
+    }
+
+    fn touched(cmds: &[Value]) -> BTreeSet<String> {
+        cmds.iter()
+            .filter_map(|c| {
+                let (_, body) = c.as_object()?.iter().next()?;
+                let (_, object) = body.as_object()?.iter().next()?;
+                object
+                    .get("chain")
+                    .or_else(|| object.get("name"))
+                    .and_then(Value::as_str)
+                    .map(str::to_string)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn nothing_changed_is_no_command() {
+        let node = NodeConfig::default();
+        let services: Vec<ServicePort> = (0..50)
+            .map(|i| service(&format!("s{i}"), [10, 96, 0, i], &[[10, 244, 0, i]]))
+            .collect();
+        let a = desired(&node, &services);
+        assert!(incremental(&a, &desired(&node, &services)).is_empty());
+    }
+
+    #[test]
+    fn one_endpoint_change_touches_one_service() {
+        let node = NodeConfig::default();
+        let mut services: Vec<ServicePort> = (0..50)
+            .map(|i| service(&format!("s{i}"), [10, 96, 0, i], &[[10, 244, 0, i]]))
+            .collect();
+        let before = desired(&node, &services);
+        services[7].endpoints.push(Endpoint {
+            ip: Ipv4Addr::new(10, 244, 1, 7),
+            port: 8080,
+            local: false,
+        });
+        let cmds = incremental(&before, &desired(&node, &services));
+        assert_eq!(
+            touched(&cmds),
+            BTreeSet::from([
+                "svc-shop/s7/tcp/".to_string(),
+                "ep-shop/s7/tcp/__10.244.1.7/8080".to_string(),
+            ]),
+            "{cmds:#?}"
+        );
+    }
+
+    #[test]
+    fn a_service_losing_its_endpoints_is_rejected() {
+        let node = NodeConfig::default();
+        let before = desired(&node, &[service("web", [10, 96, 0, 9], &[[10, 244, 0, 2]])]);
+        let after = desired(&node, &[service("web", [10, 96, 0, 9], &[])]);
+        let cmds = incremental(&before, &after);
+        let text = serde_json::to_string(&cmds).unwrap();
+        // Out of the service map, into the no-endpoint map, chains gone.
+        assert!(text.contains(r#"{"delete":{"element":{"family":"ip","table":"tapestry-proxy","name":"service-ips","elem":[{"concat":["10.96.0.9","tcp",80]}]}}}"#), "{text}");
+        assert!(text.contains(r#""name":"no-endpoint-services""#), "{text}");
+        assert!(
+            text.contains(r#"{"delete":{"chain":{"family":"ip","table":"tapestry-proxy","name":"svc-shop/web/tcp/"}}}"#),
+            "{text}"
+        );
+    }
+}
