@@ -31,8 +31,8 @@ pub struct Fleet {
     pub tools: Arc<Informer<TapTool>>,
     /// Woken when a policy or tool changes.
     pub changed: tokio::sync::Notify,
-    /// Every node's tap as last rendered, by name (see [`Fleet::refresh_taps`]).
-    tap_view: Mutex<BTreeMap<String, Arc<RenderedTap>>>,
+    /// Every node's tap as last rendered (see [`Fleet::refresh_taps`]).
+    tap_view: Mutex<TapView>,
 }
 
 impl Fleet {
@@ -56,7 +56,7 @@ impl Fleet {
             policies: Informer::trimmed(Api::all(client.clone()), all.clone(), trim_meta),
             tools: Informer::trimmed(Api::all(client), all, trim_meta),
             changed: tokio::sync::Notify::new(),
-            tap_view: Mutex::new(BTreeMap::new()),
+            tap_view: Mutex::new(TapView::default()),
         });
         // Weak: the informers' handlers must not keep the fleet alive.
         let weak = Arc::downgrade(&fleet);
@@ -68,6 +68,25 @@ impl Fleet {
         let w = wake.clone();
         fleet.policies.on_change(move |_, _| w());
         fleet.tools.on_change(move |_, _| wake());
+        // A node's entry in the node view is rendered again when its Node
+        // or its tap's Lease changes.
+        let weak = Arc::downgrade(&fleet);
+        fleet.nodes.on_change(move |node, _| {
+            if let Some(f) = weak.upgrade() {
+                f.touch(node.name_any());
+            }
+        });
+        let weak = Arc::downgrade(&fleet);
+        fleet.leases.on_change(move |lease, _| {
+            let node = lease
+                .metadata
+                .name
+                .as_deref()
+                .and_then(heartbeat::lease_node);
+            if let (Some(f), Some(node)) = (weak.upgrade(), node) {
+                f.touch(node.to_string());
+            }
+        });
         fleet.nodes.start(shutdown.clone());
         fleet.pods.start(shutdown.clone());
         fleet.namespaces.start(shutdown.clone());
@@ -89,57 +108,44 @@ impl Fleet {
 
     /// Every node's tap, by node name, as of `now`.
     pub fn taps(&self, now: Timestamp) -> Vec<Arc<RenderedTap>> {
-        self.refresh_taps(now).values().cloned().collect()
+        self.refresh_taps(now).entries.values().cloned().collect()
     }
 
     pub fn tap(&self, name: &str, now: Timestamp) -> Option<NodeTap> {
         self.nodes.get(None, name).map(|n| self.tap_of(&n, now))
     }
 
-    /// The node view brought up to `now`: a node's entry is computed and
-    /// serialised again only when its Node or its tap's Lease changed or
-    /// its tap state aged into another, so listing thousands of nodes
-    /// costs a pass over the informers, not thousands of JSON parses.
-    pub fn refresh_taps(
-        &self,
-        now: Timestamp,
-    ) -> MutexGuard<'_, BTreeMap<String, Arc<RenderedTap>>> {
-        let mut view = self.tap_view.lock().unwrap_or_else(|p| p.into_inner());
-        let nodes = self.nodes.store.state();
-        let mut present = std::collections::HashSet::with_capacity(nodes.len());
-        for node in &nodes {
-            let name = node.name_any();
-            let lease = self
-                .leases
-                .get(Some(heartbeat::NAMESPACE), &heartbeat::lease_name(&name));
-            let node_version = node.resource_version();
-            let lease_version = lease.as_ref().and_then(|l| l.resource_version());
-            let state = lease
-                .as_ref()
-                .map(|l| lease_state(l, now).0)
-                .unwrap_or(TapState::Pending);
-            let fresh = view.get(&name).is_some_and(|r| {
-                r.node_version == node_version
-                    && r.lease_version == lease_version
-                    && r.tap.tap == state
-            });
-            if !fresh {
-                let tap = tap_of(node, lease.as_deref(), now);
-                let json = serde_json::to_vec(&tap).unwrap_or_default().into();
-                view.insert(
-                    name.clone(),
-                    Arc::new(RenderedTap {
-                        node_version,
-                        lease_version,
-                        tap,
-                        json,
-                    }),
-                );
+    fn touch(&self, node: String) {
+        lock(&self.tap_view).dirty.insert(node);
+    }
+
+    /// The node view brought up to `now`. A node's entry is computed and
+    /// serialised again only when its Node or Lease changed (the informers
+    /// mark it) or its tap state aged into another, so listing thousands
+    /// of nodes costs neither thousands of JSON parses nor a pass over
+    /// the informers.
+    pub fn refresh_taps(&self, now: Timestamp) -> MutexGuard<'_, TapView> {
+        let mut view = lock(&self.tap_view);
+        let mut stale: Vec<String> = std::mem::take(&mut view.dirty).into_iter().collect();
+        stale.extend(
+            view.entries
+                .iter()
+                .filter(|(_, r)| r.state_at(now) != r.tap.tap)
+                .map(|(name, _)| name.clone()),
+        );
+        for name in stale {
+            match self.nodes.get(None, &name) {
+                None => {
+                    view.entries.remove(&name);
+                }
+                Some(node) => {
+                    let lease = self
+                        .leases
+                        .get(Some(heartbeat::NAMESPACE), &heartbeat::lease_name(&name));
+                    let rendered = RenderedTap::of(&node, lease.as_deref(), now);
+                    view.entries.insert(name, Arc::new(rendered));
+                }
             }
-            present.insert(name);
-        }
-        if view.len() > present.len() {
-            view.retain(|name, _| present.contains(name));
         }
         view
     }
@@ -210,28 +216,63 @@ fn trim_pod(pod: &mut Pod) {
     });
 }
 
+/// Every node's rendered tap, by name, and the names to render again.
+#[derive(Default)]
+pub struct TapView {
+    pub entries: BTreeMap<String, Arc<RenderedTap>>,
+    dirty: std::collections::HashSet<String>,
+}
+
 /// A node's tap with its JSON, as the node view keeps it.
 pub struct RenderedTap {
-    node_version: Option<String>,
-    lease_version: Option<String>,
+    renewed: Option<Timestamp>,
+    lease_duration: Duration,
     pub tap: NodeTap,
     /// `tap` serialised, ready to be written into a list.
     pub json: bytes::Bytes,
 }
 
-/// A tap's state from its heartbeat Lease's age, and when it was renewed.
-fn lease_state(lease: &Lease, now: Timestamp) -> (TapState, Option<Timestamp>) {
+impl RenderedTap {
+    fn of(node: &Node, lease: Option<&Lease>, now: Timestamp) -> RenderedTap {
+        let tap = tap_of(node, lease, now);
+        let (renewed, lease_duration) = lease.map(lease_timing).unwrap_or_default();
+        RenderedTap {
+            renewed,
+            lease_duration,
+            json: serde_json::to_vec(&tap).unwrap_or_default().into(),
+            tap,
+        }
+    }
+
+    /// The tap's state at `now` (without a Lease, Pending for good).
+    fn state_at(&self, now: Timestamp) -> TapState {
+        if self.tap.last_heartbeat.is_none() && self.renewed.is_none() {
+            return self.tap.tap;
+        }
+        state_of(self.renewed, self.lease_duration, now)
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// When a Lease was renewed and for how long it holds.
+fn lease_timing(lease: &Lease) -> (Option<Timestamp>, Duration) {
     let spec = lease.spec.as_ref();
     let renewed = spec.and_then(|s| s.renew_time.as_ref()).map(|t| t.0);
-    let lease_duration = Duration::from_secs(
-        spec.and_then(|s| s.lease_duration_seconds)
-            .unwrap_or(0)
-            .max(0) as u64,
-    );
+    let duration = spec
+        .and_then(|s| s.lease_duration_seconds)
+        .unwrap_or(0)
+        .max(0) as u64;
+    (renewed, Duration::from_secs(duration))
+}
+
+fn state_of(renewed: Option<Timestamp>, lease_duration: Duration, now: Timestamp) -> TapState {
     let age = renewed
         .map(|t| now.duration_since(t).try_into().unwrap_or(Duration::ZERO))
         .unwrap_or(Duration::MAX);
-    (heartbeat::tap_state(age, lease_duration), renewed)
+    heartbeat::tap_state(age, lease_duration)
 }
 
 fn tap_of(node: &Node, lease: Option<&Lease>, now: Timestamp) -> NodeTap {
@@ -251,7 +292,8 @@ fn tap_of(node: &Node, lease: Option<&Lease>, now: Timestamp) -> NodeTap {
             status: None,
         };
     };
-    let (tap, renewed) = lease_state(lease, now);
+    let (renewed, lease_duration) = lease_timing(lease);
+    let tap = state_of(renewed, lease_duration, now);
     let status = lease
         .annotations()
         .get(heartbeat::STATUS_ANNOTATION)

@@ -18,6 +18,11 @@ pub fn lease_name(node: &str) -> String {
     format!("tap-{node}")
 }
 
+/// The node a heartbeat Lease is named for.
+pub fn lease_node(lease: &str) -> Option<&str> {
+    lease.strip_prefix("tap-")
+}
+
 /// What a tap reports with each heartbeat.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase")]

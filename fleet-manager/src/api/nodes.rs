@@ -74,8 +74,11 @@ pub async fn list(
             Some(after) => Bound::Excluded(after.as_str()),
             None => Bound::Unbounded,
         };
-        let mut page = view.range::<str, _>((after, Bound::Unbounded));
-        body.reserve(view.values().next().map_or(0, |t| t.json.len() + 1) * view.len().min(limit));
+        let mut page = view.entries.range::<str, _>((after, Bound::Unbounded));
+        body.reserve(
+            view.entries.values().next().map_or(0, |t| t.json.len() + 1)
+                * view.entries.len().min(limit),
+        );
         body.extend_from_slice(b"{\"items\":[");
         for (i, (name, tap)) in page.by_ref().take(limit).enumerate() {
             if i > 0 {
