@@ -4,3 +4,4 @@
 
 pub mod nft;
 pub mod rules;
+pub mod services;
