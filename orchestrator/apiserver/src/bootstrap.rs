@@ -1,12 +1,19 @@
-//! Objects every cluster starts with.
+//! Objects every cluster starts with. Every server sharing a store ensures
+//! them at start, so what another server created counts as done.
 
 use std::net::{Ipv4Addr, SocketAddr};
+use std::time::Duration;
 
 use anyhow::Result;
 use serde_json::json;
 
 use crate::error::ApiError;
 use crate::rest::Api;
+
+/// How often, and how far apart, a refused create is tried again (see
+/// [`ensure_one`]).
+const RETRIES: usize = 20;
+const RETRY_DELAY: Duration = Duration::from_millis(100);
 
 /// The namespaces Kubernetes clients expect, and the `kubernetes` Service
 /// (with its Endpoints) through which pods reach the API server.
@@ -38,6 +45,11 @@ pub async fn ensure(api: &Api, service_ip: Ipv4Addr, serving: SocketAddr) -> Res
     Ok(())
 }
 
+/// Create `obj` unless it exists. Servers starting together race for the
+/// same objects: the loser of a Service's race can find the ClusterIP
+/// claimed a moment before the winner stores the Service, and is refused
+/// as invalid; it tries again until the winner's object is there (then
+/// AlreadyExists) or the claim is released.
 async fn ensure_one(
     api: &Api,
     group: &str,
@@ -46,11 +58,57 @@ async fn ensure_one(
     namespace: Option<&str>,
     obj: serde_json::Value,
 ) -> Result<()> {
-    match api
-        .create_internal(group, version, plural, namespace, obj)
-        .await
-    {
-        Ok(()) | Err(ApiError::AlreadyExists(_)) => Ok(()),
-        Err(e) => Err(anyhow::anyhow!("creating {plural}: {e}")),
+    let mut attempt = 0;
+    loop {
+        match api
+            .create_internal(group, version, plural, namespace, obj.clone())
+            .await
+        {
+            Ok(()) | Err(ApiError::AlreadyExists(_)) => return Ok(()),
+            Err(ApiError::Invalid { .. }) if attempt < RETRIES => {
+                attempt += 1;
+                tokio::time::sleep(RETRY_DELAY).await;
+            }
+            Err(e) => return Err(anyhow::anyhow!("creating {plural}: {e}")),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::Value;
+
+    /// Servers bootstrapping one store at the same moment all succeed, and
+    /// one `kubernetes` Service holds the first ClusterIP.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn servers_bootstrapping_together_all_succeed() {
+        let server = crate::testing::start().await;
+        let service = "/api/v1/namespaces/default/services/kubernetes";
+        for round in 0..5 {
+            server.send("DELETE", service, &Value::Null).await;
+            let racers: Vec<_> = (0..6)
+                .map(|_| {
+                    let api = server.engine.clone();
+                    tokio::spawn(async move {
+                        super::ensure(
+                            &api,
+                            "10.96.0.1".parse().unwrap(),
+                            "127.0.0.1:6443".parse().unwrap(),
+                        )
+                        .await
+                    })
+                })
+                .collect();
+            for racer in racers {
+                if let Err(e) = racer.await.unwrap() {
+                    panic!("round {round}: {e:#}");
+                }
+            }
+            let stored = server.send("GET", service, &Value::Null).await;
+            assert_eq!(
+                stored["spec"]["clusterIPs"],
+                serde_json::json!(["10.96.0.1"])
+            );
+        }
     }
 }

@@ -41,6 +41,23 @@ pub struct ServerConfig {
     /// Keep at least this much history for watches and exact-revision lists.
     pub compaction_interval: Duration,
     pub extra_sans: Vec<String>,
+    /// How often leaked ClusterIP/NodePort allocations are looked for; a
+    /// leak is released on the second pass that sees it.
+    pub allocation_repair_interval: Duration,
+}
+
+impl ServerConfig {
+    /// The defaults of `tapestry server` for what is not given.
+    pub fn new(data_dir: PathBuf, listen: SocketAddr) -> Self {
+        ServerConfig {
+            data_dir,
+            listen,
+            service_cidr: "10.96.0.0/12".into(),
+            compaction_interval: Duration::from_secs(300),
+            extra_sans: Vec::new(),
+            allocation_repair_interval: DEFAULT_ALLOCATION_REPAIR_INTERVAL,
+        }
+    }
 }
 
 /// A started server: where it listens and how to reach it.
@@ -188,7 +205,11 @@ pub async fn start(
         config.compaction_interval,
         shutdown.clone(),
     ));
-    tokio::spawn(allocation_repair_loop(allocator, shutdown.clone()));
+    tokio::spawn(allocation_repair_loop(
+        allocator,
+        config.allocation_repair_interval,
+        shutdown.clone(),
+    ));
     tokio::spawn(crd_controller.run(crds_read_at));
     let task = tokio::spawn(serve(listener, tls, router, shutdown));
     Ok(Running {
@@ -306,9 +327,13 @@ async fn compaction_loop(store: Arc<dyn Store>, interval: Duration, shutdown: Ca
 
 /// How often leaked ClusterIP/NodePort allocations are looked for; a leak is
 /// released on the second pass that sees it.
-const ALLOCATION_REPAIR_INTERVAL: Duration = Duration::from_secs(60);
+pub const DEFAULT_ALLOCATION_REPAIR_INTERVAL: Duration = Duration::from_secs(60);
 
-async fn allocation_repair_loop(allocator: Arc<ServiceAllocator>, shutdown: CancellationToken) {
+async fn allocation_repair_loop(
+    allocator: Arc<ServiceAllocator>,
+    interval: Duration,
+    shutdown: CancellationToken,
+) {
     let mut suspects = HashMap::new();
     loop {
         if let Err(e) = allocator.repair(&mut suspects).await {
@@ -316,7 +341,7 @@ async fn allocation_repair_loop(allocator: Arc<ServiceAllocator>, shutdown: Canc
         }
         tokio::select! {
             _ = shutdown.cancelled() => return,
-            _ = tokio::time::sleep(ALLOCATION_REPAIR_INTERVAL) => {}
+            _ = tokio::time::sleep(interval) => {}
         }
     }
 }

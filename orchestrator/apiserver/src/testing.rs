@@ -1,7 +1,6 @@
 //! A server on a temporary store, driven in process, for unit tests.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use axum::body::Body;
 use http_body_util::BodyExt;
@@ -15,6 +14,8 @@ use crate::{LocalHandler, ServerConfig};
 /// A running server; it stops when dropped.
 pub struct TestServer {
     pub api: LocalHandler,
+    /// The REST engine behind `api`, for the server's own loops.
+    pub engine: Arc<crate::rest::Api>,
     pub store: Arc<dyn tapestry_store::Store>,
     shutdown: CancellationToken,
     _dir: tempfile::TempDir,
@@ -27,21 +28,25 @@ impl Drop for TestServer {
 }
 
 pub async fn start() -> TestServer {
+    start_with(|_| {}).await
+}
+
+/// A server whose configuration `configure` changes from the defaults.
+pub async fn start_with(configure: impl FnOnce(&mut ServerConfig)) -> TestServer {
     let dir = tempfile::tempdir().expect("tempdir");
     let store = Arc::new(RedbStore::open(dir.path().join("store.redb")).expect("store"));
     let shutdown = CancellationToken::new();
-    let config = ServerConfig {
-        data_dir: dir.path().to_path_buf(),
-        listen: "127.0.0.1:0".parse().expect("address"),
-        service_cidr: "10.96.0.0/12".into(),
-        compaction_interval: Duration::from_secs(300),
-        extra_sans: Vec::new(),
-    };
+    let mut config = ServerConfig::new(
+        dir.path().to_path_buf(),
+        "127.0.0.1:0".parse().expect("address"),
+    );
+    configure(&mut config);
     let running = crate::start(config, store.clone(), shutdown.clone())
         .await
         .expect("server");
     TestServer {
         api: running.local_handler(),
+        engine: running.api.clone(),
         store,
         shutdown,
         _dir: dir,

@@ -155,11 +155,10 @@ async fn server(args: ServerArgs) -> Result<()> {
     let shutdown = shutdown_on_signals()?;
     let running = tapestry_apiserver::start(
         ServerConfig {
-            data_dir: args.data_dir.clone(),
-            listen: args.listen,
             service_cidr: args.service_cidr,
             compaction_interval: args.compaction_interval,
             extra_sans: args.tls_sans,
+            ..ServerConfig::new(args.data_dir.clone(), args.listen)
         },
         store,
         shutdown.clone(),

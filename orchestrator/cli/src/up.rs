@@ -50,11 +50,8 @@ async fn start_control_plane(
     );
     let running = tapestry_apiserver::start(
         ServerConfig {
-            data_dir: args.data_dir.clone(),
-            listen: args.listen,
             service_cidr: args.service_cidr.clone(),
-            compaction_interval: Duration::from_secs(300),
-            extra_sans: Vec::new(),
+            ..ServerConfig::new(args.data_dir.clone(), args.listen)
         },
         store,
         shutdown.clone(),

@@ -57,15 +57,26 @@ impl Api {
             let mut target = req.target();
             target.name = name.clone();
             // Report an existing object before allocating anything for it.
-            let exists = self.store.get(&key).await.map_err(ApiError::internal)?;
-            if exists.is_some() {
+            let mut exists = self.exists(&key).await?;
+            if !exists {
+                if let Some(hook) = &req.def.hook {
+                    if let Err(e) = hook.on_create(&mut obj, dry_run).await {
+                        // Another writer (a second API server bootstrapping
+                        // the same objects) may have stored it since the
+                        // check above and taken what the hook asked for:
+                        // the object existing is the answer, not the clash.
+                        exists = self.exists(&key).await?;
+                        if !exists {
+                            return Err(e);
+                        }
+                    }
+                }
+            }
+            if exists {
                 if attempt + 1 < attempts {
                     continue;
                 }
                 return Err(ApiError::AlreadyExists(target));
-            }
-            if let Some(hook) = &req.def.hook {
-                hook.on_create(&mut obj, dry_run).await?;
             }
             if dry_run {
                 return Ok(Written::new(obj, true));
@@ -92,6 +103,11 @@ impl Api {
         }
         // Every generated name collided (the last attempt returns above).
         Err(ApiError::AlreadyExists(req.target()))
+    }
+
+    async fn exists(&self, key: &str) -> ApiResult<bool> {
+        let kv = self.store.get(key).await.map_err(ApiError::internal)?;
+        Ok(kv.is_some())
     }
 
     /// Read-modify-write of one object: `mutate` receives the current object

@@ -15,6 +15,16 @@ use crate::rest::status::StatusRest;
 use crate::tables::{self, age, col, i, name, or_none, s, wide, TableDef, AGE, NAME};
 use crate::validation::{self, NameRule};
 
+/// Where Services are stored, below `/registry/` (as kube-apiserver keeps
+/// them); the allocator finds an allocation's Service there.
+const STORAGE: &str = "services/specs";
+
+/// The store key of a Service, the same as its definition's
+/// [`ResourceDef::key`] (pinned by a test).
+pub(crate) fn storage_key(namespace: &str, name: &str) -> String {
+    format!("/registry/{STORAGE}/{namespace}/{name}")
+}
+
 /// `allocator` hands out ClusterIPs and NodePorts.
 pub fn definition(allocator: Arc<dyn WriteHook>) -> ResourceDef {
     ResourceDef {
@@ -22,7 +32,7 @@ pub fn definition(allocator: Arc<dyn WriteHook>) -> ResourceDef {
         categories: names(&["all"]),
         name_rule: NameRule::Dns1123Label,
         subresources: vec![StatusRest::def()],
-        storage: "services/specs".into(),
+        storage: STORAGE.into(),
         behaviour: Arc::new(ServiceBehaviour),
         hook: Some(allocator),
         table: Arc::new(TableDef {

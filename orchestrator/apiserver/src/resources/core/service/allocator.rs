@@ -52,6 +52,10 @@ impl Ipv4Range {
 }
 
 const NODE_PORT_MIN: i64 = 30000;
+/// Store prefixes of the allocations; each key's value names its Service
+/// as `namespace/name`.
+const IP_ALLOCATIONS: &str = "/registry/ipallocations/";
+const NODE_PORT_ALLOCATIONS: &str = "/registry/nodeportallocations/";
 const NODE_PORT_MAX: i64 = 32767;
 
 /// Hands out ClusterIPs and NodePorts. Each allocation is a store key
@@ -77,11 +81,11 @@ impl ServiceAllocator {
     }
 
     fn ip_key(ip: Ipv4Addr) -> String {
-        format!("/registry/ipallocations/{ip}")
+        format!("{IP_ALLOCATIONS}{ip}")
     }
 
     fn port_key(port: i64) -> String {
-        format!("/registry/nodeportallocations/{port}")
+        format!("{NODE_PORT_ALLOCATIONS}{port}")
     }
 
     async fn claim(&self, key: String, owner: &str, dry_run: bool) -> Result<bool, ApiError> {
@@ -159,7 +163,7 @@ impl ServiceAllocator {
     pub async fn repair(&self, suspects: &mut HashMap<String, i64>) -> ApiResult<usize> {
         let mut leaked = HashMap::new();
         let mut released = 0;
-        for prefix in ["/registry/ipallocations/", "/registry/nodeportallocations/"] {
+        for prefix in [IP_ALLOCATIONS, NODE_PORT_ALLOCATIONS] {
             let allocations = self
                 .store
                 .list(prefix, Default::default())
@@ -194,28 +198,18 @@ impl ServiceAllocator {
         let Some((namespace, name)) = owner.split_once('/') else {
             return Ok(false);
         };
+        // The key the Service registry writes: a copy of its layout once
+        // went stale and every allocation looked leaked.
         let Some(service) = self
             .store
-            .get(&format!("/registry/services/{namespace}/{name}"))
+            .get(&super::storage_key(namespace, name))
             .await
             .map_err(ApiError::internal)?
         else {
             return Ok(false);
         };
         let service: Value = serde_json::from_slice(&service.value).unwrap_or(Value::Null);
-        let allocated = &kv.key[prefix.len()..];
-        Ok(if prefix.contains("nodeport") {
-            service
-                .pointer("/spec/ports")
-                .and_then(Value::as_array)
-                .is_some_and(|ports| {
-                    ports
-                        .iter()
-                        .any(|p| i(p, "/nodePort").to_string() == allocated)
-                })
-        } else {
-            s(&service, "/spec/clusterIP") == allocated
-        })
+        Ok(holds(&service, prefix, &kv.key[prefix.len()..]))
     }
 
     fn invalid(obj: &Value, causes: Vec<Cause>) -> ApiError {
@@ -230,12 +224,32 @@ impl ServiceAllocator {
         }
     }
 
-    /// Allocate what `obj` needs and does not already hold (`held`).
+    /// Allocate what `obj` needs and does not already hold (`held`). A
+    /// Service refused on the way (its second NodePort is taken) keeps
+    /// nothing it claimed before.
     async fn allocate(
         &self,
         obj: &mut Value,
         held: Option<&Value>,
         dry_run: bool,
+    ) -> ApiResult<()> {
+        let mut claimed = Vec::new();
+        let result = self.claim_all(obj, held, dry_run, &mut claimed).await;
+        if result.is_err() && !dry_run {
+            for key in claimed {
+                self.release_key(key).await;
+            }
+        }
+        result
+    }
+
+    /// [`Self::allocate`], recording the keys it claims in `claimed`.
+    async fn claim_all(
+        &self,
+        obj: &mut Value,
+        held: Option<&Value>,
+        dry_run: bool,
+        claimed: &mut Vec<String>,
     ) -> ApiResult<()> {
         let owner = format!(
             "{}/{}",
@@ -256,7 +270,11 @@ impl ServiceAllocator {
             let ip = match requested.as_str() {
                 "None" => "None".to_string(),
                 "" if !held_ip.is_empty() && held_ip != "None" => held_ip.clone(),
-                "" => self.allocate_ip(&owner, dry_run).await?.to_string(),
+                "" => {
+                    let ip = self.allocate_ip(&owner, dry_run).await?;
+                    claimed.push(Self::ip_key(ip));
+                    ip.to_string()
+                }
                 wanted if wanted == held_ip => wanted.to_string(),
                 wanted => {
                     let parsed: Option<Ipv4Addr> = wanted.parse().ok();
@@ -277,6 +295,7 @@ impl ServiceAllocator {
                             )],
                         ));
                     }
+                    claimed.push(Self::ip_key(addr));
                     wanted.to_string()
                 }
             };
@@ -324,10 +343,31 @@ impl ServiceAllocator {
                 } else {
                     wanted
                 };
+                claimed.push(Self::port_key(port));
                 obj["spec"]["ports"][idx]["nodePort"] = json!(port);
             }
         }
         Ok(())
+    }
+}
+
+/// Whether `service` holds the allocation `allocated` (an address or a port
+/// number) under `prefix`: an address in `spec.clusterIP` or in any family
+/// of `spec.clusterIPs`, a port as any of its ports' `nodePort`.
+fn holds(service: &Value, prefix: &str, allocated: &str) -> bool {
+    let listed = |pointer: &str, field: &dyn Fn(&Value) -> String| {
+        service
+            .pointer(pointer)
+            .and_then(Value::as_array)
+            .is_some_and(|items| items.iter().any(|v| field(v) == allocated))
+    };
+    if prefix == NODE_PORT_ALLOCATIONS {
+        listed("/spec/ports", &|p| i(p, "/nodePort").to_string())
+    } else {
+        s(service, "/spec/clusterIP") == allocated
+            || listed("/spec/clusterIPs", &|ip| {
+                ip.as_str().unwrap_or_default().to_string()
+            })
     }
 }
 
@@ -387,7 +427,10 @@ mod tests {
         });
         allocator.allocate(&mut held, None, false).await.unwrap();
         store
-            .create("/registry/services/ns/web", Bytes::from(held.to_string()))
+            .create(
+                &super::super::storage_key("ns", "web"),
+                Bytes::from(held.to_string()),
+            )
             .await
             .unwrap();
         // A claim whose Service write never happened.
@@ -412,8 +455,8 @@ mod tests {
         assert_eq!(allocator.repair(&mut suspects).await.unwrap(), 0);
         assert_eq!(suspects.len(), 2, "the lost IP and NodePort are suspected");
         assert_eq!(allocator.repair(&mut suspects).await.unwrap(), 2);
-        assert_eq!(count("/registry/ipallocations/").await, 1);
-        assert_eq!(count("/registry/nodeportallocations/").await, 1);
+        assert_eq!(count(IP_ALLOCATIONS).await, 1);
+        assert_eq!(count(NODE_PORT_ALLOCATIONS).await, 1);
         let ip = s(&held, "/spec/clusterIP").to_string();
         assert!(store
             .get(&ServiceAllocator::ip_key(ip.parse().unwrap()))
@@ -422,5 +465,212 @@ mod tests {
             .is_some());
         assert_eq!(allocator.repair(&mut suspects).await.unwrap(), 0);
         assert!(suspects.is_empty());
+    }
+
+    /// The allocator looks a Service up where the registry stores it.
+    #[test]
+    fn services_are_looked_up_where_they_are_stored() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> = Arc::new(RedbStore::open(dir.path().join("s.redb")).unwrap());
+        let allocator = Arc::new(ServiceAllocator::new(
+            store,
+            Ipv4Range::parse("10.96.0.0/12").unwrap(),
+        ));
+        let def = super::super::definition(allocator);
+        assert_eq!(
+            def.key(Some("ns"), "web"),
+            super::super::storage_key("ns", "web")
+        );
+    }
+
+    /// An address is held in `clusterIP` or in any family of `clusterIPs`;
+    /// a port by any of the ports.
+    #[test]
+    fn a_service_holds_every_address_and_node_port_it_lists() {
+        let service = json!({"spec": {
+            "clusterIP": "10.96.0.10",
+            "clusterIPs": ["10.96.0.10", "fd00::10"],
+            "ports": [{"port": 80, "nodePort": 30080}, {"port": 443, "nodePort": 30443}],
+        }});
+        for ip in ["10.96.0.10", "fd00::10"] {
+            assert!(holds(&service, IP_ALLOCATIONS, ip), "{ip}");
+        }
+        assert!(!holds(&service, IP_ALLOCATIONS, "10.96.0.11"));
+        for port in ["30080", "30443"] {
+            assert!(holds(&service, NODE_PORT_ALLOCATIONS, port), "{port}");
+        }
+        assert!(!holds(&service, NODE_PORT_ALLOCATIONS, "30081"));
+        assert!(!holds(&service, NODE_PORT_ALLOCATIONS, "10.96.0.10"));
+    }
+
+    /// The repair pass keeps what the bootstrap `kubernetes` Service and a
+    /// NodePort Service hold while it releases a leak, so their ClusterIPs
+    /// and NodePort stay refused to others.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn repair_passes_keep_what_services_hold() {
+        let server = crate::testing::start_with(|c| {
+            c.allocation_repair_interval = std::time::Duration::from_millis(50);
+        })
+        .await;
+        let services = "/api/v1/namespaces/default/services";
+        let web = server
+            .send(
+                "POST",
+                services,
+                &json!({"metadata": {"name": "web"},
+                        "spec": {"type": "NodePort", "ports": [{"port": 80}]}}),
+            )
+            .await;
+        let web_ip = s(&web, "/spec/clusterIP").to_string();
+        let web_port = i(&web, "/spec/ports/0/nodePort");
+        // A leak, released by the second pass that sees it: once it is
+        // gone, passes have run over every allocation.
+        let ghost = ServiceAllocator::ip_key("10.96.0.77".parse().unwrap());
+        server
+            .store
+            .create(&ghost, Bytes::from("default/ghost"))
+            .await
+            .unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while server.store.get(&ghost).await.unwrap().is_some() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the leak was not released"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        // Two more passes, each of which would release a held allocation
+        // it had suspected on the pass before.
+        tokio::time::sleep(std::time::Duration::from_millis(150)).await;
+        let mut held = server.api_store_keys(IP_ALLOCATIONS).await;
+        held.extend(server.api_store_keys(NODE_PORT_ALLOCATIONS).await);
+        held.sort();
+        let mut expected = vec![
+            format!("{IP_ALLOCATIONS}10.96.0.1"),
+            format!("{IP_ALLOCATIONS}{web_ip}"),
+            format!("{NODE_PORT_ALLOCATIONS}{web_port}"),
+        ];
+        expected.sort();
+        assert_eq!(held, expected);
+
+        for (name, spec) in [
+            (
+                "dup-ip",
+                json!({"clusterIP": "10.96.0.1", "ports": [{"port": 80}]}),
+            ),
+            (
+                "dup-web-ip",
+                json!({"clusterIP": web_ip, "ports": [{"port": 80}]}),
+            ),
+        ] {
+            let (code, answer) = server
+                .request(
+                    "POST",
+                    services,
+                    &json!({"metadata": {"name": name}, "spec": spec}),
+                )
+                .await;
+            assert_eq!(code, http::StatusCode::UNPROCESSABLE_ENTITY, "{answer}");
+            assert_eq!(
+                answer["message"],
+                format!(
+                    "Service \"{name}\" is invalid: spec.clusterIPs: Invalid value: [\"{}\"]: failed to allocate IP: provided IP is already allocated",
+                    s(&spec, "/clusterIP")
+                ),
+            );
+        }
+        let (code, answer) = server
+            .request(
+                "POST",
+                services,
+                &json!({"metadata": {"name": "dup-port"},
+                        "spec": {"type": "NodePort", "ports": [{"port": 80, "nodePort": web_port}]}}),
+            )
+            .await;
+        assert_eq!(code, http::StatusCode::UNPROCESSABLE_ENTITY, "{answer}");
+        assert!(
+            answer["message"]
+                .as_str()
+                .unwrap_or_default()
+                .ends_with("provided port is already allocated"),
+            "{answer}"
+        );
+    }
+
+    /// A create naming an existing Service is a 409 AlreadyExists, whatever
+    /// it asks for, and allocates nothing.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn creating_an_existing_service_allocates_nothing() {
+        let server = crate::testing::start().await;
+        let services = "/api/v1/namespaces/default/services";
+        let before = (
+            server.api_store_keys(IP_ALLOCATIONS).await,
+            server.api_store_keys(NODE_PORT_ALLOCATIONS).await,
+        );
+        for spec in [
+            // What the bootstrap of a second server asks for.
+            json!({"clusterIP": "10.96.0.1", "ports": [{"name": "https", "port": 443}]}),
+            json!({"type": "NodePort", "clusterIP": "10.96.0.50",
+                   "ports": [{"port": 80, "nodePort": 30050}]}),
+            json!({"type": "NodePort", "ports": [{"port": 80}]}),
+        ] {
+            let (code, answer) = server
+                .request(
+                    "POST",
+                    services,
+                    &json!({"metadata": {"name": "kubernetes"}, "spec": spec}),
+                )
+                .await;
+            assert_eq!(code, http::StatusCode::CONFLICT, "{answer}");
+            assert_eq!(answer["reason"], "AlreadyExists", "{answer}");
+            assert_eq!(
+                answer["message"], "services \"kubernetes\" already exists",
+                "{answer}"
+            );
+        }
+        let after = (
+            server.api_store_keys(IP_ALLOCATIONS).await,
+            server.api_store_keys(NODE_PORT_ALLOCATIONS).await,
+        );
+        assert_eq!(before, after);
+    }
+
+    /// A Service refused for its second NodePort keeps neither the
+    /// ClusterIP nor the first NodePort it claimed on the way.
+    #[tokio::test]
+    async fn a_refused_service_keeps_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> = Arc::new(RedbStore::open(dir.path().join("s.redb")).unwrap());
+        let allocator =
+            ServiceAllocator::new(store.clone(), Ipv4Range::parse("10.96.0.0/12").unwrap());
+        let mut first = json!({
+            "metadata": {"namespace": "ns", "name": "first"},
+            "spec": {"type": "NodePort", "ports": [{"port": 80, "nodePort": 30100}]},
+        });
+        allocator.allocate(&mut first, None, false).await.unwrap();
+        let keys = || async {
+            let mut keys = Vec::new();
+            for prefix in [IP_ALLOCATIONS, NODE_PORT_ALLOCATIONS] {
+                let list = store.list(prefix, Default::default()).await.unwrap();
+                keys.extend(list.items.into_iter().map(|kv| kv.key));
+            }
+            keys
+        };
+        let before = keys().await;
+        let mut refused = json!({
+            "metadata": {"namespace": "ns", "name": "refused"},
+            "spec": {"type": "NodePort", "clusterIP": "10.96.0.60",
+                     "ports": [{"port": 80, "nodePort": 30101}, {"port": 81, "nodePort": 30100}]},
+        });
+        let err = allocator
+            .allocate(&mut refused, None, false)
+            .await
+            .unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("provided port is already allocated"),
+            "{err}"
+        );
+        assert_eq!(keys().await, before);
     }
 }
