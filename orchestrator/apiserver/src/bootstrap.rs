@@ -1,7 +1,7 @@
 //! Objects every cluster starts with. Every server sharing a store ensures
 //! them at start, so what another server created counts as done.
 
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::Ipv4Addr;
 use std::time::Duration;
 
 use anyhow::Result;
@@ -16,8 +16,9 @@ const RETRIES: usize = 20;
 const RETRY_DELAY: Duration = Duration::from_millis(100);
 
 /// The namespaces Kubernetes clients expect, and the `kubernetes` Service
-/// (with its Endpoints) through which pods reach the API server.
-pub async fn ensure(api: &Api, service_ip: Ipv4Addr, serving: SocketAddr) -> Result<()> {
+/// through which pods reach the API servers (its endpoints are kept by
+/// [`crate::endpoint_leases`]).
+pub async fn ensure(api: &Api, service_ip: Ipv4Addr, port: u16) -> Result<()> {
     for ns in ["default", "kube-system", "kube-public", "kube-node-lease"] {
         let obj = json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}});
         ensure_one(api, "", "v1", "namespaces", None, obj).await?;
@@ -27,21 +28,9 @@ pub async fn ensure(api: &Api, service_ip: Ipv4Addr, serving: SocketAddr) -> Res
         "metadata": {"name": "kubernetes", "namespace": "default",
                      "labels": {"component": "apiserver", "provider": "kubernetes"}},
         "spec": {"type": "ClusterIP", "clusterIP": service_ip.to_string(),
-                 "ports": [{"name": "https", "port": 443, "protocol": "TCP", "targetPort": serving.port()}]},
+                 "ports": [{"name": "https", "port": 443, "protocol": "TCP", "targetPort": port}]},
     });
     ensure_one(api, "", "v1", "services", Some("default"), service).await?;
-    let ip = if serving.ip().is_unspecified() {
-        "127.0.0.1".to_string()
-    } else {
-        serving.ip().to_string()
-    };
-    let endpoints = json!({
-        "apiVersion": "v1", "kind": "Endpoints",
-        "metadata": {"name": "kubernetes", "namespace": "default"},
-        "subsets": [{"addresses": [{"ip": ip}],
-                     "ports": [{"name": "https", "port": serving.port(), "protocol": "TCP"}]}],
-    });
-    ensure_one(api, "", "v1", "endpoints", Some("default"), endpoints).await?;
     Ok(())
 }
 
@@ -90,12 +79,7 @@ mod tests {
                 .map(|_| {
                     let api = server.engine.clone();
                     tokio::spawn(async move {
-                        super::ensure(
-                            &api,
-                            "10.96.0.1".parse().unwrap(),
-                            "127.0.0.1:6443".parse().unwrap(),
-                        )
-                        .await
+                        super::ensure(&api, "10.96.0.1".parse().unwrap(), 6443).await
                     })
                 })
                 .collect();

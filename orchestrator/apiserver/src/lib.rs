@@ -7,6 +7,7 @@
 
 mod bootstrap;
 pub mod discovery;
+pub mod endpoint_leases;
 pub mod error;
 pub mod metrics;
 pub mod nodeproxy;

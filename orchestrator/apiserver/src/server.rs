@@ -1,7 +1,7 @@
 //! The HTTPS server: routing, authentication, metrics and lifecycle.
 
 use std::collections::HashMap;
-use std::net::{IpAddr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -22,6 +22,7 @@ use tokio_util::sync::CancellationToken;
 use tower::ServiceExt;
 
 use crate::discovery;
+use crate::endpoint_leases::EndpointLeases;
 use crate::error::ApiError;
 use crate::metrics::{LatencyLabels, Metrics, RequestLabels};
 use crate::openapi::OpenApiDocs;
@@ -41,6 +42,13 @@ pub struct ServerConfig {
     /// Keep at least this much history for watches and exact-revision lists.
     pub compaction_interval: Duration,
     pub extra_sans: Vec<String>,
+    /// The address other members of the cluster reach this server on, as
+    /// listed in the `kubernetes` Service's endpoints; None: the listening
+    /// address (loopback when it listens on every address).
+    pub advertise_address: Option<IpAddr>,
+    /// How long this server stays in the `kubernetes` Service's endpoints
+    /// without renewing its lease.
+    pub endpoint_lease_duration: Duration,
     /// How often leaked ClusterIP/NodePort allocations are looked for; a
     /// leak is released on the second pass that sees it.
     pub allocation_repair_interval: Duration,
@@ -55,6 +63,8 @@ impl ServerConfig {
             service_cidr: "10.96.0.0/12".into(),
             compaction_interval: Duration::from_secs(300),
             extra_sans: Vec::new(),
+            advertise_address: None,
+            endpoint_lease_duration: crate::endpoint_leases::DEFAULT_TTL,
             allocation_repair_interval: DEFAULT_ALLOCATION_REPAIR_INTERVAL,
         }
     }
@@ -67,12 +77,17 @@ pub struct Running {
     pub api: Arc<Api>,
     local: LocalHandler,
     task: tokio::task::JoinHandle<()>,
+    /// Takes this server out of the `kubernetes` Service's endpoints on
+    /// shutdown.
+    endpoints: tokio::task::JoinHandle<()>,
 }
 
 impl Running {
-    /// Wait until the server stopped (after its shutdown token fired).
+    /// Wait until the server stopped (after its shutdown token fired) and
+    /// left the `kubernetes` Service's endpoints.
     pub async fn wait(self) {
         let _ = self.task.await;
+        let _ = self.endpoints.await;
     }
 
     /// The API for clients in this process (scheduler, controllers).
@@ -157,7 +172,19 @@ pub async fn start(
         .await
         .with_context(|| format!("binding {}", config.listen))?;
     let addr = listener.local_addr()?;
-    let names = pki::serving_names(addr.ip(), IpAddr::V4(range.first()), &config.extra_sans);
+    let advertised = SocketAddr::new(
+        config
+            .advertise_address
+            .unwrap_or(if addr.ip().is_unspecified() {
+                IpAddr::V4(Ipv4Addr::LOCALHOST)
+            } else {
+                addr.ip()
+            }),
+        addr.port(),
+    );
+    let mut sans = config.extra_sans.clone();
+    sans.push(advertised.ip().to_string());
+    let names = pki::serving_names(addr.ip(), IpAddr::V4(range.first()), &sans);
     let pki = Pki::load_or_create(&data_dir.join("pki"), &names)?;
     let (_, admin_token) = Tokens::load_or_create(&data_dir.join("tokens.csv"))?;
     crate::nodeproxy::ensure_node_credentials(data_dir, &pki)?;
@@ -176,7 +203,13 @@ pub async fn start(
         &pki::kubeconfig(&server_url, &pki.ca_cert_pem, "admin", &admin_token),
     )?;
 
-    crate::bootstrap::ensure(&api, range.first(), addr).await?;
+    crate::bootstrap::ensure(&api, range.first(), addr.port()).await?;
+    // In the endpoints before the first request is served.
+    let mut endpoint_leases =
+        EndpointLeases::new(api.clone(), advertised, config.endpoint_lease_duration);
+    if let Err(e) = endpoint_leases.reconcile().await {
+        tracing::warn!(error = %e, "reconciling the kubernetes service endpoints");
+    }
     // Custom resources are served before the first request is.
     let crd_controller =
         resources::apiextensions::controller::CrdController::new(api.clone(), shutdown.clone())
@@ -211,6 +244,7 @@ pub async fn start(
         shutdown.clone(),
     ));
     tokio::spawn(crd_controller.run(crds_read_at));
+    let endpoints = tokio::spawn(endpoint_leases.run(shutdown.clone()));
     let task = tokio::spawn(serve(listener, tls, router, shutdown));
     Ok(Running {
         addr,
@@ -218,6 +252,7 @@ pub async fn start(
         api,
         local,
         task,
+        endpoints,
     })
 }
 

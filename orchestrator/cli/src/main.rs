@@ -1,6 +1,6 @@
 //! `tapestry`: the orchestrator's single binary.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -85,6 +85,15 @@ struct ServerArgs {
     /// Extra DNS names or IPs for the serving certificate.
     #[arg(long = "tls-san")]
     tls_sans: Vec<String>,
+    /// The address other members of the cluster reach this server on,
+    /// listed in the `kubernetes` Service's endpoints [default: the
+    /// --listen address, or 127.0.0.1 when that is 0.0.0.0].
+    #[arg(long)]
+    advertise_address: Option<IpAddr>,
+    /// How long a server that stopped renewing its lease (it died) stays in
+    /// the `kubernetes` Service's endpoints; it renews every third of this.
+    #[arg(long, default_value = "15s", value_parser = parse_lease_duration)]
+    endpoint_lease_duration: Duration,
     #[command(flatten)]
     control: control::ControlArgs,
 }
@@ -112,6 +121,16 @@ fn shutdown_on_signals() -> Result<CancellationToken> {
         t.cancel();
     });
     Ok(token)
+}
+
+/// At least a second: renewals, every third of it, must outpace the
+/// store's round trips.
+fn parse_lease_duration(arg: &str) -> Result<Duration, String> {
+    let d = humantime::parse_duration(arg).map_err(|e| format!("{arg:?}: {e}"))?;
+    if d < Duration::from_secs(1) {
+        return Err(format!("{arg:?}: must be at least 1s"));
+    }
+    Ok(d)
 }
 
 #[derive(Clone, Debug)]
@@ -158,6 +177,8 @@ async fn server(args: ServerArgs) -> Result<()> {
             service_cidr: args.service_cidr,
             compaction_interval: args.compaction_interval,
             extra_sans: args.tls_sans,
+            advertise_address: args.advertise_address,
+            endpoint_lease_duration: args.endpoint_lease_duration,
             ..ServerConfig::new(args.data_dir.clone(), args.listen)
         },
         store,
