@@ -34,6 +34,15 @@ pub struct AgentArgs {
     /// rest wait their turn in arrival order. Default: twice the CPU count.
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
     pub parallel_pod_starts: Option<u32>,
+    /// Leave Services to another proxy: this node writes no nftables rules.
+    #[arg(long)]
+    pub no_service_proxy: bool,
+}
+
+fn parse_ipv4_cidr(arg: &str) -> Result<String, String> {
+    tapestry_proxy::sync::parse_cidr(arg)
+        .map(|_| arg.to_string())
+        .ok_or_else(|| format!("{arg:?}: not an IPv4 CIDR such as 10.244.0.0/16"))
 }
 
 #[derive(clap::Args)]
@@ -59,6 +68,10 @@ pub struct NodeArgs {
     /// restarted or upgraded under them.
     #[arg(long)]
     stop_pods_on_exit: bool,
+    /// Every pod's addresses, all nodes together (the control plane's
+    /// --cluster-cidr): Service traffic from outside it is masqueraded.
+    #[arg(long, default_value = "10.244.0.0/16", value_parser = parse_ipv4_cidr)]
+    cluster_cidr: String,
     #[command(flatten)]
     agent: AgentArgs,
 }
@@ -96,6 +109,7 @@ pub fn agent_config(
     ca_pem: String,
     serving: Option<(String, String)>,
     stop_pods_on_exit: bool,
+    cluster_cidr: &str,
 ) -> Result<Config> {
     Ok(Config {
         node_name: agent.node_name.clone().unwrap_or_else(hostname),
@@ -115,6 +129,8 @@ pub fn agent_config(
             |n| n as usize,
         ),
         stop_pods_on_exit,
+        service_proxy: !agent.no_service_proxy,
+        cluster_cidr: Some(cluster_cidr.to_string()),
     })
 }
 
@@ -178,6 +194,7 @@ pub async fn run(args: NodeArgs) -> Result<()> {
         ca,
         None,
         args.stop_pods_on_exit,
+        &args.cluster_cidr,
     )?;
     let shutdown = crate::shutdown_on_signals()?;
     let running = tapestry_kubelet::start(config, client, shutdown).await?;

@@ -105,6 +105,7 @@ pub async fn run(args: UpArgs) -> Result<()> {
         ca,
         Some(serving),
         true,
+        &args.control.cluster_cidr,
     )?;
     let node = match tapestry_kubelet::start(config, client, node_shutdown.clone()).await {
         Ok(n) => n,

@@ -75,6 +75,10 @@ pub struct Config {
     /// Stop every pod when the agent stops (`tapestry up`); a plain node
     /// agent leaves them running to be adopted on restart.
     pub stop_pods_on_exit: bool,
+    /// Run the Service proxy (ClusterIPs and NodePorts through nftables).
+    pub service_proxy: bool,
+    /// Every pod's addresses (the cluster CIDR), for the proxy.
+    pub cluster_cidr: Option<String>,
 }
 
 /// What the HTTPS API needs to find a pod's containers.
@@ -132,7 +136,7 @@ pub async fn start(
     let cni = Cni {
         bin_dir: config.cni_bin_dir.clone(),
         state_dir: root.join("cni"),
-        pod_cidr,
+        pod_cidr: pod_cidr.clone(),
         bridge: config.bridge.clone(),
     };
     let config = Arc::new(config);
@@ -159,8 +163,22 @@ pub async fn start(
         config.clone(),
         shutdown.clone(),
     ));
+    let proxy = config
+        .service_proxy
+        .then(|| start_proxy(&client, &config, &pod_cidr, shutdown.clone()))
+        .flatten();
     let task = tokio::spawn(async move {
         sync_pods(kubelet.clone(), shutdown.clone()).await;
+        if let Some(proxy) = proxy {
+            let _ = proxy.await;
+            // A node going away takes its table along; one that restarts
+            // keeps it, and established connections with it.
+            if kubelet.config.stop_pods_on_exit {
+                if let Err(e) = tapestry_proxy::nft::delete_table() {
+                    tracing::warn!("removing the service proxy's table: {e:#}");
+                }
+            }
+        }
         if kubelet.config.stop_pods_on_exit {
             pods::remove_parent_cgroups();
         }
@@ -170,6 +188,32 @@ pub async fn start(
         let _ = node::patch_status(&kubelet.client, &kubelet.config, false, &since).await;
     });
     Ok(Running { addr, task })
+}
+
+/// The Service proxy in this node's network, unless nft is missing (then
+/// Services do not route on this node, and the log says why).
+fn start_proxy(
+    client: &kube::Client,
+    config: &Config,
+    pod_cidr: &str,
+    shutdown: CancellationToken,
+) -> Option<tokio::task::JoinHandle<()>> {
+    if let Err(e) = std::process::Command::new("nft").arg("--version").output() {
+        tracing::error!("service proxy off: cannot run nft ({e}); install nftables");
+        return None;
+    }
+    let cidr = tapestry_proxy::sync::parse_cidr;
+    let node = tapestry_proxy::rules::NodeConfig {
+        cluster_cidr: config.cluster_cidr.as_deref().and_then(cidr),
+        pod_cidr: cidr(pod_cidr),
+    };
+    let proxy = tapestry_proxy::sync::ProxyConfig::new(config.node_name.clone(), node);
+    Some(tokio::spawn(tapestry_proxy::sync::run(
+        client.clone(),
+        proxy,
+        Default::default(),
+        shutdown,
+    )))
 }
 
 /// Follow the pods bound to this node and keep one worker per pod.

@@ -5,3 +5,4 @@
 pub mod nft;
 pub mod rules;
 pub mod services;
+pub mod sync;

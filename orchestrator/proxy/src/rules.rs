@@ -100,6 +100,10 @@ pub struct NodeConfig {
     /// it (the host, other machines) is masqueraded so replies come back
     /// through this node.
     pub cluster_cidr: Option<(Ipv4Addr, u8)>,
+    /// This node's pod addresses. A pod reaching a pod of the same bridge
+    /// through a Service is masqueraded: the answer would otherwise cross
+    /// the bridge straight back, never un-NATed by the host.
+    pub pod_cidr: Option<(Ipv4Addr, u8)>,
 }
 
 /// The table's content apart from its fixed skeleton.
@@ -114,6 +118,27 @@ pub struct Ruleset {
 }
 
 impl Ruleset {
+    pub fn is_empty(&self) -> bool {
+        self.chains.is_empty()
+            && self.affinity_sets.is_empty()
+            && self.maps.values().all(BTreeMap::is_empty)
+    }
+
+    /// Add `other`'s chains, map elements and sets (the per-Service
+    /// rulesets are disjoint).
+    pub fn merge(&mut self, other: &Ruleset) {
+        self.chains
+            .extend(other.chains.iter().map(|(k, v)| (k.clone(), v.clone())));
+        for (map, elements) in &other.maps {
+            self.maps
+                .entry(map)
+                .or_default()
+                .extend(elements.iter().map(|(k, v)| (k.clone(), v.clone())));
+        }
+        self.affinity_sets
+            .extend(other.affinity_sets.iter().map(|(k, v)| (k.clone(), *v)));
+    }
+
     pub fn chains(&self) -> usize {
         self.chains.len()
     }
@@ -226,6 +251,12 @@ fn add_service(out: &mut Ruleset, node: &NodeConfig, sp: &ServicePort) {
                 jump(MARK_FOR_MASQUERADE),
             ],
         ];
+        if let (true, Some((net, len))) = (ep.local, node.pod_cidr) {
+            rules.push(vec![
+                matches("==", ip_saddr(), prefix(net, len)),
+                jump(MARK_FOR_MASQUERADE),
+            ]);
+        }
         if let Some(timeout) = sp.affinity_seconds {
             let set = affinity_set(&chain);
             rules.push(vec![

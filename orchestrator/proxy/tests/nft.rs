@@ -149,6 +149,7 @@ fn cluster_ips_and_node_ports_route_and_empty_services_refuse() {
         listener(8081);
         let node = NodeConfig {
             cluster_cidr: Some((Ipv4Addr::new(10, 77, 0, 0), 16)),
+            pod_cidr: Some((Ipv4Addr::new(10, 77, 0, 0), 24)),
         };
         let cluster_ip = SocketAddr::from((CLUSTER_IP, 80));
         let node_port = SocketAddr::from((POD_IP, 30080));

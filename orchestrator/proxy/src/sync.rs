@@ -1,0 +1,267 @@
+//! The proxy's loop: Services and EndpointSlices through one watch each,
+//! the table written once in full at start (whatever an earlier run left),
+//! then, after each short batching window, one transaction with only the
+//! Services that changed.
+
+use std::collections::{HashMap, HashSet};
+use std::net::Ipv4Addr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use kube::runtime::watcher;
+use kube::{Api, Client, ResourceExt};
+use tapestry_runtime::{key_of, lock, split_key, Informer};
+use tokio_util::sync::CancellationToken;
+
+use crate::nft;
+use crate::rules::{self, NodeConfig, Ruleset};
+use crate::services::{service_ports, SERVICE_NAME_LABEL};
+
+/// How a node's proxy runs.
+#[derive(Clone, Debug)]
+pub struct ProxyConfig {
+    /// This node, for the `Local` traffic policies.
+    pub node_name: String,
+    pub node: NodeConfig,
+    /// Changes arriving within this window go into one transaction.
+    pub batch: Duration,
+    /// A full sync this often, repairing what anyone else changed.
+    pub resync: Duration,
+}
+
+impl ProxyConfig {
+    pub fn new(node_name: String, node: NodeConfig) -> Self {
+        ProxyConfig {
+            node_name,
+            node,
+            batch: Duration::from_millis(20),
+            resync: Duration::from_secs(3600),
+        }
+    }
+}
+
+/// What the proxy has done, for logs and metrics.
+#[derive(Debug, Default)]
+pub struct ProxyStats {
+    pub syncs: AtomicU64,
+    pub full_syncs: AtomicU64,
+    pub sync_errors: AtomicU64,
+    /// Microseconds the last sync took, transaction included.
+    pub last_sync_micros: AtomicU64,
+    pub chains: AtomicU64,
+    pub rules: AtomicU64,
+}
+
+/// Keep the table in step with the cluster until `shutdown`. The table is
+/// left in place at the end: a restarted proxy takes it over without
+/// breaking established connections (their NAT lives in conntrack).
+pub async fn run(
+    client: Client,
+    config: ProxyConfig,
+    stats: Arc<ProxyStats>,
+    shutdown: CancellationToken,
+) {
+    let services: Arc<Informer<Service>> =
+        Informer::trimmed(Api::all(client.clone()), watcher::Config::default(), trim);
+    let slices: Arc<Informer<EndpointSlice>> =
+        Informer::trimmed(Api::all(client), watcher::Config::default(), trim);
+    let dirty: Arc<Mutex<HashSet<String>>> = Arc::default();
+    let wake = Arc::new(tokio::sync::Notify::new());
+    {
+        let (dirty, wake) = (dirty.clone(), wake.clone());
+        services.on_change(move |svc, _| {
+            lock(&dirty).insert(key_of(svc));
+            wake.notify_one();
+        });
+    }
+    {
+        let (dirty, wake) = (dirty.clone(), wake.clone());
+        slices.on_change(move |slice, _| {
+            if let (Some(ns), Some(svc)) =
+                (slice.namespace(), slice.labels().get(SERVICE_NAME_LABEL))
+            {
+                lock(&dirty).insert(format!("{ns}/{svc}"));
+                wake.notify_one();
+            }
+        });
+    }
+    services.start(shutdown.clone());
+    slices.start(shutdown.clone());
+    tokio::select! {
+        _ = shutdown.cancelled() => return,
+        _ = async { services.ready().await; slices.ready().await } => {}
+    }
+    let mut proxy = Proxy {
+        config,
+        services,
+        slices,
+        stats,
+        applied: HashMap::new(),
+    };
+    let mut full = true;
+    let mut last_full = Instant::now();
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        if last_full.elapsed() >= proxy.config.resync {
+            full = true;
+        }
+        let changed: Vec<String> = std::mem::take(&mut *lock(&dirty)).into_iter().collect();
+        let outcome = if full {
+            proxy.full_sync().await
+        } else {
+            proxy.sync(changed).await
+        };
+        match outcome {
+            Ok(()) => {
+                if full {
+                    last_full = Instant::now();
+                }
+                full = false;
+                backoff = Duration::from_millis(100);
+            }
+            Err(e) => {
+                proxy.stats.sync_errors.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!("service proxy sync failed (a full sync follows): {e:#}");
+                // The kernel's state is unknown now.
+                full = true;
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(10));
+                continue;
+            }
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = wake.notified() => {}
+            _ = tokio::time::sleep(proxy.config.resync.saturating_sub(last_full.elapsed())) => {}
+        }
+        // Let a burst of changes (a Deployment scaling) land in one sync.
+        tokio::time::sleep(proxy.config.batch).await;
+    }
+}
+
+/// The informers keep what the proxy reads; managed fields go.
+fn trim<K: kube::Resource>(object: &mut K) {
+    object.meta_mut().managed_fields = None;
+}
+
+struct Proxy {
+    config: ProxyConfig,
+    services: Arc<Informer<Service>>,
+    slices: Arc<Informer<EndpointSlice>>,
+    stats: Arc<ProxyStats>,
+    /// What the table holds for each Service, by `namespace/name`.
+    applied: HashMap<String, Ruleset>,
+}
+
+impl Proxy {
+    /// The rules one Service needs now (empty once it is gone).
+    fn desired(&self, key: &str) -> Ruleset {
+        let (ns, name) = split_key(key);
+        let Some(service) = self.services.get(ns, name) else {
+            return Ruleset::default();
+        };
+        let slices = self.slices.list_in(ns.unwrap_or_default(), |s| {
+            s.labels().get(SERVICE_NAME_LABEL).map(String::as_str) == Some(name)
+        });
+        let slices: Vec<&EndpointSlice> = slices.iter().map(Arc::as_ref).collect();
+        rules::desired(
+            &self.config.node,
+            &service_ports(&service, &slices, &self.config.node_name),
+        )
+    }
+
+    async fn full_sync(&mut self) -> anyhow::Result<()> {
+        let started = Instant::now();
+        let keys: Vec<String> = self
+            .services
+            .store
+            .state()
+            .iter()
+            .map(|s| key_of(s.as_ref()))
+            .collect();
+        let next: HashMap<String, Ruleset> = keys
+            .into_iter()
+            .map(|k| {
+                let rules = self.desired(&k);
+                (k, rules)
+            })
+            .collect();
+        let mut whole = Ruleset::default();
+        for r in next.values() {
+            whole.merge(r);
+        }
+        let cmds = tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
+            let existing = nft::existing()?;
+            nft::apply(rules::full_sync(&whole, &existing))
+        });
+        cmds.await??;
+        self.applied = next;
+        self.stats.full_syncs.fetch_add(1, Ordering::Relaxed);
+        self.record(started);
+        tracing::info!(
+            services = self.applied.len(),
+            ms = started.elapsed().as_millis() as u64,
+            "service proxy table written in full"
+        );
+        Ok(())
+    }
+
+    async fn sync(&mut self, changed: Vec<String>) -> anyhow::Result<()> {
+        if changed.is_empty() {
+            return Ok(());
+        }
+        let started = Instant::now();
+        let empty = Ruleset::default();
+        let mut cmds = Vec::new();
+        let mut next = Vec::with_capacity(changed.len());
+        for key in changed {
+            let rules = self.desired(&key);
+            cmds.extend(rules::incremental(
+                self.applied.get(&key).unwrap_or(&empty),
+                &rules,
+            ));
+            next.push((key, rules));
+        }
+        if !cmds.is_empty() {
+            tokio::task::spawn_blocking(move || nft::apply(cmds)).await??;
+        }
+        for (key, rules) in next {
+            if rules.is_empty() {
+                self.applied.remove(&key);
+            } else {
+                self.applied.insert(key, rules);
+            }
+        }
+        self.record(started);
+        Ok(())
+    }
+
+    fn record(&self, started: Instant) {
+        let s = &self.stats;
+        s.syncs.fetch_add(1, Ordering::Relaxed);
+        s.last_sync_micros
+            .store(started.elapsed().as_micros() as u64, Ordering::Relaxed);
+        s.chains.store(
+            self.applied.values().map(|r| r.chains() as u64).sum(),
+            Ordering::Relaxed,
+        );
+        s.rules.store(
+            self.applied.values().map(|r| r.rules() as u64).sum(),
+            Ordering::Relaxed,
+        );
+    }
+}
+
+/// `10.244.0.0/16` as an address and a prefix length.
+pub fn parse_cidr(cidr: &str) -> Option<(Ipv4Addr, u8)> {
+    let (addr, len) = cidr.split_once('/')?;
+    let len: u8 = len.parse().ok()?;
+    (len <= 32).then_some(())?;
+    Some((addr.parse().ok()?, len))
+}

@@ -1,0 +1,178 @@
+//! Services route: a ClusterIP spreads connections over the ready pods,
+//! from the host and from a pod; a NodePort answers on the node's address;
+//! a Service without ready pods refuses at once; ClientIP affinity sticks.
+//! Real `tapestry up`, the machine's kubectl, the node agent's nftables.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+use tapestry_e2e::*;
+
+const BRIDGE: &str = "tpsvc0";
+const POD_CIDR: &str = "10.253.0.0/24";
+/// The bridge's address: the node's own, in the pods' network.
+const NODE_ADDRESS: &str = "10.253.0.1";
+
+fn web(replicas: u32) -> String {
+    json!({
+        "apiVersion": "apps/v1", "kind": "Deployment",
+        "metadata": {"name": "web", "namespace": "shop"},
+        "spec": {"replicas": replicas,
+                 "selector": {"matchLabels": {"app": "web"}},
+                 "template": {"metadata": {"labels": {"app": "web"}},
+                     "spec": {"containers": [{"name": "httpd", "image": "busybox:local",
+                        "imagePullPolicy": "Never",
+                        "env": [{"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}}],
+                        "command": ["sh", "-c", "echo $POD_NAME > /var/www/index.html; exec httpd -f -p 8080 -h /var/www"],
+                        "readinessProbe": {"tcpSocket": {"port": 8080}, "periodSeconds": 1}}]}}}
+    })
+    .to_string()
+}
+
+fn service(affinity: &str) -> String {
+    json!({
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": "web", "namespace": "shop"},
+        "spec": {"type": "NodePort", "selector": {"app": "web"}, "sessionAffinity": affinity,
+                 "ports": [{"name": "http", "port": 80, "targetPort": 8080}]}
+    })
+    .to_string()
+}
+
+/// The pod that answered a GET, from the host.
+fn answer(ip: &str, port: u16) -> Option<String> {
+    let reply = http_get(ip, port)?;
+    let body = reply.split("\r\n\r\n").nth(1)?.trim();
+    body.starts_with("web-").then(|| body.to_string())
+}
+
+fn spread(ip: &str, port: u16, requests: usize) -> BTreeMap<String, usize> {
+    let mut seen = BTreeMap::new();
+    for _ in 0..requests {
+        if let Some(pod) = answer(ip, port) {
+            *seen.entry(pod).or_insert(0) += 1;
+        }
+    }
+    seen
+}
+
+fn ready_endpoints(c: &Cluster) -> usize {
+    c.kubectl(&[
+        "get",
+        "endpoints",
+        "web",
+        "-n",
+        "shop",
+        "-o",
+        "jsonpath={.subsets[*].addresses[*].ip}",
+    ])
+    .map(|s| s.split_whitespace().count())
+    .unwrap_or(0)
+}
+
+#[test]
+fn cluster_ips_and_node_ports_reach_ready_pods() {
+    if !require(
+        "cluster_ips_and_node_ports_reach_ready_pods",
+        &["kubectl", "nft"],
+    ) {
+        return;
+    }
+    let _serial = serial();
+    let c = Cluster::up(BRIDGE, POD_CIDR);
+    c.must(&["create", "namespace", "shop"]);
+    c.apply(&web(2));
+    c.apply(&service("None"));
+    wait_for("two ready endpoints", Duration::from_secs(60), || {
+        (ready_endpoints(&c) == 2).then_some(())
+    });
+    let cluster_ip = c.must(&[
+        "get",
+        "service",
+        "web",
+        "-n",
+        "shop",
+        "-o",
+        "jsonpath={.spec.clusterIP}",
+    ]);
+    let node_port: u16 = c
+        .must(&[
+            "get",
+            "service",
+            "web",
+            "-n",
+            "shop",
+            "-o",
+            "jsonpath={.spec.ports[0].nodePort}",
+        ])
+        .parse()
+        .unwrap();
+
+    // From the host, through the ClusterIP: both pods answer.
+    let seen = wait_for(
+        "both pods through the ClusterIP",
+        Duration::from_secs(20),
+        || {
+            let seen = spread(&cluster_ip, 80, 60);
+            (seen.len() == 2 && seen.values().all(|&n| n >= 10)).then_some(seen)
+        },
+    );
+    eprintln!("ClusterIP {cluster_ip}:80 from the host: {seen:?}");
+    // Through the NodePort on the node's address.
+    let seen = spread(NODE_ADDRESS, node_port, 60);
+    assert_eq!(
+        seen.len(),
+        2,
+        "NodePort {NODE_ADDRESS}:{node_port}: {seen:?}"
+    );
+    // From a pod (on the same bridge as the endpoints).
+    c.apply(
+        &json!({"apiVersion": "v1", "kind": "Pod",
+                "metadata": {"name": "client", "namespace": "shop"},
+                "spec": {"containers": [{"name": "sh", "image": "busybox:local",
+                    "imagePullPolicy": "Never", "command": ["sleep", "3600"]}]}})
+        .to_string(),
+    );
+    c.running("shop", "client");
+    let url = format!("http://{cluster_ip}/");
+    let mut from_pod = BTreeMap::new();
+    for _ in 0..20 {
+        let body = c.must(&[
+            "exec", "-n", "shop", "client", "--", "busybox", "wget", "-qO-", "-T", "2", &url,
+        ]);
+        *from_pod.entry(body.trim().to_string()).or_insert(0) += 1;
+    }
+    assert_eq!(from_pod.len(), 2, "from a pod: {from_pod:?}");
+
+    // ClientIP affinity: one client, one pod.
+    c.apply(&service("ClientIP"));
+    wait_for("affinity", Duration::from_secs(10), || {
+        (spread(&cluster_ip, 80, 20).len() == 1).then_some(())
+    });
+
+    // No ready pods: refused at once, not a time-out.
+    c.must(&["scale", "deployment", "web", "-n", "shop", "--replicas=0"]);
+    wait_for("no endpoints", Duration::from_secs(60), || {
+        (ready_endpoints(&c) == 0).then_some(())
+    });
+    let refused = wait_for("a refusal", Duration::from_secs(5), || {
+        let started = Instant::now();
+        match std::net::TcpStream::connect_timeout(
+            &format!("{cluster_ip}:80").parse().unwrap(),
+            Duration::from_secs(2),
+        ) {
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => Some(started.elapsed()),
+            _ => None,
+        }
+    });
+    assert!(
+        refused < Duration::from_millis(100),
+        "refused after {refused:?}"
+    );
+    // And served again once pods are ready.
+    c.must(&["scale", "deployment", "web", "-n", "shop", "--replicas=2"]);
+    wait_for("served again", Duration::from_secs(60), || {
+        answer(&cluster_ip, 80)
+    });
+}
