@@ -1,0 +1,177 @@
+//! How long the proxy takes to write its table: a full sync of 1,000 /
+//! 5,000 / 10,000 Services with 3 endpoints each, and one endpoint of one
+//! Service changing, against `nft -f` loading the same table from its text
+//! (the floor: one transaction, nothing computed). Each size runs in a
+//! network namespace of its own. Needs root and nft.
+//!
+//! `proxy-bench [SIZES...]` (default 1000 5000 10000).
+
+use std::net::Ipv4Addr;
+use std::os::fd::AsRawFd;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use tapestry_proxy::nft;
+use tapestry_proxy::rules::{self, Endpoint, NodeConfig, Protocol, Ruleset, ServicePort};
+
+const CHANGES: usize = 20;
+
+fn main() -> Result<()> {
+    let sizes: Vec<usize> = std::env::args()
+        .skip(1)
+        .map(|a| a.parse().with_context(|| format!("{a:?}: not a count")))
+        .collect::<Result<_>>()?;
+    let sizes = if sizes.is_empty() {
+        vec![1000, 5000, 10000]
+    } else {
+        sizes
+    };
+    println!(
+        "{:>8} {:>7} {:>7} | {:>12} {:>12} {:>8} | {:>14} {:>14}",
+        "services",
+        "chains",
+        "rules",
+        "full sync",
+        "nft -f",
+        "ratio",
+        "1 change p50",
+        "1 change p99"
+    );
+    for n in sizes {
+        // Each size in a thread of its own, moved into its namespace.
+        std::thread::spawn(move || run(n))
+            .join()
+            .map_err(|_| anyhow::anyhow!("the run for {n} services panicked"))??;
+    }
+    Ok(())
+}
+
+fn service(i: usize, generation: usize) -> ServicePort {
+    let ip = |base: u32| Ipv4Addr::from(base + i as u32);
+    ServicePort {
+        namespace: format!("ns{}", i % 50),
+        name: format!("svc{i}"),
+        port_name: "http".into(),
+        protocol: Protocol::Tcp,
+        // 10.96.0.0 + i, pods from 10.128.0.0 on.
+        cluster_ips: vec![ip(0x0a60_0000)],
+        port: 80,
+        node_port: None,
+        affinity_seconds: None,
+        internal_local: false,
+        external_local: false,
+        endpoints: (0..3)
+            .map(|e| Endpoint {
+                ip: Ipv4Addr::from(0x0a80_0000 + (i * 4 + e) as u32 + (generation << 20) as u32),
+                port: 8080,
+                local: false,
+            })
+            .collect(),
+    }
+}
+
+struct Netns(String);
+
+impl Netns {
+    fn new(name: String) -> Result<Netns> {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &name])
+            .stderr(std::process::Stdio::null())
+            .status();
+        let ok = Command::new("ip")
+            .args(["netns", "add", &name])
+            .status()?
+            .success();
+        if !ok {
+            bail!("ip netns add {name} failed (root?)");
+        }
+        Ok(Netns(name))
+    }
+
+    fn enter(&self) -> Result<()> {
+        let f = std::fs::File::open(format!("/run/netns/{}", self.0))?;
+        // SAFETY: setns on a namespace file this thread opened.
+        if unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+            bail!("setns into {}: {}", self.0, std::io::Error::last_os_error());
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
+    }
+}
+
+fn run(n: usize) -> Result<()> {
+    let ours = Netns::new(format!("tpbench-{n}"))?;
+    ours.enter()?;
+    let node = NodeConfig {
+        cluster_cidr: Some((Ipv4Addr::new(10, 128, 0, 0), 9)),
+        pod_cidr: None,
+    };
+    // As the sync loop keeps it: one ruleset per Service.
+    let mut applied: Vec<Ruleset> = (0..n)
+        .map(|i| rules::desired(&node, &[service(i, 0)]))
+        .collect();
+    let started = Instant::now();
+    let fresh: Vec<Ruleset> = (0..n)
+        .map(|i| rules::desired(&node, &[service(i, 0)]))
+        .collect();
+    let mut whole = Ruleset::default();
+    for r in &fresh {
+        whole.merge(r);
+    }
+    nft::apply(rules::full_sync(&whole, &nft::existing()?))?;
+    let full = started.elapsed();
+    let chains = whole.chains();
+    let rule_count = whole.rules();
+
+    // One endpoint of one Service changes, as one sync applies it.
+    let mut times = Vec::with_capacity(CHANGES);
+    for c in 0..CHANGES {
+        let i = (c * 7919) % n;
+        let started = Instant::now();
+        let mut changed = service(i, 0);
+        changed.endpoints[1] = service(i, c + 1).endpoints[1].clone();
+        let next = rules::desired(&node, &[changed]);
+        nft::apply(rules::incremental(&applied[i], &next))?;
+        times.push(started.elapsed());
+        applied[i] = next;
+    }
+    times.sort();
+
+    // The floor: the same table as text, loaded by nft into a fresh namespace.
+    let listing = Command::new("nft")
+        .args(["list", "table", "ip", rules::TABLE])
+        .output()?;
+    if !listing.status.success() {
+        bail!("nft list: {}", String::from_utf8_lossy(&listing.stderr));
+    }
+    let file = std::env::temp_dir().join(format!("tpbench-{n}.nft"));
+    std::fs::write(&file, &listing.stdout)?;
+    let floor_ns = Netns::new(format!("tpbench-{n}-floor"))?;
+    floor_ns.enter()?;
+    let started = Instant::now();
+    let loaded = Command::new("nft").arg("-f").arg(&file).output()?;
+    let floor = started.elapsed();
+    if !loaded.status.success() {
+        bail!("nft -f: {}", String::from_utf8_lossy(&loaded.stderr));
+    }
+    let _ = std::fs::remove_file(&file);
+    let ms = |d: Duration| format!("{:.1} ms", d.as_secs_f64() * 1000.0);
+    println!(
+        "{:>8} {:>7} {:>7} | {:>12} {:>12} {:>7.2}x | {:>14} {:>14}",
+        n,
+        chains,
+        rule_count,
+        ms(full),
+        ms(floor),
+        full.as_secs_f64() / floor.as_secs_f64(),
+        ms(times[times.len() / 2]),
+        ms(times[(times.len() * 99 / 100).min(times.len() - 1)]),
+    );
+    Ok(())
+}
