@@ -75,7 +75,7 @@ fn ready_endpoints(c: &Cluster) -> usize {
 fn cluster_ips_and_node_ports_reach_ready_pods() {
     if !require(
         "cluster_ips_and_node_ports_reach_ready_pods",
-        &["kubectl", "nft"],
+        &["kubectl", "nft", "curl"],
     ) {
         return;
     }
@@ -174,4 +174,41 @@ fn cluster_ips_and_node_ports_reach_ready_pods() {
     wait_for("served again", Duration::from_secs(60), || {
         answer(&cluster_ip, 80)
     });
+
+    // The node agent's /metrics, read as the API server reads the kubelet
+    // API (a client certificate from the cluster CA).
+    let port = c.must(&[
+        "get",
+        "nodes",
+        "-o",
+        "jsonpath={.items[0].status.daemonEndpoints.kubeletEndpoint.Port}",
+    ]);
+    let pki = c.data().join("pki");
+    let out = std::process::Command::new("curl")
+        .args(["-sS", "--fail", "-k", "--cert"])
+        .arg(pki.join("apiserver-kubelet-client.crt"))
+        .arg("--key")
+        .arg(pki.join("apiserver-kubelet-client.key"))
+        .arg(format!("https://127.0.0.1:{port}/metrics"))
+        .output()
+        .unwrap();
+    let metrics = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for line in [
+        r#"tapestry_proxy_syncs_total{kind="full"} 1"#,
+        "tapestry_proxy_sync_duration_seconds_count",
+        "tapestry_proxy_chains ",
+    ] {
+        assert!(metrics.contains(line), "{line} missing from:\n{metrics}");
+    }
+    let partial: u64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(r#"tapestry_proxy_syncs_total{kind="partial"} "#))
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or(0);
+    assert!(partial >= 3, "partial syncs: {partial}\n{metrics}");
 }

@@ -100,6 +100,8 @@ pub struct Kubelet {
     pub index: Mutex<HashMap<String, PodEntry>>,
     /// Turns for setting up new pods (fair: granted in request order).
     pub pod_starts: tokio::sync::Semaphore,
+    /// What `/metrics` on the kubelet API serves.
+    pub metrics: prometheus_client::registry::Registry,
 }
 
 /// A running node agent.
@@ -140,6 +142,9 @@ pub async fn start(
         bridge: config.bridge.clone(),
     };
     let config = Arc::new(config);
+    let proxy_stats: Arc<tapestry_proxy::sync::ProxyStats> = Arc::default();
+    let mut metrics = prometheus_client::registry::Registry::default();
+    proxy_stats.register(&mut metrics);
     let kubelet = Arc::new(Kubelet {
         config: config.clone(),
         client: client.clone(),
@@ -149,6 +154,7 @@ pub async fn start(
         pods_dir,
         index: Mutex::new(HashMap::new()),
         pod_starts: tokio::sync::Semaphore::new(config.parallel_pod_starts.max(1)),
+        metrics,
     });
     let (addr, server_task) = server::start(kubelet.clone(), shutdown.clone()).await?;
     node::patch_status(
@@ -165,7 +171,7 @@ pub async fn start(
     ));
     let proxy = config
         .service_proxy
-        .then(|| start_proxy(&client, &config, &pod_cidr, shutdown.clone()))
+        .then(|| start_proxy(&client, &config, &pod_cidr, proxy_stats, shutdown.clone()))
         .flatten();
     let task = tokio::spawn(async move {
         sync_pods(kubelet.clone(), shutdown.clone()).await;
@@ -196,6 +202,7 @@ fn start_proxy(
     client: &kube::Client,
     config: &Config,
     pod_cidr: &str,
+    stats: Arc<tapestry_proxy::sync::ProxyStats>,
     shutdown: CancellationToken,
 ) -> Option<tokio::task::JoinHandle<()>> {
     if let Err(e) = std::process::Command::new("nft").arg("--version").output() {
@@ -211,7 +218,7 @@ fn start_proxy(
     Some(tokio::spawn(tapestry_proxy::sync::run(
         client.clone(),
         proxy,
-        Default::default(),
+        stats,
         shutdown,
     )))
 }

@@ -167,6 +167,7 @@ async fn route(kubelet: Arc<Kubelet>, req: Request<Incoming>) -> Response<Body> 
     let parts: Vec<&str> = path.trim_matches('/').split('/').collect();
     match parts.as_slice() {
         ["healthz"] => Response::new(full("ok")),
+        ["metrics"] => metrics(&kubelet),
         ["containerLogs", ns, pod, container] => {
             let q: HashMap<String, String> = query_pairs(req.uri().query()).into_iter().collect();
             container_logs(&kubelet, ns, pod, container, &q).await
@@ -178,6 +179,23 @@ async fn route(kubelet: Arc<Kubelet>, req: Request<Incoming>) -> Response<Body> 
         }
         _ => status(StatusCode::NOT_FOUND, &format!("no handler for {path}")),
     }
+}
+
+/// Prometheus text: the Service proxy's syncs, their duration, its table.
+fn metrics(kubelet: &Kubelet) -> Response<Body> {
+    let mut text = String::new();
+    if let Err(e) = prometheus_client::encoding::text::encode(&mut text, &kubelet.metrics) {
+        return status(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            &format!("encoding metrics: {e}"),
+        );
+    }
+    let mut response = Response::new(full(text));
+    response.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static("text/plain; version=0.0.4"),
+    );
+    response
 }
 
 /// The pod's directory and the container's attempts (oldest first).

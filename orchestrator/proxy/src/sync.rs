@@ -5,7 +5,6 @@
 
 use std::collections::{HashMap, HashSet};
 use std::net::Ipv4Addr;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -13,6 +12,12 @@ use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::runtime::watcher;
 use kube::{Api, Client, ResourceExt};
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
 use tapestry_runtime::{key_of, lock, split_key, Informer};
 use tokio_util::sync::CancellationToken;
 
@@ -43,16 +48,64 @@ impl ProxyConfig {
     }
 }
 
-/// What the proxy has done, for logs and metrics.
-#[derive(Debug, Default)]
+/// What the proxy has done, as Prometheus metrics.
+#[derive(Debug)]
 pub struct ProxyStats {
-    pub syncs: AtomicU64,
-    pub full_syncs: AtomicU64,
-    pub sync_errors: AtomicU64,
-    /// Microseconds the last sync took, transaction included.
-    pub last_sync_micros: AtomicU64,
-    pub chains: AtomicU64,
-    pub rules: AtomicU64,
+    /// Syncs by kind (`full`, `partial`).
+    syncs: Family<SyncLabels, Counter>,
+    sync_errors: Counter,
+    /// Seconds from the start of a sync to its transaction applied.
+    sync_seconds: Histogram,
+    chains: Gauge,
+    rules: Gauge,
+    services: Gauge,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct SyncLabels {
+    kind: &'static str,
+}
+
+impl Default for ProxyStats {
+    fn default() -> Self {
+        ProxyStats {
+            syncs: Family::default(),
+            sync_errors: Counter::default(),
+            sync_seconds: Histogram::new(exponential_buckets(0.001, 2.0, 18)),
+            chains: Gauge::default(),
+            rules: Gauge::default(),
+            services: Gauge::default(),
+        }
+    }
+}
+
+impl ProxyStats {
+    /// Register under `tapestry_proxy_*`.
+    pub fn register(self: &Arc<Self>, registry: &mut Registry) {
+        let r = registry.sub_registry_with_prefix("tapestry_proxy");
+        r.register(
+            "syncs",
+            "Table syncs, by kind (full or partial)",
+            self.syncs.clone(),
+        );
+        r.register("sync_errors", "Syncs nft refused", self.sync_errors.clone());
+        r.register(
+            "sync_duration_seconds",
+            "Time from a sync's start to its transaction applied",
+            self.sync_seconds.clone(),
+        );
+        r.register(
+            "chains",
+            "Service and endpoint chains in the table",
+            self.chains.clone(),
+        );
+        r.register("rules", "Rules in those chains", self.rules.clone());
+        r.register(
+            "services",
+            "Services with rules in the table",
+            self.services.clone(),
+        );
+    }
 }
 
 /// Keep the table in step with the cluster until `shutdown`. The table is
@@ -123,7 +176,7 @@ pub async fn run(
                 backoff = Duration::from_millis(100);
             }
             Err(e) => {
-                proxy.stats.sync_errors.fetch_add(1, Ordering::Relaxed);
+                proxy.stats.sync_errors.inc();
                 tracing::warn!("service proxy sync failed (a full sync follows): {e:#}");
                 // The kernel's state is unknown now.
                 full = true;
@@ -202,8 +255,7 @@ impl Proxy {
         });
         cmds.await??;
         self.applied = next;
-        self.stats.full_syncs.fetch_add(1, Ordering::Relaxed);
-        self.record(started);
+        self.record(started, "full");
         tracing::info!(
             services = self.applied.len(),
             ms = started.elapsed().as_millis() as u64,
@@ -238,23 +290,18 @@ impl Proxy {
                 self.applied.insert(key, rules);
             }
         }
-        self.record(started);
+        self.record(started, "partial");
         Ok(())
     }
 
-    fn record(&self, started: Instant) {
+    fn record(&self, started: Instant, kind: &'static str) {
         let s = &self.stats;
-        s.syncs.fetch_add(1, Ordering::Relaxed);
-        s.last_sync_micros
-            .store(started.elapsed().as_micros() as u64, Ordering::Relaxed);
-        s.chains.store(
-            self.applied.values().map(|r| r.chains() as u64).sum(),
-            Ordering::Relaxed,
-        );
-        s.rules.store(
-            self.applied.values().map(|r| r.rules() as u64).sum(),
-            Ordering::Relaxed,
-        );
+        s.syncs.get_or_create(&SyncLabels { kind }).inc();
+        s.sync_seconds.observe(started.elapsed().as_secs_f64());
+        let count = |f: fn(&Ruleset) -> usize| self.applied.values().map(f).sum::<usize>() as i64;
+        s.chains.set(count(Ruleset::chains));
+        s.rules.set(count(Ruleset::rules));
+        s.services.set(self.applied.len() as i64);
     }
 }
 
