@@ -14,6 +14,7 @@ use tapestry_proxy::rules::{self, Endpoint, Existing, NodeConfig, Protocol, Serv
 const POD_IP: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 2);
 const CLUSTER_IP: Ipv4Addr = Ipv4Addr::new(10, 96, 77, 10);
 const EMPTY_IP: Ipv4Addr = Ipv4Addr::new(10, 96, 77, 11);
+const ECHO_IP: Ipv4Addr = Ipv4Addr::new(10, 96, 77, 12);
 
 fn can_run() -> bool {
     let root = unsafe { libc::geteuid() } == 0;
@@ -94,6 +95,33 @@ fn listener(port: u16) {
     });
 }
 
+/// A listener echoing what each connection sends, for as long as it stays.
+fn echo_listener(port: u16) {
+    let l = TcpListener::bind((POD_IP, port)).unwrap();
+    std::thread::spawn(move || {
+        for conn in l.incoming().flatten() {
+            std::thread::spawn(move || {
+                let mut conn = conn;
+                let mut buf = [0u8; 64];
+                while let Ok(n @ 1..) = conn.read(&mut buf) {
+                    if conn.write_all(&buf[..n]).is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+}
+
+/// One exchange over an established connection.
+fn round_trip(conn: &mut TcpStream, text: &str) {
+    conn.write_all(text.as_bytes()).unwrap();
+    let mut buf = vec![0u8; text.len()];
+    conn.read_exact(&mut buf)
+        .unwrap_or_else(|e| panic!("the established connection broke at {text:?}: {e}"));
+    assert_eq!(String::from_utf8_lossy(&buf), text);
+}
+
 /// Which listener answered a connection to `addr`.
 fn answered_by(addr: SocketAddr) -> std::io::Result<u16> {
     let mut conn = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
@@ -125,6 +153,16 @@ fn web(endpoints: &[u16], affinity: Option<u32>) -> ServicePort {
     }
 }
 
+fn echo() -> ServicePort {
+    ServicePort {
+        name: "echo".into(),
+        cluster_ips: vec![ECHO_IP],
+        port: 7,
+        node_port: None,
+        ..web(&[8090], None)
+    }
+}
+
 fn empty() -> ServicePort {
     ServicePort {
         name: "empty".into(),
@@ -147,6 +185,7 @@ fn cluster_ips_and_node_ports_route_and_empty_services_refuse() {
         netns.enter();
         listener(8080);
         listener(8081);
+        echo_listener(8090);
         let node = NodeConfig {
             cluster_cidr: Some((Ipv4Addr::new(10, 77, 0, 0), 16)),
             pod_cidr: Some((Ipv4Addr::new(10, 77, 0, 0), 24)),
@@ -186,8 +225,16 @@ fn cluster_ips_and_node_ports_route_and_empty_services_refuse() {
         assert_eq!(seen.len(), 2, "{seen:?}");
 
         // ClientIP affinity: one client sticks to one endpoint.
-        let sticky = rules::desired(&node, &[web(&[8080, 8081], Some(60)), empty()]);
+        let sticky = rules::desired(&node, &[web(&[8080, 8081], Some(60)), empty(), echo()]);
         nft::apply(rules::incremental(&second, &sticky)).unwrap();
+        // An established connection, to be kept through what follows.
+        let mut established =
+            TcpStream::connect_timeout(&SocketAddr::from((ECHO_IP, 7)), Duration::from_secs(2))
+                .unwrap();
+        established
+            .set_read_timeout(Some(Duration::from_secs(2)))
+            .unwrap();
+        round_trip(&mut established, "before");
         let first_answer = answered_by(cluster_ip).unwrap();
         for _ in 0..30 {
             assert_eq!(answered_by(cluster_ip).unwrap(), first_answer);
@@ -198,7 +245,8 @@ fn cluster_ips_and_node_ports_route_and_empty_services_refuse() {
         assert!(existing.chains.len() > 5, "{existing:?}");
         nft::apply(rules::full_sync(&sticky, &existing)).unwrap();
         assert!([8080, 8081].contains(&answered_by(cluster_ip).unwrap()));
-        let gone = rules::desired(&node, &[empty()]);
+        round_trip(&mut established, "after a full sync");
+        let gone = rules::desired(&node, &[empty(), echo()]);
         nft::apply(rules::incremental(&sticky, &gone)).unwrap();
         let left = nft::existing().unwrap();
         assert!(
@@ -206,6 +254,7 @@ fn cluster_ips_and_node_ports_route_and_empty_services_refuse() {
             "{left:?}"
         );
         assert!(answered_by(cluster_ip).is_err());
+        round_trip(&mut established, "after another service went");
         // And a full sync from scratch removes what a previous run left.
         nft::apply(rules::full_sync(
             &rules::desired(&node, &[]),
