@@ -87,27 +87,19 @@ fn cluster_ips_and_node_ports_reach_ready_pods() {
     wait_for("two ready endpoints", Duration::from_secs(60), || {
         (ready_endpoints(&c) == 2).then_some(())
     });
-    let cluster_ip = c.must(&[
-        "get",
-        "service",
-        "web",
-        "-n",
-        "shop",
-        "-o",
-        "jsonpath={.spec.clusterIP}",
-    ]);
-    let node_port: u16 = c
-        .must(&[
+    let web_field = |path: &str| {
+        c.must(&[
             "get",
             "service",
             "web",
             "-n",
             "shop",
             "-o",
-            "jsonpath={.spec.ports[0].nodePort}",
+            &format!("jsonpath={{{path}}}"),
         ])
-        .parse()
-        .unwrap();
+    };
+    let cluster_ip = web_field(".spec.clusterIP");
+    let node_port: u16 = web_field(".spec.ports[0].nodePort").parse().unwrap();
 
     // From the host, through the ClusterIP: both pods answer.
     let seen = wait_for(

@@ -15,7 +15,7 @@ use kube::{Api, Client, ResourceExt};
 use serde::Serialize;
 use tapestry_proto::crd::{TapPolicy, TapTool};
 use tapestry_proto::heartbeat::{self, TapState, TapStatus};
-use tapestry_runtime::Informer;
+use tapestry_runtime::{lock, trim_metadata, Informer};
 use tokio_util::sync::CancellationToken;
 use utoipa::ToSchema;
 
@@ -47,14 +47,14 @@ impl Fleet {
                 watcher::Config::default().fields("spec.nodeName!="),
                 trim_pod,
             ),
-            namespaces: Informer::trimmed(Api::all(client.clone()), all.clone(), trim_meta),
+            namespaces: Informer::trimmed(Api::all(client.clone()), all.clone(), trim_metadata),
             leases: Informer::trimmed(
                 Api::namespaced(client.clone(), heartbeat::NAMESPACE),
                 all.clone(),
-                trim_meta,
+                trim_metadata,
             ),
-            policies: Informer::trimmed(Api::all(client.clone()), all.clone(), trim_meta),
-            tools: Informer::trimmed(Api::all(client), all, trim_meta),
+            policies: Informer::trimmed(Api::all(client.clone()), all.clone(), trim_metadata),
+            tools: Informer::trimmed(Api::all(client), all, trim_metadata),
             changed: tokio::sync::Notify::new(),
             tap_view: Mutex::new(TapView::default()),
         });
@@ -107,12 +107,13 @@ impl Fleet {
     }
 
     /// Every node's tap, by node name, as of `now`.
-    pub fn taps(&self, now: Timestamp) -> Vec<Arc<RenderedTap>> {
-        self.refresh_taps(now).entries.values().cloned().collect()
+    pub fn taps(&self, now: Timestamp) -> BTreeMap<String, Arc<RenderedTap>> {
+        self.refresh_taps(now).entries.clone()
     }
 
     pub fn tap(&self, name: &str, now: Timestamp) -> Option<NodeTap> {
-        self.nodes.get(None, name).map(|n| self.tap_of(&n, now))
+        let view = self.refresh_taps(now);
+        view.entries.get(name).map(|r| r.tap.clone())
     }
 
     fn touch(&self, node: String) {
@@ -150,14 +151,6 @@ impl Fleet {
         view
     }
 
-    fn tap_of(&self, node: &Node, now: Timestamp) -> NodeTap {
-        let lease = self.leases.get(
-            Some(heartbeat::NAMESPACE),
-            &heartbeat::lease_name(&node.name_any()),
-        );
-        tap_of(node, lease.as_deref(), now)
-    }
-
     /// Labels of every namespace, by name.
     pub fn namespace_labels(&self) -> BTreeMap<String, Labels> {
         self.namespaces
@@ -173,17 +166,9 @@ impl Fleet {
 // and pods, managed fields, images and container statuses would be most
 // of the fleet manager's memory.
 
-fn trim_meta<K: kube::Resource>(object: &mut K) {
-    let meta = object.meta_mut();
-    meta.managed_fields = None;
-    if let Some(a) = meta.annotations.as_mut() {
-        a.remove("kubectl.kubernetes.io/last-applied-configuration");
-    }
-}
-
 /// A node's name, labels and Ready condition.
 fn trim_node(node: &mut Node) {
-    trim_meta(node);
+    trim_metadata(node);
     node.spec = None;
     let ready = node
         .status
@@ -202,7 +187,7 @@ fn trim_node(node: &mut Node) {
 /// What [`tappable`] and the policies' selectors read: labels, node,
 /// host network, phase.
 fn trim_pod(pod: &mut Pod) {
-    trim_meta(pod);
+    trim_metadata(pod);
     let spec = pod.spec.take().unwrap_or_default();
     pod.spec = Some(PodSpec {
         node_name: spec.node_name,
@@ -225,8 +210,8 @@ pub struct TapView {
 
 /// A node's tap with its JSON, as the node view keeps it.
 pub struct RenderedTap {
-    renewed: Option<Timestamp>,
-    lease_duration: Duration,
+    /// The Lease's renewal and duration; `None` without a Lease.
+    timing: Option<(Option<Timestamp>, Duration)>,
     pub tap: NodeTap,
     /// `tap` serialised, ready to be written into a list.
     pub json: bytes::Bytes,
@@ -234,27 +219,19 @@ pub struct RenderedTap {
 
 impl RenderedTap {
     fn of(node: &Node, lease: Option<&Lease>, now: Timestamp) -> RenderedTap {
-        let tap = tap_of(node, lease, now);
-        let (renewed, lease_duration) = lease.map(lease_timing).unwrap_or_default();
+        let timing = lease.map(lease_timing);
+        let tap = tap_of(node, lease, timing, now);
         RenderedTap {
-            renewed,
-            lease_duration,
+            timing,
             json: serde_json::to_vec(&tap).unwrap_or_default().into(),
             tap,
         }
     }
 
-    /// The tap's state at `now` (without a Lease, Pending for good).
+    /// The tap's state at `now`.
     fn state_at(&self, now: Timestamp) -> TapState {
-        if self.tap.last_heartbeat.is_none() && self.renewed.is_none() {
-            return self.tap.tap;
-        }
-        state_of(self.renewed, self.lease_duration, now)
+        state_of(self.timing, now)
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// When a Lease was renewed and for how long it holds.
@@ -268,41 +245,39 @@ fn lease_timing(lease: &Lease) -> (Option<Timestamp>, Duration) {
     (renewed, Duration::from_secs(duration))
 }
 
-fn state_of(renewed: Option<Timestamp>, lease_duration: Duration, now: Timestamp) -> TapState {
+/// Pending before the first heartbeat (no Lease); then by the Lease's age.
+fn state_of(timing: Option<(Option<Timestamp>, Duration)>, now: Timestamp) -> TapState {
+    let Some((renewed, lease_duration)) = timing else {
+        return TapState::Pending;
+    };
     let age = renewed
         .map(|t| now.duration_since(t).try_into().unwrap_or(Duration::ZERO))
         .unwrap_or(Duration::MAX);
     heartbeat::tap_state(age, lease_duration)
 }
 
-fn tap_of(node: &Node, lease: Option<&Lease>, now: Timestamp) -> NodeTap {
-    let name = node.name_any();
+fn tap_of(
+    node: &Node,
+    lease: Option<&Lease>,
+    timing: Option<(Option<Timestamp>, Duration)>,
+    now: Timestamp,
+) -> NodeTap {
     let ready = node
         .status
         .as_ref()
         .and_then(|s| s.conditions.as_ref())
         .and_then(|c| c.iter().find(|c| c.type_ == "Ready"))
         .is_some_and(|c| c.status == "True");
-    let Some(lease) = lease else {
-        return NodeTap {
-            name,
-            ready,
-            tap: TapState::Pending,
-            last_heartbeat: None,
-            status: None,
-        };
-    };
-    let (renewed, lease_duration) = lease_timing(lease);
-    let tap = state_of(renewed, lease_duration, now);
     let status = lease
-        .annotations()
-        .get(heartbeat::STATUS_ANNOTATION)
+        .and_then(|l| l.annotations().get(heartbeat::STATUS_ANNOTATION))
         .and_then(|s| serde_json::from_str::<TapStatus>(s).ok());
     NodeTap {
-        name,
+        name: node.name_any(),
         ready,
-        tap,
-        last_heartbeat: renewed.map(|t| t.to_string()),
+        tap: state_of(timing, now),
+        last_heartbeat: timing
+            .and_then(|(renewed, _)| renewed)
+            .map(|t| t.to_string()),
         status,
     }
 }

@@ -43,11 +43,7 @@ pub fn observe(fleet: &Fleet, now: Timestamp) -> BTreeMap<String, (Arc<TapPolicy
     if policies.is_empty() {
         return BTreeMap::new();
     }
-    let taps: HashMap<String, Arc<RenderedTap>> = fleet
-        .taps(now)
-        .into_iter()
-        .map(|t| (t.tap.name.clone(), t))
-        .collect();
+    let taps = fleet.taps(now);
     let namespaces = fleet.namespace_labels();
     let node_labels: HashMap<String, BTreeMap<String, String>> = fleet
         .nodes
@@ -121,7 +117,7 @@ pub fn observe(fleet: &Fleet, now: Timestamp) -> BTreeMap<String, (Arc<TapPolicy
 fn readiness(
     policy: &TapPolicy,
     nodes: &BTreeSet<String>,
-    taps: &HashMap<String, Arc<RenderedTap>>,
+    taps: &BTreeMap<String, Arc<RenderedTap>>,
     tools: &HashMap<String, Arc<tapestry_proto::crd::TapTool>>,
     matched_pods: u64,
 ) -> (&'static str, &'static str, String) {
@@ -314,7 +310,7 @@ fn count_taps(fleet: &Fleet, metrics: &Metrics, now: Timestamp) {
     let mut counts: BTreeMap<&str, i64> = [("Connected", 0), ("Pending", 0), ("Disconnected", 0)]
         .into_iter()
         .collect();
-    for tap in fleet.taps(now) {
+    for tap in fleet.taps(now).values() {
         let state = match tap.tap.tap {
             TapState::Connected => "Connected",
             TapState::Pending => "Pending",

@@ -63,14 +63,28 @@ pub fn existing() -> Result<Existing> {
     Ok(found)
 }
 
-/// Remove the table and everything in it (at shutdown of a local node).
+/// Remove the table and everything in it (at shutdown of a local node);
+/// a table that is not there is already removed.
 pub fn delete_table() -> Result<()> {
-    let status = Command::new("nft")
-        .args(["delete", "table", "ip", TABLE])
+    let present = Command::new("nft")
+        .args(["list", "table", "ip", TABLE])
+        .stdout(Stdio::null())
         .stderr(Stdio::null())
         .status()
+        .context("running nft")?
+        .success();
+    if !present {
+        return Ok(());
+    }
+    let out = Command::new("nft")
+        .args(["delete", "table", "ip", TABLE])
+        .output()
         .context("running nft")?;
-    // Absent already is fine.
-    let _ = status;
+    if !out.status.success() {
+        bail!(
+            "nft delete table ip {TABLE}: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
     Ok(())
 }

@@ -18,7 +18,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
-use tapestry_runtime::{key_of, lock, split_key, Informer};
+use tapestry_runtime::{key_of, lock, split_key, trim_metadata, Informer};
 use tokio_util::sync::CancellationToken;
 
 use crate::nft;
@@ -117,10 +117,13 @@ pub async fn run(
     stats: Arc<ProxyStats>,
     shutdown: CancellationToken,
 ) {
-    let services: Arc<Informer<Service>> =
-        Informer::trimmed(Api::all(client.clone()), watcher::Config::default(), trim);
+    let services: Arc<Informer<Service>> = Informer::trimmed(
+        Api::all(client.clone()),
+        watcher::Config::default(),
+        trim_metadata,
+    );
     let slices: Arc<Informer<EndpointSlice>> =
-        Informer::trimmed(Api::all(client), watcher::Config::default(), trim);
+        Informer::trimmed(Api::all(client), watcher::Config::default(), trim_metadata);
     let dirty: Arc<Mutex<HashSet<String>>> = Arc::default();
     let wake = Arc::new(tokio::sync::Notify::new());
     {
@@ -198,11 +201,6 @@ pub async fn run(
     }
 }
 
-/// The informers keep what the proxy reads; managed fields go.
-fn trim<K: kube::Resource>(object: &mut K) {
-    object.meta_mut().managed_fields = None;
-}
-
 struct Proxy {
     config: ProxyConfig,
     services: Arc<Informer<Service>>,
@@ -222,27 +220,40 @@ impl Proxy {
         let slices = self.slices.list_in(ns.unwrap_or_default(), |s| {
             s.labels().get(SERVICE_NAME_LABEL).map(String::as_str) == Some(name)
         });
+        self.rules_for(&service, &slices)
+    }
+
+    fn rules_for(&self, service: &Service, slices: &[Arc<EndpointSlice>]) -> Ruleset {
         let slices: Vec<&EndpointSlice> = slices.iter().map(Arc::as_ref).collect();
         rules::desired(
             &self.config.node,
-            &service_ports(&service, &slices, &self.config.node_name),
+            &service_ports(service, &slices, &self.config.node_name),
         )
     }
 
     async fn full_sync(&mut self) -> anyhow::Result<()> {
         let started = Instant::now();
-        let keys: Vec<String> = self
+        // Slices grouped by Service in one pass: looking each Service's
+        // up among all would be quadratic in a large namespace.
+        let mut slices: HashMap<String, Vec<Arc<EndpointSlice>>> = HashMap::new();
+        for slice in self.slices.store.state() {
+            if let (Some(ns), Some(svc)) =
+                (slice.namespace(), slice.labels().get(SERVICE_NAME_LABEL))
+            {
+                let key = format!("{ns}/{svc}");
+                slices.entry(key).or_default().push(slice);
+            }
+        }
+        let next: HashMap<String, Ruleset> = self
             .services
             .store
             .state()
             .iter()
-            .map(|s| key_of(s.as_ref()))
-            .collect();
-        let next: HashMap<String, Ruleset> = keys
-            .into_iter()
-            .map(|k| {
-                let rules = self.desired(&k);
-                (k, rules)
+            .map(|service| {
+                let key = key_of(service.as_ref());
+                let own = slices.get(&key).map_or(&[][..], Vec::as_slice);
+                let rules = self.rules_for(service, own);
+                (key, rules)
             })
             .collect();
         let mut whole = Ruleset::default();
@@ -305,10 +316,28 @@ impl Proxy {
     }
 }
 
-/// `10.244.0.0/16` as an address and a prefix length.
+/// `10.244.0.0/16` as its network address and prefix length (host bits
+/// cleared: nft refuses a prefix that has them).
 pub fn parse_cidr(cidr: &str) -> Option<(Ipv4Addr, u8)> {
     let (addr, len) = cidr.split_once('/')?;
-    let len: u8 = len.parse().ok()?;
-    (len <= 32).then_some(())?;
-    Some((addr.parse().ok()?, len))
+    let len: u8 = len.parse().ok().filter(|l| *l <= 32)?;
+    let addr: Ipv4Addr = addr.parse().ok()?;
+    let mask = u32::MAX.checked_shl(32 - u32::from(len)).unwrap_or(0);
+    Some((Ipv4Addr::from(u32::from(addr) & mask), len))
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn cidrs_lose_their_host_bits() {
+        let p = super::parse_cidr;
+        assert_eq!(
+            p("10.244.3.7/16"),
+            Some(("10.244.0.0".parse().unwrap(), 16))
+        );
+        assert_eq!(p("0.0.0.0/0"), Some(("0.0.0.0".parse().unwrap(), 0)));
+        assert_eq!(p("10.0.0.1/32"), Some(("10.0.0.1".parse().unwrap(), 32)));
+        assert_eq!(p("10.0.0.0/33"), None);
+        assert_eq!(p("10.0.0.0"), None);
+    }
 }

@@ -37,6 +37,17 @@ where
     K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
 {
     pub fn new(api: Api<K>, config: watcher::Config) -> Arc<Self> {
+        Self::with_trim(api, config, None)
+    }
+
+    /// Like [`Informer::new`], but every object passes through `trim`
+    /// before it is stored, so a reader that needs a few fields does not
+    /// keep thousands of whole objects (managed fields, images, ...).
+    pub fn trimmed(api: Api<K>, config: watcher::Config, trim: Trim<K>) -> Arc<Self> {
+        Self::with_trim(api, config, Some(trim))
+    }
+
+    fn with_trim(api: Api<K>, config: watcher::Config, trim: Option<Trim<K>>) -> Arc<Self> {
         let (store, writer) = reflector::store();
         Arc::new(Informer {
             store,
@@ -45,20 +56,9 @@ where
             error_handlers: Mutex::new(Vec::new()),
             api,
             config,
-            trim: None,
+            trim,
             synced: tokio::sync::watch::channel(false).0,
         })
-    }
-
-    /// Like [`Informer::new`], but every object passes through `trim`
-    /// before it is stored, so a reader that needs a few fields does not
-    /// keep thousands of whole objects (managed fields, images, ...).
-    pub fn trimmed(api: Api<K>, config: watcher::Config, trim: Trim<K>) -> Arc<Self> {
-        let mut informer = Self::new(api, config);
-        if let Some(i) = Arc::get_mut(&mut informer) {
-            i.trim = Some(trim);
-        }
-        informer
     }
 
     /// Call `f(object, deleted)` for every change, starting with the
@@ -179,6 +179,16 @@ where
     pub fn list_in(&self, namespace: &str, f: impl Fn(&K) -> bool) -> Vec<Arc<K>> {
         self.store
             .state_filter(|o| o.meta().namespace.as_deref() == Some(namespace) && f(o))
+    }
+}
+
+/// A trim for [`Informer::trimmed`] that no reader of metadata misses:
+/// managed fields and kubectl's last-applied copy of the object.
+pub fn trim_metadata<K: Resource>(object: &mut K) {
+    let meta = object.meta_mut();
+    meta.managed_fields = None;
+    if let Some(a) = meta.annotations.as_mut() {
+        a.remove("kubectl.kubernetes.io/last-applied-configuration");
     }
 }
 

@@ -14,7 +14,7 @@ pub mod queue;
 
 use std::sync::Mutex;
 
-pub use informer::{key_of, split_key, Informer};
+pub use informer::{key_of, split_key, trim_metadata, Informer};
 pub use queue::{run_worker, run_workers, Queue, Requeue};
 
 /// A mutex guard even if a panicking holder poisoned it (the data is still
