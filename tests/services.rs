@@ -1,7 +1,11 @@
 //! Services route: a ClusterIP spreads connections over the ready pods,
 //! from the host and from a pod; a NodePort answers on the node's address;
 //! a Service without ready pods refuses at once; ClientIP affinity sticks.
-//! Real `tapestry up`, the machine's kubectl, the node agent's nftables.
+//! Cluster DNS answers pods through the `kube-dns` Service: Service names
+//! through the search path, headless Services' pods, SRV for named ports,
+//! PTR, and names outside the cluster through the node's resolvers.
+//! Real `tapestry up`, the machine's kubectl, dig and busybox, the node
+//! agent's nftables.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -75,7 +79,7 @@ fn ready_endpoints(c: &Cluster) -> usize {
 fn cluster_ips_and_node_ports_reach_ready_pods() {
     if !require(
         "cluster_ips_and_node_ports_reach_ready_pods",
-        &["kubectl", "nft", "curl"],
+        &["kubectl", "nft", "curl", "dig"],
     ) {
         return;
     }
@@ -136,6 +140,8 @@ fn cluster_ips_and_node_ports_reach_ready_pods() {
     }
     assert_eq!(from_pod.len(), 2, "from a pod: {from_pod:?}");
 
+    cluster_dns(&c, &cluster_ip);
+
     // ClientIP affinity: one client, one pod.
     c.apply(&service("ClientIP"));
     wait_for("affinity", Duration::from_secs(10), || {
@@ -194,6 +200,9 @@ fn cluster_ips_and_node_ports_reach_ready_pods() {
         r#"tapestry_proxy_syncs_total{kind="full"} 1"#,
         "tapestry_proxy_sync_duration_seconds_count",
         "tapestry_proxy_chains ",
+        r#"tapestry_dns_responses_total{rcode="NOERROR"}"#,
+        r#"tapestry_dns_responses_total{rcode="NXDOMAIN"}"#,
+        "tapestry_dns_services ",
     ] {
         assert!(metrics.contains(line), "{line} missing from:\n{metrics}");
     }
@@ -203,4 +212,161 @@ fn cluster_ips_and_node_ports_reach_ready_pods() {
         .and_then(|n| n.trim().parse().ok())
         .unwrap_or(0);
     assert!(partial >= 3, "partial syncs: {partial}\n{metrics}");
+}
+
+/// `dig @kube-dns +short ...` from the host.
+fn dig(args: &[&str]) -> Vec<String> {
+    let out = std::process::Command::new("dig")
+        .args(["@10.96.0.10", "+short", "+time=2", "+tries=1"])
+        .args(args)
+        .output()
+        .expect("running dig");
+    let mut lines: Vec<String> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::to_string)
+        .collect();
+    lines.sort();
+    lines
+}
+
+/// The addresses busybox's nslookup in pod `client` finds for `name`. It
+/// asks every search-path candidate of a name without dots at once and
+/// exits 1 when any of them is missing, so only its output counts.
+fn nslookup(c: &Cluster, name: &str) -> Result<Vec<String>, String> {
+    let script = format!("busybox nslookup {name}; true");
+    let out = c.kubectl(&["exec", "-n", "shop", "client", "--", "sh", "-c", &script])?;
+    // The first Address lines are the server's; answers follow "Name:".
+    let mut addresses: Vec<String> = out
+        .split_once("Name:")
+        .map(|(_, answers)| answers)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("Address:"))
+        .map(|a| a.trim().to_string())
+        .collect();
+    addresses.sort();
+    addresses.dedup();
+    Ok(addresses)
+}
+
+fn cluster_dns(c: &Cluster, cluster_ip: &str) {
+    let resolv = c.must(&[
+        "exec",
+        "-n",
+        "shop",
+        "client",
+        "--",
+        "busybox",
+        "cat",
+        "/etc/resolv.conf",
+    ]);
+    for line in [
+        "search shop.svc.cluster.local svc.cluster.local cluster.local",
+        "nameserver 10.96.0.10",
+        "options ndots:5",
+    ] {
+        assert!(resolv.contains(line), "{line:?} missing from:\n{resolv}");
+    }
+    let dns_ip = c.must(&[
+        "get",
+        "service",
+        "kube-dns",
+        "-n",
+        "kube-system",
+        "-o",
+        "jsonpath={.spec.clusterIP}",
+    ]);
+    assert_eq!(dns_ip, "10.96.0.10");
+
+    // From the pod, through the kube-dns ClusterIP and the search path.
+    for name in ["web", "web.shop.svc.cluster.local"] {
+        let found = wait_for(
+            &format!("{name} from a pod"),
+            Duration::from_secs(20),
+            || nslookup(c, name).ok().filter(|a| !a.is_empty()),
+        );
+        assert_eq!(found, [cluster_ip.to_string()], "{name}");
+    }
+    // A name the cluster does not have.
+    let missing = nslookup(c, "nothing.shop.svc.cluster.local").unwrap();
+    assert!(
+        missing.is_empty(),
+        "a missing Service resolved: {missing:?}"
+    );
+    // Connect by name: resolve in the pod, then connect.
+    let request = "printf 'GET / HTTP/1.0\\r\\n\\r\\n' | busybox nc $(busybox nslookup web | busybox sed -n 's/^Address: *//p' | busybox tail -1) 80";
+    let reply = c.must(&["exec", "-n", "shop", "client", "--", "sh", "-c", request]);
+    assert!(reply.contains("web-"), "by name: {reply}");
+
+    // A headless Service: its name is the ready pods' addresses; each pod
+    // has a name of its own; SRV names the named port.
+    c.apply(
+        &json!({"apiVersion": "v1", "kind": "Service",
+                "metadata": {"name": "web-pods", "namespace": "shop"},
+                "spec": {"clusterIP": "None", "selector": {"app": "web"},
+                         "ports": [{"name": "http", "port": 8080}]}})
+        .to_string(),
+    );
+    let mut pod_ips: Vec<String> = c
+        .must(&[
+            "get",
+            "pods",
+            "-n",
+            "shop",
+            "-l",
+            "app=web",
+            "-o",
+            "jsonpath={.items[*].status.podIP}",
+        ])
+        .split_whitespace()
+        .map(str::to_string)
+        .collect();
+    pod_ips.sort();
+    let headless = wait_for(
+        "the headless Service's pods",
+        Duration::from_secs(20),
+        || {
+            let found = dig(&["web-pods.shop.svc.cluster.local"]);
+            (found == pod_ips).then_some(found)
+        },
+    );
+    assert_eq!(nslookup(c, "web-pods").unwrap(), headless);
+    let srv = dig(&["SRV", "_http._tcp.web-pods.shop.svc.cluster.local"]);
+    let expected: Vec<String> = pod_ips
+        .iter()
+        .map(|ip| {
+            format!(
+                "0 100 8080 {}.web-pods.shop.svc.cluster.local.",
+                ip.replace('.', "-")
+            )
+        })
+        .collect();
+    let mut expected_sorted = expected.clone();
+    expected_sorted.sort();
+    assert_eq!(srv, expected_sorted, "SRV of the headless Service");
+    let own = dig(&[&format!(
+        "{}.web-pods.shop.svc.cluster.local",
+        pod_ips[0].replace('.', "-")
+    )]);
+    assert_eq!(own, [pod_ips[0].clone()]);
+    let srv = dig(&["SRV", "_http._tcp.web.shop.svc.cluster.local"]);
+    assert_eq!(srv, ["0 100 80 web.shop.svc.cluster.local."]);
+    let ptr = dig(&["-x", cluster_ip]);
+    assert_eq!(ptr, ["web.shop.svc.cluster.local."]);
+
+    // Names outside the cluster go to the node's resolvers: as the host
+    // resolves them, if it can.
+    let outside = "deb.debian.org";
+    let host_view = std::process::Command::new("getent")
+        .args(["ahostsv4", outside])
+        .output()
+        .ok()
+        .filter(|o| o.status.success());
+    match host_view {
+        Some(_) => {
+            let found = nslookup(c, outside).unwrap_or_default();
+            assert!(!found.is_empty(), "{outside} was not forwarded");
+        }
+        None => eprintln!("the host cannot resolve {outside}: forwarding left unchecked"),
+    }
 }

@@ -15,10 +15,13 @@ use crate::rest::Api;
 const RETRIES: usize = 20;
 const RETRY_DELAY: Duration = Duration::from_millis(100);
 
-/// The namespaces Kubernetes clients expect, and the `kubernetes` Service
+/// The namespaces Kubernetes clients expect, the `kubernetes` Service
 /// through which pods reach the API servers (its endpoints are kept by
-/// [`crate::endpoint_leases`]).
-pub async fn ensure(api: &Api, service_ip: Ipv4Addr, port: u16) -> Result<()> {
+/// [`crate::endpoint_leases`]), and the `kube-dns` Service pods send their
+/// DNS queries to: without a selector, each node agent publishes its own
+/// DNS server as an endpoint of it, and the Local traffic policy keeps a
+/// pod's queries on its node.
+pub async fn ensure(api: &Api, service_ip: Ipv4Addr, dns_ip: Ipv4Addr, port: u16) -> Result<()> {
     for ns in ["default", "kube-system", "kube-public", "kube-node-lease"] {
         let obj = json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}});
         ensure_one(api, "", "v1", "namespaces", None, obj).await?;
@@ -31,6 +34,19 @@ pub async fn ensure(api: &Api, service_ip: Ipv4Addr, port: u16) -> Result<()> {
                  "ports": [{"name": "https", "port": 443, "protocol": "TCP", "targetPort": port}]},
     });
     ensure_one(api, "", "v1", "services", Some("default"), service).await?;
+    let dns = json!({
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": "kube-dns", "namespace": "kube-system",
+                     "labels": {"k8s-app": "kube-dns", "kubernetes.io/name": "KubeDNS"}},
+        "spec": {"type": "ClusterIP", "clusterIP": dns_ip.to_string(),
+                 "internalTrafficPolicy": "Local",
+                 "ports": [{"name": "dns", "port": 53, "protocol": "UDP", "targetPort": 53},
+                           {"name": "dns-tcp", "port": 53, "protocol": "TCP", "targetPort": 53}]},
+    });
+    // A cluster whose tenth address a user's Service took still serves.
+    if let Err(e) = ensure_one(api, "", "v1", "services", Some("kube-system"), dns).await {
+        tracing::warn!("no kube-dns Service, so pods cannot resolve names through {dns_ip}: {e:#}");
+    }
     Ok(())
 }
 
@@ -79,7 +95,9 @@ mod tests {
                 .map(|_| {
                     let api = server.engine.clone();
                     tokio::spawn(async move {
-                        super::ensure(&api, "10.96.0.1".parse().unwrap(), 6443).await
+                        let (first, dns) =
+                            ("10.96.0.1".parse().unwrap(), "10.96.0.10".parse().unwrap());
+                        super::ensure(&api, first, dns, 6443).await
                     })
                 })
                 .collect();

@@ -203,7 +203,7 @@ pub async fn start(
         &pki::kubeconfig(&server_url, &pki.ca_cert_pem, "admin", &admin_token),
     )?;
 
-    crate::bootstrap::ensure(&api, range.first(), addr.port()).await?;
+    crate::bootstrap::ensure(&api, range.first(), range.dns(), addr.port()).await?;
     // In the endpoints before the first request is served.
     let mut endpoint_leases =
         EndpointLeases::new(api.clone(), advertised, config.endpoint_lease_duration);

@@ -37,6 +37,52 @@ pub struct AgentArgs {
     /// Leave Services to another proxy: this node writes no nftables rules.
     #[arg(long)]
     pub no_service_proxy: bool,
+    /// The cluster DNS Service's address, the nameserver in pods'
+    /// resolv.conf (default: the tenth address of the service range,
+    /// 10.96.0.10 for the default range).
+    #[arg(long)]
+    pub cluster_dns: Option<IpAddr>,
+    /// The cluster's DNS domain.
+    #[arg(long, default_value = "cluster.local", value_parser = parse_domain)]
+    pub cluster_domain: String,
+    /// The node's resolver configuration: what `dnsPolicy: Default` pods
+    /// get, and where this node's DNS server relays names outside the
+    /// cluster.
+    #[arg(long, default_value = "/etc/resolv.conf")]
+    pub resolv_conf: PathBuf,
+    /// Serve no cluster DNS on this node, and give pods the node's
+    /// resolvers instead.
+    #[arg(long)]
+    pub no_cluster_dns: bool,
+}
+
+/// The API server's default ClusterIP range.
+pub const DEFAULT_SERVICE_CIDR: &str = "10.96.0.0/12";
+
+/// The cluster DNS address when `--cluster-dns` is not given: the tenth
+/// address of the service range, where the API server puts `kube-dns`.
+pub fn default_cluster_dns(service_cidr: &str) -> Option<IpAddr> {
+    let (network, _) = tapestry_proxy::sync::parse_cidr(service_cidr)?;
+    Some(IpAddr::V4(std::net::Ipv4Addr::from(
+        u32::from(network) + 10,
+    )))
+}
+
+fn parse_domain(arg: &str) -> Result<String, String> {
+    let domain = arg.trim_end_matches('.');
+    let valid = !domain.is_empty()
+        && domain.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && label.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+        });
+    if valid {
+        Ok(domain.to_ascii_lowercase())
+    } else {
+        Err(format!("{arg:?}: not a DNS domain such as cluster.local"))
+    }
 }
 
 fn parse_ipv4_cidr(arg: &str) -> Result<String, String> {
@@ -131,6 +177,10 @@ pub fn agent_config(
         stop_pods_on_exit,
         service_proxy: !agent.no_service_proxy,
         cluster_cidr: Some(cluster_cidr.to_string()),
+        cluster_dns: agent.cluster_dns.filter(|_| !agent.no_cluster_dns),
+        cluster_domain: agent.cluster_domain.clone(),
+        resolv_conf: agent.resolv_conf.clone(),
+        dns_server: !agent.no_cluster_dns,
     })
 }
 
@@ -187,8 +237,14 @@ pub async fn run(args: NodeArgs) -> Result<()> {
         tracing::warn!("this node cannot run the fleet manager's taps: {e:#}");
     }
     let client = node_client(&args.server, &ca, &token).await?;
+    let mut agent = args.agent.clone();
+    // A joining node does not know the cluster's service range;
+    // --cluster-dns tells it when that is not the default.
+    agent.cluster_dns = agent
+        .cluster_dns
+        .or(default_cluster_dns(DEFAULT_SERVICE_CIDR));
     let config = agent_config(
-        &args.agent,
+        &agent,
         args.data_dir,
         node_ip,
         ca,

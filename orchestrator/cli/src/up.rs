@@ -98,6 +98,9 @@ pub async fn run(args: UpArgs) -> Result<()> {
     )?;
     let mut agent = args.agent.clone();
     agent.node_name = Some(node_name);
+    agent.cluster_dns = agent
+        .cluster_dns
+        .or(crate::node::default_cluster_dns(&args.service_cidr));
     let config = agent_config(
         &agent,
         args.data_dir.clone(),

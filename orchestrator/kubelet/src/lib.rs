@@ -79,6 +79,17 @@ pub struct Config {
     pub service_proxy: bool,
     /// Every pod's addresses (the cluster CIDR), for the proxy.
     pub cluster_cidr: Option<String>,
+    /// The cluster DNS Service's address, written into pods' resolv.conf;
+    /// None: pods use the node's resolvers.
+    pub cluster_dns: Option<IpAddr>,
+    /// The cluster's DNS domain (`cluster.local`).
+    pub cluster_domain: String,
+    /// The node's resolver configuration: what `dnsPolicy: Default` pods
+    /// get, and where the node's DNS server relays names outside the
+    /// cluster.
+    pub resolv_conf: PathBuf,
+    /// Serve cluster DNS on this node's pod gateway address.
+    pub dns_server: bool,
 }
 
 /// What the HTTPS API needs to find a pod's containers.
@@ -143,8 +154,10 @@ pub async fn start(
     };
     let config = Arc::new(config);
     let proxy_stats: Arc<tapestry_proxy::sync::ProxyStats> = Arc::default();
+    let dns_stats: Arc<tapestry_proxy::dns::DnsStats> = Arc::default();
     let mut metrics = prometheus_client::registry::Registry::default();
     proxy_stats.register(&mut metrics);
+    dns_stats.register(&mut metrics);
     let kubelet = Arc::new(Kubelet {
         config: config.clone(),
         client: client.clone(),
@@ -169,12 +182,40 @@ pub async fn start(
         config.clone(),
         shutdown.clone(),
     ));
+    let watches = tapestry_proxy::Watches::new(client.clone());
     let proxy = config
         .service_proxy
-        .then(|| start_proxy(&client, &config, &pod_cidr, proxy_stats, shutdown.clone()))
+        .then(|| start_proxy(&watches, &config, &pod_cidr, proxy_stats, shutdown.clone()))
         .flatten();
+    let dns = match config.dns_server {
+        true => {
+            start_dns(
+                &watches,
+                &client,
+                &config,
+                &pod_cidr,
+                dns_stats,
+                shutdown.clone(),
+            )
+            .await
+        }
+        false => None,
+    };
+    if proxy.is_some() || dns.is_some() {
+        watches.start(shutdown.clone());
+    }
     let task = tokio::spawn(async move {
         sync_pods(kubelet.clone(), shutdown.clone()).await;
+        if let Some(dns) = dns {
+            let _ = dns.await;
+            if kubelet.config.stop_pods_on_exit {
+                let node = &kubelet.config.node_name;
+                if let Err(e) = tapestry_proxy::dns::withdraw_endpoint(&kubelet.client, node).await
+                {
+                    tracing::warn!("{e:#}");
+                }
+            }
+        }
         if let Some(proxy) = proxy {
             let _ = proxy.await;
             // A node going away takes its table along; one that restarts
@@ -199,7 +240,7 @@ pub async fn start(
 /// The Service proxy in this node's network, unless nft is missing (then
 /// Services do not route on this node, and the log says why).
 fn start_proxy(
-    client: &kube::Client,
+    watches: &tapestry_proxy::Watches,
     config: &Config,
     pod_cidr: &str,
     stats: Arc<tapestry_proxy::sync::ProxyStats>,
@@ -215,12 +256,56 @@ fn start_proxy(
         pod_cidr: cidr(pod_cidr),
     };
     let proxy = tapestry_proxy::sync::ProxyConfig::new(config.node_name.clone(), node);
-    Some(tokio::spawn(tapestry_proxy::sync::run(
-        client.clone(),
-        proxy,
-        stats,
-        shutdown,
-    )))
+    Some(tapestry_proxy::sync::start(watches, proxy, stats, shutdown))
+}
+
+/// Cluster DNS on the pods' gateway (the first address of the pod CIDR,
+/// which the bridge takes), published as this node's `kube-dns` endpoint.
+/// A node that cannot serve it (port 53 taken) runs on without, and the
+/// log says why.
+async fn start_dns(
+    watches: &tapestry_proxy::Watches,
+    client: &kube::Client,
+    config: &Config,
+    pod_cidr: &str,
+    stats: Arc<tapestry_proxy::dns::DnsStats>,
+    shutdown: CancellationToken,
+) -> Option<tokio::task::JoinHandle<()>> {
+    let Some((network, _)) = tapestry_proxy::sync::parse_cidr(pod_cidr) else {
+        tracing::error!("cluster DNS off: pod CIDR {pod_cidr:?} is not IPv4");
+        return None;
+    };
+    let gateway = IpAddr::V4(std::net::Ipv4Addr::from(u32::from(network) + 1));
+    let resolv = std::fs::read_to_string(&config.resolv_conf).unwrap_or_else(|e| {
+        tracing::warn!(
+            "reading {}: {e}; names outside the cluster will fail",
+            config.resolv_conf.display()
+        );
+        String::new()
+    });
+    let upstreams = tapestry_proxy::dns::nameservers(&resolv)
+        .into_iter()
+        .filter(|ip| *ip != gateway)
+        .map(|ip| std::net::SocketAddr::new(ip, 53))
+        .collect();
+    let dns = tapestry_proxy::dns::DnsConfig {
+        domain: config.cluster_domain.clone(),
+        listen: std::net::SocketAddr::new(gateway, 53),
+        upstreams,
+        udp_workers: std::thread::available_parallelism().map_or(2, |n| n.get()),
+    };
+    let task = match tapestry_proxy::dns::start(watches, dns, stats, shutdown) {
+        Ok(task) => task,
+        Err(e) => {
+            tracing::error!("cluster DNS off: {e:#}");
+            return None;
+        }
+    };
+    if let Err(e) = tapestry_proxy::dns::publish_endpoint(client, &config.node_name, gateway).await
+    {
+        tracing::error!("cluster DNS unreachable through its Service: {e:#}");
+    }
+    Some(task)
 }
 
 /// Follow the pods bound to this node and keep one worker per pod.

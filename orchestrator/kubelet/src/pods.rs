@@ -553,24 +553,30 @@ impl PodWorker {
             });
         }
         let host_network = spec.host_network.unwrap_or(false);
+        let resolv = crate::volumes::resolv_conf(pod, &kubelet.config);
         if host_network {
-            for f in ["/etc/hosts", "/etc/resolv.conf"] {
+            mounts.push(BindMount {
+                source: PathBuf::from("/etc/hosts"),
+                destination: "/etc/hosts".into(),
+                read_only: true,
+            });
+            if resolv.is_none() {
                 mounts.push(BindMount {
-                    source: f.into(),
-                    destination: f.into(),
+                    source: kubelet.config.resolv_conf.clone(),
+                    destination: "/etc/resolv.conf".into(),
                     read_only: true,
                 });
             }
-        } else {
-            let etc = crate::volumes::etc_files(pod, &self.dirs.root, &pod_ip)
-                .map_err(|e| StartError::Runtime(format!("{e:#}")))?;
-            for (name, path) in etc {
-                mounts.push(BindMount {
-                    source: path,
-                    destination: format!("/etc/{name}"),
-                    read_only: false,
-                });
-            }
+        }
+        let own_ip = (!host_network).then_some(pod_ip.as_str());
+        let etc = crate::volumes::etc_files(pod, &self.dirs.root, own_ip, resolv)
+            .map_err(|e| StartError::Runtime(format!("{e:#}")))?;
+        for (name, path) in etc {
+            mounts.push(BindMount {
+                source: path,
+                destination: format!("/etc/{name}"),
+                read_only: host_network,
+            });
         }
         let mut args: Vec<String> = match (&c.command, &c.args) {
             (Some(cmd), args) => cmd

@@ -346,20 +346,99 @@ pub async fn env(
     Ok(vars.into_iter().map(|(k, v)| format!("{k}={v}")).collect())
 }
 
-fn host_nameservers() -> Vec<String> {
-    fs::read_to_string("/etc/resolv.conf")
-        .unwrap_or_default()
+/// Where a pod's DNS queries go: the cluster DNS and its search path, or
+/// the node's own resolvers, by the pod's `dnsPolicy` and `dnsConfig` as
+/// the kubelet decides them. None for a host-network pod that uses the
+/// node's file unchanged (it is mounted as it is).
+pub fn resolv_conf(pod: &Pod, config: &crate::Config) -> Option<String> {
+    let spec = pod.spec.as_ref()?;
+    let host_network = spec.host_network == Some(true);
+    let policy = spec.dns_policy.as_deref().unwrap_or("ClusterFirst");
+    let cluster = config.cluster_dns.filter(|_| match policy {
+        "ClusterFirst" => !host_network,
+        "ClusterFirstWithHostNet" => true,
+        _ => false,
+    });
+    if host_network && cluster.is_none() && policy != "None" && spec.dns_config.is_none() {
+        return None;
+    }
+    let host = fs::read_to_string(&config.resolv_conf).unwrap_or_default();
+    let host_search: Vec<String> = host
         .lines()
-        .filter_map(|l| l.strip_prefix("nameserver"))
-        .map(|s| s.trim().to_string())
-        // The host's loopback resolvers are not reachable from a pod.
-        .filter(|s| !s.starts_with("127.") && s != "::1")
-        .collect()
+        .filter_map(|l| l.trim().strip_prefix("search"))
+        .flat_map(|s| s.split_whitespace().map(str::to_string))
+        .collect();
+    let (mut nameservers, mut search, mut options): (Vec<String>, Vec<String>, Vec<String>) =
+        match (policy, cluster) {
+            ("None", _) => Default::default(),
+            (_, Some(ip)) => {
+                let ns = pod.metadata.namespace.as_deref().unwrap_or("default");
+                let domain = &config.cluster_domain;
+                let mut search = vec![
+                    format!("{ns}.svc.{domain}"),
+                    format!("svc.{domain}"),
+                    domain.clone(),
+                ];
+                search.extend(host_search);
+                (vec![ip.to_string()], search, vec!["ndots:5".into()])
+            }
+            _ => {
+                let usable = tapestry_proxy::dns::nameservers(&host)
+                    .into_iter()
+                    // The node's loopback resolvers are not the pod's.
+                    .filter(|ip| host_network || !ip.is_loopback())
+                    .map(|ip| ip.to_string())
+                    .collect();
+                let options = host
+                    .lines()
+                    .filter_map(|l| l.trim().strip_prefix("options"))
+                    .flat_map(|s| s.split_whitespace().map(str::to_string))
+                    .collect();
+                (usable, host_search, options)
+            }
+        };
+    if let Some(extra) = &spec.dns_config {
+        nameservers.extend(extra.nameservers.iter().flatten().cloned());
+        search.extend(extra.searches.iter().flatten().cloned());
+        for option in extra.options.iter().flatten() {
+            let Some(name) = option.name.as_deref() else {
+                continue;
+            };
+            // A pod's option replaces the same option from the policy.
+            options.retain(|o| o.split(':').next() != Some(name));
+            options.push(match &option.value {
+                Some(v) => format!("{name}:{v}"),
+                None => name.to_string(),
+            });
+        }
+    }
+    let mut seen = std::collections::HashSet::new();
+    search.retain(|s| seen.insert(s.clone()));
+    // The resolver libraries read at most three nameservers and six
+    // search domains, as the kubelet enforces.
+    nameservers.truncate(3);
+    search.truncate(6);
+    let mut out = String::new();
+    if !search.is_empty() {
+        out.push_str(&format!("search {}\n", search.join(" ")));
+    }
+    for ns in nameservers {
+        out.push_str(&format!("nameserver {ns}\n"));
+    }
+    if !options.is_empty() {
+        out.push_str(&format!("options {}\n", options.join(" ")));
+    }
+    Some(out)
 }
 
-/// /etc/hosts, /etc/hostname and /etc/resolv.conf for a pod with its own
-/// network namespace.
-pub fn etc_files(pod: &Pod, pod_dir: &Path, pod_ip: &str) -> Result<Vec<(&'static str, PathBuf)>> {
+/// /etc/hosts and /etc/hostname for a pod with its own network namespace,
+/// and /etc/resolv.conf for any pod that gets one of its own.
+pub fn etc_files(
+    pod: &Pod,
+    pod_dir: &Path,
+    pod_ip: Option<&str>,
+    resolv: Option<String>,
+) -> Result<Vec<(&'static str, PathBuf)>> {
     let dir = pod_dir.join("etc");
     fs::create_dir_all(&dir)?;
     let name = pod
@@ -368,20 +447,17 @@ pub fn etc_files(pod: &Pod, pod_dir: &Path, pod_ip: &str) -> Result<Vec<(&'stati
         .and_then(|s| s.hostname.clone())
         .or(pod.metadata.name.clone())
         .unwrap_or_default();
-    let ns = pod.metadata.namespace.as_deref().unwrap_or("default");
-    let hosts = format!(
-        "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n{pod_ip}\t{name}\n"
-    );
-    let mut resolv = format!("search {ns}.svc.cluster.local svc.cluster.local cluster.local\n");
-    for ns in host_nameservers() {
-        resolv.push_str(&format!("nameserver {ns}\n"));
+    let mut files = Vec::new();
+    if let Some(ip) = pod_ip {
+        let hosts = format!(
+            "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n{ip}\t{name}\n"
+        );
+        files.push(("hosts", hosts));
+        files.push(("hostname", format!("{name}\n")));
     }
-    resolv.push_str("options ndots:5\n");
-    let files = [
-        ("hosts", hosts),
-        ("hostname", format!("{name}\n")),
-        ("resolv.conf", resolv),
-    ];
+    if let Some(resolv) = resolv {
+        files.push(("resolv.conf", resolv));
+    }
     let mut out = Vec::new();
     for (n, content) in files {
         let p = dir.join(n);

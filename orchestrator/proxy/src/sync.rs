@@ -3,27 +3,26 @@
 //! then, after each short batching window, one transaction with only the
 //! Services that changed.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::net::Ipv4Addr;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
-use kube::runtime::watcher;
-use kube::{Api, Client, ResourceExt};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
-use tapestry_runtime::{key_of, lock, split_key, trim_metadata, Informer};
+
 use tokio_util::sync::CancellationToken;
 
 use crate::nft;
 use crate::rules::{self, NodeConfig, Ruleset};
-use crate::services::{service_ports, SERVICE_NAME_LABEL};
+use crate::services::service_ports;
+use crate::{Changes, Watches};
 
 /// How a node's proxy runs.
 #[derive(Clone, Debug)]
@@ -111,49 +110,32 @@ impl ProxyStats {
 /// Keep the table in step with the cluster until `shutdown`. The table is
 /// left in place at the end: a restarted proxy takes it over without
 /// breaking established connections (their NAT lives in conntrack).
-pub async fn run(
-    client: Client,
+/// Registers with `watches` at once; the loop waits for them to be started.
+pub fn start(
+    watches: &Watches,
     config: ProxyConfig,
     stats: Arc<ProxyStats>,
     shutdown: CancellationToken,
+) -> tokio::task::JoinHandle<()> {
+    let changes = watches.changes();
+    let watches = watches.clone();
+    tokio::spawn(async move {
+        if watches.ready(&shutdown).await {
+            run(watches, config, stats, changes, shutdown).await;
+        }
+    })
+}
+
+async fn run(
+    watches: Watches,
+    config: ProxyConfig,
+    stats: Arc<ProxyStats>,
+    changes: Arc<Changes>,
+    shutdown: CancellationToken,
 ) {
-    let services: Arc<Informer<Service>> = Informer::trimmed(
-        Api::all(client.clone()),
-        watcher::Config::default(),
-        trim_metadata,
-    );
-    let slices: Arc<Informer<EndpointSlice>> =
-        Informer::trimmed(Api::all(client), watcher::Config::default(), trim_metadata);
-    let dirty: Arc<Mutex<HashSet<String>>> = Arc::default();
-    let wake = Arc::new(tokio::sync::Notify::new());
-    {
-        let (dirty, wake) = (dirty.clone(), wake.clone());
-        services.on_change(move |svc, _| {
-            lock(&dirty).insert(key_of(svc));
-            wake.notify_one();
-        });
-    }
-    {
-        let (dirty, wake) = (dirty.clone(), wake.clone());
-        slices.on_change(move |slice, _| {
-            if let (Some(ns), Some(svc)) =
-                (slice.namespace(), slice.labels().get(SERVICE_NAME_LABEL))
-            {
-                lock(&dirty).insert(format!("{ns}/{svc}"));
-                wake.notify_one();
-            }
-        });
-    }
-    services.start(shutdown.clone());
-    slices.start(shutdown.clone());
-    tokio::select! {
-        _ = shutdown.cancelled() => return,
-        _ = async { services.ready().await; slices.ready().await } => {}
-    }
     let mut proxy = Proxy {
         config,
-        services,
-        slices,
+        watches,
         stats,
         applied: HashMap::new(),
     };
@@ -164,7 +146,7 @@ pub async fn run(
         if last_full.elapsed() >= proxy.config.resync {
             full = true;
         }
-        let changed: Vec<String> = std::mem::take(&mut *lock(&dirty)).into_iter().collect();
+        let changed = changes.take();
         let outcome = if full {
             proxy.full_sync().await
         } else {
@@ -193,7 +175,7 @@ pub async fn run(
         }
         tokio::select! {
             _ = shutdown.cancelled() => return,
-            _ = wake.notified() => {}
+            _ = changes.changed() => {}
             _ = tokio::time::sleep(proxy.config.resync.saturating_sub(last_full.elapsed())) => {}
         }
         // Let a burst of changes (a Deployment scaling) land in one sync.
@@ -203,8 +185,7 @@ pub async fn run(
 
 struct Proxy {
     config: ProxyConfig,
-    services: Arc<Informer<Service>>,
-    slices: Arc<Informer<EndpointSlice>>,
+    watches: Watches,
     stats: Arc<ProxyStats>,
     /// What the table holds for each Service, by `namespace/name`.
     applied: HashMap<String, Ruleset>,
@@ -213,14 +194,10 @@ struct Proxy {
 impl Proxy {
     /// The rules one Service needs now (empty once it is gone).
     fn desired(&self, key: &str) -> Ruleset {
-        let (ns, name) = split_key(key);
-        let Some(service) = self.services.get(ns, name) else {
-            return Ruleset::default();
-        };
-        let slices = self.slices.list_in(ns.unwrap_or_default(), |s| {
-            s.labels().get(SERVICE_NAME_LABEL).map(String::as_str) == Some(name)
-        });
-        self.rules_for(&service, &slices)
+        match self.watches.service(key) {
+            (Some(service), slices) => self.rules_for(&service, &slices),
+            (None, _) => Ruleset::default(),
+        }
     }
 
     fn rules_for(&self, service: &Service, slices: &[Arc<EndpointSlice>]) -> Ruleset {
@@ -233,26 +210,12 @@ impl Proxy {
 
     async fn full_sync(&mut self) -> anyhow::Result<()> {
         let started = Instant::now();
-        // Slices grouped by Service in one pass: looking each Service's
-        // up among all would be quadratic in a large namespace.
-        let mut slices: HashMap<String, Vec<Arc<EndpointSlice>>> = HashMap::new();
-        for slice in self.slices.store.state() {
-            if let (Some(ns), Some(svc)) =
-                (slice.namespace(), slice.labels().get(SERVICE_NAME_LABEL))
-            {
-                let key = format!("{ns}/{svc}");
-                slices.entry(key).or_default().push(slice);
-            }
-        }
         let next: HashMap<String, Ruleset> = self
-            .services
-            .store
-            .state()
-            .iter()
-            .map(|service| {
-                let key = key_of(service.as_ref());
-                let own = slices.get(&key).map_or(&[][..], Vec::as_slice);
-                let rules = self.rules_for(service, own);
+            .watches
+            .all_services()
+            .into_iter()
+            .map(|(key, service, slices)| {
+                let rules = self.rules_for(&service, &slices);
                 (key, rules)
             })
             .collect();

@@ -49,6 +49,12 @@ impl Ipv4Range {
     pub fn first(&self) -> Ipv4Addr {
         Ipv4Addr::from(self.base + 1)
     }
+
+    /// The tenth address, the cluster DNS's (`kube-dns`) ClusterIP as in
+    /// kubeadm's clusters.
+    pub fn dns(&self) -> Ipv4Addr {
+        Ipv4Addr::from(self.base + 10)
+    }
 }
 
 const NODE_PORT_MIN: i64 = 30000;
