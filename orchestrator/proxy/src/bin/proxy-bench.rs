@@ -7,12 +7,15 @@
 //! `proxy-bench [SIZES...]` (default 1000 5000 10000).
 
 use std::net::Ipv4Addr;
-use std::os::fd::AsRawFd;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use tapestry_proxy::nft;
+
+#[path = "support/netns.rs"]
+mod netns;
+use netns::Netns;
 use tapestry_proxy::rules::{self, Endpoint, NodeConfig, Protocol, Ruleset, ServicePort};
 
 const CHANGES: usize = 20;
@@ -71,43 +74,9 @@ fn service(i: usize, generation: usize) -> ServicePort {
     }
 }
 
-struct Netns(String);
-
-impl Netns {
-    fn new(name: String) -> Result<Netns> {
-        let _ = Command::new("ip")
-            .args(["netns", "del", &name])
-            .stderr(std::process::Stdio::null())
-            .status();
-        let ok = Command::new("ip")
-            .args(["netns", "add", &name])
-            .status()?
-            .success();
-        if !ok {
-            bail!("ip netns add {name} failed (root?)");
-        }
-        Ok(Netns(name))
-    }
-
-    fn enter(&self) -> Result<()> {
-        let f = std::fs::File::open(format!("/run/netns/{}", self.0))?;
-        // SAFETY: setns on a namespace file this thread opened.
-        if unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-            bail!("setns into {}: {}", self.0, std::io::Error::last_os_error());
-        }
-        Ok(())
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
-    }
-}
-
 fn run(n: usize) -> Result<()> {
     let ours = Netns::new(format!("tpbench-{n}"))?;
-    ours.enter()?;
+    netns::enter(&ours.0)?;
     let node = NodeConfig {
         cluster_cidr: Some((Ipv4Addr::new(10, 128, 0, 0), 9)),
         pod_cidr: None,
@@ -153,7 +122,7 @@ fn run(n: usize) -> Result<()> {
     let file = std::env::temp_dir().join(format!("tpbench-{n}.nft"));
     std::fs::write(&file, &listing.stdout)?;
     let floor_ns = Netns::new(format!("tpbench-{n}-floor"))?;
-    floor_ns.enter()?;
+    netns::enter(&floor_ns.0)?;
     let started = Instant::now();
     let loaded = Command::new("nft").arg("-f").arg(&file).output()?;
     let floor = started.elapsed();

@@ -108,6 +108,7 @@ pub fn start(
                 zone.set_service(&key, records);
                 stats.services.set(zone.services() as i64);
             }
+            server.zone_changed();
         }
     }))
 }

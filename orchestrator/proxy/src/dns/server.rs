@@ -2,8 +2,10 @@
 //! zone are answered from memory; every other name is relayed, as asked,
 //! to the node's own resolvers.
 
+use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -31,6 +33,8 @@ const UDP_PAYLOAD: u16 = 1232;
 
 pub struct DnsServer {
     pub zone: Arc<RwLock<Zone>>,
+    /// Bumped at every change of the zone: the answer caches start over.
+    generation: AtomicU64,
     /// The node's resolvers, for names outside the zone.
     pub upstreams: Vec<SocketAddr>,
     pub stats: Arc<DnsStats>,
@@ -52,10 +56,16 @@ impl DnsServer {
     pub fn new(zone: Arc<RwLock<Zone>>, upstreams: Vec<SocketAddr>, stats: Arc<DnsStats>) -> Self {
         DnsServer {
             zone,
+            generation: AtomicU64::new(0),
             upstreams,
             stats,
             forwards: Arc::new(Semaphore::new(MAX_FORWARDS)),
         }
+    }
+
+    /// Call after changing the zone.
+    pub fn zone_changed(&self) {
+        self.generation.fetch_add(1, Ordering::Release);
     }
 
     fn handle(&self, packet: &[u8], udp: bool) -> Handled {
@@ -173,7 +183,7 @@ impl DnsServer {
             Handled::Forward(request) => {
                 self.stats.forwarded.inc();
                 if let Some(answer) = self.relay(packet, !udp).await {
-                    self.stats.answered_by_resolver(&answer);
+                    self.stats.answered_raw(&answer);
                     return Some(answer);
                 }
                 self.stats.forward_failures.inc();
@@ -310,6 +320,45 @@ fn raw_socket(
     Ok(socket)
 }
 
+/// Answers already encoded, keyed by the query's bytes after its ID: the
+/// same question asked again is answered by a copy, without parsing. One
+/// per UDP worker, so no lock; emptied when the zone changes or it fills.
+#[derive(Default)]
+struct AnswerCache {
+    generation: u64,
+    answers: HashMap<Box<[u8]>, Box<[u8]>>,
+}
+
+const CACHED_ANSWERS: usize = 16_384;
+
+impl AnswerCache {
+    /// The answer to `query`, its ID set, into `out`.
+    fn answer(&mut self, query: &[u8], generation: u64, out: &mut Vec<u8>) -> bool {
+        if generation != self.generation {
+            self.answers.clear();
+            self.generation = generation;
+            return false;
+        }
+        let Some(answer) = query.get(2..).and_then(|key| self.answers.get(key)) else {
+            return false;
+        };
+        out.clear();
+        out.extend_from_slice(&query[..2]);
+        out.extend_from_slice(answer);
+        true
+    }
+
+    fn keep(&mut self, query: &[u8], answer: &[u8], generation: u64) {
+        if generation != self.generation || query.len() < 12 || answer.len() < 12 {
+            return;
+        }
+        if self.answers.len() >= CACHED_ANSWERS {
+            self.answers.clear();
+        }
+        self.answers.insert(query[2..].into(), answer[2..].into());
+    }
+}
+
 /// Answer queries on `socket` until `shutdown`.
 pub async fn serve_udp(
     socket: Arc<UdpSocket>,
@@ -317,6 +366,8 @@ pub async fn serve_udp(
     shutdown: CancellationToken,
 ) {
     let mut buf = vec![0u8; 65535];
+    let mut cache = AnswerCache::default();
+    let mut out = Vec::with_capacity(512);
     loop {
         let (n, peer) = tokio::select! {
             _ = shutdown.cancelled() => return,
@@ -329,9 +380,16 @@ pub async fn serve_udp(
             },
         };
         let packet = &buf[..n];
+        let generation = server.generation.load(Ordering::Acquire);
+        if cache.answer(packet, generation, &mut out) {
+            server.stats.answered_raw(&out);
+            let _ = socket.send_to(&out, peer).await;
+            continue;
+        }
         match server.handle(packet, true) {
             Handled::Reply(bytes) => {
                 let _ = socket.send_to(&bytes, peer).await;
+                cache.keep(packet, &bytes, generation);
             }
             Handled::Drop => {}
             slow => {
@@ -491,6 +549,31 @@ mod tests {
         assert_eq!(formerr.metadata.id, 0xabcd);
         assert_eq!(formerr.metadata.response_code, ResponseCode::FormErr);
         assert!(server.stats.malformed.get() >= 1);
+    }
+
+    #[tokio::test]
+    async fn a_repeated_question_is_answered_from_the_cache_until_the_zone_changes() {
+        let (addr, server) = server_on_loopback(Vec::new()).await;
+        let question = query("web.shop.svc.cluster.local.", RecordType::A);
+        let first = ask_udp(addr, &question).await;
+        let mut again = question.clone();
+        again[..2].copy_from_slice(&0x4242u16.to_be_bytes());
+        let second = ask_udp(addr, &again).await;
+        assert_eq!(second.metadata.id, 0x4242);
+        assert_eq!(second.answers, first.answers);
+        assert_eq!(server.stats.responses("NOERROR"), 2);
+        let moved = json!({
+            "metadata": {"name": "web", "namespace": "shop"},
+            "spec": {"clusterIP": "10.96.7.7"}
+        });
+        {
+            let mut zone = server.zone.write().unwrap();
+            let records = zone.service_records(&serde_json::from_value(moved).unwrap(), &[]);
+            zone.set_service("any/service", records);
+        }
+        server.zone_changed();
+        let third = ask_udp(addr, &again).await;
+        assert_eq!(third.answers[0].data.to_string(), "10.96.7.7");
     }
 
     #[tokio::test]
