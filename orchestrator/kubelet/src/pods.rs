@@ -553,7 +553,14 @@ impl PodWorker {
             });
         }
         let host_network = spec.host_network.unwrap_or(false);
-        let resolv = crate::volumes::resolv_conf(pod, &kubelet.config);
+        let config = &kubelet.config;
+        let host_resolv = fs::read_to_string(&config.resolv_conf).unwrap_or_default();
+        let resolv = crate::volumes::resolv_conf(
+            pod,
+            config.cluster_dns,
+            &config.cluster_domain,
+            &host_resolv,
+        );
         if host_network {
             mounts.push(BindMount {
                 source: PathBuf::from("/etc/hosts"),

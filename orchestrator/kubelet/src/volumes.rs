@@ -348,13 +348,19 @@ pub async fn env(
 
 /// Where a pod's DNS queries go: the cluster DNS and its search path, or
 /// the node's own resolvers, by the pod's `dnsPolicy` and `dnsConfig` as
-/// the kubelet decides them. None for a host-network pod that uses the
-/// node's file unchanged (it is mounted as it is).
-pub fn resolv_conf(pod: &Pod, config: &crate::Config) -> Option<String> {
+/// the kubelet decides them; `host` is the node's resolv.conf. None for a
+/// host-network pod that uses the node's file unchanged (it is mounted as
+/// it is).
+pub fn resolv_conf(
+    pod: &Pod,
+    cluster_dns: Option<std::net::IpAddr>,
+    cluster_domain: &str,
+    host: &str,
+) -> Option<String> {
     let spec = pod.spec.as_ref()?;
     let host_network = spec.host_network == Some(true);
     let policy = spec.dns_policy.as_deref().unwrap_or("ClusterFirst");
-    let cluster = config.cluster_dns.filter(|_| match policy {
+    let cluster = cluster_dns.filter(|_| match policy {
         "ClusterFirst" => !host_network,
         "ClusterFirstWithHostNet" => true,
         _ => false,
@@ -362,7 +368,6 @@ pub fn resolv_conf(pod: &Pod, config: &crate::Config) -> Option<String> {
     if host_network && cluster.is_none() && policy != "None" && spec.dns_config.is_none() {
         return None;
     }
-    let host = fs::read_to_string(&config.resolv_conf).unwrap_or_default();
     let host_search: Vec<String> = host
         .lines()
         .filter_map(|l| l.trim().strip_prefix("search"))
@@ -373,17 +378,17 @@ pub fn resolv_conf(pod: &Pod, config: &crate::Config) -> Option<String> {
             ("None", _) => Default::default(),
             (_, Some(ip)) => {
                 let ns = pod.metadata.namespace.as_deref().unwrap_or("default");
-                let domain = &config.cluster_domain;
+                let domain = cluster_domain;
                 let mut search = vec![
                     format!("{ns}.svc.{domain}"),
                     format!("svc.{domain}"),
-                    domain.clone(),
+                    domain.to_string(),
                 ];
                 search.extend(host_search);
                 (vec![ip.to_string()], search, vec!["ndots:5".into()])
             }
             _ => {
-                let usable = tapestry_proxy::dns::nameservers(&host)
+                let usable = tapestry_proxy::dns::nameservers(host)
                     .into_iter()
                     // The node's loopback resolvers are not the pod's.
                     .filter(|ip| host_network || !ip.is_loopback())
@@ -478,5 +483,61 @@ mod tests {
         assert_eq!(expand("$(B)", &env), "$(B)");
         assert_eq!(expand("$$(A)", &env), "$(A)");
         assert_eq!(expand("cost $5", &env), "cost $5");
+    }
+
+    fn pod(spec: serde_json::Value) -> Pod {
+        serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "p", "namespace": "shop"},
+            "spec": spec,
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn resolv_conf_follows_the_dns_policy() {
+        let host =
+            "search corp.example\nnameserver 127.0.0.53\nnameserver 10.0.0.2\noptions edns0\n";
+        let dns = Some("10.96.0.10".parse().unwrap());
+        let resolv = |spec| resolv_conf(&pod(spec), dns, "cluster.local", host);
+        let containers = serde_json::json!([{"name": "c"}]);
+        assert_eq!(
+            resolv(serde_json::json!({"containers": containers})).unwrap(),
+            "search shop.svc.cluster.local svc.cluster.local cluster.local corp.example\n\
+             nameserver 10.96.0.10\noptions ndots:5\n"
+        );
+        // The node's resolvers, without its loopback ones.
+        assert_eq!(
+            resolv(serde_json::json!({"containers": containers, "dnsPolicy": "Default"})).unwrap(),
+            "search corp.example\nnameserver 10.0.0.2\noptions edns0\n"
+        );
+        // Host network: the node's file as it is, unless asked otherwise.
+        assert_eq!(
+            resolv(serde_json::json!({"containers": containers, "hostNetwork": true})),
+            None
+        );
+        let with_host_net = resolv(serde_json::json!({"containers": containers,
+            "hostNetwork": true, "dnsPolicy": "ClusterFirstWithHostNet"}));
+        assert!(with_host_net.unwrap().contains("nameserver 10.96.0.10\n"));
+        // None: only the pod's dnsConfig; options replace by name.
+        let own = resolv(
+            serde_json::json!({"containers": containers, "dnsPolicy": "None",
+            "dnsConfig": {"nameservers": ["1.1.1.1"], "searches": ["a.example"],
+                          "options": [{"name": "ndots", "value": "2"}, {"name": "rotate"}]}}),
+        );
+        assert_eq!(
+            own.unwrap(),
+            "search a.example\nnameserver 1.1.1.1\noptions ndots:2 rotate\n"
+        );
+        let merged = resolv(serde_json::json!({"containers": containers,
+            "dnsConfig": {"options": [{"name": "ndots", "value": "1"}]}}));
+        assert!(merged.unwrap().ends_with("options ndots:1\n"));
+        // Without a cluster DNS, ClusterFirst falls back to the node's.
+        let plain = resolv_conf(
+            &pod(serde_json::json!({"containers": containers})),
+            None,
+            "cluster.local",
+            host,
+        );
+        assert!(plain.unwrap().contains("nameserver 10.0.0.2"));
     }
 }
