@@ -86,7 +86,8 @@ impl Api {
             Some(rv) => Some(parse_resource_version(rv)?),
         };
         tokio::spawn(async move {
-            api.metrics.watchers.inc();
+            // Counted out however the watch ends, a panic included.
+            let _registered = Registered::new(api.metrics.watchers.clone());
             let run = api.run_watch(&def, prefix, start, send_initial, &spec, &tx);
             tokio::select! {
                 result = run => {
@@ -96,7 +97,6 @@ impl Api {
                 }
                 _ = shutdown.cancelled() => {}
             }
-            api.metrics.watchers.dec();
         });
         let stream =
             tokio_stream::wrappers::ReceiverStream::new(rx).map(Ok::<_, std::convert::Infallible>);
@@ -116,7 +116,10 @@ impl Api {
         spec: &WatchSpec,
         tx: &mpsc::Sender<Bytes>,
     ) -> ApiResult<()> {
-        let deadline = spec.timeout.map(|t| tokio::time::Instant::now() + t);
+        // A timeout past the clock's range is no deadline at all.
+        let deadline = spec
+            .timeout
+            .and_then(|t| tokio::time::Instant::now().checked_add(t));
         let mut selected = Selected::new(spec.filtered());
         // Without a resourceVersion (or with sendInitialEvents) the watch
         // starts with the current state as synthetic ADDED events.
@@ -374,6 +377,22 @@ fn event_line(kind: &str, object: &Value) -> Bytes {
     Bytes::from(line)
 }
 
+/// One open watch in the `apiserver_registered_watchers` gauge while alive.
+struct Registered(prometheus_client::metrics::gauge::Gauge);
+
+impl Registered {
+    fn new(gauge: prometheus_client::metrics::gauge::Gauge) -> Self {
+        gauge.inc();
+        Registered(gauge)
+    }
+}
+
+impl Drop for Registered {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::time::Duration;
@@ -409,6 +428,41 @@ mod tests {
             }
         }
         out
+    }
+
+    /// A timeout past the clock's range (`timeoutSeconds=2^64-1`) is no
+    /// deadline, not a panic, and the watch leaves the open-watches gauge
+    /// when its client goes.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_timeout_past_the_clock_is_no_deadline() {
+        let server = crate::testing::start().await;
+        let cms = "/api/v1/namespaces/default/configmaps";
+        server
+            .send("POST", cms, &json!({"metadata": {"name": "a"}}))
+            .await;
+        let watchers = || server.engine.metrics.watchers.get();
+        let before = watchers();
+        let req = http::Request::builder()
+            .uri(format!("{cms}?watch=1&timeoutSeconds={}", u64::MAX))
+            .body(Body::empty())
+            .expect("request");
+        let response = server.api.clone().oneshot(req).await.expect("watch");
+        assert_eq!(response.status(), http::StatusCode::OK);
+        let mut body = response.into_body();
+        let mut buffered = Vec::new();
+        assert_eq!(
+            events(&mut body, &mut buffered, 1).await,
+            [("ADDED".into(), "a".into())]
+        );
+        assert_eq!(watchers(), before + 1);
+        drop(body);
+        for _ in 0..250 {
+            if watchers() == before {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        panic!("the closed watch is still counted: {}", watchers());
     }
 
     /// Objects entering and leaving a label selection appear as ADDED and

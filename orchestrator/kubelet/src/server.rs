@@ -232,6 +232,44 @@ fn locate(
     Ok((entry.uid, dirs, attempts))
 }
 
+/// `kubectl logs` options from the query; an error names the bad one.
+fn log_options(q: &HashMap<String, String>, previous: bool) -> Result<LogOptions, String> {
+    let mut opts = LogOptions {
+        follow: truthy(q.get("follow")) && !previous,
+        timestamps: truthy(q.get("timestamps")),
+        ..Default::default()
+    };
+    if let Some(t) = q.get("tailLines") {
+        match t.parse::<i64>() {
+            Ok(n) if n >= 0 => opts.tail_lines = Some(n as usize),
+            _ => return Err(format!("tailLines: invalid value {t:?}")),
+        }
+    }
+    if let Some(s) = q.get("sinceSeconds") {
+        match s.parse::<i64>() {
+            // Further back than the clock reaches: every line.
+            Ok(n) if n > 0 => {
+                opts.since = chrono::Duration::try_seconds(n)
+                    .and_then(|d| chrono::Utc::now().checked_sub_signed(d))
+            }
+            _ => return Err(format!("sinceSeconds: invalid value {s:?}")),
+        }
+    }
+    if let Some(s) = q.get("sinceTime") {
+        match chrono::DateTime::parse_from_rfc3339(s) {
+            Ok(t) => opts.since = Some(t.with_timezone(&chrono::Utc)),
+            Err(_) => return Err(format!("sinceTime: invalid RFC 3339 time {s:?}")),
+        }
+    }
+    if let Some(l) = q.get("limitBytes") {
+        match l.parse::<usize>() {
+            Ok(n) if n > 0 => opts.limit_bytes = Some(n),
+            _ => return Err(format!("limitBytes: invalid value {l:?}")),
+        }
+    }
+    Ok(opts)
+}
+
 async fn container_logs(
     kubelet: &Kubelet,
     ns: &str,
@@ -267,55 +305,10 @@ async fn container_logs(
             }
         }
     };
-    let mut opts = LogOptions {
-        follow: truthy(q.get("follow")) && !previous,
-        timestamps: truthy(q.get("timestamps")),
-        ..Default::default()
+    let opts = match log_options(q, previous) {
+        Ok(o) => o,
+        Err(message) => return status(StatusCode::BAD_REQUEST, &message),
     };
-    if let Some(t) = q.get("tailLines") {
-        match t.parse::<i64>() {
-            Ok(n) if n >= 0 => opts.tail_lines = Some(n as usize),
-            _ => {
-                return status(
-                    StatusCode::BAD_REQUEST,
-                    &format!("tailLines: invalid value {t:?}"),
-                )
-            }
-        }
-    }
-    if let Some(s) = q.get("sinceSeconds") {
-        match s.parse::<i64>() {
-            Ok(n) if n > 0 => opts.since = Some(chrono::Utc::now() - chrono::Duration::seconds(n)),
-            _ => {
-                return status(
-                    StatusCode::BAD_REQUEST,
-                    &format!("sinceSeconds: invalid value {s:?}"),
-                )
-            }
-        }
-    }
-    if let Some(s) = q.get("sinceTime") {
-        match chrono::DateTime::parse_from_rfc3339(s) {
-            Ok(t) => opts.since = Some(t.with_timezone(&chrono::Utc)),
-            Err(_) => {
-                return status(
-                    StatusCode::BAD_REQUEST,
-                    &format!("sinceTime: invalid RFC 3339 time {s:?}"),
-                )
-            }
-        }
-    }
-    if let Some(l) = q.get("limitBytes") {
-        match l.parse::<usize>() {
-            Ok(n) if n > 0 => opts.limit_bytes = Some(n),
-            _ => {
-                return status(
-                    StatusCode::BAD_REQUEST,
-                    &format!("limitBytes: invalid value {l:?}"),
-                )
-            }
-        }
-    }
     let path = dirs.log(container, attempt);
     let (mut first, offset) = match logs::initial(&path, &opts).await {
         Ok(x) => x,
@@ -722,4 +715,32 @@ async fn session<IO: AsyncRead + AsyncWrite + Send + 'static>(
     let _ = ws::write_close(&mut *w.lock().await).await;
     result?;
     Ok(sent?)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    fn query(pairs: &[(&str, &str)]) -> HashMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn log_options_refuse_bad_values_and_survive_huge_ones() {
+        let since = |v: &str| super::log_options(&query(&[("sinceSeconds", v)]), false);
+        // Further back than the clock reaches: every line, not a panic.
+        assert_eq!(since(&i64::MAX.to_string()).unwrap().since, None);
+        assert!(since("60").unwrap().since.is_some());
+        assert_eq!(
+            since("-1").err().unwrap(),
+            "sinceSeconds: invalid value \"-1\""
+        );
+        let tail = super::log_options(&query(&[("tailLines", "x")]), false);
+        assert_eq!(tail.err().unwrap(), "tailLines: invalid value \"x\"");
+        let follow = super::log_options(&query(&[("follow", "true")]), true).unwrap();
+        assert!(!follow.follow, "no following a previous container's log");
+    }
 }
