@@ -13,7 +13,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Router;
 use bytes::Bytes;
 use http::{HeaderMap, Method, StatusCode, Uri};
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::TokioIo;
 use serde_json::{json, Value};
 use tapestry_store::Store;
 use tokio::net::TcpListener;
@@ -323,7 +323,8 @@ async fn serve(
                     let router = router.clone();
                     async move { router.oneshot(req.map(Body::new)).await }
                 });
-            let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+            let builder =
+                tapestry_runtime::http::server(tapestry_runtime::http::HEADER_READ_TIMEOUT);
             let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
             if let Err(e) = watcher.watch(conn.into_owned()).await {
                 tracing::debug!(error = %e, "connection ended with an error");

@@ -16,7 +16,7 @@ use futures::StreamExt;
 use http::{Request, Response, StatusCode};
 use http_body_util::{combinators::BoxBody, BodyExt, Full, StreamBody};
 use hyper::body::{Frame, Incoming};
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::TokioIo;
 use serde_json::json;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpListener;
@@ -118,7 +118,7 @@ pub async fn start(
                     let kubelet = kubelet.clone();
                     async move { Ok::<_, Infallible>(route(kubelet, req).await) }
                 });
-                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                let _ = tapestry_runtime::http::server(tapestry_runtime::http::HEADER_READ_TIMEOUT)
                     .serve_connection_with_upgrades(TokioIo::new(stream), svc)
                     .await;
             });

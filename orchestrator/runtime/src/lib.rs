@@ -8,6 +8,7 @@
 //! with it.
 
 pub mod events;
+pub mod http;
 pub mod informer;
 pub mod leader;
 pub mod queue;
