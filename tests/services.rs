@@ -44,35 +44,14 @@ fn service(affinity: &str) -> String {
     .to_string()
 }
 
-/// The pod that answered a GET, from the host.
-fn answer(ip: &str, port: u16) -> Option<String> {
-    let reply = http_get(ip, port)?;
-    let body = reply.split("\r\n\r\n").nth(1)?.trim();
-    body.starts_with("web-").then(|| body.to_string())
-}
-
 fn spread(ip: &str, port: u16, requests: usize) -> BTreeMap<String, usize> {
     let mut seen = BTreeMap::new();
     for _ in 0..requests {
-        if let Some(pod) = answer(ip, port) {
+        if let Some(pod) = web_pod_at(ip, port) {
             *seen.entry(pod).or_insert(0) += 1;
         }
     }
     seen
-}
-
-fn ready_endpoints(c: &Cluster) -> usize {
-    c.kubectl(&[
-        "get",
-        "endpoints",
-        "web",
-        "-n",
-        "shop",
-        "-o",
-        "jsonpath={.subsets[*].addresses[*].ip}",
-    ])
-    .map(|s| s.split_whitespace().count())
-    .unwrap_or(0)
 }
 
 #[test]
@@ -89,21 +68,13 @@ fn cluster_ips_and_node_ports_reach_ready_pods() {
     c.apply(&web(2));
     c.apply(&service("None"));
     wait_for("two ready endpoints", Duration::from_secs(60), || {
-        (ready_endpoints(&c) == 2).then_some(())
+        (c.ready_endpoints("shop", "web") == 2).then_some(())
     });
-    let web_field = |path: &str| {
-        c.must(&[
-            "get",
-            "service",
-            "web",
-            "-n",
-            "shop",
-            "-o",
-            &format!("jsonpath={{{path}}}"),
-        ])
-    };
-    let cluster_ip = web_field(".spec.clusterIP");
-    let node_port: u16 = web_field(".spec.ports[0].nodePort").parse().unwrap();
+    let cluster_ip = c.service_field("shop", "web", ".spec.clusterIP");
+    let node_port: u16 = c
+        .service_field("shop", "web", ".spec.ports[0].nodePort")
+        .parse()
+        .unwrap();
 
     // From the host, through the ClusterIP: both pods answer.
     let seen = wait_for(
@@ -151,7 +122,7 @@ fn cluster_ips_and_node_ports_reach_ready_pods() {
     // No ready pods: refused at once, not a time-out.
     c.must(&["scale", "deployment", "web", "-n", "shop", "--replicas=0"]);
     wait_for("no endpoints", Duration::from_secs(60), || {
-        (ready_endpoints(&c) == 0).then_some(())
+        (c.ready_endpoints("shop", "web") == 0).then_some(())
     });
     let refused = wait_for("a refusal", Duration::from_secs(5), || {
         let started = Instant::now();
@@ -170,7 +141,7 @@ fn cluster_ips_and_node_ports_reach_ready_pods() {
     // And served again once pods are ready.
     c.must(&["scale", "deployment", "web", "-n", "shop", "--replicas=2"]);
     wait_for("served again", Duration::from_secs(60), || {
-        answer(&cluster_ip, 80)
+        web_pod_at(&cluster_ip, 80)
     });
 
     // The node agent's /metrics, read as the API server reads the kubelet

@@ -189,6 +189,25 @@ impl Cluster {
 
     /// The same with the API server (and so the node) on `host`.
     pub fn up_on(host: &str, bridge: &str, pod_cidr: &str) -> Cluster {
+        let mut cluster = Self::start(host, bridge, &["--pod-cidr", pod_cidr]);
+        let started = Instant::now();
+        wait_for("the node's tap Connected", Duration::from_secs(90), || {
+            cluster.exited();
+            let nodes = cluster.rest("GET", "/v1/nodes", None).body;
+            (nodes["items"][0]["tap"] == "Connected").then_some(())
+        });
+        eprintln!(
+            "node tapped {:?} after the fleet manager answered",
+            started.elapsed()
+        );
+        cluster
+    }
+
+    /// `tapestry up` with these extra arguments on `host`, its node 1's pods
+    /// on `bridge`, with `busybox:local` in its image store; returns once
+    /// the API server and the fleet manager answer. Its standard output
+    /// goes to `up.out`, its log to `up.log`.
+    pub fn start(host: &str, bridge: &str, extra: &[&str]) -> Cluster {
         let tapestry = program_path("tapestry").expect("tapestry binary");
         let dir = tempfile::tempdir().expect("tempdir");
         let data = dir.path().join("data");
@@ -196,14 +215,16 @@ impl Cluster {
         let api = format!("{host}:{}", free_port());
         let fleet = format!("127.0.0.1:{}", free_port());
         let log = std::fs::File::create(dir.path().join("up.log")).unwrap();
+        let out = std::fs::File::create(dir.path().join("up.out")).unwrap();
         let child = Command::new(&tapestry)
             .arg("up")
             .arg("--data-dir")
             .arg(&data)
             .args(["--listen", &api, "--fleet-manager-listen", &fleet])
             .args(["--kubelet-port", &free_port().to_string()])
-            .args(["--bridge", bridge, "--pod-cidr", pod_cidr])
-            .stdout(Stdio::null())
+            .args(["--bridge", bridge])
+            .args(extra)
+            .stdout(out)
             .stderr(log)
             .spawn()
             .expect("spawning tapestry up");
@@ -220,17 +241,24 @@ impl Cluster {
             cluster.exited();
             cluster.kubectl(&["get", "--raw", "/readyz"]).ok()
         });
-        wait_for("the fleet manager", Duration::from_secs(30), || {
+        wait_for("the fleet manager", Duration::from_secs(60), || {
             cluster.exited();
             (cluster.rest("GET", "/healthz", None).status == 200).then_some(())
         });
-        wait_for("the node's tap Connected", Duration::from_secs(90), || {
-            cluster.exited();
-            let nodes = cluster.rest("GET", "/v1/nodes", None).body;
-            (nodes["items"][0]["tap"] == "Connected").then_some(())
-        });
-        eprintln!("cluster up and tapped in {:?}", started.elapsed());
+        eprintln!("cluster up in {:?}", started.elapsed());
         cluster
+    }
+
+    /// What `tapestry up` printed so far.
+    pub fn output(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("up.out")).unwrap_or_default()
+    }
+
+    /// Waits until `tapestry up` exits (after `tapestry down`); its status.
+    pub fn wait_exit(&mut self, within: Duration) -> std::process::ExitStatus {
+        wait_for("tapestry up to exit", within, || {
+            self.child.try_wait().ok().flatten()
+        })
     }
 
     fn exited(&mut self) {
@@ -321,6 +349,34 @@ impl Cluster {
         parse_answer(&out)
     }
 
+    /// A field of a Service (a JSONPath such as `.spec.clusterIP`).
+    pub fn service_field(&self, ns: &str, name: &str, path: &str) -> String {
+        self.must(&[
+            "get",
+            "service",
+            name,
+            "-n",
+            ns,
+            "-o",
+            &format!("jsonpath={{{path}}}"),
+        ])
+    }
+
+    /// How many ready addresses the Endpoints `ns/name` list.
+    pub fn ready_endpoints(&self, ns: &str, name: &str) -> usize {
+        self.kubectl(&[
+            "get",
+            "endpoints",
+            name,
+            "-n",
+            ns,
+            "-o",
+            "jsonpath={.subsets[*].addresses[*].ip}",
+        ])
+        .map(|s| s.split_whitespace().count())
+        .unwrap_or(0)
+    }
+
     /// The pod's host-side interface, as its kubelet recorded it.
     pub fn host_veth(&self, ns: &str, pod: &str) -> String {
         self.must(&[
@@ -401,7 +457,8 @@ impl Drop for Cluster {
         }
         // SAFETY: signalling our own child process.
         unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
-        let deadline = Instant::now() + Duration::from_secs(30);
+        // Nodes in namespaces stop their pods within 30 s each, together.
+        let deadline = Instant::now() + Duration::from_secs(60);
         while self.child.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(100));
         }
@@ -578,4 +635,12 @@ pub fn http_get(ip: &str, port: u16) -> Option<String> {
     let mut out = String::new();
     std::io::Read::read_to_string(&mut s, &mut out).ok()?;
     Some(out)
+}
+
+/// The `web-…` pod that answered a GET to ip:port from this host (the
+/// tests' web pods serve their own name).
+pub fn web_pod_at(ip: &str, port: u16) -> Option<String> {
+    let reply = http_get(ip, port)?;
+    let body = reply.split("\r\n\r\n").nth(1)?.trim();
+    body.starts_with("web-").then(|| body.to_string())
 }

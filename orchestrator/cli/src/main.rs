@@ -16,6 +16,7 @@ mod control;
 mod hollow;
 mod image;
 mod kubeclient;
+mod local;
 mod node;
 mod up;
 
@@ -46,15 +47,28 @@ enum Command {
     Server(ServerArgs),
     /// Run kubemark-style fake nodes (no containers) for scale tests.
     Hollow(hollow::HollowArgs),
-    /// Run a one-node cluster on this machine (control plane + node agent).
+    /// Run a local cluster on this machine: control plane and node agent,
+    /// and with --nodes N more nodes, each in a network namespace.
     Up(up::UpArgs),
-    /// Run a node agent that joins an existing control plane.
-    Node(node::NodeArgs),
+    /// Run a node agent that joins an existing control plane, or add or
+    /// remove a node of the local cluster.
+    Node(NodeCommand),
+    /// Stop the local cluster of a data directory; nothing it made remains.
+    Down(local::DownArgs),
     /// Manage the node's image store.
     Image(image::ImageArgs),
     /// Per-container monitor started by the node agent.
     #[command(hide = true)]
     ContainerShim(tapestry_kubelet::shim::ShimArgs),
+}
+
+#[derive(clap::Args)]
+#[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
+struct NodeCommand {
+    #[command(subcommand)]
+    action: Option<local::NodeAction>,
+    #[command(flatten)]
+    agent: node::NodeArgs,
 }
 
 /// Data directories are made absolute once: container bundles and the
@@ -228,7 +242,12 @@ async fn run(cli: Cli) {
             Err(e) => Err(e),
         },
         Command::Up(args) => up::run(args).await,
-        Command::Node(args) => node::run(args).await,
+        Command::Node(NodeCommand {
+            action: Some(action),
+            ..
+        }) => local::node_action(action).await,
+        Command::Node(NodeCommand { agent, .. }) => node::run(agent).await,
+        Command::Down(args) => local::down(args).await,
         Command::Image(args) => image::run(args),
         Command::ContainerShim(args) => std::process::exit(tapestry_kubelet::shim::main(args)),
     };

@@ -12,9 +12,10 @@ pub struct AgentArgs {
     /// This node's name (default: the host name).
     #[arg(long = "name")]
     pub node_name: Option<String>,
-    /// Pod address range when no IPAM controller assigns the Node one.
-    #[arg(long, default_value = "10.244.0.0/24")]
-    pub pod_cidr: String,
+    /// Pod address range this node claims [default: the one the controller
+    /// manager's node IPAM assigns, a /24 of its --cluster-cidr].
+    #[arg(long, value_parser = parse_ipv4_cidr)]
+    pub pod_cidr: Option<String>,
     /// Port of the kubelet HTTPS API.
     #[arg(long, default_value_t = 10250)]
     pub kubelet_port: u16,
@@ -93,15 +94,16 @@ fn parse_ipv4_cidr(arg: &str) -> Result<String, String> {
 
 #[derive(clap::Args)]
 pub struct NodeArgs {
+    // Required unless a local cluster's `add`/`remove` is asked for.
     /// The API server, e.g. https://10.0.0.1:6443.
-    #[arg(long)]
-    server: String,
+    #[arg(long, required = true)]
+    server: Option<String>,
     /// File holding the node bootstrap token (the server's DATA_DIR/node-token).
-    #[arg(long)]
-    token_file: PathBuf,
+    #[arg(long, required = true)]
+    token_file: Option<PathBuf>,
     /// The cluster CA certificate (the server's DATA_DIR/pki/ca.crt).
-    #[arg(long)]
-    ca_file: PathBuf,
+    #[arg(long, required = true)]
+    ca_file: Option<PathBuf>,
     /// Node state: pods, runtime state and the image store.
     #[arg(long, default_value = "/var/lib/tapestry", value_parser = crate::absolute_path)]
     data_dir: PathBuf,
@@ -160,7 +162,7 @@ pub fn agent_config(
     Ok(Config {
         node_name: agent.node_name.clone().unwrap_or_else(hostname),
         data_dir,
-        pod_cidr: Some(agent.pod_cidr.clone()),
+        pod_cidr: agent.pod_cidr.clone(),
         node_ip,
         port: agent.kubelet_port,
         runtime: agent.runtime.clone(),
@@ -215,28 +217,31 @@ fn local_ip_towards(server: &str) -> Option<IpAddr> {
 
 pub async fn run(args: NodeArgs) -> Result<()> {
     require_root("tapestry node")?;
-    let token = std::fs::read_to_string(&args.token_file)
-        .with_context(|| format!("--token-file {}", args.token_file.display()))?
+    let (Some(server), Some(token_file), Some(ca_file)) =
+        (&args.server, &args.token_file, &args.ca_file)
+    else {
+        bail!("tapestry node needs --server, --token-file and --ca-file");
+    };
+    let token = std::fs::read_to_string(token_file)
+        .with_context(|| format!("--token-file {}", token_file.display()))?
         .trim()
         .to_string();
     if token.is_empty() {
-        bail!("--token-file {}: empty", args.token_file.display());
+        bail!("--token-file {}: empty", token_file.display());
     }
-    let ca = std::fs::read_to_string(&args.ca_file)
-        .with_context(|| format!("--ca-file {}", args.ca_file.display()))?;
+    let ca = std::fs::read_to_string(ca_file)
+        .with_context(|| format!("--ca-file {}", ca_file.display()))?;
     let node_ip = match args.node_ip {
         Some(ip) => ip,
-        None => local_ip_towards(&args.server).with_context(|| {
+        None => local_ip_towards(server).with_context(|| {
             format!(
                 "--server {}: cannot tell the local address; pass --node-ip",
-                args.server
+                server
             )
         })?,
     };
-    if let Err(e) = tap_images(&args.data_dir) {
-        tracing::warn!("this node cannot run the fleet manager's taps: {e:#}");
-    }
-    let client = node_client(&args.server, &ca, &token).await?;
+    let data_dir = args.data_dir.clone();
+    let client = node_client(server, &ca, &token).await?;
     let mut agent = args.agent.clone();
     // A joining node does not know the cluster's service range;
     // --cluster-dns tells it when that is not the default.
@@ -255,6 +260,12 @@ pub async fn run(args: NodeArgs) -> Result<()> {
     let shutdown = crate::shutdown_on_signals()?;
     let running = tapestry_kubelet::start(config, client, shutdown).await?;
     tracing::info!(kubelet_api = %running.addr, "node agent ready");
+    // Once Ready: this reads both programs whole.
+    tokio::task::spawn_blocking(move || {
+        if let Err(e) = tap_images(&data_dir) {
+            tracing::warn!("this node cannot run the fleet manager's taps: {e:#}");
+        }
+    });
     running.wait().await;
     Ok(())
 }

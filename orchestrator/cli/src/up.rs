@@ -1,10 +1,11 @@
-//! `tapestry up`: a one-node cluster on this machine — the control plane
-//! and a node agent in one process, until SIGINT/SIGTERM.
+//! `tapestry up`: a local cluster on this machine — the control plane and
+//! node 1 in one process, nodes 2..N in network namespaces of their own
+//! (see [`crate::local`]), until SIGINT/SIGTERM or `tapestry down`.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use tapestry_apiserver::pki::Pki;
@@ -12,6 +13,7 @@ use tapestry_apiserver::ServerConfig;
 use tapestry_store::{RedbStore, Store};
 use tokio_util::sync::CancellationToken;
 
+use crate::local::{Local, LocalConfig, Underlay};
 use crate::node::{agent_config, hostname, node_client, require_root, AgentArgs};
 
 #[derive(clap::Args)]
@@ -36,12 +38,15 @@ pub struct UpArgs {
     control: crate::control::ControlArgs,
     #[command(flatten)]
     agent: AgentArgs,
+    #[command(flatten)]
+    local: crate::local::LocalArgs,
 }
 
 /// The control plane of a local cluster: the API server, then the scheduler
 /// and the controller manager as its clients.
 async fn start_control_plane(
     args: &UpArgs,
+    underlay: Option<&Underlay>,
     shutdown: CancellationToken,
 ) -> Result<tapestry_apiserver::Running> {
     let path = args.data_dir.join("store.redb");
@@ -51,6 +56,12 @@ async fn start_control_plane(
     let running = tapestry_apiserver::start(
         ServerConfig {
             service_cidr: args.service_cidr.clone(),
+            // Nodes in namespaces (and every pod, through the `kubernetes`
+            // Service) reach the API server on the underlay's host address.
+            extra_sans: underlay
+                .map(|u| vec![u.host_ip().to_string()])
+                .unwrap_or_default(),
+            advertise_address: underlay.map(|u| IpAddr::V4(u.host_ip())),
             ..ServerConfig::new(args.data_dir.clone(), args.listen)
         },
         store,
@@ -62,27 +73,87 @@ async fn start_control_plane(
 }
 
 pub async fn run(args: UpArgs) -> Result<()> {
+    let started = Instant::now();
     require_root("tapestry up")?;
     std::fs::create_dir_all(&args.data_dir)
         .with_context(|| format!("creating data directory {}", args.data_dir.display()))?;
+    let node_name = args.agent.node_name.clone().unwrap_or_else(hostname);
+    crate::local::claim(&args.data_dir, &node_name).await?;
+    let result = run_claimed(&args, node_name, started).await;
+    crate::local::release(&args.data_dir);
+    result
+}
+
+async fn run_claimed(args: &UpArgs, node_name: String, started: Instant) -> Result<()> {
     let signals = crate::shutdown_on_signals()?;
     let cp_shutdown = CancellationToken::new();
     let node_shutdown = CancellationToken::new();
-    let cp = start_control_plane(&args, cp_shutdown.clone()).await?;
+    let local_shutdown = CancellationToken::new();
+    let underlay = (args.local.nodes > 1).then(|| Underlay::new(&args.local));
+    let cp = start_control_plane(args, underlay.as_ref(), cp_shutdown.clone()).await?;
+    let stop_cp = || async {
+        local_shutdown.cancel();
+        cp_shutdown.cancel();
+    };
     let ca = std::fs::read_to_string(args.data_dir.join("pki/ca.crt"))?;
     let token = std::fs::read_to_string(args.data_dir.join("node-token"))?
         .trim()
         .to_string();
     // The node takes the API server's address when that is a specific one,
     // so nodes that join from other hosts (or network namespaces) reach
-    // this node's host-network pods, such as the aggregator.
-    let node_ip = match cp.addr.ip() {
+    // this node's host-network pods, such as the aggregator; with an
+    // underlay, the host's address on it.
+    let api_ip = match cp.addr.ip() {
         ip if ip.is_unspecified() => IpAddr::V4(Ipv4Addr::LOCALHOST),
         ip => ip,
     };
-    let server = format!("https://{}", SocketAddr::new(node_ip, cp.addr.port()));
+    let node_ip = underlay
+        .as_ref()
+        .map_or(api_ip, |u| IpAddr::V4(u.host_ip()));
+    let server = format!("https://{}", SocketAddr::new(api_ip, cp.addr.port()));
+    // Where nodes in namespaces reach the API server.
+    let nodes_server = underlay.as_ref().map(|u| {
+        format!(
+            "https://{}",
+            SocketAddr::new(IpAddr::V4(u.host_ip()), cp.addr.port())
+        )
+    });
+    let local = match &underlay {
+        None => None,
+        Some(u) => {
+            let config = LocalConfig {
+                data_dir: args.data_dir.clone(),
+                underlay: u.clone(),
+                server: nodes_server.clone().unwrap_or_default(),
+                cluster_cidr: args.control.cluster_cidr.clone(),
+                agent: args.agent.clone(),
+                started,
+            };
+            let client = kube::Client::new(cp.local_handler(), "default");
+            let made = async {
+                let local = Local::start(config, client, local_shutdown.clone()).await?;
+                let on_underlay = SocketAddr::new(IpAddr::V4(u.host_ip()), cp.addr.port());
+                if !cp.addr.ip().is_unspecified() && cp.addr != on_underlay {
+                    crate::local::relay(on_underlay, cp.addr, local_shutdown.clone()).await?;
+                }
+                anyhow::Ok(local)
+            };
+            match made.await {
+                Ok(l) => Some(l),
+                Err(e) => {
+                    stop_cp().await;
+                    cp.wait().await;
+                    return Err(e);
+                }
+            }
+        }
+    };
+    if let Err(e) = crate::local::serve(&args.data_dir, local.clone(), local_shutdown.clone()) {
+        stop_cp().await;
+        cp.wait().await;
+        return Err(e);
+    }
     let client = node_client(&server, &ca, &token).await?;
-    let node_name = args.agent.node_name.clone().unwrap_or_else(hostname);
     // The kubelet's serving certificate comes from the cluster CA here.
     let pki = Pki {
         dir: args.data_dir.join("pki"),
@@ -97,7 +168,7 @@ pub async fn run(args: UpArgs) -> Result<()> {
         true,
     )?;
     let mut agent = args.agent.clone();
-    agent.node_name = Some(node_name);
+    agent.node_name = Some(node_name.clone());
     agent.cluster_dns = agent
         .cluster_dns
         .or(crate::node::default_cluster_dns(&args.service_cidr));
@@ -110,24 +181,66 @@ pub async fn run(args: UpArgs) -> Result<()> {
         true,
         &args.control.cluster_cidr,
     )?;
-    let node = match tapestry_kubelet::start(config, client, node_shutdown.clone()).await {
-        Ok(n) => n,
-        Err(e) => {
-            cp_shutdown.cancel();
-            cp.wait().await;
-            return Err(e);
+    // Node 1 here and the others in their namespaces start together.
+    let progress = |msg: String| println!("{msg}");
+    let first = async {
+        let node = tapestry_kubelet::start(config, client, node_shutdown.clone()).await;
+        if node.is_ok() {
+            println!(
+                "node {node_name}: Ready in {} ms (this host's network namespace, {node_ip})",
+                started.elapsed().as_millis()
+            );
+        }
+        node
+    };
+    let others = async {
+        match &local {
+            Some(l) => {
+                let adds = (2..=args.local.nodes).map(|_| l.add(None, &progress));
+                futures::future::join_all(adds).await
+            }
+            None => Vec::new(),
         }
     };
+    let (node, others) = tokio::join!(first, others);
+    let failed = others.into_iter().find_map(Result::err);
+    let node = match (node, failed) {
+        (Ok(n), None) => n,
+        (node, failed) => {
+            if let Some(l) = &local {
+                local_shutdown.cancel();
+                l.stop().await;
+            }
+            if let Ok(n) = node {
+                node_shutdown.cancel();
+                n.wait().await;
+            }
+            stop_cp().await;
+            cp.wait().await;
+            return Err(failed.unwrap_or_else(|| anyhow::anyhow!("starting node 1")));
+        }
+    };
+    println!(
+        "{} node{} Ready in {} ms",
+        args.local.nodes,
+        if args.local.nodes == 1 { "" } else { "s" },
+        started.elapsed().as_millis()
+    );
     let fleet_shutdown = CancellationToken::new();
     let fleet = if args.no_fleet_manager {
         None
     } else {
-        match start_fleet_manager(&args, &pki, fleet_shutdown.clone()).await {
+        match start_fleet_manager(args, &pki, nodes_server.as_deref(), fleet_shutdown.clone()).await
+        {
             Ok(f) => Some(f),
             Err(e) => {
+                if let Some(l) = &local {
+                    local_shutdown.cancel();
+                    l.stop().await;
+                }
                 node_shutdown.cancel();
                 node.wait().await;
-                cp_shutdown.cancel();
+                stop_cp().await;
                 cp.wait().await;
                 return Err(e);
             }
@@ -147,9 +260,18 @@ pub async fn run(args: UpArgs) -> Result<()> {
     if let Some(f) = fleet {
         f.wait().await;
     }
-    // Pods stop while the API server still records their last status.
+    // Nodes stop their pods (all nodes at once) while the API server still
+    // records their last status.
+    local_shutdown.cancel();
     node_shutdown.cancel();
-    node.wait().await;
+    let others = async {
+        if let Some(l) = &local {
+            l.stop().await;
+        }
+    };
+    tokio::join!(others, node.wait());
+    // Node 1's pods are gone: so goes the bridge the CNI plugin made them.
+    crate::local::remove_link(&args.agent.bridge).await;
     cp_shutdown.cancel();
     cp.wait().await;
     tracing::info!("stopped");
@@ -163,6 +285,7 @@ pub async fn run(args: UpArgs) -> Result<()> {
 async fn start_fleet_manager(
     args: &UpArgs,
     pki: &Pki,
+    nodes_server: Option<&str>,
     shutdown: CancellationToken,
 ) -> Result<tapestry_fleet_manager::Running> {
     let credentials = args.data_dir.join("credentials");
@@ -179,8 +302,13 @@ async fn start_fleet_manager(
         Ok((tap_agent_image, aggregator_image)) => {
             let read = |name: &str| {
                 let path = credentials.join(format!("{name}.kubeconfig"));
-                std::fs::read_to_string(&path)
-                    .with_context(|| format!("reading {}", path.display()))
+                let text = std::fs::read_to_string(&path)
+                    .with_context(|| format!("reading {}", path.display()))?;
+                // Taps on every node reach the API server where nodes do.
+                anyhow::Ok(match nodes_server {
+                    Some(url) => with_server(&text, url),
+                    None => text,
+                })
             };
             Some(tapestry_fleet_manager::Workloads {
                 tap_agent_image,
@@ -208,4 +336,17 @@ async fn start_fleet_manager(
     )
     .await
     .context("starting the fleet manager")
+}
+
+/// A kubeconfig with its cluster's `server` replaced.
+fn with_server(kubeconfig: &str, url: &str) -> String {
+    kubeconfig
+        .lines()
+        .map(|l| match l.trim_start().strip_prefix("server: ") {
+            Some(_) => format!("{}server: {url}", &l[..l.len() - l.trim_start().len()]),
+            None => l.to_string(),
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+        + "\n"
 }

@@ -158,7 +158,7 @@ impl ImageStore {
         }
         let dest = self.blob_path(&digest)?;
         if !dest.exists() && fs::rename(file, &dest).is_err() {
-            let tmp = dest.with_extension("part");
+            let tmp = part_path(&dest);
             fs::copy(file, &tmp)?;
             fs::rename(&tmp, &dest)?;
         }
@@ -169,17 +169,39 @@ impl ImageStore {
         let digest = format!("sha256:{}", hex(&Sha256::digest(bytes)));
         let dest = self.blob_path(&digest)?;
         if !dest.exists() {
-            let tmp = dest.with_extension("part");
+            let tmp = part_path(&dest);
             fs::write(&tmp, bytes)?;
             fs::rename(&tmp, &dest)?;
         }
         Ok(digest)
     }
 
+    /// Run `f` holding the store's lock. The node agents of a local cluster
+    /// share one store, and `tapestry image` changes it while they run: every
+    /// read-modify-write of the index happens under this lock.
+    fn locked<T>(&self, f: impl FnOnce() -> Result<T>) -> Result<T> {
+        use std::os::fd::AsRawFd;
+        let path = self.root.join("lock");
+        let file = fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .with_context(|| format!("opening {}", path.display()))?;
+        // SAFETY: a descriptor this function owns; closing it unlocks.
+        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) } != 0 {
+            return Err(std::io::Error::last_os_error())
+                .with_context(|| format!("locking {}", path.display()));
+        }
+        f()
+    }
+
     fn tag(&self, name: &str, record: ImageRecord) -> Result<()> {
-        let mut index = self.list()?;
-        index.insert(normalize(name), record);
-        self.save(&index)
+        self.locked(|| {
+            let mut index = self.list()?;
+            index.insert(normalize(name), record);
+            self.save(&index)
+        })
     }
 
     fn record(&self, config: String, layers: Vec<String>) -> Result<ImageRecord> {
@@ -392,6 +414,10 @@ impl ImageStore {
 
     /// Remove a name; blobs no other image uses are removed too.
     pub fn remove(&self, reference: &str) -> Result<()> {
+        self.locked(|| self.remove_locked(reference))
+    }
+
+    fn remove_locked(&self, reference: &str) -> Result<()> {
         let mut index = self.list()?;
         let key = normalize(reference);
         let Some(rec) = index.remove(&key) else {
@@ -525,16 +551,27 @@ fn shared_libraries(exe: &Path) -> Result<Vec<PathBuf>> {
         .collect())
 }
 
-fn tempdir_in(parent: &Path) -> Result<PathBuf> {
+/// A name no other writer of the store (thread or process) picks.
+fn unique_name() -> String {
     static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-    let dir = parent.join(format!(
+    format!(
         "{}-{}-{}",
         std::process::id(),
         chrono::Utc::now().timestamp_nanos_opt().unwrap_or(0),
         NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
-    ));
+    )
+}
+
+fn tempdir_in(parent: &Path) -> Result<PathBuf> {
+    let dir = parent.join(unique_name());
     fs::create_dir_all(&dir)?;
     Ok(dir)
+}
+
+/// Where a blob is written before it is renamed into place: two writers of
+/// the same blob never truncate each other's copy.
+fn part_path(dest: &Path) -> PathBuf {
+    dest.with_extension(format!("{}.part", unique_name()))
 }
 
 /// OCI whiteouts (`.wh.NAME`, `.wh..wh..opq`) become overlayfs ones

@@ -51,7 +51,7 @@ pub struct Config {
     pub node_name: String,
     /// The node's state: `kubelet/` (pods, runtime state) and `images/`.
     pub data_dir: PathBuf,
-    /// Used when the Node has no spec.podCIDR (no IPAM controller).
+    /// Claimed when the Node is created; None waits for node IPAM's.
     pub pod_cidr: Option<String>,
     /// The address the API server reaches the kubelet API on.
     pub node_ip: IpAddr,

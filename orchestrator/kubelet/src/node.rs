@@ -81,8 +81,12 @@ pub fn status(config: &Config, ready: bool, since: &str) -> Value {
     })
 }
 
-/// Create the Node if absent; returns its podCIDR (the node's own if an
-/// IPAM controller assigned one, else the configured fallback).
+/// How long a node without a pod range of its own waits for node IPAM.
+const POD_CIDR_WAIT: Duration = Duration::from_secs(30);
+
+/// Create the Node if absent; returns its podCIDR: the Node's own if it has
+/// one, else the configured range claimed at registration, else the one
+/// the controller manager's node IPAM assigns (waited for).
 pub async fn register(client: &kube::Client, config: &Config) -> Result<String> {
     let nodes: Api<Node> = Api::all(client.clone());
     let existing = nodes.get_opt(&config.node_name).await?;
@@ -108,13 +112,24 @@ pub async fn register(client: &kube::Client, config: &Config) -> Result<String> 
             }
         }
     };
-    let cidr = node
-        .spec
-        .as_ref()
-        .and_then(|s| s.pod_cidr.clone())
-        .or_else(|| config.pod_cidr.clone())
-        .context("the Node has no spec.podCIDR and no --pod-cidr was given")?;
-    Ok(cidr)
+    let pod_cidr = |n: &Node| n.spec.as_ref().and_then(|s| s.pod_cidr.clone());
+    if let Some(cidr) = pod_cidr(&node).or_else(|| config.pod_cidr.clone()) {
+        return Ok(cidr);
+    }
+    let assigned =
+        kube::runtime::wait::await_condition(nodes, &config.node_name, move |n: Option<&Node>| {
+            n.and_then(pod_cidr).is_some()
+        });
+    match tokio::time::timeout(POD_CIDR_WAIT, assigned).await {
+        Ok(Ok(Some(n))) => pod_cidr(&n).context("the Node lost its spec.podCIDR"),
+        Ok(Ok(None)) => anyhow::bail!("the Node {} was deleted", config.node_name),
+        Ok(Err(e)) => Err(e).context("waiting for the Node's spec.podCIDR"),
+        Err(_) => anyhow::bail!(
+            "the Node {} got no spec.podCIDR within {POD_CIDR_WAIT:?}: the control plane \
+             runs no node IPAM (controller manager); give the node a range with --pod-cidr",
+            config.node_name
+        ),
+    }
 }
 
 pub async fn patch_status(

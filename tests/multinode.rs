@@ -1,0 +1,411 @@
+//! A local multi-node cluster on one machine: `tapestry up --nodes 3` makes
+//! three Ready nodes (two in network namespaces of their own, on an
+//! underlay bridge); a Service's ClusterIP spreads a client's requests over
+//! web pods on every node; NodePorts answer on every node's address; pods
+//! reach each other across nodes; `tapestry node add|remove` change the
+//! membership; `tapestry down` leaves nothing behind. Real processes, real
+//! network namespaces, the machine's kubectl.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::process::Command;
+use std::time::Duration;
+
+use serde_json::{json, Value};
+use tapestry_e2e::*;
+
+/// Node 1's pod bridge, in the host.
+const BRIDGE: &str = "tpmn0";
+const UNDERLAY_BRIDGE: &str = "tpmn-ul";
+const UNDERLAY: &str = "10.237.0.0/24";
+const CLUSTER_CIDR: &str = "10.238.0.0/16";
+const NODE1: &str = "mn-1";
+
+/// The underlay address of node `k` (the host is node 1).
+fn node_address(k: u32) -> String {
+    format!("10.237.0.{k}")
+}
+
+fn web() -> String {
+    json!({
+        "apiVersion": "apps/v1", "kind": "Deployment",
+        "metadata": {"name": "web", "namespace": "shop"},
+        "spec": {"replicas": 3,
+                 "selector": {"matchLabels": {"app": "web"}},
+                 "template": {"metadata": {"labels": {"app": "web"}},
+                     "spec": {
+                        "terminationGracePeriodSeconds": 1,
+                        "affinity": {"podAntiAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": [
+                            {"labelSelector": {"matchLabels": {"app": "web"}},
+                             "topologyKey": "kubernetes.io/hostname"}]}},
+                        "containers": [{"name": "httpd", "image": "busybox:local",
+                        "imagePullPolicy": "Never",
+                        "env": [{"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}}],
+                        "command": ["sh", "-c", "echo $POD_NAME > /var/www/index.html; exec httpd -f -p 8080 -h /var/www"],
+                        "readinessProbe": {"tcpSocket": {"port": 8080}, "periodSeconds": 1}}]}}}
+    })
+    .to_string()
+}
+
+fn ready_nodes(c: &Cluster) -> BTreeSet<String> {
+    let out = c
+        .kubectl(&["get", "nodes", "-o", "json"])
+        .unwrap_or_default();
+    let nodes: Value = serde_json::from_str(&out).unwrap_or(Value::Null);
+    nodes["items"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|n| {
+            n["status"]["conditions"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .any(|c| c["type"] == "Ready" && c["status"] == "True")
+        })
+        .filter_map(|n| n["metadata"]["name"].as_str().map(str::to_string))
+        .collect()
+}
+
+/// Ready pods of `app=web`: name → (node, IP).
+fn web_pods(c: &Cluster) -> BTreeMap<String, (String, String)> {
+    let out = c
+        .kubectl(&["get", "pods", "-n", "shop", "-l", "app=web", "-o", "json"])
+        .unwrap_or_default();
+    let pods: Value = serde_json::from_str(&out).unwrap_or(Value::Null);
+    pods["items"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|p| {
+            p["status"]["conditions"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .any(|c| c["type"] == "Ready" && c["status"] == "True")
+        })
+        .filter_map(|p| {
+            Some((
+                p["metadata"]["name"].as_str()?.to_string(),
+                (
+                    p["spec"]["nodeName"].as_str()?.to_string(),
+                    p["status"]["podIP"].as_str()?.to_string(),
+                ),
+            ))
+        })
+        .collect()
+}
+
+/// A shell command in a busybox pod: GET / from ip:port, the answer on
+/// standard output.
+fn get(ip: &str, port: u16) -> String {
+    format!("printf 'GET / HTTP/1.0\\r\\n\\r\\n' | busybox nc -w 3 {ip} {port}")
+}
+
+/// An HTTP answer's body, trimmed.
+fn body(reply: &str) -> &str {
+    reply.split("\r\n\r\n").nth(1).unwrap_or_default().trim()
+}
+
+fn tapestry(args: &[&str]) -> std::process::Output {
+    Command::new(program_path("tapestry").unwrap())
+        .args(args)
+        .output()
+        .expect("tapestry")
+}
+
+/// `tapestry ARGS`, which must succeed; what it printed.
+fn tapestry_ok(args: &[&str]) -> String {
+    let out = tapestry(args);
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "tapestry {}: {stdout}{}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    eprintln!("tapestry {}:\n{stdout}", args.join(" "));
+    stdout
+}
+
+fn netns_list() -> String {
+    let out = Command::new("ip").args(["netns", "list"]).output().unwrap();
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn links() -> String {
+    let out = Command::new("ip").args(["-o", "link"]).output().unwrap();
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn host_routes() -> String {
+    let out = Command::new("ip").args(["route"]).output().unwrap();
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn three_nodes_serve_grow_shrink_and_leave_nothing_behind() {
+    if !require(
+        "three_nodes_serve_grow_shrink_and_leave_nothing_behind",
+        &["kubectl", "nft", "ip", "curl"],
+    ) {
+        return;
+    }
+    let _serial = serial();
+    let mut c = Cluster::start(
+        "127.0.0.1",
+        BRIDGE,
+        &[
+            "--nodes",
+            "3",
+            "--name",
+            NODE1,
+            "--cluster-cidr",
+            CLUSTER_CIDR,
+            "--underlay-cidr",
+            UNDERLAY,
+            "--underlay-bridge",
+            UNDERLAY_BRIDGE,
+        ],
+    );
+    let data = c.data();
+    let data_arg = data.to_str().unwrap().to_string();
+    let nodes: BTreeSet<String> = [NODE1, "mn-1-2", "mn-1-3"].map(String::from).into();
+    let all_ready = wait_for("three nodes Ready", Duration::from_secs(60), || {
+        let out = c.output();
+        let line = out.lines().find(|l| l.starts_with("3 nodes Ready in "))?;
+        (ready_nodes(&c) == nodes).then(|| line.to_string())
+    });
+    eprintln!("tapestry up --nodes 3: {all_ready}\n{}", c.output());
+    for k in [2, 3] {
+        let ns = format!("tapestry-node-mn-1-{k}");
+        assert!(
+            netns_list().contains(&ns),
+            "{ns} missing:\n{}",
+            netns_list()
+        );
+    }
+
+    // Three web pods, one per node.
+    c.must(&["create", "namespace", "shop"]);
+    c.apply(&web());
+    c.apply(
+        &json!({"apiVersion": "v1", "kind": "Service",
+                "metadata": {"name": "web", "namespace": "shop"},
+                "spec": {"type": "NodePort", "selector": {"app": "web"},
+                         "ports": [{"name": "http", "port": 80, "targetPort": 8080}]}})
+        .to_string(),
+    );
+    let pods = wait_for("three ready web pods", Duration::from_secs(90), || {
+        let pods = web_pods(&c);
+        (pods.len() == 3).then_some(pods)
+    });
+    let on: BTreeSet<&String> = pods.values().map(|(n, _)| n).collect();
+    assert_eq!(on.len(), 3, "web pods not spread over the nodes: {pods:?}");
+    let cluster_ip = c.service_field("shop", "web", ".spec.clusterIP");
+    let node_port: u16 = c
+        .service_field("shop", "web", ".spec.ports[0].nodePort")
+        .parse()
+        .unwrap();
+    wait_for("three endpoints", Duration::from_secs(30), || {
+        (c.ready_endpoints("shop", "web") == 3).then_some(())
+    });
+
+    // A client on node 2: 300 requests through the ClusterIP.
+    c.apply(
+        &json!({"apiVersion": "v1", "kind": "Pod",
+                "metadata": {"name": "client", "namespace": "shop"},
+                "spec": {"nodeName": "mn-1-2", "terminationGracePeriodSeconds": 1,
+                         "containers": [{"name": "sh", "image": "busybox:local",
+                    "imagePullPolicy": "Never", "command": ["sleep", "3600"]}]}})
+        .to_string(),
+    );
+    c.running("shop", "client");
+    let exec = |script: &str| c.must(&["exec", "-n", "shop", "client", "--", "sh", "-c", script]);
+    let loop_script = format!(
+        "i=0; while [ $i -lt 300 ]; do {}; i=$((i+1)); done",
+        get(&cluster_ip, 80)
+    );
+    let mut seen: BTreeMap<String, usize> = BTreeMap::new();
+    for line in exec(&loop_script).lines().filter(|l| l.starts_with("web-")) {
+        *seen.entry(line.trim().to_string()).or_insert(0) += 1;
+    }
+    eprintln!("300 requests from node 2 through {cluster_ip}: {seen:?}");
+    for pod in pods.keys() {
+        let n = seen.get(pod).copied().unwrap_or(0);
+        assert!(n >= 60, "{pod} answered {n} of 300 requests: {seen:?}");
+    }
+
+    // Pod to pod across nodes, from node 2 to each web pod.
+    for (pod, (node, ip)) in &pods {
+        let reply = exec(&get(ip, 8080));
+        assert_eq!(body(&reply), pod, "{pod} on {node} at {ip}");
+    }
+
+    // The NodePort on every node's underlay address, from the host.
+    for k in 1..=3 {
+        let addr = node_address(k);
+        let mut answered = BTreeSet::new();
+        for _ in 0..30 {
+            if let Some(pod) = web_pod_at(&addr, node_port) {
+                answered.insert(pod);
+            }
+        }
+        eprintln!("NodePort {addr}:{node_port}: {answered:?}");
+        assert!(
+            !answered.is_empty(),
+            "NodePort {addr}:{node_port} did not answer"
+        );
+    }
+
+    // A fourth node joins; a DaemonSet places a pod on it.
+    tapestry_ok(&["node", "add", "--name", "mn-4", "--data-dir", &data_arg]);
+    assert!(ready_nodes(&c).contains("mn-4"));
+    c.apply(
+        &json!({"apiVersion": "apps/v1", "kind": "DaemonSet",
+                "metadata": {"name": "every", "namespace": "shop"},
+                "spec": {"selector": {"matchLabels": {"app": "every"}},
+                         "template": {"metadata": {"labels": {"app": "every"}},
+                            "spec": {"terminationGracePeriodSeconds": 1,
+                                     "containers": [{"name": "sh", "image": "busybox:local",
+                                "imagePullPolicy": "Never", "command": ["sleep", "3600"]}]}}}})
+        .to_string(),
+    );
+    let every = wait_for(
+        "the DaemonSet's pod on mn-4",
+        Duration::from_secs(60),
+        || {
+            let name = c
+                .kubectl(&[
+                    "get",
+                    "pods",
+                    "-n",
+                    "shop",
+                    "-l",
+                    "app=every",
+                    "--field-selector",
+                    "spec.nodeName=mn-4,status.phase=Running",
+                    "-o",
+                    "jsonpath={.items[0].metadata.name}",
+                ])
+                .ok()?;
+            (!name.trim().is_empty()).then(|| name.trim().to_string())
+        },
+    );
+    // Its pods reach the others.
+    let (pod, (_, ip)) = pods.iter().next().unwrap();
+    let reply = c.must(&[
+        "exec",
+        "-n",
+        "shop",
+        &every,
+        "--",
+        "sh",
+        "-c",
+        &get(ip, 8080),
+    ]);
+    assert_eq!(body(&reply), pod);
+
+    // Clear refusals.
+    let taken = tapestry(&["node", "add", "--name", "mn-4", "--data-dir", &data_arg]);
+    assert!(!taken.status.success());
+    let msg = String::from_utf8_lossy(&taken.stderr);
+    assert!(msg.contains("mn-4"), "{msg}");
+    let unknown = tapestry(&["node", "remove", "nope", "--data-dir", &data_arg]);
+    assert!(!unknown.status.success());
+    let msg = String::from_utf8_lossy(&unknown.stderr);
+    assert!(msg.contains("no node nope"), "{msg}");
+    let elsewhere = tapestry(&["node", "add", "--data-dir", "/nonexistent/tapestry"]);
+    assert!(!elsewhere.status.success());
+    let msg = String::from_utf8_lossy(&elsewhere.stderr);
+    assert!(msg.contains("no local cluster runs"), "{msg}");
+
+    // And leaves.
+    tapestry_ok(&["node", "remove", "mn-4", "--data-dir", &data_arg]);
+    assert!(
+        c.kubectl(&["get", "node", "mn-4"]).is_err(),
+        "Node mn-4 remains"
+    );
+    assert!(
+        !netns_list().contains("tapestry-node-mn-4"),
+        "{}",
+        netns_list()
+    );
+    assert!(
+        !links().contains(&format!("{UNDERLAY_BRIDGE}4")),
+        "{}",
+        links()
+    );
+
+    // What must be gone afterwards: the pods' cgroups and node 1's veths.
+    let uids = c.must(&[
+        "get",
+        "pods",
+        "-A",
+        "-o",
+        "jsonpath={.items[*].metadata.uid}",
+    ]);
+    let veths = c.must(&[
+        "get",
+        "pods",
+        "-A",
+        "--field-selector",
+        &format!("spec.nodeName={NODE1}"),
+        "-o",
+        "jsonpath={.items[*].metadata.annotations.tapestry\\.io/host-veth}",
+    ]);
+    tapestry_ok(&["down", "--data-dir", &data_arg]);
+    assert!(c.wait_exit(Duration::from_secs(10)).success());
+    let names = netns_list();
+    assert!(
+        !names.contains("tapestry-node-"),
+        "namespaces left: {names}"
+    );
+    for uid in uids.split_whitespace() {
+        assert!(!names.contains(uid), "pod {uid}'s namespace left: {names}");
+    }
+    let left = links();
+    for name in [UNDERLAY_BRIDGE, BRIDGE]
+        .iter()
+        .map(|s| s.to_string())
+        .chain(veths.split_whitespace().map(str::to_string))
+    {
+        assert!(
+            !left.contains(&format!(" {name}:")) && !left.contains(&format!(" {name}@")),
+            "{name} left:\n{left}"
+        );
+    }
+    let routes = host_routes();
+    assert!(
+        !routes.contains("10.238.") && !routes.contains("10.237."),
+        "routes left:\n{routes}"
+    );
+    let mounts = std::fs::read_to_string("/proc/mounts").unwrap();
+    let under = data.to_str().unwrap();
+    assert!(
+        !mounts.contains(under),
+        "mounts left under {under}:\n{mounts}"
+    );
+    let cgroups = Command::new("sh")
+        .arg("-c")
+        .arg("find /sys/fs/cgroup -maxdepth 4 -type d -name 'pod*' 2>/dev/null")
+        .output()
+        .unwrap();
+    let cgroups = String::from_utf8_lossy(&cgroups.stdout);
+    for uid in uids.split_whitespace() {
+        assert!(
+            !cgroups.contains(uid),
+            "cgroup of pod {uid} left:\n{cgroups}"
+        );
+    }
+    // With no other cluster on this machine, no proxy table remains either.
+    if pids("tapestry").is_empty() {
+        let tables = Command::new("nft")
+            .args(["list", "tables"])
+            .output()
+            .unwrap();
+        let tables = String::from_utf8_lossy(&tables.stdout);
+        assert!(!tables.contains("tapestry-proxy"), "{tables}");
+    }
+    let again = tapestry(&["down", "--data-dir", &data_arg]);
+    assert!(!again.status.success(), "a second down succeeded");
+}
