@@ -260,6 +260,11 @@ fn three_nodes_serve_grow_shrink_and_leave_nothing_behind() {
     // A fourth node joins; a DaemonSet places a pod on it.
     tapestry_ok(&["node", "add", "--name", "mn-4", "--data-dir", &data_arg]);
     assert!(ready_nodes(&c).contains("mn-4"));
+    // The Service includes it: its NodePort answers on its address.
+    let addr = node_address(4);
+    wait_for("the NodePort on mn-4", Duration::from_secs(20), || {
+        web_pod_at(&addr, node_port)
+    });
     c.apply(
         &json!({"apiVersion": "apps/v1", "kind": "DaemonSet",
                 "metadata": {"name": "every", "namespace": "shop"},

@@ -181,11 +181,12 @@ async fn run_claimed(args: &UpArgs, node_name: String, started: Instant) -> Resu
         true,
         &args.control.cluster_cidr,
     )?;
-    // Node 1 here and the others in their namespaces start together.
+    // Node 1 here and the others in their namespaces start together. With
+    // one node the output is the kubeconfig line alone, as it always was.
     let progress = |msg: String| println!("{msg}");
     let first = async {
         let node = tapestry_kubelet::start(config, client, node_shutdown.clone()).await;
-        if node.is_ok() {
+        if node.is_ok() && local.is_some() {
             println!(
                 "node {node_name}: Ready in {} ms (this host's network namespace, {node_ip})",
                 started.elapsed().as_millis()
@@ -220,12 +221,13 @@ async fn run_claimed(args: &UpArgs, node_name: String, started: Instant) -> Resu
             return Err(failed.unwrap_or_else(|| anyhow::anyhow!("starting node 1")));
         }
     };
-    println!(
-        "{} node{} Ready in {} ms",
-        args.local.nodes,
-        if args.local.nodes == 1 { "" } else { "s" },
-        started.elapsed().as_millis()
-    );
+    if local.is_some() {
+        println!(
+            "{} nodes Ready in {} ms",
+            args.local.nodes,
+            started.elapsed().as_millis()
+        );
+    }
     let fleet_shutdown = CancellationToken::new();
     let fleet = if args.no_fleet_manager {
         None

@@ -1,10 +1,12 @@
 //! Node benchmark: `tapestry up` to the first pod Running, pod startup
 //! latency (create → Running, seen through a watch) for 50 pods on one
-//! node created at once and for 50 created at a steady 10 per second, and
-//! the idle memory of a node agent. Real containers: needs root,
-//! runc, the CNI plugins and busybox-static.
+//! node created at once and for 50 created at a steady 10 per second, the
+//! idle memory of a node agent, and `tapestry up --nodes 3` to every node
+//! Ready. Real containers: needs root, runc, the CNI plugins and
+//! busybox-static.
 //!
 //! `cargo build --release -p tapestry && sudo target/release/kubelet-bench`
+//! (`KUBELET_BENCH_ONLY=local`: the local cluster's start alone)
 
 use std::io::BufRead;
 use std::path::Path;
@@ -293,6 +295,54 @@ async fn idle_agent(bin: &Path) -> Result<(u64, u64)> {
     Ok(out)
 }
 
+/// Runs of `tapestry up --nodes 3` measured.
+const LOCAL_RUNS: usize = 5;
+
+/// `tapestry up --nodes 3` on a fresh data directory, from spawning it to
+/// its line saying every node is Ready (the control plane, node 1 in this
+/// network namespace, two nodes in namespaces of their own); `up` stops
+/// (SIGTERM) before the next run.
+fn local_cluster_start(bin: &Path) -> Result<Vec<Duration>> {
+    let mut times = Vec::new();
+    for _ in 0..LOCAL_RUNS {
+        let dir = tempfile::tempdir()?;
+        let t0 = Instant::now();
+        let mut child = Command::new(bin)
+            .arg("up")
+            .arg("--data-dir")
+            .arg(dir.path())
+            .args(["--listen", &format!("127.0.0.1:{}", free_port()?)])
+            .args(["--kubelet-port", &free_port()?.to_string()])
+            .args([
+                "--nodes",
+                "3",
+                "--name",
+                "bench-local",
+                "--no-fleet-manager",
+            ])
+            .args(["--bridge", "tpbench2", "--cluster-cidr", "10.235.0.0/16"])
+            .args(["--underlay-cidr", "10.236.0.0/24"])
+            .args(["--underlay-bridge", "tpbench-ul"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()?;
+        let stdout = child.stdout.take().context("stdout")?;
+        let up = Proc(child);
+        let mut ready = None;
+        for line in std::io::BufReader::new(stdout).lines() {
+            let line = line?;
+            if line.starts_with("3 nodes Ready") {
+                ready = Some(t0.elapsed());
+                break;
+            }
+        }
+        times.push(ready.context("tapestry up --nodes 3 stopped before its nodes were Ready")?);
+        drop(up);
+    }
+    times.sort();
+    Ok(times)
+}
+
 fn ms(d: Duration) -> String {
     format!("{:.0} ms", d.as_secs_f64() * 1000.0)
 }
@@ -300,6 +350,18 @@ fn ms(d: Duration) -> String {
 #[tokio::main]
 async fn main() -> Result<()> {
     let bin = tapestry_binary()?;
+    let local = local_cluster_start(&bin)?;
+    let local_row = format!(
+        "| `tapestry up --nodes 3` to all nodes Ready (median of {LOCAL_RUNS}; {}–{}) | {} | 3000 ms | {:.1}× |",
+        ms(local[0]),
+        ms(local[LOCAL_RUNS - 1]),
+        ms(local[LOCAL_RUNS / 2]),
+        3.0 / local[LOCAL_RUNS / 2].as_secs_f64()
+    );
+    if std::env::var("KUBELET_BENCH_ONLY").as_deref() == Ok("local") {
+        println!("{local_row}");
+        return Ok(());
+    }
     let (ready, first, burst, paced, rss_up) = up_and_pods(&bin).await?;
     let at = |h: &Histogram<u64>, q: f64| Duration::from_micros(h.value_at_quantile(q));
     let (agent_rss, server_rss) = idle_agent(&bin).await?;
@@ -336,5 +398,6 @@ async fn main() -> Result<()> {
         2 * PODS + 1,
         rss_up as f64 / 1024.0
     );
+    println!("{local_row}");
     Ok(())
 }
