@@ -188,6 +188,21 @@ async fn startup_latencies(
     Ok(hist)
 }
 
+/// `tapestry up` on `data` with free ports and these arguments; its
+/// standard output piped, its log dropped.
+fn up_command(bin: &Path, data: &Path, args: &[&str]) -> Result<Command> {
+    let mut cmd = Command::new(bin);
+    cmd.arg("up")
+        .arg("--data-dir")
+        .arg(data)
+        .args(["--listen", &format!("127.0.0.1:{}", free_port()?)])
+        .args(["--kubelet-port", &free_port()?.to_string()])
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null());
+    Ok(cmd)
+}
+
 /// `tapestry up` → first pod Running, then two rounds of pod startup
 /// latency: a burst, and pods created at a steady pace.
 async fn up_and_pods(
@@ -196,23 +211,19 @@ async fn up_and_pods(
     let dir = tempfile::tempdir()?;
     busybox_image(bin, dir.path())?;
     let t0 = Instant::now();
-    let mut child = Command::new(bin)
-        .arg("up")
-        .arg("--data-dir")
-        .arg(dir.path())
-        .args(["--listen", &format!("127.0.0.1:{}", free_port()?)])
-        .args(["--kubelet-port", &free_port()?.to_string()])
-        .args([
+    let mut child = up_command(
+        bin,
+        dir.path(),
+        &[
             "--name",
             NODE,
             "--pod-cidr",
             "10.246.0.0/24",
             "--bridge",
             "tpbench0",
-        ])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()?;
+        ],
+    )?
+    .spawn()?;
     let stdout = child.stdout.take().context("stdout")?;
     let up = Proc(child);
     let mut line = String::new();
@@ -307,25 +318,26 @@ fn local_cluster_start(bin: &Path) -> Result<Vec<Duration>> {
     for _ in 0..LOCAL_RUNS {
         let dir = tempfile::tempdir()?;
         let t0 = Instant::now();
-        let mut child = Command::new(bin)
-            .arg("up")
-            .arg("--data-dir")
-            .arg(dir.path())
-            .args(["--listen", &format!("127.0.0.1:{}", free_port()?)])
-            .args(["--kubelet-port", &free_port()?.to_string()])
-            .args([
+        let mut child = up_command(
+            bin,
+            dir.path(),
+            &[
                 "--nodes",
                 "3",
                 "--name",
                 "bench-local",
                 "--no-fleet-manager",
-            ])
-            .args(["--bridge", "tpbench2", "--cluster-cidr", "10.235.0.0/16"])
-            .args(["--underlay-cidr", "10.236.0.0/24"])
-            .args(["--underlay-bridge", "tpbench-ul"])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()?;
+                "--bridge",
+                "tpbench2",
+                "--cluster-cidr",
+                "10.235.0.0/16",
+                "--underlay-cidr",
+                "10.236.0.0/24",
+                "--underlay-bridge",
+                "tpbench-ul",
+            ],
+        )?
+        .spawn()?;
         let stdout = child.stdout.take().context("stdout")?;
         let up = Proc(child);
         let mut ready = None;
