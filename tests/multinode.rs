@@ -185,6 +185,24 @@ fn three_nodes_serve_grow_shrink_and_leave_nothing_behind() {
         );
     }
 
+    // The fleet manager's taps run on every node (host-network pods, in
+    // each node's own namespace) and reach the API server and the
+    // aggregator from there.
+    wait_for(
+        "a tap Connected on every node",
+        Duration::from_secs(90),
+        || {
+            let view = c.rest("GET", "/v1/nodes", None).body;
+            let connected: BTreeSet<String> = view["items"]
+                .as_array()?
+                .iter()
+                .filter(|n| n["tap"] == "Connected")
+                .filter_map(|n| n["name"].as_str().map(str::to_string))
+                .collect();
+            (connected == nodes).then_some(())
+        },
+    );
+
     // Three web pods, one per node.
     c.must(&["create", "namespace", "shop"]);
     c.apply(&web());
@@ -310,6 +328,15 @@ fn three_nodes_serve_grow_shrink_and_leave_nothing_behind() {
     ]);
     assert_eq!(body(&reply), pod);
 
+    // A fourth web pod can only go to the new node (one per node).
+    c.must(&["scale", "deployment", "web", "-n", "shop", "--replicas=4"]);
+    wait_for("a web pod on mn-4", Duration::from_secs(60), || {
+        web_pods(&c)
+            .values()
+            .any(|(node, _)| node == "mn-4")
+            .then_some(())
+    });
+
     // Clear refusals.
     let taken = tapestry(&["node", "add", "--name", "mn-4", "--data-dir", &data_arg]);
     assert!(!taken.status.success());
@@ -325,7 +352,8 @@ fn three_nodes_serve_grow_shrink_and_leave_nothing_behind() {
     assert!(msg.contains("no local cluster runs"), "{msg}");
 
     // And leaves.
-    tapestry_ok(&["node", "remove", "mn-4", "--data-dir", &data_arg]);
+    let removed = tapestry_ok(&["node", "remove", "mn-4", "--data-dir", &data_arg]);
+    assert!(removed.contains("(1 pod evicted)"), "{removed}");
     assert!(
         c.kubectl(&["get", "node", "mn-4"]).is_err(),
         "Node mn-4 remains"
@@ -340,6 +368,14 @@ fn three_nodes_serve_grow_shrink_and_leave_nothing_behind() {
         "{}",
         links()
     );
+    // Its web pod has nowhere to go; the Service keeps the other three.
+    wait_for("three endpoints again", Duration::from_secs(30), || {
+        (c.ready_endpoints("shop", "web") == 3).then_some(())
+    });
+    let seen: BTreeSet<String> = (0..30)
+        .filter_map(|_| web_pod_at(&node_address(1), node_port))
+        .collect();
+    assert_eq!(seen.len(), 3, "after the removal: {seen:?}");
 
     // What must be gone afterwards: the pods' cgroups and node 1's veths.
     let uids = c.must(&[

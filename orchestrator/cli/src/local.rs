@@ -745,7 +745,10 @@ impl Local {
         while Instant::now() < deadline && pods.list(&on_node).await?.items.iter().any(&evictable) {
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
-        progress(format!("node {name}: {evicted} pods evicted"));
+        progress(format!(
+            "node {name}: drained ({evicted} pod{} evicted)",
+            if evicted == 1 { "" } else { "s" }
+        ));
         self.stop_process(name).await;
         match nodes.delete(name, &DeleteParams::default()).await {
             Ok(_) => {}
