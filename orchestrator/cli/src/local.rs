@@ -609,7 +609,7 @@ impl Local {
             .arg("--cni-bin-dir")
             .arg(&a.cni_bin_dir)
             .args(["--max-pods", &a.max_pods.to_string()])
-            .arg("--stop-pods-on-exit")
+            .args(["--stop-pods-on-exit", "--shared-image-store"])
             .stdin(std::process::Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log);

@@ -120,6 +120,10 @@ pub struct NodeArgs {
     /// --cluster-cidr): Service traffic from outside it is masqueraded.
     #[arg(long, default_value = "10.244.0.0/16", value_parser = parse_ipv4_cidr)]
     cluster_cidr: String,
+    /// The image store is a local cluster's, whose `tapestry up` puts the
+    /// tap images there.
+    #[arg(long, hide = true)]
+    shared_image_store: bool,
     #[command(flatten)]
     agent: AgentArgs,
 }
@@ -240,7 +244,12 @@ pub async fn run(args: NodeArgs) -> Result<()> {
             )
         })?,
     };
-    let data_dir = args.data_dir.clone();
+    // Before the node is Ready, so the tap-agent's pod finds its image.
+    if !args.shared_image_store {
+        if let Err(e) = tap_images(&args.data_dir) {
+            tracing::warn!("this node cannot run the fleet manager's taps: {e:#}");
+        }
+    }
     let client = node_client(server, &ca, &token).await?;
     let mut agent = args.agent.clone();
     // A joining node does not know the cluster's service range;
@@ -260,12 +269,6 @@ pub async fn run(args: NodeArgs) -> Result<()> {
     let shutdown = crate::shutdown_on_signals()?;
     let running = tapestry_kubelet::start(config, client, shutdown).await?;
     tracing::info!(kubelet_api = %running.addr, "node agent ready");
-    // Once Ready: this reads both programs whole.
-    tokio::task::spawn_blocking(move || {
-        if let Err(e) = tap_images(&data_dir) {
-            tracing::warn!("this node cannot run the fleet manager's taps: {e:#}");
-        }
-    });
     running.wait().await;
     Ok(())
 }
