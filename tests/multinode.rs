@@ -137,6 +137,14 @@ fn links() -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+fn nft_tables() -> String {
+    let out = Command::new("nft")
+        .args(["list", "tables"])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 fn host_routes() -> String {
     let out = Command::new("ip").args(["route"]).output().unwrap();
     String::from_utf8_lossy(&out.stdout).into_owned()
@@ -184,6 +192,8 @@ fn three_nodes_serve_grow_shrink_and_leave_nothing_behind() {
             netns_list()
         );
     }
+    let nat_table = format!("table ip {UNDERLAY_BRIDGE}-nat");
+    assert!(nft_tables().contains(&nat_table), "{}", nft_tables());
 
     // The fleet manager's taps run on every node (host-network pods, in
     // each node's own namespace) and reach the API server and the
@@ -228,7 +238,7 @@ fn three_nodes_serve_grow_shrink_and_leave_nothing_behind() {
         (c.ready_endpoints("shop", "web") == 3).then_some(())
     });
 
-    // A client on node 2: 300 requests through the ClusterIP.
+    // A client on node 2: 300 requests to the Service.
     c.apply(
         &json!({"apiVersion": "v1", "kind": "Pod",
                 "metadata": {"name": "client", "namespace": "shop"},
@@ -239,18 +249,27 @@ fn three_nodes_serve_grow_shrink_and_leave_nothing_behind() {
     );
     c.running("shop", "client");
     let exec = |script: &str| c.must(&["exec", "-n", "shop", "client", "--", "sh", "-c", script]);
-    let loop_script = format!(
-        "i=0; while [ $i -lt 300 ]; do {}; i=$((i+1)); done",
-        get(&cluster_ip, 80)
-    );
-    let mut seen: BTreeMap<String, usize> = BTreeMap::new();
-    for line in exec(&loop_script).lines().filter(|l| l.starts_with("web-")) {
-        *seen.entry(line.trim().to_string()).or_insert(0) += 1;
-    }
-    eprintln!("300 requests from node 2 through {cluster_ip}: {seen:?}");
-    for pod in pods.keys() {
-        let n = seen.get(pod).copied().unwrap_or(0);
-        assert!(n >= 60, "{pod} answered {n} of 300 requests: {seen:?}");
+    // By name (resolved by node 2's cluster DNS at every request), and
+    // through the ClusterIP.
+    let by_name = "$(busybox nslookup web.shop.svc.cluster.local | busybox sed -n \
+                   's/^Address: *//p' | busybox tail -1)";
+    for (what, target) in [
+        ("web.shop.svc.cluster.local", by_name),
+        ("the ClusterIP", &cluster_ip),
+    ] {
+        let loop_script = format!(
+            "i=0; while [ $i -lt 300 ]; do {}; i=$((i+1)); done",
+            get(target, 80)
+        );
+        let mut seen: BTreeMap<String, usize> = BTreeMap::new();
+        for line in exec(&loop_script).lines().filter(|l| l.starts_with("web-")) {
+            *seen.entry(line.trim().to_string()).or_insert(0) += 1;
+        }
+        eprintln!("300 requests from node 2 to {what}: {seen:?}");
+        for pod in pods.keys() {
+            let n = seen.get(pod).copied().unwrap_or(0);
+            assert!(n >= 60, "{pod} answered {n} of 300 requests: {seen:?}");
+        }
     }
 
     // Pod to pod across nodes, from node 2 to each web pod.
@@ -438,13 +457,10 @@ fn three_nodes_serve_grow_shrink_and_leave_nothing_behind() {
             "cgroup of pod {uid} left:\n{cgroups}"
         );
     }
+    let tables = nft_tables();
+    assert!(!tables.contains(&nat_table), "{tables}");
     // With no other cluster on this machine, no proxy table remains either.
     if pids("tapestry").is_empty() {
-        let tables = Command::new("nft")
-            .args(["list", "tables"])
-            .output()
-            .unwrap();
-        let tables = String::from_utf8_lossy(&tables.stdout);
         assert!(!tables.contains("tapestry-proxy"), "{tables}");
     }
     let again = tapestry(&["down", "--data-dir", &data_arg]);

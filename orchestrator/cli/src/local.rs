@@ -121,6 +121,11 @@ impl Underlay {
         u32::from(ip).wrapping_sub(u32::from(self.network)) < self.size()
     }
 
+    /// The host's table masquerading the nodes' own traffic.
+    fn nat_table(&self) -> String {
+        format!("{}-nat", self.bridge)
+    }
+
     fn veth(&self, number: u32) -> String {
         format!("{}{number}", self.bridge)
     }
@@ -229,6 +234,43 @@ fn signal(pid: u32, sig: libc::c_int) {
     }
 }
 
+/// The nodes' own traffic (an agent's DNS relay to the host's resolvers,
+/// say) leaves the host with the host's address: answers find their way
+/// back, as they do to node 1. Pods' addresses are left as they are, on
+/// every node alike.
+fn masquerade(u: &Underlay) -> Result<()> {
+    let table = u.nat_table();
+    let t = |extra: serde_json::Value| {
+        let mut v = serde_json::json!({"family": "ip", "table": table});
+        if let (Some(o), Some(e)) = (v.as_object_mut(), extra.as_object()) {
+            o.extend(e.clone());
+        }
+        v
+    };
+    let source = serde_json::json!({"match": {"op": "==",
+        "left": {"payload": {"protocol": "ip", "field": "saddr"}},
+        "right": {"prefix": {"addr": u.network.to_string(), "len": u.prefix}}}});
+    let elsewhere = serde_json::json!({"match": {"op": "!=",
+        "left": {"meta": {"key": "oifname"}}, "right": u.bridge}});
+    tapestry_proxy::nft::apply(vec![
+        serde_json::json!({"add": {"table": {"family": "ip", "name": table}}}),
+        serde_json::json!({"add": {"chain": t(serde_json::json!({"name": "postrouting",
+            "type": "nat", "hook": "postrouting", "prio": 100, "policy": "accept"}))}}),
+        serde_json::json!({"add": {"rule": t(serde_json::json!({"chain": "postrouting",
+            "expr": [source, elsewhere, {"masquerade": null}]}))}}),
+    ])
+    .with_context(|| format!("adding nftables table ip {table}"))
+}
+
+/// Whether the underlay's NAT table was there (and is removed now).
+fn delete_nat_table(u: &Underlay) -> bool {
+    std::process::Command::new("nft")
+        .args(["delete", "table", "ip", &u.nat_table()])
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
 /// Delete an interface if it exists.
 pub async fn remove_link(name: &str) {
     if Path::new("/sys/class/net").join(name).exists() {
@@ -272,6 +314,9 @@ async fn remove_leftovers(data_dir: &Path, state: &State) -> Vec<String> {
     if let Some(u) = &state.underlay {
         if ip(&["link", "del", &u.bridge]).await.is_ok() {
             removed.push(format!("bridge {}", u.bridge));
+        }
+        if delete_nat_table(u) {
+            removed.push(format!("nftables table ip {}", u.nat_table()));
         }
     }
     let _ = std::fs::remove_file(socket_path(data_dir));
@@ -424,6 +469,7 @@ impl Local {
         ip(&["link", "set", &u.bridge, "up"]).await?;
         // The host forwards between node 1's pods and the underlay.
         write_sysctl("/proc/sys/net/ipv4/ip_forward", "1")?;
+        masquerade(u)?;
         let local = Arc::new(Local {
             data_dir: config.data_dir,
             underlay: config.underlay,
@@ -618,6 +664,15 @@ impl Local {
         }
         if a.no_service_proxy {
             cmd.arg("--no-service-proxy");
+        }
+        if let Some(dns) = a.cluster_dns {
+            cmd.args(["--cluster-dns", &dns.to_string()]);
+        }
+        cmd.args(["--cluster-domain", &a.cluster_domain])
+            .arg("--resolv-conf")
+            .arg(&a.resolv_conf);
+        if a.no_cluster_dns {
+            cmd.arg("--no-cluster-dns");
         }
         let fd = ns.as_raw_fd();
         // SAFETY: between fork and exec only async-signal-safe calls:

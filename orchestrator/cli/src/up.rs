@@ -118,6 +118,13 @@ async fn run_claimed(args: &UpArgs, node_name: String, started: Instant) -> Resu
             SocketAddr::new(IpAddr::V4(u.host_ip()), cp.addr.port())
         )
     });
+    // Every node of the cluster runs with these options (and a name and
+    // addresses of its own).
+    let mut agent = args.agent.clone();
+    agent.node_name = Some(node_name.clone());
+    agent.cluster_dns = agent
+        .cluster_dns
+        .or(crate::node::default_cluster_dns(&args.service_cidr));
     let local = match &underlay {
         None => None,
         Some(u) => {
@@ -126,7 +133,7 @@ async fn run_claimed(args: &UpArgs, node_name: String, started: Instant) -> Resu
                 underlay: u.clone(),
                 server: nodes_server.clone().unwrap_or_default(),
                 cluster_cidr: args.control.cluster_cidr.clone(),
-                agent: args.agent.clone(),
+                agent: agent.clone(),
                 started,
             };
             let client = kube::Client::new(cp.local_handler(), "default");
@@ -167,11 +174,6 @@ async fn run_claimed(args: &UpArgs, node_name: String, started: Instant) -> Resu
         &[node_name.clone(), node_ip.to_string(), "localhost".into()],
         true,
     )?;
-    let mut agent = args.agent.clone();
-    agent.node_name = Some(node_name.clone());
-    agent.cluster_dns = agent
-        .cluster_dns
-        .or(crate::node::default_cluster_dns(&args.service_cidr));
     let config = agent_config(
         &agent,
         args.data_dir.clone(),
