@@ -185,14 +185,14 @@ async fn run_claimed(args: &UpArgs, node_name: String, started: Instant) -> Resu
     )?;
     // Node 1 here and the others in their namespaces start together. With
     // one node the output is the kubeconfig line alone, as it always was.
-    let progress = |msg: String| println!("{msg}");
+    let progress = |msg: String| say(&msg);
     let first = async {
         let node = tapestry_kubelet::start(config, client, node_shutdown.clone()).await;
         if node.is_ok() && local.is_some() {
-            println!(
+            say(&format!(
                 "node {node_name}: Ready in {} ms (this host's network namespace, {node_ip})",
                 started.elapsed().as_millis()
-            );
+            ));
         }
         node
     };
@@ -224,11 +224,11 @@ async fn run_claimed(args: &UpArgs, node_name: String, started: Instant) -> Resu
         }
     };
     if local.is_some() {
-        println!(
+        say(&format!(
             "{} nodes Ready in {} ms",
             args.local.nodes,
             started.elapsed().as_millis()
-        );
+        ));
     }
     let fleet_shutdown = CancellationToken::new();
     let fleet = if args.no_fleet_manager {
@@ -251,13 +251,13 @@ async fn run_claimed(args: &UpArgs, node_name: String, started: Instant) -> Resu
         }
     };
     tracing::info!(api = %cp.addr, kubelet_api = %node.addr, "cluster ready");
-    println!("kubeconfig: {}", cp.kubeconfig.display());
+    say(&format!("kubeconfig: {}", cp.kubeconfig.display()));
     if let Some(f) = &fleet {
-        println!(
+        say(&format!(
             "fleet manager: https://{} (CA {})",
             f.addr,
             args.data_dir.join("pki/ca.crt").display()
-        );
+        ));
     }
     signals.cancelled().await;
     fleet_shutdown.cancel();
@@ -340,6 +340,13 @@ async fn start_fleet_manager(
     )
     .await
     .context("starting the fleet manager")
+}
+
+/// A line on standard output. A reader that went away (a closed pipe) is
+/// no reason to stop the cluster without cleaning up.
+fn say(line: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stdout().lock(), "{line}");
 }
 
 /// A kubeconfig with its cluster's `server` replaced.

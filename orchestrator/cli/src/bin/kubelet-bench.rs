@@ -341,10 +341,13 @@ fn local_cluster_start(bin: &Path) -> Result<Vec<Duration>> {
         let stdout = child.stdout.take().context("stdout")?;
         let up = Proc(child);
         let mut ready = None;
+        // Up to its last line, the kubeconfig's.
         for line in std::io::BufReader::new(stdout).lines() {
             let line = line?;
             if line.starts_with("3 nodes Ready") {
                 ready = Some(t0.elapsed());
+            }
+            if line.starts_with("kubeconfig: ") {
                 break;
             }
         }
