@@ -361,6 +361,10 @@ fn three_nodes_serve_grow_shrink_and_leave_nothing_behind() {
     assert!(!taken.status.success());
     let msg = String::from_utf8_lossy(&taken.stderr);
     assert!(msg.contains("mn-4"), "{msg}");
+    let bad = tapestry(&["node", "add", "--name", "Bad_Name", "--data-dir", &data_arg]);
+    assert!(!bad.status.success());
+    let msg = String::from_utf8_lossy(&bad.stderr);
+    assert!(msg.contains("not a node name"), "{msg}");
     let unknown = tapestry(&["node", "remove", "nope", "--data-dir", &data_arg]);
     assert!(!unknown.status.success());
     let msg = String::from_utf8_lossy(&unknown.stderr);

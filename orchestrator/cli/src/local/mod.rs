@@ -32,11 +32,16 @@ use kube::runtime::watcher;
 use kube::Api;
 use serde::{Deserialize, Serialize};
 use tapestry_runtime::{lock, Informer};
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
-use tokio::net::{UnixListener, UnixStream};
 use tokio_util::sync::CancellationToken;
 
 use crate::node::AgentArgs;
+
+mod control;
+mod net;
+
+pub use control::{down, node_action, serve, DownArgs, NodeAction};
+use net::{delete_nat_table, in_namespace, ip, ip_in, masquerade, remove_namespace, write_sysctl};
+pub use net::{relay, remove_link};
 
 /// How long a node gets to stop its pods and exit before it is killed.
 const STOP_GRACE: Duration = Duration::from_secs(30);
@@ -187,35 +192,6 @@ impl State {
     }
 }
 
-/// Runs `ip` (iproute2) with these arguments.
-async fn ip(args: &[&str]) -> Result<()> {
-    let out = tokio::process::Command::new("ip")
-        .args(args)
-        .output()
-        .await
-        .context("running ip (iproute2)")?;
-    if !out.status.success() {
-        bail!(
-            "ip {}: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(())
-}
-
-/// `ip` inside a node's namespace (`-n NS`), or in the host's.
-async fn ip_in(netns: Option<&str>, args: &[&str]) -> Result<()> {
-    match netns {
-        Some(ns) => ip(&[&["-n", ns][..], args].concat()).await,
-        None => ip(args).await,
-    }
-}
-
-fn write_sysctl(path: &str, value: &str) -> Result<()> {
-    std::fs::write(path, value).with_context(|| format!("writing {value} to {path}"))
-}
-
 /// Whether `pid` is a live `tapestry` process running `command` (a
 /// recorded pid may have been reused since).
 fn is_ours(pid: u32, command: &str) -> bool {
@@ -231,63 +207,6 @@ fn signal(pid: u32, sig: libc::c_int) {
     if let Ok(pid) = libc::pid_t::try_from(pid) {
         // SAFETY: kill takes plain integers.
         unsafe { libc::kill(pid, sig) };
-    }
-}
-
-/// The nodes' own traffic (an agent's DNS relay to the host's resolvers,
-/// say) leaves the host with the host's address: answers find their way
-/// back, as they do to node 1. Pods' addresses are left as they are, on
-/// every node alike.
-fn masquerade(u: &Underlay) -> Result<()> {
-    let table = u.nat_table();
-    let t = |extra: serde_json::Value| {
-        let mut v = serde_json::json!({"family": "ip", "table": table});
-        if let (Some(o), Some(e)) = (v.as_object_mut(), extra.as_object()) {
-            o.extend(e.clone());
-        }
-        v
-    };
-    let source = serde_json::json!({"match": {"op": "==",
-        "left": {"payload": {"protocol": "ip", "field": "saddr"}},
-        "right": {"prefix": {"addr": u.network.to_string(), "len": u.prefix}}}});
-    let elsewhere = serde_json::json!({"match": {"op": "!=",
-        "left": {"meta": {"key": "oifname"}}, "right": u.bridge}});
-    tapestry_proxy::nft::apply(vec![
-        serde_json::json!({"add": {"table": {"family": "ip", "name": table}}}),
-        serde_json::json!({"add": {"chain": t(serde_json::json!({"name": "postrouting",
-            "type": "nat", "hook": "postrouting", "prio": 100, "policy": "accept"}))}}),
-        serde_json::json!({"add": {"rule": t(serde_json::json!({"chain": "postrouting",
-            "expr": [source, elsewhere, {"masquerade": null}]}))}}),
-    ])
-    .with_context(|| format!("adding nftables table ip {table}"))
-}
-
-/// Whether the underlay's NAT table was there (and is removed now).
-fn delete_nat_table(u: &Underlay) -> bool {
-    std::process::Command::new("nft")
-        .args(["delete", "table", "ip", &u.nat_table()])
-        .stderr(std::process::Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success())
-}
-
-/// Delete an interface if it exists.
-pub async fn remove_link(name: &str) {
-    if Path::new("/sys/class/net").join(name).exists() {
-        if let Err(e) = ip(&["link", "del", name]).await {
-            tracing::warn!("{e:#}");
-        }
-    }
-}
-
-/// Remove one node's namespace and veth (its routes go with them).
-async fn remove_namespace(node: &NsNode) {
-    // Deleting either end of a veth pair removes both.
-    let _ = ip(&["link", "del", &node.veth]).await;
-    if Path::new("/run/netns").join(&node.netns).exists() {
-        if let Err(e) = ip(&["netns", "del", &node.netns]).await {
-            tracing::warn!(netns = %node.netns, "{e:#}");
-        }
     }
 }
 
@@ -364,58 +283,6 @@ pub fn release(data_dir: &Path) {
             let _ = std::fs::remove_file(state_path(data_dir));
         }
     }
-}
-
-/// The API server on the underlay's host address too, when it listens on
-/// one address only (loopback by default): connections are relayed as they
-/// are, TLS and all. The underlay is local to this host.
-pub async fn relay(
-    listen: std::net::SocketAddr,
-    to: std::net::SocketAddr,
-    shutdown: CancellationToken,
-) -> Result<()> {
-    let listener = tokio::net::TcpListener::bind(listen)
-        .await
-        .with_context(|| format!("binding {listen} (the API server on the underlay)"))?;
-    let listener = Arc::new(listener);
-    let accept = move || {
-        let l = listener.clone();
-        async move { l.accept().await.map(|(s, _)| s) }
-    };
-    let forward = move |mut inbound: tokio::net::TcpStream| async move {
-        if let Ok(mut outbound) = tokio::net::TcpStream::connect(to).await {
-            let _ = inbound.set_nodelay(true);
-            let _ = outbound.set_nodelay(true);
-            let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
-        }
-    };
-    accept_until(format!("API relay on {listen}"), accept, forward, shutdown);
-    Ok(())
-}
-
-/// Accept connections until `shutdown`, each handled in a task of its own.
-fn accept_until<C, A, AF, H, HF>(what: String, accept: A, handle: H, shutdown: CancellationToken)
-where
-    C: Send + 'static,
-    A: Fn() -> AF + Send + 'static,
-    AF: std::future::Future<Output = std::io::Result<C>> + Send,
-    H: Fn(C) -> HF + Send + 'static,
-    HF: std::future::Future<Output = ()> + Send + 'static,
-{
-    tokio::spawn(async move {
-        loop {
-            let conn = tokio::select! {
-                _ = shutdown.cancelled() => return,
-                c = accept() => c,
-            };
-            match conn {
-                Ok(conn) => {
-                    tokio::spawn(handle(conn));
-                }
-                Err(e) => tracing::warn!("{what}: {e}"),
-            }
-        }
-    });
 }
 
 /// The nodes beyond the first, as the `up` process runs them.
@@ -938,27 +805,6 @@ impl Local {
     }
 }
 
-/// Run `f` on a thread inside network namespace `netns`.
-async fn in_namespace(netns: &str, f: impl FnOnce() -> Result<()> + Send + 'static) -> Result<()> {
-    let path = Path::new("/run/netns").join(netns);
-    tokio::task::spawn_blocking(move || {
-        // A thread of its own, so no pooled thread stays in the namespace.
-        std::thread::spawn(move || {
-            let ns = std::fs::File::open(&path)
-                .with_context(|| format!("opening {}", path.display()))?;
-            // SAFETY: a valid namespace descriptor; only this thread moves.
-            if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-                return Err(std::io::Error::last_os_error())
-                    .with_context(|| format!("entering {}", path.display()));
-            }
-            f()
-        })
-        .join()
-        .unwrap_or_else(|_| Err(anyhow::anyhow!("namespace thread panicked")))
-    })
-    .await?
-}
-
 fn internal_ip(n: &Node) -> Option<Ipv4Addr> {
     n.status
         .as_ref()?
@@ -1015,194 +861,6 @@ fn log_tail(path: &Path) -> String {
     let text = std::fs::read_to_string(path).unwrap_or_default();
     let lines: Vec<&str> = text.lines().collect();
     lines[lines.len().saturating_sub(20)..].join("\n")
-}
-
-/// Requests to a running `up`, one JSON line each.
-#[derive(Debug, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-enum Request {
-    Add { name: Option<String> },
-    Remove { name: String },
-}
-
-/// Answers: progress lines, then one `done` or `error`.
-#[derive(Debug, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-enum Reply {
-    Progress(String),
-    Done(String),
-    Error(String),
-}
-
-/// Serve `tapestry node add|remove` on `DATA_DIR/local/control.sock`.
-/// Without `local` (a one-node cluster) every request is refused.
-pub fn serve(
-    data_dir: &Path,
-    local: Option<Arc<Local>>,
-    shutdown: CancellationToken,
-) -> Result<()> {
-    let path = socket_path(data_dir);
-    let _ = std::fs::remove_file(&path);
-    let listener =
-        UnixListener::bind(&path).with_context(|| format!("listening on {}", path.display()))?;
-    let listener = Arc::new(listener);
-    let accept = move || {
-        let l = listener.clone();
-        async move { l.accept().await.map(|(s, _)| s) }
-    };
-    let handle = move |stream| answer(stream, local.clone());
-    accept_until("control socket".into(), accept, handle, shutdown);
-    Ok(())
-}
-
-async fn answer(stream: UnixStream, local: Option<Arc<Local>>) {
-    let (read, mut write) = stream.into_split();
-    let mut line = String::new();
-    if BufReader::new(read).read_line(&mut line).await.is_err() {
-        return;
-    }
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Reply>();
-    let writer = tokio::spawn(async move {
-        while let Some(reply) = rx.recv().await {
-            let mut text = serde_json::to_string(&reply).unwrap_or_default();
-            text.push('\n');
-            if write.write_all(text.as_bytes()).await.is_err() {
-                return;
-            }
-        }
-    });
-    let progress = {
-        let tx = tx.clone();
-        move |msg: String| {
-            tracing::info!("{msg}");
-            let _ = tx.send(Reply::Progress(msg));
-        }
-    };
-    let result = match (serde_json::from_str::<Request>(&line), local) {
-        (Err(e), _) => Err(anyhow::anyhow!("bad request: {e}")),
-        (Ok(_), None) => Err(anyhow::anyhow!(
-            "this local cluster runs one node (tapestry up --nodes 1, no underlay): nodes \
-             join a cluster started with --nodes 2 or more"
-        )),
-        (Ok(Request::Add { name }), Some(l)) => l.add(name, &progress).await.map(|()| "added"),
-        (Ok(Request::Remove { name }), Some(l)) => {
-            l.remove(&name, &progress).await.map(|()| "removed")
-        }
-    };
-    let _ = tx.send(match result {
-        Ok(what) => Reply::Done(what.into()),
-        Err(e) => Reply::Error(format!("{e:#}")),
-    });
-    drop(tx);
-    let _ = writer.await;
-}
-
-/// `tapestry node add|remove`: a request to the `up` running in DATA_DIR.
-#[derive(clap::Subcommand)]
-pub enum NodeAction {
-    /// Join one more node (in a network namespace of its own) to the local
-    /// cluster running in DATA_DIR; returns once it is Ready.
-    Add {
-        /// The node's name [default: node 1's name and the node's number].
-        #[arg(long)]
-        name: Option<String>,
-        #[arg(long, default_value = "/var/lib/tapestry", value_parser = crate::absolute_path)]
-        data_dir: PathBuf,
-    },
-    /// Drain a node of the local cluster (cordon, evict its pods), stop
-    /// it, delete the Node and remove its network namespace.
-    Remove {
-        name: String,
-        #[arg(long, default_value = "/var/lib/tapestry", value_parser = crate::absolute_path)]
-        data_dir: PathBuf,
-    },
-}
-
-pub async fn node_action(action: NodeAction) -> Result<()> {
-    let (data_dir, request) = match action {
-        NodeAction::Add { name, data_dir } => (data_dir, Request::Add { name }),
-        NodeAction::Remove { name, data_dir } => (data_dir, Request::Remove { name }),
-    };
-    let path = socket_path(&data_dir);
-    let stream = UnixStream::connect(&path).await.map_err(|e| {
-        anyhow::anyhow!(
-            "no local cluster runs in {} ({}: {e}); start one with tapestry up --nodes N \
-             --data-dir {0}",
-            data_dir.display(),
-            path.display()
-        )
-    })?;
-    let (read, mut write) = stream.into_split();
-    let mut text = serde_json::to_string(&request)?;
-    text.push('\n');
-    write.write_all(text.as_bytes()).await?;
-    let mut lines = BufReader::new(read).lines();
-    while let Some(line) = lines.next_line().await? {
-        match serde_json::from_str::<Reply>(&line)
-            .with_context(|| format!("unexpected answer from tapestry up: {line}"))?
-        {
-            Reply::Progress(msg) => println!("{msg}"),
-            Reply::Done(_) => return Ok(()),
-            Reply::Error(e) => bail!("{e}"),
-        }
-    }
-    bail!("tapestry up closed the connection without an answer (did it stop?)")
-}
-
-#[derive(clap::Args)]
-pub struct DownArgs {
-    /// The data directory of the running `tapestry up`.
-    #[arg(long, default_value = "/var/lib/tapestry", value_parser = crate::absolute_path)]
-    data_dir: PathBuf,
-    /// How long the cluster gets to stop its pods and nodes.
-    #[arg(long, default_value = "120s", value_parser = humantime::parse_duration)]
-    timeout: Duration,
-}
-
-/// `tapestry down`: SIGTERM to the `up` of DATA_DIR, which stops its nodes
-/// and removes what it made; waits for it. Leftovers of an `up` that died
-/// are removed here.
-pub async fn down(args: DownArgs) -> Result<()> {
-    crate::node::require_root("tapestry down")?;
-    let Some(state) = State::load(&args.data_dir)? else {
-        bail!("no local cluster runs in {}", args.data_dir.display());
-    };
-    if is_ours(state.pid, "up") {
-        println!(
-            "stopping the local cluster (tapestry up, pid {})",
-            state.pid
-        );
-        signal(state.pid, libc::SIGTERM);
-        let deadline = Instant::now() + args.timeout;
-        while is_ours(state.pid, "up") {
-            if Instant::now() > deadline {
-                bail!(
-                    "tapestry up (pid {}) did not stop within {:?}",
-                    state.pid,
-                    args.timeout
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        // A clean stop removed the state file; anything else is left over.
-        match State::load(&args.data_dir)? {
-            None => println!("stopped"),
-            Some(left) => {
-                let removed = remove_leftovers(&args.data_dir, &left).await;
-                println!("stopped; removed what it left: {}", removed.join(", "));
-            }
-        }
-        return Ok(());
-    }
-    let removed = remove_leftovers(&args.data_dir, &state).await;
-    if removed.is_empty() {
-        bail!("no local cluster runs in {}", args.data_dir.display());
-    }
-    println!(
-        "no local cluster was running; removed what one left: {}",
-        removed.join(", ")
-    );
-    Ok(())
 }
 
 #[cfg(test)]
