@@ -294,6 +294,64 @@ fn three_nodes_serve_grow_shrink_and_leave_nothing_behind() {
         );
     }
 
+    // A pod on node 1 talking to the web pod on node 3 is seen by the taps
+    // at both ends, each in its own node's namespace.
+    c.apply(
+        &json!({"apiVersion": "v1", "kind": "Pod",
+                "metadata": {"name": "probe", "namespace": "shop", "labels": {"app": "probe"}},
+                "spec": {"nodeName": NODE1, "terminationGracePeriodSeconds": 1,
+                         "containers": [{"name": "sh", "image": "busybox:local",
+                    "imagePullPolicy": "Never", "command": ["sleep", "3600"]}]}})
+        .to_string(),
+    );
+    c.running("shop", "probe");
+    api::create_tool(&c, "mn-pcap");
+    api::create_policy(
+        &c,
+        json!({"name": "across", "namespaces": ["shop"],
+               "podSelector": {"matchExpressions": [
+                   {"key": "app", "operator": "In", "values": ["web", "probe"]}]},
+               "rules": [{"protocol": "tcp", "ports": ["8080"]}],
+               "tools": ["mn-pcap"]}),
+    );
+    let web3 = pods
+        .values()
+        .find(|(node, _)| node == "mn-1-3")
+        .map(|(_, ip)| ip.clone())
+        .expect("a web pod on mn-1-3");
+    let captured = |view: &Value, node: &str| {
+        view["items"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|n| n["name"] == node)
+            .and_then(|n| n["status"]["policies"]["across"]["captured"].as_u64())
+            .unwrap_or(0)
+    };
+    wait_for(
+        "the web pod's packets at the taps of mn-1 and mn-1-3",
+        Duration::from_secs(60),
+        || {
+            let reply = c
+                .kubectl(&[
+                    "exec",
+                    "-n",
+                    "shop",
+                    "probe",
+                    "--",
+                    "sh",
+                    "-c",
+                    &get(&web3, 8080),
+                ])
+                .ok()?;
+            assert!(body(&reply).starts_with("web-"), "{reply}");
+            let view = c.rest("GET", "/v1/nodes", None).body;
+            let (one, three) = (captured(&view, NODE1), captured(&view, "mn-1-3"));
+            (one > 0 && three > 0)
+                .then(|| eprintln!("packets tapped across nodes: {NODE1} {one}, mn-1-3 {three}"))
+        },
+    );
+
     // A fourth node joins; a DaemonSet places a pod on it.
     tapestry_ok(&["node", "add", "--name", "mn-4", "--data-dir", &data_arg]);
     assert!(ready_nodes(&c).contains("mn-4"));
