@@ -551,8 +551,10 @@ mod tests {
         let mut held = server.api_store_keys(IP_ALLOCATIONS).await;
         held.extend(server.api_store_keys(NODE_PORT_ALLOCATIONS).await);
         held.sort();
+        // The bootstrap Services' (`kubernetes`, `kube-dns`) and web's.
         let mut expected = vec![
             format!("{IP_ALLOCATIONS}10.96.0.1"),
+            format!("{IP_ALLOCATIONS}10.96.0.10"),
             format!("{IP_ALLOCATIONS}{web_ip}"),
             format!("{NODE_PORT_ALLOCATIONS}{web_port}"),
         ];
