@@ -311,16 +311,25 @@ fn refuses_bad_input(c: &Cluster) {
             .status,
         401
     );
-    let etag = c.rest("GET", "/v1/tools/t", None);
-    let etag = etag.header("etag").expect("ETag").to_string();
-    let deleted = c.curl(
-        "DELETE",
-        "/v1/tools/t",
-        None,
-        &[
-            &format!("Authorization: Bearer {}", c.token()),
-            &format!("If-Match: {etag}"),
-        ],
+    // The fleet manager writes the tool's status as well, which changes
+    // its ETag: a careful client reads it again and retries on 412.
+    let deleted = wait_for(
+        "a delete with the current ETag",
+        Duration::from_secs(10),
+        || {
+            let etag = c.rest("GET", "/v1/tools/t", None);
+            let etag = etag.header("etag").expect("ETag").to_string();
+            let deleted = c.curl(
+                "DELETE",
+                "/v1/tools/t",
+                None,
+                &[
+                    &format!("Authorization: Bearer {}", c.token()),
+                    &format!("If-Match: {etag}"),
+                ],
+            );
+            (deleted.status != 412).then_some(deleted)
+        },
     );
     assert_eq!(deleted.status, 204, "{}", deleted.raw);
     eprintln!("2. bad input refused with the field named; 412; 401");
