@@ -221,7 +221,8 @@ pub async fn start(
             // A node going away takes its table along; one that restarts
             // keeps it, and established connections with it.
             if kubelet.config.stop_pods_on_exit {
-                if let Err(e) = tapestry_proxy::nft::delete_table() {
+                let deleted = tapestry_proxy::nft::Nft::open().and_then(|mut n| n.delete_table());
+                if let Err(e) = deleted {
                     tracing::warn!("removing the service proxy's table: {e:#}");
                 }
             }
@@ -237,8 +238,8 @@ pub async fn start(
     Ok(Running { addr, task })
 }
 
-/// The Service proxy in this node's network, unless nft is missing (then
-/// Services do not route on this node, and the log says why).
+/// The Service proxy in this node's network, unless nftables is missing
+/// (then Services do not route on this node, and the log says why).
 fn start_proxy(
     watches: &tapestry_proxy::Watches,
     config: &Config,
@@ -246,17 +247,22 @@ fn start_proxy(
     stats: Arc<tapestry_proxy::sync::ProxyStats>,
     shutdown: CancellationToken,
 ) -> Option<tokio::task::JoinHandle<()>> {
-    if let Err(e) = std::process::Command::new("nft").arg("--version").output() {
-        tracing::error!("service proxy off: cannot run nft ({e}); install nftables");
-        return None;
-    }
+    let nft = match tapestry_proxy::nft::Nft::open() {
+        Ok(nft) => nft,
+        Err(e) => {
+            tracing::error!("service proxy off: {e:#}; install nftables");
+            return None;
+        }
+    };
     let cidr = tapestry_proxy::sync::parse_cidr;
     let node = tapestry_proxy::rules::NodeConfig {
         cluster_cidr: config.cluster_cidr.as_deref().and_then(cidr),
         pod_cidr: cidr(pod_cidr),
     };
     let proxy = tapestry_proxy::sync::ProxyConfig::new(config.node_name.clone(), node);
-    Some(tapestry_proxy::sync::start(watches, proxy, stats, shutdown))
+    Some(tapestry_proxy::sync::start(
+        watches, proxy, nft, stats, shutdown,
+    ))
 }
 
 /// Cluster DNS on the pods' gateway (the first address of the pod CIDR,

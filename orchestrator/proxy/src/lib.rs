@@ -16,6 +16,7 @@ use tokio_util::sync::CancellationToken;
 pub mod dns;
 pub mod nft;
 pub mod rules;
+pub mod script;
 pub mod services;
 pub mod sync;
 

@@ -1,90 +1,185 @@
-//! Talking to the kernel through `nft -j`: one JSON transaction per sync
-//! (all of it applies or none of it), and the table's current chains and
-//! sets before a full sync.
+//! Talking to the kernel through libnftables (the library behind `nft`,
+//! loaded at run time): one transaction per sync (all of it applies or none
+//! of it), as libnftables JSON for a full sync and as text for an
+//! incremental one (see [`crate::script`]), and the table's current chains
+//! and sets before a full sync.
+//!
+//! One context stays open for the proxy's life. Each `nft` process opens
+//! and closes a netlink socket, and closing it after a transaction that
+//! rewrote a chain waits for the kernel to release the old rules (an RCU
+//! grace period, about 10 ms): most of what one change would cost.
 
-use std::io::Write;
-use std::process::{Command, Stdio};
+use std::ffi::{c_char, c_int, c_uint, c_void, CStr, CString};
+use std::ptr::NonNull;
 
 use anyhow::{bail, Context, Result};
 use serde_json::Value;
 
-use crate::rules::{document, Existing, TABLE};
+use crate::rules::{self, document, Existing, TABLE};
+use crate::script;
 
-/// Apply `cmds` as one transaction.
+/// `NFT_CTX_OUTPUT_JSON`: JSON listings, and JSON input is accepted.
+const OUTPUT_JSON: c_uint = 1 << 4;
+
+/// libnftables' entry points (`libnftables.so.1`, installed with nft).
+struct Library {
+    ctx_new: unsafe extern "C" fn(u32) -> *mut c_void,
+    ctx_free: unsafe extern "C" fn(*mut c_void),
+    set_output_flags: unsafe extern "C" fn(*mut c_void, c_uint),
+    buffer_output: unsafe extern "C" fn(*mut c_void) -> c_int,
+    buffer_error: unsafe extern "C" fn(*mut c_void) -> c_int,
+    output_buffer: unsafe extern "C" fn(*mut c_void) -> *const c_char,
+    error_buffer: unsafe extern "C" fn(*mut c_void) -> *const c_char,
+    run: unsafe extern "C" fn(*mut c_void, *const c_char) -> c_int,
+    /// Keeps the functions above mapped.
+    _lib: libloading::Library,
+}
+
+impl Library {
+    fn load() -> Result<Library> {
+        // SAFETY: loading libnftables runs no initialisers with
+        // preconditions, and each symbol is typed as libnftables.h declares.
+        unsafe {
+            let lib = libloading::Library::new("libnftables.so.1")
+                .context("loading libnftables.so.1 (is nftables installed?)")?;
+            macro_rules! symbol {
+                ($name:literal) => {
+                    *lib.get(concat!($name, "\0").as_bytes())
+                        .context(concat!("libnftables lacks ", $name))?
+                };
+            }
+            Ok(Library {
+                ctx_new: symbol!("nft_ctx_new"),
+                ctx_free: symbol!("nft_ctx_free"),
+                set_output_flags: symbol!("nft_ctx_output_set_flags"),
+                buffer_output: symbol!("nft_ctx_buffer_output"),
+                buffer_error: symbol!("nft_ctx_buffer_error"),
+                output_buffer: symbol!("nft_ctx_get_output_buffer"),
+                error_buffer: symbol!("nft_ctx_get_error_buffer"),
+                run: symbol!("nft_run_cmd_from_buffer"),
+                _lib: lib,
+            })
+        }
+    }
+}
+
+/// A libnftables context, bound to the network namespace of the thread
+/// that opened it.
+pub struct Nft {
+    lib: Library,
+    ctx: NonNull<c_void>,
+}
+
+// SAFETY: a context is used by one thread at a time (`&mut self`), and
+// libnftables keeps no thread-local state.
+unsafe impl Send for Nft {}
+
+impl Nft {
+    /// A context in the calling thread's network namespace.
+    pub fn open() -> Result<Nft> {
+        let lib = Library::load()?;
+        // SAFETY: plain constructor; null means failure.
+        let ctx = NonNull::new(unsafe { (lib.ctx_new)(0) }).context("nft_ctx_new failed")?;
+        let nft = Nft { lib, ctx };
+        // SAFETY: a live context.
+        unsafe {
+            if (nft.lib.buffer_output)(nft.ctx.as_ptr()) != 0
+                || (nft.lib.buffer_error)(nft.ctx.as_ptr()) != 0
+            {
+                bail!("libnftables could not buffer its output");
+            }
+        }
+        Ok(nft)
+    }
+
+    /// Apply `cmds` (libnftables JSON) as one transaction.
+    pub fn apply(&mut self, cmds: Vec<Value>) -> Result<()> {
+        if cmds.is_empty() {
+            return Ok(());
+        }
+        self.run(&serde_json::to_string(&document(cmds))?, true)
+            .map(drop)
+    }
+
+    /// Apply an incremental sync's commands as one transaction.
+    pub fn apply_commands(&mut self, cmds: &[rules::Command]) -> Result<()> {
+        if cmds.is_empty() {
+            return Ok(());
+        }
+        self.run(&script::render(cmds)?, false).map(drop)
+    }
+
+    /// The chains and sets `table ip tapestry-proxy` holds now (none if
+    /// the table does not exist).
+    pub fn existing(&mut self) -> Result<Existing> {
+        let mut found = Existing::default();
+        let Ok(listing) = self.run(&format!("list table ip {TABLE}"), true) else {
+            // No such table yet.
+            return Ok(found);
+        };
+        let listing: Value = serde_json::from_str(&listing).context("parsing nft's listing")?;
+        for object in listing["nftables"].as_array().into_iter().flatten() {
+            if let Some(name) = object["chain"]["name"].as_str() {
+                found.chains.insert(name.to_string());
+            }
+            if let Some(name) = object["set"]["name"].as_str() {
+                found.sets.insert(name.to_string());
+            }
+        }
+        Ok(found)
+    }
+
+    /// Remove the table and everything in it (at shutdown of a local
+    /// node); a table that is not there is already removed.
+    pub fn delete_table(&mut self) -> Result<()> {
+        if self.run(&format!("list table ip {TABLE}"), false).is_err() {
+            return Ok(());
+        }
+        self.run(&format!("delete table ip {TABLE}"), false)
+            .map(drop)
+            .with_context(|| format!("deleting table ip {TABLE}"))
+    }
+
+    /// Run `input`; what it printed, or nft's error message.
+    fn run(&mut self, input: &str, json: bool) -> Result<String> {
+        let input = CString::new(input).context("a NUL byte in nft's input")?;
+        let ctx = self.ctx.as_ptr();
+        // SAFETY: a live context and a NUL-terminated input; the buffers
+        // libnftables returns stay valid until its next call on `ctx`, and
+        // are copied before that.
+        unsafe {
+            (self.lib.set_output_flags)(ctx, if json { OUTPUT_JSON } else { 0 });
+            let rc = (self.lib.run)(ctx, input.as_ptr());
+            let output = text((self.lib.output_buffer)(ctx));
+            let error = text((self.lib.error_buffer)(ctx));
+            if rc != 0 {
+                bail!("nft refused the transaction: {}", error.trim());
+            }
+            Ok(output)
+        }
+    }
+}
+
+/// A C string libnftables returned, copied.
+///
+/// # Safety
+/// `p` is null or a NUL-terminated string.
+unsafe fn text(p: *const c_char) -> String {
+    if p.is_null() {
+        return String::new();
+    }
+    CStr::from_ptr(p).to_string_lossy().into_owned()
+}
+
+impl Drop for Nft {
+    fn drop(&mut self) {
+        // SAFETY: the context is live and not used after this.
+        unsafe { (self.lib.ctx_free)(self.ctx.as_ptr()) }
+    }
+}
+
+/// Apply `cmds` (libnftables JSON) as one transaction, in the calling
+/// thread's network namespace: for one-off tables.
 pub fn apply(cmds: Vec<Value>) -> Result<()> {
-    if cmds.is_empty() {
-        return Ok(());
-    }
-    let text = serde_json::to_vec(&document(cmds))?;
-    let mut child = Command::new("nft")
-        .args(["-j", "-f", "-"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .context("running nft (is nftables installed?)")?;
-    child
-        .stdin
-        .take()
-        .context("nft's stdin")?
-        .write_all(&text)
-        .context("writing the ruleset to nft")?;
-    let out = child.wait_with_output().context("waiting for nft")?;
-    if !out.status.success() {
-        bail!(
-            "nft refused the transaction: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(())
-}
-
-/// The chains and sets `table ip tapestry-proxy` holds now (none if the
-/// table does not exist).
-pub fn existing() -> Result<Existing> {
-    let out = Command::new("nft")
-        .args(["-j", "list", "table", "ip", TABLE])
-        .output()
-        .context("running nft (is nftables installed?)")?;
-    let mut found = Existing::default();
-    if !out.status.success() {
-        // No such table yet.
-        return Ok(found);
-    }
-    let listing: Value = serde_json::from_slice(&out.stdout).context("parsing nft's listing")?;
-    for object in listing["nftables"].as_array().into_iter().flatten() {
-        if let Some(name) = object["chain"]["name"].as_str() {
-            found.chains.insert(name.to_string());
-        }
-        if let Some(name) = object["set"]["name"].as_str() {
-            found.sets.insert(name.to_string());
-        }
-    }
-    Ok(found)
-}
-
-/// Remove the table and everything in it (at shutdown of a local node);
-/// a table that is not there is already removed.
-pub fn delete_table() -> Result<()> {
-    let present = Command::new("nft")
-        .args(["list", "table", "ip", TABLE])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .context("running nft")?
-        .success();
-    if !present {
-        return Ok(());
-    }
-    let out = Command::new("nft")
-        .args(["delete", "table", "ip", TABLE])
-        .output()
-        .context("running nft")?;
-    if !out.status.success() {
-        bail!(
-            "nft delete table ip {TABLE}: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(())
+    Nft::open()?.apply(cmds)
 }

@@ -1,7 +1,8 @@
 //! The proxy's nftables table as data: what `table ip tapestry-proxy` must
-//! hold for a set of Service ports, and the one transaction (libnftables
-//! JSON, for `nft -j -f -`) that takes the kernel from the previous state to
-//! the next, touching only the chains and map elements that changed.
+//! hold for a set of Service ports, the full transaction (libnftables JSON,
+//! for `nft -j -f -`) that takes a table in any state there, and the
+//! incremental one ([`Command`]s) that touches only the chains and map
+//! elements that changed.
 //!
 //! The layout follows kube-proxy's nftables mode: verdict maps keyed by
 //! `daddr . l4proto . dport` (ClusterIPs) and `l4proto . dport` (NodePorts)
@@ -9,6 +10,12 @@
 //! `numgen random mod N`; the endpoint chain DNATs. Service ports without
 //! endpoints are answered by `reject` from the filter hooks, so a client is
 //! refused at once instead of timing out.
+//!
+//! A Service port's map elements depend only on its spec, never on its
+//! endpoints: readiness changes rewrite chains only. Removing an element or
+//! a chain makes nft list the whole table first (a tenth of a second at
+//! 10,000 Services), so what a change leaves unused is emptied at once and
+//! deleted later, in a [`Garbage`] collection off the change's path.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
@@ -25,6 +32,16 @@ const SERVICE_NODEPORTS: &str = "service-nodeports";
 const NO_ENDPOINT_SERVICES: &str = "no-endpoint-services";
 const NO_ENDPOINT_NODEPORTS: &str = "no-endpoint-nodeports";
 const REJECT_CHAIN: &str = "reject-chain";
+/// The verdict maps and the types of their keys.
+const MAPS: [(&str, &[&str]); 4] = [
+    (SERVICE_IPS, &["ipv4_addr", "inet_proto", "inet_service"]),
+    (SERVICE_NODEPORTS, &["inet_proto", "inet_service"]),
+    (
+        NO_ENDPOINT_SERVICES,
+        &["ipv4_addr", "inet_proto", "inet_service"],
+    ),
+    (NO_ENDPOINT_NODEPORTS, &["inet_proto", "inet_service"]),
+];
 const MARK_FOR_MASQUERADE: &str = "mark-for-masquerade";
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -204,6 +221,18 @@ fn external_chain(key: &str) -> String {
     format!("ext-{key}")
 }
 
+/// Filter-hook check of a ClusterIP: refuses while there is no endpoint.
+fn service_check_chain(key: &str) -> String {
+    format!("chk-{key}")
+}
+
+/// Filter-hook check of a NodePort: refuses (or drops, for
+/// `externalTrafficPolicy: Local` without local endpoints) while there is
+/// no endpoint to send the client to.
+fn nodeport_check_chain(key: &str) -> String {
+    format!("npc-{key}")
+}
+
 fn endpoint_chain(key: &str, ep: &Endpoint) -> String {
     format!("ep-{key}__{}/{}", ep.ip, ep.port)
 }
@@ -215,12 +244,7 @@ fn affinity_set(endpoint_chain: &str) -> String {
 /// The desired content for these Service ports.
 pub fn desired(node: &NodeConfig, services: &[ServicePort]) -> Ruleset {
     let mut out = Ruleset::default();
-    for name in [
-        SERVICE_IPS,
-        SERVICE_NODEPORTS,
-        NO_ENDPOINT_SERVICES,
-        NO_ENDPOINT_NODEPORTS,
-    ] {
+    for (name, _) in MAPS {
         out.maps.insert(name, BTreeMap::new());
     }
     for sp in services {
@@ -268,23 +292,17 @@ fn add_service(out: &mut Ruleset, node: &NodeConfig, sp: &ServicePort) {
             matches("==", l4proto(), json!(proto)),
             json!({"dnat": {"addr": ep.ip.to_string(), "port": ep.port}}),
         ]);
-        out.chains
-            .insert(chain, rules.into_iter().map(Value::Array).collect());
+        insert_chain(out, &chain, rules);
     }
 
     let cluster_ips: Vec<String> = sp.cluster_ips.iter().map(Ipv4Addr::to_string).collect();
+    let chain = service_chain(&key);
+    let check = service_check_chain(&key);
+    let mut rules = Vec::new();
+    let mut refusal = Vec::new();
     if internal.is_empty() {
-        for ip in &cluster_ips {
-            insert(
-                out,
-                NO_ENDPOINT_SERVICES,
-                json!({"concat": [ip, proto, sp.port]}),
-                goto(REJECT_CHAIN),
-            );
-        }
+        refusal.push(vec![goto(REJECT_CHAIN)]);
     } else {
-        let chain = service_chain(&key);
-        let mut rules = Vec::new();
         if let Some((net, len)) = node.cluster_cidr {
             for ip in &cluster_ips {
                 rules.push(vec![
@@ -295,16 +313,13 @@ fn add_service(out: &mut Ruleset, node: &NodeConfig, sp: &ServicePort) {
             }
         }
         rules.extend(pick_endpoint(&key, internal, sp.affinity_seconds.is_some()));
-        out.chains
-            .insert(chain.clone(), rules.into_iter().map(Value::Array).collect());
-        for ip in &cluster_ips {
-            insert(
-                out,
-                SERVICE_IPS,
-                json!({"concat": [ip, proto, sp.port]}),
-                goto(&chain),
-            );
-        }
+    }
+    insert_chain(out, &chain, rules);
+    insert_chain(out, &check, refusal);
+    for ip in &cluster_ips {
+        let element = json!({"concat": [ip, proto, sp.port]});
+        insert(out, SERVICE_IPS, element.clone(), goto(&chain));
+        insert(out, NO_ENDPOINT_SERVICES, element, goto(&check));
     }
 
     let Some(node_port) = sp.node_port else {
@@ -315,6 +330,11 @@ fn add_service(out: &mut Ruleset, node: &NodeConfig, sp: &ServicePort) {
     } else {
         &endpoints
     };
+    let ext = external_chain(&key);
+    let check = nodeport_check_chain(&key);
+    let element = json!({"concat": [proto, node_port]});
+    insert(out, SERVICE_NODEPORTS, element.clone(), goto(&ext));
+    insert(out, NO_ENDPOINT_NODEPORTS, element, goto(&check));
     if external.is_empty() {
         // With `externalTrafficPolicy: Local` and endpoints elsewhere only,
         // the node is not a way in: drop (the load balancer's health check
@@ -324,21 +344,16 @@ fn add_service(out: &mut Ruleset, node: &NodeConfig, sp: &ServicePort) {
         } else {
             json!({"drop": null})
         };
-        insert(
-            out,
-            NO_ENDPOINT_NODEPORTS,
-            json!({"concat": [proto, node_port]}),
-            verdict,
-        );
+        insert_chain(out, &ext, Vec::new());
+        insert_chain(out, &check, vec![vec![verdict]]);
         return;
     }
-    let ext = external_chain(&key);
+    insert_chain(out, &check, Vec::new());
     let rules = if sp.external_local {
         // The client's address is kept: no masquerade, local endpoints only.
         let svl = local_service_chain(&key);
         let picks = pick_endpoint(&key, &local, sp.affinity_seconds.is_some());
-        out.chains
-            .insert(svl.clone(), picks.into_iter().map(Value::Array).collect());
+        insert_chain(out, &svl, picks);
         vec![vec![goto(&svl)]]
     } else {
         vec![
@@ -350,19 +365,18 @@ fn add_service(out: &mut Ruleset, node: &NodeConfig, sp: &ServicePort) {
                 // external clients may use every endpoint.
                 let all = format!("sva-{key}");
                 let picks = pick_endpoint(&key, &endpoints, sp.affinity_seconds.is_some());
-                out.chains
-                    .insert(all.clone(), picks.into_iter().map(Value::Array).collect());
+                insert_chain(out, &all, picks);
                 vec![goto(&all)]
             },
         ]
     };
-    out.chains
-        .insert(ext.clone(), rules.into_iter().map(Value::Array).collect());
-    insert(
-        out,
-        SERVICE_NODEPORTS,
-        json!({"concat": [proto, node_port]}),
-        goto(&ext),
+    insert_chain(out, &ext, rules);
+}
+
+fn insert_chain(out: &mut Ruleset, chain: &str, rules: Vec<Vec<Value>>) {
+    out.chains.insert(
+        chain.to_string(),
+        rules.into_iter().map(Value::Array).collect(),
     );
 }
 
@@ -428,20 +442,12 @@ fn skeleton() -> Vec<Value> {
     ] {
         cmds.push(add_chain(name));
     }
-    let map = |name: &str, key: &[&str]| {
-        json!({"add": {"map": {"family": FAMILY, "table": TABLE, "name": name,
-            "type": key, "map": "verdict"}}})
-    };
-    cmds.push(map(
-        SERVICE_IPS,
-        &["ipv4_addr", "inet_proto", "inet_service"],
-    ));
-    cmds.push(map(SERVICE_NODEPORTS, &["inet_proto", "inet_service"]));
-    cmds.push(map(
-        NO_ENDPOINT_SERVICES,
-        &["ipv4_addr", "inet_proto", "inet_service"],
-    ));
-    cmds.push(map(NO_ENDPOINT_NODEPORTS, &["inet_proto", "inet_service"]));
+    for (name, key) in MAPS {
+        cmds.push(
+            json!({"add": {"map": {"family": FAMILY, "table": TABLE, "name": name,
+            "type": key, "map": "verdict"}}}),
+        );
+    }
     cmds
 }
 
@@ -601,56 +607,191 @@ pub fn full_sync(next: &Ruleset, existing: &Existing) -> Vec<Value> {
     cmds
 }
 
-/// Only the difference between two states the proxy wrote itself.
-pub fn incremental(prev: &Ruleset, next: &Ruleset) -> Vec<Value> {
-    let mut cmds = Vec::new();
-    for (set, timeout) in &next.affinity_sets {
-        if prev.affinity_sets.get(set) != Some(timeout) {
-            if prev.affinity_sets.contains_key(set) {
-                cmds.push(
-                    json!({"delete": {"set": {"family": FAMILY, "table": TABLE, "name": set}}}),
-                );
-            }
-            cmds.push(add_affinity_set(set, *timeout));
+/// One step of an incremental sync, in the order of its transaction.
+/// Each is written so that nft needs no listing of the table
+/// ([`crate::script`] renders them as nft's text).
+#[derive(Clone, Debug, PartialEq)]
+pub enum Command {
+    /// A client-affinity set (dynamic, entries expiring after `timeout` s).
+    AddAffinitySet {
+        name: String,
+        timeout: u32,
+    },
+    DeleteSet(String),
+    /// An empty chain, so that rules later in the transaction may name it.
+    AddChain(String),
+    FlushChain(String),
+    /// Rules appended to a chain (emptied earlier in the transaction).
+    AppendRules {
+        chain: String,
+        rules: Vec<Value>,
+    },
+    AddElements {
+        map: &'static str,
+        elements: Vec<(Value, Value)>,
+    },
+    DeleteElements {
+        map: &'static str,
+        keys: Vec<Value>,
+    },
+    DeleteChain(String),
+}
+
+impl Command {
+    /// The chain, set or map it acts on.
+    pub fn object(&self) -> &str {
+        match self {
+            Command::AddAffinitySet { name, .. }
+            | Command::DeleteSet(name)
+            | Command::AddChain(name)
+            | Command::FlushChain(name)
+            | Command::DeleteChain(name)
+            | Command::AppendRules { chain: name, .. } => name,
+            Command::AddElements { map, .. } | Command::DeleteElements { map, .. } => map,
         }
     }
+}
+
+/// The types of a verdict map's key, as nft's text declares them.
+pub fn map_key_type(map: &str) -> Option<&'static [&'static str]> {
+    MAPS.iter()
+        .find(|(name, _)| *name == map)
+        .map(|(_, key)| *key)
+}
+
+/// What incremental syncs left unused in the kernel: chains already
+/// emptied, sets and map elements, deleted together later. A sync that
+/// needs one of them again takes it back as it is.
+#[derive(Debug, Default)]
+pub struct Garbage {
+    chains: BTreeSet<String>,
+    /// Affinity sets with their timeouts.
+    sets: BTreeMap<String, u32>,
+    elements: BTreeMap<&'static str, BTreeMap<String, (Value, Value)>>,
+}
+
+impl Garbage {
+    pub fn is_empty(&self) -> bool {
+        self.chains.is_empty() && self.sets.is_empty() && self.elements.is_empty()
+    }
+
+    /// The transaction deleting everything collected (elements first: they
+    /// name the chains), leaving nothing collected.
+    pub fn collect(&mut self) -> Vec<Command> {
+        let mut cmds = Vec::new();
+        for (map, elements) in std::mem::take(&mut self.elements) {
+            cmds.push(Command::DeleteElements {
+                map,
+                keys: elements.into_values().map(|(key, _)| key).collect(),
+            });
+        }
+        cmds.extend(
+            std::mem::take(&mut self.chains)
+                .into_iter()
+                .map(Command::DeleteChain),
+        );
+        cmds.extend(
+            std::mem::take(&mut self.sets)
+                .into_keys()
+                .map(Command::DeleteSet),
+        );
+        cmds
+    }
+
+    /// Forget everything (a full sync deleted it).
+    pub fn clear(&mut self) {
+        *self = Garbage::default();
+    }
+}
+
+/// Only the difference between two states the proxy wrote itself. What
+/// `prev` had and `next` lacks is emptied now and handed to `garbage`.
+pub fn incremental(prev: &Ruleset, next: &Ruleset, garbage: &mut Garbage) -> Vec<Command> {
+    let mut cmds = Vec::new();
+    for (set, &timeout) in &next.affinity_sets {
+        let existing = prev
+            .affinity_sets
+            .get(set)
+            .or_else(|| garbage.sets.get(set))
+            .copied();
+        garbage.sets.remove(set);
+        if existing == Some(timeout) {
+            continue;
+        }
+        if existing.is_some() {
+            cmds.push(Command::DeleteSet(set.clone()));
+        }
+        cmds.push(Command::AddAffinitySet {
+            name: set.clone(),
+            timeout,
+        });
+    }
     for chain in next.chains.keys().filter(|c| !prev.chains.contains_key(*c)) {
-        cmds.push(add_chain(chain));
+        // A collected chain is still there, empty.
+        if !garbage.chains.remove(chain) {
+            cmds.push(Command::AddChain(chain.clone()));
+        }
     }
     for (chain, rules) in &next.chains {
-        if prev.chains.get(chain) != Some(rules) {
-            chain_rules(chain, rules, &mut cmds);
+        let before = prev.chains.get(chain);
+        if before == Some(rules) {
+            continue;
+        }
+        if before.is_some() {
+            cmds.push(Command::FlushChain(chain.clone()));
+        }
+        if !rules.is_empty() {
+            cmds.push(Command::AppendRules {
+                chain: chain.clone(),
+                rules: rules.clone(),
+            });
         }
     }
     let empty = BTreeMap::new();
-    for (map, elements) in &next.maps {
+    for (map, _) in MAPS {
         let before = prev.maps.get(map).unwrap_or(&empty);
+        let elements = next.maps.get(map).unwrap_or(&empty);
+        let collected = garbage.elements.entry(map).or_default();
+        let mut deleted = Vec::new();
+        let mut added = Vec::new();
+        for (text, new) in elements {
+            let old = before.get(text).or_else(|| collected.get(text));
+            if old == Some(new) {
+                collected.remove(text);
+                continue;
+            }
+            if let Some(old) = old {
+                // The same key with another verdict (a ClusterIP given to
+                // another Service): the kernel replaces no element.
+                deleted.push(old.0.clone());
+                collected.remove(text);
+            }
+            added.push(new.clone());
+        }
         for (text, old) in before {
-            if elements.get(text) != Some(old) {
-                cmds.push(element("delete", map, &old.0, None));
+            if !elements.contains_key(text) {
+                collected.insert(text.clone(), old.clone());
             }
         }
-        for (text, new) in elements {
-            if before.get(text) != Some(new) {
-                cmds.push(element("add", map, &new.0, Some(&new.1)));
-            }
+        if !deleted.is_empty() {
+            cmds.push(Command::DeleteElements { map, keys: deleted });
+        }
+        if !added.is_empty() {
+            cmds.push(Command::AddElements {
+                map,
+                elements: added,
+            });
         }
     }
-    // Chains last, once nothing refers to them: every removed chain is
-    // emptied before any is deleted (a service chain names its endpoints').
-    let removed: Vec<&String> = prev
-        .chains
-        .keys()
-        .filter(|c| !next.chains.contains_key(*c))
-        .collect();
-    cmds.extend(removed.iter().map(|c| flush_chain(c)));
-    cmds.extend(removed.iter().map(|c| delete_chain(c)));
-    for set in prev
-        .affinity_sets
-        .keys()
-        .filter(|s| !next.affinity_sets.contains_key(*s))
-    {
-        cmds.push(json!({"delete": {"set": {"family": FAMILY, "table": TABLE, "name": set}}}));
+    garbage.elements.retain(|_, elements| !elements.is_empty());
+    for chain in prev.chains.keys().filter(|c| !next.chains.contains_key(*c)) {
+        cmds.push(Command::FlushChain(chain.clone()));
+        garbage.chains.insert(chain.clone());
+    }
+    for (set, &timeout) in &prev.affinity_sets {
+        if !next.affinity_sets.contains_key(set) {
+            garbage.sets.insert(set.clone(), timeout);
+        }
     }
     cmds
 }
@@ -687,18 +828,8 @@ mod tests {
         }
     }
 
-    fn touched(cmds: &[Value]) -> BTreeSet<String> {
-        cmds.iter()
-            .filter_map(|c| {
-                let (_, body) = c.as_object()?.iter().next()?;
-                let (_, object) = body.as_object()?.iter().next()?;
-                object
-                    .get("chain")
-                    .or_else(|| object.get("name"))
-                    .and_then(Value::as_str)
-                    .map(str::to_string)
-            })
-            .collect()
+    fn touched(cmds: &[Command]) -> BTreeSet<String> {
+        cmds.iter().map(|c| c.object().to_string()).collect()
     }
 
     #[test]
@@ -708,7 +839,9 @@ mod tests {
             .map(|i| service(&format!("s{i}"), [10, 96, 0, i], &[[10, 244, 0, i]]))
             .collect();
         let a = desired(&node, &services);
-        assert!(incremental(&a, &desired(&node, &services)).is_empty());
+        let mut garbage = Garbage::default();
+        assert!(incremental(&a, &desired(&node, &services), &mut garbage).is_empty());
+        assert!(garbage.is_empty());
     }
 
     #[test]
@@ -723,7 +856,8 @@ mod tests {
             port: 8080,
             local: false,
         });
-        let cmds = incremental(&before, &desired(&node, &services));
+        let mut garbage = Garbage::default();
+        let cmds = incremental(&before, &desired(&node, &services), &mut garbage);
         assert_eq!(
             touched(&cmds),
             BTreeSet::from([
@@ -732,21 +866,77 @@ mod tests {
             ]),
             "{cmds:#?}"
         );
+        assert!(garbage.is_empty());
     }
 
     #[test]
-    fn a_service_losing_its_endpoints_is_rejected() {
+    fn a_service_losing_its_endpoints_is_rejected_without_touching_maps() {
         let node = NodeConfig::default();
         let before = desired(&node, &[service("web", [10, 96, 0, 9], &[[10, 244, 0, 2]])]);
         let after = desired(&node, &[service("web", [10, 96, 0, 9], &[])]);
-        let cmds = incremental(&before, &after);
-        let text = serde_json::to_string(&cmds).unwrap();
-        // Out of the service map, into the no-endpoint map, chains gone.
-        assert!(text.contains(r#"{"delete":{"element":{"family":"ip","table":"tapestry-proxy","name":"service-ips","elem":[{"concat":["10.96.0.9","tcp",80]}]}}}"#), "{text}");
-        assert!(text.contains(r#""name":"no-endpoint-services""#), "{text}");
-        assert!(
-            text.contains(r#"{"delete":{"chain":{"family":"ip","table":"tapestry-proxy","name":"svc-shop/web/tcp/"}}}"#),
-            "{text}"
+        let mut garbage = Garbage::default();
+        let cmds = incremental(&before, &after, &mut garbage);
+        let endpoint = "ep-shop/web/tcp/__10.244.0.2/8080".to_string();
+        assert_eq!(
+            cmds,
+            vec![
+                Command::FlushChain("chk-shop/web/tcp/".into()),
+                Command::AppendRules {
+                    chain: "chk-shop/web/tcp/".into(),
+                    rules: vec![json!([goto(REJECT_CHAIN)])],
+                },
+                Command::FlushChain("svc-shop/web/tcp/".into()),
+                Command::FlushChain(endpoint.clone()),
+            ]
         );
+        // The endpoint chain is deleted later; back again, it is reused.
+        assert_eq!(garbage.collect(), vec![Command::DeleteChain(endpoint)]);
+        let cmds = incremental(&after, &before, &mut garbage);
+        assert!(cmds.contains(&Command::AddChain(
+            "ep-shop/web/tcp/__10.244.0.2/8080".into()
+        )));
+    }
+
+    #[test]
+    fn a_removed_service_is_collected_and_can_come_back() {
+        let node = NodeConfig::default();
+        let web = desired(&node, &[service("web", [10, 96, 0, 9], &[[10, 244, 0, 2]])]);
+        let gone = desired(&node, &[]);
+        let mut garbage = Garbage::default();
+        let cmds = incremental(&web, &gone, &mut garbage);
+        assert!(
+            cmds.iter().all(|c| matches!(c, Command::FlushChain(_))),
+            "{cmds:#?}"
+        );
+        // Back before collection: nothing to add, the kernel still has it.
+        let cmds = incremental(&gone, &web, &mut garbage);
+        assert!(garbage.is_empty(), "{garbage:?}");
+        assert!(
+            cmds.iter()
+                .all(|c| matches!(c, Command::AppendRules { .. })),
+            "{cmds:#?}"
+        );
+        // Gone again and collected: elements, then chains.
+        incremental(&web, &gone, &mut garbage);
+        let collected = garbage.collect();
+        assert!(matches!(collected[0], Command::DeleteElements { .. }));
+        assert_eq!(collected.len(), 2 + 3, "{collected:#?}");
+        assert!(garbage.is_empty());
+    }
+
+    #[test]
+    fn a_cluster_ip_given_to_another_service_replaces_its_element() {
+        let node = NodeConfig::default();
+        let old = desired(&node, &[service("old", [10, 96, 0, 9], &[[10, 244, 0, 2]])]);
+        let new = desired(&node, &[service("new", [10, 96, 0, 9], &[[10, 244, 0, 3]])]);
+        let mut garbage = Garbage::default();
+        incremental(&old, &Ruleset::default(), &mut garbage);
+        let cmds = incremental(&Ruleset::default(), &new, &mut garbage);
+        let deletes: Vec<&Command> = cmds
+            .iter()
+            .filter(|c| matches!(c, Command::DeleteElements { .. }))
+            .collect();
+        assert_eq!(deletes.len(), 2, "{cmds:#?}");
+        assert!(garbage.elements.is_empty(), "{garbage:?}");
     }
 }

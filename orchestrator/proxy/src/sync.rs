@@ -5,7 +5,7 @@
 
 use std::collections::HashMap;
 use std::net::Ipv4Addr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::Service;
@@ -19,10 +19,11 @@ use prometheus_client::registry::Registry;
 
 use tokio_util::sync::CancellationToken;
 
-use crate::nft;
-use crate::rules::{self, NodeConfig, Ruleset};
+use crate::nft::Nft;
+use crate::rules::{self, Garbage, NodeConfig, Ruleset};
 use crate::services::service_ports;
 use crate::{Changes, Watches};
+use tapestry_runtime::lock;
 
 /// How a node's proxy runs.
 #[derive(Clone, Debug)]
@@ -84,7 +85,7 @@ impl ProxyStats {
         let r = registry.sub_registry_with_prefix("tapestry_proxy");
         r.register(
             "syncs",
-            "Table syncs, by kind (full or partial)",
+            "Table syncs, by kind (full, partial, or collect: deleting what partial ones left unused)",
             self.syncs.clone(),
         );
         r.register("sync_errors", "Syncs nft refused", self.sync_errors.clone());
@@ -114,6 +115,7 @@ impl ProxyStats {
 pub fn start(
     watches: &Watches,
     config: ProxyConfig,
+    nft: Nft,
     stats: Arc<ProxyStats>,
     shutdown: CancellationToken,
 ) -> tokio::task::JoinHandle<()> {
@@ -121,7 +123,7 @@ pub fn start(
     let watches = watches.clone();
     tokio::spawn(async move {
         if watches.ready(&shutdown).await {
-            run(watches, config, stats, changes, shutdown).await;
+            run(watches, config, nft, stats, changes, shutdown).await;
         }
     })
 }
@@ -129,6 +131,7 @@ pub fn start(
 async fn run(
     watches: Watches,
     config: ProxyConfig,
+    nft: Nft,
     stats: Arc<ProxyStats>,
     changes: Arc<Changes>,
     shutdown: CancellationToken,
@@ -138,6 +141,9 @@ async fn run(
         watches,
         stats,
         applied: HashMap::new(),
+        nft: Arc::new(Mutex::new(nft)),
+        garbage: Garbage::default(),
+        garbage_since: None,
     };
     let mut full = true;
     let mut last_full = Instant::now();
@@ -150,7 +156,16 @@ async fn run(
         let outcome = if full {
             proxy.full_sync().await
         } else {
-            proxy.sync(changed).await
+            match proxy.sync(changed).await {
+                Ok(())
+                    if proxy
+                        .collection_due()
+                        .is_some_and(|due| due <= Instant::now()) =>
+                {
+                    proxy.collect().await
+                }
+                outcome => outcome,
+            }
         };
         match outcome {
             Ok(()) => {
@@ -173,10 +188,12 @@ async fn run(
                 continue;
             }
         }
+        let collection = proxy.collection_due();
         tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = changes.changed() => {}
             _ = tokio::time::sleep(proxy.config.resync.saturating_sub(last_full.elapsed())) => {}
+            _ = tokio::time::sleep_until(collection.unwrap_or_else(Instant::now).into()), if collection.is_some() => continue,
         }
         // Let a burst of changes (a Deployment scaling) land in one sync.
         tokio::time::sleep(proxy.config.batch).await;
@@ -189,7 +206,17 @@ struct Proxy {
     stats: Arc<ProxyStats>,
     /// What the table holds for each Service, by `namespace/name`.
     applied: HashMap<String, Ruleset>,
+    /// Used from blocking tasks, one at a time.
+    nft: Arc<Mutex<Nft>>,
+    /// What syncs left unused, deleted a while after the first of it.
+    garbage: Garbage,
+    garbage_since: Option<Instant>,
 }
+
+/// How long unused chains, sets and elements wait to be deleted: long
+/// enough to delete a burst's leftovers in one transaction (each deletion
+/// costs a listing of the table), short enough not to pile up.
+pub const COLLECT_AFTER: Duration = Duration::from_secs(1);
 
 impl Proxy {
     /// The rules one Service needs now (empty once it is gone).
@@ -223,12 +250,17 @@ impl Proxy {
         for r in next.values() {
             whole.merge(r);
         }
+        let nft = self.nft.clone();
         let cmds = tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
-            let existing = nft::existing()?;
-            nft::apply(rules::full_sync(&whole, &existing))
+            let mut nft = lock(&nft);
+            let existing = nft.existing()?;
+            nft.apply(rules::full_sync(&whole, &existing))
         });
         cmds.await??;
         self.applied = next;
+        // The full sync deleted whatever was left over.
+        self.garbage.clear();
+        self.garbage_since = None;
         self.record(started, "full");
         tracing::info!(
             services = self.applied.len(),
@@ -251,11 +283,17 @@ impl Proxy {
             cmds.extend(rules::incremental(
                 self.applied.get(&key).unwrap_or(&empty),
                 &rules,
+                &mut self.garbage,
             ));
             next.push((key, rules));
         }
         if !cmds.is_empty() {
-            tokio::task::spawn_blocking(move || nft::apply(cmds)).await??;
+            self.apply(cmds).await?;
+        }
+        if self.garbage.is_empty() {
+            self.garbage_since = None;
+        } else {
+            self.garbage_since.get_or_insert(started);
         }
         for (key, rules) in next {
             if rules.is_empty() {
@@ -265,6 +303,27 @@ impl Proxy {
             }
         }
         self.record(started, "partial");
+        Ok(())
+    }
+
+    async fn apply(&self, cmds: Vec<rules::Command>) -> anyhow::Result<()> {
+        let nft = self.nft.clone();
+        tokio::task::spawn_blocking(move || lock(&nft).apply_commands(&cmds)).await?
+    }
+
+    /// When the leftovers of earlier syncs are to be deleted, if any.
+    fn collection_due(&self) -> Option<Instant> {
+        self.garbage_since.map(|since| since + COLLECT_AFTER)
+    }
+
+    async fn collect(&mut self) -> anyhow::Result<()> {
+        let cmds = self.garbage.collect();
+        self.garbage_since = None;
+        self.apply(cmds).await?;
+        self.stats
+            .syncs
+            .get_or_create(&SyncLabels { kind: "collect" })
+            .inc();
         Ok(())
     }
 

@@ -1,5 +1,6 @@
 //! The proxy's table in a real kernel: a network namespace of the test's
-//! own, rules applied through `nft -j`, and real TCP connections to
+//! own, rules applied as the proxy applies them (full syncs through
+//! `nft -j`, incremental ones as nft text), and real TCP connections to
 //! ClusterIPs and NodePorts. Needs root and nft; skips without them unless
 //! `CI=true`, where it fails loudly.
 
@@ -8,8 +9,10 @@ use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use tapestry_proxy::nft;
-use tapestry_proxy::rules::{self, Endpoint, Existing, NodeConfig, Protocol, ServicePort};
+use tapestry_proxy::nft::Nft;
+use tapestry_proxy::rules::{
+    self, Endpoint, Existing, Garbage, NodeConfig, Protocol, Ruleset, ServicePort,
+};
 
 const POD_IP: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 2);
 const CLUSTER_IP: Ipv4Addr = Ipv4Addr::new(10, 96, 77, 10);
@@ -130,6 +133,50 @@ fn answered_by(addr: SocketAddr) -> std::io::Result<u16> {
     Ok(text.parse().unwrap())
 }
 
+/// The table as the kernel lists it, without handles and counters, sorted:
+/// what two ways of writing the same rules must agree on.
+fn listing() -> Vec<String> {
+    let out = Command::new("nft")
+        .args(["-j", "list", "table", "ip", rules::TABLE])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let listing: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let mut objects: Vec<String> = listing["nftables"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|o| o.get("metainfo").is_none())
+        .map(|o| {
+            let mut o = o.clone();
+            for kind in ["rule", "chain", "map", "set", "table"] {
+                if let Some(body) = o.get_mut(kind).and_then(|b| b.as_object_mut()) {
+                    body.remove("handle");
+                    // Entries clients put into affinity sets.
+                    if kind == "set" {
+                        body.remove("elem");
+                    }
+                }
+            }
+            o.to_string()
+        })
+        .collect();
+    objects.sort();
+    objects
+}
+
+/// A full sync over whatever the table holds, as the proxy's first.
+fn full_sync(nft: &mut Nft, next: &Ruleset) -> anyhow::Result<()> {
+    let existing = nft.existing()?;
+    nft.apply(rules::full_sync(next, &existing))
+}
+
+/// One incremental sync, as the proxy applies it.
+fn step(nft: &mut Nft, prev: &Ruleset, next: &Ruleset, garbage: &mut Garbage) {
+    nft.apply_commands(&rules::incremental(prev, next, garbage))
+        .unwrap();
+}
+
 fn web(endpoints: &[u16], affinity: Option<u32>) -> ServicePort {
     ServicePort {
         namespace: "shop".into(),
@@ -193,9 +240,10 @@ fn cluster_ips_and_node_ports_route_and_empty_services_refuse() {
         let cluster_ip = SocketAddr::from((CLUSTER_IP, 80));
         let node_port = SocketAddr::from((POD_IP, 30080));
 
+        let mut nft = Nft::open().unwrap();
         // A table in an unknown state: the full sync.
         let first = rules::desired(&node, &[web(&[8080], None), empty()]);
-        nft::apply(rules::full_sync(&first, &nft::existing().unwrap())).unwrap();
+        full_sync(&mut nft, &first).unwrap();
         assert_eq!(answered_by(cluster_ip).unwrap(), 8080);
         assert_eq!(answered_by(node_port).unwrap(), 8080);
 
@@ -215,9 +263,9 @@ fn cluster_ips_and_node_ports_route_and_empty_services_refuse() {
         }
 
         // Two endpoints: both are chosen.
+        let mut garbage = Garbage::default();
         let second = rules::desired(&node, &[web(&[8080, 8081], None), empty()]);
-        let cmds = rules::incremental(&first, &second);
-        nft::apply(cmds).unwrap();
+        step(&mut nft, &first, &second, &mut garbage);
         let mut seen = std::collections::BTreeMap::new();
         for _ in 0..60 {
             *seen.entry(answered_by(cluster_ip).unwrap()).or_insert(0) += 1;
@@ -226,7 +274,7 @@ fn cluster_ips_and_node_ports_route_and_empty_services_refuse() {
 
         // ClientIP affinity: one client sticks to one endpoint.
         let sticky = rules::desired(&node, &[web(&[8080, 8081], Some(60)), empty(), echo()]);
-        nft::apply(rules::incremental(&second, &sticky)).unwrap();
+        step(&mut nft, &second, &sticky, &mut garbage);
         // An established connection, to be kept through what follows.
         let mut established =
             TcpStream::connect_timeout(&SocketAddr::from((ECHO_IP, 7)), Duration::from_secs(2))
@@ -241,30 +289,59 @@ fn cluster_ips_and_node_ports_route_and_empty_services_refuse() {
         }
 
         // A restart: full sync over the same table, then the service goes.
-        let existing = nft::existing().unwrap();
+        let existing = nft.existing().unwrap();
         assert!(existing.chains.len() > 5, "{existing:?}");
-        nft::apply(rules::full_sync(&sticky, &existing)).unwrap();
+        nft.apply(rules::full_sync(&sticky, &existing)).unwrap();
         assert!([8080, 8081].contains(&answered_by(cluster_ip).unwrap()));
         round_trip(&mut established, "after a full sync");
         let gone = rules::desired(&node, &[empty(), echo()]);
-        nft::apply(rules::incremental(&sticky, &gone)).unwrap();
-        let left = nft::existing().unwrap();
+        step(&mut nft, &sticky, &gone, &mut garbage);
+        assert!(answered_by(cluster_ip).is_err());
+        nft.apply_commands(&garbage.collect()).unwrap();
+        let left = nft.existing().unwrap();
         assert!(
             !left.chains.iter().any(|c| c.contains("shop/web/")),
             "{left:?}"
         );
         assert!(answered_by(cluster_ip).is_err());
         round_trip(&mut established, "after another service went");
+
+        // Back with no ready endpoint, refused at once; then served again;
+        // then down to one endpoint, its old chains collected.
+        let unready = rules::desired(&node, &[web(&[], None), empty(), echo()]);
+        step(&mut nft, &gone, &unready, &mut garbage);
+        let started = Instant::now();
+        let err = answered_by(cluster_ip).unwrap_err();
+        assert_eq!(err.kind(), std::io::ErrorKind::ConnectionRefused, "{err}");
+        assert!(started.elapsed() < Duration::from_millis(100));
+        let ready = rules::desired(&node, &[web(&[8080, 8081], None), empty(), echo()]);
+        step(&mut nft, &unready, &ready, &mut garbage);
+        assert!([8080, 8081].contains(&answered_by(cluster_ip).unwrap()));
+        let one = rules::desired(&node, &[web(&[8081], None), empty(), echo()]);
+        step(&mut nft, &ready, &one, &mut garbage);
+        for _ in 0..10 {
+            assert_eq!(answered_by(cluster_ip).unwrap(), 8081);
+        }
+        assert!(!garbage.is_empty());
+        nft.apply_commands(&garbage.collect()).unwrap();
+        round_trip(&mut established, "after the collection");
+
+        // What the incremental syncs built is what a full sync writes.
+        let incremental = listing();
+        nft.delete_table().unwrap();
+        full_sync(&mut nft, &one).unwrap();
+        assert_eq!(incremental, listing());
         // And a full sync from scratch removes what a previous run left.
-        nft::apply(rules::full_sync(
+        let chains = nft.existing().unwrap().chains;
+        nft.apply(rules::full_sync(
             &rules::desired(&node, &[]),
             &Existing {
-                chains: nft::existing().unwrap().chains,
+                chains,
                 ..Default::default()
             },
         ))
         .unwrap();
-        nft::delete_table().unwrap();
+        nft.delete_table().unwrap();
     })
     .join()
     .unwrap();

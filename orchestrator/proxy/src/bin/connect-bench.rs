@@ -49,7 +49,9 @@ fn main() -> Result<()> {
         for i in 0..=FILLER_SERVICES {
             whole.merge(&rules::desired(&config, &[service(i)]));
         }
-        nft::apply(rules::full_sync(&whole, &nft::existing()?))
+        let mut nft = nft::Nft::open()?;
+        let existing = nft.existing()?;
+        nft.apply(rules::full_sync(&whole, &existing))
     })
     .join()
     .map_err(|_| anyhow::anyhow!("rules thread panicked"))??;

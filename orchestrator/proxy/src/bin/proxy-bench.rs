@@ -1,8 +1,10 @@
 //! How long the proxy takes to write its table: a full sync of 1,000 /
 //! 5,000 / 10,000 Services with 3 endpoints each, and one endpoint of one
 //! Service changing, against `nft -f` loading the same table from its text
-//! (the floor: one transaction, nothing computed). Each size runs in a
-//! network namespace of its own. Needs root and nft.
+//! (the floor: one transaction, nothing computed). As in the proxy, what
+//! changes leave unused is deleted in one collection once it is a second
+//! old, timed apart. Each size runs in a network namespace of its own.
+//! Needs root and nft.
 //!
 //! `proxy-bench [SIZES...]` (default 1000 5000 10000).
 
@@ -11,14 +13,15 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use tapestry_proxy::nft;
+use tapestry_proxy::nft::Nft;
+use tapestry_proxy::sync::COLLECT_AFTER;
 
 #[path = "support/netns.rs"]
 mod netns;
 use netns::Netns;
-use tapestry_proxy::rules::{self, Endpoint, NodeConfig, Protocol, Ruleset, ServicePort};
+use tapestry_proxy::rules::{self, Endpoint, Garbage, NodeConfig, Protocol, Ruleset, ServicePort};
 
-const CHANGES: usize = 20;
+const CHANGES: usize = 100;
 
 fn main() -> Result<()> {
     let sizes: Vec<usize> = std::env::args()
@@ -31,7 +34,7 @@ fn main() -> Result<()> {
         sizes
     };
     println!(
-        "{:>8} {:>7} {:>7} | {:>12} {:>12} {:>8} | {:>14} {:>14}",
+        "{:>8} {:>7} {:>7} | {:>12} {:>12} {:>8} | {:>14} {:>14} | {:>13}",
         "services",
         "chains",
         "rules",
@@ -39,7 +42,8 @@ fn main() -> Result<()> {
         "nft -f",
         "ratio",
         "1 change p50",
-        "1 change p99"
+        "1 change p99",
+        "collections"
     );
     for n in sizes {
         // Each size in a thread of its own, moved into its namespace.
@@ -93,24 +97,38 @@ fn run(n: usize) -> Result<()> {
     for r in &fresh {
         whole.merge(r);
     }
-    nft::apply(rules::full_sync(&whole, &nft::existing()?))?;
+    // The proxy's way: one libnftables context for its life.
+    let mut nft = Nft::open()?;
+    let existing = nft.existing()?;
+    nft.apply(rules::full_sync(&whole, &existing))?;
     let full = started.elapsed();
     let chains = whole.chains();
     let rule_count = whole.rules();
 
     // One endpoint of one Service changes, as one sync applies it.
     let mut times = Vec::with_capacity(CHANGES);
+    let mut collections = Vec::new();
+    let mut garbage = Garbage::default();
+    let mut garbage_since: Option<Instant> = None;
     for c in 0..CHANGES {
         let i = (c * 7919) % n;
         let started = Instant::now();
         let mut changed = service(i, 0);
         changed.endpoints[1] = service(i, c + 1).endpoints[1].clone();
         let next = rules::desired(&node, &[changed]);
-        nft::apply(rules::incremental(&applied[i], &next))?;
+        nft.apply_commands(&rules::incremental(&applied[i], &next, &mut garbage))?;
         times.push(started.elapsed());
         applied[i] = next;
+        let since = *garbage_since.get_or_insert(started);
+        if since.elapsed() >= COLLECT_AFTER {
+            let started = Instant::now();
+            nft.apply_commands(&garbage.collect())?;
+            collections.push(started.elapsed());
+            garbage_since = None;
+        }
     }
     times.sort();
+    collections.sort();
 
     // The floor: the same table as text, loaded by nft into a fresh namespace.
     let listing = Command::new("nft")
@@ -132,7 +150,7 @@ fn run(n: usize) -> Result<()> {
     let _ = std::fs::remove_file(&file);
     let ms = |d: Duration| format!("{:.1} ms", d.as_secs_f64() * 1000.0);
     println!(
-        "{:>8} {:>7} {:>7} | {:>12} {:>12} {:>7.2}x | {:>14} {:>14}",
+        "{:>8} {:>7} {:>7} | {:>12} {:>12} {:>7.2}x | {:>14} {:>14} | {:>2} × {:>8}",
         n,
         chains,
         rule_count,
@@ -141,6 +159,10 @@ fn run(n: usize) -> Result<()> {
         full.as_secs_f64() / floor.as_secs_f64(),
         ms(times[times.len() / 2]),
         ms(times[(times.len() * 99 / 100).min(times.len() - 1)]),
+        collections.len(),
+        collections
+            .get(collections.len() / 2)
+            .map_or("-".to_string(), |d| ms(*d)),
     );
     Ok(())
 }
