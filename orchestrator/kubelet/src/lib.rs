@@ -221,9 +221,9 @@ pub async fn start(
             // A node going away takes its table along; one that restarts
             // keeps it, and established connections with it.
             if kubelet.config.stop_pods_on_exit {
-                let deleted = tapestry_proxy::nft::Nft::open().and_then(|mut n| n.delete_table());
+                let deleted = tapestry_proxy::nft::Nft::open().and_then(|mut n| n.delete_tables());
                 if let Err(e) = deleted {
-                    tracing::warn!("removing the service proxy's table: {e:#}");
+                    tracing::warn!("removing the service proxy's tables: {e:#}");
                 }
             }
         }
@@ -258,6 +258,8 @@ fn start_proxy(
     let node = tapestry_proxy::rules::NodeConfig {
         cluster_cidr: config.cluster_cidr.as_deref().and_then(cidr),
         pod_cidr: cidr(pod_cidr),
+        // The proxy spreads Services over as many as suit their number.
+        service_tables: 1,
     };
     let proxy = tapestry_proxy::sync::ProxyConfig::new(config.node_name.clone(), node);
     Some(tapestry_proxy::sync::start(

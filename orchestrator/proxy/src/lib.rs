@@ -1,5 +1,5 @@
 //! Tapestry's Service proxy and cluster DNS: every Service port reachable
-//! on its ClusterIPs and NodePorts through an nftables table of its own,
+//! on its ClusterIPs and NodePorts through nftables tables of its own,
 //! and every Service's name answered by the node's DNS server, both kept in
 //! step with the Services and EndpointSlices through one watch each.
 

@@ -9,13 +9,14 @@
 //! rewrote a chain waits for the kernel to release the old rules (an RCU
 //! grace period, about 10 ms): most of what one change would cost.
 
+use std::collections::BTreeSet;
 use std::ffi::{c_char, c_int, c_uint, c_void, CStr, CString};
 use std::ptr::NonNull;
 
 use anyhow::{bail, Context, Result};
 use serde_json::Value;
 
-use crate::rules::{self, document, Existing, TABLE};
+use crate::rules::{self, document, Existing, Table};
 use crate::script;
 
 /// `NFT_CTX_OUTPUT_JSON`: JSON listings, and JSON input is accepted.
@@ -109,35 +110,51 @@ impl Nft {
         self.run(&script::render(cmds)?, false).map(drop)
     }
 
-    /// The chains and sets `table ip tapestry-proxy` holds now (none if
-    /// the table does not exist).
+    /// The chains, sets and maps the proxy's tables hold now (none for a
+    /// table that does not exist).
     pub fn existing(&mut self) -> Result<Existing> {
-        let mut found = Existing::default();
-        let Ok(listing) = self.run(&format!("list table ip {TABLE}"), true) else {
-            // No such table yet.
-            return Ok(found);
+        let mut found = Existing {
+            tables: self.tables()?,
+            ..Existing::default()
         };
-        let listing: Value = serde_json::from_str(&listing).context("parsing nft's listing")?;
-        for object in listing["nftables"].as_array().into_iter().flatten() {
-            if let Some(name) = object["chain"]["name"].as_str() {
-                found.chains.insert(name.to_string());
-            }
-            if let Some(name) = object["set"]["name"].as_str() {
-                found.sets.insert(name.to_string());
+        for &table in &found.tables {
+            let listing = self.run(&format!("list table ip {}", table.name()), true)?;
+            let listing: Value = serde_json::from_str(&listing).context("parsing nft's listing")?;
+            for object in listing["nftables"].as_array().into_iter().flatten() {
+                for (kind, names) in [
+                    ("chain", &mut found.chains),
+                    ("set", &mut found.sets),
+                    ("map", &mut found.maps),
+                ] {
+                    if let Some(name) = object[kind]["name"].as_str() {
+                        names.insert((table, name.to_string()));
+                    }
+                }
             }
         }
         Ok(found)
     }
 
-    /// Remove the table and everything in it (at shutdown of a local
-    /// node); a table that is not there is already removed.
-    pub fn delete_table(&mut self) -> Result<()> {
-        if self.run(&format!("list table ip {TABLE}"), false).is_err() {
-            return Ok(());
+    /// Remove the proxy's tables and everything in them (at shutdown of a
+    /// local node); tables that are not there are already removed.
+    pub fn delete_tables(&mut self) -> Result<()> {
+        for table in self.tables()? {
+            self.run(&format!("delete table ip {}", table.name()), false)
+                .with_context(|| format!("deleting table ip {}", table.name()))?;
         }
-        self.run(&format!("delete table ip {TABLE}"), false)
-            .map(drop)
-            .with_context(|| format!("deleting table ip {TABLE}"))
+        Ok(())
+    }
+
+    /// The proxy's `ip` tables there are.
+    fn tables(&mut self) -> Result<BTreeSet<Table>> {
+        let listing = self.run("list tables ip", true)?;
+        let listing: Value = serde_json::from_str(&listing).context("parsing nft's listing")?;
+        Ok(listing["nftables"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|o| Table::parse(o["table"]["name"].as_str()?))
+            .collect())
     }
 
     /// Run `input`; what it printed, or nft's error message.

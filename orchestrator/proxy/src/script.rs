@@ -16,7 +16,7 @@ use std::net::Ipv4Addr;
 use anyhow::{bail, Context, Result};
 use serde_json::Value;
 
-use crate::rules::{map_key_type, Command, TABLE};
+use crate::rules::{map_key_type, Command, Op};
 
 /// One transaction: the commands, one per line.
 pub fn render(cmds: &[Command]) -> Result<String> {
@@ -29,18 +29,18 @@ pub fn render(cmds: &[Command]) -> Result<String> {
 }
 
 fn render_command(cmd: &Command, out: &mut String) -> Result<()> {
-    let table = format!("ip {TABLE}");
-    match cmd {
-        Command::AddAffinitySet { name, timeout } => write!(
+    let table = format!("ip {}", token(&cmd.table.name())?);
+    match &cmd.op {
+        Op::AddAffinitySet { name, timeout } => write!(
             out,
             "add set {table} {} {{ type ipv4_addr; flags timeout; timeout {timeout}s; }}",
             token(name)?
         )?,
-        Command::DeleteSet(name) => write!(out, "delete set {table} {}", token(name)?)?,
-        Command::AddChain(name) => write!(out, "add chain {table} {}", token(name)?)?,
-        Command::FlushChain(name) => write!(out, "flush chain {table} {}", token(name)?)?,
-        Command::DeleteChain(name) => write!(out, "delete chain {table} {}", token(name)?)?,
-        Command::AppendRules { chain, rules } => {
+        Op::DeleteSet(name) => write!(out, "delete set {table} {}", token(name)?)?,
+        Op::AddChain(name) => write!(out, "add chain {table} {}", token(name)?)?,
+        Op::FlushChain(name) => write!(out, "flush chain {table} {}", token(name)?)?,
+        Op::DeleteChain(name) => write!(out, "delete chain {table} {}", token(name)?)?,
+        Op::AppendRules { chain, rules } => {
             write!(out, "add chain {table} {} {{ ", token(chain)?)?;
             for rule in rules {
                 let Value::Array(exprs) = rule else {
@@ -51,7 +51,7 @@ fn render_command(cmd: &Command, out: &mut String) -> Result<()> {
             }
             out.push('}');
         }
-        Command::AddElements { map, elements } => {
+        Op::AddElements { map, elements } => {
             let key_type = map_key_type(map).with_context(|| format!("no map {map}"))?;
             let elements: Vec<String> = elements
                 .iter()
@@ -65,7 +65,7 @@ fn render_command(cmd: &Command, out: &mut String) -> Result<()> {
                 elements.join(", ")
             )?;
         }
-        Command::DeleteElements { map, keys } => {
+        Op::DeleteElements { map, keys } => {
             let keys: Vec<String> = keys.iter().map(value).collect::<Result<_>>()?;
             write!(
                 out,
@@ -202,30 +202,18 @@ fn token(name: &str) -> Result<&str> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::rules::{desired, Endpoint, Garbage, NodeConfig, Protocol, Ruleset, ServicePort};
+    use crate::rules::{desired, Garbage, NodeConfig, Ruleset, ServicePort, Table};
     use serde_json::json;
 
     fn web(endpoints: &[[u8; 4]], affinity: Option<u32>, node_port: Option<u16>) -> ServicePort {
-        ServicePort {
-            namespace: "shop".into(),
-            name: "web".into(),
-            port_name: "http".into(),
-            protocol: Protocol::Tcp,
-            cluster_ips: vec![Ipv4Addr::new(10, 96, 0, 9)],
-            port: 80,
-            node_port,
-            affinity_seconds: affinity,
-            internal_local: false,
-            external_local: false,
-            endpoints: endpoints
-                .iter()
-                .map(|&ip| Endpoint {
-                    ip: Ipv4Addr::from(ip),
-                    port: 8080,
-                    local: true,
-                })
-                .collect(),
+        let mut web = crate::rules::tests::service("web", [10, 96, 0, 9], endpoints);
+        web.port_name = "http".into();
+        web.node_port = node_port;
+        web.affinity_seconds = affinity;
+        for ep in &mut web.endpoints {
+            ep.local = true;
         }
+        web
     }
 
     #[test]
@@ -233,6 +221,7 @@ mod tests {
         let node = NodeConfig {
             cluster_cidr: Some((Ipv4Addr::new(10, 244, 0, 0), 16)),
             pod_cidr: Some((Ipv4Addr::new(10, 244, 1, 0), 24)),
+            service_tables: 1,
         };
         let next = desired(
             &node,
@@ -241,12 +230,13 @@ mod tests {
         let cmds = crate::rules::incremental(&Ruleset::default(), &next, &mut Garbage::default());
         let text = render(&cmds).unwrap();
         let ep = "ep-shop/web/tcp/http__10.244.1.2/8080";
+        let t = Table::of_service("shop", "web", 1).name();
         for line in [
-            format!("add set ip tapestry-proxy aff-{ep} {{ type ipv4_addr; flags timeout; timeout 10800s; }}"),
-            format!("add chain ip tapestry-proxy {ep}"),
-            format!("add chain ip tapestry-proxy {ep} {{ ip saddr 10.244.1.2 jump mark-for-masquerade; ip saddr 10.244.1.0/24 jump mark-for-masquerade; update @aff-{ep} {{ ip saddr }}; meta l4proto tcp dnat to 10.244.1.2:8080; }}"),
-            "add chain ip tapestry-proxy svc-shop/web/tcp/http { ip daddr 10.96.0.9 ip saddr != 10.244.0.0/16 jump mark-for-masquerade; ip saddr @aff-ep-shop/web/tcp/http__10.244.1.2/8080 goto ep-shop/web/tcp/http__10.244.1.2/8080; ip saddr @aff-ep-shop/web/tcp/http__10.244.1.3/8080 goto ep-shop/web/tcp/http__10.244.1.3/8080; numgen random mod 2 vmap { 0 : goto ep-shop/web/tcp/http__10.244.1.2/8080, 1 : goto ep-shop/web/tcp/http__10.244.1.3/8080 }; }".to_string(),
-            "add map ip tapestry-proxy service-ips { type ipv4_addr . inet_proto . inet_service : verdict; elements = { 10.96.0.9 . tcp . 80 : goto svc-shop/web/tcp/http }; }".to_string(),
+            format!("add set ip {t} aff-{ep} {{ type ipv4_addr; flags timeout; timeout 10800s; }}"),
+            format!("add chain ip {t} {ep}"),
+            format!("add chain ip {t} {ep} {{ ip saddr 10.244.1.2 jump mark-for-masquerade; ip saddr 10.244.1.0/24 jump mark-for-masquerade; update @aff-{ep} {{ ip saddr }}; meta l4proto tcp dnat to 10.244.1.2:8080; }}"),
+            format!("add chain ip {t} svc-shop/web/tcp/http {{ ip daddr 10.96.0.9 ip saddr != 10.244.0.0/16 jump mark-for-masquerade; ip saddr @aff-ep-shop/web/tcp/http__10.244.1.2/8080 goto ep-shop/web/tcp/http__10.244.1.2/8080; ip saddr @aff-ep-shop/web/tcp/http__10.244.1.3/8080 goto ep-shop/web/tcp/http__10.244.1.3/8080; numgen random mod 2 vmap {{ 0 : goto ep-shop/web/tcp/http__10.244.1.2/8080, 1 : goto ep-shop/web/tcp/http__10.244.1.3/8080 }}; }}"),
+            format!("add map ip {t} service-ips {{ type ipv4_addr . inet_proto . inet_service : verdict; elements = {{ 10.96.0.9 . tcp . 80 : goto svc-shop/web/tcp/http }}; }}"),
         ] {
             assert!(text.lines().any(|l| l == line), "no line\n{line}\nin\n{text}");
         }
@@ -261,8 +251,11 @@ mod tests {
         );
         crate::rules::incremental(&before, &Ruleset::default(), &mut garbage);
         let text = render(&garbage.collect()).unwrap();
+        let t = Table::of_service("shop", "web", 1).name();
         assert!(
-            text.contains("delete element ip tapestry-proxy service-nodeports { tcp . 30080 }\n"),
+            text.contains(&format!(
+                "delete element ip {t} service-nodeports {{ tcp . 30080 }}\n"
+            )),
             "{text}"
         );
         assert!(
@@ -278,9 +271,12 @@ mod tests {
         }
         assert!(value(&json!("10.0.0.1; flush ruleset")).is_err());
         assert!(statement(&json!({"counter": null})).is_err());
-        let cmd = Command::AppendRules {
-            chain: "svc-x".into(),
-            rules: vec![json!([{"dnat": {"addr": "10.0.0.1", "port": 70000}}])],
+        let cmd = Command {
+            table: Table::Main,
+            op: Op::AppendRules {
+                chain: "svc-x".into(),
+                rules: vec![json!([{"dnat": {"addr": "10.0.0.1", "port": 70000}}])],
+            },
         };
         assert!(render(&[cmd]).is_err());
     }

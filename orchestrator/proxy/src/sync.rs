@@ -149,7 +149,7 @@ async fn run(
     let mut last_full = Instant::now();
     let mut backoff = Duration::from_millis(100);
     loop {
-        if last_full.elapsed() >= proxy.config.resync {
+        if last_full.elapsed() >= proxy.config.resync || proxy.outgrown() {
             full = true;
         }
         let changed = changes.take();
@@ -237,9 +237,9 @@ impl Proxy {
 
     async fn full_sync(&mut self) -> anyhow::Result<()> {
         let started = Instant::now();
-        let next: HashMap<String, Ruleset> = self
-            .watches
-            .all_services()
+        let services = self.watches.all_services();
+        self.config.node.service_tables = rules::service_tables_for(services.len());
+        let next: HashMap<String, Ruleset> = services
             .into_iter()
             .map(|(key, service, slices)| {
                 let rules = self.rules_for(&service, &slices);
@@ -251,10 +251,11 @@ impl Proxy {
             whole.merge(r);
         }
         let nft = self.nft.clone();
+        let node = self.config.node.clone();
         let cmds = tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
             let mut nft = lock(&nft);
             let existing = nft.existing()?;
-            nft.apply(rules::full_sync(&whole, &existing))
+            nft.apply(rules::full_sync(&whole, &existing, &node))
         });
         cmds.await??;
         self.applied = next;
@@ -264,6 +265,7 @@ impl Proxy {
         self.record(started, "full");
         tracing::info!(
             services = self.applied.len(),
+            tables = self.config.node.service_tables,
             ms = started.elapsed().as_millis() as u64,
             "service proxy table written in full"
         );
@@ -309,6 +311,12 @@ impl Proxy {
     async fn apply(&self, cmds: Vec<rules::Command>) -> anyhow::Result<()> {
         let nft = self.nft.clone();
         tokio::task::spawn_blocking(move || lock(&nft).apply_commands(&cmds)).await?
+    }
+
+    /// Whether the Services have grown past what their tables suit: the
+    /// next full sync spreads them over more.
+    fn outgrown(&self) -> bool {
+        rules::service_tables_for(self.applied.len() / 2) > self.config.node.service_tables
     }
 
     /// When the leftovers of earlier syncs are to be deleted, if any.

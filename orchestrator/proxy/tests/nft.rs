@@ -10,9 +10,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use tapestry_proxy::nft::Nft;
-use tapestry_proxy::rules::{
-    self, Endpoint, Existing, Garbage, NodeConfig, Protocol, Ruleset, ServicePort,
-};
+use tapestry_proxy::rules::{self, Endpoint, Garbage, NodeConfig, Protocol, Ruleset, ServicePort};
 
 const POD_IP: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 2);
 const CLUSTER_IP: Ipv4Addr = Ipv4Addr::new(10, 96, 77, 10);
@@ -133,11 +131,12 @@ fn answered_by(addr: SocketAddr) -> std::io::Result<u16> {
     Ok(text.parse().unwrap())
 }
 
-/// The table as the kernel lists it, without handles and counters, sorted:
+/// The tables as the kernel lists them (the namespace holds the proxy's
+/// only), without handles and counters, sorted:
 /// what two ways of writing the same rules must agree on.
 fn listing() -> Vec<String> {
     let out = Command::new("nft")
-        .args(["-j", "list", "table", "ip", rules::TABLE])
+        .args(["-j", "list", "ruleset"])
         .output()
         .unwrap();
     assert!(out.status.success());
@@ -166,9 +165,9 @@ fn listing() -> Vec<String> {
 }
 
 /// A full sync over whatever the table holds, as the proxy's first.
-fn full_sync(nft: &mut Nft, next: &Ruleset) -> anyhow::Result<()> {
+fn full_sync(nft: &mut Nft, next: &Ruleset, node: &NodeConfig) -> anyhow::Result<()> {
     let existing = nft.existing()?;
-    nft.apply(rules::full_sync(next, &existing))
+    nft.apply(rules::full_sync(next, &existing, node))
 }
 
 /// One incremental sync, as the proxy applies it.
@@ -220,6 +219,21 @@ fn empty() -> ServicePort {
     }
 }
 
+/// A table as an earlier layout of the proxy left it.
+const EARLIER_LAYOUT: &str = "table ip tapestry-proxy {
+  map service-ips { type ipv4_addr . inet_proto . inet_service : verdict; }
+  set aff-ep-shop/old/tcp/__10.77.0.2/8080 { type ipv4_addr; flags timeout; timeout 60s; }
+  chain nat-prerouting { type nat hook prerouting priority -100; policy accept; jump services; }
+  chain services { ip daddr . meta l4proto . th dport vmap @service-ips; }
+  chain ep-shop/old/tcp/__10.77.0.2/8080 {
+    update @aff-ep-shop/old/tcp/__10.77.0.2/8080 { ip saddr }
+    meta l4proto tcp dnat to 10.77.0.2:8080
+  }
+  chain svc-shop/old/tcp/ { goto ep-shop/old/tcp/__10.77.0.2/8080; }
+}
+add element ip tapestry-proxy service-ips { 10.96.77.99 . tcp . 80 : goto svc-shop/old/tcp/ }
+";
+
 #[test]
 fn cluster_ips_and_node_ports_route_and_empty_services_refuse() {
     if !can_run() {
@@ -236,15 +250,44 @@ fn cluster_ips_and_node_ports_route_and_empty_services_refuse() {
         let node = NodeConfig {
             cluster_cidr: Some((Ipv4Addr::new(10, 77, 0, 0), 16)),
             pod_cidr: Some((Ipv4Addr::new(10, 77, 0, 0), 24)),
+            // Several Service tables, as a large cluster has.
+            service_tables: 4,
         };
         let cluster_ip = SocketAddr::from((CLUSTER_IP, 80));
         let node_port = SocketAddr::from((POD_IP, 30080));
 
         let mut nft = Nft::open().unwrap();
-        // A table in an unknown state: the full sync.
+        // A table in an unknown state, here one table holding everything
+        // as an earlier layout did (a Service's chains, affinity set and
+        // map entries beside the hooks): the full sync takes it over.
+        let mut earlier = std::process::Command::new("nft")
+            .args(["-f", "-"])
+            .stdin(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        earlier
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(EARLIER_LAYOUT.as_bytes())
+            .unwrap();
+        assert!(earlier.wait().unwrap().success());
         let first = rules::desired(&node, &[web(&[8080], None), empty()]);
-        full_sync(&mut nft, &first).unwrap();
+        full_sync(&mut nft, &first, &node).unwrap();
         assert_eq!(answered_by(cluster_ip).unwrap(), 8080);
+        let tables = nft.existing().unwrap();
+        for gone in ["nat-prerouting", "services", "svc-shop/old/tcp/"] {
+            assert!(
+                !tables
+                    .chains
+                    .contains(&(rules::Table::Main, gone.to_string())),
+                "{gone}: {tables:?}"
+            );
+        }
+        assert!(
+            tables.sets.is_empty() && tables.maps.len() == 2 * (1 + 4),
+            "{tables:?}"
+        );
         assert_eq!(answered_by(node_port).unwrap(), 8080);
 
         // No endpoints: refused at once, never a time-out.
@@ -291,7 +334,8 @@ fn cluster_ips_and_node_ports_route_and_empty_services_refuse() {
         // A restart: full sync over the same table, then the service goes.
         let existing = nft.existing().unwrap();
         assert!(existing.chains.len() > 5, "{existing:?}");
-        nft.apply(rules::full_sync(&sticky, &existing)).unwrap();
+        nft.apply(rules::full_sync(&sticky, &existing, &node))
+            .unwrap();
         assert!([8080, 8081].contains(&answered_by(cluster_ip).unwrap()));
         round_trip(&mut established, "after a full sync");
         let gone = rules::desired(&node, &[empty(), echo()]);
@@ -300,7 +344,7 @@ fn cluster_ips_and_node_ports_route_and_empty_services_refuse() {
         nft.apply_commands(&garbage.collect()).unwrap();
         let left = nft.existing().unwrap();
         assert!(
-            !left.chains.iter().any(|c| c.contains("shop/web/")),
+            !left.chains.iter().any(|(_, c)| c.contains("shop/web/")),
             "{left:?}"
         );
         assert!(answered_by(cluster_ip).is_err());
@@ -328,20 +372,29 @@ fn cluster_ips_and_node_ports_route_and_empty_services_refuse() {
 
         // What the incremental syncs built is what a full sync writes.
         let incremental = listing();
-        nft.delete_table().unwrap();
-        full_sync(&mut nft, &one).unwrap();
+        nft.delete_tables().unwrap();
+        full_sync(&mut nft, &one, &node).unwrap();
         assert_eq!(incremental, listing());
         // And a full sync from scratch removes what a previous run left.
-        let chains = nft.existing().unwrap().chains;
+        // Fewer tables: the extra ones go.
+        let fewer = NodeConfig {
+            service_tables: 2,
+            ..node.clone()
+        };
+        let existing = nft.existing().unwrap();
         nft.apply(rules::full_sync(
-            &rules::desired(&node, &[]),
-            &Existing {
-                chains,
-                ..Default::default()
-            },
+            &rules::desired(&fewer, &[]),
+            &existing,
+            &fewer,
         ))
         .unwrap();
-        nft.delete_table().unwrap();
+        let left = nft.existing().unwrap();
+        assert_eq!(left.tables.len(), 3, "{left:?}");
+        assert!(
+            left.chains.iter().all(|(_, c)| !c.contains("shop/")),
+            "{left:?}"
+        );
+        nft.delete_tables().unwrap();
     })
     .join()
     .unwrap();

@@ -3,7 +3,10 @@
 //! 1,000 other Services in it) against connecting straight to the pod's
 //! address, through the same node. Three network namespaces: a client
 //! pod, a server pod (three endpoint addresses) and the node routing
-//! between them with the proxy's table. Rounds alternate the two targets.
+//! between them with the proxy's tables. Rounds alternate the two targets
+//! (the pod's three addresses in turn, as the Service spreads over them).
+//! Then the tables are removed and the pod connected to again: what the
+//! proxy's NAT hooks cost connections that are not to a Service.
 //! Needs root, iproute2 and nft.
 //!
 //! `connect-bench [CONNECTIONS]` (default 4000 per target).
@@ -44,6 +47,7 @@ fn main() -> Result<()> {
         let config = NodeConfig {
             cluster_cidr: Some((Ipv4Addr::new(10, 128, 0, 0), 16)),
             pod_cidr: None,
+            service_tables: rules::service_tables_for(FILLER_SERVICES as usize + 1),
         };
         let mut whole = Ruleset::default();
         for i in 0..=FILLER_SERVICES {
@@ -51,7 +55,7 @@ fn main() -> Result<()> {
         }
         let mut nft = nft::Nft::open()?;
         let existing = nft.existing()?;
-        nft.apply(rules::full_sync(&whole, &existing))
+        nft.apply(rules::full_sync(&whole, &existing, &config))
     })
     .join()
     .map_err(|_| anyhow::anyhow!("rules thread panicked"))??;
@@ -73,20 +77,20 @@ fn main() -> Result<()> {
     let (through_service, straight) = std::thread::spawn(move || -> Result<_> {
         netns::enter(&client_name)?;
         let service = SocketAddr::from((CLUSTER_IP, 80));
-        let pod = SocketAddr::from((PODS[0], 8080));
+        let pod = |round: usize| SocketAddr::from((PODS[round % PODS.len()], 8080));
         // Warm both paths (ARP, routes) before timing.
-        for _ in 0..50 {
+        for round in 0..50 {
             connect_time(service)?;
-            connect_time(pod)?;
+            connect_time(pod(round))?;
         }
         let mut a = Vec::with_capacity(connections);
         let mut b = Vec::with_capacity(connections);
         for round in 0..connections {
             if round % 2 == 0 {
                 a.push(connect_time(service)?);
-                b.push(connect_time(pod)?);
+                b.push(connect_time(pod(round))?);
             } else {
-                b.push(connect_time(pod)?);
+                b.push(connect_time(pod(round))?);
                 a.push(connect_time(service)?);
             }
         }
@@ -94,8 +98,25 @@ fn main() -> Result<()> {
     })
     .join()
     .map_err(|_| anyhow::anyhow!("client thread panicked"))??;
+    let node_name = node.0.clone();
+    std::thread::spawn(move || -> Result<()> {
+        netns::enter(&node_name)?;
+        nft::Nft::open()?.delete_tables()
+    })
+    .join()
+    .map_err(|_| anyhow::anyhow!("rules thread panicked"))??;
+    let client_name = client.0.clone();
+    let without_tables = std::thread::spawn(move || -> Result<_> {
+        netns::enter(&client_name)?;
+        (0..connections)
+            .map(|round| connect_time(SocketAddr::from((PODS[round % PODS.len()], 8080))))
+            .collect::<Result<Vec<_>>>()
+    })
+    .join()
+    .map_err(|_| anyhow::anyhow!("client thread panicked"))??;
     let (s50, s99) = percentiles(through_service);
     let (p50, p99) = percentiles(straight);
+    let (n50, n99) = percentiles(without_tables);
     println!(
         "{:<28} {:>10} {:>10}",
         format!("{connections} connects each"),
@@ -116,8 +137,14 @@ fn main() -> Result<()> {
         us(p99)
     );
     println!(
+        "{:<28} {:>10} {:>10}",
+        "straight, no proxy tables",
+        us(n50),
+        us(n99)
+    );
+    println!(
         "{:<28} {:>9.2}x {:>9.2}x",
-        "ratio",
+        "ratio (ClusterIP/straight)",
         s50.as_secs_f64() / p50.as_secs_f64(),
         s99.as_secs_f64() / p99.as_secs_f64()
     );

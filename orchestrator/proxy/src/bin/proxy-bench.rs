@@ -84,6 +84,7 @@ fn run(n: usize) -> Result<()> {
     let node = NodeConfig {
         cluster_cidr: Some((Ipv4Addr::new(10, 128, 0, 0), 9)),
         pod_cidr: None,
+        service_tables: rules::service_tables_for(n),
     };
     // As the sync loop keeps it: one ruleset per Service.
     let mut applied: Vec<Ruleset> = (0..n)
@@ -100,7 +101,7 @@ fn run(n: usize) -> Result<()> {
     // The proxy's way: one libnftables context for its life.
     let mut nft = Nft::open()?;
     let existing = nft.existing()?;
-    nft.apply(rules::full_sync(&whole, &existing))?;
+    nft.apply(rules::full_sync(&whole, &existing, &node))?;
     let full = started.elapsed();
     let chains = whole.chains();
     let rule_count = whole.rules();
@@ -127,13 +128,17 @@ fn run(n: usize) -> Result<()> {
             garbage_since = None;
         }
     }
+    // What is left, as the proxy deletes it a second later.
+    if !garbage.is_empty() {
+        let started = Instant::now();
+        nft.apply_commands(&garbage.collect())?;
+        collections.push(started.elapsed());
+    }
     times.sort();
     collections.sort();
 
-    // The floor: the same table as text, loaded by nft into a fresh namespace.
-    let listing = Command::new("nft")
-        .args(["list", "table", "ip", rules::TABLE])
-        .output()?;
+    // The floor: the same tables as text, loaded by nft into a fresh namespace.
+    let listing = Command::new("nft").args(["list", "ruleset"]).output()?;
     if !listing.status.success() {
         bail!("nft list: {}", String::from_utf8_lossy(&listing.stderr));
     }
