@@ -61,6 +61,12 @@ struct ServeArgs {
     /// (`tshark -i TCP@HOST:PORT`).
     #[arg(long, value_name = "ADDR", conflicts_with_all = ["kubeconfig", "in_cluster"])]
     pcap_over_ip: Option<String>,
+    /// Quick path: a client network (CIDR) allowed to read the
+    /// PCAP-over-IP stream besides loopback; repeat for more. PCAP-over-IP
+    /// has no authentication, so without this only loopback clients are
+    /// served.
+    #[arg(long, value_name = "CIDR", requires = "pcap_over_ip")]
+    pcap_over_ip_allow: Vec<tapestry_proto::policy::Cidr>,
     #[command(flatten)]
     pipeline: PipelineArgs,
 }
@@ -179,9 +185,10 @@ fn run_serve(a: ServeArgs) -> anyhow::Result<()> {
             config.sinks.push(SinkConfig::PcapOverIp(PcapOverIpConfig {
                 name: "pcap-over-ip".into(),
                 listen: addr.clone(),
-                allow: None,
+                allow: (!a.pcap_over_ip_allow.is_empty()).then(|| a.pcap_over_ip_allow.clone()),
                 queue: sinks::default_queue(),
                 client_queue: sinks::default_client_queue(),
+                max_clients: sinks::default_max_clients(),
                 snaplen: sinks::default_snaplen(),
             }));
             config.policies.push(PolicyConfig {

@@ -96,6 +96,10 @@ pub struct SinkStats {
     /// Packets dropped for individual clients that did not keep up.
     pub client_dropped: Counter,
     pub clients: AtomicU64,
+    /// Clients turned away: the sink already served its maximum.
+    pub refused_too_many: Counter,
+    /// Clients turned away: their address is not loopback nor allowed.
+    pub refused_not_allowed: Counter,
     pub errors: Counter,
     /// Whether the sink is serving (false: it could not start).
     pub ready: AtomicBool,
@@ -111,6 +115,8 @@ impl Default for SinkStats {
             dropped: Counter::default(),
             client_dropped: Counter::default(),
             clients: AtomicU64::new(0),
+            refused_too_many: Counter::default(),
+            refused_not_allowed: Counter::default(),
             errors: Counter::default(),
             ready: AtomicBool::new(true),
             // 1 µs .. 60 s at 3 significant digits.
@@ -326,6 +332,18 @@ impl Registry {
             sinks
                 .iter()
                 .map(|(n, t, s)| (sl(n, t), s.client_dropped.get()))
+        );
+        fam!(
+            "tapestry_aggregator_sink_refused_total",
+            "Clients a sink turned away, by reason.",
+            "counter",
+            sinks.iter().flat_map(|(n, t, s)| {
+                [
+                    ("too_many_clients", s.refused_too_many.get()),
+                    ("not_allowed", s.refused_not_allowed.get()),
+                ]
+                .map(|(reason, v)| (format!("{},reason=\"{reason}\"", sl(n, t)), v))
+            })
         );
         fam!(
             "tapestry_aggregator_sink_errors_total",

@@ -182,7 +182,16 @@ async fn stream_pcap(State(s): State<HttpState>, Path(name): Path<String>) -> Re
         )
             .into_response();
     };
-    let sub = stream.hub.subscribe();
+    let sub = match stream.hub.subscribe() {
+        Ok(sub) => sub,
+        Err(e) => {
+            return (
+                StatusCode::SERVICE_UNAVAILABLE,
+                axum::Json(serde_json::json!({"error": format!("sink {name:?}: {e}")})),
+            )
+                .into_response()
+        }
+    };
     let head = bytes::Bytes::copy_from_slice(&crate::capture::pcap_stream_header(stream.snaplen));
     let body = futures::stream::once(async move { Ok::<_, std::io::Error>(head) }).chain_rx(sub.rx);
     Response::builder()

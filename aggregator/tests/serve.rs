@@ -268,6 +268,69 @@ fn tool_group_keeps_flows_whole_and_splits_evenly() {
 }
 
 #[test]
+fn pcap_over_ip_clients_are_bounded_and_reaped_at_once() {
+    use std::io::Read;
+    let dir = tempfile::tempdir().unwrap();
+    let agg = Aggregator::start(
+        r#"
+sinks:
+  - { name: few, type: pcap_over_ip, listen: "127.0.0.1:0", max_clients: 2 }
+  - { name: many, type: pcap_over_ip, listen: "127.0.0.1:0" }
+policies:
+  - name: all
+    sinks: [few, many]
+"#,
+        dir.path(),
+    );
+    let addr = &agg.sinks["few"];
+    let clients = |sink: &str| {
+        agg.metric(&format!(
+            "tapestry_aggregator_sink_clients{{sink=\"{sink}\",type=\"pcap_over_ip\"}}"
+        ))
+    };
+    let header = |c: &mut std::net::TcpStream| {
+        c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut buf = [0u8; 24];
+        c.read_exact(&mut buf).map(|_| buf)
+    };
+    let settled = |what: &str, done: &dyn Fn() -> bool| {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while !done() {
+            assert!(std::time::Instant::now() < deadline, "{what}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    // Two clients are served; a third is closed at once, and counted.
+    let mut first = std::net::TcpStream::connect(addr).unwrap();
+    let mut second = std::net::TcpStream::connect(addr).unwrap();
+    assert_eq!(&header(&mut first).unwrap()[..4], &[0xd4, 0xc3, 0xb2, 0xa1]);
+    header(&mut second).unwrap();
+    let mut third = std::net::TcpStream::connect(addr).unwrap();
+    assert!(header(&mut third).is_err(), "a third client was served");
+    agg.wait_metric(
+        "tapestry_aggregator_sink_refused_total{sink=\"few\",type=\"pcap_over_ip\",reason=\"too_many_clients\"}",
+        1.0,
+        10,
+    );
+    // Clients that leave while no packet flows are forgotten at once: the
+    // places free up, and connect/close loops leave no descriptor behind.
+    drop((first, second, third));
+    settled("the two clients stayed", &|| clients("few") == 0.0);
+    let mut again = std::net::TcpStream::connect(addr).unwrap();
+    header(&mut again).unwrap();
+    drop(again);
+    settled("the client stayed", &|| clients("few") == 0.0);
+    let baseline = agg.open_fds();
+    for _ in 0..1000 {
+        let mut c = std::net::TcpStream::connect(&agg.sinks["many"]).unwrap();
+        header(&mut c).unwrap();
+    }
+    settled("descriptors or clients stayed after 1,000 loops", &|| {
+        clients("many") == 0.0 && agg.open_fds() <= baseline
+    });
+}
+
+#[test]
 fn stalled_client_loses_only_its_own_packets() {
     require_tool("tshark");
     let dir = tempfile::tempdir().unwrap();

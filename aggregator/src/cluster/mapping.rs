@@ -13,7 +13,9 @@ use crate::sinks::http::config::HttpConfig;
 use crate::sinks::pcap_over_ip::config::PcapOverIpConfig;
 use crate::sinks::pcapng_file::config::PcapngFileConfig;
 use crate::sinks::vxlan::config::VxlanConfig;
-use crate::sinks::{default_client_queue, default_queue, default_snaplen, SinkConfig};
+use crate::sinks::{
+    default_client_queue, default_max_clients, default_queue, default_snaplen, SinkConfig,
+};
 use crate::transforms::dedup::DedupConfig;
 use crate::transforms::mask::MaskConfig;
 use crate::transforms::slice::SliceConfig;
@@ -128,6 +130,7 @@ pub fn sink_config(t: &TapTool) -> Result<SinkConfig, String> {
             allow: Some(s.allow.clone()),
             queue: default_queue(),
             client_queue: default_client_queue(),
+            max_clients: default_max_clients(),
             snaplen,
             name,
         }),
@@ -135,6 +138,7 @@ pub fn sink_config(t: &TapTool) -> Result<SinkConfig, String> {
             name,
             queue: default_queue(),
             client_queue: default_client_queue(),
+            max_clients: default_max_clients(),
             snaplen,
         }),
         ToolType::PcapngFiles => SinkConfig::PcapngFile(PcapngFileConfig {
@@ -151,6 +155,7 @@ pub fn sink_config(t: &TapTool) -> Result<SinkConfig, String> {
             name,
             queue: default_queue(),
             client_queue: default_client_queue(),
+            max_clients: default_max_clients(),
             snaplen,
         }),
         ToolType::Vxlan => SinkConfig::Vxlan(VxlanConfig {

@@ -39,6 +39,11 @@ pub fn default_client_queue() -> usize {
     256
 }
 
+/// Clients one sink serves at once; more are refused (and counted).
+pub fn default_max_clients() -> usize {
+    64
+}
+
 pub fn default_snaplen() -> u32 {
     262_144
 }
@@ -224,6 +229,23 @@ pub struct Hub<T> {
     clients: Mutex<Vec<HubClient<T>>>,
     pub stats: Arc<SinkStats>,
     client_queue: usize,
+    max_clients: usize,
+}
+
+/// A client a [`Hub`] turned away: it already serves `max` clients.
+#[derive(Debug)]
+pub struct TooManyClients {
+    pub max: usize,
+}
+
+impl std::fmt::Display for TooManyClients {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "the sink already serves its maximum of {} clients",
+            self.max
+        )
+    }
 }
 
 struct HubClient<T> {
@@ -239,24 +261,41 @@ pub struct Subscription<T> {
 }
 
 impl<T: Clone> Hub<T> {
-    pub fn new(stats: Arc<SinkStats>, client_queue: usize) -> Self {
+    pub fn new(stats: Arc<SinkStats>, client_queue: usize, max_clients: usize) -> Self {
         Hub {
             clients: Mutex::new(Vec::new()),
             stats,
             client_queue: client_queue.max(1),
+            max_clients,
         }
     }
 
-    pub fn subscribe(&self) -> Subscription<T> {
+    /// A new client's end, unless the hub is full (counted as a refusal).
+    pub fn subscribe(&self) -> Result<Subscription<T>, TooManyClients> {
+        let mut c = self.clients.lock().unwrap_or_else(|e| e.into_inner());
+        c.retain(|cl| !cl.tx.is_closed());
+        if c.len() >= self.max_clients {
+            self.stats.clients.store(c.len() as u64, Relaxed);
+            self.stats.refused_too_many.add(1);
+            return Err(TooManyClients {
+                max: self.max_clients,
+            });
+        }
         let (tx, rx) = mpsc::channel(self.client_queue);
         let dropped = Arc::new(AtomicU64::new(0));
-        let mut c = self.clients.lock().unwrap_or_else(|e| e.into_inner());
         c.push(HubClient {
             tx,
             dropped: dropped.clone(),
         });
         self.stats.clients.store(c.len() as u64, Relaxed);
-        Subscription { rx, dropped }
+        Ok(Subscription { rx, dropped })
+    }
+
+    /// Forget the clients that went away (their ends were dropped).
+    pub fn prune(&self) {
+        let mut c = self.clients.lock().unwrap_or_else(|e| e.into_inner());
+        c.retain(|cl| !cl.tx.is_closed());
+        self.stats.clients.store(c.len() as u64, Relaxed);
     }
 
     /// Offers `item` (carrying `packets` packets) to every client; returns

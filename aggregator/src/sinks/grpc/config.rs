@@ -8,7 +8,8 @@ use tokio_util::sync::CancellationToken;
 use crate::event::{now_ns, Batch};
 use crate::metrics::SinkStats;
 use crate::sinks::{
-    default_client_queue, default_queue, default_snaplen, snap, Hub, SinkContext, Started,
+    default_client_queue, default_max_clients, default_queue, default_snaplen, snap, Hub,
+    SinkContext, Started,
 };
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -20,6 +21,9 @@ pub struct GrpcConfig {
     pub queue: usize,
     #[serde(default = "default_client_queue")]
     pub client_queue: usize,
+    /// Clients served at once; more are refused.
+    #[serde(default = "default_max_clients")]
+    pub max_clients: usize,
     /// Bytes of each packet subscribers receive at most.
     #[serde(default = "default_snaplen")]
     pub snaplen: u32,
@@ -37,7 +41,7 @@ impl GrpcConfig {
         stats: Arc<SinkStats>,
         stop: CancellationToken,
     ) -> Started {
-        let hub = Arc::new(Hub::new(stats.clone(), self.client_queue));
+        let hub = Arc::new(Hub::new(stats.clone(), self.client_queue, self.max_clients));
         cx.grpc_hubs.insert(self.name.clone(), hub.clone());
         let snaplen = self.snaplen;
         tokio::spawn(async move {

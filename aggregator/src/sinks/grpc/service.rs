@@ -30,7 +30,9 @@ impl ToolSubscribe for SubscribeService {
             .get(&name)
             .map(|h| h.clone())
             .ok_or_else(|| Status::not_found(format!("sink: no grpc sink named {name:?}")))?;
-        let sub = hub.subscribe();
+        let sub = hub
+            .subscribe()
+            .map_err(|e| Status::resource_exhausted(format!("sink {name:?}: {e}")))?;
         let dropped = sub.dropped.clone();
         let stream = futures::stream::unfold(sub.rx, move |mut rx| {
             let dropped = dropped.clone();

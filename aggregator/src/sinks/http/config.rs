@@ -7,7 +7,8 @@ use tokio_util::sync::CancellationToken;
 use crate::event::Batch;
 use crate::metrics::SinkStats;
 use crate::sinks::{
-    default_client_queue, default_queue, default_snaplen, Hub, SinkContext, Started,
+    default_client_queue, default_max_clients, default_queue, default_snaplen, Hub, SinkContext,
+    Started,
 };
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -19,6 +20,9 @@ pub struct HttpConfig {
     pub queue: usize,
     #[serde(default = "default_client_queue")]
     pub client_queue: usize,
+    /// Clients served at once; more are refused.
+    #[serde(default = "default_max_clients")]
+    pub max_clients: usize,
     #[serde(default = "default_snaplen")]
     pub snaplen: u32,
 }
@@ -38,7 +42,7 @@ impl HttpConfig {
         stats: Arc<SinkStats>,
         stop: CancellationToken,
     ) -> Started {
-        let hub = Arc::new(Hub::new(stats.clone(), self.client_queue));
+        let hub = Arc::new(Hub::new(stats.clone(), self.client_queue, self.max_clients));
         cx.http_hubs.insert(
             self.name.clone(),
             HttpStream {

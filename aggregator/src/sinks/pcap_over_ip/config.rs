@@ -9,7 +9,8 @@ use tokio_util::sync::CancellationToken;
 use crate::event::Batch;
 use crate::metrics::SinkStats;
 use crate::sinks::{
-    check_addr, default_client_queue, default_queue, default_snaplen, Hub, Started,
+    check_addr, default_client_queue, default_max_clients, default_queue, default_snaplen, Hub,
+    Started,
 };
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -18,8 +19,8 @@ pub struct PcapOverIpConfig {
     pub name: String,
     /// Address to listen on, e.g. `0.0.0.0:57012`.
     pub listen: String,
-    /// Client networks allowed besides loopback; absent allows every
-    /// client.
+    /// Client networks allowed besides loopback (`0.0.0.0/0` for any);
+    /// absent, loopback only: PCAP-over-IP has no authentication.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub allow: Option<Vec<Cidr>>,
     #[serde(default = "default_queue")]
@@ -27,6 +28,9 @@ pub struct PcapOverIpConfig {
     /// Encoded batches buffered per client before that client loses data.
     #[serde(default = "default_client_queue")]
     pub client_queue: usize,
+    /// Clients served at once; more are refused.
+    #[serde(default = "default_max_clients")]
+    pub max_clients: usize,
     #[serde(default = "default_snaplen")]
     pub snaplen: u32,
 }
@@ -38,11 +42,8 @@ impl PcapOverIpConfig {
 
     /// Whether a client connecting from `peer` may read the stream.
     pub fn admits(&self, peer: IpAddr) -> bool {
-        let Some(allow) = &self.allow else {
-            return true;
-        };
         let peer = peer.to_canonical();
-        peer.is_loopback() || allow.iter().any(|c| cidr_contains(c, peer))
+        peer.is_loopback() || self.allow.iter().flatten().any(|c| cidr_contains(c, peer))
     }
 
     pub async fn build(
@@ -57,7 +58,7 @@ impl PcapOverIpConfig {
                 anyhow::anyhow!("sink {:?}: listening on {}: {e}", self.name, self.listen)
             })?;
         let address = listener.local_addr()?;
-        let hub = Arc::new(Hub::new(stats.clone(), self.client_queue));
+        let hub = Arc::new(Hub::new(stats.clone(), self.client_queue, self.max_clients));
         let accept = tokio::spawn(super::sink::accept(
             listener,
             hub.clone(),
@@ -101,6 +102,7 @@ mod tests {
             allow: allow.map(|a| a.iter().map(|c| c.parse().unwrap()).collect()),
             queue: 1,
             client_queue: 1,
+            max_clients: 2,
             snaplen: 100,
         }
     }
@@ -108,8 +110,8 @@ mod tests {
     #[test]
     fn allow_list_admits_loopback_and_listed_networks() {
         let ip = |s: &str| s.parse::<IpAddr>().unwrap();
-        let open = with_allow(None);
-        assert!(open.admits(ip("192.0.2.1")));
+        assert!(!with_allow(None).admits(ip("192.0.2.1")));
+        assert!(with_allow(None).admits(ip("127.0.0.1")));
         let closed = with_allow(Some(&[]));
         assert!(closed.admits(ip("127.0.0.1")));
         assert!(closed.admits(ip("::1")));

@@ -1,7 +1,7 @@
 use std::sync::Arc;
 
 use bytes::Bytes;
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -26,7 +26,7 @@ pub async fn accept(
             _ = stop.cancelled() => return,
             a = listener.accept() => a,
         };
-        let (mut sock, peer) = match accepted {
+        let (sock, peer) = match accepted {
             Ok(x) => x,
             Err(e) => {
                 tracing::warn!(sink = %name, "accept: {e}");
@@ -35,29 +35,47 @@ pub async fn accept(
             }
         };
         if !cfg.admits(peer.ip()) {
-            tracing::info!(sink = %name, %peer, "PCAP-over-IP client refused: not loopback and not in the allow list");
+            hub.stats.refused_not_allowed.add(1);
+            tracing::warn!(sink = %name, %peer, "PCAP-over-IP client refused: not loopback and not in the allow list");
             continue;
         }
+        let mut sub = match hub.subscribe() {
+            Ok(sub) => sub,
+            Err(e) => {
+                tracing::warn!(sink = %name, %peer, "PCAP-over-IP client refused: {e}");
+                continue;
+            }
+        };
         let _ = sock.set_nodelay(true);
-        let mut sub = hub.subscribe();
         tracing::info!(sink = %name, %peer, "PCAP-over-IP client connected");
         let name = cfg.name.clone();
         let snaplen = cfg.snaplen;
         let stop = stop.clone();
+        let hub = hub.clone();
         tokio::spawn(async move {
+            let (mut reader, mut writer) = sock.into_split();
             let serve = async {
-                sock.write_all(&pcap_stream_header(snaplen)).await?;
+                writer.write_all(&pcap_stream_header(snaplen)).await?;
                 while let Some(chunk) = sub.rx.recv().await {
-                    sock.write_all(&chunk).await?;
+                    writer.write_all(&chunk).await?;
                 }
                 Ok::<_, std::io::Error>(())
             };
+            // Clients send nothing: the read side ending is the client
+            // going away, noticed at once even when no packets flow.
+            let gone = async {
+                let mut discard = [0u8; 512];
+                while let Ok(1..) = reader.read(&mut discard).await {}
+            };
             tokio::select! {
                 _ = stop.cancelled() => {}
+                _ = gone => tracing::info!(sink = %name, %peer, "client disconnected"),
                 r = serve => if let Err(e) = r {
                     tracing::info!(sink = %name, %peer, "client gone: {e}");
                 },
             }
+            drop(sub);
+            hub.prune();
         });
     }
 }
