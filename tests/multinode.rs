@@ -2,7 +2,8 @@
 //! three Ready nodes (two in network namespaces of their own, on an
 //! underlay bridge); a Service's ClusterIP spreads a client's requests over
 //! web pods on every node; NodePorts answer on every node's address; pods
-//! reach each other across nodes; `tapestry node add|remove` change the
+//! reach each other across nodes; connections through a ClusterIP survive
+//! a node agent's restart; `tapestry node add|remove` change the
 //! membership; `tapestry down` leaves nothing behind. Real processes, real
 //! network namespaces, the machine's kubectl.
 
@@ -148,6 +149,115 @@ fn nft_tables() -> String {
 fn host_routes() -> String {
     let out = Command::new("ip").args(["route"]).output().unwrap();
     String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Enter the network namespace `netns` (this thread, or a child between
+/// fork and exec): only the network, as `tapestry up` runs its nodes, so
+/// mounts and cgroups stay the host's.
+fn enter_netns(netns: &str) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let ns = std::fs::File::open(format!("/run/netns/{netns}"))?;
+    // SAFETY: setns with a valid descriptor; async-signal-safe.
+    if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Connections from node 2's namespace through the web Service's
+/// ClusterIP, each with a request half sent; node 2's agent killed and
+/// started again as it was; then each request finished over its
+/// connection. The restarted agent is stopped at the end (it stops its
+/// pods), as `tapestry down` would have.
+fn agent_restart_keeps_connections(c: &Cluster, cluster_ip: &str) {
+    use std::io::{Read, Write};
+    use std::os::unix::process::CommandExt;
+    let netns = "tapestry-node-mn-1-2";
+    let target: std::net::SocketAddr = format!("{cluster_ip}:80").parse().unwrap();
+    let mut held: Vec<std::net::TcpStream> = std::thread::scope(|s| {
+        s.spawn(|| {
+            enter_netns(netns).unwrap();
+            (0..6)
+                .map(|_| {
+                    let mut conn =
+                        std::net::TcpStream::connect_timeout(&target, Duration::from_secs(3))
+                            .unwrap();
+                    conn.write_all(b"GET / HTTP/1.0\r\n").unwrap();
+                    conn
+                })
+                .collect()
+        })
+        .join()
+        .unwrap()
+    });
+
+    let state: Value =
+        serde_json::from_slice(&std::fs::read(c.data().join("local/state.json")).unwrap()).unwrap();
+    let pid = state["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["name"] == "mn-1-2")
+        .and_then(|n| n["pid"].as_u64())
+        .expect("node 2's pid in state.json") as i32;
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap();
+    let argv: Vec<String> = cmdline
+        .split(|b| *b == 0)
+        .filter(|a| !a.is_empty())
+        .map(|a| String::from_utf8_lossy(a).into_owned())
+        .collect();
+    assert!(argv.iter().any(|a| a == "node"), "{argv:?}");
+    // SAFETY: plain kill of the agent's pid.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0);
+    wait_for("node 2's agent gone", Duration::from_secs(10), || {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        // Gone, or a zombie until `up` reaps it.
+        (stat.is_empty() || stat.contains(") Z ")).then_some(())
+    });
+    let log_path = c.data().join("node-2-restarted.log");
+    let log = std::fs::File::create(&log_path).unwrap();
+    let mut agent = Command::new(&argv[0]);
+    agent
+        .args(&argv[1..])
+        .stdin(std::process::Stdio::null())
+        .stdout(log.try_clone().unwrap())
+        .stderr(log);
+    // SAFETY: only setns between fork and exec.
+    unsafe { agent.pre_exec(move || enter_netns(netns)) };
+    let mut restarted = agent.spawn().unwrap();
+    let agent_log = || std::fs::read_to_string(&log_path).unwrap_or_default();
+    wait_for(
+        "the restarted agent's first full sync",
+        Duration::from_secs(60),
+        || {
+            agent_log()
+                .contains("service proxy table written in full")
+                .then_some(())
+        },
+    );
+    for (i, conn) in held.iter_mut().enumerate() {
+        conn.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        conn.write_all(b"\r\n").unwrap();
+        let mut reply = String::new();
+        conn.read_to_string(&mut reply)
+            .unwrap_or_else(|e| panic!("connection {i} broke across the restart: {e}"));
+        assert!(
+            body(&reply).starts_with("web-"),
+            "connection {i}, after the restart: {reply:?}"
+        );
+    }
+    // SAFETY: plain kill of our child's pid.
+    unsafe { libc::kill(restarted.id() as i32, libc::SIGTERM) };
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while restarted.try_wait().unwrap().is_none() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the restarted agent did not stop:\n{}",
+            agent_log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    eprintln!("node 2's restarted agent:\n{}", agent_log());
 }
 
 #[test]
@@ -457,6 +567,11 @@ fn three_nodes_serve_grow_shrink_and_leave_nothing_behind() {
         .filter_map(|_| web_pod_at(&node_address(1), node_port))
         .collect();
     assert_eq!(seen.len(), 3, "after the removal: {seen:?}");
+
+    // Restarting a node agent keeps connections established through a
+    // ClusterIP: their NAT lives in conntrack, and the agent's first full
+    // sync rewrites the proxy's tables around them.
+    agent_restart_keeps_connections(&c, &cluster_ip);
 
     // What must be gone afterwards: the pods' cgroups and node 1's veths.
     let uids = c.must(&[
