@@ -273,9 +273,8 @@ impl<T: Clone> Hub<T> {
     /// A new client's end, unless the hub is full (counted as a refusal).
     pub fn subscribe(&self) -> Result<Subscription<T>, TooManyClients> {
         let mut c = self.clients.lock().unwrap_or_else(|e| e.into_inner());
-        c.retain(|cl| !cl.tx.is_closed());
+        self.forget_gone(&mut c);
         if c.len() >= self.max_clients {
-            self.stats.clients.store(c.len() as u64, Relaxed);
             self.stats.refused_too_many.add(1);
             return Err(TooManyClients {
                 max: self.max_clients,
@@ -293,9 +292,12 @@ impl<T: Clone> Hub<T> {
 
     /// Forget the clients that went away (their ends were dropped).
     pub fn prune(&self) {
-        let mut c = self.clients.lock().unwrap_or_else(|e| e.into_inner());
-        c.retain(|cl| !cl.tx.is_closed());
-        self.stats.clients.store(c.len() as u64, Relaxed);
+        self.forget_gone(&mut self.clients.lock().unwrap_or_else(|e| e.into_inner()));
+    }
+
+    fn forget_gone(&self, clients: &mut Vec<HubClient<T>>) {
+        clients.retain(|cl| !cl.tx.is_closed());
+        self.stats.clients.store(clients.len() as u64, Relaxed);
     }
 
     /// Offers `item` (carrying `packets` packets) to every client; returns

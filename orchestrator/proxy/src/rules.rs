@@ -770,19 +770,6 @@ impl Command {
     fn new(table: Table, op: Op) -> Command {
         Command { table, op }
     }
-
-    /// The chain, set or map it acts on.
-    pub fn object(&self) -> &str {
-        match &self.op {
-            Op::AddAffinitySet { name, .. }
-            | Op::DeleteSet(name)
-            | Op::AddChain(name)
-            | Op::FlushChain(name)
-            | Op::DeleteChain(name)
-            | Op::AppendRules { chain: name, .. } => name,
-            Op::AddElements { map, .. } | Op::DeleteElements { map, .. } => map,
-        }
-    }
 }
 
 /// The types of a verdict map's key, as nft's text declares them.
@@ -968,7 +955,17 @@ pub(crate) mod tests {
     }
 
     fn touched(cmds: &[Command]) -> BTreeSet<String> {
-        cmds.iter().map(|c| c.object().to_string()).collect()
+        cmds.iter()
+            .map(|c| match &c.op {
+                Op::AddAffinitySet { name, .. }
+                | Op::DeleteSet(name)
+                | Op::AddChain(name)
+                | Op::FlushChain(name)
+                | Op::DeleteChain(name)
+                | Op::AppendRules { chain: name, .. } => name.clone(),
+                Op::AddElements { map, .. } | Op::DeleteElements { map, .. } => map.to_string(),
+            })
+            .collect()
     }
 
     #[test]
