@@ -229,8 +229,7 @@ fn run_serve(a: ServeArgs) -> anyhow::Result<()> {
         })
         .await?;
         announce(&running)?;
-        tokio::signal::ctrl_c().await?;
-        Ok(())
+        shutdown_signal().await
     })
 }
 
@@ -270,10 +269,34 @@ fn run_cluster(a: ServeArgs) -> anyhow::Result<()> {
             .clone()
             .ok_or_else(|| anyhow::anyhow!("cluster mode started without its reconciler"))?;
         tokio::select! {
-            r = cluster::watch(client, handle) => r,
-            r = tokio::signal::ctrl_c() => Ok(r?),
+            r = cluster::watch(client, handle.clone()) => r,
+            r = shutdown_signal() => {
+                // Tools reported not Ready before the listeners close, so
+                // nobody is sent to a port that is about to go away.
+                let stop = handle.apply(cluster::Change::Stop);
+                match tokio::time::timeout(STOP_STATUS_WITHIN, stop).await {
+                    Ok(Ok(())) => tracing::info!("stopping: tools reported not Ready"),
+                    Ok(Err(e)) => tracing::warn!("stopping: {e}"),
+                    Err(_) => tracing::warn!(
+                        "stopping: the tools' status was not written within {STOP_STATUS_WITHIN:?}"
+                    ),
+                }
+                r
+            }
         }
     })
+}
+
+/// How long a stopping aggregator waits to report its tools not Ready.
+const STOP_STATUS_WITHIN: std::time::Duration = std::time::Duration::from_secs(3);
+
+/// SIGINT (a terminal) or SIGTERM (the kubelet, systemd).
+async fn shutdown_signal() -> anyhow::Result<()> {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        r = tokio::signal::ctrl_c() => Ok(r?),
+        _ = term.recv() => Ok(()),
+    }
 }
 
 /// Machine-readable lines so scripts (and tests) can find the ports.

@@ -140,8 +140,16 @@ pub async fn start(opts: ServeOptions) -> anyhow::Result<Running> {
             };
             let (reconciler, handle, changes) = Reconciler::new(topology, endpoints);
             let (snapshots, snapshot_rx) = tokio::sync::watch::channel(Arc::default());
-            tokio::spawn(status::run(snapshot_rx, live.status));
-            tokio::spawn(reconciler.run(changes, snapshots, live.status_period));
+            let writer = tokio::spawn(status::run(snapshot_rx, live.status));
+            tokio::spawn(async move {
+                let stopped = reconciler.run(changes, snapshots, live.status_period).await;
+                // The snapshot sender is gone: the writer finishes the
+                // last snapshot and returns.
+                let _ = writer.await;
+                if let Some(done) = stopped {
+                    let _ = done.send(());
+                }
+            });
             running.cluster = Some(handle);
         }
     }

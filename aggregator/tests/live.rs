@@ -551,3 +551,29 @@ async fn a_tool_that_cannot_bind_is_not_ready_and_the_others_are() {
         .await;
     assert_eq!(odd["conditions"][0]["reason"], "InvalidSpec", "{odd}");
 }
+
+#[tokio::test]
+async fn a_stopping_aggregator_reports_its_tools_not_ready_before_it_goes() {
+    let live = Live::start().await;
+    live.tool("t", pcap_tool("127.0.0.1:0")).await;
+    let _client = live.client("t").await;
+    tokio::time::timeout(Duration::from_secs(5), live.apply(Change::Stop))
+        .await
+        .expect("the stop is written within 5 s");
+    // Done means written: no waiting for another round.
+    let key = StatusKey {
+        kind: Kind::TapTool,
+        name: "t".into(),
+    };
+    let last = live.status.0.lock().unwrap()[&key].clone();
+    let c = &last["conditions"][0];
+    assert_eq!(
+        (c["status"].as_str(), c["reason"].as_str()),
+        (Some("False"), Some("AggregatorStopped")),
+        "{last}"
+    );
+    assert!(
+        last.get("clients").is_none() && last.get("address").is_none(),
+        "{last}"
+    );
+}

@@ -43,6 +43,10 @@ pub enum Change {
     ToolDeleted(String),
     /// Every tool there is (after a list): others are gone.
     Tools(Vec<TapTool>),
+    /// The process is stopping: every tool is reported not Ready (no
+    /// clients, no address) so nobody connects to a listener about to
+    /// close; done once that status is written.
+    Stop,
 }
 
 /// How the watchers (and tests) feed the reconciler.
@@ -122,6 +126,7 @@ pub struct Reconciler {
     endpoints: Endpoints,
     policies: HashMap<String, PolicyRecord>,
     tools: BTreeMap<String, ToolRecord>,
+    stopping: bool,
 }
 
 impl Reconciler {
@@ -142,6 +147,7 @@ impl Reconciler {
                 endpoints,
                 policies: HashMap::new(),
                 tools: BTreeMap::new(),
+                stopping: false,
             },
             ClusterHandle { tx },
             rx,
@@ -150,13 +156,14 @@ impl Reconciler {
 
     /// Applies changes, reaps stopped policies and publishes a status
     /// snapshot every `period` (and at once when a policy stops), until
-    /// every handle is gone.
+    /// every handle is gone or [`Change::Stop`]. Returns the stop's
+    /// completion, to be signalled once its last snapshot is written.
     pub async fn run(
         mut self,
         mut changes: mpsc::Receiver<(Change, oneshot::Sender<()>)>,
         status: watch::Sender<Arc<Snapshot>>,
         period: Duration,
-    ) {
+    ) -> Option<oneshot::Sender<()>> {
         let mut tick = tokio::time::interval(period);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut next_retry = Instant::now() + RETRY_FAILED_TOOLS;
@@ -165,7 +172,13 @@ impl Reconciler {
             let stops = self.topology.stop_events();
             tokio::select! {
                 c = changes.recv() => {
-                    let Some((change, done)) = c else { break };
+                    // Every handle gone: nothing left to do.
+                    let (change, done) = c?;
+                    if matches!(change, Change::Stop) {
+                        self.stop();
+                        status.send_replace(Arc::new(self.snapshot()));
+                        return Some(done);
+                    }
                     self.reap();
                     self.apply(change).await;
                     let _ = done.send(());
@@ -209,6 +222,7 @@ impl Reconciler {
                     self.on_policy(p);
                 }
             }
+            Change::Stop => self.stop(),
             Change::Tool(t) => self.on_tool(&t).await,
             Change::ToolDeleted(name) => self.forget_tool(&name).await,
             Change::Tools(all) => {
@@ -368,6 +382,21 @@ impl Reconciler {
         }
     }
 
+    fn stop(&mut self) {
+        self.stopping = true;
+        let names: Vec<String> = self.tools.keys().cloned().collect();
+        for name in names {
+            self.set_ready(
+                &name,
+                (
+                    false,
+                    "AggregatorStopped",
+                    "the aggregator serving this tool stopped".into(),
+                ),
+            );
+        }
+    }
+
     async fn forget_tool(&mut self, name: &str) {
         self.topology.remove_tool(name).await;
         self.tools.remove(name);
@@ -411,7 +440,8 @@ impl Reconciler {
             condition["message"] = json!(message);
         }
         let mut status = json!({ "conditions": [condition] });
-        if let Some(view) = self.topology.tool(name).filter(|v| v.error.is_none()) {
+        let serving = self.topology.tool(name).filter(|v| v.error.is_none());
+        if let Some(view) = serving.filter(|_| !self.stopping) {
             let st = view.stats;
             status["clients"] = json!(st.clients.load(std::sync::atomic::Ordering::Relaxed));
             status["deliveredPackets"] = json!(st.packets.get());

@@ -24,16 +24,35 @@ pub fn default_pod_spec(spec: &mut Value) {
     set_default(spec, "dnsPolicy", json!("ClusterFirst"));
     set_default(spec, "securityContext", json!({}));
     set_default(spec, "schedulerName", json!("default-scheduler"));
+    let host_network = spec.get("hostNetwork").and_then(Value::as_bool) == Some(true);
     for list in ["containers", "initContainers"] {
         if let Some(Value::Array(containers)) = spec.get_mut(list) {
             for c in containers {
                 default_container(c);
+                if host_network {
+                    claim_host_ports(c);
+                }
             }
         }
     }
     if let Some(Value::Array(volumes)) = spec.get_mut("volumes") {
         for v in volumes {
             default_volume(v);
+        }
+    }
+}
+
+/// On the host's network a container port is a host port: saying so lets
+/// the scheduler keep two pods that need it apart (a replacement waits
+/// until the pod holding the port is gone instead of failing to bind).
+fn claim_host_ports(c: &mut Value) {
+    let Some(Value::Array(ports)) = c.get_mut("ports") else {
+        return;
+    };
+    for p in ports.iter_mut().filter_map(Value::as_object_mut) {
+        let unset = p.get("hostPort").and_then(Value::as_i64).unwrap_or(0) == 0;
+        if let (true, Some(port)) = (unset, p.get("containerPort").cloned()) {
+            p.insert("hostPort".into(), port);
         }
     }
 }
@@ -350,6 +369,22 @@ mod tests {
         assert!(fields.contains(&"spec.containers[0].name".to_string()));
         assert!(fields.contains(&"spec.containers[0].image".to_string()));
         assert!(fields.contains(&"spec.containers[1].volumeMounts[0].name".to_string()));
+    }
+
+    #[test]
+    fn host_network_ports_are_host_ports() {
+        let mut spec = json!({"hostNetwork": true, "containers": [{"name": "a", "image": "x",
+            "ports": [{"containerPort": 50051}, {"containerPort": 9090, "hostPort": 9090}]}]});
+        default_pod_spec(&mut spec);
+        let ports = &spec["containers"][0]["ports"];
+        assert_eq!(ports[0]["hostPort"], 50051);
+        assert_eq!(ports[1]["hostPort"], 9090);
+        let mut pod_network =
+            json!({"containers": [{"name": "a", "ports": [{"containerPort": 80}]}]});
+        default_pod_spec(&mut pod_network);
+        assert!(pod_network["containers"][0]["ports"][0]
+            .get("hostPort")
+            .is_none());
     }
 
     #[test]
