@@ -244,7 +244,8 @@ fn policies_through_the_rest_api_reach_tshark() {
     );
 }
 
-/// Acceptance 2: Bad input: 422 naming the field, nothing stored; 412; 401.
+/// Acceptance 2: Bad input: 422 naming the field, nothing stored; 412;
+/// 401; 403 for a user RBAC does not allow.
 fn refuses_bad_input(c: &Cluster) {
     let create_tool = c.rest(
         "POST",
@@ -306,6 +307,23 @@ fn refuses_bad_input(c: &Cluster) {
     );
     assert_eq!(stale.status, 412, "{}", stale.raw);
     assert_eq!(c.curl("GET", "/v1/tools", None, &[]).status, 401);
+    // A valid token whose user RBAC grants no tools: 403, worded like the
+    // cluster's refusals.
+    let node_token = std::fs::read_to_string(c.data().join("node-token")).unwrap();
+    let refused = c.curl(
+        "POST",
+        "/v1/tools",
+        Some(r#"{"name": "n", "type": "pcapOverIp", "listen": "127.0.0.1:1"}"#),
+        &[&format!("Authorization: Bearer {}", node_token.trim())],
+    );
+    assert_eq!(refused.status, 403, "{}", refused.raw);
+    assert!(
+        refused.body["detail"].as_str().is_some_and(
+            |d| d.contains(r#"cannot create resource "taptools" in API group "tapestry.io""#)
+        ),
+        "{}",
+        refused.raw
+    );
     assert_eq!(
         c.curl("GET", "/v1/tools", None, &["Authorization: Bearer wrong"])
             .status,

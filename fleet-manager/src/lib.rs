@@ -89,6 +89,7 @@ pub async fn start(
     let state = Arc::new(api::AppState {
         client: client.clone(),
         auth,
+        authorizer: api::auth::Authorizer::new(client.clone()),
         metrics: metrics.clone(),
         fleet: fleet.clone(),
     });

@@ -42,6 +42,7 @@ use problem::{ApiResult, Problem};
 pub struct AppState {
     pub client: kube::Client,
     pub auth: auth::Authenticator,
+    pub authorizer: auth::Authorizer,
     pub metrics: Arc<Metrics>,
     pub fleet: Arc<Fleet>,
 }

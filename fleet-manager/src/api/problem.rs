@@ -107,6 +107,10 @@ impl Problem {
         )
     }
 
+    pub fn forbidden(detail: &str) -> Self {
+        Problem::new(StatusCode::FORBIDDEN, detail.to_string())
+    }
+
     pub fn precondition_failed(what: &str, name: &str) -> Self {
         Problem::new(
             StatusCode::PRECONDITION_FAILED,

@@ -5,6 +5,7 @@
 //! [`resources`]. Objects live in a [`tapestry_store::Store`] as JSON, their
 //! resourceVersion being the store revision.
 
+pub mod authz;
 mod bootstrap;
 pub mod discovery;
 pub mod endpoint_leases;

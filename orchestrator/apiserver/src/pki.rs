@@ -167,6 +167,8 @@ fn issue(
     Ok((cert.pem(), key.serialize_pem()))
 }
 
+use std::sync::Arc;
+
 use tapestry_apimachinery::tokens::TokenFile;
 pub use tapestry_apimachinery::tokens::User;
 
@@ -206,6 +208,95 @@ impl Tokens {
             .with_context(|| format!("{} has no admin token", path.display()))?;
         Ok((tokens, admin))
     }
+}
+
+/// The token file as the server reads it: read again when it changes
+/// (`tapestry user add` appends to it), so new users need no restart.
+pub struct LiveTokens {
+    path: PathBuf,
+    current: std::sync::RwLock<(Option<std::time::SystemTime>, Arc<Tokens>)>,
+}
+
+impl LiveTokens {
+    pub fn load(path: &Path) -> Result<LiveTokens> {
+        let modified = fs::metadata(path).and_then(|m| m.modified()).ok();
+        Ok(LiveTokens {
+            path: path.to_path_buf(),
+            current: std::sync::RwLock::new((modified, Arc::new(Tokens::load(path)?))),
+        })
+    }
+
+    pub fn authenticate(&self, token: &str) -> Option<User> {
+        let tokens = self
+            .current
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .1
+            .clone();
+        tokens.authenticate(token).cloned()
+    }
+
+    /// Reads the file again if it changed; a file that no longer parses
+    /// is reported and the tokens read before stay in force.
+    pub fn refresh(&self) {
+        let modified = fs::metadata(&self.path).and_then(|m| m.modified()).ok();
+        if modified == self.current.read().unwrap_or_else(|e| e.into_inner()).0 {
+            return;
+        }
+        match Tokens::load(&self.path) {
+            Ok(tokens) => {
+                *self.current.write().unwrap_or_else(|e| e.into_inner()) =
+                    (modified, Arc::new(tokens));
+                tracing::info!(file = %self.path.display(), "tokens read again");
+            }
+            Err(e) => tracing::warn!("keeping the tokens read before: {e:#}"),
+        }
+    }
+}
+
+/// Adds a user with `groups` to the token file of `data_dir` and writes
+/// a kubeconfig for it (0600) to `out`. Refuses a name already there.
+pub fn add_user(data_dir: &Path, name: &str, groups: &[String], out: &Path) -> Result<()> {
+    if name.is_empty() || name.contains([',', '"', '\n']) {
+        anyhow::bail!("user name {name:?}: must be non-empty, without commas, quotes or newlines");
+    }
+    if let Some(g) = groups
+        .iter()
+        .find(|g| g.is_empty() || g.contains([',', '"', '\n']))
+    {
+        anyhow::bail!("group {g:?}: must be non-empty, without commas, quotes or newlines");
+    }
+    let tokens_path = data_dir.join("tokens.csv");
+    let text = fs::read_to_string(&tokens_path).with_context(|| {
+        format!(
+            "reading {} (has the server run with this --data-dir?)",
+            tokens_path.display()
+        )
+    })?;
+    let file =
+        TokenFile::parse(&text).map_err(|e| anyhow::anyhow!("{}: {e}", tokens_path.display()))?;
+    if file.iter().any(|(_, u)| u.name == name) {
+        anyhow::bail!(
+            "user {name:?} already has a token in {}",
+            tokens_path.display()
+        );
+    }
+    let admin: serde_yaml::Value = serde_yaml::from_str(
+        &fs::read_to_string(data_dir.join("kubeconfig")).context("reading the admin kubeconfig")?,
+    )?;
+    let server = admin["clusters"][0]["cluster"]["server"]
+        .as_str()
+        .context("the admin kubeconfig names no server")?
+        .to_string();
+    let ca = fs::read_to_string(data_dir.join("pki/ca.crt")).context("reading pki/ca.crt")?;
+    let token = random_token();
+    let mut f = fs::OpenOptions::new().append(true).open(&tokens_path)?;
+    if !text.is_empty() && !text.ends_with('\n') {
+        writeln!(f)?;
+    }
+    writeln!(f, "{token},{name},{name},\"{}\"", groups.join(","))?;
+    f.sync_all()?;
+    write_private(out, &kubeconfig(&server, &ca, name, &token))
 }
 
 /// Tapestry's own components that run as pods or beside the server, each

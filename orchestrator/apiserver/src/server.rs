@@ -21,16 +21,18 @@ use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tower::ServiceExt;
 
+use crate::authz::{acting_user, Attributes, Authorizer};
 use crate::discovery;
 use crate::endpoint_leases::EndpointLeases;
 use crate::error::ApiError;
 use crate::metrics::{LatencyLabels, Metrics, RequestLabels};
 use crate::openapi::OpenApiDocs;
 use crate::patch::FieldManagement;
-use crate::pki::{self, Pki, Tokens};
+use crate::pki::{self, LiveTokens, Pki, Tokens};
 use crate::registry::{Registry, Served, Subresource};
 use crate::resources::{self, Ipv4Range, ServiceAllocator};
 use crate::rest::{json_bytes_response, json_response, Api, Request};
+use tapestry_apimachinery::tokens::User;
 
 /// Largest request body accepted (kube-apiserver's limit is 3 MiB objects).
 const MAX_BODY: usize = 3 * 1024 * 1024;
@@ -144,7 +146,8 @@ where
 
 struct AppState {
     api: Arc<Api>,
-    tokens: Tokens,
+    tokens: Arc<LiveTokens>,
+    authorizer: Arc<Authorizer>,
     server_address: String,
     shutdown: CancellationToken,
     kubelet: crate::nodeproxy::KubeletClient,
@@ -195,7 +198,8 @@ pub async fn start(
     };
     let server_url = format!("https://{}", SocketAddr::new(host.parse()?, addr.port()));
     pki::ensure_component_credentials(data_dir, &pki.ca_cert_pem, &server_url)?;
-    let tokens = Tokens::load(&data_dir.join("tokens.csv"))?;
+    let tokens = Arc::new(LiveTokens::load(&data_dir.join("tokens.csv"))?);
+    tokio::spawn(refresh_tokens(tokens.clone(), shutdown.clone()));
     let kubelet = crate::nodeproxy::KubeletClient::new(&pki)?;
     let kubeconfig = data_dir.join("kubeconfig");
     pki::write_kubeconfig(
@@ -204,6 +208,12 @@ pub async fn start(
     )?;
 
     crate::bootstrap::ensure(&api, range.first(), range.dns(), addr.port()).await?;
+    crate::authz::bootstrap::ensure(&api).await?;
+    // Every role and binding is known before the first request.
+    let authorizer = Authorizer::start(api.clone(), shutdown.clone())
+        .await
+        .map_err(|e| anyhow::anyhow!("loading RBAC: {e}"))?;
+    let _ = api.authorizer.set(authorizer.clone());
     // In the endpoints before the first request is served.
     let mut endpoint_leases =
         EndpointLeases::new(api.clone(), advertised, config.endpoint_lease_duration);
@@ -223,6 +233,7 @@ pub async fn start(
     let state = Arc::new(AppState {
         api: api.clone(),
         tokens,
+        authorizer,
         server_address: format!("{host}:{}", addr.port()),
         shutdown: shutdown.clone(),
         kubelet,
@@ -459,8 +470,13 @@ fn split_resource_path(path: &str) -> Option<Route> {
 /// The single entry point: health, discovery, OpenAPI, metrics, then the
 /// resource REST handlers.
 async fn dispatch(State(state): State<Arc<AppState>>, req: axum::extract::Request) -> Response {
-    if crate::nodeproxy::streaming_target(req.uri().path()).is_some() {
-        if let Err(e) = authenticate(&state.tokens, req.headers()) {
+    if let Some((ns, pod, sub)) = crate::nodeproxy::streaming_target(req.uri().path()) {
+        let verb = if sub == "log" { "get" } else { "create" };
+        let attrs = Attributes::resource(verb, "", "pods", &sub, Some(&ns), Some(&pod));
+        if let Err(e) = authenticate(&state.tokens, req.headers())
+            .and_then(|user| acting_user(&state.authorizer, user, req.headers()))
+            .and_then(|user| state.authorizer.check(&user, &attrs))
+        {
             return e.into_response();
         }
         return crate::nodeproxy::proxy(&state.api, &state.kubelet, req).await;
@@ -479,9 +495,12 @@ async fn dispatch(State(state): State<Arc<AppState>>, req: axum::extract::Reques
         }
         _ => {}
     }
-    if let Err(e) = authenticate(&state.tokens, &headers) {
-        return e.into_response();
-    }
+    let user = match authenticate(&state.tokens, &headers)
+        .and_then(|user| acting_user(&state.authorizer, user, &headers))
+    {
+        Ok(user) => user,
+        Err(e) => return e.into_response(),
+    };
     let started = Instant::now();
     let query = query_map(&uri);
     let body = match axum::body::to_bytes(body, MAX_BODY).await {
@@ -493,11 +512,30 @@ async fn dispatch(State(state): State<Arc<AppState>>, req: axum::extract::Reques
             .into_response()
         }
     };
-    if let Some(resp) = serve_static(&state, &method, &path, &query, &headers) {
+    let content_type = headers
+        .get(http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .map(|ct| ct.split(';').next().unwrap_or("").trim())
+        .unwrap_or("application/json");
+    let (authz, api) = (&state.authorizer, &state.api);
+    if let Some(resp) = crate::authz::review::serve(
+        authz,
+        &state.tokens,
+        api,
+        &user,
+        &method,
+        &path,
+        content_type,
+        &body,
+    ) {
         return resp;
     }
     let Some(route) = split_resource_path(&path) else {
-        return not_found_path(&path);
+        if let Err(e) = authz.check(&user, &Attributes::non_resource(&method, &path)) {
+            return e.into_response();
+        }
+        return serve_static(&state, &method, &path, &query, &headers)
+            .unwrap_or_else(|| not_found_path(&path));
     };
     let served = state.api.registry.served();
     let (mut req, watch) = match build_request(&served, route, query, headers, body) {
@@ -506,6 +544,18 @@ async fn dispatch(State(state): State<Arc<AppState>>, req: axum::extract::Reques
     };
     req.omit_managed_fields = omit_managed_fields;
     let verb = verb_of(&method, &req, watch);
+    let attrs = Attributes::resource(
+        verb,
+        &req.def.group,
+        &req.def.plural,
+        req.sub.map(|s| s.name()).unwrap_or_default(),
+        req.namespace.as_deref(),
+        req.name.as_deref(),
+    );
+    if let Err(e) = authz.check(&user, &attrs) {
+        return e.into_response();
+    }
+    req.user = Some(Arc::new(user));
     let labels = (
         req.def.group.to_string(),
         req.def.plural.to_string(),
@@ -540,14 +590,27 @@ async fn dispatch(State(state): State<Arc<AppState>>, req: axum::extract::Reques
     resp
 }
 
-fn authenticate(tokens: &Tokens, headers: &HeaderMap) -> Result<(), ApiError> {
+/// How soon a changed token file is read again.
+const TOKENS_REFRESH: Duration = Duration::from_secs(1);
+
+async fn refresh_tokens(tokens: Arc<LiveTokens>, shutdown: CancellationToken) {
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(TOKENS_REFRESH) => tokens.refresh(),
+        }
+    }
+}
+
+/// Who is asking: the bearer token's user, in `system:authenticated`.
+fn authenticate(tokens: &LiveTokens, headers: &HeaderMap) -> Result<User, ApiError> {
     let token = headers
         .get(http::header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
         .map(str::trim);
     match token.and_then(|t| tokens.authenticate(t)) {
-        Some(_) => Ok(()),
+        Some(user) => Ok(crate::authz::authenticated(&user)),
         None => Err(ApiError::Unauthorized),
     }
 }
@@ -716,6 +779,7 @@ fn build_request(
             headers,
             body,
             omit_managed_fields: false,
+            user: None,
         },
         watch,
     ))

@@ -57,9 +57,56 @@ enum Command {
     Down(local::DownArgs),
     /// Manage the node's image store.
     Image(image::ImageArgs),
+    /// Give a person a credential: `tapestry user add NAME --group G`
+    /// writes a kubeconfig for them (what they may do is up to RBAC).
+    User(UserCommand),
     /// Per-container monitor started by the node agent.
     #[command(hide = true)]
     ContainerShim(tapestry_kubelet::shim::ShimArgs),
+}
+
+#[derive(clap::Args)]
+struct UserCommand {
+    #[command(subcommand)]
+    action: UserAction,
+}
+
+#[derive(Subcommand)]
+enum UserAction {
+    /// Add a user with a bearer token to the server's token file (read
+    /// again by a running server within a second) and write a kubeconfig.
+    Add {
+        name: String,
+        /// A group the user is in (repeatable), e.g. `--group developers`.
+        #[arg(long = "group")]
+        groups: Vec<String>,
+        /// The server's data directory.
+        #[arg(long, default_value = "/var/lib/tapestry", value_parser = crate::absolute_path)]
+        data_dir: PathBuf,
+        /// Where to write the kubeconfig [default: DATA_DIR/users/NAME.kubeconfig].
+        #[arg(long)]
+        output: Option<PathBuf>,
+    },
+}
+
+fn add_user(
+    name: &str,
+    groups: &[String],
+    data_dir: &std::path::Path,
+    output: Option<PathBuf>,
+) -> Result<()> {
+    let out = match output {
+        Some(o) => o,
+        None => {
+            let dir = data_dir.join("users");
+            std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+            std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o700))?;
+            dir.join(format!("{name}.kubeconfig"))
+        }
+    };
+    tapestry_apiserver::pki::add_user(data_dir, name, groups, &out)?;
+    println!("{}", out.display());
+    Ok(())
 }
 
 #[derive(clap::Args)]
@@ -249,6 +296,15 @@ async fn run(cli: Cli) {
         Command::Node(NodeCommand { agent, .. }) => node::run(agent).await,
         Command::Down(args) => local::down(args).await,
         Command::Image(args) => image::run(args),
+        Command::User(UserCommand {
+            action:
+                UserAction::Add {
+                    name,
+                    groups,
+                    data_dir,
+                    output,
+                },
+        }) => add_user(&name, &groups, &data_dir, output),
         Command::ContainerShim(args) => std::process::exit(tapestry_kubelet::shim::main(args)),
     };
     if let Err(e) = result {

@@ -332,7 +332,9 @@ async fn start_fleet_manager(
         tapestry_fleet_manager::Config {
             listen: args.fleet_manager_listen,
             tls: tapestry_fleet_manager::tls::Identity { cert_pem, key_pem },
-            token_file: Some(args.data_dir.join("tokens.csv")),
+            // The API server answers TokenReviews: users added with
+            // `tapestry user add` reach the REST API too.
+            token_file: None,
             workloads,
             status_period: Duration::from_secs(2),
         },

@@ -12,6 +12,7 @@ pub mod http;
 pub mod informer;
 pub mod leader;
 pub mod queue;
+pub mod selector;
 
 use std::sync::Mutex;
 

@@ -11,6 +11,7 @@ pub mod core;
 pub mod discovery;
 pub mod events;
 pub mod podspec;
+pub mod rbac;
 
 use std::sync::Arc;
 
@@ -28,5 +29,6 @@ pub fn builtin(service_allocator: Arc<dyn WriteHook>) -> Vec<ResourceDef> {
     defs.push(discovery::endpointslice::definition());
     defs.push(events::event::definition());
     defs.push(apiextensions::customresourcedefinition::definition());
+    defs.extend(rbac::resources());
     defs
 }

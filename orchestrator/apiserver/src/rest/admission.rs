@@ -184,8 +184,20 @@ impl Api {
         if !causes.is_empty() {
             return Err(invalid(req, obj, causes));
         }
+        self.check_escalation(req, obj)?;
         drop_empty_finalizers(obj);
         Ok(())
+    }
+
+    /// RBAC writes grant nothing the writer does not hold (see
+    /// [`crate::authz::escalation`]).
+    fn check_escalation(&self, req: &Request, obj: &Value) -> ApiResult<()> {
+        match (req.user.as_deref(), self.authorizer.get()) {
+            (Some(user), Some(authz)) if req.sub.is_none() => {
+                crate::authz::escalation::check(authz, user, &req.def, obj)
+            }
+            _ => Ok(()),
+        }
     }
 
     /// Update-path processing: carry over what clients may not change,
@@ -301,6 +313,10 @@ impl Api {
         }
         if !causes.is_empty() {
             return Err(invalid(req, new, causes));
+        }
+        let grants = ["rules", "aggregationRule", "roleRef", "subjects"];
+        if grants.iter().any(|f| new.get(*f) != old.get(*f)) {
+            self.check_escalation(req, new)?;
         }
         drop_empty_finalizers(new);
         Ok(())

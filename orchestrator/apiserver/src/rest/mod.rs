@@ -48,6 +48,9 @@ pub struct Api {
     /// JSON property names for decoding protobuf bodies.
     pub proto_names: Arc<dyn tapestry_kubeproto::JsonNames + Send + Sync>,
     pub openapi: OpenApiDocs,
+    /// Set once RBAC is loaded; checks that writes of roles and bindings
+    /// grant nothing their writer does not hold.
+    pub authorizer: std::sync::OnceLock<Arc<crate::authz::Authorizer>>,
 }
 
 impl Api {
@@ -65,6 +68,7 @@ impl Api {
             metrics,
             proto_names: openapi.names(),
             openapi,
+            authorizer: std::sync::OnceLock::new(),
         }
     }
 

@@ -24,6 +24,9 @@ pub struct Request {
     /// Serve objects without `metadata.managedFields` (see
     /// [`crate::server::LocalHandler`]).
     pub omit_managed_fields: bool,
+    /// Who asked; None for the server's own requests. Writes of RBAC
+    /// objects check it against escalation.
+    pub user: Option<std::sync::Arc<crate::pki::User>>,
 }
 
 /// How unknown and duplicate fields in a body are treated.
@@ -47,6 +50,7 @@ impl Request {
             headers: HeaderMap::new(),
             body: Bytes::new(),
             omit_managed_fields: false,
+            user: None,
         }
     }
 
@@ -66,6 +70,7 @@ impl Request {
             headers: self.headers.clone(),
             body: Bytes::new(),
             omit_managed_fields: self.omit_managed_fields,
+            user: self.user.clone(),
         }
     }
 
@@ -183,16 +188,21 @@ impl Api {
     /// Parse a request body: JSON, YAML, or Kubernetes' protobuf encoding
     /// (which client-go's typed clients send).
     pub fn parse_body(&self, req: &Request) -> ApiResult<Value> {
-        if req.body.is_empty() {
+        self.parse_bytes(req.content_type(), &req.body)
+    }
+
+    /// [`Api::parse_body`] of a body in `content_type`.
+    pub fn parse_bytes(&self, content_type: &str, body: &[u8]) -> ApiResult<Value> {
+        if body.is_empty() {
             return Err(ApiError::BadRequest("request body is empty".into()));
         }
-        match req.content_type() {
-            "application/yaml" => serde_yaml::from_slice::<Value>(&req.body)
+        match content_type {
+            "application/yaml" => serde_yaml::from_slice::<Value>(body)
                 .map_err(|e| ApiError::BadRequest(format!("error decoding YAML: {e}"))),
-            "application/json" | "" => serde_json::from_slice::<Value>(&req.body)
+            "application/json" | "" => serde_json::from_slice::<Value>(body)
                 .map_err(|e| ApiError::BadRequest(format!("error decoding JSON: {e}"))),
             "application/vnd.kubernetes.protobuf" => {
-                tapestry_kubeproto::decode(&req.body, self.proto_names.as_ref())
+                tapestry_kubeproto::decode(body, self.proto_names.as_ref())
                     .map_err(|e| ApiError::BadRequest(format!("error decoding protobuf: {e}")))
             }
             other => Err(ApiError::UnsupportedMediaType(format!(

@@ -1,0 +1,528 @@
+//! The roles and bindings every cluster starts with, reconciled at each
+//! start as kube-apiserver does: a missing one is created, one that lost
+//! rules or subjects gets them back, unless its
+//! `rbac.authorization.kubernetes.io/autoupdate` annotation is `false`.
+//! Rules are only ever added to what is stored, never taken away.
+
+use anyhow::Result;
+use k8s_openapi::api::rbac::v1::PolicyRule;
+use serde_json::{json, Value};
+
+use super::{AUTHENTICATED, MASTERS};
+use crate::error::ApiError;
+use crate::resources::rbac::GROUP;
+use crate::rest::Api;
+
+const AUTOUPDATE: &str = "rbac.authorization.kubernetes.io/autoupdate";
+const READ: &[&str] = &["get", "list", "watch"];
+const WRITE: &[&str] = &["create", "delete", "deletecollection", "patch", "update"];
+const ALL: &[&str] = &["*"];
+
+/// The group nodes' credentials carry.
+pub const NODES: &str = "system:nodes";
+pub const UNAUTHENTICATED: &str = "system:unauthenticated";
+
+fn rule(groups: &[&str], resources: &[&str], verbs: &[&str]) -> Value {
+    json!({"apiGroups": groups, "resources": resources, "verbs": verbs})
+}
+
+fn urls(paths: &[&str], verbs: &[&str]) -> Value {
+    json!({"nonResourceURLs": paths, "verbs": verbs})
+}
+
+pub fn cluster_admin_rules() -> Vec<PolicyRule> {
+    serde_json::from_value(json!([rule(ALL, ALL, ALL), urls(ALL, ALL)])).unwrap_or_default()
+}
+
+/// Namespaced objects people read (everything but Secrets) and, for
+/// edit, write.
+fn workloads(verbs: &[&str], with_secrets: bool) -> Vec<Value> {
+    let mut core = vec![
+        "configmaps",
+        "endpoints",
+        "persistentvolumeclaims",
+        "pods",
+        "replicationcontrollers",
+        "replicationcontrollers/scale",
+        "serviceaccounts",
+        "services",
+    ];
+    if with_secrets {
+        core.push("secrets");
+    }
+    vec![
+        rule(&[""], &core, verbs),
+        rule(
+            &["apps"],
+            &[
+                "daemonsets",
+                "deployments",
+                "deployments/scale",
+                "replicasets",
+                "replicasets/scale",
+                "statefulsets",
+                "statefulsets/scale",
+            ],
+            verbs,
+        ),
+        rule(&["batch"], &["jobs", "cronjobs"], verbs),
+        rule(&["autoscaling"], &["horizontalpodautoscalers"], verbs),
+        rule(
+            &["networking.k8s.io"],
+            &["ingresses", "networkpolicies"],
+            verbs,
+        ),
+        rule(&["policy"], &["poddisruptionbudgets"], verbs),
+        rule(&["discovery.k8s.io"], &["endpointslices"], verbs),
+    ]
+}
+
+fn view_rules() -> Vec<Value> {
+    let mut rules = workloads(READ, false);
+    rules.push(rule(
+        &[""],
+        &[
+            "pods/log",
+            "pods/status",
+            "services/status",
+            "events",
+            "limitranges",
+            "resourcequotas",
+            "namespaces",
+            "namespaces/status",
+        ],
+        READ,
+    ));
+    rules.push(rule(
+        &["apps"],
+        &[
+            "daemonsets/status",
+            "deployments/status",
+            "replicasets/status",
+            "statefulsets/status",
+        ],
+        READ,
+    ));
+    rules.push(rule(&["batch"], &["jobs/status", "cronjobs/status"], READ));
+    rules.push(rule(&["events.k8s.io"], &["events"], READ));
+    rules
+}
+
+fn edit_rules() -> Vec<Value> {
+    let mut rules = view_rules();
+    rules.extend(workloads(WRITE, true));
+    rules.push(rule(&[""], &["secrets"], READ));
+    rules.push(rule(
+        &[""],
+        &[
+            "pods/exec",
+            "pods/attach",
+            "pods/portforward",
+            "pods/eviction",
+            "serviceaccounts/token",
+        ],
+        &["create", "get"],
+    ));
+    rules.push(rule(&["apps"], &["deployments/rollback"], WRITE));
+    rules
+}
+
+fn admin_rules() -> Vec<Value> {
+    let mut rules = edit_rules();
+    rules.push(rule(
+        &[GROUP],
+        &["roles", "rolebindings"],
+        &[READ, WRITE].concat(),
+    ));
+    rules.push(rule(
+        &["authorization.k8s.io"],
+        &["localsubjectaccessreviews"],
+        &["create"],
+    ));
+    rules
+}
+
+/// What a node agent needs: its Node and Lease, the pods bound to it and
+/// what they mount, Services and EndpointSlices for its proxy and DNS
+/// (it publishes its own DNS endpoints), events.
+fn node_rules() -> Vec<Value> {
+    vec![
+        rule(
+            &[""],
+            &["nodes"],
+            &[
+                "create", "get", "list", "watch", "patch", "update", "delete",
+            ],
+        ),
+        rule(&[""], &["nodes/status"], &["patch", "update"]),
+        rule(
+            &[""],
+            &["pods"],
+            &["get", "list", "watch", "create", "delete"],
+        ),
+        rule(&[""], &["pods/status"], &["patch", "update"]),
+        rule(&[""], &["pods/eviction"], &["create"]),
+        rule(
+            &[""],
+            &[
+                "configmaps",
+                "secrets",
+                "persistentvolumeclaims",
+                "persistentvolumes",
+            ],
+            &["get"],
+        ),
+        rule(&[""], &["services", "endpoints", "namespaces"], READ),
+        rule(&[""], &["events"], &["create", "patch", "update"]),
+        rule(
+            &["events.k8s.io"],
+            &["events"],
+            &["create", "patch", "update"],
+        ),
+        rule(&[""], &["serviceaccounts/token"], &["create"]),
+        rule(
+            &["discovery.k8s.io"],
+            &["endpointslices"],
+            &[READ, WRITE].concat(),
+        ),
+        rule(
+            &["coordination.k8s.io"],
+            &["leases"],
+            &[READ, &["create", "update", "patch", "delete"]].concat(),
+        ),
+        rule(&["authentication.k8s.io"], &["tokenreviews"], &["create"]),
+        rule(
+            &["authorization.k8s.io"],
+            &["subjectaccessreviews"],
+            &["create"],
+        ),
+    ]
+}
+
+/// `(name, rules, the role it is aggregated into, the roles it
+/// aggregates)`: `view` carries `aggregate-to-edit`, so `edit` holds what
+/// a role labelled like `view` adds.
+type BootstrapRole = (
+    &'static str,
+    Vec<Value>,
+    Option<&'static str>,
+    Option<&'static str>,
+);
+
+fn cluster_roles() -> Vec<BootstrapRole> {
+    vec![
+        (
+            "cluster-admin",
+            vec![rule(ALL, ALL, ALL), urls(ALL, ALL)],
+            None,
+            None,
+        ),
+        ("admin", admin_rules(), None, Some("admin")),
+        ("edit", edit_rules(), Some("admin"), Some("edit")),
+        ("view", view_rules(), Some("edit"), Some("view")),
+        (
+            "system:discovery",
+            vec![urls(
+                &[
+                    "/api",
+                    "/api/*",
+                    "/apis",
+                    "/apis/*",
+                    "/healthz",
+                    "/livez",
+                    "/readyz",
+                    "/openapi",
+                    "/openapi/*",
+                    "/version",
+                    "/version/",
+                ],
+                &["get"],
+            )],
+            None,
+            None,
+        ),
+        (
+            "system:public-info-viewer",
+            vec![urls(
+                &["/healthz", "/livez", "/readyz", "/version", "/version/"],
+                &["get"],
+            )],
+            None,
+            None,
+        ),
+        (
+            "system:basic-user",
+            vec![
+                rule(
+                    &["authorization.k8s.io"],
+                    &["selfsubjectaccessreviews", "selfsubjectrulesreviews"],
+                    &["create"],
+                ),
+                rule(
+                    &["authentication.k8s.io"],
+                    &["selfsubjectreviews"],
+                    &["create"],
+                ),
+            ],
+            None,
+            None,
+        ),
+        ("system:node", node_rules(), None, None),
+        (
+            "system:auth-delegator",
+            vec![
+                rule(&["authentication.k8s.io"], &["tokenreviews"], &["create"]),
+                rule(
+                    &["authorization.k8s.io"],
+                    &["subjectaccessreviews"],
+                    &["create"],
+                ),
+            ],
+            None,
+            None,
+        ),
+    ]
+}
+
+/// `(name of the binding and its ClusterRole, subjects)`.
+fn cluster_role_bindings() -> Vec<(&'static str, Vec<Value>)> {
+    let group = |g: &str| json!({"apiGroup": GROUP, "kind": "Group", "name": g});
+    vec![
+        ("cluster-admin", vec![group(MASTERS)]),
+        ("system:discovery", vec![group(AUTHENTICATED)]),
+        (
+            "system:public-info-viewer",
+            vec![group(AUTHENTICATED), group(UNAUTHENTICATED)],
+        ),
+        ("system:basic-user", vec![group(AUTHENTICATED)]),
+        ("system:node", vec![group(NODES)]),
+    ]
+}
+
+fn bootstrap_meta(name: &str, labels: Value) -> Value {
+    let mut labels = labels;
+    labels["kubernetes.io/bootstrapping"] = json!("rbac-defaults");
+    json!({"name": name, "labels": labels, "annotations": {AUTOUPDATE: "true"}})
+}
+
+/// Rights of one of the server's own components: cluster-wide, and in
+/// the namespace it works in.
+struct Component {
+    role: &'static str,
+    subject: Value,
+    cluster: Vec<Value>,
+    local: Vec<Value>,
+}
+
+/// The namespace the fleet manager deploys taps and aggregators into.
+const TAPESTRY_NAMESPACE: &str = "tapestry-system";
+
+/// The tap-agent, aggregator and fleet manager (identities in
+/// [`crate::pki::COMPONENTS`]): each only what it calls.
+fn components() -> Vec<Component> {
+    let sa = |name: &str| json!({"kind": "ServiceAccount", "name": name, "namespace": TAPESTRY_NAMESPACE});
+    let tapestry = "tapestry.io";
+    let apply = &["get", "list", "watch", "create", "patch", "update"][..];
+    vec![
+        Component {
+            role: "tapestry:tap-agent",
+            subject: sa("tap-agent"),
+            cluster: vec![
+                rule(&[""], &["pods", "namespaces", "nodes"], &["list", "watch"]),
+                rule(&[tapestry], &["tappolicies"], &["list", "watch"]),
+            ],
+            local: vec![
+                rule(
+                    &["discovery.k8s.io"],
+                    &["endpointslices"],
+                    &["list", "watch"],
+                ),
+                rule(
+                    &["coordination.k8s.io"],
+                    &["leases"],
+                    &["get", "create", "patch", "update"],
+                ),
+            ],
+        },
+        Component {
+            role: "tapestry:aggregator",
+            subject: sa("aggregator"),
+            cluster: vec![
+                rule(
+                    &[tapestry],
+                    &["tappolicies", "taptools"],
+                    &["list", "watch"],
+                ),
+                rule(
+                    &[tapestry],
+                    &["tappolicies/status", "taptools/status"],
+                    &["patch"],
+                ),
+            ],
+            local: Vec::new(),
+        },
+        Component {
+            role: "tapestry:fleet-manager",
+            subject: json!({"apiGroup": GROUP, "kind": "User", "name": "system:tapestry:fleet-manager"}),
+            cluster: vec![
+                json!({"apiGroups": ["apiextensions.k8s.io"], "resources": ["customresourcedefinitions"],
+                       "resourceNames": ["tappolicies.tapestry.io", "taptools.tapestry.io"],
+                       "verbs": ["get", "create", "patch", "update"]}),
+                json!({"apiGroups": [""], "resources": ["namespaces"],
+                       "resourceNames": [TAPESTRY_NAMESPACE], "verbs": ["get", "create", "patch"]}),
+                rule(&[""], &["nodes", "namespaces", "pods"], &["list", "watch"]),
+                rule(
+                    &[tapestry],
+                    &["tappolicies", "taptools"],
+                    &[READ, WRITE].concat(),
+                ),
+                rule(&[tapestry], &["tappolicies/status"], &["patch"]),
+                rule(&[""], &["events"], &["create", "patch"]),
+                rule(&["authentication.k8s.io"], &["tokenreviews"], &["create"]),
+                rule(
+                    &["authorization.k8s.io"],
+                    &["subjectaccessreviews"],
+                    &["create"],
+                ),
+            ],
+            local: vec![
+                rule(&["coordination.k8s.io"], &["leases"], apply),
+                rule(&["apps"], &["daemonsets", "deployments"], apply),
+                rule(&[""], &["services", "serviceaccounts", "secrets"], apply),
+            ],
+        },
+    ]
+}
+
+/// Create or repair every bootstrap role and binding.
+pub async fn ensure(api: &Api) -> Result<()> {
+    let prefix = "rbac.authorization.k8s.io/aggregate-to-";
+    for (name, rules, carries, aggregates) in cluster_roles() {
+        let labels = match carries {
+            Some(to) => json!({format!("{prefix}{to}"): "true"}),
+            None => json!({}),
+        };
+        let mut role = json!({
+            "apiVersion": format!("{GROUP}/v1"), "kind": "ClusterRole",
+            "metadata": bootstrap_meta(name, labels), "rules": rules,
+        });
+        if let Some(from) = aggregates {
+            role["aggregationRule"] = json!({"clusterRoleSelectors": [
+                {"matchLabels": {format!("{prefix}{from}"): "true"}}]});
+        }
+        reconcile(api, "clusterroles", None, role).await?;
+    }
+    for (name, subjects) in cluster_role_bindings() {
+        reconcile(
+            api,
+            "clusterrolebindings",
+            None,
+            binding("ClusterRoleBinding", name, "ClusterRole", subjects),
+        )
+        .await?;
+    }
+    let ns =
+        json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": TAPESTRY_NAMESPACE}});
+    match api.create_internal("", "v1", "namespaces", None, ns).await {
+        Ok(()) | Err(ApiError::AlreadyExists(_)) => {}
+        Err(e) => anyhow::bail!("creating namespace {TAPESTRY_NAMESPACE}: {e}"),
+    }
+    for c in components() {
+        let subjects = vec![c.subject.clone()];
+        let role = json!({
+            "apiVersion": format!("{GROUP}/v1"), "kind": "ClusterRole",
+            "metadata": bootstrap_meta(c.role, json!({})), "rules": c.cluster,
+        });
+        reconcile(api, "clusterroles", None, role).await?;
+        reconcile(
+            api,
+            "clusterrolebindings",
+            None,
+            binding(
+                "ClusterRoleBinding",
+                c.role,
+                "ClusterRole",
+                subjects.clone(),
+            ),
+        )
+        .await?;
+        if !c.local.is_empty() {
+            let mut role = json!({
+                "apiVersion": format!("{GROUP}/v1"), "kind": "Role",
+                "metadata": bootstrap_meta(c.role, json!({})), "rules": c.local,
+            });
+            role["metadata"]["namespace"] = json!(TAPESTRY_NAMESPACE);
+            reconcile(api, "roles", Some(TAPESTRY_NAMESPACE), role).await?;
+            let mut b = binding("RoleBinding", c.role, "Role", subjects);
+            b["metadata"]["namespace"] = json!(TAPESTRY_NAMESPACE);
+            reconcile(api, "rolebindings", Some(TAPESTRY_NAMESPACE), b).await?;
+        }
+    }
+    Ok(())
+}
+
+fn binding(kind: &str, name: &str, role_kind: &str, subjects: Vec<Value>) -> Value {
+    json!({
+        "apiVersion": format!("{GROUP}/v1"), "kind": kind,
+        "metadata": bootstrap_meta(name, json!({})),
+        "roleRef": {"apiGroup": GROUP, "kind": role_kind, "name": name},
+        "subjects": subjects,
+    })
+}
+
+/// Create `want`, or add to the stored object what it lacks of `want`'s
+/// rules (roles) or subjects (bindings).
+async fn reconcile(api: &Api, plural: &str, namespace: Option<&str>, want: Value) -> Result<()> {
+    let name = want["metadata"]["name"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    match api
+        .create_internal(GROUP, "v1", plural, namespace, want.clone())
+        .await
+    {
+        Ok(()) | Err(ApiError::AlreadyExists(_)) => {}
+        Err(e) => anyhow::bail!("creating {plural} {name}: {e}"),
+    }
+    let req = api
+        .internal_request(GROUP, "v1", plural, namespace, Some(&name))
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let field = if plural.ends_with("roles") {
+        "rules"
+    } else {
+        "subjects"
+    };
+    api.update_object(&req, |stored| {
+        if stored.pointer(&format!(
+            "/metadata/annotations/{}",
+            AUTOUPDATE.replace('/', "~1")
+        )) == Some(&json!("false"))
+        {
+            return Ok(None);
+        }
+        let have = stored[field].as_array().cloned().unwrap_or_default();
+        let missing: Vec<Value> = want[field]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|w| !have.contains(w))
+            .cloned()
+            .collect();
+        let aggregation_lost = want.get("aggregationRule").is_some()
+            && stored.get("aggregationRule") != want.get("aggregationRule");
+        if missing.is_empty() && !aggregation_lost {
+            return Ok(None);
+        }
+        let mut new = stored.clone();
+        let mut all = have;
+        all.extend(missing);
+        new[field] = json!(all);
+        if aggregation_lost {
+            new["aggregationRule"] = want["aggregationRule"].clone();
+        }
+        Ok(Some(new))
+    })
+    .await
+    .map_err(|e| anyhow::anyhow!("reconciling {plural} {name}: {e}"))?;
+    Ok(())
+}
