@@ -19,6 +19,7 @@ pub mod pki;
 pub mod registry;
 pub mod resources;
 pub mod rest;
+pub mod satokens;
 pub mod selectors;
 pub mod server;
 pub mod tables;

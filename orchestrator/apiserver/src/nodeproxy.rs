@@ -33,7 +33,7 @@ use crate::rest::Api;
 
 /// The group node agents' bearer token carries.
 pub const NODES_GROUP: &str = "system:nodes";
-pub const KUBELET_CLIENT_CN: &str = "kube-apiserver-kubelet-client";
+pub use tapestry_runtime::KUBELET_CLIENT_CN;
 
 /// Make sure a node bootstrap token exists (in tokens.csv and as
 /// `DIR/node-token`) and a kubelet client certificate for the API server.

@@ -22,7 +22,7 @@ pub struct Pki {
     pub serving_key_pem: String,
 }
 
-fn write_private(path: &Path, contents: &str) -> Result<()> {
+pub(crate) fn write_private(path: &Path, contents: &str) -> Result<()> {
     let mut f = fs::OpenOptions::new()
         .create(true)
         .write(true)
@@ -210,6 +210,45 @@ impl Tokens {
     }
 }
 
+/// Files of a data directory that hold secrets or the whole cluster's
+/// state, and directories of such files.
+const PRIVATE_FILES: &[&str] = &["store.redb", "tokens.csv", "node-token", "kubeconfig"];
+const PRIVATE_DIRS: &[&str] = &["pki", "credentials", "users"];
+
+/// Makes `data_dir` (created if absent) 0700 and what it holds of the
+/// store, keys, tokens and kubeconfigs 0600 (their directories 0700),
+/// whatever the umask was when they were made. Run before the store is
+/// opened and again once the server has written its files.
+pub fn secure_data_dir(data_dir: &Path) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    fs::create_dir_all(data_dir).with_context(|| format!("creating {}", data_dir.display()))?;
+    let set = |path: &Path, mode: u32| {
+        fs::set_permissions(path, fs::Permissions::from_mode(mode))
+            .with_context(|| format!("restricting {} to {mode:o}", path.display()))
+    };
+    set(data_dir, 0o700)?;
+    for f in PRIVATE_FILES {
+        let path = data_dir.join(f);
+        if path.is_file() {
+            set(&path, 0o600)?;
+        }
+    }
+    for d in PRIVATE_DIRS {
+        let dir = data_dir.join(d);
+        if !dir.is_dir() {
+            continue;
+        }
+        set(&dir, 0o700)?;
+        for entry in fs::read_dir(&dir)? {
+            let path = entry?.path();
+            if path.is_file() {
+                set(&path, 0o600)?;
+            }
+        }
+    }
+    Ok(())
+}
+
 /// The token file as the server reads it: read again when it changes
 /// (`tapestry user add` appends to it), so new users need no restart.
 pub struct LiveTokens {
@@ -299,29 +338,11 @@ pub fn add_user(data_dir: &Path, name: &str, groups: &[String], out: &Path) -> R
     write_private(out, &kubeconfig(&server, &ca, name, &token))
 }
 
-/// Tapestry's own components that run as pods or beside the server, each
-/// with an identity of its own: `(file name, user, groups)`. The tap-agent
-/// and aggregator names are those of their ServiceAccounts, so roles bound
-/// to the accounts apply to them.
-pub const COMPONENTS: &[(&str, &str, &[&str])] = &[
-    (
-        "tap-agent",
-        "system:serviceaccount:tapestry-system:tap-agent",
-        &[
-            "system:serviceaccounts",
-            "system:serviceaccounts:tapestry-system",
-        ],
-    ),
-    (
-        "aggregator",
-        "system:serviceaccount:tapestry-system:aggregator",
-        &[
-            "system:serviceaccounts",
-            "system:serviceaccounts:tapestry-system",
-        ],
-    ),
-    ("fleet-manager", "system:tapestry:fleet-manager", &[]),
-];
+/// Tapestry's own components that run beside the server, each with an
+/// identity of its own: `(file name, user, groups)`. (The tap-agent and
+/// aggregator run in pods, as their ServiceAccounts.)
+pub const COMPONENTS: &[(&str, &str, &[&str])] =
+    &[("fleet-manager", "system:tapestry:fleet-manager", &[])];
 
 /// Make sure each of [`COMPONENTS`] has a token in the token file and a
 /// kubeconfig `DIR/credentials/NAME.kubeconfig` (0600) for `server_url`.

@@ -33,6 +33,8 @@ pub enum Subresource {
     Eviction,
     /// namespaces/finalize: the namespace controller removes spec.finalizers.
     Finalize,
+    /// serviceaccounts/token: an authentication.k8s.io/v1 TokenRequest.
+    Token,
 }
 
 impl Subresource {
@@ -43,6 +45,7 @@ impl Subresource {
             Subresource::Binding => "binding",
             Subresource::Eviction => "eviction",
             Subresource::Finalize => "finalize",
+            Subresource::Token => "token",
         }
     }
 
@@ -53,6 +56,7 @@ impl Subresource {
             Subresource::Binding,
             Subresource::Eviction,
             Subresource::Finalize,
+            Subresource::Token,
         ]
         .into_iter()
         .find(|s| s.name() == name)

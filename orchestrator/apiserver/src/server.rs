@@ -54,6 +54,9 @@ pub struct ServerConfig {
     /// How often leaked ClusterIP/NodePort allocations are looked for; a
     /// leak is released on the second pass that sees it.
     pub allocation_repair_interval: Duration,
+    /// `AlwaysAllow` lets every authenticated request through (for
+    /// measuring what RBAC costs, or a throwaway cluster); RBAC otherwise.
+    pub always_allow: bool,
 }
 
 impl ServerConfig {
@@ -68,6 +71,7 @@ impl ServerConfig {
             advertise_address: None,
             endpoint_lease_duration: crate::endpoint_leases::DEFAULT_TTL,
             allocation_repair_interval: DEFAULT_ALLOCATION_REPAIR_INTERVAL,
+            always_allow: false,
         }
     }
 }
@@ -76,6 +80,8 @@ impl ServerConfig {
 pub struct Running {
     pub addr: SocketAddr,
     pub kubeconfig: PathBuf,
+    /// The cluster CA (PEM), which pods find as `kube-root-ca.crt`.
+    pub ca_cert_pem: String,
     pub api: Arc<Api>,
     local: LocalHandler,
     task: tokio::task::JoinHandle<()>,
@@ -161,11 +167,10 @@ pub async fn start(
     shutdown: CancellationToken,
 ) -> Result<Running> {
     let data_dir = &config.data_dir;
-    std::fs::create_dir_all(data_dir)
-        .with_context(|| format!("creating {}", data_dir.display()))?;
+    pki::secure_data_dir(data_dir)?;
     let range = Ipv4Range::parse(&config.service_cidr).map_err(anyhow::Error::msg)?;
     let allocator = Arc::new(ServiceAllocator::new(store.clone(), range));
-    let registry = Registry::new(resources::builtin(allocator.clone()));
+    let registry = Registry::new(resources::builtin(allocator.clone(), store.clone()));
     let openapi = OpenApiDocs::build(&registry)?;
     let fields = FieldManagement::new(openapi.schema());
     let metrics = Arc::new(Metrics::new());
@@ -189,6 +194,8 @@ pub async fn start(
     sans.push(advertised.ip().to_string());
     let names = pki::serving_names(addr.ip(), IpAddr::V4(range.first()), &sans);
     let pki = Pki::load_or_create(&data_dir.join("pki"), &names)?;
+    let issuer = crate::satokens::TokenIssuer::load_or_create(&pki.dir)?;
+    let _ = api.service_account_tokens.set(Arc::new(issuer));
     let (_, admin_token) = Tokens::load_or_create(&data_dir.join("tokens.csv"))?;
     crate::nodeproxy::ensure_node_credentials(data_dir, &pki)?;
     let host = if addr.ip().is_unspecified() {
@@ -207,10 +214,16 @@ pub async fn start(
         &pki::kubeconfig(&server_url, &pki.ca_cert_pem, "admin", &admin_token),
     )?;
 
+    // Everything the server writes is there now; files made before under
+    // another umask (or by an older version) are closed off too.
+    pki::secure_data_dir(data_dir)?;
     crate::bootstrap::ensure(&api, range.first(), range.dns(), addr.port()).await?;
     crate::authz::bootstrap::ensure(&api).await?;
     // Every role and binding is known before the first request.
-    let authorizer = Authorizer::start(api.clone(), shutdown.clone())
+    if config.always_allow {
+        tracing::warn!("--authorization-mode AlwaysAllow: every authenticated request is allowed");
+    }
+    let authorizer = Authorizer::start(api.clone(), config.always_allow, shutdown.clone())
         .await
         .map_err(|e| anyhow::anyhow!("loading RBAC: {e}"))?;
     let _ = api.authorizer.set(authorizer.clone());
@@ -260,6 +273,7 @@ pub async fn start(
     Ok(Running {
         addr,
         kubeconfig,
+        ca_cert_pem: pki.ca_cert_pem.clone(),
         api,
         local,
         task,
@@ -473,7 +487,8 @@ async fn dispatch(State(state): State<Arc<AppState>>, req: axum::extract::Reques
     if let Some((ns, pod, sub)) = crate::nodeproxy::streaming_target(req.uri().path()) {
         let verb = if sub == "log" { "get" } else { "create" };
         let attrs = Attributes::resource(verb, "", "pods", &sub, Some(&ns), Some(&pod));
-        if let Err(e) = authenticate(&state.tokens, req.headers())
+        if let Err(e) = authenticate(&state, req.headers())
+            .await
             .and_then(|user| acting_user(&state.authorizer, user, req.headers()))
             .and_then(|user| state.authorizer.check(&user, &attrs))
         {
@@ -495,7 +510,8 @@ async fn dispatch(State(state): State<Arc<AppState>>, req: axum::extract::Reques
         }
         _ => {}
     }
-    let user = match authenticate(&state.tokens, &headers)
+    let user = match authenticate(&state, &headers)
+        .await
         .and_then(|user| acting_user(&state.authorizer, user, &headers))
     {
         Ok(user) => user,
@@ -527,7 +543,9 @@ async fn dispatch(State(state): State<Arc<AppState>>, req: axum::extract::Reques
         &path,
         content_type,
         &body,
-    ) {
+    )
+    .await
+    {
         return resp;
     }
     let Some(route) = split_resource_path(&path) else {
@@ -602,17 +620,25 @@ async fn refresh_tokens(tokens: Arc<LiveTokens>, shutdown: CancellationToken) {
     }
 }
 
-/// Who is asking: the bearer token's user, in `system:authenticated`.
-fn authenticate(tokens: &LiveTokens, headers: &HeaderMap) -> Result<User, ApiError> {
+/// Who is asking: the bearer token's user (from the token file, or a
+/// service account token this server signed), in `system:authenticated`.
+async fn authenticate(state: &AppState, headers: &HeaderMap) -> Result<User, ApiError> {
     let token = headers
         .get(http::header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::trim);
-    match token.and_then(|t| tokens.authenticate(t)) {
-        Some(user) => Ok(crate::authz::authenticated(&user)),
-        None => Err(ApiError::Unauthorized),
-    }
+        .map(str::trim)
+        .ok_or(ApiError::Unauthorized)?;
+    let user = match state.tokens.authenticate(token) {
+        Some(user) => user,
+        None => crate::satokens::authenticate(&state.api, token, &[])
+            .await
+            .map_err(|e| {
+                tracing::debug!("refused a bearer token: {e}");
+                ApiError::Unauthorized
+            })?,
+    };
+    Ok(crate::authz::authenticated(&user))
 }
 
 fn not_found_path(path: &str) -> Response {
@@ -647,6 +673,10 @@ fn serve_static(
         .unwrap_or("");
     let resp = match parts.as_slice() {
         ["version"] => ok_json(&discovery::version()),
+        [".well-known", "openid-configuration"] => {
+            ok_json(&state.api.service_account_tokens.get()?.discovery())
+        }
+        ["openid", "v1", "jwks"] => ok_json(&state.api.service_account_tokens.get()?.jwks()),
         ["metrics"] => text(StatusCode::OK, &state.api.metrics.encode()),
         ["api"] | ["apis"] if discovery::aggregated_version(accept).is_some() => {
             let version = discovery::aggregated_version(accept).unwrap_or("v2");

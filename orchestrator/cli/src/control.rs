@@ -46,6 +46,7 @@ pub struct ControlArgs {
 pub async fn start(
     api: tapestry_apiserver::LocalHandler,
     args: ControlArgs,
+    root_ca: String,
     shutdown: CancellationToken,
 ) -> Result<()> {
     let cluster_cidr = ClusterCidr::parse(&args.cluster_cidr).map_err(anyhow::Error::msg)?;
@@ -80,6 +81,7 @@ pub async fn start(
             cluster_cidr,
             node_monitor_grace_period: args.node_monitor_grace_period,
             node_monitor_period: args.node_monitor_period,
+            root_ca: Some(root_ca),
         };
         let c = client.clone();
         let run = move |token: CancellationToken| {

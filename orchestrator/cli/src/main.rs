@@ -155,6 +155,10 @@ struct ServerArgs {
     /// the `kubernetes` Service's endpoints; it renews every third of this.
     #[arg(long, default_value = "15s", value_parser = parse_lease_duration)]
     endpoint_lease_duration: Duration,
+    /// RBAC (roles and bindings decide every request) or AlwaysAllow
+    /// (every authenticated request is allowed).
+    #[arg(long, default_value = "RBAC", value_parser = ["RBAC", "AlwaysAllow"])]
+    authorization_mode: String,
     #[command(flatten)]
     control: control::ControlArgs,
 }
@@ -225,6 +229,8 @@ async fn server(args: ServerArgs) -> Result<()> {
                 .with_context(|| format!("connecting to etcd at {}", endpoints.join(",")))?,
         ),
         None => {
+            // Closed off before the store file is made in it.
+            tapestry_apiserver::pki::secure_data_dir(&args.data_dir)?;
             let path = args.data_dir.join("store.redb");
             Arc::new(
                 RedbStore::open(&path)
@@ -240,13 +246,20 @@ async fn server(args: ServerArgs) -> Result<()> {
             extra_sans: args.tls_sans,
             advertise_address: args.advertise_address,
             endpoint_lease_duration: args.endpoint_lease_duration,
+            always_allow: args.authorization_mode == "AlwaysAllow",
             ..ServerConfig::new(args.data_dir.clone(), args.listen)
         },
         store,
         shutdown.clone(),
     )
     .await?;
-    control::start(running.local_handler(), args.control, shutdown).await?;
+    control::start(
+        running.local_handler(),
+        args.control,
+        running.ca_cert_pem.clone(),
+        shutdown,
+    )
+    .await?;
     tracing::info!(addr = %running.addr, kubeconfig = %running.kubeconfig.display(), "API server ready");
     println!("kubeconfig: {}", running.kubeconfig.display());
     running.wait().await;

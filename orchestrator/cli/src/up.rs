@@ -49,6 +49,7 @@ async fn start_control_plane(
     underlay: Option<&Underlay>,
     shutdown: CancellationToken,
 ) -> Result<tapestry_apiserver::Running> {
+    tapestry_apiserver::pki::secure_data_dir(&args.data_dir)?;
     let path = args.data_dir.join("store.redb");
     let store: Arc<dyn Store> = Arc::new(
         RedbStore::open(&path).with_context(|| format!("opening store {}", path.display()))?,
@@ -68,7 +69,13 @@ async fn start_control_plane(
         shutdown.clone(),
     )
     .await?;
-    crate::control::start(running.local_handler(), args.control.clone(), shutdown).await?;
+    crate::control::start(
+        running.local_handler(),
+        args.control.clone(),
+        running.ca_cert_pem.clone(),
+        shutdown,
+    )
+    .await?;
     Ok(running)
 }
 
@@ -234,8 +241,7 @@ async fn run_claimed(args: &UpArgs, node_name: String, started: Instant) -> Resu
     let fleet = if args.no_fleet_manager {
         None
     } else {
-        match start_fleet_manager(args, &pki, nodes_server.as_deref(), fleet_shutdown.clone()).await
-        {
+        match start_fleet_manager(args, &pki, fleet_shutdown.clone()).await {
             Ok(f) => Some(f),
             Err(e) => {
                 if let Some(l) = &local {
@@ -289,7 +295,6 @@ async fn run_claimed(args: &UpArgs, node_name: String, started: Instant) -> Resu
 async fn start_fleet_manager(
     args: &UpArgs,
     pki: &Pki,
-    nodes_server: Option<&str>,
     shutdown: CancellationToken,
 ) -> Result<tapestry_fleet_manager::Running> {
     let credentials = args.data_dir.join("credentials");
@@ -303,25 +308,15 @@ async fn start_fleet_manager(
         true,
     )?;
     let workloads = match crate::node::tap_images(&args.data_dir) {
-        Ok((tap_agent_image, aggregator_image)) => {
-            let read = |name: &str| {
-                let path = credentials.join(format!("{name}.kubeconfig"));
-                let text = std::fs::read_to_string(&path)
-                    .with_context(|| format!("reading {}", path.display()))?;
-                // Taps on every node reach the API server where nodes do.
-                anyhow::Ok(match nodes_server {
-                    Some(url) => with_server(&text, url),
-                    None => text,
-                })
-            };
-            Some(tapestry_fleet_manager::Workloads {
-                tap_agent_image,
-                aggregator_image,
-                image_pull_policy: "Never".into(),
-                tap_agent_kubeconfig: Some(read("tap-agent")?),
-                aggregator_kubeconfig: Some(read("aggregator")?),
-            })
-        }
+        // The taps and the aggregator run as their ServiceAccounts, with
+        // the tokens the kubelet projects into their pods.
+        Ok((tap_agent_image, aggregator_image)) => Some(tapestry_fleet_manager::Workloads {
+            tap_agent_image,
+            aggregator_image,
+            image_pull_policy: "Never".into(),
+            tap_agent_kubeconfig: None,
+            aggregator_kubeconfig: None,
+        }),
         Err(e) => {
             tracing::warn!("no taps will be deployed: {e:#}");
             None
@@ -349,17 +344,4 @@ async fn start_fleet_manager(
 fn say(line: &str) {
     use std::io::Write;
     let _ = writeln!(std::io::stdout().lock(), "{line}");
-}
-
-/// A kubeconfig with its cluster's `server` replaced.
-fn with_server(kubeconfig: &str, url: &str) -> String {
-    kubeconfig
-        .lines()
-        .map(|l| match l.trim_start().strip_prefix("server: ") {
-            Some(_) => format!("{}server: {url}", &l[..l.len() - l.trim_start().len()]),
-            None => l.to_string(),
-        })
-        .collect::<Vec<_>>()
-        .join("\n")
-        + "\n"
 }

@@ -736,6 +736,117 @@ fn single_node_cluster_runs_real_containers() {
         "host veth {veth} not visible from a hostNetwork pod: {links}"
     );
 
+    // The kubelet API serves the API server alone: a client certificate
+    // the cluster CA signed for anyone else is refused.
+    let node_ip = c.ok(&[
+        "get",
+        "node",
+        NODE,
+        "-o",
+        "jsonpath={.status.addresses[?(@.type==\"InternalIP\")].address}",
+    ]);
+    let pki = c.dir.path().join("pki");
+    let other = c.dir.path().join("someone");
+    let signed = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "printf 'basicConstraints=CA:FALSE\\nkeyUsage=digitalSignature\\nextendedKeyUsage=clientAuth\\n' > {o}.ext && \
+             openssl req -new -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -subj /CN=someone \
+               -keyout {o}.key 2>/dev/null | openssl x509 -req -CA {p}/ca.crt -CAkey {p}/ca.key \
+               -extfile {o}.ext -days 1 -out {o}.crt 2>&1",
+            o = other.display(),
+            p = pki.display()
+        ))
+        .output()
+        .unwrap();
+    assert!(
+        signed.status.success(),
+        "{}",
+        String::from_utf8_lossy(&signed.stdout)
+    );
+    let kubelet_get = |cert: &Path, key: &Path| {
+        let out = Command::new("curl")
+            .args(["-sk", "-o", "/dev/null", "-w", "%{http_code}", "--cert"])
+            .arg(cert)
+            .arg("--key")
+            .arg(key)
+            .arg(format!("https://{node_ip}:{}/healthz", c.kubelet_port))
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    assert_eq!(
+        kubelet_get(&other.with_extension("crt"), &other.with_extension("key")),
+        "403"
+    );
+    assert_eq!(
+        kubelet_get(
+            &pki.join("apiserver-kubelet-client.crt"),
+            &pki.join("apiserver-kubelet-client.key")
+        ),
+        "200"
+    );
+
+    // What in-cluster clients read: the pod's service account token, the
+    // cluster CA and its namespace, and where the API server is.
+    let sa = "/var/run/secrets/kubernetes.io/serviceaccount";
+    let token = c.ok(&["exec", "web", "--", "cat", &format!("{sa}/token")]);
+    let ca = c.ok(&["exec", "web", "--", "cat", &format!("{sa}/ca.crt")]);
+    assert_eq!(
+        ca,
+        std::fs::read_to_string(c.dir.path().join("pki/ca.crt")).unwrap()
+    );
+    assert_eq!(
+        c.ok(&["exec", "web", "--", "cat", &format!("{sa}/namespace")]),
+        "default"
+    );
+    let env = c.ok(&["exec", "web", "--", "env"]);
+    let cluster_ip = c.ok(&[
+        "get",
+        "service",
+        "kubernetes",
+        "-o",
+        "jsonpath={.spec.clusterIP}",
+    ]);
+    assert!(
+        env.contains(&format!("KUBERNETES_SERVICE_HOST={cluster_ip}\n"))
+            && env.contains("KUBERNETES_SERVICE_PORT=443\n"),
+        "{env}"
+    );
+    let whoami = |token: &str| {
+        Command::new("kubectl")
+            .args(["--server", &format!("https://127.0.0.1:{}", c.port)])
+            .arg("--certificate-authority")
+            .arg(c.dir.path().join("pki/ca.crt"))
+            .args([
+                "--token",
+                token,
+                "auth",
+                "whoami",
+                "-o",
+                "jsonpath={.status.userInfo.username}",
+            ])
+            .env("KUBECONFIG", "/dev/null")
+            .output()
+            .unwrap()
+    };
+    let me = whoami(&token);
+    assert_eq!(
+        String::from_utf8_lossy(&me.stdout),
+        "system:serviceaccount:default:default",
+        "{}",
+        String::from_utf8_lossy(&me.stderr)
+    );
+    let mounted = c.ok(&[
+        "exec",
+        "web",
+        "--",
+        "sh",
+        "-c",
+        &format!("touch {sa}/x 2>&1; echo $?"),
+    ]);
+    assert_ne!(mounted.trim(), "0", "the token volume is read-only");
+
     // Deletion: SIGTERM, grace, then gone with everything it had.
     let uid = c.jsonpath("web", ".metadata.uid");
     let t = Instant::now();
@@ -754,6 +865,10 @@ fn single_node_cluster_runs_real_containers() {
         .output()
         .unwrap();
     assert!(!links.status.success(), "veth {veth} still exists");
+    assert!(
+        !whoami(&token).status.success(),
+        "the token of a deleted pod still works"
+    );
 
     // With the scheduler and controllers of `tapestry up`: a Deployment's
     // replicas are real containers serving on their pod IPs.

@@ -254,3 +254,210 @@ fn an_editor_cannot_bind_cluster_admin_and_the_bootstrap_roles_are_there() {
         (!as_user(&bob, "get deployments -n a").0).then_some(())
     });
 }
+
+/// The data directory holds every Secret (the store), the CA's key and
+/// every token: after a start under umask 000 only root can read them.
+#[test]
+fn the_data_directory_is_private_whatever_the_umask() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let port = tapestry_store::conformance::free_port();
+    let mut child = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "umask 000; exec {} server --listen 127.0.0.1:{port} --data-dir {}",
+            env!("CARGO_BIN_EXE_tapestry"),
+            data.display()
+        ))
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let ready = || {
+        Command::new("kubectl")
+            .env("KUBECONFIG", data.join("kubeconfig"))
+            .args(["get", "--raw", "/readyz"])
+            .output()
+            .is_ok_and(|o| o.status.success())
+    };
+    wait_for(30, "the server ready", || ready().then_some(()));
+    let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    let mut wrong = Vec::new();
+    if mode(&data) != 0o700 {
+        wrong.push(format!("{}: {:o}", data.display(), mode(&data)));
+    }
+    let mut files = vec![
+        data.join("store.redb"),
+        data.join("tokens.csv"),
+        data.join("kubeconfig"),
+        data.join("node-token"),
+    ];
+    for d in ["pki", "credentials"] {
+        assert_eq!(mode(&data.join(d)), 0o700, "{d}");
+        files.extend(
+            std::fs::read_dir(data.join(d))
+                .unwrap()
+                .map(|e| e.unwrap().path()),
+        );
+    }
+    assert!(files.len() > 8, "{files:?}");
+    for f in &files {
+        if mode(f) != 0o600 {
+            wrong.push(format!("{}: {:o}", f.display(), mode(f)));
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(wrong.is_empty(), "readable by others: {wrong:?}");
+}
+
+/// POST a review as the admin; returns its status.
+fn review(server: &Server, path: &str, body: serde_json::Value) -> serde_json::Value {
+    let out = server.curl(&[
+        "-X",
+        "POST",
+        "-H",
+        &format!("Authorization: Bearer {}", server.admin_token()),
+        "-H",
+        "Content-Type: application/json",
+        "--data",
+        &body.to_string(),
+        &format!("{}{path}", server.url()),
+    ]);
+    let answer: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|_| panic!("{}", String::from_utf8_lossy(&out.stdout)));
+    answer["status"].clone()
+}
+
+fn token_review(server: &Server, token: &str) -> serde_json::Value {
+    review(
+        server,
+        "/apis/authentication.k8s.io/v1/tokenreviews",
+        serde_json::json!({"apiVersion": "authentication.k8s.io/v1", "kind": "TokenReview",
+                           "spec": {"token": token}}),
+    )
+}
+
+/// kubectl's words for a 401.
+fn unauthenticated(stderr: &str) -> bool {
+    stderr.contains("provide credentials") || stderr.contains("(Unauthorized)")
+}
+
+/// kubectl with a bare bearer token (no kubeconfig user).
+fn with_token(server: &Server, token: &str, command_line: &str) -> (bool, String) {
+    let out = Command::new("kubectl")
+        .args(["--server", &server.url(), "--certificate-authority"])
+        .arg(server.data_dir().join("pki/ca.crt"))
+        .args(["--token", token])
+        .args(command_line.split_whitespace())
+        .env("KUBECONFIG", "/dev/null")
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn service_account_tokens_authenticate_until_their_pod_or_account_goes() {
+    if !require_kubectl() {
+        return;
+    }
+    let server = Server::start();
+    server.ok(&["create", "namespace", "a"]);
+    server.ok(&["create", "serviceaccount", "robot", "-n", "a"]);
+    let token = server.ok(&["create", "token", "robot", "-n", "a", "--duration=15m"]);
+    let token = token.trim();
+
+    // TokenReview knows it; RBAC decides what it may do.
+    let status = token_review(&server, token);
+    assert_eq!(status["authenticated"], true, "{status}");
+    assert_eq!(status["user"]["username"], "system:serviceaccount:a:robot");
+    let groups = status["user"]["groups"].to_string();
+    assert!(groups.contains("system:serviceaccounts:a"), "{groups}");
+    let (ok, err) = with_token(&server, token, "get pods -n a");
+    assert!(
+        !ok && err.contains(r#"User "system:serviceaccount:a:robot" cannot list resource "pods""#),
+        "{err}"
+    );
+    server.ok(&[
+        "create",
+        "rolebinding",
+        "robot-view",
+        "-n",
+        "a",
+        "--clusterrole=view",
+        "--serviceaccount=a:robot",
+    ]);
+    wait_for(10, "the robot's binding in force", || {
+        with_token(&server, token, "get pods -n a").0.then_some(())
+    });
+    let (ok, err) = with_token(&server, token, "get secrets -n a");
+    assert!(!ok && err.contains("forbidden"), "{err}");
+    let bad = format!("{}x", &token[..token.len() - 1]);
+    let (ok, err) = with_token(&server, &bad, "get pods -n a");
+    assert!(!ok && unauthenticated(&err), "a forged signature: {err}");
+
+    // A token bound to a pod dies with the pod.
+    server.ok_stdin(
+        &["apply", "-f", "-"],
+        "apiVersion: v1\nkind: Pod\nmetadata: {name: p, namespace: a}\nspec:\n  serviceAccountName: robot\n  containers: [{name: c, image: busybox:local}]\n",
+    );
+    let pod_spec = server.ok(&["get", "pod", "p", "-n", "a", "-o", "json"]);
+    let pod: serde_json::Value = serde_json::from_str(&pod_spec).unwrap();
+    let mounts = pod["spec"]["containers"][0]["volumeMounts"].to_string();
+    assert!(
+        mounts.contains("/var/run/secrets/kubernetes.io/serviceaccount"),
+        "the account's token is mounted: {mounts}"
+    );
+    let bound = server.ok(&[
+        "create",
+        "token",
+        "robot",
+        "-n",
+        "a",
+        "--bound-object-kind=Pod",
+        "--bound-object-name=p",
+    ]);
+    let bound = bound.trim();
+    assert!(with_token(&server, bound, "get pods -n a").0);
+    server.ok(&[
+        "delete",
+        "pod",
+        "p",
+        "-n",
+        "a",
+        "--grace-period=0",
+        "--force",
+    ]);
+    wait_for(10, "the pod gone", || {
+        (!server
+            .kubectl(&["get", "pod", "p", "-n", "a"])
+            .status
+            .success())
+        .then_some(())
+    });
+    let (ok, err) = with_token(&server, bound, "get pods -n a");
+    assert!(!ok && unauthenticated(&err), "{err}");
+    assert_eq!(token_review(&server, bound)["authenticated"], false);
+    assert!(
+        with_token(&server, token, "get pods -n a").0,
+        "the unbound token lives on"
+    );
+
+    // An account's deletion ends every token of it.
+    server.ok(&["delete", "serviceaccount", "robot", "-n", "a"]);
+    assert_eq!(token_review(&server, token)["authenticated"], false);
+
+    // Other systems verify tokens with the published key.
+    let discovery = server.ok(&["get", "--raw", "/.well-known/openid-configuration"]);
+    assert!(
+        discovery.contains(
+            r#""jwks_uri":"https://kubernetes.default.svc.cluster.local/openid/v1/jwks""#
+        ),
+        "{discovery}"
+    );
+    let jwks = server.ok(&["get", "--raw", "/openid/v1/jwks"]);
+    assert!(jwks.contains(r#""alg":"ES256""#), "{jwks}");
+}

@@ -45,6 +45,9 @@ pub struct Config {
     pub node_monitor_grace_period: Duration,
     /// How often node health is checked.
     pub node_monitor_period: Duration,
+    /// The cluster CA (PEM), published in every namespace as the
+    /// `kube-root-ca.crt` ConfigMap pods' in-cluster clients trust.
+    pub root_ca: Option<String>,
 }
 
 /// Shared state of all controllers.

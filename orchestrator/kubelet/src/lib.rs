@@ -17,17 +17,18 @@ pub mod runtime;
 pub mod server;
 pub mod shim;
 mod sys;
+mod tokens;
 mod volumes;
 mod ws;
 
 use std::collections::{HashMap, HashSet};
 use std::net::IpAddr;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::core::v1::{Pod, Service};
 use kube::runtime::watcher;
 use kube::Api;
 use tapestry_runtime::{key_of, lock, run_worker, split_key, Informer, Queue, Requeue};
@@ -113,6 +114,11 @@ pub struct Kubelet {
     pub pod_starts: tokio::sync::Semaphore,
     /// What `/metrics` on the kubelet API serves.
     pub metrics: prometheus_client::registry::Registry,
+    /// The node's watch of Services, when its proxy or DNS server runs one.
+    pub services: OnceLock<Arc<Informer<Service>>>,
+    /// Without that watch: the `default/kubernetes` Service as last read,
+    /// and when.
+    pub api_service: Mutex<Option<(Instant, Option<Arc<Service>>)>>,
 }
 
 /// A running node agent.
@@ -168,6 +174,8 @@ pub async fn start(
         index: Mutex::new(HashMap::new()),
         pod_starts: tokio::sync::Semaphore::new(config.parallel_pod_starts.max(1)),
         metrics,
+        services: OnceLock::new(),
+        api_service: Mutex::new(None),
     });
     let (addr, server_task) = server::start(kubelet.clone(), shutdown.clone()).await?;
     node::patch_status(
@@ -203,6 +211,8 @@ pub async fn start(
     };
     if proxy.is_some() || dns.is_some() {
         watches.start(shutdown.clone());
+        // Containers' KUBERNETES_SERVICE_* come from it too.
+        let _ = kubelet.services.set(watches.services.clone());
     }
     let task = tokio::spawn(async move {
         sync_pods(kubelet.clone(), shutdown.clone()).await;

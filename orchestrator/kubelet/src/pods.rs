@@ -23,6 +23,7 @@ use crate::cni::Attachment;
 use crate::probe::{self, ProbeState};
 use crate::runtime::{self, BindMount, ContainerSpec, State};
 use crate::shim::Exited;
+use crate::tokens::Tokens;
 use crate::{Kubelet, PodEntry};
 
 const TICK: Duration = Duration::from_millis(500);
@@ -138,6 +139,8 @@ struct PodWorker {
     /// The host-veth annotation has been written.
     annotated: bool,
     next_sandbox_try: Option<Instant>,
+    /// The service account tokens of the pod's projected volumes.
+    tokens: Tokens,
 }
 
 async fn run(kubelet: Arc<Kubelet>, mut rx: watch::Receiver<Desired>, shutdown: CancellationToken) {
@@ -170,6 +173,7 @@ async fn run(kubelet: Arc<Kubelet>, mut rx: watch::Receiver<Desired>, shutdown: 
         sandbox_error: None,
         annotated: false,
         next_sandbox_try: None,
+        tokens: Tokens::default(),
     };
     if let Some(spec) = &first.spec {
         let entry = PodEntry {
@@ -383,7 +387,19 @@ impl PodWorker {
                 }
             }
         }
+        // Tokens are kept fresh while containers may read them.
+        if self.tokens.due(pod) && self.any_running(spec) {
+            self.tokens
+                .refresh(&self.kubelet, pod, &self.dirs.root)
+                .await;
+        }
         self.report(pod, initialized).await
+    }
+
+    fn any_running(&self, spec: &k8s_openapi::api::core::v1::PodSpec) -> bool {
+        let init = spec.init_containers.iter().flatten();
+        init.chain(&spec.containers)
+            .any(|c| matches!(self.state_of(&c.name), Some((_, State::Running(_)))))
     }
 
     /// A pod this agent has not yet set up. Adopted pods have a sandbox or
@@ -516,12 +532,27 @@ impl PodWorker {
             .as_ref()
             .ok_or_else(|| StartError::Config("pod without spec".into()))?;
         let pod_ip = self.pod_ip();
-        let vols = crate::volumes::prepare(&kubelet, pod, &self.dirs.root)
+        let vols = crate::volumes::prepare(&kubelet, pod, &self.dirs.root, &mut self.tokens)
             .await
             .map_err(|e| StartError::Config(format!("{e:#}")))?;
         let env = crate::volumes::env(&kubelet, pod, c, &image_cfg, &pod_ip)
             .await
             .map_err(|e| StartError::Config(format!("{e:#}")))?;
+        // What the kubelet writes from API data is read-only in containers,
+        // as in Kubernetes: a container cannot alter its token or plant
+        // links where the kubelet writes.
+        let api_data: HashSet<&str> = spec
+            .volumes
+            .iter()
+            .flatten()
+            .filter(|v| {
+                v.config_map.is_some()
+                    || v.secret.is_some()
+                    || v.downward_api.is_some()
+                    || v.projected.is_some()
+            })
+            .map(|v| v.name.as_str())
+            .collect();
         let mut mounts = Vec::new();
         for vm in c.volume_mounts.iter().flatten() {
             let Some(src) = vols.get(&vm.name) else {
@@ -549,7 +580,7 @@ impl PodWorker {
             mounts.push(BindMount {
                 source,
                 destination: vm.mount_path.clone(),
-                read_only: vm.read_only.unwrap_or(false),
+                read_only: vm.read_only.unwrap_or(false) || api_data.contains(vm.name.as_str()),
             });
         }
         let host_network = spec.host_network.unwrap_or(false);

@@ -87,6 +87,32 @@ fn tls(kubelet: &Kubelet) -> Result<TlsAcceptor> {
     Ok(TlsAcceptor::from(Arc::new(config)))
 }
 
+/// Whether the client is the API server, by its kubelet-client
+/// certificate's name: the CA signs other clients' certificates too (the
+/// fleet manager's, users'), and none of them may exec into pods.
+fn api_server_client(conn: &rustls::ServerConnection) -> Result<(), String> {
+    let cert = conn
+        .peer_certificates()
+        .and_then(|c| c.first())
+        .ok_or("no client certificate")?;
+    let (_, parsed) = x509_parser::parse_x509_certificate(cert.as_ref())
+        .map_err(|e| format!("unreadable client certificate: {e}"))?;
+    let cn = parsed
+        .subject()
+        .iter_common_name()
+        .next()
+        .and_then(|cn| cn.as_str().ok())
+        .unwrap_or_default();
+    if cn == tapestry_runtime::KUBELET_CLIENT_CN {
+        Ok(())
+    } else {
+        Err(format!(
+            "client certificate CN={cn:?} is not the API server's ({})",
+            tapestry_runtime::KUBELET_CLIENT_CN
+        ))
+    }
+}
+
 pub async fn start(
     kubelet: Arc<Kubelet>,
     shutdown: CancellationToken,
@@ -114,9 +140,19 @@ pub async fn start(
                 else {
                     return;
                 };
+                let refusal = api_server_client(stream.get_ref().1).err();
+                if let Some(why) = &refusal {
+                    tracing::warn!("kubelet API: refusing a client: {why}");
+                }
                 let svc = hyper::service::service_fn(move |req| {
                     let kubelet = kubelet.clone();
-                    async move { Ok::<_, Infallible>(route(kubelet, req).await) }
+                    let refusal = refusal.clone();
+                    async move {
+                        Ok::<_, Infallible>(match refusal {
+                            Some(why) => status(StatusCode::FORBIDDEN, &why),
+                            None => route(kubelet, req).await,
+                        })
+                    }
                 });
                 let _ = tapestry_runtime::http::server(tapestry_runtime::http::HEADER_READ_TIMEOUT)
                     .serve_connection_with_upgrades(TokioIo::new(stream), svc)

@@ -14,6 +14,10 @@ pub mod leader;
 pub mod queue;
 pub mod selector;
 
+/// The common name of the client certificate the API server presents to
+/// kubelets; a kubelet serves no other client.
+pub const KUBELET_CLIENT_CN: &str = "kube-apiserver-kubelet-client";
+
 use std::sync::Mutex;
 
 pub use informer::{key_of, split_key, trim_metadata, Informer};

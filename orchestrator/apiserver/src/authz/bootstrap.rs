@@ -269,6 +269,15 @@ fn cluster_roles() -> Vec<BootstrapRole> {
         ),
         ("system:node", node_rules(), None, None),
         (
+            "system:service-account-issuer-discovery",
+            vec![urls(
+                &["/.well-known/openid-configuration", "/openid/v1/jwks"],
+                &["get"],
+            )],
+            None,
+            None,
+        ),
+        (
             "system:auth-delegator",
             vec![
                 rule(&["authentication.k8s.io"], &["tokenreviews"], &["create"]),
@@ -296,6 +305,10 @@ fn cluster_role_bindings() -> Vec<(&'static str, Vec<Value>)> {
         ),
         ("system:basic-user", vec![group(AUTHENTICATED)]),
         ("system:node", vec![group(NODES)]),
+        (
+            "system:service-account-issuer-discovery",
+            vec![group("system:serviceaccounts")],
+        ),
     ]
 }
 

@@ -46,7 +46,7 @@ fn route(path: &str) -> Option<(&'static str, &'static str, Option<String>)> {
 
 /// Serves `path` if it is a review; None otherwise.
 #[allow(clippy::too_many_arguments)]
-pub fn serve(
+pub async fn serve(
     authz: &Authorizer,
     tokens: &LiveTokens,
     api: &Api,
@@ -57,7 +57,7 @@ pub fn serve(
     body: &[u8],
 ) -> Option<Response> {
     let (group, resource, namespace) = route(path)?;
-    let answer = (|| {
+    let answer = async {
         if method != Method::POST {
             return Err(ApiError::MethodNotAllowed {
                 target: crate::error::Target {
@@ -91,26 +91,46 @@ pub fn serve(
                 namespace.as_deref(),
             )?,
             "selfsubjectrulesreviews" => rules(authz, user, &review["spec"])?,
-            "tokenreviews" => {
-                let token = review["spec"]["token"].as_str().unwrap_or_default();
-                match tokens.authenticate(token) {
-                    Some(u) => {
-                        json!({"authenticated": true, "user": user_info(&authenticated(&u))})
-                    }
-                    None => json!({"authenticated": false, "error": "invalid bearer token"}),
-                }
-            }
+            "tokenreviews" => token_review(tokens, api, &review["spec"]).await,
             _ => json!({"userInfo": user_info(user)}),
         };
         let mut out = review;
         out["apiVersion"] = json!(format!("{group}/v1"));
         out["status"] = status;
         Ok(out)
-    })();
+    }
+    .await;
     Some(match answer {
         Ok(out) => json_response(StatusCode::CREATED, &out, &[]),
         Err(e) => e.into_response(),
     })
+}
+
+/// Who a token belongs to: a token-file user, or a service account whose
+/// token is meant for one of `spec.audiences` (this server's own when none
+/// are given).
+async fn token_review(tokens: &LiveTokens, api: &Api, spec: &Value) -> Value {
+    let token = spec["token"].as_str().unwrap_or_default();
+    let audiences: Vec<String> = spec["audiences"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|a| a.as_str().map(str::to_string))
+        .collect();
+    let user = match tokens.authenticate(token) {
+        Some(u) => Ok(u),
+        None => crate::satokens::authenticate(api, token, &audiences).await,
+    };
+    match user {
+        Ok(u) => {
+            let mut status = json!({"authenticated": true, "user": user_info(&authenticated(&u))});
+            if !audiences.is_empty() {
+                status["audiences"] = json!(audiences);
+            }
+            status
+        }
+        Err(e) => json!({"authenticated": false, "error": e}),
+    }
 }
 
 fn user_info(user: &User) -> Value {

@@ -20,9 +20,13 @@ use crate::registry::{ResourceDef, WriteHook};
 pub use self::core::service::allocator::{Ipv4Range, ServiceAllocator};
 
 /// Every built-in resource, in discovery order. `service_allocator` hands
-/// out ClusterIPs and NodePorts for Services.
-pub fn builtin(service_allocator: Arc<dyn WriteHook>) -> Vec<ResourceDef> {
-    let mut defs = core::resources(service_allocator);
+/// out ClusterIPs and NodePorts for Services; pods' admission reads
+/// service accounts from `store`.
+pub fn builtin(
+    service_allocator: Arc<dyn WriteHook>,
+    store: Arc<dyn tapestry_store::Store>,
+) -> Vec<ResourceDef> {
+    let mut defs = core::resources(service_allocator, store);
     defs.extend(apps::resources());
     defs.extend(batch::resources());
     defs.push(coordination::lease::definition());

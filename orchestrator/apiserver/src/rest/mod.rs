@@ -51,6 +51,9 @@ pub struct Api {
     /// Set once RBAC is loaded; checks that writes of roles and bindings
     /// grant nothing their writer does not hold.
     pub authorizer: std::sync::OnceLock<Arc<crate::authz::Authorizer>>,
+    /// Signs and checks service account tokens; set once the keys are
+    /// loaded.
+    pub service_account_tokens: std::sync::OnceLock<Arc<crate::satokens::TokenIssuer>>,
 }
 
 impl Api {
@@ -69,6 +72,7 @@ impl Api {
             proto_names: openapi.names(),
             openapi,
             authorizer: std::sync::OnceLock::new(),
+            service_account_tokens: std::sync::OnceLock::new(),
         }
     }
 
@@ -108,7 +112,7 @@ impl Api {
         req.def.key(req.namespace.as_deref(), name)
     }
 
-    async fn get_kv(&self, req: &Request, name: &str) -> ApiResult<KeyValue> {
+    pub(crate) async fn get_kv(&self, req: &Request, name: &str) -> ApiResult<KeyValue> {
         let mut target = req.target();
         target.name = name.to_string();
         self.store

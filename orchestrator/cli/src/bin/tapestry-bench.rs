@@ -6,7 +6,8 @@
 //!
 //! `TAPESTRY_BENCH_ONLY=create|get|list` measures that operation alone;
 //! `TAPESTRY_BENCH_ONLY=crd` only custom resources against ConfigMaps and
-//! the installation of 200 CRDs.
+//! the installation of 200 CRDs; `TAPESTRY_BENCH_ONLY=rbac` what RBAC
+//! costs a user's creates and lists (RBAC against AlwaysAllow, same run).
 
 use std::collections::BTreeMap;
 use std::process::{Child, Command, Stdio};
@@ -20,6 +21,7 @@ use anyhow::{bail, Context, Result};
 use futures::StreamExt;
 use hdrhistogram::Histogram;
 use k8s_openapi::api::core::v1::{ConfigMap, Namespace};
+use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
 use kube::api::{Api, GetParams, ListParams, ObjectMeta, PostParams, WatchEvent, WatchParams};
 use kube::Client;
 
@@ -48,6 +50,10 @@ impl Drop for Server {
 /// Start a server on a fresh data directory; returns it with the time from
 /// spawn to the first successful /readyz.
 async fn start() -> Result<(Server, Duration, Client)> {
+    start_with(&[]).await
+}
+
+async fn start_with(extra: &[&str]) -> Result<(Server, Duration, Client)> {
     let dir = tempfile::tempdir()?;
     let port = free_port()?;
     let started = Instant::now();
@@ -59,6 +65,7 @@ async fn start() -> Result<(Server, Duration, Client)> {
             "--data-dir",
         ])
         .arg(dir.path())
+        .args(extra)
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
@@ -271,6 +278,10 @@ async fn main() -> Result<()> {
         eprintln!("warning: could not raise the open-file limit");
     }
 
+    let only = std::env::var("TAPESTRY_BENCH_ONLY").ok();
+    if only.as_deref() == Some("rbac") {
+        return rbac_cost().await;
+    }
     println!("## Control plane (tapestry server)\n");
     let mut starts = Vec::new();
     for _ in 0..COLD_START_RUNS {
@@ -295,29 +306,7 @@ async fn main() -> Result<()> {
         40.0 * 1024.0 / rss as f64
     );
 
-    let ns_api: Api<Namespace> = Api::all(client.clone());
-    for ns in ["bench", "fanout"] {
-        ns_api
-            .create(
-                &PostParams::default(),
-                &Namespace {
-                    metadata: ObjectMeta {
-                        name: Some(ns.into()),
-                        ..Default::default()
-                    },
-                    ..Default::default()
-                },
-            )
-            .await?;
-    }
-    // Reads go to a namespace holding exactly the 100 seed objects; creates
-    // go elsewhere so lists stay 100 objects long.
-    let api: Api<ConfigMap> = Api::namespaced(client.clone(), "bench");
-    for i in 0..100 {
-        api.create(&PostParams::default(), &configmap(&format!("seed-{i}")))
-            .await?;
-    }
-    let only = std::env::var("TAPESTRY_BENCH_ONLY").ok();
+    seed(&client, &["bench", "fanout"]).await?;
     if only.as_deref() == Some("crd") {
         custom_resources(&client, &server).await?;
         return Ok(());
@@ -431,6 +420,145 @@ async fn main() -> Result<()> {
     custom_resources(&client, &server).await?;
     drop(server);
     Ok(())
+}
+
+/// Creates `namespaces`, then the 100 ConfigMaps that reads find in
+/// `bench` (creates go elsewhere, so lists stay 100 objects long).
+async fn seed(client: &Client, namespaces: &[&str]) -> Result<()> {
+    let ns_api: Api<Namespace> = Api::all(client.clone());
+    for ns in namespaces {
+        ns_api
+            .create(&PostParams::default(), &namespace(ns))
+            .await?;
+    }
+    let api: Api<ConfigMap> = Api::namespaced(client.clone(), "bench");
+    for i in 0..100 {
+        api.create(&PostParams::default(), &configmap(&format!("seed-{i}")))
+            .await?;
+    }
+    Ok(())
+}
+
+fn namespace(name: &str) -> Namespace {
+    Namespace {
+        metadata: ObjectMeta {
+            name: Some(name.into()),
+            ..Default::default()
+        },
+        ..Default::default()
+    }
+}
+
+/// Roles and RoleBindings stored besides the ones that matter: half in
+/// each namespace the load runs in, so every decision passes them (the
+/// worst place for them).
+const RBAC_OBJECTS: usize = 1000;
+
+/// What RBAC costs a user: ConfigMap creates and 100-object lists at 64
+/// clients by a user bound to `edit`, against a server deciding by RBAC
+/// with 1,000 Roles and 1,000 RoleBindings stored and against one started
+/// with `--authorization-mode AlwaysAllow` holding the same objects,
+/// alternating, two rounds.
+async fn rbac_cost() -> Result<()> {
+    let mut sides = Vec::new();
+    for mode in ["RBAC", "AlwaysAllow"] {
+        let (server, _, admin) = start_with(&["--authorization-mode", mode]).await?;
+        seed(&admin, &["bench"]).await?;
+        for i in 0..RBAC_OBJECTS {
+            let ns = ["bench", "default"][i % 2];
+            let role: Role = serde_json::from_value(serde_json::json!({
+                "metadata": {"name": format!("role-{i}"), "namespace": ns},
+                "rules": [{"apiGroups": [""], "resources": ["configmaps", "pods"], "verbs": ["get", "list"]}],
+            }))?;
+            Api::<Role>::namespaced(admin.clone(), ns)
+                .create(&PostParams::default(), &role)
+                .await?;
+            let binding = role_binding(
+                &format!("binding-{i}"),
+                ns,
+                "Role",
+                &format!("role-{i}"),
+                &format!("user-{i}"),
+            );
+            Api::<RoleBinding>::namespaced(admin.clone(), ns)
+                .create(&PostParams::default(), &binding)
+                .await?;
+        }
+        for ns in ["bench", "default"] {
+            Api::<RoleBinding>::namespaced(admin.clone(), ns)
+                .create(
+                    &PostParams::default(),
+                    &role_binding("bench-edit", ns, "ClusterRole", "edit", "bench"),
+                )
+                .await?;
+        }
+        let out = Command::new(tapestry_binary()?)
+            .args(["user", "add", "bench", "--data-dir"])
+            .arg(server.dir.path())
+            .output()?;
+        if !out.status.success() {
+            bail!(
+                "tapestry user add: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        let kubeconfig = String::from_utf8(out.stdout)?.trim().to_string();
+        let user = client(std::path::Path::new(&kubeconfig)).await?;
+        // The server reads the token file again within a second.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let cms: Api<ConfigMap> = Api::namespaced(user.clone(), "bench");
+        while cms.list(&ListParams::default()).await.is_err() {
+            if Instant::now() > deadline {
+                bail!("{mode}: the bench user cannot list ConfigMaps");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        sides.push((mode, server, user));
+    }
+    println!("## What RBAC costs ({RBAC_OBJECTS} Roles and {RBAC_OBJECTS} RoleBindings stored; a user bound to edit)\n");
+    println!("| round | operation | mode | p50 | p99 | server CPU/req |");
+    println!("|---|---|---|---:|---:|---:|");
+    let mut p99 = BTreeMap::<(&str, &str), Vec<f64>>::new();
+    for round in 0..2 {
+        for (op_name, op, ns) in [
+            ("create", Op::Create, "default"),
+            ("list (100 objects)", Op::List, "bench"),
+        ] {
+            for (mode, server, user) in &sides {
+                let tag = format!("r{round}{}", &mode[..1]);
+                let level =
+                    load(user, server.child.id(), Kind::ConfigMap, ns, op, 64, &tag).await?;
+                let h = &level.latency;
+                p99.entry((op_name, mode)).or_default().push(ms(h, 0.99));
+                println!(
+                    "| {round} | {op_name} | {mode} | {:.2} ms | {:.2} ms | {:.0} µs |",
+                    ms(h, 0.5),
+                    ms(h, 0.99),
+                    level.cpu_per_request.0
+                );
+            }
+        }
+    }
+    println!("\n| operation | p99 RBAC / p99 AlwaysAllow, per round | target |");
+    println!("|---|---|---:|");
+    for op_name in ["create", "list (100 objects)"] {
+        let ratios: Vec<String> = p99[&(op_name, "RBAC")]
+            .iter()
+            .zip(&p99[&(op_name, "AlwaysAllow")])
+            .map(|(on, off)| format!("{:.3}", on / off))
+            .collect();
+        println!("| {op_name} | {} | ≤ 1.05 |", ratios.join(", "));
+    }
+    Ok(())
+}
+
+fn role_binding(name: &str, ns: &str, role_kind: &str, role: &str, user: &str) -> RoleBinding {
+    serde_json::from_value(serde_json::json!({
+        "metadata": {"name": name, "namespace": ns},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": role_kind, "name": role},
+        "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": user}],
+    }))
+    .expect("a RoleBinding")
 }
 
 /// Custom resources against ConfigMaps in the same run (creates and

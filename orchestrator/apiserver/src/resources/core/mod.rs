@@ -16,11 +16,14 @@ use crate::registry::{ResourceDef, WriteHook};
 
 /// core/v1 in discovery order; `service_allocator` hands out ClusterIPs
 /// and NodePorts.
-pub fn resources(service_allocator: Arc<dyn WriteHook>) -> Vec<ResourceDef> {
+pub fn resources(
+    service_allocator: Arc<dyn WriteHook>,
+    store: Arc<dyn tapestry_store::Store>,
+) -> Vec<ResourceDef> {
     vec![
         namespace::definition(),
         node::definition(),
-        pod::definition(),
+        pod::definition(store),
         service::definition(service_allocator),
         endpoints::definition(),
         configmap::definition(),

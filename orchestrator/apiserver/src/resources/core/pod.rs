@@ -3,11 +3,13 @@
 
 mod binding;
 mod eviction;
+pub mod serviceaccount;
 
 use std::sync::Arc;
 
 use k8s_openapi::api::core::v1::Pod;
 use serde_json::{json, Value};
+use tapestry_store::Store;
 
 use crate::error::Cause;
 use crate::objects::is_terminating;
@@ -16,9 +18,10 @@ use crate::resources::podspec::{default_pod_spec, qos_class, validate_pod_spec};
 use crate::rest::status::StatusRest;
 use crate::tables::{age, col, i, name, or_none, s, wide, TableDef, AGE, NAME};
 
-pub fn definition() -> ResourceDef {
+pub fn definition(store: Arc<dyn Store>) -> ResourceDef {
     ResourceDef {
         short_names: names(&["po"]),
+        hook: Some(Arc::new(serviceaccount::ServiceAccountAdmission { store })),
         categories: names(&["all"]),
         subresources: vec![StatusRest::def(), binding::def(), eviction::def()],
         generation: Generation::Spec,
