@@ -137,6 +137,15 @@ struct ServerArgs {
     /// that several servers can share.
     #[arg(long, value_parser = parse_store)]
     store: Option<StoreArg>,
+    /// TLS to etcd: the CA of its serving certificate (PEM).
+    #[arg(long, requires_all = ["etcd_certfile", "etcd_keyfile", "store"])]
+    etcd_cafile: Option<PathBuf>,
+    /// The client certificate presented to etcd (`--client-cert-auth`).
+    #[arg(long, requires_all = ["etcd_cafile", "etcd_keyfile"])]
+    etcd_certfile: Option<PathBuf>,
+    /// The client certificate's key.
+    #[arg(long, requires_all = ["etcd_cafile", "etcd_certfile"])]
+    etcd_keyfile: Option<PathBuf>,
     /// IPv4 range ClusterIPs are allocated from.
     #[arg(long, default_value = "10.96.0.0/12")]
     service_cidr: String,
@@ -219,12 +228,29 @@ fn parse_store(arg: &str) -> Result<StoreArg, String> {
     Ok(StoreArg::Etcd(endpoints))
 }
 
+/// The files of `--etcd-cafile/--etcd-certfile/--etcd-keyfile`, read.
+fn etcd_tls(args: &ServerArgs) -> Result<Option<tapestry_store::EtcdTls>> {
+    let (Some(ca), Some(cert), Some(key)) =
+        (&args.etcd_cafile, &args.etcd_certfile, &args.etcd_keyfile)
+    else {
+        return Ok(None);
+    };
+    let read = |flag: &str, p: &PathBuf| {
+        std::fs::read_to_string(p).with_context(|| format!("--{flag} {}", p.display()))
+    };
+    Ok(Some(tapestry_store::EtcdTls {
+        ca_pem: read("etcd-cafile", ca)?,
+        cert_pem: read("etcd-certfile", cert)?,
+        key_pem: read("etcd-keyfile", key)?,
+    }))
+}
+
 async fn server(args: ServerArgs) -> Result<()> {
     std::fs::create_dir_all(&args.data_dir)
         .with_context(|| format!("creating data directory {}", args.data_dir.display()))?;
     let store: Arc<dyn Store> = match &args.store {
         Some(StoreArg::Etcd(endpoints)) => Arc::new(
-            EtcdStore::connect(endpoints)
+            EtcdStore::connect_with(endpoints, etcd_tls(&args)?)
                 .await
                 .with_context(|| format!("connecting to etcd at {}", endpoints.join(",")))?,
         ),

@@ -163,3 +163,116 @@ fn servers_starting_together_all_start() {
     ]);
     assert!(err.contains("provided IP is already allocated"), "{err}");
 }
+
+/// An etcd that serves TLS and takes only clients with a certificate its
+/// CA signed: the server connects with `--etcd-cafile/--etcd-certfile/
+/// --etcd-keyfile` and serves; without a client certificate it cannot.
+#[test]
+fn a_server_on_an_etcd_that_requires_client_certificates() {
+    use std::process::{Command, Stdio};
+    if !require_kubectl() || EtcdServer::start().is_none() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().display().to_string();
+    let ext = |name: &str, body: &str| std::fs::write(dir.path().join(name), body).unwrap();
+    ext(
+        "server.ext",
+        "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth,clientAuth\n",
+    );
+    ext("client.ext", "extendedKeyUsage=clientAuth\n");
+    let script = format!(
+        "set -e; cd {d}
+         openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -subj /CN=etcd-ca \
+           -keyout ca.key -out ca.crt -days 1 2>/dev/null
+         for who in server client; do
+           openssl req -new -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -subj /CN=$who \
+             -keyout $who.key -out $who.csr 2>/dev/null
+           openssl x509 -req -in $who.csr -CA ca.crt -CAkey ca.key -extfile $who.ext -days 1 \
+             -out $who.crt 2>/dev/null
+         done"
+    );
+    let made = Command::new("sh").arg("-c").arg(&script).output().unwrap();
+    assert!(
+        made.status.success(),
+        "{}",
+        String::from_utf8_lossy(&made.stderr)
+    );
+    let (client, peer) = (
+        tapestry_store::conformance::free_port(),
+        tapestry_store::conformance::free_port(),
+    );
+    let url = format!("https://127.0.0.1:{client}");
+    let peer_url = format!("http://127.0.0.1:{peer}");
+    let mut etcd = Command::new("etcd")
+        .args(["--name", "tls", "--data-dir", &format!("{d}/etcd")])
+        .args([
+            "--listen-client-urls",
+            &url,
+            "--advertise-client-urls",
+            &url,
+        ])
+        .args([
+            "--listen-peer-urls",
+            &peer_url,
+            "--initial-advertise-peer-urls",
+            &peer_url,
+        ])
+        .args(["--initial-cluster", &format!("tls={peer_url}")])
+        .args([
+            "--cert-file",
+            &format!("{d}/server.crt"),
+            "--key-file",
+            &format!("{d}/server.key"),
+        ])
+        .args([
+            "--trusted-ca-file",
+            &format!("{d}/ca.crt"),
+            "--client-cert-auth",
+        ])
+        .args(["--logger", "zap", "--log-level", "error"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("starting etcd");
+    wait_for(20, "etcd listening", || {
+        std::net::TcpStream::connect(("127.0.0.1", client)).ok()
+    });
+    let store = format!("--store=etcd://127.0.0.1:{client}");
+    let tls = [
+        format!("--etcd-cafile={d}/ca.crt"),
+        format!("--etcd-certfile={d}/client.crt"),
+        format!("--etcd-keyfile={d}/client.key"),
+    ];
+    let mut args = vec![store.as_str(), "--no-controllers", "--no-scheduler"];
+    args.extend(tls.iter().map(String::as_str));
+    let server = Server::start_with(&args);
+    server.ok(&["create", "configmap", "over-tls", "--from-literal=k=v"]);
+    assert_eq!(
+        server.ok(&["get", "configmap", "over-tls", "-o", "jsonpath={.data.k}"]),
+        "v"
+    );
+
+    // Without a client certificate etcd refuses the connection, and the
+    // server says where it could not connect.
+    let refused = Command::new(env!("CARGO_BIN_EXE_tapestry"))
+        .args([
+            "server",
+            "--listen",
+            "127.0.0.1:0",
+            "--data-dir",
+            &format!("{d}/plain"),
+            &store,
+        ])
+        .output()
+        .unwrap();
+    assert!(!refused.status.success());
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        err.contains(&format!("connecting to etcd at 127.0.0.1:{client}")),
+        "{err}"
+    );
+    drop(server);
+    let _ = etcd.kill();
+    let _ = etcd.wait();
+}

@@ -90,17 +90,45 @@ fn read_in_else(response: &etcd_client::TxnResponse) -> Result<Option<KeyValue>>
     Ok(None)
 }
 
+/// TLS to etcd: the CA that signed its serving certificate and this
+/// client's certificate and key (for etcd's `--client-cert-auth`), PEM.
+#[derive(Clone)]
+pub struct EtcdTls {
+    pub ca_pem: String,
+    pub cert_pem: String,
+    pub key_pem: String,
+}
+
 impl EtcdStore {
     /// Connect to the cluster at `endpoints` (`host:port` or URLs) and check
     /// it answers.
     pub async fn connect(endpoints: &[String]) -> Result<Self> {
+        Self::connect_with(endpoints, None).await
+    }
+
+    /// [`EtcdStore::connect`], over TLS with a client certificate when
+    /// `tls` is given (`host:port` endpoints are then `https://`).
+    pub async fn connect_with(endpoints: &[String], tls: Option<EtcdTls>) -> Result<Self> {
         if endpoints.is_empty() {
             return Err(StoreError::Backend("etcd: no endpoints given".into()));
         }
-        let options = ConnectOptions::new()
+        let mut options = ConnectOptions::new()
             .with_connect_timeout(Duration::from_secs(5))
             .with_keep_alive(Duration::from_secs(30), Duration::from_secs(10));
-        let client = Client::connect(endpoints, Some(options))
+        let mut endpoints = endpoints.to_vec();
+        if let Some(tls) = tls {
+            options = options.with_tls(
+                etcd_client::TlsOptions::new()
+                    .ca_certificate(etcd_client::Certificate::from_pem(tls.ca_pem))
+                    .identity(etcd_client::Identity::from_pem(tls.cert_pem, tls.key_pem)),
+            );
+            for e in &mut endpoints {
+                if !e.contains("://") {
+                    *e = format!("https://{e}");
+                }
+            }
+        }
+        let client = Client::connect(&endpoints, Some(options))
             .await
             .map_err(backend)?;
         let store = EtcdStore { client };

@@ -23,7 +23,7 @@ pub mod conformance;
 mod etcd_store;
 mod redb_store;
 
-pub use etcd_store::EtcdStore;
+pub use etcd_store::{EtcdStore, EtcdTls};
 pub use redb_store::{RedbOptions, RedbStore, StoreStats};
 
 /// A store revision. Revision 0 means "nothing written yet"; the first write
