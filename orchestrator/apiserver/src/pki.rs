@@ -134,6 +134,18 @@ fn issue(
     names: &[String],
     server: bool,
 ) -> Result<(String, String)> {
+    issue_until(issuer, common_name, orgs, names, server, None)
+}
+
+/// [`issue`], valid for `days` from today when given (else until 2099).
+fn issue_until(
+    issuer: &Issuer<'_, KeyPair>,
+    common_name: &str,
+    orgs: &[&str],
+    names: &[String],
+    server: bool,
+    days: Option<u32>,
+) -> Result<(String, String)> {
     let key = KeyPair::generate()?;
     let mut params = CertificateParams::new(Vec::<String>::new())?;
     params
@@ -162,7 +174,14 @@ fn issue(
         vec![ExtendedKeyUsagePurpose::ClientAuth]
     };
     params.not_before = rcgen::date_time_ymd(2020, 1, 1);
-    params.not_after = rcgen::date_time_ymd(2099, 12, 31);
+    params.not_after = match days {
+        Some(days) => {
+            use chrono::Datelike;
+            let end = chrono::Utc::now() + chrono::Duration::days(i64::from(days));
+            rcgen::date_time_ymd(end.year(), end.month() as u8, end.day() as u8)
+        }
+        None => rcgen::date_time_ymd(2099, 12, 31),
+    };
     let cert = params.signed_by(&key, issuer)?;
     Ok((cert.pem(), key.serialize_pem()))
 }
@@ -293,9 +312,27 @@ impl LiveTokens {
     }
 }
 
-/// Adds a user with `groups` to the token file of `data_dir` and writes
-/// a kubeconfig for it (0600) to `out`. Refuses a name already there.
-pub fn add_user(data_dir: &Path, name: &str, groups: &[String], out: &Path) -> Result<()> {
+/// What a new user authenticates with.
+pub enum Credential {
+    /// A bearer token in the server's token file.
+    Token,
+    /// A client certificate from the cluster CA (CN = name, O = groups),
+    /// valid for this many days; nothing is stored on the server, and it
+    /// cannot be revoked before it expires.
+    Certificate { days: u32 },
+}
+
+/// Adds a user with `groups` and writes a kubeconfig for it (0600) to
+/// `out`: a token in the token file of `data_dir` (refused for a name
+/// already there), or a client certificate. Either way RBAC decides what
+/// the user may do.
+pub fn add_user(
+    data_dir: &Path,
+    name: &str,
+    groups: &[String],
+    credential: Credential,
+    out: &Path,
+) -> Result<()> {
     if name.is_empty() || name.contains([',', '"', '\n']) {
         anyhow::bail!("user name {name:?}: must be non-empty, without commas, quotes or newlines");
     }
@@ -304,6 +341,28 @@ pub fn add_user(data_dir: &Path, name: &str, groups: &[String], out: &Path) -> R
         .find(|g| g.is_empty() || g.contains([',', '"', '\n']))
     {
         anyhow::bail!("group {g:?}: must be non-empty, without commas, quotes or newlines");
+    }
+    let admin: serde_yaml::Value = serde_yaml::from_str(
+        &fs::read_to_string(data_dir.join("kubeconfig")).context("reading the admin kubeconfig")?,
+    )?;
+    let server = admin["clusters"][0]["cluster"]["server"]
+        .as_str()
+        .context("the admin kubeconfig names no server")?
+        .to_string();
+    let ca = fs::read_to_string(data_dir.join("pki/ca.crt")).context("reading pki/ca.crt")?;
+    if let Credential::Certificate { days } = credential {
+        let ca_key = KeyPair::from_pem(&fs::read_to_string(data_dir.join("pki/ca.key"))?)
+            .context("parsing pki/ca.key")?;
+        let issuer = Issuer::from_ca_cert_pem(&ca, ca_key).context("parsing pki/ca.crt")?;
+        let orgs: Vec<&str> = groups.iter().map(String::as_str).collect();
+        let (cert, key) = issue_until(&issuer, name, &orgs, &[], false, Some(days))?;
+        let b64 = |s: &str| base64::engine::general_purpose::STANDARD.encode(s);
+        let user = format!(
+            "    client-certificate-data: {}\n    client-key-data: {}\n",
+            b64(&cert),
+            b64(&key)
+        );
+        return write_private(out, &kubeconfig_for(&server, &ca, name, &user));
     }
     let tokens_path = data_dir.join("tokens.csv");
     let text = fs::read_to_string(&tokens_path).with_context(|| {
@@ -320,14 +379,6 @@ pub fn add_user(data_dir: &Path, name: &str, groups: &[String], out: &Path) -> R
             tokens_path.display()
         );
     }
-    let admin: serde_yaml::Value = serde_yaml::from_str(
-        &fs::read_to_string(data_dir.join("kubeconfig")).context("reading the admin kubeconfig")?,
-    )?;
-    let server = admin["clusters"][0]["cluster"]["server"]
-        .as_str()
-        .context("the admin kubeconfig names no server")?
-        .to_string();
-    let ca = fs::read_to_string(data_dir.join("pki/ca.crt")).context("reading pki/ca.crt")?;
     let token = random_token();
     let mut f = fs::OpenOptions::new().append(true).open(&tokens_path)?;
     if !text.is_empty() && !text.ends_with('\n') {
@@ -390,9 +441,14 @@ pub fn random_token() -> String {
 
 /// A kubeconfig for `user` with a bearer token, trusting the cluster CA.
 pub fn kubeconfig(server_url: &str, ca_pem: &str, user: &str, token: &str) -> String {
+    kubeconfig_for(server_url, ca_pem, user, &format!("    token: {token}\n"))
+}
+
+/// A kubeconfig whose user entry holds `credentials` (indented lines).
+fn kubeconfig_for(server_url: &str, ca_pem: &str, user: &str, credentials: &str) -> String {
     let ca = base64::engine::general_purpose::STANDARD.encode(ca_pem);
     format!(
-        "apiVersion: v1\nkind: Config\nclusters:\n- name: tapestry\n  cluster:\n    server: {server_url}\n    certificate-authority-data: {ca}\ncontexts:\n- name: tapestry\n  context:\n    cluster: tapestry\n    user: {user}\ncurrent-context: tapestry\nusers:\n- name: {user}\n  user:\n    token: {token}\n"
+        "apiVersion: v1\nkind: Config\nclusters:\n- name: tapestry\n  cluster:\n    server: {server_url}\n    certificate-authority-data: {ca}\ncontexts:\n- name: tapestry\n  context:\n    cluster: tapestry\n    user: {user}\ncurrent-context: tapestry\nusers:\n- name: {user}\n  user:\n{credentials}"
     )
 }
 

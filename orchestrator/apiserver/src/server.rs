@@ -301,9 +301,23 @@ fn tls_config(pki: &Pki) -> Result<TlsAcceptor> {
                 | rustls::CipherSuite::TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256
         )
     });
-    let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(provider))
+    let provider = Arc::new(provider);
+    // Client certificates are optional (most clients bring a token); one
+    // the cluster CA signed authenticates its subject.
+    let mut roots = rustls::RootCertStore::empty();
+    for c in rustls_pemfile::certs(&mut pki.ca_cert_pem.as_bytes()) {
+        roots.add(c.context("parsing ca.crt")?)?;
+    }
+    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+        Arc::new(roots),
+        provider.clone(),
+    )
+    .allow_unauthenticated()
+    .build()
+    .context("client certificate verifier")?;
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()?
-        .with_no_client_auth()
+        .with_client_cert_verifier(verifier)
         .with_single_cert(certs, key)?;
     config.ignore_client_order = true;
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
@@ -343,10 +357,15 @@ async fn serve(
                 }
                 Err(_) => return,
             };
+            let certified = certificate_user(stream.get_ref().1);
             let service =
                 hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
                     let router = router.clone();
-                    async move { router.oneshot(req.map(Body::new)).await }
+                    let mut req = req.map(Body::new);
+                    if let Some(user) = &certified {
+                        req.extensions_mut().insert(user.clone());
+                    }
+                    async move { router.oneshot(req).await }
                 });
             let builder =
                 tapestry_runtime::http::server(tapestry_runtime::http::HEADER_READ_TIMEOUT);
@@ -487,7 +506,8 @@ async fn dispatch(State(state): State<Arc<AppState>>, req: axum::extract::Reques
     if let Some((ns, pod, sub)) = crate::nodeproxy::streaming_target(req.uri().path()) {
         let verb = if sub == "log" { "get" } else { "create" };
         let attrs = Attributes::resource(verb, "", "pods", &sub, Some(&ns), Some(&pod));
-        if let Err(e) = authenticate(&state, req.headers())
+        let certified = req.extensions().get::<CertificateUser>();
+        if let Err(e) = authenticate(&state, req.headers(), certified)
             .await
             .and_then(|user| acting_user(&state.authorizer, user, req.headers()))
             .and_then(|user| state.authorizer.check(&user, &attrs))
@@ -510,7 +530,7 @@ async fn dispatch(State(state): State<Arc<AppState>>, req: axum::extract::Reques
         }
         _ => {}
     }
-    let user = match authenticate(&state, &headers)
+    let user = match authenticate(&state, &headers, parts.extensions.get())
         .await
         .and_then(|user| acting_user(&state.authorizer, user, &headers))
     {
@@ -608,6 +628,27 @@ async fn dispatch(State(state): State<Arc<AppState>>, req: axum::extract::Reques
     resp
 }
 
+/// The user a verified client certificate names (CN, with its
+/// organizations as groups), as kube-apiserver's x509 authenticator.
+#[derive(Clone)]
+struct CertificateUser(User);
+
+fn certificate_user(conn: &rustls::ServerConnection) -> Option<CertificateUser> {
+    let cert = conn.peer_certificates()?.first()?;
+    match tapestry_runtime::x509::subject(cert.as_ref()) {
+        Ok(s) if !s.common_name.is_empty() => Some(CertificateUser(User {
+            name: s.common_name,
+            uid: String::new(),
+            groups: s.organizations,
+        })),
+        Ok(_) => None,
+        Err(e) => {
+            tracing::debug!("client certificate: {e}");
+            None
+        }
+    }
+}
+
 /// How soon a changed token file is read again.
 const TOKENS_REFRESH: Duration = Duration::from_secs(1);
 
@@ -622,7 +663,14 @@ async fn refresh_tokens(tokens: Arc<LiveTokens>, shutdown: CancellationToken) {
 
 /// Who is asking: the bearer token's user (from the token file, or a
 /// service account token this server signed), in `system:authenticated`.
-async fn authenticate(state: &AppState, headers: &HeaderMap) -> Result<User, ApiError> {
+async fn authenticate(
+    state: &AppState,
+    headers: &HeaderMap,
+    certified: Option<&CertificateUser>,
+) -> Result<User, ApiError> {
+    if let Some(CertificateUser(user)) = certified {
+        return Ok(crate::authz::authenticated(user));
+    }
     let token = headers
         .get(http::header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())

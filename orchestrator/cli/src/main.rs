@@ -86,6 +86,14 @@ enum UserAction {
         /// Where to write the kubeconfig [default: DATA_DIR/users/NAME.kubeconfig].
         #[arg(long)]
         output: Option<PathBuf>,
+        /// A client certificate (CN = NAME, O = the groups) from the
+        /// cluster CA instead of a token: nothing is stored on the server,
+        /// and it is valid until it expires.
+        #[arg(long)]
+        cert: bool,
+        /// How long the certificate is valid.
+        #[arg(long, default_value_t = 365, requires = "cert")]
+        days: u32,
     },
 }
 
@@ -94,6 +102,7 @@ fn add_user(
     groups: &[String],
     data_dir: &std::path::Path,
     output: Option<PathBuf>,
+    credential: tapestry_apiserver::pki::Credential,
 ) -> Result<()> {
     let out = match output {
         Some(o) => o,
@@ -104,7 +113,7 @@ fn add_user(
             dir.join(format!("{name}.kubeconfig"))
         }
     };
-    tapestry_apiserver::pki::add_user(data_dir, name, groups, &out)?;
+    tapestry_apiserver::pki::add_user(data_dir, name, groups, credential, &out)?;
     println!("{}", out.display());
     Ok(())
 }
@@ -342,8 +351,16 @@ async fn run(cli: Cli) {
                     groups,
                     data_dir,
                     output,
+                    cert,
+                    days,
                 },
-        }) => add_user(&name, &groups, &data_dir, output),
+        }) => {
+            let credential = match cert {
+                true => tapestry_apiserver::pki::Credential::Certificate { days },
+                false => tapestry_apiserver::pki::Credential::Token,
+            };
+            add_user(&name, &groups, &data_dir, output, credential)
+        }
         Command::ContainerShim(args) => std::process::exit(tapestry_kubelet::shim::main(args)),
     };
     if let Err(e) = result {

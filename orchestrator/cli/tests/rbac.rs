@@ -461,3 +461,58 @@ fn service_account_tokens_authenticate_until_their_pod_or_account_goes() {
     let jwks = server.ok(&["get", "--raw", "/openid/v1/jwks"]);
     assert!(jwks.contains(r#""alg":"ES256""#), "{jwks}");
 }
+
+#[test]
+fn a_client_certificate_names_its_user_and_groups() {
+    if !require_kubectl() {
+        return;
+    }
+    let server = Server::start();
+    let out = Command::new(env!("CARGO_BIN_EXE_tapestry"))
+        .args([
+            "user",
+            "add",
+            "erin",
+            "--group",
+            "ops",
+            "--cert",
+            "--days",
+            "30",
+            "--data-dir",
+        ])
+        .arg(server.data_dir())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let erin = String::from_utf8(out.stdout).unwrap().trim().to_string();
+    let kubeconfig = std::fs::read_to_string(&erin).unwrap();
+    assert!(kubeconfig.contains("client-certificate-data") && !kubeconfig.contains("token:"));
+    let tokens = std::fs::read_to_string(server.data_dir().join("tokens.csv")).unwrap();
+    assert!(
+        !tokens.contains("erin"),
+        "a certificate user is stored nowhere"
+    );
+
+    let (ok, who, err) = as_user(&erin, "auth whoami");
+    assert!(ok, "{err}");
+    assert!(who.contains("erin") && who.contains("ops"), "{who}");
+    let (ok, _, err) = as_user(&erin, "get pods -n default");
+    assert!(
+        !ok && err.contains(r#"User "erin" cannot list resource "pods""#),
+        "{err}"
+    );
+    server.ok(&[
+        "create",
+        "clusterrolebinding",
+        "ops-view",
+        "--clusterrole=view",
+        "--group=ops",
+    ]);
+    wait_for(10, "the group's binding in force", || {
+        as_user(&erin, "get pods -n default").0.then_some(())
+    });
+}

@@ -95,14 +95,7 @@ fn api_server_client(conn: &rustls::ServerConnection) -> Result<(), String> {
         .peer_certificates()
         .and_then(|c| c.first())
         .ok_or("no client certificate")?;
-    let (_, parsed) = x509_parser::parse_x509_certificate(cert.as_ref())
-        .map_err(|e| format!("unreadable client certificate: {e}"))?;
-    let cn = parsed
-        .subject()
-        .iter_common_name()
-        .next()
-        .and_then(|cn| cn.as_str().ok())
-        .unwrap_or_default();
+    let cn = tapestry_runtime::x509::subject(cert.as_ref())?.common_name;
     if cn == tapestry_runtime::KUBELET_CLIENT_CN {
         Ok(())
     } else {

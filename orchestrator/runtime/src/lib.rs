@@ -13,6 +13,7 @@ pub mod informer;
 pub mod leader;
 pub mod queue;
 pub mod selector;
+pub mod x509;
 
 /// The common name of the client certificate the API server presents to
 /// kubelets; a kubelet serves no other client.
