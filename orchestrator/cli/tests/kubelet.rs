@@ -846,6 +846,13 @@ fn single_node_cluster_runs_real_containers() {
         &format!("touch {sa}/x 2>&1; echo $?"),
     ]);
     assert_ne!(mounted.trim(), "0", "the token volume is read-only");
+    use std::os::unix::fs::PermissionsExt;
+    let kubelet_dir = std::fs::metadata(c.dir.path().join("kubelet")).unwrap();
+    assert_eq!(
+        kubelet_dir.permissions().mode() & 0o777,
+        0o700,
+        "pods' secrets and tokens are root's alone on the host"
+    );
 
     // Deletion: SIGTERM, grace, then gone with everything it had.
     let uid = c.jsonpath("web", ".metadata.uid");

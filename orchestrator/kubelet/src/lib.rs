@@ -144,6 +144,10 @@ pub async fn start(
     let pods_dir = root.join("pods");
     std::fs::create_dir_all(&pods_dir)
         .with_context(|| format!("creating {}", pods_dir.display()))?;
+    // Pods' Secrets and service account tokens live below: only root
+    // reaches them on the host (containers see their own through mounts).
+    std::fs::set_permissions(&root, std::os::unix::fs::PermissionsExt::from_mode(0o700))
+        .with_context(|| format!("restricting {}", root.display()))?;
     let pod_cidr = node::register(&client, &config).await?;
     tracing::info!(node = %config.node_name, %pod_cidr, "node registered");
     let images = ImageStore::open(&config.data_dir.join("images"))?;
