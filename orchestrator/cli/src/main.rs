@@ -92,7 +92,8 @@ enum UserAction {
         #[arg(long)]
         cert: bool,
         /// How long the certificate is valid.
-        #[arg(long, default_value_t = 365, requires = "cert")]
+        #[arg(long, default_value_t = 365, requires = "cert",
+              value_parser = clap::value_parser!(u32).range(1..=36_500))]
         days: u32,
     },
 }

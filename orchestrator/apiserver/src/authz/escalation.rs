@@ -9,7 +9,7 @@ use k8s_openapi::api::rbac::v1::PolicyRule;
 use serde_json::Value;
 use tapestry_apimachinery::tokens::User;
 
-use super::{full_resource, rule_allows, Attributes, Authorizer, Target};
+use super::{full_resource, qualified_resource, rule_allows, Attributes, Authorizer, Target};
 use crate::error::{ApiError, ApiResult};
 use crate::registry::ResourceDef;
 use crate::resources::rbac::GROUP;
@@ -118,10 +118,7 @@ fn describe(a: &Attributes) -> String {
             name,
             ..
         } => {
-            let mut r = full_resource(resource, subresource);
-            if !group.is_empty() {
-                r = format!("{r}.{group}");
-            }
+            let mut r = qualified_resource(&full_resource(resource, subresource), group);
             if !name.is_empty() {
                 r = format!("{r} {name:?}");
             }

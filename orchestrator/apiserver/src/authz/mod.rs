@@ -106,11 +106,7 @@ impl Attributes {
                 namespace,
                 name,
             } => {
-                let qualified = if group.is_empty() {
-                    resource.clone()
-                } else {
-                    format!("{resource}.{group}")
-                };
+                let qualified = qualified_resource(resource, group);
                 let subject = if name.is_empty() {
                     qualified
                 } else {
@@ -137,6 +133,16 @@ pub fn full_resource(resource: &str, subresource: &str) -> String {
         resource.to_string()
     } else {
         format!("{resource}/{subresource}")
+    }
+}
+
+/// `resource.group` as Kubernetes names a resource in messages (`resource`
+/// alone in the core group).
+pub fn qualified_resource(resource: &str, group: &str) -> String {
+    if group.is_empty() {
+        resource.to_string()
+    } else {
+        format!("{resource}.{group}")
     }
 }
 
