@@ -263,15 +263,15 @@ pub async fn require_token(
         .filter(|t| !t.is_empty());
     let Some(token) = token else {
         state.metrics.refused();
-        return Problem::unauthorized().into_response();
+        return refuse(request, Problem::unauthorized()).await;
     };
     let user = match state.auth.authenticate(token).await {
         Ok(Some(user)) => user,
         Ok(None) => {
             state.metrics.refused();
-            return Problem::unauthorized().into_response();
+            return refuse(request, Problem::unauthorized()).await;
         }
-        Err(problem) => return problem.into_response(),
+        Err(problem) => return refuse(request, problem).await,
     };
     let watch = request
         .uri()
@@ -283,8 +283,26 @@ pub async fn require_token(
         Ok(false) => {
             state.metrics.refused();
             tracing::info!(user = %user.name, action = ?action, "refused");
-            Problem::forbidden(&action.refusal(&user.name)).into_response()
+            refuse(request, Problem::forbidden(&action.refusal(&user.name))).await
         }
-        Err(problem) => problem.into_response(),
+        Err(problem) => refuse(request, problem).await,
     }
+}
+
+/// How much of a refused request's body is read, and for how long.
+const REFUSED_BODY_LIMIT: usize = 1 << 20;
+const REFUSED_BODY_WAIT: Duration = Duration::from_secs(2);
+
+/// Answer a request the handler never sees. Its body is read (bounded in
+/// size and time) first: answering mid-upload makes HTTP/2 reset the
+/// stream, and some clients (curl among them) then report the reset
+/// instead of the 401/403 that explains it.
+async fn refuse(request: Request, problem: Problem) -> Response {
+    let body = request.into_body();
+    let _ = tokio::time::timeout(
+        REFUSED_BODY_WAIT,
+        axum::body::to_bytes(body, REFUSED_BODY_LIMIT),
+    )
+    .await;
+    problem.into_response()
 }
