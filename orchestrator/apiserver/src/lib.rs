@@ -7,6 +7,7 @@
 
 pub mod authz;
 mod bootstrap;
+pub mod bootstraptokens;
 pub mod discovery;
 pub mod endpoint_leases;
 pub mod error;

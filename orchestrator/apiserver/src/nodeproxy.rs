@@ -6,9 +6,10 @@
 //! kube-apiserver does) and relays the response — for exec and attach,
 //! the upgraded (WebSocket) connection in both directions.
 //!
-//! Like kube-apiserver without `--kubelet-certificate-authority`, the
-//! kubelet's serving certificate is not verified; the kubelet in turn only
-//! accepts clients whose certificate the cluster CA signed.
+//! The kubelet's serving certificate must come from the cluster CA, cover
+//! the address dialled and name the pod's node (as kube-apiserver with
+//! `--kubelet-certificate-authority`, plus the node's name); the kubelet in
+//! turn only accepts the API server's kubelet-client certificate.
 
 use std::fs;
 use std::io::Write;
@@ -28,51 +29,31 @@ use rustls::{DigitallySignedStruct, SignatureScheme};
 use serde_json::Value;
 
 use crate::error::{ApiError, Target};
-use crate::pki::{random_token, Pki};
+use crate::pki::Pki;
 use crate::rest::Api;
 
-/// The group node agents' bearer token carries.
-pub const NODES_GROUP: &str = "system:nodes";
+pub use crate::authz::bootstrap::NODES as NODES_GROUP;
 pub use tapestry_runtime::KUBELET_CLIENT_CN;
 
-/// Make sure a node bootstrap token exists (in tokens.csv and as
-/// `DIR/node-token`) and a kubelet client certificate for the API server.
+/// Make sure the API server has its kubelet client certificate, and that
+/// no shared node token from tokens.csv (which older versions wrote, one
+/// for every node) still authenticates: nodes join with bootstrap tokens
+/// ([`crate::bootstraptokens`]) and speak with certificates of their own.
 pub fn ensure_node_credentials(data_dir: &Path, pki: &Pki) -> Result<()> {
     let tokens = data_dir.join("tokens.csv");
     let text =
         fs::read_to_string(&tokens).with_context(|| format!("reading {}", tokens.display()))?;
-    let existing = text
-        .lines()
-        .find(|l| l.contains(NODES_GROUP) && !l.trim_start().starts_with('#'))
-        .and_then(|l| l.split(',').next())
-        .map(|t| t.trim().to_string());
-    let token = match existing {
-        Some(t) => t,
-        None => {
-            let t = random_token();
-            let mut f = fs::OpenOptions::new().append(true).open(&tokens)?;
-            if !text.is_empty() && !text.ends_with('\n') {
-                writeln!(f)?;
-            }
-            writeln!(f, "{t},system:node:*,system:node,\"{NODES_GROUP}\"")?;
-            f.sync_all()?;
-            t
-        }
-    };
-    let node_token = data_dir.join("node-token");
-    if fs::read_to_string(&node_token)
-        .ok()
-        .as_deref()
-        .map(str::trim)
-        != Some(token.as_str())
-    {
-        let mut f = fs::OpenOptions::new()
-            .create(true)
-            .write(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&node_token)?;
-        writeln!(f, "{token}")?;
+    let shared_node_token = |l: &str| l.contains(NODES_GROUP) && !l.trim_start().starts_with('#');
+    if text.lines().any(shared_node_token) {
+        let kept: String = text
+            .lines()
+            .filter(|l| !shared_node_token(l))
+            .map(|l| format!("{l}\n"))
+            .collect();
+        crate::pki::write_private(&tokens, &kept)?;
+        tracing::info!(
+            "removed the shared node token from tokens.csv: nodes join with bootstrap tokens now"
+        );
     }
     let crt = pki.dir.join("apiserver-kubelet-client.crt");
     let key = pki.dir.join("apiserver-kubelet-client.key");
@@ -91,18 +72,36 @@ pub fn ensure_node_credentials(data_dir: &Path, pki: &Pki) -> Result<()> {
     Ok(())
 }
 
+/// Checks a kubelet's serving certificate: signed by the cluster CA, for
+/// the address dialled, and naming the node the request is for
+/// (`system:node:NAME`), so a node that rewrote another node's address
+/// cannot take that node's traffic.
 #[derive(Debug)]
-struct AnyServerCert(Arc<rustls::crypto::CryptoProvider>);
+struct KubeletServerCert {
+    webpki: Arc<rustls::client::WebPkiServerVerifier>,
+    node: String,
+}
 
-impl ServerCertVerifier for AnyServerCert {
+impl ServerCertVerifier for KubeletServerCert {
     fn verify_server_cert(
         &self,
-        _end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp: &[u8],
-        _now: UnixTime,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp: &[u8],
+        now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
+        self.webpki
+            .verify_server_cert(end_entity, intermediates, server_name, ocsp, now)?;
+        let subject =
+            tapestry_runtime::x509::subject(end_entity.as_ref()).map_err(rustls::Error::General)?;
+        let want = format!("{}{}", tapestry_runtime::csr::NODE_USER_PREFIX, self.node);
+        if subject.common_name != want {
+            return Err(rustls::Error::General(format!(
+                "the kubelet's certificate is for {:?}, not {want:?}",
+                subject.common_name
+            )));
+        }
         Ok(ServerCertVerified::assertion())
     }
     fn verify_tls12_signature(
@@ -111,12 +110,7 @@ impl ServerCertVerifier for AnyServerCert {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
+        self.webpki.verify_tls12_signature(message, cert, dss)
     }
     fn verify_tls13_signature(
         &self,
@@ -124,21 +118,36 @@ impl ServerCertVerifier for AnyServerCert {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
+        self.webpki.verify_tls13_signature(message, cert, dss)
     }
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.0.signature_verification_algorithms.supported_schemes()
+        self.webpki.supported_verify_schemes()
     }
 }
 
-/// TLS client for kubelet connections.
+/// TLS client for kubelet connections: presents the API server's
+/// kubelet-client certificate and verifies each kubelet as the node it
+/// must be ([`KubeletServerCert`]).
 pub struct KubeletClient {
-    connector: tokio_rustls::TlsConnector,
+    provider: Arc<rustls::crypto::CryptoProvider>,
+    webpki: Arc<rustls::client::WebPkiServerVerifier>,
+    identity: Arc<rustls::sign::CertifiedKey>,
+}
+
+#[derive(Debug)]
+struct FixedIdentity(Arc<rustls::sign::CertifiedKey>);
+
+impl rustls::client::ResolvesClientCert for FixedIdentity {
+    fn resolve(
+        &self,
+        _hints: &[&[u8]],
+        _schemes: &[SignatureScheme],
+    ) -> Option<Arc<rustls::sign::CertifiedKey>> {
+        Some(self.0.clone())
+    }
+    fn has_certs(&self) -> bool {
+        true
+    }
 }
 
 impl KubeletClient {
@@ -149,15 +158,37 @@ impl KubeletClient {
         let key =
             rustls_pemfile::private_key(&mut key.as_bytes())?.context("no kubelet client key")?;
         let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let mut config = rustls::ClientConfig::builder_with_provider(provider.clone())
+        let identity = Arc::new(rustls::sign::CertifiedKey::from_der(certs, key, &provider)?);
+        let mut roots = rustls::RootCertStore::empty();
+        for c in rustls_pemfile::certs(&mut pki.ca_cert_pem.as_bytes()) {
+            roots.add(c.context("parsing the cluster CA")?)?;
+        }
+        let webpki = rustls::client::WebPkiServerVerifier::builder_with_provider(
+            Arc::new(roots),
+            provider.clone(),
+        )
+        .build()
+        .context("kubelet certificate verifier")?;
+        Ok(KubeletClient {
+            provider,
+            webpki,
+            identity,
+        })
+    }
+
+    /// A connector that accepts only `node`'s kubelet.
+    fn connector(&self, node: &str) -> Result<tokio_rustls::TlsConnector, rustls::Error> {
+        let verifier = KubeletServerCert {
+            webpki: self.webpki.clone(),
+            node: node.to_string(),
+        };
+        let mut config = rustls::ClientConfig::builder_with_provider(self.provider.clone())
             .with_safe_default_protocol_versions()?
             .dangerous()
-            .with_custom_certificate_verifier(Arc::new(AnyServerCert(provider)))
-            .with_client_auth_cert(certs, key)?;
+            .with_custom_certificate_verifier(Arc::new(verifier))
+            .with_client_cert_resolver(Arc::new(FixedIdentity(self.identity.clone())));
         config.alpn_protocols = vec![b"http/1.1".to_vec()];
-        Ok(KubeletClient {
-            connector: tokio_rustls::TlsConnector::from(Arc::new(config)),
-        })
+        Ok(tokio_rustls::TlsConnector::from(Arc::new(config)))
     }
 }
 
@@ -335,7 +366,8 @@ async fn proxy_inner(
     let _ = tcp.set_nodelay(true);
     let server_name = ServerName::try_from(ip.clone()).map_err(|e| dial_err(&e))?;
     let tls = client
-        .connector
+        .connector(node)
+        .map_err(|e| dial_err(&e))?
         .connect(server_name, tcp)
         .await
         .map_err(|e| dial_err(&e))?;
@@ -408,23 +440,22 @@ mod tests {
     }
 
     #[test]
-    fn node_credentials_are_created_once() {
+    fn node_credentials_drop_the_shared_node_token() {
         let dir = tempfile::tempdir().unwrap();
         let names = vec!["localhost".to_string()];
         let pki = Pki::load_or_create(&dir.path().join("pki"), &names).unwrap();
-        let (_, _) = crate::pki::Tokens::load_or_create(&dir.path().join("tokens.csv")).unwrap();
+        let tokens_csv = dir.path().join("tokens.csv");
+        let (_, admin) = crate::pki::Tokens::load_or_create(&tokens_csv).unwrap();
+        let mut text = fs::read_to_string(&tokens_csv).unwrap();
+        text.push_str(&format!(
+            "shared,system:node:*,system:node,\"{NODES_GROUP}\"\n"
+        ));
+        fs::write(&tokens_csv, text).unwrap();
         ensure_node_credentials(dir.path(), &pki).unwrap();
-        let token = fs::read_to_string(dir.path().join("node-token")).unwrap();
         ensure_node_credentials(dir.path(), &pki).unwrap();
-        assert_eq!(
-            fs::read_to_string(dir.path().join("node-token")).unwrap(),
-            token
-        );
-        let tokens = crate::pki::Tokens::load(&dir.path().join("tokens.csv")).unwrap();
-        let user = tokens
-            .authenticate(token.trim())
-            .expect("node token authenticates");
-        assert_eq!(user.groups, vec![NODES_GROUP.to_string()]);
+        let tokens = crate::pki::Tokens::load(&tokens_csv).unwrap();
+        assert!(tokens.authenticate("shared").is_none());
+        assert!(tokens.authenticate(&admin).is_some());
         assert!(KubeletClient::new(&pki).is_ok());
     }
 }

@@ -12,7 +12,7 @@ use anyhow::{Context, Result};
 use base64::Engine;
 use rcgen::{
     BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
-    KeyUsagePurpose, SanType,
+    KeyUsagePurpose,
 };
 
 pub struct Pki {
@@ -147,20 +147,7 @@ fn issue_until(
     days: Option<u32>,
 ) -> Result<(String, String)> {
     let key = KeyPair::generate()?;
-    let mut params = CertificateParams::new(Vec::<String>::new())?;
-    params
-        .distinguished_name
-        .push(DnType::CommonName, common_name);
-    for o in orgs {
-        params.distinguished_name.push(DnType::OrganizationName, *o);
-    }
-    params.subject_alt_names = names
-        .iter()
-        .map(|n| match n.parse::<IpAddr>() {
-            Ok(ip) => Ok(SanType::IpAddress(ip)),
-            Err(_) => Ok(SanType::DnsName(n.as_str().try_into()?)),
-        })
-        .collect::<Result<Vec<_>, rcgen::Error>>()?;
+    let mut params = tapestry_runtime::csr::subject(common_name, orgs, names)?;
     params.key_usages = vec![
         KeyUsagePurpose::DigitalSignature,
         KeyUsagePurpose::KeyEncipherment,

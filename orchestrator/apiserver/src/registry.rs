@@ -35,6 +35,8 @@ pub enum Subresource {
     Finalize,
     /// serviceaccounts/token: an authentication.k8s.io/v1 TokenRequest.
     Token,
+    /// certificatesigningrequests/approval: the Approved/Denied conditions.
+    Approval,
 }
 
 impl Subresource {
@@ -46,6 +48,7 @@ impl Subresource {
             Subresource::Eviction => "eviction",
             Subresource::Finalize => "finalize",
             Subresource::Token => "token",
+            Subresource::Approval => "approval",
         }
     }
 
@@ -57,6 +60,7 @@ impl Subresource {
             Subresource::Eviction,
             Subresource::Finalize,
             Subresource::Token,
+            Subresource::Approval,
         ]
         .into_iter()
         .find(|s| s.name() == name)
@@ -127,6 +131,16 @@ pub trait Behaviour: Send + Sync {
         if let Some(m) = obj.as_object_mut() {
             m.remove("status");
         }
+    }
+
+    /// Record who creates the object, in objects that carry it (a
+    /// CertificateSigningRequest's requester): the server's word, never
+    /// the client's.
+    fn record_requester(
+        &self,
+        _obj: &mut Value,
+        _user: Option<&tapestry_apimachinery::tokens::User>,
+    ) {
     }
 
     /// Adjust an update of the main resource (status is preserved by the

@@ -219,6 +219,12 @@ pub async fn start(
     pki::secure_data_dir(data_dir)?;
     crate::bootstrap::ensure(&api, range.first(), range.dns(), addr.port()).await?;
     crate::authz::bootstrap::ensure(&api).await?;
+    crate::bootstraptokens::ensure_join_token(&api, data_dir).await?;
+    tokio::spawn(crate::bootstraptokens::keep_join_token(
+        api.clone(),
+        data_dir.clone(),
+        shutdown.clone(),
+    ));
     // Every role and binding is known before the first request.
     if config.always_allow {
         tracing::warn!("--authorization-mode AlwaysAllow: every authenticated request is allowed");
@@ -661,8 +667,8 @@ async fn refresh_tokens(tokens: Arc<LiveTokens>, shutdown: CancellationToken) {
     }
 }
 
-/// Who is asking: the bearer token's user (from the token file, or a
-/// service account token this server signed), in `system:authenticated`.
+/// Who is asking: the client certificate's or the bearer token's user, in
+/// `system:authenticated`.
 async fn authenticate(
     state: &AppState,
     headers: &HeaderMap,
@@ -677,15 +683,12 @@ async fn authenticate(
         .and_then(|v| v.strip_prefix("Bearer "))
         .map(str::trim)
         .ok_or(ApiError::Unauthorized)?;
-    let user = match state.tokens.authenticate(token) {
-        Some(user) => user,
-        None => crate::satokens::authenticate(&state.api, token, &[])
-            .await
-            .map_err(|e| {
-                tracing::debug!("refused a bearer token: {e}");
-                ApiError::Unauthorized
-            })?,
-    };
+    let user = crate::bootstraptokens::bearer_user(&state.api, &state.tokens, token, &[])
+        .await
+        .map_err(|e| {
+            tracing::debug!("refused a bearer token: {e}");
+            ApiError::Unauthorized
+        })?;
     Ok(crate::authz::authenticated(&user))
 }
 

@@ -47,6 +47,7 @@ pub async fn start(
     api: tapestry_apiserver::LocalHandler,
     args: ControlArgs,
     root_ca: String,
+    data_dir: &std::path::Path,
     shutdown: CancellationToken,
 ) -> Result<()> {
     let cluster_cidr = ClusterCidr::parse(&args.cluster_cidr).map_err(anyhow::Error::msg)?;
@@ -81,6 +82,7 @@ pub async fn start(
             cluster_cidr,
             node_monitor_grace_period: args.node_monitor_grace_period,
             node_monitor_period: args.node_monitor_period,
+            signer: signer(data_dir, &root_ca)?,
             root_ca: Some(root_ca),
         };
         let c = client.clone();
@@ -112,5 +114,28 @@ fn spawn_elected<F, Fut>(
         tokio::spawn(leader::run_elected(client, cfg, shutdown, run));
     } else {
         tokio::spawn(run(shutdown));
+    }
+}
+
+/// The cluster CA for signing certificate requests, if this server holds
+/// its key (`DATA_DIR/pki/ca.key`).
+fn signer(
+    data_dir: &std::path::Path,
+    ca_pem: &str,
+) -> Result<Option<tapestry_controllers::Signer>> {
+    let path = data_dir.join("pki/ca.key");
+    match std::fs::read_to_string(&path) {
+        Ok(key_pem) => Ok(Some(tapestry_controllers::Signer {
+            cert_pem: ca_pem.to_string(),
+            key_pem,
+        })),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            tracing::warn!(
+                "no {}: certificate requests are not signed here",
+                path.display()
+            );
+            Ok(None)
+        }
+        Err(e) => Err(anyhow::anyhow!("reading {}: {e}", path.display())),
     }
 }

@@ -24,13 +24,25 @@ pub async fn client_from(path: &Path) -> Result<Client> {
 /// connection of its own, so many small requests go out in few TLS records
 /// and system calls.
 pub fn http2(config: kube::Config) -> Result<Client> {
+    http2_with_identity(config, None)
+}
+
+/// [`http2`], presenting `identity` as the client certificate (replaced
+/// while in use when the certificate is renewed).
+pub fn http2_with_identity(
+    config: kube::Config,
+    identity: Option<std::sync::Arc<tapestry_runtime::identity::LiveIdentity>>,
+) -> Result<Client> {
     if let Some(proxy) = &config.proxy_url {
         bail!("API server proxies are not supported here (kubeconfig has proxy-url {proxy})");
     }
     // The connector offers h2 by ALPN itself.
-    let tls = config
+    let mut tls = config
         .rustls_client_config()
         .context("TLS settings of the kubeconfig")?;
+    if let Some(identity) = identity {
+        tls.client_auth_cert_resolver = identity;
+    }
     let mut tcp = hyper_util::client::legacy::connect::HttpConnector::new();
     tcp.enforce_http(false);
     tcp.set_nodelay(true);

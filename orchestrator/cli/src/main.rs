@@ -15,6 +15,7 @@ use tokio_util::sync::CancellationToken;
 mod control;
 mod hollow;
 mod image;
+mod join;
 mod kubeclient;
 mod local;
 mod node;
@@ -60,6 +61,8 @@ enum Command {
     /// Give a person a credential: `tapestry user add NAME --group G`
     /// writes a kubeconfig for them (what they may do is up to RBAC).
     User(UserCommand),
+    /// Bootstrap tokens nodes join with (`tapestry node --token-file`).
+    Token(TokenCommand),
     /// Per-container monitor started by the node agent.
     #[command(hide = true)]
     ContainerShim(tapestry_kubelet::shim::ShimArgs),
@@ -96,6 +99,54 @@ enum UserAction {
               value_parser = clap::value_parser!(u32).range(1..=36_500))]
         days: u32,
     },
+}
+
+#[derive(clap::Args)]
+struct TokenCommand {
+    #[command(subcommand)]
+    action: TokenAction,
+}
+
+#[derive(Subcommand)]
+enum TokenAction {
+    /// Mint a bootstrap token and print it: a node given it joins the
+    /// cluster and gets certificates of its own; the token itself can only
+    /// ask for those, and stops working after --ttl.
+    Create {
+        /// How long the token is valid, e.g. 2h or 7d.
+        #[arg(long, default_value = "24h", value_parser = humantime::parse_duration)]
+        ttl: std::time::Duration,
+        /// The server's data directory (its admin kubeconfig is used).
+        #[arg(long, default_value = "/var/lib/tapestry", value_parser = crate::absolute_path)]
+        data_dir: PathBuf,
+    },
+}
+
+async fn create_token(ttl: std::time::Duration, data_dir: &std::path::Path) -> Result<()> {
+    use tapestry_apiserver::bootstraptokens;
+    let ttl = bounded_ttl(ttl)?;
+    let client = kubeclient::client_from(&data_dir.join("kubeconfig")).await?;
+    let token = bootstraptokens::generate();
+    let expires = std::time::SystemTime::now() + ttl;
+    let secret: k8s_openapi::api::core::v1::Secret = serde_json::from_value(
+        bootstraptokens::secret(&token, expires.into(), "made with tapestry token create"),
+    )?;
+    let api: kube::Api<k8s_openapi::api::core::v1::Secret> =
+        kube::Api::namespaced(client, bootstraptokens::NAMESPACE);
+    api.create(&kube::api::PostParams::default(), &secret)
+        .await
+        .context("storing the token")?;
+    println!("{token}");
+    Ok(())
+}
+
+/// A token lifetime between a minute and a year.
+fn bounded_ttl(ttl: std::time::Duration) -> Result<std::time::Duration> {
+    const YEAR: std::time::Duration = std::time::Duration::from_secs(365 * 24 * 3600);
+    if ttl < std::time::Duration::from_secs(60) || ttl > YEAR {
+        anyhow::bail!("--ttl must be between 1m and 365d");
+    }
+    Ok(ttl)
 }
 
 fn add_user(
@@ -293,6 +344,7 @@ async fn server(args: ServerArgs) -> Result<()> {
         running.local_handler(),
         args.control,
         running.ca_cert_pem.clone(),
+        &args.data_dir,
         shutdown,
     )
     .await?;
@@ -362,6 +414,9 @@ async fn run(cli: Cli) {
             };
             add_user(&name, &groups, &data_dir, output, credential)
         }
+        Command::Token(TokenCommand {
+            action: TokenAction::Create { ttl, data_dir },
+        }) => create_token(ttl, &data_dir).await,
         Command::ContainerShim(args) => std::process::exit(tapestry_kubelet::shim::main(args)),
     };
     if let Err(e) = result {

@@ -159,7 +159,7 @@ pub fn agent_config(
     data_dir: PathBuf,
     node_ip: IpAddr,
     ca_pem: String,
-    serving: Option<(String, String)>,
+    serving: Option<std::sync::Arc<tapestry_runtime::identity::LiveIdentity>>,
     stop_pods_on_exit: bool,
     cluster_cidr: &str,
 ) -> Result<Config> {
@@ -250,8 +250,20 @@ pub async fn run(args: NodeArgs) -> Result<()> {
             tracing::warn!("this node cannot run the fleet manager's taps: {e:#}");
         }
     }
-    let client = node_client(server, &ca, &token).await?;
+    let shutdown = crate::shutdown_on_signals()?;
+    let node_name = args.agent.node_name.clone().unwrap_or_else(hostname);
+    let credentials = crate::join::Join {
+        server: server.clone(),
+        ca_pem: ca.clone(),
+        bootstrap_token: Some(token),
+        dir: args.data_dir.join("kubelet/pki"),
+        node_name: node_name.clone(),
+        node_ip,
+    }
+    .credentials(shutdown.clone())
+    .await?;
     let mut agent = args.agent.clone();
+    agent.node_name = Some(node_name);
     // A joining node does not know the cluster's service range;
     // --cluster-dns tells it when that is not the default.
     agent.cluster_dns = agent
@@ -262,12 +274,11 @@ pub async fn run(args: NodeArgs) -> Result<()> {
         args.data_dir,
         node_ip,
         ca,
-        None,
+        Some(credentials.serving),
         args.stop_pods_on_exit,
         &args.cluster_cidr,
     )?;
-    let shutdown = crate::shutdown_on_signals()?;
-    let running = tapestry_kubelet::start(config, client, shutdown).await?;
+    let running = tapestry_kubelet::start(config, credentials.client, shutdown).await?;
     tracing::info!(kubelet_api = %running.addr, "node agent ready");
     running.wait().await;
     Ok(())

@@ -14,7 +14,7 @@ use tapestry_store::{RedbStore, Store};
 use tokio_util::sync::CancellationToken;
 
 use crate::local::{Local, LocalConfig, Underlay};
-use crate::node::{agent_config, hostname, node_client, require_root, AgentArgs};
+use crate::node::{agent_config, hostname, require_root, AgentArgs};
 
 #[derive(clap::Args)]
 pub struct UpArgs {
@@ -73,6 +73,7 @@ async fn start_control_plane(
         running.local_handler(),
         args.control.clone(),
         running.ca_cert_pem.clone(),
+        &args.data_dir,
         shutdown,
     )
     .await?;
@@ -167,26 +168,39 @@ async fn run_claimed(args: &UpArgs, node_name: String, started: Instant) -> Resu
         cp.wait().await;
         return Err(e);
     }
-    let client = node_client(&server, &ca, &token).await?;
-    // The kubelet's serving certificate comes from the cluster CA here.
+    // Node 1 joins as every node does: a bootstrap token, then
+    // certificates of its own from the cluster CA.
+    let credentials = crate::join::Join {
+        server: server.clone(),
+        ca_pem: ca.clone(),
+        bootstrap_token: Some(token),
+        dir: args.data_dir.join("kubelet/pki"),
+        node_name: node_name.clone(),
+        node_ip,
+    }
+    .credentials(node_shutdown.clone())
+    .await;
+    let credentials = match credentials {
+        Ok(c) => c,
+        Err(e) => {
+            stop_cp().await;
+            cp.wait().await;
+            return Err(e);
+        }
+    };
+    let client = credentials.client;
     let pki = Pki {
         dir: args.data_dir.join("pki"),
         ca_cert_pem: ca.clone(),
         serving_cert_pem: String::new(),
         serving_key_pem: String::new(),
     };
-    let serving = pki.issue(
-        &node_name,
-        &[],
-        &[node_name.clone(), node_ip.to_string(), "localhost".into()],
-        true,
-    )?;
     let config = agent_config(
         &agent,
         args.data_dir.clone(),
         node_ip,
         ca,
-        Some(serving),
+        Some(credentials.serving),
         true,
         &args.control.cluster_cidr,
     )?;

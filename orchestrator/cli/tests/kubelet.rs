@@ -1014,12 +1014,21 @@ fn node_joins_a_server() {
         ]);
         String::from_utf8_lossy(&out.stdout) == "True"
     });
-    c.apply("apiVersion: v1\nkind: Pod\nmetadata:\n  name: hello\nspec:\n  nodeName: joined\n  terminationGracePeriodSeconds: 1\n  containers:\n  - name: c\n    image: busybox:local\n    command: [sh, -c, 'echo hello from joined; sleep 3600']\n");
+    c.ok(&["create", "secret", "generic", "used", "--from-literal=k=v"]);
+    c.ok(&[
+        "create",
+        "secret",
+        "generic",
+        "unused",
+        "--from-literal=k=v",
+    ]);
+    c.apply("apiVersion: v1\nkind: Pod\nmetadata:\n  name: hello\nspec:\n  nodeName: joined\n  terminationGracePeriodSeconds: 1\n  volumes:\n  - name: s\n    secret:\n      secretName: used\n  containers:\n  - name: c\n    image: busybox:local\n    command: [sh, -c, 'echo hello from joined; sleep 3600']\n    volumeMounts:\n    - name: s\n      mountPath: /s\n");
     c.wait_running("hello");
     c.wait_for("log line", 10, || {
         c.ok(&["logs", "hello"]) == "hello from joined\n"
     });
     assert_eq!(c.ok(&["exec", "hello", "--", "hostname"]), "hello\n");
+    node_credentials_are_its_own(&c, &node_dir, &kubelet_port);
     // A pod removed while its node agent is down (SIGKILL) is cleaned up
     // when the agent comes back: containers, netns, mounts, cgroups.
     let uid = c.jsonpath("hello", ".metadata.uid");
@@ -1035,6 +1044,106 @@ fn node_joins_a_server() {
     let _ = node.0.wait();
     drop(c);
     let _ = Command::new("ip").args(["link", "del", "tpe2e1"]).status();
+}
+
+/// The node joined with the bootstrap token and speaks with certificates
+/// of its own, which let it do what its pods need and nothing more; the
+/// API server talks only to the kubelet its certificate names.
+fn node_credentials_are_its_own(c: &Cluster, node_dir: &Path, kubelet_port: &str) {
+    use std::os::unix::fs::PermissionsExt;
+    let pem = node_dir.join("kubelet/pki/kubelet-client.pem");
+    let mode = std::fs::metadata(&pem).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "{}", pem.display());
+    let csrs = c.ok(&["get", "csr"]);
+    let issued: Vec<&str> = csrs
+        .lines()
+        .filter(|l| l.contains("Approved,Issued"))
+        .collect();
+    assert!(
+        issued.iter().any(|l| l.contains("system:bootstrap:")
+            && l.contains("kubernetes.io/kube-apiserver-client-kubelet"))
+            && issued
+                .iter()
+                .any(|l| l.contains("system:node:joined")
+                    && l.contains("kubernetes.io/kubelet-serving")),
+        "{csrs}"
+    );
+    let kubeconfig = c.dir.path().join("node-kubeconfig");
+    std::fs::write(
+        &kubeconfig,
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: c\n  cluster:\n    server: https://127.0.0.1:{}\n    certificate-authority: {}\nusers:\n- name: node\n  user:\n    client-certificate: {p}\n    client-key: {p}\ncontexts:\n- name: c\n  context:\n    cluster: c\n    user: node\ncurrent-context: c\n",
+            c.port,
+            c.dir.path().join("pki/ca.crt").display(),
+            p = pem.display()
+        ),
+    )
+    .unwrap();
+    let as_node = |args: &[&str]| {
+        let out = Command::new("kubectl")
+            .env("KUBECONFIG", &kubeconfig)
+            .args(args)
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ),
+        )
+    };
+    let (ok, whoami) = as_node(&["auth", "whoami"]);
+    assert!(
+        ok && whoami.contains("system:node:joined") && whoami.contains("system:nodes"),
+        "{whoami}"
+    );
+    // Its pod's Secret, and no other.
+    let (ok, out) = as_node(&["get", "secret", "used"]);
+    assert!(ok, "{out}");
+    let (ok, out) = as_node(&["get", "secret", "unused"]);
+    assert!(
+        !ok && out.contains(r#"User "system:node:joined" cannot get resource "secrets" in API group "" in the namespace "default""#),
+        "{out}"
+    );
+    let (ok, out) = as_node(&["get", "secrets"]);
+    assert!(!ok && out.contains("forbidden"), "{out}");
+    // Another node, and a pod bound to it.
+    c.apply("apiVersion: v1\nkind: Node\nmetadata:\n  name: other\n");
+    c.apply("apiVersion: v1\nkind: Pod\nmetadata:\n  name: elsewhere\nspec:\n  nodeName: other\n  containers:\n  - name: c\n    image: busybox:local\n");
+    let (ok, out) = as_node(&["label", "node", "other", "taken=yes"]);
+    assert!(!ok && out.contains("forbidden"), "{out}");
+    let (ok, out) = as_node(&["label", "node", "joined", "mine=yes"]);
+    assert!(ok, "{out}");
+    let (ok, out) = as_node(&["delete", "pod", "elsewhere", "--wait=false"]);
+    assert!(
+        !ok && out.contains(r#"node "joined" can only modify pods bound to it"#),
+        "{out}"
+    );
+    let (ok, out) = as_node(&["delete", "node", "other"]);
+    assert!(!ok && out.contains("forbidden"), "{out}");
+    // Were "other" to claim this node's address, the API server would not
+    // take this kubelet for it.
+    c.ok(&[
+        "patch",
+        "node",
+        "other",
+        "--subresource=status",
+        "--type=merge",
+        "-p",
+        &format!(
+            r#"{{"status":{{"addresses":[{{"type":"InternalIP","address":"127.0.0.1"}}],"daemonEndpoints":{{"kubeletEndpoint":{{"Port":{kubelet_port}}}}}}}}}"#
+        ),
+    ]);
+    let out = c.kubectl(&["logs", "elsewhere"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains(r#"not "system:node:other""#),
+        "{err}"
+    );
+    c.ok(&["delete", "pod", "elsewhere", "--force", "--grace-period=0"]);
+    c.ok(&["delete", "node", "other"]);
 }
 
 /// The joined node agent, killed if the test fails before stopping it, so

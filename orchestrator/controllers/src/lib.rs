@@ -5,6 +5,7 @@
 
 pub mod util;
 
+mod certificates;
 mod daemonset;
 mod deployment;
 mod endpoints;
@@ -22,6 +23,7 @@ use std::time::Duration;
 
 use k8s_openapi::api::apps::v1::{DaemonSet, Deployment, ReplicaSet};
 use k8s_openapi::api::batch::v1::Job;
+use k8s_openapi::api::certificates::v1::CertificateSigningRequest;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{Endpoints, Namespace, Node, Pod, Service, ServiceAccount};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
@@ -29,6 +31,7 @@ use kube::runtime::watcher;
 use kube::{Api, Client};
 use tokio_util::sync::CancellationToken;
 
+pub use certificates::Signer;
 pub use ipam::ClusterCidr;
 
 use tapestry_runtime::{key_of, Informer, Queue, Requeue};
@@ -48,6 +51,9 @@ pub struct Config {
     /// The cluster CA (PEM), published in every namespace as the
     /// `kube-root-ca.crt` ConfigMap pods' in-cluster clients trust.
     pub root_ca: Option<String>,
+    /// The cluster CA's certificate and key: approved certificate signing
+    /// requests are signed with it. None: nothing is signed here.
+    pub signer: Option<Signer>,
 }
 
 /// Shared state of all controllers.
@@ -67,6 +73,7 @@ pub struct Ctx {
     pub services: Arc<Informer<Service>>,
     pub endpoints: Arc<Informer<Endpoints>>,
     pub endpointslices: Arc<Informer<EndpointSlice>>,
+    pub csrs: Arc<Informer<CertificateSigningRequest>>,
     rs_expectations: replicaset::Expectations,
     job_released: job::Released,
     ipam: ipam::Allocations,
@@ -96,6 +103,7 @@ pub async fn run(client: Client, config: Config, shutdown: CancellationToken) {
     let services = Informer::new(Api::all(client.clone()), all.clone());
     let endpoints = Informer::new(Api::all(client.clone()), all.clone());
     let endpointslices = Informer::new(Api::all(client.clone()), all.clone());
+    let csrs = Informer::new(Api::all(client.clone()), all.clone());
     let gc_kinds = gc::Kinds::new(vec![
         gc::Tracked::new(&daemonsets, true),
         gc::Tracked::new(&jobs, true),
@@ -120,6 +128,7 @@ pub async fn run(client: Client, config: Config, shutdown: CancellationToken) {
         services,
         endpoints,
         endpointslices,
+        csrs,
         rs_expectations: Default::default(),
         job_released: Default::default(),
         ipam: Default::default(),
@@ -198,6 +207,12 @@ pub async fn run(client: Client, config: Config, shutdown: CancellationToken) {
             |c, k| Box::pin(endpoints::reconcile(c, k)),
         );
         spawn(
+            "certificates",
+            certificates::setup,
+            |c| keys(&c.csrs),
+            |c, k| Box::pin(certificates::reconcile(c, k)),
+        );
+        spawn(
             "serviceaccount",
             serviceaccount::setup,
             |c| keys(&c.namespaces),
@@ -216,6 +231,7 @@ pub async fn run(client: Client, config: Config, shutdown: CancellationToken) {
     ctx.services.start(shutdown.clone());
     ctx.endpoints.start(shutdown.clone());
     ctx.endpointslices.start(shutdown.clone());
+    ctx.csrs.start(shutdown.clone());
     // Controllers act only on a complete view of the cluster.
     tokio::join!(
         ctx.pods.ready(),
@@ -230,8 +246,10 @@ pub async fn run(client: Client, config: Config, shutdown: CancellationToken) {
         ctx.services.ready(),
         ctx.endpoints.ready(),
         ctx.endpointslices.ready(),
+        ctx.csrs.ready(),
     );
     tasks.spawn(nodelifecycle::run(ctx.clone(), shutdown.clone()));
+    tasks.spawn(certificates::clean_tokens(ctx.clone(), shutdown.clone()));
     tasks.spawn(gc::follow_kinds(
         ctx.clone(),
         Informer::new(Api::all(ctx.client.clone()), watcher::Config::default()),

@@ -63,8 +63,9 @@ pub struct Config {
     pub bridge: String,
     /// CA that signs the API server's client certificate.
     pub client_ca_pem: String,
-    /// Serving certificate and key (PEM); a self-signed pair when absent.
-    pub serving: Option<(String, String)>,
+    /// Serving certificate and key, which may be rotated while serving; a
+    /// self-signed pair when absent.
+    pub serving: Option<std::sync::Arc<tapestry_runtime::identity::LiveIdentity>>,
     /// The per-container monitor: a program and its leading arguments
     /// (`tapestry-shim`, or `tapestry container-shim`).
     pub shim: Vec<std::ffi::OsString>,

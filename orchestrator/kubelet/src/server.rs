@@ -55,19 +55,22 @@ fn status(code: StatusCode, message: &str) -> Response<Body> {
 }
 
 fn tls(kubelet: &Kubelet) -> Result<TlsAcceptor> {
-    let (cert_pem, key_pem) = match &kubelet.config.serving {
-        Some(pair) => pair.clone(),
+    let identity = match &kubelet.config.serving {
+        Some(identity) => identity.clone(),
         None => {
             let mut names = vec![kubelet.config.node_name.clone(), "localhost".to_string()];
             names.push(kubelet.config.node_ip.to_string());
             let key = rcgen::KeyPair::generate()?;
             let params = rcgen::CertificateParams::new(names)?;
             let cert = params.self_signed(&key)?;
-            (cert.pem(), key.serialize_pem())
+            let identity = tapestry_runtime::identity::LiveIdentity::from_pem(
+                &cert.pem(),
+                &key.serialize_pem(),
+            )
+            .map_err(anyhow::Error::msg)?;
+            Arc::new(identity)
         }
     };
-    let certs = rustls_pemfile::certs(&mut cert_pem.as_bytes()).collect::<Result<Vec<_>, _>>()?;
-    let key = rustls_pemfile::private_key(&mut key_pem.as_bytes())?.context("no private key")?;
     let mut roots = rustls::RootCertStore::empty();
     for c in rustls_pemfile::certs(&mut kubelet.config.client_ca_pem.as_bytes()) {
         roots.add(c.context("parsing the client CA")?)?;
@@ -82,7 +85,7 @@ fn tls(kubelet: &Kubelet) -> Result<TlsAcceptor> {
     let mut config = rustls::ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()?
         .with_client_cert_verifier(verifier)
-        .with_single_cert(certs, key)?;
+        .with_cert_resolver(identity);
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(TlsAcceptor::from(Arc::new(config)))
 }

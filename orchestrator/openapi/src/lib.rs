@@ -50,7 +50,7 @@ pub struct ResourceInfo {
     pub namespaced: bool,
     /// `get`, `list`, `watch`, `create`, `update`, `patch`, `delete`, `deletecollection`.
     pub verbs: Vec<String>,
-    /// `status`, `scale`, `binding`, `eviction`, `log`, `exec`, `attach`,
+    /// `status`, `approval`, `scale`, `binding`, `eviction`, `log`, `exec`, `attach`,
     /// `portforward`, `proxy`, `ephemeralcontainers`, `resize`, `finalize`, `token`.
     pub subresources: Vec<String>,
     /// Definition name of the object type, e.g. `io.k8s.api.apps.v1.Deployment`.

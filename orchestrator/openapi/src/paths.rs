@@ -341,7 +341,7 @@ enum Sub {
 
 fn subresource(name: &str) -> Option<Sub> {
     Some(match name {
-        "status" | "ephemeralcontainers" | "resize" => Sub::Object {
+        "status" | "approval" | "ephemeralcontainers" | "resize" => Sub::Object {
             def: None,
             verbs: &["get", "update", "patch"],
         },

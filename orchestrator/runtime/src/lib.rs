@@ -7,8 +7,10 @@
 //! its own watch loop (see `tapestry_scheduler::run`) and records events
 //! with it.
 
+pub mod csr;
 pub mod events;
 pub mod http;
+pub mod identity;
 pub mod informer;
 pub mod leader;
 pub mod queue;

@@ -145,7 +145,7 @@ fn admin_rules() -> Vec<Value> {
 /// What a node agent needs: its Node and Lease, the pods bound to it and
 /// what they mount, Services and EndpointSlices for its proxy and DNS
 /// (it publishes its own DNS endpoints), events.
-fn node_rules() -> Vec<Value> {
+pub(crate) fn node_rules() -> Vec<Value> {
     vec![
         rule(
             &[""],
@@ -195,6 +195,12 @@ fn node_rules() -> Vec<Value> {
             &["authorization.k8s.io"],
             &["subjectaccessreviews"],
             &["create"],
+        ),
+        // Renewing its own certificates.
+        rule(
+            &["certificates.k8s.io"],
+            &["certificatesigningrequests"],
+            &["create", "get", "list", "watch"],
         ),
     ]
 }
@@ -269,6 +275,16 @@ fn cluster_roles() -> Vec<BootstrapRole> {
         ),
         ("system:node", node_rules(), None, None),
         (
+            "system:node-bootstrapper",
+            vec![rule(
+                &["certificates.k8s.io"],
+                &["certificatesigningrequests"],
+                &["create", "get", "list", "watch"],
+            )],
+            None,
+            None,
+        ),
+        (
             "system:service-account-issuer-discovery",
             vec![urls(
                 &["/.well-known/openid-configuration", "/openid/v1/jwks"],
@@ -304,7 +320,11 @@ fn cluster_role_bindings() -> Vec<(&'static str, Vec<Value>)> {
             vec![group(AUTHENTICATED), group(UNAUTHENTICATED)],
         ),
         ("system:basic-user", vec![group(AUTHENTICATED)]),
-        ("system:node", vec![group(NODES)]),
+        // Bootstrap tokens may ask for node certificates, nothing else.
+        (
+            "system:node-bootstrapper",
+            vec![group(crate::bootstraptokens::BOOTSTRAPPERS)],
+        ),
         (
             "system:service-account-issuer-discovery",
             vec![group("system:serviceaccounts")],
@@ -434,6 +454,7 @@ pub async fn ensure(api: &Api) -> Result<()> {
         )
         .await?;
     }
+    unbind_nodes_from_node_role(api).await?;
     let ns =
         json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": TAPESTRY_NAMESPACE}});
     match api.create_internal("", "v1", "namespaces", None, ns).await {
@@ -472,6 +493,40 @@ pub async fn ensure(api: &Api) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Older clusters bound `system:node` to every node; the Node authorizer
+/// now decides what each node may do, and that binding would let any node
+/// read every Secret.
+async fn unbind_nodes_from_node_role(api: &Api) -> Result<()> {
+    let req = api
+        .internal_request(
+            GROUP,
+            "v1",
+            "clusterrolebindings",
+            None,
+            Some("system:node"),
+        )
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let nodes = json!({"apiGroup": GROUP, "kind": "Group", "name": NODES});
+    let result = api
+        .update_object(&req, |stored| {
+            let subjects = stored["subjects"].as_array().cloned().unwrap_or_default();
+            if !subjects.contains(&nodes) {
+                return Ok(None);
+            }
+            let mut new = stored.clone();
+            new["subjects"] = json!(subjects
+                .into_iter()
+                .filter(|s| *s != nodes)
+                .collect::<Vec<_>>());
+            Ok(Some(new))
+        })
+        .await;
+    match result {
+        Ok(_) | Err(ApiError::NotFound(_)) => Ok(()),
+        Err(e) => anyhow::bail!("unbinding nodes from system:node: {e}"),
+    }
 }
 
 fn binding(kind: &str, name: &str, role_kind: &str, subjects: Vec<Value>) -> Value {

@@ -1,4 +1,4 @@
-//! The roles and bindings an [`super::Authorizer`] decides from.
+//! The roles, bindings and pods an [`super::Authorizer`] decides from.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -10,6 +10,7 @@ use serde::de::DeserializeOwned;
 use tapestry_apimachinery::tokens::User;
 use tapestry_runtime::selector::selects;
 
+use super::node::PodGraph;
 use super::{rule_allows, Attributes, Target};
 
 #[derive(Clone, Copy, Debug)]
@@ -18,14 +19,17 @@ pub enum Kind {
     Role,
     ClusterRoleBinding,
     RoleBinding,
+    /// Pods, for the Node authorizer's graph.
+    Pod,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 4] = [
+    pub const ALL: [Kind; 5] = [
         Kind::ClusterRole,
         Kind::Role,
         Kind::ClusterRoleBinding,
         Kind::RoleBinding,
+        Kind::Pod,
     ];
 
     pub fn plural(self) -> &'static str {
@@ -34,6 +38,14 @@ impl Kind {
             Kind::Role => "roles",
             Kind::ClusterRoleBinding => "clusterrolebindings",
             Kind::RoleBinding => "rolebindings",
+            Kind::Pod => "pods",
+        }
+    }
+
+    pub fn group(self) -> &'static str {
+        match self {
+            Kind::Pod => "",
+            _ => crate::resources::rbac::GROUP,
         }
     }
 }
@@ -55,6 +67,8 @@ pub struct Index {
     cluster_bindings: BTreeMap<String, Binding>,
     /// Namespace → binding name → binding.
     bindings: HashMap<String, BTreeMap<String, Binding>>,
+    /// What each node's pods use.
+    pub graph: PodGraph,
 }
 
 fn parse<T: DeserializeOwned>(key: &str, value: &[u8]) -> Option<T> {
@@ -77,6 +91,7 @@ impl Index {
             Kind::Role => self.roles.clear(),
             Kind::ClusterRoleBinding => self.cluster_bindings.clear(),
             Kind::RoleBinding => self.bindings.clear(),
+            Kind::Pod => self.graph.clear(),
         }
     }
 
@@ -112,6 +127,7 @@ impl Index {
                     self.bindings.entry(ns).or_default().insert(name, binding);
                 }
             }
+            Kind::Pod => self.graph.put(key, value),
         }
     }
 
@@ -135,6 +151,7 @@ impl Index {
                     }
                 }
             }
+            Kind::Pod => self.graph.remove(key),
         }
     }
 

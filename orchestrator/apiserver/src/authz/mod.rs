@@ -4,6 +4,9 @@
 //! always repair RBAC); everyone else gets what some binding grants them
 //! and nothing more.
 //!
+//! Nodes are first put to the Node authorizer ([`node`]), which decides
+//! what their pods need.
+//!
 //! The rules live in memory ([`Index`]), loaded before the server takes
 //! requests and kept current by a watch of each of the four kinds, so a
 //! decision reads no store. ClusterRoles with an `aggregationRule` grant
@@ -12,6 +15,7 @@
 pub mod bootstrap;
 pub mod escalation;
 mod index;
+pub mod node;
 pub mod review;
 
 use std::sync::{Arc, RwLock};
@@ -25,7 +29,6 @@ use tokio_util::sync::CancellationToken;
 
 use crate::error::{ApiError, ApiResult};
 use crate::registry::ResourceDef;
-use crate::resources::rbac::GROUP;
 use crate::rest::Api;
 
 pub use index::Index;
@@ -203,7 +206,7 @@ impl Authorizer {
         for kind in Kind::ALL {
             let def = api
                 .registry
-                .get(GROUP, "v1", kind.plural())
+                .get(kind.group(), "v1", kind.plural())
                 .ok_or_else(|| ApiError::Internal(format!("{} are not served", kind.plural())))?;
             let from = authz.load(&api, &def, kind).await?;
             tokio::spawn(
@@ -216,9 +219,18 @@ impl Authorizer {
     }
 
     pub fn allows(&self, user: &User, attrs: &Attributes) -> bool {
-        self.always_allow
-            || user.groups.iter().any(|g| g == MASTERS)
-            || self.index().allows(user, attrs)
+        if self.always_allow || user.groups.iter().any(|g| g == MASTERS) {
+            return true;
+        }
+        let index = self.index();
+        if let Some(node) = node::node_name(user) {
+            match index.graph.decide(node, attrs) {
+                node::Decision::Allow => return true,
+                node::Decision::Deny => return false,
+                node::Decision::NoOpinion => {}
+            }
+        }
+        index.allows(user, attrs)
     }
 
     /// `Ok` if allowed, else kube-apiserver's 403.

@@ -106,9 +106,8 @@ pub async fn serve(
     })
 }
 
-/// Who a token belongs to: a token-file user, or a service account whose
-/// token is meant for one of `spec.audiences` (this server's own when none
-/// are given).
+/// Who a token belongs to (see [`crate::bootstraptokens::bearer_user`]),
+/// service account tokens checked against `spec.audiences`.
 async fn token_review(tokens: &LiveTokens, api: &Api, spec: &Value) -> Value {
     let token = spec["token"].as_str().unwrap_or_default();
     let audiences: Vec<String> = spec["audiences"]
@@ -117,10 +116,7 @@ async fn token_review(tokens: &LiveTokens, api: &Api, spec: &Value) -> Value {
         .flatten()
         .filter_map(|a| a.as_str().map(str::to_string))
         .collect();
-    let user = match tokens.authenticate(token) {
-        Some(u) => Ok(u),
-        None => crate::satokens::authenticate(api, token, &audiences).await,
-    };
+    let user = crate::bootstraptokens::bearer_user(api, tokens, token, &audiences).await;
     match user {
         Ok(u) => {
             let mut status = json!({"authenticated": true, "user": user_info(&authenticated(&u))});

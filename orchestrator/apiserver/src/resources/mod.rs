@@ -6,6 +6,7 @@
 pub mod apiextensions;
 pub mod apps;
 pub mod batch;
+pub mod certificates;
 pub mod coordination;
 pub mod core;
 pub mod discovery;
@@ -34,5 +35,6 @@ pub fn builtin(
     defs.push(events::event::definition());
     defs.push(apiextensions::customresourcedefinition::definition());
     defs.extend(rbac::resources());
+    defs.push(certificates::definition());
     defs
 }

@@ -179,12 +179,14 @@ impl Api {
         }
         def.behaviour.default(obj);
         def.behaviour.prepare_for_create(obj);
+        def.behaviour.record_requester(obj, req.user.as_deref());
         let mut causes = validate_object_meta(obj, def.namespaced, def.name_rule);
         causes.extend(def.behaviour.validate(obj));
         if !causes.is_empty() {
             return Err(invalid(req, obj, causes));
         }
         self.check_escalation(req, obj)?;
+        super::noderestriction::check(req, obj)?;
         drop_empty_finalizers(obj);
         Ok(())
     }
@@ -209,8 +211,30 @@ impl Api {
         new: &mut Value,
         old: &Value,
     ) -> ApiResult<()> {
+        super::noderestriction::check(req, old)?;
         let def = &req.def;
         match req.sub {
+            Some(Subresource::Approval) => {
+                // Only the conditions change through approval.
+                let conditions = new.pointer("/status/conditions").cloned();
+                let managed = meta_mut(new).remove("managedFields");
+                let mut merged = old.clone();
+                if !merged.get("status").is_some_and(Value::is_object) {
+                    merged["status"] = json!({});
+                }
+                match conditions {
+                    Some(c) => merged["status"]["conditions"] = c,
+                    None => {
+                        if let Some(m) = merged["status"].as_object_mut() {
+                            m.remove("conditions");
+                        }
+                    }
+                }
+                if let Some(managed) = managed {
+                    meta_mut(&mut merged).insert("managedFields".into(), managed);
+                }
+                *new = merged;
+            }
             Some(Subresource::Status) => {
                 // Only status changes through the status subresource.
                 // `new` is replaced by `merged` below, so its parts are taken.
@@ -306,7 +330,7 @@ impl Api {
             None | Some(Subresource::Scale) => {
                 causes.extend(def.behaviour.validate_update(new, old))
             }
-            Some(Subresource::Status) => {
+            Some(Subresource::Status | Subresource::Approval) => {
                 causes.extend(def.behaviour.validate_status_update(new, old))
             }
             Some(_) => {}

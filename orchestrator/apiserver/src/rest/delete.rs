@@ -56,6 +56,7 @@ impl Api {
                 .map_err(|e| ApiError::from_store(e, &target))?
                 .ok_or_else(|| ApiError::NotFound(target.clone()))?;
             let obj = decode(&req.def, &kv)?;
+            super::noderestriction::check(req, &obj)?;
             if let Some(uid) = options
                 .pointer("/preconditions/uid")
                 .and_then(Value::as_str)

@@ -16,6 +16,7 @@
 
 mod admission;
 mod delete;
+pub mod noderestriction;
 mod read;
 pub mod render;
 pub mod request;

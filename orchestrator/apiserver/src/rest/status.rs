@@ -19,6 +19,15 @@ impl StatusRest {
             rest: std::sync::Arc::new(StatusRest),
         }
     }
+
+    /// A CertificateSigningRequest's `approval`: like status, but only its
+    /// conditions change.
+    pub fn approval_def() -> SubresourceDef {
+        SubresourceDef {
+            kind: Subresource::Approval,
+            rest: std::sync::Arc::new(StatusRest),
+        }
+    }
 }
 
 #[async_trait]

@@ -15,6 +15,7 @@ use crate::objects::{decode, meta_str};
 use crate::registry::{
     names, ResourceDef, Subresource, SubresourceDef, SubresourceDiscovery, SubresourceRest,
 };
+use crate::rest::noderestriction::{check_pod, node_of};
 use crate::rest::render::json_response;
 use crate::rest::{Api, Request};
 use crate::satokens::{
@@ -100,6 +101,11 @@ impl SubresourceRest for TokenRest {
             _ => vec![ISSUER.to_string()],
         };
         let pod = match spec.get("boundObjectRef").filter(|b| !b.is_null()) {
+            None if node_of(req.user.as_deref()).is_some() => {
+                return Err(ApiError::Forbidden(
+                    "a node may only request tokens bound to its pods (spec.boundObjectRef)".into(),
+                ))
+            }
             None => None,
             Some(b) => Some(bound_pod(api, req, &ns, b).await?),
         };
@@ -159,6 +165,9 @@ async fn bound_pod(api: &Api, req: &Request, ns: &str, bound: &Value) -> ApiResu
         .ok_or_else(|| ApiError::Internal("pods are not served".into()))?;
     let pod_req = Request::internal(pods.clone(), Some(ns), Some(name));
     let pod = decode(&pods, &api.get_kv(&pod_req, name).await?)?;
+    if let Some(node) = node_of(req.user.as_deref()) {
+        check_pod(node, &pod)?;
+    }
     let uid = meta_str(&pod, "uid").to_string();
     if let Some(want) = bound
         .get("uid")

@@ -1,0 +1,344 @@
+//! A node's credentials, as the kubelet's TLS bootstrap and certificate
+//! rotation: a node without a client certificate joins with a bootstrap
+//! token, asks for `system:node:NAME` (group `system:nodes`) through a
+//! CertificateSigningRequest and speaks as itself from then on; it asks
+//! for its serving certificate (its name and addresses) the same way. Both
+//! are kept in the node's data directory (0600) and renewed at 70–90% of
+//! their lifetime while the node runs; new connections use the new ones.
+
+use std::net::IpAddr;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use k8s_openapi::api::certificates::v1::{
+    CertificateSigningRequest, CertificateSigningRequestSpec,
+};
+use k8s_openapi::ByteString;
+use kube::api::{ObjectMeta, PostParams};
+use kube::Api;
+use tapestry_runtime::csr::{self, KUBELET_CLIENT_SIGNER, KUBELET_SERVING_SIGNER, NODES_GROUP};
+use tapestry_runtime::identity::LiveIdentity;
+use tokio_util::sync::CancellationToken;
+
+/// How long a request may wait for approval before joining gives up.
+const APPROVAL_TIMEOUT: Duration = Duration::from_secs(300);
+/// How soon a failed renewal is tried again.
+const RENEWAL_RETRY: Duration = Duration::from_secs(30);
+
+/// Where a node is and who it is.
+pub struct Join {
+    pub server: String,
+    pub ca_pem: String,
+    /// Used only when the node has no valid client certificate yet.
+    pub bootstrap_token: Option<String>,
+    /// Where the certificates are kept.
+    pub dir: PathBuf,
+    pub node_name: String,
+    pub node_ip: IpAddr,
+}
+
+/// What a joined node holds.
+pub struct Credentials {
+    /// The node's API client, presenting its client certificate.
+    pub client: kube::Client,
+    /// Its serving certificate, for the kubelet API.
+    pub serving: Arc<LiveIdentity>,
+}
+
+impl Join {
+    fn user(&self) -> String {
+        format!("{}{}", csr::NODE_USER_PREFIX, self.node_name)
+    }
+
+    fn client_file(&self) -> PathBuf {
+        self.dir.join("kubelet-client.pem")
+    }
+
+    fn serving_file(&self) -> PathBuf {
+        self.dir.join("kubelet-serving.pem")
+    }
+
+    fn serving_names(&self) -> Vec<String> {
+        vec![
+            self.node_name.clone(),
+            self.node_ip.to_string(),
+            "localhost".into(),
+        ]
+    }
+
+    /// The node's credentials: those kept from before while they are
+    /// valid, new ones otherwise (joining with the bootstrap token if the
+    /// client certificate is gone). Renewal runs until `shutdown`.
+    pub async fn credentials(self, shutdown: CancellationToken) -> Result<Credentials> {
+        std::fs::create_dir_all(&self.dir)
+            .with_context(|| format!("creating {}", self.dir.display()))?;
+        std::fs::set_permissions(
+            &self.dir,
+            std::os::unix::fs::PermissionsExt::from_mode(0o700),
+        )
+        .with_context(|| format!("securing {}", self.dir.display()))?;
+        // Certificates from another cluster (a CA made anew) are of no use.
+        let ca_file = self.dir.join("ca.crt");
+        if std::fs::read_to_string(&ca_file).ok().as_deref() != Some(self.ca_pem.as_str()) {
+            for f in [self.client_file(), self.serving_file()] {
+                let _ = std::fs::remove_file(f);
+            }
+            std::fs::write(&ca_file, &self.ca_pem)
+                .with_context(|| format!("writing {}", ca_file.display()))?;
+        }
+        let (cert, key) = match kept(&self.client_file(), &self.user(), &[]) {
+            Some(pair) => pair,
+            None => {
+                let Some(token) = &self.bootstrap_token else {
+                    bail!(
+                        "no valid client certificate in {} and no bootstrap token to ask for one (--token-file)",
+                        self.client_file().display()
+                    );
+                };
+                let bootstrap = crate::node::node_client(&self.server, &self.ca_pem, token).await?;
+                tracing::info!(node = %self.node_name, "joining with a bootstrap token");
+                let pair = self
+                    .request(&bootstrap, KUBELET_CLIENT_SIGNER, &[], "client auth")
+                    .await
+                    .context("asking for the node's client certificate")?;
+                save(&self.client_file(), &pair)?;
+                pair
+            }
+        };
+        let identity = Arc::new(LiveIdentity::from_pem(&cert, &key).map_err(anyhow::Error::msg)?);
+        let client = self.client(identity.clone()).await?;
+        let serving_pair = match kept(&self.serving_file(), &self.user(), &self.serving_names()) {
+            Some(pair) => pair,
+            None => {
+                let pair = self
+                    .request(
+                        &client,
+                        KUBELET_SERVING_SIGNER,
+                        &self.serving_names(),
+                        "server auth",
+                    )
+                    .await
+                    .context("asking for the node's serving certificate")?;
+                save(&self.serving_file(), &pair)?;
+                pair
+            }
+        };
+        let serving = Arc::new(
+            LiveIdentity::from_pem(&serving_pair.0, &serving_pair.1).map_err(anyhow::Error::msg)?,
+        );
+        tokio::spawn(self.renew(client.clone(), identity, serving.clone(), shutdown));
+        Ok(Credentials { client, serving })
+    }
+
+    /// An HTTP/2 client to the API server presenting `identity`.
+    async fn client(&self, identity: Arc<LiveIdentity>) -> Result<kube::Client> {
+        let text = tapestry_apiserver::pki::kubeconfig(&self.server, &self.ca_pem, "node", "");
+        let mut kc = kube::config::Kubeconfig::from_yaml(&text).context("node kubeconfig")?;
+        for auth in &mut kc.auth_infos {
+            auth.auth_info = None;
+        }
+        let config =
+            kube::Config::from_custom_kubeconfig(kc, &kube::config::KubeConfigOptions::default())
+                .await
+                .context("node client configuration")?;
+        crate::kubeclient::http2_with_identity(config, Some(identity))
+    }
+
+    /// Ask for a certificate from `signer` for this node (with `names` as
+    /// subject alternative names) and wait until it is issued. Returns
+    /// (certificate PEM, key PEM).
+    async fn request(
+        &self,
+        client: &kube::Client,
+        signer: &str,
+        names: &[String],
+        purpose: &str,
+    ) -> Result<(String, String)> {
+        let (key_pem, request_pem) =
+            csr::request(&self.user(), &[NODES_GROUP], names).map_err(anyhow::Error::msg)?;
+        let api: Api<CertificateSigningRequest> = Api::all(client.clone());
+        let csr = CertificateSigningRequest {
+            metadata: ObjectMeta {
+                generate_name: Some("node-csr-".into()),
+                ..Default::default()
+            },
+            spec: CertificateSigningRequestSpec {
+                request: ByteString(request_pem.into_bytes()),
+                signer_name: signer.into(),
+                usages: Some(vec![
+                    "digital signature".into(),
+                    "key encipherment".into(),
+                    purpose.into(),
+                ]),
+                ..Default::default()
+            },
+            status: None,
+        };
+        let created = api.create(&PostParams::default(), &csr).await?;
+        let name = created.metadata.name.unwrap_or_default();
+        let started = std::time::Instant::now();
+        let mut told = false;
+        loop {
+            let csr = api.get(&name).await?;
+            let status = csr.status.unwrap_or_default();
+            let conditions = status.conditions.unwrap_or_default();
+            if let Some(c) = conditions
+                .iter()
+                .find(|c| (c.type_ == "Denied" || c.type_ == "Failed") && c.status != "False")
+            {
+                bail!(
+                    "certificate signing request {name} {}: {}",
+                    c.type_.to_lowercase(),
+                    c.message.as_deref().unwrap_or("no reason given")
+                );
+            }
+            if let Some(cert) = status.certificate.filter(|c| !c.0.is_empty()) {
+                let cert = String::from_utf8(cert.0).context("issued certificate is not PEM")?;
+                tracing::info!(csr = %name, signer, "certificate issued");
+                return Ok((cert, key_pem));
+            }
+            if started.elapsed() > APPROVAL_TIMEOUT {
+                bail!("certificate signing request {name} was not approved within {} s; approve it with `kubectl certificate approve {name}`", APPROVAL_TIMEOUT.as_secs());
+            }
+            if !told && started.elapsed() > Duration::from_secs(5) {
+                tracing::info!(csr = %name, "waiting for the certificate signing request to be approved and signed");
+                told = true;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    /// Renew each certificate when it is due, until `shutdown`.
+    async fn renew(
+        self,
+        client: kube::Client,
+        identity: Arc<LiveIdentity>,
+        serving: Arc<LiveIdentity>,
+        shutdown: CancellationToken,
+    ) {
+        // Nodes that joined together renew apart.
+        let jitter = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0.5, |d| f64::from(d.subsec_nanos() % 1000) / 999.0);
+        loop {
+            let due = |id: &LiveIdentity| {
+                csr::validity(&id.cert_pem())
+                    .map(|v| csr::renew_at(v, jitter))
+                    .unwrap_or(0)
+            };
+            let (client_due, serving_due) = (due(&identity), due(&serving));
+            let next = client_due.min(serving_due);
+            let wait = (next - unix_now()).max(0) as u64;
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(Duration::from_secs(wait)) => {}
+            }
+            let now = unix_now();
+            let mut failed = false;
+            if client_due <= now {
+                failed |= self
+                    .renew_one(
+                        &client,
+                        &identity,
+                        KUBELET_CLIENT_SIGNER,
+                        &[],
+                        "client auth",
+                        &self.client_file(),
+                    )
+                    .await
+                    .is_err();
+            }
+            if serving_due <= now {
+                failed |= self
+                    .renew_one(
+                        &client,
+                        &serving,
+                        KUBELET_SERVING_SIGNER,
+                        &self.serving_names(),
+                        "server auth",
+                        &self.serving_file(),
+                    )
+                    .await
+                    .is_err();
+            }
+            if failed {
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tokio::time::sleep(RENEWAL_RETRY) => {}
+                }
+            }
+        }
+    }
+
+    async fn renew_one(
+        &self,
+        client: &kube::Client,
+        identity: &LiveIdentity,
+        signer: &str,
+        names: &[String],
+        purpose: &str,
+        file: &Path,
+    ) -> Result<()> {
+        let result = async {
+            let pair = self.request(client, signer, names, purpose).await?;
+            save(file, &pair)?;
+            identity
+                .replace(&pair.0, &pair.1)
+                .map_err(anyhow::Error::msg)
+        }
+        .await;
+        match &result {
+            Ok(()) => tracing::info!(signer, file = %file.display(), "certificate renewed"),
+            Err(e) => tracing::warn!(signer, "renewing a certificate: {e:#}"),
+        }
+        result
+    }
+}
+
+fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
+}
+
+/// The certificate and key kept in `file`, if they name `user`, cover
+/// `names` and are valid now.
+fn kept(file: &Path, user: &str, names: &[String]) -> Option<(String, String)> {
+    let text = std::fs::read_to_string(file).ok()?;
+    let (start, end) = csr::validity(&text).ok()?;
+    let now = unix_now();
+    if now < start || now >= end {
+        return None;
+    }
+    let (common_name, sans) = tapestry_runtime::x509::names(&text).ok()?;
+    if common_name != user || !names.iter().all(|n| sans.contains(n)) {
+        return None;
+    }
+    // The key is there and belongs to the certificate.
+    LiveIdentity::from_pem(&text, &text).ok()?;
+    Some((text.clone(), text))
+}
+
+/// Keep a certificate and its key in one file only root can read,
+/// replaced atomically.
+fn save(file: &Path, (cert, key): &(String, String)) -> Result<()> {
+    let tmp = file.with_extension("tmp");
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .write(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)
+        .with_context(|| format!("writing {}", tmp.display()))?;
+    use std::io::Write;
+    f.write_all(cert.as_bytes())?;
+    if !cert.ends_with('\n') {
+        f.write_all(b"\n")?;
+    }
+    f.write_all(key.as_bytes())?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, file).with_context(|| format!("replacing {}", file.display()))
+}
