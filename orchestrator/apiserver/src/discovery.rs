@@ -72,12 +72,67 @@ pub fn version_priority(a: &str, b: &str) -> Ordering {
     }
 }
 
+/// The review kinds ([`crate::authz::review`]): created and answered, never
+/// stored. `(group, plural, kind, namespaced)`, all in version v1.
+const REVIEWS: &[(&str, &str, &str, bool)] = &[
+    (
+        "authentication.k8s.io",
+        "selfsubjectreviews",
+        "SelfSubjectReview",
+        false,
+    ),
+    (
+        "authentication.k8s.io",
+        "tokenreviews",
+        "TokenReview",
+        false,
+    ),
+    (
+        "authorization.k8s.io",
+        "localsubjectaccessreviews",
+        "LocalSubjectAccessReview",
+        true,
+    ),
+    (
+        "authorization.k8s.io",
+        "selfsubjectaccessreviews",
+        "SelfSubjectAccessReview",
+        false,
+    ),
+    (
+        "authorization.k8s.io",
+        "selfsubjectrulesreviews",
+        "SelfSubjectRulesReview",
+        false,
+    ),
+    (
+        "authorization.k8s.io",
+        "subjectaccessreviews",
+        "SubjectAccessReview",
+        false,
+    ),
+];
+
+fn reviews_in<'a>(
+    group: &'a str,
+    version: &'a str,
+) -> impl Iterator<Item = &'static (&'static str, &'static str, &'static str, bool)> + 'a {
+    REVIEWS
+        .iter()
+        .filter(move |r| r.0 == group && version == "v1")
+}
+
 /// Group → versions, each group's versions in priority order (built-ins
 /// keep the order they are registered in, which is theirs).
 fn groups(served: &Served) -> Vec<(&str, Vec<&str>)> {
     let mut groups = served.groups();
     for (_, versions) in &mut groups {
         versions.sort_by(|a, b| version_priority(a, b));
+    }
+    for (group, ..) in REVIEWS {
+        if !groups.iter().any(|(g, _)| g == group) {
+            groups.push((group, vec!["v1"]));
+        }
     }
     groups
 }
@@ -129,10 +184,15 @@ pub const VERBS: &[&str] = &[
 
 pub fn resource_list(served: &Served, group: &str, version: &str) -> Option<Value> {
     let defs = served.in_group_version(group, version);
-    if defs.is_empty() {
+    if defs.is_empty() && reviews_in(group, version).next().is_none() {
         return None;
     }
-    let mut resources = Vec::new();
+    let mut resources: Vec<Value> = reviews_in(group, version)
+        .map(|(_, plural, kind, namespaced)| {
+            json!({"name": plural, "singularName": kind.to_lowercase(), "namespaced": namespaced,
+                   "kind": kind, "verbs": ["create"]})
+        })
+        .collect();
     for def in &defs {
         let mut r = json!({
             "name": def.plural,
@@ -209,17 +269,27 @@ pub fn aggregated(served: &Served, core: bool, api_version: &str) -> Value {
         .into_iter()
         .filter(|(g, _)| g.is_empty() == core)
         .map(|(group, versions)| {
-            let versions: Vec<Value> = versions
-                .iter()
-                .map(|version| {
-                    let resources: Vec<Value> = served
+            let versions: Vec<Value> =
+                versions
+                    .iter()
+                    .map(|version| {
+                        let resources: Vec<Value> = served
                         .in_group_version(group, version)
                         .iter()
                         .map(|def| aggregated_resource(def))
+                        .chain(reviews_in(group, version).map(|(group, plural, kind, namespaced)| {
+                            json!({
+                                "resource": plural,
+                                "responseKind": {"group": group, "version": "v1", "kind": kind},
+                                "scope": if *namespaced { "Namespaced" } else { "Cluster" },
+                                "singularResource": kind.to_lowercase(),
+                                "verbs": ["create"],
+                            })
+                        }))
                         .collect();
-                    json!({"version": version, "resources": resources, "freshness": "Current"})
-                })
-                .collect();
+                        json!({"version": version, "resources": resources, "freshness": "Current"})
+                    })
+                    .collect();
             let metadata = if core {
                 json!({"creationTimestamp": null})
             } else {

@@ -98,9 +98,22 @@ impl Running {
         let _ = self.endpoints.await;
     }
 
-    /// The API for clients in this process (scheduler, controllers).
+    /// The API for clients in this process, as the admin.
     pub fn local_handler(&self) -> LocalHandler {
         self.local.clone()
+    }
+
+    /// The API for a component in this process, as user `name` (what it
+    /// may do is up to RBAC): the scheduler and the controller manager.
+    pub fn local_handler_as(&self, name: &str) -> LocalHandler {
+        LocalHandler {
+            router: self.local.router.clone(),
+            credential: LocalCredential::User(User {
+                name: name.to_string(),
+                uid: String::new(),
+                groups: Vec::new(),
+            }),
+        }
     }
 }
 
@@ -123,7 +136,15 @@ struct OmitManagedFields;
 #[derive(Clone)]
 pub struct LocalHandler {
     router: Router,
-    authorization: http::HeaderValue,
+    credential: LocalCredential,
+}
+
+#[derive(Clone)]
+enum LocalCredential {
+    /// The admin's bearer token.
+    Bearer(http::HeaderValue),
+    /// A component's own identity, set as already authenticated.
+    User(User),
 }
 
 impl<B> tower::Service<http::Request<B>> for LocalHandler
@@ -143,8 +164,15 @@ where
     }
 
     fn call(&mut self, mut req: http::Request<B>) -> Self::Future {
-        req.headers_mut()
-            .insert(http::header::AUTHORIZATION, self.authorization.clone());
+        match &self.credential {
+            LocalCredential::Bearer(token) => {
+                req.headers_mut()
+                    .insert(http::header::AUTHORIZATION, token.clone());
+            }
+            LocalCredential::User(user) => {
+                req.extensions_mut().insert(Authenticated(user.clone()));
+            }
+        }
         req.extensions_mut().insert(OmitManagedFields);
         tower::Service::call(&mut self.router, req)
     }
@@ -260,8 +288,10 @@ pub async fn start(
     let router = Router::new().fallback(dispatch).with_state(state);
     let local = LocalHandler {
         router: router.clone(),
-        authorization: http::HeaderValue::from_str(&format!("Bearer {admin_token}"))
-            .context("admin token is not a valid header value")?,
+        credential: LocalCredential::Bearer(
+            http::HeaderValue::from_str(&format!("Bearer {admin_token}"))
+                .context("admin token is not a valid header value")?,
+        ),
     };
     tokio::spawn(compaction_loop(
         store,
@@ -512,7 +542,7 @@ async fn dispatch(State(state): State<Arc<AppState>>, req: axum::extract::Reques
     if let Some((ns, pod, sub)) = crate::nodeproxy::streaming_target(req.uri().path()) {
         let verb = if sub == "log" { "get" } else { "create" };
         let attrs = Attributes::resource(verb, "", "pods", &sub, Some(&ns), Some(&pod));
-        let certified = req.extensions().get::<CertificateUser>();
+        let certified = req.extensions().get::<Authenticated>();
         if let Err(e) = authenticate(&state, req.headers(), certified)
             .await
             .and_then(|user| acting_user(&state.authorizer, user, req.headers()))
@@ -634,15 +664,17 @@ async fn dispatch(State(state): State<Arc<AppState>>, req: axum::extract::Reques
     resp
 }
 
-/// The user a verified client certificate names (CN, with its
-/// organizations as groups), as kube-apiserver's x509 authenticator.
+/// A user known before the request reaches the handler: the one a
+/// verified client certificate names (CN, with its organizations as
+/// groups, as kube-apiserver's x509 authenticator), or an in-process
+/// component. A request extension, so no client can set it.
 #[derive(Clone)]
-struct CertificateUser(User);
+struct Authenticated(User);
 
-fn certificate_user(conn: &rustls::ServerConnection) -> Option<CertificateUser> {
+fn certificate_user(conn: &rustls::ServerConnection) -> Option<Authenticated> {
     let cert = conn.peer_certificates()?.first()?;
     match tapestry_runtime::x509::subject(cert.as_ref()) {
-        Ok(s) if !s.common_name.is_empty() => Some(CertificateUser(User {
+        Ok(s) if !s.common_name.is_empty() => Some(Authenticated(User {
             name: s.common_name,
             uid: String::new(),
             groups: s.organizations,
@@ -672,9 +704,9 @@ async fn refresh_tokens(tokens: Arc<LiveTokens>, shutdown: CancellationToken) {
 async fn authenticate(
     state: &AppState,
     headers: &HeaderMap,
-    certified: Option<&CertificateUser>,
+    certified: Option<&Authenticated>,
 ) -> Result<User, ApiError> {
-    if let Some(CertificateUser(user)) = certified {
+    if let Some(Authenticated(user)) = certified {
         return Ok(crate::authz::authenticated(user));
     }
     let token = headers

@@ -42,16 +42,21 @@ pub struct ControlArgs {
     pub no_controllers: bool,
 }
 
-/// Start the scheduler and the controller manager as background tasks.
+/// Start the scheduler and the controller manager as background tasks,
+/// each as its own user (`system:kube-scheduler`,
+/// `system:kube-controller-manager`) with the rights its bootstrap role
+/// gives it.
 pub async fn start(
-    api: tapestry_apiserver::LocalHandler,
+    server: &tapestry_apiserver::Running,
     args: ControlArgs,
-    root_ca: String,
     data_dir: &std::path::Path,
     shutdown: CancellationToken,
 ) -> Result<()> {
+    use tapestry_apiserver::authz::bootstrap::{CONTROLLER_MANAGER, SCHEDULER};
     let cluster_cidr = ClusterCidr::parse(&args.cluster_cidr).map_err(anyhow::Error::msg)?;
-    let client = Client::new(api, "default");
+    let root_ca = server.ca_cert_pem.clone();
+    let scheduler_client = Client::new(server.local_handler_as(SCHEDULER), "default");
+    let client = Client::new(server.local_handler_as(CONTROLLER_MANAGER), "default");
     let identity = leader::identity();
     let lease = |name: &str| {
         let mut cfg = LeaderConfig::new(name, identity);
@@ -62,13 +67,13 @@ pub async fn start(
     };
     if !args.no_scheduler {
         let stats = Arc::new(tapestry_scheduler::Stats::default());
-        let c = client.clone();
+        let c = scheduler_client.clone();
         let run = move |token: CancellationToken| {
             tapestry_scheduler::run(c.clone(), stats.clone(), token)
         };
         spawn_elected(
             args.leader_elect,
-            client.clone(),
+            scheduler_client,
             lease("kube-scheduler"),
             shutdown.clone(),
             run,

@@ -44,7 +44,13 @@ pub async fn run(args: HollowArgs, shutdown: CancellationToken) -> Result<()> {
     if args.heartbeat_interval.is_zero() || args.status_interval.is_zero() {
         bail!("--heartbeat-interval and --status-interval must be positive");
     }
-    let client = crate::kubeclient::client_from(&args.kubeconfig).await?;
+    let kube_config = crate::kubeclient::config_from(&args.kubeconfig).await?;
+    let client = crate::kubeclient::http2(kube_config.clone())?;
+    // Each node writes as itself (the Node authorizer and NodeRestriction
+    // apply to it), over one more connection: the kubeconfig's user must
+    // be allowed to impersonate nodes (the admin is).
+    let as_node = crate::kubeclient::http2_impersonating(kube_config)?;
+    let node_client = move |name: &str| as_node(&format!("system:node:{name}"), &["system:nodes"]);
     let config = tapestry_hollow::Config {
         count: args.count,
         prefix: args.name_prefix,
@@ -54,5 +60,5 @@ pub async fn run(args: HollowArgs, shutdown: CancellationToken) -> Result<()> {
         memory: args.memory,
         pods: args.max_pods,
     };
-    tapestry_hollow::run(client, config, shutdown).await
+    tapestry_hollow::run(client, node_client, config, shutdown).await
 }

@@ -12,11 +12,15 @@ use kube::Client;
 
 /// An HTTP/2 client (see [`http2`]) from a kubeconfig file.
 pub async fn client_from(path: &Path) -> Result<Client> {
+    http2(config_from(path).await?)
+}
+
+/// The client configuration a kubeconfig file describes.
+pub async fn config_from(path: &Path) -> Result<kube::Config> {
     let kc = Kubeconfig::read_from(path).with_context(|| format!("reading {}", path.display()))?;
-    let config = kube::Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
+    kube::Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
         .await
-        .with_context(|| format!("loading {}", path.display()))?;
-    http2(config)
+        .with_context(|| format!("loading {}", path.display()))
 }
 
 /// A kube-rs client that speaks HTTP/2: concurrent requests share one TLS
@@ -33,6 +37,43 @@ pub fn http2_with_identity(
     config: kube::Config,
     identity: Option<std::sync::Arc<tapestry_runtime::identity::LiveIdentity>>,
 ) -> Result<Client> {
+    let http = connection(&config, identity)?;
+    client_over(&config, http, Vec::new())
+}
+
+/// Clients for many identities over one connection: each asks to act as
+/// its user and groups (impersonation headers, as `kubectl --as`), which
+/// the kubeconfig's own user must be allowed to do. Hollow nodes speak
+/// each as its own node this way.
+pub fn http2_impersonating(
+    config: kube::Config,
+) -> Result<impl Fn(&str, &[&str]) -> Result<Client>> {
+    let http = connection(&config, None)?;
+    Ok(move |user: &str, groups: &[&str]| {
+        let mut headers = vec![(
+            http::HeaderName::from_static("impersonate-user"),
+            http::HeaderValue::from_str(user).context("impersonated user")?,
+        )];
+        for g in groups {
+            headers.push((
+                http::HeaderName::from_static("impersonate-group"),
+                http::HeaderValue::from_str(g).context("impersonated group")?,
+            ));
+        }
+        client_over(&config, http.clone(), headers)
+    })
+}
+
+type Connection = hyper_util::client::legacy::Client<
+    hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>,
+    kube::client::Body,
+>;
+
+/// The HTTP/2 connection (pool) to the kubeconfig's server.
+fn connection(
+    config: &kube::Config,
+    identity: Option<std::sync::Arc<tapestry_runtime::identity::LiveIdentity>>,
+) -> Result<Connection> {
     if let Some(proxy) = &config.proxy_url {
         bail!("API server proxies are not supported here (kubeconfig has proxy-url {proxy})");
     }
@@ -55,13 +96,23 @@ pub fn http2_with_identity(
     // One connection carries everything, so a dead one must be noticed:
     // ping it when it has been quiet, as client-go's HTTP/2 health check
     // does (30s, 15s to answer).
-    let http = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-        .timer(hyper_util::rt::TokioTimer::new())
-        .http2_only(true)
-        .http2_keep_alive_interval(Duration::from_secs(30))
-        .http2_keep_alive_timeout(Duration::from_secs(15))
-        .http2_keep_alive_while_idle(true)
-        .build(https);
+    Ok(
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+            .timer(hyper_util::rt::TokioTimer::new())
+            .http2_only(true)
+            .http2_keep_alive_interval(Duration::from_secs(30))
+            .http2_keep_alive_timeout(Duration::from_secs(15))
+            .http2_keep_alive_while_idle(true)
+            .build(https),
+    )
+}
+
+/// A client over `http`, with `headers` on every request.
+fn client_over(
+    config: &kube::Config,
+    http: Connection,
+    headers: Vec<(http::HeaderName, http::HeaderValue)>,
+) -> Result<Client> {
     // The same layers as kube-rs's own client, retries of 429/503/504
     // included.
     let retry = config
@@ -80,9 +131,15 @@ pub fn http2_with_identity(
                 .extra_headers_layer()
                 .context("headers of the kubeconfig")?,
         )
+        .map_request(move |mut req: http::Request<kube::client::Body>| {
+            for (name, value) in &headers {
+                req.headers_mut().append(name.clone(), value.clone());
+            }
+            req
+        })
         .map_err(tower::BoxError::from)
         .service(http);
-    Ok(Client::new(service, config.default_namespace))
+    Ok(Client::new(service, config.default_namespace.clone()))
 }
 
 #[cfg(test)]

@@ -340,14 +340,7 @@ async fn server(args: ServerArgs) -> Result<()> {
         shutdown.clone(),
     )
     .await?;
-    control::start(
-        running.local_handler(),
-        args.control,
-        running.ca_cert_pem.clone(),
-        &args.data_dir,
-        shutdown,
-    )
-    .await?;
+    control::start(&running, args.control, &args.data_dir, shutdown).await?;
     tracing::info!(addr = %running.addr, kubeconfig = %running.kubeconfig.display(), "API server ready");
     println!("kubeconfig: {}", running.kubeconfig.display());
     running.wait().await;

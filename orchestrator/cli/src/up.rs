@@ -69,14 +69,7 @@ async fn start_control_plane(
         shutdown.clone(),
     )
     .await?;
-    crate::control::start(
-        running.local_handler(),
-        args.control.clone(),
-        running.ca_cert_pem.clone(),
-        &args.data_dir,
-        shutdown,
-    )
-    .await?;
+    crate::control::start(&running, args.control.clone(), &args.data_dir, shutdown).await?;
     Ok(running)
 }
 

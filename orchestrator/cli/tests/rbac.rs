@@ -8,21 +8,36 @@ use std::process::Command;
 
 use common::{require_kubectl, wait_for, Server};
 
+/// `tapestry ARGS --data-dir DIR` on the server's data directory: its
+/// output, trimmed.
+fn tapestry_ok(server: &Server, args: &[&str]) -> String {
+    let (ok, out, err) = tapestry_run(server, args);
+    assert!(ok, "tapestry {}: {err}", args.join(" "));
+    out
+}
+
+/// `tapestry ARGS --data-dir DIR`: (success, stdout trimmed, stderr).
+fn tapestry_run(server: &Server, args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_tapestry"))
+        .args(args)
+        .arg("--data-dir")
+        .arg(server.data_dir())
+        .output()
+        .expect("running tapestry");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).trim().to_string(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
 /// A kubeconfig for a new user in `groups`, from `tapestry user add`.
 fn add_user(server: &Server, name: &str, groups: &[&str]) -> String {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_tapestry"));
-    cmd.args(["user", "add", name, "--data-dir"])
-        .arg(server.data_dir());
+    let mut args = vec!["user", "add", name];
     for g in groups {
-        cmd.args(["--group", g]);
+        args.extend(["--group", g]);
     }
-    let out = cmd.output().expect("running tapestry user add");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap().trim().to_string()
+    tapestry_ok(server, &args)
 }
 
 /// kubectl as the user of `kubeconfig`, with the arguments of
@@ -257,6 +272,75 @@ fn an_editor_cannot_bind_cluster_admin_and_the_bootstrap_roles_are_there() {
 
 /// The data directory holds every Secret (the store), the CA's key and
 /// every token: after a start under umask 000 only root can read them.
+/// The scheduler and controller manager have roles of their own, nodes
+/// join with bootstrap tokens that can do nothing but ask for a
+/// certificate, and the review kinds are in discovery.
+#[test]
+fn components_and_joining_nodes_get_only_their_own_rights() {
+    if !require_kubectl() {
+        return;
+    }
+    let server = Server::start();
+    let can = |who: &str, question: &str| {
+        let mut args = vec!["auth", "can-i", "--as", who];
+        args.extend(question.split_whitespace());
+        let out = server.kubectl(&args);
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    let scheduler = "system:kube-scheduler";
+    assert_eq!(
+        can(scheduler, "create pods --subresource=binding -n default"),
+        "yes"
+    );
+    assert_eq!(can(scheduler, "list nodes"), "yes");
+    assert_eq!(can(scheduler, "get secrets -n default"), "no");
+    assert_eq!(can(scheduler, "create pods -n default"), "no");
+    let manager = "system:kube-controller-manager";
+    assert_eq!(can(manager, "create pods -n default"), "yes");
+    assert_eq!(can(manager, "delete secrets -n default"), "yes");
+    assert_eq!(can(manager, "create secrets -n default"), "no");
+    assert_eq!(can(manager, "escalate clusterroles"), "no");
+    assert_eq!(can(manager, "impersonate users"), "no");
+    // The scheduler and controllers at work under those identities.
+    server.ok(&["create", "deployment", "web", "--image=busybox:local"]);
+    wait_for(20, "the deployment's replica set", || {
+        let out = server.ok(&["get", "replicasets", "-o", "name"]);
+        out.contains("replicaset.apps/web-").then_some(())
+    });
+
+    // A bootstrap token authenticates as system:bootstrap:ID and may only
+    // ask for certificates.
+    let token = tapestry_ok(&server, &["token", "create", "--ttl", "10m"]);
+    let (id, _) = token.split_once('.').expect("ID.SECRET");
+    let (ok, whoami) = with_token(&server, &token, "auth whoami");
+    assert!(
+        ok && whoami.contains(&format!("system:bootstrap:{id}"))
+            && whoami.contains("system:bootstrappers"),
+        "{whoami}"
+    );
+    let (ok, out) = with_token(&server, &token, "get csr");
+    assert!(ok, "{out}");
+    let (ok, out) = with_token(&server, &token, "get pods");
+    assert!(!ok && out.contains("forbidden"), "{out}");
+    let (ok, out) = with_token(&server, &token, "get secrets -n kube-system");
+    assert!(!ok && out.contains("forbidden"), "{out}");
+    let (ok, out) = with_token(&server, "abcdef.0123456789abcdef", "get csr");
+    assert!(!ok && unauthenticated(&out), "{out}");
+    let (ok, _, err) = tapestry_run(&server, &["token", "create", "--ttl", "5s"]);
+    assert!(!ok && err.contains("--ttl"), "{err}");
+
+    let resources = server.ok(&["api-resources", "--api-group=authorization.k8s.io"]);
+    assert!(
+        resources.contains("selfsubjectaccessreviews"),
+        "{resources}"
+    );
+    let resources = server.ok(&["api-resources", "--api-group=certificates.k8s.io"]);
+    assert!(
+        resources.contains("certificatesigningrequests") && resources.contains("csr"),
+        "{resources}"
+    );
+}
+
 #[test]
 fn the_data_directory_is_private_whatever_the_umask() {
     use std::os::unix::fs::PermissionsExt;
@@ -343,7 +427,8 @@ fn unauthenticated(stderr: &str) -> bool {
     stderr.contains("provide credentials") || stderr.contains("(Unauthorized)")
 }
 
-/// kubectl with a bare bearer token (no kubeconfig user).
+/// kubectl with a bare bearer token (no kubeconfig user): (success,
+/// stdout and stderr).
 fn with_token(server: &Server, token: &str, command_line: &str) -> (bool, String) {
     let out = Command::new("kubectl")
         .args(["--server", &server.url(), "--certificate-authority"])
@@ -355,7 +440,11 @@ fn with_token(server: &Server, token: &str, command_line: &str) -> (bool, String
         .unwrap();
     (
         out.status.success(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
     )
 }
 
@@ -468,27 +557,12 @@ fn a_client_certificate_names_its_user_and_groups() {
         return;
     }
     let server = Server::start();
-    let out = Command::new(env!("CARGO_BIN_EXE_tapestry"))
-        .args([
-            "user",
-            "add",
-            "erin",
-            "--group",
-            "ops",
-            "--cert",
-            "--days",
-            "30",
-            "--data-dir",
-        ])
-        .arg(server.data_dir())
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let erin = tapestry_ok(
+        &server,
+        &[
+            "user", "add", "erin", "--group", "ops", "--cert", "--days", "30",
+        ],
     );
-    let erin = String::from_utf8(out.stdout).unwrap().trim().to_string();
     let kubeconfig = std::fs::read_to_string(&erin).unwrap();
     assert!(kubeconfig.contains("client-certificate-data") && !kubeconfig.contains("token:"));
     let tokens = std::fs::read_to_string(server.data_dir().join("tokens.csv")).unwrap();

@@ -88,10 +88,19 @@ impl NodeState {
 }
 
 struct Hollow {
+    /// The process's own client: the watches shared by every node.
     client: Client,
+    /// Each node's client, speaking as that node (`system:node:NAME`).
+    node_clients: HashMap<String, Client>,
     config: Config,
     states: Mutex<HashMap<String, NodeState>>,
     pods: Arc<Informer<HollowPod>>,
+}
+
+impl Hollow {
+    fn client_of(&self, node: &str) -> Client {
+        self.node_clients.get(node).unwrap_or(&self.client).clone()
+    }
 }
 
 fn parse_cidr(s: &str) -> Option<(u32, u32)> {
@@ -225,19 +234,27 @@ impl From<WirePod> for HollowPod {
     }
 }
 
-/// Run the hollow nodes until `shutdown`.
+/// Run the hollow nodes until `shutdown`. `client` watches pods and nodes
+/// for all of them; `node_client(name)` gives the client each node writes
+/// its Node, Lease and pods' status with, as itself.
 pub async fn run(
     client: Client,
+    node_client: impl Fn(&str) -> anyhow::Result<Client>,
     config: Config,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let names = node_names(&config);
+    let node_clients = names
+        .iter()
+        .map(|n| Ok((n.clone(), node_client(n)?)))
+        .collect::<anyhow::Result<HashMap<_, _>>>()?;
     let pods = Informer::new(
         Api::<HollowPod>::all(client.clone()),
         watcher::Config::default().fields("spec.nodeName!="),
     );
     let hollow = Arc::new(Hollow {
         client: client.clone(),
+        node_clients,
         states: Mutex::new(
             names
                 .iter()
@@ -385,7 +402,7 @@ fn node_status(c: &Config, index: usize) -> serde_json::Value {
 }
 
 async fn register(h: &Hollow, name: &str, index: usize) -> anyhow::Result<()> {
-    let api: Api<Node> = Api::all(h.client.clone());
+    let api: Api<Node> = Api::all(h.client_of(name));
     let node: Node = serde_json::from_value(json!({
         "apiVersion": "v1", "kind": "Node",
         "metadata": {"name": name, "labels": {
@@ -412,7 +429,8 @@ async fn register(h: &Hollow, name: &str, index: usize) -> anyhow::Result<()> {
 }
 
 async fn renew_lease(h: &Hollow, name: &str) -> anyhow::Result<()> {
-    let api: Api<Lease> = Api::namespaced(h.client.clone(), "kube-node-lease");
+    let client = h.client_of(name);
+    let api: Api<Lease> = Api::namespaced(client.clone(), "kube-node-lease");
     let now = Timestamp::now().to_string();
     let patch = json!({"spec": {"holderIdentity": name, "renewTime": now,
         "leaseDurationSeconds": (h.config.heartbeat.as_secs() * 4).max(1)}});
@@ -422,10 +440,10 @@ async fn renew_lease(h: &Hollow, name: &str) -> anyhow::Result<()> {
         &PatchParams::default(),
         &Patch::Merge(&patch),
     )?;
-    match h.client.request_text(request).await {
+    match client.request_text(request).await {
         Ok(_) => Ok(()),
         Err(e) if runtime::not_found(&e) => {
-            let nodes: Api<Node> = Api::all(h.client.clone());
+            let nodes: Api<Node> = Api::all(client.clone());
             let uid = nodes.get(name).await?.uid().unwrap_or_default();
             let lease: Lease = serde_json::from_value(json!({
                 "metadata": {"name": name, "namespace": "kube-node-lease",
@@ -455,7 +473,7 @@ async fn heartbeat(h: Arc<Hollow>, name: String, index: usize, shutdown: Cancell
     let mut lease_tick = tokio::time::interval(h.config.heartbeat);
     let mut status_tick = tokio::time::interval(h.config.status_interval);
     status_tick.tick().await;
-    let nodes: Api<Node> = Api::all(h.client.clone());
+    let nodes: Api<Node> = Api::all(h.client_of(&name));
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return,
@@ -494,7 +512,8 @@ async fn sync_pod(h: Arc<Hollow>, key: String) -> anyhow::Result<Requeue> {
     if !lock(&h.states).contains_key(&node) {
         return Ok(Requeue::Done);
     }
-    let api: Api<Pod> = Api::namespaced(h.client.clone(), ns);
+    let client = h.client_of(&node);
+    let api: Api<Pod> = Api::namespaced(client.clone(), ns);
     if pod.metadata.deletion_timestamp.is_some() {
         // "Containers stopped": finish the deletion.
         let dp = DeleteParams {
@@ -572,7 +591,7 @@ async fn sync_pod(h: Arc<Hollow>, key: String) -> anyhow::Result<Requeue> {
         &PatchParams::default(),
         &Patch::Merge(patch),
     )?;
-    match h.client.request_text(request).await {
+    match client.request_text(request).await {
         Ok(_) => Ok(Requeue::Done),
         Err(e) if runtime::is_status(&e, 409) => Ok(Requeue::Done),
         Err(e) if runtime::not_found(&e) => {

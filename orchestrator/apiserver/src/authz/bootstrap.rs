@@ -21,6 +21,10 @@ const ALL: &[&str] = &["*"];
 /// The group nodes' credentials carry.
 pub const NODES: &str = "system:nodes";
 pub const UNAUTHENTICATED: &str = "system:unauthenticated";
+/// The identities of the scheduler and controller manager that run in the
+/// server's process.
+pub const SCHEDULER: &str = "system:kube-scheduler";
+pub const CONTROLLER_MANAGER: &str = "system:kube-controller-manager";
 
 fn rule(groups: &[&str], resources: &[&str], verbs: &[&str]) -> Value {
     json!({"apiGroups": groups, "resources": resources, "verbs": verbs})
@@ -205,6 +209,56 @@ pub(crate) fn node_rules() -> Vec<Value> {
     ]
 }
 
+/// The in-process scheduler (`system:kube-scheduler`): it watches pods
+/// and nodes, binds pods and reports those it cannot place.
+fn scheduler_rules() -> Vec<Value> {
+    vec![
+        rule(&[""], &["pods", "nodes"], READ),
+        rule(&[""], &["pods/binding", "bindings"], &["create"]),
+        rule(&[""], &["pods/status"], &["patch", "update"]),
+        rule(&[""], &["events"], &["create", "patch", "update"]),
+        rule(
+            &["events.k8s.io"],
+            &["events"],
+            &["create", "patch", "update"],
+        ),
+        rule(
+            &["coordination.k8s.io"],
+            &["leases"],
+            &[READ, &["create", "update", "patch"]].concat(),
+        ),
+    ]
+}
+
+/// The in-process controller manager (`system:kube-controller-manager`):
+/// the garbage collector and the namespace controller read, change and
+/// delete objects of every kind; it creates only what its controllers
+/// make. It cannot grant (`bind`, `escalate`) or act as anyone else.
+fn controller_manager_rules() -> Vec<Value> {
+    vec![
+        rule(
+            ALL,
+            ALL,
+            &[READ, &["patch", "update", "delete", "deletecollection"]].concat(),
+        ),
+        rule(
+            &[""],
+            &[
+                "pods",
+                "endpoints",
+                "serviceaccounts",
+                "configmaps",
+                "events",
+            ],
+            &["create"],
+        ),
+        rule(&["apps"], &["replicasets"], &["create"]),
+        rule(&["discovery.k8s.io"], &["endpointslices"], &["create"]),
+        rule(&["coordination.k8s.io"], &["leases"], &["create"]),
+        rule(&["events.k8s.io"], &["events"], &["create"]),
+    ]
+}
+
 /// `(name, rules, the role it is aggregated into, the roles it
 /// aggregates)`: `view` carries `aggregate-to-edit`, so `edit` holds what
 /// a role labelled like `view` adds.
@@ -274,6 +328,13 @@ fn cluster_roles() -> Vec<BootstrapRole> {
             None,
         ),
         ("system:node", node_rules(), None, None),
+        ("system:kube-scheduler", scheduler_rules(), None, None),
+        (
+            "system:kube-controller-manager",
+            controller_manager_rules(),
+            None,
+            None,
+        ),
         (
             "system:node-bootstrapper",
             vec![rule(
@@ -312,6 +373,7 @@ fn cluster_roles() -> Vec<BootstrapRole> {
 /// `(name of the binding and its ClusterRole, subjects)`.
 fn cluster_role_bindings() -> Vec<(&'static str, Vec<Value>)> {
     let group = |g: &str| json!({"apiGroup": GROUP, "kind": "Group", "name": g});
+    let user = |u: &str| json!({"apiGroup": GROUP, "kind": "User", "name": u});
     vec![
         ("cluster-admin", vec![group(MASTERS)]),
         ("system:discovery", vec![group(AUTHENTICATED)]),
@@ -320,6 +382,11 @@ fn cluster_role_bindings() -> Vec<(&'static str, Vec<Value>)> {
             vec![group(AUTHENTICATED), group(UNAUTHENTICATED)],
         ),
         ("system:basic-user", vec![group(AUTHENTICATED)]),
+        ("system:kube-scheduler", vec![user(SCHEDULER)]),
+        (
+            "system:kube-controller-manager",
+            vec![user(CONTROLLER_MANAGER)],
+        ),
         // Bootstrap tokens may ask for node certificates, nothing else.
         (
             "system:node-bootstrapper",

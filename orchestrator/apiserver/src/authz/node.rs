@@ -15,7 +15,6 @@ use std::sync::LazyLock;
 
 use k8s_openapi::api::rbac::v1::PolicyRule;
 use serde::Deserialize;
-use serde_json::Value;
 use tapestry_apimachinery::tokens::User;
 
 use super::{rule_allows, Attributes, Target};
@@ -84,12 +83,19 @@ impl PodGraph {
     }
 
     pub fn put(&mut self, key: &str, value: &[u8]) {
-        self.remove(key);
-        let Ok(pod) = serde_json::from_slice::<PodRefs>(value) else {
-            tracing::warn!(key, "unreadable pod, left out of the node graph");
-            return;
+        let pod = match serde_json::from_slice::<PodRefs>(value) {
+            Ok(pod) => pod.uses(),
+            Err(_) => {
+                tracing::warn!(key, "unreadable pod, left out of the node graph");
+                None
+            }
         };
-        let Some(pod) = pod.uses() else { return };
+        // Most writes are status reports that change nothing here.
+        if pod.is_some() && self.pods.get(key) == pod.as_ref() {
+            return;
+        }
+        self.remove(key);
+        let Some(pod) = pod else { return };
         let counts = self.by_node.entry(pod.node.clone()).or_default();
         for (kind, name) in &pod.used {
             *counts
@@ -186,13 +192,14 @@ static NODE_RULES: LazyLock<Vec<PolicyRule>> = LazyLock::new(|| {
         .collect()
 });
 
-/// The parts of a pod the graph reads.
+/// The parts of a pod the graph reads, decoded without the rest (pods are
+/// written often: every status report passes here).
 #[derive(Deserialize)]
 struct PodRefs {
     #[serde(default)]
     metadata: Meta,
     #[serde(default)]
-    spec: Value,
+    spec: Spec,
 }
 
 #[derive(Deserialize, Default)]
@@ -201,48 +208,137 @@ struct Meta {
     namespace: String,
 }
 
+#[derive(Deserialize, Default)]
+#[serde(rename_all = "camelCase", default)]
+struct Spec {
+    node_name: Option<String>,
+    service_account_name: Option<String>,
+    image_pull_secrets: Vec<Named>,
+    volumes: Vec<Volume>,
+    init_containers: Vec<Container>,
+    containers: Vec<Container>,
+    ephemeral_containers: Vec<Container>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(default)]
+struct Named {
+    name: Option<String>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(rename_all = "camelCase", default)]
+struct Volume {
+    secret: Option<SecretVolume>,
+    config_map: Option<Named>,
+    persistent_volume_claim: Option<ClaimVolume>,
+    projected: Option<Projected>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(rename_all = "camelCase", default)]
+struct SecretVolume {
+    secret_name: Option<String>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(rename_all = "camelCase", default)]
+struct ClaimVolume {
+    claim_name: Option<String>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(default)]
+struct Projected {
+    sources: Vec<ProjectedSource>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(rename_all = "camelCase", default)]
+struct ProjectedSource {
+    secret: Option<Named>,
+    config_map: Option<Named>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(rename_all = "camelCase", default)]
+struct Container {
+    env: Vec<Env>,
+    env_from: Vec<EnvFrom>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(rename_all = "camelCase", default)]
+struct Env {
+    value_from: Option<EnvSource>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(rename_all = "camelCase", default)]
+struct EnvSource {
+    secret_key_ref: Option<Named>,
+    config_map_key_ref: Option<Named>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(rename_all = "camelCase", default)]
+struct EnvFrom {
+    secret_ref: Option<Named>,
+    config_map_ref: Option<Named>,
+}
+
 impl PodRefs {
     /// What the pod uses, if it is bound to a node.
     fn uses(self) -> Option<PodUse> {
-        let spec = &self.spec;
-        let node = spec["nodeName"].as_str().filter(|n| !n.is_empty())?;
+        let spec = self.spec;
+        let node = spec.node_name.filter(|n| !n.is_empty())?;
         let mut used = HashSet::new();
-        let mut add = |kind: Used, v: &Value| {
-            if let Some(n) = v.as_str().filter(|n| !n.is_empty()) {
-                used.insert((kind, n.to_string()));
+        let mut add = |kind: Used, name: Option<String>| {
+            if let Some(n) = name.filter(|n| !n.is_empty()) {
+                used.insert((kind, n));
             }
         };
-        let account = spec["serviceAccountName"]
-            .as_str()
+        let account = spec
+            .service_account_name
             .filter(|n| !n.is_empty())
-            .unwrap_or("default");
-        add(Used::ServiceAccount, &Value::from(account));
-        for s in spec["imagePullSecrets"].as_array().into_iter().flatten() {
-            add(Used::Secret, &s["name"]);
+            .unwrap_or_else(|| "default".into());
+        add(Used::ServiceAccount, Some(account));
+        for s in spec.image_pull_secrets {
+            add(Used::Secret, s.name);
         }
-        for v in spec["volumes"].as_array().into_iter().flatten() {
-            add(Used::Secret, &v["secret"]["secretName"]);
-            add(Used::ConfigMap, &v["configMap"]["name"]);
-            add(Used::Claim, &v["persistentVolumeClaim"]["claimName"]);
-            for source in v["projected"]["sources"].as_array().into_iter().flatten() {
-                add(Used::Secret, &source["secret"]["name"]);
-                add(Used::ConfigMap, &source["configMap"]["name"]);
+        for v in spec.volumes {
+            add(Used::Secret, v.secret.and_then(|s| s.secret_name));
+            add(Used::ConfigMap, v.config_map.and_then(|c| c.name));
+            add(
+                Used::Claim,
+                v.persistent_volume_claim.and_then(|c| c.claim_name),
+            );
+            for source in v.projected.map(|p| p.sources).unwrap_or_default() {
+                add(Used::Secret, source.secret.and_then(|s| s.name));
+                add(Used::ConfigMap, source.config_map.and_then(|c| c.name));
             }
         }
-        for list in ["initContainers", "containers", "ephemeralContainers"] {
-            for c in spec[list].as_array().into_iter().flatten() {
-                for e in c["env"].as_array().into_iter().flatten() {
-                    add(Used::Secret, &e["valueFrom"]["secretKeyRef"]["name"]);
-                    add(Used::ConfigMap, &e["valueFrom"]["configMapKeyRef"]["name"]);
-                }
-                for e in c["envFrom"].as_array().into_iter().flatten() {
-                    add(Used::Secret, &e["secretRef"]["name"]);
-                    add(Used::ConfigMap, &e["configMapRef"]["name"]);
-                }
+        let containers = spec
+            .init_containers
+            .into_iter()
+            .chain(spec.containers)
+            .chain(spec.ephemeral_containers);
+        for c in containers {
+            for e in c.env {
+                let from = e.value_from.unwrap_or_default();
+                add(Used::Secret, from.secret_key_ref.and_then(|r| r.name));
+                add(
+                    Used::ConfigMap,
+                    from.config_map_key_ref.and_then(|r| r.name),
+                );
+            }
+            for e in c.env_from {
+                add(Used::Secret, e.secret_ref.and_then(|r| r.name));
+                add(Used::ConfigMap, e.config_map_ref.and_then(|r| r.name));
             }
         }
         Some(PodUse {
-            node: node.to_string(),
+            node,
             namespace: self.metadata.namespace,
             used,
         })
