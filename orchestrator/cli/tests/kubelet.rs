@@ -1123,6 +1123,58 @@ fn node_credentials_are_its_own(c: &Cluster, node_dir: &Path, kubelet_port: &str
     );
     let (ok, out) = as_node(&["delete", "node", "other"]);
     assert!(!ok && out.contains("forbidden"), "{out}");
+    // Renewal: the node gets its own client certificate again at once,
+    // never one for another node.
+    let request = |name: &str, common_name: &str| {
+        let key = c.dir.path().join(format!("{name}.key"));
+        let csr = c.dir.path().join(format!("{name}.csr"));
+        let out = Command::new("openssl")
+            .args(["req", "-new", "-newkey", "ec", "-pkeyopt"])
+            .args(["ec_paramgen_curve:prime256v1", "-nodes", "-subj"])
+            .arg(format!("/O=system:nodes/CN={common_name}"))
+            .arg("-keyout")
+            .arg(&key)
+            .arg("-out")
+            .arg(&csr)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let b64 = Command::new("base64")
+            .arg("-w0")
+            .arg(&csr)
+            .output()
+            .unwrap();
+        let yaml = c.dir.path().join(format!("{name}.yaml"));
+        std::fs::write(
+            &yaml,
+            format!(
+                "apiVersion: certificates.k8s.io/v1\nkind: CertificateSigningRequest\nmetadata:\n  name: {name}\nspec:\n  request: {}\n  signerName: kubernetes.io/kube-apiserver-client-kubelet\n  usages: [digital signature, client auth]\n",
+                String::from_utf8_lossy(&b64.stdout)
+            ),
+        )
+        .unwrap();
+        let (ok, out) = as_node(&["create", "-f", yaml.to_str().unwrap()]);
+        assert!(ok, "{out}");
+    };
+    request("renewal", "system:node:joined");
+    request("theft", "system:node:other");
+    c.wait_for("the renewal issued", 10, || {
+        !c.ok(&[
+            "get",
+            "csr",
+            "renewal",
+            "-o",
+            "jsonpath={.status.certificate}",
+        ])
+        .is_empty()
+    });
+    std::thread::sleep(Duration::from_secs(1));
+    let theft = c.ok(&["get", "csr", "theft"]);
+    assert!(theft.contains("Pending"), "{theft}");
     // Were "other" to claim this node's address, the API server would not
     // take this kubelet for it.
     c.ok(&[
