@@ -229,7 +229,9 @@ fn run_serve(a: ServeArgs) -> anyhow::Result<()> {
         })
         .await?;
         announce(&running)?;
-        shutdown_signal().await
+        let r = shutdown_signal().await;
+        running.stop_ingest(STOP_INGEST_WITHIN).await;
+        r
     })
 }
 
@@ -271,6 +273,7 @@ fn run_cluster(a: ServeArgs) -> anyhow::Result<()> {
         tokio::select! {
             r = cluster::watch(client, handle.clone()) => r,
             r = shutdown_signal() => {
+                running.stop_ingest(STOP_INGEST_WITHIN).await;
                 // Tools reported not Ready before the listeners close, so
                 // nobody is sent to a port that is about to go away.
                 let stop = handle.apply(cluster::Change::Stop);
@@ -286,6 +289,10 @@ fn run_cluster(a: ServeArgs) -> anyhow::Result<()> {
         }
     })
 }
+
+/// How long a stopping aggregator waits for its tap streams to end with
+/// their last acknowledgements.
+const STOP_INGEST_WITHIN: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// How long a stopping aggregator waits to report its tools not Ready.
 const STOP_STATUS_WITHIN: std::time::Duration = std::time::Duration::from_secs(3);
