@@ -129,6 +129,7 @@ pub async fn start(opts: ServeOptions) -> anyhow::Result<Running> {
     tokio::spawn(async move {
         let r = tonic::transport::Server::builder()
             .add_service(ingest)
+            .add_service(crate::sources::grpc::RetiredIngest)
             .add_service(subscribe)
             .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(grpc_l))
             .await;

@@ -291,6 +291,14 @@ async fn ingest(
         t.batches.add(1);
         t.tap_dropped.add(msg.dropped_since_last);
         st.attribute_tap_drops(msg.dropped_since_last);
+        if msg.record_format != records::FORMAT_V1 {
+            t.malformed_batches.add(1);
+            break Err(Status::failed_precondition(format!(
+                "record format {} is not supported: this aggregator reads format {} (tapestry.tap.v2); upgrade the tap-agent or the aggregator so both speak one version",
+                msg.record_format,
+                records::FORMAT_V1
+            )));
+        }
         let (n, bytes) = st.take_in(msg.record_format, msg.records, msg.record_count, t);
         packets_total += n;
         t.packets.add(n);
@@ -308,4 +316,34 @@ async fn ingest(
         tracing::info!(tap = %st.tap_id, through_sequence = last, packets = packets_total, "tap stream ended");
     }
     result
+}
+
+/// What a tap of the previous ingest version (`tapestry.tap.v1.TapIngest`,
+/// one protobuf message per packet) is told, instead of an unknown-service
+/// error: which version this aggregator speaks.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct RetiredIngest;
+
+/// The refusal an old tap gets.
+pub const RETIRED_INGEST: &str = "tapestry.tap.v1 ingest is not served: this aggregator takes tapestry.tap.v2.TapIngest/Stream (packed records); upgrade the tap-agent to the aggregator's version";
+
+impl tonic::server::NamedService for RetiredIngest {
+    const NAME: &'static str = "tapestry.tap.v1.TapIngest";
+}
+
+impl tonic::codegen::Service<tonic::codegen::http::Request<tonic::body::Body>> for RetiredIngest {
+    type Response = tonic::codegen::http::Response<tonic::body::Body>;
+    type Error = std::convert::Infallible;
+    type Future = std::future::Ready<Result<Self::Response, Self::Error>>;
+
+    fn poll_ready(
+        &mut self,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, _req: tonic::codegen::http::Request<tonic::body::Body>) -> Self::Future {
+        std::future::ready(Ok(Status::failed_precondition(RETIRED_INGEST).into_http()))
+    }
 }
