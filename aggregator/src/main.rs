@@ -34,7 +34,9 @@ enum Command {
 #[derive(Args)]
 struct ServeArgs {
     /// Address for gRPC ingest from taps (and tool subscriptions).
-    #[arg(long, default_value = "0.0.0.0:50051")]
+    /// Loopback unless told otherwise: ingest does not authenticate taps
+    /// yet, so only taps on this host reach it by default.
+    #[arg(long, default_value = "127.0.0.1:50051")]
     grpc: String,
     /// Address for /metrics, /healthz and HTTP pcap streams.
     #[arg(long, default_value = "127.0.0.1:9090")]
