@@ -664,10 +664,17 @@ fn crd_deletion_survives_a_restart() {
     let mut s = Server::start_with(&["--no-controllers", "--no-scheduler"]);
     s.ok_stdin(&["apply", "-f", "-"], &widget_crd("widgets"));
     established_within(&s, "widgets.shared.example.com", Duration::from_secs(2));
-    s.ok_stdin(
-        &["apply", "-f", "-"],
-        "apiVersion: shared.example.com/v1\nkind: Widget\nmetadata: {name: held, finalizers: [example.com/hold]}\n",
-    );
+    // kubectl finds the new kind through discovery, which may trail the
+    // Established condition by a moment.
+    wait_for(10, "a Widget created", || {
+        s.kubectl_stdin(
+            &["apply", "-f", "-"],
+            "apiVersion: shared.example.com/v1\nkind: Widget\nmetadata: {name: held, finalizers: [example.com/hold]}\n",
+        )
+        .status
+        .success()
+        .then_some(())
+    });
     s.ok(&[
         "delete",
         "crd",
