@@ -95,7 +95,7 @@ impl ServerCertVerifier for KubeletServerCert {
             .verify_server_cert(end_entity, intermediates, server_name, ocsp, now)?;
         let subject =
             tapestry_runtime::x509::subject(end_entity.as_ref()).map_err(rustls::Error::General)?;
-        let want = format!("{}{}", tapestry_runtime::csr::NODE_USER_PREFIX, self.node);
+        let want = tapestry_runtime::csr::node_user(&self.node);
         if subject.common_name != want {
             return Err(rustls::Error::General(format!(
                 "the kubelet's certificate is for {:?}, not {want:?}",

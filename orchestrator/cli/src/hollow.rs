@@ -50,7 +50,12 @@ pub async fn run(args: HollowArgs, shutdown: CancellationToken) -> Result<()> {
     // apply to it), over one more connection: the kubeconfig's user must
     // be allowed to impersonate nodes (the admin is).
     let as_node = crate::kubeclient::http2_impersonating(kube_config)?;
-    let node_client = move |name: &str| as_node(&format!("system:node:{name}"), &["system:nodes"]);
+    let node_client = move |name: &str| {
+        as_node(
+            &tapestry_runtime::csr::node_user(name),
+            &[tapestry_runtime::csr::NODES_GROUP],
+        )
+    };
     let config = tapestry_hollow::Config {
         count: args.count,
         prefix: args.name_prefix,

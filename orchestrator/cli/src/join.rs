@@ -30,14 +30,14 @@ const RENEWAL_RETRY: Duration = Duration::from_secs(30);
 
 /// Where a node is and who it is.
 pub struct Join {
-    pub server: String,
-    pub ca_pem: String,
+    server: String,
+    ca_pem: String,
     /// Used only when the node has no valid client certificate yet.
-    pub bootstrap_token: Option<String>,
+    bootstrap_token: Option<String>,
     /// Where the certificates are kept.
-    pub dir: PathBuf,
-    pub node_name: String,
-    pub node_ip: IpAddr,
+    dir: PathBuf,
+    node_name: String,
+    node_ip: IpAddr,
 }
 
 /// What a joined node holds.
@@ -49,8 +49,27 @@ pub struct Credentials {
 }
 
 impl Join {
+    /// A node that keeps its certificates under `DATA_DIR/kubelet/pki`.
+    pub fn new(
+        server: &str,
+        ca_pem: &str,
+        bootstrap_token: Option<String>,
+        data_dir: &Path,
+        node_name: &str,
+        node_ip: IpAddr,
+    ) -> Join {
+        Join {
+            server: server.to_string(),
+            ca_pem: ca_pem.to_string(),
+            bootstrap_token,
+            dir: data_dir.join("kubelet/pki"),
+            node_name: node_name.to_string(),
+            node_ip,
+        }
+    }
+
     fn user(&self) -> String {
-        format!("{}{}", csr::NODE_USER_PREFIX, self.node_name)
+        csr::node_user(&self.node_name)
     }
 
     fn client_file(&self) -> PathBuf {

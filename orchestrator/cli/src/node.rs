@@ -252,14 +252,14 @@ pub async fn run(args: NodeArgs) -> Result<()> {
     }
     let shutdown = crate::shutdown_on_signals()?;
     let node_name = args.agent.node_name.clone().unwrap_or_else(hostname);
-    let credentials = crate::join::Join {
-        server: server.clone(),
-        ca_pem: ca.clone(),
-        bootstrap_token: Some(token),
-        dir: args.data_dir.join("kubelet/pki"),
-        node_name: node_name.clone(),
+    let credentials = crate::join::Join::new(
+        server,
+        &ca,
+        Some(token),
+        &args.data_dir,
+        &node_name,
         node_ip,
-    }
+    )
     .credentials(shutdown.clone())
     .await?;
     let mut agent = args.agent.clone();

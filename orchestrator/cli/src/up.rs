@@ -163,14 +163,14 @@ async fn run_claimed(args: &UpArgs, node_name: String, started: Instant) -> Resu
     }
     // Node 1 joins as every node does: a bootstrap token, then
     // certificates of its own from the cluster CA.
-    let credentials = crate::join::Join {
-        server: server.clone(),
-        ca_pem: ca.clone(),
-        bootstrap_token: Some(token),
-        dir: args.data_dir.join("kubelet/pki"),
-        node_name: node_name.clone(),
+    let credentials = crate::join::Join::new(
+        &server,
+        &ca,
+        Some(token),
+        &args.data_dir,
+        &node_name,
         node_ip,
-    }
+    )
     .credentials(node_shutdown.clone())
     .await;
     let credentials = match credentials {

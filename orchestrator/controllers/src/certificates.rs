@@ -201,10 +201,8 @@ pub async fn clean_tokens(ctx: Arc<Ctx>, shutdown: CancellationToken) {
 
 async fn clean_tokens_once(api: &Api<Secret>) -> anyhow::Result<()> {
     let now = k8s_openapi::jiff::Timestamp::now();
-    for secret in api.list(&ListParams::default()).await? {
-        if secret.type_.as_deref() != Some("bootstrap.kubernetes.io/token") {
-            continue;
-        }
+    let tokens = ListParams::default().fields("type=bootstrap.kubernetes.io/token");
+    for secret in api.list(&tokens).await? {
         let expiration = secret
             .data
             .as_ref()

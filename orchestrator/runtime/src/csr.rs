@@ -18,7 +18,13 @@ pub const KUBELET_SERVING_SIGNER: &str = "kubernetes.io/kubelet-serving";
 pub const CLIENT_SIGNER: &str = "kubernetes.io/kube-apiserver-client";
 /// The group of nodes' identities.
 pub const NODES_GROUP: &str = "system:nodes";
+/// A node's user name is this prefix and its node name.
 pub const NODE_USER_PREFIX: &str = "system:node:";
+
+/// The user a node speaks as.
+pub fn node_user(node: &str) -> String {
+    format!("{NODE_USER_PREFIX}{node}")
+}
 
 /// The longest a signed certificate lives (kube-controller-manager's
 /// `--cluster-signing-duration` default), and what requests without

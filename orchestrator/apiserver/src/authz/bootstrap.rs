@@ -19,7 +19,7 @@ const WRITE: &[&str] = &["create", "delete", "deletecollection", "patch", "updat
 const ALL: &[&str] = &["*"];
 
 /// The group nodes' credentials carry.
-pub const NODES: &str = "system:nodes";
+pub use tapestry_runtime::csr::NODES_GROUP as NODES;
 pub const UNAUTHENTICATED: &str = "system:unauthenticated";
 /// The identities of the scheduler and controller manager that run in the
 /// server's process.

@@ -20,13 +20,13 @@ use tapestry_apimachinery::tokens::User;
 use super::{rule_allows, Attributes, Target};
 
 pub use super::bootstrap::NODES;
-const NODE_PREFIX: &str = "system:node:";
+use tapestry_runtime::csr::NODE_USER_PREFIX;
 /// The namespace of node heartbeats.
 const LEASE_NAMESPACE: &str = "kube-node-lease";
 
 /// The node a user is, if it is one.
 pub fn node_name(user: &User) -> Option<&str> {
-    let name = user.name.strip_prefix(NODE_PREFIX)?;
+    let name = user.name.strip_prefix(NODE_USER_PREFIX)?;
     (!name.is_empty() && user.groups.iter().any(|g| g == NODES)).then_some(name)
 }
 

@@ -19,8 +19,6 @@ use crate::registry::{Behaviour, Generation, ResourceDef};
 use crate::rest::status::StatusRest;
 use crate::tables::{age, col, name, s, TableDef, AGE, NAME};
 
-pub use tapestry_runtime::csr::{CLIENT_SIGNER, KUBELET_CLIENT_SIGNER, KUBELET_SERVING_SIGNER};
-
 /// The key usages Kubernetes accepts in `spec.usages`.
 pub const USAGES: &[&str] = &[
     "signing",
@@ -264,6 +262,7 @@ impl Behaviour for CsrBehaviour {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tapestry_runtime::csr::KUBELET_CLIENT_SIGNER;
 
     fn request() -> String {
         let key = rcgen::KeyPair::generate().unwrap();
