@@ -34,7 +34,9 @@ enum Command {
 #[derive(Args)]
 struct ServeArgs {
     /// Address for gRPC ingest from taps (and tool subscriptions).
-    #[arg(long, default_value = "0.0.0.0:50051")]
+    /// Loopback unless told otherwise: ingest does not authenticate taps
+    /// yet, so only taps on this host reach it by default.
+    #[arg(long, default_value = "127.0.0.1:50051")]
     grpc: String,
     /// Address for /metrics, /healthz and HTTP pcap streams.
     #[arg(long, default_value = "127.0.0.1:9090")]
@@ -229,7 +231,9 @@ fn run_serve(a: ServeArgs) -> anyhow::Result<()> {
         })
         .await?;
         announce(&running)?;
-        shutdown_signal().await
+        let r = shutdown_signal().await;
+        running.stop_ingest(STOP_INGEST_WITHIN).await;
+        r
     })
 }
 
@@ -271,6 +275,7 @@ fn run_cluster(a: ServeArgs) -> anyhow::Result<()> {
         tokio::select! {
             r = cluster::watch(client, handle.clone()) => r,
             r = shutdown_signal() => {
+                running.stop_ingest(STOP_INGEST_WITHIN).await;
                 // Tools reported not Ready before the listeners close, so
                 // nobody is sent to a port that is about to go away.
                 let stop = handle.apply(cluster::Change::Stop);
@@ -286,6 +291,10 @@ fn run_cluster(a: ServeArgs) -> anyhow::Result<()> {
         }
     })
 }
+
+/// How long a stopping aggregator waits for its tap streams to end with
+/// their last acknowledgements.
+const STOP_INGEST_WITHIN: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// How long a stopping aggregator waits to report its tools not Ready.
 const STOP_STATUS_WITHIN: std::time::Duration = std::time::Duration::from_secs(3);

@@ -35,6 +35,15 @@ pub struct TapStats {
     /// Packets the tap itself reported dropping.
     pub tap_dropped: Counter,
     pub streams: Counter,
+    /// Streams of this tap open now.
+    pub connected: AtomicU64,
+    /// Batches that never arrived: gaps in the tap's sequence numbers
+    /// (lost in flight when a stream broke).
+    pub sequence_gaps: Counter,
+    /// Batches whose records could not all be read (the rest is dropped).
+    pub malformed_batches: Counter,
+    /// The tap's last sequence number taken in.
+    pub last_sequence: AtomicU64,
 }
 
 /// Per-policy counters.
@@ -224,6 +233,24 @@ impl Registry {
             "Ingest streams opened by a tap.",
             "counter",
             taps.iter().map(|(k, s)| (tl(k), s.streams.get()))
+        );
+        fam!(
+            "tapestry_aggregator_tap_connected",
+            "Ingest streams of a tap open now.",
+            "gauge",
+            taps.iter().map(|(k, s)| (tl(k), s.connected.load(Relaxed)))
+        );
+        fam!(
+            "tapestry_aggregator_tap_sequence_gap_batches_total",
+            "Batches of a tap that never arrived (gaps in its sequence numbers).",
+            "counter",
+            taps.iter().map(|(k, s)| (tl(k), s.sequence_gaps.get()))
+        );
+        fam!(
+            "tapestry_aggregator_tap_malformed_batches_total",
+            "Batches of a tap whose records could not all be read.",
+            "counter",
+            taps.iter().map(|(k, s)| (tl(k), s.malformed_batches.get()))
         );
 
         let policies = self

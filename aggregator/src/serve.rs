@@ -10,7 +10,7 @@ use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
-use tapestry_proto::tap::v1::tap_ingest_server::TapIngestServer;
+use tapestry_proto::tap::v2::tap_ingest_server::TapIngestServer;
 use tapestry_proto::tool::v1::tool_subscribe_server::ToolSubscribeServer;
 use tokio::net::TcpListener;
 
@@ -60,6 +60,27 @@ pub struct Running {
     pub sinks: Vec<(String, SocketAddr)>,
     /// With [`Source::Live`]: where changes go.
     pub cluster: Option<ClusterHandle>,
+    /// Cancelled to stop ingest: every tap stream gets its last
+    /// acknowledgement and ends, so no batch is left in doubt.
+    pub stop_ingest: tokio_util::sync::CancellationToken,
+}
+
+impl Running {
+    /// Stop taking in batches: each tap stream ends once what it sent so
+    /// far is acknowledged (waiting at most `within`).
+    pub async fn stop_ingest(&self, within: std::time::Duration) {
+        self.stop_ingest.cancel();
+        let deadline = tokio::time::Instant::now() + within;
+        while self
+            .registry
+            .taps
+            .iter()
+            .any(|t| t.connected.load(std::sync::atomic::Ordering::Relaxed) > 0)
+            && tokio::time::Instant::now() < deadline
+        {
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+    }
 }
 
 #[derive(Clone)]
@@ -85,17 +106,20 @@ pub async fn start(opts: ServeOptions) -> anyhow::Result<Running> {
     let http_l = TcpListener::bind(&opts.http)
         .await
         .map_err(|e| anyhow::anyhow!("--http {}: {e}", opts.http))?;
+    let stop_ingest = tokio_util::sync::CancellationToken::new();
     let mut running = Running {
         registry: registry.clone(),
         grpc: grpc_l.local_addr()?,
         http: http_l.local_addr()?,
         sinks: topology.listening(),
         cluster: None,
+        stop_ingest: stop_ingest.clone(),
     };
 
     let ingest = TapIngestServer::new(IngestService {
         policies: topology.ingest_table(),
         registry: registry.clone(),
+        stopping: stop_ingest,
     })
     .max_decoding_message_size(MAX_MESSAGE);
     let subscribe = ToolSubscribeServer::new(SubscribeService {
@@ -105,6 +129,7 @@ pub async fn start(opts: ServeOptions) -> anyhow::Result<Running> {
     tokio::spawn(async move {
         let r = tonic::transport::Server::builder()
             .add_service(ingest)
+            .add_service(crate::sources::grpc::RetiredIngest)
             .add_service(subscribe)
             .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(grpc_l))
             .await;

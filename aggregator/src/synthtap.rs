@@ -3,8 +3,10 @@
 
 use std::time::{Duration, Instant};
 
-use tapestry_proto::tap::v1::tap_ingest_client::TapIngestClient;
-use tapestry_proto::tap::v1::{Hello, IngestSummary, Packet, PacketBatch, PodIdentity, Source};
+use tapestry_proto::records::{Record, RecordsBuilder, FORMAT_V1};
+use tapestry_proto::tap::v1::{Hello, PodIdentity, Source};
+use tapestry_proto::tap::v2::tap_ingest_client::TapIngestClient;
+use tapestry_proto::tap::v2::Batch;
 
 use crate::synth::Frame;
 
@@ -47,54 +49,80 @@ pub fn hello(spec: &TapSpec) -> Hello {
     }
 }
 
-/// Sends `frames` (each with its policy mask) and waits for the summary.
+/// What a synthetic tap sent, and how far the aggregator acknowledged it.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Summary {
+    pub batches: u64,
+    pub packets: u64,
+    /// The last sequence acknowledged (batches are numbered from 1).
+    pub acknowledged_through: u64,
+}
+
+/// Sends `frames` (each with its policy mask) and waits until the
+/// aggregator has acknowledged them and ended the stream.
 pub async fn run(
     endpoint: String,
     spec: TapSpec,
     frames: Vec<(Frame, u64)>,
-) -> anyhow::Result<IngestSummary> {
+) -> anyhow::Result<Summary> {
     let mut client = TapIngestClient::connect(endpoint)
         .await?
         .max_encoding_message_size(64 << 20);
-    let (tx, rx) = tokio::sync::mpsc::channel::<PacketBatch>(4);
+    let (tx, rx) = tokio::sync::mpsc::channel::<Batch>(4);
     let hello = hello(&spec);
     let sources = spec.pods.len().max(1) as u32;
     let producer = tokio::spawn(async move {
         let start = Instant::now();
         let mut sent = 0u64;
+        let mut batches = 0u64;
         for (seq, chunk) in frames.chunks(spec.batch.max(1)).enumerate() {
             if let Some(rate) = spec.rate {
                 let due = start + Duration::from_secs_f64(sent as f64 / rate);
                 tokio::time::sleep_until(due.into()).await;
             }
             let now = crate::event::now_ns();
-            let packets = chunk
-                .iter()
-                .enumerate()
-                .map(|(i, (f, mask))| Packet {
+            let bytes: usize = chunk.iter().map(|(f, _)| f.data.len()).sum();
+            let mut records = RecordsBuilder::with_capacity(bytes + 40 * chunk.len());
+            for (i, (f, mask)) in chunk.iter().enumerate() {
+                let record = Record {
                     timestamp_ns: if spec.stamp_now { now } else { f.ts_ns },
                     source_id: (sent as u32 + i as u32) % sources + 1,
-                    direction: 1 + ((sent as i32 + i as i32) & 1),
+                    direction: 1 + ((sent as u8 + i as u8) & 1),
                     wire_length: f.data.len() as u32,
-                    data: f.data.clone(),
                     policy_mask: *mask,
-                })
-                .collect();
+                };
+                records.push(&record, &f.data);
+            }
             sent += chunk.len() as u64;
-            let b = PacketBatch {
+            let (records, record_count) = records.finish();
+            let b = Batch {
+                sequence: seq as u64 + 1,
                 hello: (seq == 0).then(|| hello.clone()),
-                sequence: seq as u64,
-                packets,
+                record_format: FORMAT_V1,
+                record_count,
+                records,
                 dropped_since_last: 0,
+                resumed_after: 0,
             };
             if tx.send(b).await.is_err() {
                 break;
             }
+            batches += 1;
         }
+        (batches, sent)
     });
-    let resp = client
+    let mut acks = client
         .stream(tokio_stream::wrappers::ReceiverStream::new(rx))
-        .await?;
-    producer.await?;
-    Ok(resp.into_inner())
+        .await?
+        .into_inner();
+    let mut acknowledged_through = 0;
+    while let Some(ack) = acks.message().await? {
+        acknowledged_through = acknowledged_through.max(ack.through_sequence);
+    }
+    let (batches, packets) = producer.await?;
+    Ok(Summary {
+        batches,
+        packets,
+        acknowledged_through,
+    })
 }

@@ -1,11 +1,18 @@
 //! Tapestry's wire protocols and API resource types.
 
-/// Tap → aggregator packet streaming (`tapestry.tap.v1`).
+/// Tap → aggregator packet streaming: what a tap is and taps
+/// (`tapestry.tap.v1`), and the ingest stream (`tapestry.tap.v2`).
 pub mod tap {
     pub mod v1 {
         tonic::include_proto!("tapestry.tap.v1");
     }
+    pub mod v2 {
+        tonic::include_proto!("tapestry.tap.v2");
+    }
 }
+
+/// The packed packet records of an ingest batch.
+pub mod records;
 
 /// Aggregator → security tool packet subscription (`tapestry.tool.v1`).
 pub mod tool {

@@ -188,15 +188,15 @@ pub async fn run(cfg: RunConfig) -> Result<()> {
         drops: drops.clone(),
     };
     let mut reader_task = tokio::spawn(reader.run(stop_rx.clone()));
-    let shipper = Shipper {
-        aggregators: cfg.aggregators,
-        board: board.clone(),
-        queue: queue_rx,
-        hello: hello_rx,
-        metrics: metrics.clone(),
-        drops: drops.clone(),
-        drain_timeout: Duration::from_secs(3),
-    };
+    let shipper = Shipper::new(
+        cfg.aggregators,
+        board.clone(),
+        queue_rx,
+        hello_rx,
+        metrics.clone(),
+        drops.clone(),
+        Duration::from_secs(3),
+    );
     let shipper_task = tokio::spawn(shipper.run(stop_rx.clone()));
 
     // Kernel-side losses (ring full) are reported to the aggregator too.

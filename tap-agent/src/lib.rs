@@ -29,7 +29,7 @@ pub mod targets;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
 /// Packets dropped since the last batch sent (reported to the aggregator
-/// in `PacketBatch.dropped_since_last`).
+/// in `Batch.dropped_since_last`).
 #[derive(Default)]
 pub struct DropCounter(AtomicU64);
 

@@ -11,7 +11,6 @@ use std::{
 
 use axum::{extract::State, http::StatusCode, routing::get, Router};
 use aya::maps::{MapData, PerCpuArray};
-use tapestry_proto::tap::v1::Packet;
 
 use crate::{abi, bpf};
 
@@ -25,6 +24,12 @@ pub struct Metrics {
     pub sent_packets: AtomicU64,
     pub sent_bytes: AtomicU64,
     pub sent_batches: AtomicU64,
+    /// Batches sent and not yet acknowledged.
+    pub in_flight_batches: AtomicU64,
+    /// Batches (and their packets) sent on a stream that broke and never
+    /// taken in by the aggregator.
+    pub lost_in_flight_batches: AtomicU64,
+    pub lost_in_flight_packets: AtomicU64,
     pub connect_attempts: AtomicU64,
     pub connect_failures: AtomicU64,
     pub stream_errors: AtomicU64,
@@ -84,19 +89,32 @@ impl PolicyCounters {
 
 /// Packets per policy bit in one batch, counted locally so the shared
 /// counters take one atomic add per bit present, not per packet.
+#[derive(Clone, Debug)]
 pub struct BitTally([u64; abi::MAX_POLICIES]);
 
+impl Default for BitTally {
+    fn default() -> Self {
+        BitTally([0; abi::MAX_POLICIES])
+    }
+}
+
 impl BitTally {
-    pub fn of(packets: &[Packet]) -> BitTally {
-        let mut counts = [0u64; abi::MAX_POLICIES];
-        for p in packets {
-            let mut m = p.policy_mask;
-            while m != 0 {
-                counts[m.trailing_zeros() as usize] += 1;
-                m &= m - 1;
-            }
+    /// The tally of packets with these policy masks.
+    pub fn of_masks(masks: &[u64]) -> BitTally {
+        let mut t = BitTally::default();
+        for m in masks {
+            t.add(*m);
         }
-        BitTally(counts)
+        t
+    }
+
+    /// Count one packet that matched the policies of `mask`.
+    pub fn add(&mut self, mask: u64) {
+        let mut m = mask;
+        while m != 0 {
+            self.0[m.trailing_zeros() as usize % abi::MAX_POLICIES] += 1;
+            m &= m - 1;
+        }
     }
 
     fn add_to(&self, counters: &[AtomicU64; abi::MAX_POLICIES]) {
@@ -139,7 +157,7 @@ impl MetricsState {
                 "tapestry_tap_kernel_packets_total{{counter=\"{name}\"}} {v}"
             );
         }
-        let counters: [(&str, &str, u64); 10] = [
+        let counters: [(&str, &str, u64); 13] = [
             (
                 "ring_records_total",
                 "Records read from the ring buffer",
@@ -157,18 +175,33 @@ impl MetricsState {
             ),
             (
                 "sent_packets_total",
-                "Packets handed to the aggregator stream",
+                "Packets the aggregator acknowledged",
                 m.sent_packets.load(Relaxed),
             ),
             (
                 "sent_bytes_total",
-                "Captured bytes handed to the aggregator stream",
+                "Captured bytes the aggregator acknowledged",
                 m.sent_bytes.load(Relaxed),
             ),
             (
                 "sent_batches_total",
-                "Batches handed to the aggregator stream",
+                "Batches the aggregator acknowledged",
                 m.sent_batches.load(Relaxed),
+            ),
+            (
+                "lost_in_flight_batches_total",
+                "Batches sent on a stream that broke and never taken in by the aggregator",
+                m.lost_in_flight_batches.load(Relaxed),
+            ),
+            (
+                "lost_in_flight_packets_total",
+                "Packets of those batches",
+                m.lost_in_flight_packets.load(Relaxed),
+            ),
+            (
+                "in_flight_batches",
+                "Batches sent and not yet acknowledged",
+                m.in_flight_batches.load(Relaxed),
             ),
             (
                 "connect_attempts_total",

@@ -8,7 +8,8 @@ use std::{
 };
 
 use aya::maps::{MapData, RingBuf};
-use tapestry_proto::tap::v1::{Direction, Packet};
+use tapestry_proto::records::{Record, RecordsBuilder};
+use tapestry_proto::tap::v1::Direction;
 use tokio::{
     io::unix::AsyncFd,
     sync::{mpsc, watch},
@@ -21,11 +22,22 @@ use crate::{
     DropCounter,
 };
 
-/// A batch on its way to the aggregator.
+/// A batch on its way to the aggregator: its packets packed as they came
+/// off the ring (one copy), and how many matched each policy.
 #[derive(Debug, Default)]
 pub struct Batch {
-    pub packets: Vec<Packet>,
-    pub bytes: usize,
+    pub records: RecordsBuilder,
+    pub tally: BitTally,
+}
+
+impl Batch {
+    pub fn packets(&self) -> u64 {
+        u64::from(self.records.count())
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.records.is_empty()
+    }
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -101,19 +113,24 @@ impl Reader {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         metrics.reader_alive.store(true, Relaxed);
         let mut flush = |batch: &mut Batch, started: &mut Instant| {
-            if batch.packets.is_empty() {
+            if batch.is_empty() {
                 return;
             }
-            let b = std::mem::take(batch);
-            let n = b.packets.len() as u64;
-            let tally = BitTally::of(&b.packets);
-            metrics.policy.add_seen(&tally);
+            let b = std::mem::replace(
+                batch,
+                Batch {
+                    records: RecordsBuilder::with_capacity(limits.max_bytes + 4096),
+                    tally: BitTally::default(),
+                },
+            );
+            let n = b.packets();
+            metrics.policy.add_seen(&b.tally);
             match queue.try_send(b) {
                 Ok(()) => {
                     metrics.queue_batches.fetch_add(1, Relaxed);
                 }
-                Err(_) => {
-                    metrics.policy.add_dropped(&tally);
+                Err(mpsc::error::TrySendError::Full(b) | mpsc::error::TrySendError::Closed(b)) => {
+                    metrics.policy.add_dropped(&b.tally);
                     metrics.queue_dropped_packets.fetch_add(n, Relaxed);
                     drops.add(n);
                 }
@@ -174,22 +191,25 @@ fn drain(
         metrics.ring_records.fetch_add(1, Relaxed);
         match abi::parse_record(&item) {
             Ok((h, data)) => {
-                if batch.packets.is_empty() {
+                if batch.is_empty() {
                     *started = Instant::now();
                 }
-                batch.bytes += data.len();
-                batch.packets.push(Packet {
-                    timestamp_ns: clock.to_unix(h.ts_boot_ns),
-                    source_id: h.ifindex,
-                    direction: if h.direction == abi::DIR_INGRESS {
-                        Direction::Ingress
-                    } else {
-                        Direction::Egress
-                    } as i32,
-                    wire_length: h.wire_len,
-                    data: data.to_vec(),
-                    policy_mask: h.policy_mask,
-                });
+                let direction = if h.direction == abi::DIR_INGRESS {
+                    Direction::Ingress
+                } else {
+                    Direction::Egress
+                };
+                batch.records.push(
+                    &Record {
+                        timestamp_ns: clock.to_unix(h.ts_boot_ns),
+                        wire_length: h.wire_len,
+                        source_id: h.ifindex,
+                        direction: direction as u8,
+                        policy_mask: h.policy_mask,
+                    },
+                    data,
+                );
+                batch.tally.add(h.policy_mask);
             }
             Err(e) => {
                 if metrics.ring_malformed.fetch_add(1, Relaxed) < 10 {
@@ -198,7 +218,9 @@ fn drain(
             }
         }
         drop(item);
-        if batch.packets.len() >= limits.max_packets || batch.bytes >= limits.max_bytes {
+        if batch.records.count() as usize >= limits.max_packets
+            || batch.records.captured_bytes() >= limits.max_bytes
+        {
             flush(batch, started);
         }
     }

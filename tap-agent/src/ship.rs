@@ -1,18 +1,28 @@
-//! Streams batches to the aggregator (`tapestry.tap.v1.TapIngest/Stream`):
-//! one long-lived client stream, a Hello at its start and whenever the
-//! sources change, reconnects with exponential backoff. While disconnected
-//! the bounded queue fills and the reader counts what it drops.
+//! Streams batches to the aggregator (`tapestry.tap.v2.TapIngest/Stream`):
+//! one long-lived stream, a Hello at its start and whenever the sources
+//! change, reconnects with exponential backoff. While disconnected the
+//! bounded queue fills and the reader counts what it drops.
+//!
+//! Every batch carries a sequence number that runs on across streams, and
+//! the aggregator acknowledges what it took in. A batch counts as sent
+//! once acknowledged; batches in flight when a stream breaks are in doubt
+//! until the next stream's first acknowledgement says how far the
+//! aggregator got: the rest were lost in flight, counted here as the
+//! aggregator counts them (a gap in the sequence).
 //!
 //! The aggregator is one of a list of URLs (one fixed `--aggregator`, or
 //! the ready endpoints of `--aggregator-service`): attempts go round the
 //! list, and a stream whose endpoint leaves the list moves to another.
 
 use std::{
+    collections::VecDeque,
     sync::{atomic::Ordering::Relaxed, Arc},
     time::Duration,
 };
 
-use tapestry_proto::tap::v1::{tap_ingest_client::TapIngestClient, Hello, PacketBatch};
+use tapestry_proto::records::FORMAT_V1;
+use tapestry_proto::tap::v1::Hello;
+use tapestry_proto::tap::v2::{tap_ingest_client::TapIngestClient, Ack, Batch as WireBatch};
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tracing::{info, warn};
@@ -24,6 +34,14 @@ use crate::{
     DropCounter,
 };
 
+/// A batch sent and not yet acknowledged.
+struct InFlight {
+    sequence: u64,
+    packets: u64,
+    bytes: u64,
+    tally: BitTally,
+}
+
 pub struct Shipper {
     /// Aggregator URLs to choose from.
     pub aggregators: watch::Receiver<Vec<String>>,
@@ -34,7 +52,18 @@ pub struct Shipper {
     pub drops: Arc<DropCounter>,
     /// How long to keep flushing after the reader stopped.
     pub drain_timeout: Duration,
+    /// The sequence number of the next batch (from 1).
+    next_sequence: u64,
+    /// The last sequence an aggregator acknowledged (0: none).
+    acknowledged: u64,
+    /// Sent, not yet acknowledged: in doubt after a broken stream.
+    in_flight: VecDeque<InFlight>,
 }
+
+/// Unacknowledged batches a stream may have out at once: past this the
+/// shipper waits for acknowledgements (the queue behind it fills and the
+/// reader counts what it cannot queue).
+const MAX_IN_FLIGHT: usize = 64;
 
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
@@ -51,6 +80,29 @@ enum StreamEnd {
 const BOARD_PART: &str = "aggregator";
 
 impl Shipper {
+    pub fn new(
+        aggregators: watch::Receiver<Vec<String>>,
+        board: Arc<StatusBoard>,
+        queue: mpsc::Receiver<Batch>,
+        hello: watch::Receiver<Hello>,
+        metrics: Arc<Metrics>,
+        drops: Arc<DropCounter>,
+        drain_timeout: Duration,
+    ) -> Self {
+        Shipper {
+            aggregators,
+            board,
+            queue,
+            hello,
+            metrics,
+            drops,
+            drain_timeout,
+            next_sequence: 1,
+            acknowledged: 0,
+            in_flight: VecDeque::new(),
+        }
+    }
+
     /// Runs until the queue is closed and drained (or `drain_timeout` after
     /// `stop`, when the aggregator is away).
     pub async fn run(mut self, mut stop: watch::Receiver<bool>) {
@@ -90,7 +142,7 @@ impl Shipper {
                             .await;
                         self.metrics.connected.store(false, Relaxed);
                         match end {
-                            StreamEnd::Done => return,
+                            StreamEnd::Done => return self.lose_in_flight(),
                             StreamEnd::Moved => continue,
                             StreamEnd::Failed => {
                                 self.metrics.stream_errors.fetch_add(1, Relaxed);
@@ -153,15 +205,104 @@ impl Shipper {
         }
     }
 
-    /// Nobody to flush to: what is left counts as dropped.
+    /// Nobody to flush to: what is left counts as dropped, and what was in
+    /// flight on a broken stream as lost.
     fn drop_queued(&mut self) {
+        self.lose_in_flight();
         self.queue.close();
         while let Ok(b) = self.queue.try_recv() {
             self.metrics.queue_batches.fetch_sub(1, Relaxed);
-            self.metrics.policy.add_dropped(&BitTally::of(&b.packets));
+            self.metrics.policy.add_dropped(&b.tally);
             self.metrics
                 .queue_dropped_packets
-                .fetch_add(b.packets.len() as u64, Relaxed);
+                .fetch_add(b.packets(), Relaxed);
+        }
+    }
+
+    /// Batches in flight up to `through` were taken in.
+    fn acknowledge(&mut self, through: u64) {
+        self.acknowledged = self.acknowledged.max(through);
+        while self
+            .in_flight
+            .front()
+            .is_some_and(|b| b.sequence <= through)
+        {
+            let Some(b) = self.in_flight.pop_front() else {
+                break;
+            };
+            self.metrics.policy.add_sent(&b.tally);
+            self.metrics.sent_batches.fetch_add(1, Relaxed);
+            self.metrics.sent_packets.fetch_add(b.packets, Relaxed);
+            self.metrics.sent_bytes.fetch_add(b.bytes, Relaxed);
+        }
+        self.metrics
+            .in_flight_batches
+            .store(self.in_flight.len() as u64, Relaxed);
+    }
+
+    /// The batches still in doubt never arrived.
+    fn lose_in_flight(&mut self) {
+        self.lose_before(u64::MAX);
+    }
+
+    /// The batches in flight before `sequence` never arrived.
+    fn lose_before(&mut self, sequence: u64) {
+        while self
+            .in_flight
+            .front()
+            .is_some_and(|b| b.sequence < sequence)
+        {
+            let Some(b) = self.in_flight.pop_front() else {
+                break;
+            };
+            self.metrics.policy.add_dropped(&b.tally);
+            self.metrics.lost_in_flight_batches.fetch_add(1, Relaxed);
+            self.metrics
+                .lost_in_flight_packets
+                .fetch_add(b.packets, Relaxed);
+        }
+        self.metrics
+            .in_flight_batches
+            .store(self.in_flight.len() as u64, Relaxed);
+    }
+
+    /// The next batch on the wire.
+    fn wire_batch(&mut self, hello: Option<Hello>, batch: Option<Batch>) -> WireBatch {
+        let sequence = self.next_sequence;
+        self.next_sequence += 1;
+        let (records, record_count) = match batch {
+            Some(b) => {
+                let packets = b.packets();
+                let bytes = b.records.captured_bytes() as u64;
+                self.in_flight.push_back(InFlight {
+                    sequence,
+                    packets,
+                    bytes,
+                    tally: b.tally,
+                });
+                b.records.finish()
+            }
+            None => {
+                self.in_flight.push_back(InFlight {
+                    sequence,
+                    packets: 0,
+                    bytes: 0,
+                    tally: BitTally::default(),
+                });
+                Default::default()
+            }
+        };
+        self.metrics
+            .in_flight_batches
+            .store(self.in_flight.len() as u64, Relaxed);
+        WireBatch {
+            sequence,
+            hello,
+            record_format: FORMAT_V1,
+            record_count,
+            records,
+            dropped_since_last: self.drops.take(),
+            resumed_after: 0,
         }
     }
 
@@ -171,101 +312,103 @@ impl Shipper {
         url: &str,
         list_open: &mut bool,
     ) -> StreamEnd {
-        let (tx, rx) = mpsc::channel::<PacketBatch>(4);
-        let mut call = tokio::spawn(async move { client.stream(ReceiverStream::new(rx)).await });
-        let mut sequence = 0u64;
+        let (tx, rx) = mpsc::channel::<WireBatch>(4);
+        // The first batch says where this tap resumes; the aggregator's
+        // first acknowledgement settles the batches in doubt.
         let hello = self.hello.borrow_and_update().clone();
-        let first = PacketBatch {
-            hello: Some(hello),
-            sequence,
-            packets: vec![],
-            dropped_since_last: self.drops.take(),
-        };
+        let mut first = self.wire_batch(Some(hello), None);
+        first.resumed_after = self.acknowledged;
+        let first_sequence = first.sequence;
         if tx.send(first).await.is_err() {
             return StreamEnd::Failed;
         }
+        let mut acks = match client.stream(ReceiverStream::new(rx)).await {
+            Ok(r) => r.into_inner(),
+            Err(status) => {
+                warn!("stream refused: {status}");
+                return StreamEnd::Failed;
+            }
+        };
+        let mut settled = false;
         let mut hello_open = true;
+        let mut draining = false;
         loop {
-            let batch = tokio::select! {
-                b = self.queue.recv() => b,
+            let can_send = !draining && self.in_flight.len() < MAX_IN_FLIGHT;
+            tokio::select! {
+                ack = acks.message() => {
+                    match ack {
+                        Ok(Some(Ack { through_sequence, resumed_through })) => {
+                            if !settled {
+                                // Of the batches in doubt, the aggregator
+                                // had those up to `resumed_through`; the
+                                // rest before this stream were lost.
+                                settled = true;
+                                self.acknowledge(resumed_through);
+                                self.lose_before(first_sequence);
+                            }
+                            self.acknowledge(through_sequence);
+                            if draining && self.in_flight.is_empty() {
+                                return StreamEnd::Done;
+                            }
+                        }
+                        Ok(None) => {
+                            if draining {
+                                return StreamEnd::Done;
+                            }
+                            warn!(aggregator = url, "aggregator ended the stream");
+                            return StreamEnd::Failed;
+                        }
+                        Err(status) => {
+                            warn!(aggregator = url, "stream failed: {status}");
+                            return StreamEnd::Failed;
+                        }
+                    }
+                }
                 // Sources changed: tell the aggregator now, not with the next packet.
-                r = self.hello.changed(), if hello_open => {
+                r = self.hello.changed(), if hello_open && can_send => {
                     if r.is_err() {
                         hello_open = false;
                         continue;
                     }
-                    sequence += 1;
-                    let msg = PacketBatch {
-                        hello: Some(self.hello.borrow_and_update().clone()),
-                        sequence,
-                        packets: vec![],
-                        dropped_since_last: self.drops.take(),
-                    };
-                    tokio::select! {
-                        r = tx.send(msg) => if r.is_err() { return StreamEnd::Failed; },
-                        _ = &mut call => return StreamEnd::Failed,
+                    let hello = self.hello.borrow_and_update().clone();
+                    let msg = self.wire_batch(Some(hello), None);
+                    if tx.send(msg).await.is_err() {
+                        return StreamEnd::Failed;
                     }
-                    continue;
                 }
-                r = self.aggregators.changed(), if *list_open => {
+                r = self.aggregators.changed(), if *list_open && !draining => {
                     *list_open = r.is_ok();
                     if r.is_ok() && !self.aggregators.borrow_and_update().iter().any(|u| u == url) {
                         info!(aggregator = url, "the aggregator endpoint is gone: moving to another");
                         return StreamEnd::Moved;
                     }
-                    continue;
                 }
-                res = &mut call => {
-                    match res {
-                        Ok(Ok(summary)) => warn!(?summary, "aggregator ended the stream"),
-                        Ok(Err(status)) => warn!("stream failed: {status}"),
-                        Err(e) => warn!("stream task failed: {e}"),
+                batch = self.queue.recv(), if can_send => {
+                    let Some(batch) = batch else {
+                        // Queue closed and drained: wait for the last
+                        // acknowledgements, then end the stream.
+                        draining = true;
+                        if self.in_flight.is_empty() {
+                            return StreamEnd::Done;
+                        }
+                        continue;
+                    };
+                    self.metrics.queue_batches.fetch_sub(1, Relaxed);
+                    let hello = if self.hello.has_changed().unwrap_or(false) {
+                        Some(self.hello.borrow_and_update().clone())
+                    } else {
+                        None
+                    };
+                    let msg = self.wire_batch(hello, Some(batch));
+                    if tx.send(msg).await.is_err() {
+                        return StreamEnd::Failed;
                     }
-                    return StreamEnd::Failed;
                 }
-            };
-            let Some(batch) = batch else {
-                // Queue closed and drained: end the stream cleanly.
-                drop(tx);
-                return match tokio::time::timeout(self.drain_timeout, call).await {
-                    Ok(Ok(Ok(summary))) => {
-                        let s = summary.into_inner();
-                        info!(batches = s.batches, packets = s.packets, "stream closed");
-                        StreamEnd::Done
-                    }
-                    _ => StreamEnd::Done,
-                };
-            };
-            self.metrics.queue_batches.fetch_sub(1, Relaxed);
-            sequence += 1;
-            let n = batch.packets.len() as u64;
-            let tally = BitTally::of(&batch.packets);
-            let hello = if self.hello.has_changed().unwrap_or(false) {
-                Some(self.hello.borrow_and_update().clone())
-            } else {
-                None
-            };
-            let msg = PacketBatch {
-                hello,
-                sequence,
-                packets: batch.packets,
-                dropped_since_last: self.drops.take(),
-            };
-            let sent = tokio::select! {
-                r = tx.send(msg) => r.is_ok(),
-                _ = &mut call => false,
-            };
-            if !sent {
-                self.metrics.policy.add_dropped(&tally);
-                self.metrics.queue_dropped_packets.fetch_add(n, Relaxed);
-                return StreamEnd::Failed;
+                _ = tokio::time::sleep(self.drain_timeout), if draining => {
+                    warn!(aggregator = url, in_flight = self.in_flight.len(), "no acknowledgement for the last batches");
+                    return StreamEnd::Done;
+                }
             }
-            self.metrics.policy.add_sent(&tally);
-            self.metrics.sent_batches.fetch_add(1, Relaxed);
-            self.metrics.sent_packets.fetch_add(n, Relaxed);
-            self.metrics
-                .sent_bytes
-                .fetch_add(batch.bytes as u64, Relaxed);
         }
     }
 }

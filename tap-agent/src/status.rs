@@ -126,19 +126,12 @@ impl StatusBoard {
 mod tests {
     use super::*;
     use crate::metrics::BitTally;
-    use tapestry_proto::tap::v1::Packet;
 
     #[test]
     fn counters_start_when_a_policy_is_placed_and_errors_clear() {
         let metrics = Metrics::default();
-        let packet = |mask| Packet {
-            policy_mask: mask,
-            ..Default::default()
-        };
         // Bit 0 counted 2 packets for an earlier owner.
-        metrics
-            .policy
-            .add_seen(&BitTally::of(&[packet(1), packet(1)]));
+        metrics.policy.add_seen(&BitTally::of_masks(&[1, 1]));
         let board = StatusBoard::default();
         board.set_tapped(Tapped {
             interfaces: vec![
@@ -159,11 +152,9 @@ mod tests {
             ]
             .into(),
         });
-        metrics
-            .policy
-            .add_seen(&BitTally::of(&[packet(0b11), packet(0b10)]));
-        metrics.policy.add_sent(&BitTally::of(&[packet(0b11)]));
-        metrics.policy.add_dropped(&BitTally::of(&[packet(0b10)]));
+        metrics.policy.add_seen(&BitTally::of_masks(&[0b11, 0b10]));
+        metrics.policy.add_sent(&BitTally::of_masks(&[0b11]));
+        metrics.policy.add_dropped(&BitTally::of_masks(&[0b10]));
         let s = board.snapshot(&metrics, 5);
         assert_eq!(s.pods_tapped, 2);
         assert_eq!(

@@ -10,7 +10,7 @@ mod common;
 use std::{collections::BTreeMap, time::Duration};
 
 use common::*;
-use tapestry_proto::tap::v1::{Direction, Packet};
+use tapestry_proto::tap::v1::Direction;
 
 fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread()
@@ -249,7 +249,7 @@ fn hello_names_sources_and_sequences_increase() {
     assert_eq!(hello.sources[0].interface, pair.tap_if);
     let id = hello.sources[0].id;
     for (i, b) in rec.batches.iter().enumerate() {
-        assert_eq!(b.sequence, i as u64);
+        assert_eq!(b.sequence, i as u64 + 1);
         for p in &b.packets {
             assert_eq!(p.source_id, id);
             assert_eq!(p.policy_mask, 1);
@@ -468,6 +468,26 @@ fn aggregator_away_counts_drops_then_reconnects() {
         .map(|b| b.dropped_since_last)
         .sum();
     assert!(reported > 0, "drops are reported to the aggregator");
+    // Every packet the kernel captured is accounted for: acknowledged by
+    // the aggregator, dropped at the queue, or lost in flight.
+    agent.wait_for("everything settled", Duration::from_secs(10), || {
+        agent.metric("tapestry_tap_in_flight_batches") == 0
+            && agent.metric("tapestry_tap_queue_batches") == 0
+    });
+    let captured = agent.kernel("captured");
+    let sent = agent.metric("tapestry_tap_sent_packets_total");
+    let dropped = agent.metric("tapestry_tap_queue_dropped_packets_total");
+    let lost = agent.metric("tapestry_tap_lost_in_flight_packets_total");
+    assert_eq!(
+        captured,
+        sent + dropped + lost,
+        "captured {captured} = sent {sent} + dropped {dropped} + lost in flight {lost}"
+    );
+    assert_eq!(
+        server.sink.packet_count() as u64,
+        sent,
+        "what the aggregator acknowledged is what it got"
+    );
     assert!(agent.terminate());
     server.stop();
 }

@@ -1,11 +1,23 @@
-//! gRPC ingest (`tapestry.tap.v1.TapIngest`): one long-lived stream per tap.
+//! gRPC ingest (`tapestry.tap.v2.TapIngest`): one long-lived stream per
+//! tap. Each batch's records are read in place (every packet's bytes a
+//! slice of the received message) and handed to the policies; the tap
+//! gets an acknowledgement for what was taken in. Sequence numbers run on
+//! across a tap's streams, so batches lost in flight show as gaps and are
+//! counted: a new stream's first acknowledgement tells the tap how far
+//! this aggregator got, and both ends count the same loss.
 
 use std::collections::HashMap;
+use std::pin::Pin;
+use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 
-use bytes::Bytes;
-use tapestry_proto::tap::v1::tap_ingest_server::TapIngest;
-use tapestry_proto::tap::v1::{Hello, IngestSummary, PacketBatch};
+use futures::StreamExt as _;
+use tapestry_proto::records;
+use tapestry_proto::tap::v1::Hello;
+use tapestry_proto::tap::v2::tap_ingest_server::TapIngest;
+use tapestry_proto::tap::v2::{Ack, Batch as WireBatch};
+use tokio::sync::{oneshot, watch};
+use tokio_stream::wrappers::WatchStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::event::{Batch, Direction, Iface, Packet};
@@ -15,6 +27,9 @@ use crate::topology::{IngestTable, PolicyTable};
 pub struct IngestService {
     pub policies: Arc<IngestTable>,
     pub registry: Arc<Registry>,
+    /// Cancelled when the aggregator stops: streams end after their last
+    /// acknowledgement.
+    pub stopping: tokio_util::sync::CancellationToken,
 }
 
 /// What a stream's latest Hello told us, resolved against one policy
@@ -112,6 +127,63 @@ impl StreamState {
         out
     }
 
+    /// Read a batch's records and hand the packets some policy takes to
+    /// those policies. Returns (packets, captured bytes) read; a batch that
+    /// is malformed past some record is counted and its rest dropped.
+    fn take_in(
+        &mut self,
+        format: u32,
+        records: bytes::Bytes,
+        count: u32,
+        tap: &crate::metrics::TapStats,
+    ) -> (u64, u64) {
+        let reader = match records::read(format, records) {
+            Ok(r) => r,
+            Err(e) => {
+                tap.malformed_batches.add(1);
+                tracing::debug!(tap = %self.tap_id, "batch dropped: {e}");
+                return (0, 0);
+            }
+        };
+        let mut batch = Vec::with_capacity(count.min(1 << 16) as usize);
+        let (mut n, mut bytes, mut any) = (0u64, 0u64, 0u64);
+        for item in reader {
+            let (r, data) = match item {
+                Ok(x) => x,
+                Err(e) => {
+                    tap.malformed_batches.add(1);
+                    tracing::debug!(tap = %self.tap_id, "rest of a batch dropped: {e}");
+                    break;
+                }
+            };
+            n += 1;
+            bytes += data.len() as u64;
+            let policies = self.policies_for(r.policy_mask);
+            if policies == 0 {
+                continue;
+            }
+            any |= policies;
+            batch.push(Packet {
+                ts_ns: r.timestamp_ns,
+                wire_len: r.wire_length,
+                data,
+                direction: Direction::from_proto(i32::from(r.direction)),
+                iface: self.iface(r.source_id),
+                policies,
+                policy: self.empty.clone(),
+            });
+        }
+        if !batch.is_empty() {
+            let batch: Batch = Arc::new(batch);
+            for pol in self.table.policies.iter() {
+                if any & pol.bit != 0 {
+                    pol.offer(batch.clone());
+                }
+            }
+        }
+        (n, bytes)
+    }
+
     fn iface(&mut self, id: u32) -> Arc<Iface> {
         let tap_id = &self.tap_id;
         self.sources
@@ -128,77 +200,150 @@ impl StreamState {
     }
 }
 
+type Acks = Pin<Box<dyn futures::Stream<Item = Result<Ack, Status>> + Send>>;
+
 #[tonic::async_trait]
 impl TapIngest for IngestService {
-    async fn stream(
-        &self,
-        req: Request<Streaming<PacketBatch>>,
-    ) -> Result<Response<IngestSummary>, Status> {
-        let mut stream = req.into_inner();
-        let mut state: Option<StreamState> = None;
-        let mut summary = IngestSummary::default();
-        let mut tap = None;
-        while let Some(msg) = stream.message().await? {
-            if let Some(h) = &msg.hello {
-                let st = StreamState::from_hello(h, self.policies.current());
-                let t = self.registry.tap(&st.tap_id);
-                if state.is_none() {
-                    t.streams.add(1);
-                    tracing::info!(tap = %st.tap_id, sources = h.sources.len(), "tap connected");
-                }
-                tap = Some(t);
-                state = Some(st);
+    type StreamStream = Acks;
+
+    async fn stream(&self, req: Request<Streaming<WireBatch>>) -> Result<Response<Acks>, Status> {
+        let stream = req.into_inner();
+        // Acknowledgements are cumulative: the tap gets the latest, and
+        // one it has not read yet is replaced, never queued behind.
+        let (through, latest) = watch::channel(None::<Ack>);
+        let (failed, failure) = oneshot::channel::<Status>();
+        let policies = self.policies.clone();
+        let registry = self.registry.clone();
+        let stopping = self.stopping.clone();
+        tokio::spawn(async move {
+            if let Err(status) = ingest(stream, &through, &policies, &registry, &stopping).await {
+                let _ = failed.send(status);
             }
-            let (Some(st), Some(t)) = (state.as_mut(), tap.as_ref()) else {
-                return Err(Status::failed_precondition(
-                    "hello: the first batch of a stream must carry a Hello",
-                ));
-            };
-            let table = self.policies.current();
-            if !Arc::ptr_eq(&table, &st.table) {
-                st.resolve(table);
+        });
+        let acks = WatchStream::new(latest).filter_map(|a| futures::future::ready(a.map(Ok)));
+        let failure =
+            futures::stream::once(failure).filter_map(|r| futures::future::ready(r.ok().map(Err)));
+        Ok(Response::new(Box::pin(acks.chain(failure))))
+    }
+}
+
+/// Take in one stream's batches until it ends.
+async fn ingest(
+    mut stream: Streaming<WireBatch>,
+    acks: &watch::Sender<Option<Ack>>,
+    policies: &IngestTable,
+    registry: &Registry,
+    stopping: &tokio_util::sync::CancellationToken,
+) -> Result<(), Status> {
+    let mut state: Option<StreamState> = None;
+    let mut tap: Option<Arc<crate::metrics::TapStats>> = None;
+    let mut packets_total = 0u64;
+    let mut last = 0u64;
+    let mut resumed_through = 0u64;
+    let result = loop {
+        let msg = tokio::select! {
+            biased;
+            _ = stopping.cancelled() => break Ok(()),
+            m = stream.message() => m,
+        };
+        let msg = match msg {
+            Ok(Some(msg)) => msg,
+            Ok(None) => break Ok(()),
+            Err(status) => break Err(status),
+        };
+        if let Some(h) = &msg.hello {
+            let st = StreamState::from_hello(h, policies.current());
+            let t = registry.tap(&st.tap_id);
+            if state.is_none() {
+                t.streams.add(1);
+                t.connected.fetch_add(1, Relaxed);
+                // Where this tap stands: what this aggregator took in
+                // from it before, or what the tap says it had
+                // acknowledged (a new aggregator). Batches between that
+                // and this one never arrived.
+                let known = t.last_sequence.load(Relaxed).max(msg.resumed_after);
+                let lost = msg.sequence.saturating_sub(known + 1);
+                t.sequence_gaps.add(lost);
+                last = msg.sequence.saturating_sub(1).max(known);
+                resumed_through = known;
+                tracing::info!(tap = %st.tap_id, sources = h.sources.len(), resumed_after = known, lost_batches = lost, "tap connected");
+                acks.send_replace(Some(Ack {
+                    through_sequence: known,
+                    resumed_through,
+                }));
             }
-            t.batches.add(1);
-            t.tap_dropped.add(msg.dropped_since_last);
-            st.attribute_tap_drops(msg.dropped_since_last);
-            summary.batches += 1;
-            let n = msg.packets.len();
-            summary.packets += n as u64;
-            let mut any = 0u64;
-            let mut bytes = 0u64;
-            let mut batch = Vec::with_capacity(n);
-            for p in msg.packets {
-                let policies = st.policies_for(p.policy_mask);
-                bytes += p.data.len() as u64;
-                if policies == 0 {
-                    continue;
-                }
-                any |= policies;
-                batch.push(Packet {
-                    ts_ns: p.timestamp_ns,
-                    wire_len: p.wire_length.max(p.data.len() as u32),
-                    data: Bytes::from(p.data),
-                    direction: Direction::from_proto(p.direction),
-                    iface: st.iface(p.source_id),
-                    policies,
-                    policy: st.empty.clone(),
-                });
-            }
-            t.packets.add(n as u64);
-            t.bytes.add(bytes);
-            if batch.is_empty() {
-                continue;
-            }
-            let batch: Batch = Arc::new(batch);
-            for pol in st.table.policies.iter() {
-                if any & pol.bit != 0 {
-                    pol.offer(batch.clone());
-                }
-            }
+            tap = Some(t);
+            state = Some(st);
         }
-        if let Some(st) = state {
-            tracing::info!(tap = %st.tap_id, batches = summary.batches, packets = summary.packets, "tap stream ended");
+        let (Some(st), Some(t)) = (state.as_mut(), tap.as_ref()) else {
+            break Err(Status::failed_precondition(
+                "hello: the first batch of a stream must carry a Hello",
+            ));
+        };
+        if msg.sequence > last + 1 {
+            t.sequence_gaps.add(msg.sequence - last - 1);
         }
-        Ok(Response::new(summary))
+        last = last.max(msg.sequence);
+        let table = policies.current();
+        if !Arc::ptr_eq(&table, &st.table) {
+            st.resolve(table);
+        }
+        t.batches.add(1);
+        t.tap_dropped.add(msg.dropped_since_last);
+        st.attribute_tap_drops(msg.dropped_since_last);
+        if msg.record_format != records::FORMAT_V1 {
+            t.malformed_batches.add(1);
+            break Err(Status::failed_precondition(format!(
+                "record format {} is not supported: this aggregator reads format {} (tapestry.tap.v2); upgrade the tap-agent or the aggregator so both speak one version",
+                msg.record_format,
+                records::FORMAT_V1
+            )));
+        }
+        let (n, bytes) = st.take_in(msg.record_format, msg.records, msg.record_count, t);
+        packets_total += n;
+        t.packets.add(n);
+        t.bytes.add(bytes);
+        t.last_sequence.store(last, Relaxed);
+        acks.send_replace(Some(Ack {
+            through_sequence: last,
+            resumed_through,
+        }));
+    };
+    if let Some(t) = &tap {
+        t.connected.fetch_sub(1, Relaxed);
+    }
+    if let Some(st) = &state {
+        tracing::info!(tap = %st.tap_id, through_sequence = last, packets = packets_total, "tap stream ended");
+    }
+    result
+}
+
+/// What a tap of the previous ingest version (`tapestry.tap.v1.TapIngest`,
+/// one protobuf message per packet) is told, instead of an unknown-service
+/// error: which version this aggregator speaks.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct RetiredIngest;
+
+/// The refusal an old tap gets.
+pub const RETIRED_INGEST: &str = "tapestry.tap.v1 ingest is not served: this aggregator takes tapestry.tap.v2.TapIngest/Stream (packed records); upgrade the tap-agent to the aggregator's version";
+
+impl tonic::server::NamedService for RetiredIngest {
+    const NAME: &'static str = "tapestry.tap.v1.TapIngest";
+}
+
+impl tonic::codegen::Service<tonic::codegen::http::Request<tonic::body::Body>> for RetiredIngest {
+    type Response = tonic::codegen::http::Response<tonic::body::Body>;
+    type Error = std::convert::Infallible;
+    type Future = std::future::Ready<Result<Self::Response, Self::Error>>;
+
+    fn poll_ready(
+        &mut self,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, _req: tonic::codegen::http::Request<tonic::body::Body>) -> Self::Future {
+        std::future::ready(Ok(Status::failed_precondition(RETIRED_INGEST).into_http()))
     }
 }

@@ -17,9 +17,11 @@ use std::{
     time::{Duration, Instant},
 };
 
-use tapestry_proto::tap::v1::{
+use tapestry_proto::records;
+use tapestry_proto::tap::v1::Hello;
+use tapestry_proto::tap::v2::{
     tap_ingest_server::{TapIngest, TapIngestServer},
-    IngestSummary, PacketBatch,
+    Ack, Batch,
 };
 use tokio_stream::StreamExt as _;
 
@@ -200,14 +202,37 @@ pub fn metric(ns: &str, port: u16, name: &str) -> Option<u64> {
         .and_then(|v| v.parse().ok())
 }
 
+/// A received packet, read from a batch's records.
+#[derive(Clone, Debug)]
+pub struct Packet {
+    pub timestamp_ns: u64,
+    pub source_id: u32,
+    pub direction: i32,
+    pub wire_length: u32,
+    pub data: Vec<u8>,
+    pub policy_mask: u64,
+}
+
+/// A received batch.
+#[derive(Clone, Debug)]
+pub struct ReceivedBatch {
+    pub sequence: u64,
+    pub hello: Option<Hello>,
+    pub dropped_since_last: u64,
+    pub resumed_after: u64,
+    pub packets: Vec<Packet>,
+}
+
 /// What the receiving server got.
 #[derive(Default)]
 pub struct Received {
-    pub batches: Vec<PacketBatch>,
+    pub batches: Vec<ReceivedBatch>,
     pub streams: u32,
     pub packets: u64,
     pub bytes: u64,
     pub dropped_reported: u64,
+    /// The last sequence taken in.
+    pub last_sequence: u64,
     /// Keep the batches (tests) or only count them (benchmarks).
     pub keep: bool,
 }
@@ -215,28 +240,69 @@ pub struct Received {
 #[derive(Clone, Default)]
 pub struct Sink(pub Arc<Mutex<Received>>);
 
+type Acks = std::pin::Pin<Box<dyn tokio_stream::Stream<Item = Result<Ack, tonic::Status>> + Send>>;
+
 #[tonic::async_trait]
 impl TapIngest for Sink {
+    type StreamStream = Acks;
+
     async fn stream(
         &self,
-        req: tonic::Request<tonic::Streaming<PacketBatch>>,
-    ) -> Result<tonic::Response<IngestSummary>, tonic::Status> {
+        req: tonic::Request<tonic::Streaming<Batch>>,
+    ) -> Result<tonic::Response<Acks>, tonic::Status> {
         let mut s = req.into_inner();
-        self.0.lock().unwrap().streams += 1;
-        let (mut batches, mut packets) = (0, 0);
-        while let Some(b) = s.next().await {
-            let b = b?;
-            batches += 1;
-            packets += b.packets.len() as u64;
-            let mut r = self.0.lock().unwrap();
-            r.packets += b.packets.len() as u64;
-            r.bytes += b.packets.iter().map(|p| p.data.len() as u64).sum::<u64>();
-            r.dropped_reported += b.dropped_since_last;
-            if r.keep {
-                r.batches.push(b);
+        let sink = self.clone();
+        let (tx, rx) = tokio::sync::mpsc::channel(64);
+        tokio::spawn(async move {
+            sink.0.lock().unwrap().streams += 1;
+            let mut first = true;
+            let mut resumed = 0;
+            while let Some(Ok(b)) = s.next().await {
+                if first {
+                    first = false;
+                    resumed = sink.0.lock().unwrap().last_sequence.max(b.resumed_after);
+                }
+                let packets: Vec<Packet> = records::read(b.record_format, b.records.clone())
+                    .expect("record format")
+                    .map(|r| {
+                        let (r, data) = r.expect("well-formed records");
+                        Packet {
+                            timestamp_ns: r.timestamp_ns,
+                            source_id: r.source_id,
+                            direction: i32::from(r.direction),
+                            wire_length: r.wire_length,
+                            data: data.to_vec(),
+                            policy_mask: r.policy_mask,
+                        }
+                    })
+                    .collect();
+                {
+                    let mut r = sink.0.lock().unwrap();
+                    r.packets += packets.len() as u64;
+                    r.bytes += packets.iter().map(|p| p.data.len() as u64).sum::<u64>();
+                    r.dropped_reported += b.dropped_since_last;
+                    r.last_sequence = b.sequence;
+                    if r.keep {
+                        r.batches.push(ReceivedBatch {
+                            sequence: b.sequence,
+                            hello: b.hello,
+                            dropped_since_last: b.dropped_since_last,
+                            resumed_after: b.resumed_after,
+                            packets,
+                        });
+                    }
+                }
+                let _ = tx
+                    .send(Ok(Ack {
+                        through_sequence: b.sequence,
+                        resumed_through: resumed,
+                    }))
+                    .await;
             }
-        }
-        Ok(tonic::Response::new(IngestSummary { batches, packets }))
+        });
+        Ok(tonic::Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
     }
 }
 

@@ -1,0 +1,308 @@
+//! The ingest stream as a tap speaks it: packed records read in place,
+//! acknowledgements, and every batch that never arrived counted as a gap,
+//! within a stream and across a tap's streams.
+
+mod common;
+
+use bytes::Bytes;
+use common::Aggregator;
+use tapestry_proto::records::{Record, RecordsBuilder, FORMAT_V1};
+use tapestry_proto::tap::v2::tap_ingest_client::TapIngestClient;
+use tapestry_proto::tap::v2::Batch;
+
+fn frame(i: u8) -> Vec<u8> {
+    let mut f = vec![0u8; 60];
+    f[12] = 0x08;
+    f[59] = i;
+    f
+}
+
+fn batch(sequence: u64, packets: u8, first: bool, resumed_after: u64) -> Batch {
+    let mut records = RecordsBuilder::default();
+    for i in 0..packets {
+        let data = frame(i);
+        records.push(
+            &Record {
+                timestamp_ns: 1_700_000_000_000_000_000,
+                wire_length: data.len() as u32,
+                source_id: 1,
+                direction: 1,
+                policy_mask: 1,
+            },
+            &data,
+        );
+    }
+    let (records, record_count) = records.finish();
+    let tap = tapestry_aggregator::synthtap::TapSpec {
+        tap_id: "node-a".into(),
+        pods: vec![("web".into(), "frontend-0".into())],
+        policy_names: vec!["all".into()],
+        batch: 1,
+        rate: None,
+        stamp_now: false,
+    };
+    Batch {
+        sequence,
+        hello: first.then(|| tapestry_aggregator::synthtap::hello(&tap)),
+        record_format: FORMAT_V1,
+        record_count,
+        records,
+        dropped_since_last: 0,
+        resumed_after,
+    }
+}
+
+/// Sends `batches` on one stream; returns the acknowledgements received
+/// (cumulative: some may be skipped) until the aggregator ended it, as
+/// (through, resumed through).
+async fn stream(grpc: &str, batches: Vec<Batch>) -> Vec<(u64, u64)> {
+    let mut client = TapIngestClient::connect(format!("http://{grpc}"))
+        .await
+        .unwrap();
+    let (tx, rx) = tokio::sync::mpsc::channel(16);
+    for b in batches {
+        tx.send(b).await.unwrap();
+    }
+    drop(tx);
+    let mut acks = client
+        .stream(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut seen = Vec::new();
+    while let Some(a) = acks.message().await.unwrap() {
+        seen.push((a.through_sequence, a.resumed_through));
+    }
+    seen
+}
+
+#[test]
+fn batches_are_acknowledged_and_missing_ones_counted_across_streams() {
+    let dir = tempfile::tempdir().unwrap();
+    let agg = Aggregator::start(
+        r#"
+sinks:
+  - { name: out, type: pcap_over_ip, listen: "127.0.0.1:0" }
+policies:
+  - name: all
+    sinks: [out]
+"#,
+        dir.path(),
+    );
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    // One stream: batch 3 never arrives.
+    let acks = rt.block_on(stream(
+        &agg.grpc,
+        vec![
+            batch(1, 3, true, 0),
+            batch(2, 2, false, 0),
+            batch(4, 1, false, 0),
+        ],
+    ));
+    assert_eq!(
+        acks.last(),
+        Some(&(4, 0)),
+        "a new tap starts from nothing: {acks:?}"
+    );
+    let tap = "{tap=\"node-a\"}";
+    let metric = |name: &str| agg.metric(&format!("tapestry_aggregator_tap_{name}{tap}"));
+    assert_eq!(metric("packets_total"), 6.0);
+    assert_eq!(metric("sequence_gap_batches_total"), 1.0);
+    // The tap reconnects having seen acknowledgements up to 2 only: the
+    // aggregator knows it took in 4, says so first, and counts 5 and 6,
+    // which never came, as lost.
+    let acks = rt.block_on(stream(&agg.grpc, vec![batch(7, 2, true, 2)]));
+    assert!(acks.iter().all(|a| a.1 == 4), "{acks:?}");
+    assert_eq!(acks.last(), Some(&(7, 4)), "{acks:?}");
+    assert_eq!(metric("sequence_gap_batches_total"), 3.0);
+    assert_eq!(metric("packets_total"), 8.0);
+    assert_eq!(metric("streams_total"), 2.0);
+    assert_eq!(metric("connected"), 0.0);
+
+    // Malformed records: what can be read is taken in, the rest counted;
+    // the stream goes on.
+    let mut broken = batch(8, 2, true, 7);
+    broken.records = broken.records.slice(..broken.records.len() - 8);
+    let mut junk = batch(9, 0, false, 0);
+    junk.records = Bytes::from_static(&[0xff; 40]);
+    let acks = rt.block_on(stream(
+        &agg.grpc,
+        vec![broken, junk, batch(10, 1, false, 0)],
+    ));
+    assert_eq!(acks.last(), Some(&(10, 7)), "{acks:?}");
+    assert_eq!(metric("malformed_batches_total"), 2.0);
+    assert_eq!(metric("packets_total"), 10.0, "one of two broken, then one");
+    assert_eq!(metric("sequence_gap_batches_total"), 3.0);
+
+    // No Hello first: refused with a reason, nothing counted.
+    let refused = rt.block_on(async {
+        let mut client = TapIngestClient::connect(format!("http://{}", agg.grpc))
+            .await
+            .unwrap();
+        let (tx, rx) = tokio::sync::mpsc::channel(1);
+        tx.send(batch(1, 1, false, 0)).await.unwrap();
+        drop(tx);
+        let mut acks = client
+            .stream(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .await
+            .unwrap()
+            .into_inner();
+        loop {
+            match acks.message().await {
+                Ok(Some(_)) => continue,
+                Ok(None) => break None,
+                Err(status) => break Some(status),
+            }
+        }
+    });
+    let status = refused.expect("a stream without a Hello is refused");
+    assert!(status.message().contains("Hello"), "{status:?}");
+}
+
+/// Sends `batches` and returns the status the stream ended with.
+async fn refusal(grpc: &str, batches: Vec<Batch>) -> Option<tonic::Status> {
+    let mut client = TapIngestClient::connect(format!("http://{grpc}"))
+        .await
+        .unwrap();
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    for b in batches {
+        tx.send(b).await.unwrap();
+    }
+    drop(tx);
+    let mut acks = match client
+        .stream(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+    {
+        Ok(r) => r.into_inner(),
+        Err(status) => return Some(status),
+    };
+    loop {
+        match acks.message().await {
+            Ok(Some(_)) => continue,
+            Ok(None) => return None,
+            Err(status) => return Some(status),
+        }
+    }
+}
+
+/// Taps of another version get a clear error, never garbage: records in a
+/// format this aggregator does not read, and the previous protocol.
+#[test]
+fn other_versions_are_told_which_version_is_spoken() {
+    let dir = tempfile::tempdir().unwrap();
+    let agg = Aggregator::start(
+        r#"
+sinks:
+  - { name: out, type: pcap_over_ip, listen: "127.0.0.1:0" }
+policies:
+  - name: all
+    sinks: [out]
+"#,
+        dir.path(),
+    );
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let mut future = batch(1, 2, true, 0);
+    future.record_format = 2;
+    let status = rt
+        .block_on(refusal(&agg.grpc, vec![future]))
+        .expect("an unknown record format is refused");
+    assert_eq!(status.code(), tonic::Code::FailedPrecondition);
+    assert!(
+        status
+            .message()
+            .contains("record format 2 is not supported")
+            && status.message().contains("reads format 1"),
+        "{status:?}"
+    );
+    assert_eq!(
+        agg.metric("tapestry_aggregator_tap_packets_total{tap=\"node-a\"}"),
+        0.0
+    );
+    // The previous protocol's service, as an old tap calls it.
+    let status = rt.block_on(async {
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", agg.grpc))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        let mut grpc = tonic::client::Grpc::new(channel);
+        grpc.ready().await.unwrap();
+        let path = tonic::codegen::http::uri::PathAndQuery::from_static(
+            "/tapestry.tap.v1.TapIngest/Stream",
+        );
+        let codec = tonic_prost::ProstCodec::<Batch, Batch>::default();
+        let request = tonic::Request::new(tokio_stream::iter(vec![batch(1, 1, true, 0)]));
+        grpc.client_streaming(request, path, codec)
+            .await
+            .unwrap_err()
+    });
+    assert_eq!(status.code(), tonic::Code::FailedPrecondition);
+    assert!(
+        status
+            .message()
+            .contains("tapestry.tap.v1 ingest is not served"),
+        "{status:?}"
+    );
+}
+
+/// SIGTERM: the aggregator stops taking in, acknowledges what it took and
+/// ends every tap's stream before it exits, so no batch is left in doubt.
+#[test]
+fn a_stopping_aggregator_ends_streams_with_everything_acknowledged() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut agg = Aggregator::start(
+        r#"
+sinks:
+  - { name: out, type: pcap_over_ip, listen: "127.0.0.1:0" }
+policies:
+  - name: all
+    sinks: [out]
+"#,
+        dir.path(),
+    );
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let pid = agg.child.id() as i32;
+    let (last, ended_after) = rt.block_on(async {
+        let mut client = TapIngestClient::connect(format!("http://{}", agg.grpc))
+            .await
+            .unwrap();
+        let (tx, rx) = tokio::sync::mpsc::channel(16);
+        tx.send(batch(1, 2, true, 0)).await.unwrap();
+        tx.send(batch(2, 2, false, 0)).await.unwrap();
+        tx.send(batch(3, 2, false, 0)).await.unwrap();
+        let mut acks = client
+            .stream(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .await
+            .unwrap()
+            .into_inner();
+        let mut last = 0;
+        while last < 3 {
+            last = acks.message().await.unwrap().unwrap().through_sequence;
+        }
+        // SAFETY: signalling a child process this test started.
+        unsafe { libc::kill(pid, libc::SIGTERM) };
+        let signalled = std::time::Instant::now();
+        // The tap keeps its side open: the aggregator ends the stream.
+        while let Ok(Some(a)) = acks.message().await {
+            last = a.through_sequence;
+        }
+        drop(tx);
+        (last, signalled.elapsed())
+    });
+    assert_eq!(last, 3);
+    assert!(
+        ended_after < std::time::Duration::from_secs(3),
+        "the stream ended {ended_after:?} after SIGTERM"
+    );
+    let status = agg.child.wait().unwrap();
+    assert!(status.success(), "{status:?}");
+}
