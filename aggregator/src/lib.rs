@@ -21,5 +21,6 @@ pub mod sinks;
 pub mod sources;
 pub mod synth;
 pub mod synthtap;
+pub mod tls;
 pub mod topology;
 pub mod transforms;

@@ -26,7 +26,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Receive packets from taps and deliver them to tools.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Run a policy pipeline over a capture file.
     Replay(ReplayArgs),
 }
@@ -34,10 +34,24 @@ enum Command {
 #[derive(Args)]
 struct ServeArgs {
     /// Address for gRPC ingest from taps (and tool subscriptions).
-    /// Loopback unless told otherwise: ingest does not authenticate taps
-    /// yet, so only taps on this host reach it by default.
+    /// Loopback unless told otherwise.
     #[arg(long, default_value = "127.0.0.1:50051")]
     grpc: String,
+    /// TLS on the gRPC port: this aggregator's certificate (PEM). Taps
+    /// must then present a client certificate from --client-ca naming
+    /// their node (CN tapestry:tap:NODE). Re-read when the file changes.
+    #[arg(long, value_name = "FILE", requires_all = ["tls_key", "client_ca"])]
+    tls_cert: Option<PathBuf>,
+    /// The private key of --tls-cert (PEM).
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// The CA that issues taps' client certificates (PEM; the cluster CA).
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    client_ca: Option<PathBuf>,
+    /// Serve gRPC in plaintext on a non-loopback address: any host that
+    /// reaches the port can then send packets in any tap's name.
+    #[arg(long, conflicts_with = "tls_cert")]
+    insecure: bool,
     /// Address for /metrics, /healthz and HTTP pcap streams.
     #[arg(long, default_value = "127.0.0.1:9090")]
     http: String,
@@ -138,7 +152,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Replay(a) => run_replay(a),
-        Command::Serve(a) => run_serve(a),
+        Command::Serve(a) => run_serve(*a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -222,12 +236,14 @@ fn run_serve(a: ServeArgs) -> anyhow::Result<()> {
             "nothing to serve: give --config FILE and/or --pcap-over-ip ADDR, or --kubeconfig FILE / --in-cluster"
         );
     }
+    let tls = ingest_tls(&a)?;
     let rt = tokio::runtime::Runtime::new()?;
     rt.block_on(async move {
         let running = serve::start(ServeOptions {
             grpc: a.grpc,
             http: a.http,
             source: Source::Config(config),
+            tls,
         })
         .await?;
         announce(&running)?;
@@ -254,12 +270,14 @@ fn run_cluster(a: ServeArgs) -> anyhow::Result<()> {
         .ok()
         .filter(|p| !p.is_zero())
         .ok_or_else(|| anyhow::anyhow!("--status-period: must be a positive number of seconds"))?;
+    let tls = ingest_tls(&a)?;
     let rt = tokio::runtime::Runtime::new()?;
     rt.block_on(async move {
         let client = cluster::client(a.kubeconfig.as_deref()).await?;
         let running = serve::start(ServeOptions {
             grpc: a.grpc,
             http: a.http,
+            tls,
             source: Source::Live(LiveOptions {
                 status: Arc::new(cluster::status::KubeStatus::new(client.clone())),
                 status_period: period,
@@ -290,6 +308,41 @@ fn run_cluster(a: ServeArgs) -> anyhow::Result<()> {
             }
         }
     })
+}
+
+/// TLS for the gRPC port, or why plaintext is refused. Plaintext ingest
+/// takes any sender's word for which tap and pods it speaks for, so it is
+/// served without --insecure only on loopback, and always with a warning.
+fn ingest_tls(a: &ServeArgs) -> anyhow::Result<Option<tapestry_aggregator::tls::TlsFiles>> {
+    if let (Some(cert), Some(key), Some(client_ca)) = (&a.tls_cert, &a.tls_key, &a.client_ca) {
+        return Ok(Some(tapestry_aggregator::tls::TlsFiles {
+            cert: cert.clone(),
+            key: key.clone(),
+            client_ca: client_ca.clone(),
+        }));
+    }
+    let loopback = a
+        .grpc
+        .parse::<std::net::SocketAddr>()
+        .is_ok_and(|s| s.ip().is_loopback());
+    if a.insecure {
+        tracing::warn!(
+            grpc = %a.grpc,
+            "INSECURE: gRPC ingest is plaintext and unauthenticated: anyone who reaches {} can send packets in any tap's name and read tool subscriptions",
+            a.grpc
+        );
+    } else if loopback {
+        tracing::warn!(
+            grpc = %a.grpc,
+            "gRPC ingest is plaintext and unauthenticated (loopback only: any local process can send in a tap's name); give --tls-cert/--tls-key/--client-ca to authenticate taps"
+        );
+    } else {
+        anyhow::bail!(
+            "--grpc {}: refusing plaintext ingest on a non-loopback address: give --tls-cert, --tls-key and --client-ca so taps authenticate, or --insecure",
+            a.grpc
+        );
+    }
+    Ok(None)
 }
 
 /// How long a stopping aggregator waits for its tap streams to end with

@@ -44,6 +44,8 @@ pub struct TapStats {
     pub malformed_batches: Counter,
     /// The tap's last sequence number taken in.
     pub last_sequence: AtomicU64,
+    /// Sources that claimed a pod not bound to the tap's node.
+    pub stripped_sources: Counter,
 }
 
 /// Per-policy counters.
@@ -149,6 +151,8 @@ impl SinkStats {
 #[derive(Default)]
 pub struct Registry {
     pub taps: DashMap<String, Arc<TapStats>>,
+    /// Ingest connections and streams refused, by reason.
+    pub ingest_refused: DashMap<&'static str, Arc<Counter>>,
     pub policies: Mutex<Vec<(String, Arc<PolicyStats>)>>,
     pub sinks: Mutex<Vec<(String, String, Arc<SinkStats>)>>,
 }
@@ -156,6 +160,11 @@ pub struct Registry {
 impl Registry {
     pub fn tap(&self, id: &str) -> Arc<TapStats> {
         self.taps.entry(id.to_string()).or_default().clone()
+    }
+
+    /// Counts an ingest connection or stream refused for `reason`.
+    pub fn refuse_ingest(&self, reason: &'static str) {
+        self.ingest_refused.entry(reason).or_default().add(1);
     }
 
     /// Shows `stats` under `name`, in place of an earlier policy so named.
@@ -245,6 +254,24 @@ impl Registry {
             "Batches of a tap that never arrived (gaps in its sequence numbers).",
             "counter",
             taps.iter().map(|(k, s)| (tl(k), s.sequence_gaps.get()))
+        );
+        fam!(
+            "tapestry_aggregator_tap_stripped_sources_total",
+            "Sources whose pod identity was dropped: the pod is not bound to the tap's node.",
+            "counter",
+            taps.iter().map(|(k, s)| (tl(k), s.stripped_sources.get()))
+        );
+        let mut refused: Vec<_> = self
+            .ingest_refused
+            .iter()
+            .map(|e| (*e.key(), e.value().get()))
+            .collect();
+        refused.sort();
+        fam!(
+            "tapestry_aggregator_ingest_refused_total",
+            "Ingest connections and streams refused, by reason.",
+            "counter",
+            refused.iter().map(|(r, v)| (format!("reason=\"{r}\""), *v))
         );
         fam!(
             "tapestry_aggregator_tap_malformed_batches_total",

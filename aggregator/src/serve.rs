@@ -31,6 +31,9 @@ pub struct ServeOptions {
     pub grpc: String,
     pub http: String,
     pub source: Source,
+    /// TLS on the gRPC port, with taps authenticated by client
+    /// certificate; `None` serves plaintext and takes any tap's word.
+    pub tls: Option<crate::tls::TlsFiles>,
 }
 
 /// Where tools and policies come from.
@@ -116,23 +119,40 @@ pub async fn start(opts: ServeOptions) -> anyhow::Result<Running> {
         stop_ingest: stop_ingest.clone(),
     };
 
+    let tls = opts
+        .tls
+        .as_ref()
+        .map(crate::tls::server_config)
+        .transpose()?;
     let ingest = TapIngestServer::new(IngestService {
         policies: topology.ingest_table(),
         registry: registry.clone(),
         stopping: stop_ingest,
+        require_certificates: tls.is_some(),
     })
     .max_decoding_message_size(MAX_MESSAGE);
     let subscribe = ToolSubscribeServer::new(SubscribeService {
         hubs: cx.grpc_hubs.clone(),
     })
     .max_encoding_message_size(MAX_MESSAGE);
+    let router = tonic::transport::Server::builder()
+        .add_service(ingest)
+        .add_service(crate::sources::grpc::RetiredIngest)
+        .add_service(subscribe);
+    let grpc_registry = registry.clone();
     tokio::spawn(async move {
-        let r = tonic::transport::Server::builder()
-            .add_service(ingest)
-            .add_service(crate::sources::grpc::RetiredIngest)
-            .add_service(subscribe)
-            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(grpc_l))
-            .await;
+        let r = match tls {
+            Some(config) => {
+                router
+                    .serve_with_incoming(crate::tls::incoming(grpc_l, config, grpc_registry))
+                    .await
+            }
+            None => {
+                router
+                    .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(grpc_l))
+                    .await
+            }
+        };
         if let Err(e) = r {
             tracing::error!("gRPC server: {e}");
         }

@@ -46,6 +46,7 @@ impl Live {
         let running = serve::start(ServeOptions {
             grpc: "127.0.0.1:0".into(),
             http: "127.0.0.1:0".into(),
+            tls: None,
             source: Source::Live(LiveOptions {
                 status: status.clone(),
                 status_period: Duration::from_millis(100),

@@ -134,6 +134,8 @@ fn desired(w: &Workloads) -> Vec<Desired> {
     let mut agg_args = vec![json!("serve")];
     agg_args.extend(agg_credentials.as_array().cloned().unwrap_or_default());
     agg_args.extend([
+        // Taps do not have client certificates in this deployment yet.
+        json!("--insecure"),
         json!("--grpc"),
         json!(format!("$(POD_IP):{GRPC_PORT}")),
         json!("--http"),

@@ -14,6 +14,9 @@ pub mod tap {
 /// The packed packet records of an ingest batch.
 pub mod records;
 
+/// How taps are named in their client certificates.
+pub mod identity;
+
 /// Aggregator → security tool packet subscription (`tapestry.tool.v1`).
 pub mod tool {
     pub mod v1 {

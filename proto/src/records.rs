@@ -99,6 +99,11 @@ impl RecordsBuilder {
         self.captured
     }
 
+    /// Bytes the records take so far (headers and padding included).
+    pub fn encoded_bytes(&self) -> usize {
+        self.buf.len()
+    }
+
     /// The encoded records and their count.
     pub fn finish(self) -> (Bytes, u32) {
         (self.buf.freeze(), self.count)

@@ -4,6 +4,7 @@
 use std::{
     collections::BTreeSet,
     net::SocketAddr,
+    path::PathBuf,
     sync::{Arc, Mutex},
     time::Duration,
 };
@@ -14,7 +15,7 @@ use tokio::{
     signal::unix::{signal, SignalKind},
     sync::{mpsc, watch},
 };
-use tonic::transport::Endpoint;
+use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
 use tracing::{error, info, warn};
 
 use crate::{
@@ -56,15 +57,55 @@ pub struct RunConfig {
     pub mode: AttachMode,
     pub tap_id: String,
     pub node: String,
+    /// TLS to the aggregator with this client identity (https:// URLs).
+    pub tls: Option<ClientTls>,
 }
 
-pub fn endpoint(url: &str) -> Result<Endpoint> {
+/// A tap's client identity for TLS to the aggregator. The files are read
+/// at every connection, so a renewed certificate is used from the next one.
+#[derive(Clone, Debug)]
+pub struct ClientTls {
+    /// The tap's certificate (PEM), CN `tapestry:tap:NODE`.
+    pub cert: PathBuf,
+    /// Its private key (PEM).
+    pub key: PathBuf,
+    /// The CA that issued the aggregator's certificate (PEM).
+    pub ca: PathBuf,
+}
+
+impl ClientTls {
+    fn config(&self) -> Result<ClientTlsConfig> {
+        let read = |p: &PathBuf, what: &str| {
+            std::fs::read(p).with_context(|| format!("{what} {}", p.display()))
+        };
+        Ok(ClientTlsConfig::new()
+            .ca_certificate(Certificate::from_pem(read(&self.ca, "--tls-ca")?))
+            .identity(Identity::from_pem(
+                read(&self.cert, "--tls-cert")?,
+                read(&self.key, "--tls-key")?,
+            )))
+    }
+}
+
+pub fn endpoint(url: &str, tls: Option<&ClientTls>) -> Result<Endpoint> {
     let ep = Endpoint::from_shared(url.to_string()).with_context(|| {
         format!("--aggregator `{url}` is not a valid URL (expected http://HOST:PORT)")
     })?;
     if ep.uri().host().is_none() {
         bail!("--aggregator `{url}` has no host (expected http://HOST:PORT)");
     }
+    let ep = match (ep.uri().scheme_str() == Some("https"), tls) {
+        (true, Some(tls)) => ep
+            .tls_config(tls.config()?)
+            .with_context(|| format!("TLS to {url}"))?,
+        (true, None) => {
+            bail!("--aggregator `{url}` is https: give --tls-cert, --tls-key and --tls-ca")
+        }
+        (false, Some(_)) => {
+            bail!("--aggregator `{url}`: with --tls-cert the aggregator is reached at https://HOST:PORT")
+        }
+        (false, None) => ep,
+    };
     Ok(ep
         .connect_timeout(Duration::from_secs(2))
         .tcp_nodelay(true)
@@ -196,7 +237,8 @@ pub async fn run(cfg: RunConfig) -> Result<()> {
         metrics.clone(),
         drops.clone(),
         Duration::from_secs(3),
-    );
+    )
+    .with_tls(cfg.tls);
     let shipper_task = tokio::spawn(shipper.run(stop_rx.clone()));
 
     // Kernel-side losses (ring full) are reported to the aggregator too.

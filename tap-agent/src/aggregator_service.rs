@@ -80,6 +80,7 @@ impl fmt::Display for ServiceRef {
 pub fn ready_urls<'a>(
     slices: impl IntoIterator<Item = &'a EndpointSlice>,
     port: &PortRef,
+    scheme: &str,
 ) -> Vec<String> {
     let mut urls = Vec::new();
     for slice in slices {
@@ -106,7 +107,7 @@ pub fn ready_urls<'a>(
                     Err(_) if slice.address_type == "FQDN" => addr.clone(),
                     Err(_) => continue,
                 };
-                urls.push(format!("http://{host}:{number}"));
+                urls.push(format!("{scheme}://{host}:{number}"));
             }
         }
     }
@@ -122,6 +123,7 @@ pub async fn watch_endpoints(
     service: ServiceRef,
     out: watch::Sender<Vec<String>>,
     board: Arc<StatusBoard>,
+    scheme: &'static str,
 ) {
     let api: Api<EndpointSlice> = Api::namespaced(client, &service.namespace);
     let cfg =
@@ -150,6 +152,7 @@ pub async fn watch_endpoints(
         let urls = ready_urls(
             slices.store.state().iter().map(|s| s.as_ref()),
             &service.port,
+            scheme,
         );
         out.send_if_modified(|cur| {
             if *cur != urls {
@@ -225,7 +228,7 @@ mod tests {
             })),
         ];
         assert_eq!(
-            ready_urls(&slices, &PortRef::Name("grpc".into())),
+            ready_urls(&slices, &PortRef::Name("grpc".into()), "http"),
             [
                 "http://10.0.0.1:50051",
                 "http://10.0.0.2:50051",
@@ -233,11 +236,11 @@ mod tests {
             ]
         );
         assert_eq!(
-            ready_urls(&slices, &PortRef::Number(80)),
+            ready_urls(&slices, &PortRef::Number(80), "http"),
             ["http://10.0.0.9:80"]
         );
         assert_eq!(
-            ready_urls(&slices, &PortRef::Name("none".into())),
+            ready_urls(&slices, &PortRef::Name("none".into()), "http"),
             Vec::<String>::new()
         );
     }

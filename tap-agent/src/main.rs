@@ -1,6 +1,6 @@
 //! `tap-agent`: see `tap-agent --help` and tap-agent/README.md.
 
-use std::{net::SocketAddr, process::ExitCode, sync::Arc, time::Duration};
+use std::{net::SocketAddr, path::PathBuf, process::ExitCode, sync::Arc, time::Duration};
 
 use clap::{ArgGroup, Args, Parser, Subcommand};
 use tapestry_proto::policy::{FilterRule, TapPolicy, MAX_SNAPLEN};
@@ -64,6 +64,17 @@ struct RunArgs {
         conflicts_with = "aggregator_service"
     )]
     aggregator: Option<String>,
+    /// TLS to the aggregator (https:// URLs): this tap's client
+    /// certificate (PEM), CN tapestry:tap:NODE, issued by the CA the
+    /// aggregator trusts. Read at every connection, so it can be renewed.
+    #[arg(long, value_name = "FILE", requires_all = ["tls_key", "tls_ca"])]
+    tls_cert: Option<PathBuf>,
+    /// The private key of --tls-cert (PEM).
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// The CA that issued the aggregator's certificate (PEM).
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    tls_ca: Option<PathBuf>,
     /// The aggregator's Service (cluster modes): connect to one of its ready
     /// endpoints from its EndpointSlices, following them as they change.
     /// PORT is the port's name or number as the EndpointSlices list it.
@@ -224,9 +235,17 @@ async fn run(a: RunArgs, file_policies: Option<Vec<TapPolicy>>) -> anyhow::Resul
     } else {
         None
     };
+    let tls = match (&a.tls_cert, &a.tls_key, &a.tls_ca) {
+        (Some(cert), Some(key), Some(ca)) => Some(agent::ClientTls {
+            cert: cert.clone(),
+            key: key.clone(),
+            ca: ca.clone(),
+        }),
+        _ => None,
+    };
     let aggregators = match (&a.aggregator, &a.aggregator_service, &client) {
         (Some(url), _, _) => {
-            agent::endpoint(url)?;
+            agent::endpoint(url, tls.as_ref())?;
             tokio::sync::watch::channel(vec![url.clone()]).1
         }
         (None, Some(service), Some(client)) => {
@@ -236,6 +255,7 @@ async fn run(a: RunArgs, file_policies: Option<Vec<TapPolicy>>) -> anyhow::Resul
                 service.clone(),
                 tx,
                 board.clone(),
+                if tls.is_some() { "https" } else { "http" },
             ));
             rx
         }
@@ -297,6 +317,7 @@ async fn run(a: RunArgs, file_policies: Option<Vec<TapPolicy>>) -> anyhow::Resul
             max_age: Duration::from_millis(20),
         },
         mode: a.attach_mode,
+        tls,
         tap_id,
         node,
     })

@@ -116,10 +116,17 @@ impl Reader {
             if batch.is_empty() {
                 return;
             }
+            // The next batch is likely the size of this one: allocating that
+            // much avoids both regrowth under load and a full-size buffer for
+            // every trickle batch.
+            let expected = batch
+                .records
+                .encoded_bytes()
+                .clamp(4096, limits.max_bytes + 4096);
             let b = std::mem::replace(
                 batch,
                 Batch {
-                    records: RecordsBuilder::with_capacity(limits.max_bytes + 4096),
+                    records: RecordsBuilder::with_capacity(expected),
                     tally: BitTally::default(),
                 },
             );

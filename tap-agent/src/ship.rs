@@ -52,6 +52,8 @@ pub struct Shipper {
     pub drops: Arc<DropCounter>,
     /// How long to keep flushing after the reader stopped.
     pub drain_timeout: Duration,
+    /// TLS to the aggregator with this client identity.
+    tls: Option<crate::agent::ClientTls>,
     /// The sequence number of the next batch (from 1).
     next_sequence: u64,
     /// The last sequence an aggregator acknowledged (0: none).
@@ -97,10 +99,17 @@ impl Shipper {
             metrics,
             drops,
             drain_timeout,
+            tls: None,
             next_sequence: 1,
             acknowledged: 0,
             in_flight: VecDeque::new(),
         }
+    }
+
+    /// Connect over TLS with this client identity.
+    pub fn with_tls(mut self, tls: Option<crate::agent::ClientTls>) -> Self {
+        self.tls = tls;
+        self
     }
 
     /// Runs until the queue is closed and drained (or `drain_timeout` after
@@ -118,7 +127,7 @@ impl Shipper {
             else {
                 return self.drop_queued();
             };
-            let endpoint = match crate::agent::endpoint(&url) {
+            let endpoint = match crate::agent::endpoint(&url, self.tls.as_ref()) {
                 Ok(e) => Some(e),
                 Err(e) => {
                     self.problem(format!("{e:#}"));
@@ -136,7 +145,6 @@ impl Shipper {
                         backoff = BACKOFF_MIN;
                         info!(aggregator = url, "connected");
                         self.board.set_problems(BOARD_PART, vec![]);
-                        self.metrics.connected.store(true, Relaxed);
                         let end = self
                             .stream(TapIngestClient::new(channel), &url, &mut list_open)
                             .await;
@@ -323,7 +331,11 @@ impl Shipper {
             return StreamEnd::Failed;
         }
         let mut acks = match client.stream(ReceiverStream::new(rx)).await {
-            Ok(r) => r.into_inner(),
+            Ok(r) => {
+                // Connected means a stream is open, not just a connection.
+                self.metrics.connected.store(true, Relaxed);
+                r.into_inner()
+            }
             Err(status) => {
                 warn!("stream refused: {status}");
                 return StreamEnd::Failed;

@@ -442,9 +442,16 @@ fn aggregator_away_counts_drops_then_reconnects() {
     agent.wait_for("reconnect", Duration::from_secs(15), || {
         agent.metric("tapestry_tap_connected") == 1
     });
+    // What queued while it was away goes first; fresh packets sent before
+    // that backlog is out would meet a full queue.
+    agent.wait_for("the backlog to be shipped", Duration::from_secs(10), || {
+        agent.metric("tapestry_tap_queue_batches") == 0
+            && agent.metric("tapestry_tap_in_flight_batches") == 0
+    });
     // A small queue (4 batches of 64) still drops under a burst; what matters
     // is that fresh packets flow again.
-    udp_echo(&pair, 7001, 500, 100, 4);
+    let echoed = udp_echo(&pair, 7001, 500, 100, 4);
+    assert!(echoed > 0, "the echo after the reconnect got no answer");
     agent.wait_for("new packets after reconnect", Duration::from_secs(10), || {
         let fresh = server
             .sink

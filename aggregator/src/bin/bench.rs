@@ -475,6 +475,7 @@ fn ingest(dir: &Path, taps: usize) -> anyhow::Result<()> {
         let running = start(ServeOptions {
             grpc: "127.0.0.1:0".into(),
             http: "127.0.0.1:0".into(),
+            tls: None,
             source: Source::Config(ingest_config(dir)?),
         })
         .await?;

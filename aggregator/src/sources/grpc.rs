@@ -30,6 +30,9 @@ pub struct IngestService {
     /// Cancelled when the aggregator stops: streams end after their last
     /// acknowledgement.
     pub stopping: tokio_util::sync::CancellationToken,
+    /// Streams must come with a tap's client certificate, which names the
+    /// only node the tap may speak for.
+    pub require_certificates: bool,
 }
 
 /// What a stream's latest Hello told us, resolved against one policy
@@ -48,11 +51,13 @@ struct StreamState {
 }
 
 impl StreamState {
-    fn from_hello(h: &Hello, table: Arc<PolicyTable>) -> Self {
-        let tap_id = if h.tap_id.is_empty() {
-            h.node.clone()
-        } else {
-            h.tap_id.clone()
+    /// `certified`: the node the tap's certificate names, which is then
+    /// the tap's identity whatever the Hello says.
+    fn from_hello(h: &Hello, certified: Option<&str>, table: Arc<PolicyTable>) -> Self {
+        let tap_id = match certified {
+            Some(node) => node.to_string(),
+            None if h.tap_id.is_empty() => h.node.clone(),
+            None => h.tap_id.clone(),
         };
         let sources = h
             .sources
@@ -207,6 +212,18 @@ impl TapIngest for IngestService {
     type StreamStream = Acks;
 
     async fn stream(&self, req: Request<Streaming<WireBatch>>) -> Result<Response<Acks>, Status> {
+        let certified = if self.require_certificates {
+            match certified_node(&req) {
+                Ok(node) => Some(node),
+                Err((reason, status)) => {
+                    self.registry.refuse_ingest(reason);
+                    tracing::warn!(peer = ?req.remote_addr(), "ingest stream refused: {}", status.message());
+                    return Err(status);
+                }
+            }
+        } else {
+            None
+        };
         let stream = req.into_inner();
         // Acknowledgements are cumulative: the tap gets the latest, and
         // one it has not read yet is replaced, never queued behind.
@@ -216,7 +233,16 @@ impl TapIngest for IngestService {
         let registry = self.registry.clone();
         let stopping = self.stopping.clone();
         tokio::spawn(async move {
-            if let Err(status) = ingest(stream, &through, &policies, &registry, &stopping).await {
+            let r = ingest(
+                stream,
+                certified.as_deref(),
+                &through,
+                &policies,
+                &registry,
+                &stopping,
+            )
+            .await;
+            if let Err(status) = r {
                 let _ = failed.send(status);
             }
         });
@@ -230,6 +256,7 @@ impl TapIngest for IngestService {
 /// Take in one stream's batches until it ends.
 async fn ingest(
     mut stream: Streaming<WireBatch>,
+    certified: Option<&str>,
     acks: &watch::Sender<Option<Ack>>,
     policies: &IngestTable,
     registry: &Registry,
@@ -252,7 +279,15 @@ async fn ingest(
             Err(status) => break Err(status),
         };
         if let Some(h) = &msg.hello {
-            let st = StreamState::from_hello(h, policies.current());
+            if let Some(node) = certified.filter(|n| !h.node.is_empty() && h.node != *n) {
+                registry.refuse_ingest("node-mismatch");
+                tracing::warn!(certified = node, claimed = %h.node, "ingest stream refused: the Hello claims another node");
+                break Err(Status::permission_denied(format!(
+                    "hello.node: this tap's certificate names node {node:?}, not {:?}",
+                    h.node
+                )));
+            }
+            let st = StreamState::from_hello(h, certified, policies.current());
             let t = registry.tap(&st.tap_id);
             if state.is_none() {
                 t.streams.add(1);
@@ -316,6 +351,28 @@ async fn ingest(
         tracing::info!(tap = %st.tap_id, through_sequence = last, packets = packets_total, "tap stream ended");
     }
     result
+}
+
+/// The node named by the verified client certificate of `req`'s
+/// connection, or why the stream is refused (a counter reason and the
+/// answer).
+fn certified_node<T>(req: &Request<T>) -> Result<String, (&'static str, Status)> {
+    let certs = req.peer_certs().filter(|c| !c.is_empty()).ok_or((
+        "no-client-certificate",
+        Status::unauthenticated(
+            "ingest needs a tap's client certificate (CN tapestry:tap:NODE, from the cluster CA)",
+        ),
+    ))?;
+    let cn = crate::tls::common_name(&certs[0]).unwrap_or_default();
+    tapestry_proto::identity::tap_node(&cn)
+        .map(str::to_string)
+        .ok_or((
+            "not-a-tap",
+            Status::permission_denied(format!(
+                "certificate CN {cn:?} is not a tap identity ({}NODE)",
+                tapestry_proto::identity::TAP_USER_PREFIX
+            )),
+        ))
 }
 
 /// What a tap of the previous ingest version (`tapestry.tap.v1.TapIngest`,

@@ -60,6 +60,11 @@ pub struct Aggregator {
 
 impl Aggregator {
     pub fn start(config: &str, dir: &Path) -> Aggregator {
+        Self::start_with(config, dir, &[])
+    }
+
+    /// With more `serve` flags.
+    pub fn start_with(config: &str, dir: &Path, flags: &[&str]) -> Aggregator {
         let cfg = dir.join("aggregator.yaml");
         std::fs::write(&cfg, config).unwrap();
         let mut child = Command::new(env!("CARGO_BIN_EXE_aggregator"))
@@ -72,6 +77,7 @@ impl Aggregator {
                 "--config",
             ])
             .arg(&cfg)
+            .args(flags)
             .stdout(Stdio::piped())
             .spawn()
             .unwrap();

@@ -1,0 +1,203 @@
+//! TLS on the gRPC port. Taps prove who they are with a client certificate
+//! from the cluster CA (`tapestry:tap:NODE`); tools may connect without one
+//! and present a bearer token instead, so the handshake verifies a client
+//! certificate when one is offered and the services decide what they
+//! require. The server's own certificate is read again when its files
+//! change, so it can be rotated without a restart.
+
+use std::{
+    io,
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex},
+    time::{Duration, Instant, SystemTime},
+};
+
+use anyhow::{anyhow, Context as _};
+use rustls::{
+    pki_types::{CertificateDer, PrivateKeyDer},
+    server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier},
+    sign::CertifiedKey,
+    RootCertStore, ServerConfig,
+};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::{server::TlsStream, TlsAcceptor};
+use tokio_stream::wrappers::ReceiverStream;
+
+use crate::metrics::Registry;
+
+/// The files behind the gRPC port's TLS.
+#[derive(Clone, Debug)]
+pub struct TlsFiles {
+    /// The aggregator's certificate chain (PEM).
+    pub cert: PathBuf,
+    /// Its private key (PEM).
+    pub key: PathBuf,
+    /// The CA whose client certificates are accepted (PEM).
+    pub client_ca: PathBuf,
+}
+
+/// How long a client may take to finish its TLS handshake.
+const HANDSHAKE_WITHIN: Duration = Duration::from_secs(10);
+
+/// How often the certificate files are checked for a change.
+const RELOAD_CHECK: Duration = Duration::from_secs(5);
+
+/// Handshakes under way at once; connections past this wait to be accepted.
+const MAX_HANDSHAKES: usize = 256;
+
+pub fn server_config(files: &TlsFiles) -> anyhow::Result<Arc<ServerConfig>> {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let mut roots = RootCertStore::empty();
+    for c in read_certs(&files.client_ca)? {
+        roots
+            .add(c)
+            .with_context(|| format!("--client-ca {}", files.client_ca.display()))?;
+    }
+    let verifier = WebPkiClientVerifier::builder(Arc::new(roots))
+        .allow_unauthenticated()
+        .build()
+        .map_err(|e| anyhow!("--client-ca {}: {e}", files.client_ca.display()))?;
+    let resolver = ReloadingCert::new(files.clone())?;
+    let mut config = ServerConfig::builder()
+        .with_client_cert_verifier(verifier)
+        .with_cert_resolver(Arc::new(resolver));
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(Arc::new(config))
+}
+
+/// TLS connections accepted on `listener`, each handshake on its own task
+/// and bounded in time; failed handshakes (no TLS, a certificate from
+/// another CA, too slow) are counted and logged, never served.
+pub fn incoming(
+    listener: TcpListener,
+    config: Arc<ServerConfig>,
+    registry: Arc<Registry>,
+) -> ReceiverStream<io::Result<TlsStream<TcpStream>>> {
+    let acceptor = TlsAcceptor::from(config);
+    let (tx, rx) = tokio::sync::mpsc::channel(64);
+    let permits = Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES));
+    tokio::spawn(async move {
+        loop {
+            let Ok(permit) = permits.clone().acquire_owned().await else {
+                return;
+            };
+            let (tcp, peer) = match listener.accept().await {
+                Ok(c) => c,
+                Err(e) => {
+                    // Out of descriptors and the like: back off, keep serving.
+                    tracing::warn!("gRPC accept: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
+            let _ = tcp.set_nodelay(true);
+            let (acceptor, tx, registry) = (acceptor.clone(), tx.clone(), registry.clone());
+            tokio::spawn(async move {
+                let _permit = permit;
+                match tokio::time::timeout(HANDSHAKE_WITHIN, acceptor.accept(tcp)).await {
+                    Ok(Ok(tls)) => {
+                        let _ = tx.send(Ok(tls)).await;
+                    }
+                    Ok(Err(e)) => {
+                        registry.refuse_ingest("tls-handshake");
+                        tracing::warn!(%peer, "gRPC connection refused: TLS handshake failed: {e}");
+                    }
+                    Err(_) => {
+                        registry.refuse_ingest("tls-handshake-timeout");
+                        tracing::warn!(%peer, "gRPC connection refused: no TLS handshake within {HANDSHAKE_WITHIN:?}");
+                    }
+                }
+            });
+        }
+    });
+    ReceiverStream::new(rx)
+}
+
+/// The subject CN of a DER certificate.
+pub fn common_name(der: &[u8]) -> Option<String> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
+    let cn = cert.subject().iter_common_name().next()?;
+    cn.as_str().ok().map(str::to_string)
+}
+
+fn read_certs(path: &Path) -> anyhow::Result<Vec<CertificateDer<'static>>> {
+    let pem = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    let certs = rustls_pemfile::certs(&mut pem.as_slice())
+        .collect::<Result<Vec<_>, _>>()
+        .with_context(|| format!("{}: not PEM certificates", path.display()))?;
+    if certs.is_empty() {
+        anyhow::bail!("{}: no certificate in it", path.display());
+    }
+    Ok(certs)
+}
+
+fn read_key(path: &Path) -> anyhow::Result<PrivateKeyDer<'static>> {
+    let pem = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    rustls_pemfile::private_key(&mut pem.as_slice())
+        .with_context(|| format!("{}: not a PEM private key", path.display()))?
+        .ok_or_else(|| anyhow!("{}: no private key in it", path.display()))
+}
+
+fn load(files: &TlsFiles) -> anyhow::Result<Arc<CertifiedKey>> {
+    let chain = read_certs(&files.cert)?;
+    let key = read_key(&files.key)?;
+    let key = rustls::crypto::ring::sign::any_supported_type(&key)
+        .map_err(|e| anyhow!("{}: {e}", files.key.display()))?;
+    Ok(Arc::new(CertifiedKey::new(chain, key)))
+}
+
+fn modified(files: &TlsFiles) -> Option<(SystemTime, SystemTime)> {
+    let m = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+    Some((m(&files.cert)?, m(&files.key)?))
+}
+
+/// The server certificate, read again when its files change.
+#[derive(Debug)]
+struct ReloadingCert {
+    files: TlsFiles,
+    state: Mutex<Loaded>,
+}
+
+#[derive(Debug)]
+struct Loaded {
+    checked: Instant,
+    modified: Option<(SystemTime, SystemTime)>,
+    key: Arc<CertifiedKey>,
+}
+
+impl ReloadingCert {
+    fn new(files: TlsFiles) -> anyhow::Result<ReloadingCert> {
+        let key = load(&files)?;
+        Ok(ReloadingCert {
+            state: Mutex::new(Loaded {
+                checked: Instant::now(),
+                modified: modified(&files),
+                key,
+            }),
+            files,
+        })
+    }
+}
+
+impl ResolvesServerCert for ReloadingCert {
+    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        if st.checked.elapsed() >= RELOAD_CHECK {
+            st.checked = Instant::now();
+            let now = modified(&self.files);
+            if now.is_some() && now != st.modified {
+                // A half-written pair fails to load: keep the old one and
+                // try again at the next check.
+                match load(&self.files) {
+                    Ok(key) => {
+                        st.key = key;
+                        st.modified = now;
+                        tracing::info!(cert = %self.files.cert.display(), "gRPC certificate reloaded");
+                    }
+                    Err(e) => tracing::warn!("gRPC certificate not reloaded: {e:#}"),
+                }
+            }
+        }
+        Some(st.key.clone())
+    }
+}
