@@ -49,6 +49,13 @@ pub fn hello(spec: &TapSpec) -> Hello {
     }
 }
 
+/// The plaintext endpoint of an aggregator's gRPC address.
+pub fn plaintext(grpc: &str) -> anyhow::Result<tonic::transport::Endpoint> {
+    Ok(tonic::transport::Endpoint::from_shared(format!(
+        "http://{grpc}"
+    ))?)
+}
+
 /// What a synthetic tap sent, and how far the aggregator acknowledged it.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Summary {
@@ -61,13 +68,12 @@ pub struct Summary {
 /// Sends `frames` (each with its policy mask) and waits until the
 /// aggregator has acknowledged them and ended the stream.
 pub async fn run(
-    endpoint: String,
+    endpoint: tonic::transport::Endpoint,
     spec: TapSpec,
     frames: Vec<(Frame, u64)>,
 ) -> anyhow::Result<Summary> {
-    let mut client = TapIngestClient::connect(endpoint)
-        .await?
-        .max_encoding_message_size(64 << 20);
+    let mut client =
+        TapIngestClient::new(endpoint.connect().await?).max_encoding_message_size(64 << 20);
     let (tx, rx) = tokio::sync::mpsc::channel::<Batch>(4);
     let hello = hello(&spec);
     let sources = spec.pods.len().max(1) as u32;

@@ -177,7 +177,7 @@ impl Live {
         };
         let mask = (1u64 << names.len()) - 1;
         let frames = seqs.map(|s| (seq_frame(s), mask)).collect();
-        let endpoint = format!("http://{}", self.grpc);
+        let endpoint = synthtap::plaintext(&self.grpc).unwrap();
         tokio::spawn(async move {
             synthtap::run(endpoint, spec, frames).await.unwrap();
         })

@@ -489,8 +489,21 @@ pub struct Capture {
 impl Capture {
     /// `tshark -i TCP@ADDR`: a security tool reading PCAP-over-IP.
     pub fn tshark(addr: &str, dir: &Path, name: &str) -> Capture {
+        Self::tshark_in(None, addr, dir, name)
+    }
+
+    /// [`Capture::tshark`] inside network namespace `netns`.
+    pub fn tshark_in(netns: Option<&str>, addr: &str, dir: &Path, name: &str) -> Capture {
         let file = dir.join(format!("{name}.pcap"));
-        let child = Command::new("tshark")
+        let mut command = match netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns, "tshark"]);
+                c
+            }
+            None => Command::new("tshark"),
+        };
+        let child = command
             .args(["-q", "-i", &format!("TCP@{addr}"), "-F", "pcap", "-w"])
             .arg(&file)
             .stdout(Stdio::null())

@@ -53,6 +53,14 @@ enum What {
         #[arg(long, default_value_t = 8)]
         taps: usize,
     },
+    /// Ingest over mutual TLS against plaintext: CPU per packet and
+    /// capture-to-sink latency at 100k packets/s, rounds interleaved.
+    IngestTls {
+        #[arg(long, default_value_t = 8)]
+        taps: usize,
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
+    },
     /// The filter alone, in cache.
     Filter {
         #[arg(long, default_value_t = 20_000)]
@@ -93,6 +101,7 @@ fn main() -> anyhow::Result<()> {
     match cli.what {
         What::Replay { packets, runs } => replay(&cli.dir, packets, runs),
         What::Ingest { taps } => ingest(&cli.dir, taps),
+        What::IngestTls { taps, rounds } => ingest_tls(&cli.dir, taps, rounds),
         What::Filter { packets, passes } => filter(packets, passes),
         What::Tap {
             grpc,
@@ -118,7 +127,7 @@ fn main() -> anyhow::Result<()> {
                 stamp_now: true,
             };
             let rt = tokio::runtime::Runtime::new()?;
-            let s = rt.block_on(synthtap::run(format!("http://{grpc}"), spec, frames))?;
+            let s = rt.block_on(synthtap::run(synthtap::plaintext(&grpc)?, spec, frames))?;
             println!("sent {} packets in {} batches", s.packets, s.batches);
             Ok(())
         }
@@ -416,7 +425,7 @@ fn totals(r: &Registry) -> Totals {
 /// Runs `taps` taps at `rate` packets/s in total (None = flat out) with
 /// `per_tap` packets each; returns (offered packets/s, seconds, drops).
 async fn run_taps(
-    grpc: &str,
+    endpoint: &dyn Fn(usize) -> anyhow::Result<tonic::transport::Endpoint>,
     taps: usize,
     per_tap: usize,
     rate: Option<f64>,
@@ -439,11 +448,7 @@ async fn run_taps(
             rate: rate.map(|r| r / taps as f64),
             stamp_now,
         };
-        handles.push(tokio::spawn(synthtap::run(
-            format!("http://{grpc}"),
-            spec,
-            frames,
-        )));
+        handles.push(tokio::spawn(synthtap::run(endpoint(i)?, spec, frames)));
     }
     for h in handles {
         h.await??;
@@ -484,13 +489,14 @@ fn ingest(dir: &Path, taps: usize) -> anyhow::Result<()> {
         drain(running.http, Some("GET /v1/tools/stream/pcap HTTP/1.1\r\nHost: x\r\n\r\n".into()));
         tokio::time::sleep(Duration::from_millis(300)).await;
         let grpc = running.grpc.to_string();
+        let plain = |_| synthtap::plaintext(&grpc);
         println!("## live ingest ({taps} synthetic taps → 1 policy → 3 sinks: PCAP-over-IP, HTTP stream, pcapng files)\n");
         println!("| offered rate | packets | seconds | delivered packets/s per sink | drops |");
         println!("|---|---:|---:|---:|---:|");
         let mut best_zero_drop = 0.0f64;
         let per_tap = 50_000;
         for rate in [None, Some(100_000.0), Some(200_000.0), Some(300_000.0), Some(400_000.0)] {
-            let (pps, secs, drops) = run_taps(&grpc, taps, per_tap, rate, false, &r).await?;
+            let (pps, secs, drops) = run_taps(&plain, taps, per_tap, rate, false, &r).await?;
             let label = rate.map_or("flat out".to_string(), |r| format!("{r:.0}/s"));
             println!("| {label} | {} | {secs:.2} | {pps:.0} | {drops} |", taps * per_tap);
             if drops == 0 {
@@ -503,7 +509,7 @@ fn ingest(dir: &Path, taps: usize) -> anyhow::Result<()> {
         for (_, _, s) in r.sinks.lock().unwrap().iter() {
             s.latency.lock().unwrap().reset();
         }
-        let (pps, secs, drops) = run_taps(&grpc, taps, 62_500, Some(100_000.0), true, &r).await?;
+        let (pps, secs, drops) = run_taps(&plain, taps, 62_500, Some(100_000.0), true, &r).await?;
         println!("### capture-to-sink latency at {pps:.0} packets/s ({secs:.1} s, {drops} drops)\n");
         println!("| sink | p50 | p99 | p99.9 | max |");
         println!("|---|---:|---:|---:|---:|");
@@ -519,6 +525,142 @@ fn ingest(dir: &Path, taps: usize) -> anyhow::Result<()> {
             );
         }
         println!();
+        anyhow::Ok(())
+    })
+}
+
+/// (certificate PEM, key PEM) for `cn`, signed by `issuer`; a server
+/// certificate for 127.0.0.1 or a client one.
+fn issue(
+    issuer: &rcgen::Issuer<'_, rcgen::KeyPair>,
+    cn: &str,
+    server: bool,
+) -> anyhow::Result<(String, String)> {
+    use rcgen::{CertificateParams, DnType, ExtendedKeyUsagePurpose, KeyPair};
+    let key = KeyPair::generate()?;
+    let sans = if server {
+        vec!["127.0.0.1".to_string()]
+    } else {
+        vec![]
+    };
+    let mut params = CertificateParams::new(sans)?;
+    params.distinguished_name.push(DnType::CommonName, cn);
+    params.extended_key_usages = vec![if server {
+        ExtendedKeyUsagePurpose::ServerAuth
+    } else {
+        ExtendedKeyUsagePurpose::ClientAuth
+    }];
+    Ok((params.signed_by(&key, issuer)?.pem(), key.serialize_pem()))
+}
+
+/// Process CPU (user + system) so far, in seconds.
+fn cpu_seconds() -> f64 {
+    // SAFETY: getrusage fills the struct it is given.
+    let mut u: libc::rusage = unsafe { std::mem::zeroed() };
+    unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut u) };
+    let t = |v: libc::timeval| v.tv_sec as f64 + v.tv_usec as f64 / 1e6;
+    t(u.ru_utime) + t(u.ru_stime)
+}
+
+fn ingest_tls(dir: &Path, taps: usize, rounds: usize) -> anyhow::Result<()> {
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
+    use tonic::transport::{Certificate, ClientTlsConfig, Identity};
+    let pki = dir.join("pki");
+    std::fs::create_dir_all(&pki)?;
+    let ca_key = KeyPair::generate()?;
+    let mut ca = CertificateParams::new(Vec::<String>::new())?;
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca.distinguished_name.push(DnType::CommonName, "bench-ca");
+    let ca_pem = ca.self_signed(&ca_key)?.pem();
+    let issuer = Issuer::new(ca, ca_key);
+    let (server_cert, server_key) = issue(&issuer, "aggregator", true)?;
+    let taps_ids: Vec<(String, String)> = (0..taps)
+        .map(|i| {
+            issue(
+                &issuer,
+                &tapestry_proto::identity::tap_user(&format!("node-{i}")),
+                false,
+            )
+        })
+        .collect::<anyhow::Result<_>>()?;
+    std::fs::write(pki.join("ca.pem"), &ca_pem)?;
+    std::fs::write(pki.join("server.pem"), &server_cert)?;
+    std::fs::write(pki.join("server-key.pem"), &server_key)?;
+    let files = tapestry_aggregator::tls::TlsFiles {
+        cert: pki.join("server.pem"),
+        key: pki.join("server-key.pem"),
+        client_ca: pki.join("ca.pem"),
+    };
+
+    let rt = tokio::runtime::Runtime::new()?;
+    rt.block_on(async {
+        let mut modes = Vec::new();
+        for tls in [None, Some(files)] {
+            let mode_dir = dir.join(if tls.is_some() { "tls" } else { "plain" });
+            std::fs::create_dir_all(&mode_dir)?;
+            let running = start(ServeOptions {
+                grpc: "127.0.0.1:0".into(),
+                http: "127.0.0.1:0".into(),
+                tls,
+                source: Source::Config(ingest_config(&mode_dir)?),
+            })
+            .await?;
+            drain(running.sinks[0].1, None);
+            drain(running.http, Some("GET /v1/tools/stream/pcap HTTP/1.1\r\nHost: x\r\n\r\n".into()));
+            modes.push(running);
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let plain_addr = modes[0].grpc.to_string();
+        let tls_addr = modes[1].grpc.to_string();
+        let plain = |_| synthtap::plaintext(&plain_addr);
+        let secure = |i: usize| -> anyhow::Result<tonic::transport::Endpoint> {
+            let (cert, key) = &taps_ids[i];
+            let tls = ClientTlsConfig::new()
+                .ca_certificate(Certificate::from_pem(&ca_pem))
+                .identity(Identity::from_pem(cert, key));
+            Ok(tonic::transport::Endpoint::from_shared(format!("https://{tls_addr}"))?.tls_config(tls)?)
+        };
+        println!("## ingest over mutual TLS vs plaintext ({taps} synthetic taps at 100k packets/s in total → 1 policy → 3 sinks; rounds interleaved)\n");
+        println!("CPU is the whole process's (synthetic taps, aggregator and the sink readers), so the TLS cost of both ends is in it.\n");
+        println!("| round | ingest | packets | CPU s per M packets | p99 capture-to-sink | drops |");
+        println!("|---:|---|---:|---:|---:|---:|");
+        let per_tap = 62_500;
+        let mut ratios = Vec::new();
+        let mut worst_p99 = 0.0f64;
+        for round in 1..=rounds {
+            let mut cpu = [0.0; 2];
+            for (m, running) in modes.iter().enumerate() {
+                let r = running.registry.clone();
+                for (_, _, s) in r.sinks.lock().unwrap().iter() {
+                    s.latency.lock().unwrap().reset();
+                }
+                let endpoint: &dyn Fn(usize) -> anyhow::Result<tonic::transport::Endpoint> =
+                    if m == 0 { &plain } else { &secure };
+                let c0 = cpu_seconds();
+                let (_, _, drops) = run_taps(endpoint, taps, per_tap, Some(100_000.0), true, &r).await?;
+                let packets = (taps * per_tap) as f64;
+                cpu[m] = (cpu_seconds() - c0) / packets * 1e6;
+                let p99 = r
+                    .sinks
+                    .lock()
+                    .unwrap()
+                    .iter()
+                    .map(|(_, _, s)| s.latency.lock().unwrap().value_at_quantile(0.99))
+                    .max()
+                    .unwrap_or(0) as f64
+                    / 1e6;
+                worst_p99 = worst_p99.max(p99);
+                let label = if m == 0 { "plaintext" } else { "mutual TLS" };
+                println!("| {round} | {label} | {packets} | {:.3} | {p99:.2} ms | {drops} |", cpu[m]);
+            }
+            ratios.push(cpu[1] / cpu[0]);
+        }
+        ratios.sort_by(|a, b| a.total_cmp(b));
+        println!(
+            "\nCPU per packet, mutual TLS / plaintext: median {:.3} (rounds: {}); worst p99 {worst_p99:.2} ms\n",
+            ratios[ratios.len() / 2],
+            ratios.iter().map(|r| format!("{r:.3}")).collect::<Vec<_>>().join(", ")
+        );
         anyhow::Ok(())
     })
 }

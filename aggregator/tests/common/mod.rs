@@ -230,7 +230,7 @@ pub fn send(
         .build()
         .unwrap();
     rt.block_on(tapestry_aggregator::synthtap::run(
-        format!("http://{grpc}"),
+        tapestry_aggregator::synthtap::plaintext(grpc).unwrap(),
         spec,
         frames,
     ))
