@@ -155,6 +155,21 @@ fn policies_through_the_rest_api_reach_tshark() {
         "sliced to headers + 128 bytes of payload"
     );
     eprintln!("1. tshark got the {} packets tcpdump saw", tool.len());
+    // Over mutual TLS: the tap and the aggregator hold certificates the
+    // cluster issued them through CertificateSigningRequests.
+    let csrs: serde_json::Value =
+        serde_json::from_str(&c.must(&["get", "csr", "-o", "json"])).unwrap();
+    for signer in ["tapestry.io/tap-client", "tapestry.io/aggregator-serving"] {
+        assert!(
+            csrs["items"].as_array().unwrap().iter().any(|r| {
+                r["spec"]["signerName"] == signer
+                    && r["status"]["certificate"]
+                        .as_str()
+                        .is_some_and(|c| !c.is_empty())
+            }),
+            "no certificate issued by {signer}: {csrs}"
+        );
+    }
 
     // PATCH the selector while a second policy streams numbered datagrams:
     // the new pod is tapped, nothing restarted, the second stream whole.

@@ -46,11 +46,27 @@ struct ServeArgs {
     #[arg(long, value_name = "FILE", requires = "tls_cert")]
     tls_key: Option<PathBuf>,
     /// The CA that issues taps' client certificates (PEM; the cluster CA).
-    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    #[arg(long, value_name = "FILE")]
     client_ca: Option<PathBuf>,
+    /// Cluster mode: obtain the gRPC port's certificate through a
+    /// CertificateSigningRequest (signer tapestry.io/aggregator-serving,
+    /// approved for this pod's own addresses and its namespace's Service
+    /// names) for the --tls-name names, and keep it with its key in FILE,
+    /// renewed before it expires. Needs --client-ca.
+    #[arg(long, value_name = "FILE", requires_all = ["client_ca", "tls_names"], conflicts_with_all = ["tls_cert", "tls_key", "config", "pcap_over_ip"])]
+    tls_from_csr: Option<PathBuf>,
+    /// A name (IP address or DNS name) the certificate of --tls-from-csr is
+    /// for; repeat, or separate with commas.
+    #[arg(
+        long = "tls-name",
+        value_name = "NAME",
+        value_delimiter = ',',
+        requires = "tls_from_csr"
+    )]
+    tls_names: Vec<String>,
     /// Serve gRPC in plaintext on a non-loopback address: any host that
     /// reaches the port can then send packets in any tap's name.
-    #[arg(long, conflicts_with = "tls_cert")]
+    #[arg(long, conflicts_with_all = ["tls_cert", "tls_from_csr"])]
     insecure: bool,
     /// Address for /metrics, /healthz and HTTP pcap streams.
     #[arg(long, default_value = "127.0.0.1:9090")]
@@ -236,6 +252,9 @@ fn run_serve(a: ServeArgs) -> anyhow::Result<()> {
             "nothing to serve: give --config FILE and/or --pcap-over-ip ADDR, or --kubeconfig FILE / --in-cluster"
         );
     }
+    if a.tls_from_csr.is_some() {
+        anyhow::bail!("--tls-from-csr needs cluster mode (--kubeconfig or --in-cluster)");
+    }
     let tls = ingest_tls(&a)?;
     let rt = tokio::runtime::Runtime::new()?;
     rt.block_on(async move {
@@ -274,6 +293,26 @@ fn run_cluster(a: ServeArgs) -> anyhow::Result<()> {
     let rt = tokio::runtime::Runtime::new()?;
     rt.block_on(async move {
         let client = cluster::client(a.kubeconfig.as_deref()).await?;
+        if let Some(file) = &a.tls_from_csr {
+            let ask = tapestry_runtime::certificate::Ask {
+                signer: tapestry_runtime::csr::AGGREGATOR_SERVING_SIGNER.into(),
+                common_name: "tapestry:aggregator".into(),
+                organizations: Vec::new(),
+                names: a.tls_names.clone(),
+                purpose: "server auth".into(),
+                generate_name: "aggregator-".into(),
+                expiration_seconds: Some(SERVING_CERTIFICATE_SECONDS),
+            };
+            tracing::info!(file = %file.display(), names = ?a.tls_names, "keeping the gRPC port's certificate");
+            tapestry_runtime::certificate::keep(
+                client.clone(),
+                ask,
+                file.clone(),
+                tokio_util::sync::CancellationToken::new(),
+            )
+            .await
+            .map_err(|e| e.context("the gRPC port's certificate"))?;
+        }
         let running = serve::start(ServeOptions {
             grpc: a.grpc,
             http: a.http,
@@ -321,6 +360,17 @@ fn ingest_tls(a: &ServeArgs) -> anyhow::Result<Option<tapestry_aggregator::tls::
             client_ca: client_ca.clone(),
         }));
     }
+    if let (Some(file), Some(client_ca)) = (&a.tls_from_csr, &a.client_ca) {
+        // Certificate and key in one file, obtained before serving.
+        return Ok(Some(tapestry_aggregator::tls::TlsFiles {
+            cert: file.clone(),
+            key: file.clone(),
+            client_ca: client_ca.clone(),
+        }));
+    }
+    if a.client_ca.is_some() {
+        anyhow::bail!("--client-ca needs --tls-cert and --tls-key, or --tls-from-csr");
+    }
     let loopback = a
         .grpc
         .parse::<std::net::SocketAddr>()
@@ -344,6 +394,9 @@ fn ingest_tls(a: &ServeArgs) -> anyhow::Result<Option<tapestry_aggregator::tls::
     }
     Ok(None)
 }
+
+/// The lifetime asked for the gRPC port's certificate (renewed at 70–90%).
+const SERVING_CERTIFICATE_SECONDS: i32 = 24 * 3600;
 
 /// How long a stopping aggregator waits for its tap streams to end with
 /// their last acknowledgements.

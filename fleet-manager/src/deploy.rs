@@ -36,6 +36,10 @@ pub const TAP_AGENT: &str = "tap-agent";
 pub const AGGREGATOR: &str = "aggregator";
 /// The aggregator's ports, as its Service names them.
 pub const GRPC_PORT: u16 = 50051;
+/// Where taps and the aggregator keep their certificates (in memory).
+const TLS_DIR: &str = "/run/tapestry";
+/// The cluster CA, as the kubelet mounts it into every pod.
+const CLUSTER_CA: &str = "/var/run/secrets/kubernetes.io/serviceaccount/ca.crt";
 pub const HTTP_PORT: u16 = 9090;
 
 /// What runs on the cluster.
@@ -131,11 +135,43 @@ fn desired(w: &Workloads) -> Vec<Desired> {
         json!({"name": "NODE_NAME", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}});
     let pod_ip =
         json!({"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}});
+    // With the pods' own service accounts, taps and the aggregator get
+    // certificates from the cluster CA through CertificateSigningRequests,
+    // which the controller manager approves only for a pod's own node and
+    // addresses: ingest is mutual TLS. With kubeconfigs from outside
+    // (no pod behind them) there is nobody to vouch for, and ingest stays
+    // plaintext, said so loudly by the aggregator.
+    let mutual_tls = w.tap_agent_kubeconfig.is_none() && w.aggregator_kubeconfig.is_none();
+    let tls_volume = json!({"name": "tls", "emptyDir": {"medium": "Memory"}});
+    let tls_mount = json!({"name": "tls", "mountPath": TLS_DIR});
+    let with_tls = |mounts: &Value, volumes: &Value| {
+        let mut m = mounts.as_array().cloned().unwrap_or_default();
+        let mut v = volumes.as_array().cloned().unwrap_or_default();
+        if mutual_tls {
+            m.push(tls_mount.clone());
+            v.push(tls_volume.clone());
+        }
+        (m, v)
+    };
+    let (agg_mounts, agg_volumes) = with_tls(&agg_mounts, &agg_volumes);
+    let (tap_mounts, tap_volumes) = with_tls(&tap_mounts, &tap_volumes);
     let mut agg_args = vec![json!("serve")];
     agg_args.extend(agg_credentials.as_array().cloned().unwrap_or_default());
+    if mutual_tls {
+        agg_args.extend([
+            json!("--tls-from-csr"),
+            json!(format!("{TLS_DIR}/aggregator.pem")),
+            json!("--tls-name"),
+            json!("$(POD_IP)"),
+            json!("--tls-name"),
+            json!(format!("{AGGREGATOR}.{NAMESPACE}.svc")),
+            json!("--client-ca"),
+            json!(CLUSTER_CA),
+        ]);
+    } else {
+        agg_args.push(json!("--insecure"));
+    }
     agg_args.extend([
-        // Taps do not have client certificates in this deployment yet.
-        json!("--insecure"),
         json!("--grpc"),
         json!(format!("$(POD_IP):{GRPC_PORT}")),
         json!("--http"),
@@ -167,7 +203,9 @@ fn desired(w: &Workloads) -> Vec<Desired> {
                             {"name": "grpc", "containerPort": GRPC_PORT},
                             {"name": "http", "containerPort": HTTP_PORT},
                         ],
-                        "readinessProbe": {"tcpSocket": {"port": GRPC_PORT}, "periodSeconds": 2},
+                        // Not the gRPC port: a bare TCP connection is a
+                        // failed TLS handshake there, counted as refused.
+                        "readinessProbe": {"httpGet": {"path": "/healthz", "port": HTTP_PORT}, "periodSeconds": 2},
                         "volumeMounts": agg_mounts,
                     }],
                     "volumes": agg_volumes,
@@ -183,6 +221,14 @@ fn desired(w: &Workloads) -> Vec<Desired> {
         json!("--aggregator-service"),
         json!(format!("{NAMESPACE}/{AGGREGATOR}:grpc")),
     ]);
+    if mutual_tls {
+        tap_args.extend([
+            json!("--tls-from-csr"),
+            json!(format!("{TLS_DIR}/tap.pem")),
+            json!("--tls-ca"),
+            json!(CLUSTER_CA),
+        ]);
+    }
     out.push(Desired::of::<DaemonSet>(json!({
         "apiVersion": "apps/v1", "kind": "DaemonSet",
         "metadata": {"name": TAP_AGENT, "namespace": NAMESPACE, "labels": labels(TAP_AGENT)},

@@ -73,8 +73,14 @@ struct RunArgs {
     #[arg(long, value_name = "FILE", requires = "tls_cert")]
     tls_key: Option<PathBuf>,
     /// The CA that issued the aggregator's certificate (PEM).
-    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    #[arg(long, value_name = "FILE")]
     tls_ca: Option<PathBuf>,
+    /// Cluster modes: obtain this tap's client certificate through a
+    /// CertificateSigningRequest (signer tapestry.io/tap-client, CN
+    /// tapestry:tap:NODE; approved for a pod on that node) and keep it,
+    /// with its key, in FILE, renewed before it expires. Needs --tls-ca.
+    #[arg(long, value_name = "FILE", requires_all = ["tls_ca", "cluster"], conflicts_with_all = ["tls_cert", "tls_key"])]
+    tls_from_csr: Option<PathBuf>,
     /// The aggregator's Service (cluster modes): connect to one of its ready
     /// endpoints from its EndpointSlices, following them as they change.
     /// PORT is the port's name or number as the EndpointSlices list it.
@@ -222,6 +228,9 @@ fn main() -> ExitCode {
 }
 
 /// Wires the sources of one run (static or cluster) and runs the agent.
+/// The lifetime asked for a tap's client certificate (renewed at 70–90%).
+const TAP_CERTIFICATE_SECONDS: i32 = 24 * 3600;
+
 async fn run(a: RunArgs, file_policies: Option<Vec<TapPolicy>>) -> anyhow::Result<()> {
     let node = a.node.clone().unwrap_or_else(hostname);
     let tap_id = a.tap_id.clone().unwrap_or_else(hostname);
@@ -235,12 +244,40 @@ async fn run(a: RunArgs, file_policies: Option<Vec<TapPolicy>>) -> anyhow::Resul
     } else {
         None
     };
-    let tls = match (&a.tls_cert, &a.tls_key, &a.tls_ca) {
-        (Some(cert), Some(key), Some(ca)) => Some(agent::ClientTls {
+    let tls = match (&a.tls_cert, &a.tls_key, &a.tls_from_csr, &a.tls_ca, &client) {
+        (Some(cert), Some(key), _, Some(ca), _) => Some(agent::ClientTls {
             cert: cert.clone(),
             key: key.clone(),
             ca: ca.clone(),
         }),
+        (_, _, Some(file), Some(ca), Some(client)) => {
+            let ask = tapestry_runtime::certificate::Ask {
+                signer: tapestry_runtime::csr::TAP_CLIENT_SIGNER.into(),
+                common_name: tapestry_proto::identity::tap_user(&node),
+                organizations: vec![tapestry_proto::identity::TAPS_GROUP.into()],
+                names: Vec::new(),
+                purpose: "client auth".into(),
+                generate_name: format!("tap-{node}-"),
+                expiration_seconds: Some(TAP_CERTIFICATE_SECONDS),
+            };
+            tracing::info!(node = %node, file = %file.display(), "keeping this tap's client certificate");
+            tapestry_runtime::certificate::keep(
+                client.clone(),
+                ask,
+                file.clone(),
+                tokio_util::sync::CancellationToken::new(),
+            )
+            .await
+            .map_err(|e| e.context("the tap's client certificate"))?;
+            Some(agent::ClientTls {
+                cert: file.clone(),
+                key: file.clone(),
+                ca: ca.clone(),
+            })
+        }
+        (None, None, None, Some(_), _) => {
+            anyhow::bail!("--tls-ca needs --tls-cert and --tls-key, or --tls-from-csr")
+        }
         _ => None,
     };
     let aggregators = match (&a.aggregator, &a.aggregator_service, &client) {

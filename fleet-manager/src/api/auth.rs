@@ -76,6 +76,7 @@ impl Authenticator {
                             name: u.username?,
                             uid: u.uid.unwrap_or_default(),
                             groups: u.groups.unwrap_or_default(),
+                            extra: u.extra.unwrap_or_default(),
                         })
                     });
                 remember(cache, token.to_string(), user.clone());

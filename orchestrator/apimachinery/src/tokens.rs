@@ -6,11 +6,14 @@
 use std::collections::HashMap;
 
 /// Who a bearer token belongs to.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct User {
     pub name: String,
     pub uid: String,
     pub groups: Vec<String>,
+    /// What else the authenticator knows (a service account token's pod
+    /// and node, under `authentication.kubernetes.io/...`).
+    pub extra: std::collections::BTreeMap<String, Vec<String>>,
 }
 
 /// The tokens of one file.
@@ -51,6 +54,7 @@ impl TokenFile {
                     name: fields[1].clone(),
                     uid: fields[2].clone(),
                     groups,
+                    extra: Default::default(),
                 },
             );
         }

@@ -153,6 +153,7 @@ pub async fn authenticate(api: &Api, token: &str) -> Result<User, String> {
         name: format!("system:bootstrap:{id}"),
         uid: String::new(),
         groups,
+        ..Default::default()
     })
 }
 

@@ -159,7 +159,7 @@ pub async fn authenticate(api: &Api, token: &str, audiences: &[String]) -> Resul
 /// the ones it was issued for.
 async fn user_of(api: &Api, claims: &Claims) -> Result<User, String> {
     let k = &claims.kubernetes;
-    let uid_of = |plural: &str, name: &str| {
+    let object = |plural: &str, name: &str| {
         let plural = plural.to_string();
         let name = name.to_string();
         async move {
@@ -173,30 +173,49 @@ async fn user_of(api: &Api, claims: &Claims) -> Result<User, String> {
                 .await
                 .map_err(|e| e.to_string())?;
             let Some(kv) = kv else { return Ok(None) };
-            let obj = decode(&def, &kv).map_err(|e| e.to_string())?;
-            Ok::<_, String>(
-                obj.pointer("/metadata/uid")
-                    .and_then(Value::as_str)
-                    .map(str::to_string),
-            )
+            decode(&def, &kv).map(Some).map_err(|e| e.to_string())
         }
     };
+    let uid = |obj: &Option<Value>| {
+        obj.as_ref()
+            .and_then(|o| o.pointer("/metadata/uid"))
+            .and_then(Value::as_str)
+            .map(str::to_string)
+    };
     let sa = &k.serviceaccount;
-    if uid_of("serviceaccounts", &sa.name).await?.as_deref() != Some(sa.uid.as_str()) {
+    if uid(&object("serviceaccounts", &sa.name).await?).as_deref() != Some(sa.uid.as_str()) {
         return Err(format!(
             "service account {}/{} (uid {}) no longer exists",
             k.namespace, sa.name, sa.uid
         ));
     }
+    let mut user = service_account_user(&k.namespace, &sa.name, &sa.uid);
     if let Some(pod) = &k.pod {
-        if uid_of("pods", &pod.name).await?.as_deref() != Some(pod.uid.as_str()) {
+        let obj = object("pods", &pod.name).await?;
+        if uid(&obj).as_deref() != Some(pod.uid.as_str()) {
             return Err(format!(
                 "the pod {}/{} (uid {}) the token was bound to no longer exists",
                 k.namespace, pod.name, pod.uid
             ));
         }
+        // As kube-apiserver: who the token's pod is, and (where it is
+        // bound) its node, for authorizers and signers to check.
+        use tapestry_runtime::csr::{EXTRA_NODE_NAME, EXTRA_POD_NAME, EXTRA_POD_UID};
+        user.extra
+            .insert(EXTRA_POD_NAME.into(), vec![pod.name.clone()]);
+        user.extra
+            .insert(EXTRA_POD_UID.into(), vec![pod.uid.clone()]);
+        if let Some(node) = obj
+            .as_ref()
+            .and_then(|o| o.pointer("/spec/nodeName"))
+            .and_then(Value::as_str)
+            .filter(|n| !n.is_empty())
+        {
+            user.extra
+                .insert(EXTRA_NODE_NAME.into(), vec![node.to_string()]);
+        }
     }
-    Ok(service_account_user(&k.namespace, &sa.name, &sa.uid))
+    Ok(user)
 }
 
 /// `system:serviceaccount:NS:NAME` in its groups.
@@ -208,5 +227,6 @@ pub fn service_account_user(namespace: &str, name: &str, uid: &str) -> User {
             "system:serviceaccounts".to_string(),
             format!("system:serviceaccounts:{namespace}"),
         ],
+        ..Default::default()
     }
 }

@@ -112,6 +112,7 @@ impl Running {
                 name: name.to_string(),
                 uid: String::new(),
                 groups: Vec::new(),
+                ..Default::default()
             }),
         }
     }
@@ -678,6 +679,7 @@ fn certificate_user(conn: &rustls::ServerConnection) -> Option<Authenticated> {
             name: s.common_name,
             uid: String::new(),
             groups: s.organizations,
+            ..Default::default()
         })),
         Ok(_) => None,
         Err(e) => {

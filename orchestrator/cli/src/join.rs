@@ -7,24 +7,16 @@
 //! their lifetime while the node runs; new connections use the new ones.
 
 use std::net::IpAddr;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use k8s_openapi::api::certificates::v1::{
-    CertificateSigningRequest, CertificateSigningRequestSpec,
-};
-use k8s_openapi::ByteString;
-use kube::api::{ObjectMeta, PostParams};
-use kube::Api;
+use tapestry_runtime::certificate::{self, kept, save, unix_now, Ask};
 use tapestry_runtime::csr::{self, KUBELET_CLIENT_SIGNER, KUBELET_SERVING_SIGNER, NODES_GROUP};
 use tapestry_runtime::identity::LiveIdentity;
 use tokio_util::sync::CancellationToken;
 
-/// How long a request may wait for approval before joining gives up.
-const APPROVAL_TIMEOUT: Duration = Duration::from_secs(300);
 /// How soon a failed renewal is tried again.
 const RENEWAL_RETRY: Duration = Duration::from_secs(30);
 
@@ -176,58 +168,16 @@ impl Join {
         names: &[String],
         purpose: &str,
     ) -> Result<(String, String)> {
-        let (key_pem, request_pem) =
-            csr::request(&self.user(), &[NODES_GROUP], names).map_err(anyhow::Error::msg)?;
-        let api: Api<CertificateSigningRequest> = Api::all(client.clone());
-        let csr = CertificateSigningRequest {
-            metadata: ObjectMeta {
-                generate_name: Some("node-csr-".into()),
-                ..Default::default()
-            },
-            spec: CertificateSigningRequestSpec {
-                request: ByteString(request_pem.into_bytes()),
-                signer_name: signer.into(),
-                usages: Some(vec![
-                    "digital signature".into(),
-                    "key encipherment".into(),
-                    purpose.into(),
-                ]),
-                ..Default::default()
-            },
-            status: None,
+        let ask = Ask {
+            signer: signer.into(),
+            common_name: self.user(),
+            organizations: vec![NODES_GROUP.into()],
+            names: names.to_vec(),
+            purpose: purpose.into(),
+            generate_name: "node-csr-".into(),
+            expiration_seconds: None,
         };
-        let created = api.create(&PostParams::default(), &csr).await?;
-        let name = created.metadata.name.unwrap_or_default();
-        let started = std::time::Instant::now();
-        let mut told = false;
-        loop {
-            let csr = api.get(&name).await?;
-            let status = csr.status.unwrap_or_default();
-            let conditions = status.conditions.unwrap_or_default();
-            if let Some(c) = conditions
-                .iter()
-                .find(|c| (c.type_ == "Denied" || c.type_ == "Failed") && c.status != "False")
-            {
-                bail!(
-                    "certificate signing request {name} {}: {}",
-                    c.type_.to_lowercase(),
-                    c.message.as_deref().unwrap_or("no reason given")
-                );
-            }
-            if let Some(cert) = status.certificate.filter(|c| !c.0.is_empty()) {
-                let cert = String::from_utf8(cert.0).context("issued certificate is not PEM")?;
-                tracing::info!(csr = %name, signer, "certificate issued");
-                return Ok((cert, key_pem));
-            }
-            if started.elapsed() > APPROVAL_TIMEOUT {
-                bail!("certificate signing request {name} was not approved within {} s; approve it with `kubectl certificate approve {name}`", APPROVAL_TIMEOUT.as_secs());
-            }
-            if !told && started.elapsed() > Duration::from_secs(5) {
-                tracing::info!(csr = %name, "waiting for the certificate signing request to be approved and signed");
-                told = true;
-            }
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
+        certificate::obtain(client, &ask).await
     }
 
     /// Renew each certificate when it is due, until `shutdown`.
@@ -239,9 +189,7 @@ impl Join {
         shutdown: CancellationToken,
     ) {
         // Nodes that joined together renew apart.
-        let jitter = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0.5, |d| f64::from(d.subsec_nanos() % 1000) / 999.0);
+        let jitter = certificate::jitter();
         loop {
             let due = |id: &LiveIdentity| {
                 csr::validity(&id.cert_pem())
@@ -315,49 +263,4 @@ impl Join {
         }
         result
     }
-}
-
-fn unix_now() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs() as i64)
-}
-
-/// The certificate and key kept in `file`, if they name `user`, cover
-/// `names` and are valid now.
-fn kept(file: &Path, user: &str, names: &[String]) -> Option<(String, String)> {
-    let text = std::fs::read_to_string(file).ok()?;
-    let (start, end) = csr::validity(&text).ok()?;
-    let now = unix_now();
-    if now < start || now >= end {
-        return None;
-    }
-    let (common_name, sans) = tapestry_runtime::x509::names(&text).ok()?;
-    if common_name != user || !names.iter().all(|n| sans.contains(n)) {
-        return None;
-    }
-    // The key is there and belongs to the certificate.
-    LiveIdentity::from_pem(&text, &text).ok()?;
-    Some((text.clone(), text))
-}
-
-/// Keep a certificate and its key in one file only root can read,
-/// replaced atomically.
-fn save(file: &Path, (cert, key): &(String, String)) -> Result<()> {
-    let tmp = file.with_extension("tmp");
-    let mut f = std::fs::OpenOptions::new()
-        .create(true)
-        .write(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)
-        .with_context(|| format!("writing {}", tmp.display()))?;
-    use std::io::Write;
-    f.write_all(cert.as_bytes())?;
-    if !cert.ends_with('\n') {
-        f.write_all(b"\n")?;
-    }
-    f.write_all(key.as_bytes())?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, file).with_context(|| format!("replacing {}", file.display()))
 }

@@ -590,3 +590,152 @@ fn a_client_certificate_names_its_user_and_groups() {
         as_user(&erin, "get pods -n default").0.then_some(())
     });
 }
+
+/// A CertificateSigningRequest manifest for `signer`, asking for `cn` in
+/// `orgs` with `names`, written to a file in `dir`; its path.
+fn csr_file(
+    dir: &std::path::Path,
+    name: &str,
+    signer: &str,
+    (cn, orgs, names): (&str, &[&str], &[String]),
+    purpose: &str,
+) -> String {
+    let (_, pem) = tapestry_runtime::csr::request(cn, orgs, names).unwrap();
+    let manifest = serde_json::json!({
+        "apiVersion": "certificates.k8s.io/v1", "kind": "CertificateSigningRequest",
+        "metadata": {"name": name},
+        "spec": {
+            "signerName": signer,
+            "request": k8s_openapi::ByteString(pem.into_bytes()),
+            "usages": ["digital signature", "key encipherment", purpose],
+        },
+    });
+    let path = dir.join(format!("{name}.json"));
+    std::fs::write(&path, manifest.to_string()).unwrap();
+    path.display().to_string()
+}
+
+#[test]
+fn taps_and_aggregators_get_certificates_only_for_their_own_node_and_addresses() {
+    if !require_kubectl() {
+        return;
+    }
+    let server = Server::start();
+    let dir = tempfile::tempdir().unwrap();
+    // The namespace and accounts the fleet manager deploys into (the
+    // server's bootstrap roles name them).
+    server.ok_stdin(
+        &["apply", "-f", "-"],
+        "apiVersion: v1\nkind: Namespace\nmetadata: {name: tapestry-system}\n---\napiVersion: v1\nkind: ServiceAccount\nmetadata: {name: tap-agent, namespace: tapestry-system}\n---\napiVersion: v1\nkind: ServiceAccount\nmetadata: {name: aggregator, namespace: tapestry-system}\n",
+    );
+    // Pods bound to node-a (no node runs them: binding is what counts).
+    server.ok_stdin(
+        &["apply", "-f", "-"],
+        "apiVersion: v1\nkind: Pod\nmetadata: {name: tap-a, namespace: tapestry-system}\nspec:\n  nodeName: node-a\n  serviceAccountName: tap-agent\n  containers: [{name: c, image: busybox:local}]\n---\napiVersion: v1\nkind: Pod\nmetadata: {name: agg, namespace: tapestry-system}\nspec:\n  nodeName: node-a\n  serviceAccountName: aggregator\n  containers: [{name: c, image: busybox:local}]\n",
+    );
+    server.ok_stdin(
+        &["apply", "-f", "-"],
+        "apiVersion: v1\nkind: Service\nmetadata: {name: aggregator, namespace: tapestry-system}\nspec:\n  ports: [{port: 50051}]\n",
+    );
+    let pod_token = |sa: &str, pod: &str| {
+        server
+            .ok(&[
+                "create",
+                "token",
+                sa,
+                "-n",
+                "tapestry-system",
+                "--bound-object-kind=Pod",
+                &format!("--bound-object-name={pod}"),
+            ])
+            .trim()
+            .to_string()
+    };
+    let tap_token = pod_token("tap-agent", "tap-a");
+    // The token's pod and node are part of who it is.
+    let status = token_review(&server, &tap_token);
+    assert_eq!(
+        status["user"]["extra"]["authentication.kubernetes.io/node-name"],
+        serde_json::json!(["node-a"]),
+        "{status}"
+    );
+    let unbound = server
+        .ok(&["create", "token", "tap-agent", "-n", "tapestry-system"])
+        .trim()
+        .to_string();
+    let signer = tapestry_runtime::csr::TAP_CLIENT_SIGNER;
+    let tap = |node: &str| format!("tapestry:tap:{node}");
+    let ask = |token: &str, name: &str, cn: &str| {
+        let file = csr_file(
+            dir.path(),
+            name,
+            signer,
+            (cn, &["tapestry:taps"], &[]),
+            "client auth",
+        );
+        let (ok, out) = with_token(&server, token, &format!("create -f {file}"));
+        assert!(ok, "{out}");
+    };
+    ask(&tap_token, "tap-own-node", &tap("node-a"));
+    ask(&tap_token, "tap-other-node", &tap("node-b"));
+    ask(&unbound, "tap-no-pod", &tap("node-a"));
+    let certificate = |name: &str| {
+        let out = server.ok(&["get", "csr", name, "-o", "jsonpath={.status.certificate}"]);
+        (!out.trim().is_empty()).then_some(())
+    };
+    wait_for(20, "the tap's certificate for its own node", || {
+        certificate("tap-own-node")
+    });
+
+    // The aggregator: its pod's address and its Service's name, nothing else.
+    let agg_token = pod_token("aggregator", "agg");
+    let pod_ip = server.ok(&[
+        "get",
+        "pod",
+        "agg",
+        "-n",
+        "tapestry-system",
+        "-o",
+        "jsonpath={.status.podIP}",
+    ]);
+    let serving = tapestry_runtime::csr::AGGREGATOR_SERVING_SIGNER;
+    let ask_serving = |name: &str, names: &[String]| {
+        let file = csr_file(
+            dir.path(),
+            name,
+            serving,
+            ("tapestry:aggregator", &[], names),
+            "server auth",
+        );
+        let (ok, out) = with_token(&server, &agg_token, &format!("create -f {file}"));
+        assert!(ok, "{out}");
+    };
+    // No node runs the pod, so it has no address yet: only the name.
+    assert!(pod_ip.trim().is_empty(), "{pod_ip}");
+    ask_serving("agg-own", &["aggregator.tapestry-system.svc".to_string()]);
+    ask_serving("agg-foreign", &["kubernetes.default.svc".to_string()]);
+    ask_serving("agg-foreign-ip", &["10.9.9.9".to_string()]);
+    wait_for(20, "the aggregator's certificate for its own names", || {
+        certificate("agg-own")
+    });
+
+    // What was not theirs waits for a person, never signed.
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    for name in [
+        "tap-other-node",
+        "tap-no-pod",
+        "agg-foreign",
+        "agg-foreign-ip",
+    ] {
+        let conditions = server.ok(&["get", "csr", name, "-o", "jsonpath={.status.conditions}"]);
+        assert!(conditions.trim().is_empty(), "{name}: {conditions}");
+        assert!(certificate(name).is_none(), "{name} was signed");
+    }
+    // A tap's account may not ask for a serving certificate at all.
+    let (ok, out) = with_token(
+        &server,
+        &tap_token,
+        "auth can-i create certificatesigningrequests --subresource=aggregatorserving",
+    );
+    assert!(!ok || out.trim() == "no", "{out}");
+}

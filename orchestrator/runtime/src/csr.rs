@@ -16,6 +16,17 @@ pub const KUBELET_CLIENT_SIGNER: &str = "kubernetes.io/kube-apiserver-client-kub
 pub const KUBELET_SERVING_SIGNER: &str = "kubernetes.io/kubelet-serving";
 /// Other client certificates for the API server.
 pub const CLIENT_SIGNER: &str = "kubernetes.io/kube-apiserver-client";
+/// Taps' client certificates for the aggregator's ingest:
+/// `tapestry:tap:NODE` in `tapestry:taps`.
+pub const TAP_CLIENT_SIGNER: &str = "tapestry.io/tap-client";
+/// The aggregator's serving certificate, for its addresses and names.
+pub const AGGREGATOR_SERVING_SIGNER: &str = "tapestry.io/aggregator-serving";
+/// The `extra` of a pod-bound service account token's user, as
+/// kube-apiserver sets it: the pod, and the node it is bound to. Requests
+/// record it, so signers can tell which pod (and node) asks.
+pub const EXTRA_POD_NAME: &str = "authentication.kubernetes.io/pod-name";
+pub const EXTRA_POD_UID: &str = "authentication.kubernetes.io/pod-uid";
+pub const EXTRA_NODE_NAME: &str = "authentication.kubernetes.io/node-name";
 /// The group of nodes' identities.
 pub const NODES_GROUP: &str = "system:nodes";
 /// A node's user name is this prefix and its node name.
@@ -180,6 +191,41 @@ pub fn check(signer: &str, requested: &Requested, usages: &[String]) -> Option<R
                     "server auth",
                 )
             }),
+        TAP_CLIENT_SIGNER => {
+            use tapestry_proto::identity::{tap_node, TAPS_GROUP, TAP_USER_PREFIX};
+            if tap_node(&requested.common_name).is_none() {
+                Err(format!(
+                    "subject common name must be {TAP_USER_PREFIX}<node name>, not {:?}",
+                    requested.common_name
+                ))
+            } else if requested.organizations != [TAPS_GROUP] {
+                Err(format!(
+                    "subject organization must be exactly {TAPS_GROUP:?}, not {:?}",
+                    requested.organizations
+                ))
+            } else {
+                no_names().and_then(|()| {
+                    usages_within(
+                        &["key encipherment", "digital signature", "client auth"],
+                        "client auth",
+                    )
+                })
+            }
+        }
+        AGGREGATOR_SERVING_SIGNER => {
+            if requested.other_names > 0 {
+                Err("only DNS names and IP addresses may be requested".into())
+            } else if requested.dns_names.is_empty() && requested.ips.is_empty() {
+                Err("at least one DNS name or IP address is required".into())
+            } else if !requested.organizations.is_empty() {
+                Err("a serving certificate names no organization".into())
+            } else {
+                usages_within(
+                    &["key encipherment", "digital signature", "server auth"],
+                    "server auth",
+                )
+            }
+        }
         CLIENT_SIGNER => {
             if requested.common_name.is_empty() {
                 Err("subject common name is required".into())
@@ -328,6 +374,38 @@ mod tests {
         assert_eq!(check(KUBELET_SERVING_SIGNER, &r, &serving), Some(Ok(())));
         assert!(check(KUBELET_SERVING_SIGNER, &r, &client).unwrap().is_err());
         assert!(check("example.com/mine", &r, &client).is_none());
+    }
+
+    #[test]
+    fn tap_and_aggregator_signers_issue_only_their_identities() {
+        let client = usages(&["digital signature", "client auth"]);
+        let serving = usages(&["digital signature", "server auth"]);
+        let (_, pem) = request("tapestry:tap:node-1", &["tapestry:taps"], &[]).unwrap();
+        let (tap, _) = parse(&pem).unwrap();
+        assert_eq!(check(TAP_CLIENT_SIGNER, &tap, &client), Some(Ok(())));
+        assert!(check(TAP_CLIENT_SIGNER, &tap, &serving).unwrap().is_err());
+        let (_, pem) = request("tapestry:tap:node-1", &[NODES_GROUP], &[]).unwrap();
+        let (r, _) = parse(&pem).unwrap();
+        assert!(check(TAP_CLIENT_SIGNER, &r, &client).unwrap().is_err());
+        let (_, pem) = request("system:node:node-1", &["tapestry:taps"], &[]).unwrap();
+        let (r, _) = parse(&pem).unwrap();
+        assert!(check(TAP_CLIENT_SIGNER, &r, &client).unwrap().is_err());
+        let names = [
+            "10.0.0.7".to_string(),
+            "aggregator.tapestry-system.svc".into(),
+        ];
+        let (_, pem) = request("aggregator", &[], &names).unwrap();
+        let (agg, _) = parse(&pem).unwrap();
+        assert_eq!(
+            check(AGGREGATOR_SERVING_SIGNER, &agg, &serving),
+            Some(Ok(()))
+        );
+        assert!(check(AGGREGATOR_SERVING_SIGNER, &agg, &client)
+            .unwrap()
+            .is_err());
+        assert!(check(AGGREGATOR_SERVING_SIGNER, &tap, &serving)
+            .unwrap()
+            .is_err());
     }
 
     #[test]

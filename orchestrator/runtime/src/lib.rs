@@ -7,6 +7,7 @@
 //! its own watch loop (see `tapestry_scheduler::run`) and records events
 //! with it.
 
+pub mod certificate;
 pub mod csr;
 pub mod events;
 pub mod http;

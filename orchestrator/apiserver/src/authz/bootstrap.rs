@@ -256,6 +256,13 @@ fn controller_manager_rules() -> Vec<Value> {
         rule(&["discovery.k8s.io"], &["endpointslices"], &["create"]),
         rule(&["coordination.k8s.io"], &["leases"], &["create"]),
         rule(&["events.k8s.io"], &["events"], &["create"]),
+        // The CSR approver asks whether a requester may have a tapestry
+        // signer's certificate.
+        rule(
+            &["authorization.k8s.io"],
+            &["subjectaccessreviews"],
+            &["create"],
+        ),
     ]
 }
 
@@ -417,6 +424,23 @@ struct Component {
 /// The namespace the fleet manager deploys taps and aggregators into.
 const TAPESTRY_NAMESPACE: &str = "tapestry-system";
 
+/// Asking for certificates, and the permission that makes the controller
+/// manager approve a Tapestry signer's request (`certificatesigningrequests/SUB`).
+fn certificate_rules(sub: &str) -> [Value; 2] {
+    [
+        rule(
+            &["certificates.k8s.io"],
+            &["certificatesigningrequests"],
+            &["create", "get"],
+        ),
+        rule(
+            &["certificates.k8s.io"],
+            &[&format!("certificatesigningrequests/{sub}")],
+            &["create"],
+        ),
+    ]
+}
+
 /// The tap-agent, aggregator and fleet manager (identities in
 /// [`crate::pki::COMPONENTS`]): each only what it calls.
 fn components() -> Vec<Component> {
@@ -430,7 +454,12 @@ fn components() -> Vec<Component> {
             cluster: vec![
                 rule(&[""], &["pods", "namespaces", "nodes"], &["list", "watch"]),
                 rule(&[tapestry], &["tappolicies"], &["list", "watch"]),
-            ],
+            ]
+            .into_iter()
+            // Its client certificate for the aggregator (approved only for
+            // the node the asking pod runs on).
+            .chain(certificate_rules("tapclient"))
+            .collect(),
             local: vec![
                 rule(
                     &["discovery.k8s.io"],
@@ -458,7 +487,12 @@ fn components() -> Vec<Component> {
                     &["tappolicies/status", "taptools/status"],
                     &["patch"],
                 ),
-            ],
+            ]
+            .into_iter()
+            // Its serving certificate (approved only for its own pod's
+            // addresses and its namespace's Service names).
+            .chain(certificate_rules("aggregatorserving"))
+            .collect(),
             local: Vec::new(),
         },
         Component {

@@ -409,6 +409,7 @@ pub fn acting_user(
         name,
         uid: uids.into_iter().next().unwrap_or_default(),
         groups,
+        ..Default::default()
     }))
 }
 

@@ -356,6 +356,7 @@ mod tests {
             name: format!("system:node:{name}"),
             uid: String::new(),
             groups: vec![NODES.into(), "system:authenticated".into()],
+            ..Default::default()
         }
     }
 

@@ -130,7 +130,11 @@ async fn token_review(tokens: &LiveTokens, api: &Api, spec: &Value) -> Value {
 }
 
 fn user_info(user: &User) -> Value {
-    json!({"username": user.name, "uid": user.uid, "groups": user.groups})
+    let mut info = json!({"username": user.name, "uid": user.uid, "groups": user.groups});
+    if !user.extra.is_empty() {
+        info["extra"] = json!(user.extra);
+    }
+    info
 }
 
 /// The user a (Local)SubjectAccessReview asks about.
@@ -160,6 +164,7 @@ fn subject(spec: &Value) -> ApiResult<User> {
         name: name.to_string(),
         uid: spec["uid"].as_str().unwrap_or_default().to_string(),
         groups,
+        extra: serde_json::from_value(spec["extra"].clone()).unwrap_or_default(),
     })
 }
 

@@ -10,6 +10,7 @@ fn user(name: &str, groups: &[&str]) -> User {
         name: name.into(),
         uid: name.into(),
         groups: groups.iter().map(|g| g.to_string()).collect(),
+        ..Default::default()
     })
 }
 

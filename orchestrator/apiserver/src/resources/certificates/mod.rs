@@ -143,6 +143,9 @@ impl Behaviour for CsrBehaviour {
                 spec.insert("uid".into(), json!(user.uid));
             }
             spec.insert("groups".into(), json!(user.groups));
+            if !user.extra.is_empty() {
+                spec.insert("extra".into(), json!(user.extra));
+            }
         }
     }
 
@@ -311,6 +314,7 @@ mod tests {
             name: "system:bootstrap:abcdef".into(),
             uid: String::new(),
             groups: vec!["system:bootstrappers".into()],
+            ..Default::default()
         };
         CsrBehaviour.record_requester(&mut o, Some(&user));
         assert_eq!(o["spec"]["username"], "system:bootstrap:abcdef");
