@@ -79,32 +79,44 @@ impl ClientTls {
             std::fs::read(p).with_context(|| format!("{what} {}", p.display()))
         };
         Ok(ClientTlsConfig::new()
-            .ca_certificate(Certificate::from_pem(read(&self.ca, "--tls-ca")?))
+            .ca_certificate(Certificate::from_pem(read(
+                &self.ca,
+                "the aggregator's CA",
+            )?))
             .identity(Identity::from_pem(
-                read(&self.cert, "--tls-cert")?,
-                read(&self.key, "--tls-key")?,
+                read(&self.cert, "this tap's certificate")?,
+                read(&self.key, "this tap's key")?,
             )))
     }
 }
 
-pub fn endpoint(url: &str, tls: Option<&ClientTls>) -> Result<Endpoint> {
+/// `url` as an endpoint, if it can be an aggregator's address: a host,
+/// and `https` exactly when TLS is configured.
+pub fn check_url(url: &str, tls: bool) -> Result<Endpoint> {
     let ep = Endpoint::from_shared(url.to_string()).with_context(|| {
         format!("--aggregator `{url}` is not a valid URL (expected http://HOST:PORT)")
     })?;
     if ep.uri().host().is_none() {
         bail!("--aggregator `{url}` has no host (expected http://HOST:PORT)");
     }
-    let ep = match (ep.uri().scheme_str() == Some("https"), tls) {
-        (true, Some(tls)) => ep
+    match (ep.uri().scheme_str() == Some("https"), tls) {
+        (true, false) => bail!(
+            "--aggregator `{url}` is https: give --tls-cert, --tls-key and --tls-ca (or --tls-from-csr)"
+        ),
+        (false, true) => bail!(
+            "--aggregator `{url}`: with TLS configured the aggregator is reached at https://HOST:PORT"
+        ),
+        _ => Ok(ep),
+    }
+}
+
+pub fn endpoint(url: &str, tls: Option<&ClientTls>) -> Result<Endpoint> {
+    let ep = check_url(url, tls.is_some())?;
+    let ep = match tls {
+        Some(tls) => ep
             .tls_config(tls.config()?)
             .with_context(|| format!("TLS to {url}"))?,
-        (true, None) => {
-            bail!("--aggregator `{url}` is https: give --tls-cert, --tls-key and --tls-ca")
-        }
-        (false, Some(_)) => {
-            bail!("--aggregator `{url}`: with --tls-cert the aggregator is reached at https://HOST:PORT")
-        }
-        (false, None) => ep,
+        None => ep,
     };
     Ok(ep
         .connect_timeout(Duration::from_secs(2))

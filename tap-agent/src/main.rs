@@ -231,6 +231,38 @@ fn main() -> ExitCode {
 /// The lifetime asked for a tap's client certificate (renewed at 70–90%).
 const TAP_CERTIFICATE_SECONDS: i32 = 24 * 3600;
 
+/// Obtain this tap's certificate (and keep renewing it), retrying while it
+/// is refused or not approved; the reason shows in the tap's status.
+async fn keep_certificate(
+    client: kube::Client,
+    ask: tapestry_runtime::certificate::Ask,
+    file: PathBuf,
+    board: Arc<StatusBoard>,
+) {
+    tracing::info!(file = %file.display(), identity = %ask.common_name, "keeping this tap's client certificate");
+    loop {
+        let kept = tapestry_runtime::certificate::keep(
+            client.clone(),
+            ask.clone(),
+            file.clone(),
+            tokio_util::sync::CancellationToken::new(),
+        )
+        .await;
+        match kept {
+            Ok(()) => {
+                board.set_problems("certificate", vec![]);
+                return;
+            }
+            Err(e) => {
+                let msg = format!("no client certificate for the aggregator yet: {e:#}");
+                tracing::warn!("{msg}");
+                board.set_problems("certificate", vec![msg]);
+                tokio::time::sleep(Duration::from_secs(30)).await;
+            }
+        }
+    }
+}
+
 async fn run(a: RunArgs, file_policies: Option<Vec<TapPolicy>>) -> anyhow::Result<()> {
     let node = a.node.clone().unwrap_or_else(hostname);
     let tap_id = a.tap_id.clone().unwrap_or_else(hostname);
@@ -260,15 +292,14 @@ async fn run(a: RunArgs, file_policies: Option<Vec<TapPolicy>>) -> anyhow::Resul
                 generate_name: format!("tap-{node}-"),
                 expiration_seconds: Some(TAP_CERTIFICATE_SECONDS),
             };
-            tracing::info!(node = %node, file = %file.display(), "keeping this tap's client certificate");
-            tapestry_runtime::certificate::keep(
+            // Tapping starts at once; the shipper connects once the
+            // certificate is there (what it captures meanwhile queues).
+            tokio::spawn(keep_certificate(
                 client.clone(),
                 ask,
                 file.clone(),
-                tokio_util::sync::CancellationToken::new(),
-            )
-            .await
-            .map_err(|e| e.context("the tap's client certificate"))?;
+                board.clone(),
+            ));
             Some(agent::ClientTls {
                 cert: file.clone(),
                 key: file.clone(),
@@ -282,7 +313,7 @@ async fn run(a: RunArgs, file_policies: Option<Vec<TapPolicy>>) -> anyhow::Resul
     };
     let aggregators = match (&a.aggregator, &a.aggregator_service, &client) {
         (Some(url), _, _) => {
-            agent::endpoint(url, tls.as_ref())?;
+            agent::check_url(url, tls.is_some())?;
             tokio::sync::watch::channel(vec![url.clone()]).1
         }
         (None, Some(service), Some(client)) => {

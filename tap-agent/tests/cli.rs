@@ -124,3 +124,48 @@ fn bad_policy_files_name_the_policy_and_field() {
         );
     }
 }
+
+#[test]
+fn tls_settings_must_agree_with_the_url() {
+    let (code, err) = run(&[
+        "run",
+        "--iface",
+        "lo",
+        "--aggregator",
+        "https://127.0.0.1:1",
+    ]);
+    assert_ne!(code, 0);
+    assert!(
+        err.contains("is https") && err.contains("--tls-cert"),
+        "{err}"
+    );
+    let (code, err) = run(&[
+        "run",
+        "--iface",
+        "lo",
+        "--aggregator",
+        "http://127.0.0.1:1",
+        "--tls-cert",
+        "c.pem",
+        "--tls-key",
+        "k.pem",
+        "--tls-ca",
+        "ca.pem",
+    ]);
+    assert_ne!(code, 0);
+    assert!(err.contains("https://HOST:PORT"), "{err}");
+    // A certificate from a signing request needs a cluster to ask.
+    let (code, err) = run(&[
+        "run",
+        "--iface",
+        "lo",
+        "--aggregator",
+        "https://127.0.0.1:1",
+        "--tls-from-csr",
+        "tap.pem",
+        "--tls-ca",
+        "ca.pem",
+    ]);
+    assert_ne!(code, 0);
+    assert!(err.contains("--tls-from-csr"), "{err}");
+}
