@@ -44,8 +44,8 @@ pub struct TapStats {
     pub malformed_batches: Counter,
     /// The tap's last sequence number taken in.
     pub last_sequence: AtomicU64,
-    /// Sources that claimed a pod not bound to the tap's node.
-    pub stripped_sources: Counter,
+    /// Records longer than any tool takes, cut at ingest.
+    pub truncated_records: Counter,
 }
 
 /// Per-policy counters.
@@ -256,10 +256,10 @@ impl Registry {
             taps.iter().map(|(k, s)| (tl(k), s.sequence_gaps.get()))
         );
         fam!(
-            "tapestry_aggregator_tap_stripped_sources_total",
-            "Sources whose pod identity was dropped: the pod is not bound to the tap's node.",
+            "tapestry_aggregator_tap_truncated_records_total",
+            "Records of a tap longer than libpcap's largest snapshot, cut to it at ingest.",
             "counter",
-            taps.iter().map(|(k, s)| (tl(k), s.stripped_sources.get()))
+            taps.iter().map(|(k, s)| (tl(k), s.truncated_records.get()))
         );
         let mut refused: Vec<_> = self
             .ingest_refused

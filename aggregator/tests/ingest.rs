@@ -306,3 +306,72 @@ policies:
     let status = agg.child.wait().unwrap();
     assert!(status.success(), "{status:?}");
 }
+
+/// A record longer than any pcap reader takes is cut to libpcap's largest
+/// snapshot at ingest (and counted), and a stream naming thousands of
+/// sources gets a bounded table: the tool still reads a valid stream.
+#[test]
+fn oversized_records_are_cut_and_sources_bounded() {
+    use std::io::Read;
+    let dir = tempfile::tempdir().unwrap();
+    let agg = Aggregator::start(
+        r#"
+sinks:
+  - { name: out, type: pcap_over_ip, listen: "127.0.0.1:0" }
+policies:
+  - name: all
+    sinks: [out]
+"#,
+        dir.path(),
+    );
+    let mut tool = std::net::TcpStream::connect(&agg.sinks["out"]).unwrap();
+    tool.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+        .unwrap();
+    agg.wait_metric(
+        "tapestry_aggregator_sink_clients{sink=\"out\",type=\"pcap_over_ip\"}",
+        1.0,
+        10,
+    );
+    let mut records = RecordsBuilder::default();
+    let mut huge = frame(1);
+    huge.resize(300_000, 0xab);
+    let record = |source_id: u32, len: usize| Record {
+        timestamp_ns: 1_700_000_000_000_000_000,
+        wire_length: len as u32,
+        source_id,
+        direction: 1,
+        policy_mask: 1,
+    };
+    records.push(&record(1, huge.len()), &huge);
+    for id in 0..10_000u32 {
+        records.push(&record(id, 60), &frame(2));
+    }
+    let (records, record_count) = records.finish();
+    let mut first = batch(1, 0, true, 0);
+    first.records = records;
+    first.record_count = record_count;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let acks = rt.block_on(stream(&agg.grpc, vec![first]));
+    assert_eq!(acks.last().map(|a| a.0), Some(1), "{acks:?}");
+    let tap = "{tap=\"node-a\"}";
+    assert_eq!(
+        agg.metric(&format!(
+            "tapestry_aggregator_tap_truncated_records_total{tap}"
+        )),
+        1.0
+    );
+    assert_eq!(
+        agg.metric(&format!("tapestry_aggregator_tap_packets_total{tap}")),
+        10_001.0
+    );
+    // The pcap stream: the global header, then the cut record.
+    let mut header = [0u8; 24 + 16];
+    tool.read_exact(&mut header).unwrap();
+    let incl = u32::from_le_bytes(header[32..36].try_into().unwrap());
+    let orig = u32::from_le_bytes(header[36..40].try_into().unwrap());
+    assert_eq!(incl, tapestry_proto::policy::MAX_SNAPLEN);
+    assert_eq!(orig, 300_000);
+}

@@ -24,6 +24,12 @@ use crate::event::{Batch, Direction, Iface, Packet};
 use crate::metrics::Registry;
 use crate::topology::{IngestTable, PolicyTable};
 
+/// The longest record handed on (libpcap's largest snapshot length).
+const MAX_RECORD: usize = tapestry_proto::policy::MAX_SNAPLEN as usize;
+
+/// Sources (interfaces) one stream may name.
+const MAX_SOURCES: usize = 4096;
+
 pub struct IngestService {
     pub policies: Arc<IngestTable>,
     pub registry: Arc<Registry>,
@@ -62,6 +68,7 @@ impl StreamState {
         let sources = h
             .sources
             .iter()
+            .take(MAX_SOURCES)
             .map(|s| {
                 let (name, is_pod) = match &s.pod {
                     Some(p) => (format!("{}/{}", p.namespace, p.name), true),
@@ -161,6 +168,14 @@ impl StreamState {
                     break;
                 }
             };
+            // No tool takes more than libpcap's largest snapshot (a pcap
+            // reader refuses a longer record): cut here, once, for all.
+            let data = if data.len() > MAX_RECORD {
+                tap.truncated_records.add(1);
+                data.slice(..MAX_RECORD)
+            } else {
+                data
+            };
             n += 1;
             bytes += data.len() as u64;
             let policies = self.policies_for(r.policy_mask);
@@ -191,12 +206,23 @@ impl StreamState {
 
     fn iface(&mut self, id: u32) -> Arc<Iface> {
         let tap_id = &self.tap_id;
+        // Source ids are the tap's word: a stream gets a bounded table,
+        // and ids past it share one entry.
+        let id = if self.sources.len() >= MAX_SOURCES && !self.sources.contains_key(&id) {
+            u32::MAX
+        } else {
+            id
+        };
         self.sources
             .entry(id)
             .or_insert_with(|| {
                 Arc::new(Iface {
                     tap_id: tap_id.clone(),
-                    name: format!("source-{id}"),
+                    name: if id == u32::MAX {
+                        "sources-past-limit".to_string()
+                    } else {
+                        format!("source-{id}")
+                    },
                     is_pod: false,
                     interface: String::new(),
                 })

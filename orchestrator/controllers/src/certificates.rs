@@ -30,8 +30,8 @@ use kube::api::{DeleteParams, ListParams, Patch, PatchParams};
 use kube::{Api, ResourceExt};
 use serde_json::json;
 use tapestry_runtime::csr::{
-    self, AGGREGATOR_SERVING_SIGNER, EXTRA_NODE_NAME, EXTRA_POD_NAME, KUBELET_CLIENT_SIGNER,
-    KUBELET_SERVING_SIGNER, NODES_GROUP, TAP_CLIENT_SIGNER,
+    self, AGGREGATOR_SERVING_SIGNER, EXTRA_NODE_NAME, EXTRA_POD_NAME, EXTRA_POD_UID,
+    KUBELET_CLIENT_SIGNER, KUBELET_SERVING_SIGNER, NODES_GROUP, TAP_CLIENT_SIGNER,
 };
 use tapestry_runtime::{key_of, Queue, Requeue};
 use tokio_util::sync::CancellationToken;
@@ -171,7 +171,10 @@ fn serves_its_own_names(ctx: &Ctx, csr: &CertificateSigningRequest, r: &csr::Req
     else {
         return false;
     };
-    let Some(pod) = extra(csr, EXTRA_POD_NAME).and_then(|p| ctx.pods.get(Some(namespace), p))
+    // The very pod the token was bound to, not a later one of that name.
+    let Some(pod) = extra(csr, EXTRA_POD_NAME)
+        .and_then(|p| ctx.pods.get(Some(namespace), p))
+        .filter(|p| p.metadata.uid.as_deref() == extra(csr, EXTRA_POD_UID))
     else {
         return false;
     };
