@@ -283,9 +283,13 @@ impl Cluster {
 
     /// kubectl with the cluster's kubeconfig; stdout, or stderr as the error.
     pub fn kubectl_stdin(&self, args: &[&str], stdin: Option<&str>) -> Result<String, String> {
+        // A discovery cache per cluster: kubectl would otherwise map kinds
+        // from the cache of an earlier cluster on the same port.
         let mut child = Command::new("kubectl")
             .arg("--kubeconfig")
             .arg(self.kubeconfig())
+            .arg("--cache-dir")
+            .arg(self.dir.path().join("kubectl-cache"))
             .args(args)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())

@@ -140,8 +140,12 @@ impl Server {
 
     pub fn kubectl_cmd(&self, args: &[&str]) -> Command {
         let mut cmd = Command::new("kubectl");
+        // A discovery cache per server: servers of earlier tests may have
+        // had this port, and kubectl would map kinds from their cache.
         cmd.env("KUBECONFIG", self.kubeconfig())
             .env("KUBECTL_EXTERNAL_DIFF", "diff -u")
+            .arg("--cache-dir")
+            .arg(self.dir.path().join("kubectl-cache"))
             .args(args);
         cmd
     }
