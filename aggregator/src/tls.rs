@@ -14,11 +14,12 @@ use std::{
 
 use anyhow::{anyhow, Context as _};
 use rustls::{
-    pki_types::{CertificateDer, PrivateKeyDer},
+    pki_types::CertificateDer,
     server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier},
     sign::CertifiedKey,
     RootCertStore, ServerConfig,
 };
+use tapestry_runtime::identity::LiveIdentity;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::{server::TlsStream, TlsAcceptor};
 use tokio_stream::wrappers::ReceiverStream;
@@ -113,13 +114,6 @@ pub fn incoming(
     ReceiverStream::new(rx)
 }
 
-/// The subject CN of a DER certificate.
-pub fn common_name(der: &[u8]) -> Option<String> {
-    let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
-    let cn = cert.subject().iter_common_name().next()?;
-    cn.as_str().ok().map(str::to_string)
-}
-
 fn read_certs(path: &Path) -> anyhow::Result<Vec<CertificateDer<'static>>> {
     let pem = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
     let certs = rustls_pemfile::certs(&mut pem.as_slice())
@@ -131,19 +125,13 @@ fn read_certs(path: &Path) -> anyhow::Result<Vec<CertificateDer<'static>>> {
     Ok(certs)
 }
 
-fn read_key(path: &Path) -> anyhow::Result<PrivateKeyDer<'static>> {
-    let pem = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
-    rustls_pemfile::private_key(&mut pem.as_slice())
-        .with_context(|| format!("{}: not a PEM private key", path.display()))?
-        .ok_or_else(|| anyhow!("{}: no private key in it", path.display()))
+fn read_pem(path: &Path) -> anyhow::Result<String> {
+    std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))
 }
 
-fn load(files: &TlsFiles) -> anyhow::Result<Arc<CertifiedKey>> {
-    let chain = read_certs(&files.cert)?;
-    let key = read_key(&files.key)?;
-    let key = rustls::crypto::ring::sign::any_supported_type(&key)
-        .map_err(|e| anyhow!("{}: {e}", files.key.display()))?;
-    Ok(Arc::new(CertifiedKey::new(chain, key)))
+fn load(files: &TlsFiles) -> anyhow::Result<LiveIdentity> {
+    LiveIdentity::from_pem(&read_pem(&files.cert)?, &read_pem(&files.key)?)
+        .map_err(|e| anyhow!("{} and {}: {e}", files.cert.display(), files.key.display()))
 }
 
 fn modified(files: &TlsFiles) -> Option<(SystemTime, SystemTime)> {
@@ -155,49 +143,53 @@ fn modified(files: &TlsFiles) -> Option<(SystemTime, SystemTime)> {
 #[derive(Debug)]
 struct ReloadingCert {
     files: TlsFiles,
-    state: Mutex<Loaded>,
-}
-
-#[derive(Debug)]
-struct Loaded {
-    checked: Instant,
-    modified: Option<(SystemTime, SystemTime)>,
-    key: Arc<CertifiedKey>,
+    identity: LiveIdentity,
+    /// When the files were last looked at, and their times then.
+    checked: Mutex<(Instant, Option<(SystemTime, SystemTime)>)>,
 }
 
 impl ReloadingCert {
     fn new(files: TlsFiles) -> anyhow::Result<ReloadingCert> {
-        let key = load(&files)?;
         Ok(ReloadingCert {
-            state: Mutex::new(Loaded {
-                checked: Instant::now(),
-                modified: modified(&files),
-                key,
-            }),
+            identity: load(&files)?,
+            checked: Mutex::new((Instant::now(), modified(&files))),
             files,
         })
+    }
+
+    /// Take up changed files (at most every [`RELOAD_CHECK`]). A pair that
+    /// does not load (half written, key not the certificate's) leaves the
+    /// old one in use until the next check.
+    fn refresh(&self) {
+        let mut checked = self.checked.lock().unwrap_or_else(|e| e.into_inner());
+        if checked.0.elapsed() < RELOAD_CHECK {
+            return;
+        }
+        checked.0 = Instant::now();
+        let now = modified(&self.files);
+        if now.is_none() || now == checked.1 {
+            return;
+        }
+        let replaced = read_pem(&self.files.cert)
+            .and_then(|cert| Ok((cert, read_pem(&self.files.key)?)))
+            .and_then(|(cert, key)| {
+                self.identity
+                    .replace(&cert, &key)
+                    .map_err(anyhow::Error::msg)
+            });
+        match replaced {
+            Ok(()) => {
+                checked.1 = now;
+                tracing::info!(cert = %self.files.cert.display(), "gRPC certificate reloaded");
+            }
+            Err(e) => tracing::warn!("gRPC certificate not reloaded: {e:#}"),
+        }
     }
 }
 
 impl ResolvesServerCert for ReloadingCert {
-    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        if st.checked.elapsed() >= RELOAD_CHECK {
-            st.checked = Instant::now();
-            let now = modified(&self.files);
-            if now.is_some() && now != st.modified {
-                // A half-written pair fails to load: keep the old one and
-                // try again at the next check.
-                match load(&self.files) {
-                    Ok(key) => {
-                        st.key = key;
-                        st.modified = now;
-                        tracing::info!(cert = %self.files.cert.display(), "gRPC certificate reloaded");
-                    }
-                    Err(e) => tracing::warn!("gRPC certificate not reloaded: {e:#}"),
-                }
-            }
-        }
-        Some(st.key.clone())
+    fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        self.refresh();
+        self.identity.resolve(hello)
     }
 }

@@ -5,75 +5,31 @@
 mod common;
 
 use bytes::Bytes;
-use common::Aggregator;
-use tapestry_proto::records::{Record, RecordsBuilder, FORMAT_V1};
-use tapestry_proto::tap::v2::tap_ingest_client::TapIngestClient;
+use common::{exchange, frame, tap_batch, Aggregator};
+use tapestry_proto::records::{Record, RecordsBuilder};
 use tapestry_proto::tap::v2::Batch;
 
-fn frame(i: u8) -> Vec<u8> {
-    let mut f = vec![0u8; 60];
-    f[12] = 0x08;
-    f[59] = i;
-    f
+/// A batch of the tap of node-a; the first of a stream carries the Hello.
+fn batch(sequence: u64, packets: u8, first: bool, resumed_after: u64) -> Batch {
+    tap_batch("node-a", sequence, packets, first, resumed_after)
 }
 
-fn batch(sequence: u64, packets: u8, first: bool, resumed_after: u64) -> Batch {
-    let mut records = RecordsBuilder::default();
-    for i in 0..packets {
-        let data = frame(i);
-        records.push(
-            &Record {
-                timestamp_ns: 1_700_000_000_000_000_000,
-                wire_length: data.len() as u32,
-                source_id: 1,
-                direction: 1,
-                policy_mask: 1,
-            },
-            &data,
-        );
-    }
-    let (records, record_count) = records.finish();
-    let tap = tapestry_aggregator::synthtap::TapSpec {
-        tap_id: "node-a".into(),
-        pods: vec![("web".into(), "frontend-0".into())],
-        policy_names: vec!["all".into()],
-        batch: 1,
-        rate: None,
-        stamp_now: false,
-    };
-    Batch {
-        sequence,
-        hello: first.then(|| tapestry_aggregator::synthtap::hello(&tap)),
-        record_format: FORMAT_V1,
-        record_count,
-        records,
-        dropped_since_last: 0,
-        resumed_after,
-    }
+fn plaintext(grpc: &str) -> tonic::transport::Endpoint {
+    tapestry_aggregator::synthtap::plaintext(grpc).unwrap()
 }
 
 /// Sends `batches` on one stream; returns the acknowledgements received
 /// (cumulative: some may be skipped) until the aggregator ended it, as
 /// (through, resumed through).
 async fn stream(grpc: &str, batches: Vec<Batch>) -> Vec<(u64, u64)> {
-    let mut client = TapIngestClient::connect(format!("http://{grpc}"))
-        .await
-        .unwrap();
-    let (tx, rx) = tokio::sync::mpsc::channel(16);
-    for b in batches {
-        tx.send(b).await.unwrap();
-    }
-    drop(tx);
-    let mut acks = client
-        .stream(tokio_stream::wrappers::ReceiverStream::new(rx))
-        .await
-        .unwrap()
-        .into_inner();
-    let mut seen = Vec::new();
-    while let Some(a) = acks.message().await.unwrap() {
-        seen.push((a.through_sequence, a.resumed_through));
-    }
-    seen
+    let out = exchange(plaintext(grpc), batches).await.unwrap();
+    assert!(out.failure.is_none(), "{:?}", out.failure);
+    out.acks
+}
+
+/// Sends `batches` and returns the status the stream ended with.
+async fn refusal(grpc: &str, batches: Vec<Batch>) -> Option<tonic::Status> {
+    exchange(plaintext(grpc), batches).await.unwrap().failure
 }
 
 #[test]
@@ -138,54 +94,9 @@ policies:
     assert_eq!(metric("sequence_gap_batches_total"), 3.0);
 
     // No Hello first: refused with a reason, nothing counted.
-    let refused = rt.block_on(async {
-        let mut client = TapIngestClient::connect(format!("http://{}", agg.grpc))
-            .await
-            .unwrap();
-        let (tx, rx) = tokio::sync::mpsc::channel(1);
-        tx.send(batch(1, 1, false, 0)).await.unwrap();
-        drop(tx);
-        let mut acks = client
-            .stream(tokio_stream::wrappers::ReceiverStream::new(rx))
-            .await
-            .unwrap()
-            .into_inner();
-        loop {
-            match acks.message().await {
-                Ok(Some(_)) => continue,
-                Ok(None) => break None,
-                Err(status) => break Some(status),
-            }
-        }
-    });
+    let refused = rt.block_on(refusal(&agg.grpc, vec![batch(1, 1, false, 0)]));
     let status = refused.expect("a stream without a Hello is refused");
     assert!(status.message().contains("Hello"), "{status:?}");
-}
-
-/// Sends `batches` and returns the status the stream ended with.
-async fn refusal(grpc: &str, batches: Vec<Batch>) -> Option<tonic::Status> {
-    let mut client = TapIngestClient::connect(format!("http://{grpc}"))
-        .await
-        .unwrap();
-    let (tx, rx) = tokio::sync::mpsc::channel(4);
-    for b in batches {
-        tx.send(b).await.unwrap();
-    }
-    drop(tx);
-    let mut acks = match client
-        .stream(tokio_stream::wrappers::ReceiverStream::new(rx))
-        .await
-    {
-        Ok(r) => r.into_inner(),
-        Err(status) => return Some(status),
-    };
-    loop {
-        match acks.message().await {
-            Ok(Some(_)) => continue,
-            Ok(None) => return None,
-            Err(status) => return Some(status),
-        }
-    }
 }
 
 /// Taps of another version get a clear error, never garbage: records in a
@@ -272,9 +183,11 @@ policies:
         .unwrap();
     let pid = agg.child.id() as i32;
     let (last, ended_after) = rt.block_on(async {
-        let mut client = TapIngestClient::connect(format!("http://{}", agg.grpc))
-            .await
-            .unwrap();
+        let mut client = tapestry_proto::tap::v2::tap_ingest_client::TapIngestClient::connect(
+            format!("http://{}", agg.grpc),
+        )
+        .await
+        .unwrap();
         let (tx, rx) = tokio::sync::mpsc::channel(16);
         tx.send(batch(1, 2, true, 0)).await.unwrap();
         tx.send(batch(2, 2, false, 0)).await.unwrap();

@@ -6,14 +6,11 @@ mod common;
 
 use std::path::{Path, PathBuf};
 
-use common::Aggregator;
+use common::{exchange, tap_batch, Aggregator};
 use rcgen::{
     BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
 };
-use tapestry_proto::records::{Record, RecordsBuilder, FORMAT_V1};
-use tapestry_proto::tap::v2::tap_ingest_client::TapIngestClient;
-use tapestry_proto::tap::v2::Batch;
-use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
 
 struct Ca {
     issuer: Issuer<'static, KeyPair>,
@@ -60,40 +57,6 @@ fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
     p
 }
 
-fn batch(sequence: u64, node: &str) -> Batch {
-    let mut records = RecordsBuilder::default();
-    let mut frame = vec![0u8; 60];
-    frame[12] = 0x08;
-    records.push(
-        &Record {
-            timestamp_ns: 1_700_000_000_000_000_000,
-            wire_length: 60,
-            source_id: 1,
-            direction: 1,
-            policy_mask: 1,
-        },
-        &frame,
-    );
-    let (records, record_count) = records.finish();
-    let spec = tapestry_aggregator::synthtap::TapSpec {
-        tap_id: node.into(),
-        pods: vec![("web".into(), "frontend-0".into())],
-        policy_names: vec!["all".into()],
-        batch: 1,
-        rate: None,
-        stamp_now: false,
-    };
-    Batch {
-        sequence,
-        hello: (sequence == 1).then(|| tapestry_aggregator::synthtap::hello(&spec)),
-        record_format: FORMAT_V1,
-        record_count,
-        records,
-        dropped_since_last: 0,
-        resumed_after: 0,
-    }
-}
-
 /// Connects as `identity` (none: TLS without a client certificate) and
 /// sends two batches claiming `node`; the acknowledged sequence or the
 /// error, as text.
@@ -107,30 +70,18 @@ async fn send(
     if let Some((cert, key)) = identity {
         tls = tls.identity(Identity::from_pem(cert, key));
     }
-    let channel: Channel = Endpoint::from_shared(format!("https://{grpc}"))
+    let endpoint = Endpoint::from_shared(format!("https://{grpc}"))
         .unwrap()
         .tls_config(tls)
-        .unwrap()
-        .connect()
-        .await
-        .map_err(|e| format!("connect: {e:?}"))?;
-    let mut client = TapIngestClient::new(channel);
-    let (tx, rx) = tokio::sync::mpsc::channel(4);
-    tx.send(batch(1, node)).await.unwrap();
-    tx.send(batch(2, node)).await.unwrap();
-    drop(tx);
-    let mut acks = client
-        .stream(tokio_stream::wrappers::ReceiverStream::new(rx))
-        .await
-        .map_err(|s| format!("{:?}: {}", s.code(), s.message()))?
-        .into_inner();
-    let mut last = 0;
-    loop {
-        match acks.message().await {
-            Ok(Some(a)) => last = a.through_sequence,
-            Ok(None) => return Ok(last),
-            Err(s) => return Err(format!("{:?}: {}", s.code(), s.message())),
-        }
+        .unwrap();
+    let batches = vec![
+        tap_batch(node, 1, 1, true, 0),
+        tap_batch(node, 2, 1, false, 0),
+    ];
+    let out = exchange(endpoint, batches).await?;
+    match out.failure {
+        Some(s) => Err(format!("{:?}: {}", s.code(), s.message())),
+        None => Ok(out.acks.last().map_or(0, |a| a.0)),
     }
 }
 
@@ -219,19 +170,14 @@ policies:
     );
 
     // Plaintext to the TLS port: refused at the handshake too.
-    let plain = rt.block_on(async {
-        let mut c = TapIngestClient::connect(format!("http://{}", agg.grpc))
-            .await
-            .map_err(|e| e.to_string())?;
-        let (tx, rx) = tokio::sync::mpsc::channel(1);
-        tx.send(batch(1, "node-a")).await.unwrap();
-        drop(tx);
-        c.stream(tokio_stream::wrappers::ReceiverStream::new(rx))
-            .await
-            .map(|_| ())
-            .map_err(|e| e.to_string())
-    });
-    assert!(plain.is_err(), "plaintext was served");
+    let plain = rt.block_on(exchange(
+        tapestry_aggregator::synthtap::plaintext(&agg.grpc).unwrap(),
+        vec![tap_batch("node-a", 1, 1, true, 0)],
+    ));
+    assert!(
+        plain.map_or(true, |e| e.failure.is_some()),
+        "plaintext was served"
+    );
     agg.wait_metric(
         "tapestry_aggregator_ingest_refused_total{reason=\"tls-handshake\"}",
         2.0,

@@ -389,7 +389,9 @@ fn certified_node<T>(req: &Request<T>) -> Result<String, (&'static str, Status)>
             "ingest needs a tap's client certificate (CN tapestry:tap:NODE, from the cluster CA)",
         ),
     ))?;
-    let cn = crate::tls::common_name(&certs[0]).unwrap_or_default();
+    let cn = tapestry_runtime::x509::subject(&certs[0])
+        .map(|s| s.common_name)
+        .unwrap_or_default();
     tapestry_proto::identity::tap_node(&cn)
         .map(str::to_string)
         .ok_or((

@@ -236,3 +236,102 @@ pub fn send(
     ))
     .unwrap();
 }
+
+use tapestry_proto::records::{Record, RecordsBuilder, FORMAT_V1};
+use tapestry_proto::tap::v2::{tap_ingest_client::TapIngestClient, Batch};
+
+/// A 60-byte IPv4 frame ending in `i`.
+pub fn frame(i: u8) -> Vec<u8> {
+    let mut f = vec![0u8; 60];
+    f[12] = 0x08;
+    f[59] = i;
+    f
+}
+
+/// An ingest batch of the tap of `node` with `packets` frames (policy bit
+/// 0, source 1), its Hello (one pod, policy "all") when `hello`.
+pub fn tap_batch(node: &str, sequence: u64, packets: u8, hello: bool, resumed_after: u64) -> Batch {
+    let mut records = RecordsBuilder::default();
+    for i in 0..packets {
+        let data = frame(i);
+        records.push(
+            &Record {
+                timestamp_ns: 1_700_000_000_000_000_000,
+                wire_length: data.len() as u32,
+                source_id: 1,
+                direction: 1,
+                policy_mask: 1,
+            },
+            &data,
+        );
+    }
+    let (records, record_count) = records.finish();
+    let spec = tapestry_aggregator::synthtap::TapSpec {
+        tap_id: node.into(),
+        pods: vec![("web".into(), "frontend-0".into())],
+        policy_names: vec!["all".into()],
+        batch: 1,
+        rate: None,
+        stamp_now: false,
+    };
+    Batch {
+        sequence,
+        hello: hello.then(|| tapestry_aggregator::synthtap::hello(&spec)),
+        record_format: FORMAT_V1,
+        record_count,
+        records,
+        dropped_since_last: 0,
+        resumed_after,
+    }
+}
+
+/// What one ingest stream got: the acknowledgements (through, resumed
+/// through; cumulative, so some may be skipped) and the status it ended
+/// with if it failed.
+pub struct Exchange {
+    pub acks: Vec<(u64, u64)>,
+    pub failure: Option<tonic::Status>,
+}
+
+/// Sends `batches` on one ingest stream to `endpoint` and reads the
+/// acknowledgements until the aggregator ends it; a failed connection
+/// (refused handshake) is the error.
+pub async fn exchange(
+    endpoint: tonic::transport::Endpoint,
+    batches: Vec<Batch>,
+) -> Result<Exchange, String> {
+    let channel = endpoint
+        .connect()
+        .await
+        .map_err(|e| format!("connect: {e:?}"))?;
+    let mut client = TapIngestClient::new(channel);
+    let (tx, rx) = tokio::sync::mpsc::channel(batches.len().max(1));
+    for b in batches {
+        tx.send(b).await.unwrap();
+    }
+    drop(tx);
+    let mut out = Exchange {
+        acks: Vec::new(),
+        failure: None,
+    };
+    let mut acks = match client
+        .stream(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+    {
+        Ok(r) => r.into_inner(),
+        Err(status) => {
+            out.failure = Some(status);
+            return Ok(out);
+        }
+    };
+    loop {
+        match acks.message().await {
+            Ok(Some(a)) => out.acks.push((a.through_sequence, a.resumed_through)),
+            Ok(None) => return Ok(out),
+            Err(status) => {
+                out.failure = Some(status);
+                return Ok(out);
+            }
+        }
+    }
+}
