@@ -243,6 +243,7 @@ fn policies_through_the_rest_api_reach_tshark() {
     eprintln!("1. selector moved live; {DATAGRAMS} numbered datagrams of another policy all arrived, same PIDs");
 
     kubectl_and_rest_see_each_other(&c);
+    tools_stream_only_with_their_token(&c);
     capture_stops_after_max_packets(&c, &other);
     tap_state_follows_heartbeats(&c);
     deleted_workloads_come_back(&c);
@@ -366,6 +367,92 @@ fn refuses_bad_input(c: &Cluster) {
     );
     assert_eq!(deleted.status, 204, "{}", deleted.raw);
     eprintln!("2. bad input refused with the field named; 412; 401");
+}
+
+/// A tool with a token Secret: its HTTP stream is served over TLS (a
+/// certificate from the cluster CA) only to clients presenting the token.
+fn tools_stream_only_with_their_token(c: &Cluster) {
+    let token_secret = |token: &str| {
+        c.must(&[
+            "create",
+            "secret",
+            "generic",
+            "stream-token",
+            "-n",
+            "tapestry-system",
+            &format!("--from-literal=token={token}"),
+        ]);
+    };
+    token_secret("e2e-stream-token");
+    let body = json!({"name": "stream", "type": "http", "tokenSecret": "stream-token"});
+    let a = c.rest("POST", "/v1/tools", Some(&body.to_string()));
+    assert_eq!(a.status, 201, "{}", a.raw);
+    let url = wait_for(
+        "the stream tool Ready, with its address",
+        Duration::from_secs(30),
+        || {
+            let t = c.rest("GET", "/v1/tools/stream", None).body;
+            if !ready_condition(&t["status"]) {
+                return None;
+            }
+            t["status"]["address"].as_str().map(String::from)
+        },
+    );
+    assert!(url.starts_with("https://"), "{url}");
+    let status = |token: Option<&str>| -> String {
+        let mut cmd = std::process::Command::new("curl");
+        cmd.args([
+            "-s",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "--max-time",
+            "2",
+            "--cacert",
+        ])
+        .arg(c.data().join("pki/ca.crt"));
+        if let Some(t) = token {
+            cmd.args(["-H", &format!("Authorization: Bearer {t}")]);
+        }
+        String::from_utf8_lossy(&cmd.arg(&url).output().unwrap().stdout).into_owned()
+    };
+    assert_eq!(status(None), "401");
+    assert_eq!(status(Some("not-the-token")), "401");
+    // With it, the stream opens (curl's time limit ends it).
+    assert_eq!(status(Some("e2e-stream-token")), "200");
+    // A rotated token takes over, and the old one stops working, without
+    // touching the tool.
+    c.must(&["delete", "secret", "stream-token", "-n", "tapestry-system"]);
+    token_secret("e2e-rotated-token");
+    wait_for(
+        "the rotated token to take over",
+        Duration::from_secs(30),
+        || {
+            (status(Some("e2e-stream-token")) == "401"
+                && status(Some("e2e-rotated-token")) == "200")
+                .then_some(())
+        },
+    );
+    // The certified tap's pod identities all stood against the
+    // aggregator's own pod watch.
+    let base = url.split("/v1/").next().unwrap();
+    let metrics = std::process::Command::new("curl")
+        .args(["-s", "--max-time", "5", "--cacert"])
+        .arg(c.data().join("pki/ca.crt"))
+        .arg(format!("{base}/metrics"))
+        .output()
+        .unwrap();
+    let metrics = String::from_utf8_lossy(&metrics.stdout);
+    let foreign: Vec<&str> = metrics
+        .lines()
+        .filter(|l| l.starts_with("tapestry_aggregator_tap_foreign_pods_total{"))
+        .collect();
+    assert!(!foreign.is_empty(), "no tap in the metrics: {metrics}");
+    assert!(foreign.iter().all(|l| l.ends_with(" 0")), "{foreign:?}");
+    let gone = c.rest("DELETE", "/v1/tools/stream", None);
+    assert!(gone.status < 300, "{}", gone.raw);
+    eprintln!("3b. the HTTP tool streams over TLS only with its token");
 }
 
 /// Acceptance 3: kubectl and the REST API create the same object and see each other's

@@ -96,12 +96,6 @@ fn web_pods(c: &Cluster) -> BTreeMap<String, (String, String)> {
         .collect()
 }
 
-/// A shell command in a busybox pod: GET / from ip:port, the answer on
-/// standard output.
-fn get(ip: &str, port: u16) -> String {
-    format!("printf 'GET / HTTP/1.0\\r\\n\\r\\n' | busybox nc -w 3 {ip} {port}")
-}
-
 /// An HTTP answer's body, trimmed.
 fn body(reply: &str) -> &str {
     reply.split("\r\n\r\n").nth(1).unwrap_or_default().trim()
@@ -369,7 +363,7 @@ fn three_nodes_serve_grow_shrink_and_leave_nothing_behind() {
     ] {
         let loop_script = format!(
             "i=0; while [ $i -lt 300 ]; do {}; i=$((i+1)); done",
-            get(target, 80)
+            get_in_pod(target, 80)
         );
         let mut seen: BTreeMap<String, usize> = BTreeMap::new();
         for line in exec(&loop_script).lines().filter(|l| l.starts_with("web-")) {
@@ -384,8 +378,8 @@ fn three_nodes_serve_grow_shrink_and_leave_nothing_behind() {
 
     // Pod to pod across nodes, from node 2 to each web pod.
     for (pod, (node, ip)) in &pods {
-        let reply = exec(&get(ip, 8080));
-        assert_eq!(body(&reply), pod, "{pod} on {node} at {ip}");
+        let reply = exec(&get_in_pod(ip, 8080));
+        assert_eq!(reply.trim(), pod, "{pod} on {node} at {ip}");
     }
 
     // The NodePort on every node's underlay address, from the host.
@@ -451,10 +445,10 @@ fn three_nodes_serve_grow_shrink_and_leave_nothing_behind() {
                     "--",
                     "sh",
                     "-c",
-                    &get(&web3, 8080),
+                    &get_in_pod(&web3, 8080),
                 ])
                 .ok()?;
-            assert!(body(&reply).starts_with("web-"), "{reply}");
+            assert!(reply.starts_with("web-"), "{reply}");
             let view = c.rest("GET", "/v1/nodes", None).body;
             let (one, three) = (captured(&view, NODE1), captured(&view, "mn-1-3"));
             (one > 0 && three > 0)
@@ -511,9 +505,9 @@ fn three_nodes_serve_grow_shrink_and_leave_nothing_behind() {
         "--",
         "sh",
         "-c",
-        &get(ip, 8080),
+        &get_in_pod(ip, 8080),
     ]);
-    assert_eq!(body(&reply), pod);
+    assert_eq!(reply.trim(), pod);
 
     // A fourth web pod can only go to the new node (one per node).
     c.must(&["scale", "deployment", "web", "-n", "shop", "--replicas=4"]);

@@ -102,12 +102,11 @@ fn cluster_ips_and_node_ports_reach_ready_pods() {
         .to_string(),
     );
     c.running("shop", "client");
-    let request = format!("printf 'GET / HTTP/1.0\\r\\n\\r\\n' | busybox nc {cluster_ip} 80");
+    let request = get_in_pod(&cluster_ip, 80);
     let mut from_pod = BTreeMap::new();
     for _ in 0..20 {
-        let reply = c.must(&["exec", "-n", "shop", "client", "--", "sh", "-c", &request]);
-        let body = reply.split("\r\n\r\n").nth(1).unwrap_or_default().trim();
-        *from_pod.entry(body.to_string()).or_insert(0) += 1;
+        let body = c.must(&["exec", "-n", "shop", "client", "--", "sh", "-c", &request]);
+        *from_pod.entry(body.trim().to_string()).or_insert(0) += 1;
     }
     assert_eq!(from_pod.len(), 2, "from a pod: {from_pod:?}");
 
@@ -265,8 +264,11 @@ fn cluster_dns(c: &Cluster, cluster_ip: &str) {
         "a missing Service resolved: {missing:?}"
     );
     // Connect by name: resolve in the pod, then connect.
-    let request = "printf 'GET / HTTP/1.0\\r\\n\\r\\n' | busybox nc $(busybox nslookup web | busybox sed -n 's/^Address: *//p' | busybox tail -1) 80";
-    let reply = c.must(&["exec", "-n", "shop", "client", "--", "sh", "-c", request]);
+    let request = get_in_pod(
+        "$(busybox nslookup web | busybox sed -n 's/^Address: *//p' | busybox tail -1)",
+        80,
+    );
+    let reply = c.must(&["exec", "-n", "shop", "client", "--", "sh", "-c", &request]);
     assert!(reply.contains("web-"), "by name: {reply}");
 
     // A headless Service: its name is the ready pods' addresses; each pod

@@ -1,7 +1,8 @@
-//! A tap streaming to the aggregator over mutual TLS, as an operator runs
+//! Taps streaming to the aggregator over mutual TLS, as an operator runs
 //! them outside a cluster: certificates from one CA, the real tap-agent on
 //! a veth, the real aggregator, tshark reading PCAP-over-IP. A tap without
-//! a certificate, or with one for another node, gets nothing in.
+//! a certificate, or with one for another node, gets nothing in; eight taps
+//! account for every packet across an aggregator killed and restarted.
 
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
@@ -16,6 +17,32 @@ use tapestry_e2e::{free_port, program_path, require, wait_for, Capture};
 struct Pair {
     a: String,
     b: String,
+    _namespaces: Namespaces,
+}
+
+/// Network namespaces (loopback up), removed on drop.
+struct Namespaces(Vec<String>);
+
+impl Namespaces {
+    /// Makes `names` afresh (one left by an earlier run is replaced).
+    fn create(names: Vec<String>) -> Namespaces {
+        for ns in &names {
+            let _ = Command::new("ip")
+                .args(["netns", "del", ns])
+                .stderr(Stdio::null())
+                .status();
+            sh(&format!("ip netns add {ns} && ip -n {ns} link set lo up"));
+        }
+        Namespaces(names)
+    }
+}
+
+impl Drop for Namespaces {
+    fn drop(&mut self) {
+        for ns in &self.0 {
+            let _ = Command::new("ip").args(["netns", "del", ns]).status();
+        }
+    }
 }
 
 const IP_A: &str = "10.78.0.1";
@@ -28,18 +55,16 @@ fn sh(cmd: &str) {
 
 impl Pair {
     fn new() -> Pair {
+        // Tests run in parallel, each with namespaces of its own.
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let id = std::process::id();
+        let (a, b) = (format!("tlstap{id}-{n}a"), format!("tlstap{id}-{n}b"));
         let p = Pair {
-            a: format!("tlstap{id}a"),
-            b: format!("tlstap{id}b"),
+            _namespaces: Namespaces::create(vec![a.clone(), b.clone()]),
+            a,
+            b,
         };
-        for ns in [&p.a, &p.b] {
-            let _ = Command::new("ip")
-                .args(["netns", "del", ns])
-                .stderr(Stdio::null())
-                .status();
-            sh(&format!("ip netns add {ns} && ip -n {ns} link set lo up"));
-        }
         sh(&format!(
             "ip -n {a} link add tls0 type veth peer name tls1 netns {b} && \
              ip -n {a} addr add {IP_A}/24 dev tls0 && ip -n {b} addr add {IP_B}/24 dev tls1 && \
@@ -51,14 +76,6 @@ impl Pair {
     }
 }
 
-impl Drop for Pair {
-    fn drop(&mut self) {
-        for ns in [&self.a, &self.b] {
-            let _ = Command::new("ip").args(["netns", "del", ns]).status();
-        }
-    }
-}
-
 /// A child process killed on drop.
 struct Proc(Child);
 
@@ -67,6 +84,18 @@ impl Drop for Proc {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
+}
+
+/// A CA for the test: its issuer, and its certificate written in `dir`.
+fn test_ca(dir: &Path) -> (Issuer<'static, KeyPair>, String) {
+    let key = KeyPair::generate().unwrap();
+    let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca.distinguished_name.push(DnType::CommonName, "tap-ca");
+    let pem = ca.self_signed(&key).unwrap().pem();
+    let file = dir.join("ca.pem");
+    std::fs::write(&file, pem).unwrap();
+    (Issuer::new(ca, key), file.display().to_string())
 }
 
 fn issue(issuer: &Issuer<'_, KeyPair>, cn: &str, server: bool) -> (String, String) {
@@ -112,6 +141,19 @@ fn metric(ns: &str, http: u16, name: &str) -> f64 {
         .unwrap_or(0.0)
 }
 
+/// Waits until the aggregator in `ns` answers `/healthz` on `http`.
+fn wait_serving(ns: &str, http: u16) {
+    wait_for("the aggregator to serve", Duration::from_secs(20), || {
+        Command::new("ip")
+            .args(["netns", "exec", ns, "curl", "-sf"])
+            .arg(format!("http://127.0.0.1:{http}/healthz"))
+            .stdout(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+            .then_some(())
+    });
+}
+
 /// A tap-agent in `ns` on its veth (one agent per namespace: an agent
 /// clears tapestry programs it finds in its own namespace at start).
 fn tap(ns: &str, iface: &str, dir: &Path, name: &str, metrics: u16, args: &[&str]) -> Proc {
@@ -142,15 +184,7 @@ fn a_certified_tap_reaches_tshark_and_others_are_refused() {
     let d = work.path();
     let pair = Pair::new();
 
-    let ca_key = KeyPair::generate().unwrap();
-    let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    ca.distinguished_name.push(DnType::CommonName, "tap-ca");
-    let ca_pem = ca.self_signed(&ca_key).unwrap().pem();
-    let issuer = Issuer::new(ca, ca_key);
-    let ca_file = d.join("ca.pem");
-    std::fs::write(&ca_file, &ca_pem).unwrap();
-    let ca_file = ca_file.display().to_string();
+    let (issuer, ca_file) = test_ca(d);
     let (server_cert, server_key) =
         write_pair(d, "aggregator", &issue(&issuer, "aggregator", true));
     let (a_cert, a_key) = write_pair(d, "node-a", &issue(&issuer, "tapestry:tap:node-a", false));
@@ -177,15 +211,7 @@ fn a_certified_tap_reaches_tshark_and_others_are_refused() {
             .spawn()
             .unwrap(),
     );
-    wait_for("the aggregator to serve", Duration::from_secs(20), || {
-        Command::new("ip")
-            .args(["netns", "exec", &pair.a, "curl", "-sf"])
-            .arg(format!("http://127.0.0.1:{http}/healthz"))
-            .stdout(Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success())
-            .then_some(())
-    });
+    wait_serving(&pair.a, http);
     let tool = Capture::tshark_in(Some(&pair.a), &format!("127.0.0.1:{pcap}"), d, "tool");
     wait_for("tshark to connect", Duration::from_secs(30), || {
         (metric(
@@ -301,5 +327,255 @@ fn a_certified_tap_reaches_tshark_and_others_are_refused() {
         ),
         1.0,
         "only node-a's own tap opened a stream"
+    );
+}
+
+const TAPS: usize = 8;
+
+/// The aggregator is killed (SIGKILL) and started again while 8 taps
+/// stream: afterwards every tap accounts for every packet its kernel
+/// program captured (acknowledged, dropped at its queue, or lost in
+/// flight), and the new aggregator counted exactly the batches each tap
+/// counts as lost in flight.
+#[test]
+fn eight_taps_account_for_every_packet_across_an_aggregator_restart() {
+    if !require(
+        "eight_taps_account_for_every_packet_across_an_aggregator_restart",
+        &["curl", "busybox"],
+    ) {
+        return;
+    }
+    let work = tempfile::tempdir().unwrap();
+    let d = work.path();
+    let id = std::process::id();
+    // The aggregator's namespace with a bridge; per tap, its node's
+    // namespace (uplink to the bridge, and the tapped veth) and a peer
+    // namespace sending traffic over that veth.
+    let hub = format!("tr{id}h");
+    let node = |i: usize| format!("tr{id}n{i}");
+    let peer = |i: usize| format!("tr{id}p{i}");
+    let mut names = vec![hub.clone()];
+    names.extend((0..TAPS).flat_map(|i| [node(i), peer(i)]));
+    let _namespaces = Namespaces::create(names);
+    sh(&format!(
+        "ip -n {hub} link add br0 type bridge && ip -n {hub} addr add {IP_A}/24 dev br0 && ip -n {hub} link set br0 up"
+    ));
+    for i in 0..TAPS {
+        let (n, p) = (node(i), peer(i));
+        sh(&format!(
+            "ip -n {hub} link add up{i} type veth peer name u0 netns {n} && \
+             ip -n {hub} link set up{i} master br0 up && \
+             ip -n {n} addr add 10.78.0.{host}/24 dev u0 && ip -n {n} link set u0 up && \
+             ip -n {n} link add tap0 type veth peer name tap1 netns {p} && \
+             ip -n {n} addr add 10.80.{i}.1/24 dev tap0 && ip -n {n} link set tap0 up && \
+             ip -n {p} addr add 10.80.{i}.2/24 dev tap1 && ip -n {p} link set tap1 up",
+            host = 10 + i
+        ));
+    }
+
+    let (issuer, ca_file) = test_ca(d);
+    let (server_cert, server_key) =
+        write_pair(d, "aggregator", &issue(&issuer, "aggregator", true));
+
+    let (grpc, http, pcap) = (free_port(), free_port(), free_port());
+    let aggregator = |run: &str| {
+        let log = std::fs::File::create(d.join(format!("aggregator-{run}.log"))).unwrap();
+        let p = Proc(
+            Command::new("ip")
+                .args(["netns", "exec", &hub])
+                .arg(program_path("aggregator").unwrap())
+                .args(["serve", "--grpc", &format!("{IP_A}:{grpc}")])
+                .args(["--http", &format!("127.0.0.1:{http}")])
+                .args(["--pcap-over-ip", &format!("127.0.0.1:{pcap}")])
+                .args(["--tls-cert", &server_cert, "--tls-key", &server_key])
+                .args(["--client-ca", &ca_file])
+                .stdout(Stdio::null())
+                .stderr(log)
+                .spawn()
+                .unwrap(),
+        );
+        wait_serving(&hub, http);
+        p
+    };
+    let mut first = aggregator("first");
+
+    const TAP_METRICS: u16 = 9464;
+    let _taps: Vec<Proc> = (0..TAPS)
+        .map(|i| {
+            let name = format!("node-{i}");
+            let (cert, key) = write_pair(
+                d,
+                &name,
+                &issue(&issuer, &format!("tapestry:tap:{name}"), false),
+            );
+            tap(
+                &node(i),
+                "tap0",
+                d,
+                &name,
+                TAP_METRICS,
+                &[
+                    "--aggregator",
+                    &format!("https://{IP_A}:{grpc}"),
+                    "--node",
+                    &name,
+                    "--tls-cert",
+                    &cert,
+                    "--tls-key",
+                    &key,
+                    "--tls-ca",
+                    &ca_file,
+                ],
+            )
+        })
+        .collect();
+    let connected = |i: usize| {
+        metric(
+            &hub,
+            http,
+            &format!("tapestry_aggregator_tap_connected{{tap=\"node-{i}\"}}"),
+        ) >= 1.0
+    };
+    wait_for("every tap to connect", Duration::from_secs(30), || {
+        (0..TAPS).all(connected).then_some(())
+    });
+
+    // Traffic on every tapped veth while the aggregator goes away and
+    // comes back: echo requests and replies, 200 a second per tap.
+    let pings: Vec<Proc> = (0..TAPS)
+        .map(|i| {
+            Proc(
+                Command::new("ip")
+                    .args(["netns", "exec", &peer(i), "busybox", "ping", "-q"])
+                    .args(["-c", "600", "-i", "0.01", &format!("10.80.{i}.1")])
+                    .stdout(Stdio::null())
+                    .spawn()
+                    .unwrap(),
+            )
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(1500));
+    first.0.kill().unwrap();
+    first.0.wait().unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    let _second = aggregator("second");
+    for mut p in pings {
+        assert!(p.0.wait().unwrap().success(), "ping failed");
+    }
+    wait_for("every tap to reconnect", Duration::from_secs(30), || {
+        (0..TAPS).all(connected).then_some(())
+    });
+    let tap_metric = |i: usize, name: &str| metric(&node(i), TAP_METRICS, name);
+    wait_for("every tap to settle", Duration::from_secs(30), || {
+        (0..TAPS)
+            .all(|i| {
+                tap_metric(i, "tapestry_tap_queue_batches") == 0.0
+                    && tap_metric(i, "tapestry_tap_in_flight_batches") == 0.0
+            })
+            .then_some(())
+    });
+    let mut total_lost = 0.0;
+    for i in 0..TAPS {
+        let captured = tap_metric(i, "tapestry_tap_kernel_packets_total{counter=\"captured\"}");
+        let sent = tap_metric(i, "tapestry_tap_sent_packets_total");
+        let dropped = tap_metric(i, "tapestry_tap_queue_dropped_packets_total");
+        let lost = tap_metric(i, "tapestry_tap_lost_in_flight_packets_total");
+        let lost_batches = tap_metric(i, "tapestry_tap_lost_in_flight_batches_total");
+        assert!(captured >= 1200.0, "node-{i} captured {captured}");
+        assert_eq!(
+            captured,
+            sent + dropped + lost,
+            "node-{i}: captured {captured} = sent {sent} + dropped {dropped} + lost in flight {lost}"
+        );
+        let gaps = metric(
+            &hub,
+            http,
+            &format!("tapestry_aggregator_tap_sequence_gap_batches_total{{tap=\"node-{i}\"}}"),
+        );
+        assert_eq!(
+            gaps, lost_batches,
+            "node-{i}: the aggregator's gap count and the tap's lost batches"
+        );
+        total_lost += lost;
+    }
+    eprintln!("{TAPS} taps across an aggregator restart: {total_lost} packets lost in flight, all counted");
+}
+
+/// PCAP-over-IP has no authentication: a client from a network not in the
+/// allow list is closed before any packet (and counted), while one from
+/// an allowed network or loopback reads the stream.
+#[test]
+fn pcap_over_ip_serves_only_allowed_networks() {
+    if !require("pcap_over_ip_serves_only_allowed_networks", &["curl"]) {
+        return;
+    }
+    let work = tempfile::tempdir().unwrap();
+    let pair = Pair::new();
+    let (http, pcap) = (free_port(), free_port());
+    let log = std::fs::File::create(work.path().join("aggregator.log")).unwrap();
+    let _aggregator = Proc(
+        Command::new("ip")
+            .args(["netns", "exec", &pair.a])
+            .arg(program_path("aggregator").unwrap())
+            .args(["serve", "--grpc", "127.0.0.1:0"])
+            .args(["--http", &format!("127.0.0.1:{http}")])
+            .args(["--pcap-over-ip", &format!("0.0.0.0:{pcap}")])
+            // Another host of that network, not the peer namespace.
+            .args(["--pcap-over-ip-allow", "10.78.0.99/32"])
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap(),
+    );
+    wait_serving(&pair.a, http);
+    // From the peer namespace: closed without a byte.
+    let from_peer = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &pair.b,
+            "curl",
+            "-s",
+            "--max-time",
+            "3",
+            "-o",
+            "-",
+        ])
+        .arg(format!("telnet://{IP_A}:{pcap}"))
+        .output()
+        .unwrap();
+    assert!(
+        from_peer.stdout.is_empty(),
+        "a client outside the allow list got {} bytes",
+        from_peer.stdout.len()
+    );
+    assert_eq!(
+        metric(
+            &pair.a,
+            http,
+            "tapestry_aggregator_sink_refused_total{sink=\"pcap-over-ip\",type=\"pcap_over_ip\",reason=\"not_allowed\"}"
+        ),
+        1.0
+    );
+    // Loopback, inside the aggregator's namespace: the pcap header.
+    let local = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &pair.a,
+            "curl",
+            "-s",
+            "--max-time",
+            "2",
+            "-o",
+            "-",
+        ])
+        .arg(format!("telnet://127.0.0.1:{pcap}"))
+        .output()
+        .unwrap();
+    assert!(
+        local.stdout.starts_with(&[0xd4, 0xc3, 0xb2, 0xa1]),
+        "{:?}",
+        local.stdout
     );
 }

@@ -71,6 +71,10 @@ struct ServeArgs {
     /// Address for /metrics, /healthz and HTTP pcap streams.
     #[arg(long, default_value = "127.0.0.1:9090")]
     http: String,
+    /// Serve the HTTP port over TLS too, with the gRPC port's certificate
+    /// (tools' bearer tokens then never cross the network in the clear).
+    #[arg(long)]
+    http_tls: bool,
     /// Pipeline configuration (YAML: sinks and policies).
     #[arg(long, conflicts_with_all = ["kubeconfig", "in_cluster"])]
     config: Option<PathBuf>,
@@ -99,6 +103,10 @@ struct ServeArgs {
     /// served.
     #[arg(long, value_name = "CIDR", requires = "pcap_over_ip")]
     pcap_over_ip_allow: Vec<tapestry_proto::policy::Cidr>,
+    /// Quick path: serve the PCAP-over-IP stream over TLS with the gRPC
+    /// port's certificate (for socat/stunnel clients).
+    #[arg(long, requires = "pcap_over_ip")]
+    pcap_over_ip_tls: bool,
     #[command(flatten)]
     pipeline: PipelineArgs,
 }
@@ -222,6 +230,7 @@ fn run_serve(a: ServeArgs) -> anyhow::Result<()> {
                 client_queue: sinks::default_client_queue(),
                 max_clients: sinks::default_max_clients(),
                 snaplen: sinks::default_snaplen(),
+                tls: a.pcap_over_ip_tls,
             }));
             config.policies.push(PolicyConfig {
                 name: "command-line".into(),
@@ -258,17 +267,19 @@ fn run_serve(a: ServeArgs) -> anyhow::Result<()> {
     let tls = ingest_tls(&a)?;
     let rt = tokio::runtime::Runtime::new()?;
     rt.block_on(async move {
+        let stop_signal = tapestry_runtime::shutdown::on_signals()?;
         let running = serve::start(ServeOptions {
             grpc: a.grpc,
             http: a.http,
             source: Source::Config(config),
             tls,
+            http_tls: a.http_tls,
         })
         .await?;
         announce(&running)?;
-        let r = shutdown_signal().await;
-        running.stop_ingest(STOP_INGEST_WITHIN).await;
-        r
+        stop_signal.cancelled().await;
+        running.shutdown(STOP_INGEST_WITHIN).await;
+        Ok(())
     })
 }
 
@@ -292,6 +303,7 @@ fn run_cluster(a: ServeArgs) -> anyhow::Result<()> {
     let tls = ingest_tls(&a)?;
     let rt = tokio::runtime::Runtime::new()?;
     rt.block_on(async move {
+        let stop_signal = tapestry_runtime::shutdown::on_signals()?;
         let client = cluster::client(a.kubeconfig.as_deref()).await?;
         if let Some(file) = &a.tls_from_csr {
             let ask = tapestry_runtime::certificate::Ask {
@@ -313,14 +325,30 @@ fn run_cluster(a: ServeArgs) -> anyhow::Result<()> {
             .await
             .map_err(|e| e.context("the gRPC port's certificate"))?;
         }
+        // Certified taps' pod identities are checked against where the
+        // cluster says those pods run.
+        let pods: Option<Arc<dyn tapestry_aggregator::sources::grpc::PodPlacement>> =
+            match &tls {
+                Some(_) => Some(Arc::new(
+                    cluster::PodNodes::start(
+                        client.clone(),
+                        tokio_util::sync::CancellationToken::new(),
+                    )
+                    .await,
+                )),
+                None => None,
+            };
         let running = serve::start(ServeOptions {
             grpc: a.grpc,
             http: a.http,
             tls,
+            http_tls: a.http_tls,
             source: Source::Live(LiveOptions {
                 status: Arc::new(cluster::status::KubeStatus::new(client.clone())),
                 status_period: period,
                 advertise_host: a.advertise_host,
+                client: Some(client.clone()),
+                pods,
             }),
         })
         .await?;
@@ -331,19 +359,20 @@ fn run_cluster(a: ServeArgs) -> anyhow::Result<()> {
             .ok_or_else(|| anyhow::anyhow!("cluster mode started without its reconciler"))?;
         tokio::select! {
             r = cluster::watch(client, handle.clone()) => r,
-            r = shutdown_signal() => {
+            _ = stop_signal.cancelled() => {
                 running.stop_ingest(STOP_INGEST_WITHIN).await;
                 // Tools reported not Ready before the listeners close, so
                 // nobody is sent to a port that is about to go away.
                 let stop = handle.apply(cluster::Change::Stop);
-                match tokio::time::timeout(STOP_STATUS_WITHIN, stop).await {
+                let within = STOP_STATUS_WITHIN + tapestry_aggregator::serve::DRAIN_WITHIN;
+                match tokio::time::timeout(within, stop).await {
                     Ok(Ok(())) => tracing::info!("stopping: tools reported not Ready"),
                     Ok(Err(e)) => tracing::warn!("stopping: {e}"),
                     Err(_) => tracing::warn!(
                         "stopping: the tools' status was not written within {STOP_STATUS_WITHIN:?}"
                     ),
                 }
-                r
+                Ok(())
             }
         }
     })
@@ -404,15 +433,6 @@ const STOP_INGEST_WITHIN: std::time::Duration = std::time::Duration::from_secs(2
 
 /// How long a stopping aggregator waits to report its tools not Ready.
 const STOP_STATUS_WITHIN: std::time::Duration = std::time::Duration::from_secs(3);
-
-/// SIGINT (a terminal) or SIGTERM (the kubelet, systemd).
-async fn shutdown_signal() -> anyhow::Result<()> {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    tokio::select! {
-        r = tokio::signal::ctrl_c() => Ok(r?),
-        _ = term.recv() => Ok(()),
-    }
-}
 
 /// Machine-readable lines so scripts (and tests) can find the ports.
 fn announce(running: &serve::Running) -> anyhow::Result<()> {

@@ -46,6 +46,10 @@ pub struct TapStats {
     pub last_sequence: AtomicU64,
     /// Records longer than any tool takes, cut at ingest.
     pub truncated_records: Counter,
+    /// Pod identities the tap claimed for pods bound to another node (or
+    /// unknown to the cluster): refused, the packets keep only the
+    /// interface.
+    pub foreign_pods: Counter,
 }
 
 /// Per-policy counters.
@@ -111,7 +115,14 @@ pub struct SinkStats {
     pub refused_too_many: Counter,
     /// Clients turned away: their address is not loopback nor allowed.
     pub refused_not_allowed: Counter,
+    /// Clients turned away: no valid bearer token for the tool.
+    pub refused_unauthenticated: Counter,
+    /// Clients turned away: their TLS handshake failed or took too long.
+    pub refused_handshake: Counter,
     pub errors: Counter,
+    /// Packets a sink could not write (a file sink's disk full or
+    /// failing): taken from its queue but not delivered.
+    pub write_failed: Counter,
     /// Whether the sink is serving (false: it could not start).
     pub ready: AtomicBool,
     /// Nanoseconds from capture to hand-off at the sink.
@@ -128,7 +139,10 @@ impl Default for SinkStats {
             clients: AtomicU64::new(0),
             refused_too_many: Counter::default(),
             refused_not_allowed: Counter::default(),
+            refused_unauthenticated: Counter::default(),
+            refused_handshake: Counter::default(),
             errors: Counter::default(),
+            write_failed: Counter::default(),
             ready: AtomicBool::new(true),
             // 1 µs .. 60 s at 3 significant digits.
             latency: Mutex::new(
@@ -153,6 +167,8 @@ pub struct Registry {
     pub taps: DashMap<String, Arc<TapStats>>,
     /// Ingest connections and streams refused, by reason.
     pub ingest_refused: DashMap<&'static str, Arc<Counter>>,
+    /// HTTP connections refused (a failed TLS handshake), by reason.
+    pub http_refused: DashMap<&'static str, Arc<Counter>>,
     pub policies: Mutex<Vec<(String, Arc<PolicyStats>)>>,
     pub sinks: Mutex<Vec<(String, String, Arc<SinkStats>)>>,
 }
@@ -165,6 +181,11 @@ impl Registry {
     /// Counts an ingest connection or stream refused for `reason`.
     pub fn refuse_ingest(&self, reason: &'static str) {
         self.ingest_refused.entry(reason).or_default().add(1);
+    }
+
+    /// Counts an HTTP connection refused for `reason`.
+    pub fn refuse_http(&self, reason: &'static str) {
+        self.http_refused.entry(reason).or_default().add(1);
     }
 
     /// Shows `stats` under `name`, in place of an earlier policy so named.
@@ -261,17 +282,32 @@ impl Registry {
             "counter",
             taps.iter().map(|(k, s)| (tl(k), s.truncated_records.get()))
         );
-        let mut refused: Vec<_> = self
-            .ingest_refused
-            .iter()
-            .map(|e| (*e.key(), e.value().get()))
-            .collect();
-        refused.sort();
+        fam!(
+            "tapestry_aggregator_tap_foreign_pods_total",
+            "Pod identities a certified tap claimed for pods not bound to its node, refused.",
+            "counter",
+            taps.iter().map(|(k, s)| (tl(k), s.foreign_pods.get()))
+        );
+        let by_reason = |m: &DashMap<&'static str, Arc<Counter>>| {
+            let mut v: Vec<_> = m.iter().map(|e| (*e.key(), e.value().get())).collect();
+            v.sort();
+            v
+        };
         fam!(
             "tapestry_aggregator_ingest_refused_total",
             "Ingest connections and streams refused, by reason.",
             "counter",
-            refused.iter().map(|(r, v)| (format!("reason=\"{r}\""), *v))
+            by_reason(&self.ingest_refused)
+                .into_iter()
+                .map(|(r, v)| (format!("reason=\"{r}\""), v))
+        );
+        fam!(
+            "tapestry_aggregator_http_refused_total",
+            "HTTP connections refused (failed TLS handshakes), by reason.",
+            "counter",
+            by_reason(&self.http_refused)
+                .into_iter()
+                .map(|(r, v)| (format!("reason=\"{r}\""), v))
         );
         fam!(
             "tapestry_aggregator_tap_malformed_batches_total",
@@ -395,6 +431,8 @@ impl Registry {
                 [
                     ("too_many_clients", s.refused_too_many.get()),
                     ("not_allowed", s.refused_not_allowed.get()),
+                    ("unauthenticated", s.refused_unauthenticated.get()),
+                    ("tls_handshake", s.refused_handshake.get()),
                 ]
                 .map(|(reason, v)| (format!("{},reason=\"{reason}\"", sl(n, t)), v))
             })
@@ -404,6 +442,12 @@ impl Registry {
             "Write errors at a sink.",
             "counter",
             sinks.iter().map(|(n, t, s)| (sl(n, t), s.errors.get()))
+        );
+        fam!(
+            "tapestry_aggregator_sink_write_failed_total",
+            "Packets a sink took from its queue but could not write (a full or failing disk): not delivered.",
+            "counter",
+            sinks.iter().map(|(n, t, s)| (sl(n, t), s.write_failed.get()))
         );
         fam!(
             "tapestry_aggregator_sink_ready",

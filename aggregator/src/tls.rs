@@ -1,4 +1,4 @@
-//! TLS on the gRPC port. Taps prove who they are with a client certificate
+//! TLS on the gRPC port (and, with `--http-tls`, the HTTP port). Taps prove who they are with a client certificate
 //! from the cluster CA (`tapestry:tap:NODE`); tools may connect without one
 //! and present a bearer token instead, so the handshake verifies a client
 //! certificate when one is offered and the services decide what they
@@ -66,6 +66,30 @@ pub fn server_config(files: &TlsFiles) -> anyhow::Result<Arc<ServerConfig>> {
     Ok(Arc::new(config))
 }
 
+/// The HTTP port's TLS: the gRPC port's, speaking HTTP/1.1 as well (curl,
+/// browsers, Prometheus).
+pub fn http_config(grpc: &ServerConfig) -> Arc<ServerConfig> {
+    let mut config = grpc.clone();
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Arc::new(config)
+}
+
+/// Which port a TLS listener serves: where its refusals are counted.
+#[derive(Clone, Copy, Debug)]
+pub enum Port {
+    Grpc,
+    Http,
+}
+
+impl Port {
+    fn refuse(self, registry: &Registry, reason: &'static str) {
+        match self {
+            Port::Grpc => registry.refuse_ingest(reason),
+            Port::Http => registry.refuse_http(reason),
+        }
+    }
+}
+
 /// TLS connections accepted on `listener`, each handshake on its own task
 /// and bounded in time; failed handshakes (no TLS, a certificate from
 /// another CA, too slow) are counted and logged, never served.
@@ -73,6 +97,7 @@ pub fn incoming(
     listener: TcpListener,
     config: Arc<ServerConfig>,
     registry: Arc<Registry>,
+    port: Port,
 ) -> ReceiverStream<io::Result<TlsStream<TcpStream>>> {
     let acceptor = TlsAcceptor::from(config);
     let (tx, rx) = tokio::sync::mpsc::channel(64);
@@ -86,7 +111,7 @@ pub fn incoming(
                 Ok(c) => c,
                 Err(e) => {
                     // Out of descriptors and the like: back off, keep serving.
-                    tracing::warn!("gRPC accept: {e}");
+                    tracing::warn!(?port, "accept: {e}");
                     tokio::time::sleep(Duration::from_millis(100)).await;
                     continue;
                 }
@@ -100,18 +125,63 @@ pub fn incoming(
                         let _ = tx.send(Ok(tls)).await;
                     }
                     Ok(Err(e)) => {
-                        registry.refuse_ingest("tls-handshake");
-                        tracing::warn!(%peer, "gRPC connection refused: TLS handshake failed: {e}");
+                        port.refuse(&registry, "tls-handshake");
+                        tracing::warn!(%peer, ?port, "connection refused: TLS handshake failed: {e}");
                     }
                     Err(_) => {
-                        registry.refuse_ingest("tls-handshake-timeout");
-                        tracing::warn!(%peer, "gRPC connection refused: no TLS handshake within {HANDSHAKE_WITHIN:?}");
+                        port.refuse(&registry, "tls-handshake-timeout");
+                        tracing::warn!(%peer, ?port, "connection refused: no TLS handshake within {HANDSHAKE_WITHIN:?}");
                     }
                 }
             });
         }
     });
     ReceiverStream::new(rx)
+}
+
+/// TLS connections as an axum listener (the HTTP port with `--http-tls`).
+pub struct TlsListener {
+    incoming: ReceiverStream<io::Result<TlsStream<TcpStream>>>,
+    local: std::net::SocketAddr,
+}
+
+impl TlsListener {
+    pub fn new(
+        listener: TcpListener,
+        config: Arc<ServerConfig>,
+        registry: Arc<Registry>,
+    ) -> io::Result<Self> {
+        let local = listener.local_addr()?;
+        Ok(TlsListener {
+            incoming: incoming(listener, config, registry, Port::Http),
+            local,
+        })
+    }
+}
+
+impl axum::serve::Listener for TlsListener {
+    type Io = TlsStream<TcpStream>;
+    type Addr = std::net::SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        use tokio_stream::StreamExt;
+        loop {
+            match self.incoming.next().await {
+                Some(Ok(tls)) => {
+                    if let Ok(peer) = tls.get_ref().0.peer_addr() {
+                        return (tls, peer);
+                    }
+                }
+                Some(Err(_)) => {}
+                // The accepting task is gone (the runtime is stopping).
+                None => std::future::pending().await,
+            }
+        }
+    }
+
+    fn local_addr(&self) -> io::Result<Self::Addr> {
+        Ok(self.local)
+    }
 }
 
 fn read_certs(path: &Path) -> anyhow::Result<Vec<CertificateDer<'static>>> {

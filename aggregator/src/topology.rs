@@ -180,6 +180,7 @@ struct PolicySlot {
     cfg: PolicyConfig,
     input: Arc<PolicyInput>,
     shared: Arc<PolicyShared>,
+    worker: std::thread::JoinHandle<()>,
 }
 
 impl PolicySlot {
@@ -430,7 +431,7 @@ impl Topology {
             bit,
             pipeline,
         };
-        std::thread::Builder::new()
+        let worker = std::thread::Builder::new()
             .name(format!("policy-{}", cfg.name))
             .spawn(move || worker.run(rx))
             .map_err(|e| anyhow::anyhow!("policy {:?}: starting its worker: {e}", cfg.name))?;
@@ -443,8 +444,15 @@ impl Topology {
             tx,
             stats,
         });
-        self.policies
-            .insert(cfg.name.clone(), PolicySlot { cfg, input, shared });
+        self.policies.insert(
+            cfg.name.clone(),
+            PolicySlot {
+                cfg,
+                input,
+                shared,
+                worker,
+            },
+        );
         self.publish();
         Ok(())
     }
@@ -464,6 +472,43 @@ impl Topology {
     }
 
     /// When the next duration limit runs out.
+    /// Delivers everything already taken in, then ends every policy and
+    /// tool, waiting at most `within`: each policy's worker finishes its
+    /// queue, then each tool its own (a file sink writes out and closes its
+    /// file). Ingest must have stopped.
+    pub async fn drain(&mut self, within: std::time::Duration) {
+        let deadline = tokio::time::Instant::now() + within;
+        // Ingest lets go of the policies' queues; each worker ends once it
+        // has taken its queue's last batch.
+        self.ingest.publish(PolicyTable::default());
+        let workers: Vec<std::thread::JoinHandle<()>> = self
+            .policies
+            .drain()
+            .map(|(_, slot)| {
+                self.free_bits |= slot.input.bit;
+                slot.worker
+            })
+            .collect();
+        let joined = tokio::task::spawn_blocking(move || {
+            for w in workers {
+                let _ = w.join();
+            }
+        });
+        if tokio::time::timeout_at(deadline, joined).await.is_err() {
+            tracing::warn!("policies not drained within {within:?}; stopping the tools anyway");
+        }
+        for (_, tool) in self.tools.drain() {
+            match tool {
+                Tool::Running { sink, .. } => {
+                    let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+                    sink.drain(&self.cx, left.max(std::time::Duration::from_millis(1)))
+                        .await
+                }
+                Tool::Failed { cfg, .. } => self.cx.registry.unregister_sink(cfg.common().name),
+            }
+        }
+    }
+
     pub fn next_deadline(&self) -> Option<Instant> {
         self.policies
             .values()
@@ -626,7 +671,6 @@ impl PolicyWorker {
                 self.shared.stop(r);
                 continue;
             }
-            let mut all = Vec::with_capacity(batch.len());
             let mut members: Vec<Vec<Vec<Packet>>> = routes
                 .groups
                 .iter()
@@ -636,52 +680,63 @@ impl PolicyWorker {
             let mut matched = 0;
             let mut bytes = 0;
             let mut stop = None;
-            for p in batch.iter() {
-                if p.policies & self.bit == 0 {
-                    continue;
+            // A batch only this policy took is moved, not cloned: the
+            // packets' shared buffer and interface are then not counted up
+            // and down once per packet from two threads.
+            let bit = self.bit;
+            let mut all: Vec<Packet> = match Arc::try_unwrap(batch) {
+                Ok(owned) => owned,
+                Err(shared) => shared
+                    .iter()
+                    .filter(|p| p.policies & bit != 0)
+                    .cloned()
+                    .collect(),
+            };
+            // Kept in place: what passes is rewritten where it lies.
+            let mut done = false;
+            all.retain_mut(|p| {
+                if done || p.policies & bit == 0 {
+                    return false;
                 }
                 received += 1;
                 let Some(v) = self.pipeline.process(&p.data, p.wire_len, p.ts_ns) else {
-                    continue;
+                    return false;
                 };
                 matched += 1;
                 if routes.is_empty() {
                     // Nowhere to go (its tools are not running): not
                     // delivered, so not counted against the limits.
-                    continue;
+                    return false;
                 }
                 match budget.admit(v.keep) {
                     Admit::Deliver => {}
-                    Admit::DeliverLast(r) => stop = Some(r),
+                    Admit::DeliverLast(r) => {
+                        stop = Some(r);
+                        done = true;
+                    }
                     Admit::Refuse(r) => {
                         stop = Some(r);
-                        break;
+                        done = true;
+                        return false;
                     }
                 }
-                let data = match v.mask {
-                    Some(_) => Bytes::from(crate::transforms::apply(&p.data, &v)),
-                    None => p.data.slice(..v.keep),
-                };
-                bytes += data.len() as u64;
-                let out = Packet {
-                    data,
-                    policy: self.shared.name.clone(),
-                    ..p.clone()
-                };
-                if !routes.groups.is_empty() {
-                    let h = match &v.layers {
-                        Some(l) => l.symmetric_flow_hash(),
-                        None => Layers::parse(&p.data).symmetric_flow_hash(),
-                    };
+                let flow_hash = (!routes.groups.is_empty()).then(|| match &v.layers {
+                    Some(l) => l.symmetric_flow_hash(),
+                    None => Layers::parse(&p.data).symmetric_flow_hash(),
+                });
+                match v.mask {
+                    Some(_) => p.data = Bytes::from(crate::transforms::apply(&p.data, &v)),
+                    None => p.data.truncate(v.keep),
+                }
+                bytes += p.data.len() as u64;
+                p.policy = self.shared.name.clone();
+                if let Some(h) = flow_hash {
                     for (g, m) in routes.groups.iter().zip(members.iter_mut()) {
-                        m[(h % g.len() as u64) as usize].push(out.clone());
+                        m[(h % g.len() as u64) as usize].push(p.clone());
                     }
                 }
-                all.push(out);
-                if stop.is_some() {
-                    break;
-                }
-            }
+                true
+            });
             let stopped = stop.map(|r| budget.stop_record(r));
             drop(budget);
             stats.received.add(received);

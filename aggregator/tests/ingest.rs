@@ -5,7 +5,7 @@
 mod common;
 
 use bytes::Bytes;
-use common::{exchange, frame, tap_batch, Aggregator};
+use common::{exchange, frame, runtime, tap_batch, Aggregator, ONE_SINK};
 use tapestry_proto::records::{Record, RecordsBuilder};
 use tapestry_proto::tap::v2::Batch;
 
@@ -35,20 +35,8 @@ async fn refusal(grpc: &str, batches: Vec<Batch>) -> Option<tonic::Status> {
 #[test]
 fn batches_are_acknowledged_and_missing_ones_counted_across_streams() {
     let dir = tempfile::tempdir().unwrap();
-    let agg = Aggregator::start(
-        r#"
-sinks:
-  - { name: out, type: pcap_over_ip, listen: "127.0.0.1:0" }
-policies:
-  - name: all
-    sinks: [out]
-"#,
-        dir.path(),
-    );
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
+    let agg = Aggregator::start(ONE_SINK, dir.path());
+    let rt = runtime();
     // One stream: batch 3 never arrives.
     let acks = rt.block_on(stream(
         &agg.grpc,
@@ -104,20 +92,8 @@ policies:
 #[test]
 fn other_versions_are_told_which_version_is_spoken() {
     let dir = tempfile::tempdir().unwrap();
-    let agg = Aggregator::start(
-        r#"
-sinks:
-  - { name: out, type: pcap_over_ip, listen: "127.0.0.1:0" }
-policies:
-  - name: all
-    sinks: [out]
-"#,
-        dir.path(),
-    );
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
+    let agg = Aggregator::start(ONE_SINK, dir.path());
+    let rt = runtime();
     let mut future = batch(1, 2, true, 0);
     future.record_format = 2;
     let status = rt
@@ -167,20 +143,8 @@ policies:
 #[test]
 fn a_stopping_aggregator_ends_streams_with_everything_acknowledged() {
     let dir = tempfile::tempdir().unwrap();
-    let mut agg = Aggregator::start(
-        r#"
-sinks:
-  - { name: out, type: pcap_over_ip, listen: "127.0.0.1:0" }
-policies:
-  - name: all
-    sinks: [out]
-"#,
-        dir.path(),
-    );
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
+    let mut agg = Aggregator::start(ONE_SINK, dir.path());
+    let rt = runtime();
     let pid = agg.child.id() as i32;
     let (last, ended_after) = rt.block_on(async {
         let mut client = tapestry_proto::tap::v2::tap_ingest_client::TapIngestClient::connect(
@@ -227,16 +191,7 @@ policies:
 fn oversized_records_are_cut_and_sources_bounded() {
     use std::io::Read;
     let dir = tempfile::tempdir().unwrap();
-    let agg = Aggregator::start(
-        r#"
-sinks:
-  - { name: out, type: pcap_over_ip, listen: "127.0.0.1:0" }
-policies:
-  - name: all
-    sinks: [out]
-"#,
-        dir.path(),
-    );
+    let agg = Aggregator::start(ONE_SINK, dir.path());
     let mut tool = std::net::TcpStream::connect(&agg.sinks["out"]).unwrap();
     tool.set_read_timeout(Some(std::time::Duration::from_secs(10)))
         .unwrap();
@@ -263,10 +218,7 @@ policies:
     let mut first = batch(1, 0, true, 0);
     first.records = records;
     first.record_count = record_count;
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = runtime();
     let acks = rt.block_on(stream(&agg.grpc, vec![first]));
     assert_eq!(acks.last().map(|a| a.0), Some(1), "{acks:?}");
     let tap = "{tap=\"node-a\"}";
@@ -287,4 +239,84 @@ policies:
     let orig = u32::from_le_bytes(header[36..40].try_into().unwrap());
     assert_eq!(incl, tapestry_proto::policy::MAX_SNAPLEN);
     assert_eq!(orig, 300_000);
+}
+
+/// One tap identity holds at most a few streams open; the next one is
+/// refused and counted, and a stream ending makes room again.
+#[test]
+fn streams_per_tap_are_capped() {
+    use tapestry_aggregator::sources::grpc::MAX_STREAMS_PER_TAP;
+    use tapestry_proto::tap::v2::tap_ingest_client::TapIngestClient;
+    let dir = tempfile::tempdir().unwrap();
+    let agg = Aggregator::start(ONE_SINK, dir.path());
+    let rt = runtime();
+    rt.block_on(async {
+        // Streams held open: each has sent its Hello and been acknowledged.
+        let mut open = Vec::new();
+        for i in 0..MAX_STREAMS_PER_TAP {
+            let mut client = TapIngestClient::new(plaintext(&agg.grpc).connect().await.unwrap());
+            let (tx, rx) = tokio::sync::mpsc::channel(4);
+            tx.send(batch(i + 1, 1, true, 0)).await.unwrap();
+            let mut acks = client
+                .stream(tokio_stream::wrappers::ReceiverStream::new(rx))
+                .await
+                .unwrap()
+                .into_inner();
+            acks.message().await.unwrap().unwrap();
+            open.push((tx, acks));
+        }
+        let status = refusal(&agg.grpc, vec![batch(10, 1, true, 0)])
+            .await
+            .expect("one stream too many is refused");
+        assert_eq!(status.code(), tonic::Code::ResourceExhausted, "{status:?}");
+        assert_eq!(
+            agg.metric("tapestry_aggregator_ingest_refused_total{reason=\"too-many-streams\"}"),
+            1.0
+        );
+        // One ends: the next is taken.
+        drop(open.pop());
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while agg.metric("tapestry_aggregator_tap_connected{tap=\"node-a\"}")
+            >= MAX_STREAMS_PER_TAP as f64
+        {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the stream did not end"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        assert!(!stream(&agg.grpc, vec![batch(11, 1, true, 0)])
+            .await
+            .is_empty());
+    });
+}
+
+/// A stream speaks for one tap: a later Hello naming another is refused,
+/// and neither tap is left counted as connected.
+#[test]
+fn a_stream_cannot_change_its_tap() {
+    let dir = tempfile::tempdir().unwrap();
+    let agg = Aggregator::start(ONE_SINK, dir.path());
+    let rt = runtime();
+    let status = rt
+        .block_on(refusal(
+            &agg.grpc,
+            vec![batch(1, 1, true, 0), tap_batch("node-b", 2, 1, true, 0)],
+        ))
+        .expect("the second Hello is refused");
+    assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+    let connected = |tap: &str| {
+        agg.metric(&format!(
+            "tapestry_aggregator_tap_connected{{tap=\"{tap}\"}}"
+        ))
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while connected("node-a") != 0.0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "node-a still connected"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    assert_eq!(connected("node-b"), 0.0);
 }

@@ -45,12 +45,15 @@ impl Live {
         let status = Arc::new(Recorder::default());
         let running = serve::start(ServeOptions {
             grpc: "127.0.0.1:0".into(),
+            http_tls: false,
             http: "127.0.0.1:0".into(),
             tls: None,
             source: Source::Live(LiveOptions {
                 status: status.clone(),
                 status_period: Duration::from_millis(100),
                 advertise_host: None,
+                client: None,
+                pods: None,
             }),
         })
         .await

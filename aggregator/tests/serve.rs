@@ -615,3 +615,337 @@ fn files_rotate_by_age_even_when_traffic_stops() {
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     }
 }
+
+/// Files in `dir`, sorted by name.
+fn files_in(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut paths: Vec<_> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    paths.sort();
+    paths
+}
+
+fn capinfos_reads(path: &std::path::Path) {
+    let o = Command::new("capinfos")
+        .args(["-c", "-M"])
+        .arg(path)
+        .output()
+        .expect("capinfos (wireshark-common) is installed");
+    assert!(
+        o.status.success(),
+        "{}: {}",
+        path.display(),
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
+
+/// SIGTERM right after the last batch is acknowledged: the aggregator
+/// delivers what it took in before it exits, and the file it was writing
+/// is complete and readable.
+#[test]
+fn sigterm_writes_out_every_packet_taken_in() {
+    require_tool("capinfos");
+    let dir = tempfile::tempdir().unwrap();
+    let files = dir.path().join("files");
+    let mut agg = Aggregator::start(
+        &format!(
+            "sinks:\n  - {{ name: f, type: pcapng_file, directory: \"{}\", prefix: term }}\npolicies:\n  - {{ name: all, sinks: [f] }}\n",
+            files.display()
+        ),
+        dir.path(),
+    );
+    let frames = synth::frames(23, 60_000);
+    let sent: Vec<Vec<u8>> = frames.iter().map(|f| f.data.clone()).collect();
+    // Every batch acknowledged, most of it still queued or staged.
+    send(&agg.grpc, "node-a", frames, None);
+    // SAFETY: signalling a child process this test started.
+    unsafe { libc::kill(agg.child.id() as i32, libc::SIGTERM) };
+    assert!(
+        wait_timeout(&mut agg.child, 20),
+        "still running 20 s after SIGTERM"
+    );
+    let paths = files_in(&files);
+    assert_eq!(paths.len(), 1, "{paths:?}");
+    capinfos_reads(&paths[0]);
+    let written: Vec<Vec<u8>> = read_packets(&paths[0]).into_iter().map(|p| p.2).collect();
+    assert_eq!(written.len(), sent.len());
+    assert!(written == sent, "the file differs from what was sent");
+}
+
+/// Retention counts the files an earlier run left: with `max_files: 2`,
+/// only the newest earlier file stays beside the one being written; files
+/// that are not this sink's are left alone.
+#[test]
+fn retention_counts_files_of_earlier_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    let files = dir.path().join("files");
+    std::fs::create_dir_all(&files).unwrap();
+    for secs in 100..105 {
+        std::fs::write(files.join(format!("keep-{secs}-000000.pcapng")), b"old").unwrap();
+    }
+    std::fs::write(files.join("notes.txt"), b"not a capture").unwrap();
+    std::fs::write(files.join("other-100-000000.pcapng"), b"another prefix").unwrap();
+    let agg = Aggregator::start(
+        &format!(
+            "sinks:\n  - {{ name: f, type: pcapng_file, directory: \"{}\", prefix: keep, max_files: 2 }}\npolicies:\n  - {{ name: all, sinks: [f] }}\n",
+            files.display()
+        ),
+        dir.path(),
+    );
+    send(&agg.grpc, "node-a", synth::frames(3, 100), None);
+    agg.wait_metric(
+        "tapestry_aggregator_sink_packets_total{sink=\"f\",type=\"pcapng_file\"}",
+        100.0,
+        30,
+    );
+    let names: Vec<String> = files_in(&files)
+        .iter()
+        .map(|p| p.file_name().unwrap().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(names.len(), 4, "{names:?}");
+    assert_eq!(names[0], "keep-104-000000.pcapng", "{names:?}");
+    assert!(
+        names[1].starts_with("keep-") && names[1] != names[0],
+        "{names:?}"
+    );
+    assert_eq!(&names[2..], ["notes.txt", "other-100-000000.pcapng"]);
+}
+
+/// A file sink on a disk that fills up: what it cannot write is counted
+/// as not written (never as delivered), what it wrote stays readable, and
+/// the other sinks get every packet. Needs root for the tmpfs; fails
+/// loudly in CI without it.
+#[test]
+fn a_full_disk_is_counted_and_other_sinks_keep_serving() {
+    use std::io::Read;
+    require_tool("capinfos");
+    if unsafe { libc::geteuid() } != 0 {
+        assert!(
+            std::env::var("CI").as_deref() != Ok("true"),
+            "the full-disk test needs root (a tmpfs) in CI"
+        );
+        eprintln!("skipping: needs root to mount a small tmpfs");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let small = dir.path().join("small");
+    std::fs::create_dir_all(&small).unwrap();
+    let mounted = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=256k", "tmpfs"])
+        .arg(&small)
+        .status()
+        .unwrap();
+    assert!(mounted.success(), "mounting a tmpfs");
+    struct Unmount(std::path::PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = Command::new("umount").arg(&self.0).status();
+        }
+    }
+    let _unmount = Unmount(small.clone());
+
+    let agg = Aggregator::start(
+        &format!(
+            r#"
+sinks:
+  - {{ name: disk, type: pcapng_file, directory: "{}", rotate_bytes: 100000 }}
+  - {{ name: live, type: pcap_over_ip, listen: "127.0.0.1:0" }}
+policies:
+  - name: all
+    sinks: [disk, live]
+"#,
+            small.display()
+        ),
+        dir.path(),
+    );
+    let mut reader = std::net::TcpStream::connect(&agg.sinks["live"]).unwrap();
+    agg.wait_metric(
+        "tapestry_aggregator_sink_clients{sink=\"live\",type=\"pcap_over_ip\"}",
+        1.0,
+        30,
+    );
+    let frames = synth::frames(29, 20_000);
+    let total = frames.len() as f64;
+    let sent_bytes: usize = frames.iter().map(|f| f.data.len()).sum();
+    assert!(
+        sent_bytes > 1 << 20,
+        "enough to fill the disk: {sent_bytes}"
+    );
+    let read = std::thread::spawn(move || {
+        let mut all = Vec::new();
+        reader
+            .set_read_timeout(Some(Duration::from_secs(30)))
+            .unwrap();
+        let want = 24 + sent_bytes + 16 * 20_000;
+        let mut buf = vec![0u8; 1 << 16];
+        while all.len() < want {
+            match reader.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => all.extend_from_slice(&buf[..n]),
+            }
+        }
+        all.len() == want
+    });
+    send(&agg.grpc, "node-a", frames, None);
+    assert!(
+        read.join().unwrap(),
+        "the PCAP-over-IP client got every packet"
+    );
+    let disk = |m: &str| agg.metric(&format!("{m}{{sink=\"disk\",type=\"pcapng_file\"}}"));
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while disk("tapestry_aggregator_sink_packets_total")
+        + disk("tapestry_aggregator_sink_write_failed_total")
+        < total
+        && std::time::Instant::now() < deadline
+    {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let written = disk("tapestry_aggregator_sink_packets_total");
+    let failed = disk("tapestry_aggregator_sink_write_failed_total");
+    assert_eq!(
+        written + failed,
+        total,
+        "written {written} + failed {failed}"
+    );
+    assert!(
+        failed > 0.0 && written > 0.0,
+        "written {written}, failed {failed}"
+    );
+    assert!(disk("tapestry_aggregator_sink_errors_total") > 0.0);
+    assert_eq!(
+        agg.metric("tapestry_aggregator_sink_packets_total{sink=\"live\",type=\"pcap_over_ip\"}"),
+        total
+    );
+    // What is on the disk is what was counted as written, in readable files.
+    let on_disk: usize = files_in(&small)
+        .iter()
+        .map(|p| {
+            capinfos_reads(p);
+            read_packets(p).len()
+        })
+        .sum();
+    assert_eq!(on_disk as f64, written);
+    assert_eq!(http_get(&agg.http, "/healthz"), "ok\n");
+}
+
+/// 1,000 connect/close loops on the HTTP stream and on gRPC
+/// subscriptions: clients are let go at once, and the aggregator's
+/// descriptors and memory come back to where they were.
+#[test]
+fn http_and_grpc_clients_leave_nothing_behind() {
+    use std::io::{Read, Write};
+    use tapestry_proto::tool::v1::{tool_subscribe_client::ToolSubscribeClient, SubscribeRequest};
+    let dir = tempfile::tempdir().unwrap();
+    let agg = Aggregator::start(
+        "sinks:\n  - { name: stream, type: http }\n  - { name: sub, type: grpc }\npolicies:\n  - { name: all, sinks: [stream, sub] }\n",
+        dir.path(),
+    );
+    let clients = |sink: &str, ty: &str| {
+        agg.metric(&format!(
+            "tapestry_aggregator_sink_clients{{sink=\"{sink}\",type=\"{ty}\"}}"
+        ))
+    };
+    let settled = |what: &str, done: &dyn Fn() -> bool| {
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while !done() {
+            assert!(std::time::Instant::now() < deadline, "{what}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    let http_stream = || {
+        let mut c = std::net::TcpStream::connect(&agg.http).unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        c.write_all(b"GET /v1/tools/stream/pcap HTTP/1.1\r\nHost: x\r\n\r\n")
+            .unwrap();
+        // The response head and the start of the stream.
+        let mut buf = [0u8; 64];
+        assert!(c.read(&mut buf).unwrap() > 0);
+        c
+    };
+    let grpc = format!("http://{}", agg.grpc);
+    let subscribe = || {
+        // A runtime per client: dropping it closes the connection, as a
+        // tool process that exits does.
+        let rt = runtime();
+        rt.block_on(async {
+            let mut client = ToolSubscribeClient::connect(grpc.clone()).await.unwrap();
+            let stream = client
+                .subscribe(SubscribeRequest { sink: "sub".into() })
+                .await
+                .unwrap();
+            drop(stream);
+        })
+    };
+    // Warm up (first-use allocations), then take the baseline.
+    drop(http_stream());
+    subscribe();
+    settled("warm-up HTTP client stayed", &|| {
+        clients("stream", "http") == 0.0
+    });
+    settled("warm-up gRPC client stayed", &|| {
+        clients("sub", "grpc") == 0.0
+    });
+    let (fds, rss) = (agg.open_fds(), agg.rss_kb());
+    for _ in 0..1000 {
+        drop(http_stream());
+        subscribe();
+    }
+    settled("clients or descriptors stayed after 1,000 loops", &|| {
+        clients("stream", "http") == 0.0 && clients("sub", "grpc") == 0.0 && agg.open_fds() <= fds
+    });
+    let grown = agg.rss_kb().saturating_sub(rss);
+    assert!(grown < 8 * 1024, "RSS grew by {grown} kB over 1,000 loops");
+}
+
+/// A client that sends its request one byte a second cannot hold a
+/// connection: it is closed once the header-read bound (30 s) is up.
+#[test]
+fn a_slow_header_client_is_disconnected() {
+    use std::io::{Read, Write};
+    let dir = tempfile::tempdir().unwrap();
+    let agg = Aggregator::start(
+        "sinks:\n  - { name: stream, type: http }\npolicies:\n  - { name: all, sinks: [stream] }\n",
+        dir.path(),
+    );
+    let mut c = std::net::TcpStream::connect(&agg.http).unwrap();
+    c.set_read_timeout(Some(Duration::from_millis(10))).unwrap();
+    let started = std::time::Instant::now();
+    let request = b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Padding: "
+        .iter()
+        .chain(std::iter::repeat(&b'a'));
+    let mut closed = None;
+    for &byte in request {
+        if started.elapsed() > Duration::from_secs(45) {
+            break;
+        }
+        if c.write_all(&[byte]).is_err() {
+            closed = Some(started.elapsed());
+            break;
+        }
+        // An answer (408) may come before the close.
+        let mut buf = [0u8; 256];
+        match c.read(&mut buf) {
+            Ok(0) => {
+                closed = Some(started.elapsed());
+                break;
+            }
+            Err(e)
+                if !matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                closed = Some(started.elapsed());
+                break;
+            }
+            _ => {}
+        }
+        std::thread::sleep(Duration::from_millis(990));
+    }
+    let closed = closed.expect("the slow client was never disconnected");
+    assert!(
+        closed >= Duration::from_secs(29) && closed < Duration::from_secs(40),
+        "closed after {closed:?}"
+    );
+}

@@ -167,6 +167,8 @@ fn desired(w: &Workloads) -> Vec<Desired> {
             json!(format!("{AGGREGATOR}.{NAMESPACE}.svc")),
             json!("--client-ca"),
             json!(CLUSTER_CA),
+            // Tools' bearer tokens never cross the network in the clear.
+            json!("--http-tls"),
         ]);
     } else {
         agg_args.push(json!("--insecure"));
@@ -205,7 +207,8 @@ fn desired(w: &Workloads) -> Vec<Desired> {
                         ],
                         // Not the gRPC port: a bare TCP connection is a
                         // failed TLS handshake there, counted as refused.
-                        "readinessProbe": {"httpGet": {"path": "/healthz", "port": HTTP_PORT}, "periodSeconds": 2},
+                        "readinessProbe": {"httpGet": {"path": "/healthz", "port": HTTP_PORT,
+                            "scheme": if mutual_tls { "HTTPS" } else { "HTTP" }}, "periodSeconds": 2},
                         "volumeMounts": agg_mounts,
                     }],
                     "volumes": agg_volumes,

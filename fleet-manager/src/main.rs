@@ -9,7 +9,6 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use tapestry_fleet_manager::{tls, Config, Workloads};
-use tokio::signal::unix::{signal, SignalKind};
 use tokio_util::sync::CancellationToken;
 
 // The allocator of the `tapestry` binary, in which the fleet manager also
@@ -136,6 +135,7 @@ async fn serve(args: ServeArgs) -> Result<()> {
             })
         })
         .transpose()?;
+    let stop_signal = tapestry_runtime::shutdown::on_signals()?;
     let shutdown = CancellationToken::new();
     let running = tapestry_fleet_manager::start(
         client,
@@ -150,13 +150,7 @@ async fn serve(args: ServeArgs) -> Result<()> {
     )
     .await?;
     println!("listening on https://{}", running.addr);
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
-    }
-    tracing::info!("shutting down");
+    stop_signal.cancelled().await;
     shutdown.cancel();
     running.wait().await;
     Ok(())

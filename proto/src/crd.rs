@@ -311,6 +311,11 @@ pub struct TapToolSpec {
     /// pcapOverIp: client networks allowed besides loopback.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub allow: Vec<Cidr>,
+    /// pcapOverIp: serve the stream over TLS with the aggregator's
+    /// certificate (read with `socat OPENSSL:HOST:PORT,cafile=CA -` or
+    /// stunnel; tshark speaks plaintext only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<bool>,
     /// pcapngFiles: the directory files rotate in, on the aggregator's host.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub directory: Option<String>,
@@ -337,6 +342,13 @@ pub struct TapToolSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1, max = 262144))]
     pub snaplen: Option<u32>,
+    /// http, grpc: a Secret in the aggregator's namespace
+    /// (`tapestry-system` as the fleet manager deploys it) whose `token`
+    /// key is the bearer token clients present (`Authorization: Bearer
+    /// TOKEN`). Without one, only loopback clients on the aggregator's
+    /// host are served.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token_secret: Option<String>,
 }
 
 /// How a tool receives packets.
@@ -594,6 +606,11 @@ impl TapToolSpec {
                 self.type_ == ToolType::PcapOverIp,
             ),
             (
+                "tls",
+                self.tls.is_some(),
+                self.type_ == ToolType::PcapOverIp,
+            ),
+            (
                 "directory",
                 self.directory.is_some(),
                 self.type_ == ToolType::PcapngFiles,
@@ -619,6 +636,11 @@ impl TapToolSpec {
                 self.type_ == ToolType::Vxlan,
             ),
             ("vni", self.vni.is_some(), self.type_ == ToolType::Vxlan),
+            (
+                "tokenSecret",
+                self.token_secret.is_some(),
+                matches!(self.type_, ToolType::Http | ToolType::Grpc),
+            ),
         ] {
             if set && !applies {
                 push(
@@ -630,6 +652,23 @@ impl TapToolSpec {
         if let Some(dir) = &self.directory {
             if !dir.starts_with('/') {
                 push("directory", format!("`{dir}` must be an absolute path"));
+            }
+        }
+        if let Some(name) = &self.token_secret {
+            let valid = !name.is_empty()
+                && name.len() <= 253
+                && name.bytes().all(|b| {
+                    b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.'
+                })
+                && name.starts_with(|c: char| c.is_ascii_alphanumeric())
+                && name.ends_with(|c: char| c.is_ascii_alphanumeric());
+            if !valid {
+                push(
+                    "tokenSecret",
+                    format!(
+                        "`{name}` is not a Secret name (lowercase letters, digits, '-' and '.')"
+                    ),
+                );
             }
         }
         errs
@@ -787,6 +826,12 @@ mod tests {
                 .expect("tool");
         let fields: Vec<String> = tool.check().into_iter().map(|e| e.field).collect();
         assert_eq!(fields, ["listen", "vni"]);
+        let tool: TapToolSpec = serde_json::from_value(
+            json!({"type": "pcapOverIp", "listen": "127.0.0.1:1", "tokenSecret": "Bad_Name"}),
+        )
+        .expect("tool");
+        let fields: Vec<String> = tool.check().into_iter().map(|e| e.field).collect();
+        assert_eq!(fields, ["tokenSecret", "tokenSecret"]);
         assert!(
             TapToolSpec {
                 type_: ToolType::Vxlan,

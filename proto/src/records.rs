@@ -71,15 +71,17 @@ impl RecordsBuilder {
     pub fn push(&mut self, record: &Record, data: &[u8]) {
         let data = &data[..data.len().min(u32::MAX as usize)];
         self.buf.reserve(encoded_len(data.len()));
-        self.buf.put_u64_le(record.timestamp_ns);
-        self.buf
-            .put_u32_le(record.wire_length.max(data.len() as u32));
-        self.buf.put_u32_le(data.len() as u32);
-        self.buf.put_u32_le(record.source_id);
-        self.buf.put_u8(record.direction);
-        self.buf.put_bytes(0, 3);
-        self.buf.put_u64_le(record.policy_mask);
-        self.buf.put_slice(data);
+        // The header laid out in place, then one copy of it and one of the
+        // data: this runs once per packet on the tap.
+        let mut header = [0u8; HEADER_LEN];
+        header[0..8].copy_from_slice(&record.timestamp_ns.to_le_bytes());
+        header[8..12].copy_from_slice(&record.wire_length.max(data.len() as u32).to_le_bytes());
+        header[12..16].copy_from_slice(&(data.len() as u32).to_le_bytes());
+        header[16..20].copy_from_slice(&record.source_id.to_le_bytes());
+        header[20] = record.direction;
+        header[24..32].copy_from_slice(&record.policy_mask.to_le_bytes());
+        self.buf.extend_from_slice(&header);
+        self.buf.extend_from_slice(data);
         self.buf.put_bytes(0, padded(data.len()) - data.len());
         self.count += 1;
         self.captured += data.len();
@@ -209,6 +211,37 @@ impl Iterator for Records {
     }
 }
 
+/// The `records` field's number in `tapestry.tap.v2.Batch`.
+const BATCH_RECORDS_FIELD: u32 = 5;
+
+/// A `tapestry.tap.v2.Batch` as the two pieces of its gRPC message: the
+/// length prefix with every field but `records`, then the records block
+/// itself, untouched. A sender hands both to HTTP/2 as they are, so the
+/// block is not copied into an encoder's buffer on its way out.
+/// Protobuf takes fields in any order; `records` comes last.
+pub fn grpc_message(mut batch: crate::tap::v2::Batch) -> [Bytes; 2] {
+    use prost::encoding::{encode_key, encode_varint, encoded_len_varint, key_len, WireType};
+    use prost::Message as _;
+    let records = std::mem::take(&mut batch.records);
+    let head_len = batch.encoded_len();
+    let records_key_len = if records.is_empty() {
+        0
+    } else {
+        key_len(BATCH_RECORDS_FIELD) + encoded_len_varint(records.len() as u64)
+    };
+    let message_len = head_len + records_key_len + records.len();
+    let mut head = BytesMut::with_capacity(5 + head_len + records_key_len);
+    // Uncompressed, then the length (gRPC's message framing).
+    head.put_u8(0);
+    head.put_u32(u32::try_from(message_len).unwrap_or(u32::MAX));
+    batch.encode_raw(&mut head);
+    if !records.is_empty() {
+        encode_key(BATCH_RECORDS_FIELD, WireType::LengthDelimited, &mut head);
+        encode_varint(records.len() as u64, &mut head);
+    }
+    [head.freeze(), records]
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -246,6 +279,33 @@ mod tests {
             // A slice of the batch, not a copy.
             let at = data.as_ptr() as usize;
             assert!(data.is_empty() || (at >= base && at < base + buf.len()));
+        }
+    }
+
+    #[test]
+    fn a_batch_in_two_pieces_is_the_grpc_message_prost_reads() {
+        use prost::Message as _;
+        for records in [Bytes::new(), Bytes::from(vec![7u8; 300])] {
+            let batch = crate::tap::v2::Batch {
+                sequence: 42,
+                hello: Some(crate::tap::v1::Hello {
+                    node: "node-a".into(),
+                    ..Default::default()
+                }),
+                record_format: FORMAT_V1,
+                record_count: 3,
+                records: records.clone(),
+                dropped_since_last: 5,
+                resumed_after: 41,
+            };
+            let [head, block] = grpc_message(batch.clone());
+            assert_eq!(block, records);
+            let mut message = head.to_vec();
+            message.extend_from_slice(&block);
+            assert_eq!(message[0], 0, "not compressed");
+            let len = u32::from_be_bytes(message[1..5].try_into().unwrap()) as usize;
+            assert_eq!(len, message.len() - 5);
+            assert_eq!(crate::tap::v2::Batch::decode(&message[5..]).unwrap(), batch);
         }
     }
 

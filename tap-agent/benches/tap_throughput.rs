@@ -1,16 +1,24 @@
-//! Tap cost benchmark (run as root):
+//! Tap cost benchmark (run as root), as a user runs the tap:
+//! `tap-agent run --iface VETH` → `aggregator serve --filter F
+//! --pcap-over-ip` → a PCAP-over-IP reader, against `tcpdump -i VETH -w
+//! /dev/null F` on the same veth.
 //!
 //! 1. iperf3 TCP throughput between two namespaces joined by a veth pair:
-//!    untapped vs tap-agent (snaplen 128 and full packets) vs
-//!    `tcpdump -w /dev/null` on the same interface, interleaved rounds,
-//!    medians, ratios against the untapped anchor of the same run.
+//!    untapped vs tapped (snaplen 128 and full packets) vs tcpdump,
+//!    interleaved rounds, medians, ratios against the untapped anchor of
+//!    the same run.
 //! 2. Small UDP packets at the highest rate iperf3 makes here: captured/sent
-//!    for the tap and for tcpdump (with its "dropped by kernel"), and the
-//!    user-space CPU time per million packets.
+//!    for the tap and for tcpdump (with its "dropped by kernel"), the
+//!    records the tool read, and CPU time (user + system) per million
+//!    packets of the tap-agent, the aggregator and tcpdump.
 //!
-//! `cargo bench -p tapestry-tap-agent --bench tap_throughput`
-//! (TAP_BENCH_SECS, TAP_BENCH_ROUNDS to change the run length; the results
-//! replace the marked tap section of BENCHMARKS.md.)
+//! ```
+//! cargo build --release -p tapestry-aggregator
+//! cargo bench -p tapestry-tap-agent --bench tap_throughput
+//! ```
+//! (TAP_BENCH_SECS, TAP_BENCH_ROUNDS change the run length; extra
+//! tap-agent flags in TAP_BENCH_AGENT_ARGS; the results replace the marked
+//! tap section of BENCHMARKS.md.)
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -130,6 +138,108 @@ impl TcpdumpNull {
     }
 }
 
+/// The real aggregator in the tap's namespace, quick path, with one
+/// PCAP-over-IP reader counting the records it gets.
+struct AggregatorWithReader {
+    child: Child,
+    records: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    reader: Option<std::thread::JoinHandle<()>>,
+}
+
+const PCAP_OVER_IP_PORT: u16 = 57012;
+
+impl AggregatorWithReader {
+    fn start(pair: &Pair, dir: &std::path::Path, filter: &str) -> AggregatorWithReader {
+        let bin =
+            std::path::Path::new(env!("CARGO_BIN_EXE_tap-agent")).with_file_name("aggregator");
+        assert!(
+            bin.exists(),
+            "{} is missing: build it first with `cargo build --release -p tapestry-aggregator`",
+            bin.display()
+        );
+        let log = dir.join(format!("aggregator-{}.log", std::process::id()));
+        let child = Command::new("ip")
+            .args(["netns", "exec", &pair.a])
+            .arg(&bin)
+            .args(["serve", "--grpc", &format!("127.0.0.1:{GRPC_PORT}")])
+            .args(["--http", "127.0.0.1:9091"])
+            .args(["--pcap-over-ip", &format!("127.0.0.1:{PCAP_OVER_IP_PORT}")])
+            .args(["--filter", filter])
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        let ns = pair.a.clone();
+        let mut stream = None;
+        wait_until(
+            "the aggregator's PCAP-over-IP port",
+            Duration::from_secs(10),
+            || {
+                let ns = ns.clone();
+                stream = in_netns(&ns, || {
+                    std::net::TcpStream::connect(("127.0.0.1", PCAP_OVER_IP_PORT)).ok()
+                });
+                stream.is_some()
+            },
+        );
+        let records = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let counted = records.clone();
+        let mut stream = stream.unwrap();
+        let reader = std::thread::spawn(move || count_pcap_records(&mut stream, &counted));
+        AggregatorWithReader {
+            child,
+            records,
+            reader: Some(reader),
+        }
+    }
+
+    /// Stops it once the reader has had `settle` to catch up; returns the
+    /// records the tool read.
+    fn stop(mut self, settle: Duration) -> u64 {
+        std::thread::sleep(settle);
+        // SAFETY: our own child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let _ = self.child.wait();
+        if let Some(r) = self.reader.take() {
+            let _ = r.join();
+        }
+        self.records.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+/// Reads a pcap stream to its end, counting records as they complete.
+fn count_pcap_records(stream: &mut impl std::io::Read, records: &std::sync::atomic::AtomicU64) {
+    let mut buf = vec![0u8; 1 << 20];
+    let (mut filled, mut at) = (0usize, 24usize);
+    loop {
+        let n = match stream.read(&mut buf[filled..]) {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        filled += n;
+        let mut complete = 0;
+        while at + 16 <= filled {
+            let incl = u32::from_le_bytes(buf[at + 8..at + 12].try_into().unwrap()) as usize;
+            if at + 16 + incl > filled {
+                break;
+            }
+            at += 16 + incl;
+            complete += 1;
+        }
+        records.fetch_add(complete, std::sync::atomic::Ordering::Relaxed);
+        // Keep the partial record at the front of the buffer.
+        if at <= filled {
+            buf.copy_within(at..filled, 0);
+            filled -= at;
+            at = 0;
+        }
+        if filled == buf.len() {
+            buf.resize(buf.len() * 2, 0);
+        }
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq)]
 enum Mode {
     Untapped,
@@ -168,14 +278,8 @@ fn main() {
     );
     let secs = env_or("TAP_BENCH_SECS", 5);
     let rounds = env_or("TAP_BENCH_ROUNDS", 3);
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .unwrap();
     let dir = tempfile::tempdir().unwrap();
     let pair = Pair::new();
-    let server = Server::start_counting(&rt, &pair.a, GRPC_PORT);
     let mut iperf_server = Command::new("ip")
         .args(["netns", "exec", &pair.a, "iperf3", "-s", "-p", "5201"])
         .stdout(Stdio::null())
@@ -196,6 +300,12 @@ fn main() {
             a.push(s.into());
         }
         a.extend(extra.iter().map(|s| s.to_string()));
+        a.extend(
+            std::env::var("TAP_BENCH_AGENT_ARGS")
+                .unwrap_or_default()
+                .split_whitespace()
+                .map(String::from),
+        );
         a
     };
 
@@ -205,6 +315,8 @@ fn main() {
     let mut notes: Vec<String> = vec![String::new(); modes.len()];
     for round in 0..rounds {
         for (i, mode) in modes.iter().enumerate() {
+            let aggregator = matches!(mode, Mode::Tap128 | Mode::TapFull)
+                .then(|| AggregatorWithReader::start(&pair, dir.path(), "tcp"));
             let agent = match mode {
                 Mode::Tap128 | Mode::TapFull => {
                     let snap = if *mode == Mode::Tap128 {
@@ -229,7 +341,8 @@ fn main() {
                 let (cap, full) = (agent.kernel("captured"), agent.kernel("ringbuf_full"));
                 let qdrop = agent.metric("tapestry_tap_queue_dropped_packets_total");
                 assert!(agent.terminate());
-                notes[i] = format!("kernel captured {cap}, ring-full drops {full}, queue drops {qdrop} (last round)");
+                let read = aggregator.map_or(0, |a| a.stop(Duration::from_millis(500)));
+                notes[i] = format!("kernel captured {cap}, ring-full drops {full}, queue drops {qdrop}, the tool read {read} (last round)");
             }
             if let Some(t) = tcpdump {
                 let (cap, dropped, _) = t.stop(0);
@@ -246,19 +359,23 @@ fn main() {
     let anchor = median(gbps[0].clone());
 
     // 2. Small UDP packets, as fast as iperf3 sends them.
+    let aggregator = AggregatorWithReader::start(&pair, dir.path(), "udp");
     let a = agent_args(Some("128"), &["--rule", "proto=udp"]);
     let a: Vec<&str> = a.iter().map(String::as_str).collect();
     let agent = Agent::start(&pair.a, dir.path(), &a);
-    let pid = agent.child.id();
-    let cpu0 = cpu_ticks(pid);
+    let (pid, aggregator_pid) = (agent.child.id(), aggregator.child.id());
+    let (cpu0, aggregator_cpu0) = (cpu_ticks(pid), cpu_ticks(aggregator_pid));
     let v = iperf3(&pair, secs, true);
     let sent = v["end"]["sum"]["packets"].as_u64().unwrap_or(0);
     std::thread::sleep(Duration::from_millis(500));
     let cpu = (cpu_ticks(pid) - cpu0) as f64 / ticks_per_sec() as f64;
+    let aggregator_cpu =
+        (cpu_ticks(aggregator_pid) - aggregator_cpu0) as f64 / ticks_per_sec() as f64;
     let (tap_cap, tap_full) = (agent.kernel("captured"), agent.kernel("ringbuf_full"));
     let tap_sent = agent.metric("tapestry_tap_sent_packets_total");
     let tap_qdrop = agent.metric("tapestry_tap_queue_dropped_packets_total");
     assert!(agent.terminate());
+    let tool_read = aggregator.stop(Duration::ZERO);
     let udp_pps = sent as f64 / secs as f64;
 
     let t = TcpdumpNull::start(&pair, dir.path(), &["udp"]);
@@ -270,7 +387,6 @@ fn main() {
 
     let _ = iperf_server.kill();
     let _ = iperf_server.wait();
-    server.stop();
 
     let kernel = String::from_utf8_lossy(&Command::new("uname").arg("-r").output().unwrap().stdout)
         .trim()
@@ -294,17 +410,25 @@ fn main() {
             notes[i]
         ));
     }
+    let per_m = |cpu: f64, packets: u64| cpu / (packets.max(1) as f64 / 1e6);
+    let (tap_per_m, aggregator_per_m, tcpdump_per_m) = (
+        per_m(cpu, sent),
+        per_m(aggregator_cpu, sent),
+        per_m(td_cpu, sent2),
+    );
     md.push_str(&format!(
-        "\n| 64-byte UDP, iperf3 `-u -b 0 -l 64` | sent | captured | captured/sent | kernel/ring drops | user CPU s per M packets |\n|---|---:|---:|---:|---:|---:|\n\
-         | tap-agent (snaplen 128, rule proto=udp) | {sent} | {tap_cap} (streamed {tap_sent}) | {:.4} | ring full {tap_full}, queue {tap_qdrop} | {:.3} |\n\
-         | tcpdump -w /dev/null udp | {sent2} | {td_cap} | {:.4} | dropped by kernel {td_drop} | {:.3} |\n",
+        "\n| 64-byte UDP, iperf3 `-u -b 0 -l 64` | sent | captured | captured/sent | drops | CPU s (user + system) per M packets |\n|---|---:|---:|---:|---:|---:|\n\
+         | tap-agent (snaplen 128, rule proto=udp) | {sent} | {tap_cap} (streamed {tap_sent}) | {:.4} | ring full {tap_full}, queue {tap_qdrop} | {tap_per_m:.3} |\n\
+         | aggregator serve --filter udp --pcap-over-ip | | the tool read {tool_read} | {:.4} | | {aggregator_per_m:.3} |\n\
+         | tcpdump -w /dev/null udp | {sent2} | {td_cap} | {:.4} | dropped by kernel {td_drop} | {tcpdump_per_m:.3} |\n",
         tap_cap as f64 / sent.max(1) as f64,
-        cpu / (sent.max(1) as f64 / 1e6),
+        tool_read as f64 / sent.max(1) as f64,
         td_cap as f64 / sent2.max(1) as f64,
-        td_cpu / (sent2.max(1) as f64 / 1e6),
     ));
     md.push_str(&format!(
-        "\nUDP send rate reached: {:.0} packets/s. The eBPF programs' own cost is paid in the sender's softirq and shows in the throughput ratios, not in the CPU column.\n",
+        "\nCPU against tcpdump's: tap-agent {:.2}×, tap-agent and aggregator {:.2}×. UDP send rate reached: {:.0} packets/s. The eBPF programs' own cost is paid in the sender's softirq and shows in the throughput ratios, not in the CPU column.\n",
+        tap_per_m / tcpdump_per_m,
+        (tap_per_m + aggregator_per_m) / tcpdump_per_m,
         udp_pps
     ));
     println!("{md}");

@@ -11,10 +11,7 @@ use std::{
 
 use anyhow::{bail, Context as _, Result};
 use tapestry_proto::tap::v1::Hello;
-use tokio::{
-    signal::unix::{signal, SignalKind},
-    sync::{mpsc, watch},
-};
+use tokio::sync::{mpsc, watch};
 use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
 use tracing::{error, info, warn};
 
@@ -129,6 +126,7 @@ pub fn endpoint(url: &str, tls: Option<&ClientTls>) -> Result<Endpoint> {
 }
 
 pub async fn run(cfg: RunConfig) -> Result<()> {
+    let stop_signal = tapestry_runtime::shutdown::on_signals()?;
     if let TargetSource::Static {
         interfaces,
         policies,
@@ -275,12 +273,9 @@ pub async fn run(cfg: RunConfig) -> Result<()> {
         tokio::spawn(hb.run(status, board.clone()))
     });
 
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
     let mut failed = None;
     tokio::select! {
-        _ = term.recv() => info!("SIGTERM: stopping"),
-        _ = int.recv() => info!("SIGINT: stopping"),
+        _ = stop_signal.cancelled() => info!("stopping"),
         r = &mut reader_task => { failed = Some(format!("ring reader ended: {r:?}")); }
         r = metrics_task => { failed = Some(format!("metrics server ended: {r:?}")); }
     }

@@ -20,11 +20,17 @@ use std::{
     time::Duration,
 };
 
-use tapestry_proto::records::FORMAT_V1;
+use bytes::Bytes;
+use futures::StreamExt as _;
+use tapestry_proto::records::{grpc_message, FORMAT_V1};
 use tapestry_proto::tap::v1::Hello;
-use tapestry_proto::tap::v2::{tap_ingest_client::TapIngestClient, Ack, Batch as WireBatch};
+use tapestry_proto::tap::v2::{Ack, Batch as WireBatch};
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
+use tonic::codec::{Codec as _, Streaming};
+use tonic::codegen::Service as _;
+use tonic::transport::Channel;
+use tonic::Status;
 use tracing::{info, warn};
 
 use crate::{
@@ -145,9 +151,7 @@ impl Shipper {
                         backoff = BACKOFF_MIN;
                         info!(aggregator = url, "connected");
                         self.board.set_problems(BOARD_PART, vec![]);
-                        let end = self
-                            .stream(TapIngestClient::new(channel), &url, &mut list_open)
-                            .await;
+                        let end = self.stream(channel, &url, &mut list_open).await;
                         self.metrics.connected.store(false, Relaxed);
                         match end {
                             StreamEnd::Done => return self.lose_in_flight(),
@@ -314,13 +318,9 @@ impl Shipper {
         }
     }
 
-    async fn stream(
-        &mut self,
-        mut client: TapIngestClient<tonic::transport::Channel>,
-        url: &str,
-        list_open: &mut bool,
-    ) -> StreamEnd {
-        let (tx, rx) = mpsc::channel::<WireBatch>(4);
+    async fn stream(&mut self, channel: Channel, url: &str, list_open: &mut bool) -> StreamEnd {
+        let (tx, rx) = mpsc::channel::<Bytes>(8);
+        let tx = MessageSender(tx);
         // The first batch says where this tap resumes; the aggregator's
         // first acknowledgement settles the batches in doubt.
         let hello = self.hello.borrow_and_update().clone();
@@ -330,11 +330,11 @@ impl Shipper {
         if tx.send(first).await.is_err() {
             return StreamEnd::Failed;
         }
-        let mut acks = match client.stream(ReceiverStream::new(rx)).await {
+        let mut acks = match open_stream(channel, rx).await {
             Ok(r) => {
                 // Connected means a stream is open, not just a connection.
                 self.metrics.connected.store(true, Relaxed);
-                r.into_inner()
+                r
             }
             Err(status) => {
                 warn!("stream refused: {status}");
@@ -424,3 +424,65 @@ impl Shipper {
         }
     }
 }
+
+/// The request side of an ingest stream: each batch goes out as its gRPC
+/// message's two pieces (see [`grpc_message`]), the records block as it
+/// was built.
+struct MessageSender(mpsc::Sender<Bytes>);
+
+impl MessageSender {
+    async fn send(&self, batch: WireBatch) -> Result<(), ()> {
+        for piece in grpc_message(batch) {
+            if !piece.is_empty() {
+                self.0.send(piece).await.map_err(|_| ())?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Opens `tapestry.tap.v2.TapIngest/Stream` with a request body made of
+/// ready message pieces, so no encoder copies the records; the
+/// acknowledgements are decoded as the generated client would.
+async fn open_stream(
+    mut channel: Channel,
+    pieces: mpsc::Receiver<Bytes>,
+) -> Result<Streaming<Ack>, Status> {
+    let body = http_body_util::StreamBody::new(
+        ReceiverStream::new(pieces)
+            .map(|b| Ok::<_, std::convert::Infallible>(http_body::Frame::data(b))),
+    );
+    let request = http::Request::builder()
+        .method(http::Method::POST)
+        .uri(INGEST_STREAM_PATH)
+        .version(http::Version::HTTP_2)
+        .header(http::header::CONTENT_TYPE, "application/grpc")
+        .header(http::header::TE, "trailers")
+        .body(tonic::body::Body::new(body))
+        .map_err(|e| Status::internal(format!("building the ingest request: {e}")))?;
+    futures::future::poll_fn(|cx| channel.poll_ready(cx))
+        .await
+        .map_err(|e| Status::unavailable(e.to_string()))?;
+    let response = channel
+        .call(request)
+        .await
+        .map_err(|e| Status::from_error(e.into()))?;
+    // A refusal may come as headers only.
+    if let Some(status) = Status::from_header_map(response.headers()) {
+        if status.code() != tonic::Code::Ok {
+            return Err(status);
+        }
+    }
+    let http_status = response.status();
+    let decoder = tonic_prost::ProstCodec::<WireBatch, Ack>::default().decoder();
+    Ok(Streaming::new_response(
+        decoder,
+        response.into_body(),
+        http_status,
+        None,
+        None,
+    ))
+}
+
+/// The generated client's path for the ingest stream.
+const INGEST_STREAM_PATH: &str = "/tapestry.tap.v2.TapIngest/Stream";

@@ -661,3 +661,12 @@ pub fn web_pod_at(ip: &str, port: u16) -> Option<String> {
     let body = reply.split("\r\n\r\n").nth(1)?.trim();
     body.starts_with("web-").then(|| body.to_string())
 }
+
+/// A shell command for a busybox pod: GET / from ip:port (ip may be a
+/// `$(…)` expansion), the body on standard output. wget, not nc: busybox
+/// nc ends with status 0 and prints nothing when a read fails, which hides
+/// what went wrong; wget exits non-zero and says why. (`timeout`, because
+/// this busybox's `wget -T` crashes.)
+pub fn get_in_pod(ip: &str, port: u16) -> String {
+    format!("busybox timeout 3 busybox wget -q -O - http://{ip}:{port}/")
+}

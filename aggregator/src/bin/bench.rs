@@ -479,6 +479,7 @@ fn ingest(dir: &Path, taps: usize) -> anyhow::Result<()> {
     rt.block_on(async {
         let running = start(ServeOptions {
             grpc: "127.0.0.1:0".into(),
+            http_tls: false,
             http: "127.0.0.1:0".into(),
             tls: None,
             source: Source::Config(ingest_config(dir)?),
@@ -600,6 +601,7 @@ fn ingest_tls(dir: &Path, taps: usize, rounds: usize) -> anyhow::Result<()> {
             std::fs::create_dir_all(&mode_dir)?;
             let running = start(ServeOptions {
                 grpc: "127.0.0.1:0".into(),
+                http_tls: false,
                 http: "127.0.0.1:0".into(),
                 tls,
                 source: Source::Config(ingest_config(&mode_dir)?),

@@ -14,7 +14,8 @@ use crate::sinks::pcap_over_ip::config::PcapOverIpConfig;
 use crate::sinks::pcapng_file::config::PcapngFileConfig;
 use crate::sinks::vxlan::config::VxlanConfig;
 use crate::sinks::{
-    default_client_queue, default_max_clients, default_queue, default_snaplen, SinkConfig,
+    default_client_queue, default_max_clients, default_queue, default_snaplen, SecretRef,
+    SinkConfig,
 };
 use crate::transforms::dedup::DedupConfig;
 use crate::transforms::mask::MaskConfig;
@@ -108,6 +109,14 @@ pub fn policy_config(p: &TapPolicy) -> Result<PolicyConfig, String> {
     })
 }
 
+/// The Secret holding a tool's token (TapTools are cluster-wide; the
+/// Secret is in the aggregator's own namespace).
+fn token_secret(t: &TapTool) -> Option<SecretRef> {
+    Some(SecretRef {
+        name: t.spec.token_secret.clone()?,
+    })
+}
+
 /// The sink a TapTool asks for, named after the tool: the HTTP path
 /// segment, the gRPC subscription name and the pcapng file prefix.
 pub fn sink_config(t: &TapTool) -> Result<SinkConfig, String> {
@@ -128,6 +137,7 @@ pub fn sink_config(t: &TapTool) -> Result<SinkConfig, String> {
             listen: required(&s.listen, "listen")?,
             // Loopback, plus what the tool allows.
             allow: Some(s.allow.clone()),
+            tls: s.tls.unwrap_or(false),
             queue: default_queue(),
             client_queue: default_client_queue(),
             max_clients: default_max_clients(),
@@ -140,6 +150,9 @@ pub fn sink_config(t: &TapTool) -> Result<SinkConfig, String> {
             client_queue: default_client_queue(),
             max_clients: default_max_clients(),
             snaplen,
+            token_file: None,
+            token: None,
+            token_secret: token_secret(t),
         }),
         ToolType::PcapngFiles => SinkConfig::PcapngFile(PcapngFileConfig {
             directory: required(&s.directory, "directory")?.into(),
@@ -157,6 +170,9 @@ pub fn sink_config(t: &TapTool) -> Result<SinkConfig, String> {
             client_queue: default_client_queue(),
             max_clients: default_max_clients(),
             snaplen,
+            token_file: None,
+            token: None,
+            token_secret: token_secret(t),
         }),
         ToolType::Vxlan => SinkConfig::Vxlan(VxlanConfig {
             remote: required(&s.remote, "remote")?,

@@ -99,3 +99,57 @@ where
     }
     anyhow::bail!("the {kind} watch ended")
 }
+
+/// Every pod's node, from a watch of the pods (names and nodes only):
+/// what the aggregator checks certified taps' pod identities against.
+pub struct PodNodes(
+    std::sync::Arc<tapestry_runtime::informer::Informer<k8s_openapi::api::core::v1::Pod>>,
+);
+
+impl PodNodes {
+    /// Starts the watch and waits for its first list.
+    pub async fn start(client: Client, shutdown: tokio_util::sync::CancellationToken) -> PodNodes {
+        use k8s_openapi::api::core::v1::Pod;
+        let informer = tapestry_runtime::informer::Informer::trimmed(
+            Api::<Pod>::all(client),
+            watcher::Config::default(),
+            trim_to_node,
+        );
+        informer.start(shutdown);
+        if tokio::time::timeout(std::time::Duration::from_secs(30), informer.ready())
+            .await
+            .is_err()
+        {
+            // Taps' pod identities stay unconfirmed (and are refused)
+            // until the list arrives.
+            tracing::error!(
+                "the pod watch has not listed pods within 30 s; is listing pods allowed?"
+            );
+        }
+        PodNodes(informer)
+    }
+}
+
+impl crate::sources::grpc::PodPlacement for PodNodes {
+    fn node_of(&self, namespace: &str, name: &str) -> Option<String> {
+        self.0
+            .get(Some(namespace), name)?
+            .spec
+            .as_ref()?
+            .node_name
+            .clone()
+    }
+}
+
+/// A pod as [`PodNodes`] keeps it: its name and its node.
+fn trim_to_node(pod: &mut k8s_openapi::api::core::v1::Pod) {
+    tapestry_runtime::informer::trim_metadata(pod);
+    pod.metadata.labels = None;
+    pod.metadata.annotations = None;
+    pod.metadata.owner_references = None;
+    pod.status = None;
+    pod.spec = Some(k8s_openapi::api::core::v1::PodSpec {
+        node_name: pod.spec.as_ref().and_then(|s| s.node_name.clone()),
+        ..Default::default()
+    });
+}

@@ -45,7 +45,9 @@ pub enum Change {
     Tools(Vec<TapTool>),
     /// The process is stopping: every tool is reported not Ready (no
     /// clients, no address) so nobody connects to a listener about to
-    /// close; done once that status is written.
+    /// close; then everything taken in is delivered and every tool ended
+    /// (see [`crate::topology::Topology::drain`]); done once that status
+    /// is written.
     Stop,
 }
 
@@ -78,6 +80,8 @@ pub struct Endpoints {
     /// address stands in when that one is specific (as when it binds the
     /// node's address on the host network).
     pub advertise_host: Option<String>,
+    /// Whether the HTTP port speaks TLS (`https://` addresses).
+    pub http_tls: bool,
 }
 
 impl Endpoints {
@@ -177,6 +181,7 @@ impl Reconciler {
                     if matches!(change, Change::Stop) {
                         self.stop();
                         status.send_replace(Arc::new(self.snapshot()));
+                        self.topology.drain(crate::serve::DRAIN_WITHIN).await;
                         return Some(done);
                     }
                     self.reap();
@@ -445,11 +450,17 @@ impl Reconciler {
             let st = view.stats;
             status["clients"] = json!(st.clients.load(std::sync::atomic::Ordering::Relaxed));
             status["deliveredPackets"] = json!(st.packets.get());
-            status["dropped"] = json!(st.dropped.get() + st.client_dropped.get());
+            status["dropped"] =
+                json!(st.dropped.get() + st.client_dropped.get() + st.write_failed.get());
             let address = match view.cfg {
                 SinkConfig::PcapOverIp(_) => view.address.map(|a| self.endpoints.reach(a)),
                 SinkConfig::Http(_) => Some(format!(
-                    "http://{}/v1/tools/{name}/pcap",
+                    "{}://{}/v1/tools/{name}/pcap",
+                    if self.endpoints.http_tls {
+                        "https"
+                    } else {
+                        "http"
+                    },
                     self.endpoints.reach(self.endpoints.http)
                 )),
                 SinkConfig::Grpc(_) => Some(self.endpoints.reach(self.endpoints.grpc)),
@@ -506,6 +517,7 @@ mod tests {
             http: "127.0.0.1:9090".parse().unwrap(),
             grpc: "127.0.0.1:50051".parse().unwrap(),
             advertise_host: None,
+            http_tls: false,
         }
     }
 
@@ -581,6 +593,7 @@ mod tests {
             http: http.parse().unwrap(),
             grpc: "127.0.0.1:50051".parse().unwrap(),
             advertise_host: h.map(String::from),
+            http_tls: false,
         };
         let any = "0.0.0.0:1".parse().unwrap();
         assert_eq!(e("0.0.0.0:9090", None).reach(any), "0.0.0.0:1");

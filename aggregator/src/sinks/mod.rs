@@ -118,12 +118,12 @@ impl SinkConfig {
         let (tx, rx) = mpsc::channel(c.queue);
         let stop = CancellationToken::new();
         let started = match self {
-            SinkConfig::PcapOverIp(cfg) => cfg.build(rx, stats.clone(), stop.clone()).await?,
-            SinkConfig::Http(cfg) => cfg.build(cx, rx, stats.clone(), stop.clone()),
+            SinkConfig::PcapOverIp(cfg) => cfg.build(cx, rx, stats.clone(), stop.clone()).await?,
+            SinkConfig::Http(cfg) => cfg.build(cx, rx, stats.clone(), stop.clone()).await?,
             SinkConfig::PcapngFile(cfg) => {
                 cfg.build(rx, tx.clone(), stats.clone(), stop.clone())?
             }
-            SinkConfig::Grpc(cfg) => cfg.build(cx, rx, stats.clone(), stop.clone()),
+            SinkConfig::Grpc(cfg) => cfg.build(cx, rx, stats.clone(), stop.clone()).await?,
             SinkConfig::Vxlan(cfg) => cfg.build(rx, stats.clone(), stop.clone()).await?,
         };
         cx.registry
@@ -137,6 +137,7 @@ impl SinkConfig {
             address: started.address,
             stop,
             holders: started.holders,
+            drains: started.drains,
         })
     }
 }
@@ -148,6 +149,9 @@ pub struct Started {
     pub address: Option<SocketAddr>,
     /// Tasks holding a bound socket; stopping waits for them.
     pub holders: Vec<JoinHandle<()>>,
+    /// Tasks that end by themselves once every sender has let go of the
+    /// queue and what it held is delivered (or at the stop token).
+    pub drains: Vec<JoinHandle<()>>,
 }
 
 /// A sink that runs until [`RunningSink::stop`].
@@ -157,25 +161,67 @@ pub struct RunningSink {
     pub address: Option<SocketAddr>,
     stop: CancellationToken,
     holders: Vec<JoinHandle<()>>,
+    drains: Vec<JoinHandle<()>>,
 }
+
+/// How long a stopped file sink may take to write out what it holds.
+const FILE_SINK_FINISH: std::time::Duration = std::time::Duration::from_secs(5);
 
 impl RunningSink {
     /// Ends the sink: its clients are disconnected and its listener is
-    /// closed when this returns. Packets still queued for it are dropped;
-    /// a file sink closes its file once the last policy lets go of it.
+    /// closed when this returns. Packets still queued for a network sink
+    /// are dropped; a file sink writes out its queue and closes its file
+    /// once the last policy lets go of it.
     pub async fn stop(self, cx: &SinkContext) {
-        let name = &*self.handle.name;
-        self.stop.cancel();
+        self.end(cx, std::time::Duration::ZERO).await
+    }
+
+    /// Ends the sink once what its queue holds is delivered (waiting at
+    /// most `within`), then as [`RunningSink::stop`]. Policies must have
+    /// let go of its queue.
+    pub async fn drain(self, cx: &SinkContext, within: std::time::Duration) {
+        self.end(cx, within).await
+    }
+
+    async fn end(self, cx: &SinkContext, within: std::time::Duration) {
+        let RunningSink {
+            handle: SinkHandle { name, tx, stats },
+            stop,
+            holders,
+            mut drains,
+            ..
+        } = self;
+        // Its own sender goes first, so the queue closes once policies
+        // have let go too.
+        drop(tx);
+        if !within.is_zero() {
+            let all = futures::future::join_all(drains.iter_mut());
+            if tokio::time::timeout(within, all).await.is_err() {
+                tracing::warn!(sink = %name, "not drained within {within:?}; stopping it anyway");
+            }
+        }
+        stop.cancel();
         // Only remove the lookups that still point at this sink.
-        let stats = &self.handle.stats;
         cx.http_hubs
-            .remove_if(name, |_, s| Arc::ptr_eq(&s.hub.stats, stats));
+            .remove_if(&*name, |_, s| Arc::ptr_eq(&s.hub.stats, &stats));
         cx.grpc_hubs
-            .remove_if(name, |_, h| Arc::ptr_eq(&h.stats, stats));
-        for h in self.holders {
+            .remove_if(&*name, |_, h| Arc::ptr_eq(&h.hub.stats, &stats));
+        for h in holders {
             let _ = h.await;
         }
-        cx.registry.unregister_sink(name);
+        // A stopped file sink still writes out its queue; a drained one had
+        // its time already.
+        if within.is_zero() {
+            let finished =
+                futures::future::join_all(drains.iter_mut().filter(|d| !d.is_finished()));
+            if tokio::time::timeout(FILE_SINK_FINISH, finished)
+                .await
+                .is_err()
+            {
+                tracing::warn!(sink = %name, "still writing out after {FILE_SINK_FINISH:?}; left to finish on its own");
+            }
+        }
+        cx.registry.unregister_sink(&name);
     }
 }
 
@@ -191,6 +237,221 @@ pub fn check_addr(field: &str, v: &str) -> Result<(), String> {
         .map_err(|e| format!("{field}: {v:?} is not an address:port ({e})"))
 }
 
+/// A tool's bearer token. Its Debug form never shows it.
+#[derive(Clone, PartialEq)]
+pub struct Token(Arc<str>);
+
+impl std::fmt::Debug for Token {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Token(..)")
+    }
+}
+
+impl Token {
+    /// A token from its text (surrounding whitespace is not part of it).
+    pub fn new(text: &str) -> Result<Token, String> {
+        let t = text.trim();
+        if t.is_empty() {
+            return Err("the token is empty".into());
+        }
+        if !t.bytes().all(|b| b.is_ascii_graphic()) {
+            return Err("a token is printable ASCII without spaces".into());
+        }
+        Ok(Token(t.into()))
+    }
+
+    /// The token in `path` (`field` names the setting, for the error).
+    pub fn read(field: &str, path: &std::path::Path) -> anyhow::Result<Token> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| anyhow::anyhow!("{field}: {}: {e}", path.display()))?;
+        Token::new(&text).map_err(|e| anyhow::anyhow!("{field}: {}: {e}", path.display()))
+    }
+
+    /// A sink's token: given, from its file, or from its Secret (read
+    /// through the cluster client when the sink starts).
+    pub async fn resolve(
+        given: Option<&Token>,
+        file: Option<&std::path::Path>,
+        secret: Option<&SecretRef>,
+        cx: &SinkContext,
+    ) -> anyhow::Result<Option<Token>> {
+        if let Some(t) = given {
+            return Ok(Some(t.clone()));
+        }
+        if let Some(path) = file {
+            return Token::read("token_file", path).map(Some);
+        }
+        let Some(secret) = secret else {
+            return Ok(None);
+        };
+        let client = cx.client.clone().ok_or_else(|| {
+            anyhow::anyhow!(
+                "tokenSecret {}: secrets are read only in cluster mode",
+                secret.name
+            )
+        })?;
+        secret.read(client).await.map(Some)
+    }
+}
+
+impl SecretRef {
+    /// The token the Secret holds now.
+    async fn read(&self, client: kube::Client) -> anyhow::Result<Token> {
+        let at = format!("tokenSecret {}/{}", client.default_namespace(), self.name);
+        let api: kube::Api<k8s_openapi::api::core::v1::Secret> =
+            kube::Api::default_namespaced(client);
+        let found = api
+            .get_opt(&self.name)
+            .await
+            .map_err(|e| anyhow::anyhow!("{at}: {e}"))?
+            .ok_or_else(|| anyhow::anyhow!("{at}: no such Secret"))?;
+        let data = found
+            .data
+            .as_ref()
+            .and_then(|d| d.get("token"))
+            .ok_or_else(|| anyhow::anyhow!("{at}: no `token` key in it"))?;
+        let text = std::str::from_utf8(&data.0)
+            .map_err(|_| anyhow::anyhow!("{at}: the token is not text"))?;
+        Token::new(text).map_err(|e| anyhow::anyhow!("{at}: {e}"))
+    }
+}
+
+/// How often a tool's token Secret is read again: a rotated token takes
+/// over, and the old one stops working, within this long.
+const TOKEN_REFRESH: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Who may read a tool's stream, as it stands now: no token (loopback
+/// only), a token, or none that can be had (its Secret is gone or
+/// unreadable: nobody).
+#[derive(Clone)]
+pub struct ToolAccess(Arc<std::sync::RwLock<Result<Option<Token>, String>>>);
+
+impl ToolAccess {
+    /// The sink's token as [`Token::resolve`] finds it at start; one from
+    /// a Secret is read again every [`TOKEN_REFRESH`] until `stop`.
+    pub async fn start(
+        given: Option<&Token>,
+        file: Option<&std::path::Path>,
+        secret: Option<&SecretRef>,
+        cx: &SinkContext,
+        stop: &CancellationToken,
+    ) -> anyhow::Result<ToolAccess> {
+        let access = ToolAccess(Arc::new(std::sync::RwLock::new(Ok(Token::resolve(
+            given, file, secret, cx,
+        )
+        .await?))));
+        if let (None, None, Some(secret), Some(client)) = (given, file, secret, &cx.client) {
+            let (secret, client, stop) = (secret.clone(), client.clone(), stop.clone());
+            let live = access.0.clone();
+            tokio::spawn(async move {
+                loop {
+                    tokio::select! {
+                        _ = stop.cancelled() => return,
+                        _ = tokio::time::sleep(TOKEN_REFRESH) => {}
+                    }
+                    let now = secret
+                        .read(client.clone())
+                        .await
+                        .map(Some)
+                        .map_err(|e| format!("{e:#}"));
+                    let mut current = live.write().unwrap_or_else(|e| e.into_inner());
+                    if *current != now {
+                        match &now {
+                            Ok(_) => tracing::info!(secret = %secret.name, "tool token changed"),
+                            Err(e) => {
+                                tracing::warn!(secret = %secret.name, "tool token unavailable, refusing every client: {e}")
+                            }
+                        }
+                        *current = now;
+                    }
+                }
+            });
+        }
+        Ok(access)
+    }
+
+    /// A token (or none) that does not change.
+    pub fn fixed(token: Option<Token>) -> ToolAccess {
+        ToolAccess(Arc::new(std::sync::RwLock::new(Ok(token))))
+    }
+
+    /// What [`admit`] checks against now.
+    pub fn current(&self) -> Result<Option<Token>, String> {
+        self.0.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+}
+
+/// A Secret holding a tool's token (key `token`), in the aggregator's
+/// namespace.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SecretRef {
+    pub name: String,
+}
+
+/// Whether a client may read a tool's stream: with a token, only clients
+/// presenting it (`Authorization: Bearer TOKEN`); without one, only
+/// loopback clients (a client's other addresses can be a NAT's, so none
+/// of them proves it is on this host). A refusal is counted and logged,
+/// and says why.
+pub fn admit(
+    tool: &str,
+    access: &ToolAccess,
+    authorization: Option<&str>,
+    peer: Option<std::net::IpAddr>,
+    stats: &SinkStats,
+) -> Result<(), Refusal> {
+    let token = match access.current() {
+        Ok(token) => token,
+        Err(why) => {
+            stats.refused_unauthenticated.add(1);
+            tracing::warn!(tool, ?peer, "tool client refused: {why}");
+            return Err(Refusal::Unauthenticated(format!(
+                "tool {tool:?} has no token to check yours against: {why}"
+            )));
+        }
+    };
+    match token {
+        Some(token) => {
+            let presented = authorization
+                .and_then(|v| v.strip_prefix("Bearer "))
+                .map(str::trim)
+                .unwrap_or("");
+            if tapestry_apimachinery::tokens::constant_time_eq(
+                presented.as_bytes(),
+                token.0.as_bytes(),
+            ) {
+                return Ok(());
+            }
+            stats.refused_unauthenticated.add(1);
+            tracing::warn!(tool, ?peer, "tool client refused: no valid bearer token");
+            Err(Refusal::Unauthenticated(format!(
+                "tool {tool:?} needs its bearer token (Authorization: Bearer TOKEN)"
+            )))
+        }
+        None if peer.is_some_and(|p| p.to_canonical().is_loopback()) => Ok(()),
+        None => {
+            stats.refused_not_allowed.add(1);
+            tracing::warn!(
+                tool,
+                ?peer,
+                "tool client refused: the tool has no token, so only loopback clients are served"
+            );
+            Err(Refusal::NotAllowed(format!(
+                "tool {tool:?} has no token: only loopback clients are served"
+            )))
+        }
+    }
+}
+
+/// Why a tool's client was turned away.
+#[derive(Debug)]
+pub enum Refusal {
+    /// No token, or the wrong one.
+    Unauthenticated(String),
+    /// The tool has no token and the client is not local.
+    NotAllowed(String),
+}
+
 /// Shared state sinks register into while they are built.
 #[derive(Default, Clone)]
 pub struct SinkContext {
@@ -198,7 +459,11 @@ pub struct SinkContext {
     /// HTTP stream sinks by name, served under `/v1/tools/NAME/pcap`.
     pub http_hubs: Arc<DashMap<String, http::config::HttpStream>>,
     /// gRPC subscribe sinks by name.
-    pub grpc_hubs: Arc<DashMap<String, Arc<Hub<Arc<tapestry_proto::tool::v1::ToolBatch>>>>>,
+    pub grpc_hubs: grpc::service::Hubs,
+    /// The cluster (cluster mode): where tools' token Secrets are read.
+    pub client: Option<kube::Client>,
+    /// The aggregator's TLS, for sinks that offer it (PCAP-over-IP).
+    pub tls: Option<Arc<rustls::ServerConfig>>,
 }
 
 /// What policies hold to feed a sink.
@@ -254,10 +519,43 @@ struct HubClient<T> {
 }
 
 /// A client's end of a hub.
-pub struct Subscription<T> {
-    pub rx: mpsc::Receiver<T>,
+pub struct Subscription<T: Clone> {
+    pub rx: ClientRx<T>,
     /// Packets this client lost because its queue was full.
     pub dropped: Arc<AtomicU64>,
+}
+
+/// A client's queue. Dropping it (the client went away) makes the hub
+/// forget the client at once, packets flowing or not.
+pub struct ClientRx<T: Clone> {
+    rx: mpsc::Receiver<T>,
+    hub: std::sync::Weak<Hub<T>>,
+}
+
+impl<T: Clone> ClientRx<T> {
+    pub async fn recv(&mut self) -> Option<T> {
+        self.rx.recv().await
+    }
+}
+
+impl<T: Clone> futures::Stream for ClientRx<T> {
+    type Item = T;
+
+    fn poll_next(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<T>> {
+        self.rx.poll_recv(cx)
+    }
+}
+
+impl<T: Clone> Drop for ClientRx<T> {
+    fn drop(&mut self) {
+        self.rx.close();
+        if let Some(hub) = self.hub.upgrade() {
+            hub.prune();
+        }
+    }
 }
 
 impl<T: Clone> Hub<T> {
@@ -271,7 +569,7 @@ impl<T: Clone> Hub<T> {
     }
 
     /// A new client's end, unless the hub is full (counted as a refusal).
-    pub fn subscribe(&self) -> Result<Subscription<T>, TooManyClients> {
+    pub fn subscribe(self: &Arc<Self>) -> Result<Subscription<T>, TooManyClients> {
         let mut c = self.clients.lock().unwrap_or_else(|e| e.into_inner());
         self.forget_gone(&mut c);
         if c.len() >= self.max_clients {
@@ -287,7 +585,13 @@ impl<T: Clone> Hub<T> {
             dropped: dropped.clone(),
         });
         self.stats.clients.store(c.len() as u64, Relaxed);
-        Ok(Subscription { rx, dropped })
+        Ok(Subscription {
+            rx: ClientRx {
+                rx,
+                hub: Arc::downgrade(self),
+            },
+            dropped,
+        })
     }
 
     /// Forget the clients that went away (their ends were dropped).
@@ -335,5 +639,44 @@ pub(crate) async fn next_batch(
     tokio::select! {
         _ = stop.cancelled() => None,
         b = rx.recv() => b,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tool_clients_need_the_token_or_to_be_local() {
+        let stats = SinkStats::default();
+        let local = Some(std::net::IpAddr::from([127, 0, 0, 1]));
+        let remote = Some(std::net::IpAddr::from([10, 0, 0, 7]));
+        // No token: this host only.
+        assert!(admit("t", &ToolAccess::fixed(None), None, local, &stats).is_ok());
+        assert!(matches!(
+            admit(
+                "t",
+                &ToolAccess::fixed(None),
+                Some("Bearer x"),
+                remote,
+                &stats
+            ),
+            Err(Refusal::NotAllowed(_))
+        ));
+        assert_eq!(stats.refused_not_allowed.get(), 1);
+        // A token: wherever from, only with it.
+        let token = Token::new(" abc123\n").unwrap();
+        let with_token = ToolAccess::fixed(Some(token.clone()));
+        assert!(admit("t", &with_token, Some("Bearer abc123"), remote, &stats).is_ok());
+        for wrong in [None, Some("Bearer abc12"), Some("abc123"), Some("Bearer ")] {
+            assert!(matches!(
+                admit("t", &with_token, wrong, local, &stats),
+                Err(Refusal::Unauthenticated(_))
+            ));
+        }
+        assert_eq!(stats.refused_unauthenticated.get(), 4);
+        assert!(Token::new("  \n").is_err());
+        assert!(Token::new("two words").is_err());
+        assert_eq!(format!("{token:?}"), "Token(..)");
     }
 }

@@ -30,12 +30,35 @@ const MAX_RECORD: usize = tapestry_proto::policy::MAX_SNAPLEN as usize;
 /// Sources (interfaces) one stream may name.
 const MAX_SOURCES: usize = 4096;
 
+/// How long a pod a certified tap names may stay unknown to the
+/// aggregator's own watch (just created) before its claim is refused.
+const UNKNOWN_POD_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Where pods run, from the aggregator's own watch of the cluster: what a
+/// certified tap says about its pods is checked against it.
+pub trait PodPlacement: Send + Sync {
+    /// The node the pod `namespace/name` is bound to; None while it is
+    /// unknown (not seen yet, gone, or not scheduled).
+    fn node_of(&self, namespace: &str, name: &str) -> Option<String>;
+}
+
+/// A pod identity a certified tap claimed that is not yet confirmed:
+/// its packets carry only the interface until it is.
+struct PendingPod {
+    source: u32,
+    namespace: String,
+    name: String,
+    since: std::time::Instant,
+}
+
 pub struct IngestService {
     pub policies: Arc<IngestTable>,
     pub registry: Arc<Registry>,
     /// Cancelled when the aggregator stops: streams end after their last
     /// acknowledgement.
     pub stopping: tokio_util::sync::CancellationToken,
+    /// Where pods run (cluster mode): a certified tap's pods are checked.
+    pub pods: Option<Arc<dyn PodPlacement>>,
     /// Streams must come with a tap's client certificate, which names the
     /// only node the tap may speak for.
     pub require_certificates: bool,
@@ -54,35 +77,51 @@ struct StreamState {
     /// Aggregator policies that take all traffic.
     catch_all: u64,
     empty: Arc<str>,
+    /// Pod identities waiting for the aggregator's watch to confirm them.
+    pending: Vec<PendingPod>,
 }
 
 impl StreamState {
     /// `certified`: the node the tap's certificate names, which is then
-    /// the tap's identity whatever the Hello says.
-    fn from_hello(h: &Hello, certified: Option<&str>, table: Arc<PolicyTable>) -> Self {
-        let tap_id = match certified {
-            Some(node) => node.to_string(),
-            None if h.tap_id.is_empty() => h.node.clone(),
-            None => h.tap_id.clone(),
-        };
+    /// the tap's identity whatever the Hello says; with `pods`, each pod it
+    /// names must be bound to that node.
+    fn from_hello(
+        h: &Hello,
+        certified: Option<&str>,
+        pods: Option<&dyn PodPlacement>,
+        tap: &crate::metrics::TapStats,
+        table: Arc<PolicyTable>,
+    ) -> Self {
+        let tap_id = tap_id_of(h, certified);
+        let mut pending = Vec::new();
         let sources = h
             .sources
             .iter()
             .take(MAX_SOURCES)
             .map(|s| {
-                let (name, is_pod) = match &s.pod {
-                    Some(p) => (format!("{}/{}", p.namespace, p.name), true),
-                    None => (s.interface.clone(), false),
+                let claim = match (&s.pod, certified.zip(pods)) {
+                    (Some(p), Some((node, pods))) => {
+                        match pods.node_of(&p.namespace, &p.name) {
+                            Some(n) if n == node => Some(p),
+                            Some(other) => {
+                                tap.foreign_pods.add(1);
+                                tracing::warn!(tap = node, pod = %format!("{}/{}", p.namespace, p.name), bound_to = %other, "a tap claimed a pod of another node: its packets carry only the interface");
+                                None
+                            }
+                            None => {
+                                pending.push(PendingPod {
+                                    source: s.id,
+                                    namespace: p.namespace.clone(),
+                                    name: p.name.clone(),
+                                    since: std::time::Instant::now(),
+                                });
+                                None
+                            }
+                        }
+                    }
+                    (pod, _) => pod.as_ref(),
                 };
-                (
-                    s.id,
-                    Arc::new(Iface {
-                        tap_id: tap_id.clone(),
-                        name,
-                        is_pod,
-                        interface: s.interface.clone(),
-                    }),
-                )
+                (s.id, source_iface(&tap_id, claim, &s.interface))
             })
             .collect();
         let mut st = StreamState {
@@ -93,9 +132,49 @@ impl StreamState {
             bit_map: Vec::new(),
             catch_all: 0,
             empty: "".into(),
+            pending,
         };
         st.resolve(table);
         st
+    }
+
+    /// Looks again at the pods the watch did not know yet: one now bound
+    /// to the tap's node gets its name back; one bound elsewhere, or still
+    /// unknown after [`UNKNOWN_POD_GRACE`], is refused for good.
+    fn confirm_pending(&mut self, pods: &dyn PodPlacement, tap: &crate::metrics::TapStats) {
+        let node = self.tap_id.clone();
+        let mut confirmed = Vec::new();
+        self.pending.retain(|p| {
+            match pods.node_of(&p.namespace, &p.name) {
+                Some(n) if n == node => {
+                    confirmed.push((p.source, p.namespace.clone(), p.name.clone()));
+                    false
+                }
+                Some(_) => {
+                    tap.foreign_pods.add(1);
+                    tracing::warn!(tap = %node, pod = %format!("{}/{}", p.namespace, p.name), "a tap claimed a pod of another node: its packets carry only the interface");
+                    false
+                }
+                None if p.since.elapsed() >= UNKNOWN_POD_GRACE => {
+                    tap.foreign_pods.add(1);
+                    tracing::warn!(tap = %node, pod = %format!("{}/{}", p.namespace, p.name), "a tap claimed a pod the cluster does not have: its packets carry only the interface");
+                    false
+                }
+                None => true,
+            }
+        });
+        for (source, namespace, name) in confirmed {
+            let Some(old) = self.sources.get(&source) else {
+                continue;
+            };
+            let pod = tapestry_proto::tap::v1::PodIdentity {
+                namespace,
+                name,
+                ..Default::default()
+            };
+            let iface = source_iface(&self.tap_id, Some(&pod), &old.interface.clone());
+            self.sources.insert(source, iface);
+        }
     }
 
     fn resolve(&mut self, table: Arc<PolicyTable>) {
@@ -231,6 +310,34 @@ impl StreamState {
     }
 }
 
+/// Who a stream speaks for: the certificate's node, else the Hello's word.
+fn tap_id_of(h: &Hello, certified: Option<&str>) -> String {
+    match certified {
+        Some(node) => node.to_string(),
+        None if h.tap_id.is_empty() => h.node.clone(),
+        None => h.tap_id.clone(),
+    }
+}
+
+/// How packets of one source are labelled: the pod (`namespace/pod`)
+/// when its identity stands, else the interface.
+fn source_iface(
+    tap_id: &str,
+    pod: Option<&tapestry_proto::tap::v1::PodIdentity>,
+    interface: &str,
+) -> Arc<Iface> {
+    let (name, is_pod) = match pod {
+        Some(p) => (format!("{}/{}", p.namespace, p.name), true),
+        None => (interface.to_string(), false),
+    };
+    Arc::new(Iface {
+        tap_id: tap_id.to_string(),
+        name,
+        is_pod,
+        interface: interface.to_string(),
+    })
+}
+
 type Acks = Pin<Box<dyn futures::Stream<Item = Result<Ack, Status>> + Send>>;
 
 #[tonic::async_trait]
@@ -258,10 +365,12 @@ impl TapIngest for IngestService {
         let policies = self.policies.clone();
         let registry = self.registry.clone();
         let stopping = self.stopping.clone();
+        let pods = self.pods.clone();
         tokio::spawn(async move {
             let r = ingest(
                 stream,
                 certified.as_deref(),
+                pods.as_deref(),
                 &through,
                 &policies,
                 &registry,
@@ -279,10 +388,14 @@ impl TapIngest for IngestService {
     }
 }
 
+/// Streams one tap identity may hold open at once.
+pub const MAX_STREAMS_PER_TAP: u64 = 4;
+
 /// Take in one stream's batches until it ends.
 async fn ingest(
     mut stream: Streaming<WireBatch>,
     certified: Option<&str>,
+    pods: Option<&dyn PodPlacement>,
     acks: &watch::Sender<Option<Ack>>,
     policies: &IngestTable,
     registry: &Registry,
@@ -313,11 +426,26 @@ async fn ingest(
                     h.node
                 )));
             }
-            let st = StreamState::from_hello(h, certified, policies.current());
-            let t = registry.tap(&st.tap_id);
+            let tap_id = tap_id_of(h, certified);
+            if let Some(st) = state.as_ref().filter(|st| st.tap_id != tap_id) {
+                break Err(Status::invalid_argument(format!(
+                    "hello.tap_id: a stream speaks for one tap; this one began as {:?}, not {tap_id:?}",
+                    st.tap_id
+                )));
+            }
+            let t = registry.tap(&tap_id);
             if state.is_none() {
+                // A tap has one stream (two briefly while it reconnects);
+                // more is a broken or hostile client holding resources.
+                if t.connected.fetch_add(1, Relaxed) >= MAX_STREAMS_PER_TAP {
+                    t.connected.fetch_sub(1, Relaxed);
+                    registry.refuse_ingest("too-many-streams");
+                    tracing::warn!(tap = %tap_id, "ingest stream refused: {MAX_STREAMS_PER_TAP} streams of this tap are open");
+                    break Err(Status::resource_exhausted(format!(
+                        "tap {tap_id:?} already has {MAX_STREAMS_PER_TAP} open streams"
+                    )));
+                }
                 t.streams.add(1);
-                t.connected.fetch_add(1, Relaxed);
                 // Where this tap stands: what this aggregator took in
                 // from it before, or what the tap says it had
                 // acknowledged (a new aggregator). Batches between that
@@ -327,14 +455,20 @@ async fn ingest(
                 t.sequence_gaps.add(lost);
                 last = msg.sequence.saturating_sub(1).max(known);
                 resumed_through = known;
-                tracing::info!(tap = %st.tap_id, sources = h.sources.len(), resumed_after = known, lost_batches = lost, "tap connected");
+                tracing::info!(tap = %tap_id, sources = h.sources.len(), resumed_after = known, lost_batches = lost, "tap connected");
                 acks.send_replace(Some(Ack {
                     through_sequence: known,
                     resumed_through,
                 }));
             }
+            state = Some(StreamState::from_hello(
+                h,
+                certified,
+                pods,
+                &t,
+                policies.current(),
+            ));
             tap = Some(t);
-            state = Some(st);
         }
         let (Some(st), Some(t)) = (state.as_mut(), tap.as_ref()) else {
             break Err(Status::failed_precondition(
@@ -348,6 +482,9 @@ async fn ingest(
         let table = policies.current();
         if !Arc::ptr_eq(&table, &st.table) {
             st.resolve(table);
+        }
+        if let (false, Some(pods)) = (st.pending.is_empty(), pods) {
+            st.confirm_pending(pods, t);
         }
         t.batches.add(1);
         t.tap_dropped.add(msg.dropped_since_last);
@@ -430,5 +567,81 @@ impl tonic::codegen::Service<tonic::codegen::http::Request<tonic::body::Body>> f
 
     fn call(&mut self, _req: tonic::codegen::http::Request<tonic::body::Body>) -> Self::Future {
         std::future::ready(Ok(Status::failed_precondition(RETIRED_INGEST).into_http()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Mutex;
+    use tapestry_proto::tap::v1::{PodIdentity, Source};
+
+    /// Pods and their nodes, as a test says.
+    #[derive(Default)]
+    struct Placement(Mutex<HashMap<(String, String), String>>);
+
+    impl Placement {
+        fn bind(&self, ns: &str, name: &str, node: &str) {
+            self.0
+                .lock()
+                .unwrap()
+                .insert((ns.into(), name.into()), node.into());
+        }
+    }
+
+    impl PodPlacement for Placement {
+        fn node_of(&self, namespace: &str, name: &str) -> Option<String> {
+            self.0
+                .lock()
+                .unwrap()
+                .get(&(namespace.to_string(), name.to_string()))
+                .cloned()
+        }
+    }
+
+    fn source(id: u32, pod: &str) -> Source {
+        Source {
+            id,
+            interface: format!("veth{id}"),
+            pod: Some(PodIdentity {
+                namespace: "shop".into(),
+                name: pod.into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_certified_tap_speaks_only_for_its_own_nodes_pods() {
+        let pods = Placement::default();
+        pods.bind("shop", "mine", "node-a");
+        pods.bind("shop", "theirs", "node-b");
+        let hello = Hello {
+            node: "node-a".into(),
+            sources: vec![source(1, "mine"), source(2, "theirs"), source(3, "new")],
+            ..Default::default()
+        };
+        let tap = crate::metrics::TapStats::default();
+        let mut st =
+            StreamState::from_hello(&hello, Some("node-a"), Some(&pods), &tap, Arc::default());
+        let name = |st: &StreamState, id: u32| st.sources[&id].name.clone();
+        assert_eq!(name(&st, 1), "shop/mine");
+        assert_eq!(name(&st, 2), "veth2", "another node's pod is refused");
+        assert_eq!(
+            name(&st, 3),
+            "veth3",
+            "unconfirmed until the watch knows it"
+        );
+        assert_eq!(tap.foreign_pods.get(), 1);
+        // The new pod shows up, bound to this node: its name comes back.
+        pods.bind("shop", "new", "node-a");
+        st.confirm_pending(&pods, &tap);
+        assert_eq!(name(&st, 3), "shop/new");
+        assert!(st.pending.is_empty());
+        assert_eq!(tap.foreign_pods.get(), 1);
+        // Without a certificate there is no node to hold the tap to.
+        let st = StreamState::from_hello(&hello, None, Some(&pods), &tap, Arc::default());
+        assert_eq!(name(&st, 2), "shop/theirs");
     }
 }

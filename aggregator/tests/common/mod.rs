@@ -50,6 +50,18 @@ use std::collections::HashMap;
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 
+/// One PCAP-over-IP sink `out` on loopback, taking all traffic.
+pub const ONE_SINK: &str =
+    "sinks:\n  - { name: out, type: pcap_over_ip, listen: \"127.0.0.1:0\" }\npolicies:\n  - { name: all, sinks: [out] }\n";
+
+/// A current-thread runtime for a test's async client side.
+pub fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
 /// A running `aggregator serve`, killed on drop.
 pub struct Aggregator {
     pub child: Child,

@@ -48,6 +48,8 @@ pub mod error;
 pub mod fieldpath;
 pub mod json;
 pub mod managed;
+pub mod quantity;
+pub mod quota;
 pub mod schema;
 pub mod strategic;
 pub mod tokens;

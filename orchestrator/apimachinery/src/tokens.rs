@@ -71,6 +71,13 @@ impl TokenFile {
     }
 }
 
+/// Whether two secrets are equal, in time that depends only on their
+/// length (a byte-by-byte early exit would tell an attacker how much of a
+/// guess was right).
+pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
 /// CSV fields of one line, `"`-quoted fields allowed to hold commas.
 fn split_csv(line: &str) -> Vec<String> {
     let mut fields = Vec::new();

@@ -1,5 +1,7 @@
-//! Objects every cluster starts with. Every server sharing a store ensures
-//! them at start, so what another server created counts as done.
+//! Objects every cluster starts with (namespaces, the API server's and
+//! DNS Services, the default `local-path` StorageClass). Every server
+//! sharing a store ensures them at start, so what another server created
+//! counts as done.
 
 use std::net::Ipv4Addr;
 use std::time::Duration;
@@ -47,7 +49,45 @@ pub async fn ensure(api: &Api, service_ip: Ipv4Addr, dns_ip: Ipv4Addr, port: u16
     if let Err(e) = ensure_one(api, "", "v1", "services", Some("kube-system"), dns).await {
         tracing::warn!("no kube-dns Service, so pods cannot resolve names through {dns_ip}: {e:#}");
     }
+    ensure_one(
+        api,
+        "storage.k8s.io",
+        "v1",
+        "storageclasses",
+        None,
+        local_path_class(),
+    )
+    .await?;
+    for (name, value, description) in crate::resources::scheduling::priorityclass::SYSTEM_CLASSES {
+        let class =
+            crate::resources::scheduling::priorityclass::system_class(name, value, description);
+        ensure_one(
+            api,
+            "scheduling.k8s.io",
+            "v1",
+            "priorityclasses",
+            None,
+            class,
+        )
+        .await?;
+    }
     Ok(())
+}
+
+/// The default StorageClass: volumes in a directory of the node that runs
+/// their first pod, provisioned by the controller manager (see
+/// [`tapestry_runtime::storage`]). A class deleted by its user comes back
+/// at the next start, as Kubernetes' addon manager brings back its own.
+fn local_path_class() -> serde_json::Value {
+    use tapestry_runtime::storage::{LOCAL_PATH_CLASS, LOCAL_PATH_PROVISIONER};
+    json!({
+        "apiVersion": "storage.k8s.io/v1", "kind": "StorageClass",
+        "metadata": {"name": LOCAL_PATH_CLASS, "annotations": {
+            crate::resources::storage::storageclass::DEFAULT_CLASS_ANNOTATION: "true"}},
+        "provisioner": LOCAL_PATH_PROVISIONER,
+        "reclaimPolicy": "Delete",
+        "volumeBindingMode": "WaitForFirstConsumer",
+    })
 }
 
 /// Create `obj` unless it exists. Servers starting together race for the

@@ -110,7 +110,10 @@ fn expiration(
         return Err("token-id does not match".into());
     }
     let stored_secret = data(secret, "token-secret").unwrap_or_default();
-    if !constant_time_eq(stored_secret.as_bytes(), token_secret.as_bytes()) {
+    if !tapestry_apimachinery::tokens::constant_time_eq(
+        stored_secret.as_bytes(),
+        token_secret.as_bytes(),
+    ) {
         return Err("wrong secret".into());
     }
     if data(secret, "usage-bootstrap-authentication").as_deref() != Some("true") {
@@ -122,10 +125,6 @@ fn expiration(
             .map(|t| Some(t.with_timezone(&chrono::Utc)))
             .map_err(|_| format!("unreadable expiration {text:?}")),
     }
-}
-
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 /// The user of a valid, unexpired bootstrap token; why not otherwise.

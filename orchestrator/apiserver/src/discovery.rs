@@ -134,6 +134,10 @@ fn groups(served: &Served) -> Vec<(&str, Vec<&str>)> {
             groups.push((group, vec!["v1"]));
         }
     }
+    groups.push((
+        crate::resourcemetrics::GROUP,
+        vec![crate::resourcemetrics::VERSION],
+    ));
     groups
 }
 
@@ -184,7 +188,8 @@ pub const VERBS: &[&str] = &[
 
 pub fn resource_list(served: &Served, group: &str, version: &str) -> Option<Value> {
     let defs = served.in_group_version(group, version);
-    if defs.is_empty() && reviews_in(group, version).next().is_none() {
+    let metrics = crate::resourcemetrics::discovery_resources(group, version);
+    if defs.is_empty() && reviews_in(group, version).next().is_none() && metrics.is_empty() {
         return None;
     }
     let mut resources: Vec<Value> = reviews_in(group, version)
@@ -192,6 +197,7 @@ pub fn resource_list(served: &Served, group: &str, version: &str) -> Option<Valu
             json!({"name": plural, "singularName": kind.to_lowercase(), "namespaced": namespaced,
                    "kind": kind, "verbs": ["create"]})
         })
+        .chain(metrics)
         .collect();
     for def in &defs {
         let mut r = json!({
@@ -286,6 +292,7 @@ pub fn aggregated(served: &Served, core: bool, api_version: &str) -> Value {
                                 "verbs": ["create"],
                             })
                         }))
+                        .chain(crate::resourcemetrics::aggregated_resources(group, version))
                         .collect();
                         json!({"version": version, "resources": resources, "freshness": "Current"})
                     })

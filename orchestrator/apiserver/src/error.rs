@@ -47,6 +47,8 @@ pub enum ApiError {
     NotAcceptable(String),
     UnsupportedMediaType(String),
     RequestEntityTooLarge(String),
+    /// 429: the client holds too much already (open watches).
+    TooManyRequests(String),
     Timeout(String),
     Internal(String),
 }
@@ -93,6 +95,7 @@ impl ApiError {
             ApiError::NotAcceptable(_) => StatusCode::NOT_ACCEPTABLE,
             ApiError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::RequestEntityTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::TooManyRequests(_) => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -114,6 +117,7 @@ impl ApiError {
             ApiError::NotAcceptable(_) => "NotAcceptable",
             ApiError::UnsupportedMediaType(_) => "UnsupportedMediaType",
             ApiError::RequestEntityTooLarge(_) => "RequestEntityTooLarge",
+            ApiError::TooManyRequests(_) => "TooManyRequests",
             ApiError::Timeout(_) => "Timeout",
             ApiError::Internal(_) => "InternalError",
         }
@@ -161,6 +165,7 @@ impl ApiError {
             | ApiError::NotAcceptable(m)
             | ApiError::UnsupportedMediaType(m)
             | ApiError::RequestEntityTooLarge(m)
+            | ApiError::TooManyRequests(m)
             | ApiError::Timeout(m)
             | ApiError::Internal(m) => m.clone(),
         }
@@ -196,6 +201,9 @@ impl ApiError {
                     .collect();
             }
             status["details"] = details;
+        }
+        if let ApiError::TooManyRequests(_) = self {
+            status["details"] = json!({"retryAfterSeconds": 1});
         }
         if let ApiError::NoSuchResource = self {
             status["details"] = json!({});

@@ -18,6 +18,7 @@ pub mod openapi;
 pub mod patch;
 pub mod pki;
 pub mod registry;
+pub mod resourcemetrics;
 pub mod resources;
 pub mod rest;
 pub mod satokens;

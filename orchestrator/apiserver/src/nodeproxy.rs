@@ -127,7 +127,8 @@ impl ServerCertVerifier for KubeletServerCert {
 
 /// TLS client for kubelet connections: presents the API server's
 /// kubelet-client certificate and verifies each kubelet as the node it
-/// must be ([`KubeletServerCert`]).
+/// must be ([`KubeletServerCert`]). Cheap to clone (shared parts).
+#[derive(Clone)]
 pub struct KubeletClient {
     provider: Arc<rustls::crypto::CryptoProvider>,
     webpki: Arc<rustls::client::WebPkiServerVerifier>,
@@ -177,7 +178,10 @@ impl KubeletClient {
     }
 
     /// A connector that accepts only `node`'s kubelet.
-    fn connector(&self, node: &str) -> Result<tokio_rustls::TlsConnector, rustls::Error> {
+    pub(crate) fn connector(
+        &self,
+        node: &str,
+    ) -> Result<tokio_rustls::TlsConnector, rustls::Error> {
         let verifier = KubeletServerCert {
             webpki: self.webpki.clone(),
             node: node.to_string(),

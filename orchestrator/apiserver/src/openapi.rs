@@ -17,8 +17,20 @@ use crate::discovery::KUBE_GIT_VERSION;
 use crate::error::ApiError;
 use crate::registry::{Registry, ResourceDef};
 
+mod v2proto;
+
+/// The media type of the v2 document in protobuf.
+const V2_PROTOBUF: &str = "application/com.github.proto-openapi.spec.v2.v1.0+protobuf";
+/// The older name of the same, which client-go still asks for. `@` is no
+/// token character, so Go's media type parser rejects it in a
+/// Content-Type: it is answered as [`V2_PROTOBUF`], as kube-apiserver does.
+const V2_PROTOBUF_DEPRECATED: &str = "application/com.github.proto-openapi.spec.v2@v1.0+protobuf";
+
 pub struct OpenApiDocs {
     docs: Arc<OpenApi>,
+    /// The v2 document in protobuf and its hash, encoded when first asked
+    /// for: only kubectl's fallbacks read it.
+    v2_protobuf: OnceLock<(Vec<u8>, String)>,
     custom: RwLock<CustomDocs>,
 }
 
@@ -86,10 +98,14 @@ impl LazyDocs {
 }
 
 fn json_bytes(bytes: &[u8], cache: &str, etag: Option<&str>) -> Response {
+    document_bytes(bytes, "application/json", cache, etag)
+}
+
+fn document_bytes(bytes: &[u8], content_type: &str, cache: &str, etag: Option<&str>) -> Response {
     let mut resp = (
         StatusCode::OK,
         [
-            (header::CONTENT_TYPE, "application/json"),
+            (header::CONTENT_TYPE, content_type),
             (header::CACHE_CONTROL, cache),
         ],
         bytes.to_vec(),
@@ -136,6 +152,7 @@ impl OpenApiDocs {
             .map_err(|e| anyhow::anyhow!("building OpenAPI documents: {e}"))?;
         Ok(OpenApiDocs {
             docs: Arc::new(docs),
+            v2_protobuf: OnceLock::new(),
             custom: RwLock::new(CustomDocs::default()),
         })
     }
@@ -194,28 +211,38 @@ impl OpenApiDocs {
             .cloned()
     }
 
-    /// Swagger 2.0 as JSON; clients that only take the protobuf form get 406.
+    /// Swagger 2.0, as JSON or in gnostic's protobuf form, whichever the
+    /// Accept header ranks first (JSON for `*/*` or no header); 406 when it
+    /// takes neither, as kube-apiserver answers.
     pub fn v2(&self, headers: &HeaderMap) -> Response {
         let accept = headers
             .get(header::ACCEPT)
             .and_then(|v| v.to_str().ok())
             .unwrap_or("");
-        let wants_json = accept.is_empty()
-            || accept.split(',').any(|a| {
-                let a = a.trim();
-                a.starts_with("application/json") || a.starts_with("*/*")
-            });
-        if !wants_json {
-            return ApiError::NotAcceptable(
-                "only application/json is served for /openapi/v2; use /openapi/v3".into(),
-            )
-            .into_response();
-        }
-        json_bytes(
-            self.docs.v2_json(),
-            "no-cache, private",
-            Some(self.docs.v2_hash()),
-        )
+        let mut resp = match negotiate_v2(accept) {
+            Some(V2Form::Json) => json_bytes(
+                self.docs.v2_json(),
+                "no-cache, private",
+                Some(self.docs.v2_hash()),
+            ),
+            Some(V2Form::Protobuf) => {
+                let (bytes, hash) = self.v2_protobuf.get_or_init(|| {
+                    let doc: serde_json::Value =
+                        serde_json::from_slice(self.docs.v2_json()).unwrap_or_default();
+                    let bytes = v2proto::document(&doc);
+                    let hash = tapestry_openapi::hex_sha256(&bytes);
+                    (bytes, hash)
+                });
+                document_bytes(bytes, V2_PROTOBUF, "no-cache, private", Some(hash))
+            }
+            None => ApiError::NotAcceptable(format!(
+                "/openapi/v2 is served as application/json or {V2_PROTOBUF}"
+            ))
+            .into_response(),
+        };
+        resp.headers_mut()
+            .insert(header::VARY, http::HeaderValue::from_static("Accept"));
+        resp
     }
 
     pub fn v3_index(&self) -> Response {
@@ -261,6 +288,53 @@ impl OpenApiDocs {
         };
         json_bytes(doc, cache, Some(&hash))
     }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum V2Form {
+    Json,
+    Protobuf,
+}
+
+/// The form of the v2 document to answer `accept` with: the first media
+/// range, by quality, that one of the forms matches (an empty header
+/// takes anything).
+fn negotiate_v2(accept: &str) -> Option<V2Form> {
+    let accept = if accept.trim().is_empty() {
+        "*/*"
+    } else {
+        accept
+    };
+    let mut ranges: Vec<(f32, &str)> = accept
+        .split(',')
+        .filter_map(|clause| {
+            let mut parts = clause.split(';');
+            let range = parts.next()?.trim();
+            let quality: f32 = parts
+                .find_map(|p| p.trim().strip_prefix("q="))
+                .map_or(Some(1.0), |q| q.trim().parse().ok())?;
+            (quality > 0.0).then_some((quality, range))
+        })
+        .collect();
+    // Stable: equal qualities keep the client's order.
+    ranges.sort_by(|a, b| b.0.total_cmp(&a.0));
+    let forms = [
+        ("application/json", V2Form::Json),
+        (V2_PROTOBUF, V2Form::Protobuf),
+        (V2_PROTOBUF_DEPRECATED, V2Form::Protobuf),
+    ];
+    for (_, range) in ranges {
+        let (ty, sub) = range.split_once('/').unwrap_or((range, ""));
+        for (media, form) in &forms {
+            let (mty, msub) = media.split_once('/').unwrap_or((*media, ""));
+            if (ty == "*" || ty.eq_ignore_ascii_case(mty))
+                && (sub == "*" || sub.eq_ignore_ascii_case(msub))
+            {
+                return Some(*form);
+            }
+        }
+    }
+    None
 }
 
 fn not_found(path: &str) -> Response {
@@ -318,4 +392,69 @@ fn published_schema(kind: &CustomKind) -> serde_json::Value {
             "$ref": "#/definitions/io.k8s.apimachinery.pkg.apis.meta.v1.ObjectMeta"}));
     }
     schema
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn v2_negotiation_follows_the_accept_header() {
+        use V2Form::*;
+        for (accept, form) in [
+            ("", Some(Json)),
+            ("*/*", Some(Json)),
+            ("application/json", Some(Json)),
+            ("application/json, */*", Some(Json)),
+            // client-go's discovery client.
+            (V2_PROTOBUF_DEPRECATED, Some(Protobuf)),
+            (V2_PROTOBUF, Some(Protobuf)),
+            (
+                "application/json;q=0.5, application/com.github.proto-openapi.spec.v2@v1.0+protobuf",
+                Some(Protobuf),
+            ),
+            ("application/*", Some(Json)),
+            ("application/json;q=0", None),
+            ("application/yaml", None),
+            ("application/vnd.kubernetes.protobuf", None),
+        ] {
+            assert_eq!(negotiate_v2(accept), form, "{accept}");
+        }
+    }
+
+    #[tokio::test]
+    async fn v2_is_served_as_json_and_as_protobuf() {
+        let server = crate::testing::start().await;
+        let (status, headers, json) = server
+            .raw("GET", "/openapi/v2", "", "application/json", String::new())
+            .await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(headers[header::CONTENT_TYPE], "application/json");
+        assert_eq!(json["swagger"], "2.0");
+        assert!(json["definitions"]["io.k8s.api.core.v1.Pod"].is_object());
+
+        let (status, headers, _) = server
+            .raw(
+                "GET",
+                "/openapi/v2",
+                "",
+                V2_PROTOBUF_DEPRECATED,
+                String::new(),
+            )
+            .await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(headers[header::CONTENT_TYPE], V2_PROTOBUF);
+        assert_eq!(headers[header::VARY], "Accept");
+        let docs = &server.engine.openapi;
+        let (bytes, _) = docs.v2_protobuf.get().expect("encoded when asked for");
+        // Document.swagger (field 1) comes first, as in the JSON.
+        assert!(bytes.starts_with(b"\x0a\x032.0"), "{:?}", &bytes[..8]);
+        assert!(bytes.len() > 100_000, "{} bytes", bytes.len());
+
+        let (status, _, answer) = server
+            .raw("GET", "/openapi/v2", "", "application/yaml", String::new())
+            .await;
+        assert_eq!(status, StatusCode::NOT_ACCEPTABLE);
+        assert_eq!(answer["reason"], "NotAcceptable");
+    }
 }

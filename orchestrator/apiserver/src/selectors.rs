@@ -4,6 +4,8 @@ use std::collections::BTreeMap;
 
 use serde_json::Value;
 
+use crate::error::Cause;
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 enum LabelRequirement {
     Equals(String, String),
@@ -230,6 +232,39 @@ impl FieldSelector {
             let actual = lookup(&r.field).unwrap_or_default();
             (actual == r.value) != r.negate
         })
+    }
+}
+
+/// A label selector's expressions, as metav1 validates them (null or
+/// absent: nothing to check).
+pub fn validate_selector(sel: Option<&Value>, path: &str, causes: &mut Vec<Cause>) {
+    let exprs = sel
+        .and_then(|s| s.get("matchExpressions"))
+        .and_then(Value::as_array);
+    for (k, e) in exprs.into_iter().flatten().enumerate() {
+        let field = format!("{path}.matchExpressions[{k}]");
+        let op = e.get("operator").and_then(Value::as_str).unwrap_or("");
+        let values = e.get("values").and_then(Value::as_array);
+        match op {
+            "In" | "NotIn" if values.is_none_or(Vec::is_empty) => {
+                causes.push(Cause::required_because(
+                    format!("{field}.values"),
+                    "must be specified when `operator` is 'In' or 'NotIn'",
+                ))
+            }
+            "Exists" | "DoesNotExist" if values.is_some_and(|v| !v.is_empty()) => {
+                causes.push(Cause::forbidden(
+                    format!("{field}.values"),
+                    "may not be specified when `operator` is 'Exists' or 'DoesNotExist'",
+                ))
+            }
+            "In" | "NotIn" | "Exists" | "DoesNotExist" => {}
+            other => causes.push(Cause::unsupported(
+                format!("{field}.operator"),
+                &Value::from(other),
+                &["DoesNotExist", "Exists", "In", "NotIn"],
+            )),
+        }
     }
 }
 

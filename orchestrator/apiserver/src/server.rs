@@ -186,6 +186,7 @@ struct AppState {
     server_address: String,
     shutdown: CancellationToken,
     kubelet: crate::nodeproxy::KubeletClient,
+    resource_metrics: Arc<crate::resourcemetrics::ResourceMetrics>,
 }
 
 /// Start serving; returns once the listener is bound, bootstrap objects
@@ -284,7 +285,12 @@ pub async fn start(
         authorizer,
         server_address: format!("{host}:{}", addr.port()),
         shutdown: shutdown.clone(),
-        kubelet,
+        kubelet: kubelet.clone(),
+        resource_metrics: crate::resourcemetrics::ResourceMetrics::start(
+            api.clone(),
+            kubelet.clone(),
+            shutdown.clone(),
+        ),
     });
     let router = Router::new().fallback(dispatch).with_state(state);
     let local = LocalHandler {
@@ -602,6 +608,12 @@ async fn dispatch(State(state): State<Arc<AppState>>, req: axum::extract::Reques
         &body,
     )
     .await
+    {
+        return resp;
+    }
+    if let Some(resp) = (state.resource_metrics)
+        .serve(authz, &user, &method, &path, &query)
+        .await
     {
         return resp;
     }

@@ -53,10 +53,17 @@ impl Api {
                 )));
             }
         }
+        // An int64 as Kubernetes has it: beyond that range is a bad request.
         let timeout = match req.query.get("timeoutSeconds").filter(|t| !t.is_empty()) {
-            Some(t) => Some(Duration::from_secs(t.parse::<u64>().map_err(|_| {
-                ApiError::BadRequest(format!("invalid timeoutSeconds {t:?}"))
-            })?)),
+            Some(t) => match t.parse::<i64>() {
+                Ok(n) if n >= 0 => Some(Duration::from_secs(n as u64)),
+                _ => {
+                    return Err(ApiError::BadRequest(format!(
+                        "invalid timeoutSeconds {t:?}: a number of seconds from 0 to {}",
+                        i64::MAX
+                    )))
+                }
+            },
             None => None,
         };
         let spec = WatchSpec {
@@ -78,6 +85,10 @@ impl Api {
             .filter(|v| !v.is_empty())
             .cloned();
         let send_initial = req.query.get("sendInitialEvents").map(String::as_str) == Some("true");
+        let slot = match &req.user {
+            Some(user) => Some(WatchSlot::take(self, &user.name)?),
+            None => None,
+        };
         let (tx, rx) = mpsc::channel::<Bytes>(WATCH_BUFFER);
         let api = self.clone();
         let def = req.def.clone();
@@ -88,6 +99,7 @@ impl Api {
         tokio::spawn(async move {
             // Counted out however the watch ends, a panic included.
             let _registered = Registered::new(api.metrics.watchers.clone());
+            let _slot = slot;
             let run = api.run_watch(&def, prefix, start, send_initial, &spec, &tx);
             tokio::select! {
                 result = run => {
@@ -377,6 +389,45 @@ fn event_line(kind: &str, object: &Value) -> Bytes {
     Bytes::from(line)
 }
 
+/// One of a user's open watches, given back when dropped.
+struct WatchSlot {
+    open: Arc<std::sync::Mutex<std::collections::HashMap<String, usize>>>,
+    user: String,
+}
+
+impl WatchSlot {
+    /// A slot for `user`, unless they hold the most they may.
+    fn take(api: &Api, user: &str) -> ApiResult<WatchSlot> {
+        let max = api
+            .max_watches_per_user
+            .load(std::sync::atomic::Ordering::Relaxed);
+        let mut open = api.open_watches.lock().unwrap_or_else(|e| e.into_inner());
+        let n = open.entry(user.to_string()).or_default();
+        if *n >= max {
+            return Err(ApiError::TooManyRequests(format!(
+                "too many open watches: user {user:?} holds {n}, the most one user may"
+            )));
+        }
+        *n += 1;
+        Ok(WatchSlot {
+            open: api.open_watches.clone(),
+            user: user.to_string(),
+        })
+    }
+}
+
+impl Drop for WatchSlot {
+    fn drop(&mut self) {
+        let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = open.get_mut(&self.user) {
+            *n -= 1;
+            if *n == 0 {
+                open.remove(&self.user);
+            }
+        }
+    }
+}
+
 /// One open watch in the `apiserver_registered_watchers` gauge while alive.
 struct Registered(prometheus_client::metrics::gauge::Gauge);
 
@@ -430,9 +481,9 @@ mod tests {
         out
     }
 
-    /// A timeout past the clock's range (`timeoutSeconds=2^64-1`) is no
+    /// A timeout past the clock's range (`timeoutSeconds=2^63-1`) is no
     /// deadline, not a panic, and the watch leaves the open-watches gauge
-    /// when its client goes.
+    /// when its client goes; past int64 (`2^64-1`) it is a bad request.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_timeout_past_the_clock_is_no_deadline() {
         let server = crate::testing::start().await;
@@ -444,6 +495,12 @@ mod tests {
         let before = watchers();
         let req = http::Request::builder()
             .uri(format!("{cms}?watch=1&timeoutSeconds={}", u64::MAX))
+            .body(Body::empty())
+            .expect("request");
+        let response = server.api.clone().oneshot(req).await.expect("watch");
+        assert_eq!(response.status(), http::StatusCode::BAD_REQUEST);
+        let req = http::Request::builder()
+            .uri(format!("{cms}?watch=1&timeoutSeconds={}", i64::MAX))
             .body(Body::empty())
             .expect("request");
         let response = server.api.clone().oneshot(req).await.expect("watch");
@@ -463,6 +520,46 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         panic!("the closed watch is still counted: {}", watchers());
+    }
+
+    /// One user holds at most `max_watches_per_user` watches open: the
+    /// next is 429 TooManyRequests, another user is not affected, and a
+    /// closed watch gives its place back.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn open_watches_are_capped_per_user() {
+        let server = crate::testing::start().await;
+        let api = server.engine.clone();
+        api.max_watches_per_user
+            .store(2, std::sync::atomic::Ordering::Relaxed);
+        let watch = |name: &str| {
+            let api = api.clone();
+            let name = name.to_string();
+            async move {
+                let mut req = api
+                    .internal_request("", "v1", "configmaps", Some("default"), None)
+                    .expect("request");
+                req.user = Some(std::sync::Arc::new(crate::pki::User {
+                    name,
+                    ..Default::default()
+                }));
+                api.watch(req, tokio_util::sync::CancellationToken::new())
+                    .await
+            }
+        };
+        let first = watch("alice").await.expect("first");
+        let _second = watch("alice").await.expect("second");
+        let refused = watch("alice").await.expect_err("a third");
+        assert_eq!(refused.to_status()["code"], 429);
+        assert_eq!(refused.to_status()["reason"], "TooManyRequests");
+        assert!(watch("bob").await.is_ok(), "another user is not affected");
+        drop(first);
+        for _ in 0..250 {
+            if watch("alice").await.is_ok() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        panic!("a closed watch did not give its place back");
     }
 
     /// Objects entering and leaving a label selection appear as ADDED and

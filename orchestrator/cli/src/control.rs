@@ -89,6 +89,7 @@ pub async fn start(
             node_monitor_period: args.node_monitor_period,
             signer: signer(data_dir, &root_ca)?,
             root_ca: Some(root_ca),
+            clock: tapestry_controllers::Clock::system(),
         };
         let c = client.clone();
         let run = move |token: CancellationToken| {

@@ -9,8 +9,6 @@ use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use tapestry_apiserver::ServerConfig;
 use tapestry_store::{EtcdStore, RedbStore, Store};
-use tokio::signal::unix::{signal, SignalKind};
-use tokio_util::sync::CancellationToken;
 
 mod control;
 mod hollow;
@@ -242,22 +240,6 @@ fn init_tracing() {
         .init();
 }
 
-/// A token cancelled on SIGTERM or SIGINT.
-fn shutdown_on_signals() -> Result<CancellationToken> {
-    let token = CancellationToken::new();
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
-    let t = token.clone();
-    tokio::spawn(async move {
-        tokio::select! {
-            _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
-            _ = int.recv() => tracing::info!("SIGINT: shutting down"),
-        }
-        t.cancel();
-    });
-    Ok(token)
-}
-
 /// At least a second: renewals, every third of it, must outpace the
 /// store's round trips.
 fn parse_lease_duration(arg: &str) -> Result<Duration, String> {
@@ -325,7 +307,7 @@ async fn server(args: ServerArgs) -> Result<()> {
             )
         }
     };
-    let shutdown = shutdown_on_signals()?;
+    let shutdown = tapestry_runtime::shutdown::on_signals()?;
     let running = tapestry_apiserver::start(
         ServerConfig {
             service_cidr: args.service_cidr,
@@ -378,9 +360,9 @@ async fn run(cli: Cli) {
     init_tracing();
     let result = match cli.command {
         Command::Server(args) => server(args).await,
-        Command::Hollow(args) => match shutdown_on_signals() {
+        Command::Hollow(args) => match tapestry_runtime::shutdown::on_signals() {
             Ok(token) => hollow::run(args, token).await,
-            Err(e) => Err(e),
+            Err(e) => Err(e.into()),
         },
         Command::Up(args) => up::run(args).await,
         Command::Node(NodeCommand {

@@ -250,7 +250,7 @@ pub async fn run(args: NodeArgs) -> Result<()> {
             tracing::warn!("this node cannot run the fleet manager's taps: {e:#}");
         }
     }
-    let shutdown = crate::shutdown_on_signals()?;
+    let shutdown = tapestry_runtime::shutdown::on_signals()?;
     let node_name = args.agent.node_name.clone().unwrap_or_else(hostname);
     let credentials = crate::join::Join::new(
         server,

@@ -86,7 +86,7 @@ pub async fn run(args: UpArgs) -> Result<()> {
 }
 
 async fn run_claimed(args: &UpArgs, node_name: String, started: Instant) -> Result<()> {
-    let signals = crate::shutdown_on_signals()?;
+    let signals = tapestry_runtime::shutdown::on_signals()?;
     let cp_shutdown = CancellationToken::new();
     let node_shutdown = CancellationToken::new();
     let local_shutdown = CancellationToken::new();

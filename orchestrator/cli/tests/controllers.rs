@@ -850,3 +850,426 @@ fn two_servers_on_one_etcd_hand_over() {
     let only_second = format!("default-scheduler-{second_leader}");
     assert!(schedulers("second-", 2).iter().all(|i| *i == only_second));
 }
+
+/// Owner uid of each live pod matching `selector`.
+fn owners(s: &Server, selector: &str) -> Vec<(String, String)> {
+    s.ok(&[
+        "get",
+        "pods",
+        "-l",
+        selector,
+        "-o",
+        "jsonpath={range .items[*]}{.metadata.name},{.metadata.ownerReferences[0].uid},{.metadata.deletionTimestamp}{\"\\n\"}{end}",
+    ])
+    .lines()
+    .filter_map(|l| {
+        let f: Vec<&str> = l.split(',').collect();
+        (f.len() == 3 && f[2].is_empty()).then(|| (f[0].to_string(), f[1].to_string()))
+    })
+    .collect()
+}
+
+#[test]
+fn replication_controller_keeps_adopts_scales_and_collects_pods() {
+    let Some((s, _h)) = cluster() else { return };
+    // Validation names the field.
+    let bad = s.kubectl_stdin(
+        &["apply", "-f", "-"],
+        r#"{"apiVersion":"v1","kind":"ReplicationController","metadata":{"name":"bad"},
+          "spec":{"selector":{"app":"other"},"template":{"metadata":{"labels":{"app":"rcweb"}},
+            "spec":{"containers":[{"name":"c","image":"nginx"}]}}}}"#,
+    );
+    let err = String::from_utf8_lossy(&bad.stderr);
+    assert!(!bad.status.success());
+    assert!(
+        err.contains("spec.template.metadata.labels: Invalid value")
+            && err.contains("`selector` does not match template `labels`"),
+        "{err}"
+    );
+
+    // Selector, labels and replicas default from the template.
+    s.ok_stdin(
+        &["apply", "-f", "-"],
+        r#"{"apiVersion":"v1","kind":"ReplicationController","metadata":{"name":"web"},
+          "spec":{"template":{"metadata":{"labels":{"app":"rcweb"}},
+            "spec":{"containers":[{"name":"c","image":"nginx"}]}}}}"#,
+    );
+    let got = |p: &str| s.ok(&["get", "rc", "web", "-o", &format!("jsonpath={p}")]);
+    assert_eq!(got("{.spec.selector}"), r#"{"app":"rcweb"}"#);
+    assert_eq!(got("{.metadata.labels}"), r#"{"app":"rcweb"}"#);
+    assert_eq!(got("{.spec.replicas}"), "1");
+    s.ok(&["scale", "rc", "web", "--replicas=3"]);
+    let rows = wait_running(&s, "default", "app=rcweb", 3);
+    let uid = got("{.metadata.uid}");
+    for r in &rows {
+        let suffix = r.name.strip_prefix("web-").unwrap_or_default();
+        assert_eq!(suffix.len(), 5, "{rows:?}");
+    }
+    assert!(owners(&s, "app=rcweb").iter().all(|(_, o)| *o == uid));
+    wait_for(30, "rc status", || {
+        let row = s.ok(&["get", "rc", "web", "--no-headers"]);
+        let f: Vec<&str> = row.split_whitespace().collect();
+        (f[1..4] == ["3", "3", "3"]).then_some(())
+    });
+    assert_eq!(got("{.status.availableReplicas}"), "3");
+    assert_eq!(got("{.status.fullyLabeledReplicas}"), "3");
+    assert_eq!(
+        got("{.status.observedGeneration}"),
+        got("{.metadata.generation}")
+    );
+    let table = s.ok(&["get", "rc", "-o", "wide"]);
+    let header: Vec<&str> = table.lines().next().unwrap().split_whitespace().collect();
+    assert_eq!(
+        header,
+        [
+            "NAME",
+            "DESIRED",
+            "CURRENT",
+            "READY",
+            "AGE",
+            "CONTAINERS",
+            "IMAGES",
+            "SELECTOR"
+        ]
+    );
+    assert!(table.contains("app=rcweb"), "{table}");
+    assert!(s.ok(&["get", "all"]).contains("replicationcontroller/web"));
+
+    // An orphan it selects is adopted (one pod too many is then deleted);
+    // a pod relabelled out of its selector is released and replaced.
+    s.ok(&["run", "stray", "--image=nginx", "--labels=app=rcweb"]);
+    wait_for(30, "the orphan adopted and one pod removed", || {
+        let o = owners(&s, "app=rcweb");
+        (o.len() == 3 && o.iter().all(|(_, u)| *u == uid)).then_some(())
+    });
+    let leaver = wait_running(&s, "default", "app=rcweb", 3)[0].name.clone();
+    s.ok(&["label", "pod", &leaver, "app=left", "--overwrite"]);
+    wait_running(&s, "default", "app=rcweb", 3);
+    wait_for(30, "the relabelled pod released", || {
+        owners(&s, "app=left")
+            .first()
+            .is_some_and(|(_, u)| u.is_empty())
+            .then_some(())
+    });
+
+    // kubectl scale goes through the scale subresource.
+    s.ok(&["scale", "rc", "web", "--replicas=1"]);
+    wait_running(&s, "default", "app=rcweb", 1);
+    assert_eq!(
+        s.ok(&["get", "rc", "web", "-o", "jsonpath={.spec.replicas}"]),
+        "1"
+    );
+
+    // Deleting it takes its pods; the released one stays.
+    s.ok(&["delete", "rc", "web"]);
+    wait_for(60, "the rc's pods collected", || {
+        pods(&s, "default", "app=rcweb").is_empty().then_some(())
+    });
+    assert_eq!(pods(&s, "default", "app=left").len(), 1);
+}
+
+/// Names of the Jobs whose names start with `prefix`.
+fn jobs_named(s: &Server, prefix: &str) -> Vec<String> {
+    let mut names: Vec<String> = s
+        .ok(&["get", "jobs", "-o", "jsonpath={.items[*].metadata.name}"])
+        .split_whitespace()
+        .filter(|n| n.starts_with(prefix))
+        .map(str::to_string)
+        .collect();
+    names.sort();
+    names
+}
+
+/// Let a Job's pod succeed (as a kubelet reports it) and wait until the
+/// Job is complete.
+fn complete_job(s: &Server, job: &str) {
+    let pod = wait_for(30, &format!("{job}'s pod"), || {
+        pods(s, "default", &format!("job-name={job}"))
+            .into_iter()
+            .find(|p| p.phase == "Running")
+            .map(|p| p.name)
+    });
+    s.ok(&[
+        "patch",
+        "pod",
+        &pod,
+        "--subresource=status",
+        "--type=merge",
+        "-p",
+        r#"{"status":{"phase":"Succeeded"}}"#,
+    ]);
+    s.ok(&[
+        "wait",
+        "--for=condition=complete",
+        &format!("job/{job}"),
+        "--timeout=30s",
+    ]);
+}
+
+/// CronJobs, with the controller manager run here on a clock the test
+/// moves (the API server, scheduler and a hollow node are a real
+/// `tapestry server` and `tapestry hollow`): a Job per scheduled time,
+/// Forbid holding a run while one is active, history limits, suspend,
+/// `kubectl create job --from=cronjob/…`, and the Jobs collected with
+/// their CronJob.
+#[test]
+fn cronjob_runs_on_schedule_forbids_overlap_and_prunes_history() {
+    use chrono::{DateTime, Duration as Span, Utc};
+    if !require_kubectl() {
+        return;
+    }
+    let s = Server::start_with(&["--leader-elect=false", "--no-controllers"]);
+    let _h = Hollow::start(&s, "hollow", 1);
+    ready_nodes(&s, 1);
+    let clock = tapestry_controllers::Clock::manual(Utc::now());
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let stop = tokio_util::sync::CancellationToken::new();
+    let (kubeconfig, c, token) = (s.kubeconfig(), clock.clone(), stop.clone());
+    rt.spawn(async move {
+        let kc = kube::config::Kubeconfig::read_from(&kubeconfig).expect("kubeconfig");
+        let config = kube::Config::from_custom_kubeconfig(kc, &Default::default())
+            .await
+            .expect("client config");
+        let client = kube::Client::try_from(config).expect("client");
+        let config = tapestry_controllers::Config {
+            cluster_cidr: tapestry_controllers::ClusterCidr::parse("10.244.0.0/16").unwrap(),
+            node_monitor_grace_period: std::time::Duration::from_secs(40),
+            node_monitor_period: std::time::Duration::from_secs(5),
+            root_ca: None,
+            signer: None,
+            clock: c,
+        };
+        tapestry_controllers::run(client, config, token).await;
+    });
+
+    // A bad schedule or time zone is refused with the field path.
+    let err = s.fails(&[
+        "create",
+        "cronjob",
+        "bad",
+        "--image=busybox",
+        "--schedule=61 * * * *",
+    ]);
+    assert!(
+        err.contains(r#"spec.schedule: Invalid value: "61 * * * *": "#),
+        "{err}"
+    );
+    let manifest = |name: &str, extra: &str| {
+        format!(
+            r#"{{"apiVersion":"batch/v1","kind":"CronJob","metadata":{{"name":"{name}"}},
+              "spec":{{"schedule":"*/1 * * * *",{extra}"jobTemplate":{{"spec":{{"template":{{
+                "spec":{{"restartPolicy":"Never","containers":[{{"name":"c","image":"busybox"}}]}}}}}}}}}}}}"#
+        )
+    };
+    let bad = s.kubectl_stdin(
+        &["apply", "-f", "-"],
+        &manifest("bad", r#""timeZone":"Mars/Olympus","#),
+    );
+    let err = String::from_utf8_lossy(&bad.stderr);
+    assert!(
+        err.contains(
+            r#"spec.timeZone: Invalid value: "Mars/Olympus": unknown time zone Mars/Olympus"#
+        ),
+        "{err}"
+    );
+
+    s.ok_stdin(
+        &["apply", "-f", "-"],
+        &manifest(
+            "tick",
+            r#""concurrencyPolicy":"Forbid","successfulJobsHistoryLimit":2,"#,
+        ),
+    );
+    let get = |p: &str| s.ok(&["get", "cj", "tick", "-o", &format!("jsonpath={p}")]);
+    assert_eq!(get("{.spec.failedJobsHistoryLimit}"), "1");
+    assert_eq!(get("{.spec.suspend}"), "false");
+    let header = s.ok(&["get", "cj"]);
+    assert_eq!(
+        header
+            .lines()
+            .next()
+            .unwrap()
+            .split_whitespace()
+            .collect::<Vec<_>>(),
+        ["NAME", "SCHEDULE", "TIMEZONE", "SUSPEND", "ACTIVE", "LAST", "SCHEDULE", "AGE"]
+    );
+    assert!(s.ok(&["get", "all"]).contains("cronjob.batch/tick"));
+
+    // The minutes after the CronJob's creation, and the clock moved to
+    // just past each.
+    let created = DateTime::parse_from_rfc3339(&get("{.metadata.creationTimestamp}"))
+        .unwrap()
+        .with_timezone(&Utc);
+    let minute = |n: i64| {
+        DateTime::from_timestamp((created.timestamp().div_euclid(60) + n) * 60, 0).unwrap()
+    };
+    let move_to = |t: DateTime<Utc>| clock.advance(t + Span::seconds(5) - clock.now());
+    let job_of = |t: DateTime<Utc>| format!("tick-{}", t.timestamp() / 60);
+
+    move_to(minute(1));
+    let first = job_of(minute(1));
+    wait_for(30, "the first run", || {
+        (jobs_named(&s, "tick-") == [first.clone()]).then_some(())
+    });
+    let job = |j: &str, p: &str| s.ok(&["get", "job", j, "-o", &format!("jsonpath={p}")]);
+    assert_eq!(
+        job(
+            &first,
+            "{.metadata.annotations.batch\\.kubernetes\\.io/cronjob-scheduled-timestamp}"
+        ),
+        minute(1).format("%Y-%m-%dT%H:%M:%SZ").to_string()
+    );
+    assert_eq!(
+        job(&first, "{.metadata.ownerReferences[0].kind}/{.metadata.ownerReferences[0].name}/{.metadata.ownerReferences[0].controller}"),
+        "CronJob/tick/true"
+    );
+    wait_for(10, "the run listed active", || {
+        (get("{.status.active[*].name}") == first
+            && get("{.status.lastScheduleTime}")
+                == minute(1).format("%Y-%m-%dT%H:%M:%SZ").to_string())
+        .then_some(())
+    });
+
+    // Forbid: the next time comes while the first run is active.
+    move_to(minute(2));
+    wait_for(20, "JobAlreadyActive", || {
+        (!s.ok(&[
+            "get",
+            "events",
+            "--field-selector=reason=JobAlreadyActive",
+            "-o",
+            "name",
+        ])
+        .trim()
+        .is_empty())
+        .then_some(())
+    });
+    assert_eq!(jobs_named(&s, "tick-"), [first.as_str()]);
+    // Once it is done, the held time runs (no starting deadline).
+    complete_job(&s, &first);
+    let second = job_of(minute(2));
+    wait_for(30, "the held run", || {
+        jobs_named(&s, "tick-").contains(&second).then_some(())
+    });
+    complete_job(&s, &second);
+
+    // A third success: with a history of 2, the oldest goes.
+    move_to(minute(3));
+    let third = job_of(minute(3));
+    wait_for(30, "the third run", || {
+        jobs_named(&s, "tick-").contains(&third).then_some(())
+    });
+    complete_job(&s, &third);
+    wait_for(30, "the oldest finished job deleted", || {
+        (jobs_named(&s, "tick-") == [second.clone(), third.clone()]).then_some(())
+    });
+    wait_for(10, "status after the runs", || {
+        (get("{.status.active}").is_empty() && !get("{.status.lastSuccessfulTime}").is_empty())
+            .then_some(())
+    });
+
+    // kubectl create job --from=cronjob/…
+    s.ok(&["create", "job", "by-hand", "--from=cronjob/tick"]);
+    assert_eq!(
+        job("by-hand", "{.metadata.annotations.cronjob\\.kubernetes\\.io/instantiate}/{.metadata.ownerReferences[0].name}"),
+        "manual/tick"
+    );
+
+    // Suspended, it starts nothing.
+    s.ok(&[
+        "patch",
+        "cj",
+        "tick",
+        "--type=merge",
+        "-p",
+        r#"{"spec":{"suspend":true}}"#,
+    ]);
+    let row = s.ok(&["get", "cj", "tick", "--no-headers"]);
+    assert!(row.contains(" <none> ") && row.contains(" True "), "{row}");
+    move_to(minute(4));
+    std::thread::sleep(std::time::Duration::from_secs(3));
+    assert!(!jobs_named(&s, "tick-").contains(&job_of(minute(4))));
+
+    // Resumed under Replace, the held time runs; when the clock jumps
+    // hours ahead, the latest time replaces the active run, with a
+    // warning about the times missed.
+    s.ok(&[
+        "patch",
+        "cj",
+        "tick",
+        "--type=merge",
+        "-p",
+        r#"{"spec":{"suspend":false,"concurrencyPolicy":"Replace"}}"#,
+    ]);
+    let fourth = job_of(minute(4));
+    wait_for(30, "the resumed run", || {
+        jobs_named(&s, "tick-").contains(&fourth).then_some(())
+    });
+    move_to(minute(200));
+    let latest = job_of(minute(200));
+    wait_for(30, "the active run replaced", || {
+        let jobs = jobs_named(&s, "tick-");
+        (jobs.contains(&latest) && !jobs.contains(&fourth)).then_some(())
+    });
+    wait_for(10, "the replacement listed active", || {
+        (get("{.status.active[*].name}") == latest).then_some(())
+    });
+    let warned = s.ok(&[
+        "get",
+        "events",
+        "--field-selector=reason=TooManyMissedTimes",
+        "-o",
+        "name",
+    ]);
+    assert!(!warned.trim().is_empty());
+    let wide = s.ok(&["get", "cj", "tick", "-o", "wide"]);
+    let header: Vec<&str> = wide.lines().next().unwrap().split_whitespace().collect();
+    assert_eq!(header[8..], ["CONTAINERS", "IMAGES", "SELECTOR"], "{wide}");
+
+    // Its Jobs (the manual one too) go with it.
+    s.ok(&["delete", "cj", "tick"]);
+    wait_for(60, "the cronjob's jobs collected", || {
+        (jobs_named(&s, "").is_empty()).then_some(())
+    });
+    stop.cancel();
+}
+
+/// `tapestry server`'s own controller manager, on the system clock: a
+/// CronJob due every minute starts its Job when the minute comes.
+#[test]
+fn cronjob_starts_its_job_on_the_real_clock() {
+    if !require_kubectl() {
+        return;
+    }
+    let s = Server::start_with(SERVER_ARGS);
+    s.ok(&[
+        "create",
+        "cronjob",
+        "every",
+        "--image=busybox",
+        "--schedule=*/1 * * * *",
+    ]);
+    let job = wait_for(75, "the first minute's job", || {
+        jobs_named(&s, "every-").into_iter().next()
+    });
+    let minutes: i64 = job["every-".len()..].parse().expect("minutes in the name");
+    let scheduled = s.ok(&[
+        "get",
+        "job",
+        &job,
+        "-o",
+        "jsonpath={.metadata.annotations.batch\\.kubernetes\\.io/cronjob-scheduled-timestamp}",
+    ]);
+    let at = chrono::DateTime::parse_from_rfc3339(&scheduled).expect("RFC 3339");
+    assert_eq!(at.timestamp(), minutes * 60);
+    wait_for(10, "lastScheduleTime", || {
+        let last = s.ok(&[
+            "get",
+            "cj",
+            "every",
+            "-o",
+            "jsonpath={.status.lastScheduleTime}",
+        ]);
+        (last == scheduled).then_some(())
+    });
+}

@@ -93,7 +93,9 @@ fn discovery_and_health() {
         ("services", "svc"),
         ("deployments", "deploy"),
         ("replicasets", "rs"),
+        ("replicationcontrollers", "rc"),
         ("daemonsets", "ds"),
+        ("cronjobs", "cj"),
         ("namespaces", "ns"),
         ("nodes", "no"),
         ("configmaps", "cm"),
@@ -116,6 +118,8 @@ fn discovery_and_health() {
         explain.to_lowercase().contains("number of desired pods"),
         "{explain}"
     );
+    let explain = s.ok(&["explain", "cronjob.spec.schedule"]);
+    assert!(explain.contains("Cron format"), "{explain}");
 }
 
 #[test]
@@ -399,6 +403,114 @@ fn get_watch_prints_changes_as_they_happen() {
     wait_for("DELETED");
     let _ = watch.kill();
     let _ = watch.wait();
+}
+
+/// A kind the server does not serve gets Kubernetes' answer. kubectl
+/// cannot validate such a kind on the server, so it first reads the
+/// protobuf /openapi/v2 to validate on its side (and stops with "failed to
+/// download openapi" without it); then mapping the kind fails.
+#[test]
+fn applying_an_unserved_kind_says_no_matches_for_kind() {
+    if !require_kubectl() {
+        return;
+    }
+    let s = Server::start();
+    let runtime_class = write(
+        s.data_dir(),
+        "runtimeclass.yaml",
+        r#"
+apiVersion: node.k8s.io/v1
+kind: RuntimeClass
+metadata:
+  name: gvisor
+handler: runsc
+"#,
+    );
+    let mapping = format!(
+        r#"resource mapping not found for name: "gvisor" namespace: "" from "{runtime_class}": no matches for kind "RuntimeClass" in version "node.k8s.io/v1""#
+    );
+    for args in [
+        &["apply", "--dry-run=server", "-f", &runtime_class][..],
+        &["apply", "-f", &runtime_class][..],
+        &["create", "-f", &runtime_class][..],
+    ] {
+        let err = s.fails(args);
+        assert!(err.contains(&mapping), "kubectl {args:?}: {err}");
+        assert!(err.contains("ensure CRDs are installed first"), "{err}");
+        assert!(!err.contains("openapi"), "{err}");
+    }
+    // A kind missing from a group that is served.
+    let driver = write(
+        s.data_dir(),
+        "csidriver.yaml",
+        "apiVersion: storage.k8s.io/v1\nkind: CSIDriver\nmetadata:\n  name: d\n",
+    );
+    let err = s.fails(&["apply", "-f", &driver]);
+    assert!(
+        err.contains(r#"no matches for kind "CSIDriver" in version "storage.k8s.io/v1""#),
+        "{err}"
+    );
+}
+
+/// The protobuf /openapi/v2 also carries kubectl's own validation of a
+/// `List` (which it never leaves to the server) and `explain` in the v2
+/// format.
+#[test]
+fn lists_are_validated_and_explained_with_the_v2_document() {
+    if !require_kubectl() {
+        return;
+    }
+    let s = Server::start();
+    let list = |image_field: &str| {
+        format!(
+            r#"
+apiVersion: v1
+kind: List
+items:
+- apiVersion: v1
+  kind: ConfigMap
+  metadata:
+    name: listed
+  data:
+    k: v
+- apiVersion: apps/v1
+  kind: Deployment
+  metadata:
+    name: listed
+  spec:
+    selector:
+      matchLabels: {{app: listed}}
+    strategy:
+      rollingUpdate: {{maxSurge: 1, maxUnavailable: "25%"}}
+    template:
+      metadata:
+        labels: {{app: listed}}
+      spec:
+        containers:
+        - name: web
+          {image_field}: busybox
+"#
+        )
+    };
+    let bad = write(s.data_dir(), "bad-list.yaml", &list("imagez"));
+    let err = s.fails(&["apply", "-f", &bad]);
+    assert!(
+        err.contains(r#"unknown field "imagez" in io.k8s.api.core.v1.Container"#),
+        "{err}"
+    );
+    let good = write(s.data_dir(), "list.yaml", &list("image"));
+    let applied = s.ok(&["apply", "-f", &good]);
+    assert!(applied.contains("configmap/listed created"), "{applied}");
+    assert!(
+        applied.contains("deployment.apps/listed created"),
+        "{applied}"
+    );
+    let explain = s.ok(&[
+        "explain",
+        "--output=plaintext-openapiv2",
+        "deployment.spec.replicas",
+    ]);
+    assert!(explain.contains("replicas <integer>"), "{explain}");
 }
 
 #[test]

@@ -73,11 +73,21 @@ struct Cluster {
     port: u16,
     kubelet_port: u16,
     child: Option<Child>,
+    /// The node's name, pod CIDR and bridge (tests running side by side
+    /// need their own).
+    net: (&'static str, &'static str, &'static str),
 }
+
+const NET: (&str, &str, &str) = (NODE, POD_CIDR, "tpe2e0");
 
 impl Cluster {
     fn start() -> Cluster {
+        Self::start_as(NET)
+    }
+
+    fn start_as(net: (&'static str, &'static str, &'static str)) -> Cluster {
         let mut c = Cluster {
+            net,
             dir: tempfile::tempdir().unwrap(),
             port: free_port(),
             kubelet_port: free_port(),
@@ -100,7 +110,8 @@ impl Cluster {
             .arg(self.dir.path())
             .args(["--listen", &format!("127.0.0.1:{}", self.port)])
             .args(["--kubelet-port", &self.kubelet_port.to_string()])
-            .args(["--name", NODE, "--pod-cidr", POD_CIDR, "--bridge", "tpe2e0"])
+            .args(["--name", self.net.0, "--pod-cidr", self.net.1])
+            .args(["--bridge", self.net.2])
             // The node agent under test alone: no taps or aggregator pods.
             .arg("--no-fleet-manager")
             .stdout(Stdio::piped())
@@ -967,6 +978,7 @@ fn node_joins_a_server() {
         port,
         kubelet_port: 0,
         child: Some(server),
+        net: NET,
     };
     let mut line = String::new();
     std::io::BufRead::read_line(&mut std::io::BufReader::new(stdout), &mut line).unwrap();
@@ -1207,4 +1219,134 @@ impl Drop for Reap {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
+}
+
+/// A claim of the default class (`local-path`): the scheduler places its
+/// first pod, the controller provisions a directory volume on that node,
+/// what the pod writes outlives it and a new pod reads it; deleting the
+/// claim removes the volume and its directory. A pod whose claim is not
+/// bound waits in ContainerCreating.
+#[test]
+fn local_path_volumes_keep_data_across_pods() {
+    if !prerequisites() {
+        return;
+    }
+    let net = ("e2e-volumes", "10.245.9.0/24", "tpe2e2");
+    let c = Cluster::start_as(net);
+    let node = net.0;
+    c.wait_for("node Ready", 20, || {
+        let out = c.kubectl(&[
+            "get",
+            "node",
+            node,
+            "-o",
+            "jsonpath={.status.conditions[?(@.type==\"Ready\")].status}",
+        ]);
+        String::from_utf8_lossy(&out.stdout) == "True"
+    });
+    let rootfs = c.dir.path().join("rootfs");
+    busybox_rootfs(&rootfs);
+    let out = tapestry()
+        .args(["image", "build", "busybox:local", "--rootfs"])
+        .arg(&rootfs)
+        .arg("--data-dir")
+        .arg(c.dir.path())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let sc = c.ok(&["get", "sc", "--no-headers"]);
+    assert!(sc.starts_with("local-path (default)"), "{sc}");
+
+    let claim = |name: &str, class: &str| {
+        format!(
+            "apiVersion: v1\nkind: PersistentVolumeClaim\nmetadata:\n  name: {name}\nspec:\n  accessModes: [ReadWriteOnce]\n{class}  resources:\n    requests:\n      storage: 10Mi\n"
+        )
+    };
+    let pod = |name: &str, claim: &str, script: &str, extra: &str| {
+        format!(
+            "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\nspec:\n{extra}  restartPolicy: Never\n  terminationGracePeriodSeconds: 1\n  containers:\n  - name: c\n    image: busybox:local\n    command: [sh, -c, '{script}']\n    volumeMounts: [{{name: d, mountPath: /data}}]\n  volumes:\n  - name: d\n    persistentVolumeClaim: {{claimName: {claim}}}\n"
+        )
+    };
+    let claim_field =
+        |name: &str, path: &str| c.ok(&["get", "pvc", name, "-o", &format!("jsonpath={{{path}}}")]);
+
+    // Without a volume, a pod already on the node waits for its claim.
+    c.apply(&claim("nothing", "  storageClassName: \"\"\n"));
+    c.apply(&pod(
+        "waiting",
+        "nothing",
+        "true",
+        &format!("  nodeName: {node}\n"),
+    ));
+    c.wait_for("the pod waiting for its claim", 30, || {
+        c.jsonpath(
+            "waiting",
+            ".status.containerStatuses[0].state.waiting.reason",
+        ) == "ContainerCreating"
+    });
+    assert_eq!(c.jsonpath("waiting", ".status.phase"), "Pending");
+    assert!(c
+        .jsonpath(
+            "waiting",
+            ".status.containerStatuses[0].state.waiting.message"
+        )
+        .contains("persistentvolumeclaim \"nothing\" is not bound yet"));
+    c.ok(&["delete", "pod", "waiting", "--wait=false"]);
+
+    // The default class waits for the first consumer, then provisions.
+    c.apply(&claim("data", ""));
+    assert_eq!(claim_field("data", ".spec.storageClassName"), "local-path");
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(claim_field("data", ".status.phase"), "Pending");
+    c.apply(&pod(
+        "writer",
+        "data",
+        "echo kept > /data/file && sleep 3600",
+        "",
+    ));
+    c.wait_running("writer");
+    assert_eq!(claim_field("data", ".status.phase"), "Bound");
+    assert_eq!(
+        claim_field(
+            "data",
+            ".metadata.annotations.volume\\.kubernetes\\.io/selected-node"
+        ),
+        node
+    );
+    let pv = claim_field("data", ".spec.volumeName");
+    let path = c.ok(&["get", "pv", &pv, "-o", "jsonpath={.spec.local.path}"]);
+    assert!(path.ends_with(&format!("/volumes/{pv}")), "{path}");
+    let file = Path::new(&path).join("file");
+    c.wait_for("the file written", 10, || {
+        std::fs::read_to_string(&file).is_ok_and(|s| s == "kept\n")
+    });
+    c.ok(&["delete", "pod", "writer"]);
+    assert!(file.exists(), "the data outlives its pod");
+
+    // Read-only as the pod asks: it reads, and cannot write.
+    c.apply(&pod(
+        "reader",
+        "data, readOnly: true",
+        "cat /data/file && ! touch /data/other 2>/dev/null",
+        "",
+    ));
+    c.wait_for("the reader done", 30, || {
+        c.jsonpath("reader", ".status.phase") == "Succeeded"
+    });
+    assert_eq!(c.ok(&["logs", "reader"]), "kept\n");
+    c.ok(&["delete", "pod", "reader"]);
+
+    // Reclaim policy Delete: the volume goes, and its directory with it.
+    c.ok(&["delete", "pvc", "data"]);
+    c.wait_for("the volume deleted", 30, || {
+        !c.kubectl(&["get", "pv", &pv]).status.success()
+    });
+    assert!(!Path::new(&path).exists(), "{path} removed");
+    c.ok(&["delete", "pvc", "nothing"]);
+    drop(c);
+    let _ = Command::new("ip").args(["link", "del", net.2]).output();
 }

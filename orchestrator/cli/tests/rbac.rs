@@ -79,7 +79,7 @@ fn a_viewer_sees_only_what_view_grants_in_its_namespace() {
     // and until a binding exists, alice is who she is and may do nothing.
     let (_, _, err) = wait_for(10, "alice authenticated", || {
         let r = as_user(&alice, "get pods -n a");
-        (!r.2.contains("provide credentials")).then_some(r)
+        (!unauthenticated(&r.2)).then_some(r)
     });
     assert!(
         err.contains(r#"pods is forbidden: User "alice" cannot list resource "pods" in API group "" in the namespace "a""#),

@@ -1,7 +1,8 @@
 //! DaemonSet controller: one pod on every eligible node (nodes added later
 //! included). Pods are pinned to their node with required node affinity on
 //! `metadata.name` and placed by the scheduler, as in Kubernetes. A changed
-//! template rolls out node by node within `maxUnavailable`.
+//! template rolls out node by node within `maxUnavailable`; each template
+//! is recorded as a ControllerRevision (`kubectl rollout history|undo`).
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -23,7 +24,7 @@ use crate::util::{
 use crate::Ctx;
 use tapestry_runtime::{ignore_not_found, key_of, split_key, Queue, Requeue};
 
-const HASH_LABEL: &str = "controller-revision-hash";
+use crate::history::{self, REVISION_LABEL as HASH_LABEL};
 
 pub fn setup(ctx: &Arc<Ctx>, queue: &Arc<Queue>) {
     let q = queue.clone();
@@ -125,6 +126,19 @@ pub async fn reconcile(ctx: Arc<Ctx>, key: String) -> anyhow::Result<Requeue> {
     let pods = ctx
         .pods
         .list_in(ns, |p| controlled_by(p, &uid) && is_active(p));
+    let live: Vec<String> = pods
+        .iter()
+        .filter_map(|p| Some(format!("{name}-{}", p.labels().get(HASH_LABEL)?)))
+        .collect();
+    history::record(
+        &ctx,
+        ds.as_ref(),
+        &spec.template,
+        &spec.selector.match_labels.clone().unwrap_or_default(),
+        spec.revision_history_limit.unwrap_or(10),
+        &live.iter().map(String::as_str).collect::<Vec<_>>(),
+    )
+    .await?;
     let mut by_node: HashMap<String, Vec<Arc<Pod>>> = HashMap::new();
     for p in &pods {
         if let Some(n) = target_node(p) {

@@ -119,7 +119,16 @@ pub async fn reconcile(ctx: Arc<Ctx>, key: String) -> anyhow::Result<Requeue> {
                 )
             })
             .collect();
-        let addr = json!({"ip": ip, "nodeName": node, "targetRef": target});
+        let mut addr = json!({"ip": ip, "nodeName": node, "targetRef": target});
+        // A pod that names this Service as its subdomain (a StatefulSet's
+        // pods) is published under its hostname: web-0.web.shop.svc.
+        let hostname = p
+            .spec
+            .as_ref()
+            .and_then(|s| (s.subdomain.as_deref() == Some(name)).then(|| s.hostname.clone())?);
+        if let Some(h) = &hostname {
+            addr["hostname"] = json!(h);
+        }
         let entry = subsets
             .entry(
                 resolved
@@ -136,12 +145,16 @@ pub async fn reconcile(ctx: Arc<Ctx>, key: String) -> anyhow::Result<Requeue> {
             entry.1.push(addr);
         }
         slice_ports.get_or_insert(resolved);
-        slice_endpoints.push(json!({
+        let mut endpoint = json!({
             "addresses": [ip],
             "conditions": {"ready": ready, "serving": ready, "terminating": false},
             "nodeName": node,
             "targetRef": target,
-        }));
+        });
+        if let Some(h) = hostname {
+            endpoint["hostname"] = json!(h);
+        }
+        slice_endpoints.push(endpoint);
     }
     let subsets: Vec<Value> = subsets
         .into_values()

@@ -6,32 +6,45 @@
 pub mod util;
 
 mod certificates;
+mod clock;
+mod cronjob;
 mod daemonset;
 mod deployment;
+mod disruption;
 mod endpoints;
 mod gc;
+mod history;
 mod ipam;
 mod job;
 mod namespace;
 mod nodelifecycle;
+mod persistentvolume;
 mod replicaset;
+mod resourcequota;
 mod serviceaccount;
+mod statefulset;
 
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use k8s_openapi::api::apps::v1::{DaemonSet, Deployment, ReplicaSet};
-use k8s_openapi::api::batch::v1::Job;
+use k8s_openapi::api::apps::v1::{
+    ControllerRevision, DaemonSet, Deployment, ReplicaSet, StatefulSet,
+};
+use k8s_openapi::api::batch::v1::{CronJob, Job};
 use k8s_openapi::api::certificates::v1::CertificateSigningRequest;
 use k8s_openapi::api::coordination::v1::Lease;
-use k8s_openapi::api::core::v1::{Endpoints, Namespace, Node, Pod, Service, ServiceAccount};
+use k8s_openapi::api::core::v1::{
+    Endpoints, Namespace, Node, Pod, ReplicationController, ResourceQuota, Service, ServiceAccount,
+};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use kube::runtime::watcher;
 use kube::{Api, Client};
 use tokio_util::sync::CancellationToken;
 
 pub use certificates::Signer;
+pub use clock::Clock;
 pub use ipam::ClusterCidr;
 
 use tapestry_runtime::{key_of, Informer, Queue, Requeue};
@@ -54,6 +67,8 @@ pub struct Config {
     /// The cluster CA's certificate and key: approved certificate signing
     /// requests are signed with it. None: nothing is signed here.
     pub signer: Option<Signer>,
+    /// The time controllers act on (the system's but in tests).
+    pub clock: Clock,
 }
 
 /// Shared state of all controllers.
@@ -64,16 +79,23 @@ pub struct Ctx {
     pub pods: Arc<Informer<Pod>>,
     pub nodes: Arc<Informer<Node>>,
     pub replicasets: Arc<Informer<ReplicaSet>>,
+    pub replicationcontrollers: Arc<Informer<ReplicationController>>,
     pub deployments: Arc<Informer<Deployment>>,
     pub namespaces: Arc<Informer<Namespace>>,
     pub serviceaccounts: Arc<Informer<ServiceAccount>>,
     pub leases: Arc<Informer<Lease>>,
     pub daemonsets: Arc<Informer<DaemonSet>>,
+    pub statefulsets: Arc<Informer<StatefulSet>>,
+    pub controllerrevisions: Arc<Informer<ControllerRevision>>,
     pub jobs: Arc<Informer<Job>>,
+    pub cronjobs: Arc<Informer<CronJob>>,
     pub services: Arc<Informer<Service>>,
     pub endpoints: Arc<Informer<Endpoints>>,
     pub endpointslices: Arc<Informer<EndpointSlice>>,
     pub csrs: Arc<Informer<CertificateSigningRequest>>,
+    pub budgets: Arc<Informer<PodDisruptionBudget>>,
+    pub quotas: Arc<Informer<ResourceQuota>>,
+    pub volumes: persistentvolume::Informers,
     rs_expectations: replicaset::Expectations,
     job_released: job::Released,
     ipam: ipam::Allocations,
@@ -91,6 +113,7 @@ pub async fn run(client: Client, config: Config, shutdown: CancellationToken) {
     let pods = Informer::new(Api::all(client.clone()), all.clone());
     let nodes = Informer::new(Api::all(client.clone()), all.clone());
     let replicasets = Informer::new(Api::all(client.clone()), all.clone());
+    let replicationcontrollers = Informer::new(Api::all(client.clone()), all.clone());
     let deployments = Informer::new(Api::all(client.clone()), all.clone());
     let namespaces = Informer::new(Api::all(client.clone()), all.clone());
     let serviceaccounts = Informer::new(Api::all(client.clone()), all.clone());
@@ -99,18 +122,29 @@ pub async fn run(client: Client, config: Config, shutdown: CancellationToken) {
         all.clone(),
     );
     let daemonsets = Informer::new(Api::all(client.clone()), all.clone());
+    let statefulsets = Informer::new(Api::all(client.clone()), all.clone());
+    let controllerrevisions = Informer::new(Api::all(client.clone()), all.clone());
     let jobs = Informer::new(Api::all(client.clone()), all.clone());
+    let cronjobs = Informer::new(Api::all(client.clone()), all.clone());
     let services = Informer::new(Api::all(client.clone()), all.clone());
     let endpoints = Informer::new(Api::all(client.clone()), all.clone());
     let endpointslices = Informer::new(Api::all(client.clone()), all.clone());
     let csrs = Informer::new(Api::all(client.clone()), all.clone());
+    let budgets = Informer::new(Api::all(client.clone()), all.clone());
+    let quotas = Informer::new(Api::all(client.clone()), all.clone());
+    let volumes = persistentvolume::Informers::new(&client);
     let gc_kinds = gc::Kinds::new(vec![
         gc::Tracked::new(&daemonsets, true),
+        gc::Tracked::new(&statefulsets, true),
+        gc::Tracked::new(&volumes.claims, true),
+        gc::Tracked::new(&controllerrevisions, true),
         gc::Tracked::new(&jobs, true),
+        gc::Tracked::new(&cronjobs, true),
         gc::Tracked::new(&services, true),
         gc::Tracked::new(&endpointslices, true),
         gc::Tracked::new(&pods, true),
         gc::Tracked::new(&replicasets, true),
+        gc::Tracked::new(&replicationcontrollers, true),
         gc::Tracked::new(&deployments, true),
         gc::Tracked::new(&nodes, false),
     ]);
@@ -119,16 +153,23 @@ pub async fn run(client: Client, config: Config, shutdown: CancellationToken) {
         pods,
         nodes,
         replicasets,
+        replicationcontrollers,
         deployments,
         namespaces,
         serviceaccounts,
         leases,
         daemonsets,
+        statefulsets,
+        controllerrevisions,
         jobs,
+        cronjobs,
         services,
         endpoints,
         endpointslices,
         csrs,
+        budgets,
+        quotas,
+        volumes,
         rs_expectations: Default::default(),
         job_released: Default::default(),
         ipam: Default::default(),
@@ -163,9 +204,15 @@ pub async fn run(client: Client, config: Config, shutdown: CancellationToken) {
         };
         spawn(
             "replicaset",
-            replicaset::setup,
+            replicaset::setup::<ReplicaSet>,
             |c| keys(&c.replicasets),
-            |c, k| Box::pin(replicaset::reconcile(c, k)),
+            |c, k| Box::pin(replicaset::reconcile::<ReplicaSet>(c, k)),
+        );
+        spawn(
+            "replicationcontroller",
+            replicaset::setup::<ReplicationController>,
+            |c| keys(&c.replicationcontrollers),
+            |c, k| Box::pin(replicaset::reconcile::<ReplicationController>(c, k)),
         );
         spawn(
             "deployment",
@@ -195,10 +242,34 @@ pub async fn run(client: Client, config: Config, shutdown: CancellationToken) {
             |c, k| Box::pin(daemonset::reconcile(c, k)),
         );
         spawn(
+            "statefulset",
+            statefulset::setup,
+            |c| keys(&c.statefulsets),
+            |c, k| Box::pin(statefulset::reconcile(c, k)),
+        );
+        spawn(
             "job",
             job::setup,
             |c| keys(&c.jobs),
             |c, k| Box::pin(job::reconcile(c, k)),
+        );
+        spawn(
+            "cronjob",
+            cronjob::setup,
+            |c| keys(&c.cronjobs),
+            |c, k| Box::pin(cronjob::reconcile(c, k)),
+        );
+        spawn(
+            "disruption",
+            disruption::setup,
+            |c| keys(&c.budgets),
+            |c, k| Box::pin(disruption::reconcile(c, k)),
+        );
+        spawn(
+            "resourcequota",
+            resourcequota::setup,
+            |c| keys(&c.quotas),
+            |c, k| Box::pin(resourcequota::reconcile(c, k)),
         );
         spawn(
             "endpoints",
@@ -218,35 +289,55 @@ pub async fn run(client: Client, config: Config, shutdown: CancellationToken) {
             |c| keys(&c.namespaces),
             |c, k| Box::pin(serviceaccount::reconcile(c, k)),
         );
+        spawn(
+            "persistentvolume",
+            persistentvolume::setup,
+            persistentvolume::keys,
+            |c, k| Box::pin(persistentvolume::reconcile(c, k)),
+        );
     }
     ctx.pods.start(shutdown.clone());
     ctx.nodes.start(shutdown.clone());
     ctx.replicasets.start(shutdown.clone());
+    ctx.replicationcontrollers.start(shutdown.clone());
     ctx.deployments.start(shutdown.clone());
     ctx.namespaces.start(shutdown.clone());
     ctx.serviceaccounts.start(shutdown.clone());
     ctx.leases.start(shutdown.clone());
     ctx.daemonsets.start(shutdown.clone());
+    ctx.statefulsets.start(shutdown.clone());
+    ctx.controllerrevisions.start(shutdown.clone());
     ctx.jobs.start(shutdown.clone());
+    ctx.cronjobs.start(shutdown.clone());
     ctx.services.start(shutdown.clone());
     ctx.endpoints.start(shutdown.clone());
     ctx.endpointslices.start(shutdown.clone());
     ctx.csrs.start(shutdown.clone());
+    ctx.budgets.start(shutdown.clone());
+    ctx.quotas.start(shutdown.clone());
+    ctx.volumes.start(shutdown.clone());
     // Controllers act only on a complete view of the cluster.
     tokio::join!(
         ctx.pods.ready(),
         ctx.nodes.ready(),
         ctx.replicasets.ready(),
+        ctx.replicationcontrollers.ready(),
         ctx.deployments.ready(),
         ctx.namespaces.ready(),
         ctx.serviceaccounts.ready(),
         ctx.leases.ready(),
         ctx.daemonsets.ready(),
+        ctx.statefulsets.ready(),
+        ctx.controllerrevisions.ready(),
         ctx.jobs.ready(),
+        ctx.cronjobs.ready(),
         ctx.services.ready(),
         ctx.endpoints.ready(),
         ctx.endpointslices.ready(),
         ctx.csrs.ready(),
+        ctx.budgets.ready(),
+        ctx.quotas.ready(),
+        ctx.volumes.ready(),
     );
     tasks.spawn(nodelifecycle::run(ctx.clone(), shutdown.clone()));
     tasks.spawn(certificates::clean_tokens(ctx.clone(), shutdown.clone()));
@@ -263,10 +354,15 @@ fn gc_setup(ctx: &Arc<Ctx>, queue: &Arc<Queue>) {
     gc::set_queue(ctx, queue);
     gc::watch(&ctx.pods, queue);
     gc::watch(&ctx.replicasets, queue);
+    gc::watch(&ctx.replicationcontrollers, queue);
     gc::watch(&ctx.deployments, queue);
     gc::watch(&ctx.nodes, queue);
     gc::watch(&ctx.daemonsets, queue);
+    gc::watch(&ctx.statefulsets, queue);
+    gc::watch(&ctx.volumes.claims, queue);
+    gc::watch(&ctx.controllerrevisions, queue);
     gc::watch(&ctx.jobs, queue);
+    gc::watch(&ctx.cronjobs, queue);
     gc::watch(&ctx.services, queue);
     gc::watch(&ctx.endpointslices, queue);
 }

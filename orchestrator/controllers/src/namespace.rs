@@ -27,7 +27,7 @@ pub fn setup(ctx: &Arc<Ctx>, queue: &Arc<Queue>) {
     });
 }
 
-async fn namespaced_resources(ctx: &Ctx) -> anyhow::Result<Vec<ApiResource>> {
+pub(crate) async fn namespaced_resources(ctx: &Ctx) -> anyhow::Result<Vec<ApiResource>> {
     if let Some((at, list)) = lock(&ctx.discovery).as_ref() {
         if at.elapsed() < DISCOVERY_TTL {
             return Ok(list.clone());

@@ -1,21 +1,96 @@
-//! ReplicaSet controller: keeps `spec.replicas` active pods from the
-//! template, owned by the ReplicaSet, and reports status.
+//! ReplicaSet controller, which also serves ReplicationControllers (a
+//! ReplicaSet whose selector is a plain label map): keeps `spec.replicas`
+//! active pods from the template, owned by the controller, adopts orphan
+//! pods its selector selects and releases owned pods it no longer selects,
+//! and reports status.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use k8s_openapi::api::apps::v1::ReplicaSet;
-use k8s_openapi::api::core::v1::{Pod, PodTemplateSpec};
+use k8s_openapi::api::core::v1::{Pod, PodTemplateSpec, ReplicationController};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
+use k8s_openapi::NamespaceResourceScope;
 use kube::api::{DeleteParams, ObjectMeta, Patch, PatchParams, PostParams};
-use kube::{Api, ResourceExt};
+use kube::{Api, Resource, ResourceExt};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
 use serde_json::json;
 
-use crate::util::{controlled_by, controller_ref, is_active, is_available, is_ready, now};
+use crate::util::{
+    controlled_by, controller_ref, is_active, is_available, is_ready, is_terminating, now, selects,
+};
 use crate::Ctx;
-use tapestry_runtime::{key_of, lock, split_key, Queue, Requeue};
+use tapestry_runtime::{key_of, lock, split_key, Informer, Queue, Requeue};
+
+/// What the controller needs of the kinds it serves.
+pub trait Replicated:
+    Resource<DynamicType = (), Scope = NamespaceResourceScope>
+    + Clone
+    + DeserializeOwned
+    + Serialize
+    + std::fmt::Debug
+    + Send
+    + Sync
+    + 'static
+{
+    fn informer(ctx: &Ctx) -> &Arc<Informer<Self>>;
+    fn replicas(&self) -> i32;
+    fn min_ready_seconds(&self) -> i32;
+    fn template(&self) -> Option<&PodTemplateSpec>;
+    /// Whether the selector selects `labels` (an empty one selects nothing).
+    fn selects(&self, labels: &BTreeMap<String, String>) -> bool;
+}
+
+impl Replicated for ReplicaSet {
+    fn informer(ctx: &Ctx) -> &Arc<Informer<Self>> {
+        &ctx.replicasets
+    }
+    fn replicas(&self) -> i32 {
+        self.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1)
+    }
+    fn min_ready_seconds(&self) -> i32 {
+        self.spec
+            .as_ref()
+            .and_then(|s| s.min_ready_seconds)
+            .unwrap_or(0)
+    }
+    fn template(&self) -> Option<&PodTemplateSpec> {
+        self.spec.as_ref()?.template.as_ref()
+    }
+    fn selects(&self, labels: &BTreeMap<String, String>) -> bool {
+        self.spec
+            .as_ref()
+            .is_some_and(|s| selects(&s.selector, labels))
+    }
+}
+
+impl Replicated for ReplicationController {
+    fn informer(ctx: &Ctx) -> &Arc<Informer<Self>> {
+        &ctx.replicationcontrollers
+    }
+    fn replicas(&self) -> i32 {
+        self.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1)
+    }
+    fn min_ready_seconds(&self) -> i32 {
+        self.spec
+            .as_ref()
+            .and_then(|s| s.min_ready_seconds)
+            .unwrap_or(0)
+    }
+    fn template(&self) -> Option<&PodTemplateSpec> {
+        self.spec.as_ref()?.template.as_ref()
+    }
+    fn selects(&self, labels: &BTreeMap<String, String>) -> bool {
+        let selector = k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector {
+            match_labels: self.spec.as_ref().and_then(|s| s.selector.clone()),
+            match_expressions: None,
+        };
+        selects(&selector, labels)
+    }
+}
 
 /// Pods created or deleted per reconcile at most (the rest next round).
 const BURST: usize = 500;
@@ -64,34 +139,49 @@ impl Expectations {
     }
 }
 
-pub fn setup(ctx: &Arc<Ctx>, queue: &Arc<Queue>) {
+pub fn setup<K: Replicated>(ctx: &Arc<Ctx>, queue: &Arc<Queue>) {
     let q = queue.clone();
-    ctx.replicasets.on_change(move |rs, _| q.add(key_of(rs)));
+    K::informer(ctx).on_change(move |o, _| q.add(key_of(o)));
     let q = queue.clone();
+    let c = Arc::downgrade(ctx);
+    let kind = K::kind(&());
     ctx.pods.on_change(move |p, _| {
-        if let Some(r) = controller_ref(p).filter(|r| r.kind == "ReplicaSet") {
-            q.add(format!("{}/{}", p.namespace().unwrap_or_default(), r.name));
+        let ns = p.namespace().unwrap_or_default();
+        match controller_ref(p) {
+            Some(r) if r.kind == kind => q.add(format!("{ns}/{}", r.name)),
+            Some(_) => {}
+            // An orphan wakes the controllers that may adopt it.
+            None if !is_terminating(p) => {
+                let Some(ctx) = c.upgrade() else { return };
+                for owner in K::informer(&ctx).list_in(&ns, |o| o.selects(p.labels())) {
+                    q.add(key_of(owner.as_ref()));
+                }
+            }
+            None => {}
         }
     });
 }
 
-pub async fn reconcile(ctx: Arc<Ctx>, key: String) -> anyhow::Result<Requeue> {
+pub async fn reconcile<K: Replicated>(ctx: Arc<Ctx>, key: String) -> anyhow::Result<Requeue> {
     let (ns, name) = split_key(&key);
     let ns = ns.unwrap_or_default();
-    let Some(rs) = ctx.replicasets.get(Some(ns), name) else {
+    let Some(rs) = K::informer(&ctx).get(Some(ns), name) else {
         return Ok(Requeue::Done);
     };
     let uid = rs.uid().unwrap_or_default();
-    let pods = ctx.pods.list_in(ns, |p| controlled_by(p, &uid));
+    let pods = claim_pods(&ctx, rs.as_ref(), ns, &uid).await?;
     let active: Vec<&Arc<Pod>> = pods.iter().filter(|p| is_active(p)).collect();
-    let spec = rs.spec.clone().unwrap_or_default();
-    let desired = spec.replicas.unwrap_or(1).max(0) as usize;
-    let satisfied = ctx.rs_expectations.satisfied(&key, ns, &ctx.pods);
-    if satisfied && rs.metadata.deletion_timestamp.is_none() {
+    let desired = rs.replicas().max(0) as usize;
+    // Keys of both kinds share the expectations: tell them apart.
+    let expectations_key = format!("{}/{key}", K::kind(&()));
+    let satisfied = ctx
+        .rs_expectations
+        .satisfied(&expectations_key, ns, &ctx.pods);
+    if satisfied && rs.meta().deletion_timestamp.is_none() {
         let api: Api<Pod> = Api::namespaced(ctx.client.clone(), ns);
         if active.len() < desired {
             let n = (desired - active.len()).min(BURST);
-            let template = spec.template.clone().unwrap_or_default();
+            let template = rs.template().cloned().unwrap_or_default();
             let owner = crate::util::owner_ref(rs.as_ref());
             let prefix = rs.name_any();
             let created: Vec<Result<String, kube::Error>> = futures::stream::iter(0..n)
@@ -115,7 +205,8 @@ pub async fn reconcile(ctx: Arc<Ctx>, key: String) -> anyhow::Result<Requeue> {
                     Err(e) => err = Some(e),
                 }
             }
-            ctx.rs_expectations.set(&key, adds, HashSet::new());
+            ctx.rs_expectations
+                .set(&expectations_key, adds, HashSet::new());
             if let Some(e) = err {
                 ctx.recorder.record(
                     rs.as_ref(),
@@ -150,14 +241,69 @@ pub async fn reconcile(ctx: Arc<Ctx>, key: String) -> anyhow::Result<Requeue> {
                     format!("Deleted pod: {n}"),
                 );
             }
-            ctx.rs_expectations
-                .set(&key, HashSet::new(), names.into_iter().collect());
+            ctx.rs_expectations.set(
+                &expectations_key,
+                HashSet::new(),
+                names.into_iter().collect(),
+            );
             if let Some(Err(e)) = results.into_iter().find(Result::is_err) {
                 return Err(e.into());
             }
         }
     }
-    update_status(&ctx, &rs, &pods).await
+    update_status(&ctx, rs.as_ref(), &pods).await
+}
+
+/// The pods `owner` controls, as Kubernetes' pod claiming has it: owned
+/// pods its selector still selects, plus orphans it selects, which it
+/// adopts (unless it is being deleted); owned pods it no longer selects are
+/// released.
+async fn claim_pods<K: Replicated>(
+    ctx: &Ctx,
+    owner: &K,
+    ns: &str,
+    uid: &str,
+) -> anyhow::Result<Vec<Arc<Pod>>> {
+    let candidates = ctx.pods.list_in(ns, |p| {
+        controlled_by(p, uid) || (controller_ref(p).is_none() && !is_terminating(p))
+    });
+    let api: Api<Pod> = Api::namespaced(ctx.client.clone(), ns);
+    let mut claimed = Vec::new();
+    for p in candidates {
+        let selected = owner.selects(p.labels());
+        let mine = controlled_by(p.as_ref(), uid);
+        let refs = p.metadata.owner_references.clone().unwrap_or_default();
+        let new_refs = match (mine, selected) {
+            (true, true) => {
+                claimed.push(p);
+                continue;
+            }
+            (true, false) => refs.into_iter().filter(|r| r.uid != uid).collect(),
+            (false, true) if !is_terminating(owner) => {
+                let mut refs = refs;
+                refs.push(crate::util::owner_ref(owner));
+                refs
+            }
+            (false, _) => continue,
+        };
+        // The resourceVersion makes the write conditional on what was read.
+        // No references left: the field goes, as Kubernetes leaves it.
+        let new_refs = (!new_refs.is_empty()).then_some(new_refs);
+        let patch = json!({"metadata": {
+            "ownerReferences": new_refs,
+            "resourceVersion": p.resource_version(),
+        }});
+        match api
+            .patch(&p.name_any(), &PatchParams::default(), &Patch::Merge(patch))
+            .await
+        {
+            Ok(written) if !mine => claimed.push(Arc::new(written)),
+            Ok(_) => {}
+            Err(e) if tapestry_runtime::not_found(&e) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(claimed)
 }
 
 /// Pods to delete first: unscheduled, then pending, then not ready, then
@@ -200,12 +346,12 @@ async fn create_pod(
     Ok(api.create(&PostParams::default(), &pod).await?.name_any())
 }
 
-async fn update_status(ctx: &Ctx, rs: &ReplicaSet, pods: &[Arc<Pod>]) -> anyhow::Result<Requeue> {
-    let min_ready = rs
-        .spec
-        .as_ref()
-        .and_then(|s| s.min_ready_seconds)
-        .unwrap_or(0);
+async fn update_status<K: Replicated>(
+    ctx: &Ctx,
+    rs: &K,
+    pods: &[Arc<Pod>],
+) -> anyhow::Result<Requeue> {
+    let min_ready = rs.min_ready_seconds();
     let t = now();
     let active: Vec<&Arc<Pod>> = pods.iter().filter(|p| is_active(p)).collect();
     let ready = active.iter().filter(|p| is_ready(p)).count() as i32;
@@ -214,9 +360,7 @@ async fn update_status(ctx: &Ctx, rs: &ReplicaSet, pods: &[Arc<Pod>]) -> anyhow:
         .filter(|p| is_available(p, min_ready, t))
         .count() as i32;
     let template_labels = rs
-        .spec
-        .as_ref()
-        .and_then(|s| s.template.as_ref())
+        .template()
         .and_then(|t| t.metadata.as_ref())
         .and_then(|m| m.labels.clone())
         .unwrap_or_default();
@@ -233,9 +377,12 @@ async fn update_status(ctx: &Ctx, rs: &ReplicaSet, pods: &[Arc<Pod>]) -> anyhow:
         "fullyLabeledReplicas": fully,
         "readyReplicas": ready,
         "availableReplicas": available,
-        "observedGeneration": rs.metadata.generation,
+        "observedGeneration": rs.meta().generation,
     });
-    let current = serde_json::to_value(rs.status.clone().unwrap_or_default())?;
+    let current = serde_json::to_value(rs)?
+        .get("status")
+        .cloned()
+        .unwrap_or_default();
     let changed = [
         "replicas",
         "fullyLabeledReplicas",
@@ -246,8 +393,7 @@ async fn update_status(ctx: &Ctx, rs: &ReplicaSet, pods: &[Arc<Pod>]) -> anyhow:
     .iter()
     .any(|f| current.get(*f).unwrap_or(&json!(0)) != status.get(*f).unwrap_or(&json!(0)));
     if changed {
-        let api: Api<ReplicaSet> =
-            Api::namespaced(ctx.client.clone(), &rs.namespace().unwrap_or_default());
+        let api: Api<K> = Api::namespaced(ctx.client.clone(), &rs.namespace().unwrap_or_default());
         api.patch_status(
             &rs.name_any(),
             &PatchParams::default(),

@@ -40,10 +40,17 @@ pub fn is_terminating<K: Resource>(o: &K) -> bool {
     o.meta().deletion_timestamp.is_some()
 }
 
+/// Pods whose containers have all stopped for good.
+pub fn is_finished(p: &Pod) -> bool {
+    matches!(
+        p.status.as_ref().and_then(|s| s.phase.as_deref()),
+        Some("Succeeded" | "Failed")
+    )
+}
+
 /// Pods that count towards a workload: not being deleted, not finished.
 pub fn is_active(p: &Pod) -> bool {
-    let phase = p.status.as_ref().and_then(|s| s.phase.as_deref());
-    !is_terminating(p) && !matches!(phase, Some("Succeeded" | "Failed"))
+    !is_terminating(p) && !is_finished(p)
 }
 
 /// When the pod became Ready, if it is.

@@ -9,6 +9,7 @@
 
 pub mod cni;
 pub mod images;
+mod localpath;
 pub mod logs;
 pub mod node;
 pub mod pods;
@@ -16,6 +17,7 @@ mod probe;
 pub mod runtime;
 pub mod server;
 pub mod shim;
+pub mod stats;
 mod sys;
 mod tokens;
 mod volumes;
@@ -120,6 +122,8 @@ pub struct Kubelet {
     /// Without that watch: the `default/kubernetes` Service as last read,
     /// and when.
     pub api_service: Mutex<Option<(Instant, Option<Arc<Service>>)>>,
+    /// Events about pods (volumes that cannot be mounted yet).
+    pub recorder: tapestry_runtime::events::Recorder,
 }
 
 /// A running node agent.
@@ -151,6 +155,7 @@ pub async fn start(
         .with_context(|| format!("restricting {}", root.display()))?;
     let pod_cidr = node::register(&client, &config).await?;
     tracing::info!(node = %config.node_name, %pod_cidr, "node registered");
+    localpath::publish_root(&client, &config).await?;
     let images = ImageStore::open(&config.data_dir.join("images"))?;
     let runtime = Runtime::new(
         config.runtime.clone(),
@@ -181,7 +186,9 @@ pub async fn start(
         metrics,
         services: OnceLock::new(),
         api_service: Mutex::new(None),
+        recorder: tapestry_runtime::events::Recorder::new(client.clone(), "kubelet"),
     });
+    localpath::start_cleanup(kubelet.clone(), shutdown.clone());
     let (addr, server_task) = server::start(kubelet.clone(), shutdown.clone()).await?;
     node::patch_status(
         &client,

@@ -478,6 +478,19 @@ impl PodWorker {
                 let mem = self.containers.entry(c.name.clone()).or_default();
                 mem.waiting = Some(("CreateContainerConfigError".into(), msg));
             }
+            Err(StartError::Volume(msg)) => {
+                let mem = self.containers.entry(c.name.clone()).or_default();
+                let message = format!("Unable to attach or mount volumes: {msg}");
+                // One event per new reason, not one per retry.
+                if mem.waiting.as_ref().is_none_or(|(_, m)| *m != message) {
+                    self.kubelet
+                        .recorder
+                        .record(pod, true, "FailedMount", message.clone());
+                }
+                mem.waiting = Some(("ContainerCreating".into(), message));
+                // Claims bind in seconds; no need to ask every tick.
+                mem.next_image_try = Some(Instant::now() + Duration::from_secs(2));
+            }
             Err(StartError::Runtime(msg)) => {
                 tracing::warn!(container = %c.name, error = %msg, "starting container failed");
                 let mem = self.containers.entry(c.name.clone()).or_default();
@@ -534,13 +547,16 @@ impl PodWorker {
         let pod_ip = self.pod_ip();
         let vols = crate::volumes::prepare(&kubelet, pod, &self.dirs.root, &mut self.tokens)
             .await
-            .map_err(|e| StartError::Config(format!("{e:#}")))?;
+            .map_err(|e| match e.downcast_ref::<crate::localpath::NotReady>() {
+                Some(waiting) => StartError::Volume(waiting.0.clone()),
+                None => StartError::Config(format!("{e:#}")),
+            })?;
         let env = crate::volumes::env(&kubelet, pod, c, &image_cfg, &pod_ip)
             .await
             .map_err(|e| StartError::Config(format!("{e:#}")))?;
         // What the kubelet writes from API data is read-only in containers,
         // as in Kubernetes: a container cannot alter its token or plant
-        // links where the kubelet writes.
+        // links where the kubelet writes. So is a claim mounted read-only.
         let api_data: HashSet<&str> = spec
             .volumes
             .iter()
@@ -550,6 +566,10 @@ impl PodWorker {
                     || v.secret.is_some()
                     || v.downward_api.is_some()
                     || v.projected.is_some()
+                    // A claim the pod asks for read-only.
+                    || v.persistent_volume_claim
+                        .as_ref()
+                        .is_some_and(|c| c.read_only == Some(true))
             })
             .map(|v| v.name.as_str())
             .collect();
@@ -1077,6 +1097,8 @@ impl PodWorker {
 enum StartError {
     Image(String, String),
     Config(String),
+    /// A volume not mountable yet (its claim is not bound): the pod waits.
+    Volume(String),
     Runtime(String),
 }
 

@@ -200,6 +200,7 @@ async fn route(kubelet: Arc<Kubelet>, req: Request<Incoming>) -> Response<Body> 
     match parts.as_slice() {
         ["healthz"] => Response::new(full("ok")),
         ["metrics"] => metrics(&kubelet),
+        ["metrics", "resource"] => resource_metrics(&kubelet).await,
         ["containerLogs", ns, pod, container] => {
             let q: HashMap<String, String> = query_pairs(req.uri().query()).into_iter().collect();
             container_logs(&kubelet, ns, pod, container, &q).await
@@ -222,6 +223,41 @@ fn metrics(kubelet: &Kubelet) -> Response<Body> {
             &format!("encoding metrics: {e}"),
         );
     }
+    let mut response = Response::new(full(text));
+    response.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static("text/plain; version=0.0.4"),
+    );
+    response
+}
+
+/// kubelet's `/metrics/resource`: CPU and working set of the node, its
+/// pods and their containers.
+async fn resource_metrics(kubelet: &Kubelet) -> Response<Body> {
+    let pods: Vec<crate::stats::PodRef> = match kubelet.index.lock() {
+        Ok(idx) => idx
+            .iter()
+            .filter_map(|(key, e)| {
+                let (namespace, name) = key.split_once('/')?;
+                Some(crate::stats::PodRef {
+                    namespace: namespace.to_string(),
+                    name: name.to_string(),
+                    uid: e.uid.clone(),
+                })
+            })
+            .collect(),
+        Err(_) => Vec::new(),
+    };
+    let text =
+        match tokio::task::spawn_blocking(move || crate::stats::resource_metrics(&pods)).await {
+            Ok(text) => text,
+            Err(e) => {
+                return status(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    &format!("reading usage: {e}"),
+                )
+            }
+        };
     let mut response = Response::new(full(text));
     response.headers_mut().insert(
         hyper::header::CONTENT_TYPE,
@@ -766,6 +802,8 @@ mod tests {
         // Further back than the clock reaches: every line, not a panic.
         assert_eq!(since(&i64::MAX.to_string()).unwrap().since, None);
         assert!(since("60").unwrap().since.is_some());
+        // Past int64, as Kubernetes reads it: refused (400), not a panic.
+        assert!(since(&u64::MAX.to_string()).is_err());
         assert_eq!(
             since("-1").err().unwrap(),
             "sinceSeconds: invalid value \"-1\""

@@ -1,5 +1,5 @@
 //! Pod volumes (emptyDir, hostPath, configMap, secret, downwardAPI,
-//! projected), the container environment (env, envFrom, downward fields,
+//! projected, persistentVolumeClaim), the container environment (env, envFrom, downward fields,
 //! the API server's Service), and the pod's /etc files.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -409,6 +409,9 @@ pub async fn prepare(
             write_files(&dir, &projected_files(pod, p, &fetched, &field)?, &field)?;
             tokens.written(&v.name);
             dir
+        } else if let Some(claim) = &v.persistent_volume_claim {
+            let field = format!("{field}.persistentVolumeClaim");
+            crate::localpath::claim_dir(kubelet, ns, &claim.claim_name, &field).await?
         } else if let Some(d) = &v.downward_api {
             let field = format!("{field}.downwardAPI");
             let mode = d.default_mode.unwrap_or(DEFAULT_MODE);
@@ -419,7 +422,7 @@ pub async fn prepare(
             )?;
             dir
         } else {
-            bail!("{field} ({:?}): unsupported volume type (emptyDir, hostPath, configMap, secret, downwardAPI and projected are supported)", v.name);
+            bail!("{field} ({:?}): unsupported volume type (emptyDir, hostPath, configMap, secret, downwardAPI, projected and persistentVolumeClaim are supported)", v.name);
         };
         out.insert(v.name.clone(), path);
     }

@@ -395,7 +395,8 @@ fn to_v3(value: &Value) -> Value {
     }
 }
 
-fn hex_sha256(bytes: &[u8]) -> String {
+/// A document's hash as kube-apiserver writes it (upper-case hex SHA-256).
+pub fn hex_sha256(bytes: &[u8]) -> String {
     Sha256::digest(bytes)
         .iter()
         .map(|b| format!("{b:02X}"))

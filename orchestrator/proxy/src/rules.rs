@@ -639,6 +639,8 @@ fn add_rule(table: Table, chain: &str, expr: &Value) -> Value {
     json!({"add": {"rule": {"family": FAMILY, "table": table.name(), "chain": chain, "expr": expr}}})
 }
 
+/// nft's JSON takes no `dynamic` flag; the kernel sets it itself once the
+/// endpoint chain's `update` names the set, in the same transaction.
 fn add_affinity_set(table: Table, name: &str, timeout: u32) -> Value {
     json!({"add": {"set": {"family": FAMILY, "table": table.name(), "name": name,
         "type": "ipv4_addr", "flags": ["timeout"], "timeout": timeout}}})
@@ -824,6 +826,15 @@ impl Garbage {
 /// `prev` had and `next` lacks is emptied now and handed to `garbage`.
 pub fn incremental(prev: &Ruleset, next: &Ruleset, garbage: &mut Garbage) -> Vec<Command> {
     let mut cmds = Vec::new();
+    // nft (1.0.6) resolves a set named in a `chain { ... }` block only if
+    // the transaction declares it: a chain rewritten to name a set from an
+    // earlier transaction is refused (ENOENT). Declaring an existing set
+    // again with the kernel's own flags changes nothing and keeps its
+    // clients.
+    let rewrites_chains = next
+        .chains
+        .iter()
+        .any(|(chain, rules)| !rules.is_empty() && prev.chains.get(chain) != Some(rules));
     for (set, &timeout) in &next.affinity_sets {
         let existing = prev
             .affinity_sets
@@ -832,6 +843,10 @@ pub fn incremental(prev: &Ruleset, next: &Ruleset, garbage: &mut Garbage) -> Vec
             .copied();
         garbage.sets.remove(set);
         if existing == Some(timeout) {
+            if rewrites_chains {
+                let (table, name) = set.clone();
+                cmds.push(Command::new(table, Op::AddAffinitySet { name, timeout }));
+            }
             continue;
         }
         let (table, name) = set.clone();

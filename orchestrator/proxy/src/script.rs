@@ -33,7 +33,7 @@ fn render_command(cmd: &Command, out: &mut String) -> Result<()> {
     match &cmd.op {
         Op::AddAffinitySet { name, timeout } => write!(
             out,
-            "add set {table} {} {{ type ipv4_addr; flags timeout; timeout {timeout}s; }}",
+            "add set {table} {} {{ type ipv4_addr; flags dynamic,timeout; timeout {timeout}s; }}",
             token(name)?
         )?,
         Op::DeleteSet(name) => write!(out, "delete set {table} {}", token(name)?)?,
@@ -232,7 +232,7 @@ mod tests {
         let ep = "ep-shop/web/tcp/http__10.244.1.2/8080";
         let t = Table::of_service("shop", "web", 1).name();
         for line in [
-            format!("add set ip {t} aff-{ep} {{ type ipv4_addr; flags timeout; timeout 10800s; }}"),
+            format!("add set ip {t} aff-{ep} {{ type ipv4_addr; flags dynamic,timeout; timeout 10800s; }}"),
             format!("add chain ip {t} {ep}"),
             format!("add chain ip {t} {ep} {{ ip saddr 10.244.1.2 jump mark-for-masquerade; ip saddr 10.244.1.0/24 jump mark-for-masquerade; update @aff-{ep} {{ ip saddr }}; meta l4proto tcp dnat to 10.244.1.2:8080; }}"),
             format!("add chain ip {t} svc-shop/web/tcp/http {{ ip daddr 10.96.0.9 ip saddr != 10.244.0.0/16 jump mark-for-masquerade; ip saddr @aff-ep-shop/web/tcp/http__10.244.1.2/8080 goto ep-shop/web/tcp/http__10.244.1.2/8080; ip saddr @aff-ep-shop/web/tcp/http__10.244.1.3/8080 goto ep-shop/web/tcp/http__10.244.1.3/8080; numgen random mod 2 vmap {{ 0 : goto ep-shop/web/tcp/http__10.244.1.2/8080, 1 : goto ep-shop/web/tcp/http__10.244.1.3/8080 }}; }}"),

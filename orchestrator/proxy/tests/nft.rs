@@ -35,7 +35,10 @@ struct Netns(String);
 
 impl Netns {
     fn new() -> Netns {
-        let name = format!("tpproxy-{}", std::process::id());
+        // Tests run in parallel, each in a namespace of its own.
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let name = format!("tpproxy-{}-{n}", std::process::id());
         let _ = Command::new("ip")
             .args(["netns", "del", &name])
             .stderr(std::process::Stdio::null())
@@ -394,6 +397,62 @@ fn cluster_ips_and_node_ports_route_and_empty_services_refuse() {
             left.chains.iter().all(|(_, c)| !c.contains("shop/")),
             "{left:?}"
         );
+        nft.delete_tables().unwrap();
+    })
+    .join()
+    .unwrap();
+}
+
+/// Endpoints of a Service with ClientIP affinity coming and going in every
+/// order, with collections in between, as a deployment scaled up and down
+/// does: every incremental transaction applies (nft refuses a chain block
+/// naming a set that an earlier transaction made, unless it is declared
+/// again), and what they build is what a full sync writes.
+#[test]
+fn affinity_endpoints_churn() {
+    if !can_run() {
+        return;
+    }
+    let netns = Netns::new();
+    std::thread::spawn(move || {
+        netns.enter();
+        let node = NodeConfig {
+            cluster_cidr: Some((Ipv4Addr::new(10, 77, 0, 0), 16)),
+            pod_cidr: Some((Ipv4Addr::new(10, 77, 0, 0), 24)),
+            service_tables: 1,
+        };
+        let mut nft = Nft::open().unwrap();
+        let mut prev = rules::desired(&node, &[web(&[8080, 8081], Some(60))]);
+        full_sync(&mut nft, &prev, &node).unwrap();
+        let mut garbage = Garbage::default();
+        // A fixed pseudo-random walk over subsets of four endpoints.
+        let mut state: u64 = 12345;
+        for step in 0..400 {
+            state = state
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            let draw = (state >> 33) as u32;
+            let cmds = if draw.is_multiple_of(4) {
+                garbage.collect()
+            } else {
+                let ports: Vec<u16> = (0..4u16)
+                    .filter(|bit| (draw >> 8) & (1 << bit) != 0)
+                    .map(|bit| 8080 + bit)
+                    .collect();
+                let next = rules::desired(&node, &[web(&ports, Some(60))]);
+                let cmds = rules::incremental(&prev, &next, &mut garbage);
+                prev = next;
+                cmds
+            };
+            if let Err(e) = nft.apply_commands(&cmds) {
+                panic!("step {step}: {e:#}");
+            }
+        }
+        nft.apply_commands(&garbage.collect()).unwrap();
+        let incremental = listing();
+        nft.delete_tables().unwrap();
+        full_sync(&mut nft, &prev, &node).unwrap();
+        assert_eq!(incremental, listing());
         nft.delete_tables().unwrap();
     })
     .join()

@@ -8,7 +8,9 @@
 //! with it.
 
 pub mod certificate;
+pub mod cron;
 pub mod csr;
+pub mod disruption;
 pub mod events;
 pub mod http;
 pub mod identity;
@@ -16,6 +18,8 @@ pub mod informer;
 pub mod leader;
 pub mod queue;
 pub mod selector;
+pub mod shutdown;
+pub mod storage;
 pub mod x509;
 
 /// The common name of the client certificate the API server presents to

@@ -33,3 +33,65 @@ pub fn selects(selector: &LabelSelector, labels: &BTreeMap<String, String>) -> b
     }
     true
 }
+
+/// Whether a node selector term (of a node affinity, a pod's or a
+/// PersistentVolume's) selects `node`: every expression on its labels and
+/// every field (`metadata.name`) requirement holds; an empty term selects
+/// nothing.
+pub fn node_selector_term_matches(
+    term: &k8s_openapi::api::core::v1::NodeSelectorTerm,
+    node: &k8s_openapi::api::core::v1::Node,
+) -> bool {
+    let labels = node.metadata.labels.as_ref();
+    let name = node.metadata.name.clone().unwrap_or_default();
+    let exprs = term.match_expressions.as_deref().unwrap_or(&[]);
+    let fields = term.match_fields.as_deref().unwrap_or(&[]);
+    if exprs.is_empty() && fields.is_empty() {
+        return false;
+    }
+    exprs
+        .iter()
+        .all(|r| requirement_matches(r, labels.and_then(|l| l.get(&r.key))))
+        && fields.iter().all(|r| {
+            let v = (r.key == "metadata.name").then_some(&name);
+            requirement_matches(r, v)
+        })
+}
+
+/// Whether a required node selector (any of its terms) selects `node`.
+pub fn node_selector_matches(
+    selector: &k8s_openapi::api::core::v1::NodeSelector,
+    node: &k8s_openapi::api::core::v1::Node,
+) -> bool {
+    selector
+        .node_selector_terms
+        .iter()
+        .any(|t| node_selector_term_matches(t, node))
+}
+
+fn requirement_matches(
+    r: &k8s_openapi::api::core::v1::NodeSelectorRequirement,
+    value: Option<&String>,
+) -> bool {
+    let values = r.values.as_deref().unwrap_or(&[]);
+    match r.operator.as_str() {
+        "In" => value.is_some_and(|v| values.contains(v)),
+        "NotIn" => value.is_none_or(|v| !values.contains(v)),
+        "Exists" => value.is_some(),
+        "DoesNotExist" => value.is_none(),
+        "Gt" | "Lt" => {
+            let (Some(v), Some(bound)) = (
+                value.and_then(|v| v.parse::<i64>().ok()),
+                values.first().and_then(|b| b.parse::<i64>().ok()),
+            ) else {
+                return false;
+            };
+            if r.operator == "Gt" {
+                v > bound
+            } else {
+                v < bound
+            }
+        }
+        _ => false,
+    }
+}

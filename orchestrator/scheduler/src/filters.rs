@@ -4,8 +4,9 @@
 
 use std::collections::{BTreeMap, HashSet};
 
-use k8s_openapi::api::core::v1::{Node, NodeSelectorRequirement, NodeSelectorTerm, Pod, Taint};
+use k8s_openapi::api::core::v1::{Node, Pod, Taint};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use tapestry_runtime::selector::node_selector_matches;
 
 /// Parse a resource quantity ("250m", "1.5", "64Mi", "2Gi", "1e3") into
 /// its value in base units.
@@ -131,47 +132,6 @@ pub fn untolerated_taint<'a>(pod: &Pod, node: &'a Node) -> Option<&'a Taint> {
         .find(|t| !tolerates(tolerations, t))
 }
 
-fn requirement_matches(r: &NodeSelectorRequirement, value: Option<&String>) -> bool {
-    let values = r.values.as_deref().unwrap_or(&[]);
-    match r.operator.as_str() {
-        "In" => value.is_some_and(|v| values.contains(v)),
-        "NotIn" => value.is_none_or(|v| !values.contains(v)),
-        "Exists" => value.is_some(),
-        "DoesNotExist" => value.is_none(),
-        "Gt" | "Lt" => {
-            let (Some(v), Some(bound)) = (
-                value.and_then(|v| v.parse::<i64>().ok()),
-                values.first().and_then(|b| b.parse::<i64>().ok()),
-            ) else {
-                return false;
-            };
-            if r.operator == "Gt" {
-                v > bound
-            } else {
-                v < bound
-            }
-        }
-        _ => false,
-    }
-}
-
-fn term_matches(term: &NodeSelectorTerm, node: &Node) -> bool {
-    let labels = node.metadata.labels.as_ref();
-    let name = node.metadata.name.clone().unwrap_or_default();
-    let exprs = term.match_expressions.as_deref().unwrap_or(&[]);
-    let fields = term.match_fields.as_deref().unwrap_or(&[]);
-    if exprs.is_empty() && fields.is_empty() {
-        return false;
-    }
-    exprs
-        .iter()
-        .all(|r| requirement_matches(r, labels.and_then(|l| l.get(&r.key))))
-        && fields.iter().all(|r| {
-            let v = (r.key == "metadata.name").then_some(&name);
-            requirement_matches(r, v)
-        })
-}
-
 /// nodeSelector and required node affinity.
 pub fn node_affinity_ok(pod: &Pod, node: &Node) -> bool {
     let Some(spec) = pod.spec.as_ref() else {
@@ -195,7 +155,7 @@ pub fn node_affinity_ok(pod: &Pod, node: &Node) -> bool {
                 .as_ref()
         });
     match required {
-        Some(r) => r.node_selector_terms.iter().any(|t| term_matches(t, node)),
+        Some(r) => node_selector_matches(r, node),
         None => true,
     }
 }

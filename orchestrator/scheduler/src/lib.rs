@@ -1,10 +1,12 @@
-//! Tapestry's scheduler. It watches nodes and pods, keeps a cache of what
+//! Tapestry's scheduler. It watches nodes and pods (and claims, volumes and
+//! storage classes for pods' volumes, see [`volumes`]), keeps a cache of what
 //! every node has left, and binds each pending pod of the default scheduler
 //! through `pods/NAME/binding`, several binds in flight. A pod that fits
 //! nowhere gets `PodScheduled=False` and a FailedScheduling event and waits
 //! (with per-pod backoff) until the cluster changes.
 
 pub mod filters;
+pub mod volumes;
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::ops::Bound::{Excluded, Included, Unbounded};
@@ -93,6 +95,7 @@ struct Needs {
     req: Resources,
     ports: Vec<(String, String, i32)>,
     anti: Vec<(LabelSelector, HashSet<String>)>,
+    volumes: Vec<volumes::Need>,
 }
 
 struct Unschedulable {
@@ -122,6 +125,10 @@ struct Scheduler {
     bind_tx: mpsc::Sender<(String, Result<(), kube::Error>)>,
     seen_pods: Option<HashSet<String>>,
     seen_nodes: Option<HashSet<String>>,
+    /// Claims, volumes and classes (None: pods' claims are not looked at).
+    volumes: Option<volumes::Volumes>,
+    /// Claims to mark with the chosen node before binding, by pod key.
+    select: HashMap<String, Vec<String>>,
 }
 
 fn pod_key(p: &Pod) -> String {
@@ -178,6 +185,8 @@ impl Scheduler {
             bind_tx,
             seen_pods: None,
             seen_nodes: None,
+            volumes: None,
+            select: HashMap::new(),
         }
     }
 
@@ -284,6 +293,7 @@ impl Scheduler {
 
     fn forget_pod(&mut self, key: &str) {
         self.unplace(key);
+        self.select.remove(key);
         self.pending.remove(key);
         self.unschedulable.remove(key);
     }
@@ -354,6 +364,9 @@ impl Scheduler {
         if !node_affinity_ok(pod, node) {
             return Some("node(s) didn't match Pod's node affinity/selector".into());
         }
+        if let Some(reason) = volumes::filter(&need.volumes, node) {
+            return Some(reason.into());
+        }
         if info.alloc.pods > 0 && info.used.pods + 1 > info.alloc.pods {
             return Some("Too many pods".into());
         }
@@ -421,10 +434,15 @@ impl Scheduler {
         if n == 0 {
             return Err("0/0 nodes are available: no nodes available to schedule pods.".into());
         }
+        let claims = match &self.volumes {
+            Some(v) => v.needs(pod),
+            None => Ok(Vec::new()),
+        };
         let need = Needs {
             req: pod_requests(pod),
             ports: host_ports(pod),
             anti: hostname_anti_affinity(pod),
+            volumes: claims.map_err(|reason| format!("0/{n} nodes are available: {reason}."))?,
         };
         let owner = controller_ref(pod).map(|r| r.uid.clone());
         let want = self.nodes_to_find();
@@ -457,6 +475,10 @@ impl Scheduler {
         }
         let chosen = best.map(|(_, name)| name.to_string());
         self.resume_after = examined.to_string();
+        let select = volumes::to_select(&need.volumes);
+        if chosen.is_some() && !select.is_empty() {
+            self.select.insert(pod_key(pod), select);
+        }
         match chosen {
             Some(name) => Ok(name),
             None => {
@@ -505,7 +527,17 @@ impl Scheduler {
             Api::namespaced(self.client.clone(), &pod.namespace().unwrap_or_default());
         let tx = self.bind_tx.clone();
         let recorder = self.recorder.clone();
+        let select = self.select.get(&key).cloned().unwrap_or_default();
+        let client = self.client.clone();
         tokio::spawn(async move {
+            // The node goes on the pod's delayed claims first, so their
+            // volumes are made there.
+            let ns = pod.namespace().unwrap_or_default();
+            if let Err(e) = volumes::select_node(&client, &ns, &select, &node).await {
+                drop(permit);
+                let _ = tx.send((key, Err(e))).await;
+                return;
+            }
             let body = json!({
                 "apiVersion": "v1", "kind": "Binding",
                 "metadata": {"name": pod.name_any(), "namespace": pod.namespace()},
@@ -588,6 +620,7 @@ impl Scheduler {
 
     fn on_bound(&mut self, key: String, result: Result<(), kube::Error>) {
         self.in_flight.remove(&key);
+        self.select.remove(&key);
         match result {
             Ok(()) => {
                 self.pending.remove(&key);
@@ -654,6 +687,14 @@ pub async fn run(client: Client, stats: Arc<Stats>, shutdown: CancellationToken)
     let (bind_tx, mut bind_rx) = mpsc::channel(BINDS_IN_FLIGHT * 2);
     let mut s = Scheduler::new(client.clone(), stats, bind_tx);
     let slots = Arc::new(tokio::sync::Semaphore::new(BINDS_IN_FLIGHT));
+    let volumes_changed = Arc::new(tokio::sync::Notify::new());
+    let notify = volumes_changed.clone();
+    let v = volumes::Volumes::start(&client, move || notify.notify_one(), shutdown.clone());
+    tokio::select! {
+        _ = shutdown.cancelled() => return,
+        _ = v.ready() => {}
+    }
+    s.volumes = Some(v);
     // Raw watches rather than tapestry-runtime informers: this task owns
     // the cache and applies each event, moved in whole, between batches of
     // binds, nodes first. An informer would keep every pod a second time in
@@ -716,6 +757,7 @@ pub async fn run(client: Client, stats: Arc<Stats>, shutdown: CancellationToken)
                 Err(e) => tracing::warn!("pod watch: {e}"),
             },
             Some((key, result)) = bind_rx.recv() => s.on_bound(key, result),
+            _ = volumes_changed.notified() => s.cluster_changed(),
             _ = tick.tick() => s.tick(),
             _ = std::future::ready(()), if work_left => {}
         }

@@ -9,7 +9,7 @@ use crate::event::{now_ns, Batch};
 use crate::metrics::SinkStats;
 use crate::sinks::{
     default_client_queue, default_max_clients, default_queue, default_snaplen, snap, Hub,
-    SinkContext, Started,
+    SecretRef, SinkContext, Started, Token, ToolAccess,
 };
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -27,6 +27,18 @@ pub struct GrpcConfig {
     /// Bytes of each packet subscribers receive at most.
     #[serde(default = "default_snaplen")]
     pub snaplen: u32,
+    /// A file holding the bearer token subscribers must present (gRPC
+    /// metadata `authorization: Bearer TOKEN`); without a token, only
+    /// loopback clients are served.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token_file: Option<std::path::PathBuf>,
+    /// The token itself, from a Secret (cluster mode); never read from
+    /// or written to a configuration file.
+    #[serde(skip)]
+    pub token: Option<Token>,
+    /// Where the token is read from at start (cluster mode).
+    #[serde(skip)]
+    pub token_secret: Option<SecretRef>,
 }
 
 impl GrpcConfig {
@@ -34,17 +46,31 @@ impl GrpcConfig {
         Ok(())
     }
 
-    pub fn build(
+    pub async fn build(
         &self,
         cx: &SinkContext,
         mut rx: mpsc::Receiver<Batch>,
         stats: Arc<SinkStats>,
         stop: CancellationToken,
-    ) -> Started {
+    ) -> anyhow::Result<Started> {
+        let token = ToolAccess::start(
+            self.token.as_ref(),
+            self.token_file.as_deref(),
+            self.token_secret.as_ref(),
+            cx,
+            &stop,
+        )
+        .await?;
         let hub = Arc::new(Hub::new(stats.clone(), self.client_queue, self.max_clients));
-        cx.grpc_hubs.insert(self.name.clone(), hub.clone());
+        cx.grpc_hubs.insert(
+            self.name.clone(),
+            super::service::GrpcTool {
+                hub: hub.clone(),
+                token,
+            },
+        );
         let snaplen = self.snaplen;
-        tokio::spawn(async move {
+        let run = tokio::spawn(async move {
             loop {
                 let Some(batch) = crate::sinks::next_batch(&mut rx, &stop).await else {
                     return;
@@ -73,6 +99,9 @@ impl GrpcConfig {
                 }
             }
         });
-        Started::default()
+        Ok(Started {
+            drains: vec![run],
+            ..Started::default()
+        })
     }
 }

@@ -8,9 +8,16 @@ use tapestry_proto::tool::v1::tool_subscribe_server::ToolSubscribe;
 use tapestry_proto::tool::v1::{SubscribeRequest, ToolBatch};
 use tonic::{Request, Response, Status};
 
-use crate::sinks::Hub;
+use crate::sinks::{admit, Hub, Refusal, ToolAccess};
 
-pub type Hubs = Arc<DashMap<String, Arc<Hub<Arc<ToolBatch>>>>>;
+/// A running gRPC sink, looked up by the subscribe service.
+#[derive(Clone)]
+pub struct GrpcTool {
+    pub hub: Arc<Hub<Arc<ToolBatch>>>,
+    pub token: ToolAccess,
+}
+
+pub type Hubs = Arc<DashMap<String, GrpcTool>>;
 
 pub struct SubscribeService {
     pub hubs: Hubs,
@@ -24,13 +31,31 @@ impl ToolSubscribe for SubscribeService {
         &self,
         req: Request<SubscribeRequest>,
     ) -> Result<Response<Self::SubscribeStream>, Status> {
+        let peer = req.remote_addr().map(|a| a.ip());
+        let authorization = req
+            .metadata()
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
         let name = req.into_inner().sink;
-        let hub = self
+        let tool = self
             .hubs
             .get(&name)
             .map(|h| h.clone())
             .ok_or_else(|| Status::not_found(format!("sink: no grpc sink named {name:?}")))?;
-        let sub = hub
+        admit(
+            &name,
+            &tool.token,
+            authorization.as_deref(),
+            peer,
+            &tool.hub.stats,
+        )
+        .map_err(|r| match r {
+            Refusal::Unauthenticated(m) => Status::unauthenticated(m),
+            Refusal::NotAllowed(m) => Status::permission_denied(m),
+        })?;
+        let sub = tool
+            .hub
             .subscribe()
             .map_err(|e| Status::resource_exhausted(format!("sink {name:?}: {e}")))?;
         let dropped = sub.dropped.clone();

@@ -10,7 +10,7 @@ use crate::event::Batch;
 use crate::metrics::SinkStats;
 use crate::sinks::{
     check_addr, default_client_queue, default_max_clients, default_queue, default_snaplen, Hub,
-    Started,
+    SinkContext, Started,
 };
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -33,6 +33,11 @@ pub struct PcapOverIpConfig {
     pub max_clients: usize,
     #[serde(default = "default_snaplen")]
     pub snaplen: u32,
+    /// Serve the stream over TLS with the aggregator's certificate (for
+    /// clients such as `socat OPENSSL:…` or stunnel; tshark itself speaks
+    /// plaintext only). The allow list still decides who may connect.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub tls: bool,
 }
 
 impl PcapOverIpConfig {
@@ -48,10 +53,19 @@ impl PcapOverIpConfig {
 
     pub async fn build(
         &self,
+        cx: &SinkContext,
         rx: mpsc::Receiver<Batch>,
         stats: Arc<SinkStats>,
         stop: CancellationToken,
     ) -> anyhow::Result<Started> {
+        let tls = match (self.tls, &cx.tls) {
+            (false, _) => None,
+            (true, Some(config)) => Some(tokio_rustls::TlsAcceptor::from(config.clone())),
+            (true, None) => anyhow::bail!(
+                "sink {:?}: tls: the aggregator has no certificate (give --tls-cert and --tls-key, or --tls-from-csr)",
+                self.name
+            ),
+        };
         let listener = tokio::net::TcpListener::bind(&self.listen)
             .await
             .map_err(|e| {
@@ -63,12 +77,14 @@ impl PcapOverIpConfig {
             listener,
             hub.clone(),
             self.clone(),
+            tls,
             stop.clone(),
         ));
         let run = tokio::spawn(super::sink::run(rx, hub, stats, self.snaplen, stop));
         Ok(Started {
             address: Some(address),
-            holders: vec![accept, run],
+            holders: vec![accept],
+            drains: vec![run],
         })
     }
 }
@@ -104,6 +120,7 @@ mod tests {
             client_queue: 1,
             max_clients: 2,
             snaplen: 100,
+            tls: false,
         }
     }
 

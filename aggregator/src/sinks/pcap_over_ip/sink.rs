@@ -12,15 +12,24 @@ use crate::event::{now_ns, Batch};
 use crate::metrics::SinkStats;
 use crate::sinks::{snap, Hub};
 
-/// Accepts clients until stopped; each admitted client gets the pcap
-/// header, then the shared stream. Returning closes the listener.
+/// How long a client may take to finish its TLS handshake.
+const HANDSHAKE_WITHIN: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// TLS handshakes under way at once per sink; more clients are refused.
+const MAX_HANDSHAKES: usize = 64;
+
+/// Accepts clients until stopped; each admitted client (over TLS when
+/// `tls`) gets the pcap header, then the shared stream. Returning closes
+/// the listener.
 pub async fn accept(
     listener: TcpListener,
     hub: Arc<Hub<Bytes>>,
     cfg: PcapOverIpConfig,
+    tls: Option<tokio_rustls::TlsAcceptor>,
     stop: CancellationToken,
 ) {
     let name = cfg.name.as_str();
+    let handshakes = Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES));
     loop {
         let accepted = tokio::select! {
             _ = stop.cancelled() => return,
@@ -39,44 +48,89 @@ pub async fn accept(
             tracing::warn!(sink = %name, %peer, "PCAP-over-IP client refused: not loopback and not in the allow list");
             continue;
         }
-        let mut sub = match hub.subscribe() {
-            Ok(sub) => sub,
-            Err(e) => {
-                tracing::warn!(sink = %name, %peer, "PCAP-over-IP client refused: {e}");
-                continue;
-            }
-        };
         let _ = sock.set_nodelay(true);
-        tracing::info!(sink = %name, %peer, "PCAP-over-IP client connected");
+        let permit = match &tls {
+            None => None,
+            Some(_) => match handshakes.clone().try_acquire_owned() {
+                Ok(p) => Some(p),
+                Err(_) => {
+                    hub.stats.refused_handshake.add(1);
+                    tracing::warn!(sink = %name, %peer, "PCAP-over-IP client refused: {MAX_HANDSHAKES} TLS handshakes already under way");
+                    continue;
+                }
+            },
+        };
         let name = cfg.name.clone();
         let snaplen = cfg.snaplen;
-        let stop = stop.clone();
-        let hub = hub.clone();
+        let (stop, hub, tls) = (stop.clone(), hub.clone(), tls.clone());
         tokio::spawn(async move {
-            let (mut reader, mut writer) = sock.into_split();
-            let serve = async {
-                writer.write_all(&pcap_stream_header(snaplen)).await?;
-                while let Some(chunk) = sub.rx.recv().await {
-                    writer.write_all(&chunk).await?;
+            let Some(acceptor) = tls else {
+                let (reader, writer) = sock.into_split();
+                return serve_client(reader, writer, &hub, &name, peer, snaplen, &stop).await;
+            };
+            let handshake = tokio::time::timeout(HANDSHAKE_WITHIN, acceptor.accept(sock)).await;
+            drop(permit);
+            match handshake {
+                Ok(Ok(tls)) => {
+                    let (reader, writer) = tokio::io::split(tls);
+                    serve_client(reader, writer, &hub, &name, peer, snaplen, &stop).await
                 }
-                Ok::<_, std::io::Error>(())
-            };
-            // Clients send nothing: the read side ending is the client
-            // going away, noticed at once even when no packets flow.
-            let gone = async {
-                let mut discard = [0u8; 512];
-                while let Ok(1..) = reader.read(&mut discard).await {}
-            };
-            tokio::select! {
-                _ = stop.cancelled() => {}
-                _ = gone => tracing::info!(sink = %name, %peer, "client disconnected"),
-                r = serve => if let Err(e) = r {
-                    tracing::info!(sink = %name, %peer, "client gone: {e}");
-                },
+                Ok(Err(e)) => {
+                    hub.stats.refused_handshake.add(1);
+                    tracing::warn!(sink = %name, %peer, "PCAP-over-IP client refused: TLS handshake failed: {e}");
+                }
+                Err(_) => {
+                    hub.stats.refused_handshake.add(1);
+                    tracing::warn!(sink = %name, %peer, "PCAP-over-IP client refused: no TLS handshake within {HANDSHAKE_WITHIN:?}");
+                }
             }
-            drop(sub);
-            hub.prune();
         });
+    }
+}
+
+/// One client, once admitted: the pcap header, then the shared stream
+/// until the client goes, its queue ends or the sink stops.
+async fn serve_client<R, W>(
+    mut reader: R,
+    mut writer: W,
+    hub: &Arc<Hub<Bytes>>,
+    name: &str,
+    peer: std::net::SocketAddr,
+    snaplen: u32,
+    stop: &CancellationToken,
+) where
+    R: tokio::io::AsyncRead + Unpin,
+    W: tokio::io::AsyncWrite + Unpin,
+{
+    let mut sub = match hub.subscribe() {
+        Ok(sub) => sub,
+        Err(e) => {
+            tracing::warn!(sink = %name, %peer, "PCAP-over-IP client refused: {e}");
+            return;
+        }
+    };
+    tracing::info!(sink = %name, %peer, "PCAP-over-IP client connected");
+    let serve = async {
+        writer.write_all(&pcap_stream_header(snaplen)).await?;
+        while let Some(chunk) = sub.rx.recv().await {
+            writer.write_all(&chunk).await?;
+            // TLS holds what the socket did not take yet (plain TCP: no-op).
+            writer.flush().await?;
+        }
+        Ok::<_, std::io::Error>(())
+    };
+    // Clients send nothing: the read side ending is the client going
+    // away, noticed at once even when no packets flow.
+    let gone = async {
+        let mut discard = [0u8; 512];
+        while let Ok(1..) = reader.read(&mut discard).await {}
+    };
+    tokio::select! {
+        _ = stop.cancelled() => {}
+        _ = gone => tracing::info!(sink = %name, %peer, "client disconnected"),
+        r = serve => if let Err(e) = r {
+            tracing::info!(sink = %name, %peer, "client gone: {e}");
+        },
     }
 }
 

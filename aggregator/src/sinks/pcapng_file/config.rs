@@ -78,12 +78,14 @@ impl PcapngFileConfig {
                 let _ = tx.try_send(Arc::new(Vec::new()));
             }
         });
-        // Disk writes block; they get a thread of their own so they never
-        // hold up the async workers that serve ingest and other sinks. It
-        // ends, closing its file, when the last sender is gone.
-        std::thread::Builder::new()
-            .name(format!("sink-{}", self.name))
-            .spawn(move || super::sink::run(cfg, rx, stats))?;
-        Ok(Started::default())
+        // Disk writes block; they get a thread of their own (from the
+        // blocking pool) so they never hold up the async workers that serve
+        // ingest and other sinks. It ends, closing its file, when the last
+        // sender is gone.
+        let writer = tokio::task::spawn_blocking(move || super::sink::run(cfg, rx, stats));
+        Ok(Started {
+            drains: vec![writer],
+            ..Started::default()
+        })
     }
 }

@@ -1,6 +1,6 @@
 use std::collections::{HashMap, VecDeque};
 use std::fs::File;
-use std::io::{BufWriter, Write};
+use std::io::Write;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -12,21 +12,56 @@ use crate::capture::PcapNgOut;
 use crate::event::{now_ns, Batch, Iface, Packet};
 use crate::metrics::SinkStats;
 
+/// Bytes staged in memory before one write to the file.
+const WRITE_AT: usize = 256 << 10;
+
+/// After a failed write (a full disk), packets are counted as not written
+/// for this long before a new file is tried.
+const RETRY_AFTER: Duration = Duration::from_secs(1);
+
+/// A capture file written whole blocks at a time: blocks are staged in
+/// memory and written out in large writes, so the file is known good up
+/// to `durable` bytes, and its packets count as delivered only once they
+/// are there.
+struct Staged {
+    file: File,
+    buf: Vec<u8>,
+}
+
+impl Write for Staged {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.buf.extend_from_slice(b);
+        Ok(b.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
 struct Current {
-    out: PcapNgOut<BufWriter<File>>,
+    out: PcapNgOut<Staged>,
     path: PathBuf,
     opened: Instant,
     /// Interface → interface id in this file (ids restart per file).
     ifaces: HashMap<Arc<Iface>, u32>,
+    /// Bytes of the file written out whole.
+    durable: u64,
+    /// Packets (and their captured bytes) staged but not yet written.
+    staged_packets: u64,
+    staged_bytes: u64,
 }
 
 struct Writer {
     cfg: PcapngFileConfig,
     current: Option<Current>,
+    /// Closed files, oldest first (with those an earlier run left).
     done: VecDeque<PathBuf>,
     seq: u64,
     stats: Arc<SinkStats>,
     remover: Remover,
+    /// Until when packets are counted as failed without trying the disk.
+    failing_until: Option<Instant>,
 }
 
 /// Deletes files past retention on a thread of its own: unlinking a
@@ -89,6 +124,22 @@ fn delete_file(path: &std::path::Path) {
 }
 
 impl Writer {
+    fn new(cfg: PcapngFileConfig, stats: Arc<SinkStats>) -> Writer {
+        let remover = Remover::spawn(&cfg.name);
+        let mut w = Writer {
+            done: earlier_files(&cfg).into(),
+            cfg,
+            current: None,
+            seq: 0,
+            stats,
+            remover,
+            failing_until: None,
+        };
+        // Retention counts what an earlier run left, and the file to come.
+        w.retain(w.cfg.max_files.saturating_sub(1));
+        w
+    }
+
     fn open(&mut self) -> std::io::Result<&mut Current> {
         if self.current.is_none() {
             let secs = now_ns() / 1_000_000_000;
@@ -107,39 +158,96 @@ impl Writer {
                     Err(e) => return Err(e),
                 }
             };
-            let out = PcapNgOut::new(BufWriter::with_capacity(256 << 10, file))?;
+            let staged = Staged {
+                file,
+                buf: Vec::with_capacity(WRITE_AT + (64 << 10)),
+            };
+            let out = PcapNgOut::new(staged)?;
             tracing::debug!(path = %path.display(), "opened capture file");
             self.current = Some(Current {
                 out,
                 path,
                 opened: Instant::now(),
                 ifaces: HashMap::new(),
+                durable: 0,
+                staged_packets: 0,
+                staged_bytes: 0,
             });
         }
         Ok(self.current.as_mut().expect("just opened"))
     }
 
-    fn close(&mut self, last: bool) {
-        if let Some(mut c) = self.current.take() {
-            if let Err(e) = c.out.get_mut().flush() {
-                tracing::warn!(path = %c.path.display(), "flush: {e}");
-                self.stats.errors.add(1);
+    /// Writes out what is staged; on failure the file is cut back to its
+    /// last whole block and closed, and the staged packets are counted as
+    /// not written.
+    fn write_out(&mut self) {
+        let Some(c) = self.current.as_mut() else {
+            return;
+        };
+        let staged = c.out.get_mut();
+        if staged.buf.is_empty() {
+            return;
+        }
+        match staged.file.write_all(&staged.buf) {
+            Ok(()) => {
+                c.durable += staged.buf.len() as u64;
+                staged.buf.clear();
+                self.stats.packets.add(c.staged_packets);
+                self.stats.bytes.add(c.staged_bytes);
+                c.staged_packets = 0;
+                c.staged_bytes = 0;
             }
-            self.done.push_back(c.path);
-            if self.cfg.max_files > 0 {
-                // While running, the next file counts towards the limit.
-                let keep = if last {
-                    self.cfg.max_files
-                } else {
-                    self.cfg.max_files - 1
+            Err(e) => {
+                let Some(mut c) = self.current.take() else {
+                    return;
                 };
-                while self.done.len() > keep {
-                    let Some(old) = self.done.pop_front() else {
-                        break;
-                    };
-                    self.remover.remove(old);
+                tracing::warn!(
+                    sink = %self.cfg.name,
+                    path = %c.path.display(),
+                    packets = c.staged_packets,
+                    "writing capture file: {e}; its packets are counted as not written, and the file is closed at its last whole block"
+                );
+                self.stats.errors.add(1);
+                self.stats.write_failed.add(c.staged_packets);
+                self.failing_until = Some(Instant::now() + RETRY_AFTER);
+                let staged = c.out.get_mut();
+                if let Err(e) = staged.file.set_len(c.durable) {
+                    tracing::warn!(path = %c.path.display(), "cutting back the capture file: {e}");
+                }
+                if c.durable == 0 {
+                    delete_file(&c.path);
+                } else {
+                    self.done.push_back(c.path);
+                    self.retain(self.cfg.max_files.saturating_sub(1));
                 }
             }
+        }
+    }
+
+    fn close(&mut self, last: bool) {
+        self.write_out();
+        if let Some(c) = self.current.take() {
+            self.done.push_back(c.path);
+            // While running, the next file counts towards the limit.
+            let keep = if last {
+                self.cfg.max_files
+            } else {
+                self.cfg.max_files.saturating_sub(1)
+            };
+            self.retain(keep);
+        }
+    }
+
+    /// Deletes the oldest closed files past `keep` (none without a limit).
+    fn retain(&mut self, keep: usize) {
+        if self.cfg.max_files == 0 {
+            return;
+        }
+        while self.done.len() > keep {
+            let Some(old) = self.done.pop_front() else {
+                break;
+            };
+            self.remover.remove(old);
         }
     }
 
@@ -150,10 +258,43 @@ impl Writer {
                 && c.opened.elapsed() >= Duration::from_secs(self.cfg.rotate_seconds))
     }
 
-    fn write(&mut self, p: &Packet) -> std::io::Result<usize> {
+    /// Stages one packet, writing out when enough is staged.
+    fn write(&mut self, p: &Packet) {
+        if let Some(until) = self.failing_until {
+            if Instant::now() < until {
+                self.stats.write_failed.add(1);
+                return;
+            }
+            self.failing_until = None;
+        }
         if self.due() {
             self.close(false);
+            // Writing out the full file may just have failed.
+            if self.failing_until.is_some() {
+                self.stats.write_failed.add(1);
+                return;
+            }
         }
+        match self.stage(p) {
+            Ok(()) => {
+                if self
+                    .current
+                    .as_mut()
+                    .is_some_and(|c| c.out.get_mut().buf.len() >= WRITE_AT)
+                {
+                    self.write_out();
+                }
+            }
+            Err(e) => {
+                tracing::warn!(sink = %self.cfg.name, "capture file: {e}");
+                self.stats.errors.add(1);
+                self.stats.write_failed.add(1);
+                self.failing_until = Some(Instant::now() + RETRY_AFTER);
+            }
+        }
+    }
+
+    fn stage(&mut self, p: &Packet) -> std::io::Result<()> {
         let snaplen = self.cfg.snaplen;
         let c = self.open()?;
         let id = match c.ifaces.get(&p.iface) {
@@ -178,43 +319,51 @@ impl Writer {
             data,
             p.iface.epb_flags(p.direction),
         )?;
-        Ok(data.len())
+        c.staged_packets += 1;
+        c.staged_bytes += data.len() as u64;
+        Ok(())
     }
 }
 
-pub fn run(cfg: PcapngFileConfig, mut rx: mpsc::Receiver<Batch>, stats: Arc<SinkStats>) {
-    let name = cfg.name.clone();
-    let mut w = Writer {
-        cfg,
-        current: None,
-        done: VecDeque::new(),
-        seq: 0,
-        stats: stats.clone(),
-        remover: Remover::spawn(&name),
+/// The files an earlier run of this sink left in its directory, oldest
+/// first: `{prefix}-{seconds}-{sequence}.pcapng`.
+fn earlier_files(cfg: &PcapngFileConfig) -> Vec<PathBuf> {
+    let Ok(entries) = std::fs::read_dir(&cfg.directory) else {
+        return Vec::new();
     };
+    let mut found: Vec<((u64, u64), PathBuf)> = entries
+        .filter_map(|e| {
+            let path = e.ok()?.path();
+            let name = path.file_name()?.to_str()?;
+            let rest = name
+                .strip_prefix(cfg.prefix.as_str())?
+                .strip_prefix('-')?
+                .strip_suffix(".pcapng")?;
+            let (secs, seq) = rest.split_once('-')?;
+            Some(((secs.parse().ok()?, seq.parse().ok()?), path))
+        })
+        .collect();
+    found.sort();
+    found.into_iter().map(|(_, path)| path).collect()
+}
+
+/// Writes batches until every sender has let go of the queue, then
+/// closes the file: everything queued before then is in it.
+pub fn run(cfg: PcapngFileConfig, mut rx: mpsc::Receiver<Batch>, stats: Arc<SinkStats>) {
+    let mut w = Writer::new(cfg, stats.clone());
     while let Some(batch) = rx.blocking_recv() {
         if batch.is_empty() {
             // The once-a-second tick.
             if w.due() {
                 w.close(false);
-            } else if let Some(c) = w.current.as_mut() {
-                let _ = c.out.get_mut().flush();
+            } else {
+                w.write_out();
             }
             continue;
         }
-        let mut bytes = 0;
         for p in batch.iter() {
-            match w.write(p) {
-                Ok(n) => bytes += n as u64,
-                Err(e) => {
-                    tracing::warn!("pcapng sink: {e}");
-                    stats.errors.add(1);
-                    w.current = None;
-                }
-            }
+            w.write(p);
         }
-        stats.packets.add(batch.len() as u64);
-        stats.bytes.add(bytes);
         stats.record_latency(now_ns(), batch.iter().map(|p| p.ts_ns));
     }
     w.close(true);

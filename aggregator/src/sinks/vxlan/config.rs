@@ -55,7 +55,7 @@ impl VxlanConfig {
         sock.connect(remote)
             .await
             .map_err(|e| anyhow::anyhow!("sink {:?}: remote {remote}: {e}", self.name))?;
-        tokio::spawn(super::sink::run(
+        let run = tokio::spawn(super::sink::run(
             rx,
             sock,
             self.vni,
@@ -63,6 +63,9 @@ impl VxlanConfig {
             stats,
             stop,
         ));
-        Ok(Started::default())
+        Ok(Started {
+            drains: vec![run],
+            ..Started::default()
+        })
     }
 }

@@ -104,11 +104,14 @@ fn view_rules() -> Vec<Value> {
             "deployments/status",
             "replicasets/status",
             "statefulsets/status",
+            "controllerrevisions",
         ],
         READ,
     ));
     rules.push(rule(&["batch"], &["jobs/status", "cronjobs/status"], READ));
+    rules.push(rule(&["networking.k8s.io"], &["ingresses/status"], READ));
     rules.push(rule(&["events.k8s.io"], &["events"], READ));
+    rules.push(rule(&["metrics.k8s.io"], &["pods", "nodes"], READ));
     rules
 }
 
@@ -168,13 +171,16 @@ pub(crate) fn node_rules() -> Vec<Value> {
         rule(&[""], &["pods/eviction"], &["create"]),
         rule(
             &[""],
-            &[
-                "configmaps",
-                "secrets",
-                "persistentvolumeclaims",
-                "persistentvolumes",
-            ],
+            &["configmaps", "secrets", "persistentvolumeclaims"],
             &["get"],
+        ),
+        // Its pods' volumes, and the local-path volumes it cleans up:
+        // NodeRestriction lets it change only a deleted local-path volume
+        // of its own (to drop the cleanup finalizer).
+        rule(
+            &[""],
+            &["persistentvolumes"],
+            &[READ, &["patch", "update"]].concat(),
         ),
         rule(&[""], &["services", "endpoints", "namespaces"], READ),
         rule(&[""], &["events"], &["create", "patch", "update"]),
@@ -214,6 +220,15 @@ pub(crate) fn node_rules() -> Vec<Value> {
 fn scheduler_rules() -> Vec<Value> {
     vec![
         rule(&[""], &["pods", "nodes"], READ),
+        // Volume binding: a pod's claims, their volumes and classes; the
+        // node chosen for a WaitForFirstConsumer claim is written on it.
+        rule(
+            &[""],
+            &["persistentvolumeclaims", "persistentvolumes"],
+            READ,
+        ),
+        rule(&[""], &["persistentvolumeclaims"], &["patch", "update"]),
+        rule(&["storage.k8s.io"], &["storageclasses"], READ),
         rule(&[""], &["pods/binding", "bindings"], &["create"]),
         rule(&[""], &["pods/status"], &["patch", "update"]),
         rule(&[""], &["events"], &["create", "patch", "update"]),
@@ -249,10 +264,17 @@ fn controller_manager_rules() -> Vec<Value> {
                 "serviceaccounts",
                 "configmaps",
                 "events",
+                "persistentvolumes",
+                "persistentvolumeclaims",
             ],
             &["create"],
         ),
-        rule(&["apps"], &["replicasets"], &["create"]),
+        rule(
+            &["apps"],
+            &["replicasets", "controllerrevisions"],
+            &["create"],
+        ),
+        rule(&["batch"], &["jobs"], &["create"]),
         rule(&["discovery.k8s.io"], &["endpointslices"], &["create"]),
         rule(&["coordination.k8s.io"], &["leases"], &["create"]),
         rule(&["events.k8s.io"], &["events"], &["create"]),
@@ -487,13 +509,16 @@ fn components() -> Vec<Component> {
                     &["tappolicies/status", "taptools/status"],
                     &["patch"],
                 ),
+                // Where pods run: taps' pod identities are checked.
+                rule(&[""], &["pods"], &["list", "watch"]),
             ]
             .into_iter()
             // Its serving certificate (approved only for its own pod's
             // addresses and its namespace's Service names).
             .chain(certificate_rules("aggregatorserving"))
             .collect(),
-            local: Vec::new(),
+            // Tools' bearer tokens (TapTool spec.tokenSecret).
+            local: vec![rule(&[""], &["secrets"], &["get"])],
         },
         Component {
             role: "tapestry:fleet-manager",

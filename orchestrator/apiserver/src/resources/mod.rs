@@ -11,8 +11,12 @@ pub mod coordination;
 pub mod core;
 pub mod discovery;
 pub mod events;
+pub mod networking;
 pub mod podspec;
+pub mod policy;
 pub mod rbac;
+pub mod scheduling;
+pub mod storage;
 
 use std::sync::Arc;
 
@@ -27,7 +31,7 @@ pub fn builtin(
     service_allocator: Arc<dyn WriteHook>,
     store: Arc<dyn tapestry_store::Store>,
 ) -> Vec<ResourceDef> {
-    let mut defs = core::resources(service_allocator, store);
+    let mut defs = core::resources(service_allocator, store.clone());
     defs.extend(apps::resources());
     defs.extend(batch::resources());
     defs.push(coordination::lease::definition());
@@ -36,5 +40,9 @@ pub fn builtin(
     defs.push(apiextensions::customresourcedefinition::definition());
     defs.extend(rbac::resources());
     defs.push(certificates::definition());
+    defs.extend(storage::resources());
+    defs.push(policy::poddisruptionbudget::definition());
+    defs.extend(networking::resources(store.clone()));
+    defs.push(scheduling::priorityclass::definition(store));
     defs
 }

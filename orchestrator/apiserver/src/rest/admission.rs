@@ -212,6 +212,7 @@ impl Api {
         old: &Value,
     ) -> ApiResult<()> {
         super::noderestriction::check(req, old)?;
+        super::noderestriction::check_update(req, new, old)?;
         let def = &req.def;
         match req.sub {
             Some(Subresource::Approval) => {

@@ -29,11 +29,7 @@ impl Api {
         name: String,
         options: &Value,
     ) -> ApiResult<Value> {
-        let dry_run = req.dry_run()?
-            || options
-                .get("dryRun")
-                .and_then(Value::as_array)
-                .is_some_and(|d| d.iter().any(|v| v == "All"));
+        let dry_run = delete_is_dry_run(req, options)?;
         let propagation = options
             .get("propagationPolicy")
             .and_then(Value::as_str)
@@ -206,4 +202,14 @@ impl Api {
         });
         Ok(json_response(StatusCode::OK, &body, &[]))
     }
+}
+
+/// Whether a delete with these options only pretends: `?dryRun=All`, or
+/// `dryRun: ["All"]` in its DeleteOptions.
+pub(crate) fn delete_is_dry_run(req: &Request, options: &Value) -> ApiResult<bool> {
+    Ok(req.dry_run()?
+        || options
+            .get("dryRun")
+            .and_then(Value::as_array)
+            .is_some_and(|d| d.iter().any(|v| v == "All")))
 }

@@ -29,6 +29,7 @@ use std::sync::Arc;
 use serde_json::Value;
 use tapestry_store::{KeyValue, Store};
 
+pub(crate) use delete::delete_is_dry_run;
 pub use render::{json_bytes_response, json_response, render_one, table, Rendering, TableObject};
 pub use request::Request;
 
@@ -55,7 +56,16 @@ pub struct Api {
     /// Signs and checks service account tokens; set once the keys are
     /// loaded.
     pub service_account_tokens: std::sync::OnceLock<Arc<crate::satokens::TokenIssuer>>,
+    /// Watches one user may hold open at once; past it a watch is 429.
+    pub max_watches_per_user: std::sync::atomic::AtomicUsize,
+    /// Open watches by user.
+    pub(crate) open_watches: Arc<std::sync::Mutex<std::collections::HashMap<String, usize>>>,
 }
+
+/// Watches one user may hold open at once by default: far more than a
+/// kubelet, controller manager or operator opens, far fewer than would
+/// let one client exhaust the server.
+pub const MAX_WATCHES_PER_USER: usize = 1000;
 
 impl Api {
     pub fn new(
@@ -74,6 +84,8 @@ impl Api {
             openapi,
             authorizer: std::sync::OnceLock::new(),
             service_account_tokens: std::sync::OnceLock::new(),
+            max_watches_per_user: MAX_WATCHES_PER_USER.into(),
+            open_watches: Arc::default(),
         }
     }
 

@@ -78,6 +78,24 @@ impl Api {
                 }
                 return Err(ApiError::AlreadyExists(target));
             }
+            // Quota is charged last, for the object as admission left it.
+            if req.def.namespaced {
+                let (group, resource) = (&req.def.group, &req.def.plural);
+                let charged = crate::resources::core::resourcequota::admit(
+                    &*self.store,
+                    group,
+                    resource,
+                    &obj,
+                    dry_run,
+                )
+                .await;
+                if let Err(e) = charged {
+                    if let Some(hook) = req.def.hook.as_ref().filter(|_| !dry_run) {
+                        hook.release(&obj, None).await;
+                    }
+                    return Err(e);
+                }
+            }
             if dry_run {
                 return Ok(Written::new(obj, true));
             }

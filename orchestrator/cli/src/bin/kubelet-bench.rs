@@ -6,7 +6,10 @@
 //! busybox-static.
 //!
 //! `cargo build --release -p tapestry && sudo target/release/kubelet-bench`
-//! (`KUBELET_BENCH_ONLY=local`: the local cluster's start alone)
+//! (`KUBELET_BENCH_ONLY=local`: the local cluster's start alone;
+//! `KUBELET_BENCH_ONLY=statefulset`: a StatefulSet of 10 with a
+//! local-path claim each, created to all Running, against a Deployment of
+//! 10 without volumes, on one node)
 
 use std::io::BufRead;
 use std::path::Path;
@@ -203,17 +206,12 @@ fn up_command(bin: &Path, data: &Path, args: &[&str]) -> Result<Command> {
     Ok(cmd)
 }
 
-/// `tapestry up` → first pod Running, then two rounds of pod startup
-/// latency: a burst, and pods created at a steady pace.
-async fn up_and_pods(
-    bin: &Path,
-) -> Result<(Duration, Duration, Histogram<u64>, Histogram<u64>, u64)> {
-    let dir = tempfile::tempdir()?;
-    busybox_image(bin, dir.path())?;
-    let t0 = Instant::now();
+/// `tapestry up` as one node (`NODE` on bridge tpbench0) on `data`,
+/// returned once it has printed its kubeconfig, with a client for it.
+async fn start_node(bin: &Path, data: &Path) -> Result<(Proc, kube::Client)> {
     let mut child = up_command(
         bin,
-        dir.path(),
+        data,
         &[
             "--name",
             NODE,
@@ -228,13 +226,24 @@ async fn up_and_pods(
     let up = Proc(child);
     let mut line = String::new();
     std::io::BufReader::new(stdout).read_line(&mut line)?;
-    let ready = t0.elapsed();
     let kubeconfig = line
         .trim()
         .strip_prefix("kubeconfig: ")
         .context("no kubeconfig line")?
         .to_string();
-    let client = client(Path::new(&kubeconfig)).await?;
+    Ok((up, client(Path::new(&kubeconfig)).await?))
+}
+
+/// `tapestry up` → first pod Running, then two rounds of pod startup
+/// latency: a burst, and pods created at a steady pace.
+async fn up_and_pods(
+    bin: &Path,
+) -> Result<(Duration, Duration, Histogram<u64>, Histogram<u64>, u64)> {
+    let dir = tempfile::tempdir()?;
+    busybox_image(bin, dir.path())?;
+    let t0 = Instant::now();
+    let (up, client) = start_node(bin, dir.path()).await?;
+    let ready = t0.elapsed();
     let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
     pods.create(&PostParams::default(), &pod("first")?).await?;
     wait_running(&pods, "first", Duration::from_secs(30)).await?;
@@ -362,9 +371,118 @@ fn ms(d: Duration) -> String {
     format!("{:.0} ms", d.as_secs_f64() * 1000.0)
 }
 
+/// Pods of the StatefulSet and of the Deployment it is measured against.
+const SET_PODS: usize = 10;
+
+/// Create `manifest` (a StatefulSet or Deployment of `SET_PODS` pods
+/// labelled `app=NAME`) and wait until all its pods are Running; how long.
+async fn create_to_running(client: &kube::Client, manifest: serde_json::Value) -> Result<Duration> {
+    use kube::api::{DynamicObject, ListParams};
+    use kube::discovery::ApiResource;
+    let kind = manifest["kind"].as_str().unwrap_or_default().to_string();
+    let app = manifest["metadata"]["name"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    let resource = ApiResource {
+        group: "apps".into(),
+        version: "v1".into(),
+        api_version: "apps/v1".into(),
+        kind: kind.clone(),
+        plural: format!("{}s", kind.to_lowercase()),
+    };
+    let api: Api<DynamicObject> = Api::namespaced_with(client.clone(), "default", &resource);
+    let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
+    let object: DynamicObject = serde_json::from_value(manifest)?;
+    let t0 = Instant::now();
+    api.create(&PostParams::default(), &object).await?;
+    let deadline = t0 + Duration::from_secs(300);
+    loop {
+        let list = pods
+            .list(&ListParams::default().labels(&format!("app={app}")))
+            .await?;
+        if list.items.iter().filter(|p| running(p)).count() == SET_PODS {
+            return Ok(t0.elapsed());
+        }
+        if Instant::now() > deadline {
+            bail!("{kind} {app}: not all {SET_PODS} pods Running within 300 s");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A StatefulSet of `SET_PODS` (OrderedReady, a claim of the default
+/// local-path class per pod) against a Deployment of `SET_PODS` without
+/// volumes, on one real node.
+async fn statefulset_vs_deployment(bin: &Path) -> Result<(Duration, Duration)> {
+    let dir = tempfile::tempdir()?;
+    busybox_image(bin, dir.path())?;
+    let (up, client) = start_node(bin, dir.path()).await?;
+    let template = |app: &str| {
+        serde_json::json!({"metadata": {"labels": {"app": app}},
+            "spec": {"terminationGracePeriodSeconds": 1,
+                     "containers": [{"name": "c", "image": "busybox:bench",
+                                     "command": ["sleep", "3600"]}]}})
+    };
+    let deployment = create_to_running(
+        &client,
+        serde_json::json!({"apiVersion": "apps/v1", "kind": "Deployment",
+            "metadata": {"name": "plain"},
+            "spec": {"replicas": SET_PODS, "selector": {"matchLabels": {"app": "plain"}},
+                     "template": template("plain")}}),
+    )
+    .await?;
+    // The set runs on a node as idle as the Deployment had it.
+    let deployments: Api<k8s_openapi::api::apps::v1::Deployment> =
+        Api::namespaced(client.clone(), "default");
+    deployments
+        .delete("plain", &kube::api::DeleteParams::foreground())
+        .await?;
+    let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !pods
+        .list(&kube::api::ListParams::default().labels("app=plain"))
+        .await?
+        .items
+        .is_empty()
+    {
+        if Instant::now() > deadline {
+            bail!("the Deployment's pods did not go within 120 s");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mut set_template = template("db");
+    set_template["spec"]["containers"][0]["volumeMounts"] =
+        serde_json::json!([{"name": "data", "mountPath": "/data"}]);
+    let set = create_to_running(
+        &client,
+        serde_json::json!({"apiVersion": "apps/v1", "kind": "StatefulSet",
+            "metadata": {"name": "db"},
+            "spec": {"replicas": SET_PODS, "serviceName": "db",
+                     "selector": {"matchLabels": {"app": "db"}},
+                     "template": set_template,
+                     "volumeClaimTemplates": [{"metadata": {"name": "data"},
+                        "spec": {"accessModes": ["ReadWriteOnce"],
+                                 "resources": {"requests": {"storage": "64Mi"}}}}]}}),
+    )
+    .await?;
+    drop(up);
+    Ok((set, deployment))
+}
+
 #[tokio::main]
 async fn main() -> Result<()> {
     let bin = tapestry_binary()?;
+    if std::env::var("KUBELET_BENCH_ONLY").as_deref() == Ok("statefulset") {
+        let (set, deployment) = statefulset_vs_deployment(&bin).await?;
+        println!(
+            "| StatefulSet of {SET_PODS} with local-path claims, create to all Running (OrderedReady) | {} | Deployment of {SET_PODS} without volumes, same run: {} | {:.2}× |",
+            ms(set),
+            ms(deployment),
+            set.as_secs_f64() / deployment.as_secs_f64()
+        );
+        return Ok(());
+    }
     let local = local_cluster_start(&bin)?;
     let local_row = format!(
         "| `tapestry up --nodes 3` to all nodes Ready (median of {LOCAL_RUNS}; {}–{}) | {} | 3000 ms | {:.1}× |",

@@ -1,9 +1,12 @@
-//! apps/v1 workloads: Deployments, ReplicaSets, DaemonSets.
+//! apps/v1 workloads: Deployments, ReplicaSets, DaemonSets, StatefulSets,
+//! and the ControllerRevisions that record their templates.
 
+pub mod controllerrevision;
 pub mod daemonset;
 pub mod deployment;
 pub mod replicaset;
-mod workload;
+pub mod statefulset;
+pub(crate) mod workload;
 
 use crate::registry::ResourceDef;
 
@@ -12,5 +15,7 @@ pub fn resources() -> Vec<ResourceDef> {
         deployment::definition(),
         replicaset::definition(),
         daemonset::definition(),
+        statefulset::definition(),
+        controllerrevision::definition(),
     ]
 }

@@ -20,41 +20,44 @@ pub fn definition() -> ResourceDef {
         subresources: vec![StatusRest::def(), ScaleRest::workload()],
         generation: Generation::Spec,
         behaviour: Arc::new(WorkloadBehaviour(Workload::ReplicaSet)),
-        table: Arc::new(TableDef {
-            columns: vec![
-                NAME,
-                col("Desired", "Number of desired pods."),
-                col("Current", "Number of actual replicas."),
-                col(
-                    "Ready",
-                    "The number of ready replicas for this replica set.",
-                ),
-                AGE,
-                wide("Containers", "Names of each container in the template."),
-                wide(
-                    "Images",
-                    "Images referenced by each container in the template.",
-                ),
-                wide(
-                    "Selector",
-                    "Label query over pods that should match the replica count.",
-                ),
-            ],
-            cells: |o, now| {
-                let (names, images) = container_names_and_images(o.pointer("/spec/template/spec"));
-                vec![
-                    name(o),
-                    json!(i(o, "/spec/replicas")),
-                    json!(i(o, "/status/replicas")),
-                    json!(i(o, "/status/readyReplicas")),
-                    age(o, now),
-                    json!(names),
-                    json!(images),
-                    json!(selector_string(o.pointer("/spec/selector"))),
-                ]
-            },
-        }),
+        table: Arc::new(table("The number of ready replicas for this replica set.")),
         field_selectors: selectable(&[("status.replicas", "/status/replicas")]),
         ..ResourceDef::of::<ReplicaSet>()
+    }
+}
+
+/// ReplicaSets' columns, which ReplicationControllers share; `ready`
+/// describes the Ready column.
+pub(crate) fn table(ready: &'static str) -> TableDef {
+    TableDef {
+        columns: vec![
+            NAME,
+            col("Desired", "Number of desired pods."),
+            col("Current", "Number of actual replicas."),
+            col("Ready", ready),
+            AGE,
+            wide("Containers", "Names of each container in the template."),
+            wide(
+                "Images",
+                "Images referenced by each container in the template.",
+            ),
+            wide(
+                "Selector",
+                "Label query over pods that should match the replica count.",
+            ),
+        ],
+        cells: |o, now| {
+            let (names, images) = container_names_and_images(o.pointer("/spec/template/spec"));
+            vec![
+                name(o),
+                json!(i(o, "/spec/replicas")),
+                json!(i(o, "/status/replicas")),
+                json!(i(o, "/status/readyReplicas")),
+                age(o, now),
+                json!(names),
+                json!(images),
+                json!(selector_string(o.pointer("/spec/selector"))),
+            ]
+        },
     }
 }

@@ -18,12 +18,13 @@ pub enum Workload {
 
 pub struct WorkloadBehaviour(pub Workload);
 
-fn entry<'a>(m: &'a mut Map<String, Value>, key: &str) -> &'a mut Value {
+/// The object under `key`, made (or made an object) if it is not one.
+pub(super) fn entry<'a>(m: &'a mut Map<String, Value>, key: &str) -> &'a mut Map<String, Value> {
     let v = m.entry(key).or_insert_with(|| json!({}));
     if !v.is_object() {
         *v = json!({});
     }
-    v
+    v.as_object_mut().expect("made an object above")
 }
 
 impl Behaviour for WorkloadBehaviour {
@@ -37,15 +38,11 @@ impl Behaviour for WorkloadBehaviour {
                 spec.entry("revisionHistoryLimit").or_insert(json!(10));
                 spec.entry("progressDeadlineSeconds").or_insert(json!(600));
                 let strategy = entry(spec, "strategy");
-                if strategy.get("type").is_none() {
-                    strategy["type"] = json!("RollingUpdate");
-                }
+                strategy.entry("type").or_insert(json!("RollingUpdate"));
                 if strategy["type"] == "RollingUpdate" {
-                    let ru = strategy.as_object_mut().map(|s| entry(s, "rollingUpdate"));
-                    if let Some(ru) = ru.and_then(Value::as_object_mut) {
-                        ru.entry("maxUnavailable").or_insert(json!("25%"));
-                        ru.entry("maxSurge").or_insert(json!("25%"));
-                    }
+                    let ru = entry(strategy, "rollingUpdate");
+                    ru.entry("maxUnavailable").or_insert(json!("25%"));
+                    ru.entry("maxSurge").or_insert(json!("25%"));
                 }
             }
             Workload::ReplicaSet => {
@@ -54,15 +51,11 @@ impl Behaviour for WorkloadBehaviour {
             Workload::DaemonSet => {
                 spec.entry("revisionHistoryLimit").or_insert(json!(10));
                 let strategy = entry(spec, "updateStrategy");
-                if strategy.get("type").is_none() {
-                    strategy["type"] = json!("RollingUpdate");
-                }
+                strategy.entry("type").or_insert(json!("RollingUpdate"));
                 if strategy["type"] == "RollingUpdate" {
-                    let ru = strategy.as_object_mut().map(|s| entry(s, "rollingUpdate"));
-                    if let Some(ru) = ru.and_then(Value::as_object_mut) {
-                        ru.entry("maxUnavailable").or_insert(json!(1));
-                        ru.entry("maxSurge").or_insert(json!(0));
-                    }
+                    let ru = entry(strategy, "rollingUpdate");
+                    ru.entry("maxUnavailable").or_insert(json!(1));
+                    ru.entry("maxSurge").or_insert(json!(0));
                 }
             }
         }

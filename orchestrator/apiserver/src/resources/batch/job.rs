@@ -143,41 +143,10 @@ impl Behaviour for JobBehaviour {
     }
 
     fn validate(&self, obj: &Value) -> Vec<Cause> {
-        let mut causes = Vec::new();
-        let Some(spec) = obj.get("spec") else {
-            return vec![Cause::required("spec")];
-        };
-        for f in [
-            "completions",
-            "parallelism",
-            "backoffLimit",
-            "activeDeadlineSeconds",
-        ] {
-            if let Some(n) = spec.get(f).and_then(Value::as_i64) {
-                if n < 0 {
-                    causes.push(Cause::invalid(
-                        format!("spec.{f}"),
-                        &json!(n),
-                        "must be greater than or equal to 0",
-                    ));
-                }
-            }
+        match obj.get("spec") {
+            None => vec![Cause::required("spec")],
+            Some(spec) => validate_job_spec(spec, "spec"),
         }
-        match spec.pointer("/template/spec") {
-            None => causes.push(Cause::required("spec.template.spec")),
-            Some(pod_spec) => {
-                causes.extend(validate_pod_spec(pod_spec, "spec.template.spec"));
-                let restart = pod_spec.get("restartPolicy").and_then(Value::as_str);
-                if !matches!(restart, Some("Never" | "OnFailure")) {
-                    causes.push(Cause::unsupported(
-                        "spec.template.spec.restartPolicy",
-                        &json!(restart),
-                        &["OnFailure", "Never"],
-                    ));
-                }
-            }
-        }
-        causes
     }
 
     fn validate_update(&self, new: &Value, old: &Value) -> Vec<Cause> {
@@ -197,4 +166,43 @@ impl Behaviour for JobBehaviour {
         }
         causes
     }
+}
+
+/// A Job's spec at `path` (`spec`, or a CronJob's `spec.jobTemplate.spec`).
+pub(crate) fn validate_job_spec(spec: &Value, path: &str) -> Vec<Cause> {
+    let mut causes = Vec::new();
+    for f in [
+        "completions",
+        "parallelism",
+        "backoffLimit",
+        "activeDeadlineSeconds",
+    ] {
+        if let Some(n) = spec.get(f).and_then(Value::as_i64) {
+            if n < 0 {
+                causes.push(Cause::invalid(
+                    format!("{path}.{f}"),
+                    &json!(n),
+                    "must be greater than or equal to 0",
+                ));
+            }
+        }
+    }
+    match spec.pointer("/template/spec") {
+        None => causes.push(Cause::required(format!("{path}.template.spec"))),
+        Some(pod_spec) => {
+            causes.extend(validate_pod_spec(
+                pod_spec,
+                &format!("{path}.template.spec"),
+            ));
+            let restart = pod_spec.get("restartPolicy").and_then(Value::as_str);
+            if !matches!(restart, Some("Never" | "OnFailure")) {
+                causes.push(Cause::unsupported(
+                    format!("{path}.template.spec.restartPolicy"),
+                    &json!(restart),
+                    &["OnFailure", "Never"],
+                ));
+            }
+        }
+    }
+    causes
 }

@@ -3,9 +3,14 @@
 pub mod configmap;
 pub mod endpoints;
 pub mod event;
+pub mod limitrange;
 pub mod namespace;
 pub mod node;
+pub mod persistentvolume;
+pub mod persistentvolumeclaim;
 pub mod pod;
+pub mod replicationcontroller;
+pub mod resourcequota;
 pub mod secret;
 pub mod service;
 pub mod serviceaccount;
@@ -23,12 +28,17 @@ pub fn resources(
     vec![
         namespace::definition(),
         node::definition(),
-        pod::definition(store),
+        pod::definition(store.clone()),
+        replicationcontroller::definition(),
         service::definition(service_allocator),
         endpoints::definition(),
         configmap::definition(),
         secret::definition(),
         serviceaccount::definition(),
         event::definition(),
+        persistentvolume::definition(),
+        persistentvolumeclaim::definition(store),
+        limitrange::definition(),
+        resourcequota::definition(),
     ]
 }

@@ -11,9 +11,9 @@ use k8s_openapi::api::core::v1::Pod;
 use serde_json::{json, Value};
 use tapestry_store::Store;
 
-use crate::error::Cause;
+use crate::error::{ApiResult, Cause};
 use crate::objects::is_terminating;
-use crate::registry::{names, selectable, Behaviour, Generation, ResourceDef};
+use crate::registry::{names, selectable, Behaviour, Generation, ResourceDef, WriteHook};
 use crate::resources::podspec::{default_pod_spec, qos_class, validate_pod_spec};
 use crate::rest::status::StatusRest;
 use crate::tables::{age, col, i, name, or_none, s, wide, TableDef, AGE, NAME};
@@ -21,7 +21,12 @@ use crate::tables::{age, col, i, name, or_none, s, wide, TableDef, AGE, NAME};
 pub fn definition(store: Arc<dyn Store>) -> ResourceDef {
     ResourceDef {
         short_names: names(&["po"]),
-        hook: Some(Arc::new(serviceaccount::ServiceAccountAdmission { store })),
+        hook: Some(Arc::new(PodAdmission {
+            accounts: serviceaccount::ServiceAccountAdmission {
+                store: store.clone(),
+            },
+            store,
+        })),
         categories: names(&["all"]),
         subresources: vec![StatusRest::def(), binding::def(), eviction::def()],
         generation: Generation::Spec,
@@ -135,6 +140,37 @@ fn pod_cells(o: &Value, now: chrono::DateTime<chrono::Utc>) -> Vec<Value> {
         or_none(s(o, "/status/nominatedNodeName")),
         or_none(gates.as_deref().unwrap_or("")),
     ]
+}
+
+/// The admission of pods, in Kubernetes' order: the service account
+/// (token volume), then the namespace's LimitRanges (default requests and
+/// limits, bounds), then the priority of its PriorityClass. Quota is charged after every admission, for every kind.
+struct PodAdmission {
+    accounts: serviceaccount::ServiceAccountAdmission,
+    store: Arc<dyn Store>,
+}
+
+#[async_trait::async_trait]
+impl WriteHook for PodAdmission {
+    async fn on_create(&self, pod: &mut Value, dry_run: bool) -> ApiResult<()> {
+        self.accounts.on_create(pod, dry_run).await?;
+        super::limitrange::admit_pod(&*self.store, pod).await?;
+        crate::resources::scheduling::priorityclass::admit_pod(&*self.store, pod).await?;
+        // Defaults a LimitRange filled in change the pod's class.
+        let qos = pod.get("spec").map(qos_class).unwrap_or("BestEffort");
+        if pod.get("status").is_some_and(Value::is_object) {
+            pod["status"]["qosClass"] = json!(qos);
+        }
+        Ok(())
+    }
+
+    async fn on_update(&self, new: &mut Value, old: &Value, dry_run: bool) -> ApiResult<()> {
+        self.accounts.on_update(new, old, dry_run).await
+    }
+
+    async fn release(&self, obj: &Value, keep: Option<&Value>) {
+        self.accounts.release(obj, keep).await
+    }
 }
 
 struct PodBehaviour;

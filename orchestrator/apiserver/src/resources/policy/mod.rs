@@ -1,0 +1,3 @@
+//! policy/v1: PodDisruptionBudgets (the Eviction kind is pods/eviction).
+
+pub mod poddisruptionbudget;
