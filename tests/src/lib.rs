@@ -301,7 +301,23 @@ impl Cluster {
             input.write_all(text.as_bytes()).unwrap();
         }
         drop(input);
-        let out = child.wait_with_output().unwrap();
+        // kubectl's own waits can be endless (`delete` waits up to a week):
+        // a command past the limit is killed and fails the test by name.
+        let pid = child.id();
+        let (done, finished) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = done.send(child.wait_with_output());
+        });
+        let Ok(out) = finished.recv_timeout(Duration::from_secs(240)) else {
+            let _ = Command::new("kill")
+                .args(["-KILL", &pid.to_string()])
+                .status();
+            return Err(format!(
+                "kubectl {} did not finish within 240 s; killed",
+                args.join(" ")
+            ));
+        };
+        let out = out.unwrap();
         if out.status.success() {
             Ok(String::from_utf8_lossy(&out.stdout).into_owned())
         } else {

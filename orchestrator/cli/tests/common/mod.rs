@@ -151,7 +151,14 @@ impl Server {
     }
 
     pub fn kubectl(&self, args: &[&str]) -> Output {
-        self.kubectl_cmd(args).output().expect("running kubectl")
+        let child = self
+            .kubectl_cmd(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("running kubectl");
+        finish_within(child, args)
     }
 
     pub fn kubectl_stdin(&self, args: &[&str], input: &str) -> Output {
@@ -168,7 +175,7 @@ impl Server {
             .expect("stdin")
             .write_all(input.as_bytes())
             .expect("writing stdin");
-        child.wait_with_output().expect("kubectl output")
+        finish_within(child, args)
     }
 
     /// Run kubectl and return stdout, failing the test with stderr if it fails.
@@ -268,6 +275,33 @@ impl Hollow {
 impl Drop for Hollow {
     fn drop(&mut self) {
         self.kill();
+    }
+}
+
+/// The longest any one kubectl command of these tests may take (the longest
+/// `--timeout` they pass is 90 s). Some kubectl commands wait without end by
+/// default (`delete` waits up to a week for the object to go): past this the
+/// command is killed and the test fails naming it, instead of hanging the run.
+const KUBECTL_LIMIT: Duration = Duration::from_secs(180);
+
+fn finish_within(child: Child, args: &[&str]) -> Output {
+    let pid = child.id();
+    let (done, finished) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = done.send(child.wait_with_output());
+    });
+    match finished.recv_timeout(KUBECTL_LIMIT) {
+        Ok(out) => out.expect("kubectl output"),
+        Err(_) => {
+            let _ = Command::new("kill")
+                .args(["-KILL", &pid.to_string()])
+                .status();
+            panic!(
+                "kubectl {} did not finish within {} s; killed",
+                args.join(" "),
+                KUBECTL_LIMIT.as_secs()
+            );
+        }
     }
 }
 
