@@ -475,9 +475,16 @@ mod tests {
             upstreams,
             Arc::default(),
         ));
-        let socket = Arc::new(udp_socket("127.0.0.1:0".parse().unwrap()).unwrap());
+        // UDP takes a free port; TCP on the same number may be in use by
+        // another process on the host, then another port is tried.
+        let (socket, listener) = (0..50)
+            .find_map(|_| {
+                let socket = udp_socket("127.0.0.1:0".parse().unwrap()).unwrap();
+                let listener = tcp_listener(socket.local_addr().unwrap()).ok()?;
+                Some((Arc::new(socket), listener))
+            })
+            .expect("a loopback port free for both UDP and TCP");
         let addr = socket.local_addr().unwrap();
-        let listener = tcp_listener(addr).unwrap();
         let shutdown = CancellationToken::new();
         tokio::spawn(serve_udp(socket, server.clone(), shutdown.clone()));
         tokio::spawn(serve_tcp(listener, server.clone(), shutdown));
