@@ -34,6 +34,13 @@ pub struct ControlArgs {
     /// How often node health is checked.
     #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
     pub node_monitor_period: Duration,
+    /// How often each HorizontalPodAutoscaler is evaluated.
+    #[arg(long, default_value = "15s", value_parser = humantime::parse_duration)]
+    pub horizontal_pod_autoscaler_sync_period: Duration,
+    /// How far back an autoscaler without its own scale-down behaviour
+    /// looks before scaling down (the highest recent recommendation wins).
+    #[arg(long, default_value = "5m", value_parser = humantime::parse_duration)]
+    pub horizontal_pod_autoscaler_downscale_stabilization: Duration,
     /// Do not run the scheduler in this process.
     #[arg(long)]
     pub no_scheduler: bool,
@@ -83,6 +90,9 @@ pub async fn start(
         if args.node_monitor_period.is_zero() {
             anyhow::bail!("--node-monitor-period must be positive");
         }
+        if args.horizontal_pod_autoscaler_sync_period.is_zero() {
+            anyhow::bail!("--horizontal-pod-autoscaler-sync-period must be positive");
+        }
         let config = tapestry_controllers::Config {
             cluster_cidr,
             node_monitor_grace_period: args.node_monitor_grace_period,
@@ -90,6 +100,8 @@ pub async fn start(
             signer: signer(data_dir, &root_ca)?,
             root_ca: Some(root_ca),
             clock: tapestry_controllers::Clock::system(),
+            hpa_sync_period: args.horizontal_pod_autoscaler_sync_period,
+            hpa_downscale_stabilization: args.horizontal_pod_autoscaler_downscale_stabilization,
         };
         let c = client.clone();
         let run = move |token: CancellationToken| {

@@ -1038,6 +1038,8 @@ fn cronjob_runs_on_schedule_forbids_overlap_and_prunes_history() {
             root_ca: None,
             signer: None,
             clock: c,
+            hpa_sync_period: std::time::Duration::from_secs(15),
+            hpa_downscale_stabilization: std::time::Duration::from_secs(300),
         };
         tapestry_controllers::run(client, config, token).await;
     });

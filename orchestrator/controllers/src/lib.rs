@@ -14,6 +14,7 @@ mod disruption;
 mod endpoints;
 mod gc;
 mod history;
+mod hpa;
 mod ipam;
 mod job;
 mod namespace;
@@ -31,6 +32,7 @@ use std::time::Duration;
 use k8s_openapi::api::apps::v1::{
     ControllerRevision, DaemonSet, Deployment, ReplicaSet, StatefulSet,
 };
+use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
 use k8s_openapi::api::batch::v1::{CronJob, Job};
 use k8s_openapi::api::certificates::v1::CertificateSigningRequest;
 use k8s_openapi::api::coordination::v1::Lease;
@@ -69,6 +71,11 @@ pub struct Config {
     pub signer: Option<Signer>,
     /// The time controllers act on (the system's but in tests).
     pub clock: Clock,
+    /// How often each HorizontalPodAutoscaler is evaluated.
+    pub hpa_sync_period: Duration,
+    /// How long an autoscaler without its own scale-down behaviour looks
+    /// back before scaling down (the highest recent recommendation holds).
+    pub hpa_downscale_stabilization: Duration,
 }
 
 /// Shared state of all controllers.
@@ -95,9 +102,11 @@ pub struct Ctx {
     pub csrs: Arc<Informer<CertificateSigningRequest>>,
     pub budgets: Arc<Informer<PodDisruptionBudget>>,
     pub quotas: Arc<Informer<ResourceQuota>>,
+    pub hpas: Arc<Informer<HorizontalPodAutoscaler>>,
     pub volumes: persistentvolume::Informers,
     rs_expectations: replicaset::Expectations,
     job_released: job::Released,
+    hpa_states: hpa::States,
     ipam: ipam::Allocations,
     gc_kinds: gc::Kinds,
     discovery: std::sync::Mutex<Option<(std::time::Instant, Vec<kube::api::ApiResource>)>>,
@@ -132,6 +141,7 @@ pub async fn run(client: Client, config: Config, shutdown: CancellationToken) {
     let csrs = Informer::new(Api::all(client.clone()), all.clone());
     let budgets = Informer::new(Api::all(client.clone()), all.clone());
     let quotas = Informer::new(Api::all(client.clone()), all.clone());
+    let hpas = Informer::new(Api::all(client.clone()), all.clone());
     let volumes = persistentvolume::Informers::new(&client);
     let gc_kinds = gc::Kinds::new(vec![
         gc::Tracked::new(&daemonsets, true),
@@ -169,9 +179,11 @@ pub async fn run(client: Client, config: Config, shutdown: CancellationToken) {
         csrs,
         budgets,
         quotas,
+        hpas,
         volumes,
         rs_expectations: Default::default(),
         job_released: Default::default(),
+        hpa_states: Default::default(),
         ipam: Default::default(),
         gc_kinds,
         discovery: Default::default(),
@@ -272,6 +284,12 @@ pub async fn run(client: Client, config: Config, shutdown: CancellationToken) {
             |c, k| Box::pin(resourcequota::reconcile(c, k)),
         );
         spawn(
+            "horizontalpodautoscaling",
+            hpa::setup,
+            |c| keys(&c.hpas),
+            |c, k| Box::pin(hpa::reconcile(c, k)),
+        );
+        spawn(
             "endpoints",
             endpoints::setup,
             |c| keys(&c.services),
@@ -315,6 +333,7 @@ pub async fn run(client: Client, config: Config, shutdown: CancellationToken) {
     ctx.csrs.start(shutdown.clone());
     ctx.budgets.start(shutdown.clone());
     ctx.quotas.start(shutdown.clone());
+    ctx.hpas.start(shutdown.clone());
     ctx.volumes.start(shutdown.clone());
     // Controllers act only on a complete view of the cluster.
     tokio::join!(
@@ -337,6 +356,7 @@ pub async fn run(client: Client, config: Config, shutdown: CancellationToken) {
         ctx.csrs.ready(),
         ctx.budgets.ready(),
         ctx.quotas.ready(),
+        ctx.hpas.ready(),
         ctx.volumes.ready(),
     );
     tasks.spawn(nodelifecycle::run(ctx.clone(), shutdown.clone()));

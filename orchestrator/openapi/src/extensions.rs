@@ -247,6 +247,12 @@ pub(crate) const TABLE: &[(&str, &str, Ext)] = &[
     ("apps.v1.StatefulSetSpec", "volumeClaimTemplates", ATOMIC),
     ("apps.v1.StatefulSetStatus", "conditions", merge_map("type", &["type"])),
 
+    // autoscaling/v2
+    ("autoscaling.v2.HorizontalPodAutoscalerSpec", "metrics", ATOMIC),
+    ("autoscaling.v2.HorizontalPodAutoscalerStatus", "currentMetrics", ATOMIC),
+    ("autoscaling.v2.HorizontalPodAutoscalerStatus", "conditions", merge_map("type", &["type"])),
+    ("autoscaling.v2.HPAScalingRules", "policies", ATOMIC),
+
     // batch/v1
     ("batch.v1.JobStatus", "conditions", merge_atomic("type")),
     ("batch.v1.CronJobStatus", "active", ATOMIC),

@@ -5,6 +5,7 @@
 
 pub mod apiextensions;
 pub mod apps;
+pub mod autoscaling;
 pub mod batch;
 pub mod certificates;
 pub mod coordination;
@@ -33,6 +34,7 @@ pub fn builtin(
 ) -> Vec<ResourceDef> {
     let mut defs = core::resources(service_allocator, store.clone());
     defs.extend(apps::resources());
+    defs.extend(autoscaling::resources());
     defs.extend(batch::resources());
     defs.push(coordination::lease::definition());
     defs.push(discovery::endpointslice::definition());
