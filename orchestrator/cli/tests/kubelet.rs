@@ -198,6 +198,36 @@ impl Cluster {
         });
     }
 
+    /// Wait for the node to be Ready, and put `busybox:local` in its image
+    /// store.
+    fn node_ready_with_busybox(&self) {
+        let node = self.net.0;
+        self.wait_for("node Ready", 20, || {
+            let out = self.kubectl(&[
+                "get",
+                "node",
+                node,
+                "-o",
+                "jsonpath={.status.conditions[?(@.type==\"Ready\")].status}",
+            ]);
+            String::from_utf8_lossy(&out.stdout) == "True"
+        });
+        let rootfs = self.dir.path().join("rootfs");
+        busybox_rootfs(&rootfs);
+        let out = tapestry()
+            .args(["image", "build", "busybox:local", "--rootfs"])
+            .arg(&rootfs)
+            .arg("--data-dir")
+            .arg(self.dir.path())
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
     fn sigkill(&mut self) {
         let mut c = self.child.take().unwrap();
         c.kill().unwrap();
@@ -1234,30 +1264,7 @@ fn local_path_volumes_keep_data_across_pods() {
     let net = ("e2e-volumes", "10.245.9.0/24", "tpe2e2");
     let c = Cluster::start_as(net);
     let node = net.0;
-    c.wait_for("node Ready", 20, || {
-        let out = c.kubectl(&[
-            "get",
-            "node",
-            node,
-            "-o",
-            "jsonpath={.status.conditions[?(@.type==\"Ready\")].status}",
-        ]);
-        String::from_utf8_lossy(&out.stdout) == "True"
-    });
-    let rootfs = c.dir.path().join("rootfs");
-    busybox_rootfs(&rootfs);
-    let out = tapestry()
-        .args(["image", "build", "busybox:local", "--rootfs"])
-        .arg(&rootfs)
-        .arg("--data-dir")
-        .arg(c.dir.path())
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    c.node_ready_with_busybox();
     let sc = c.ok(&["get", "sc", "--no-headers"]);
     assert!(sc.starts_with("local-path (default)"), "{sc}");
 
@@ -1347,6 +1354,245 @@ fn local_path_volumes_keep_data_across_pods() {
     });
     assert!(!Path::new(&path).exists(), "{path} removed");
     c.ok(&["delete", "pvc", "nothing"]);
+    drop(c);
+    let _ = Command::new("ip").args(["link", "del", net.2]).output();
+}
+
+/// A StatefulSet of three with a claim template of the default class
+/// (`local-path`): its pods start in order, each once the one before is
+/// Ready, each on a volume of its own that it writes its name into once;
+/// a deleted `web-1` comes back as a new pod on the same volume, data
+/// kept; scaling down to one removes `web-2` and `web-1` and keeps their
+/// claims, volumes and data.
+#[test]
+fn statefulset_pods_keep_their_volumes_on_a_real_node() {
+    if !prerequisites() {
+        return;
+    }
+    let net = ("e2e-sets", "10.245.10.0/24", "tpe2e3");
+    let mut c = Cluster::start_as(net);
+    c.node_ready_with_busybox();
+    // Each start appends the pod's UID to /data/uids; only the first pod
+    // on the volume writes /data/id. Ready once /data/id is written, and
+    // not before two seconds: a pod made before the one before it were
+    // Ready would show in the timestamps, which count whole seconds.
+    c.apply(
+        r#"apiVersion: v1
+kind: Service
+metadata:
+  name: web
+spec:
+  clusterIP: None
+  selector: {app: web}
+  ports: [{port: 80}]
+---
+apiVersion: apps/v1
+kind: StatefulSet
+metadata:
+  name: web
+spec:
+  serviceName: web
+  replicas: 3
+  selector:
+    matchLabels: {app: web}
+  template:
+    metadata:
+      labels: {app: web}
+    spec:
+      terminationGracePeriodSeconds: 1
+      containers:
+      - name: c
+        image: busybox:local
+        command: [sh, -c, '[ -f /data/id ] || hostname > /data/id; echo $POD_UID >> /data/uids; exec sleep 3600']
+        env:
+        - name: POD_UID
+          valueFrom: {fieldRef: {fieldPath: metadata.uid}}
+        readinessProbe:
+          exec: {command: [test, -s, /data/id]}
+          initialDelaySeconds: 2
+          periodSeconds: 1
+        volumeMounts: [{name: data, mountPath: /data}]
+  volumeClaimTemplates:
+  - metadata: {name: data}
+    spec:
+      accessModes: [ReadWriteOnce]
+      resources: {requests: {storage: 10Mi}}
+"#,
+    );
+
+    /// One pod of the set as `kubectl get` shows it.
+    #[derive(Debug)]
+    struct SetPod {
+        name: String,
+        uid: String,
+        created: String,
+        ready: bool,
+        ready_since: String,
+        deleting: bool,
+    }
+    let pods = || -> Vec<SetPod> {
+        let out = c.ok(&[
+            "get",
+            "pods",
+            "-l",
+            "app=web",
+            "-o",
+            "jsonpath={range .items[*]}{.metadata.name} {.metadata.uid} \
+             {.metadata.creationTimestamp} {.status.conditions[?(@.type==\"Ready\")].status} \
+             {.status.conditions[?(@.type==\"Ready\")].lastTransitionTime} \
+             {.metadata.deletionTimestamp}{\"\\n\"}{end}",
+        ]);
+        let mut pods: Vec<SetPod> = out
+            .lines()
+            .map(|l| {
+                let f: Vec<&str> = l.split(' ').collect();
+                assert_eq!(f.len(), 6, "{l:?}");
+                SetPod {
+                    name: f[0].into(),
+                    uid: f[1].into(),
+                    created: f[2].into(),
+                    ready: f[3] == "True",
+                    ready_since: f[4].into(),
+                    deleting: !f[5].is_empty(),
+                }
+            })
+            .collect();
+        pods.sort_by(|a, b| a.name.cmp(&b.name));
+        pods
+    };
+    let names = |pods: &[SetPod]| pods.iter().map(|p| p.name.clone()).collect::<Vec<_>>();
+    let all_ready = |pods: &[SetPod], want: &[&str]| {
+        names(pods) == want && pods.iter().all(|p| p.ready && !p.deleting)
+    };
+    let time = |t: &str| {
+        chrono::DateTime::parse_from_rfc3339(t).unwrap_or_else(|e| panic!("time {t:?}: {e}"))
+    };
+    let read = |pod: &str, file: &str| c.ok(&["exec", pod, "--", "cat", file]);
+    let claims = || {
+        c.ok(&[
+            "get",
+            "pvc",
+            "-o",
+            "jsonpath={range .items[*]}{.metadata.name} {.status.phase} {.spec.volumeName}{\"\\n\"}{end}",
+        ])
+    };
+    // The host directory of a claim's volume.
+    let volume_dir = |claim: &str| {
+        let pv = c.ok(&["get", "pvc", claim, "-o", "jsonpath={.spec.volumeName}"]);
+        PathBuf::from(c.ok(&["get", "pv", &pv, "-o", "jsonpath={.spec.local.path}"]))
+    };
+
+    let all = ["web-0", "web-1", "web-2"];
+    let mut first = Vec::new();
+    c.wait_for("web-0, web-1 and web-2 Ready", 120, || {
+        first = pods();
+        all_ready(&first, &all)
+    });
+    // OrderedReady: each pod made once the one before it was Ready.
+    for w in first.windows(2) {
+        let (before, next) = (&w[0], &w[1]);
+        assert!(
+            time(&before.ready_since) > time(&before.created),
+            "{} Ready before its readiness delay: {first:?}",
+            before.name
+        );
+        assert!(
+            time(&next.created) >= time(&before.ready_since),
+            "{} made before {} was Ready: {first:?}",
+            next.name,
+            before.name
+        );
+    }
+    // A volume each, of the default class, holding the pod's name.
+    let bound = claims();
+    let rows: Vec<Vec<&str>> = bound.lines().map(|l| l.split(' ').collect()).collect();
+    assert_eq!(rows.len(), 3, "{bound}");
+    for (row, pod) in rows.iter().zip(&first) {
+        assert_eq!(row[0], format!("data-{}", pod.name), "{bound}");
+        assert_eq!(row[1], "Bound", "{bound}");
+        assert_eq!(
+            c.ok(&[
+                "get",
+                "pvc",
+                row[0],
+                "-o",
+                "jsonpath={.spec.storageClassName}"
+            ]),
+            "local-path"
+        );
+        assert_eq!(read(&pod.name, "/data/id"), format!("{}\n", pod.name));
+        assert_eq!(read(&pod.name, "/data/uids"), format!("{}\n", pod.uid));
+        let on_host = volume_dir(row[0]).join("id");
+        assert_eq!(
+            std::fs::read_to_string(&on_host).unwrap(),
+            format!("{}\n", pod.name),
+            "{}",
+            on_host.display()
+        );
+    }
+    let distinct: std::collections::HashSet<&str> = rows.iter().map(|r| r[2]).collect();
+    assert_eq!(distinct.len(), 3, "a volume each: {bound}");
+
+    // A deleted web-1 comes back, a new pod on the same volume. Not
+    // `--wait`: kubectl's wait looks web-1 up by name, and a new web-1 made
+    // meanwhile would look to it like the old one still there.
+    let old = &first[1];
+    c.ok(&["delete", "pod", "web-1", "--wait=false"]);
+    let mut again = Vec::new();
+    c.wait_for("a new web-1 Ready", 90, || {
+        again = pods();
+        all_ready(&again, &all) && again[1].uid != old.uid
+    });
+    assert_eq!(again[0].uid, first[0].uid, "web-0 untouched");
+    assert_eq!(again[2].uid, first[2].uid, "web-2 untouched");
+    assert_eq!(read("web-1", "/data/id"), "web-1\n");
+    assert_eq!(
+        read("web-1", "/data/uids"),
+        format!("{}\n{}\n", old.uid, again[1].uid),
+        "the new web-1 started on the old one's volume"
+    );
+    assert_eq!(claims(), bound, "the same claims on the same volumes");
+
+    // Scaling down removes web-2 and web-1; their claims and data stay.
+    c.ok(&["scale", "statefulset", "web", "--replicas=1"]);
+    c.wait_for("web-0 alone", 60, || {
+        let now = pods();
+        names(&now) == ["web-0"] && now[0].ready
+    });
+    assert_eq!(pods()[0].uid, first[0].uid, "web-0 untouched");
+    assert_eq!(claims(), bound, "the claims kept, Bound to their volumes");
+    for pod in ["web-1", "web-2"] {
+        let on_host = volume_dir(&format!("data-{pod}")).join("id");
+        assert_eq!(
+            std::fs::read_to_string(&on_host).unwrap(),
+            format!("{pod}\n"),
+            "{}",
+            on_host.display()
+        );
+    }
+    assert_eq!(read("web-0", "/data/id"), "web-0\n");
+
+    // Stopping the cluster takes the pods' network namespaces and mounts.
+    let uids: Vec<String> = c
+        .ok(&[
+            "get",
+            "pods",
+            "-A",
+            "-o",
+            "jsonpath={.items[*].metadata.uid}",
+        ])
+        .split_whitespace()
+        .map(String::from)
+        .chain([old.uid.clone(), first[2].uid.clone()])
+        .collect();
+    c.terminate();
+    for uid in uids {
+        assert!(
+            leftovers(&uid).is_empty(),
+            "pod {uid} left behind {:?}",
+            leftovers(&uid)
+        );
+    }
     drop(c);
     let _ = Command::new("ip").args(["link", "del", net.2]).output();
 }

@@ -14,6 +14,7 @@ use crate::resources::podspec::default_pod_spec;
 use crate::rest::scale::ScaleRest;
 use crate::rest::status::StatusRest;
 use crate::tables::{age, col, container_names_and_images, i, name, wide, TableDef, AGE, NAME};
+use crate::validation::dns1123_label_errors;
 use k8s_openapi::api::apps::v1::StatefulSet;
 
 /// Spec fields an update may change; the rest are fixed at create.
@@ -110,7 +111,7 @@ impl Behaviour for StatefulSetBehaviour {
     }
 
     fn validate(&self, obj: &Value) -> Vec<Cause> {
-        let mut causes = SHARED.validate(obj);
+        let mut causes = SHARED.validate(&with_claim_volumes(obj));
         let Some(spec) = obj.get("spec") else {
             return causes;
         };
@@ -227,6 +228,41 @@ impl Behaviour for StatefulSetBehaviour {
     }
 }
 
+/// `obj` with the volume each claim template gives the pods (the
+/// controller adds one of the template's name, in place of a template
+/// volume so named): the template's containers may mount them.
+fn with_claim_volumes(obj: &Value) -> Value {
+    let mut obj = obj.clone();
+    let names: Vec<String> = obj
+        .pointer("/spec/volumeClaimTemplates")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .filter_map(|c| c.pointer("/metadata/name").and_then(Value::as_str))
+        .filter(|n| !n.is_empty() && dns1123_label_errors(n).is_empty())
+        .map(str::to_string)
+        .collect();
+    let Some(pod_spec) = obj
+        .pointer_mut("/spec/template/spec")
+        .and_then(Value::as_object_mut)
+    else {
+        return obj;
+    };
+    let Some(volumes) = pod_spec
+        .entry("volumes")
+        .or_insert_with(|| json!([]))
+        .as_array_mut()
+    else {
+        return obj;
+    };
+    for name in names {
+        if !volumes.iter().any(|v| v["name"] == name.as_str()) {
+            volumes.push(json!({"name": name, "persistentVolumeClaim": {"claimName": name}}));
+        }
+    }
+    obj
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -286,6 +322,30 @@ mod tests {
                 "spec.updateStrategy.rollingUpdate.partition",
                 "spec.volumeClaimTemplates[0].spec.accessModes"
             ]
+        );
+    }
+
+    #[test]
+    fn containers_mount_the_claim_templates() {
+        let mut o = sts();
+        o["spec"]["template"]["spec"]["containers"][0]["volumeMounts"] =
+            json!([{"name": "data", "mountPath": "/data"}]);
+        StatefulSetBehaviour.default(&mut o);
+        assert!(StatefulSetBehaviour.validate(&o).is_empty());
+        assert!(o["spec"]["template"]["spec"].get("volumes").is_none());
+        // A template volume of the claim's name is replaced, not doubled.
+        o["spec"]["template"]["spec"]["volumes"] = json!([{"name": "data", "emptyDir": {}}]);
+        assert!(StatefulSetBehaviour.validate(&o).is_empty());
+        o["spec"]["template"]["spec"]["containers"][0]["volumeMounts"] =
+            json!([{"name": "other", "mountPath": "/data"}]);
+        let fields: Vec<String> = StatefulSetBehaviour
+            .validate(&o)
+            .into_iter()
+            .map(|c| c.field)
+            .collect();
+        assert_eq!(
+            fields,
+            ["spec.template.spec.containers[0].volumeMounts[0].name"]
         );
     }
 
