@@ -1,7 +1,8 @@
 //! Resource metrics: a busy pod's CPU shows in `kubectl top pods`, the node
 //! in `kubectl top nodes`, both read through metrics.k8s.io from the
-//! kubelet's `/metrics/resource` (cgroups and /proc). Real `tapestry up`,
-//! the machine's kubectl.
+//! kubelet's `/metrics/resource` (cgroups and /proc); and a
+//! HorizontalPodAutoscaler acting on them. Real `tapestry up`, the
+//! machine's kubectl.
 
 use std::time::Duration;
 
@@ -97,4 +98,151 @@ fn kubectl_top_shows_node_and_busy_pod() {
         "{missing}"
     );
     c.must(&["delete", "pod", "busy", "--wait=true"]);
+}
+
+/// The replica count the Deployment `name` asks for.
+fn spec_replicas(c: &Cluster, name: &str) -> Option<u32> {
+    c.kubectl(&["get", "deployment", name, "-o", "jsonpath={.spec.replicas}"])
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}
+
+/// The messages of the autoscaler's events with this reason.
+fn hpa_events(c: &Cluster, reason: &str) -> String {
+    c.kubectl(&[
+        "get",
+        "events",
+        &format!("--field-selector=involvedObject.kind=HorizontalPodAutoscaler,reason={reason}"),
+        "-o",
+        "jsonpath={range .items[*]}{.message}{\"\\n\"}{end}",
+    ])
+    .unwrap_or_default()
+}
+
+/// An HPA targeting 50% CPU scales a Deployment of CPU burners up under
+/// load and back down after its scale-down stabilization window, with
+/// Kubernetes' default periods (15 s metrics resolution, 15 s sync). The
+/// pods burn CPU only while /burn exists in them, so the load starts
+/// and stops at a known instant; the time from the load's start to the
+/// scale-up decision is printed (BENCHMARKS.md: HPA reaction).
+#[test]
+fn hpa_scales_a_deployment_up_under_load_and_back_down() {
+    if !require(
+        "hpa_scales_a_deployment_up_under_load_and_back_down",
+        &["kubectl"],
+    ) {
+        return;
+    }
+    let _serial = serial();
+    let c = Cluster::up(BRIDGE, POD_CIDR);
+    c.apply(
+        &json!({"apiVersion": "apps/v1", "kind": "Deployment",
+            "metadata": {"name": "burn", "namespace": "default"},
+            "spec": {"replicas": 1, "selector": {"matchLabels": {"app": "burn"}},
+                "template": {"metadata": {"labels": {"app": "burn"}},
+                    "spec": {"containers": [{"name": "burn", "image": "busybox:local",
+                        "imagePullPolicy": "Never",
+                        "command": ["sh", "-c",
+                            "while :; do if [ -e /burn ]; then :; else sleep 1; fi; done"],
+                        "resources": {"requests": {"cpu": "100m"},
+                                      "limits": {"cpu": "500m"}}}]}}}})
+        .to_string(),
+    );
+    c.apply(
+        &json!({"apiVersion": "autoscaling/v2", "kind": "HorizontalPodAutoscaler",
+            "metadata": {"name": "burn", "namespace": "default"},
+            "spec": {"scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment",
+                    "name": "burn"},
+                "minReplicas": 1, "maxReplicas": 3,
+                "metrics": [{"type": "Resource", "resource": {"name": "cpu",
+                    "target": {"type": "Utilization", "averageUtilization": 50}}}],
+                "behavior": {"scaleDown": {"stabilizationWindowSeconds": 20}}}})
+        .to_string(),
+    );
+    let pod = wait_for("the burner pod", Duration::from_secs(60), || {
+        let out = c
+            .kubectl(&[
+                "get",
+                "pods",
+                "-l",
+                "app=burn",
+                "-o",
+                "jsonpath={.items[0].metadata.name}",
+            ])
+            .ok()?;
+        (!out.trim().is_empty()).then(|| out.trim().to_string())
+    });
+    c.running("default", &pod);
+
+    // Idle: the autoscaler measures the pod and leaves it alone.
+    let idle = wait_for(
+        "the autoscaler measuring the idle pod",
+        Duration::from_secs(120),
+        || {
+            let u = c
+                .kubectl(&[
+                    "get",
+                    "hpa",
+                    "burn",
+                    "-o",
+                    "jsonpath={.status.currentMetrics[0].resource.current.averageUtilization}",
+                ])
+                .ok()?;
+            u.trim().parse::<u32>().ok()
+        },
+    );
+    eprintln!("idle utilization {idle}%:\n{}", c.must(&["get", "hpa"]));
+    assert!(idle < 50, "an idle pod at {idle}%");
+    assert_eq!(spec_replicas(&c, "burn"), Some(1));
+
+    // Load: the decision to scale up, timed from the load's start.
+    c.must(&["exec", &pod, "--", "/bin/busybox", "touch", "/burn"]);
+    let started = std::time::Instant::now();
+    let up = wait_for("a scale-up", Duration::from_secs(120), || {
+        spec_replicas(&c, "burn").filter(|r| *r > 1)
+    });
+    let reaction = started.elapsed();
+    eprintln!(
+        "HPA reaction: load start → scale-up decision {:.1} s (to {up} replicas)",
+        reaction.as_secs_f64()
+    );
+    eprintln!("{}", c.must(&["get", "hpa"]));
+    let rescaled = wait_for("the scale-up event", Duration::from_secs(30), || {
+        let e = hpa_events(&c, "SuccessfulRescale");
+        e.contains("above target").then_some(e)
+    });
+    assert!(
+        rescaled.contains(&format!(
+            "New size: {up}; reason: cpu resource utilization (percentage of request) above target"
+        )),
+        "{rescaled}"
+    );
+
+    // Load stopped: back to one replica once the 20 s window has passed.
+    c.must(&["exec", &pod, "--", "/bin/busybox", "rm", "-f", "/burn"]);
+    let stopped = std::time::Instant::now();
+    wait_for("the scale-down to 1", Duration::from_secs(240), || {
+        (spec_replicas(&c, "burn") == Some(1)).then_some(())
+    });
+    let down = stopped.elapsed();
+    eprintln!(
+        "HPA scale-down: load stop → 1 replica {:.1} s (window 20 s)",
+        down.as_secs_f64()
+    );
+    assert!(
+        down >= Duration::from_secs(20),
+        "scaled down within the stabilization window ({down:?})"
+    );
+    let rescaled = hpa_events(&c, "SuccessfulRescale");
+    assert!(
+        rescaled.contains("New size: 1; reason: All metrics below target"),
+        "{rescaled}"
+    );
+    let hpa: serde_json::Value =
+        serde_json::from_str(&c.must(&["get", "hpa", "burn", "-o", "json"])).unwrap();
+    assert!(hpa["status"]["lastScaleTime"].is_string(), "{hpa}");
+    c.must(&["delete", "hpa", "burn"]);
+    c.must(&["delete", "deployment", "burn", "--wait=true"]);
 }
