@@ -195,6 +195,16 @@ fn kubectl_autoscale_and_both_versions() {
         "jsonpath={.items[*].message}",
     ]);
     assert!(events.contains("missing request for cpu"), "{events}");
+    // Reported once, not on every 2 s sync.
+    std::thread::sleep(std::time::Duration::from_secs(5));
+    let events = s.ok(&[
+        "get",
+        "events",
+        "--field-selector=involvedObject.kind=HorizontalPodAutoscaler,reason=FailedGetResourceMetric",
+        "-o",
+        "name",
+    ]);
+    assert_eq!(events.lines().count(), 1, "{events}");
 
     // A v2-only metric survives a round trip through v1.
     s.ok_stdin(

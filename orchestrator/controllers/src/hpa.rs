@@ -542,6 +542,23 @@ fn set_condition(
     }
 }
 
+/// Whether the last status already reported this failure: its warning
+/// events are recorded once per change, not on every sync (Kubernetes'
+/// recorder folds repeats into one event's count).
+fn reported(
+    before: &HorizontalPodAutoscalerStatus,
+    kind: &str,
+    reason: &str,
+    message: &str,
+) -> bool {
+    before.conditions.iter().flatten().any(|c| {
+        c.type_ == kind
+            && c.status == "False"
+            && c.reason.as_deref() == Some(reason)
+            && c.message.as_deref() == Some(message)
+    })
+}
+
 /// The served resource a scaleTargetRef names.
 async fn target_resource(ctx: &Ctx, api_version: &str, kind: &str) -> Option<ApiResource> {
     let (group, version) = match api_version.split_once('/') {
@@ -716,7 +733,9 @@ pub async fn reconcile(ctx: Arc<Ctx>, key: String) -> anyhow::Result<Requeue> {
         Err(e) => {
             let msg =
                 format!("the HPA controller was unable to get the target's current scale: {e}");
-            ctx.recorder.record(hpa.as_ref(), true, "FailedGetScale", e);
+            if !reported(&before, "AbleToScale", "FailedGetScale", &msg) {
+                ctx.recorder.record(hpa.as_ref(), true, "FailedGetScale", e);
+            }
             set_condition(
                 &mut conditions,
                 "AbleToScale",
@@ -759,6 +778,15 @@ pub async fn reconcile(ctx: Arc<Ctx>, key: String) -> anyhow::Result<Requeue> {
         limit = Some(Held::TooFewReplicas);
         min
     } else if selector.is_empty() {
+        let msg = "the HPA target's scale is missing a selector";
+        if !reported(&before, "ScalingActive", "InvalidSelector", msg) {
+            ctx.recorder.record(
+                hpa.as_ref(),
+                true,
+                "SelectorRequired",
+                "selector is required".into(),
+            );
+        }
         set_condition(
             &mut conditions,
             "ScalingActive",
@@ -766,12 +794,6 @@ pub async fn reconcile(ctx: Arc<Ctx>, key: String) -> anyhow::Result<Requeue> {
             "InvalidSelector",
             "the HPA target's scale is missing a selector".into(),
             &stamp,
-        );
-        ctx.recorder.record(
-            hpa.as_ref(),
-            true,
-            "SelectorRequired",
-            "selector is required".into(),
         );
         current
     } else {
@@ -834,18 +856,20 @@ pub async fn reconcile(ctx: Arc<Ctx>, key: String) -> anyhow::Result<Requeue> {
         };
         if let Some(first) = errors.first() {
             let msg = format!("the HPA was unable to compute the replica count: {first}");
-            ctx.recorder
-                .record(hpa.as_ref(), true, "FailedGetResourceMetric", first.clone());
-            ctx.recorder.record(
-                hpa.as_ref(),
-                true,
-                "FailedComputeMetricsReplicas",
-                format!(
-                    "invalid metrics ({} invalid out of {}), first error is: {first}",
-                    errors.len(),
-                    specs.len()
-                ),
-            );
+            if !reported(&before, "ScalingActive", "FailedGetResourceMetric", &msg) {
+                ctx.recorder
+                    .record(hpa.as_ref(), true, "FailedGetResourceMetric", first.clone());
+                ctx.recorder.record(
+                    hpa.as_ref(),
+                    true,
+                    "FailedComputeMetricsReplicas",
+                    format!(
+                        "invalid metrics ({} invalid out of {}), first error is: {first}",
+                        errors.len(),
+                        specs.len()
+                    ),
+                );
+            }
             set_condition(
                 &mut conditions,
                 "ScalingActive",
