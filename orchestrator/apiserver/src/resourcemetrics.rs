@@ -3,7 +3,7 @@
 //!
 //! A background task scrapes every node's kubelet `/metrics/resource`
 //! (through the authenticated kubelet client of [`crate::nodeproxy`]) every
-//! [`SCRAPE_INTERVAL`], keeps the last two samples per node in memory and
+//! resolution period ([`SCRAPE_INTERVAL`] by default), keeps the last two samples per node in memory and
 //! answers with the CPU rate between them (the `window`) and the latest
 //! working set.
 
@@ -31,7 +31,8 @@ use tapestry_apimachinery::tokens::User;
 
 pub const GROUP: &str = "metrics.k8s.io";
 pub const VERSION: &str = "v1beta1";
-/// How often every kubelet is scraped (metrics-server's default).
+/// How often every kubelet is scraped by default (metrics-server's
+/// `--metric-resolution` default).
 pub const SCRAPE_INTERVAL: Duration = Duration::from_secs(15);
 /// How soon a node with a single sample is scraped again, so its first
 /// rate is not a whole interval away.
@@ -280,15 +281,23 @@ pub struct ResourceMetrics {
     api: Arc<Api>,
     client: KubeletClient,
     nodes: Mutex<HashMap<String, NodeSamples>>,
+    /// How often every kubelet is scraped.
+    resolution: Duration,
 }
 
 impl ResourceMetrics {
-    /// Start scraping in the background until `shutdown`.
-    pub fn start(api: Arc<Api>, client: KubeletClient, shutdown: CancellationToken) -> Arc<Self> {
+    /// Start scraping every `resolution` in the background until `shutdown`.
+    pub fn start(
+        api: Arc<Api>,
+        client: KubeletClient,
+        resolution: Duration,
+        shutdown: CancellationToken,
+    ) -> Arc<Self> {
         let me = Arc::new(ResourceMetrics {
             api,
             client,
             nodes: Mutex::new(HashMap::new()),
+            resolution: resolution.max(Duration::from_secs(1)),
         });
         let task = me.clone();
         tokio::spawn(async move {
@@ -322,7 +331,7 @@ impl ResourceMetrics {
             Ok(n) => n,
             Err(e) => {
                 tracing::debug!("resource metrics: listing nodes: {e:?}");
-                return SCRAPE_INTERVAL;
+                return self.resolution;
             }
         };
         let names: std::collections::HashSet<String> = nodes
@@ -348,9 +357,9 @@ impl ResourceMetrics {
             e.cur = Some(sample);
         }
         if map.values().any(|s| s.prev.is_none() && s.cur.is_some()) {
-            FIRST_RATE_AFTER
+            FIRST_RATE_AFTER.min(self.resolution)
         } else {
-            SCRAPE_INTERVAL
+            self.resolution
         }
     }
 

@@ -57,6 +57,8 @@ pub struct ServerConfig {
     /// `AlwaysAllow` lets every authenticated request through (for
     /// measuring what RBAC costs, or a throwaway cluster); RBAC otherwise.
     pub always_allow: bool,
+    /// How often the resource metrics API scrapes every kubelet.
+    pub metric_resolution: Duration,
 }
 
 impl ServerConfig {
@@ -72,6 +74,7 @@ impl ServerConfig {
             endpoint_lease_duration: crate::endpoint_leases::DEFAULT_TTL,
             allocation_repair_interval: DEFAULT_ALLOCATION_REPAIR_INTERVAL,
             always_allow: false,
+            metric_resolution: crate::resourcemetrics::SCRAPE_INTERVAL,
         }
     }
 }
@@ -289,6 +292,7 @@ pub async fn start(
         resource_metrics: crate::resourcemetrics::ResourceMetrics::start(
             api.clone(),
             kubelet.clone(),
+            config.metric_resolution,
             shutdown.clone(),
         ),
     });

@@ -227,6 +227,11 @@ struct ServerArgs {
     /// (every authenticated request is allowed).
     #[arg(long, default_value = "RBAC", value_parser = ["RBAC", "AlwaysAllow"])]
     authorization_mode: String,
+    /// How often the resource metrics API (metrics.k8s.io, `kubectl top`,
+    /// autoscaling) scrapes every kubelet; CPU is the rate between the
+    /// last two scrapes.
+    #[arg(long, default_value = "15s", value_parser = parse_metric_resolution)]
+    metric_resolution: Duration,
     #[command(flatten)]
     control: control::ControlArgs,
 }
@@ -248,6 +253,12 @@ fn parse_lease_duration(arg: &str) -> Result<Duration, String> {
         return Err(format!("{arg:?}: must be at least 1s"));
     }
     Ok(d)
+}
+
+/// A metrics resolution: at least a second (metrics-server's bound is 10 s;
+/// shorter periods are for tests and tight autoscaling).
+pub(crate) fn parse_metric_resolution(arg: &str) -> Result<Duration, String> {
+    parse_lease_duration(arg)
 }
 
 #[derive(Clone, Debug)]
@@ -316,6 +327,7 @@ async fn server(args: ServerArgs) -> Result<()> {
             advertise_address: args.advertise_address,
             endpoint_lease_duration: args.endpoint_lease_duration,
             always_allow: args.authorization_mode == "AlwaysAllow",
+            metric_resolution: args.metric_resolution,
             ..ServerConfig::new(args.data_dir.clone(), args.listen)
         },
         store,

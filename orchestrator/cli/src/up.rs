@@ -34,6 +34,9 @@ pub struct UpArgs {
     /// Run without the fleet manager: no tap policies API, no taps.
     #[arg(long)]
     no_fleet_manager: bool,
+    /// How often the resource metrics API scrapes every kubelet.
+    #[arg(long, default_value = "15s", value_parser = crate::parse_metric_resolution)]
+    metric_resolution: std::time::Duration,
     #[command(flatten)]
     control: crate::control::ControlArgs,
     #[command(flatten)]
@@ -63,6 +66,7 @@ async fn start_control_plane(
                 .map(|u| vec![u.host_ip().to_string()])
                 .unwrap_or_default(),
             advertise_address: underlay.map(|u| IpAddr::V4(u.host_ip())),
+            metric_resolution: args.metric_resolution,
             ..ServerConfig::new(args.data_dir.clone(), args.listen)
         },
         store,
