@@ -90,8 +90,17 @@ pub async fn start(
         if args.node_monitor_period.is_zero() {
             anyhow::bail!("--node-monitor-period must be positive");
         }
-        if args.horizontal_pod_autoscaler_sync_period.is_zero() {
-            anyhow::bail!("--horizontal-pod-autoscaler-sync-period must be positive");
+        // An hour is the longest window an autoscaler's own behaviour may
+        // name; longer values would only overflow the controller's clocks.
+        let hour = Duration::from_secs(3600);
+        let sync = args.horizontal_pod_autoscaler_sync_period;
+        if sync.is_zero() || sync > hour {
+            anyhow::bail!(
+                "--horizontal-pod-autoscaler-sync-period must be positive and at most 1h"
+            );
+        }
+        if args.horizontal_pod_autoscaler_downscale_stabilization > hour {
+            anyhow::bail!("--horizontal-pod-autoscaler-downscale-stabilization must be at most 1h");
         }
         let config = tapestry_controllers::Config {
             cluster_cidr,

@@ -59,7 +59,7 @@ pub fn setup(ctx: &Arc<Ctx>, queue: &Arc<Queue>) {
 /// One pod's share of a resource metric.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Sample {
-    /// Being deleted, failed or still pending: left out entirely.
+    /// Being deleted or failed: left out entirely.
     pub ignored: bool,
     /// Ready (only CPU looks at it: a starting pod's CPU is not its load).
     pub ready: bool,
@@ -89,14 +89,19 @@ pub struct Proposal {
 
 /// The usage ratio of `counted` pods: `(ratio, utilization %, average)`.
 fn ratio(counted: &[(i64, i64)], target: Target) -> Result<(f64, Option<i64>, i64), String> {
-    let usage: i64 = counted.iter().map(|(u, _)| u).sum();
+    // Per-pod values are user quantities: saturate rather than overflow.
+    let usage = counted
+        .iter()
+        .fold(0i64, |sum, (u, _)| sum.saturating_add(*u));
     let n = counted.len() as i64;
     if n == 0 {
         return Err("did not receive metrics for targeted pods (pods might be unready)".into());
     }
     match target {
         Target::Utilization(t) => {
-            let requests: i64 = counted.iter().map(|(_, r)| r).sum();
+            let requests = counted
+                .iter()
+                .fold(0i64, |sum, (_, r)| sum.saturating_add(*r));
             if requests <= 0 {
                 return Err("no metrics returned matched known pods".into());
             }
@@ -208,6 +213,9 @@ pub enum Select {
 pub enum PolicyKind {
     Pods,
     Percent,
+    /// kube-controller-manager's rule for autoscalers without
+    /// `spec.behavior`: up to twice the replicas, or 4, whichever is more.
+    DoubleOrFour,
 }
 
 /// One direction's behaviour: stabilization window and rate policies.
@@ -261,6 +269,25 @@ impl Rules {
                 .collect();
         }
         rules
+    }
+
+    /// The rules of an autoscaler without `spec.behavior`, as
+    /// kube-controller-manager applies them: scale up to max(2×, 4) at once,
+    /// scale down to the highest recommendation of the downscale window.
+    pub fn without_behavior(up: bool, down_window: i64) -> Rules {
+        if up {
+            Rules {
+                window: 0,
+                select: Select::Max,
+                policies: vec![(PolicyKind::DoubleOrFour, 0, 0)],
+            }
+        } else {
+            Rules {
+                window: down_window,
+                select: Select::Max,
+                policies: vec![(PolicyKind::Percent, 100, 0)],
+            }
+        }
     }
 
     fn longest_period(&self) -> i64 {
@@ -320,6 +347,24 @@ pub fn stabilize(
     (stabilized, limit)
 }
 
+/// The replicas at the start of a policy's period: the changes made
+/// within it, up and down, taken back (as Kubernetes counts them for both
+/// directions' limits).
+fn period_start(
+    current: i64,
+    events: &[(DateTime<Utc>, i32)],
+    now: DateTime<Utc>,
+    period: i64,
+) -> i64 {
+    let cutoff = now - chrono::Duration::seconds(period);
+    let changed: i64 = events
+        .iter()
+        .filter(|(at, _)| *at > cutoff)
+        .map(|(_, d)| i64::from(*d))
+        .sum();
+    current - changed
+}
+
 /// The most replicas the up policies allow now, given the changes made
 /// within their periods.
 fn up_limit(current: i32, events: &[(DateTime<Utc>, i32)], now: DateTime<Utc>, r: &Rules) -> i64 {
@@ -333,16 +378,11 @@ fn up_limit(current: i32, events: &[(DateTime<Utc>, i32)], now: DateTime<Utc>, r
         i64::MIN
     };
     for &(kind, value, period) in &r.policies {
-        let cutoff = now - chrono::Duration::seconds(period);
-        let added: i64 = events
-            .iter()
-            .filter(|(at, d)| *at > cutoff && *d > 0)
-            .map(|(_, d)| i64::from(*d))
-            .sum();
-        let start = current - added;
+        let start = period_start(current, events, now, period);
         let proposed = match kind {
             PolicyKind::Pods => start + value,
             PolicyKind::Percent => (start as f64 * (1.0 + value as f64 / 100.0)).ceil() as i64,
+            PolicyKind::DoubleOrFour => start.saturating_mul(2).max(4),
         };
         out = if r.select == Select::Min {
             out.min(proposed)
@@ -365,16 +405,11 @@ fn down_limit(current: i32, events: &[(DateTime<Utc>, i32)], now: DateTime<Utc>,
         i64::MAX
     };
     for &(kind, value, period) in &r.policies {
-        let cutoff = now - chrono::Duration::seconds(period);
-        let removed: i64 = events
-            .iter()
-            .filter(|(at, d)| *at > cutoff && *d < 0)
-            .map(|(_, d)| -i64::from(*d))
-            .sum();
-        let start = current + removed;
+        let start = period_start(current, events, now, period);
         let proposed = match kind {
             PolicyKind::Pods => start - value,
             PolicyKind::Percent => (start as f64 * (1.0 - value as f64 / 100.0)) as i64,
+            PolicyKind::DoubleOrFour => 0,
         };
         // "Max" is the largest change: the fewest replicas.
         out = if r.select == Select::Min {
@@ -480,12 +515,18 @@ pub fn samples(
             }
         }
         let phase = pod.status.as_ref().and_then(|s| s.phase.as_deref());
+        // A pending pod is unready whatever its metrics (as in Kubernetes):
+        // it counts as using nothing on a scale-up and not at all otherwise.
+        let pending = phase == Some("Pending");
         out.push(Sample {
-            ignored: pod.metadata.deletion_timestamp.is_some()
-                || matches!(phase, Some("Failed" | "Pending")),
-            ready: resource != "cpu" || is_ready(pod),
+            ignored: pod.metadata.deletion_timestamp.is_some() || phase == Some("Failed"),
+            ready: !pending && (resource != "cpu" || is_ready(pod)),
             request,
-            usage: usage.get(&name).and_then(|u| u.get(resource)).copied(),
+            usage: if pending {
+                Some(0)
+            } else {
+                usage.get(&name).and_then(|u| u.get(resource)).copied()
+            },
         });
     }
     Ok(out)
@@ -567,9 +608,9 @@ async fn target_resource(ctx: &Ctx, api_version: &str, kind: &str) -> Option<Api
     };
     let known = |g: &str, k: &str| -> Option<ApiResource> {
         let (group, plural) = match (g, k) {
-            ("apps" | "", "Deployment") => ("apps", "deployments"),
-            ("apps" | "", "ReplicaSet") => ("apps", "replicasets"),
-            ("apps" | "", "StatefulSet") => ("apps", "statefulsets"),
+            ("apps", "Deployment") => ("apps", "deployments"),
+            ("apps", "ReplicaSet") => ("apps", "replicasets"),
+            ("apps", "StatefulSet") => ("apps", "statefulsets"),
             ("", "ReplicationController") => ("", "replicationcontrollers"),
             _ => return None,
         };
@@ -698,17 +739,16 @@ pub async fn reconcile(ctx: Arc<Ctx>, key: String) -> anyhow::Result<Requeue> {
     let min = spec.min_replicas.unwrap_or(1);
     let max = spec.max_replicas;
     let down_window = ctx.config.hpa_downscale_stabilization.as_secs() as i64;
-    let behavior = spec.behavior.as_ref();
-    let up_rules = Rules::of(
-        behavior.and_then(|b| b.scale_up.as_ref()),
-        true,
-        down_window,
-    );
-    let down_rules = Rules::of(
-        behavior.and_then(|b| b.scale_down.as_ref()),
-        false,
-        down_window,
-    );
+    let (up_rules, down_rules) = match spec.behavior.as_ref() {
+        Some(b) => (
+            Rules::of(b.scale_up.as_ref(), true, down_window),
+            Rules::of(b.scale_down.as_ref(), false, down_window),
+        ),
+        None => (
+            Rules::without_behavior(true, down_window),
+            Rules::without_behavior(false, down_window),
+        ),
+    };
 
     let resource = target_resource(
         &ctx,
@@ -818,18 +858,28 @@ pub async fn reconcile(ctx: Arc<Ctx>, key: String) -> anyhow::Result<Requeue> {
             .list(&ListParams::default().labels(&selector))
             .await
         {
-            Ok(l) => usage_of(&l.items),
-            Err(e) => {
-                tracing::debug!("pod metrics for {key}: {e}");
-                BTreeMap::new()
-            }
+            Ok(l) => Ok(usage_of(&l.items)),
+            Err(e) => Err(format!(
+                "unable to fetch metrics from resource metrics API: {e}"
+            )),
         };
         let specs = spec.metrics.clone().unwrap_or_default();
         let mut proposal: Option<(i32, String)> = None;
         let mut current_metrics = Vec::new();
         let mut errors = Vec::new();
         for m in &specs {
-            match compute_metric(current, m, &pods, &usage) {
+            let computed = match &usage {
+                Ok(usage) => compute_metric(current, m, &pods, usage),
+                // The metrics API failing is what the user should read,
+                // not "no metrics for the pods".
+                Err(e) => Err(
+                    match m.resource.as_ref().filter(|_| m.type_ == "Resource") {
+                        Some(r) => format!("unable to get metrics for resource {}: {e}", r.name),
+                        None => e.clone(),
+                    },
+                ),
+            };
+            match computed {
                 Ok((replicas, st, what)) => {
                     current_metrics.push(st);
                     if proposal.as_ref().is_none_or(|(r, _)| replicas > *r) {
@@ -837,7 +887,8 @@ pub async fn reconcile(ctx: Arc<Ctx>, key: String) -> anyhow::Result<Requeue> {
                     }
                 }
                 Err(e) => {
-                    // Keep the positions of the metrics for the TARGETS column.
+                    // An empty status keeps the metrics' positions, which
+                    // kubectl and the TARGETS column pair with the spec's.
                     current_metrics.push(MetricStatus {
                         type_: String::new(),
                         ..Default::default()
@@ -846,7 +897,6 @@ pub async fn reconcile(ctx: Arc<Ctx>, key: String) -> anyhow::Result<Requeue> {
                 }
             }
         }
-        current_metrics.retain(|m| !m.type_.is_empty());
         status.current_metrics = (!current_metrics.is_empty()).then_some(current_metrics);
         // No proposal, or one that would scale down while a metric could
         // not be read: keep the current count.
@@ -1183,6 +1233,35 @@ mod tests {
     }
 
     #[test]
+    fn pending_pods_hold_a_scale_up_back_and_never_cause_a_scale_down() {
+        let pod = |name: &str, phase: &str| -> Pod {
+            serde_json::from_value(json!({
+                "metadata": {"name": name},
+                "spec": {"containers": [{"name": "c", "image": "busybox",
+                    "resources": {"requests": {"cpu": "100m"}}}]},
+                "status": {"phase": phase, "conditions": [{"type": "Ready", "status": "True"}]}}))
+            .unwrap()
+        };
+        let pods = [
+            pod("a", "Running"),
+            pod("b", "Running"),
+            pod("c", "Pending"),
+            pod("d", "Pending"),
+        ];
+        let usage = BTreeMap::from([
+            ("a".to_string(), BTreeMap::from([("cpu".to_string(), 75)])),
+            ("b".to_string(), BTreeMap::from([("cpu".to_string(), 75)])),
+        ]);
+        let s = samples(&pods, &usage, "cpu", true).unwrap();
+        assert!(s[2..].iter().all(|s| !s.ready && !s.ignored));
+        // 150% of a 50% target on the two running pods, two pending: counted
+        // as idle, (75+75)/400 = 37.5%: below target while the load is
+        // above it, so nothing moves (dropping them would give 3 of 4).
+        let p = replicas_for(4, &s, Target::Utilization(50), TOLERANCE).unwrap();
+        assert_eq!(p.replicas, 4);
+    }
+
+    #[test]
     fn scale_down_waits_for_the_window() {
         let clock = Clock::manual(start());
         let up = Rules::of(None, true, 300);
@@ -1216,6 +1295,43 @@ mod tests {
         assert_eq!(
             stabilize(&mut history, clock.now(), 2, 6, &up, &down),
             (2, Some(Held::ScaleUpStabilized))
+        );
+    }
+
+    #[test]
+    fn without_behavior_scale_up_doubles_or_adds_to_four() {
+        let clock = Clock::manual(start());
+        let up = Rules::without_behavior(true, 300);
+        let down = Rules::without_behavior(false, 300);
+        let now = clock.now();
+        assert_eq!(
+            limit_rate(1, 20, (1, 50), &[], now, &up, &down),
+            (4, Some(Held::ScaleUpLimit))
+        );
+        assert_eq!(
+            limit_rate(3, 20, (1, 50), &[], now, &up, &down),
+            (6, Some(Held::ScaleUpLimit))
+        );
+        // A change just made does not hold the next one back.
+        assert_eq!(
+            limit_rate(6, 20, (1, 50), &[(now, 3)], now, &up, &down),
+            (12, Some(Held::ScaleUpLimit))
+        );
+        // Down: straight to the proposal, bounded by min only.
+        assert_eq!(limit_rate(10, 2, (1, 50), &[], now, &up, &down), (2, None));
+        assert_eq!(down.window, 300);
+    }
+
+    #[test]
+    fn both_directions_count_against_a_period() {
+        let clock = Clock::manual(start());
+        let up = Rules::of(None, true, 0);
+        let down = Rules::of(None, false, 0);
+        let now = clock.now();
+        // 10 → 5 a moment ago: the period started at 10, so up to 20.
+        assert_eq!(
+            limit_rate(5, 40, (1, 50), &[(now, -5)], now, &up, &down),
+            (20, Some(Held::ScaleUpLimit))
         );
     }
 

@@ -202,14 +202,16 @@ fn cells_v2(o: &Value, now: chrono::DateTime<chrono::Utc>) -> Vec<Value> {
 }
 
 /// Kubernetes' default scaling rules: scale up at once by up to 4 pods or
-/// 100% per 15 s; scale down by up to 100% per 15 s after a 300 s window.
+/// 100% per 15 s; scale down by up to 100% per 15 s. The scale-down window
+/// stays unset, as in Kubernetes, so the controller manager's
+/// `--horizontal-pod-autoscaler-downscale-stabilization` (5 m) applies.
 pub fn default_rules(up: bool) -> Value {
     if up {
         json!({"stabilizationWindowSeconds": 0, "selectPolicy": "Max", "policies": [
             {"type": "Pods", "value": 4, "periodSeconds": 15},
             {"type": "Percent", "value": 100, "periodSeconds": 15}]})
     } else {
-        json!({"stabilizationWindowSeconds": 300, "selectPolicy": "Max", "policies": [
+        json!({"selectPolicy": "Max", "policies": [
             {"type": "Percent", "value": 100, "periodSeconds": 15}]})
     }
 }
@@ -238,8 +240,11 @@ pub fn default_v2(obj: &mut Value) {
             let rules = behavior.entry(key).or_insert_with(|| defaults.clone());
             if let Some(r) = rules.as_object_mut() {
                 for f in ["stabilizationWindowSeconds", "selectPolicy", "policies"] {
+                    let Some(default) = defaults.get(f) else {
+                        continue;
+                    };
                     if r.get(f).is_none_or(Value::is_null) {
-                        r.insert(f.into(), defaults[f].clone());
+                        r.insert(f.into(), default.clone());
                     }
                 }
             }
@@ -876,6 +881,13 @@ mod tests {
                    "policies": [{"type": "Percent", "value": 100, "periodSeconds": 15}]})
         );
         assert!(HpaV2.validate(&o).is_empty());
+        // A scale-down window left out stays out: the controller's flag rules.
+        let mut o = hpa(json!({"scaleTargetRef": target(), "maxReplicas": 5,
+            "behavior": {"scaleUp": {"stabilizationWindowSeconds": 10}}}));
+        HpaV2.default(&mut o);
+        assert!(o["spec"]["behavior"]["scaleDown"]
+            .get("stabilizationWindowSeconds")
+            .is_none());
     }
 
     #[test]
