@@ -68,6 +68,25 @@ fn busybox_rootfs(dir: &Path) {
     std::fs::write(dir.join("var/www/index.html"), "hello from a pod\n").unwrap();
 }
 
+/// `busybox:local` in the image store of `data_dir`, built from a rootfs
+/// made under `scratch`.
+fn build_busybox_image(scratch: &Path, data_dir: &Path) {
+    let rootfs = scratch.join("rootfs");
+    busybox_rootfs(&rootfs);
+    let out = tapestry()
+        .args(["image", "build", "busybox:local", "--rootfs"])
+        .arg(&rootfs)
+        .arg("--data-dir")
+        .arg(data_dir)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 struct Cluster {
     dir: tempfile::TempDir,
     port: u16,
@@ -212,20 +231,7 @@ impl Cluster {
             ]);
             String::from_utf8_lossy(&out.stdout) == "True"
         });
-        let rootfs = self.dir.path().join("rootfs");
-        busybox_rootfs(&rootfs);
-        let out = tapestry()
-            .args(["image", "build", "busybox:local", "--rootfs"])
-            .arg(&rootfs)
-            .arg("--data-dir")
-            .arg(self.dir.path())
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        build_busybox_image(self.dir.path(), self.dir.path());
     }
 
     fn sigkill(&mut self) {
@@ -440,20 +446,7 @@ fn single_node_cluster_runs_real_containers() {
         )
         .contains("nothere:1"));
 
-    let rootfs = c.dir.path().join("rootfs");
-    busybox_rootfs(&rootfs);
-    let out = tapestry()
-        .args(["image", "build", "busybox:local", "--rootfs"])
-        .arg(&rootfs)
-        .arg("--data-dir")
-        .arg(c.dir.path())
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    build_busybox_image(c.dir.path(), c.dir.path());
 
     // A web server pod, reachable on its pod IP from the host.
     c.ok(&[
@@ -1014,16 +1007,7 @@ fn node_joins_a_server() {
     std::io::BufRead::read_line(&mut std::io::BufReader::new(stdout), &mut line).unwrap();
     assert!(line.starts_with("kubeconfig: "));
     let node_dir = c.dir.path().join("node");
-    let rootfs = c.dir.path().join("rootfs");
-    busybox_rootfs(&rootfs);
-    let out = tapestry()
-        .args(["image", "build", "busybox:local", "--rootfs"])
-        .arg(&rootfs)
-        .arg("--data-dir")
-        .arg(&node_dir)
-        .output()
-        .unwrap();
-    assert!(out.status.success());
+    build_busybox_image(c.dir.path(), &node_dir);
     let kubelet_port = free_port().to_string();
     let token_file = c.dir.path().join("node-token");
     let ca_file = c.dir.path().join("pki/ca.crt");
