@@ -194,6 +194,58 @@ impl KubeletClient {
         config.alpn_protocols = vec![b"http/1.1".to_vec()];
         Ok(tokio_rustls::TlsConnector::from(Arc::new(config)))
     }
+
+    /// A TLS connection to the kubelet of `node` (its Node object), the
+    /// dial bounded to 10 s. Returns it with the `host:port` dialled.
+    pub(crate) async fn dial(
+        &self,
+        node: &str,
+        node_obj: &Value,
+    ) -> Result<
+        (
+            tokio_rustls::client::TlsStream<tokio::net::TcpStream>,
+            String,
+        ),
+        String,
+    > {
+        let addresses = node_obj
+            .pointer("/status/addresses")
+            .and_then(Value::as_array)
+            .map(Vec::as_slice)
+            .unwrap_or_default();
+        let ip = addresses
+            .iter()
+            .find(|a| a["type"] == "InternalIP")
+            .or_else(|| addresses.first())
+            .and_then(|a| a["address"].as_str())
+            .ok_or_else(|| format!("node {node} reports no address"))?
+            .to_string();
+        let port = node_obj
+            .pointer("/status/daemonEndpoints/kubeletEndpoint/Port")
+            .and_then(Value::as_u64)
+            .unwrap_or(10250);
+        let host = if ip.contains(':') {
+            format!("[{ip}]:{port}")
+        } else {
+            format!("{ip}:{port}")
+        };
+        let tcp = tokio::time::timeout(
+            Duration::from_secs(10),
+            tokio::net::TcpStream::connect(&host),
+        )
+        .await
+        .map_err(|_| format!("dialing {host}: timeout"))?
+        .map_err(|e| format!("dialing {host}: {e}"))?;
+        let _ = tcp.set_nodelay(true);
+        let server_name = ServerName::try_from(ip).map_err(|e| e.to_string())?;
+        let tls = self
+            .connector(node)
+            .map_err(|e| e.to_string())?
+            .connect(server_name, tcp)
+            .await
+            .map_err(|e| format!("TLS to {host}: {e}"))?;
+        Ok((tls, host))
+    }
 }
 
 /// `/api/v1/namespaces/NS/pods/NAME/{log,exec,attach}` → (ns, name, sub).
@@ -331,48 +383,16 @@ async fn proxy_inner(
         },
     )
     .await?;
-    let addresses = node_obj
-        .pointer("/status/addresses")
-        .and_then(Value::as_array)
-        .cloned()
-        .unwrap_or_default();
-    let ip = addresses
-        .iter()
-        .find(|a| a["type"] == "InternalIP")
-        .or_else(|| addresses.first())
-        .and_then(|a| a["address"].as_str())
-        .ok_or_else(|| ApiError::Internal(format!("node {node} reports no address")))?
-        .to_string();
-    let port = node_obj
-        .pointer("/status/daemonEndpoints/kubeletEndpoint/Port")
-        .and_then(Value::as_u64)
-        .unwrap_or(10250);
     let kpath = match sub.as_str() {
         "log" => "containerLogs",
         other => other,
     };
     let qs: Vec<String> = query.iter().map(|(k, v)| format!("{k}={v}")).collect();
     let uri = format!("/{kpath}/{ns}/{name}/{container}?{}", qs.join("&"));
-    let host = if ip.contains(':') {
-        format!("[{ip}]:{port}")
-    } else {
-        format!("{ip}:{port}")
-    };
     let dial_err =
         |e: &dyn std::fmt::Display| ApiError::Internal(format!("error dialing backend: {e}"));
-    let tcp = tokio::time::timeout(
-        Duration::from_secs(10),
-        tokio::net::TcpStream::connect(&host),
-    )
-    .await
-    .map_err(|_| dial_err(&"timeout"))?
-    .map_err(|e| dial_err(&e))?;
-    let _ = tcp.set_nodelay(true);
-    let server_name = ServerName::try_from(ip.clone()).map_err(|e| dial_err(&e))?;
-    let tls = client
-        .connector(node)
-        .map_err(|e| dial_err(&e))?
-        .connect(server_name, tcp)
+    let (tls, host) = client
+        .dial(node, &node_obj)
         .await
         .map_err(|e| dial_err(&e))?;
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))

@@ -17,7 +17,6 @@ use chrono::{TimeZone, Utc};
 use http::{Method, StatusCode};
 use http_body_util::BodyExt;
 use hyper_util::rt::TokioIo;
-use rustls::pki_types::ServerName;
 use serde_json::{json, Value};
 use tapestry_store::ListOptions;
 use tokio_util::sync::CancellationToken;
@@ -364,38 +363,7 @@ impl ResourceMetrics {
     }
 
     async fn scrape(&self, name: &str, node: &Value) -> Result<Sample, String> {
-        let addresses = node
-            .pointer("/status/addresses")
-            .and_then(Value::as_array)
-            .cloned()
-            .unwrap_or_default();
-        let ip = addresses
-            .iter()
-            .find(|a| a["type"] == "InternalIP")
-            .or_else(|| addresses.first())
-            .and_then(|a| a["address"].as_str())
-            .ok_or("the node reports no address")?
-            .to_string();
-        let port = node
-            .pointer("/status/daemonEndpoints/kubeletEndpoint/Port")
-            .and_then(Value::as_u64)
-            .unwrap_or(10250);
-        let host = if ip.contains(':') {
-            format!("[{ip}]:{port}")
-        } else {
-            format!("{ip}:{port}")
-        };
-        let tcp = tokio::net::TcpStream::connect(&host)
-            .await
-            .map_err(|e| format!("dialing {host}: {e}"))?;
-        let server_name = ServerName::try_from(ip).map_err(|e| e.to_string())?;
-        let tls = self
-            .client
-            .connector(name)
-            .map_err(|e| e.to_string())?
-            .connect(server_name, tcp)
-            .await
-            .map_err(|e| format!("TLS to {host}: {e}"))?;
+        let (tls, host) = self.client.dial(name, node).await?;
         let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
             .await
             .map_err(|e| e.to_string())?;
